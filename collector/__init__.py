@@ -1,0 +1,1 @@
+"""Loupe collector: gRPC ingest, storage, live subscriptions and queries."""

@@ -1,0 +1,88 @@
+"""`loupe`: the one console command. Subcommands live with the component they drive;
+this module only builds the command tree and turns expected failures into one line.
+
+Each module in COMMAND_MODULES has `register(tree: CommandTree)` and adds its commands
+with `tree.command("sensor flows", help=...)`, which returns an argparse parser whose
+`func` default is called with the parsed arguments and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from sensor.errors import LoupeError
+
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
+class CommandTree:
+    """Nested argparse subcommands by space-separated path ("collector run")."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self._root = parser
+        self._groups: dict[str, argparse._SubParsersAction] = {
+            "": parser.add_subparsers(dest="command", metavar="COMMAND")
+        }
+        self._parsers: dict[str, argparse.ArgumentParser] = {"": parser}
+
+    def _group(self, path: str) -> argparse._SubParsersAction:
+        if path not in self._groups:
+            parent, _, name = path.rpartition(" ")
+            parser = self._parsers.get(path) or self.command(path, help=f"{name} commands")
+            self._groups[path] = parser.add_subparsers(dest=f"{path}_command", metavar="COMMAND")
+        return self._groups[path]
+
+    def command(self, path: str, *, help: str, description: str | None = None):
+        parent, _, name = path.rpartition(" ")
+        parser = self._group(parent).add_parser(
+            name, help=help, description=description or help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.set_defaults(func=None, _parser=parser)
+        self._parsers[path] = parser
+        return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loupe",
+        description="Loupe: eBPF-assisted flow and L7 sensor, collector and analyst tools.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(func=None, _parser=parser)
+    tree = CommandTree(parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(tree)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.func is None:
+        args._parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoupeError as exc:
+        print(f"loupe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `loupe tail | head`: the reader left; not an error.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

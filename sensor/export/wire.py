@@ -1,0 +1,141 @@
+"""The wire edge: sensor.model dataclasses <-> loupe.v1 protobuf messages.
+
+This is the only module that touches protobuf record classes. The dataclasses and the
+messages share field names, so the conversion walks dataclass fields; the few nested and
+enum fields are spelled out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sensor import model
+from sensor.errors import SchemaError
+
+try:
+    from loupe.v1 import ingest_pb2, observer_pb2, records_pb2
+except ImportError as exc:  # generated at build time by `make proto`
+    raise ImportError(
+        "the protobuf code in loupe/v1/ is missing: run `make proto` (or `make install`)"
+    ) from exc
+
+__all__ = [
+    "ingest_pb2", "observer_pb2", "records_pb2",
+    "to_proto", "from_proto", "batch_to_proto", "batch_from_proto",
+]
+
+_DETAIL_FIELD = {model.HttpEvent: "http", model.DnsEvent: "dns", model.TlsEvent: "tls"}
+_DETAIL_CLASS = {name: cls for cls, name in _DETAIL_FIELD.items()}
+
+
+def _scalars(obj, skip=()) -> dict:
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.name not in skip
+    }
+
+
+def _flow_to_proto(flow: model.Flow) -> records_pb2.Flow:
+    msg = records_pb2.Flow(**_scalars(flow, skip=("l7_coverage", "process", "flow_end_reason")))
+    msg.flow_end_reason = int(flow.flow_end_reason)
+    msg.l7_coverage.CopyFrom(records_pb2.L7Coverage(**_scalars(flow.l7_coverage)))
+    if flow.process is not None:
+        msg.process.CopyFrom(records_pb2.ProcessInfo(**_scalars(flow.process)))
+    return msg
+
+
+def _l7_to_proto(event: model.L7Event) -> records_pb2.L7Event:
+    msg = records_pb2.L7Event(**_scalars(event, skip=("detail",)))
+    detail = event.detail
+    name = _DETAIL_FIELD[type(detail)]
+    if name == "dns":
+        fields = _scalars(detail, skip=("answers",))
+        sub = records_pb2.DnsEvent(**fields)
+        sub.answers.extend(records_pb2.DnsAnswer(**_scalars(a)) for a in detail.answers)
+    else:
+        sub = getattr(records_pb2, type(detail).__name__)(**_scalars(detail))
+    getattr(msg, name).CopyFrom(sub)
+    return msg
+
+
+def to_proto(record: model.Record) -> records_pb2.Record:
+    """Wrap one model record into a loupe.v1.Record."""
+    if isinstance(record, model.Flow):
+        return records_pb2.Record(flow=_flow_to_proto(record))
+    if isinstance(record, model.L7Event):
+        return records_pb2.Record(l7=_l7_to_proto(record))
+    if isinstance(record, model.LostEvent):
+        return records_pb2.Record(lost=records_pb2.LostEvent(**_scalars(record)))
+    raise TypeError(f"not a Loupe record: {type(record).__name__}")
+
+
+def _fields_of(msg, cls) -> dict:
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)}
+
+
+def _flow_from_proto(msg) -> model.Flow:
+    names = [f.name for f in dataclasses.fields(model.Flow)]
+    kwargs = {
+        n: getattr(msg, n) for n in names if n not in ("l7_coverage", "process", "flow_end_reason")
+    }
+    kwargs["flow_end_reason"] = model.FlowEndReason(msg.flow_end_reason)
+    kwargs["l7_coverage"] = model.L7Coverage(**_fields_of(msg.l7_coverage, model.L7Coverage))
+    if msg.HasField("process"):
+        kwargs["process"] = model.ProcessInfo(**_fields_of(msg.process, model.ProcessInfo))
+    return model.Flow(**kwargs)
+
+
+def _l7_from_proto(msg) -> model.L7Event:
+    name = msg.WhichOneof("detail")
+    if name is None:
+        raise SchemaError("L7Event without detail (http, dns or tls)")
+    sub = getattr(msg, name)
+    cls = _DETAIL_CLASS[name]
+    if cls is model.DnsEvent:
+        kwargs = {f.name: getattr(sub, f.name) for f in dataclasses.fields(cls) if f.name != "answers"}
+        kwargs["answers"] = tuple(
+            model.DnsAnswer(**_fields_of(a, model.DnsAnswer)) for a in sub.answers
+        )
+    else:
+        kwargs = _fields_of(sub, cls)
+        for name_ in ("alpn", "cert_san"):
+            if name_ in kwargs:
+                kwargs[name_] = tuple(kwargs[name_])
+    detail = cls(**kwargs)
+    top = {f.name: getattr(msg, f.name) for f in dataclasses.fields(model.L7Event) if f.name != "detail"}
+    return model.L7Event(**top, detail=detail)
+
+
+def from_proto(msg: records_pb2.Record) -> model.Record:
+    """Unwrap a loupe.v1.Record. Raises SchemaError on a record that fails validation."""
+    kind = msg.WhichOneof("kind")
+    try:
+        if kind == "flow":
+            return _flow_from_proto(msg.flow)
+        if kind == "l7":
+            return _l7_from_proto(msg.l7)
+        if kind == "lost":
+            return model.LostEvent(**_fields_of(msg.lost, model.LostEvent))
+    except (ValueError, TypeError) as exc:
+        raise SchemaError(f"invalid {kind} record: {exc}") from None
+    raise SchemaError("empty Record (no flow, l7 or lost)")
+
+
+def batch_to_proto(
+    records, *, sensor_id: str, batch_id: int, created_ns: int
+) -> ingest_pb2.RecordBatch:
+    batch = ingest_pb2.RecordBatch(sensor_id=sensor_id, batch_id=batch_id, created_ns=created_ns)
+    batch.records.extend(to_proto(r) for r in records)
+    return batch
+
+
+def batch_from_proto(batch: ingest_pb2.RecordBatch) -> list[model.Record]:
+    """All records of a batch, or SchemaError naming the first bad one (by index)."""
+    out = []
+    for i, msg in enumerate(batch.records):
+        try:
+            out.append(from_proto(msg))
+        except SchemaError as exc:
+            raise SchemaError(f"record {i}: {exc}") from None
+    return out

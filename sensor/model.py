@@ -1,0 +1,325 @@
+"""Loupe records as frozen dataclasses: the one shape every stage passes around.
+
+The protobuf messages in protos/loupe/v1/records.proto mirror these field for field;
+sensor/export/wire.py is the only place that converts between the two. Timestamps are
+integer Unix epoch nanoseconds, durations integer nanoseconds, everywhere.
+
+Constructors are keyword-only and validate ranges, so a bad value fails where it is made,
+not three stages later in the collector.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+
+
+class FlowEndReason(enum.IntEnum):
+    """IPFIX flowEndReason, IE 136."""
+
+    UNSPECIFIED = 0
+    IDLE_TIMEOUT = 1
+    ACTIVE_TIMEOUT = 2
+    END_OF_FLOW = 3
+    FORCED_END = 4
+    LACK_OF_RESOURCES = 5
+
+
+class LostSource(str, enum.Enum):
+    """Every place where Loupe can drop data. Each has a counter and reaches analysts as
+    a LostEvent with this value as its source."""
+
+    KERNEL_FLOW_MAP_FULL = "kernel_flow_map_full"
+    KERNEL_RINGBUF_FULL = "kernel_ringbuf_full"
+    KERNEL_PARSE_ERROR = "kernel_parse_error"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    REASSEMBLY_GAP = "reassembly_gap"
+    REASSEMBLY_MEMORY = "reassembly_memory"
+    PARSER_ERROR = "parser_error"
+    FLOW_TABLE_FULL = "flow_table_full"
+    CAPTURE_ERROR = "capture_error"
+    EXPORT_QUEUE_FULL = "export_queue_full"
+    SPOOL_FULL = "spool_full"
+    SUBSCRIBER_SLOW = "subscriber_slow"
+
+
+def _check_uint(name: str, value: int, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name}={value} is outside 0..{limit}")
+
+
+def _check_addr(name: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an IP address") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L7Coverage:
+    """How much of a flow's payload userspace saw. Every payload octet of an inspected
+    flow is counted in exactly one of captured, truncated, gap or skipped."""
+
+    inspected: bool = False
+    sampled: bool = False
+    captured_octets: int = 0
+    truncated_octets: int = 0
+    gap_octets: int = 0
+    skipped_octets: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("captured_octets", "truncated_octets", "gap_octets", "skipped_octets"):
+            _check_uint(name, getattr(self, name), U64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessInfo:
+    pid: int = 0
+    comm: str = ""
+    exe: str = ""
+    uid: int = 0
+    user: str = ""
+    cgroup_id: int = 0
+    container_id: str = ""
+
+    def __post_init__(self) -> None:
+        _check_uint("pid", self.pid, U32)
+        _check_uint("uid", self.uid, U32)
+        _check_uint("cgroup_id", self.cgroup_id, U64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Flow:
+    """A bidirectional flow with IPFIX semantics (IE ids in records.proto)."""
+
+    uid: str
+    sensor_id: str = ""
+    flow_start_ns: int
+    flow_end_ns: int
+    src_addr: str
+    dst_addr: str
+    src_port: int = 0
+    dst_port: int = 0
+    protocol: int
+    ip_version: int
+    vlan_id: int = 0
+    inner_vlan_id: int = 0
+    ifindex: int = 0
+    initiator_octets: int = 0
+    responder_octets: int = 0
+    initiator_packets: int = 0
+    responder_packets: int = 0
+    initiator_l2_octets: int = 0
+    responder_l2_octets: int = 0
+    initiator_tcp_flags: int = 0
+    responder_tcp_flags: int = 0
+    tcp_syn_count: int = 0
+    tcp_fin_count: int = 0
+    tcp_rst_count: int = 0
+    flow_end_reason: FlowEndReason = FlowEndReason.UNSPECIFIED
+    conn_state: str = ""
+    history: str = ""
+    handshake_rtt_ns: int = 0
+    community_id: str = ""
+    app_proto: str = ""
+    l7_coverage: L7Coverage = field(default_factory=L7Coverage)
+    process: ProcessInfo | None = None
+    http_host: str = ""
+    dns_qname: str = ""
+    tls_sni: str = ""
+    tls_ja4: str = ""
+    icmp_type: int = 0
+    icmp_code: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            raise ValueError("uid must not be empty")
+        _check_uint("flow_start_ns", self.flow_start_ns, U64)
+        _check_uint("flow_end_ns", self.flow_end_ns, U64)
+        if self.flow_end_ns < self.flow_start_ns:
+            raise ValueError(
+                f"flow_end_ns={self.flow_end_ns} is before flow_start_ns={self.flow_start_ns}"
+            )
+        _check_addr("src_addr", self.src_addr)
+        _check_addr("dst_addr", self.dst_addr)
+        if self.ip_version not in (4, 6):
+            raise ValueError(f"ip_version={self.ip_version} is neither 4 nor 6")
+        _check_uint("src_port", self.src_port, 0xFFFF)
+        _check_uint("dst_port", self.dst_port, 0xFFFF)
+        _check_uint("protocol", self.protocol, 0xFF)
+        _check_uint("vlan_id", self.vlan_id, 0xFFF)
+        _check_uint("inner_vlan_id", self.inner_vlan_id, 0xFFF)
+        _check_uint("ifindex", self.ifindex, U32)
+        for name in (
+            "initiator_octets", "responder_octets", "initiator_packets", "responder_packets",
+            "initiator_l2_octets", "responder_l2_octets", "tcp_syn_count", "tcp_fin_count",
+            "tcp_rst_count", "handshake_rtt_ns",
+        ):
+            _check_uint(name, getattr(self, name), U64)
+        _check_uint("initiator_tcp_flags", self.initiator_tcp_flags, 0xFFFF)
+        _check_uint("responder_tcp_flags", self.responder_tcp_flags, 0xFFFF)
+        _check_uint("icmp_type", self.icmp_type, 0xFF)
+        _check_uint("icmp_code", self.icmp_code, 0xFF)
+        if not isinstance(self.flow_end_reason, FlowEndReason):
+            object.__setattr__(self, "flow_end_reason", FlowEndReason(self.flow_end_reason))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpEvent:
+    method: str = ""
+    host: str = ""
+    path: str = ""
+    version: str = ""
+    status: int = 0
+    reason: str = ""
+    user_agent: str = ""
+    request_content_type: str = ""
+    response_content_type: str = ""
+    request_body_len: int = 0
+    response_body_len: int = 0
+    latency_ns: int = 0
+
+    def __post_init__(self) -> None:
+        _check_uint("status", self.status, 999)
+        _check_uint("request_body_len", self.request_body_len, U64)
+        _check_uint("response_body_len", self.response_body_len, U64)
+        _check_uint("latency_ns", self.latency_ns, U64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsAnswer:
+    name: str
+    rtype: int
+    ttl: int = 0
+    data: str = ""
+
+    def __post_init__(self) -> None:
+        _check_uint("rtype", self.rtype, 0xFFFF)
+        _check_uint("ttl", self.ttl, U32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsEvent:
+    id: int = 0
+    qname: str = ""
+    qtype: int = 0
+    qclass: int = 1
+    rcode: int = -1  # -1: no response seen
+    answers: tuple[DnsAnswer, ...] = ()
+    latency_ns: int = 0
+    transport: str = "udp"
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        _check_uint("id", self.id, 0xFFFF)
+        _check_uint("qtype", self.qtype, 0xFFFF)
+        _check_uint("qclass", self.qclass, 0xFFFF)
+        if not -1 <= self.rcode <= 0xFFF:
+            raise ValueError(f"rcode={self.rcode} is outside -1..4095")
+        if self.transport not in ("udp", "tcp"):
+            raise ValueError(f"transport={self.transport!r} is neither 'udp' nor 'tcp'")
+        if not isinstance(self.answers, tuple):
+            object.__setattr__(self, "answers", tuple(self.answers))
+        _check_uint("latency_ns", self.latency_ns, U64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsEvent:
+    version: int = 0
+    client_version: int = 0
+    sni: str = ""
+    alpn: tuple[str, ...] = ()
+    alpn_selected: str = ""
+    cipher: int = 0
+    ja3: str = ""
+    ja3s: str = ""
+    ja4: str = ""
+    cert_subject: str = ""
+    cert_issuer: str = ""
+    cert_san: tuple[str, ...] = ()
+    cert_not_before_ns: int = 0
+    cert_not_after_ns: int = 0
+
+    def __post_init__(self) -> None:
+        _check_uint("version", self.version, 0xFFFF)
+        _check_uint("client_version", self.client_version, 0xFFFF)
+        _check_uint("cipher", self.cipher, 0xFFFF)
+        for name in ("alpn", "cert_san"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check_uint("cert_not_before_ns", self.cert_not_before_ns, U64)
+        _check_uint("cert_not_after_ns", self.cert_not_after_ns, U64)
+
+
+L7Detail = Union[HttpEvent, DnsEvent, TlsEvent]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L7Event:
+    """One L7 transaction, linked to its Flow by uid and community_id."""
+
+    uid: str
+    sensor_id: str = ""
+    community_id: str = ""
+    ts_ns: int
+    src_addr: str
+    dst_addr: str
+    src_port: int = 0
+    dst_port: int = 0
+    protocol: int
+    detail: L7Detail
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            raise ValueError("uid must not be empty")
+        _check_uint("ts_ns", self.ts_ns, U64)
+        _check_addr("src_addr", self.src_addr)
+        _check_addr("dst_addr", self.dst_addr)
+        _check_uint("src_port", self.src_port, 0xFFFF)
+        _check_uint("dst_port", self.dst_port, 0xFFFF)
+        _check_uint("protocol", self.protocol, 0xFF)
+        if not isinstance(self.detail, (HttpEvent, DnsEvent, TlsEvent)):
+            raise TypeError(f"detail must be an L7 event, got {type(self.detail).__name__}")
+
+    @property
+    def kind(self) -> str:
+        """"http", "dns" or "tls": the name used by filters, tables and the CLI."""
+        return _DETAIL_KIND[type(self.detail)]
+
+
+_DETAIL_KIND = {HttpEvent: "http", DnsEvent: "dns", TlsEvent: "tls"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LostEvent:
+    source: str
+    count: int
+    interval_start_ns: int = 0
+    interval_end_ns: int = 0
+    sensor_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("source must not be empty")
+        _check_uint("count", self.count, U64)
+        _check_uint("interval_start_ns", self.interval_start_ns, U64)
+        _check_uint("interval_end_ns", self.interval_end_ns, U64)
+
+
+Record = Union[Flow, L7Event, LostEvent]
+
+
+def record_kind(record: Record) -> str:
+    """"flow", "http", "dns", "tls" or "lost"."""
+    if isinstance(record, Flow):
+        return "flow"
+    if isinstance(record, LostEvent):
+        return "lost"
+    return record.kind
