@@ -1,0 +1,52 @@
+"""Flow identity shared by the kernel reader and replay: one uid function, so the same
+flow gets the same uid whether it was metered live or replayed from a pcap.
+
+A uid is "C" followed by 17 base-62 characters of a keyed BLAKE2b digest of the flow's
+canonical key and start time: stable across the interim records of a flow (the key and
+start do not change), different for a later flow on the same 5-tuple, and reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _base62(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out.append(_ALPHABET[r])
+    return "".join(out)
+
+
+def addr_bytes(addr: str | bytes) -> bytes:
+    """4 or 16 packed bytes for an address given as text or already packed."""
+    if isinstance(addr, bytes):
+        return addr
+    return ipaddress.ip_address(addr).packed
+
+
+def flow_uid(
+    *,
+    src: str | bytes,
+    dst: str | bytes,
+    src_port: int,
+    dst_port: int,
+    protocol: int,
+    vlan_id: int,
+    inner_vlan_id: int,
+    start_ns: int,
+    sensor_id: str = "",
+) -> str:
+    """The uid of a flow. Symmetric: swapping the two ends gives the same uid."""
+    a = addr_bytes(src) + src_port.to_bytes(2, "big")
+    b = addr_bytes(dst) + dst_port.to_bytes(2, "big")
+    lo, hi = (a, b) if a <= b else (b, a)
+    h = hashlib.blake2b(digest_size=13, key=sensor_id.encode()[:64])
+    h.update(lo + hi + bytes((protocol,)))
+    h.update(vlan_id.to_bytes(2, "big") + inner_vlan_id.to_bytes(2, "big"))
+    h.update(start_ns.to_bytes(8, "big"))
+    return "C" + _base62(int.from_bytes(h.digest(), "big"), 17)
