@@ -1,0 +1,472 @@
+"""Capture file reader: classic pcap, pcapng and gzip-compressed either, in our own code.
+
+Strategy. The file is read in large chunks (CHUNK bytes) into one bytes buffer and records
+are cut out of it with struct.unpack_from, so the per-packet cost is one header unpack,
+one slice and one tuple. Each packet comes out as
+
+    (ts_ns, interface, link_type, frame, wire_len)
+
+ts_ns is integer Unix epoch nanoseconds (pcapng timestamps are converted with integer
+arithmetic from each interface's if_tsresol, never through a float); interface is 0 for
+classic pcap and, for pcapng, the interface's position counted across all sections of the
+file; frame is the captured bytes; wire_len the original length on the wire.
+
+The format is detected from the magic bytes, never from the file name: capture files are
+routinely misnamed (.pcapng files that are classic pcap and the other way round).
+
+Bad input. A record whose header cannot be right (captured length beyond any snap length,
+a pcapng block whose two length fields disagree) is counted in `stats` and skipped; the
+reader then resynchronises by scanning forward for the next plausible record, so one
+corrupt record does not lose the rest of the file. A record cut short by the end of the
+file is counted as truncated. A file that is not a capture at all, or cannot be opened,
+raises CaptureFileError with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+from sensor.errors import CaptureFileError
+
+# Link types (tcpdump.org/linktypes.html) the meter decodes.
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW_12 = 12   # DLT_RAW on most BSDs
+LINKTYPE_RAW_14 = 14   # DLT_RAW on OpenBSD
+LINKTYPE_RAW = 101
+LINKTYPE_LOOP = 108
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+
+SUPPORTED_LINKTYPES = frozenset({
+    LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW_12, LINKTYPE_RAW_14, LINKTYPE_RAW,
+    LINKTYPE_LOOP, LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2,
+})
+
+# Read size: large enough that the per-read overhead vanishes against the per-packet
+# work, small enough to keep memory flat on multi-GB captures.
+CHUNK = 4 << 20
+
+# No real link layer produces frames above 256 KiB (libpcap's MAXIMUM_SNAPLEN); a record
+# that claims more is corrupt. It also bounds the buffer the reader may need to hold.
+MAX_RECORD = 262_144
+
+# How far the reader scans for the next plausible record after a corrupt one before it
+# gives up on the rest of the file: a corrupt region longer than this is not a capture
+# any more, and scanning further would only invent packets out of noise.
+MAX_RESYNC = 16 << 20
+
+# A pcapng block carries one record plus its headers and options; options beyond 64 KiB
+# (a comment longer than any tool writes) mark the block as corrupt.
+MAX_BLOCK = MAX_RECORD + 65_536
+
+PCAP_MAGIC_US = 0xA1B2C3D4
+PCAP_MAGIC_NS = 0xA1B23C4D
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BOM = 0x1A2B3C4D
+
+_BT_IDB = 0x00000001
+_BT_OPB = 0x00000002  # obsolete Packet Block
+_BT_SPB = 0x00000003
+_BT_EPB = 0x00000006
+
+# Interfaces one pcapng file may define. Far above any real capture (a host with every
+# interface of a large router); bounds the per-file interface table.
+MAX_INTERFACES = 65_536
+
+Packet = tuple[int, int, int, bytes, int]
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    """What the reader saw and what it had to drop; every skipped byte is accounted."""
+
+    packets: int = 0
+    corrupt_records: int = 0      # records or blocks with impossible headers, skipped
+    truncated_records: int = 0    # a record cut short by the end of the file
+    skipped_bytes: int = 0        # bytes passed over while resynchronising
+    unknown_blocks: int = 0       # pcapng blocks of types we do not need (skipped by design)
+    bad_interface: int = 0        # pcapng packets naming an interface never described
+    link_types: dict[int, int] = field(default_factory=dict)  # link type -> interfaces
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    link_type: int
+    snaplen: int
+    # Timestamp conversion to ns: ns = ts * mul // div + offset_ns (integers only).
+    mul: int
+    div: int
+    offset_ns: int
+
+
+def _open(path: str | os.PathLike[str]) -> BinaryIO:
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 -- closed by the caller's finally
+    except OSError as exc:
+        raise CaptureFileError(
+            f"cannot open capture file {os.fspath(path)!r}: {exc.strerror or exc}; "
+            "check the path and its permissions"
+        ) from None
+    head = raw.read(2)
+    raw.seek(0)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def _tsresol(value: int) -> tuple[int, int]:
+    """(mul, div) turning a timestamp in if_tsresol units into ns."""
+    if value & 0x80:
+        # 2^-n seconds: ns = ts * 10^9 / 2^n.
+        return 1_000_000_000, 1 << (value & 0x7F)
+    if value <= 9:
+        return 10 ** (9 - value), 1
+    return 1, 10 ** (value - 9)
+
+
+class CaptureReader:
+    """Iterate over the packets of one capture file. Use as a context manager or call
+    close(); iteration happens once."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.stats = ReaderStats()
+        self.format = ""
+        self._f = _open(path)
+        try:
+            magic = self._f.read(4)
+        except (OSError, EOFError, zlib.error) as exc:
+            self._f.close()
+            raise CaptureFileError(
+                f"cannot read {self.path!r}: {exc}; the file is damaged or not a capture"
+            ) from None
+        if len(magic) < 4:
+            self._f.close()
+            raise CaptureFileError(
+                f"{self.path!r} is too short to be a capture file "
+                "(expected a pcap or pcapng file)"
+            )
+        self._magic = magic
+        le = struct.unpack("<I", magic)[0]
+        if le in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            self.format = "pcap"
+        elif struct.unpack(">I", magic)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            self.format = "pcap"
+        elif le == PCAPNG_SHB:
+            self.format = "pcapng"
+        else:
+            self._f.close()
+            raise CaptureFileError(
+                f"{self.path!r} is not a pcap or pcapng capture (magic {magic.hex()}); "
+                "give a file written by tcpdump, tshark or dumpcap"
+            )
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _read(self, n: int) -> bytes:
+        """Read up to n bytes; a damaged gzip stream ends the input (counted)."""
+        try:
+            return self._f.read(n)
+        except (OSError, EOFError, zlib.error):
+            self.stats.truncated_records += 1
+            return b""
+
+    def __iter__(self) -> Iterator[Packet]:
+        if self.format == "pcap":
+            return self._iter_pcap()
+        return self._iter_pcapng()
+
+    # ---------------------------------------------------------------- classic pcap
+
+    def _iter_pcap(self) -> Iterator[Packet]:
+        head = self._magic + self._read(20)
+        if len(head) < 24:
+            raise CaptureFileError(f"{self.path!r}: pcap file header is cut short")
+        if struct.unpack("<I", head[:4])[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            bo = "<"
+        else:
+            bo = ">"
+        magic, _vmaj, _vmin, _zone, _sig, snaplen, linktype = struct.unpack(
+            bo + "IHHiIII", head)
+        # The top bits of the link type field carry FCS information (pcap spec, sect. 4).
+        linktype &= 0x0FFFFFFF
+        self.stats.link_types[linktype] = 1
+        ns = magic == PCAP_MAGIC_NS
+        # A zero or absurd snap length appears in the wild; fall back to the hard bound.
+        limit = snaplen if 0 < snaplen <= MAX_RECORD else MAX_RECORD
+        unpack = struct.Struct(bo + "IIII").unpack_from
+        stats = self.stats
+        read = self._read
+        # Keep at least one whole record (header + snap length) plus the next header in
+        # the buffer, so a record never straddles a refill and resync can look ahead.
+        need = 32 + limit
+        buf = b""
+        pos = end = 0
+        eof = False
+        resyncing = False
+        packets = 0
+        prev_sec = -1
+        frac_max = 1_000_000_000 if ns else 1_000_000
+        mul = 1 if ns else 1000
+        while True:
+            if end - pos < need and not eof:
+                more = read(CHUNK)
+                eof = not more
+                buf = buf[pos:] + more
+                pos = 0
+                end = len(buf)
+                continue
+            if pos + 16 > end:
+                if pos < end:
+                    stats.truncated_records += 1
+                break
+            sec, frac, incl, orig = unpack(buf, pos)
+            if resyncing or incl > limit or frac >= frac_max or (orig < incl and orig):
+                if not resyncing:
+                    # Impossible header: count it, then look for the next good one.
+                    stats.corrupt_records += 1
+                    stats.skipped_bytes += 1
+                    pos += 1
+                found, nxt = _pcap_resync(buf, pos, unpack, limit, frac_max, prev_sec, eof)
+                stats.skipped_bytes += nxt - pos
+                pos = nxt
+                if found:
+                    resyncing = False
+                    continue
+                if eof or stats.skipped_bytes > MAX_RESYNC:
+                    stats.skipped_bytes += end - pos
+                    break
+                # Undecided at the end of the buffer: the refill above runs next (fewer
+                # than `need` bytes remain from pos) and the scan resumes here.
+                resyncing = True
+                continue
+            stop = pos + 16 + incl
+            if stop > end:
+                # Only possible at the end of the file (the buffer holds `need` bytes
+                # otherwise): a record cut short.
+                stats.truncated_records += 1
+                break
+            packets += 1
+            prev_sec = sec
+            yield (sec * 1_000_000_000 + frac * mul, 0, linktype, buf[pos + 16:stop],
+                   orig or incl)
+            pos = stop
+        stats.packets = packets
+
+    # ---------------------------------------------------------------- pcapng
+
+    def _iter_pcapng(self) -> Iterator[Packet]:
+        stats = self.stats
+        read = self._read
+        buf = self._magic + read(CHUNK)
+        pos = 0
+        bo = "<"
+        hdr = struct.Struct("<II")
+        epb = struct.Struct("<IIIII")
+        ifaces: list[Interface] = []
+        base = 0          # interface number of this section's first interface
+        total_ifaces = 0
+        packets = 0
+        eof = False
+        # A whole block of the largest size we accept must fit in the buffer.
+        need = MAX_BLOCK + 12
+        while True:
+            if len(buf) - pos < need and not eof:
+                more = read(CHUNK)
+                eof = not more
+                buf = buf[pos:] + more
+                pos = 0
+            end = len(buf)
+            if pos + 12 > end:
+                if pos < end:
+                    stats.truncated_records += 1
+                break
+            btype, blen = hdr.unpack_from(buf, pos)
+            if btype == PCAPNG_SHB:
+                if pos + 12 > end:
+                    stats.truncated_records += 1
+                    break
+                bom = buf[pos + 8:pos + 12]
+                if bom == b"\x4d\x3c\x2b\x1a":
+                    bo = "<"
+                elif bom == b"\x1a\x2b\x3c\x4d":
+                    bo = ">"
+                else:
+                    if pos == 0 and packets == 0:
+                        raise CaptureFileError(
+                            f"{self.path!r}: pcapng section header has no valid byte-order "
+                            "magic; the file is damaged or not a capture")
+                    stats.corrupt_records += 1
+                    pos = self._pcapng_resync(buf, pos + 4, bo)
+                    continue
+                hdr = struct.Struct(bo + "II")
+                epb = struct.Struct(bo + "IIIII")
+                btype, blen = hdr.unpack_from(buf, pos)
+                base = total_ifaces
+                ifaces = []
+            if blen < 12 or blen % 4 or blen > MAX_BLOCK:
+                if pos == 0 and packets == 0 and btype == PCAPNG_SHB:
+                    raise CaptureFileError(
+                        f"{self.path!r}: pcapng section header has an impossible length "
+                        f"({blen}); the file is damaged")
+                stats.corrupt_records += 1
+                pos = self._pcapng_resync(buf, pos + 4, bo)
+                continue
+            if pos + blen > end:
+                # Only possible at the end of the file (the buffer holds `need` bytes
+                # otherwise): a block cut short.
+                stats.truncated_records += 1
+                break
+            trailer = hdr.unpack_from(buf, pos + blen - 8)[1]
+            if trailer != blen:
+                stats.corrupt_records += 1
+                pos = self._pcapng_resync(buf, pos + 4, bo)
+                continue
+            if btype == _BT_EPB:
+                if blen < 32:
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
+                ifid, hi, lo, cap, wire = epb.unpack_from(buf, pos + 8)
+                start = pos + 28
+                if start + cap > pos + blen - 4:
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
+                if ifid >= len(ifaces):
+                    stats.bad_interface += 1
+                    pos += blen
+                    continue
+                itf = ifaces[ifid]
+                ts = ((hi << 32) | lo) * itf.mul // itf.div + itf.offset_ns
+                packets += 1
+                yield (ts, base + ifid, itf.link_type, buf[start:start + cap], wire)
+            elif btype == _BT_SPB:
+                if blen < 16 or not ifaces:
+                    stats.corrupt_records += 1 if blen < 16 else 0
+                    stats.bad_interface += 0 if blen < 16 else 1
+                    pos += blen
+                    continue
+                wire = struct.unpack_from(bo + "I", buf, pos + 8)[0]
+                itf = ifaces[0]
+                cap = min(wire, blen - 16, itf.snaplen or MAX_RECORD)
+                packets += 1
+                # A simple packet block has no timestamp; 0 tells the meter "unknown".
+                yield (0, base, itf.link_type, buf[pos + 12:pos + 12 + cap], wire)
+            elif btype == _BT_OPB:
+                if blen < 32:
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
+                ifid = struct.unpack_from(bo + "H", buf, pos + 8)[0]
+                hi, lo, cap, wire = struct.unpack_from(bo + "IIII", buf, pos + 12)
+                start = pos + 28
+                if start + cap > pos + blen - 4 or ifid >= len(ifaces):
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
+                itf = ifaces[ifid]
+                ts = ((hi << 32) | lo) * itf.mul // itf.div + itf.offset_ns
+                packets += 1
+                yield (ts, base + ifid, itf.link_type, buf[start:start + cap], wire)
+            elif btype == _BT_IDB:
+                if blen < 20 or total_ifaces >= MAX_INTERFACES:
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
+                link, _res, snap = struct.unpack_from(bo + "HHI", buf, pos + 8)
+                ifaces.append(self._interface(buf, pos + 16, pos + blen - 4, bo, link, snap))
+                stats.link_types[link] = stats.link_types.get(link, 0) + 1
+                total_ifaces += 1
+            elif btype != PCAPNG_SHB:
+                stats.unknown_blocks += 1
+            pos += blen
+        stats.packets = packets
+
+    @staticmethod
+    def _interface(buf: bytes, pos: int, end: int, bo: str, link: int,
+                   snap: int) -> Interface:
+        """Parse an IDB's options for if_tsresol (9) and if_tsoffset (14)."""
+        mul, div, offset = 1000, 1, 0  # default resolution: microseconds
+        opt = struct.Struct(bo + "HH")
+        while pos + 4 <= end:
+            code, length = opt.unpack_from(buf, pos)
+            if code == 0:
+                break
+            val = pos + 4
+            if val + length > end:
+                break
+            if code == 9 and length >= 1:
+                mul, div = _tsresol(buf[val])
+            elif code == 14 and length >= 8:
+                offset = struct.unpack_from(bo + "q", buf, val)[0] * 1_000_000_000
+            pos = val + ((length + 3) & ~3)
+        return Interface(link_type=link, snaplen=snap, mul=mul, div=div, offset_ns=offset)
+
+    def _pcapng_resync(self, buf: bytes, pos: int, bo: str) -> int:
+        """Next 4-byte aligned offset (relative to pos - 4) holding a block of a known type
+        whose two length fields agree; end of buffer if none (the rest is skipped)."""
+        hdr = struct.Struct(bo + "II")
+        start = pos - 4
+        end = len(buf)
+        p = start + 4
+        known = (_BT_EPB, _BT_SPB, _BT_IDB, _BT_OPB, PCAPNG_SHB, 5, 4, 7, 0xA, 0xBAD)
+        while p + 12 <= end:
+            btype, blen = hdr.unpack_from(buf, p)
+            if (btype in known and 12 <= blen <= MAX_BLOCK and blen % 4 == 0
+                    and p + blen <= end and hdr.unpack_from(buf, p + blen - 8)[1] == blen):
+                self.stats.skipped_bytes += p - start
+                return p
+            p += 4
+        self.stats.skipped_bytes += end - start
+        return end
+
+
+def _pcap_resync(buf: bytes, pos: int, unpack, limit: int, frac_max: int,
+                 prev_sec: int, eof: bool) -> tuple[bool, int]:
+    """(True, offset) of the next plausible pcap record header at or after pos, or
+    (False, offset) where the scan must resume once more bytes are in.
+
+    Plausible: fractional part in range, captured length within the snap length and
+    not above the wire length, time within a day of the previous good record, and the
+    record after it plausible too (or the end of the file right after it).
+    """
+    size = len(buf)
+    while pos + 16 <= size:
+        sec, frac, incl, orig = unpack(buf, pos)
+        if (frac < frac_max and 0 < incl <= limit and incl <= orig
+                and (prev_sec < 0 or abs(sec - prev_sec) <= 86_400)):
+            nxt = pos + 16 + incl
+            if nxt + 16 <= size:
+                s2, f2, i2, o2 = unpack(buf, nxt)
+                if (f2 < frac_max and i2 <= limit and (i2 <= o2 or not o2)
+                        and abs(s2 - sec) <= 86_400):
+                    return True, pos
+            elif eof:
+                if nxt == size:
+                    return True, pos
+            else:
+                return False, pos  # cannot judge yet: wait for more bytes
+        pos += 1
+    return False, pos
+
+
+def read_packets(path: str | os.PathLike[str]) -> Iterator[Packet]:
+    """All packets of one capture file (see the module docstring for the tuple)."""
+    with CaptureReader(path) as reader:
+        yield from reader
