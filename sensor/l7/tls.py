@@ -1,0 +1,449 @@
+"""TLS handshake parser: ClientHello/ServerHello fields, JA3/JA3S/JA4, leaf certificate.
+
+Strategy. Each direction has two buffers: record bytes until a whole TLSPlaintext record
+(RFC 8446 5.1, RFC 5246 6.2) is there, and handshake bytes until a whole handshake
+message is there, because one message may span records and one record may hold several
+messages. Only handshake, change_cipher_spec, alert and application_data records matter:
+
+- ClientHello (either direction, so mid-flow pickup with a swapped initiator still
+  works): fields and fingerprints. A second ClientHello after a HelloRetryRequest does
+  not replace the first (JA4 is defined on the first hello).
+- ServerHello: negotiated version (supported_versions wins over legacy_version),
+  cipher, ALPN when sent in the clear (TLS <= 1.2; in TLS 1.3 it moves into the
+  encrypted EncryptedExtensions and is invisible). TLS 1.3: everything after is
+  encrypted, so the event is emitted and the parser is DONE.
+- TLS <= 1.2: the server's Certificate message is in the clear; the leaf's subject,
+  issuer, SAN and validity go into the event, which is emitted at the Certificate (or
+  at ServerHelloDone / the server's ChangeCipherSpec when no certificate is sent, as in
+  session resumption).
+- An alert before the handshake completes, a gap, or EOF emits whatever is known.
+
+Once the event is out the parser is DONE and ignores all later bytes: the engine then
+stops feeding it, and the kernel stops copying the flow, which is what keeps TLS cheap.
+
+Bad input: a record header that is not TLS, a record or handshake message over its
+bound, or a hello that does not parse moves the parser to ERROR (anything already
+known is still emitted). An SSLv2-compatible ClientHello (RFC 5246 appendix E.2) is
+counted in `unsupported` and the parser goes DONE without an event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from sensor.l7 import fingerprints as fp
+from sensor.l7 import x509
+from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.model import TlsEvent
+
+# RFC 5246 6.2.3: a TLSCiphertext fragment is at most 2^14 + 2048 bytes; anything longer
+# is not TLS, and refusing it keeps the record buffer under 18.5 KB per direction.
+MAX_RECORD = (1 << 14) + 2048
+
+# One handshake message may be up to 2^24 bytes on paper. Real ClientHellos stay under
+# 4 KB even with post-quantum key shares and ECH, and certificate chains under 20 KB;
+# 64 KiB is three times the largest chains seen in practice and bounds the handshake
+# buffer per direction. A longer message puts the parser in ERROR (counted).
+MAX_HANDSHAKE = 64 * 1024
+
+_CHANGE_CIPHER_SPEC = 20
+_ALERT = 21
+_HANDSHAKE = 22
+_APPLICATION_DATA = 23
+_HEARTBEAT = 24
+
+_CLIENT_HELLO = 1
+_SERVER_HELLO = 2
+_CERTIFICATE = 11
+_SERVER_HELLO_DONE = 14
+
+_EXT_SNI = 0
+_EXT_GROUPS = 10
+_EXT_POINT_FORMATS = 11
+_EXT_SIG_ALGS = 13
+_EXT_ALPN = 16
+_EXT_SUPPORTED_VERSIONS = 43
+
+# RFC 8446 4.1.3: a ServerHello with this random is a HelloRetryRequest.
+_HRR_RANDOM = bytes.fromhex(
+    "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
+)
+
+
+class _Malformed(Exception):
+    """A hello whose structure does not add up; caught inside this module only."""
+
+
+class _Reader:
+    """Bounds-checked big-endian reads over one message body."""
+
+    __slots__ = ("data", "pos", "end")
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = len(data) if end is None else end
+
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+    def take(self, n: int) -> bytes:
+        if n > self.end - self.pos:
+            raise _Malformed(f"need {n} bytes, {self.end - self.pos} left")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+    def vec(self, length_bytes: int) -> "_Reader":
+        n = int.from_bytes(self.take(length_bytes), "big")
+        if n > self.end - self.pos:
+            raise _Malformed(f"vector of {n} bytes, {self.end - self.pos} left")
+        sub = _Reader(self.data, self.pos, self.pos + n)
+        self.pos += n
+        return sub
+
+    def u16_list(self, length_bytes: int) -> tuple[int, ...]:
+        sub = self.vec(length_bytes)
+        if sub.remaining() % 2:
+            raise _Malformed("odd length in a list of 16-bit values")
+        raw = sub.take(sub.remaining())
+        return tuple(int.from_bytes(raw[i:i + 2], "big") for i in range(0, len(raw), 2))
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("ascii", "backslashreplace")
+
+
+def parse_client_hello(body: bytes) -> fp.ClientHello:
+    r = _Reader(body)
+    legacy_version = r.u16()
+    r.take(32)  # random
+    r.vec(1)    # legacy_session_id
+    ciphers = r.u16_list(2)
+    r.vec(1)    # legacy_compression_methods
+    fields: dict = {}
+    extensions: list[int] = []
+    if r.remaining():  # extensions are optional before TLS 1.2 (RFC 5246 7.4.1.2)
+        ext_block = r.vec(2)
+        while ext_block.remaining():
+            ext_type = ext_block.u16()
+            data = ext_block.vec(2)
+            extensions.append(ext_type)
+            try:
+                _client_extension(ext_type, data, fields)
+            except _Malformed:
+                # A broken extension body still counts as present (JA3/JA4 list it); its
+                # content is just not used.
+                pass
+    return fp.ClientHello(
+        legacy_version=legacy_version, ciphers=ciphers, extensions=tuple(extensions), **fields
+    )
+
+
+def _client_extension(ext_type: int, data: _Reader, fields: dict) -> None:
+    if ext_type == _EXT_SNI:
+        fields["has_sni"] = True
+        names = data.vec(2)
+        while names.remaining():
+            name_type = names.u8()
+            name = names.vec(2)
+            if name_type == 0 and "sni" not in fields:
+                fields["sni"] = _text(name.take(name.remaining()))
+    elif ext_type == _EXT_ALPN:
+        protos = data.vec(2)
+        out = []
+        while protos.remaining():
+            p = protos.vec(1)
+            out.append(p.take(p.remaining()))
+        fields["alpn"] = tuple(out)
+    elif ext_type == _EXT_SUPPORTED_VERSIONS:
+        fields["supported_versions"] = data.u16_list(1)
+    elif ext_type == _EXT_SIG_ALGS:
+        fields["signature_algorithms"] = data.u16_list(2)
+    elif ext_type == _EXT_GROUPS:
+        fields["groups"] = data.u16_list(2)
+    elif ext_type == _EXT_POINT_FORMATS:
+        formats = data.vec(1)
+        fields["point_formats"] = tuple(formats.take(formats.remaining()))
+
+
+def parse_server_hello(body: bytes) -> fp.ServerHello:
+    r = _Reader(body)
+    legacy_version = r.u16()
+    random = r.take(32)
+    r.vec(1)  # legacy_session_id_echo
+    cipher = r.u16()
+    r.u8()    # legacy_compression_method
+    extensions: list[int] = []
+    selected_version = 0
+    alpn: bytes | None = None
+    if r.remaining():
+        ext_block = r.vec(2)
+        while ext_block.remaining():
+            ext_type = ext_block.u16()
+            data = ext_block.vec(2)
+            extensions.append(ext_type)
+            try:
+                if ext_type == _EXT_SUPPORTED_VERSIONS and data.remaining() == 2:
+                    selected_version = data.u16()
+                elif ext_type == _EXT_ALPN:
+                    protos = data.vec(2)
+                    chosen = protos.vec(1)
+                    alpn = chosen.take(chosen.remaining())
+            except _Malformed:
+                pass
+    return fp.ServerHello(
+        legacy_version=legacy_version, cipher=cipher, extensions=tuple(extensions),
+        selected_version=selected_version, alpn=alpn, hello_retry=random == _HRR_RANDOM,
+    )
+
+
+def parse_certificate_leaf(body: bytes) -> bytes | None:
+    """The first (leaf) DER certificate of a TLS <= 1.2 Certificate message."""
+    r = _Reader(body)
+    chain = r.vec(3)
+    if not chain.remaining():
+        return None
+    leaf = chain.vec(3)
+    return leaf.take(leaf.remaining())
+
+
+class _Side:
+    """Per-direction buffers and what this direction has shown."""
+
+    __slots__ = ("records", "records_ts", "handshake", "handshake_ts", "started", "encrypted")
+
+    def __init__(self) -> None:
+        self.records = bytearray()
+        self.records_ts = 0
+        self.handshake = bytearray()
+        self.handshake_ts = 0
+        self.started = False     # first record header checked
+        self.encrypted = False   # sent ChangeCipherSpec/application data: opaque from here
+
+
+class TlsParser:
+    """One TLS connection's handshake. See the module docstring for the strategy."""
+
+    name = "tls"
+
+    def __init__(self, *, transport: str = "t") -> None:
+        self.state = ParserState.OK
+        self.error = ""
+        self.unsupported = 0        # SSLv2-compatible hellos seen (not parsed)
+        self.cert_errors = 0        # Certificate messages whose leaf did not parse
+        self.hello_retries = 0
+        self.client_hello: fp.ClientHello | None = None
+        self.server_hello: fp.ServerHello | None = None
+        self.cert: x509.CertFields | None = None
+        self._transport = transport
+        self._client_dir: Direction | None = None
+        self._client_ts = 0
+        self._server_ts = 0
+        self._sides = (_Side(), _Side())
+        self._events: deque[Transaction] = deque()
+        self._emitted = False
+        self._summary: dict[str, str] = {}
+
+    # --- the L7Parser contract -------------------------------------------------------
+
+    def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
+        if self.state is not ParserState.OK or not data:
+            return
+        side = self._sides[direction]
+        if side.encrypted:
+            return
+        if not side.records:
+            side.records_ts = ts_ns
+        side.records += data
+        self._drain_records(direction, side, ts_ns)
+
+    def receive_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> None:
+        if self.state is ParserState.OK:
+            self._fail("TLS over a datagram transport is not supported (DTLS/QUIC)")
+
+    def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
+        if self.state is ParserState.OK and not self._sides[direction].encrypted:
+            self._fail(f"{length} bytes missing inside the handshake")
+
+    def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
+        # skip_hint is always 0, so a skip means the engine stopped copying on its own;
+        # inside the handshake that is lost data like a gap.
+        self.receive_gap(direction, length, ts_ns)
+
+    def receive_eof(self, direction: Direction, ts_ns: int) -> None:
+        if self.state is not ParserState.OK:
+            return
+        side = self._sides[direction]
+        if (side.records or side.handshake) and not side.encrypted:
+            self._fail("stream ended inside a TLS record or handshake message")
+            return
+        self._finish()
+
+    def skip_hint(self, direction: Direction) -> int:
+        return 0
+
+    def next_event(self) -> Transaction | _NeedData:
+        return self._events.popleft() if self._events else NEED_DATA
+
+    def summary(self) -> dict[str, str]:
+        return dict(self._summary)
+
+    # --- records ---------------------------------------------------------------------
+
+    def _drain_records(self, direction: Direction, side: _Side, ts_ns: int) -> None:
+        buf = side.records
+        while len(buf) >= 5 and self.state is ParserState.OK and not side.encrypted:
+            if not side.started:
+                if buf[0] & 0x80 and buf[2] == _CLIENT_HELLO:
+                    # SSLv2 record header (2 bytes, high bit set) carrying a v2
+                    # CLIENT-HELLO: a legacy format we do not fingerprint.
+                    self.unsupported += 1
+                    self._done()
+                    return
+                side.started = True
+            ctype = buf[0]
+            if not (_CHANGE_CIPHER_SPEC <= ctype <= _HEARTBEAT) or buf[1] != 3:
+                self._fail(f"not a TLS record header: {bytes(buf[:5]).hex()}")
+                return
+            length = (buf[3] << 8) | buf[4]
+            if length > MAX_RECORD:
+                self._fail(f"TLS record of {length} bytes exceeds {MAX_RECORD}")
+                return
+            if len(buf) < 5 + length:
+                return
+            record_ts = side.records_ts
+            fragment = bytes(buf[5:5 + length])
+            del buf[:5 + length]
+            # Whatever follows arrived in this call at the latest.
+            side.records_ts = ts_ns
+            self._record(direction, side, ctype, fragment, record_ts)
+
+    def _record(self, direction: Direction, side: _Side, ctype: int, fragment: bytes,
+                ts_ns: int) -> None:
+        if ctype == _HANDSHAKE:
+            if not side.handshake:
+                side.handshake_ts = ts_ns
+            side.handshake += fragment
+            self._drain_handshake(direction, side)
+        elif ctype in (_CHANGE_CIPHER_SPEC, _APPLICATION_DATA):
+            # From here this direction is encrypted. The server going encrypted ends the
+            # handshake (TLS <= 1.2 resumption); a client may go first (TLS 1.3 early
+            # data, middlebox-compatibility CCS), so the server is still awaited.
+            side.encrypted = True
+            side.records.clear()
+            side.handshake.clear()
+            if direction != self._client_dir:
+                self._finish()
+        elif ctype == _ALERT:
+            # A cleartext alert before the event means the handshake failed or was cut.
+            self._finish()
+
+    # --- handshake messages ----------------------------------------------------------
+
+    def _drain_handshake(self, direction: Direction, side: _Side) -> None:
+        buf = side.handshake
+        while len(buf) >= 4 and self.state is ParserState.OK:
+            msg_type = buf[0]
+            length = (buf[1] << 16) | (buf[2] << 8) | buf[3]
+            if length > MAX_HANDSHAKE:
+                self._fail(f"handshake message type {msg_type} of {length} bytes exceeds "
+                           f"{MAX_HANDSHAKE}")
+                return
+            if len(buf) < 4 + length:
+                return
+            body = bytes(buf[4:4 + length])
+            del buf[:4 + length]
+            msg_ts = side.handshake_ts
+            try:
+                self._message(direction, msg_type, body, msg_ts)
+            except _Malformed as exc:
+                self._fail(f"malformed handshake message type {msg_type}: {exc}")
+                return
+
+    def _message(self, direction: Direction, msg_type: int, body: bytes, ts_ns: int) -> None:
+        if msg_type == _CLIENT_HELLO:
+            if self.client_hello is None:
+                self.client_hello = parse_client_hello(body)
+                self._client_dir = direction
+                self._client_ts = ts_ns
+                if self.client_hello.sni:
+                    self._summary["tls_sni"] = self.client_hello.sni
+                self._summary["tls_ja4"] = fp.ja4(self.client_hello, self._transport)
+        elif msg_type == _SERVER_HELLO:
+            hello = parse_server_hello(body)
+            if hello.hello_retry:
+                self.hello_retries += 1
+                return
+            self.server_hello = hello
+            self._server_ts = ts_ns
+            if self._client_dir is None:
+                self._client_dir = Direction(1 - direction)
+            if hello.version >= 0x0304 and hello.version != 0xFEFF:
+                # TLS 1.3 (0x0304, drafts 0x7fxx): the rest of the handshake, the
+                # certificate included, is encrypted.
+                self._finish()
+        elif msg_type == _CERTIFICATE and self.server_hello is not None:
+            leaf = parse_certificate_leaf(body)
+            if leaf is not None:
+                self.cert = x509.parse_leaf(leaf)
+                if self.cert is None:
+                    self.cert_errors += 1
+            self._finish()
+        elif msg_type == _SERVER_HELLO_DONE:
+            self._finish()
+
+    # --- outcome ---------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Emit the event (once, if anything is known) and stop."""
+        self._emit()
+        self._done()
+
+    def _done(self) -> None:
+        if self.state is ParserState.OK:
+            self.state = ParserState.DONE
+        for side in self._sides:
+            side.records.clear()
+            side.handshake.clear()
+
+    def _fail(self, reason: str) -> None:
+        self._emit()
+        self.state = ParserState.ERROR
+        self.error = reason
+        for side in self._sides:
+            side.records.clear()
+            side.handshake.clear()
+
+    def _emit(self) -> None:
+        if self._emitted:
+            return
+        ch, sh = self.client_hello, self.server_hello
+        if ch is None and sh is None:
+            return
+        self._emitted = True
+        fields: dict = {}
+        if ch is not None:
+            fields.update(
+                client_version=ch.legacy_version, sni=ch.sni,
+                alpn=tuple(_text(p) for p in ch.alpn),
+                ja3=fp.ja3(ch), ja4=fp.ja4(ch, self._transport),
+            )
+        if sh is not None:
+            fields.update(version=sh.version, cipher=sh.cipher, ja3s=fp.ja3s(sh))
+            if sh.alpn is not None:
+                fields["alpn_selected"] = _text(sh.alpn)
+        if self.cert is not None:
+            fields.update(
+                cert_subject=self.cert.subject, cert_issuer=self.cert.issuer,
+                cert_san=self.cert.san, cert_not_before_ns=self.cert.not_before_ns,
+                cert_not_after_ns=self.cert.not_after_ns,
+            )
+        ts = self._client_ts if ch is not None else self._server_ts
+        self._events.append(Transaction(ts_ns=ts, detail=TlsEvent(**fields)))
