@@ -45,6 +45,7 @@ class LostSource(str, enum.Enum):
     CAPTURE_ERROR = "capture_error"
     EXPORT_QUEUE_FULL = "export_queue_full"
     SPOOL_FULL = "spool_full"
+    SPOOL_CORRUPT = "spool_corrupt"  # count: corrupt spool regions found at start-up
     SUBSCRIBER_SLOW = "subscriber_slow"
 
 

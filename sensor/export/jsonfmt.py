@@ -1,0 +1,83 @@
+"""Model records <-> JSON-able dicts: the one JSON shape of Loupe records.
+
+Used by the JSON lines sink and by every CLI that prints `--output json`. Field names are
+the model's field names, so a JSON line reads like the dataclass and like the collector's
+columns. One key is added, "type": "flow", "http", "dns", "tls" or "lost" (what
+sensor.model.record_kind says), so a reader can tell records apart without guessing.
+
+Nested values stay nested (Flow.l7_coverage, Flow.process, L7Event.detail, DNS answers);
+enums are written as their wire values (flow_end_reason as the IPFIX integer). from_dict
+is the exact inverse of to_dict and goes through the model constructors, so a JSON record
+that would not make a valid model record raises SchemaError naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from sensor import model
+from sensor.errors import SchemaError
+
+__all__ = ["to_dict", "from_dict"]
+
+_DETAIL_CLASS = {"http": model.HttpEvent, "dns": model.DnsEvent, "tls": model.TlsEvent}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(record: model.Record) -> dict[str, Any]:
+    """A dict of JSON types (str, int, bool, None, list, dict) with "type" first."""
+    kind = model.record_kind(record)
+    out: dict[str, Any] = {"type": kind}
+    for f in dataclasses.fields(record):
+        out[f.name] = _plain(getattr(record, f.name))
+    return out
+
+
+def _flow(d: dict[str, Any]) -> model.Flow:
+    d = dict(d)
+    d["l7_coverage"] = model.L7Coverage(**d.get("l7_coverage", {}))
+    process = d.get("process")
+    d["process"] = None if process is None else model.ProcessInfo(**process)
+    return model.Flow(**d)
+
+
+def _l7(kind: str, d: dict[str, Any]) -> model.L7Event:
+    d = dict(d)
+    detail = dict(d.pop("detail"))
+    if kind == "dns":
+        detail["answers"] = tuple(model.DnsAnswer(**a) for a in detail.get("answers", ()))
+    elif kind == "tls":
+        for name in ("alpn", "cert_san"):
+            detail[name] = tuple(detail.get(name, ()))
+    return model.L7Event(**d, detail=_DETAIL_CLASS[kind](**detail))
+
+
+def from_dict(data: dict[str, Any]) -> model.Record:
+    """Inverse of to_dict. SchemaError on an unknown type or a field the model refuses."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"a JSON record must be an object, got {type(data).__name__}")
+    body = dict(data)
+    kind = body.pop("type", None)
+    try:
+        if kind == "flow":
+            return _flow(body)
+        if kind in _DETAIL_CLASS:
+            return _l7(kind, body)
+        if kind == "lost":
+            return model.LostEvent(**body)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise SchemaError(f"invalid {kind} record in JSON: {exc}") from None
+    raise SchemaError(
+        f"JSON record has type={kind!r}; expected one of flow, http, dns, tls, lost"
+    )
