@@ -1,0 +1,748 @@
+"""Configuration for both daemons: /etc/loupe/sensor.toml and /etc/loupe/collector.toml.
+
+The schema is the dataclasses below. Each field's name is its TOML key, and its metadata
+holds the spec that validates and converts the TOML value, so the schema, the checker,
+`loupe config show` and the example files in systemd/ cannot drift apart (tests/ops
+parses the examples and compares both key sets).
+
+Values arrive in the dataclasses already converted: durations as integer nanoseconds,
+sizes as integer bytes, protocols as IP protocol numbers. A bad value raises ConfigError
+naming the dotted key and why ("sensor.toml: selection.ports[1]: 70000 is not a port
+(1..65535)"); an unknown key is an error too, because a misspelt key silently falling
+back to its default is the worst kind of misconfiguration.
+
+Command-line flags override the file: they are dotted keys ("selection.ports") merged into
+the TOML table before validation, so a flag is checked exactly like the file would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sensor.engine.semantics import Timeouts
+from sensor.errors import ConfigError
+
+SENSOR_CONFIG_PATH = Path("/etc/loupe/sensor.toml")
+COLLECTOR_CONFIG_PATH = Path("/etc/loupe/collector.toml")
+
+MS = 1_000_000
+S = 1_000 * MS
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+# A config file larger than this is not a config file; refuse before reading it whole.
+MAX_CONFIG_FILE_BYTES = 1 * MIB
+
+
+class _Invalid(Exception):
+    """Raised by a spec with the reason; the loader prefixes the key and the source."""
+
+
+# --- value specs --------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Int:
+    lo: int
+    hi: int
+
+    def parse(self, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {_type_name(value)}")
+        if not self.lo <= value <= self.hi:
+            raise _Invalid(f"{value} is outside {self.lo}..{self.hi}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise _Invalid(f"{text!r} is not an integer") from None
+
+    def to_toml(self, value: int) -> object:
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Bool:
+    def parse(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise _Invalid(f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        lowered = text.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise _Invalid(f"{text!r} is not a boolean (true/false)")
+
+    def to_toml(self, value: bool) -> object:
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Str:
+    max_len: int
+    pattern: str = ""            # full-match regex; "" accepts any text
+    what: str = "text"           # how the error names an acceptable value
+
+    def parse(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a string, got {_type_name(value)}")
+        if len(value) > self.max_len:
+            raise _Invalid(f"{len(value)} characters is longer than {self.max_len}")
+        if value and self.pattern and not re.fullmatch(self.pattern, value):
+            raise _Invalid(f"{value!r} is not {self.what}")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: str) -> object:
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Path:
+    """An absolute path, or "" where the key allows turning the feature off."""
+
+    allow_empty: bool
+
+    def parse(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a path string, got {_type_name(value)}")
+        if not value:
+            if self.allow_empty:
+                return value
+            raise _Invalid("must not be empty")
+        # Relative paths would depend on the daemon's working directory, which systemd sets
+        # to / : say so now rather than write files somewhere surprising.
+        if not value.startswith("/"):
+            raise _Invalid(f"{value!r} is not an absolute path")
+        if "\0" in value or len(value) > 4095:
+            raise _Invalid("is not a usable path")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: str) -> object:
+        return value
+
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION_UNITS = {"d": 86400 * S, "h": 3600 * S, "m": 60 * S, "s": S, "ms": MS}
+
+
+@dataclass(frozen=True, slots=True)
+class _Duration:
+    """"300s", "5m", "1h", "7d", "250ms" -> integer nanoseconds."""
+
+    lo_ns: int
+    hi_ns: int
+
+    def parse(self, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, str):
+            raise _Invalid(
+                f"expected a duration string such as \"300s\" or \"5m\", got {_type_name(value)}"
+            )
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise _Invalid(f"{value!r} is not a duration (a number and one of ms, s, m, h, d)")
+        ns = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if not self.lo_ns <= ns <= self.hi_ns:
+            raise _Invalid(
+                f"{value} is outside {format_duration(self.lo_ns)}..{format_duration(self.hi_ns)}"
+            )
+        return ns
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: int) -> object:
+        return format_duration(value)
+
+
+def format_duration(ns: int) -> str:
+    """The largest unit that states `ns` exactly: 300 s -> "5m", 1.5 s -> "1500ms"."""
+    for unit, size in _DURATION_UNITS.items():
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns // MS}ms"
+
+
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)?")
+_SIZE_UNITS = {"B": 1, "KiB": KIB, "MiB": MIB, "GiB": GIB, "TiB": 1024 * GIB,
+               "kB": 1000, "KB": 1000, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+@dataclass(frozen=True, slots=True)
+class _Size:
+    """An integer number of bytes, or "64KiB", "8MiB", "1GiB" (and kB/MB/GB, decimal)."""
+
+    lo: int
+    hi: int
+    power_of_two: bool = False
+
+    def parse(self, value: object) -> int:
+        if isinstance(value, bool):
+            raise _Invalid("expected a size, got a boolean")
+        if isinstance(value, int):
+            size = value
+        elif isinstance(value, str):
+            match = _SIZE.fullmatch(value.strip())
+            if match is None:
+                raise _Invalid(f"{value!r} is not a size (bytes, or a number with KiB, MiB, GiB)")
+            size = int(match.group(1)) * _SIZE_UNITS[match.group(2) or "B"]
+        else:
+            raise _Invalid(f"expected a size such as \"8MiB\", got {_type_name(value)}")
+        if not self.lo <= size <= self.hi:
+            raise _Invalid(f"{value} is outside {format_size(self.lo)}..{format_size(self.hi)}")
+        if self.power_of_two and size & (size - 1):
+            raise _Invalid(f"{value} is not a power of two")
+        return size
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: int) -> object:
+        return format_size(value)
+
+
+def format_size(size: int) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """host:port, [v6]:port. `listen` addresses must be IP literals (what to bind), and
+    may use port 0 (any free port, for tests); peer addresses may be host names."""
+
+    listen: bool
+    allow_empty: bool
+
+    def parse(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected \"host:port\", got {_type_name(value)}")
+        if not value:
+            if self.allow_empty:
+                return value
+            raise _Invalid("must not be empty")
+        host, port = split_host_port(value)
+        if not 0 <= port <= 65535 or (port == 0 and not self.listen):
+            raise _Invalid(f"port {port} in {value!r} is not a port (1..65535)")
+        if self.listen:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise _Invalid(f"{host!r} in {value!r} is not an IP address to listen on") from None
+        elif not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", host):
+            raise _Invalid(f"{host!r} in {value!r} is not a host name or IP address")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: str) -> object:
+        return value
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" -> ("127.0.0.1", 9464); "[::1]:9464" -> ("::1", 9464)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", address)
+    if match is None:
+        raise _Invalid(f"{address!r} is not host:port (IPv6 as [addr]:port)")
+    host = match.group(1) or match.group(3)
+    return host, int(match.group(2) or match.group(4))
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for addresses that never leave the host, so plaintext to them is acceptable."""
+    host, _ = split_host_port(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Cidr:
+    def parse(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a CIDR string such as \"10.0.0.0/8\", got {_type_name(value)}")
+        try:
+            return str(ipaddress.ip_network(value, strict=True))
+        except ValueError as exc:
+            if "has host bits set" in str(exc):
+                fixed = ipaddress.ip_network(value, strict=False)
+                raise _Invalid(f"{value!r} has host bits set; did you mean {str(fixed)!r}?") from None
+            raise _Invalid(f"{value!r} is not a CIDR network") from None
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: str) -> object:
+        return value
+
+
+PROTOCOL_NAMES = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+
+
+@dataclass(frozen=True, slots=True)
+class _Protocol:
+    def parse(self, value: object) -> int:
+        if isinstance(value, str):
+            if value.lower() in PROTOCOL_NAMES:
+                return PROTOCOL_NAMES[value.lower()]
+            raise _Invalid(f"{value!r} is not one of {', '.join(PROTOCOL_NAMES)} or 0..255")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            raise _Invalid(f"{value!r} is not an IP protocol (a name or 0..255)")
+        return value
+
+    def from_text(self, text: str) -> object:
+        return int(text) if text.isdigit() else text
+
+    def to_toml(self, value: int) -> object:
+        names = {number: name for name, number in PROTOCOL_NAMES.items()}
+        return names.get(value, value)
+
+
+@dataclass(frozen=True, slots=True)
+class _List:
+    item: Any
+    max_items: int
+    unique: bool = True
+
+    def parse(self, value: object) -> tuple:
+        if not isinstance(value, list):
+            raise _Invalid(f"expected a list, got {_type_name(value)}")
+        if len(value) > self.max_items:
+            raise _Invalid(f"{len(value)} entries is more than the {self.max_items} allowed")
+        items = []
+        for index, entry in enumerate(value):
+            try:
+                items.append(self.item.parse(entry))
+            except _Invalid as exc:
+                raise _Invalid(f"[{index}]: {exc}") from None
+        if self.unique and len(set(items)) != len(items):
+            seen = [x for i, x in enumerate(items) if x in items[:i]]
+            raise _Invalid(f"{seen[0]!r} is listed twice")
+        return tuple(items)
+
+    def from_text(self, text: str) -> object:
+        # On the command line a list is comma-separated: --set selection.ports=80,443
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        return [self.item.from_text(part) for part in parts]
+
+    def to_toml(self, value: tuple) -> object:
+        return [self.item.to_toml(item) for item in value]
+
+
+def _opt(default: Any, spec: Any) -> Any:
+    return field(default=default, metadata={"spec": spec})
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+_IFNAME = _Str(15, r"[^/\s:]+", "an interface name")  # IFNAMSIZ is 16 with the NUL
+_HEADER = _Str(64, r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "an HTTP header name (RFC 9110 token)")
+_QUERY_KEY = _Str(64, r"[^&=#\s]+", "a URL query key")
+_SERVER_NAME = _Str(253, r"[A-Za-z0-9.-]+", "a DNS name")
+
+
+# --- sensor.toml ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelectionConfig:
+    """Which flows userspace sees payload of; every flow is counted regardless."""
+
+    # Bounds: the kernel keeps ports in a fixed-size map and CIDRs in an LPM trie whose
+    # max_entries is fixed at load time; these are those sizes.
+    ports: tuple[int, ...] = _opt((53, 80, 443, 8080), _List(_Int(1, 65535), 256))
+    cidrs: tuple[str, ...] = _opt((), _List(_Cidr(), 1024))
+    protocols: tuple[int, ...] = _opt((), _List(_Protocol(), 8))
+    sample_one_in: int = _opt(1, _Int(1, 1_000_000))
+    sniff: bool = _opt(False, _Bool())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetConfig:
+    per_direction_bytes: int = _opt(32 * KIB, _Size(0, 16 * MIB))
+    max_in_flight_bytes: int = _opt(64 * MIB, _Size(1 * MIB, 4 * GIB))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutsConfig:
+    tcp_idle: int = _opt(300 * S, _Duration(1 * S, 7 * 86400 * S))
+    other_idle: int = _opt(60 * S, _Duration(1 * S, 7 * 86400 * S))
+    active: int = _opt(1800 * S, _Duration(1 * S, 7 * 86400 * S))
+    tcp_linger: int = _opt(5 * S, _Duration(0, 300 * S))
+
+    def to_timeouts(self) -> Timeouts:
+        return Timeouts(tcp_idle_ns=self.tcp_idle, other_idle_ns=self.other_idle,
+                        active_ns=self.active, tcp_end_linger_ns=self.tcp_linger)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectorClientConfig:
+    address: str = _opt("127.0.0.1:50051", _Address(listen=False, allow_empty=True))
+    ca_file: str = _opt("", _Path(allow_empty=True))
+    cert_file: str = _opt("", _Path(allow_empty=True))
+    key_file: str = _opt("", _Path(allow_empty=True))
+    server_name: str = _opt("", _SERVER_NAME)
+    insecure: bool = _opt(False, _Bool())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolConfig:
+    dir: str = _opt("/var/lib/loupe/spool", _Path(allow_empty=False))
+    max_bytes: int = _opt(1 * GIB, _Size(1 * MIB, 1024 * GIB))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportConfig:
+    queue_size: int = _opt(10_000, _Int(100, 10_000_000))
+    batch_size: int = _opt(500, _Int(1, 100_000))
+    batch_delay: int = _opt(1 * S, _Duration(10 * MS, 60 * S))
+    jsonl: str = _opt("", _Path(allow_empty=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    listen: str = _opt("127.0.0.1:9464", _Address(listen=True, allow_empty=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedactionConfig:
+    enabled: bool = _opt(True, _Bool())
+    extra_headers: tuple[str, ...] = _opt((), _List(_HEADER, 64))
+    extra_query_keys: tuple[str, ...] = _opt((), _List(_QUERY_KEY, 64))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessConfig:
+    attribution: bool = _opt(True, _Bool())
+    cache_ttl: int = _opt(30 * S, _Duration(1 * S, 3600 * S))
+    cache_size: int = _opt(4096, _Int(16, 1_000_000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelConfig:
+    flow_map_size: int = _opt(65536, _Int(1024, 16 * 1024 * 1024))
+    # BPF_MAP_TYPE_RINGBUF requires a power-of-two multiple of the page size.
+    ringbuf_size: int = _opt(8 * MIB, _Size(64 * KIB, 1 * GIB, power_of_two=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SensorConfig:
+    sensor_id: str = _opt("", _Str(64, r"[A-Za-z0-9._-]+", "letters, digits, '.', '_' or '-'"))
+    interfaces: tuple[str, ...] = _opt((), _List(_IFNAME, 64))
+    selection: SelectionConfig = _section(SelectionConfig)
+    budget: BudgetConfig = _section(BudgetConfig)
+    timeouts: TimeoutsConfig = _section(TimeoutsConfig)
+    collector: CollectorClientConfig = _section(CollectorClientConfig)
+    spool: SpoolConfig = _section(SpoolConfig)
+    export: ExportConfig = _section(ExportConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
+    redaction: RedactionConfig = _section(RedactionConfig)
+    process: ProcessConfig = _section(ProcessConfig)
+    kernel: KernelConfig = _section(KernelConfig)
+
+    def effective_sensor_id(self) -> str:
+        """sensor_id, or the host name when it is empty (the documented default)."""
+        return self.sensor_id or socket.gethostname()
+
+
+# --- collector.toml ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTlsConfig:
+    cert_file: str = _opt("", _Path(allow_empty=True))
+    key_file: str = _opt("", _Path(allow_empty=True))
+    client_ca_file: str = _opt("", _Path(allow_empty=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectorConfig:
+    listen: str = _opt("127.0.0.1:50051", _Address(listen=True, allow_empty=False))
+    insecure: bool = _opt(False, _Bool())
+    data_dir: str = _opt("/var/lib/loupe/collector", _Path(allow_empty=False))
+    retention: int = _opt(7 * 86400 * S, _Duration(0, 3650 * 86400 * S))
+    max_message_size: int = _opt(16 * MIB, _Size(64 * KIB, 1 * GIB))
+    subscriber_queue_size: int = _opt(10_000, _Int(10, 10_000_000))
+    tls: ServerTlsConfig = _section(ServerTlsConfig)
+    metrics: MetricsConfig = field(
+        default_factory=lambda: MetricsConfig(listen="127.0.0.1:9465"),
+        metadata={"section": MetricsConfig},
+    )
+
+
+CONFIG_KINDS: dict[str, type] = {"sensor": SensorConfig, "collector": CollectorConfig}
+DEFAULT_PATHS: dict[str, Path] = {"sensor": SENSOR_CONFIG_PATH, "collector": COLLECTOR_CONFIG_PATH}
+
+
+# --- building and checking ----------------------------------------------------------------------
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str, source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key (known here: {known})")
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in table:
+            values[name] = getattr(defaults, name)
+        elif "section" in f.metadata:
+            sub = table[name]
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{source}: {key}: expected a [{key}] table, got {_type_name(sub)}")
+            merged = {**_as_table(getattr(defaults, name)), **sub}
+            values[name] = _build(f.metadata["section"], merged, key + ".", source)
+        else:
+            try:
+                values[name] = f.metadata["spec"].parse(table[name])
+            except _Invalid as exc:
+                sep = "" if str(exc).startswith("[") else " "
+                raise ConfigError(f"{source}: {key}:{sep}{exc}") from None
+    return cls(**values)
+
+
+def _as_table(config: Any) -> dict[str, Any]:
+    """A config dataclass back into its TOML table (durations and sizes as strings)."""
+    table: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "section" in f.metadata:
+            table[f.name] = _as_table(value)
+        else:
+            table[f.name] = f.metadata["spec"].to_toml(value)
+    return table
+
+
+def _check_sensor(config: SensorConfig, source: str) -> None:
+    client = config.collector
+    tls = {"ca_file": client.ca_file, "cert_file": client.cert_file, "key_file": client.key_file}
+    if any(tls.values()) and not all(tls.values()):
+        missing = ", ".join(f"collector.{k}" for k, v in tls.items() if not v)
+        raise ConfigError(f"{source}: {missing}: mutual TLS needs ca_file, cert_file and "
+                          "key_file together; set the missing ones or clear all three")
+    if (client.address and not any(tls.values()) and not client.insecure
+            and not is_loopback_address(client.address)):
+        raise ConfigError(
+            f"{source}: collector.address: {client.address} is not a loopback address and no "
+            "TLS is configured; set collector.ca_file/cert_file/key_file, or insecure = true")
+    if config.export.batch_size > config.export.queue_size:
+        raise ConfigError(f"{source}: export.batch_size: {config.export.batch_size} is larger "
+                          f"than export.queue_size ({config.export.queue_size})")
+    if config.budget.per_direction_bytes > config.budget.max_in_flight_bytes:
+        raise ConfigError(f"{source}: budget.per_direction_bytes: larger than "
+                          "budget.max_in_flight_bytes, so no flow could ever be inspected whole")
+
+
+def _check_collector(config: CollectorConfig, source: str) -> None:
+    tls = {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file,
+           "client_ca_file": config.tls.client_ca_file}
+    if any(tls.values()) and not all(tls.values()):
+        missing = ", ".join(f"tls.{k}" for k, v in tls.items() if not v)
+        raise ConfigError(f"{source}: {missing}: mutual TLS needs cert_file, key_file and "
+                          "client_ca_file together; set the missing ones or clear all three")
+    if not any(tls.values()) and not config.insecure and not is_loopback_address(config.listen):
+        raise ConfigError(
+            f"{source}: listen: {config.listen} is not a loopback address and no TLS is "
+            "configured; set tls.cert_file/key_file/client_ca_file, or insecure = true")
+
+
+_CHECKS = {SensorConfig: _check_sensor, CollectorConfig: _check_collector}
+
+
+def _apply_overrides(cls: type, table: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Merge dotted-key overrides into `table` in place. String values from the command
+    line are converted to the key's TOML type first (lists are comma-separated)."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        target_cls, target = cls, table
+        for depth, part in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(target_cls)}
+            f = fields.get(part)
+            if f is None:
+                raise ConfigError(f"command line: {dotted}: unknown key "
+                                  f"(known here: {', '.join(fields)})")
+            if "section" in f.metadata:
+                if depth == len(parts) - 1:
+                    raise ConfigError(f"command line: {dotted}: is a section; name a key in it")
+                target_cls = f.metadata["section"]
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+                continue
+            if depth != len(parts) - 1:
+                raise ConfigError(f"command line: {dotted}: {part} is not a section")
+            if isinstance(value, str):
+                try:
+                    value = f.metadata["spec"].from_text(value)
+                except _Invalid as exc:
+                    raise ConfigError(f"command line: {dotted}: {exc}") from None
+            elif isinstance(value, tuple):
+                value = list(value)
+            target[part] = value
+
+
+def parse_config(kind: str, table: Mapping[str, Any], *, source: str,
+                 overrides: Mapping[str, Any] | None = None) -> Any:
+    """Validate a TOML table (plus overrides) into SensorConfig or CollectorConfig."""
+    cls = CONFIG_KINDS[kind]
+    merged = _deep_copy(table)
+    if overrides:
+        _apply_overrides(cls, merged, overrides)
+        source = f"{source} (with command-line overrides)"
+    config = _build(cls, merged, "", source)
+    _CHECKS[cls](config, source)
+    return config
+
+
+def _deep_copy(table: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in table.items()}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {format_size(MAX_CONFIG_FILE_BYTES)}; "
+                          "not a Loupe config file")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; TOML files must be UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(kind: str, path: Path | None = None, *,
+                overrides: Mapping[str, Any] | None = None) -> Any:
+    """Load /etc/loupe/{kind}.toml (or `path`), with overrides. A missing default file
+    means all defaults, so the daemon runs unconfigured; a missing explicit file is an
+    error, because the user asked for that file."""
+    if path is None:
+        path = DEFAULT_PATHS[kind]
+        if not path.exists():
+            return parse_config(kind, {}, source=f"defaults ({path} absent)", overrides=overrides)
+    return parse_config(kind, read_toml(path), source=str(path), overrides=overrides)
+
+
+def load_sensor_config(path: Path | None = None, *,
+                       overrides: Mapping[str, Any] | None = None) -> SensorConfig:
+    return load_config("sensor", path, overrides=overrides)
+
+
+def load_collector_config(path: Path | None = None, *,
+                          overrides: Mapping[str, Any] | None = None) -> CollectorConfig:
+    return load_config("collector", path, overrides=overrides)
+
+
+def schema_keys(kind: str) -> set[str]:
+    """Every dotted key the schema accepts ("selection.ports", "sensor_id")."""
+    keys: set[str] = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if "section" in f.metadata:
+                walk(f.metadata["section"], f"{prefix}{f.name}.")
+            else:
+                keys.add(prefix + f.name)
+
+    walk(CONFIG_KINDS[kind], "")
+    return keys
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def config_to_toml(config: Any) -> str:
+    """The effective configuration as TOML that parses back to the same config."""
+    table = _as_table(config)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for name, sub in table.items():
+        if isinstance(sub, dict):
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    """--config and --set for a daemon's parser; config_from_args() reads them back."""
+    parser.add_argument(
+        "--config", type=Path, default=None, metavar="FILE",
+        help=f"configuration file (default {DEFAULT_PATHS[kind]}; all defaults if absent)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="config_set",
+        help="override one key, e.g. --set selection.ports=80,443 (repeatable; wins over the file)")
+
+
+def parse_set_arguments(items: list[str]) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"command line: --set {item!r}: expected KEY=VALUE, "
+                              "e.g. --set timeouts.tcp_idle=10m")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace, kind: str,
+                     extra_overrides: Mapping[str, Any] | None = None) -> Any:
+    """The config a daemon should run with: file, then --set, then its own flags
+    (`extra_overrides`, dotted keys; None values are flags the user did not give)."""
+    overrides: dict[str, Any] = parse_set_arguments(getattr(args, "config_set", []) or [])
+    for key, value in (extra_overrides or {}).items():
+        if value is not None:
+            overrides[key] = value
+    return load_config(kind, getattr(args, "config", None), overrides=overrides)
