@@ -64,8 +64,11 @@ def _packets(path: Path):
 
 def _ip_layer(link: int, buf: bytes):
     if link == dpkt.pcap.DLT_EN10MB:
-        eth = dpkt.ethernet.Ethernet(buf)
-        return eth.data
+        layer = dpkt.ethernet.Ethernet(buf).data
+        # PPPoE session inside VLAN tags (one nDPI case): unwrap to the IP packet.
+        while isinstance(layer, (dpkt.pppoe.PPPoE, dpkt.ppp.PPP)):
+            layer = layer.data
+        return layer
     if link in (dpkt.pcap.DLT_NULL, dpkt.pcap.DLT_LOOP):
         family = int.from_bytes(buf[:4], "little" if link == dpkt.pcap.DLT_NULL else "big")
         payload = buf[4:]
