@@ -1,0 +1,408 @@
+"""The sensor's gRPC exporter: records -> batches -> spool -> Ingest.Push -> acks.
+
+Strategy. Two threads behind a non-blocking queue, so the pipeline never waits on the
+network or the disk:
+
+- the batcher takes records from the ExportQueue, cuts a batch at batch_records or
+  batch_delay_s after its first record, adds LostEvents for any export-queue or spool
+  loss since the last batch, gives it a fresh batch id, and writes it to the spool
+  (sensor/export/spool.py) before anything is sent;
+- the sender keeps one bidirectional Ingest.Push stream open and feeds it from the spool,
+  in batch id order, never more than window_batches un-acked at a time. Acks arrive in
+  order; STORED and DUPLICATE mean delivered and the batch leaves the spool; REJECTED is
+  logged with the collector's reason, counted, and the batch leaves the spool too (the
+  collector will never store it, resending would only repeat the refusal).
+
+When the stream breaks (collector killed, network gone, ack_timeout_s without an ack for
+the oldest batch in flight) the sender reconnects with a fresh channel after a jittered
+exponential backoff: initial_backoff_s, times 2 per failed attempt, capped at
+max_backoff_s, each delay multiplied by a random factor in [1 - jitter, 1 + jitter] so a
+fleet of sensors does not reconnect in step; it resets after an ack. The new stream starts
+again from the oldest un-acked batch in the spool: the collector deduplicates on
+(sensor_id, batch_id), so a batch that was stored but whose ack was lost comes back as
+DUPLICATE, and nothing is stored twice.
+
+A fresh channel per attempt (rather than grpc's own reconnect) keeps the retry timing
+ours: grpc's internal channel backoff grows to two minutes.
+
+Shutdown (close): the queue is closed and drained into the spool, then the sender tries
+for at most timeout_s to get every spooled batch acked; what is left stays in the spool
+for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from sensor import model
+from sensor.errors import ConfigError
+from sensor.export import wire
+from sensor.export.exporter import ExportQueue
+from sensor.export.spool import FsyncPolicy, Spool
+
+__all__ = ["TlsFiles", "GrpcExportConfig", "GrpcExporter"]
+
+log = logging.getLogger(__name__)
+
+_ACK = wire.ingest_pb2.AckStatus
+# Latency samples kept for metrics and the benchmark: enough for a stable p99, bounded.
+_LATENCY_SAMPLES = 100_000
+# Batches whose per-record enqueue times are remembered for latency; older ones (spooled
+# while the collector was down) simply give no sample.
+_TIMED_BATCHES = 4096
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsFiles:
+    """mTLS material as written by `loupe certs init`: the CA that signed the collector's
+    certificate, and this sensor's client certificate and key."""
+
+    ca_cert: Path
+    client_cert: Path
+    client_key: Path
+    server_name: str = ""  # override the name checked in the collector's certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(what: str, path: Path) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the {what} {path}: {exc.strerror or exc}; "
+                    "create the certificates with `loupe certs init`"
+                ) from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read("CA certificate", self.ca_cert),
+            private_key=read("client key", self.client_key),
+            certificate_chain=read("client certificate", self.client_cert),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrpcExportConfig:
+    target: str                       # host:port of the collector
+    sensor_id: str
+    spool_dir: Path
+    tls: TlsFiles | None = None
+    # About a second of a busy sensor's records; beyond that the batcher is stuck on the
+    # disk and memory must not grow with it.
+    queue_records: int = 65536
+    batch_records: int = 1000         # ~100-300 KiB per batch, well under grpc's 4 MiB
+    batch_delay_s: float = 0.2        # a record waits at most this long for its batch
+    # Un-acked batches on the wire: enough to keep a LAN link busy while the collector
+    # commits, small enough that a reconnect resends little.
+    window_batches: int = 16
+    ack_timeout_s: float = 30.0       # oldest in-flight batch without an ack -> reconnect
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    backoff_jitter: float = 0.2
+    spool_max_bytes: int = 256 << 20
+    spool_segment_bytes: int = 8 << 20
+    spool_fsync: FsyncPolicy = FsyncPolicy.INTERVAL
+    spool_fsync_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.target or ":" not in self.target:
+            raise ConfigError(f"collector address {self.target!r} must be host:port")
+        if not self.sensor_id:
+            raise ConfigError("sensor_id must not be empty")
+        for name in ("queue_records", "batch_records", "window_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.backoff_jitter < 1:
+            raise ConfigError("backoff_jitter must be in [0, 1)")
+
+
+# The spool holds each RecordBatch already serialized. The generated stub
+# (loupe.v1.ingest_pb2_grpc.IngestStub) would serialize request messages again, so the
+# Push method is bound here with the same method path and ack decoder as the stub's but
+# an identity request serializer: spooled bytes go on the wire as they are, without a
+# parse and a re-serialization per batch.
+_PUSH_METHOD = "/{}/{}".format(
+    wire.ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name, "Push")
+
+
+def _push(channel: grpc.Channel):
+    return channel.stream_stream(
+        _PUSH_METHOD,
+        request_serializer=bytes,
+        response_deserializer=wire.ingest_pb2.BatchAck.FromString,
+    )
+
+
+class _Stream:
+    """One Push stream's send side: what was sent and not acked yet."""
+
+    def __init__(self) -> None:
+        self.inflight: deque[tuple[int, int, float]] = deque()  # (batch id, records, sent)
+        self.last_sent = 0
+        self.stopped = False
+        self.call = None
+
+
+class GrpcExporter:
+    """Exporter (sensor/export/exporter.py) to a Loupe collector. start() before use."""
+
+    def __init__(
+        self,
+        config: GrpcExportConfig,
+        *,
+        clock_ns: Callable[[], int] = time.time_ns,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = config
+        self._clock_ns = clock_ns
+        self._rng = rng or random.Random()
+        self._creds = config.tls.credentials() if config.tls else None
+        self._spool = Spool(
+            config.spool_dir, max_bytes=config.spool_max_bytes,
+            segment_bytes=config.spool_segment_bytes, fsync=config.spool_fsync,
+            fsync_interval_s=config.spool_fsync_interval_s, clock_ns=clock_ns,
+        )
+        self._queue = ExportQueue(config.queue_records, batch_records=config.batch_records,
+                                  clock_ns=clock_ns)
+        self._cond = threading.Condition(threading.Lock())
+        self._stream: _Stream | None = None
+        self._stop = threading.Event()        # sender: stop now
+        self._drain_deadline: float | None = None
+        self._enqueued: dict[int, list[int]] = {}  # batch id -> enqueue times (ns)
+        self._latencies: deque[int] = deque(maxlen=_LATENCY_SAMPLES)
+        self._c = dict.fromkeys((
+            "batches_spooled", "batches_sent", "batches_acked", "batches_duplicate",
+            "batches_rejected", "records_rejected", "records_acked", "acks_unexpected",
+            "reconnects", "stream_errors", "ack_timeouts", "lost_events_sent",
+        ), 0)
+        self._batcher = threading.Thread(target=self._run_batcher, name="loupe-batcher",
+                                         daemon=True)
+        self._sender = threading.Thread(target=self._run_sender, name="loupe-sender",
+                                        daemon=True)
+
+    # ---- the Exporter seam -----------------------------------------------------------
+
+    def start(self) -> "GrpcExporter":
+        self._batcher.start()
+        self._sender.start()
+        return self
+
+    def submit(self, record: model.Record) -> bool:
+        return self._queue.put(record)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Drain the queue into the spool, try to deliver for up to timeout_s, leave the
+        rest spooled. Safe to call twice."""
+        self._queue.close()
+        if self._batcher.is_alive():
+            self._batcher.join()
+        with self._cond:
+            self._drain_deadline = time.monotonic() + timeout_s
+            self._cond.notify_all()
+        if self._sender.is_alive():
+            self._sender.join(timeout_s + 2.0)
+        self._stop.set()
+        with self._cond:
+            if self._stream is not None and self._stream.call is not None:
+                self._stream.call.cancel()  # a collector that stopped answering
+            self._cond.notify_all()
+        self._sender.join(5.0)
+        self._spool.close()
+
+    def counters(self) -> dict[str, int]:
+        out = self._queue.counters()
+        out.update(self._c)
+        out.update(self._spool.counters())
+        return out
+
+    def latencies_ns(self) -> list[int]:
+        """Record enqueued -> batch acked, in ns, for recent records (bounded sample)."""
+        return list(self._latencies)
+
+    # ---- batcher ---------------------------------------------------------------------
+
+    def _run_batcher(self) -> None:
+        cfg = self._cfg
+        while True:
+            items = self._queue.get_batch(cfg.batch_delay_s, idle_s=cfg.batch_delay_s)
+            losses = []
+            queue_lost = self._queue.take_lost(cfg.sensor_id)
+            if queue_lost is not None:
+                losses.append(queue_lost)
+            losses += [replace(e, sensor_id=cfg.sensor_id) for e in self._spool.take_losses()]
+            if items or losses:
+                self._spool_batch(items, losses)
+            else:
+                self._spool.sync_due()
+                if self._queue.closed and not len(self._queue):
+                    return
+
+    def _spool_batch(self, items, losses: list[model.LostEvent]) -> None:
+        records = [r for _, r in items] + losses
+        carried = sum(e.count for e in losses if e.source == model.LostSource.SPOOL_FULL.value)
+        batch_id = self._spool.next_batch_id()
+        payload = wire.batch_to_proto(
+            records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
+            created_ns=self._clock_ns(),
+        ).SerializeToString()
+        if items:
+            with self._cond:
+                self._enqueued[batch_id] = [t for t, _ in items]
+                while len(self._enqueued) > _TIMED_BATCHES:
+                    del self._enqueued[next(iter(self._enqueued))]
+        self._spool.append(batch_id, payload, records=len(records), carried_loss=carried)
+        self._c["batches_spooled"] += 1
+        self._c["lost_events_sent"] += len(losses)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ---- sender ----------------------------------------------------------------------
+
+    def _draining_done(self) -> bool:
+        """Under close(): everything delivered, or out of time."""
+        if self._drain_deadline is None:
+            return False
+        return self._spool.unacked_count() == 0 or time.monotonic() >= self._drain_deadline
+
+    def _run_sender(self) -> None:
+        attempt = 0
+        first = True
+        while not self._stop.is_set() and not self._draining_done():
+            if not first:
+                self._c["reconnects"] += 1
+            first = False
+            acked = self._run_stream()
+            if self._stop.is_set() or self._draining_done():
+                return
+            attempt = 0 if acked else attempt + 1
+            delay = min(self._cfg.max_backoff_s, self._cfg.initial_backoff_s * 2 ** attempt)
+            delay *= 1 + self._rng.uniform(-self._cfg.backoff_jitter, self._cfg.backoff_jitter)
+            with self._cond:
+                end = time.monotonic() + delay
+                while not self._stop.is_set() and time.monotonic() < end:
+                    if self._drain_deadline is not None:
+                        end = min(end, self._drain_deadline)
+                    self._cond.wait(max(0.0, end - time.monotonic()))
+
+    def _channel(self) -> grpc.Channel:
+        options = [
+            # Our own backoff decides when to retry; keep grpc's from adding to it.
+            ("grpc.initial_reconnect_backoff_ms", int(self._cfg.initial_backoff_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self._cfg.max_backoff_s * 1000)),
+        ]
+        if self._creds is not None:
+            if self._cfg.tls.server_name:
+                options.append(("grpc.ssl_target_name_override", self._cfg.tls.server_name))
+            return grpc.secure_channel(self._cfg.target, self._creds, options=options)
+        return grpc.insecure_channel(self._cfg.target, options=options)
+
+    def _run_stream(self) -> bool:
+        """One Push stream until it breaks or we stop. True if any ack arrived."""
+        stream = _Stream()
+        acked = False
+        channel = self._channel()
+        try:
+            call = _push(channel)(self._requests(stream))
+            stream.call = call
+            with self._cond:
+                self._stream = stream
+            for ack in call:
+                acked = True
+                self._on_ack(stream, ack)
+                if self._draining_done():
+                    break
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if not stream.stopped:
+                self._c["stream_errors"] += 1
+                detail = exc.details() if hasattr(exc, "details") else str(exc)
+                log.warning("collector %s: stream ended (%s: %s); %d batches un-acked",
+                            self._cfg.target, getattr(code, "name", code), detail,
+                            self._spool.unacked_count())
+        finally:
+            with self._cond:
+                stream.stopped = True
+                self._stream = None
+                self._cond.notify_all()
+            if stream.call is not None:
+                stream.call.cancel()
+            channel.close()
+        return acked
+
+    def _requests(self, stream: _Stream):
+        """The request iterator grpc pulls from (on its own thread): spooled batches in id
+        order, at most window_batches un-acked."""
+        while True:
+            with self._cond:
+                while True:
+                    if stream.stopped or self._stop.is_set():
+                        return
+                    if self._drain_deadline is not None and not stream.inflight and (
+                        self._draining_done()
+                    ):
+                        return  # half-close: the collector then ends the stream
+                    nxt = None
+                    if len(stream.inflight) < self._cfg.window_batches:
+                        nxt = self._spool.next_unacked(stream.last_sent)
+                    if nxt is not None:
+                        break
+                    if stream.inflight and (
+                        time.monotonic() - stream.inflight[0][2] > self._cfg.ack_timeout_s
+                    ):
+                        self._c["ack_timeouts"] += 1
+                        log.warning("collector %s: no ack for batch %d in %.0f s; reconnecting",
+                                    self._cfg.target, stream.inflight[0][0],
+                                    self._cfg.ack_timeout_s)
+                        stream.stopped = True
+                        if stream.call is not None:
+                            stream.call.cancel()
+                        return
+                    self._cond.wait(min(1.0, self._cfg.ack_timeout_s / 4))
+                stream.inflight.append((nxt.batch_id, nxt.records, time.monotonic()))
+                stream.last_sent = nxt.batch_id
+            self._c["batches_sent"] += 1
+            yield nxt.payload
+
+    def _on_ack(self, stream: _Stream, ack) -> None:
+        with self._cond:
+            entry = None
+            for i, item in enumerate(stream.inflight):
+                if item[0] == ack.batch_id:
+                    entry = item
+                    del stream.inflight[i]
+                    break
+            times = self._enqueued.pop(ack.batch_id, None)
+            self._cond.notify_all()
+        if entry is None:
+            self._c["acks_unexpected"] += 1
+            log.warning("collector acked batch %d, which was not in flight", ack.batch_id)
+            return
+        status = ack.status
+        if status in (_ACK.ACK_STATUS_STORED, _ACK.ACK_STATUS_DUPLICATE):
+            key = "batches_acked" if status == _ACK.ACK_STATUS_STORED else "batches_duplicate"
+            self._c[key] += 1
+            self._c["records_acked"] += entry[1]
+            if times:
+                now = time.monotonic_ns()
+                self._latencies.extend(now - t for t in times)
+        elif status == _ACK.ACK_STATUS_REJECTED:
+            self._c["batches_rejected"] += 1
+            self._c["records_rejected"] += entry[1]
+            log.error("collector rejected batch %d (%d records): %s", ack.batch_id,
+                      entry[1], ack.message or "no reason given")
+        else:
+            # Not an answer we understand: keep the batch; it goes again after a reconnect.
+            self._c["acks_unexpected"] += 1
+            log.warning("collector sent ack status %d for batch %d", status, ack.batch_id)
+            return
+        self._spool.ack(ack.batch_id)
