@@ -16,6 +16,7 @@ import sys
 from sensor.errors import LoupeError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "collector.cli",
 )
 
 

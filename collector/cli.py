@@ -1,0 +1,327 @@
+"""Collector and analyst commands: `loupe collector run|status`, `loupe export`,
+`loupe certs init`, `loupe tail`, `loupe query`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import datetime as dt
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from collector import filters, render
+from collector.client import ClientTLS, open_channel, translate
+from sensor.errors import ConfigError
+from sensor.export import wire
+
+DEFAULT_COLLECTOR = "127.0.0.1:50051"
+SERVICE_DATA_DIR = "/var/lib/loupe"
+
+_UNITS_NS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86_400 * 10**9,
+             "w": 7 * 86_400 * 10**9}
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmp6": 58, "icmpv6": 58, "sctp": 132}
+_RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
+
+# `loupe tail` with neither --since nor --follow shows this much history, like `hubble
+# observe` shows the last records by default.
+DEFAULT_TAIL_WINDOW = "1h"
+DEFAULT_TAIL_LAST = 20
+
+
+def parse_duration(text: str) -> int:
+    """"7d", "12h", "10m", "30s", "2w" -> nanoseconds."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ConfigError(f"{text!r} is not a duration: use a number and s, m, h, d or w (e.g. 10m)")
+    return int(m.group(1)) * _UNITS_NS[m.group(2)]
+
+
+def parse_since(text: str, now_ns: int) -> int:
+    """A duration ago ("1h") or an ISO 8601 time ("2024-05-01T12:00:00Z") -> epoch ns."""
+    if _DURATION.match(text.strip()):
+        return max(1, now_ns - parse_duration(text))
+    try:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{text!r} is neither a duration (10m, 1h, 7d) nor an ISO time (2024-05-01T12:00:00Z)"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return max(1, int(t.timestamp() * 10**9))
+
+
+def _protocol(text: str) -> int:
+    if text.lower() in _PROTOCOLS:
+        return _PROTOCOLS[text.lower()]
+    if text.isdigit() and int(text) <= 255:
+        return int(text)
+    raise ConfigError(f"{text!r} is not a protocol: use tcp, udp, icmp, icmp6 or a number 0-255")
+
+
+def _port(text: str) -> int:
+    if text.isdigit() and int(text) <= 65535:
+        return int(text)
+    raise ConfigError(f"{text!r} is not a port (0-65535)")
+
+
+def _rcode(text: str) -> int:
+    if text.upper() in _RCODES:
+        return _RCODES[text.upper()]
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a DNS rcode: use NOERROR, NXDOMAIN, ... or a number") from None
+
+
+# flag -> (RecordFilter field, value parser). Every flag also exists as --not-<flag>.
+FILTER_FLAGS: dict[str, tuple[str, object]] = {
+    "type": ("record_kind", filters.parse_kind),
+    "from-ip": ("source_ip", lambda v: str(filters.parse_cidr(v))),
+    "to-ip": ("destination_ip", lambda v: str(filters.parse_cidr(v))),
+    "ip": ("ip", lambda v: str(filters.parse_cidr(v))),
+    "from-port": ("source_port", _port),
+    "to-port": ("destination_port", _port),
+    "port": ("port", _port),
+    "protocol": ("protocol", _protocol),
+    "app-proto": ("app_proto", str.lower),
+    "http-method": ("http_method", str.upper),
+    "http-status": ("http_status", lambda v: (filters.parse_status(v), v)[1]),
+    "http-host": ("http_host", str),
+    "http-path": ("http_path", str),
+    "dns-qname": ("dns_qname", str),
+    "dns-rcode": ("dns_rcode", _rcode),
+    "tls-sni": ("tls_sni", str),
+    "ja4": ("tls_ja4", str),
+    "sensor": ("sensor_id", str),
+}
+
+
+def _add_tls_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collector", default=DEFAULT_COLLECTOR, metavar="HOST:PORT",
+                   help=f"collector address (default {DEFAULT_COLLECTOR})")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate: turns TLS on")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, help="client key (mTLS)")
+    p.add_argument("--tls-server-name", help="name to verify in the collector's certificate")
+
+
+def _tls(args) -> ClientTLS:
+    return ClientTLS(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+
+
+def _observer(args):
+    from loupe.v1 import observer_pb2_grpc
+    return observer_pb2_grpc.ObserverStub(open_channel(args.collector, _tls(args)))
+
+
+# -- collector run / status ---------------------------------------------------------------
+
+def cmd_collector_run(args) -> int:
+    from collector.server import CollectorConfig, serve
+
+    config = CollectorConfig(
+        listen=args.listen, data_dir=args.data_dir, retention_ns=parse_duration(args.retention),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        insecure=args.insecure, print_records=args.print, grace_s=args.grace,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_collector_status(args) -> int:
+    try:
+        status = _observer(args).Status(wire.observer_pb2.StatusRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        raise translate(exc, args.collector) from None
+    print(f"collector {status.version} at {args.collector}, storage {status.storage}")
+    print("stored: " + ", ".join(f"{k}={v}" for k, v in sorted(status.stored.items())))
+    print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(status.counters.items())))
+    print(f"subscribers: {status.subscribers}")
+    for s in status.sensors:
+        print(f"sensor {s.sensor_id}: last batch {s.last_batch_id}, {s.records} records, "
+              f"last seen {render._time(s.last_seen_ns)}")
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from collector.storage.duckdb import DuckDBStorage
+
+    since_ns = parse_since(args.since, time.time_ns()) if args.since else 0
+    storage = DuckDBStorage(args.data_dir, read_only=True)
+    try:
+        result = storage.export(args.output, args.format, args.table, since_ns)
+    finally:
+        storage.close()
+    print(f"wrote {result.rows} {args.table} rows to {result.path}", file=sys.stderr)
+    return 0
+
+
+# -- certs ----------------------------------------------------------------------------------
+
+def cmd_certs_init(args) -> int:
+    from collector import certs
+
+    files = certs.init(args.dir, collector_name=args.collector_name, sensors=args.sensor or [],
+                       analysts=args.analyst or ["analyst"], extra_sans=args.san or [])
+    print(f"CA: {files.ca_cert} (key {files.ca_key}: keep it offline)")
+    print(f"collector: {files.collector[0]} {files.collector[1]}")
+    for name, (cert, key) in files.clients.items():
+        print(f"client {name}: {cert} {key}")
+    return 0
+
+
+# -- tail -----------------------------------------------------------------------------------
+
+def _filter_from(args, prefix: str):
+    flt = wire.observer_pb2.RecordFilter()
+    for flag, (field, parse) in FILTER_FLAGS.items():
+        values = getattr(args, prefix + flag.replace("-", "_")) or []
+        getattr(flt, field).extend(parse(v) for v in values)
+    return flt
+
+
+def build_subscribe_request(args, now_ns: int):
+    allow = _filter_from(args, "")
+    deny = _filter_from(args, "not_")
+    req = wire.observer_pb2.SubscribeRequest(follow=args.follow, number=args.number or 0)
+    if allow.ByteSize():
+        req.allow.append(allow)
+    if deny.ByteSize():
+        req.deny.append(deny)
+    since = args.since
+    if since is None and not args.follow:
+        since = DEFAULT_TAIL_WINDOW
+    if since is not None:
+        req.since_ns = parse_since(since, now_ns)
+    return req
+
+
+def _emit(record, output: str) -> None:
+    rec = wire.from_proto(record)
+    sys.stdout.write((render.as_json(rec) if output == "json" else render.line(rec)) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_tail(args) -> int:
+    if args.last is not None and args.follow:
+        raise ConfigError("--last shows the newest stored records and ends; with --follow use --since")
+    req = build_subscribe_request(args, time.time_ns())
+    last = args.last
+    if last is None and args.since is None and not args.follow and not args.number:
+        last = DEFAULT_TAIL_LAST
+    # --last keeps only the newest N of the replay: bounded by N, whatever the store holds.
+    window = collections.deque(maxlen=last) if last is not None else None
+    try:
+        for resp in _observer(args).Subscribe(req):
+            if window is not None:
+                window.append(resp.record)
+            else:
+                _emit(resp.record, args.output)
+    except grpc.RpcError as exc:
+        raise translate(exc, args.collector) from None
+    for record in window or ():
+        _emit(record, args.output)
+    return 0
+
+
+# -- query ----------------------------------------------------------------------------------
+
+def cmd_query(args) -> int:
+    req = wire.observer_pb2.QueryRequest(sql=args.sql, max_rows=args.max_rows)
+    try:
+        resp = _observer(args).Query(req, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        raise translate(exc, args.collector) from None
+    rows = [json.loads(r) for r in resp.rows_json]
+    if args.output == "json":
+        for row in rows:
+            print(json.dumps(dict(zip(resp.columns, row))))
+    else:
+        cells = [list(resp.columns)] + [["NULL" if v is None else str(v) for v in row] for row in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(resp.columns))]
+        for i, row in enumerate(cells):
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+    if resp.truncated:
+        print(f"loupe: more rows than --max-rows {len(rows)}; add LIMIT or use `loupe export`",
+              file=sys.stderr)
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------
+
+def register(tree) -> None:
+    p = tree.command("collector run", help="run the collector: gRPC ingest, storage, live streams")
+    p.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:50051; port 0 picks one)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help=f"where loupe.duckdb lives (default ./data; the service uses {SERVICE_DATA_DIR})")
+    p.add_argument("--retention", default="7d", help="delete records older than this (default 7d)")
+    p.add_argument("--tls-cert", type=Path, help="collector certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, help="collector key (mTLS)")
+    p.add_argument("--tls-ca", type=Path, help="CA that signed the sensors' certificates (mTLS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback address")
+    p.add_argument("--print", action="store_true", help="print every received record, one line each")
+    p.add_argument("--grace", type=float, default=5.0,
+                   help="seconds open streams get on shutdown (default 5)")
+    p.set_defaults(func=cmd_collector_run)
+
+    p = tree.command("collector status", help="counts, sensors and counters of a running collector")
+    _add_tls_client_flags(p)
+    p.set_defaults(func=cmd_collector_status)
+
+    p = tree.command("export", help="write stored records to Parquet, CSV or JSON lines",
+                     description="Reads the store directly (the collector must be stopped: "
+                                 "DuckDB has one writer). While it runs, use `loupe query`.")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="store directory (default ./data)")
+    p.add_argument("--since", help="only records from this time on: 1h, 7d or an ISO time")
+    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    p.add_argument("--table", choices=("flows", "http", "dns", "tls", "lost"), default="flows")
+    p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = tree.command("certs init", help="make a CA plus collector and client certificates")
+    p.add_argument("--dir", type=Path, required=True, help="directory for the files (must hold none)")
+    p.add_argument("--collector-name", default="loupe-collector",
+                   help="DNS name of the collector (also valid: localhost, 127.0.0.1, ::1)")
+    p.add_argument("--san", action="append", help="another DNS name or IP of the collector")
+    p.add_argument("--sensor", action="append", help="a sensor name (its identity); repeatable")
+    p.add_argument("--analyst", action="append", help="an analyst client name (default: analyst)")
+    p.set_defaults(func=cmd_certs_init)
+
+    p = tree.command(
+        "tail", help="stream records from the collector, with filters",
+        description="Flags of the same name are alternatives (OR); different flags must all "
+                    "match (AND). --not-<flag> excludes. Without --since and --follow, shows "
+                    f"the last {DEFAULT_TAIL_LAST} records of the past {DEFAULT_TAIL_WINDOW}.",
+    )
+    _add_tls_client_flags(p)
+    for flag in FILTER_FLAGS:
+        p.add_argument(f"--{flag}", action="append", metavar="V")
+        p.add_argument(f"--not-{flag}", action="append", metavar="V", help=argparse.SUPPRESS)
+    p.add_argument("--since", help="replay stored records from: 10m, 1h or an ISO time")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming live records")
+    p.add_argument("--last", type=int, help="only the newest N stored records")
+    p.add_argument("-n", "--number", type=int, help="stop after N records")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_tail)
+
+    p = tree.command("query", help="read-only SQL over the collector's store")
+    _add_tls_client_flags(p)
+    p.add_argument("sql", help='one SELECT, e.g. "SELECT host, count(*) FROM http GROUP BY 1"')
+    p.add_argument("--max-rows", type=int, default=1000, help="row cap (default 1000)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_query)

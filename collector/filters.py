@@ -1,0 +1,322 @@
+"""Subscription filters, Hubble style: one builder per RecordFilter criterion.
+
+A RecordFilter entry matches a record when every criterion it sets matches (AND); the
+values listed inside one criterion are alternatives (OR). A request's allow list passes
+a record when any entry matches (an empty allow list passes everything), its deny list
+when no entry matches.
+
+Filters run on loupe.v1.Record messages, not on the model dataclasses: live records
+reach the collector and leave it as protobuf, and turning each one into a dataclass only
+to test a filter would cost ingest ~30 us per record per subscriber.
+
+Criteria that name an L7 field (http_method, http_status, http_path, dns_rcode) match
+only L7 events of that kind. Host, query name, SNI and JA4 also match a flow through its
+L7 summary fields (http_host, dns_qname, tls_sni, tls_ja4). Address and port criteria
+never match a LostEvent, which has neither.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from typing import Callable, Iterable
+
+from sensor.errors import ConfigError
+
+Predicate = Callable[[object], bool]
+
+RECORD_KINDS = ("flow", "http", "dns", "tls", "lost")
+
+_STATUS = re.compile(r"^(?:(\d{3})|(\d{3})\+|(\d)xx|(\d{3})-(\d{3}))$")
+
+
+class FilterError(ConfigError):
+    """A filter value that cannot be understood (bad CIDR, bad status range...)."""
+
+
+def kind_of(rec) -> str:
+    kind = rec.WhichOneof("kind")
+    if kind == "l7":
+        return rec.l7.WhichOneof("detail") or ""
+    return kind or ""
+
+
+def _envelope(rec):
+    """The message holding addresses and ports (Flow or L7Event), or None for LostEvent."""
+    kind = rec.WhichOneof("kind")
+    if kind == "flow":
+        return rec.flow
+    if kind == "l7":
+        return rec.l7
+    return None
+
+
+def _detail(rec, name: str):
+    if rec.WhichOneof("kind") == "l7" and rec.l7.WhichOneof("detail") == name:
+        return getattr(rec.l7, name)
+    return None
+
+
+# -- value parsers, shared with the CLI so that a bad flag fails before connecting -------
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise FilterError(f"{text!r} is not an IP address or CIDR (e.g. 198.18.0.0/15)") from None
+
+
+def parse_status(text: str) -> tuple[int, int]:
+    """"404" -> (404, 404); "500+" -> (500, 999); "4xx" -> (400, 499); "200-299"."""
+    m = _STATUS.match(text.strip())
+    if not m:
+        raise FilterError(
+            f"{text!r} is not an HTTP status filter: use 404, 500+, 4xx or 200-299"
+        )
+    exact, plus, klass, low, high = m.groups()
+    if exact:
+        return int(exact), int(exact)
+    if plus:
+        return int(plus), 999
+    if klass:
+        return int(klass) * 100, int(klass) * 100 + 99
+    if int(low) > int(high):
+        raise FilterError(f"{text!r}: the range is empty ({low} > {high})")
+    return int(low), int(high)
+
+
+def parse_kind(text: str) -> str:
+    if text not in RECORD_KINDS:
+        raise FilterError(f"{text!r} is not a record kind: use one of {', '.join(RECORD_KINDS)}")
+    return text
+
+
+# -- one builder per criterion -------------------------------------------------------------
+
+def _addr_in(nets) -> Callable[[str], bool]:
+    def test(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in nets if net.version == ip.version)
+    return test
+
+
+def build_record_kind(values: Iterable[str]) -> Predicate:
+    kinds = frozenset(parse_kind(v) for v in values)
+    return lambda rec: kind_of(rec) in kinds
+
+
+def build_source_ip(values: Iterable[str]) -> Predicate:
+    test = _addr_in([parse_cidr(v) for v in values])
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and test(env.src_addr)
+    return match
+
+
+def build_destination_ip(values: Iterable[str]) -> Predicate:
+    test = _addr_in([parse_cidr(v) for v in values])
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and test(env.dst_addr)
+    return match
+
+
+def build_ip(values: Iterable[str]) -> Predicate:
+    test = _addr_in([parse_cidr(v) for v in values])
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and (test(env.src_addr) or test(env.dst_addr))
+    return match
+
+
+def build_source_port(values: Iterable[int]) -> Predicate:
+    ports = frozenset(values)
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and env.src_port in ports
+    return match
+
+
+def build_destination_port(values: Iterable[int]) -> Predicate:
+    ports = frozenset(values)
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and env.dst_port in ports
+    return match
+
+
+def build_port(values: Iterable[int]) -> Predicate:
+    ports = frozenset(values)
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and (env.src_port in ports or env.dst_port in ports)
+    return match
+
+
+def build_protocol(values: Iterable[int]) -> Predicate:
+    protos = frozenset(values)
+
+    def match(rec) -> bool:
+        env = _envelope(rec)
+        return env is not None and env.protocol in protos
+    return match
+
+
+def build_app_proto(values: Iterable[str]) -> Predicate:
+    names = frozenset(v.lower() for v in values)
+
+    def match(rec) -> bool:
+        kind = rec.WhichOneof("kind")
+        if kind == "flow":
+            return rec.flow.app_proto.lower() in names
+        if kind == "l7":
+            return (rec.l7.WhichOneof("detail") or "") in names
+        return False
+    return match
+
+
+def build_http_method(values: Iterable[str]) -> Predicate:
+    methods = frozenset(v.upper() for v in values)
+
+    def match(rec) -> bool:
+        http = _detail(rec, "http")
+        return http is not None and http.method.upper() in methods
+    return match
+
+
+def build_http_status(values: Iterable[str]) -> Predicate:
+    ranges = [parse_status(v) for v in values]
+
+    def match(rec) -> bool:
+        http = _detail(rec, "http")
+        return http is not None and any(lo <= http.status <= hi for lo, hi in ranges)
+    return match
+
+
+def _globs(values: Iterable[str], fold: bool) -> Callable[[str], bool]:
+    patterns = [v.lower().rstrip(".") if fold else v for v in values]
+
+    def test(text: str) -> bool:
+        if fold:
+            text = text.lower().rstrip(".")
+        return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+    return test
+
+
+def _summary_glob(values, detail: str, detail_field: str, flow_field: str) -> Predicate:
+    """Glob over an L7 field that the flow record also summarises (host, qname, SNI)."""
+    test = _globs(values, fold=True)
+
+    def match(rec) -> bool:
+        kind = rec.WhichOneof("kind")
+        if kind == "flow":
+            value = getattr(rec.flow, flow_field)
+            return bool(value) and test(value)
+        sub = _detail(rec, detail)
+        return sub is not None and test(getattr(sub, detail_field))
+    return match
+
+
+def build_http_host(values: Iterable[str]) -> Predicate:
+    return _summary_glob(values, "http", "host", "http_host")
+
+
+def build_http_path(values: Iterable[str]) -> Predicate:
+    test = _globs(values, fold=False)
+
+    def match(rec) -> bool:
+        http = _detail(rec, "http")
+        return http is not None and test(http.path)
+    return match
+
+
+def build_dns_qname(values: Iterable[str]) -> Predicate:
+    return _summary_glob(values, "dns", "qname", "dns_qname")
+
+
+def build_dns_rcode(values: Iterable[int]) -> Predicate:
+    codes = frozenset(values)
+
+    def match(rec) -> bool:
+        dns = _detail(rec, "dns")
+        return dns is not None and dns.rcode in codes
+    return match
+
+
+def build_tls_sni(values: Iterable[str]) -> Predicate:
+    return _summary_glob(values, "tls", "sni", "tls_sni")
+
+
+def build_tls_ja4(values: Iterable[str]) -> Predicate:
+    fingerprints = frozenset(values)
+
+    def match(rec) -> bool:
+        if rec.WhichOneof("kind") == "flow":
+            return rec.flow.tls_ja4 in fingerprints
+        tls = _detail(rec, "tls")
+        return tls is not None and tls.ja4 in fingerprints
+    return match
+
+
+def build_sensor_id(values: Iterable[str]) -> Predicate:
+    sensors = frozenset(values)
+
+    def match(rec) -> bool:
+        kind = rec.WhichOneof("kind")
+        return kind is not None and getattr(rec, kind).sensor_id in sensors
+    return match
+
+
+BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
+    "record_kind": build_record_kind,
+    "source_ip": build_source_ip,
+    "destination_ip": build_destination_ip,
+    "ip": build_ip,
+    "source_port": build_source_port,
+    "destination_port": build_destination_port,
+    "port": build_port,
+    "protocol": build_protocol,
+    "app_proto": build_app_proto,
+    "http_method": build_http_method,
+    "http_status": build_http_status,
+    "http_host": build_http_host,
+    "http_path": build_http_path,
+    "dns_qname": build_dns_qname,
+    "dns_rcode": build_dns_rcode,
+    "tls_sni": build_tls_sni,
+    "tls_ja4": build_tls_ja4,
+    "sensor_id": build_sensor_id,
+}
+
+
+def compile_filter(flt) -> Predicate:
+    """One RecordFilter -> predicate: every set criterion must match."""
+    preds = [build(list(getattr(flt, name))) for name, build in BUILDERS.items()
+             if len(getattr(flt, name))]
+    if not preds:
+        return lambda rec: True
+    if len(preds) == 1:
+        return preds[0]
+    return lambda rec: all(p(rec) for p in preds)
+
+
+def compile_lists(allow, deny) -> Predicate:
+    """Allow passes when any entry matches (or the list is empty); deny when none does."""
+    allows = [compile_filter(f) for f in allow]
+    denies = [compile_filter(f) for f in deny]
+
+    def match(rec) -> bool:
+        if allows and not any(a(rec) for a in allows):
+            return False
+        return not any(d(rec) for d in denies)
+    return match

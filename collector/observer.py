@@ -1,0 +1,247 @@
+"""Observer: live subscriptions (Subscribe), SQL over the store (Query), Status.
+
+Fan-out. After a batch commits, the ingest path hands it to the Hub, which offers each
+record to every subscriber whose filter passes it, with put_nowait into that subscriber's
+bounded queue. A full queue never blocks: the record is dropped *for that subscriber
+only* and counted, and the subscriber's stream carries a LostEvent (source
+"subscriber_slow", count = records dropped for it) before its next record. So a slow
+analyst terminal can neither stall ingest nor other subscribers.
+
+History then live, without a gap or a duplicate. Every committed batch has a sequence
+number (batch_seq). A subscription notes the newest committed number when it registers
+(start_seq), replays stored rows with batch_seq <= start_seq, and takes from the live
+feed only batches with batch_seq > start_seq. A batch committed but not yet published at
+registration is therefore read from the store, and skipped when it is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from collector import filters
+from collector.storage.base import Storage
+from sensor import model
+from sensor.errors import ConfigError, QueryError, StorageError
+from sensor.export import wire
+
+log = logging.getLogger(__name__)
+
+observer_pb2 = wire.observer_pb2
+records_pb2 = wire.records_pb2
+
+# Records queued per subscriber. 4096 is about four sensor batches: it absorbs the burst
+# of a few batches committed together while a terminal renders lines, and at ~1 KiB per
+# record costs at most ~4 MiB per subscriber. Past it, records are dropped and counted.
+SUBSCRIBER_QUEUE = 4096
+
+# Concurrent subscriptions: each holds a queue (above) and a task; 64 analysts on one
+# collector is far past the expected use and keeps the worst case near 256 MiB.
+MAX_SUBSCRIBERS = 64
+
+# Default and ceiling of Query rows: a result travels in one gRPC message (16 MiB limit)
+# and is rendered by a terminal; for bulk data use `loupe export`.
+DEFAULT_MAX_ROWS = 1000
+MAX_ROWS = 100_000
+
+# A query longer than this holds a reader thread; it is interrupted.
+QUERY_TIMEOUT_S = 30.0
+
+# Reader threads for queries and history replays: the machine has few cores and DuckDB
+# parallelises each query itself, so more threads would only queue inside DuckDB.
+READER_THREADS = 2
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    match: Callable[[object], bool]
+    start_seq: int
+    queue: asyncio.Queue
+    dropped: int = 0          # records dropped since the last LostEvent sent
+    dropped_total: int = 0
+    first_drop_ns: int = 0
+
+    def offer(self, rec) -> None:
+        try:
+            self.queue.put_nowait(rec)
+        except asyncio.QueueFull:
+            if not self.dropped:
+                self.first_drop_ns = time.time_ns()
+            self.dropped += 1
+            self.dropped_total += 1
+
+    def take_lost(self):
+        """A LostEvent record for the drops since the last one, or None."""
+        if not self.dropped:
+            return None
+        lost = records_pb2.Record(lost=records_pb2.LostEvent(
+            source=model.LostSource.SUBSCRIBER_SLOW.value, count=self.dropped,
+            interval_start_ns=self.first_drop_ns, interval_end_ns=time.time_ns(),
+        ))
+        self.dropped = 0
+        return lost
+
+    async def next(self):
+        lost = self.take_lost()
+        if lost is not None:
+            return lost
+        return await self.queue.get()
+
+
+def _set_sensor(rec, sensor_id: str, force: bool) -> None:
+    kind = rec.WhichOneof("kind")
+    if kind is None:
+        return
+    msg = getattr(rec, kind)
+    if force or not msg.sensor_id:
+        msg.sensor_id = sensor_id
+
+
+@dataclass
+class Hub:
+    """The live subscribers of one collector. Used on the event loop only."""
+
+    queue_size: int = SUBSCRIBER_QUEUE
+    max_subscribers: int = MAX_SUBSCRIBERS
+    last_seq: int = 0
+    subscribers: list[Subscriber] = field(default_factory=list)
+    dropped_total: int = 0
+
+    def add(self, match) -> Subscriber:
+        if len(self.subscribers) >= self.max_subscribers:
+            raise ConfigError(
+                f"too many subscribers ({self.max_subscribers}): close another `loupe tail`"
+            )
+        sub = Subscriber(match, self.last_seq, asyncio.Queue(maxsize=self.queue_size))
+        self.subscribers.append(sub)
+        return sub
+
+    def remove(self, sub: Subscriber) -> None:
+        self.dropped_total += sub.dropped_total
+        self.subscribers.remove(sub)
+
+    def publish(self, seq: int, batch, identity: str | None) -> None:
+        """Offer a committed batch's records to every subscriber (never blocks)."""
+        self.last_seq = max(self.last_seq, seq)
+        subs = [s for s in self.subscribers if seq > s.start_seq]
+        if not subs:
+            return
+        sensor_id = identity or batch.sensor_id
+        for rec in batch.records:
+            # As stored: under mTLS the certificate names the sensor.
+            _set_sensor(rec, sensor_id, force=identity is not None)
+            for sub in subs:
+                if sub.match(rec):
+                    sub.offer(rec)
+
+    def counters(self) -> dict[str, int]:
+        return {"subscriber_dropped": self.dropped_total + sum(
+            s.dropped_total for s in self.subscribers)}
+
+
+async def _abort_for(context, exc: Exception) -> None:
+    if isinstance(exc, (ConfigError, QueryError)):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
+class ObserverService:
+    """loupe.v1.Observer."""
+
+    def __init__(self, storage: Storage, hub: Hub, counters: Callable[[], dict], *,
+                 version: str, started_ns: int) -> None:
+        self._storage = storage
+        self._hub = hub
+        self._counters = counters
+        self._version = version
+        self._started_ns = started_ns
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="loupe-reader")
+
+    async def _replay(self, since_ns: int, upto_seq: int):
+        """Stored records as protobuf, read in chunks on a reader thread."""
+        loop = asyncio.get_running_loop()
+        records = self._storage.records_since(since_ns, upto_seq)
+
+        def chunk():
+            out = []
+            for rec in records:
+                out.append(wire.to_proto(rec))
+                if len(out) >= 500:
+                    break
+            return out
+
+        try:
+            while batch := await loop.run_in_executor(self._readers, chunk):
+                for rec in batch:
+                    yield rec
+        finally:
+            await loop.run_in_executor(self._readers, records.close)
+
+    async def Subscribe(self, request, context):
+        try:
+            match = filters.compile_lists(request.allow, request.deny)
+            sub = self._hub.add(match)
+        except ConfigError as exc:
+            code = (grpc.StatusCode.RESOURCE_EXHAUSTED if "too many" in str(exc)
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc))
+        limit = request.number or None
+        sent = 0
+        try:
+            if request.since_ns:
+                async for rec in self._replay(request.since_ns, sub.start_seq):
+                    if match(rec):
+                        yield observer_pb2.SubscribeResponse(record=rec)
+                        sent += 1
+                        if limit and sent >= limit:
+                            return
+            if not request.follow:
+                return
+            while True:
+                rec = await sub.next()
+                yield observer_pb2.SubscribeResponse(record=rec)
+                sent += 1
+                if limit and sent >= limit:
+                    return
+        finally:
+            self._hub.remove(sub)
+
+    async def Query(self, request, context):
+        max_rows = min(request.max_rows or DEFAULT_MAX_ROWS, MAX_ROWS)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                self._readers, self._storage.query, request.sql, max_rows, QUERY_TIMEOUT_S
+            )
+        except (QueryError, StorageError) as exc:
+            await _abort_for(context, exc)
+        return observer_pb2.QueryResponse(
+            columns=result.columns, column_types=result.column_types,
+            rows_json=[json.dumps(list(row), default=str) for row in result.rows],
+            truncated=result.truncated,
+        )
+
+    async def Status(self, request, context):
+        loop = asyncio.get_running_loop()
+        counts = await loop.run_in_executor(self._readers, self._storage.counts)
+        sensors = await loop.run_in_executor(self._readers, self._storage.sensors)
+        counters = dict(self._counters())
+        counters.update(self._hub.counters())
+        return observer_pb2.StatusResponse(
+            version=self._version, started_ns=self._started_ns,
+            storage=self._storage.description, stored=counts, counters=counters,
+            sensors=[observer_pb2.SensorStatus(
+                sensor_id=s.sensor_id, last_batch_id=s.last_batch_id,
+                last_seen_ns=s.last_seen_ns, records=s.records) for s in sensors],
+            subscribers=len(self._hub.subscribers),
+        )
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,93 @@
+"""The storage seam: what the collector needs from a store, whatever the engine.
+
+DuckDB (collector/storage/duckdb.py) is the embedded default. Tables and columns are
+defined once in collector/schema.py, so another engine (ClickHouse for many sensors)
+implements this Protocol over the same schema.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import pyarrow as pa
+
+from sensor import model
+
+
+class StoreStatus(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """A validated batch, as columns: table name -> Arrow table (schema.TABLES columns,
+    without the collector's received_ns / batch_seq, which the store adds)."""
+
+    sensor_id: str
+    batch_id: int
+    tables: dict[str, pa.Table]
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    status: StoreStatus
+    seq: int = 0  # commit sequence number of the batch; 0 for a duplicate
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    columns: list[str]
+    column_types: list[str]
+    rows: list[tuple]
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SensorSummary:
+    sensor_id: str
+    last_batch_id: int
+    last_seen_ns: int
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    path: Path
+    rows: int
+    tables: list[str] = field(default_factory=list)
+
+
+class Storage(Protocol):
+    description: str  # "duckdb:/var/lib/loupe/loupe.duckdb", for Status
+
+    def store_many(self, batches: list[DecodedBatch], received_ns: int) -> list[StoreResult]:
+        """Commit the batches and their dedup rows in one transaction; a batch stored
+        before (or twice in the list) is reported DUPLICATE and not stored again."""
+
+    def last_seq(self) -> int:
+        """The commit sequence number of the newest stored batch (0 when empty)."""
+
+    def records_since(self, since_ns: int, upto_seq: int) -> Iterator[model.Record]:
+        """Stored records with their own time >= since_ns, from batches committed at or
+        before upto_seq, in time order across tables. Lazy: reads in chunks."""
+
+    def query(self, sql: str, max_rows: int, timeout_s: float) -> QueryResult:
+        """One read-only statement (QueryError otherwise), at most max_rows rows."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+
+    def sensors(self) -> list[SensorSummary]: ...
+
+    def delete_older_than(self, cutoff_ns: int) -> int:
+        """Retention: delete rows received before cutoff_ns; return how many."""
+
+    def export(self, path: Path, fmt: str, table: str, since_ns: int) -> ExportResult: ...
+
+    def close(self) -> None:
+        """Commit what is pending and release the store (its lock, for DuckDB)."""

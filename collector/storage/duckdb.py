@@ -1,0 +1,273 @@
+"""DuckDB storage: the embedded default, one file, one writer process.
+
+DuckDB takes a file lock: only one process may open the file for writing, so a running
+collector owns it. Inside the collector, the writer thread uses the main connection and
+readers (queries, subscription replays) use their own cursors; DuckDB's MVCC gives them a
+consistent snapshot while ingest goes on.
+
+Batches arrive as Arrow tables and are inserted with one INSERT ... SELECT per table,
+so a 1000-record batch costs a handful of statements, not 1000.
+
+Queries arriving over the network run in a sandbox: after start-up the collector turns
+`enable_external_access` off, so SQL cannot read or write files on the collector's host
+(read_csv('/etc/shadow'), COPY ... TO). Export therefore runs from `loupe export`, in its
+own process, while the collector is stopped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pyarrow as pa
+
+from collector import schema
+from collector.storage.base import (
+    DecodedBatch, ExportResult, QueryResult, SensorSummary, StoreResult, StoreStatus,
+)
+from sensor.errors import QueryError, StorageError
+
+DB_FILE = "loupe.duckdb"
+
+# Statement types a query may be. EXPLAIN only plans a statement (it cannot run it).
+_READ_ONLY = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+# Rows read from DuckDB per fetch when replaying history to a subscriber: enough to
+# amortise the call, small enough that a replay holds little memory per table.
+_REPLAY_CHUNK = 1000
+
+_BATCHES_DDL = (
+    "CREATE TABLE IF NOT EXISTS batches (sensor_id VARCHAR NOT NULL, batch_id UBIGINT NOT NULL,"
+    " batch_seq UBIGINT NOT NULL, received_ns UBIGINT NOT NULL, records UINTEGER NOT NULL,"
+    " PRIMARY KEY (sensor_id, batch_id))"
+)
+
+EXPORT_FORMATS = {
+    "parquet": "(FORMAT parquet, COMPRESSION zstd)",
+    "csv": "(FORMAT csv, HEADER true)",
+    "jsonl": "(FORMAT json)",  # newline-delimited: one JSON object per line
+}
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        text = str(exc)
+        if "lock" in text.lower():
+            raise StorageError(
+                f"{path} is locked by another process (a running collector?): query the "
+                "running collector with `loupe query` / `loupe tail`, or stop it first"
+            ) from None
+        raise StorageError(f"cannot open {path}: {text.splitlines()[0]}") from None
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot open {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _quote_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+class DuckDBStorage:
+    """Storage over one DuckDB file in data_dir."""
+
+    def __init__(self, data_dir: Path, *, read_only: bool = False, sandbox: bool = False) -> None:
+        data_dir = Path(data_dir)
+        if not read_only:
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot create the data directory {data_dir}: {exc.strerror}; "
+                    "pick another with --data-dir"
+                ) from None
+        self.path = data_dir / DB_FILE
+        if read_only and not self.path.exists():
+            raise StorageError(f"no store at {self.path}: check --data-dir")
+        self.description = f"duckdb:{self.path}"
+        self._con = _open(self.path, read_only)
+        if not read_only:
+            for table in schema.TABLES.values():
+                self._con.execute(schema.create_table_sql(table))
+            self._con.execute(_BATCHES_DDL)
+        row = self._con.execute("SELECT coalesce(max(batch_seq), 0) FROM batches").fetchone()
+        self._last_seq = int(row[0])
+        if sandbox:
+            self._con.execute("SET enable_external_access = false")
+        self._closed = False
+
+    # -- writing (the writer thread only) -------------------------------------------------
+
+    def store_many(self, batches: list[DecodedBatch], received_ns: int) -> list[StoreResult]:
+        """Commit several batches in one transaction; each one is deduplicated on its own
+        (sensor_id, batch_id), against the store and against the others of the group."""
+        con = self._con
+        results: list[StoreResult] = []
+        parts: dict[str, list[pa.Table]] = {}
+        batch_rows = []
+        seen: set[tuple[str, int]] = set()
+        seq = self._last_seq
+        con.begin()
+        try:
+            for batch in batches:
+                key = (batch.sensor_id, batch.batch_id)
+                dup = key in seen or con.execute(
+                    "SELECT 1 FROM batches WHERE sensor_id = ? AND batch_id = ?", list(key)
+                ).fetchone() is not None
+                if dup:
+                    results.append(StoreResult(StoreStatus.DUPLICATE))
+                    continue
+                seen.add(key)
+                seq += 1
+                for name, table in batch.tables.items():
+                    n = table.num_rows
+                    parts.setdefault(name, []).append(
+                        table.append_column(
+                            "received_ns", pa.repeat(pa.scalar(received_ns, pa.uint64()), n)
+                        ).append_column("batch_seq", pa.repeat(pa.scalar(seq, pa.uint64()), n))
+                    )
+                batch_rows.append((*key, seq, received_ns, batch.records))
+                results.append(StoreResult(StoreStatus.STORED, seq))
+            for name, tables in parts.items():
+                con.register("_loupe_ingest", pa.concat_tables(tables))
+                try:
+                    con.execute(f"INSERT INTO {name} SELECT * FROM _loupe_ingest")
+                finally:
+                    con.unregister("_loupe_ingest")
+            if batch_rows:
+                con.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", batch_rows)
+            con.commit()
+        except duckdb.Error as exc:
+            con.rollback()
+            raise StorageError(f"cannot write to {self.path}: {str(exc).splitlines()[0]}") from None
+        self._last_seq = seq
+        return results
+
+    def delete_older_than(self, cutoff_ns: int) -> int:
+        deleted = 0
+        con = self._con
+        con.begin()
+        for name in list(schema.TABLES) + ["batches"]:
+            row = con.execute(
+                f"DELETE FROM {name} WHERE received_ns < ? RETURNING 1", [cutoff_ns]
+            ).fetchall()
+            if name != "batches":
+                deleted += len(row)
+        con.commit()
+        return deleted
+
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    # -- reading (any thread, each with its own cursor) ----------------------------------
+
+    def _table_rows(self, table: str, since_ns: int, upto_seq: int) -> Iterator[tuple[int, dict]]:
+        spec = schema.TABLES[table]
+        cur = self._con.cursor()
+        try:
+            cur.execute(
+                f"SELECT * FROM {table} WHERE {spec.time_column} >= ? AND batch_seq <= ? "
+                f"ORDER BY {spec.time_column}, batch_seq",
+                [since_ns, upto_seq],
+            )
+            names = [d[0] for d in cur.description]
+            t = names.index(spec.time_column)
+            while rows := cur.fetchmany(_REPLAY_CHUNK):
+                for row in rows:
+                    yield row[t], table, dict(zip(names, row))
+        finally:
+            cur.close()
+
+    def records_since(self, since_ns: int, upto_seq: int):
+        streams = [self._table_rows(t, since_ns, upto_seq) for t in schema.TABLES]
+        for _, table, row in heapq.merge(*streams, key=lambda item: item[0]):
+            yield schema.record_from_row(table, row)
+
+    def query(self, sql: str, max_rows: int, timeout_s: float) -> QueryResult:
+        cur = self._con.cursor()
+        try:
+            try:
+                statements = cur.extract_statements(sql)
+            except duckdb.Error as exc:
+                raise QueryError(f"cannot parse the query: {str(exc).splitlines()[0]}") from None
+            if len(statements) != 1:
+                raise QueryError(
+                    f"send exactly one statement, got {len(statements)}"
+                )
+            kind = statements[0].type
+            if kind not in _READ_ONLY:
+                raise QueryError(
+                    f"only read-only queries (SELECT, WITH ... SELECT, EXPLAIN) are allowed, "
+                    f"got {kind.name}"
+                )
+            # A runaway query (a cross join of two big tables) must not hold a reader
+            # thread forever: interrupt it after timeout_s.
+            timer = threading.Timer(timeout_s, cur.interrupt)
+            timer.start()
+            try:
+                cur.execute(sql)
+                columns = [d[0] for d in cur.description]
+                types = [str(d[1]) for d in cur.description]
+                rows = cur.fetchmany(max_rows + 1)
+            except duckdb.InterruptException:
+                raise QueryError(f"the query ran longer than {timeout_s:g} s and was stopped") from None
+            except duckdb.Error as exc:
+                raise QueryError(str(exc).splitlines()[0]) from None
+            finally:
+                timer.cancel()
+        finally:
+            cur.close()
+        return QueryResult(columns, types, rows[:max_rows], len(rows) > max_rows)
+
+    def counts(self) -> dict[str, int]:
+        cur = self._con.cursor()
+        try:
+            return {
+                name: int(cur.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
+                for name in schema.TABLES
+            }
+        finally:
+            cur.close()
+
+    def sensors(self) -> list[SensorSummary]:
+        cur = self._con.cursor()
+        try:
+            rows = cur.execute(
+                "SELECT sensor_id, max(batch_id), max(received_ns), sum(records) FROM batches "
+                "GROUP BY sensor_id ORDER BY sensor_id"
+            ).fetchall()
+        finally:
+            cur.close()
+        return [SensorSummary(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def export(self, path: Path, fmt: str, table: str, since_ns: int) -> ExportResult:
+        if fmt not in EXPORT_FORMATS:
+            raise StorageError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        if table not in schema.TABLES:
+            raise StorageError(f"unknown table {table!r}: use one of {', '.join(schema.TABLES)}")
+        path = Path(path)
+        if path.parent and not path.parent.is_dir():
+            raise StorageError(f"cannot write {path}: the directory {path.parent} does not exist")
+        time_column = schema.TABLES[table].time_column
+        select = f"SELECT * FROM {table} WHERE {time_column} >= {int(since_ns)} ORDER BY {time_column}"
+        try:
+            rows = self._con.execute(
+                f"COPY ({select}) TO {_quote_path(path)} {EXPORT_FORMATS[fmt]}"
+            ).fetchone()
+        except duckdb.Error as exc:
+            raise StorageError(f"cannot export to {path}: {str(exc).splitlines()[0]}") from None
+        return ExportResult(path, int(rows[0]) if rows else 0, [table])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.Error:
+            # Read-only stores cannot checkpoint; the WAL replays on the next open anyway.
+            pass
+        self._con.close()
