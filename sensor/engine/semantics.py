@@ -13,7 +13,21 @@ that both are tested against.
   wall clock in replay.
 - conn_state follows Zeek's definitions, derived from what each side sent (below), so it
   can be computed from the kernel's per-direction OR-ed flags as well as from a packet
-  stream.
+  stream. For UDP, ICMP and other protocols (conn_state_other): S0 when only the
+  initiator sent, SF when both did.
+- Byte counts: per direction, IP bytes are the IP total length (IPv6: 40 + payload
+  length), layer-2 bytes the frame's wire length including the link header as captured
+  (Ethernet header and VLAN tags, Linux SLL header, ...), what nDPI and Suricata count.
+- ICMP and ICMPv6 have no ports; the key uses the Community ID stand-ins instead: the
+  type as one port and, for request/reply pairs (echo/echo reply, ...), the counterpart
+  type as the other (else the code), so a request and its reply are one flow.
+- IPv4/IPv6 fragments: the first fragment carries the ports and is keyed normally; later
+  fragments are attributed to the flow of the first fragment with the same (src, dst,
+  id, protocol), through a bounded table. A later fragment whose first fragment was not
+  seen (yet) is counted and not attributed to any flow.
+- Handshake RTT: from the initiator's SYN to its first ACK after the responder's SYN-ACK
+  (the full round trip, wherever the sensor sits on the path); SYN to SYN-ACK when that
+  ACK never comes.
 """
 
 from __future__ import annotations
@@ -115,3 +129,14 @@ def tcp_ended(orig: SideFlags, resp: SideFlags) -> bool:
     if (orig.flags | resp.flags) & TCP_RST:
         return True
     return bool(orig.flags & TCP_FIN) and bool(resp.flags & TCP_FIN)
+
+
+def conn_state_other(orig_packets: int, resp_packets: int) -> str:
+    """Zeek's conn_state for a flow without TCP's handshake (UDP, ICMP, other)."""
+    if orig_packets and resp_packets:
+        return "SF"
+    if orig_packets:
+        return "S0"
+    if resp_packets:
+        return "SHR"
+    return "OTH"

@@ -1,0 +1,517 @@
+"""The replay flow meter: L2-L4 decoding and per-flow accounting with the kernel program's
+semantics (sensor/engine/semantics.py), driven by packet time only.
+
+Strategy. One method, feed(), takes a packet as the reader yields it and does all the
+work inline: hand-written struct/slice parsing (faster than building dpkt objects for the
+few fields we need), one dict lookup for the flow, counter updates, Zeek-style history.
+Nothing is allocated per packet beyond the key tuple and, for the L7 stage, the payload
+slice. Timeouts run every CHECK_INTERVAL_NS of packet time (see flowtable.py).
+
+Decoded: Ethernet with up to two 802.1Q/802.1ad tags (a third is counted and dropped) and
+PPPoE sessions, the
+link types of reader.py, IPv4 with options and fragments, IPv6 with up to
+MAX_IPV6_EXT_HEADERS extension headers, TCP, UDP, SCTP ports, ICMP/ICMPv6 type/code. Every
+packet that cannot be attributed to a flow is counted in MeterStats under its reason.
+
+The L7 seam. A PayloadSink (below) receives what the L7 stage needs and nothing else:
+TCP segments that carry payload or SYN/FIN/RST (pure ACKs are not passed: they move no
+stream bytes), UDP datagrams with payload, and the end of each flow. Direction is
+relative to the initiator as known at that packet (0 = TO_SERVER).
+
+Zeek history. Letters recorded (upper case: the initiator, lower: the responder):
+S SYN without ACK, H SYN+ACK, A pure ACK, D payload, F FIN, R RST, I FIN+RST, Q other
+multi-flag (SYN+FIN, SYN+RST), T retransmission (payload at or below the highest sequence
+already seen from that side). A letter is recorded the first time it happens on its side;
+S/H, F and R again when they come with a new sequence number, and T again at the 10th,
+100th, ... retransmission, as Zeek does. UDP: D for each side that sent. Not recorded:
+G (content gap) and C (bad checksum), which need reassembly and checksum verification,
+W (zero window) and ^ (direction flipped: Loupe's initiator rule is fixed, see
+semantics.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+from sensor.engine.flowtable import DEFAULT_MAX_FLOWS, FlowState, FlowTable
+from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
+from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
+from sensor.enrich.community_id import CommunityId, icmp_ports
+from sensor.model import Flow, FlowEndReason
+from sensor.replay.reader import (
+    LINKTYPE_ETHERNET,
+    LINKTYPE_IPV4,
+    LINKTYPE_IPV6,
+    LINKTYPE_LINUX_SLL,
+    LINKTYPE_LINUX_SLL2,
+    LINKTYPE_LOOP,
+    LINKTYPE_NULL,
+    LINKTYPE_RAW,
+    LINKTYPE_RAW_12,
+    LINKTYPE_RAW_14,
+    Packet,
+)
+
+# IPv6 extension headers followed before giving up (RFC 8200 expects at most one of each
+# of ~6 kinds; 8 covers every legal chain and bounds the work a crafted packet can cause).
+MAX_IPV6_EXT_HEADERS = 8
+
+# First-fragment table: (src, dst, id, protocol) -> ports. 8192 datagrams in flight is
+# far above what any host keeps (Linux allows ~4 MiB of fragments); entries older than
+# FRAG_TIMEOUT_NS are stale (Linux's ipfrag_time is 30 s).
+MAX_FRAG_ENTRIES = 8192
+FRAG_TIMEOUT_NS = 30_000_000_000
+
+_ETH_VLAN = (0x8100, 0x88A8, 0x9100)
+_RAW_LINKS = (LINKTYPE_RAW, LINKTYPE_RAW_12, LINKTYPE_RAW_14, LINKTYPE_IPV4, LINKTYPE_IPV6)
+# BSD address families in DLT_NULL/LOOP headers: AF_INET, and AF_INET6 as NetBSD/OpenBSD,
+# FreeBSD, macOS and Linux number it.
+_AF_INET6 = frozenset({24, 28, 30, 10})
+_IPV6_EXT = frozenset({0, 43, 60, 135, 139, 140})
+
+_u16 = struct.Struct("!H").unpack_from
+_u32 = struct.Struct("!I").unpack_from
+_tcp = struct.Struct("!HHIIBBH").unpack_from
+_ports = struct.Struct("!HH").unpack_from
+_ip4 = struct.Struct("!BBHHHBB").unpack_from   # ver/ihl, tos, total, id, frag, ttl, proto
+
+P_TCP = 6
+P_UDP = 17
+P_SCTP = 132
+P_ICMP = 1
+P_ICMPV6 = 58
+
+# Zeek history bits (side 1's are shifted by 16).
+_H = {c: 1 << i for i, c in enumerate("SHADFRTIQ")}
+
+
+class PayloadSink(Protocol):
+    """What the meter hands to the L7 stage. Implementations must not raise: garbage is
+    theirs to count. `flow.l7` is free for the sink's per-flow state."""
+
+    def tcp_segment(self, flow: FlowState, direction: int, seq: int, ack: int, flags: int,
+                    payload: bytes, ts_ns: int) -> None:
+        """A TCP segment with payload or SYN/FIN/RST, in capture order (not reassembled)."""
+
+    def udp_datagram(self, flow: FlowState, direction: int, payload: bytes,
+                     ts_ns: int) -> None:
+        """One whole UDP payload (datagrams split into IP fragments are not passed)."""
+
+    def flow_ended(self, flow: FlowState, record: Flow) -> None:
+        """The flow left the table; `record` is its final Flow record."""
+
+
+@dataclass(slots=True)
+class MeterStats:
+    packets: int = 0
+    metered: int = 0                 # attributed to a flow
+    non_ip: int = 0                  # ARP, LLDP, ... (not an error)
+    unsupported_link: int = 0
+    truncated_l2: int = 0
+    too_many_vlan_tags: int = 0
+    bad_ip: int = 0                  # bad version/header length
+    truncated_ip: int = 0
+    truncated_l4: int = 0            # header cut short (the packet still counts, ports 0)
+    ipv6_ext_limit: int = 0
+    fragments_attributed: int = 0
+    fragments_orphaned: int = 0      # later fragment without a first fragment: not counted
+    frag_table_evicted: int = 0
+    fragmented_payload_not_passed: int = 0
+    no_timestamp: int = 0            # pcapng simple packet blocks: last known time used
+
+
+class Meter:
+    """Feed packets, receive Flow records through `emit`."""
+
+    def __init__(
+        self,
+        *,
+        emit,
+        sink: PayloadSink | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        max_flows: int = DEFAULT_MAX_FLOWS,
+        sensor_id: str = "",
+        community: CommunityId = DEFAULT_CID,
+    ) -> None:
+        self.sink = sink
+        self.table = FlowTable(
+            emit=emit, on_end=sink.flow_ended if sink is not None else None,
+            timeouts=timeouts, max_flows=max_flows, sensor_id=sensor_id,
+            community=community)
+        self.stats = MeterStats()
+        self._frags: OrderedDict[tuple, tuple[int, int, int]] = OrderedDict()
+        self.reader_stats = None  # set by meter_file()
+
+    def run(self, packets: Iterable[Packet]) -> None:
+        """Meter every packet, then flush the table (FORCED_END for live flows)."""
+        feed = self.feed
+        for ts, ifx, link, frame, wire in packets:
+            feed(ts, ifx, link, frame, wire)
+        self.table.flush()
+
+    def flush(self) -> None:
+        self.table.flush()
+
+    # The hot path. Long on purpose: every call and attribute lookup here is paid per
+    # packet, so decoding and accounting are one function with locals.
+    def feed(self, ts: int, ifindex: int, link: int, frame: bytes, wire_len: int) -> None:
+        stats = self.stats
+        stats.packets += 1
+        table = self.table
+        if not ts:
+            stats.no_timestamp += 1
+            ts = table.now_ns
+        if ts >= table.next_check_ns:
+            table.expire(ts)
+        n = len(frame)
+        vlan = ivlan = 0
+        # ---- layer 2: find the IP header
+        if link == LINKTYPE_ETHERNET:
+            if n < 14:
+                stats.truncated_l2 += 1
+                return
+            et = _u16(frame, 12)[0]
+            off = 14
+            if et in _ETH_VLAN:
+                if n < 18:
+                    stats.truncated_l2 += 1
+                    return
+                vlan = _u16(frame, 14)[0] & 0xFFF
+                et = _u16(frame, 16)[0]
+                off = 18
+                if et in _ETH_VLAN:
+                    if n < 22:
+                        stats.truncated_l2 += 1
+                        return
+                    ivlan = _u16(frame, 18)[0] & 0xFFF
+                    et = _u16(frame, 20)[0]
+                    off = 22
+                    if et in _ETH_VLAN:
+                        stats.too_many_vlan_tags += 1
+                        return
+            if et == 0x8864:
+                # PPPoE session (RFC 2516): 6-byte header, then the PPP protocol.
+                if n < off + 8:
+                    stats.truncated_l2 += 1
+                    return
+                ppp = _u16(frame, off + 6)[0]
+                off += 8
+                et = 0x0800 if ppp == 0x0021 else 0x86DD if ppp == 0x0057 else 0
+            if et == 0x0800:
+                ver = 4
+            elif et == 0x86DD:
+                ver = 6
+            else:
+                stats.non_ip += 1
+                return
+        elif link in _RAW_LINKS:
+            off = 0
+            if not n:
+                stats.truncated_l2 += 1
+                return
+            ver = frame[0] >> 4
+        elif link == LINKTYPE_NULL or link == LINKTYPE_LOOP:
+            if n < 5:
+                stats.truncated_l2 += 1
+                return
+            # NULL: host byte order of the writer; LOOP: network order. Either way a
+            # small number sits in the first or the last byte.
+            af = frame[0] or frame[3]
+            if af != 2 and af not in _AF_INET6:
+                stats.non_ip += 1
+                return
+            off = 4
+            ver = frame[4] >> 4
+        elif link == LINKTYPE_LINUX_SLL or link == LINKTYPE_LINUX_SLL2:
+            off = 16 if link == LINKTYPE_LINUX_SLL else 20
+            if n < off:
+                stats.truncated_l2 += 1
+                return
+            et = _u16(frame, 14 if link == LINKTYPE_LINUX_SLL else 0)[0]
+            if et == 0x8100 and n >= off + 4:
+                vlan = _u16(frame, off)[0] & 0xFFF
+                et = _u16(frame, off + 2)[0]
+                off += 4
+            if et == 0x0800:
+                ver = 4
+            elif et == 0x86DD:
+                ver = 6
+            else:
+                stats.non_ip += 1
+                return
+        else:
+            stats.unsupported_link += 1
+            return
+        # ---- layer 3
+        first_frag = later_frag = False
+        if ver == 4:
+            if n < off + 20:
+                stats.truncated_ip += 1
+                return
+            vihl, _tos, ip_len, ip_id, frag, _ttl, proto = _ip4(frame, off)
+            ihl = (vihl & 15) << 2
+            if vihl >> 4 != 4 or ihl < 20:
+                stats.bad_ip += 1
+                return
+            if n < off + ihl:
+                stats.truncated_ip += 1
+                return
+            src = frame[off + 12:off + 16]
+            dst = frame[off + 16:off + 20]
+            if ip_len < ihl:
+                # TSO/GSO captures write 0 here; count what was captured instead.
+                ip_len = n - off
+            l4 = off + ihl
+            end = off + ip_len
+            if frag & 0x3FFF:
+                if frag & 0x1FFF:
+                    later_frag = True
+                else:
+                    first_frag = True
+        elif ver == 6:
+            if n < off + 40:
+                stats.truncated_ip += 1
+                return
+            ip_len = 40 + _u16(frame, off + 4)[0]
+            proto = frame[off + 6]
+            src = frame[off + 8:off + 24]
+            dst = frame[off + 24:off + 40]
+            l4 = off + 40
+            end = off + ip_len
+            if proto in _IPV6_EXT or proto == 44 or proto == 51:
+                hops = 0
+                while True:
+                    if hops == MAX_IPV6_EXT_HEADERS:
+                        stats.ipv6_ext_limit += 1
+                        return
+                    if n < l4 + 8:
+                        stats.truncated_ip += 1
+                        return
+                    hops += 1
+                    nxt = frame[l4]
+                    if proto == 44:
+                        fo = _u16(frame, l4 + 2)[0]
+                        ip_id = _u32(frame, l4 + 4)[0]
+                        if fo & 0xFFF8:
+                            later_frag = True
+                        elif fo & 1:
+                            first_frag = True
+                        l4 += 8
+                    elif proto == 51:
+                        l4 += (frame[l4 + 1] + 2) << 2
+                    else:
+                        l4 += (frame[l4 + 1] + 1) << 3
+                    proto = nxt
+                    if later_frag or not (proto in _IPV6_EXT or proto == 44 or proto == 51):
+                        break
+        else:
+            stats.bad_ip += 1
+            return
+        # Header checks and TCP segment length follow the IP length (a capture with a
+        # short snap length still has whole headers and says how long the payload was);
+        # payload handed on is what was captured.
+        cap_end = end if end <= n else n
+        # ---- layer 4
+        sport = dport = 0
+        tcp_flags = -1
+        if later_frag:
+            fkey = (src, dst, ip_id, proto)
+            hit = self._frags.get(fkey)
+            if hit is None or ts - hit[2] > FRAG_TIMEOUT_NS:
+                stats.fragments_orphaned += 1
+                return
+            sport, dport = hit[0], hit[1]
+            stats.fragments_attributed += 1
+        elif proto == P_TCP:
+            if cap_end - l4 < 20:
+                stats.truncated_l4 += 1
+            else:
+                sport, dport, seq, ack, doff, tcp_flags, _win = _tcp(frame, l4)
+                doff = (doff >> 4) << 2
+        elif proto == P_UDP or proto == P_SCTP:
+            if cap_end - l4 < 8:
+                stats.truncated_l4 += 1
+            else:
+                sport, dport = _ports(frame, l4)
+        elif proto == P_ICMP or proto == P_ICMPV6:
+            if cap_end - l4 < 2:
+                stats.truncated_l4 += 1
+            else:
+                sport, dport, _one_way = icmp_ports(proto, frame[l4], frame[l4 + 1])
+        if first_frag:
+            frags = self._frags
+            frags[(src, dst, ip_id, proto)] = (sport, dport, ts)
+            if len(frags) > MAX_FRAG_ENTRIES:
+                frags.popitem(last=False)
+                stats.frag_table_evicted += 1
+        # ---- the flow
+        if src < dst or (src == dst and sport <= dport):
+            d = 0
+            key = (src, sport, dst, dport, proto, vlan, ivlan)
+        else:
+            d = 1
+            key = (dst, dport, src, sport, proto, vlan, ivlan)
+        flows = table.tcp if proto == P_TCP else table.other
+        st = flows.get(key)
+        if st is None:
+            pure_syn = tcp_flags >= 0 and tcp_flags & 0x12 == 0x02
+            if d == 0:
+                st = table.create(key, src, sport, dst, dport, proto, vlan, ivlan,
+                                  ifindex, 0, ts)
+            else:
+                st = table.create(key, dst, dport, src, sport, proto, vlan, ivlan,
+                                  ifindex, 1, ts)
+            st.init_by_syn = pure_syn
+            if proto == P_ICMP or proto == P_ICMPV6:
+                if cap_end - l4 >= 2 and not later_frag:
+                    st.icmp_type = frame[l4]
+                    st.icmp_code = frame[l4 + 1]
+        else:
+            flows.move_to_end(key)
+            if st.ended_ns and tcp_flags >= 0 and tcp_flags & 0x17 == 0x02:
+                # A new SYN on a flow that already ended: the key is reused by a new
+                # connection. Close the old one now and start over.
+                table.finish(st, FlowEndReason.END_OF_FLOW)
+                stats.packets -= 1  # counted again by the call below
+                return self.feed(ts, ifindex, link, frame, wire_len)
+            if not st.start_ns:
+                st.start_ns = ts
+        if ts > st.last_ns:
+            st.last_ns = ts
+        st.pkts[d] += 1
+        st.octs[d] += ip_len
+        st.l2[d] += wire_len
+        stats.metered += 1
+        if tcp_flags >= 0:
+            self._tcp(st, d, seq, ack, tcp_flags, frame, l4 + doff, end, cap_end, ts,
+                      first_frag)
+        elif proto == P_UDP and not later_frag:
+            bit = 8 << (16 * d)   # 'D'
+            if not st.hist_seen & bit:
+                st.hist_seen |= bit
+                st.hist.append("d" if d else "D")
+            sink = self.sink
+            if sink is not None and cap_end - l4 > 8:
+                if first_frag:
+                    stats.fragmented_payload_not_passed += 1
+                else:
+                    sink.udp_datagram(st, d ^ st.init, frame[l4 + 8:cap_end], ts)
+
+    def _tcp(self, st: FlowState, d: int, seq: int, ack: int, flags: int, frame: bytes,
+             pstart: int, end: int, cap_end: int, ts: int, first_frag: bool) -> None:
+        plen = end - pstart if end > pstart else 0
+        st.flags[d] |= flags
+        syn = flags & 0x02
+        fin = flags & 0x01
+        rst = flags & 0x04
+        shift = 16 * d
+        seen = st.hist_seen
+        hist = st.hist
+        if syn:
+            st.syn_count += 1
+            if flags & 0x10:
+                st.synack[d] = True
+                if not st.synack_ns:
+                    st.synack_ns = ts
+            else:
+                st.pure_syn[d] = True
+                if not st.init_by_syn:
+                    # The first SYN without ACK names the initiator (semantics.py).
+                    st.init_by_syn = True
+                    st.init = d
+                if not st.syn_ns:
+                    st.syn_ns = ts
+        elif not st.rtt_ns and st.synack_ns and flags & 0x10 and d == st.init and st.syn_ns:
+            st.rtt_ns = ts - st.syn_ns
+        if fin:
+            st.fin_count += 1
+        if rst:
+            st.rst_count += 1
+        # Zeek's history (TCPSessionAdapter update_history).
+        nbits = (syn >> 1) + fin + (rst >> 2)
+        if nbits > 1:
+            code = "I" if fin and rst else "Q"
+            bit = _H[code] << shift
+            if not seen & bit:
+                st.hist_seen = seen | bit
+                hist.append(code.lower() if d else code)
+        elif nbits == 1:
+            if syn:
+                code = "H" if flags & 0x10 else "S"
+                bit = _H[code] << shift
+                if not seen & bit:
+                    st.hist_seen = seen | bit
+                    hist.append(code.lower() if d else code)
+                elif seq != st.last_syn[d]:
+                    hist.append(code.lower() if d else code)
+                st.last_syn[d] = seq
+            elif fin:
+                fseq = (seq + plen) & 0xFFFFFFFF
+                bit = _H["F"] << shift
+                if not seen & bit:
+                    st.hist_seen = seen | bit
+                    hist.append("f" if d else "F")
+                elif fseq != st.last_fin[d]:
+                    hist.append("f" if d else "F")
+                st.last_fin[d] = fseq
+            else:
+                bit = _H["R"] << shift
+                if not seen & bit:
+                    st.hist_seen = seen | bit
+                    hist.append("r" if d else "R")
+                elif seq != st.last_rst[d]:
+                    hist.append("r" if d else "R")
+                st.last_rst[d] = seq
+        elif plen:
+            bit = 8 << shift
+            if not seen & bit:
+                st.hist_seen = seen | bit
+                hist.append("d" if d else "D")
+        elif flags & 0x10:
+            bit = 4 << shift
+            if not seen & bit:
+                st.hist_seen = seen | bit
+                hist.append("a" if d else "A")
+        # Retransmission: payload that ends at or before the highest sequence seen.
+        top = (seq + plen + (1 if syn else 0) + (1 if fin else 0)) & 0xFFFFFFFF
+        last = st.last_seq[d]
+        if last is None:
+            st.last_seq[d] = top
+        else:
+            delta = (top - last) & 0xFFFFFFFF
+            if delta and delta < 0x80000000:
+                st.last_seq[d] = top
+            elif plen and not ((syn or rst) and 0x40000000 < delta < 0xC0000000):
+                st.rxmit[d] += 1
+                if st.rxmit[d] == st.rxmit_next[d]:
+                    st.rxmit_next[d] *= 10
+                    hist.append("t" if d else "T")
+        if (fin or rst) and not st.ended_ns:
+            i = st.init
+            if rst or (st.flags[i] & 0x01 and st.flags[1 - i] & 0x01):
+                self.table.mark_ended(st, ts)
+        sink = self.sink
+        if sink is not None and (plen or syn or fin or rst):
+            if first_frag:
+                self.stats.fragmented_payload_not_passed += 1
+            else:
+                sink.tcp_segment(st, d ^ st.init, seq, ack, flags,
+                                 frame[pstart:cap_end] if cap_end > pstart else b"", ts)
+
+
+def meter_file(path, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
+               max_flows: int = DEFAULT_MAX_FLOWS, sink: PayloadSink | None = None,
+               community: CommunityId = DEFAULT_CID) -> tuple[list[Flow], Meter]:
+    """All Flow records of one capture file, and the meter (for its counters)."""
+    from sensor.replay.reader import CaptureReader
+
+    records: list[Flow] = []
+    meter = Meter(emit=records.append, sink=sink, timeouts=timeouts, max_flows=max_flows,
+                  community=community)
+    with CaptureReader(path) as reader:
+        meter.run(reader)
+        meter.reader_stats = reader.stats
+    return records, meter
