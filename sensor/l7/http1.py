@@ -1,0 +1,641 @@
+"""HTTP/1.0 and HTTP/1.1 transactions from a reassembled TCP stream (RFC 9112), sans-I/O.
+
+Strategy
+- Each direction has its own framing state machine: a message head, then a body framed by
+  Transfer-Encoding: chunked, Content-Length, or the end of the stream (responses only),
+  following the precedence of RFC 9112 §6.3. Bytes are parsed eagerly as they arrive, so a
+  message head is scanned once and a body of known length is only counted, never copied.
+- Requests are queued in order; each final response pairs with the oldest request still
+  waiting (pipelining and keep-alive, RFC 9112 §9.3.2). A transaction is emitted when both
+  its request and its response are complete, in request order.
+- 1xx interim responses (100 Continue, 102, 103) are not paired; the final response is.
+  101 Switching Protocols, and a 2xx answer to CONNECT, end HTTP on this connection: the
+  transaction is emitted and the parser goes to DONE (the rest is websocket, h2c, TLS...).
+  While such a request waits for its answer, further request bytes are held (bounded), and
+  parsed as HTTP only if the server declines.
+- A response with no request waiting (the capture started mid-connection, or the request
+  was lost) becomes a transaction of its own with an empty method and no latency; its
+  body is framed as for a GET, because the method is unknown.
+- At the end of the server's direction, requests still waiting are emitted with status 0.
+- Latency is from the first byte of the request to the first byte of the final response;
+  an interim 100 Continue measures nothing about the server's work, so it is not used.
+- Gaps and skipped bytes inside a body are counted as body bytes and cost nothing; a gap
+  that reaches into a message head, a chunk-size line or a trailer makes the stream
+  unparseable and the parser goes to ERROR.
+- Secrets are redacted at parse time (sensor/l7/redact.py); header values other than
+  Host, User-Agent and Content-Type are never copied at all.
+
+Bounds (why): a message head may be at most `max_header_bytes` (64 KiB, h11's
+DEFAULT_MAX_INCOMPLETE_EVENT_SIZE; real heads are a few hundred bytes, and the limit caps
+what one stream can make us buffer); at most `max_outstanding` requests may wait for
+responses (pipelining depth beyond 64 is not seen from real clients and each waiting
+request holds memory); a chunk-size line may be at most 4 KiB (chunk extensions are
+tiny). Exceeding a bound is an ERROR with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.redact import redact_target, strip_userinfo
+from sensor.model import HttpEvent
+
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_OUTSTANDING = 64
+_MAX_CHUNK_LINE = 4096
+_MAX_LEADING_EMPTY_LINES = 16  # RFC 9112 §2.2 asks to ignore "at least one"
+
+# Framing modes of one direction.
+_HEAD = 0          # reading a message head
+_LENGTH = 1        # Content-Length body: _remaining bytes to go
+_CHUNK_SIZE = 2    # reading a chunk-size line
+_CHUNK_DATA = 3    # inside a chunk: _remaining bytes to go
+_CHUNK_CRLF = 4    # the CRLF after chunk data
+_TRAILER = 5       # trailer section after the last chunk
+_UNTIL_CLOSE = 6   # response body delimited by the end of the stream
+_PAUSED = 7        # request side waiting for the answer to CONNECT / Upgrade
+_IDLE = 8          # nothing more expected (after the end of the stream)
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TCHAR_FIRST = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_VERSION = re.compile(rb"HTTP/1\.[0-9]\Z")
+_DIGITS = re.compile(rb"[0-9]{1,19}\Z")
+_INTERESTING = frozenset((
+    b"host", b"user-agent", b"content-type", b"content-length", b"transfer-encoding",
+    b"connection", b"upgrade",
+))
+
+
+class _Txn:
+    """One request/response exchange being assembled (mutable, private)."""
+
+    __slots__ = (
+        "method", "host", "path", "version", "user_agent", "req_ctype", "req_body",
+        "req_ts", "req_done", "status", "reason", "resp_ctype", "resp_body", "resp_ts",
+        "resp_done", "is_head", "is_connect", "wants_upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.host = ""
+        self.path = ""
+        self.version = ""
+        self.user_agent = ""
+        self.req_ctype = ""
+        self.req_body = 0
+        self.req_ts = -1
+        self.req_done = False
+        self.status = 0
+        self.reason = ""
+        self.resp_ctype = ""
+        self.resp_body = 0
+        self.resp_ts = -1
+        self.resp_done = False
+        self.is_head = False
+        self.is_connect = False
+        self.wants_upgrade = False
+
+    def transaction(self) -> Transaction:
+        latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
+        event = HttpEvent(
+            method=self.method, host=self.host, path=self.path, version=self.version,
+            status=self.status, reason=self.reason, user_agent=self.user_agent,
+            request_content_type=self.req_ctype, response_content_type=self.resp_ctype,
+            request_body_len=self.req_body, response_body_len=self.resp_body,
+            latency_ns=latency if latency > 0 else 0,
+        )
+        ts = self.req_ts if self.req_ts >= 0 else max(self.resp_ts, 0)
+        return Transaction(ts, event)
+
+
+class _Malformed(Exception):
+    """Internal: the peer sent something that is not HTTP/1.x. Never escapes the parser."""
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def _media_type(raw: bytes) -> str:
+    """`text/html; charset=utf-8` -> `text/html`: parameters can carry boundaries and
+    other per-message noise that makes the field useless for grouping."""
+    return _text(raw.split(b";", 1)[0].strip()).lower()
+
+
+def _parse_head(block: bytes) -> tuple[list[bytes], dict[bytes, list[bytes]]]:
+    """The start line's parts' source line and the headers Loupe uses."""
+    lines = block.splitlines()
+    headers: dict[bytes, list[bytes]] = {}
+    last: list[bytes] | None = None
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[0] in (0x20, 0x09):
+            # obs-fold (RFC 9112 §5.2): a continuation of the previous field's value.
+            if last is None:
+                raise _Malformed("continuation line before any header")
+            last[-1] = last[-1] + b" " + line.strip(b" \t")
+            continue
+        colon = line.find(b":")
+        if colon <= 0 or line[colon - 1] in (0x20, 0x09):
+            # RFC 9112 §5.1: no whitespace between field name and colon.
+            raise _Malformed("bad header line")
+        name = line[:colon].lower()
+        if name in _INTERESTING:
+            values = headers.get(name)
+            if values is None:
+                values = headers[name] = []
+            values.append(line[colon + 1:].strip(b" \t"))
+            last = values
+        else:
+            last = None
+    return lines, headers
+
+
+def _content_length(values: list[bytes]) -> int:
+    found: set[bytes] = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not _DIGITS.match(item):
+                raise _Malformed("bad Content-Length")
+            found.add(item.lstrip(b"0") or b"0")
+    if len(found) != 1:
+        raise _Malformed("conflicting Content-Length values")  # RFC 9112 §6.3 item 5
+    return int(found.pop())
+
+
+def _codings(values: list[bytes]) -> list[bytes]:
+    return [c.strip(b" \t").lower() for v in values for c in v.split(b",") if c.strip(b" \t")]
+
+
+class Http1Parser:
+    """HTTP/1.x for one TCP connection. See the module docstring for the rules."""
+
+    name = "http"
+
+    def __init__(self, *, redact: bool = True,
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                 max_outstanding: int = DEFAULT_MAX_OUTSTANDING) -> None:
+        if max_header_bytes < 64 or max_outstanding < 1:
+            raise ValueError("max_header_bytes must be >= 64 and max_outstanding >= 1")
+        self.state = ParserState.OK
+        self.error = ""
+        self.redact = redact
+        self.max_header_bytes = max_header_bytes
+        self.max_outstanding = max_outstanding
+        self.transactions = 0
+        self._buf = (bytearray(), bytearray())
+        self._scan = [0, 0]          # where to resume looking for the end of a head
+        self._mode = [_HEAD, _HEAD]
+        self._remaining = [0, 0]
+        self._head_ts = [0, 0]        # time of the first byte of the current message
+        self._eof = [False, False]
+        self._txns: deque[_Txn] = deque()      # not yet emitted, in request order
+        self._awaiting: deque[_Txn] = deque()  # request head seen, final response not
+        self._req: _Txn | None = None          # whose request body is being read
+        self._resp: _Txn | None = None         # whose response body is being read
+        self._out: deque[Transaction] = deque()
+        self._host = ""
+
+    # -- the L7Parser contract -------------------------------------------------------------
+
+    def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
+        if self.state is not ParserState.OK or not data:
+            return
+        d = int(direction)
+        if self._eof[d]:
+            return
+        buf = self._buf[d]
+        mode = self._mode[d]
+        if mode == _LENGTH or mode == _CHUNK_DATA:
+            if not buf:
+                # A body of known length: count it, copy nothing.
+                n = len(data)
+                take = n if n < self._remaining[d] else self._remaining[d]
+                self._body(d, take)
+                if take == n:
+                    return
+                data = data[take:]
+                mode = self._mode[d]
+        elif mode == _UNTIL_CLOSE:
+            self._body(d, len(data))
+            return
+        elif mode == _IDLE:
+            return
+        if mode == _HEAD and not buf:
+            self._head_ts[d] = ts_ns
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        try:
+            pos = self._run(d, view, ts_ns)
+        except _Malformed as exc:
+            self._fail(str(exc))
+            return
+        if self.state is not ParserState.OK:
+            return
+        if view is buf:
+            del buf[:pos]
+        elif pos < len(data):
+            buf += data[pos:] if pos else data
+        self._scan[d] = self._scan[d] - pos if self._scan[d] > pos else 0
+
+    def receive_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> None:
+        self._fail("HTTP/1 runs over a stream, got a datagram")
+
+    def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
+        self._lost(int(direction), length, "gap")
+
+    def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
+        self._lost(int(direction), length, "skip")
+
+    def receive_eof(self, direction: Direction, ts_ns: int) -> None:
+        d = int(direction)
+        if self.state is not ParserState.OK or self._eof[d]:
+            return
+        self._eof[d] = True
+        mode = self._mode[d]
+        if mode in (_LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE):
+            # The body ends with the stream: a close-delimited body is complete, any other
+            # is cut short; either way the transaction is reported with what was seen.
+            self._complete(d)
+        elif mode == _HEAD and self._buf[d].strip(b"\r\n"):
+            self._fail("incomplete message head at end of stream")
+            return
+        self._mode[d] = _IDLE
+        self._buf[d].clear()
+        if d == Direction.TO_CLIENT:
+            # No response can come any more: report every request still waiting.
+            self._flush_all()
+        if self._eof[0] and self._eof[1] and self.state is ParserState.OK:
+            self._flush_all()
+            self.state = ParserState.DONE
+
+    def skip_hint(self, direction: Direction) -> int:
+        d = int(direction)
+        if self.state is not ParserState.OK or self._buf[d]:
+            return 0
+        mode = self._mode[d]
+        if mode == _LENGTH or mode == _CHUNK_DATA:
+            return self._remaining[d]
+        return 0
+
+    def next_event(self) -> Transaction | _NeedData:
+        if self._out:
+            return self._out.popleft()
+        return NEED_DATA
+
+    def summary(self) -> dict[str, str]:
+        return {"http_host": self._host} if self._host else {}
+
+    # -- framing -----------------------------------------------------------------------------
+
+    def _run(self, d: int, view: bytes | bytearray, ts_ns: int) -> int:
+        """Parse as much of view as possible; return how many bytes were consumed."""
+        pos = 0
+        end = len(view)
+        while pos < end and self.state is ParserState.OK:
+            mode = self._mode[d]
+            if mode == _HEAD:
+                # Empty lines before a message (RFC 9112 §2.2) are skipped.
+                skipped = 0
+                while pos < end and view[pos] in (0x0D, 0x0A) and skipped < 2 * _MAX_LEADING_EMPTY_LINES:
+                    pos += 1
+                    skipped += 1
+                if pos >= end:
+                    break
+                head_end, next_pos = self._find_head_end(d, view, pos)
+                if head_end < 0:
+                    if end - pos > self.max_header_bytes:
+                        raise _Malformed(f"message head exceeds {self.max_header_bytes} bytes")
+                    self._check_start(d, view, pos)
+                    break
+                if head_end - pos > self.max_header_bytes:
+                    raise _Malformed(f"message head exceeds {self.max_header_bytes} bytes")
+                block = bytes(view[pos:head_end])
+                pos = next_pos
+                self._scan[d] = pos
+                if d == 0:
+                    self._request_head(block)
+                else:
+                    self._response_head(block)
+                if self._mode[d] == _HEAD:
+                    self._head_ts[d] = ts_ns
+            elif mode == _LENGTH or mode == _CHUNK_DATA:
+                avail = end - pos
+                take = avail if avail < self._remaining[d] else self._remaining[d]
+                pos += take
+                self._body(d, take)
+                if self._mode[d] == _HEAD:
+                    self._head_ts[d] = ts_ns
+            elif mode == _CHUNK_SIZE:
+                nl = view.find(b"\n", pos)
+                if nl < 0:
+                    if end - pos > _MAX_CHUNK_LINE:
+                        raise _Malformed("chunk-size line too long")
+                    break
+                line = bytes(view[pos:nl]).rstrip(b"\r")
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not _HEX.match(size):
+                    raise _Malformed("bad chunk size")
+                pos = nl + 1
+                n = int(size, 16)
+                if n:
+                    self._mode[d] = _CHUNK_DATA
+                    self._remaining[d] = n
+                else:
+                    self._mode[d] = _TRAILER
+                    self._scan[d] = pos
+            elif mode == _CHUNK_CRLF:
+                if view[pos] == 0x0A:
+                    pos += 1
+                elif view[pos] == 0x0D:
+                    if pos + 1 >= end:
+                        break
+                    if view[pos + 1] != 0x0A:
+                        raise _Malformed("no CRLF after chunk data")
+                    pos += 2
+                else:
+                    raise _Malformed("no CRLF after chunk data")
+                self._mode[d] = _CHUNK_SIZE
+            elif mode == _TRAILER:
+                if view[pos] == 0x0A or view[pos:pos + 2] == b"\r\n":
+                    pos += 1 if view[pos] == 0x0A else 2
+                    self._complete(d)
+                    self._head_ts[d] = ts_ns
+                    continue
+                if view[pos] == 0x0D and pos + 1 >= end:
+                    break
+                head_end, next_pos = self._find_head_end(d, view, pos)
+                if head_end < 0:
+                    if end - pos > self.max_header_bytes:
+                        raise _Malformed(f"trailer section exceeds {self.max_header_bytes} bytes")
+                    break
+                pos = next_pos
+                self._complete(d)
+                self._head_ts[d] = ts_ns
+            elif mode == _UNTIL_CLOSE:
+                self._body(d, end - pos)
+                pos = end
+            elif mode == _PAUSED:
+                # Hold request bytes until the server accepts or declines the switch.
+                if end - pos > self.max_header_bytes:
+                    raise _Malformed("too many bytes sent before the protocol switch was answered")
+                break
+            else:  # _IDLE
+                pos = end
+        return pos
+
+    def _find_head_end(self, d: int, view: bytes | bytearray, pos: int) -> tuple[int, int]:
+        """(end of the head, start of what follows), or (-1, -1). RFC 9112 §2.2 lets a
+        recipient accept a bare LF as a line terminator, so both forms end a head."""
+        scan = self._scan[d]
+        start = scan - 3 if scan - 3 > pos else pos
+        crlf = view.find(b"\n\r\n", start)
+        lf = view.find(b"\n\n", start, crlf + 2 if crlf >= 0 else len(view))
+        if lf >= 0 and (crlf < 0 or lf < crlf):
+            return lf, lf + 2
+        if crlf >= 0:
+            return crlf, crlf + 3
+        self._scan[d] = len(view)
+        return -1, -1
+
+    def _check_start(self, d: int, view: bytes | bytearray, pos: int) -> None:
+        """Fail early on bytes that cannot start a message, so junk is not buffered up
+        to the head limit before it is recognised."""
+        if d == 0:
+            if view[pos] not in _TCHAR_FIRST:
+                raise _Malformed("not an HTTP request")
+        else:
+            prefix = bytes(view[pos:pos + 7])
+            if not b"HTTP/1.".startswith(prefix):
+                raise _Malformed("not an HTTP response")
+
+    def _request_head(self, block: bytes) -> None:
+        lines, headers = _parse_head(block)
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            raise _Malformed("bad request line")
+        method, target, version = parts
+        if not _TOKEN.match(method) or not target or not _VERSION.match(version):
+            raise _Malformed("bad request line")
+        if len(self._txns) >= self.max_outstanding:
+            raise _Malformed(f"more than {self.max_outstanding} requests awaiting responses")
+        txn = _Txn()
+        txn.method = _text(method)
+        txn.is_head = method == b"HEAD"
+        txn.is_connect = method == b"CONNECT"
+        txn.version = _text(version)
+        path = _text(target)
+        txn.path = redact_target(path) if self.redact else path
+        host = headers.get(b"host")
+        if host:
+            txn.host = _text(host[0])
+        elif txn.is_connect:
+            txn.host = path
+        elif "://" in path:
+            authority = path.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+            txn.host = authority
+        if self.redact and "@" in txn.host:
+            txn.host = strip_userinfo(txn.host)
+        if txn.host and not self._host:
+            self._host = txn.host
+        ua = headers.get(b"user-agent")
+        if ua:
+            txn.user_agent = _text(ua[0])
+        ctype = headers.get(b"content-type")
+        if ctype:
+            txn.req_ctype = _media_type(ctype[0])
+        upgrade = headers.get(b"upgrade")
+        if upgrade:
+            connection = b",".join(headers.get(b"connection", ())).lower()
+            txn.wants_upgrade = b"upgrade" in connection
+        txn.req_ts = self._head_ts[0]
+        self._txns.append(txn)
+        self._awaiting.append(txn)
+        self._req = txn
+        te = headers.get(b"transfer-encoding")
+        if te:
+            codings = _codings(te)
+            if not codings or codings[-1] != b"chunked":
+                # RFC 9112 §6.3 item 4: a request body cannot be close-delimited.
+                raise _Malformed("request Transfer-Encoding does not end in chunked")
+            self._mode[0] = _CHUNK_SIZE
+            return
+        cl = headers.get(b"content-length")
+        n = _content_length(cl) if cl else 0
+        if n:
+            self._mode[0] = _LENGTH
+            self._remaining[0] = n
+        else:
+            self._complete(0)
+
+    def _response_head(self, block: bytes) -> None:
+        lines, headers = _parse_head(block)
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not _VERSION.match(parts[0]):
+            raise _Malformed("bad status line")
+        code = parts[1]
+        if len(code) != 3 or not code.isdigit():
+            raise _Malformed("bad status code")
+        status = int(code)
+        if status < 100:
+            raise _Malformed("bad status code")
+        if 100 <= status < 200 and status != 101:
+            return  # interim (RFC 9110 §15.2): the final response is what pairs
+        if self._awaiting:
+            txn = self._awaiting.popleft()
+        else:
+            # Mid-stream pickup or a lost request: a response-only transaction.
+            if len(self._txns) >= self.max_outstanding:
+                raise _Malformed(f"more than {self.max_outstanding} responses without requests")
+            txn = _Txn()
+            txn.version = _text(parts[0])
+            txn.req_done = True
+            self._txns.append(txn)
+        txn.status = status
+        txn.reason = _text(parts[2]) if len(parts) == 3 else ""
+        txn.resp_ts = self._head_ts[1]
+        ctype = headers.get(b"content-type")
+        if ctype:
+            txn.resp_ctype = _media_type(ctype[0])
+        self._resp = txn
+        if status == 101 or (txn.is_connect and 200 <= status < 300):
+            # The connection now carries another protocol (RFC 9110 §15.2.2, §9.3.6).
+            txn.resp_done = True
+            txn.req_done = True
+            self._switch()
+            return
+        if txn.wants_upgrade or txn.is_connect:
+            self._resume_requests()
+        if txn.is_head or status == 204 or status == 304:
+            self._complete(1)  # RFC 9112 §6.3 item 1: never a body
+            return
+        te = headers.get(b"transfer-encoding")
+        if te:
+            codings = _codings(te)
+            self._mode[1] = _CHUNK_SIZE if codings and codings[-1] == b"chunked" else _UNTIL_CLOSE
+            return
+        cl = headers.get(b"content-length")
+        if cl:
+            n = _content_length(cl)
+            if n:
+                self._mode[1] = _LENGTH
+                self._remaining[1] = n
+            else:
+                self._complete(1)
+            return
+        self._mode[1] = _UNTIL_CLOSE
+
+    def _body(self, d: int, n: int) -> None:
+        txn = self._req if d == 0 else self._resp
+        if txn is not None:
+            if d == 0:
+                txn.req_body += n
+            else:
+                txn.resp_body += n
+        mode = self._mode[d]
+        if mode == _UNTIL_CLOSE:
+            return
+        left = self._remaining[d] - n
+        self._remaining[d] = left
+        if left == 0:
+            if mode == _LENGTH:
+                self._complete(d)
+            else:
+                self._mode[d] = _CHUNK_CRLF
+
+    def _lost(self, d: int, length: int, what: str) -> None:
+        if self.state is not ParserState.OK or length <= 0 or self._eof[d]:
+            return
+        mode = self._mode[d]
+        if mode == _UNTIL_CLOSE:
+            self._body(d, length)
+            return
+        if mode == _PAUSED or mode == _IDLE:
+            return
+        if (mode == _LENGTH or mode == _CHUNK_DATA) and not self._buf[d]:
+            take = length if length < self._remaining[d] else self._remaining[d]
+            self._body(d, take)
+            length -= take
+            if not length:
+                return
+            mode = self._mode[d]
+            if mode == _UNTIL_CLOSE:
+                self._body(d, length)
+                return
+        if mode == _CHUNK_SIZE or mode == _CHUNK_CRLF or mode == _TRAILER:
+            self._fail(f"{what} in chunked framing")
+        else:
+            self._fail(f"{what} in headers")
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def _complete(self, d: int) -> None:
+        """The current message of direction d is complete."""
+        if d == 0:
+            txn = self._req
+            self._req = None
+            if txn is not None:
+                txn.req_done = True
+                self._mode[0] = _PAUSED if (txn.is_connect or txn.wants_upgrade) \
+                    and not txn.resp_done else _HEAD
+            else:
+                self._mode[0] = _HEAD
+        else:
+            txn = self._resp
+            self._resp = None
+            if txn is not None:
+                txn.resp_done = True
+            self._mode[1] = _HEAD
+        self._emit_ready()
+
+    def _emit_ready(self) -> None:
+        txns = self._txns
+        while txns and txns[0].req_done and txns[0].resp_done:
+            self._out.append(txns.popleft().transaction())
+            self.transactions += 1
+
+    def _flush_all(self) -> None:
+        """Report every transaction still open, with what is known of it."""
+        while self._txns:
+            self._out.append(self._txns.popleft().transaction())
+            self.transactions += 1
+        self._awaiting.clear()
+        self._req = self._resp = None
+
+    def _resume_requests(self) -> None:
+        """The server declined the switch: held request bytes are HTTP after all."""
+        if self._mode[0] != _PAUSED:
+            return
+        self._mode[0] = _HEAD
+        held = self._buf[0]
+        self._scan[0] = 0
+        if held:
+            pos = self._run(0, held, self._head_ts[0])
+            del held[:pos]
+            self._scan[0] = self._scan[0] - pos if self._scan[0] > pos else 0
+
+    def _switch(self) -> None:
+        self._flush_all()
+        self.state = ParserState.DONE
+        self._buf[0].clear()
+        self._buf[1].clear()
+
+    def _fail(self, reason: str) -> None:
+        if self.state is not ParserState.OK:
+            return
+        self._flush_all()
+        self.state = ParserState.ERROR
+        self.error = reason
+        self._buf[0].clear()
+        self._buf[1].clear()
