@@ -492,9 +492,9 @@ class CollectorConfig:
     listen: str = _opt("127.0.0.1:50051", _Address(listen=True, allow_empty=False))
     insecure: bool = _opt(False, _Bool())
     data_dir: str = _opt("/var/lib/loupe/collector", _Path(allow_empty=False))
-    retention: int = _opt(7 * 86400 * S, _Duration(0, 3650 * 86400 * S))
+    retention: int = _opt(7 * 86400 * S, _Duration(1 * S, 3650 * 86400 * S))
     max_message_size: int = _opt(16 * MIB, _Size(64 * KIB, 1 * GIB))
-    subscriber_queue_size: int = _opt(10_000, _Int(10, 10_000_000))
+    subscriber_queue_size: int = _opt(4096, _Int(16, 1_000_000))
     tls: ServerTlsConfig = _section(ServerTlsConfig)
     metrics: MetricsConfig = field(
         default_factory=lambda: MetricsConfig(listen="127.0.0.1:9465"),

@@ -52,6 +52,10 @@ class StorageError(LoupeError):
     """The store cannot be opened or written."""
 
 
+class MetricsError(LoupeError):
+    """The metrics endpoint cannot be served (address in use, not permitted)."""
+
+
 class QueryError(LoupeError):
     """A query that was refused (not read-only) or failed."""
 

@@ -1,0 +1,269 @@
+"""Prometheus metrics for both daemons, and the only module that imports prometheus_client.
+
+Components do not import Prometheus. Each registers a callback that returns a snapshot of
+its counters as plain ints, keyed by the families below:
+
+    registry.add_source("export", lambda: {
+        "lost": {"export_queue_full": self.dropped},
+        "records_exported": {"flow": self.flows_sent, "l7": self.l7_sent},
+        "queue_depth": {"export": len(self.queue)},
+    })
+
+Snapshots are read at scrape time, on the metrics server's thread: a callback must only
+read (ints and len() are safe under the GIL) and return a fresh dict. Values for the same
+family and label from several sources are summed, so every parser can report its own
+parser_error count.
+
+Label values are bounded: `lost` takes only sensor.model.LostSource values (all of them
+are exported from the start, at 0, so dashboards and alerts see every loss point before
+it first fires), and the other labels come from code, never from traffic. A source that
+raises or reports an unknown family or reason is skipped for that scrape and counted in
+loupe_metrics_source_errors_total; the other sources are still exported.
+
+Self-monitoring (CPU seconds, RSS, threads, open fds) comes from psutil.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable, Iterator, Mapping, Union
+
+import psutil
+from prometheus_client import CollectorRegistry, exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sensor.config import split_host_port
+from sensor.errors import MetricsError
+from sensor.model import LostSource
+
+log = logging.getLogger(__name__)
+
+PREFIX = "loupe"
+
+Snapshot = Mapping[str, Union[int, float, Mapping[str, Union[int, float]]]]
+SnapshotSource = Callable[[], Snapshot]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str               # snapshot key; exported as loupe_<name>[_total]
+    kind: str               # "counter" or "gauge"
+    label: str | None       # the one label, or None for a plain number
+    help: str
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("lost", "counter", "reason",
+           "Data dropped, by where it was dropped (LostSource); the unit is the source's own "
+           "(flows, packets, bytes, records or events, see docs/ops.md)"),
+    Family("records_exported", "counter", "kind",
+           "Records handed on (sensor: to the collector or a file; collector: to storage), by kind"),
+    Family("records_received", "counter", "kind", "Records received from sensors, by kind"),
+    Family("queue_depth", "gauge", "queue", "Items waiting in a bounded queue, by queue"),
+    Family("spool_bytes", "gauge", None, "Bytes of unacknowledged batches in the on-disk spool"),
+    Family("flows_active", "gauge", None, "Flows currently tracked"),
+    Family("subscribers", "gauge", None, "Live subscribers connected"),
+)}
+
+LOST_REASONS: tuple[str, ...] = tuple(source.value for source in LostSource)
+
+
+class _InvalidSnapshot(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SelfUsage:
+    cpu_user_seconds: float
+    cpu_system_seconds: float
+    rss_bytes: int
+    threads: int
+    open_fds: int
+    start_time: float       # Unix epoch seconds
+
+
+def self_usage(process: psutil.Process | None = None) -> SelfUsage:
+    """This process's CPU and memory, for /metrics and `loupe status`."""
+    proc = process or psutil.Process()
+    with proc.oneshot():
+        cpu = proc.cpu_times()
+        return SelfUsage(
+            cpu_user_seconds=cpu.user,
+            cpu_system_seconds=cpu.system,
+            rss_bytes=proc.memory_info().rss,
+            threads=proc.num_threads(),
+            open_fds=proc.num_fds(),
+            start_time=proc.create_time(),
+        )
+
+
+def build_version() -> str:
+    try:
+        return metadata.version("loupe")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class MetricsRegistry:
+    """One per daemon: snapshot sources, build info and self-monitoring, rendered in the
+    Prometheus text format and served over HTTP by serve()."""
+
+    def __init__(self, daemon: str) -> None:
+        self.daemon = daemon
+        self._sources: dict[str, SnapshotSource] = {}
+        self._source_errors: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._process = psutil.Process()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Exporter(self))
+
+    def add_source(self, name: str, callback: SnapshotSource) -> None:
+        with self._lock:
+            if name in self._sources:
+                raise ValueError(f"metrics source {name!r} is already registered")
+            self._sources[name] = callback
+            self._source_errors.setdefault(name, 0)
+
+    def remove_source(self, name: str) -> None:
+        with self._lock:
+            self._sources.pop(name, None)
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        """Every family summed over the sources: {"lost": {"spool_full": 0, ...},
+        "flows_active": {"": 12}, ...}. What /metrics exports, as plain numbers."""
+        totals: dict[str, dict[str, float]] = {name: {} for name in FAMILIES}
+        totals["lost"] = {reason: 0 for reason in LOST_REASONS}
+        with self._lock:
+            sources = list(self._sources.items())
+        for name, callback in sources:
+            try:
+                snapshot = callback()
+                checked = _check_snapshot(snapshot)
+            except _InvalidSnapshot as exc:
+                self._count_error(name, f"reported {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad source must not hide the rest
+                self._count_error(name, f"raised {type(exc).__name__}: {exc}")
+                continue
+            for family, values in checked:
+                for label, value in values.items():
+                    totals[family][label] = totals[family].get(label, 0) + value
+        return totals
+
+    def source_errors(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._source_errors)
+
+    def _count_error(self, name: str, what: str) -> None:
+        with self._lock:
+            self._source_errors[name] = self._source_errors.get(name, 0) + 1
+            first = self._source_errors[name] == 1
+        if first:
+            log.error("metrics source %r %s; skipping it at each scrape until fixed", name, what)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition, as served on /metrics."""
+        return exposition.generate_latest(self.registry)
+
+    def serve(self, listen: str) -> "MetricsServer":
+        """Serve /metrics on `listen` ("127.0.0.1:9464"; port 0 picks a free port)."""
+        host, port = split_host_port(listen)
+        try:
+            httpd, thread = exposition.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsError(
+                f"cannot serve metrics on {listen}: {exc.strerror or exc}; set metrics.listen "
+                "to a free address, or to \"\" to turn metrics off") from None
+        return MetricsServer(httpd, thread)
+
+
+class MetricsServer:
+    def __init__(self, httpd, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return host, port
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def _check_snapshot(snapshot: Snapshot) -> list[tuple[str, dict[str, float]]]:
+    if not isinstance(snapshot, Mapping):
+        raise _InvalidSnapshot(f"a {type(snapshot).__name__} instead of a dict")
+    checked = []
+    for key, value in snapshot.items():
+        family = FAMILIES.get(key)
+        if family is None:
+            raise _InvalidSnapshot(f"unknown family {key!r} (known: {', '.join(FAMILIES)})")
+        if family.label is None:
+            values = {"": value}
+        elif isinstance(value, Mapping):
+            values = dict(value)
+        else:
+            raise _InvalidSnapshot(f"{key!r} without {family.label} labels")
+        for label, number in values.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise _InvalidSnapshot(f"{key}[{label!r}] = {number!r}, not a number")
+            if key == "lost" and label not in LOST_REASONS:
+                raise _InvalidSnapshot(f"lost reason {label!r}, not a LostSource value")
+        checked.append((key, values))
+    return checked
+
+
+class _Exporter:
+    """The prometheus_client collector: builds the metric families at each scrape."""
+
+    def __init__(self, owner: MetricsRegistry) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        owner = self._owner
+        for name, values in owner.totals().items():
+            family = FAMILIES[name]
+            full = f"{PREFIX}_{name}"
+            labels = [family.label] if family.label else []
+            metric: Metric
+            if family.kind == "counter":
+                metric = CounterMetricFamily(full, family.help, labels=labels)
+            else:
+                metric = GaugeMetricFamily(full, family.help, labels=labels)
+            if not labels and not values:
+                values = {"": 0}
+            for label, value in sorted(values.items()):
+                metric.add_metric([label] if labels else [], value)
+            yield metric
+
+        errors = CounterMetricFamily(f"{PREFIX}_metrics_source_errors",
+                                     "Scrapes at which a metrics source failed", labels=["source"])
+        for source, count in sorted(owner.source_errors().items()):
+            errors.add_metric([source], count)
+        yield errors
+
+        info = GaugeMetricFamily(f"{PREFIX}_build_info", "Loupe build, always 1",
+                                 labels=["daemon", "version", "python"])
+        info.add_metric([owner.daemon, build_version(), platform.python_version()], 1)
+        yield info
+
+        usage = self_usage(owner._process)
+        cpu = CounterMetricFamily(f"{PREFIX}_process_cpu_seconds",
+                                  "CPU time used by this daemon", labels=["mode"])
+        cpu.add_metric(["user"], usage.cpu_user_seconds)
+        cpu.add_metric(["system"], usage.cpu_system_seconds)
+        yield cpu
+        yield GaugeMetricFamily(f"{PREFIX}_process_resident_memory_bytes",
+                                "Resident set size of this daemon", value=usage.rss_bytes)
+        yield GaugeMetricFamily(f"{PREFIX}_process_threads", "Threads", value=usage.threads)
+        yield GaugeMetricFamily(f"{PREFIX}_process_open_fds", "Open file descriptors",
+                                value=usage.open_fds)
+        yield GaugeMetricFamily(f"{PREFIX}_process_start_time_seconds",
+                                "Start time, Unix epoch seconds", value=usage.start_time)
