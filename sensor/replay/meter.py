@@ -114,7 +114,9 @@ class MeterStats:
     too_many_vlan_tags: int = 0
     bad_ip: int = 0                  # bad version/header length
     truncated_ip: int = 0
-    truncated_l4: int = 0            # header cut short (the packet still counts, ports 0)
+    # A TCP/UDP/SCTP/ICMP header cut short (a tiny first fragment, a bad length): the
+    # packet still counts, in a flow with ports 0, as nDPI and NFStream count it.
+    truncated_l4: int = 0
     ipv6_ext_limit: int = 0
     fragments_attributed: int = 0
     fragments_orphaned: int = 0      # later fragment without a first fragment: not counted
