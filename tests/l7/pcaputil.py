@@ -12,8 +12,15 @@ seen when the SYN is missing, as in the engine.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
+import ipaddress
+import re
+import signal
 import socket
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +57,6 @@ def _packets(path: Path):
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
-    import io
-
     fh = io.BytesIO(raw)
     if raw[:4] == b"\x0a\x0d\x0d\x0a":
         reader = dpkt.pcapng.Reader(fh)
@@ -206,3 +211,82 @@ def feed(parser, flow: L4Flow) -> list:
     while (ev := parser.next_event()) is not NEED_DATA:
         out.append(ev)
     return out
+
+
+_NDPI_FLOW = re.compile(
+    r"^\s+\d+\s+(UDP|TCP) (\S+) <-> (\S+) (?:\[VLAN: \d+\])?\[proto: [\d.]+/(DNS|TLS)[^\]]*\]"
+    r".*?\[Hostname/SNI: ([^\]]*)\]"
+)
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    addr, port = text.rsplit(":", 1)
+    return str(ipaddress.ip_address(addr.strip("[]"))), int(port)
+
+
+def ndpi_hostnames(out: Path, kind: str) -> list[tuple[int, tuple, tuple, str]]:
+    """(proto, endpoint, endpoint, Hostname/SNI) of each flow an ndpiReader .out file
+    classified as `kind` ("DNS" or "TLS", sub-protocols included)."""
+    rows = []
+    for line in out.read_text().splitlines():
+        m = _NDPI_FLOW.match(line)
+        if m and m.group(4) == kind:
+            proto = 6 if m.group(1) == "TCP" else 17
+            rows.append((proto, _endpoint(m.group(2)), _endpoint(m.group(3)), m.group(5)))
+    return rows
+
+
+def find_flow(all_flows: list[L4Flow], proto: int, a: tuple, b: tuple) -> L4Flow:
+    (flow,) = [f for f in all_flows
+               if f.proto == proto and {(f.src, f.sport), (f.dst, f.dport)} == {a, b}]
+    return flow
+
+
+def wait_for_port(port: int, udp: bool = False, timeout_s: float = 10.0) -> None:
+    """Wait until something listens on 127.0.0.1:port (bounded by timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    kind = "-uln" if udp else "-tln"
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-H", kind, f"sport = :{port}"], capture_output=True,
+                             text=True, check=False).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def capture_lo(pcap: Path, port: int):
+    """tcpdump on the loopback interface, only `port`, for the duration of the block.
+
+    Immediate mode: libpcap otherwise hands packets over per filled block or timeout, and
+    the last block is lost on SIGINT. tcpdump reports "listening" a moment before its
+    filter sees packets, so readiness is
+    proven by sending UDP probes to a second, unused port that the filter also admits
+    until one lands in the file (-U writes each packet at once). Probes are dropped
+    from the file by their port, which `flows` callers filter on anyway.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_sock:
+        probe_sock.bind(("127.0.0.1", 0))
+        probe_port = probe_sock.getsockname()[1]
+        proc = subprocess.Popen(
+            ["tcpdump", "-i", "lo", "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap),
+             f"port {port} or port {probe_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):  # at most 10 s
+                probe_sock.sendto(b"probe", ("127.0.0.1", probe_port))
+                if pcap.exists() and pcap.stat().st_size > 24:
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("tcpdump on lo captured nothing within 10 s")
+            yield
+            time.sleep(0.2)  # let the last packets reach the capture socket
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
