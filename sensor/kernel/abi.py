@@ -1,0 +1,184 @@
+"""ctypes mirrors of bpf/loupe.h, the kernel <-> userspace ABI.
+
+Each struct's size is asserted here against the LOUPE_*_SIZE constant that loupe.h
+declares (and flow.c _Static_asserts); the loader also checks them against the layouts
+bcc derived from the compiled C. A change on one side only fails loudly at import or
+load time instead of reading shifted fields.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+FLOW_KEY_SIZE = 48
+FLOW_VALUE_SIZE = 168
+FRAG_KEY_SIZE = 40
+FRAG_VALUE_SIZE = 56
+EVENT_HDR_SIZE = 16
+FLOW_END_EVENT_SIZE = 80
+LATE_UPDATE_EVENT_SIZE = 104
+
+DIR_LO_HI = 0
+DIR_HI_LO = 1
+
+SIDE_SYN = 0x01
+SIDE_SYNACK = 0x02
+
+FLOW_INITIATOR_BY_SYN = 0x01
+FLOW_ENDED = 0x02
+
+END_RST = 1
+END_FIN = 2
+
+
+class EventType(enum.IntEnum):
+    FLOW_END = 1
+    LATE_UPDATE = 2
+    PAYLOAD = 3  # reserved in loupe.h for payload chunks of selected flows
+
+
+class Counter(enum.IntEnum):
+    """enum loupe_counter, in the same order."""
+
+    PACKETS = 0
+    NON_IP = 1
+    FLOW_MAP_FULL = 2
+    TRUNCATED = 3
+    BAD_HEADER = 4
+    UNSUPPORTED_ENCAP = 5
+    FRAG_NO_FIRST = 6
+    IPV6_EXT_TOO_LONG = 7
+    RINGBUF_FULL = 8
+    LATE_UPDATE = 9
+    RECYCLED_ENTRY = 10
+    FLOW_END_EVENTS = 11
+
+
+COUNTER_MAX = len(Counter)
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [
+        ("addr_lo", ctypes.c_uint8 * 16),
+        ("addr_hi", ctypes.c_uint8 * 16),
+        ("port_lo", ctypes.c_uint16),
+        ("port_hi", ctypes.c_uint16),
+        ("ifindex", ctypes.c_uint32),
+        ("vlan_id", ctypes.c_uint16),
+        ("inner_vlan_id", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint8),
+        ("ip_version", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class DirCounters(ctypes.Structure):
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("ip_bytes", ctypes.c_uint64),
+        ("l2_bytes", ctypes.c_uint64),
+        ("tcp_flags", ctypes.c_uint16),
+        ("side_flags", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8),
+        ("pad1", ctypes.c_uint32),
+    ]
+
+
+class FlowValue(ctypes.Structure):
+    _fields_ = [
+        ("lock", ctypes.c_uint32),  # struct bpf_spin_lock; the kernel zeroes it on reads
+        ("updates", ctypes.c_uint32),
+        ("incarnation", ctypes.c_uint64),
+        ("key_fp", ctypes.c_uint64),
+        ("first_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("syn_ns", ctypes.c_uint64),
+        ("synack_ns", ctypes.c_uint64),
+        ("ack_ns", ctypes.c_uint64),
+        ("end_ns", ctypes.c_uint64),
+        ("dir", DirCounters * 2),
+        ("syn_count", ctypes.c_uint32),
+        ("fin_count", ctypes.c_uint32),
+        ("rst_count", ctypes.c_uint32),
+        ("initiator", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("end_reason", ctypes.c_uint8),
+        ("icmp_type", ctypes.c_uint8),
+        ("icmp_code", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8 * 3),
+        ("l7_select", ctypes.c_uint32),
+        ("l7_budget", ctypes.c_uint32 * 2),
+    ]
+
+
+class FragKey(ctypes.Structure):
+    _fields_ = [
+        ("src", ctypes.c_uint8 * 16),
+        ("dst", ctypes.c_uint8 * 16),
+        ("id", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint8),
+        ("ip_version", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class FragValue(ctypes.Structure):
+    _fields_ = [("flow", FlowKey), ("dir", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7)]
+
+
+class EventHdr(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint16),
+        ("size", ctypes.c_uint16),
+        ("cpu", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+    ]
+
+
+class FlowEndEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHdr),
+        ("key", FlowKey),
+        ("incarnation", ctypes.c_uint64),
+        ("end_reason", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+    ]
+
+
+class LateUpdateEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHdr),
+        ("key", FlowKey),
+        ("incarnation", ctypes.c_uint64),
+        ("ordinal", ctypes.c_uint32),
+        ("dir", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8),
+        ("tcp_flags", ctypes.c_uint16),
+        ("packets", ctypes.c_uint64),
+        ("ip_bytes", ctypes.c_uint64),
+        ("l2_bytes", ctypes.c_uint64),
+    ]
+
+
+SIZES: dict[type[ctypes.Structure], int] = {
+    FlowKey: FLOW_KEY_SIZE,
+    FlowValue: FLOW_VALUE_SIZE,
+    FragKey: FRAG_KEY_SIZE,
+    FragValue: FRAG_VALUE_SIZE,
+    EventHdr: EVENT_HDR_SIZE,
+    FlowEndEvent: FLOW_END_EVENT_SIZE,
+    LateUpdateEvent: LATE_UPDATE_EVENT_SIZE,
+}
+
+for _struct, _size in SIZES.items():
+    assert ctypes.sizeof(_struct) == _size, (
+        f"{_struct.__name__} is {ctypes.sizeof(_struct)} bytes, loupe.h says {_size}"
+    )
+del _struct, _size
+assert ctypes.sizeof(DirCounters) == 32
+
+
+def key_bytes(key: FlowKey) -> bytes:
+    """The key as the hashable bytes userspace indexes its own state by."""
+    return bytes(key)

@@ -1,0 +1,289 @@
+"""Attaching the flow meter to interfaces: TC clsact filters over rtnetlink.
+
+Our filter is recognised by its priority (PRIORITY), handle (HANDLE) and name (a
+TCA_BPF_NAME starting with NAME_PREFIX), on chain 0 of the clsact ingress and egress
+hooks. That is how we find and remove our own stale filters after a crash (a TC filter
+keeps its program alive after the process that attached it died), and how we avoid
+clobbering anyone else's: a foreign filter at our priority makes us refuse with a clear
+message; foreign filters at other priorities are left alone and keep running, before
+or after ours (the program returns TC_ACT_UNSPEC, so the chain continues).
+
+A loopback device is attached on ingress only: a packet sent on lo passes its egress
+and then its ingress hook, and would be counted twice.
+
+The messages are plain rtnetlink (include/uapi/linux/rtnetlink.h, pkt_sched.h,
+pkt_cls.h); no library is needed for four message types.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sensor.errors import InterfaceError, KernelError, PrivilegeError
+
+PRIORITY = 7          # low number: we run before filters added with tc's default (49152)
+HANDLE = 0x4C55       # "LU"
+NAME_PREFIX = "loupe_flow"
+
+_RTM_NEWQDISC, _RTM_DELQDISC = 36, 37
+_RTM_NEWTFILTER, _RTM_DELTFILTER, _RTM_GETTFILTER = 44, 45, 46
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCA_KIND, _TCA_OPTIONS = 1, 2
+_TCA_BPF_FD, _TCA_BPF_NAME, _TCA_BPF_FLAGS = 6, 7, 8
+_TCA_BPF_FLAG_ACT_DIRECT = 1
+_TC_H_CLSACT = 0xFFFFFFF1
+_CLSACT_HANDLE = 0xFFFF0000
+_PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
+_ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL)
+_IFF_LOOPBACK = 0x8
+
+# A netlink reply larger than this would be a dump of thousands of filters; we read in
+# chunks of it until NLMSG_DONE.
+_RECV_BYTES = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class FilterInfo:
+    hook: str
+    priority: int
+    handle: int
+    name: str
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[off + 4:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _tcmsg(ifindex: int, handle: int, parent: int, info: int) -> bytes:
+    return struct.pack("=BxxxiIII", socket.AF_UNSPEC, ifindex, handle, parent, info)
+
+
+class _Netlink:
+    """One NETLINK_ROUTE socket; each request waits for its acknowledgement."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def request(self, msg_type: int, flags: int, body: bytes) -> list[bytes]:
+        """Sends one message; returns the payloads of the replies (a dump's entries)."""
+        self._seq += 1
+        seq = self._seq
+        header = struct.pack("=IHHII", 16 + len(body), msg_type,
+                             flags | _NLM_F_REQUEST | _NLM_F_ACK, seq, 0)
+        self._sock.send(header + body)
+        replies: list[bytes] = []
+        while True:
+            data = self._sock.recv(_RECV_BYTES)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _flags, rseq, _pid = struct.unpack_from("=IHHII", data, off)
+                payload = data[off + 16:off + length]
+                off += (length + 3) & ~3
+                if rseq != seq:
+                    continue
+                if kind == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return replies
+                if kind == _NLMSG_DONE:
+                    return replies
+                replies.append(payload)
+
+
+def interface_index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise InterfaceError(
+            f"no network interface named {name!r}: pick one from `ip link` "
+            "(inside its network namespace if it lives in one)"
+        ) from None
+
+
+def is_loopback(name: str) -> bool:
+    flags = Path("/sys/class/net", name, "flags")
+    try:
+        return bool(int(flags.read_text(), 16) & _IFF_LOOPBACK)
+    except OSError:
+        return name == "lo"
+
+
+def hooks_for(name: str) -> tuple[str, ...]:
+    return ("ingress",) if is_loopback(name) else ("ingress", "egress")
+
+
+def _translate(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return PrivilegeError(f"{what}: permission denied; run as root or grant CAP_NET_ADMIN "
+                              "and CAP_BPF")
+    if exc.errno == errno.ENODEV:
+        return InterfaceError(f"{what}: the interface went away")
+    return KernelError(f"{what}: the kernel refused ({exc.strerror}); check `tc filter show "
+                       "dev IFACE ingress` for conflicting filters")
+
+
+@dataclass
+class Attachment:
+    """Our filters on one interface; detach() removes exactly those."""
+
+    iface: str
+    ifindex: int
+    hooks: tuple[str, ...]
+    created_qdisc: bool
+    attached: list[str] = field(default_factory=list)
+
+
+def list_filters(nl: _Netlink, ifindex: int, hook: str) -> list[FilterInfo]:
+    found = []
+    for payload in nl.request(_RTM_GETTFILTER, _NLM_F_DUMP,
+                              _tcmsg(ifindex, 0, _PARENT[hook], 0)):
+        _fam, _ifi, handle, _parent, info = struct.unpack_from("=BxxxiIII", payload)
+        attrs = _attrs(payload[20:])
+        if handle == 0:
+            continue  # the per-priority head entry the dump lists before the filters
+        options = _attrs(attrs.get(_TCA_OPTIONS, b""))
+        name = options.get(_TCA_BPF_NAME, b"").rstrip(b"\0").decode(errors="replace")
+        found.append(FilterInfo(hook=hook, priority=info >> 16, handle=handle, name=name))
+    return found
+
+
+def _delete_filter(nl: _Netlink, ifindex: int, hook: str, handle: int) -> None:
+    nl.request(_RTM_DELTFILTER, 0,
+               _tcmsg(ifindex, handle, _PARENT[hook], (PRIORITY << 16) | _ETH_P_ALL_BE)
+               + _attr(_TCA_KIND, b"bpf\0"))
+
+
+def _ensure_clsact(nl: _Netlink, ifindex: int) -> bool:
+    """Adds the clsact qdisc; True if we created it, False if it was there."""
+    try:
+        nl.request(_RTM_NEWQDISC, _NLM_F_CREATE | _NLM_F_EXCL,
+                   _tcmsg(ifindex, _CLSACT_HANDLE, _TC_H_CLSACT, 0)
+                   + _attr(_TCA_KIND, b"clsact\0"))
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False
+        raise
+    return True
+
+
+def attach(iface: str, prog_fd: int) -> Attachment:
+    """Attaches prog_fd to iface's clsact hooks, after removing our own stale filters.
+    Refuses if another program holds our priority."""
+    ifindex = interface_index(iface)
+    nl = _Netlink()
+    try:
+        try:
+            created = _ensure_clsact(nl, ifindex)
+        except OSError as exc:
+            raise _translate(exc, f"adding the clsact qdisc to {iface}") from None
+        att = Attachment(iface=iface, ifindex=ifindex, hooks=hooks_for(iface),
+                         created_qdisc=created)
+        for hook in ("ingress", "egress"):
+            try:
+                existing = list_filters(nl, ifindex, hook)
+            except OSError as exc:
+                raise _translate(exc, f"listing the TC filters of {iface}") from None
+            for f in existing:
+                if f.priority != PRIORITY:
+                    continue
+                if f.handle == HANDLE and f.name.startswith(NAME_PREFIX):
+                    _delete_filter(nl, ifindex, hook, f.handle)  # ours, left by a crash
+                    continue
+                raise KernelError(
+                    f"{iface} {hook}: TC priority {PRIORITY} is taken by another filter "
+                    f"({f.name or 'unnamed'}, handle {f.handle:#x}); Loupe does not replace "
+                    f"other programs. Move that filter to another priority or detach it."
+                )
+        for hook in att.hooks:
+            options = (_attr(_TCA_BPF_FD, struct.pack("=I", prog_fd))
+                       + _attr(_TCA_BPF_NAME, f"{NAME_PREFIX}:{hook}".encode() + b"\0")
+                       + _attr(_TCA_BPF_FLAGS, struct.pack("=I", _TCA_BPF_FLAG_ACT_DIRECT)))
+            try:
+                nl.request(_RTM_NEWTFILTER, _NLM_F_CREATE | _NLM_F_EXCL,
+                           _tcmsg(ifindex, HANDLE, _PARENT[hook],
+                                  (PRIORITY << 16) | _ETH_P_ALL_BE)
+                           + _attr(_TCA_KIND, b"bpf\0") + _attr(_TCA_OPTIONS, options))
+            except OSError as exc:
+                detach(att)
+                raise _translate(exc, f"attaching to {iface} {hook}") from None
+            att.attached.append(hook)
+        return att
+    finally:
+        nl.close()
+
+
+def detach(att: Attachment) -> None:
+    """Removes our filters; removes the clsact qdisc too if we added it and it is empty.
+    Tolerates an interface that is already gone (its filters went with it)."""
+    nl = _Netlink()
+    try:
+        for hook in list(att.attached):
+            try:
+                _delete_filter(nl, att.ifindex, hook, HANDLE)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                    raise _translate(exc, f"detaching from {att.iface} {hook}") from None
+            att.attached.remove(hook)
+        if att.created_qdisc:
+            try:
+                others = [f for hook in ("ingress", "egress")
+                          for f in list_filters(nl, att.ifindex, hook)]
+                if not others:
+                    nl.request(_RTM_DELQDISC, 0,
+                               _tcmsg(att.ifindex, _CLSACT_HANDLE, _TC_H_CLSACT, 0)
+                               + _attr(_TCA_KIND, b"clsact\0"))
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                    raise _translate(exc, f"removing the clsact qdisc of {att.iface}") from None
+            att.created_qdisc = False
+    finally:
+        nl.close()
+
+
+def cleanup_stale(iface: str) -> int:
+    """Removes filters we left on iface (a crash); returns how many. Used at start."""
+    ifindex = interface_index(iface)
+    nl = _Netlink()
+    removed = 0
+    try:
+        for hook in ("ingress", "egress"):
+            try:
+                existing = list_filters(nl, ifindex, hook)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    return removed  # no clsact qdisc: nothing of ours can be there
+                raise _translate(exc, f"listing the TC filters of {iface}") from None
+            for f in existing:
+                if f.priority == PRIORITY and f.handle == HANDLE \
+                        and f.name.startswith(NAME_PREFIX):
+                    _delete_filter(nl, ifindex, hook, f.handle)
+                    removed += 1
+        return removed
+    finally:
+        nl.close()
