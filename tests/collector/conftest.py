@@ -39,6 +39,8 @@ class RunningCollector:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         self.call(self.collector.stop(grace=0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
