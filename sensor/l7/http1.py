@@ -313,11 +313,11 @@ class Http1Parser:
                     skipped += 1
                 if pos >= end:
                     break
+                self._check_start(d, view, pos)
                 head_end, next_pos = self._find_head_end(d, view, pos)
                 if head_end < 0:
                     if end - pos > self.max_header_bytes:
                         raise _Malformed(f"message head exceeds {self.max_header_bytes} bytes")
-                    self._check_start(d, view, pos)
                     break
                 if head_end - pos > self.max_header_bytes:
                     raise _Malformed(f"message head exceeds {self.max_header_bytes} bytes")
