@@ -18,6 +18,7 @@ from sensor.errors import LoupeError
 COMMAND_MODULES: tuple[str, ...] = (
     "collector.cli",
     "sensor.config_cli",
+    "sensor.kernel.cli",
 )
 
 

@@ -1,0 +1,150 @@
+"""`loupe sensor flows`: attach the flow meter to interfaces and print finished flows
+live, as a table or JSON lines; print the kernel counters on exit.
+
+Shutdown order (SIGINT, SIGTERM or an error): detach from every interface first, so
+the program stops seeing packets, then drain the map (every flow as FORCED_END), drain
+the ring buffer, print the last records and the counters.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict
+from typing import TextIO
+
+from sensor.clock import SystemClock
+from sensor.engine.semantics import NS, Timeouts
+from sensor.errors import ConfigError
+from sensor.kernel import attach, loader
+from sensor.kernel.counters import CounterWatcher
+from sensor.kernel.events import EventDecoder
+from sensor.kernel.flowmap import FlowMapReader
+from sensor.model import Flow, LostEvent
+
+# How long one ring buffer poll blocks: the loop's reaction time to a signal and to
+# flow-end events.
+POLL_MS = 100
+
+
+def register(tree) -> None:
+    p = tree.command("sensor flows", help="meter flows in the kernel and print them live")
+    p.add_argument("--iface", action="append", required=True, metavar="IF",
+                   help="interface to attach to (repeat for several)")
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                   help="idle timeout for every protocol (default: TCP 300, others 60)")
+    p.add_argument("--active-timeout", type=float, default=1800.0, metavar="SECONDS")
+    p.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
+                   help="wait after a TCP flow ended before exporting it")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often the flow map is read")
+    p.add_argument("--flow-map-size", type=int, default=65536, metavar="N")
+    p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after this long (0: until interrupted)")
+    p.set_defaults(func=run)
+
+
+def timeouts_from(args) -> Timeouts:
+    try:
+        base = Timeouts(active_ns=int(args.active_timeout * NS),
+                        tcp_end_linger_ns=int(args.linger * NS))
+        if args.idle_timeout is not None:
+            idle = int(args.idle_timeout * NS)
+            base = Timeouts(tcp_idle_ns=idle, other_idle_ns=idle, active_ns=base.active_ns,
+                            tcp_end_linger_ns=base.tcp_end_linger_ns)
+    except ValueError as exc:
+        raise ConfigError(f"bad timeout: {exc}; timeouts must be positive seconds") from None
+    return base
+
+
+_TABLE_HEAD = (f"{'proto':<6}{'src':>40} {'dst':<40}{'pkts >':>9}{'pkts <':>9}"
+               f"{'bytes >':>12}{'bytes <':>12} {'state':<7}{'end':<8}")
+_END = {1: "idle", 2: "active", 3: "end", 4: "forced", 5: "lack"}
+
+
+def format_flow(flow: Flow, output: str) -> str:
+    if output == "json":
+        d = asdict(flow)
+        d["flow_end_reason"] = int(flow.flow_end_reason)
+        return json.dumps(d, separators=(",", ":"))
+    src = f"{flow.src_addr}:{flow.src_port}"
+    dst = f"{flow.dst_addr}:{flow.dst_port}"
+    return (f"{flow.protocol:<6}{src:>40} {dst:<40}{flow.initiator_packets:>9}"
+            f"{flow.responder_packets:>9}{flow.initiator_octets:>12}{flow.responder_octets:>12}"
+            f" {flow.conn_state or '-':<7}{_END.get(int(flow.flow_end_reason), '?'):<8}")
+
+
+def format_lost(lost: LostEvent, output: str) -> str:
+    if output == "json":
+        return json.dumps({"lost": asdict(lost)}, separators=(",", ":"))
+    return f"LOST {lost.source}: {lost.count}"
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the loop checks it between polls."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
+def run(args, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    timeouts = timeouts_from(args)
+    if args.interval <= 0:
+        raise ConfigError("--interval must be positive seconds")
+    for iface in args.iface:
+        attach.interface_index(iface)  # fail fast, before compiling
+    prog = loader.load(loader.LoadOptions(flow_map_size=args.flow_map_size))
+    clock = SystemClock()
+    reader = FlowMapReader(prog.flows_fd, clock, timeouts=timeouts)
+    decoder = EventDecoder()
+    prog.open_events(lambda raw: reader.on_event(decoder.decode(raw)))
+    watcher = CounterWatcher(prog.counters_fd)
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    attachments = []
+    if args.output == "table":
+        print(_TABLE_HEAD, file=out, flush=True)
+
+    def emit(flows, losses) -> None:
+        for f in flows:
+            print(format_flow(f, args.output), file=out)
+        for lost in losses:
+            print(format_lost(lost, args.output), file=out)
+        out.flush()
+
+    try:
+        for iface in args.iface:
+            attach.cleanup_stale(iface)
+            attachments.append(attach.attach(iface, prog.prog_fd))
+        started = time.monotonic()
+        next_read = started + args.interval
+        while not stop.requested:
+            prog.poll_events(POLL_MS)
+            now = time.monotonic()
+            if args.duration and now - started >= args.duration:
+                break
+            if now >= next_read or reader.end_seen:
+                emit(reader.collect(), watcher.poll(clock.wall_ns()))
+                next_read = now + args.interval
+    finally:
+        for att in attachments:
+            attach.detach(att)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        reader.drain()
+        prog.poll_events(0)
+        emit(reader.flush(), watcher.poll(clock.wall_ns()))
+        totals = watcher.totals()
+        prog.close()
+        print("kernel counters:", file=sys.stderr)
+        for counter, value in totals.items():
+            print(f"  {counter.name.lower():<20}{value:>14}", file=sys.stderr)
+        print(f"  {'late_unmatched':<20}{reader.stats.late_unmatched:>14}", file=sys.stderr)
+    return 0
