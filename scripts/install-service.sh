@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Install Loupe as two systemd services (loupe-sensor, loupe-collector). Idempotent: run
+# it again after an upgrade; it never overwrites files in /etc/loupe.
+#
+#   scripts/install-service.sh [--venv PATH] [--enable] [--now]
+#
+# What goes where:
+#   /opt/loupe/venv          the package, in its own venv (--system-site-packages, so bcc
+#                            from python3-bpfcc is importable), installed from this checkout
+#   /opt/loupe/bin/loupe     the command the units run (a link into the venv)
+#   /opt/loupe/share/doc     docs/ops.md, the units' Documentation=
+#   /etc/loupe/*.toml        example configs (every key at its default), if absent
+#   /etc/systemd/system/     loupe-sensor.service, loupe-collector.service
+#   /etc/sysusers.d/loupe.conf, /etc/tmpfiles.d/loupe.conf: the `loupe` user, /var/lib/loupe
+#
+# --venv PATH uses an existing venv that already has Loupe installed (a development
+# checkout's .venv after `make install`) instead of building /opt/loupe/venv: the units
+# then run that checkout's code. The `loupe` user must be able to read it.
+# --enable enables both units; --now also starts them.
+# The default build needs PyPI (pip) for the dependencies, and the generated protobuf code
+# (`make proto`, done by `make install`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+say() { printf 'install-service: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+venv="" enable=0 now=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --venv) venv=${2:?--venv needs a path}; shift 2 ;;
+        --enable) enable=1; shift ;;
+        --now) enable=1; now=1; shift ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        *) die "unknown argument $1 (see --help)" ;;
+    esac
+done
+
+[ "$(id -u)" = 0 ] || die "must run as root"
+command -v systemctl >/dev/null || die "systemctl not found: these are systemd services"
+prefix=/opt/loupe
+
+# 1. The package.
+if [ -n "$venv" ]; then
+    [ -x "$venv/bin/loupe" ] || die "$venv/bin/loupe not found: run make install in that checkout first"
+    target=$(cd "$venv" && pwd)/bin/loupe
+else
+    [ -f loupe/v1/records_pb2.py ] || die "generated protobuf code missing: run make install (or make proto) first"
+    if [ ! -x "$prefix/venv/bin/python" ]; then
+        say "creating $prefix/venv"
+        mkdir -p "$prefix"
+        /usr/bin/python3 -m venv --system-site-packages "$prefix/venv"
+    fi
+    say "installing Loupe from $repo into $prefix/venv"
+    "$prefix/venv/bin/pip" install -q --disable-pip-version-check "$repo"
+    target=$prefix/venv/bin/loupe
+fi
+mkdir -p "$prefix/bin" "$prefix/share/doc"
+ln -sfn "$target" "$prefix/bin/loupe"
+install -m 0644 docs/ops.md "$prefix/share/doc/ops.md"
+
+# 2. The system user and the state root.
+install -D -m 0644 systemd/loupe.sysusers.conf /etc/sysusers.d/loupe.conf
+install -D -m 0644 systemd/loupe.tmpfiles.conf /etc/tmpfiles.d/loupe.conf
+if command -v systemd-sysusers >/dev/null; then
+    systemd-sysusers /etc/sysusers.d/loupe.conf
+elif ! id loupe >/dev/null 2>&1; then
+    useradd --system --home-dir /var/lib/loupe --no-create-home --shell /usr/sbin/nologin loupe
+fi
+systemd-tmpfiles --create /etc/tmpfiles.d/loupe.conf
+
+# The services run as `loupe`: it must be able to run the command (a venv under /root or
+# a 0700 checkout would fail only at start, with a terse status=203/EXEC).
+if ! setpriv --reuid=loupe --regid=loupe --clear-groups --inh-caps=-all \
+        "$prefix/bin/loupe" --help >/dev/null 2>&1; then
+    die "user loupe cannot run $prefix/bin/loupe ($target): make it readable, or install without --venv"
+fi
+
+# 3. Configuration: examples only where the admin has none; existing files are theirs.
+install -d -m 0750 -o root -g loupe /etc/loupe
+for f in sensor.toml collector.toml; do
+    if [ -e "/etc/loupe/$f" ]; then
+        say "keeping existing /etc/loupe/$f"
+    else
+        install -m 0640 -o root -g loupe "systemd/$f" "/etc/loupe/$f"
+    fi
+done
+
+# 4. Units.
+for unit in loupe-sensor.service loupe-collector.service; do
+    install -m 0644 "systemd/$unit" "/etc/systemd/system/$unit"
+done
+systemctl daemon-reload
+systemd-analyze verify /etc/systemd/system/loupe-sensor.service \
+    /etc/systemd/system/loupe-collector.service
+if [ "$enable" = 1 ]; then
+    systemctl enable loupe-collector.service loupe-sensor.service
+fi
+if [ "$now" = 1 ]; then
+    systemctl restart loupe-collector.service loupe-sensor.service
+fi
+say "ok: units installed; start with: systemctl enable --now loupe-collector loupe-sensor"
