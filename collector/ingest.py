@@ -77,10 +77,24 @@ _NON_EMPTY = {"flows": "uid", "http": "uid", "dns": "uid", "tls": "uid", "lost":
 
 
 def _columns(messages: list, paths: list[str]) -> list[tuple]:
+    """One tuple per path, in path order. Nested paths ("http.method") fetch each parent
+    submessage once per record, not once per field: upb builds a wrapper per access."""
     if not messages:
         return [() for _ in paths]
-    get = attrgetter(*paths)
-    return list(zip(*map(get, messages)))
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        groups.setdefault(parent, []).append(name)
+    out: dict[str, tuple] = {}
+    for parent, names in groups.items():
+        objs = messages if not parent else list(map(attrgetter(parent), messages))
+        if len(names) == 1:
+            cols = [tuple(map(attrgetter(names[0]), objs))]
+        else:
+            cols = list(zip(*map(attrgetter(*names), objs)))
+        for name, col in zip(names, cols):
+            out[f"{parent}.{name}" if parent else name] = col
+    return [out[path] for path in paths]
 
 
 def _valid_address(text: str) -> bool:
