@@ -49,7 +49,7 @@ from sensor.export import wire
 from sensor.export.exporter import ExportQueue
 from sensor.export.spool import FsyncPolicy, Spool
 
-__all__ = ["TlsFiles", "GrpcExportConfig", "GrpcExporter"]
+__all__ = ["TlsFiles", "GrpcExportConfig", "GrpcExporter", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,14 @@ def _push(channel: grpc.Channel):
     )
 
 
+def backoff_delay(cfg: GrpcExportConfig, attempt: int, rng: random.Random) -> float:
+    """Seconds to wait before reconnect attempt `attempt` (0 after a stream that got
+    acks): exponential from initial_backoff_s, capped at max_backoff_s, jittered."""
+    # min() before the power would overflow a float after ~1000 attempts of a long outage.
+    base = min(cfg.max_backoff_s, cfg.initial_backoff_s * 2 ** min(attempt, 64))
+    return base * (1 + rng.uniform(-cfg.backoff_jitter, cfg.backoff_jitter))
+
+
 class _Stream:
     """One Push stream's send side: what was sent and not acked yet."""
 
@@ -200,6 +208,8 @@ class GrpcExporter:
     def close(self, timeout_s: float = 5.0) -> None:
         """Drain the queue into the spool, try to deliver for up to timeout_s, leave the
         rest spooled. Safe to call twice."""
+        if self._batcher.ident is None:
+            self.start()  # never started: the queued records must still reach the spool
         self._queue.close()
         if self._batcher.is_alive():
             self._batcher.join()
@@ -285,8 +295,7 @@ class GrpcExporter:
             if self._stop.is_set() or self._draining_done():
                 return
             attempt = 0 if acked else attempt + 1
-            delay = min(self._cfg.max_backoff_s, self._cfg.initial_backoff_s * 2 ** attempt)
-            delay *= 1 + self._rng.uniform(-self._cfg.backoff_jitter, self._cfg.backoff_jitter)
+            delay = backoff_delay(self._cfg, attempt, self._rng)
             with self._cond:
                 end = time.monotonic() + delay
                 while not self._stop.is_set() and time.monotonic() < end:

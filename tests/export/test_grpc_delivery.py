@@ -311,3 +311,38 @@ def test_missing_certificate_file_is_a_config_error(tmp_path):
                    client_key=tmp_path / "c.key")
     with pytest.raises(ConfigError, match="loupe certs init"):
         exporter(f"127.0.0.1:{free_port()}", tmp_path / "spool", tls=tls)
+
+
+def test_backoff_grows_is_capped_and_jittered(tmp_path):
+    import random
+
+    from sensor.export.grpc_client import backoff_delay
+
+    cfg = GrpcExportConfig(target="127.0.0.1:1", sensor_id="s", spool_dir=tmp_path,
+                           initial_backoff_s=0.2, max_backoff_s=10.0, backoff_jitter=0.2)
+    rng = random.Random(7)
+    for attempt, base in [(0, 0.2), (1, 0.4), (3, 1.6), (5, 6.4), (6, 10.0), (5000, 10.0)]:
+        delays = [backoff_delay(cfg, attempt, rng) for _ in range(200)]
+        assert base * 0.8 <= min(delays) and max(delays) <= base * 1.2
+        assert max(delays) - min(delays) > base * 0.2  # really jittered
+
+
+def test_hung_collector_triggers_ack_timeout_then_delivery(collector, tmp_path):
+    import signal as sig
+
+    collector.start()
+    ex = exporter(collector.address, tmp_path / "spool", ack_timeout_s=1.0).start()
+    try:
+        for i in range(100):
+            ex.submit(numbered_flow(i))
+        wait_for(lambda: ex.counters()["records_acked"] == 100, 10, "first delivery")
+        collector.proc.send_signal(sig.SIGSTOP)  # connection open, nobody answering
+        for i in range(100, 200):
+            ex.submit(numbered_flow(i))
+        wait_for(lambda: ex.counters()["ack_timeouts"] >= 1, 10, "ack timeout")
+        assert ex.counters()["records_acked"] == 100
+    finally:
+        collector.proc.send_signal(sig.SIGCONT)
+    wait_for(lambda: ex.counters()["spool_batches_unacked"] == 0, 20, "delivery after resume")
+    ex.close(5)
+    assert flow_counts(collector.address) == (200, 200)
