@@ -303,16 +303,20 @@ class Http1Parser:
         """Parse as much of view as possible; return how many bytes were consumed."""
         pos = 0
         end = len(view)
-        while pos < end and self.state is ParserState.OK:
-            mode = self._mode[d]
+        modes = self._mode
+        remaining = self._remaining
+        while pos < end:
+            mode = modes[d]
             if mode == _HEAD:
-                # Empty lines before a message (RFC 9112 §2.2) are skipped.
-                skipped = 0
-                while pos < end and view[pos] in (0x0D, 0x0A) and skipped < 2 * _MAX_LEADING_EMPTY_LINES:
-                    pos += 1
-                    skipped += 1
-                if pos >= end:
-                    break
+                if view[pos] in (0x0D, 0x0A):
+                    # Empty lines before a message (RFC 9112 §2.2) are skipped.
+                    skipped = 0
+                    while pos < end and view[pos] in (0x0D, 0x0A) \
+                            and skipped < 2 * _MAX_LEADING_EMPTY_LINES:
+                        pos += 1
+                        skipped += 1
+                    if pos >= end:
+                        break
                 self._check_start(d, view, pos)
                 head_end, next_pos = self._find_head_end(d, view, pos)
                 if head_end < 0:
@@ -328,14 +332,36 @@ class Http1Parser:
                     self._request_head(block)
                 else:
                     self._response_head(block)
-                if self._mode[d] == _HEAD:
+                    if self.state is not ParserState.OK:
+                        break  # the connection switched protocols
+                if modes[d] == _HEAD:
                     self._head_ts[d] = ts_ns
-            elif mode == _LENGTH or mode == _CHUNK_DATA:
+            elif mode == _CHUNK_DATA:
+                left = remaining[d]
                 avail = end - pos
-                take = avail if avail < self._remaining[d] else self._remaining[d]
+                take = avail if avail < left else left
+                txn = self._req if d == 0 else self._resp
+                if txn is not None:
+                    if d == 0:
+                        txn.req_body += take
+                    else:
+                        txn.resp_body += take
+                pos += take
+                if take < left:
+                    remaining[d] = left - take
+                    break
+                remaining[d] = 0
+                if view[pos:pos + 2] == b"\r\n":
+                    pos += 2  # the usual CRLF after chunk data, without another turn
+                    modes[d] = _CHUNK_SIZE
+                else:
+                    modes[d] = _CHUNK_CRLF
+            elif mode == _LENGTH:
+                avail = end - pos
+                take = avail if avail < remaining[d] else remaining[d]
                 pos += take
                 self._body(d, take)
-                if self._mode[d] == _HEAD:
+                if modes[d] == _HEAD:
                     self._head_ts[d] = ts_ns
             elif mode == _CHUNK_SIZE:
                 nl = view.find(b"\n", pos)
@@ -343,17 +369,20 @@ class Http1Parser:
                     if end - pos > _MAX_CHUNK_LINE:
                         raise _Malformed("chunk-size line too long")
                     break
-                line = bytes(view[pos:nl]).rstrip(b"\r")
-                size = line.split(b";", 1)[0].strip(b" \t")
+                if nl - pos > _MAX_CHUNK_LINE:
+                    raise _Malformed("chunk-size line too long")
+                line = bytes(view[pos:nl])
+                semi = line.find(b";")
+                size = (line[:semi] if semi >= 0 else line).strip(b" \t\r")
                 if not _HEX.match(size):
                     raise _Malformed("bad chunk size")
                 pos = nl + 1
                 n = int(size, 16)
                 if n:
-                    self._mode[d] = _CHUNK_DATA
-                    self._remaining[d] = n
+                    modes[d] = _CHUNK_DATA
+                    remaining[d] = n
                 else:
-                    self._mode[d] = _TRAILER
+                    modes[d] = _TRAILER
                     self._scan[d] = pos
             elif mode == _CHUNK_CRLF:
                 if view[pos] == 0x0A:
@@ -366,7 +395,7 @@ class Http1Parser:
                     pos += 2
                 else:
                     raise _Malformed("no CRLF after chunk data")
-                self._mode[d] = _CHUNK_SIZE
+                modes[d] = _CHUNK_SIZE
             elif mode == _TRAILER:
                 if view[pos] == 0x0A or view[pos:pos + 2] == b"\r\n":
                     pos += 1 if view[pos] == 0x0A else 2

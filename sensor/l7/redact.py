@@ -30,7 +30,11 @@ _PATH_PARAM = re.compile(r";([^/;?#=]*)=([^/;?#]*)")
 
 
 def sensitive(name: str) -> bool:
-    norm = _NON_ALNUM.sub("", unquote_plus(name).lower())
+    if "%" in name or "+" in name:
+        name = unquote_plus(name)
+    norm = name.lower()
+    if not norm.isalnum():
+        norm = _NON_ALNUM.sub("", norm)
     return bool(norm) and norm.endswith(SENSITIVE_NAMES)
 
 
