@@ -33,7 +33,7 @@ CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
 MAX_EXPOSURE = {SENSOR: 3.0, COLLECTOR: 1.5}
 DROPIN_DIR = "/etc/systemd/system/loupe-sensor.service.d"
 STANDIN = (f"ExecStart=\nExecStart={REPO}/.venv/bin/python {REPO}/tests/ops/unit_daemon.py "
-           "--config /etc/loupe/sensor.toml\n")
+           "--config /etc/loupe/sensor.toml --kernel\n")
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +98,17 @@ def test_security_exposure(machine):
 
 def test_start_reaches_ready_and_records_flow(machine):
     # Type=notify: `systemctl start` returns only after READY=1 (or fails).
-    machine.run("systemctl", "start", COLLECTOR, timeout=90)
-    machine.run("systemctl", "start", SENSOR, timeout=150)
+    for unit in (COLLECTOR, SENSOR):
+        started = machine.run("systemctl", "start", unit, check=False, timeout=150)
+        journal = machine.run("journalctl", "-u", unit, "--no-pager", "-n", "40").stdout
+        assert started.returncode == 0, f"{unit} did not start:\n{started.stderr}\n{journal}"
     for unit in (COLLECTOR, SENSOR):
         assert machine.run("systemctl", "is-active", unit).stdout.strip() == "active"
     assert machine.show(SENSOR, "StatusText")["StatusText"].startswith("running")
+    # The flow meter is attached to the container's loopback, by user loupe with only the
+    # unit's capabilities, inside the unit's sandbox.
+    filters = machine.run("tc", "filter", "show", "dev", "lo", "ingress").stdout
+    assert "bpf" in filters and "loupe_tc" in filters, filters
 
     # Least privilege as granted by the units, read from the kernel's view of the process.
     cap_eff, uid = _caps(machine, _main_pid(machine, SENSOR))
@@ -185,6 +191,8 @@ def test_stop_is_clean(machine):
     for unit in (SENSOR, COLLECTOR):
         props = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
         assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    # SIGTERM detached the flow meter.
+    assert "loupe_tc" not in machine.run("tc", "filter", "show", "dev", "lo", "ingress").stdout
     journal = machine.run("journalctl", "-u", SENSOR, "--no-pager", "-o", "cat",
                           "-p", "info").stdout
     if not machine.real_sensor:

@@ -11,6 +11,11 @@ the test runs it instead and this file is only the reference for the lifecycle:
     SIGTERM: STOPPING=1 -> flush the exporter -> exit 0
     SIGUSR1: stop pinging the watchdog (a wedged main loop, for the watchdog test)
 
+With --kernel it also compiles and loads the real flow meter (sensor.kernel.loader, bcc)
+and attaches it to the configured interfaces before READY=1, and opens the ring buffer
+(a ctypes callback, i.e. a libffi closure), so the unit's sandbox and capabilities are
+proven against what the sensor really does at start-up.
+
 It exports `--records N` synthetic Flow records at start, so the test can see records
 reach the collector through the real exporter, spool and collector units.
 """
@@ -51,6 +56,32 @@ def _flows(sensor_id: str, count: int) -> list[model.Flow]:
     ]
 
 
+def _attach(config: cfg.SensorConfig):
+    # Imported here: without --kernel the daemon needs neither bcc nor privileges.
+    from sensor.kernel import attach, loader
+
+    program = loader.load(loader.LoadOptions(flow_map_size=config.kernel.flow_map_size))
+    program.open_events(lambda _event: None)
+    attachments = []
+    try:
+        for iface in config.interfaces:
+            attachments.append(attach.attach(iface, program.prog_fd))
+    except Exception:
+        _detach(program, attachments)
+        raise
+    return program, attachments
+
+
+def _detach(program, attachments) -> None:
+    if program is None:
+        return
+    from sensor.kernel import attach
+
+    for att in attachments:
+        attach.detach(att)
+    program.close()
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     notifier = Notifier.from_environ()
@@ -78,15 +109,19 @@ def run(args: argparse.Namespace) -> int:
                 "spool_bytes": c["spool_bytes"]}
 
     metrics.add_source("export", snapshot)
+    program, attachments = (_attach(config) if args.kernel else (None, []))
     for flow in _flows(config.effective_sensor_id(), args.records):
         exporter.submit(flow)
     reloads = 0
-    notifier.ready(f"running; selection ports {list(config.selection.ports)}; reloads 0")
+    attached = ",".join(a.iface for a in attachments) or "nothing"
+    notifier.ready(f"running; attached {attached}; reloads 0")
     log.info("ready (metrics on %s)", config.metrics.listen or "off")
     try:
         while not events["term"].is_set():
             if not events["wedge"].is_set():
                 notifier.keepalive(time.monotonic_ns())
+            if program is not None:
+                program.poll_events(0)
             if events["hup"].is_set():
                 events["hup"].clear()
                 notifier.reloading()
@@ -97,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
                 except LoupeError as exc:
                     # A bad file on reload keeps the running config, like nginx -s reload.
                     log.error("reload refused, keeping the running configuration: %s", exc)
-                notifier.ready(f"running; selection ports {list(config.selection.ports)}; "
-                               f"reloads {reloads}")
+                notifier.ready(f"running; attached {attached}; reloads {reloads}")
             events["term"].wait(TICK_S)
         notifier.stopping("stopping: flushing the exporter")
         log.info("stopping")
         exporter.close(timeout_s=5.0)
     finally:
+        _detach(program, attachments)
         if server is not None:
             server.close()
         notifier.close()
@@ -113,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cfg.add_config_arguments(parser, "sensor")
+    parser.add_argument("--kernel", action="store_true",
+                        help="load the flow meter and attach it to config interfaces")
     parser.add_argument("--records", type=int, default=3, help="Flow records to export at start")
     args = parser.parse_args(argv)
     try:
