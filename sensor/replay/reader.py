@@ -207,8 +207,9 @@ class CaptureReader:
         linktype &= 0x0FFFFFFF
         self.stats.link_types[linktype] = 1
         ns = magic == PCAP_MAGIC_NS
-        # A zero or absurd snap length appears in the wild; fall back to the hard bound.
-        limit = snaplen if 0 < snaplen <= MAX_RECORD else MAX_RECORD
+        # Like libpcap, accept records above a small snap length (writers get it wrong,
+        # e.g. snaplen 1 or 0), but never above the hard bound.
+        limit = min(max(snaplen, 65_535), MAX_RECORD)
         unpack = struct.Struct(bo + "IIII").unpack_from
         stats = self.stats
         read = self._read
