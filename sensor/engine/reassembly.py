@@ -44,6 +44,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sensor.engine.semantics import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sensor.model import L7Coverage
 
 SEQ_MOD = 1 << 32
 _SEQ_MASK = SEQ_MOD - 1
@@ -144,7 +145,9 @@ class MemoryBudget:
 
 
 class StreamCounters:
-    """Per-direction counters; every byte not delivered as Data is in one of them."""
+    """Per-direction counters. Every stream byte is in exactly one of data_bytes,
+    gap_bytes (lost or given up for memory; memory_drop_bytes is the part given up),
+    truncated_bytes and skipped_bytes, as L7Coverage wants them."""
 
     __slots__ = (
         "segments", "data_bytes", "gaps", "gap_bytes", "truncated_bytes", "skipped_bytes",
@@ -290,8 +293,12 @@ class StreamReassembler:
         return out
 
     def skip(self, length: int, ts_ns: int = 0) -> int:
-        """Do not deliver the next `length` bytes: they become Skip events whether they
-        arrive or not. Returns the wire seq where skipping ends (for the kernel)."""
+        """Do not deliver the next `length` bytes: they become Skip events when they
+        arrive, or when later bytes, an ACK past them or the end of the stream show that
+        they were sent. `length` counts from the end of the last event returned, so call
+        it after a whole batch of events went to the parser (whose skip_hint is then
+        relative to the same place). Returns the wire seq where skipping ends, for the
+        kernel's skip map."""
         if length < 0:
             raise ValueError("skip length must not be negative")
         until = self._next + length
@@ -397,8 +404,6 @@ class StreamReassembler:
             if data is not None:
                 data = data[k:]
         if data is None:
-            self.counters.gaps += 1
-            self.counters.gap_bytes += n
             self.counters.truncated_bytes += n
             out.append(Gap(n, ts_ns, GapCause.TRUNCATED))
         else:
@@ -603,3 +608,14 @@ class FlowReassembler:
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
+
+    def coverage(self, *, sampled: bool = False) -> L7Coverage:
+        """Both directions' byte accounting, for the Flow record."""
+        a, b = self.streams[0].counters, self.streams[1].counters
+        return L7Coverage(
+            inspected=True, sampled=sampled,
+            captured_octets=a.data_bytes + b.data_bytes,
+            truncated_octets=a.truncated_bytes + b.truncated_bytes,
+            gap_octets=a.gap_bytes + b.gap_bytes,
+            skipped_octets=a.skipped_bytes + b.skipped_bytes,
+        )

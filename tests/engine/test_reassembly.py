@@ -204,7 +204,7 @@ def test_truncation_is_accounted_as_a_truncated_gap():
     out = feed(s, [(15, b"z")])
     assert out == [Data(b"z", 1)]
     c = s.counters
-    assert (c.truncated_bytes, c.gap_bytes, c.data_bytes) == (11, 11, 5)
+    assert (c.truncated_bytes, c.gap_bytes, c.data_bytes) == (11, 0, 5)
 
 
 def test_per_stream_byte_bound_gives_up_oldest_hole():
@@ -350,6 +350,11 @@ def test_fuzz_no_exception_and_memory_bounded(segments, skip):
     for d, stream in enumerate(flow.streams):
         assert stream.offset == accounted[d]
         assert stream.eof
+        c = stream.counters
+        assert c.data_bytes + c.gap_bytes + c.truncated_bytes + c.skipped_bytes == accounted[d]
+    cov = flow.coverage()
+    assert cov.captured_octets + cov.gap_octets + cov.truncated_octets + cov.skipped_octets \
+        == sum(accounted)
     assert budget.used == 0
 
 

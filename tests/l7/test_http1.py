@@ -5,6 +5,7 @@ whole, one byte at a time and with trailing junk (tests/l7/http_cases.py)."""
 from __future__ import annotations
 
 import http.server
+import random
 import selectors
 import shutil
 import socket
@@ -503,3 +504,75 @@ def test_fuzz_split_points_do_not_change_results(req, resp, step):
         pieces += [data(d, blob[i:i + step], ts) for i in range(0, len(blob), step)]
     split = drive(pieces + [eof(C, 3), eof(S, 3)])
     assert split == whole
+
+
+# -- through the reassembler ----------------------------------------------------------------
+
+def _through_reassembler(steps, rnd) -> tuple:
+    """Cut each data step into TCP segments, reorder and duplicate them within the step,
+    run them through the reassembler, and feed its events to the parser, honouring
+    skip_hint the way the engine does."""
+    from sensor.engine.reassembly import Data, Eof, FlowReassembler, Gap, Skip
+    from sensor.engine.semantics import TCP_ACK, TCP_FIN
+
+    flow = FlowReassembler()
+    parser = Http1Parser()
+    seq = [(1 << 32) - 50, 7_000]  # the client's stream wraps around 2^32
+    events = []
+
+    def deliver(pairs):
+        for d, ev in pairs:
+            direction = C if d == 0 else S
+            if type(ev) is Data:
+                parser.receive_data(direction, ev.data, ev.ts_ns)
+            elif type(ev) is Skip:
+                parser.receive_skip(direction, ev.length, ev.ts_ns)
+            elif type(ev) is Gap:
+                parser.receive_gap(direction, ev.length, ev.ts_ns)
+            elif type(ev) is Eof:
+                parser.receive_eof(direction, ev.ts_ns)
+            while (tx := parser.next_event()) is not NEED_DATA:
+                events.append(tx)
+        # Only after the whole batch: the parser has then consumed exactly what the
+        # stream has accounted, so its hint is relative to the stream's position.
+        for d in (0, 1):
+            hint = parser.skip_hint(C if d == 0 else S)
+            if hint and not flow.streams[d].eof:
+                flow.streams[d].skip(hint)
+
+    for step in steps:
+        d = int(step.direction)
+        if step.kind == "eof":
+            deliver(flow.segment(d, seq[d], seq[1 - d], TCP_FIN | TCP_ACK, b"", step.ts))
+            continue
+        segs, pos = [], 0
+        while pos < len(step.data):
+            size = rnd.randint(1, 200)
+            segs.append((seq[d] + pos, step.data[pos:pos + size]))
+            pos += size
+        first, rest = segs[0], segs[1:]
+        rest += rnd.sample(rest, min(len(rest), 3))  # retransmissions
+        rnd.shuffle(rest)
+        for s, payload in [first] + rest:
+            deliver(flow.segment(d, s % (1 << 32), 0, 0, payload, step.ts))
+        seq[d] = (seq[d] + len(step.data)) % (1 << 32)
+    return tuple(events), parser.state, flow
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 1 << 32))
+def test_reassembled_segments_give_the_same_transactions(seed):
+    rnd = random.Random(seed)
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + bytes(5000)
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"400\r\n" + b"c" * 1024 + b"\r\n0\r\n\r\n")
+    steps = [data(C, GET + GET + GET, 10), data(S, big, 20), data(S, chunked, 30),
+             data(S, OK_HTML, 40), eof(C, 50), eof(S, 50)]
+    expected = drive(steps)
+    events, state, flow = _through_reassembler(steps, rnd)
+    assert events == expected.events and state is expected.state is ParserState.DONE
+    assert [d.response_body_len for d in details(expected)] == [5000, 1024, 11]
+    cov = flow.coverage()
+    assert cov.gap_octets == 0
+    assert cov.captured_octets + cov.skipped_octets == 3 * len(GET) + len(big) + len(chunked) \
+        + len(OK_HTML)
