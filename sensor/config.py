@@ -531,8 +531,9 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, source: str) -> Any
             try:
                 values[name] = f.metadata["spec"].parse(table[name])
             except _Invalid as exc:
-                sep = "" if str(exc).startswith("[") else " "
-                raise ConfigError(f"{source}: {key}:{sep}{exc}") from None
+                # A list item's reason starts with its index: "ports[1]: ...".
+                sep = "" if str(exc).startswith("[") else ": "
+                raise ConfigError(f"{source}: {key}{sep}{exc}") from None
     return cls(**values)
 
 
