@@ -267,9 +267,14 @@ class StreamReassembler:
             if off == self._next and not self._segs:
                 # The common case, kept short: in order with nothing buffered.
                 if n:
-                    self._deliver(out, payload, n, ts_ns)
-                    if self.limits.history_bytes:
-                        self._remember(off, payload)
+                    if self._skip_until > off:
+                        self._deliver(out, payload, n, ts_ns)
+                    else:
+                        self.counters.data_bytes += n
+                        out.append(Data(payload, ts_ns))
+                        self._next = off + n
+                        if self.limits.history_bytes:
+                            self._remember(off, payload)
                 if total > n:
                     self._deliver(out, None, total - n, ts_ns)
             else:
@@ -376,20 +381,22 @@ class StreamReassembler:
         self.budget.release(n)
 
     def _remember(self, off: int, data: bytes) -> None:
+        """Keep a reference to delivered bytes for comparing retransmissions: at least
+        the latest segment, older ones while the total stays within history_bytes."""
+        n = len(data)
+        budget = self.budget
+        if budget.used + n > budget.limit:
+            return  # history is a nicety; never let it take reassembly memory
+        budget.used += n
         hist = self._hist
-        if self.budget.try_reserve(len(data)):
-            hist.append((off, data))
-            self._hist_bytes += len(data)
+        hist.append((off, data))
+        total = self._hist_bytes + n
         limit = self.limits.history_bytes
-        while hist and self._hist_bytes - len(hist[0][1]) >= limit:
-            self._hist_bytes -= len(hist[0][1])
-            self.budget.release(len(hist[0][1]))
-            hist.popleft()
-        if self._hist_bytes > limit * 8:
-            # One huge segment: do not keep it whole just to compare retransmissions.
-            self.budget.release(self._hist_bytes)
-            self._hist_bytes = 0
-            hist.clear()
+        while total > limit and len(hist) > 1:
+            old = len(hist.popleft()[1])
+            total -= old
+            budget.used -= old
+        self._hist_bytes = total
 
     def _deliver(self, out: list[StreamEvent], data: bytes | None, n: int,
                  ts_ns: int) -> None:
