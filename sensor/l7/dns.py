@@ -30,6 +30,7 @@ frame) moves the parser to ERROR.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -63,7 +64,14 @@ class _Malformed(Exception):
     """Bytes that do not form the structure the RFC describes; stays inside this module."""
 
 
+# Label bytes that stand for themselves in presentation form; a label made only of
+# these (nearly all of them) skips the per-byte escaping loop.
+_PLAIN_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C))
+
+
 def _escape_label(label: bytes) -> str:
+    if not label.translate(None, _PLAIN_BYTES):
+        return label.decode("ascii")
     out = []
     for b in label:
         if b in (0x2E, 0x5C):  # '.' and '\' would change how the name reads
@@ -219,8 +227,7 @@ def parse_message(msg: bytes) -> Message:
     """Parse one message. Raises _Malformed when even the header or question is bad."""
     if len(msg) < _HEADER:
         raise _Malformed(f"{len(msg)} bytes is shorter than a DNS header")
-    ident, flags = _u16(msg, 0), _u16(msg, 2)
-    qdcount, ancount, nscount, arcount = (_u16(msg, 4 + 2 * i) for i in range(4))
+    ident, flags, qdcount, ancount, nscount, arcount = struct.unpack_from(">6H", msg)
     pos = _HEADER
     qname, qtype, qclass = "", 0, 0
     for i in range(qdcount):
@@ -236,8 +243,9 @@ def parse_message(msg: bytes) -> Message:
     try:
         for index in range(ancount + nscount + arcount):
             name, pos = read_name(msg, pos)
-            rtype, _rclass = _u16(msg, pos), _u16(msg, pos + 2)
-            ttl, rdlen = _u32(msg, pos + 4), _u16(msg, pos + 8)
+            if pos + 10 > len(msg):
+                raise _Malformed("record header runs past the end of the message")
+            rtype, _rclass, ttl, rdlen = struct.unpack_from(">HHIH", msg, pos)
             start = pos + 10
             if start + rdlen > len(msg):
                 raise _Malformed("record data runs past the end of the message")

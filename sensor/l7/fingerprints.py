@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from types import MappingProxyType
 
 # RFC 8701 reserves 0x0a0a, 0x1a1a, ... 0xfafa; clients sprinkle them to keep servers
 # tolerant of unknown values, so they vary per connection and must not reach a hash.
+GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
+
+
 def is_grease(value: int) -> bool:
-    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+    return value in GREASE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,7 +68,7 @@ class ServerHello:
 
 
 def _dashed(values: tuple[int, ...]) -> str:
-    return "-".join(str(v) for v in values if not is_grease(v))
+    return "-".join([str(v) for v in values if v not in GREASE])
 
 
 def ja3_string(hello: ClientHello) -> str:
@@ -90,16 +94,16 @@ def ja3s(hello: ServerHello) -> str:
     return hashlib.md5(ja3s_string(hello).encode(), usedforsecurity=False).hexdigest()
 
 
-_JA4_VERSIONS = {
+_JA4_VERSIONS = MappingProxyType({
     0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3", 0x0002: "s2",
     0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3",
-}
+})
 _SNI = 0x0000
 _ALPN = 0x0010
 
 
 def _ja4_version(hello: ClientHello) -> str:
-    offered = [v for v in hello.supported_versions if not is_grease(v)]
+    offered = [v for v in hello.supported_versions if v not in GREASE]
     # The spec takes the highest supported_versions value when the extension exists and
     # ignores the record-layer version. An extension holding only GREASE falls back to
     # legacy_version, as if it were absent.
@@ -131,15 +135,15 @@ def _hash12(text: str) -> str:
 
 
 def _ja4_parts(hello: ClientHello, transport: str) -> tuple[str, str, str]:
-    ciphers = sorted(f"{c:04x}" for c in hello.ciphers if not is_grease(c))
-    extensions = [e for e in hello.extensions if not is_grease(e)]
+    ciphers = sorted([f"{c:04x}" for c in hello.ciphers if c not in GREASE])
+    extensions = [e for e in hello.extensions if e not in GREASE]
     a = (
         transport + _ja4_version(hello) + ("d" if hello.has_sni else "i")
         + _count(len(ciphers)) + _count(len(extensions)) + _ja4_alpn(hello)
     )
     b = ",".join(ciphers)
-    c = ",".join(sorted(f"{e:04x}" for e in extensions if e not in (_SNI, _ALPN)))
-    sigs = [f"{s:04x}" for s in hello.signature_algorithms if not is_grease(s)]
+    c = ",".join(sorted([f"{e:04x}" for e in extensions if e != _SNI and e != _ALPN]))
+    sigs = [f"{s:04x}" for s in hello.signature_algorithms if s not in GREASE]
     if sigs:
         c = c + "_" + ",".join(sigs)
     return a, b, c

@@ -29,6 +29,7 @@ counted in `unsupported` and the parser goes DONE without an event.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 
 from sensor.l7 import fingerprints as fp
@@ -113,7 +114,7 @@ class _Reader:
         if sub.remaining() % 2:
             raise _Malformed("odd length in a list of 16-bit values")
         raw = sub.take(sub.remaining())
-        return tuple(int.from_bytes(raw[i:i + 2], "big") for i in range(0, len(raw), 2))
+        return struct.unpack(f">{len(raw) // 2}H", raw)
 
 
 def _text(raw: bytes) -> str:
@@ -249,6 +250,7 @@ class TlsParser:
         self._sides = (_Side(), _Side())
         self._events: deque[Transaction] = deque()
         self._emitted = False
+        self._ja4 = ""
         self._summary: dict[str, str] = {}
 
     # --- the L7Parser contract -------------------------------------------------------
@@ -375,7 +377,8 @@ class TlsParser:
                 self._client_ts = ts_ns
                 if self.client_hello.sni:
                     self._summary["tls_sni"] = self.client_hello.sni
-                self._summary["tls_ja4"] = fp.ja4(self.client_hello, self._transport)
+                self._ja4 = fp.ja4(self.client_hello, self._transport)
+                self._summary["tls_ja4"] = self._ja4
         elif msg_type == _SERVER_HELLO:
             hello = parse_server_hello(body)
             if hello.hello_retry:
@@ -433,7 +436,7 @@ class TlsParser:
             fields.update(
                 client_version=ch.legacy_version, sni=ch.sni,
                 alpn=tuple(_text(p) for p in ch.alpn),
-                ja3=fp.ja3(ch), ja4=fp.ja4(ch, self._transport),
+                ja3=fp.ja3(ch), ja4=self._ja4,
             )
         if sh is not None:
             fields.update(version=sh.version, cipher=sh.cipher, ja3s=fp.ja3s(sh))

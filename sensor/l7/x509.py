@@ -12,11 +12,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-_SHORT = {
+_SHORT = MappingProxyType({
     NameOID.COUNTRY_NAME: "C",
     NameOID.STATE_OR_PROVINCE_NAME: "ST",
     NameOID.LOCALITY_NAME: "L",
@@ -36,7 +37,7 @@ _SHORT = {
     NameOID.GIVEN_NAME: "GN",
     NameOID.SURNAME: "SN",
     NameOID.TITLE: "title",
-}
+})
 
 # A SAN list is attacker-sized; 100 entries covers real multi-domain certificates
 # (CAs cap SAN lists at 100-250) and keeps one record from growing without limit.
