@@ -261,7 +261,7 @@ class Stored:
 
 
 class Writer:
-    """The one thread that writes to storage: decode, validate, commit.
+    """Decode and validate on one thread, commit on another: the one writer.
 
     DuckDB takes one writer, and a single thread also serialises the (sensor_id,
     batch_id) dedup checks. Batches that arrive while a commit is running are committed
@@ -281,7 +281,8 @@ class Writer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-writer")
         self._pending: collections.deque = collections.deque()
         self._flusher: asyncio.Task | None = None
-        self._addresses = AddressCache()  # used by the writer thread only
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-decode")
+        self._addresses = AddressCache()  # used by the decoder thread only
 
     def _decode(self, batch, identity: str | None):
         try:
@@ -291,16 +292,10 @@ class Writer:
                 batch_id=batch.batch_id, status=ingest_pb2.ACK_STATUS_REJECTED, message=str(exc)
             )
 
-    def _store_group(self, group: list[tuple[object, str | None]]) -> list[Stored]:
-        decoded = [self._decode(batch, identity) for batch, identity in group]
-        valid = [d for d in decoded if isinstance(d, DecodedBatch)]
-        results = iter(self._storage.store_many(valid, self._clock()) if valid else ())
+    def _store_group(self, group: list[tuple[DecodedBatch, object, str | None]]) -> list[Stored]:
+        results = self._storage.store_many([d for d, _, _ in group], self._clock())
         out = []
-        for (batch, identity), d in zip(group, decoded):
-            if not isinstance(d, DecodedBatch):
-                out.append(Stored(d, 0, batch, identity))
-                continue
-            result = next(results)
+        for (decoded, batch, identity), result in zip(group, results):
             if result.status is StoreStatus.DUPLICATE:
                 ack = ingest_pb2.BatchAck(
                     batch_id=batch.batch_id, status=ingest_pb2.ACK_STATUS_DUPLICATE,
@@ -309,7 +304,7 @@ class Writer:
             else:
                 ack = ingest_pb2.BatchAck(
                     batch_id=batch.batch_id, status=ingest_pb2.ACK_STATUS_STORED,
-                    records=d.records,
+                    records=decoded.records,
                 )
             out.append(Stored(ack, result.seq, batch, identity))
         return out
@@ -321,20 +316,26 @@ class Writer:
                      for _ in range(min(self.MAX_GROUP, len(self._pending)))]
             try:
                 stored = await loop.run_in_executor(
-                    self._pool, self._store_group, [(b, i) for b, i, _ in group]
+                    self._pool, self._store_group, [(d, b, i) for d, b, i, _ in group]
                 )
             except Exception as exc:  # a storage failure fails every batch of the group
-                for _, _, fut in group:
+                for *_, fut in group:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (_, _, fut), result in zip(group, stored):
+            for (*_, fut), result in zip(group, stored):
                 if not fut.done():
                     fut.set_result(result)
 
     async def store(self, batch, identity: str | None) -> Stored:
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((batch, identity, fut))
+        loop = asyncio.get_running_loop()
+        # Decoding runs on its own thread so that it overlaps the previous group's DuckDB
+        # insert and commit (which release the GIL) instead of queueing behind it.
+        decoded = await loop.run_in_executor(self._decoder, self._decode, batch, identity)
+        if not isinstance(decoded, DecodedBatch):
+            return Stored(decoded, 0, batch, identity)
+        fut = loop.create_future()
+        self._pending.append((decoded, batch, identity, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
@@ -350,6 +351,7 @@ class Writer:
             await asyncio.shield(self._flusher)
 
     def close(self) -> None:
+        self._decoder.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
 
