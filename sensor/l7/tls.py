@@ -388,7 +388,7 @@ class TlsParser:
             self._server_ts = ts_ns
             if self._client_dir is None:
                 self._client_dir = Direction(1 - direction)
-            if hello.version >= 0x0304 and hello.version != 0xFEFF:
+            if 0x0304 <= hello.version < 0xFE00:
                 # TLS 1.3 (0x0304, drafts 0x7fxx): the rest of the handshake, the
                 # certificate included, is encrypted.
                 self._finish()
