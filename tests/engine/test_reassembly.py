@@ -284,6 +284,14 @@ def test_any_permutation_with_duplicates_yields_the_original_bytes(plan, dup_idx
     assert stream_bytes(out) == data
     assert s.counters.gaps == 0 and s.counters.overlap_conflicts == 0
     assert s.flush(2) == [Eof(2, False)]
+    # With the SYN seen first, any order at all works, the first segment included.
+    rnd.shuffle(segs)
+    s = StreamReassembler()
+    s.segment((isn - 1) % (1 << 32), TCP_SYN, b"", 1)
+    out = feed(s, segs)
+    assert stream_bytes(out) == data
+    assert s.counters.gaps == 0 and s.counters.overlap_conflicts == 0
+    assert s.buffered_bytes == 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -361,3 +369,43 @@ def test_fuzz_no_exception_and_memory_bounded(segments, skip):
 def test_events_are_immutable():
     with pytest.raises(AttributeError):
         Data(b"x", 1).data = b"y"  # type: ignore[misc]
+
+
+def test_ack_gaps_can_be_turned_off():
+    flow = FlowReassembler(limits=ReassemblyLimits(ack_gaps=False))
+    flow.segment(0, ISN, 0, TCP_ACK, b"abc", 1)
+    assert flow.segment(1, 1, ISN + 10, TCP_ACK, b"", 2) == []
+    assert flow.streams[0].counters.gap_bytes == 0
+
+
+def test_skip_end_seq_wraps():
+    s = StreamReassembler()
+    feed(s, [((1 << 32) - 4, b"ab")])
+    assert s.skip(10) == 8
+    assert feed(s, [(8, b"z")]) == [Skip(10, 1), Data(b"z", 1)]
+
+
+def test_bad_limits_are_refused():
+    with pytest.raises(ValueError):
+        ReassemblyLimits(max_window=1 << 31)
+    with pytest.raises(ValueError):
+        ReassemblyLimits(max_buffered_bytes=0)
+    with pytest.raises(ValueError):
+        MemoryBudget(0)
+    with pytest.raises(ValueError):
+        StreamReassembler().skip(-1)
+
+
+def test_coverage_adds_up_both_directions():
+    flow = FlowReassembler()
+    flow.segment(0, 0, 0, TCP_SYN, b"", 1)
+    flow.segment(1, 100, 1, TCP_SYN | TCP_ACK, b"", 1)
+    flow.segment(0, 1, 101, TCP_ACK, b"hello", 2, wire_len=8)
+    flow.segment(1, 101, 9, TCP_ACK, b"abc", 3)
+    flow.streams[1].skip(4)
+    flow.segment(1, 108, 9, TCP_ACK, b"xy", 4)
+    flow.segment(1, 112, 9, TCP_ACK | TCP_FIN, b"!", 5)     # 110..112 lost
+    flow.flush(6)
+    cov = flow.coverage()
+    assert (cov.captured_octets, cov.truncated_octets, cov.skipped_octets, cov.gap_octets) == \
+        (5 + 3 + 2 + 1, 3, 4, 2)
