@@ -169,7 +169,7 @@ def flows(path: Path) -> list[L4Flow]:
             order.append(flow)
         payload = bytes(l4.data)
         if proto == 17:
-            if proto == 17 and payload:
+            if payload:
                 flow.chunks.append(Chunk(direction, payload, ts_ns))
             continue
         key = (id(flow), direction)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -10,7 +11,6 @@ import signal
 import socket
 import struct
 import subprocess
-from pathlib import Path
 
 import dpkt
 import pytest
@@ -225,6 +225,14 @@ def test_tcp_whole_bytewise_and_trailing_junk(corpus):
             pcaputil.Chunk(c.direction, c.data[i:i + 1], c.ts_ns)
             for c in flow.chunks for i in range(len(c.data))])
         assert pcaputil.feed(DnsParser(), bytewise) == whole
+        # Each direction's whole stream in one call (client side first): the same events;
+        # only latency differs, since every response now arrives at one time.
+        at_once = pcaputil.L4Flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport, [
+            pcaputil.Chunk(d, flow.stream(d), next(c.ts_ns for c in flow.chunks if c.direction == d))
+            for d in (C2S, S2C)])
+        strip = [dataclasses.replace(t.detail, latency_ns=0) for t in whole]
+        assert [dataclasses.replace(t.detail, latency_ns=0)
+                for t in pcaputil.feed(DnsParser(), at_once)] == strip
         # Junk: a length prefix promising more than ever comes.
         junk = pcaputil.L4Flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
                                flow.chunks + [pcaputil.Chunk(S2C, b"\x01\x00garbage", 0)])

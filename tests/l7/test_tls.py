@@ -184,6 +184,11 @@ def test_whole_bytewise_and_trailing_junk_agree(corpus):
         one = TlsParser()
         assert pcaputil.feed(one, _bytewise(flow)) == whole
         assert one.state is ParserState.DONE
+        # Each direction's whole stream in one call, client first: still the same event.
+        at_once = pcaputil.L4Flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport, [
+            pcaputil.Chunk(d, flow.stream(d), next(c.ts_ns for c in flow.chunks if c.direction == d))
+            for d in (C2S, S2C)])
+        assert pcaputil.feed(TlsParser(), at_once) == whole
         # Junk after the handshake: the parser is DONE and no longer reads the stream (the
         # engine has stopped feeding it), so the junk cannot change anything.
         junk = pcaputil.L4Flow(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
