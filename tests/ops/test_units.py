@@ -109,6 +109,16 @@ def test_start_reaches_ready_and_records_flow(machine):
     # unit's capabilities, inside the unit's sandbox.
     filters = machine.run("tc", "filter", "show", "dev", "lo", "ingress").stdout
     assert "bpf" in filters and "loupe_tc" in filters, filters
+    if not machine.real_sensor:
+        # A refused connection (SYN, RST) on the loopback ends a TCP flow: the kernel
+        # sends a flow-end event, delivered through bcc's ctypes callback (a libffi
+        # closure) under MemoryDenyWriteExecute=yes.
+        connect = ("import socket\ntry:\n socket.create_connection(('127.0.0.1', 9), 5)\n"
+                   "except ConnectionRefusedError:\n pass\n")
+        machine.run("python3", "-c", connect)
+        machine.wait_for(
+            lambda: not machine.show(SENSOR, "StatusText")["StatusText"].endswith("events 0"),
+            15, "a ring buffer event to reach the stand-in")
 
     # Least privilege as granted by the units, read from the kernel's view of the process.
     cap_eff, uid = _caps(machine, _main_pid(machine, SENSOR))
@@ -116,6 +126,12 @@ def test_start_reaches_ready_and_records_flow(machine):
     loupe_uid = int(machine.run("id", "-u", "loupe").stdout)
     assert uid == loupe_uid
     assert _caps(machine, _main_pid(machine, COLLECTOR)) == (0, loupe_uid)
+    for unit in (SENSOR, COLLECTOR):
+        # Mode 2: seccomp filters are on (SystemCallFilter, MemoryDenyWriteExecute, ...),
+        # so the sandbox below is enforced, not silently skipped.
+        status = machine.run("cat", f"/proc/{_main_pid(machine, unit)}/status").stdout
+        assert re.search(r"^Seccomp:\s*2$", status, re.M), unit
+        assert re.search(r"^NoNewPrivs:\s*1$", status, re.M), unit
 
     if machine.real_sensor:
         return  # the real sensor's records depend on traffic; its own tests cover them
@@ -149,7 +165,7 @@ def test_reload_keeps_the_process(machine):
         # systemd 252's reload returns once `kill -HUP` has; the daemon's RELOADING=1 and
         # READY=1 follow (Type=notify-reload, systemd >= 253, closes that gap).
         machine.wait_for(
-            lambda: machine.show(SENSOR, "StatusText")["StatusText"].endswith("reloads 1"),
+            lambda: "reloads 1;" in machine.show(SENSOR, "StatusText")["StatusText"],
             10, "the reload to be reported in STATUS")
     assert _main_pid(machine, SENSOR) == pid
     assert machine.run("systemctl", "is-active", SENSOR).stdout.strip() == "active"

@@ -56,12 +56,12 @@ def _flows(sensor_id: str, count: int) -> list[model.Flow]:
     ]
 
 
-def _attach(config: cfg.SensorConfig):
+def _attach(config: cfg.SensorConfig, seen: dict[str, int]):
     # Imported here: without --kernel the daemon needs neither bcc nor privileges.
     from sensor.kernel import attach, loader
 
     program = loader.load(loader.LoadOptions(flow_map_size=config.kernel.flow_map_size))
-    program.open_events(lambda _event: None)
+    program.open_events(lambda _event: seen.__setitem__("events", seen["events"] + 1))
     attachments = []
     try:
         for iface in config.interfaces:
@@ -109,12 +109,17 @@ def run(args: argparse.Namespace) -> int:
                 "spool_bytes": c["spool_bytes"]}
 
     metrics.add_source("export", snapshot)
-    program, attachments = (_attach(config) if args.kernel else (None, []))
+    seen = {"events": 0}    # ring buffer events delivered through the ctypes callback
+    program, attachments = (_attach(config, seen) if args.kernel else (None, []))
     for flow in _flows(config.effective_sensor_id(), args.records):
         exporter.submit(flow)
-    reloads = 0
     attached = ",".join(a.iface for a in attachments) or "nothing"
-    notifier.ready(f"running; attached {attached}; reloads 0")
+    reloads = reported = 0
+
+    def status() -> str:
+        return f"running; attached {attached}; reloads {reloads}; events {seen['events']}"
+
+    notifier.ready(status())
     log.info("ready (metrics on %s)", config.metrics.listen or "off")
     try:
         while not events["term"].is_set():
@@ -122,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
                 notifier.keepalive(time.monotonic_ns())
             if program is not None:
                 program.poll_events(0)
+                if seen["events"] != reported:
+                    reported = seen["events"]
+                    notifier.status(status())
             if events["hup"].is_set():
                 events["hup"].clear()
                 notifier.reloading()
@@ -132,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 except LoupeError as exc:
                     # A bad file on reload keeps the running config, like nginx -s reload.
                     log.error("reload refused, keeping the running configuration: %s", exc)
-                notifier.ready(f"running; attached {attached}; reloads {reloads}")
+                notifier.ready(status())
             events["term"].wait(TICK_S)
         notifier.stopping("stopping: flushing the exporter")
         log.info("stopping")
