@@ -12,9 +12,15 @@ Names carry a caller prefix and the pid so concurrent test runs never collide; c
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 from dataclasses import dataclass, field
+
+
+def _v6(text: str) -> str:
+    """The canonical spelling, as records and tools print it."""
+    return str(ipaddress.IPv6Address(text))
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -57,13 +63,17 @@ class VethPair:
     def create(cls, prefix: str, *, subnet: int = 0) -> "VethPair":
         """Two namespaces <prefix><pid>a/b joined by veth; subnet picks 198.18.<subnet>.x."""
         tag = f"{prefix}{os.getpid() % 100000}"
-        a = Host(f"{tag}a", "veth0", f"198.18.{subnet}.1", f"fc00:{subnet}::1")
-        b = Host(f"{tag}b", "veth0", f"198.18.{subnet}.2", f"fc00:{subnet}::2")
+        a = Host(f"{tag}a", "veth0", f"198.18.{subnet}.1", _v6(f"fc00:{subnet:x}::1"))
+        b = Host(f"{tag}b", "veth0", f"198.18.{subnet}.2", _v6(f"fc00:{subnet:x}::2"))
         pair = cls(prefix=tag, a=a, b=b)
         try:
             for h in (a, b):
                 sh("ip", "netns", "add", h.netns)
                 h.run("ip", "link", "set", "lo", "up")
+                # No duplicate address detection: addresses are usable at once, and
+                # tests do not wait a second for tentative link-local addresses.
+                h.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+                      "net.ipv6.conf.default.accept_dad=0")
             sh("ip", "link", "add", f"{tag}x", "netns", a.netns, "type", "veth",
                "peer", "name", f"{tag}y", "netns", b.netns)
             a.run("ip", "link", "set", f"{tag}x", "name", a.iface)
@@ -82,13 +92,15 @@ class VethPair:
         h.run("ip", "link", "set", iface, "up")
 
     def add_vlan(self, vid: int) -> tuple[Host, Host]:
-        """An 802.1Q sub-interface on both ends, with its own 198.18.<vid>.x subnet."""
+        """An 802.1Q sub-interface on both ends, with its own 198.18.<vid>.x subnet.
+        Needs a kernel with 802.1Q support (CONFIG_VLAN_8021Q); without it, send tagged
+        frames with scapy instead (the flow meter tests do)."""
         ends = []
         for n, h in enumerate((self.a, self.b), start=1):
             name = f"v{vid}"
             h.run("ip", "link", "add", "link", h.iface, "name", name, "type", "vlan",
                   "id", str(vid))
-            sub = Host(h.netns, name, f"198.18.{vid % 256}.{n}", f"fc00:{vid:x}::{n}")
+            sub = Host(h.netns, name, f"198.18.{vid % 256}.{n}", _v6(f"fc00:{vid:x}::{n}"))
             self._address(sub, name, sub.ip4, sub.ip6)
             ends.append(sub)
         self.vlans[vid] = (ends[0], ends[1])
@@ -103,11 +115,22 @@ class VethPair:
                   "proto", "802.1ad", "id", str(outer))
             h.run("ip", "link", "set", o, "up")
             h.run("ip", "link", "add", "link", o, "name", i, "type", "vlan", "id", str(inner))
-            sub = Host(h.netns, i, f"198.19.{inner % 256}.{n}", f"fc00:{outer:x}:{inner:x}::{n}")
+            sub = Host(h.netns, i, f"198.19.{inner % 256}.{n}",
+                       _v6(f"fc00:{outer:x}:{inner:x}::{n}"))
             self._address(sub, i, sub.ip4, sub.ip6)
             ends.append(sub)
         self.qinq[(outer, inner)] = (ends[0], ends[1])
         return self.qinq[(outer, inner)]
+
+    def wait_ready(self, a: Host | None = None, b: Host | None = None) -> None:
+        """Pings b from a over IPv4 and IPv6 until both answer (at most ~3 s)."""
+        a, b = a or self.a, b or self.b
+        for _ in range(30):
+            ok4 = a.run("ping", "-c1", "-W0.1", b.ip4, check=False).returncode == 0
+            ok6 = a.run("ping", "-6", "-c1", "-W0.1", b.ip6, check=False).returncode == 0
+            if ok4 and ok6:
+                return
+        raise RuntimeError(f"{a.netns} cannot reach {b.ip4} / {b.ip6}")
 
     def set_offloads(self, on: bool) -> None:
         """TSO/GSO/GRO (and checksum offload, which TSO needs) on both veth ends."""
