@@ -67,6 +67,8 @@ _INTERESTING = frozenset((
     b"host", b"user-agent", b"content-type", b"content-length", b"transfer-encoding",
     b"connection", b"upgrade",
 ))
+# First letters (lower case) of those names: most other lines are passed over on one test.
+_INTERESTING_FIRST = frozenset(name[0] for name in _INTERESTING)
 
 
 class _Txn:
@@ -129,32 +131,38 @@ def _media_type(raw: bytes) -> str:
 
 
 def _parse_head(block: bytes) -> tuple[list[bytes], dict[bytes, list[bytes]]]:
-    """The start line's parts' source line and the headers Loupe uses."""
+    """The head's lines (start line first) and the values of the headers Loupe uses.
+    Every field line is checked; only the interesting ones are lower-cased and kept."""
     lines = block.splitlines()
     headers: dict[bytes, list[bytes]] = {}
-    last: list[bytes] | None = None
+    last: list[bytes] | None = None   # values of the previous field, if kept
+    started = False
     for line in lines[1:]:
         if not line:
             continue
-        if line[0] in (0x20, 0x09):
+        first = line[0]
+        if first == 0x20 or first == 0x09:
             # obs-fold (RFC 9112 §5.2): a continuation of the previous field's value.
-            if last is None:
+            if not started:
                 raise _Malformed("continuation line before any header")
-            last[-1] = last[-1] + b" " + line.strip(b" \t")
+            if last is not None:
+                last[-1] = last[-1] + b" " + line.strip(b" \t")
             continue
+        started = True
         colon = line.find(b":")
         if colon <= 0 or line[colon - 1] in (0x20, 0x09):
             # RFC 9112 §5.1: no whitespace between field name and colon.
             raise _Malformed("bad header line")
-        name = line[:colon].lower()
-        if name in _INTERESTING:
-            values = headers.get(name)
-            if values is None:
-                values = headers[name] = []
-            values.append(line[colon + 1:].strip(b" \t"))
-            last = values
-        else:
-            last = None
+        if (first | 0x20) in _INTERESTING_FIRST:
+            name = line[:colon].lower()
+            if name in _INTERESTING:
+                values = headers.get(name)
+                if values is None:
+                    values = headers[name] = []
+                values.append(line[colon + 1:].strip(b" \t"))
+                last = values
+                continue
+        last = None
     return lines, headers
 
 

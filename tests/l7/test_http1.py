@@ -246,6 +246,14 @@ def test_obs_fold_continues_the_previous_value():
     assert details(out)[0].user_agent == "a b"
 
 
+def test_obs_fold_after_an_unused_header_is_accepted():
+    out = run_all_ways([data(C, b"GET / HTTP/1.1\r\nX-Long: a\r\n\tb\r\nHost: h\r\n\r\n", 1),
+                        data(S, OK_HTML, 2)])
+    assert details(out)[0].host == "h"
+    out = drive([data(C, b"GET / HTTP/1.1\r\n folded\r\n\r\n", 1)])
+    assert out.error == "continuation line before any header"
+
+
 def test_datagram_is_an_error():
     p = Http1Parser()
     p.receive_datagram(C, GET, 1)
