@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from sensor.errors import LoupeError
+from sensor.logs import setup_logging
 
 COMMAND_MODULES: tuple[str, ...] = (
     "collector.cli",
@@ -66,11 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # One line per event on stderr, with syslog priority prefixes under journald.
+    setup_logging(verbose=args.verbose)
     if args.func is None:
         args._parser.print_help(sys.stderr)
         return 2
