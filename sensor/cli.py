@@ -21,6 +21,14 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sensor.kernel.cli",
 )
 
+# Help lines for command groups (their subcommands bring their own).
+GROUP_HELP = {
+    "collector": "run the collector, or ask a running one for its status",
+    "certs": "make a CA and TLS certificates for collector, sensors and analysts",
+    "config": "check and show configuration files",
+    "sensor": "meter live interfaces in the kernel and run the sensor",
+}
+
 
 class CommandTree:
     """Nested argparse subcommands by space-separated path ("collector run")."""
@@ -35,7 +43,9 @@ class CommandTree:
     def _group(self, path: str) -> argparse._SubParsersAction:
         if path not in self._groups:
             parent, _, name = path.rpartition(" ")
-            parser = self._parsers.get(path) or self.command(path, help=f"{name} commands")
+            parser = self._parsers.get(path) or self.command(
+                path, help=GROUP_HELP.get(path, f"{name} commands")
+            )
             self._groups[path] = parser.add_subparsers(dest=f"{path}_command", metavar="COMMAND")
         return self._groups[path]
 
