@@ -66,7 +66,7 @@ class FlowState:
         "pkts", "octs", "l2", "flags", "pure_syn", "synack", "syn_count", "fin_count",
         "rst_count", "syn_ns", "synack_ns", "rtt_ns", "hist", "hist_seen", "last_seq",
         "last_syn", "last_fin", "last_rst", "rxmit", "rxmit_next", "ended_ns",
-        "icmp_type", "icmp_code", "base", "uid", "l7",
+        "icmp_type", "icmp_code", "base", "uid", "cid", "src_text", "dst_text", "l7",
     )
 
     def __init__(self, key: Hashable, a_addr: bytes, a_port: int, b_addr: bytes,
@@ -111,6 +111,9 @@ class FlowState:
         self.icmp_code = 0
         self.base = (0, 0, 0, 0, 0, 0, 0, 0, 0)
         self.uid = ""
+        self.cid = ""                # Community ID, computed once (the key never changes)
+        self.src_text = ""           # initiator / responder addresses as text, once
+        self.dst_text = ""
         self.l7: object = None       # the L7 stage's per-flow state (reassembler, parser)
 
     def history(self) -> str:
@@ -145,7 +148,10 @@ class FlowTable:
     """Live flows keyed by the meter's canonical key; records go to `emit`.
 
     `on_end(state, record)` (optional) runs when a flow leaves the table, after its final
-    record is emitted, so the L7 stage can flush per-flow state.
+    record is emitted. `before_final(state)` (optional) runs just before the final record
+    is written, so the L7 stage can flush per-flow state (its last transactions) first;
+    `describe(state)` (optional) is asked, for every record of a flow whose `l7` slot is
+    set, for the L7 fields of the record (app_proto, l7_coverage, http_host, ...).
     """
 
     def __init__(
@@ -157,11 +163,15 @@ class FlowTable:
         max_flows: int = DEFAULT_MAX_FLOWS,
         sensor_id: str = "",
         community: CommunityId = DEFAULT_CID,
+        before_final: Callable[[FlowState], None] | None = None,
+        describe: Callable[[FlowState], dict] | None = None,
     ) -> None:
         if max_flows < 1:
             raise ValueError("max_flows must be at least 1")
         self.emit = emit
         self.on_end = on_end
+        self.before_final = before_final
+        self.describe = describe
         self.timeouts = timeouts
         self.max_flows = max_flows
         self.sensor_id = sensor_id
@@ -284,37 +294,34 @@ class FlowTable:
         return st.pkts[0] + st.pkts[1] - st.base[0] - st.base[1]
 
     def _final(self, st: FlowState, reason: FlowEndReason) -> None:
+        if self.before_final is not None and st.l7 is not None:
+            self.before_final(st)
         record = None
         if self._delta_packets(st) or not st.base[0] + st.base[1]:
             record = self._write(st, reason)
         if self.on_end is not None and record is not None:
             self.on_end(st, record)
 
+    def identify(self, st: FlowState) -> None:
+        """Fill the flow's uid, Community ID and address texts (once per flow: the key and
+        the first packet's time never change)."""
+        identify(st, self.sensor_id, self.community)
+
     def _write(self, st: FlowState, reason: FlowEndReason) -> Flow:
         i, r = st.init, 1 - st.init
         b = st.base
         if not st.uid:
-            st.uid = flow_uid(src=st.addr[i], dst=st.addr[r], src_port=st.port[i],
-                              dst_port=st.port[r], protocol=st.protocol,
-                              vlan_id=st.vlan_id, inner_vlan_id=st.inner_vlan_id,
-                              start_ns=st.first_ns, sensor_id=self.sensor_id)
-        src = socket.inet_ntop(socket.AF_INET if st.ip_version == 4 else socket.AF_INET6,
-                               st.addr[i])
-        dst = socket.inet_ntop(socket.AF_INET if st.ip_version == 4 else socket.AF_INET6,
-                               st.addr[r])
-        icmp = st.protocol in (1, 58)
-        cid = self.community.compute(
-            src=st.addr[i], dst=st.addr[r], protocol=st.protocol, src_port=st.port[i],
-            dst_port=st.port[r], icmp_type=st.icmp_type if icmp else None,
-            icmp_code=st.icmp_code if icmp else None)
+            identify(st, self.sensor_id, self.community)
         start = st.start_ns or st.last_ns
+        extra = self.describe(st) if self.describe is not None and st.l7 is not None \
+            else _NO_FIELDS
         record = Flow(
             uid=st.uid,
             sensor_id=self.sensor_id,
             flow_start_ns=start,
             flow_end_ns=max(st.last_ns, start),
-            src_addr=src,
-            dst_addr=dst,
+            src_addr=st.src_text,
+            dst_addr=st.dst_text,
             src_port=st.port[i],
             dst_port=st.port[r],
             protocol=st.protocol,
@@ -337,12 +344,33 @@ class FlowTable:
             conn_state=st.conn_state(),
             history=st.history(),
             handshake_rtt_ns=st.rtt_ns,
-            community_id=cid,
+            community_id=st.cid,
             icmp_type=st.icmp_type,
             icmp_code=st.icmp_code,
+            **extra,
         )
         st.base = (st.pkts[0], st.pkts[1], st.octs[0], st.octs[1], st.l2[0], st.l2[1],
                    st.syn_count, st.fin_count, st.rst_count)
         self.stats.records += 1
         self.emit(record)
         return record
+
+
+_NO_FIELDS: dict = {}
+
+
+def identify(st: FlowState, sensor_id: str, community: CommunityId) -> None:
+    """Compute a flow's uid, Community ID and address texts into its state."""
+    i, r = st.init, 1 - st.init
+    st.uid = flow_uid(src=st.addr[i], dst=st.addr[r], src_port=st.port[i],
+                      dst_port=st.port[r], protocol=st.protocol, vlan_id=st.vlan_id,
+                      inner_vlan_id=st.inner_vlan_id, start_ns=st.first_ns,
+                      sensor_id=sensor_id)
+    family = socket.AF_INET if st.ip_version == 4 else socket.AF_INET6
+    st.src_text = socket.inet_ntop(family, st.addr[i])
+    st.dst_text = socket.inet_ntop(family, st.addr[r])
+    icmp = st.protocol in (1, 58)
+    st.cid = community.compute(
+        src=st.addr[i], dst=st.addr[r], protocol=st.protocol, src_port=st.port[i],
+        dst_port=st.port[r], icmp_type=st.icmp_type if icmp else None,
+        icmp_code=st.icmp_code if icmp else None)

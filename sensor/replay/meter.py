@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 from sensor.engine.flowtable import DEFAULT_MAX_FLOWS, FlowState, FlowTable
 from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
@@ -64,6 +64,14 @@ MAX_IPV6_EXT_HEADERS = 8
 # FRAG_TIMEOUT_NS are stale (Linux's ipfrag_time is 30 s).
 MAX_FRAG_ENTRIES = 8192
 FRAG_TIMEOUT_NS = 30_000_000_000
+
+# IP reassembly for the L7 stage only (metering never needs it): datagrams whose
+# fragments are pending, and their bytes. 1024 datagrams and 8 MiB cover a DNS server's
+# burst of large fragmented answers; beyond that the oldest datagram is given up and
+# counted (a fragment flood must not grow memory). An IP datagram is at most 64 KiB.
+MAX_DEFRAG_DATAGRAMS = 1024
+MAX_DEFRAG_BYTES = 8 << 20
+MAX_DATAGRAM_BYTES = 65_535
 
 _ETH_VLAN = (0x8100, 0x88A8, 0x9100)
 _RAW_LINKS = (LINKTYPE_RAW, LINKTYPE_RAW_12, LINKTYPE_RAW_14, LINKTYPE_IPV4, LINKTYPE_IPV6)
@@ -98,10 +106,97 @@ class PayloadSink(Protocol):
 
     def udp_datagram(self, flow: FlowState, direction: int, payload: bytes,
                      ts_ns: int) -> None:
-        """One whole UDP payload (datagrams split into IP fragments are not passed)."""
+        """One whole UDP payload (a fragmented datagram once all its fragments came)."""
 
     def flow_ended(self, flow: FlowState, record: Flow) -> None:
         """The flow left the table; `record` is its final Flow record."""
+
+
+@runtime_checkable
+class FlowAnnotator(Protocol):
+    """A PayloadSink that also contributes to the Flow records (the L7 stage): flushes a
+    flow's state before its final record, and names the record's L7 fields."""
+
+    def flow_ending(self, flow: FlowState) -> None:
+        """The flow is about to leave the table; its final record is written next."""
+
+    def flow_fields(self, flow: FlowState) -> dict:
+        """Flow record fields from L7 (app_proto, l7_coverage, http_host, ...)."""
+
+
+class _Datagram:
+    __slots__ = ("pieces", "size", "total", "ts")
+
+    def __init__(self, ts: int) -> None:
+        self.pieces: list[tuple[int, bytes]] = []
+        self.size = 0          # bytes held
+        self.total = -1        # datagram length, known once the last fragment came
+        self.ts = ts
+
+
+class IpDefragmenter:
+    """Joins IP fragments into whole L4 datagrams for the L7 stage (RFC 791 §3.2,
+    RFC 8200 §4.5). Overlaps are resolved first-wins, as in TCP reassembly. Bounded by
+    MAX_DEFRAG_DATAGRAMS, MAX_DEFRAG_BYTES and FRAG_TIMEOUT_NS; every datagram given up
+    is counted in `given_up`."""
+
+    def __init__(self) -> None:
+        self._pending: OrderedDict[tuple, _Datagram] = OrderedDict()
+        self._bytes = 0
+        self.reassembled = 0
+        self.given_up = 0
+
+    def add(self, key: tuple, offset: int, more: bool, data: bytes, ts: int,
+            cut: bool) -> bytes | None:
+        """One fragment's data at byte `offset`; the whole datagram once complete.
+        `cut`: the capture did not keep all of the fragment, so the datagram cannot be
+        completed."""
+        pending = self._pending
+        while pending:
+            oldest = next(iter(pending.values()))
+            if ts - oldest.ts <= FRAG_TIMEOUT_NS:
+                break
+            self._drop(next(iter(pending)))
+        dg = pending.get(key)
+        if dg is None:
+            if cut:
+                self.given_up += 1
+                return None
+            dg = pending[key] = _Datagram(ts)
+        if cut or offset + len(data) > MAX_DATAGRAM_BYTES:
+            self._drop(key)
+            return None
+        if not more:
+            dg.total = offset + len(data)
+        dg.pieces.append((offset, data))
+        dg.size += len(data)
+        self._bytes += len(data)
+        while self._bytes > MAX_DEFRAG_BYTES or len(pending) > MAX_DEFRAG_DATAGRAMS:
+            self._drop(next(iter(pending)))
+        if dg.total < 0 or key not in pending:
+            return None
+        out = bytearray()
+        for off, piece in sorted(dg.pieces, key=lambda p: p[0]):
+            if off > len(out):
+                return None          # a hole: wait for more fragments
+            if off + len(piece) > len(out):
+                out += piece[len(out) - off:]
+        if len(out) < dg.total:
+            return None
+        del pending[key]
+        self._bytes -= dg.size
+        self.reassembled += 1
+        return bytes(out[:dg.total])
+
+    def _drop(self, key: tuple) -> None:
+        dg = self._pending.pop(key)
+        self._bytes -= dg.size
+        self.given_up += 1
+
+    def flush(self) -> None:
+        """End of input: datagrams still incomplete are given up."""
+        while self._pending:
+            self._drop(next(iter(self._pending)))
 
 
 @dataclass(slots=True)
@@ -121,7 +216,10 @@ class MeterStats:
     fragments_attributed: int = 0
     fragments_orphaned: int = 0      # later fragment without a first fragment: not counted
     frag_table_evicted: int = 0
+    # Fragmented datagrams whose payload never reached the L7 stage (a fragment lost,
+    # cut by the snap length, timed out, or pushed out by the IpDefragmenter bounds).
     fragmented_payload_not_passed: int = 0
+    fragmented_payload_passed: int = 0
     no_timestamp: int = 0            # pcapng simple packet blocks: last known time used
 
 
@@ -139,12 +237,16 @@ class Meter:
         community: CommunityId = DEFAULT_CID,
     ) -> None:
         self.sink = sink
+        annotator = sink if isinstance(sink, FlowAnnotator) else None
         self.table = FlowTable(
             emit=emit, on_end=sink.flow_ended if sink is not None else None,
             timeouts=timeouts, max_flows=max_flows, sensor_id=sensor_id,
-            community=community)
+            community=community,
+            before_final=annotator.flow_ending if annotator is not None else None,
+            describe=annotator.flow_fields if annotator is not None else None)
         self.stats = MeterStats()
         self._frags: OrderedDict[tuple, tuple[int, int, int]] = OrderedDict()
+        self._defrag = IpDefragmenter()
         self.reader_stats = None  # set by meter_file()
 
     def run(self, packets: Iterable[Packet]) -> None:
@@ -152,10 +254,12 @@ class Meter:
         feed = self.feed
         for ts, ifx, link, frame, wire in packets:
             feed(ts, ifx, link, frame, wire)
-        self.table.flush()
+        self.flush()
 
     def flush(self) -> None:
         self.table.flush()
+        self._defrag.flush()
+        self.stats.fragmented_payload_not_passed = self._defrag.given_up
 
     # The hot path. Long on purpose: every call and attribute lookup here is paid per
     # packet, so decoding and accounting are one function with locals.
@@ -269,6 +373,8 @@ class Meter:
             l4 = off + ihl
             end = off + ip_len
             if frag & 0x3FFF:
+                frag_off = (frag & 0x1FFF) << 3
+                frag_more = frag & 0x2000
                 if frag & 0x1FFF:
                     later_frag = True
                 else:
@@ -297,6 +403,8 @@ class Meter:
                     if proto == 44:
                         fo = _u16(frame, l4 + 2)[0]
                         ip_id = _u32(frame, l4 + 4)[0]
+                        frag_off = fo & 0xFFF8
+                        frag_more = fo & 1
                         if fo & 0xFFF8:
                             later_frag = True
                         elif fo & 1:
@@ -396,11 +504,27 @@ class Meter:
                 st.hist_seen |= bit
                 st.hist.append("d" if d else "D")
             sink = self.sink
-            if sink is not None and cap_end - l4 > 8:
-                if first_frag:
-                    stats.fragmented_payload_not_passed += 1
-                else:
-                    sink.udp_datagram(st, d ^ st.init, frame[l4 + 8:cap_end], ts)
+            if sink is not None and cap_end - l4 > 8 and not first_frag:
+                sink.udp_datagram(st, d ^ st.init, frame[l4 + 8:cap_end], ts)
+        if (first_frag or later_frag) and self.sink is not None:
+            self._fragment(st, d, (src, dst, ip_id, proto), frag_off, frag_more,
+                           frame[l4:cap_end], cap_end < end, ts)
+
+    def _fragment(self, st: FlowState, d: int, key: tuple, offset: int, more: int,
+                  data: bytes, cut: bool, ts: int) -> None:
+        """Hand a fragmented datagram's payload to the L7 stage once it is whole."""
+        whole = self._defrag.add(key, offset, bool(more), data, ts, cut)
+        self.stats.fragmented_payload_not_passed = self._defrag.given_up
+        if whole is None:
+            return
+        self.stats.fragmented_payload_passed += 1
+        proto = key[3]
+        if proto == P_UDP and len(whole) > 8:
+            self.sink.udp_datagram(st, d ^ st.init, whole[8:], ts)
+        elif proto == P_TCP and len(whole) >= 20:
+            _sp, _dp, seq, ack, doff, flags, _win = _tcp(whole, 0)
+            doff = (doff >> 4) << 2
+            self.sink.tcp_segment(st, d ^ st.init, seq, ack, flags, whole[doff:], ts)
 
     def _tcp(self, st: FlowState, d: int, seq: int, ack: int, flags: int, frame: bytes,
              pstart: int, end: int, cap_end: int, ts: int, first_frag: bool) -> None:
@@ -423,6 +547,9 @@ class Meter:
                 if not st.init_by_syn:
                     # The first SYN without ACK names the initiator (semantics.py).
                     st.init_by_syn = True
+                    if st.init != d and st.src_text:
+                        # Identity was filled already (an L7 event): the texts follow.
+                        st.src_text, st.dst_text = st.dst_text, st.src_text
                     st.init = d
                 if not st.syn_ns:
                     st.syn_ns = ts
@@ -496,12 +623,10 @@ class Meter:
             if rst or (st.flags[i] & 0x01 and st.flags[1 - i] & 0x01):
                 self.table.mark_ended(st, ts)
         sink = self.sink
-        if sink is not None and (plen or syn or fin or rst):
-            if first_frag:
-                self.stats.fragmented_payload_not_passed += 1
-            else:
-                sink.tcp_segment(st, d ^ st.init, seq, ack, flags,
-                                 frame[pstart:cap_end] if cap_end > pstart else b"", ts)
+        if sink is not None and (plen or syn or fin or rst) and not first_frag:
+            # A fragmented segment reaches the sink whole, through _fragment().
+            sink.tcp_segment(st, d ^ st.init, seq, ack, flags,
+                             frame[pstart:cap_end] if cap_end > pstart else b"", ts)
 
 
 def meter_file(path, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,

@@ -29,7 +29,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from sensor.errors import CaptureFileError
 
@@ -140,7 +140,15 @@ class CaptureReader:
         self.path = os.fspath(path)
         self.stats = ReaderStats()
         self.format = ""
+        # Called with (bytes of the file consumed, file size) after each chunk is read:
+        # progress reporting at no per-packet cost.
+        self.on_read: Callable[[int, int], None] | None = None
         self._f = _open(path)
+        self._raw = getattr(self._f, "fileobj", None) or self._f
+        try:
+            self.size = os.fstat(self._raw.fileno()).st_size
+        except (OSError, AttributeError, ValueError):
+            self.size = 0
         try:
             magic = self._f.read(4)
         except (OSError, EOFError, zlib.error) as exc:
@@ -181,10 +189,17 @@ class CaptureReader:
     def _read(self, n: int) -> bytes:
         """Read up to n bytes; a damaged gzip stream ends the input (counted)."""
         try:
-            return self._f.read(n)
+            data = self._f.read(n)
         except (OSError, EOFError, zlib.error):
             self.stats.truncated_records += 1
             return b""
+        if self.on_read is not None:
+            try:
+                pos = self._raw.tell()
+            except (OSError, ValueError):
+                pos = 0
+            self.on_read(pos, self.size)
+        return data
 
     def __iter__(self) -> Iterator[Packet]:
         if self.format == "pcap":
