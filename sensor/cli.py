@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "collector.cli",
     "sensor.config_cli",
     "sensor.kernel.cli",
+    "sensor.replay.cli",
 )
 
 # Help lines for command groups (their subcommands bring their own).

@@ -1,0 +1,181 @@
+"""`loupe replay FILE...`: capture files through the engine into records.
+
+JSON lines to stdout by default; `-o` writes JSON lines, Parquet or CSV (by suffix or
+--format); `--to HOST:PORT` sends the records to a collector over gRPC (mTLS with the
+--tls-* flags), through the same exporter and spool the live sensor uses. A progress bar
+goes to stderr only when stderr is a terminal; a one-line summary always ends the run
+on stderr, so stdout carries nothing but records.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sensor.engine.pipeline import ExporterSink, Pipeline, PipelineConfig
+from sensor.errors import ConfigError
+from sensor.replay.reader import CaptureReader
+
+_FORMATS = ("jsonl", "parquet", "csv")
+# Redraw the bar at most this often: a terminal redraw costs more than a chunk of packets.
+_REDRAW_S = 0.1
+
+
+def register(tree) -> None:
+    p = tree.command(
+        "replay", help="replay pcap/pcapng files into flow and L7 records",
+        description=(
+            "Replay capture files (pcap, pcapng, gzip-compressed either) through the\n"
+            "userspace engine: flows, HTTP/DNS/TLS events and loss records. Several\n"
+            "files form one stream, in the order given.\n\n"
+            "  loupe replay capture.pcapng                  JSON lines on stdout\n"
+            "  loupe replay a.pcap b.pcap -o flows.parquet  flows.parquet, flows.http.parquet, ...\n"
+            "  loupe replay capture.pcap --to 127.0.0.1:50051"),
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="capture file(s)")
+    p.add_argument("-o", "--output", default=None, metavar="PATH",
+                   help="output file (.jsonl, .parquet, .csv); default: JSON lines on "
+                        "stdout, or nothing when --to is given")
+    p.add_argument("--format", choices=_FORMATS, default=None,
+                   help="output format when the suffix does not say")
+    p.add_argument("--to", metavar="HOST:PORT", help="send the records to a collector")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate: turns TLS on")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, help="client key (mTLS)")
+    p.add_argument("--tls-server-name", default="",
+                   help="name to verify in the collector's certificate")
+    p.add_argument("--spool-dir", type=Path, default=None,
+                   help="spool for --to (default: a temporary directory, removed when "
+                        "everything was delivered)")
+    p.add_argument("--no-l7", action="store_true", help="flows only: no reassembly, no L7")
+    p.add_argument("--sensor-id", default="", help="sensor id put on every record "
+                   "(default: none; 'replay' with --to)")
+    p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    p.set_defaults(func=run)
+
+
+class _Progress:
+    """A one-line bar on stderr: file i/n, percent of its bytes, packets so far."""
+
+    def __init__(self, stream, total_files: int, packets) -> None:
+        self.stream = stream
+        self.total_files = total_files
+        self.packets = packets   # () -> packets so far
+        self.index = 0
+        self.name = ""
+        self._last = 0.0
+
+    def file(self, index: int, name: str) -> None:
+        self.index, self.name = index, name
+        self._last = 0.0
+
+    def update(self, pos: int, size: int) -> None:
+        now = time.monotonic()
+        if now - self._last < _REDRAW_S:
+            return
+        self._last = now
+        frac = min(pos / size, 1.0) if size else 0.0
+        width = 30
+        filled = int(frac * width)
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r[{bar}] {frac * 100:5.1f}% file {self.index}/"
+                          f"{self.total_files} {self.packets():,} packets ")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r" + " " * 79 + "\r")
+        self.stream.flush()
+
+
+class _Tee:
+    """Several RecordSinks as one (a file and a collector)."""
+
+    def __init__(self, sinks: list) -> None:
+        self.sinks = sinks
+
+    def write(self, record) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def _grpc_sink(args, spool_dir: Path):
+    from sensor.export.grpc_client import GrpcExportConfig, GrpcExporter, TlsFiles
+
+    tls_parts = (args.tls_ca, args.tls_cert, args.tls_key)
+    tls = None
+    if any(tls_parts):
+        if not all(tls_parts):
+            raise ConfigError("--tls-ca, --tls-cert and --tls-key go together (mTLS); "
+                              "give all three or none")
+        tls = TlsFiles(ca_cert=args.tls_ca, client_cert=args.tls_cert,
+                       client_key=args.tls_key, server_name=args.tls_server_name)
+    exporter = GrpcExporter(GrpcExportConfig(
+        target=args.to, sensor_id=args.sensor_id or "replay", spool_dir=spool_dir,
+        tls=tls))
+    return exporter.start()
+
+
+def run(args) -> int:
+    for path in args.files:
+        CaptureReader(path).close()   # an unreadable file fails before anything is written
+    sinks = []
+    exporter = None
+    spool_dir = None
+    temp_spool = False
+    if args.output is not None or args.to is None:
+        from sensor.export.sinks import open_sink
+
+        sinks.append(open_sink(args.output or "-", args.format))
+    elif args.format is not None:
+        raise ConfigError("--format needs -o/--output")
+    if args.to is not None:
+        spool_dir = args.spool_dir
+        if spool_dir is None:
+            spool_dir = Path(tempfile.mkdtemp(prefix="loupe-replay-spool-"))
+            temp_spool = True
+        exporter = _grpc_sink(args, spool_dir)
+        sinks.append(ExporterSink(exporter))
+    sink = sinks[0] if len(sinks) == 1 else _Tee(sinks)
+    sensor_id = args.sensor_id or ("replay" if args.to else "")
+    pipeline = Pipeline(sink, PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id))
+    err = sys.stderr
+    progress = None
+    if not args.no_progress and err.isatty():
+        progress = _Progress(err, len(args.files), lambda: pipeline.meter.stats.packets)
+    try:
+        for index, path in enumerate(args.files, 1):
+            with CaptureReader(path) as reader:
+                if progress is not None:
+                    progress.file(index, str(path))
+                    reader.on_read = progress.update
+                pipeline.feed(reader)
+    finally:
+        if progress is not None:
+            progress.clear()
+    summary = pipeline.close()
+    print(f"loupe replay: {summary.line()}", file=err)
+    if exporter is not None:
+        counters = exporter.counters()
+        pending = counters.get("batches_spooled", 0) - counters.get("batches_acked", 0) \
+            - counters.get("batches_duplicate", 0) - counters.get("batches_rejected", 0)
+        acked = counters.get("records_acked", 0)
+        if pending > 0:
+            print(f"loupe replay: {acked} records delivered to {args.to}; {pending} "
+                  f"batches not acknowledged yet stay in the spool {spool_dir} and are "
+                  "sent by the next run with the same --spool-dir", file=err)
+            return 1
+        print(f"loupe replay: {acked} records delivered to {args.to}", file=err)
+        if temp_spool:
+            shutil.rmtree(spool_dir, ignore_errors=True)
+    return 0
