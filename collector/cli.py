@@ -103,6 +103,27 @@ FILTER_FLAGS: dict[str, tuple[str, object]] = {
     "sensor": ("sensor_id", str),
 }
 
+FILTER_HELP = {
+    "type": "record kind: flow, http, dns, tls or lost",
+    "from-ip": "initiator address or CIDR",
+    "to-ip": "responder address or CIDR",
+    "ip": "either end, address or CIDR",
+    "from-port": "initiator port",
+    "to-port": "responder port",
+    "port": "either port",
+    "protocol": "tcp, udp, icmp, icmpv6 or a number",
+    "app-proto": "application protocol: http, dns, tls, ...",
+    "http-method": "GET, POST, ...",
+    "http-status": "404, 500+, 4xx or 200-299",
+    "http-host": "Host glob: '*.example.com'",
+    "http-path": "path glob: '/api/*'",
+    "dns-qname": "query name glob: '*.example.com'",
+    "dns-rcode": "NOERROR, NXDOMAIN, ... or a number",
+    "tls-sni": "server name glob",
+    "ja4": "JA4 client fingerprint",
+    "sensor": "sensor id",
+}
+
 
 def _add_tls_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collector", default=DEFAULT_COLLECTOR, metavar="HOST:PORT",
@@ -309,7 +330,7 @@ def register(tree) -> None:
     )
     _add_tls_client_flags(p)
     for flag in FILTER_FLAGS:
-        p.add_argument(f"--{flag}", action="append", metavar="V")
+        p.add_argument(f"--{flag}", action="append", metavar="V", help=FILTER_HELP[flag])
         p.add_argument(f"--not-{flag}", action="append", metavar="V", help=argparse.SUPPRESS)
     p.add_argument("--since", help="replay stored records from: 10m, 1h or an ISO time")
     p.add_argument("-f", "--follow", action="store_true", help="keep streaming live records")
