@@ -67,6 +67,7 @@ class FlowState:
         "rst_count", "syn_ns", "synack_ns", "rtt_ns", "hist", "hist_seen", "last_seq",
         "last_syn", "last_fin", "last_rst", "rxmit", "rxmit_next", "ended_ns",
         "icmp_type", "icmp_code", "base", "uid", "cid", "src_text", "dst_text", "l7",
+        "l7_off", "l7_skip", "l7_skipped",
     )
 
     def __init__(self, key: Hashable, a_addr: bytes, a_port: int, b_addr: bytes,
@@ -115,6 +116,15 @@ class FlowState:
         self.src_text = ""           # initiator / responder addresses as text, once
         self.dst_text = ""
         self.l7: object = None       # the L7 stage's per-flow state (reassembler, parser)
+        # Written by the L7 stage, read by the meter: the replay twin of the kernel's
+        # l7_ctl map. l7_off: hand over no more payload (the parser is done, broken or
+        # absent); the meter only counts the payload bytes in l7_skipped. l7_skip: per
+        # canonical side, the wire seq up to which payload is not wanted (an HTTP body
+        # of known length), or None; segments wholly below it are not handed over (the
+        # reassembler accounts for them as skipped when later bytes arrive).
+        self.l7_off = False
+        self.l7_skip: list | None = None
+        self.l7_skipped = 0
 
     def history(self) -> str:
         """Zeek-style history, upper case for the initiator."""

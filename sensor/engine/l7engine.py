@@ -86,8 +86,7 @@ class L7Stats:
 class FlowL7:
     """One flow's L7 state (in FlowState.l7)."""
 
-    __slots__ = ("phase", "reasm", "parser", "app_proto", "udp_octets", "after_stop",
-                 "coverage")
+    __slots__ = ("phase", "reasm", "parser", "app_proto", "udp_octets", "coverage")
 
     def __init__(self) -> None:
         self.phase = _DETECT
@@ -95,7 +94,6 @@ class FlowL7:
         self.parser = None
         self.app_proto = ""
         self.udp_octets = 0
-        self.after_stop = 0
         self.coverage: L7Coverage | None = None   # frozen at the stop
 
 
@@ -130,8 +128,7 @@ class L7Engine:
             st = flow.l7 = FlowL7()
             self.stats.flows_inspected += 1
         elif st.phase == _STOPPED:
-            if payload:
-                st.after_stop += len(payload)
+            flow.l7_skipped += len(payload)
             return
         reasm = st.reasm
         if reasm is None:
@@ -147,7 +144,7 @@ class L7Engine:
             st = flow.l7 = FlowL7()
             self.stats.flows_inspected += 1
         if st.phase == _STOPPED:
-            st.after_stop += len(payload)
+            flow.l7_skipped += len(payload)
             return
         st.udp_octets += len(payload)
         parser = st.parser
@@ -185,7 +182,8 @@ class L7Engine:
 
     def flow_fields(self, flow: FlowState) -> dict:
         st: FlowL7 = flow.l7
-        fields: dict = {"app_proto": st.app_proto, "l7_coverage": self._coverage(st)}
+        fields: dict = {"app_proto": st.app_proto,
+                        "l7_coverage": self._coverage(st, flow.l7_skipped)}
         if st.parser is not None:
             fields.update(st.parser.summary())
         return fields
@@ -217,10 +215,16 @@ class L7Engine:
         self._after(flow, st, parser)
         if st.phase == _PARSE:
             streams = st.reasm.streams
+            skip = flow.l7_skip
             for d in (0, 1):
                 hint = parser.skip_hint(_DIRS[d])
                 if hint > 0:
-                    streams[d].skip(hint)
+                    until = streams[d].skip(hint)
+                    if skip is None:
+                        skip = flow.l7_skip = [None, None]
+                    skip[d ^ flow.init] = until
+                elif skip is not None:
+                    skip[d ^ flow.init] = None
 
     def _detect(self, flow: FlowState, st: FlowL7, protocol: int, direction: int,
                 data: bytes):
@@ -238,13 +242,13 @@ class L7Engine:
         stats = self.stats
         if not name:
             stats.undetected += 1
-            self._stop(st)
+            self._stop(flow, st)
             return None
         stats.detected[name] = stats.detected.get(name, 0) + 1
         parser = self.registry.create(name)
         if parser is None:
             stats.no_parser += 1
-            self._stop(st)
+            self._stop(flow, st)
             return None
         st.parser = parser
         st.phase = _PARSE
@@ -261,7 +265,7 @@ class L7Engine:
             self._parser_error(st)
         else:
             self.stats.parsers_done += 1
-        self._stop(st)
+        self._stop(flow, st)
 
     def _drain(self, flow: FlowState, parser) -> None:
         txn = parser.next_event()
@@ -288,10 +292,12 @@ class L7Engine:
         by = stats.parser_errors_by_proto
         by[st.app_proto] = by.get(st.app_proto, 0) + 1
 
-    def _stop(self, st: FlowL7) -> None:
+    def _stop(self, flow: FlowState, st: FlowL7) -> None:
         if st.phase == _STOPPED:
             return
         st.phase = _STOPPED
+        flow.l7_off = True   # the meter (live: the kernel) hands over no more payload
+        flow.l7_skip = None
         if st.reasm is not None:
             self._close_stream(st)
 
@@ -309,17 +315,17 @@ class L7Engine:
         reasm.close()
         st.reasm = None
 
-    def _coverage(self, st: FlowL7) -> L7Coverage:
+    def _coverage(self, st: FlowL7, after_stop: int) -> L7Coverage:
         if st.reasm is not None:
             cov = st.reasm.coverage()
         elif st.coverage is not None:
             cov = st.coverage
         else:
             return L7Coverage(inspected=True, captured_octets=st.udp_octets,
-                              skipped_octets=st.after_stop)
-        if st.after_stop:
+                              skipped_octets=after_stop)
+        if after_stop:
             return L7Coverage(
                 inspected=True, captured_octets=cov.captured_octets,
                 truncated_octets=cov.truncated_octets, gap_octets=cov.gap_octets,
-                skipped_octets=cov.skipped_octets + st.after_stop)
+                skipped_octets=cov.skipped_octets + after_stop)
         return cov

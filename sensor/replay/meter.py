@@ -505,8 +505,11 @@ class Meter:
                 st.hist.append("d" if d else "D")
             sink = self.sink
             if sink is not None and cap_end - l4 > 8 and not first_frag:
-                sink.udp_datagram(st, d ^ st.init, frame[l4 + 8:cap_end], ts)
-        if (first_frag or later_frag) and self.sink is not None:
+                if st.l7_off:
+                    st.l7_skipped += cap_end - l4 - 8
+                else:
+                    sink.udp_datagram(st, d ^ st.init, frame[l4 + 8:cap_end], ts)
+        if (first_frag or later_frag) and self.sink is not None and not st.l7_off:
             self._fragment(st, d, (src, dst, ip_id, proto), frag_off, frag_more,
                            frame[l4:cap_end], cap_end < end, ts)
 
@@ -625,6 +628,14 @@ class Meter:
         sink = self.sink
         if sink is not None and (plen or syn or fin or rst) and not first_frag:
             # A fragmented segment reaches the sink whole, through _fragment().
+            if st.l7_off:
+                st.l7_skipped += plen
+                return
+            skip = st.l7_skip
+            if skip is not None and plen and not syn | fin | rst:
+                until = skip[d]
+                if until is not None and (until - seq - plen) & 0xFFFFFFFF < 0x80000000:
+                    return   # wholly inside the L7 stage's skip range
             sink.tcp_segment(st, d ^ st.init, seq, ack, flags,
                              frame[pstart:cap_end] if cap_end > pstart else b"", ts)
 
