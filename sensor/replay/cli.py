@@ -15,8 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from sensor.engine.pipeline import ExporterSink, Pipeline, PipelineConfig
-from sensor.errors import ConfigError
+import orjson
+
+from sensor import model
+from sensor.engine.pipeline import ExporterSink, Pipeline, PipelineConfig, run_sharded
+from sensor.errors import ConfigError, StorageError
 from sensor.replay.reader import CaptureReader
 
 _FORMATS = ("jsonl", "parquet", "csv")
@@ -54,6 +57,9 @@ def register(tree) -> None:
     p.add_argument("--sensor-id", default="", help="sensor id put on every record "
                    "(default: none; 'replay' with --to)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="meter in N processes, each taking a share of the hosts' flows "
+                        "(default 1: records in capture order)")
     p.set_defaults(func=run)
 
 
@@ -88,6 +94,99 @@ class _Progress:
     def clear(self) -> None:
         self.stream.write("\r" + " " * 79 + "\r")
         self.stream.flush()
+
+
+class JsonLinesOut:
+    """JSON lines in sensor/export/jsonfmt.py's shape ("type" first, then the record's
+    fields in order, nested values nested, enums as their values; a test holds the two
+    equal), encoded by orjson, which serializes slotted dataclasses natively: about
+    3 µs a record against jsonfmt's 30 µs generic walk, which at replay rates was a fifth
+    of the run. Non-ASCII text is written as UTF-8 rather than \\u escapes (same JSON).
+    """
+
+    # Lines buffered before a write: some hundred KiB, so a crash loses little and the
+    # number of write calls stays low.
+    BLOCK_LINES = 1024
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.written = 0
+        self._lines: list[bytes] = []
+        self._prefix = {kind: b'{"type":"' + kind.encode() + b'",'
+                        for kind in ("flow", "http", "dns", "tls", "lost")}
+        if path == "-":
+            self._out, self._owned = sys.stdout.buffer, False
+        else:
+            try:
+                self._out, self._owned = open(path, "wb"), True
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {exc.strerror or exc}; check "
+                                   "the directory exists and has free space") from None
+
+    def encode(self, record: model.Record) -> bytes:
+        """One record's line, without the newline."""
+        return self._prefix[model.record_kind(record)] + orjson.dumps(record)[1:]
+
+    def write(self, record: model.Record) -> None:
+        self._lines.append(self._prefix[model.record_kind(record)]
+                           + orjson.dumps(record)[1:])
+        self.written += 1
+        if len(self._lines) >= self.BLOCK_LINES:
+            self.flush()
+
+    def write_encoded(self, block: bytes) -> None:
+        """Lines made by encode() elsewhere, each ending in a newline."""
+        self.flush()
+        self._out.write(block)
+        self.written += block.count(b"\n")
+
+    def flush(self) -> None:
+        if self._lines:
+            self._lines.append(b"")
+            self._out.write(b"\n".join(self._lines))
+            self._lines.clear()
+        self._out.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned:
+            self._out.close()
+
+
+def open_output(path: str, fmt: str | None):
+    """The record sink for -o/--format: JsonLinesOut for JSON lines, else the export
+    sinks (Parquet, CSV)."""
+    from sensor.export.sinks import JsonLinesSink, open_sink
+
+    sink = open_sink(path, fmt) if path != "-" or fmt not in (None, "jsonl") else None
+    if sink is None or isinstance(sink, JsonLinesSink):
+        if sink is not None:
+            sink.close()
+        return JsonLinesOut(path)
+    return sink
+
+
+class _Deferred:
+    """A RecordSink made on its first record: lets the gRPC exporter (threads) start
+    after the shard processes were forked."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.sink = None
+
+    def write(self, record) -> None:
+        if self.sink is None:
+            self.sink = self.factory()
+        self.sink.write(record)
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+    def close(self) -> None:
+        if self.sink is None:
+            self.sink = self.factory()
+        self.sink.close()
 
 
 class _Tee:
@@ -130,41 +229,73 @@ def run(args) -> int:
     for path in args.files:
         CaptureReader(path).close()   # an unreadable file fails before anything is written
     sinks = []
-    exporter = None
     spool_dir = None
     temp_spool = False
     if args.output is not None or args.to is None:
-        from sensor.export.sinks import open_sink
-
-        sinks.append(open_sink(args.output or "-", args.format))
+        sinks.append(open_output(args.output or "-", args.format))
     elif args.format is not None:
         raise ConfigError("--format needs -o/--output")
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    exporters = []
     if args.to is not None:
         spool_dir = args.spool_dir
         if spool_dir is None:
             spool_dir = Path(tempfile.mkdtemp(prefix="loupe-replay-spool-"))
             temp_spool = True
-        exporter = _grpc_sink(args, spool_dir)
-        sinks.append(ExporterSink(exporter))
+
+        def make_exporter_sink():
+            exporters.append(_grpc_sink(args, spool_dir))
+            return ExporterSink(exporters[0])
+
+        if args.jobs > 1:
+            sinks.append(_Deferred(make_exporter_sink))
+        else:
+            sinks.append(make_exporter_sink())
     sink = sinks[0] if len(sinks) == 1 else _Tee(sinks)
     sensor_id = args.sensor_id or ("replay" if args.to else "")
-    pipeline = Pipeline(sink, PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id))
+    config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id)
     err = sys.stderr
-    progress = None
-    if not args.no_progress and err.isatty():
-        progress = _Progress(err, len(args.files), lambda: pipeline.meter.stats.packets)
-    try:
-        for index, path in enumerate(args.files, 1):
-            with CaptureReader(path) as reader:
-                if progress is not None:
-                    progress.file(index, str(path))
-                    reader.on_read = progress.update
-                pipeline.feed(reader)
-    finally:
-        if progress is not None:
-            progress.clear()
-    summary = pipeline.close()
+    draw = not args.no_progress and err.isatty()
+    if args.jobs > 1:
+        progress = _Progress(err, len(args.files), lambda: 0) if draw else None
+        state = {"index": 1}
+
+        def on_progress(pos: int, size: int, packets: int) -> None:
+            progress.packets = lambda: packets
+            progress.index = state["index"]
+            progress.update(pos, size)
+
+        def on_file_done() -> None:
+            state["index"] += 1
+
+        try:
+            summary = run_sharded(
+                lambda: (CaptureReader(path) for path in args.files), sink, config,
+                jobs=args.jobs, on_progress=on_progress if progress else None,
+                on_file_done=on_file_done, encoded=isinstance(sink, JsonLinesOut))
+        finally:
+            if progress is not None:
+                progress.clear()
+    else:
+        pipeline = Pipeline(sink, config)
+        progress = None
+        if draw:
+            progress = _Progress(err, len(args.files),
+                                 lambda: pipeline.meter.stats.packets)
+        try:
+            for index, path in enumerate(args.files, 1):
+                with CaptureReader(path) as reader:
+                    if progress is not None:
+                        progress.file(index, str(path))
+                        reader.on_read = progress.update
+                    pipeline.feed(reader)
+        finally:
+            if progress is not None:
+                progress.clear()
+        summary = pipeline.close()
     print(f"loupe replay: {summary.line()}", file=err)
+    exporter = exporters[0] if exporters else None
     if exporter is not None:
         counters = exporter.counters()
         pending = counters.get("batches_spooled", 0) - counters.get("batches_acked", 0) \

@@ -640,6 +640,50 @@ class Meter:
                              frame[pstart:cap_end] if cap_end > pstart else b"", ts)
 
 
+def shard_of(link: int, frame: bytes) -> int:
+    """A number that is the same for both directions of every flow between two hosts
+    (the low 16 bits of the two IP addresses, XOR-ed), for spreading packets over
+    parallel meters; 0 for what is not IP. Addresses only, not ports, so that every
+    fragment of a datagram lands where its first fragment does."""
+    n = len(frame)
+    if link == LINKTYPE_ETHERNET:
+        if n < 14:
+            return 0
+        et = (frame[12] << 8) | frame[13]
+        off = 14
+        while et in _ETH_VLAN and off + 4 <= n and off < 26:
+            et = (frame[off + 2] << 8) | frame[off + 3]
+            off += 4
+        if et == 0x8864:
+            if n < off + 8:
+                return 0
+            ppp = (frame[off + 6] << 8) | frame[off + 7]
+            off += 8
+            et = 0x0800 if ppp == 0x0021 else 0x86DD if ppp == 0x0057 else 0
+        if et != 0x0800 and et != 0x86DD:
+            return 0
+    elif link in _RAW_LINKS:
+        off = 0
+    elif link == LINKTYPE_NULL or link == LINKTYPE_LOOP:
+        off = 4
+    elif link == LINKTYPE_LINUX_SLL or link == LINKTYPE_LINUX_SLL2:
+        off = 16 if link == LINKTYPE_LINUX_SLL else 20
+        et_at = 14 if link == LINKTYPE_LINUX_SLL else 0
+        if n >= off and (frame[et_at] << 8 | frame[et_at + 1]) == 0x8100:
+            off += 4
+    else:
+        return 0
+    if n < off + 40 and not (n >= off + 20 and frame[off] >> 4 == 4):
+        return 0
+    if frame[off] >> 4 == 4:
+        return ((frame[off + 14] << 8) | frame[off + 15]) ^ \
+            ((frame[off + 18] << 8) | frame[off + 19])
+    if frame[off] >> 4 == 6:
+        return ((frame[off + 22] << 8) | frame[off + 23]) ^ \
+            ((frame[off + 38] << 8) | frame[off + 39])
+    return 0
+
+
 def meter_file(path, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
                max_flows: int = DEFAULT_MAX_FLOWS, sink: PayloadSink | None = None,
                community: CommunityId = DEFAULT_CID) -> tuple[list[Flow], Meter]:
