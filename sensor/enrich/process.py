@@ -698,13 +698,15 @@ class ProcessAttributor:
     def _task_info(self, ev: SocketEvent) -> ProcessInfo:
         """ProcessInfo from the kernel's task fields plus /proc, read now."""
         details = self._details(ev.pid, ev.comm)
-        if details is None:
+        exe = details.exe if details is not None else ""
+        if not exe:
+            # Gone, or exiting (its memory, and with it /proc/PID/exe, already released).
             with self._lock:
                 self._stats["exited_before_read"] += 1
-            path = self._cgroups.path(ev.cgroup_id)
-            exe, container = "", container_id_from_path(path)
+        if details is not None and details.cgroup_path:
+            container = details.container_id
         else:
-            exe, container = details.exe, details.container_id
+            container = container_id_from_path(self._cgroups.path(ev.cgroup_id))
         return ProcessInfo(pid=ev.pid, comm=ev.comm, exe=exe, uid=ev.uid,
                            user=_username(ev.uid), cgroup_id=ev.cgroup_id,
                            container_id=container)
