@@ -108,6 +108,10 @@ FlowKey = tuple[int, str, int, str, int]
 def canonical_addr(addr: str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """One spelling per address; an IPv4-mapped IPv6 address (a dual-stack socket talking
     IPv4) becomes the IPv4 address the packets carry."""
+    if isinstance(addr, str) and ":" not in addr:
+        # Dotted quads that parse at all (model.Flow validates them; Python refuses
+        # leading zeros) have one spelling: skip the ~4 us ipaddress round trip.
+        return addr
     ip = ipaddress.ip_address(addr)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
@@ -440,6 +444,9 @@ def read_proc_details(pid: int, proc_root: Path) -> ProcDetails | None:
 # ---- socket tables -----------------------------------------------------------------------------
 
 _TCP_LISTEN = 0x0A
+# Sockets without a file still worth keeping: ESTABLISHED and SYN_RECV ones waiting in a
+# listener's accept queue tell which namespace a connection is in.
+_KEEP_WITHOUT_FILE = frozenset({0x01, 0x03})
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
@@ -530,8 +537,13 @@ class SocketTable:
                     cols = line.split()
                     if len(cols) < 10:
                         continue
+                    state, inode = int(cols[3], 16), int(cols[9])
+                    if not inode and state not in _KEEP_WITHOUT_FILE:
+                        # TIME_WAIT and other orphans: no owner to find, and a busy
+                        # host has thousands of them; skipped before the costly parse.
+                        continue
                     sock = _Sock(netns, parse_proc_net_addr(cols[1]),
-                                 parse_proc_net_addr(cols[2]), int(cols[3], 16), int(cols[9]))
+                                 parse_proc_net_addr(cols[2]), state, inode)
                     snap.by_tuple.setdefault((proto, *sock.local, *sock.remote), sock)
                     snap.by_port.setdefault((proto, sock.local[1]), []).append(sock)
                     count += 1

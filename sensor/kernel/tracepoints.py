@@ -120,6 +120,11 @@ class ProcessTracepoint:
         return {name: int(self._counters.sum(ctypes.c_int(i)).value)
                 for i, name in enumerate(COUNTER_NAMES)}
 
+    def program_fds(self) -> list[int]:
+        """File descriptors of the loaded programs: /proc/self/fdinfo/FD shows their
+        run_cnt and run_time_ns while the kernel.bpf_stats_enabled sysctl is 1."""
+        return [fn.fd for fn in self._bpf.funcs.values()]
+
     def close(self) -> None:
         self._bpf.cleanup()
 
