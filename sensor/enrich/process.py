@@ -631,6 +631,9 @@ class ProcessAttributor:
         # a backstop for a close event lost to a full ring buffer.
         self._listeners: BoundedTtlCache[int, _Listener] = BoundedTtlCache(
             lim.max_listeners, lim.flow_ttl_ns, clock)
+        # uid -> user name; few distinct uids run networked processes. The TTL lets a
+        # renamed or new account show up.
+        self._users: BoundedTtlCache[int, str] = BoundedTtlCache(1024, 60 * 10**9, clock)
         self._sockets = SocketTable(lim, clock, proc_root)
         self._cgroups = CgroupIndex(lim, clock)
         self._stats = dict.fromkeys(
@@ -696,6 +699,14 @@ class ProcessAttributor:
                 self._stats["listen_close"] += 1
                 self._listeners.pop(ev.cookie)
 
+    def _user(self, uid: int) -> str:
+        # getpwuid reads /etc/passwd (or asks NSS) each call: ~10 us, per event.
+        name = self._users.get(uid)
+        if name is None:
+            name = _username(uid)
+            self._users.put(uid, name)
+        return name
+
     def _details(self, pid: int, comm: str) -> ProcDetails | None:
         with self._lock:
             cached = self._pids.get(pid)
@@ -720,7 +731,7 @@ class ProcessAttributor:
         else:
             container = container_id_from_path(self._cgroups.path(ev.cgroup_id))
         return ProcessInfo(pid=ev.pid, comm=ev.comm, exe=exe, uid=ev.uid,
-                           user=_username(ev.uid), cgroup_id=ev.cgroup_id,
+                           user=self._user(ev.uid), cgroup_id=ev.cgroup_id,
                            container_id=container)
 
     def _pid_info(self, pid: int) -> ProcessInfo | None:
@@ -729,7 +740,7 @@ class ProcessAttributor:
         if details is None:
             return None
         return ProcessInfo(pid=pid, comm=details.comm, exe=details.exe, uid=details.uid,
-                           user=_username(details.uid),
+                           user=self._user(details.uid),
                            cgroup_id=self._cgroups.cgroup_id(details.cgroup_path),
                            container_id=details.container_id)
 

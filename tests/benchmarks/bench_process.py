@@ -19,7 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
-from sensor.enrich.process import ProcessAttributor, ProcessLimits
+from sensor.enrich.process import (
+    KIND_CONNECT, EventDecoder, ProcessAttributor, ProcessLimits, ProcEvent,
+)
 from sensor.kernel.tracepoints import load_process_tracepoint
 
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -116,11 +118,9 @@ def main() -> None:
                            ProcessLimits(max_pids=1)),
                           ("warm (pid cache hit)", ProcessLimits())):
         att = ProcessAttributor(limits=limits)
-        mine = [r for r in raw_events]
+        mine = list(raw_events)
         if limits.max_pids == 1:
             # Alternate two live pids so every event misses the one-entry cache.
-            import ctypes
-            from sensor.enrich.process import ProcEvent
             pids = (os.getpid(), os.getppid())
             patched = []
             for i, r in enumerate(mine):
@@ -141,9 +141,8 @@ def main() -> None:
     att = ProcessAttributor(limits=ProcessLimits())
     for r in raw_events:
         att.handle_event(r)
-    conn = next(r for r in raw_events if r[87] == 1)   # kind CONNECT
-    from sensor.enrich.process import EventDecoder
-    ev = EventDecoder().decode(conn)
+    decoded = (EventDecoder().decode(r) for r in raw_events)
+    ev = next(e for e in decoded if e is not None and e.kind == KIND_CONNECT)
     hit_key = (6, *ev.local, *ev.remote)
     miss_key = (6, "198.18.250.1", 1, "198.18.250.2", 2)
     att.lookup(miss_key)      # builds the socket tables once
