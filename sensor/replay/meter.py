@@ -496,8 +496,116 @@ class Meter:
         st.l2[d] += wire_len
         stats.metered += 1
         if tcp_flags >= 0:
-            self._tcp(st, d, seq, ack, tcp_flags, frame, l4 + doff, end, cap_end, ts,
-                      first_frag)
+            # TCP, inline: a call per packet costs more than this block's length.
+            pstart = l4 + doff
+            plen = end - pstart if end > pstart else 0
+            st.flags[d] |= tcp_flags
+            syn = tcp_flags & 0x02
+            fin = tcp_flags & 0x01
+            rst = tcp_flags & 0x04
+            shift = 16 * d
+            seen = st.hist_seen
+            hist = st.hist
+            if syn:
+                st.syn_count += 1
+                if tcp_flags & 0x10:
+                    st.synack[d] = True
+                    if not st.synack_ns:
+                        st.synack_ns = ts
+                else:
+                    st.pure_syn[d] = True
+                    if not st.init_by_syn:
+                        # The first SYN without ACK names the initiator (semantics.py).
+                        st.init_by_syn = True
+                        if st.init != d and st.src_text:
+                            # Identity was filled already (an L7 event): the texts follow.
+                            st.src_text, st.dst_text = st.dst_text, st.src_text
+                        st.init = d
+                    if not st.syn_ns:
+                        st.syn_ns = ts
+            elif (not st.rtt_ns and st.synack_ns and tcp_flags & 0x10 and d == st.init
+                  and st.syn_ns):
+                st.rtt_ns = ts - st.syn_ns
+            if fin:
+                st.fin_count += 1
+            if rst:
+                st.rst_count += 1
+            # Zeek's history (TCPSessionAdapter update_history).
+            nbits = (syn >> 1) + fin + (rst >> 2)
+            if nbits > 1:
+                code = "I" if fin and rst else "Q"
+                bit = _H[code] << shift
+                if not seen & bit:
+                    st.hist_seen = seen | bit
+                    hist.append(code.lower() if d else code)
+            elif nbits == 1:
+                if syn:
+                    code = "H" if tcp_flags & 0x10 else "S"
+                    bit = _H[code] << shift
+                    if not seen & bit:
+                        st.hist_seen = seen | bit
+                        hist.append(code.lower() if d else code)
+                    elif seq != st.last_syn[d]:
+                        hist.append(code.lower() if d else code)
+                    st.last_syn[d] = seq
+                elif fin:
+                    fseq = (seq + plen) & 0xFFFFFFFF
+                    bit = _H["F"] << shift
+                    if not seen & bit:
+                        st.hist_seen = seen | bit
+                        hist.append("f" if d else "F")
+                    elif fseq != st.last_fin[d]:
+                        hist.append("f" if d else "F")
+                    st.last_fin[d] = fseq
+                else:
+                    bit = _H["R"] << shift
+                    if not seen & bit:
+                        st.hist_seen = seen | bit
+                        hist.append("r" if d else "R")
+                    elif seq != st.last_rst[d]:
+                        hist.append("r" if d else "R")
+                    st.last_rst[d] = seq
+            elif plen:
+                bit = 8 << shift
+                if not seen & bit:
+                    st.hist_seen = seen | bit
+                    hist.append("d" if d else "D")
+            elif tcp_flags & 0x10:
+                bit = 4 << shift
+                if not seen & bit:
+                    st.hist_seen = seen | bit
+                    hist.append("a" if d else "A")
+            # Retransmission: payload that ends at or before the highest sequence seen.
+            top = (seq + plen + (1 if syn else 0) + (1 if fin else 0)) & 0xFFFFFFFF
+            last = st.last_seq[d]
+            if last is None:
+                st.last_seq[d] = top
+            else:
+                delta = (top - last) & 0xFFFFFFFF
+                if delta and delta < 0x80000000:
+                    st.last_seq[d] = top
+                elif plen and not ((syn or rst) and 0x40000000 < delta < 0xC0000000):
+                    st.rxmit[d] += 1
+                    if st.rxmit[d] == st.rxmit_next[d]:
+                        st.rxmit_next[d] *= 10
+                        hist.append("t" if d else "T")
+            if (fin or rst) and not st.ended_ns:
+                i = st.init
+                if rst or (st.flags[i] & 0x01 and st.flags[1 - i] & 0x01):
+                    table.mark_ended(st, ts)
+            sink = self.sink
+            if sink is not None and (plen or syn or fin or rst) and not first_frag:
+                # A fragmented segment reaches the sink whole, through _fragment().
+                if st.l7_off:
+                    st.l7_skipped += plen
+                    return
+                skip = st.l7_skip
+                if skip is not None and plen and not syn | fin | rst:
+                    until = skip[d]
+                    if until is not None and (until - seq - plen) & 0xFFFFFFFF < 0x80000000:
+                        return   # wholly inside the L7 stage's skip range
+                sink.tcp_segment(st, d ^ st.init, seq, ack, tcp_flags,
+                                 frame[pstart:cap_end] if cap_end > pstart else b"", ts)
         elif proto == P_UDP and not later_frag:
             bit = 8 << (16 * d)   # 'D'
             if not st.hist_seen & bit:
@@ -528,116 +636,6 @@ class Meter:
             _sp, _dp, seq, ack, doff, flags, _win = _tcp(whole, 0)
             doff = (doff >> 4) << 2
             self.sink.tcp_segment(st, d ^ st.init, seq, ack, flags, whole[doff:], ts)
-
-    def _tcp(self, st: FlowState, d: int, seq: int, ack: int, flags: int, frame: bytes,
-             pstart: int, end: int, cap_end: int, ts: int, first_frag: bool) -> None:
-        plen = end - pstart if end > pstart else 0
-        st.flags[d] |= flags
-        syn = flags & 0x02
-        fin = flags & 0x01
-        rst = flags & 0x04
-        shift = 16 * d
-        seen = st.hist_seen
-        hist = st.hist
-        if syn:
-            st.syn_count += 1
-            if flags & 0x10:
-                st.synack[d] = True
-                if not st.synack_ns:
-                    st.synack_ns = ts
-            else:
-                st.pure_syn[d] = True
-                if not st.init_by_syn:
-                    # The first SYN without ACK names the initiator (semantics.py).
-                    st.init_by_syn = True
-                    if st.init != d and st.src_text:
-                        # Identity was filled already (an L7 event): the texts follow.
-                        st.src_text, st.dst_text = st.dst_text, st.src_text
-                    st.init = d
-                if not st.syn_ns:
-                    st.syn_ns = ts
-        elif not st.rtt_ns and st.synack_ns and flags & 0x10 and d == st.init and st.syn_ns:
-            st.rtt_ns = ts - st.syn_ns
-        if fin:
-            st.fin_count += 1
-        if rst:
-            st.rst_count += 1
-        # Zeek's history (TCPSessionAdapter update_history).
-        nbits = (syn >> 1) + fin + (rst >> 2)
-        if nbits > 1:
-            code = "I" if fin and rst else "Q"
-            bit = _H[code] << shift
-            if not seen & bit:
-                st.hist_seen = seen | bit
-                hist.append(code.lower() if d else code)
-        elif nbits == 1:
-            if syn:
-                code = "H" if flags & 0x10 else "S"
-                bit = _H[code] << shift
-                if not seen & bit:
-                    st.hist_seen = seen | bit
-                    hist.append(code.lower() if d else code)
-                elif seq != st.last_syn[d]:
-                    hist.append(code.lower() if d else code)
-                st.last_syn[d] = seq
-            elif fin:
-                fseq = (seq + plen) & 0xFFFFFFFF
-                bit = _H["F"] << shift
-                if not seen & bit:
-                    st.hist_seen = seen | bit
-                    hist.append("f" if d else "F")
-                elif fseq != st.last_fin[d]:
-                    hist.append("f" if d else "F")
-                st.last_fin[d] = fseq
-            else:
-                bit = _H["R"] << shift
-                if not seen & bit:
-                    st.hist_seen = seen | bit
-                    hist.append("r" if d else "R")
-                elif seq != st.last_rst[d]:
-                    hist.append("r" if d else "R")
-                st.last_rst[d] = seq
-        elif plen:
-            bit = 8 << shift
-            if not seen & bit:
-                st.hist_seen = seen | bit
-                hist.append("d" if d else "D")
-        elif flags & 0x10:
-            bit = 4 << shift
-            if not seen & bit:
-                st.hist_seen = seen | bit
-                hist.append("a" if d else "A")
-        # Retransmission: payload that ends at or before the highest sequence seen.
-        top = (seq + plen + (1 if syn else 0) + (1 if fin else 0)) & 0xFFFFFFFF
-        last = st.last_seq[d]
-        if last is None:
-            st.last_seq[d] = top
-        else:
-            delta = (top - last) & 0xFFFFFFFF
-            if delta and delta < 0x80000000:
-                st.last_seq[d] = top
-            elif plen and not ((syn or rst) and 0x40000000 < delta < 0xC0000000):
-                st.rxmit[d] += 1
-                if st.rxmit[d] == st.rxmit_next[d]:
-                    st.rxmit_next[d] *= 10
-                    hist.append("t" if d else "T")
-        if (fin or rst) and not st.ended_ns:
-            i = st.init
-            if rst or (st.flags[i] & 0x01 and st.flags[1 - i] & 0x01):
-                self.table.mark_ended(st, ts)
-        sink = self.sink
-        if sink is not None and (plen or syn or fin or rst) and not first_frag:
-            # A fragmented segment reaches the sink whole, through _fragment().
-            if st.l7_off:
-                st.l7_skipped += plen
-                return
-            skip = st.l7_skip
-            if skip is not None and plen and not syn | fin | rst:
-                until = skip[d]
-                if until is not None and (until - seq - plen) & 0xFFFFFFFF < 0x80000000:
-                    return   # wholly inside the L7 stage's skip range
-            sink.tcp_segment(st, d ^ st.init, seq, ack, flags,
-                             frame[pstart:cap_end] if cap_end > pstart else b"", ts)
 
 
 def shard_of(link: int, frame: bytes) -> int:
