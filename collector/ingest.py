@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import logging
+import multiprocessing
+import os
+import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable
@@ -97,6 +101,10 @@ def _columns(messages: list, paths: list[str]) -> list[tuple]:
     return [out[path] for path in paths]
 
 
+# Addresses already validated, per process. Traffic repeats hosts, so most of a batch's
+# distinct addresses were seen before and cost a cache hit instead of an ipaddress parse.
+# Bounded (least recently used out) at ~100 bytes an entry: ~10 MiB per decoder process.
+@functools.lru_cache(maxsize=100_000)
 def _valid_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -105,28 +113,14 @@ def _valid_address(text: str) -> bool:
     return True
 
 
-class AddressCache:
-    """Addresses already validated. Traffic repeats hosts, so most of a batch's distinct
-    addresses were seen before and cost one set lookup instead of an ipaddress parse.
-    Bounded: cleared when it reaches MAX entries (~100 bytes each, so ~10 MiB at most)."""
-
-    MAX = 100_000
-
-    def __init__(self) -> None:
-        self._known: set[str] = set()
-
-    def all_valid(self, addresses: set[str]) -> str | None:
-        """The first invalid address, or None."""
-        for addr in addresses - self._known:
-            if not _valid_address(addr):
-                return addr
-            if len(self._known) >= self.MAX:
-                self._known.clear()
-            self._known.add(addr)
-        return None
+def _first_invalid_address(addresses: set[str]) -> str | None:
+    for addr in addresses:
+        if not _valid_address(addr):
+            return addr
+    return None
 
 
-def _check(table: str, cols: dict[str, tuple], addresses: AddressCache) -> str | None:
+def _check(table: str, cols: dict[str, tuple]) -> str | None:
     """The first rule a column breaks, or None. Mirrors sensor/model.py."""
     if not cols[next(iter(cols))]:
         return None
@@ -140,7 +134,7 @@ def _check(table: str, cols: dict[str, tuple], addresses: AddressCache) -> str |
         if not set(cols[name]) <= allowed:
             return f"{table}: {name} has a value outside {sorted(allowed)}"
     if "src_addr" in cols:
-        bad = addresses.all_valid(set(cols["src_addr"]).union(cols["dst_addr"]))
+        bad = _first_invalid_address(set(cols["src_addr"]).union(cols["dst_addr"]))
         if bad is not None:
             return f"{table}: {bad!r} is not an IP address"
     if table == "flows" and any(e < s for s, e in zip(cols["flow_start_ns"], cols["flow_end_ns"])):
@@ -164,16 +158,13 @@ def _reject(batch, reason: str) -> SchemaError:
     return SchemaError(reason)
 
 
-def decode_batch(batch, identity: str | None = None,
-                 addresses: AddressCache | None = None) -> DecodedBatch:
+def decode_batch(batch, identity: str | None = None) -> DecodedBatch:
     """Columns of every table for one RecordBatch, or SchemaError.
 
     identity is the sensor name from the client certificate under mTLS: it overrides
     both the batch's and each record's sensor_id. Without mTLS a record with an empty
     sensor_id takes the batch's.
     """
-    if addresses is None:
-        addresses = AddressCache()
     sensor_id = identity or batch.sensor_id
     if not sensor_id:
         raise SchemaError(
@@ -218,7 +209,7 @@ def decode_batch(batch, identity: str | None = None,
 
     tables: dict[str, pa.Table] = {}
     for table, cols in raw.items():
-        problem = _check(table, cols, addresses)
+        problem = _check(table, cols)
         if problem is not None:
             raise _reject(batch, problem)
         n = len(cols["sensor_id"])
@@ -260,37 +251,75 @@ class Stored:
     identity: str | None
 
 
+# How much lower decoder processes run than the collector (see _decoder_init).
+DECODER_NICENESS = 5
+
+
+def decode_message(raw: bytes, identity: str | None) -> DecodedBatch | str:
+    """Decoder-process entry point: a serialized RecordBatch to its columns, or the reason
+    it is rejected. Runs in a worker process (see Writer), so it takes and returns only
+    picklable values; the caller has already checked that raw parses."""
+    batch = ingest_pb2.RecordBatch.FromString(raw)
+    try:
+        return decode_batch(batch, identity)
+    except SchemaError as exc:
+        return str(exc)
+
+
+def _decoder_init() -> None:
+    """Set up a decoder process: below the collector in CPU priority, deaf to ^C."""
+    # The writer thread is the one serial stage (a single DuckDB writer): when the cores
+    # are short, it must get one first, and decoders take what is left. Without this the
+    # scheduler shares the cores out evenly and the writer, holding up every ack, gets a
+    # quarter of them.
+    os.nice(DECODER_NICENESS)
+    # The collector handles SIGINT/SIGTERM and shuts the pool down itself; a ^C reaching
+    # the whole process group must not kill a decoder mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decoder_processes() -> int:
+    # One per core: decoding is the collector's largest CPU cost per record, and the
+    # writer thread spends most of a commit inside DuckDB, which does not need a core of
+    # Python. More processes than cores would only add switching.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 class Writer:
-    """Decode and validate on one thread, commit on another: the one writer.
+    """Decode and validate in worker processes, commit on one thread: the one writer.
+
+    Decoding is Python work (one attribute read per field), so in the collector's own
+    process it would hold the GIL that the gRPC event loop and DuckDB's Python glue also
+    need; in worker processes it runs on every core and overlaps the commits. A batch
+    travels to a decoder as the bytes it arrived as and comes back as Arrow tables.
 
     DuckDB takes one writer, and a single thread also serialises the (sensor_id,
-    batch_id) dedup checks. Batches that arrive while a commit is running are committed
-    together in the next transaction (group commit): with several sensors pushing, the
-    fixed cost of a transaction is shared instead of paid per batch. Every batch in a
-    group is still acked only after that group's commit.
+    batch_id) dedup checks. Batches are committed in the order they arrived, decoded or
+    not: the group that follows a commit is every batch already decoded at the head of
+    the queue, up to MAX_GROUP (group commit). With several sensors pushing, the fixed
+    cost of a transaction is shared instead of paid per batch. Every batch in a group is
+    still acked only after that group's commit.
     """
 
     # At most this many batches per transaction: bounds the memory of one commit (a
     # batch is at most the 16 MiB message limit) and the ack latency of the first batch
-    # of a group, while already amortising the per-transaction cost over several sensors.
-    MAX_GROUP = 8
+    # of a group, while amortising the per-transaction cost over several sensors.
+    MAX_GROUP = 16
 
-    def __init__(self, storage: Storage, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, storage: Storage, clock: Callable[[], int] = time.time_ns,
+                 decoders: int | None = None) -> None:
         self._storage = storage
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-writer")
+        # Arrival order; each entry is [decode future, batch, identity, ack future].
         self._pending: collections.deque = collections.deque()
         self._flusher: asyncio.Task | None = None
-        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-decode")
-        self._addresses = AddressCache()  # used by the decoder thread only
-
-    def _decode(self, batch, identity: str | None):
-        try:
-            return decode_batch(batch, identity, self._addresses)
-        except SchemaError as exc:
-            return ingest_pb2.BatchAck(
-                batch_id=batch.batch_id, status=ingest_pb2.ACK_STATUS_REJECTED, message=str(exc)
-            )
+        # "spawn": the collector runs gRPC threads, which a fork would copy mid-flight.
+        # Processes start on the first batch and live until close().
+        self._decoders = ProcessPoolExecutor(
+            max_workers=decoders or _decoder_processes(),
+            mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init,
+        )
 
     def _store_group(self, group: list[tuple[DecodedBatch, object, str | None]]) -> list[Stored]:
         results = self._storage.store_many([d for d, _, _ in group], self._clock())
@@ -309,11 +338,35 @@ class Writer:
             out.append(Stored(ack, result.seq, batch, identity))
         return out
 
+    def _next_group(self) -> list:
+        """The decoded batches at the head of the queue (at most MAX_GROUP); rejected ones
+        and failed decodes are answered on the way, in order."""
+        group = []
+        pending = self._pending
+        while pending and len(group) < self.MAX_GROUP and pending[0][0].done():
+            decode, batch, identity, fut = pending.popleft()
+            exc = decode.exception()
+            if exc is not None:
+                if not fut.done():
+                    fut.set_exception(exc)
+            elif isinstance(decode.result(), str):
+                if not fut.done():
+                    fut.set_result(Stored(ingest_pb2.BatchAck(
+                        batch_id=batch.batch_id, status=ingest_pb2.ACK_STATUS_REJECTED,
+                        message=decode.result()), 0, batch, identity))
+            else:
+                group.append((decode.result(), batch, identity, fut))
+        return group
+
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            group = [self._pending.popleft()
-                     for _ in range(min(self.MAX_GROUP, len(self._pending)))]
+            # Wait for the oldest batch only: later ones keep decoding meanwhile, and
+            # whatever has finished by then joins its group.
+            await asyncio.wait([self._pending[0][0]])
+            group = self._next_group()
+            if not group:
+                continue
             try:
                 stored = await loop.run_in_executor(
                     self._pool, self._store_group, [(d, b, i) for d, b, i, _ in group]
@@ -327,15 +380,12 @@ class Writer:
                 if not fut.done():
                     fut.set_result(result)
 
-    async def store(self, batch, identity: str | None) -> Stored:
+    async def store(self, batch, raw: bytes, identity: str | None) -> Stored:
+        """Decode, validate and commit one batch (raw is its serialized form); its ack."""
         loop = asyncio.get_running_loop()
-        # Decoding runs on its own thread so that it overlaps the previous group's DuckDB
-        # insert and commit (which release the GIL) instead of queueing behind it.
-        decoded = await loop.run_in_executor(self._decoder, self._decode, batch, identity)
-        if not isinstance(decoded, DecodedBatch):
-            return Stored(decoded, 0, batch, identity)
+        decode = loop.run_in_executor(self._decoders, decode_message, raw, identity)
         fut = loop.create_future()
-        self._pending.append((decoded, batch, identity, fut))
+        self._pending.append((decode, batch, identity, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
@@ -351,7 +401,7 @@ class Writer:
             await asyncio.shield(self._flusher)
 
     def close(self) -> None:
-        self._decoder.shutdown(wait=True)
+        self._decoders.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
 
 
@@ -372,32 +422,65 @@ class IngestService:
         self._counters = counters
         self._mtls = mtls
 
+    # Batches of one stream being decoded or committed at once, on top of the one whose
+    # ack is being sent: lets the next batch decode while the previous one commits.
+    # Bounds what one stream makes the collector hold (4 x the 16 MiB message limit).
+    PIPELINE = 4
+
+    async def _read(self, request_iterator, queue: asyncio.Queue, identity) -> None:
+        """Parse each message, hand it to the writer, and queue (batch, ack task) in
+        arrival order. What ends the reading is queued last: None for the end of the
+        stream, else the exception (a DecodeError for a message that is not a batch)."""
+        try:
+            async for raw in request_iterator:
+                try:
+                    batch = ingest_pb2.RecordBatch.FromString(raw)
+                except DecodeError as exc:
+                    await queue.put(exc)
+                    return
+                task = asyncio.ensure_future(self._writer.store(batch, raw, identity))
+                await queue.put((batch, task))
+        except Exception as exc:  # noqa: BLE001 - handed to Push, which re-raises it
+            await queue.put(exc)
+            return
+        await queue.put(None)
+
     async def Push(self, request_iterator, context):
         identity = peer_identity(context) if self._mtls else None
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.PIPELINE)
+        reader = asyncio.create_task(self._read(request_iterator, queue, identity))
         index = 0
-        async for raw in request_iterator:
-            try:
-                batch = ingest_pb2.RecordBatch.FromString(raw)
-            except DecodeError as exc:
-                self._counters.undecodable_messages += 1
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"message {index} on this stream is not a loupe.v1.RecordBatch ({exc}); "
-                    "the stream is closed, batches acked before it are stored",
-                )
-            index += 1
-            stored = await self._writer.store(batch, identity)
-            status = stored.ack.status
-            if status == ingest_pb2.ACK_STATUS_STORED:
-                self._counters.batches_stored += 1
-                self._counters.records_stored += stored.ack.records
-            elif status == ingest_pb2.ACK_STATUS_DUPLICATE:
-                self._counters.batches_duplicate += 1
-            else:
-                self._counters.batches_rejected += 1
-                log.warning("rejected batch %d from %s: %s", batch.batch_id,
-                            identity or batch.sensor_id or "?", stored.ack.message)
-            if status == ingest_pb2.ACK_STATUS_STORED:
-                # Committed: live subscribers may see it now, before the sensor reads its ack.
-                self._hub.publish(stored.seq, batch, identity)
-            yield stored.ack
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, Exception) and not isinstance(item, DecodeError):
+                    raise item
+                if isinstance(item, DecodeError):
+                    # Every batch before it has been acked above.
+                    self._counters.undecodable_messages += 1
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"message {index} on this stream is not a loupe.v1.RecordBatch ({item}); "
+                        "the stream is closed, batches acked before it are stored",
+                    )
+                index += 1
+                batch, task = item
+                stored = await task
+                status = stored.ack.status
+                if status == ingest_pb2.ACK_STATUS_STORED:
+                    self._counters.batches_stored += 1
+                    self._counters.records_stored += stored.ack.records
+                elif status == ingest_pb2.ACK_STATUS_DUPLICATE:
+                    self._counters.batches_duplicate += 1
+                else:
+                    self._counters.batches_rejected += 1
+                    log.warning("rejected batch %d from %s: %s", batch.batch_id,
+                                identity or batch.sensor_id or "?", stored.ack.message)
+                if status == ingest_pb2.ACK_STATUS_STORED:
+                    # Committed: live subscribers may see it now, before the sensor reads its ack.
+                    self._hub.publish(stored.seq, batch, identity)
+                yield stored.ack
+        finally:
+            reader.cancel()
