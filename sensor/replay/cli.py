@@ -9,6 +9,7 @@ on stderr, so stdout carries nothing but records.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -57,9 +58,11 @@ def register(tree) -> None:
     p.add_argument("--sensor-id", default="", help="sensor id put on every record "
                    "(default: none; 'replay' with --to)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="meter in N processes, each taking a share of the hosts' flows "
-                        "(default 1: records in capture order)")
+    p.add_argument("--jobs", type=int, default=0, metavar="N",
+                   help="meter in N processes, each taking a share of the host pairs' "
+                        "flows (records then come in arrival order across processes); "
+                        "default 0: one process for inputs under 64 MiB or on one CPU, "
+                        "else one per CPU up to 4")
     p.set_defaults(func=run)
 
 
@@ -208,6 +211,29 @@ class _Tee:
             sink.close()
 
 
+# Below this much input a second process costs more (fork, shipping records back) than
+# it saves; above, sharding pays when a core is free.
+_AUTO_JOBS_BYTES = 64 << 20
+# More shards than this read the capture that many times over for little gain, and each
+# holds its own flow table.
+_MAX_AUTO_JOBS = 4
+
+
+def auto_jobs(files) -> int:
+    """--jobs 0: how many metering processes for these inputs on this machine."""
+    total = 0
+    for path in files:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            pass   # checked before; a file that vanished fails when it is read
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else (os.cpu_count() or 1)
+    if total < _AUTO_JOBS_BYTES or cpus < 2:
+        return 1
+    return min(cpus, _MAX_AUTO_JOBS)
+
+
 def _grpc_sink(args, spool_dir: Path):
     from sensor.export.grpc_client import GrpcExportConfig, GrpcExporter, TlsFiles
 
@@ -235,8 +261,10 @@ def run(args) -> int:
         sinks.append(open_output(args.output or "-", args.format))
     elif args.format is not None:
         raise ConfigError("--format needs -o/--output")
-    if args.jobs < 1:
-        raise ConfigError("--jobs must be at least 1")
+    if args.jobs < 0:
+        raise ConfigError("--jobs must be 0 (automatic) or a number of processes")
+    if args.jobs == 0:
+        args.jobs = auto_jobs(args.files)
     exporters = []
     if args.to is not None:
         spool_dir = args.spool_dir

@@ -99,6 +99,16 @@ def test_jobs_give_the_same_records(tmp_path):
     assert Counter(map(_key, got)) == Counter(map(_key, _expected(ALL)))
 
 
+def test_automatic_jobs_stay_single_for_small_inputs(tmp_path):
+    from sensor.replay.cli import auto_jobs
+
+    assert auto_jobs(ALL) == 1                 # a few KiB: one process, capture order
+    big = tmp_path / "big.pcap"
+    with open(big, "wb") as fh:
+        fh.truncate(100 << 20)                 # sparse: size only
+    assert 1 <= auto_jobs([big]) <= 4
+
+
 def test_no_l7_gives_flows_only():
     res = loupe("replay", GOLDEN / "curl-http.pcap", "--no-l7")
     assert res.returncode == 0, res.stderr
