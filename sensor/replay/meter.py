@@ -524,7 +524,8 @@ class Meter:
                     if not st.syn_ns:
                         st.syn_ns = ts
             elif (not st.rtt_ns and st.synack_ns and tcp_flags & 0x10 and d == st.init
-                  and st.syn_ns):
+                  and st.syn_ns and ts > st.syn_ns):
+                # (a capture out of time order gives no RTT rather than a negative one)
                 st.rtt_ns = ts - st.syn_ns
             if fin:
                 st.fin_count += 1

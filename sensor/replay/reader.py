@@ -67,6 +67,9 @@ MAX_RESYNC = 16 << 20
 # (a comment longer than any tool writes) mark the block as corrupt.
 MAX_BLOCK = MAX_RECORD + 65_536
 
+# Records carry Unix epoch ns in an unsigned 64-bit field (sensor/model.py).
+_TS_MAX = (1 << 64) - 1
+
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
@@ -370,6 +373,12 @@ class CaptureReader:
                     continue
                 itf = ifaces[ifid]
                 ts = ((hi << 32) | lo) * itf.mul // itf.div + itf.offset_ns
+                if not 0 <= ts <= _TS_MAX:
+                    # A coarse if_tsresol or a large if_tsoffset put the packet before
+                    # 1970 or past 2554: the timestamp (or the interface) is corrupt.
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
                 packets += 1
                 yield (ts, base + ifid, itf.link_type, buf[start:start + cap], wire)
             elif btype == _BT_SPB:
@@ -398,6 +407,12 @@ class CaptureReader:
                     continue
                 itf = ifaces[ifid]
                 ts = ((hi << 32) | lo) * itf.mul // itf.div + itf.offset_ns
+                if not 0 <= ts <= _TS_MAX:
+                    # A coarse if_tsresol or a large if_tsoffset put the packet before
+                    # 1970 or past 2554: the timestamp (or the interface) is corrupt.
+                    stats.corrupt_records += 1
+                    pos += blen
+                    continue
                 packets += 1
                 yield (ts, base + ifid, itf.link_type, buf[start:start + cap], wire)
             elif btype == _BT_IDB:
