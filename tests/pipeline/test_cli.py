@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from sensor.export.jsonfmt import to_dict
 from sensor.replay import replay_records
@@ -157,13 +158,15 @@ def _start_collector(data_dir: Path):
     raise AssertionError(f"collector did not start: {proc.stderr.read()}")
 
 
-def test_to_a_real_collector_stores_the_records(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_to_a_real_collector_stores_the_records(tmp_path, jobs):
+    """With --jobs 2 the exporter starts in the parent after the shards were forked."""
     from tests.export.collector_proc import query
 
     proc, address = _start_collector(tmp_path / "data")
     try:
         res = loupe("replay", *ALL, "--to", address, "--sensor-id", "lab-replay",
-                    "--spool-dir", tmp_path / "spool")
+                    "--spool-dir", tmp_path / "spool", "--jobs", jobs)
         assert res.returncode == 0, res.stderr
         expected = _expected(ALL)
         kinds = Counter(d["type"] for d in expected)
