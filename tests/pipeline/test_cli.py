@@ -186,3 +186,35 @@ def test_to_a_real_collector_stores_the_records(tmp_path, jobs):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """stderr on a pseudo-terminal gets the bar (and a cleared line before the summary);
+    piped stderr never does (test_jsonl_on_stdout_and_summary_on_stderr)."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        argv = [*LOUPE, "replay", *map(str, ALL), "-o", str(tmp_path / "o.jsonl")]
+        proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=slave,
+                              timeout=60)
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    text = b"".join(chunks).decode()
+    assert proc.returncode == 0
+    assert "\r[" in text and "% file " in text and " packets " in text
+    assert "loupe replay: 142 packets" in text and "parser_error 2" in text
