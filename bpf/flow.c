@@ -4,8 +4,12 @@
  * - Observe only: every path returns TC_ACT_UNSPEC, which passes the packet exactly as
  *   TC_ACT_OK does when we are the only filter, and lets a filter chained after ours
  *   (another tool's program) still run, so attaching Loupe never changes a verdict.
- * - Only packet bytes (bpf_skb_load_bytes) and __sk_buff fields are read; no kernel
- *   struct, so one build runs on any kernel >= 5.8. Only UAPI headers are included.
+ * - Only packet bytes and __sk_buff fields are read; no kernel struct, so one build
+ *   runs on any kernel >= 5.8. Only UAPI headers are included.
+ * - Headers are read straight from the buffer's linear part (direct packet access),
+ *   where the stack and drivers put them; a header outside it (a driver that left
+ *   everything in page fragments) is pulled into it first and counted
+ *   (LOUPE_CNT_HEADER_PULLS). No byte of the packet is ever changed.
  * - Wire packets, not socket buffers: with TSO/GSO on egress and GRO on ingress one
  *   buffer carries gso_segs segments, each of which had its own L2/L3/L4 headers on the
  *   wire. We count gso_segs packets and add the per-segment header length for every
@@ -14,16 +18,39 @@
  *   the wire: it is the outer tag, and its 4 bytes count in the layer-2 length.
  * - Every packet that is not attributed to a flow is counted in one of the per-CPU
  *   counters (loupe.h, enum loupe_counter); none is misattributed.
+ * - The fast path (a packet of a known, unselected flow) costs one hash lookup, one
+ *   spin lock and no other helper than the clock.
  *
  * Reading without losing
  *   Userspace takes finished flows out with BPF_MAP_LOOKUP_AND_DELETE_ELEM(BPF_F_LOCK),
  *   which copies the value under its spin lock and unlinks it in one step. A program
  *   that looked the entry up before the unlink may still add its packet after the copy,
- *   into an entry nobody will read again. So after every update the program looks the
- *   key up again: if the entry is gone or is another incarnation, it sends its packet as
- *   a LOUPE_EV_LATE_UPDATE event with the update's ordinal. The lock serialises updates
- *   and the copy, so userspace knows exactly whether the packet is in its copy (ordinal
- *   <= copied `updates`) or must be added. Nothing is lost and nothing counted twice.
+ *   into an entry nobody will read again; and a preallocated entry may already have
+ *   been reused for another flow (key_fp, checked under the lock, catches that and the
+ *   program looks the key up again). A packet that may have raced an unlink looks its
+ *   key up once more after its update: if the entry is gone or is another incarnation,
+ *   it sends itself as a LOUPE_EV_LATE_UPDATE event with the update's ordinal. The lock
+ *   serialises updates and the copy, so userspace knows exactly whether the packet is
+ *   in its copy (ordinal <= copied `updates`) or must be added.
+ *
+ *   Userspace retires an entry only if its snapshot shows it ENDED, or idle for at
+ *   least 2 * LOUPE_RETIRE_GUARD_NS, and only within LOUPE_RETIRE_GUARD_NS / 2 of the
+ *   snapshot (sensor/kernel/flowmap.py). So the first update after such a snapshot
+ *   either sees ENDED (sticky), or comes after a gap of at least GUARD since the
+ *   snapshot's last_ns and stamps resumed_ns; every later update within GUARD of
+ *   resumed_ns is therefore racing a possible unlink and double-checks. Every other
+ *   update cannot race one, and skips the second lookup. (A program run cannot be
+ *   preempted between reading the clock and taking the lock: TC runs with bottom
+ *   halves disabled.) Nothing is lost and nothing counted twice.
+ *
+ * Selection and payload (loupe.h, "selection"; docs/kernel.md)
+ *   A new flow is checked once against the active selection set (protocols, ports,
+ *   CIDR tries), the explicit keys and 1-in-N sampling, and keeps the outcome in
+ *   l7_select with its per-direction budget. An unselected TCP/UDP flow gets one look
+ *   at its first payload (content sniffing: TLS ClientHello, HTTP method, DNS shape).
+ *   For a selected flow the payload goes to the ring buffer in chunks, minus what
+ *   userspace's l7_ctl entry says to skip, up to the budget plus grants; every octet
+ *   not copied is counted in the flow's l7[] (truncated, skipped, gap).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -41,6 +68,12 @@ _Static_assert(sizeof(struct loupe_event_hdr) == LOUPE_EVENT_HDR_SIZE, "event he
 _Static_assert(sizeof(struct loupe_flow_end_event) == LOUPE_FLOW_END_EVENT_SIZE, "end event size");
 _Static_assert(sizeof(struct loupe_late_update_event) == LOUPE_LATE_UPDATE_EVENT_SIZE,
 	       "late event size");
+_Static_assert(sizeof(struct loupe_payload_event) == LOUPE_PAYLOAD_EVENT_SIZE,
+	       "payload event size");
+_Static_assert(sizeof(struct loupe_config) == LOUPE_CONFIG_SIZE, "config size");
+_Static_assert(sizeof(struct loupe_l7_ctl) == LOUPE_L7_CTL_SIZE, "l7_ctl size");
+_Static_assert(LOUPE_PAYLOAD_CHUNK >= 64 && LOUPE_PAYLOAD_CHUNK <= 16384,
+	       "payload chunk within 64..16384");
 
 #define ETH_HLEN_ 14
 #define VLAN_HLEN_ 4
@@ -68,9 +101,20 @@ _Static_assert(sizeof(struct loupe_late_update_event) == LOUPE_LATE_UPDATE_EVENT
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
 
+/* Offsets beyond this are not headers; the bound also lets the verifier prove packet
+ * pointer arithmetic. */
+#define MAX_HDR_OFF 0x3fff
+
+#define barrier_var(v) asm volatile("" : "+r"(v))
+
+/* Bytes of the first payload the content sniffer looks at. */
+#define SNIFF_LEN 16
+
 /* What one packet contributes, and to which flow. */
 struct pkt {
 	struct loupe_flow_key key;   /* canonical */
+	__u8  src[16];               /* addresses as sent; IPv4 in the first 4 bytes */
+	__u8  dst[16];
 	__u64 packets;
 	__u64 ip_bytes;
 	__u64 l2_bytes;
@@ -78,13 +122,18 @@ struct pkt {
 	__u32 l3_hdr_len;            /* IP header incl. IPv6 extension headers */
 	__u32 l4_hdr_len;
 	__u32 ip_len;                /* IP length of this buffer (non-GSO: the header's) */
+	__u32 payload_off;           /* first transport payload byte in the buffer */
+	__u32 payload_len;           /* transport payload octets in the buffer */
+	__u32 seq;
+	__u32 ack;
+	__u32 frag_id;
 	__u16 tcp_flags;
 	__u8  dir;
 	__u8  icmp_type;
 	__u8  icmp_code;
 	__u8  is_first_frag;         /* offset 0 and more fragments follow */
-	__u8  pad[2];
-	__u32 frag_id;
+	__u8  is_frag;               /* any fragment: its payload is not a whole datagram */
+	__u8  pad;
 };
 
 static __always_inline void count(__u32 idx)
@@ -94,14 +143,54 @@ static __always_inline void count(__u32 idx)
 		*c += 1;
 }
 
-static __always_inline __u64 key_fingerprint(const struct loupe_flow_key *k)
+static __always_inline void count_n(__u32 idx, __u64 n)
+{
+	__u64 *c = counters.lookup(&idx);
+	if (c)
+		*c += n;
+}
+
+/* Copies len bytes at off into buf, from the buffer's linear part. Headers are there
+ * unless a driver left the whole frame in page fragments; then they are pulled into
+ * the linear part first (bpf_skb_pull_data moves bytes, it changes none) and counted.
+ * One way of reading keeps the verifier's view of the copy the same on both paths. */
+static __always_inline int load_hdr(struct __sk_buff *skb, __u32 off, void *buf, __u32 len)
+{
+	if (off > MAX_HDR_OFF)
+		return -1;
+	/* The context may only be read at constant offsets from skb itself; the barrier
+	 * keeps the compiler from reusing a hoisted &skb->data_end. */
+	barrier_var(skb);
+	void *at = (void *)(long)skb->data + off;
+	void *end = (void *)(long)skb->data_end;
+	/* One register holds the pointer that is both checked and read through. */
+	barrier_var(at);
+	if (at + len > end) {
+		if (off + len > skb->len)
+			return -1;
+		count(LOUPE_CNT_HEADER_PULLS);
+		if (bpf_skb_pull_data(skb, off + len) < 0)
+			return -1;
+		barrier_var(skb);
+		at = (void *)(long)skb->data + off;
+		end = (void *)(long)skb->data_end;
+		barrier_var(at);
+		if (at + len > end)
+			return -1;
+	}
+	__builtin_memcpy(buf, at, len);
+	return 0;
+}
+
+/* FNV-1a over the key's 32-bit words: entry fingerprint and sampling hash. */
+static __always_inline __u64 key_hash(const struct loupe_flow_key *k)
 {
 	const __u32 *w = (const __u32 *)k;
 	__u64 h = 0xcbf29ce484222325ULL;
 #pragma unroll
 	for (int i = 0; i < LOUPE_FLOW_KEY_SIZE / 4; i++)
 		h = (h ^ w[i]) * 0x100000001b3ULL;
-	return h | 1;   /* never 0, the value of a zeroed entry */
+	return h;
 }
 
 /* ICMP query/response pairs count as one flow: the key carries the request type. */
@@ -169,8 +258,7 @@ static __always_inline void canonicalize(struct pkt *p, const __u8 *src, const _
 
 /* Parses the transport header at off (within the IP datagram ending at end) and fills
  * the canonical key. Returns 0, or the counter explaining why it could not. */
-static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 off, __u32 end,
-				    const __u8 *src, const __u8 *dst)
+static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 off, __u32 end)
 {
 	__u8 proto = p->key.protocol;
 	__u16 sport = 0, dport = 0;
@@ -178,19 +266,21 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 
 	__u8 reply = 0;
 
 	if (proto == PROTO_TCP) {
-		__u8 h[14];
-		if (off + 20 > end || bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+		__u8 h[16];
+		if (off + 20 > end || load_hdr(skb, off, h, sizeof(h)) < 0)
 			return LOUPE_CNT_TRUNCATED;
 		__u32 doff = (h[12] >> 4) * 4;
 		if (doff < 20 || off + doff > end)
 			return LOUPE_CNT_BAD_HEADER;
 		sport = ((__u16)h[0] << 8) | h[1];
 		dport = ((__u16)h[2] << 8) | h[3];
+		p->seq = ((__u32)h[4] << 24) | ((__u32)h[5] << 16) | ((__u32)h[6] << 8) | h[7];
+		p->ack = ((__u32)h[8] << 24) | ((__u32)h[9] << 16) | ((__u32)h[10] << 8) | h[11];
 		p->tcp_flags = ((__u16)(h[12] & 1) << 8) | h[13];
 		p->l4_hdr_len = doff;
 	} else if (proto == PROTO_UDP) {
 		__u8 h[4];
-		if (off + 8 > end || bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+		if (off + 8 > end || load_hdr(skb, off, h, sizeof(h)) < 0)
 			return LOUPE_CNT_TRUNCATED;
 		sport = ((__u16)h[0] << 8) | h[1];
 		dport = ((__u16)h[2] << 8) | h[3];
@@ -198,7 +288,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 
 	} else if ((proto == PROTO_ICMP && p->key.ip_version == 4) ||
 		   (proto == PROTO_ICMPV6 && p->key.ip_version == 6)) {
 		__u8 h[2];
-		if (off + 4 > end || bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+		if (off + 4 > end || load_hdr(skb, off, h, sizeof(h)) < 0)
 			return LOUPE_CNT_TRUNCATED;
 		p->icmp_type = h[0];
 		p->icmp_code = h[1];
@@ -207,16 +297,20 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 
 		ports_ordered = 0;
 		p->l4_hdr_len = 0;   /* ICMP is never segmented */
 	}
-	canonicalize(p, src, dst, sport, dport, ports_ordered, reply);
+	if (proto == PROTO_TCP || proto == PROTO_UDP) {
+		p->payload_off = off + p->l4_hdr_len;
+		p->payload_len = end - p->payload_off;
+	}
+	canonicalize(p, p->src, p->dst, sport, dport, ports_ordered, reply);
 	return 0;
 }
 
 /* A later fragment: the flow is whatever its first fragment left in frags. */
-static __always_inline int attribute_fragment(struct pkt *p, const __u8 *src, const __u8 *dst)
+static __always_inline int attribute_fragment(struct pkt *p)
 {
 	struct loupe_frag_key fk = {};
-	__builtin_memcpy(fk.src, src, 16);
-	__builtin_memcpy(fk.dst, dst, 16);
+	__builtin_memcpy(fk.src, p->src, 16);
+	__builtin_memcpy(fk.dst, p->dst, 16);
 	fk.id = p->frag_id;
 	fk.protocol = p->key.protocol;
 	fk.ip_version = p->key.ip_version;
@@ -226,29 +320,33 @@ static __always_inline int attribute_fragment(struct pkt *p, const __u8 *src, co
 	__builtin_memcpy(&p->key, &fv->flow, sizeof(p->key));
 	p->dir = fv->dir;
 	p->l4_hdr_len = 0;
+	p->is_frag = 1;
 	return 0;
 }
 
-static __always_inline void remember_first_fragment(struct pkt *p, const __u8 *src,
-						    const __u8 *dst)
+static __always_inline void remember_first_fragment(struct pkt *p)
 {
 	struct loupe_frag_key fk = {};
-	struct loupe_frag_value fv = {};
-	__builtin_memcpy(fk.src, src, 16);
-	__builtin_memcpy(fk.dst, dst, 16);
+	__builtin_memcpy(fk.src, p->src, 16);
+	__builtin_memcpy(fk.dst, p->dst, 16);
 	fk.id = p->frag_id;
 	fk.protocol = p->key.protocol;
 	fk.ip_version = p->key.ip_version;
-	__builtin_memcpy(&fv.flow, &p->key, sizeof(fv.flow));
-	fv.dir = p->dir;
-	frags.update(&fk, &fv);
+	/* The value is built in the key's own place: a struct pkt starts with the flow
+	 * key, and the dir byte is written after it for the update, then restored. */
+	struct loupe_frag_value *fv = (struct loupe_frag_value *)&p->key;
+	__u8 saved = fv->dir;
+	fv->dir = p->dir;
+	frags.update(&fk, fv);
+	fv->dir = saved;
+	p->is_frag = 1;
 }
 
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, int gso)
 {
 	__u8 h[20];
 	__u32 off = p->l3_off;
-	if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+	if (load_hdr(skb, off, h, sizeof(h)) < 0)
 		return LOUPE_CNT_TRUNCATED;
 	__u32 ihl = (h[0] & 0x0f) * 4;
 	__u32 tot = ((__u32)h[2] << 8) | h[3];
@@ -260,9 +358,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, int 
 	} else if (tot < ihl || tot > avail) {
 		return LOUPE_CNT_BAD_HEADER;
 	}
-	__u8 src[16] = {}, dst[16] = {};
-	__builtin_memcpy(src, &h[12], 4);
-	__builtin_memcpy(dst, &h[16], 4);
+	__builtin_memcpy(p->src, &h[12], 4);
+	__builtin_memcpy(p->dst, &h[16], 4);
 	p->key.ip_version = 4;
 	p->key.protocol = h[9];
 	p->l3_hdr_len = ihl;
@@ -270,11 +367,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, int 
 	__u16 frag = ((__u16)h[6] << 8) | h[7];
 	p->frag_id = ((__u32)h[4] << 8) | h[5];
 	if (frag & 0x1fff)
-		return attribute_fragment(p, src, dst);
+		return attribute_fragment(p);
 	p->is_first_frag = (frag & 0x2000) != 0;
-	int err = parse_l4(skb, p, off + ihl, off + tot, src, dst);
+	int err = parse_l4(skb, p, off + ihl, off + tot);
 	if (err == 0 && p->is_first_frag)
-		remember_first_fragment(p, src, dst);
+		remember_first_fragment(p);
 	return err;
 }
 
@@ -282,7 +379,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, int 
 {
 	__u8 h[40];
 	__u32 off = p->l3_off;
-	if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+	if (load_hdr(skb, off, h, sizeof(h)) < 0)
 		return LOUPE_CNT_TRUNCATED;
 	__u32 avail = skb->len - off;
 	__u32 tot = 40 + (((__u32)h[4] << 8) | h[5]);
@@ -292,9 +389,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, int 
 		tot = avail;
 	else if (tot > avail)
 		return LOUPE_CNT_BAD_HEADER;
-	__u8 src[16], dst[16];
-	__builtin_memcpy(src, &h[8], 16);
-	__builtin_memcpy(dst, &h[24], 16);
+	__builtin_memcpy(p->src, &h[8], 16);
+	__builtin_memcpy(p->dst, &h[24], 16);
 	p->key.ip_version = 6;
 	p->ip_len = tot;
 
@@ -302,6 +398,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, int 
 	__u32 l4 = off + 40;
 	int frag_later = 0;
 	int done = 0;
+	/* Extension headers are rare; they are read with bpf_skb_load_bytes, which needs
+	 * no bound on their (up to 2 KiB) lengths. */
 #pragma unroll
 	for (int i = 0; i < LOUPE_MAX_IPV6_EXT; i++) {
 		if (!done) {
@@ -342,12 +440,119 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, int 
 	p->key.protocol = nh;
 	p->l3_hdr_len = l4 - off;
 	if (frag_later)
-		return attribute_fragment(p, src, dst);
-	int err = parse_l4(skb, p, l4, off + tot, src, dst);
+		return attribute_fragment(p);
+	int err = parse_l4(skb, p, l4, off + tot);
 	if (err == 0 && p->is_first_frag)
-		remember_first_fragment(p, src, dst);
+		remember_first_fragment(p);
 	return err;
 }
+
+/* ---- selection ------------------------------------------------------------------- */
+
+/* Decides a new flow's selection from the active set; fills the flow's budgets and
+ * whether the content sniffer gets a look at it. */
+static __always_inline __u8 select_new_flow(struct pkt *p, struct loupe_flow_value *v)
+{
+	__u32 zero = 0;
+	struct loupe_config *cfg = config.lookup(&zero);
+	if (!cfg)
+		return 0;
+	__u32 set = cfg->active_set & 1;
+	struct loupe_set_config *sc = &cfg->set[set];
+	__u8 proto = p->key.protocol;
+	__u8 sel = 0;
+
+	__u32 pi = set * 256 + proto;
+	__u8 *on = sel_protos.lookup(&pi);
+	if (on && *on)
+		sel |= LOUPE_SEL_PROTO;
+	if (proto == PROTO_TCP || proto == PROTO_UDP) {
+		struct loupe_port_key pk = { .set = set, .port = p->key.port_lo };
+		if (sel_ports.lookup(&pk)) {
+			sel |= LOUPE_SEL_PORT;
+		} else {
+			pk.port = p->key.port_hi;
+			if (sel_ports.lookup(&pk))
+				sel |= LOUPE_SEL_PORT;
+		}
+	}
+	if (p->key.ip_version == 4) {
+		struct loupe_cidr4_key k4 = { .prefixlen = 8 + 32, .set = set };
+		__builtin_memcpy(k4.addr, p->key.addr_lo, 4);
+		if (sel_cidr4.lookup(&k4)) {
+			sel |= LOUPE_SEL_CIDR;
+		} else {
+			__builtin_memcpy(k4.addr, p->key.addr_hi, 4);
+			if (sel_cidr4.lookup(&k4))
+				sel |= LOUPE_SEL_CIDR;
+		}
+	} else {
+		struct loupe_cidr6_key k6 = { .prefixlen = 8 + 128, .set = set };
+		__builtin_memcpy(k6.addr, p->key.addr_lo, 16);
+		if (sel_cidr6.lookup(&k6)) {
+			sel |= LOUPE_SEL_CIDR;
+		} else {
+			__builtin_memcpy(k6.addr, p->key.addr_hi, 16);
+			if (sel_cidr6.lookup(&k6))
+				sel |= LOUPE_SEL_CIDR;
+		}
+	}
+	/* Explicit keys and sampling ignore the interface: the same flow seen on two
+	 * interfaces (or by two sensors) is selected on both. */
+	__u32 ifindex = p->key.ifindex;
+	p->key.ifindex = 0;   /* restored below; saves a 48-byte copy on the stack */
+	if (sel_keys.lookup(&p->key))
+		sel |= LOUPE_SEL_EXPLICIT;
+	__u32 n = sc->sample_n;
+	if (!sel && n) {
+		__u32 h = key_hash(&p->key) >> 32;
+		if (h % n == 0)
+			sel |= LOUPE_SEL_SAMPLED;
+	}
+	p->key.ifindex = ifindex;
+	v->l7_budget[0] = sc->budget[0];
+	v->l7_budget[1] = sc->budget[1];
+	if (!sel && (sc->flags & LOUPE_CFG_SNIFF) && !p->is_frag &&
+	    (proto == PROTO_TCP || proto == PROTO_UDP))
+		v->flags |= LOUPE_FLOW_SNIFF_PENDING;
+	return sel;
+}
+
+/* The content sniffer: does this first payload look like a protocol we parse? */
+static __always_inline int sniff(const __u8 *b, __u8 proto)
+{
+	if (proto == PROTO_TCP) {
+		/* TLS record header of a handshake (22), version 3.x, then a ClientHello
+		 * (handshake type 1) at byte 5 (RFC 8446 5.1, 4). */
+		if (b[0] == 0x16 && b[1] == 0x03 && b[2] <= 0x04 && b[5] == 0x01)
+			return 1;
+		/* An HTTP/1 request line starts with a method (RFC 9110 9.3). */
+		__u32 m = ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
+		switch (m) {
+		case 0x47455420: /* "GET " */
+		case 0x504f5354: /* "POST" */
+		case 0x48454144: /* "HEAD" */
+		case 0x50555420: /* "PUT " */
+		case 0x44454c45: /* "DELE" */
+		case 0x4f505449: /* "OPTI" */
+		case 0x50415443: /* "PATC" */
+		case 0x434f4e4e: /* "CONN" */
+			return 1;
+		}
+		return 0;
+	}
+	/* A DNS message (RFC 1035 4.1.1): opcode QUERY (0), Z zero, one question, few
+	 * records, and a first label of 1..63 bytes or the root. */
+	__u16 flags = ((__u16)b[2] << 8) | b[3];
+	__u16 qd = ((__u16)b[4] << 8) | b[5];
+	__u16 an = ((__u16)b[6] << 8) | b[7];
+	__u16 ns = ((__u16)b[8] << 8) | b[9];
+	__u16 ar = ((__u16)b[10] << 8) | b[11];
+	return ((flags >> 11) & 0xf) == 0 && !(flags & 0x0040) && qd == 1 &&
+	       an <= 256 && ns <= 256 && ar <= 256 && b[12] <= 63;
+}
+
+/* ---- events ---------------------------------------------------------------------- */
 
 static __always_inline void send_late(struct pkt *p, __u64 inc, __u32 ordinal, __u64 now)
 {
@@ -392,34 +597,138 @@ static __always_inline void send_end(struct pkt *p, __u64 inc, __u8 reason, __u6
 	count(LOUPE_CNT_FLOW_END_EVENTS);
 }
 
+/* What the locked update decided to copy of this packet's payload. */
+struct copy_plan {
+	__u32 start;      /* first payload octet to copy (after a skip) */
+	__u32 len;        /* octets to copy */
+	__u8  to;         /* LOUPE_PL_TO_* */
+	__u8  sel;        /* the flow's l7_select */
+	__u8  control;    /* send a zero-length event for SYN/FIN/RST */
+	__u8  pad;
+};
+
+/* Sends the planned payload in chunks of at most LOUPE_PAYLOAD_CHUNK. A chunk the ring
+ * buffer refuses moves from the flow's captured to its gap octets. */
+static __always_inline void send_payload(struct __sk_buff *skb, struct pkt *p,
+					 struct loupe_flow_value *v, __u64 inc,
+					 struct copy_plan *plan, __u64 now)
+{
+	__u32 zero = 0;
+	struct loupe_payload_scratch *s = payload_scratch.lookup(&zero);
+	if (!s)
+		return;
+	struct loupe_payload_event *ev = &s->ev;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->hdr.type = LOUPE_EV_PAYLOAD;
+	ev->hdr.cpu = bpf_get_smp_processor_id();
+	ev->hdr.ts_ns = now;
+	__builtin_memcpy(&ev->key, &p->key, sizeof(ev->key));
+	ev->incarnation = inc;
+	ev->ack = p->ack;
+	ev->payload_len = p->payload_len;
+	ev->tcp_flags = p->tcp_flags;
+	ev->dir = plan->to;
+	ev->l7_select = plan->sel;
+	int tcp = p->key.protocol == PROTO_TCP;
+	__u8 d = p->dir & 1;
+
+	if (plan->len == 0) {
+		if (!plan->control)
+			return;
+		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE;
+		ev->seq = p->seq;
+		if (events.ringbuf_output(ev, LOUPE_PAYLOAD_EVENT_SIZE, 0) < 0)
+			count(LOUPE_CNT_RINGBUF_FULL);
+		else
+			count(LOUPE_CNT_PAYLOAD_EVENTS);
+		return;
+	}
+	for (int i = 0; i < LOUPE_MAX_CHUNKS; i++) {
+		__u32 done = (__u32)i * LOUPE_PAYLOAD_CHUNK;
+		if (done >= plan->len)
+			break;
+		__u64 n = plan->len - done;
+		if (n > LOUPE_PAYLOAD_CHUNK)
+			n = LOUPE_PAYLOAD_CHUNK;
+		__u32 at = plan->start + done;
+		ev->offset = at;
+		ev->seq = tcp ? p->seq + at : 0;
+		ev->cap_len = n;
+		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE + n;
+		/* The verifier needs n in 1..CHUNK on the register the helpers get: the
+		 * barrier makes the compiler check that register, not an older copy. */
+		barrier_var(n);
+		if (n < 1 || n > LOUPE_PAYLOAD_CHUNK)
+			break;
+		int ok = bpf_skb_load_bytes(skb, p->payload_off + at, s->data, n) == 0 &&
+			 events.ringbuf_output(s, LOUPE_PAYLOAD_EVENT_SIZE + n, 0) == 0;
+		if (ok) {
+			count(LOUPE_CNT_PAYLOAD_EVENTS);
+			count_n(LOUPE_CNT_PAYLOAD_OCTETS, n);
+		} else {
+			__sync_fetch_and_add(&v->l7[d].captured, -(__u64)n);
+			__sync_fetch_and_add(&v->l7[d].gap, (__u64)n);
+			count(LOUPE_CNT_RINGBUF_FULL);
+			count_n(LOUPE_CNT_PAYLOAD_GAP_OCTETS, n);
+		}
+	}
+}
+
+/* ---- accounting ------------------------------------------------------------------ */
+
 /* Adds the packet to its flow. Returns 0 when done, 1 when the entry was recycled
  * under us and the caller should try once more. */
-static __always_inline int account(struct pkt *p, __u64 fp, __u64 now)
+static __always_inline int account(struct __sk_buff *skb, struct pkt *p, __u64 fp, __u64 now)
 {
 	struct loupe_flow_value *v = flows.lookup(&p->key);
 	if (!v) {
-		struct loupe_flow_value init = {};
-		init.incarnation = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
-		init.key_fp = fp;
-		init.first_ns = now;
-		init.last_ns = now;
-		init.initiator = p->dir;
-		init.icmp_type = p->icmp_type;
-		init.icmp_code = p->icmp_code;
-		int err = flows.insert(&p->key, &init);
+		__u32 zero = 0;
+		struct loupe_flow_value *init = (struct loupe_flow_value *)new_flow.lookup(&zero);
+		if (!init)
+			return 0;
+		__builtin_memset(init, 0, sizeof(*init));
+		init->incarnation = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+		init->key_fp = fp;
+		init->first_ns = now;
+		init->last_ns = now;
+		init->initiator = p->dir;
+		init->icmp_type = p->icmp_type;
+		init->icmp_code = p->icmp_code;
+		init->l7_select = select_new_flow(p, init);
+		int err = flows.insert(&p->key, init);
 		if (err && err != -17 /* EEXIST: another CPU inserted it first */) {
 			count(LOUPE_CNT_FLOW_MAP_FULL);
 			return 0;
 		}
+		if (!err && init->l7_select)
+			count(LOUPE_CNT_SELECTED_FLOWS);
 		v = flows.lookup(&p->key);
 		if (!v)
 			return 1;   /* taken out by userspace in between */
 	}
 
+	/* Userspace's wishes for a selected flow; read before the lock (no helper may run
+	 * under it). Unselected flows never look. */
+	struct loupe_l7_ctl *ctl = 0;
+	int want_l7 = (v->l7_select || (v->flags & LOUPE_FLOW_SNIFF_PENDING)) &&
+		      (p->payload_len || (p->tcp_flags & (TCPF_SYN | TCPF_FIN | TCPF_RST)));
+	if (want_l7 && v->l7_select)
+		ctl = l7_ctl.lookup(&p->key);
+	/* The sniffer's bytes, read only for a flow still waiting for its first payload
+	 * (re-checked under the lock: another CPU may have sniffed it meanwhile). */
+	int sniffed = 0;
+	if ((v->flags & LOUPE_FLOW_SNIFF_PENDING) && p->payload_len >= SNIFF_LEN) {
+		__u8 b[SNIFF_LEN];
+		if (load_hdr(skb, p->payload_off, b, SNIFF_LEN) == 0)
+			sniffed = sniff(b, p->key.protocol);
+	}
+	int sniffed_now = 0;
+
 	__u8 d = p->dir & 1;
 	__u16 tf = p->tcp_flags;
 	int tcp = p->key.protocol == PROTO_TCP;
 	__u8 ended = 0;
+	struct copy_plan plan = {};
 
 	bpf_spin_lock(&v->lock);
 	if (v->key_fp != fp) {
@@ -432,7 +741,9 @@ static __always_inline int account(struct pkt *p, __u64 fp, __u64 now)
 	c->ip_bytes += p->ip_bytes;
 	c->l2_bytes += p->l2_bytes;
 	c->tcp_flags |= tf;
-	if (now > v->last_ns)
+	if ((__s64)(now - v->last_ns) >= (__s64)LOUPE_RETIRE_GUARD_NS)
+		v->resumed_ns = now;
+	if ((__s64)(now - v->last_ns) > 0)
 		v->last_ns = now;
 	if (tcp) {
 		if (tf & TCPF_SYN) {
@@ -469,15 +780,77 @@ static __always_inline int account(struct pkt *p, __u64 fp, __u64 now)
 			}
 		}
 	}
+
+	if (want_l7) {
+		__u8 sel = v->l7_select;
+		__u32 pl = p->payload_len;
+		if (!sel && (v->flags & LOUPE_FLOW_SNIFF_PENDING) && pl) {
+			v->flags &= ~LOUPE_FLOW_SNIFF_PENDING;
+			if (sniffed) {
+				sel = LOUPE_SEL_SNIFFED;
+				v->l7_select = sel;
+				sniffed_now = 1;
+			}
+		}
+		if (sel) {
+			__u8 to = (d ^ v->initiator) & 1;
+			struct loupe_l7_dir *l = &v->l7[d];
+			__u32 skip = 0, copy = 0;
+			if (p->is_frag) {
+				/* No IP reassembly here: a fragment's payload is not copied. */
+				l->truncated += pl;
+			} else if (ctl && (ctl->flags & LOUPE_CTL_DONE)) {
+				l->skipped += pl;
+			} else if (pl) {
+				if (tcp && ctl && ctl->skip_gen[to] != l->skip_gen_done) {
+					__s32 ahead = (__s32)(ctl->skip_until[to] - p->seq);
+					if (ahead <= 0) {
+						l->skip_gen_done = ctl->skip_gen[to];
+					} else if ((__u32)ahead >= pl) {
+						skip = pl;
+					} else {
+						skip = ahead;
+						l->skip_gen_done = ctl->skip_gen[to];
+					}
+				}
+				__u64 allowance = v->l7_budget[to] + (ctl ? ctl->grant[to] : 0);
+				__u64 used = l->captured + l->gap;
+				__u64 room = allowance > used ? allowance - used : 0;
+				__u32 rest = pl - skip;
+				copy = rest;
+				if (copy > room)
+					copy = room;
+				if (copy > LOUPE_MAX_CHUNKS * LOUPE_PAYLOAD_CHUNK)
+					copy = LOUPE_MAX_CHUNKS * LOUPE_PAYLOAD_CHUNK;
+				l->skipped += skip;
+				l->captured += copy;
+				l->truncated += rest - copy;
+			}
+			plan.start = skip;
+			plan.len = copy;
+			plan.to = to;
+			plan.sel = sel;
+			plan.control = (tf & (TCPF_SYN | TCPF_FIN | TCPF_RST)) != 0;
+		}
+	}
+
 	v->updates += 1;
 	__u32 ordinal = v->updates;
+	int recheck = (v->flags & LOUPE_FLOW_ENDED) ||
+		      (__s64)(now - v->resumed_ns) < (__s64)LOUPE_RETIRE_GUARD_NS;
 	bpf_spin_unlock(&v->lock);
 
-	struct loupe_flow_value *q = flows.lookup(&p->key);
-	if (!q || q->incarnation != inc)
-		send_late(p, inc, ordinal, now);
+	if (recheck) {
+		struct loupe_flow_value *q = flows.lookup(&p->key);
+		if (!q || q->incarnation != inc)
+			send_late(p, inc, ordinal, now);
+	}
 	if (ended)
 		send_end(p, inc, ended, now);
+	if (sniffed_now)
+		count(LOUPE_CNT_SNIFFED_FLOWS);
+	if (plan.len || plan.control)
+		send_payload(skb, p, v, inc, &plan, now);
 	return 0;
 }
 
@@ -497,7 +870,7 @@ int loupe_tc(struct __sk_buff *skb)
 		tags = 1;
 	}
 	__u8 eth[2];
-	if (bpf_skb_load_bytes(skb, 12, eth, 2) < 0) {
+	if (load_hdr(skb, 12, eth, 2) < 0) {
 		count(LOUPE_CNT_TRUNCATED);
 		return TC_ACT_UNSPEC;
 	}
@@ -510,7 +883,7 @@ int loupe_tc(struct __sk_buff *skb)
 				return TC_ACT_UNSPEC;
 			}
 			__u8 t[4];
-			if (bpf_skb_load_bytes(skb, off, t, 4) < 0) {
+			if (load_hdr(skb, off, t, 4) < 0) {
 				count(LOUPE_CNT_TRUNCATED);
 				return TC_ACT_UNSPEC;
 			}
@@ -557,10 +930,19 @@ int loupe_tc(struct __sk_buff *skb)
 		p.l2_bytes = skb->len + (__u64)vlan_extra * segs + (segs - 1) * (off + seg_hdr);
 	else
 		p.l2_bytes = skb->len + vlan_extra;
+	if (p.is_frag)
+		p.payload_len = p.ip_len - p.l3_hdr_len - p.l4_hdr_len;
 
 	__u64 now = bpf_ktime_get_ns();
-	__u64 fp = key_fingerprint(&p.key);
-	if (account(&p, fp, now) && account(&p, fp, now))
-		count(LOUPE_CNT_RECYCLED_ENTRY);
+	__u64 fp = key_hash(&p.key) | 1;   /* never 0, the value of a zeroed entry */
+	/* Twice at most: the second try follows an entry recycled under the first. A
+	 * loop, not two calls, so the body (and its stack) exists once. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 2; i++) {
+		if (!account(skb, &p, fp, now))
+			break;
+		if (i == 1)
+			count(LOUPE_CNT_RECYCLED_ENTRY);
+	}
 	return TC_ACT_UNSPEC;
 }

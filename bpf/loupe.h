@@ -42,11 +42,53 @@
 #define LOUPE_MAX_IPV6_EXT 6
 #endif
 
-/* Ring buffer size in pages (power of two). Flow-end and late-update events are tens
- * of bytes and the reader drains them every 100 ms; 64 pages (256 KiB) hold ~3000 of
- * them. When full, the event is counted in LOUPE_CNT_RINGBUF_FULL. */
+/* Ring buffer size in pages (power of two). It carries flow-end and late-update
+ * events (~100 B) and payload chunks of selected flows (~100 B + payload, bounded by
+ * the per-direction budget, 4 KiB by default); the reader drains it continuously.
+ * 1024 pages (4 MiB) hold the budgets of ~500 new selected flows at once. When full,
+ * the event is counted in LOUPE_CNT_RINGBUF_FULL (and, for payload, in the flow's gap
+ * octets). */
 #ifndef LOUPE_RINGBUF_PAGES
-#define LOUPE_RINGBUF_PAGES 64
+#define LOUPE_RINGBUF_PAGES 1024
+#endif
+
+/* A flow whose packets resume after an idle gap of this long may be being retired by
+ * userspace at that moment; for the next LOUPE_RETIRE_GUARD_NS such a flow's packets
+ * double-check that their entry is still in the map (flow.c, "Reading without
+ * losing"). Userspace never retires a flow idle for less than twice this, nor acts on a
+ * snapshot older than half of it (sensor/kernel/flowmap.py). */
+#ifndef LOUPE_RETIRE_GUARD_NS
+#define LOUPE_RETIRE_GUARD_NS 500000000ULL
+#endif
+
+/* Payload bytes per ring buffer event. One MTU-sized segment fits one event; a larger
+ * packet (GSO/GRO) becomes up to LOUPE_MAX_CHUNKS events, each with its own seq. */
+#ifndef LOUPE_PAYLOAD_CHUNK
+#define LOUPE_PAYLOAD_CHUNK 2048
+#endif
+
+/* Payload events per packet. 8 x 2048 = 16 KiB of one 64 KiB GSO buffer: a budget is
+ * a few KiB per direction, so only a large grant meets this bound; octets past it are
+ * counted as truncated. Bounds the program's work per packet. */
+#ifndef LOUPE_MAX_CHUNKS
+#define LOUPE_MAX_CHUNKS 8
+#endif
+
+/* Explicitly selected flow keys at once (sel_keys), and flows with an l7_ctl entry.
+ * Userspace adds these for flows it follows closely (subscriptions, parsers that need
+ * more budget or a skip); 16384 is far above the flows a parser stage keeps at once;
+ * a full map makes the userspace write fail, which is counted there. */
+#ifndef LOUPE_SEL_KEYS_ENTRIES
+#define LOUPE_SEL_KEYS_ENTRIES 16384
+#endif
+#ifndef LOUPE_L7_CTL_ENTRIES
+#define LOUPE_L7_CTL_ENTRIES 16384
+#endif
+
+/* Selection rules per set: ports and CIDR prefixes. Configuration lists, not traffic:
+ * 1024 of each is generous. */
+#ifndef LOUPE_SEL_RULES_ENTRIES
+#define LOUPE_SEL_RULES_ENTRIES 1024
 #endif
 
 /* ---- flow key --------------------------------------------------------------------- */
@@ -92,27 +134,41 @@ struct loupe_dir_counters {
 	__u32 pad1;
 };
 
+/* Payload accounting of one direction of a selected flow. Every payload octet the
+ * direction sent after the flow was selected lands in exactly one of these (userspace
+ * turns them into the record's l7_coverage). */
+struct loupe_l7_dir {
+	__u64 captured;        /* copied into the ring buffer */
+	__u64 truncated;       /* not copied: budget exhausted, or past LOUPE_MAX_CHUNKS */
+	__u64 skipped;         /* not copied: userspace said skip-until or done */
+	__u64 gap;             /* not copied: the ring buffer was full */
+	__u32 skip_gen_done;   /* the l7_ctl skip generation this direction has passed */
+	__u32 pad;
+};
+
 /* flags */
 #define LOUPE_FLOW_INITIATOR_BY_SYN 0x01  /* initiator fixed by a pure SYN */
 #define LOUPE_FLOW_ENDED            0x02  /* TCP: RST seen, or FIN in both directions */
+#define LOUPE_FLOW_SNIFF_PENDING    0x04  /* unselected: the sniffer looks at its first payload */
 
 /* end_reason, set with LOUPE_FLOW_ENDED */
 #define LOUPE_END_RST 1
 #define LOUPE_END_FIN 2
 
-/* l7_select: why a flow's payload is copied to userspace. Zero while nothing selects
- * it; the selection stage (ports, CIDR trie, protocol, 1-in-N sampling, explicit keys
- * through an l7_ctl map) will set these bits and spend l7_budget. */
-#define LOUPE_SEL_NONE     0x00
-#define LOUPE_SEL_PORT     0x01
-#define LOUPE_SEL_CIDR     0x02
-#define LOUPE_SEL_PROTO    0x04
-#define LOUPE_SEL_SAMPLED  0x08
-#define LOUPE_SEL_EXPLICIT 0x10
-#define LOUPE_SEL_DONE     0x80   /* userspace needs nothing more from this flow */
+/* l7_select: why a flow's payload is copied to userspace (0: it is not). Decided once:
+ * the rule bits and SAMPLED/EXPLICIT at the flow's first packet, SNIFFED at its first
+ * payload packet (only for flows nothing else selected). */
+#define LOUPE_SEL_PORT     0x01   /* rule: either end's port is in sel_ports */
+#define LOUPE_SEL_CIDR     0x02   /* rule: either end's address is in sel_cidr4/6 */
+#define LOUPE_SEL_PROTO    0x04   /* rule: the IP protocol is in sel_protos */
+#define LOUPE_SEL_SAMPLED  0x08   /* 1-in-N sampling by the hash of the canonical key */
+#define LOUPE_SEL_EXPLICIT 0x10   /* the key is in sel_keys (userspace, at run time) */
+#define LOUPE_SEL_SNIFFED  0x20   /* the first payload looked like TLS, HTTP or DNS */
 
 /* The value is updated under its spin lock, and userspace reads it with BPF_F_LOCK,
- * so a read never sees half of an update (sensor/kernel/flowmap.py). */
+ * so a read never sees half of an update (sensor/kernel/flowmap.py). The l7[].gap
+ * counters alone are added outside the lock (atomically), after a failed ring buffer
+ * write. */
 struct loupe_flow_value {
 	struct bpf_spin_lock lock;
 	__u32 updates;         /* updates applied so far: the ordinal of late-update events */
@@ -124,6 +180,7 @@ struct loupe_flow_value {
 	__u64 synack_ns;       /* first SYN-ACK of the responder after it */
 	__u64 ack_ns;          /* first ACK of the initiator after the SYN-ACK */
 	__u64 end_ns;          /* when LOUPE_FLOW_ENDED was set */
+	__u64 resumed_ns;      /* last packet that came after an idle gap (flow.c, reading) */
 	struct loupe_dir_counters dir[2];  /* indexed by LOUPE_DIR_* */
 	__u32 syn_count;       /* segments with SYN, both directions */
 	__u32 fin_count;
@@ -133,11 +190,15 @@ struct loupe_flow_value {
 	__u8  end_reason;      /* LOUPE_END_* */
 	__u8  icmp_type;       /* type and code of the flow's first ICMP message */
 	__u8  icmp_code;
-	__u8  pad0[3];
-	__u32 l7_select;       /* LOUPE_SEL_* */
-	__u32 l7_budget[2];    /* payload bytes still to copy, per direction */
+	__u8  l7_select;       /* LOUPE_SEL_* */
+	__u8  pad0[2];
+	__u32 l7_budget[2];    /* payload octets the flow may copy per direction, before
+	                          l7_ctl grants; indexed by LOUPE_L7_TO_* (from the config
+	                          at selection time) */
+	__u32 pad1;
+	struct loupe_l7_dir l7[2];  /* indexed by LOUPE_DIR_* */
 };
-#define LOUPE_FLOW_VALUE_SIZE 168
+#define LOUPE_FLOW_VALUE_SIZE 256
 
 /* ---- IP fragments ----------------------------------------------------------------- */
 
@@ -162,10 +223,10 @@ struct loupe_frag_value {
 /* ---- ring buffer events ----------------------------------------------------------- */
 
 /* Every event starts with this header; type says what follows. Readers skip types they
- * do not know, so new types (payload chunks) need no change to the existing ones. */
+ * do not know. */
 #define LOUPE_EV_FLOW_END    1   /* struct loupe_flow_end_event */
 #define LOUPE_EV_LATE_UPDATE 2   /* struct loupe_late_update_event */
-#define LOUPE_EV_PAYLOAD     3   /* reserved: payload chunk of a selected flow */
+#define LOUPE_EV_PAYLOAD     3   /* struct loupe_payload_event + payload bytes */
 
 struct loupe_event_hdr {
 	__u16 type;            /* LOUPE_EV_* */
@@ -204,6 +265,88 @@ struct loupe_late_update_event {
 };
 #define LOUPE_LATE_UPDATE_EVENT_SIZE 104
 
+/* Payload of a selected flow: one chunk of one packet, followed by cap_len bytes
+ * (hdr.size = LOUPE_PAYLOAD_EVENT_SIZE + cap_len). seq is the TCP sequence number of
+ * the chunk's first byte: the packet's seq + offset, which holds for a GSO/GRO buffer
+ * too because its payload is contiguous in sequence space. A SYN, FIN or RST of a
+ * selected flow without payload comes as an event with cap_len 0, so userspace learns
+ * the initial sequence numbers and the ends of the streams. */
+#define LOUPE_PL_TO_RESPONDER 0  /* direction: sent by the initiator */
+#define LOUPE_PL_TO_INITIATOR 1  /* sent by the responder */
+
+struct loupe_payload_event {
+	struct loupe_event_hdr hdr;
+	struct loupe_flow_key key;
+	__u64 incarnation;
+	__u32 seq;             /* TCP only; 0 for UDP */
+	__u32 ack;
+	__u32 payload_len;     /* payload octets of the whole packet (all GSO segments) */
+	__u32 offset;          /* where this chunk starts in that payload */
+	__u16 cap_len;         /* bytes that follow this header */
+	__u16 tcp_flags;
+	__u8  dir;             /* LOUPE_PL_TO_*: relative to the initiator */
+	__u8  l7_select;       /* the flow's LOUPE_SEL_* */
+	__u16 pad;
+};
+#define LOUPE_PAYLOAD_EVENT_SIZE 96
+
+/* ---- selection (maps in maps.h; userspace fills them from its configuration) ------- */
+
+/* Two selection sets exist side by side (index 0 and 1 in every selection key);
+ * loupe_config.active_set says which one new flows are checked against. Userspace
+ * fills the inactive set, then flips active_set with one array write, so a reload is
+ * atomic for every flow and live flows keep what they were decided. */
+struct loupe_port_key {
+	__u16 set;
+	__u16 port;            /* host order */
+};
+
+/* LPM trie keys: the prefix covers the set byte too (prefixlen = 8 + address bits). */
+struct loupe_cidr4_key {
+	__u32 prefixlen;
+	__u8  set;
+	__u8  addr[4];
+	__u8  pad[3];
+};
+struct loupe_cidr6_key {
+	__u32 prefixlen;
+	__u8  set;
+	__u8  addr[16];
+	__u8  pad[3];
+};
+
+#define LOUPE_CFG_SNIFF 0x01     /* content sniffing of unselected TCP/UDP flows */
+
+struct loupe_set_config {
+	__u32 flags;           /* LOUPE_CFG_* */
+	__u32 sample_n;        /* select 1 flow in sample_n by key hash; 0: no sampling */
+	__u32 budget[2];       /* payload octets per direction, LOUPE_PL_TO_* */
+};
+
+/* The one entry of the config array. */
+struct loupe_config {
+	__u32 active_set;      /* 0 or 1 */
+	__u32 pad;
+	struct loupe_set_config set[2];
+};
+#define LOUPE_CONFIG_SIZE 40
+
+/* l7_ctl: what userspace wants from a selected flow. Key: the flow's loupe_flow_key.
+ * Only userspace writes it (whole values); the kernel reads it for every payload packet
+ * of a selected flow. Fields are cumulative or generation-numbered so a write never
+ * has to know what the kernel did in between. Indexed by LOUPE_PL_TO_*. */
+#define LOUPE_CTL_DONE 0x01      /* copy nothing more; payload is counted as skipped */
+
+struct loupe_l7_ctl {
+	__u64 grant[2];        /* total octets granted beyond the flow's budget, so far */
+	__u32 skip_until[2];   /* TCP seq: payload below it is skipped ... */
+	__u32 skip_gen[2];     /* ... while skip_gen differs from the flow's skip_gen_done;
+	                          userspace bumps it with every new skip_until */
+	__u32 flags;           /* LOUPE_CTL_* */
+	__u32 pad;
+};
+#define LOUPE_L7_CTL_SIZE 40
+
 /* ---- counters --------------------------------------------------------------------- */
 
 /* Indices of the per-CPU counter array. Never reset; userspace sums the CPUs and
@@ -221,6 +364,12 @@ enum loupe_counter {
 	LOUPE_CNT_LATE_UPDATE,        /* packets raced a read-and-delete (sent as events) */
 	LOUPE_CNT_RECYCLED_ENTRY,     /* an entry was recycled under us twice in a row */
 	LOUPE_CNT_FLOW_END_EVENTS,    /* flow-end events sent */
+	LOUPE_CNT_HEADER_PULLS,       /* headers outside the linear part, pulled into it */
+	LOUPE_CNT_PAYLOAD_EVENTS,     /* payload events sent */
+	LOUPE_CNT_PAYLOAD_OCTETS,     /* payload octets copied into them */
+	LOUPE_CNT_PAYLOAD_GAP_OCTETS, /* payload octets lost to a full ring buffer */
+	LOUPE_CNT_SELECTED_FLOWS,     /* flows selected at their first packet */
+	LOUPE_CNT_SNIFFED_FLOWS,      /* flows selected by the content sniffer */
 	LOUPE_CNT_MAX
 };
 

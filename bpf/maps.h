@@ -25,9 +25,60 @@ BPF_TABLE("lru_hash", struct loupe_frag_key, struct loupe_frag_value, frags, LOU
  * Size: LOUPE_CNT_MAX, fixed by the enum. */
 BPF_PERCPU_ARRAY(counters, __u64, LOUPE_CNT_MAX);
 
-/* events: flow-end and late-update events to userspace (loupe_event_hdr + body).
- * Size: LOUPE_RINGBUF_PAGES pages (why: see loupe.h). A ring buffer, not a perf
- * buffer: one buffer for all CPUs, events in order, reserve fails visibly when full. */
+/* events: flow-end, late-update and payload events to userspace (loupe_event_hdr +
+ * body). Size: LOUPE_RINGBUF_PAGES pages (why: see loupe.h). A ring buffer, not a perf
+ * buffer: one buffer for all CPUs, events in order, a write fails visibly when full. */
 BPF_RINGBUF_OUTPUT(events, LOUPE_RINGBUF_PAGES);
+
+/* payload_scratch: where a payload event is assembled before bpf_ringbuf_output, which
+ * copies exactly hdr.size bytes (a ring buffer reservation must have a constant size,
+ * and a fixed 2 KiB slot for a 40-byte DNS query would waste the ring).
+ * Key: __u32 0. Value: struct loupe_payload_scratch, per CPU (a program run never
+ * migrates, and runs on one CPU do not nest for TC). Size: 1. */
+struct loupe_payload_scratch {
+	struct loupe_payload_event ev;
+	__u8 data[LOUPE_PAYLOAD_CHUNK];
+};
+BPF_PERCPU_ARRAY(payload_scratch, struct loupe_payload_scratch, 1);
+
+/* new_flow: where a new flow's first value is built before it is inserted (it is too
+ * large for the 512-byte BPF stack next to the packet's state). Key: __u32 0.
+ * Value: the bytes of a struct loupe_flow_value, per CPU (a per-CPU map may not hold
+ * a spin lock, hence bytes). Size: 1. */
+struct loupe_flow_bytes {
+	__u64 b[LOUPE_FLOW_VALUE_SIZE / 8];
+};
+BPF_PERCPU_ARRAY(new_flow, struct loupe_flow_bytes, 1);
+
+/* config: the selection sets' settings and which set is active (loupe.h).
+ * Key: __u32 0. Value: struct loupe_config. Size: 1. Read for new flows only. */
+BPF_ARRAY(config, struct loupe_config, 1);
+
+/* sel_ports: ports that select a flow when either end uses them.
+ * Key: struct loupe_port_key (set, port). Value: __u8 (unused).
+ * Size: 2 sets x LOUPE_SEL_RULES_ENTRIES. */
+BPF_HASH(sel_ports, struct loupe_port_key, __u8, 2 * LOUPE_SEL_RULES_ENTRIES);
+
+/* sel_cidr4 / sel_cidr6: address prefixes that select a flow when either end is in one.
+ * Key: set byte + address, longest-prefix match. Value: __u8 (unused).
+ * Size: 2 sets x LOUPE_SEL_RULES_ENTRIES each. LPM tries must not be preallocated. */
+BPF_LPM_TRIE(sel_cidr4, struct loupe_cidr4_key, __u8, 2 * LOUPE_SEL_RULES_ENTRIES);
+BPF_LPM_TRIE(sel_cidr6, struct loupe_cidr6_key, __u8, 2 * LOUPE_SEL_RULES_ENTRIES);
+
+/* sel_protos: IP protocols that select a flow. Key: __u32 set * 256 + protocol.
+ * Value: __u8, non-zero = selected. Size: 2 x 256, fixed by the key space. */
+BPF_ARRAY(sel_protos, __u8, 512);
+
+/* sel_keys: flows userspace selected explicitly, by canonical key with ifindex 0 (a
+ * flow is the same flow on every interface). Checked at a flow's first packet; not
+ * part of the double-buffered sets, userspace adds and removes keys at run time.
+ * Key: struct loupe_flow_key. Value: __u8 (unused). Size: LOUPE_SEL_KEYS_ENTRIES. */
+BPF_HASH(sel_keys, struct loupe_flow_key, __u8, LOUPE_SEL_KEYS_ENTRIES);
+
+/* l7_ctl: userspace's budget grants, skip-until and done per selected flow (loupe.h).
+ * Key: struct loupe_flow_key (as in flows, ifindex included). Value: struct
+ * loupe_l7_ctl. Size: LOUPE_L7_CTL_ENTRIES. Userspace deletes an entry when it retires
+ * the flow. */
+BPF_HASH(l7_ctl, struct loupe_flow_key, struct loupe_l7_ctl, LOUPE_L7_CTL_ENTRIES);
 
 #endif /* LOUPE_MAPS_H */

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import sys
 
 FLOW_KEY_SIZE = 48
-FLOW_VALUE_SIZE = 168
+FLOW_VALUE_SIZE = 256
 FRAG_KEY_SIZE = 40
 FRAG_VALUE_SIZE = 56
 EVENT_HDR_SIZE = 16
 FLOW_END_EVENT_SIZE = 80
 LATE_UPDATE_EVENT_SIZE = 104
+PAYLOAD_EVENT_SIZE = 96
+CONFIG_SIZE = 40
+L7_CTL_SIZE = 40
+
+# Defaults of the -D limits in loupe.h that userspace needs to know.
+PAYLOAD_CHUNK = 2048
+MAX_CHUNKS = 8
+RETIRE_GUARD_NS = 500_000_000
 
 DIR_LO_HI = 0
 DIR_HI_LO = 1
@@ -27,6 +36,24 @@ SIDE_SYNACK = 0x02
 
 FLOW_INITIATOR_BY_SYN = 0x01
 FLOW_ENDED = 0x02
+FLOW_SNIFF_PENDING = 0x04
+
+# l7_select bits (LOUPE_SEL_*)
+SEL_PORT = 0x01
+SEL_CIDR = 0x02
+SEL_PROTO = 0x04
+SEL_SAMPLED = 0x08
+SEL_EXPLICIT = 0x10
+SEL_SNIFFED = 0x20
+SEL_RULE = SEL_PORT | SEL_CIDR | SEL_PROTO
+
+# Payload directions (LOUPE_PL_TO_*), relative to the initiator; the values of
+# sensor.l7.base.Direction.
+PL_TO_RESPONDER = 0
+PL_TO_INITIATOR = 1
+
+CFG_SNIFF = 0x01
+CTL_DONE = 0x01
 
 END_RST = 1
 END_FIN = 2
@@ -35,7 +62,7 @@ END_FIN = 2
 class EventType(enum.IntEnum):
     FLOW_END = 1
     LATE_UPDATE = 2
-    PAYLOAD = 3  # reserved in loupe.h for payload chunks of selected flows
+    PAYLOAD = 3
 
 
 class Counter(enum.IntEnum):
@@ -53,6 +80,12 @@ class Counter(enum.IntEnum):
     LATE_UPDATE = 9
     RECYCLED_ENTRY = 10
     FLOW_END_EVENTS = 11
+    HEADER_PULLS = 12
+    PAYLOAD_EVENTS = 13
+    PAYLOAD_OCTETS = 14
+    PAYLOAD_GAP_OCTETS = 15
+    SELECTED_FLOWS = 16
+    SNIFFED_FLOWS = 17
 
 
 COUNTER_MAX = len(Counter)
@@ -85,6 +118,17 @@ class DirCounters(ctypes.Structure):
     ]
 
 
+class L7Dir(ctypes.Structure):
+    _fields_ = [
+        ("captured", ctypes.c_uint64),
+        ("truncated", ctypes.c_uint64),
+        ("skipped", ctypes.c_uint64),
+        ("gap", ctypes.c_uint64),
+        ("skip_gen_done", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
 class FlowValue(ctypes.Structure):
     _fields_ = [
         ("lock", ctypes.c_uint32),  # struct bpf_spin_lock; the kernel zeroes it on reads
@@ -97,6 +141,7 @@ class FlowValue(ctypes.Structure):
         ("synack_ns", ctypes.c_uint64),
         ("ack_ns", ctypes.c_uint64),
         ("end_ns", ctypes.c_uint64),
+        ("resumed_ns", ctypes.c_uint64),
         ("dir", DirCounters * 2),
         ("syn_count", ctypes.c_uint32),
         ("fin_count", ctypes.c_uint32),
@@ -106,9 +151,11 @@ class FlowValue(ctypes.Structure):
         ("end_reason", ctypes.c_uint8),
         ("icmp_type", ctypes.c_uint8),
         ("icmp_code", ctypes.c_uint8),
-        ("pad0", ctypes.c_uint8 * 3),
-        ("l7_select", ctypes.c_uint32),
+        ("l7_select", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8 * 2),
         ("l7_budget", ctypes.c_uint32 * 2),
+        ("pad1", ctypes.c_uint32),
+        ("l7", L7Dir * 2),
     ]
 
 
@@ -161,6 +208,71 @@ class LateUpdateEvent(ctypes.Structure):
     ]
 
 
+class PayloadEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", EventHdr),
+        ("key", FlowKey),
+        ("incarnation", ctypes.c_uint64),
+        ("seq", ctypes.c_uint32),
+        ("ack", ctypes.c_uint32),
+        ("payload_len", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
+        ("cap_len", ctypes.c_uint16),
+        ("tcp_flags", ctypes.c_uint16),
+        ("dir", ctypes.c_uint8),
+        ("l7_select", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class SetConfig(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("sample_n", ctypes.c_uint32),
+        ("budget", ctypes.c_uint32 * 2),
+    ]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("active_set", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("set", SetConfig * 2),
+    ]
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = [("set", ctypes.c_uint16), ("port", ctypes.c_uint16)]
+
+
+class Cidr4Key(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("set", ctypes.c_uint8),
+        ("addr", ctypes.c_uint8 * 4),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Cidr6Key(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("set", ctypes.c_uint8),
+        ("addr", ctypes.c_uint8 * 16),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class L7Ctl(ctypes.Structure):
+    _fields_ = [
+        ("grant", ctypes.c_uint64 * 2),
+        ("skip_until", ctypes.c_uint32 * 2),
+        ("skip_gen", ctypes.c_uint32 * 2),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
 SIZES: dict[type[ctypes.Structure], int] = {
     FlowKey: FLOW_KEY_SIZE,
     FlowValue: FLOW_VALUE_SIZE,
@@ -169,6 +281,13 @@ SIZES: dict[type[ctypes.Structure], int] = {
     EventHdr: EVENT_HDR_SIZE,
     FlowEndEvent: FLOW_END_EVENT_SIZE,
     LateUpdateEvent: LATE_UPDATE_EVENT_SIZE,
+    PayloadEvent: PAYLOAD_EVENT_SIZE,
+    Config: CONFIG_SIZE,
+    L7Ctl: L7_CTL_SIZE,
+    PortKey: 4,
+    Cidr4Key: 12,
+    Cidr6Key: 24,
+    L7Dir: 40,
 }
 
 for _struct, _size in SIZES.items():
@@ -182,3 +301,15 @@ assert ctypes.sizeof(DirCounters) == 32
 def key_bytes(key: FlowKey) -> bytes:
     """The key as the hashable bytes userspace indexes its own state by."""
     return bytes(key)
+
+
+def sample_hash(key: FlowKey) -> int:
+    """The kernel's sampling hash of a flow (flow.c key_hash over the canonical key with
+    ifindex 0, upper 32 bits): a flow is sampled when this is divisible by sample_n."""
+    k = FlowKey.from_buffer_copy(bytes(key))
+    k.ifindex = 0
+    data = bytes(k)
+    h = 0xCBF29CE484222325
+    for i in range(0, FLOW_KEY_SIZE, 4):
+        h = ((h ^ int.from_bytes(data[i:i + 4], sys.byteorder)) * 0x100000001B3) & (2**64 - 1)
+    return h >> 32

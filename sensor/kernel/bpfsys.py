@@ -10,6 +10,8 @@ import ctypes
 import errno
 import os
 import platform
+import sys
+from dataclasses import dataclass
 
 # bpf(2) system call numbers per architecture (arch/*/include/uapi/asm/unistd*.h).
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
@@ -17,16 +19,21 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_ANY = 0
-_ENOTSUPP = 524  # the kernel's internal 'not supported', seen by bpf(2) callers
+_ENOTSUPP = 524
+_LITTLE = sys.byteorder == "little"  # the kernel's internal 'not supported', seen by bpf(2) callers
 BPF_F_LOCK = 4
 
 
@@ -87,6 +94,31 @@ class TestRunAttr(ctypes.Structure):
     ]
 
 
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class _EnableStatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+# struct bpf_prog_info: the offsets of the fields read here (include/uapi/linux/bpf.h;
+# the struct only ever grows at its end, and the kernel fills what fits in info_len).
+_PROG_INFO_LEN = 232
+_OFF_JITED_LEN, _OFF_XLATED_LEN = 16, 20
+_OFF_RUN_TIME_NS, _OFF_RUN_CNT, _OFF_VERIFIED_INSNS = 192, 200, 216
+
+
+@dataclass(frozen=True, slots=True)
+class ProgInfo:
+    run_time_ns: int      # total time spent in the program while stats were enabled
+    run_cnt: int          # runs while stats were enabled
+    xlated_len: int       # bytes of verified (translated) instructions
+    jited_len: int
+    verified_insns: int   # instructions the verifier walked (its work, not the size)
+
+
 def _syscall_number() -> int:
     machine = platform.machine()
     if machine not in _SYS_BPF:
@@ -115,6 +147,26 @@ def lookup(map_fd: int, key: ctypes.Structure, value: ctypes.Structure, *, lock:
                         flags=BPF_F_LOCK if lock else BPF_ANY)
     try:
         bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def update(map_fd: int, key: ctypes.Structure | ctypes._SimpleCData,
+           value: ctypes.Structure | ctypes._SimpleCData | ctypes.Array, *,
+           flags: int = BPF_ANY) -> None:
+    """Writes key's value (BPF_ANY: create or replace)."""
+    attr = _MapElemAttr(map_fd=map_fd, key=_addr(key), value=_addr(value), flags=flags)
+    bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def delete(map_fd: int, key: ctypes.Structure) -> bool:
+    """Removes key; False if it was absent."""
+    attr = _MapElemAttr(map_fd=map_fd, key=_addr(key))
+    try:
+        bpf(BPF_MAP_DELETE_ELEM, attr)
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return False
@@ -178,3 +230,28 @@ def ringbuf_supported() -> bool:
         raise
     os.close(fd)
     return True
+
+
+def prog_info(prog_fd: int) -> ProgInfo:
+    """Run-time statistics and sizes of a loaded program (BPF_OBJ_GET_INFO_BY_FD)."""
+    buf = (ctypes.c_uint8 * _PROG_INFO_LEN)()
+    attr = _InfoAttr(bpf_fd=prog_fd, info_len=_PROG_INFO_LEN, info=_addr(buf))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    raw = bytes(buf)
+
+    def u32(off: int) -> int:
+        return int.from_bytes(raw[off:off + 4], "little" if _LITTLE else "big")
+
+    def u64(off: int) -> int:
+        return int.from_bytes(raw[off:off + 8], "little" if _LITTLE else "big")
+
+    return ProgInfo(run_time_ns=u64(_OFF_RUN_TIME_NS), run_cnt=u64(_OFF_RUN_CNT),
+                    xlated_len=u32(_OFF_XLATED_LEN), jited_len=u32(_OFF_JITED_LEN),
+                    verified_insns=u32(_OFF_VERIFIED_INSNS))
+
+
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS: the kernel times every BPF program while the returned file
+    descriptor is open (the same as sysctl kernel.bpf_stats_enabled=1, but undone by
+    closing it, even if the process dies)."""
+    return bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))

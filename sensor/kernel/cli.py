@@ -18,7 +18,7 @@ from typing import TextIO
 from sensor.clock import SystemClock
 from sensor.engine.semantics import NS, Timeouts
 from sensor.errors import ConfigError
-from sensor.kernel import attach, loader
+from sensor.kernel import abi, attach, loader
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import EventDecoder
 from sensor.kernel.flowmap import FlowMapReader
@@ -27,6 +27,11 @@ from sensor.model import Flow, LostEvent
 # How long one ring buffer poll blocks: the loop's reaction time to a signal and to
 # flow-end events.
 POLL_MS = 100
+
+# After detaching, program runs that began before it may still be finishing (the
+# filter is freed after an RCU grace period, typically well under 10 ms); the final
+# drain waits this long so their packets are in the map it reads.
+DETACH_SETTLE_S = 0.05
 
 
 def register(tree) -> None:
@@ -57,6 +62,9 @@ def timeouts_from(args) -> Timeouts:
                             tcp_end_linger_ns=base.tcp_end_linger_ns)
     except ValueError as exc:
         raise ConfigError(f"bad timeout: {exc}; timeouts must be positive seconds") from None
+    floor = 2 * abi.RETIRE_GUARD_NS
+    if min(base.tcp_idle_ns, base.other_idle_ns) < floor:
+        raise ConfigError(f"--idle-timeout must be at least {floor / NS:g} seconds")
     return base
 
 
@@ -138,6 +146,7 @@ def run(args, out: TextIO | None = None) -> int:
             attach.detach(att)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        time.sleep(DETACH_SETTLE_S)
         reader.drain()
         prog.poll_events(0)
         emit(reader.flush(), watcher.poll(clock.wall_ns()))

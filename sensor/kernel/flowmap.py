@@ -23,8 +23,17 @@ Never losing nor double-counting across a read
   cycle later, after the ring buffer has been drained. A late packet arriving after its
   record was emitted becomes a small record of its own with the same uid.
 
+When a retire may race a packet
+  The program double-checks only updates that could race an unlink (bpf/flow.c,
+  "Reading without losing"), which holds because this reader retires an entry only if
+  its snapshot shows it ENDED or idle for at least 2 * abi.RETIRE_GUARD_NS (idle
+  timeouts below that are refused), and only within RETIRE_GUARD_NS / 2 of taking the
+  snapshot; a retire that would come later waits for the next cycle (stats.deferred).
+  The time is read before the snapshot, so "idle" is never overstated.
+
 Records: the initiator is src (first pure SYN, else first packet). conn_state follows
-sensor.engine.semantics.conn_state for TCP. history (Zeek's per-packet letter string)
+sensor.engine.semantics.conn_state for TCP and conn_state_other for the rest; SYN/FIN/
+RST counts are those since the previous record of the flow (semantics.py). history (Zeek's per-packet letter string)
 is left empty live: the kernel keeps OR-ed flags per direction, not the packet order
 history needs, and storing it would cost an unbounded string per flow in the kernel;
 replay, which sees every packet, fills it.
@@ -41,10 +50,11 @@ from sensor.clock import Clock, kernel_to_wall_ns, wall_offset_ns
 from sensor.engine.flowkey import flow_uid
 from sensor.engine.semantics import (
     DEFAULT_TIMEOUTS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SideFlags, Timeouts, conn_state,
+    conn_state_other,
 )
 from sensor.kernel import abi, bpfsys
 from sensor.kernel.events import Event, FlowEnd, LateUpdate
-from sensor.model import Flow, FlowEndReason
+from sensor.model import Flow, FlowEndReason, L7Coverage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,7 @@ class _Cursor:
     uid: str
     period_start_ns: int                 # kernel ns where the next record starts
     sent: list[_Counts] = field(default_factory=lambda: [_Counts(), _Counts()])
+    sent_flags: tuple[int, int, int] = (0, 0, 0)   # SYN, FIN, RST counts reported
 
 
 @dataclass(slots=True)
@@ -94,6 +105,7 @@ class ReaderStats:
     late_after_emit: int = 0
     late_unmatched: int = 0
     flow_end_events: int = 0
+    deferred: int = 0       # retires put off to the next cycle: the snapshot was too old
 
 
 def _addr(raw, version: int) -> str:
@@ -105,8 +117,13 @@ class FlowMapReader:
     """Reads, retires and reports the flows of one loaded flow meter."""
 
     def __init__(self, flows_fd: int, clock: Clock, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
-                 sensor_id: str = "") -> None:
+                 sensor_id: str = "", l7_ctl_fd: int | None = None) -> None:
+        floor = 2 * abi.RETIRE_GUARD_NS
+        if min(timeouts.tcp_idle_ns, timeouts.other_idle_ns) < floor:
+            raise ValueError(f"idle timeouts must be at least {floor / 1e9:g} s: the kernel "
+                             "program double-checks only flows idle for half of that")
         self._fd = flows_fd
+        self._ctl_fd = l7_ctl_fd
         self._clock = clock
         self._timeouts = timeouts
         self._sensor_id = sensor_id
@@ -174,25 +191,34 @@ class FlowMapReader:
         snapshot = bpfsys.lookup_batch(self._fd, abi.FlowKey, abi.FlowValue, batch=BATCH,
                                        lock=True)
         self.stats.snapshots += 1
+        fresh_until = now + abi.RETIRE_GUARD_NS // 2
         for key, value in snapshot:
             ident = (bytes(key), value.incarnation)
             cursor = self._cursor(ident, key, value, offset)
+            reason = None
             if value.flags & abi.FLOW_ENDED and now - value.end_ns >= t.tcp_end_linger_ns:
-                self._retire(key, FlowEndReason.END_OF_FLOW)
+                reason = FlowEndReason.END_OF_FLOW
             elif now - value.last_ns >= t.idle_ns(key.protocol):
-                self._retire(key, FlowEndReason.IDLE_TIMEOUT)
+                reason = FlowEndReason.IDLE_TIMEOUT
             elif now - cursor.period_start_ns >= t.active_ns:
                 out.append(self._interim(key, value, cursor, offset))
+            if reason is not None:
+                if self._clock.monotonic_ns() < fresh_until:
+                    self._retire(key, reason)
+                else:
+                    self.stats.deferred += 1
         return out
 
     def drain(self) -> None:
-        """Retire every entry (shutdown: FORCED_END). Call flush() after the ring
-        buffer has been drained once more."""
+        """Retire every entry (shutdown, after detaching: ended TCP flows as END_OF_FLOW,
+        the rest as FORCED_END). Call flush() after the ring buffer has been drained
+        once more."""
         offset = wall_offset_ns(self._clock)
         for key, value in bpfsys.lookup_batch(self._fd, abi.FlowKey, abi.FlowValue,
                                               batch=BATCH, lock=True):
             self._cursor((bytes(key), value.incarnation), key, value, offset)
-            self._retire(key, FlowEndReason.FORCED_END)
+            self._retire(key, FlowEndReason.END_OF_FLOW if value.flags & abi.FLOW_ENDED
+                         else FlowEndReason.FORCED_END)
 
     def flush(self) -> list[Flow]:
         """Records of everything retired so far, without waiting for the next cycle."""
@@ -224,6 +250,8 @@ class FlowMapReader:
             self._cursors.pop(ident)
         self._pending[ident] = _Retired(key=key, value=value, reason=reason, cursor=cursor)
         self.stats.retired += 1
+        if self._ctl_fd is not None and value.l7_select:
+            bpfsys.delete(self._ctl_fd, key)  # the flow's l7_ctl entry, if userspace made one
 
     def _emit_pending(self, offset: int) -> list[Flow]:
         out = self._leftovers
@@ -245,6 +273,7 @@ class FlowMapReader:
         for i in (0, 1):
             d = value.dir[i]
             cursor.sent[i] = _Counts(d.packets, d.ip_bytes, d.l2_bytes, d.tcp_flags)
+        cursor.sent_flags = (value.syn_count, value.fin_count, value.rst_count)
         cursor.period_start_ns = value.last_ns
         self.stats.interim += 1
         return record
@@ -297,6 +326,15 @@ class FlowMapReader:
             )
             if value.syn_ns and value.synack_ns and value.ack_ns >= value.syn_ns:
                 rtt = value.ack_ns - value.syn_ns
+        else:
+            # Cumulative packets, as replay's: an interim record's state is the flow's.
+            state = conn_state_other(value.dir[o].packets, value.dir[1 - o].packets)
+        syn, fin, rst = (value.syn_count, value.fin_count, value.rst_count)
+        if counters is not None:
+            syn, fin, rst = (syn - cursor.sent_flags[0], fin - cursor.sent_flags[1],
+                             rst - cursor.sent_flags[2])
+        else:
+            syn = fin = rst = 0   # a record of late packets only: their flags are in tcp_flags
         start = max(cursor.period_start_ns, value.first_ns)
         icmp = key.protocol in (PROTO_ICMP, PROTO_ICMPV6)
         return Flow(
@@ -310,9 +348,23 @@ class FlowMapReader:
             initiator_packets=orig.packets, responder_packets=resp.packets,
             initiator_l2_octets=orig.l2_bytes, responder_l2_octets=resp.l2_bytes,
             initiator_tcp_flags=orig.tcp_flags, responder_tcp_flags=resp.tcp_flags,
-            tcp_syn_count=value.syn_count, tcp_fin_count=value.fin_count,
-            tcp_rst_count=value.rst_count, flow_end_reason=reason, conn_state=state,
-            handshake_rtt_ns=rtt,
+            tcp_syn_count=syn, tcp_fin_count=fin, tcp_rst_count=rst,
+            flow_end_reason=reason, conn_state=state, handshake_rtt_ns=rtt,
+            l7_coverage=coverage(value),
             icmp_type=value.icmp_type if icmp else 0,
             icmp_code=value.icmp_code if icmp else 0,
         )
+
+
+def coverage(value: abi.FlowValue) -> L7Coverage:
+    """The flow's payload accounting as the record's l7_coverage (cumulative, both
+    directions): inspected when anything selected it, sampled when only sampling did."""
+    if not value.l7_select:
+        return L7Coverage()
+    l7 = value.l7
+    return L7Coverage(
+        inspected=True, sampled=value.l7_select == abi.SEL_SAMPLED,
+        captured_octets=l7[0].captured + l7[1].captured,
+        truncated_octets=l7[0].truncated + l7[1].truncated,
+        gap_octets=l7[0].gap + l7[1].gap,
+        skipped_octets=l7[0].skipped + l7[1].skipped)
