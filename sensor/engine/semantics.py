@@ -9,6 +9,9 @@ that both are tested against.
 - Timeouts (DESIGN.md): TCP idle 300 s; UDP, ICMP and other idle 60 s; active 1800 s
   (an interim record, same uid, counters since the previous record); a TCP flow ends on
   RST, or on FIN in both directions, after a 5 s linger that catches the last ACKs.
+- Interim records: packets, bytes and the SYN/FIN/RST counts are those since the
+  flow's previous record; OR-ed TCP flags, conn_state, history and handshake RTT are
+  the flow's so far (cumulative).
 - Timestamps: packet time in replay, kernel time converted to wall time live. Never the
   wall clock in replay.
 - conn_state follows Zeek's definitions, derived from what each side sent (below), so it
