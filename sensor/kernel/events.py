@@ -2,8 +2,8 @@
 and what follows). Sans-I/O: bytes in, a frozen event out; the loader delivers the
 bytes and sensor/kernel/flowmap.py acts on them.
 
-Unknown event types (a newer program, payload chunks this reader does not handle) and
-short events are counted and skipped, never fatal.
+Unknown event types (a newer program) and short events are counted and skipped, never
+fatal.
 """
 
 from __future__ import annotations
@@ -35,7 +35,26 @@ class LateUpdate:
     ts_ns: int
 
 
-Event = FlowEnd | LateUpdate
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PayloadEvent:
+    """One chunk of payload of a selected flow (bpf/loupe.h struct loupe_payload_event).
+    An event with empty data and SYN, FIN or RST in tcp_flags marks a stream's start or
+    end."""
+
+    key: bytes            # the raw struct loupe_flow_key (ifindex included)
+    incarnation: int
+    direction: int        # abi.PL_TO_RESPONDER (sent by the initiator) or PL_TO_INITIATOR
+    seq: int              # TCP sequence number of data[0] (0 for UDP)
+    ack: int
+    tcp_flags: int
+    payload_len: int      # payload octets of the whole packet
+    offset: int           # where data starts within that payload
+    data: bytes
+    l7_select: int        # the flow's abi.SEL_* bits
+    ts_ns: int            # kernel monotonic ns
+
+
+Event = FlowEnd | LateUpdate | PayloadEvent
 
 
 @dataclass(slots=True)
@@ -44,7 +63,8 @@ class EventDecoder:
 
     unknown: int = 0
     malformed: int = 0
-    decoded: dict[str, int] = field(default_factory=lambda: {"flow_end": 0, "late_update": 0})
+    decoded: dict[str, int] = field(default_factory=lambda: {"flow_end": 0, "late_update": 0,
+                                                             "payload": 0})
 
     def decode(self, raw: bytes) -> Event | None:
         if len(raw) < abi.EVENT_HDR_SIZE:
@@ -68,5 +88,20 @@ class EventDecoder:
             return LateUpdate(key=bytes(lu.key), incarnation=lu.incarnation, ordinal=lu.ordinal,
                               dir=lu.dir, tcp_flags=lu.tcp_flags, packets=lu.packets,
                               ip_bytes=lu.ip_bytes, l2_bytes=lu.l2_bytes, ts_ns=hdr.ts_ns)
+        if hdr.type == abi.EventType.PAYLOAD:
+            size = abi.PAYLOAD_EVENT_SIZE
+            if len(raw) < size:
+                self.malformed += 1
+                return None
+            pe = abi.PayloadEvent.from_buffer_copy(raw[:size])
+            if len(raw) < size + pe.cap_len:
+                self.malformed += 1
+                return None
+            self.decoded["payload"] += 1
+            return PayloadEvent(key=bytes(pe.key), incarnation=pe.incarnation,
+                                direction=pe.dir, seq=pe.seq, ack=pe.ack,
+                                tcp_flags=pe.tcp_flags, payload_len=pe.payload_len,
+                                offset=pe.offset, data=bytes(raw[size:size + pe.cap_len]),
+                                l7_select=pe.l7_select, ts_ns=hdr.ts_ns)
         self.unknown += 1
         return None

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sensor.clock import Clock, kernel_to_wall_ns, wall_offset_ns
@@ -117,13 +118,14 @@ class FlowMapReader:
     """Reads, retires and reports the flows of one loaded flow meter."""
 
     def __init__(self, flows_fd: int, clock: Clock, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
-                 sensor_id: str = "", l7_ctl_fd: int | None = None) -> None:
+                 sensor_id: str = "",
+                 on_retire: Callable[[bytes], None] | None = None) -> None:
         floor = 2 * abi.RETIRE_GUARD_NS
         if min(timeouts.tcp_idle_ns, timeouts.other_idle_ns) < floor:
             raise ValueError(f"idle timeouts must be at least {floor / 1e9:g} s: the kernel "
                              "program double-checks only flows idle for half of that")
         self._fd = flows_fd
-        self._ctl_fd = l7_ctl_fd
+        self._on_retire = on_retire   # told the key of every retired selected flow
         self._clock = clock
         self._timeouts = timeouts
         self._sensor_id = sensor_id
@@ -250,8 +252,8 @@ class FlowMapReader:
             self._cursors.pop(ident)
         self._pending[ident] = _Retired(key=key, value=value, reason=reason, cursor=cursor)
         self.stats.retired += 1
-        if self._ctl_fd is not None and value.l7_select:
-            bpfsys.delete(self._ctl_fd, key)  # the flow's l7_ctl entry, if userspace made one
+        if self._on_retire is not None and value.l7_select:
+            self._on_retire(bytes(key))  # e.g. drop the flow's l7_ctl entry
 
     def _emit_pending(self, offset: int) -> list[Flow]:
         out = self._leftovers

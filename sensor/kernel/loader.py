@@ -37,7 +37,7 @@ class LoadOptions:
     flow_map_size: int = 65536
     frag_map_size: int = 4096
     max_ipv6_ext: int = 6
-    ringbuf_pages: int = 64
+    ringbuf_pages: int = 1024
 
     def __post_init__(self) -> None:
         if not 1 <= self.flow_map_size <= 1 << 24:
@@ -111,6 +111,15 @@ class LoadedProgram:
         self.flows_fd: int = bpf[b"flows"].map_fd
         self.frags_fd: int = bpf[b"frags"].map_fd
         self.counters_fd: int = bpf[b"counters"].map_fd
+        # Selection and payload control (sensor/kernel/hybrid.py fills them; with all
+        # of them empty, as after loading, no flow is selected and nothing is copied).
+        self.config_fd: int = bpf[b"config"].map_fd
+        self.sel_ports_fd: int = bpf[b"sel_ports"].map_fd
+        self.sel_cidr4_fd: int = bpf[b"sel_cidr4"].map_fd
+        self.sel_cidr6_fd: int = bpf[b"sel_cidr6"].map_fd
+        self.sel_protos_fd: int = bpf[b"sel_protos"].map_fd
+        self.sel_keys_fd: int = bpf[b"sel_keys"].map_fd
+        self.l7_ctl_fd: int = bpf[b"l7_ctl"].map_fd
         for table, key, value in ((b"flows", abi.FlowKey, abi.FlowValue),
                                   (b"frags", abi.FragKey, abi.FragValue)):
             t = bpf[table]
