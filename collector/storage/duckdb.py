@@ -17,6 +17,7 @@ own process, while the collector is stopped.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +30,8 @@ from collector.storage.base import (
     DecodedBatch, ExportResult, QueryResult, SensorSummary, StoreResult, StoreStatus,
 )
 from sensor.errors import QueryError, StorageError
+
+log = logging.getLogger(__name__)
 
 DB_FILE = "loupe.duckdb"
 
@@ -52,13 +55,60 @@ _WRITER_SETTINGS = (
     # on 2 cores: 5.7 ms of CPU per 1000 rows with one thread, 8.8 ms with two). Queries
     # scan with one thread too.
     "SET threads = 1",
-    # WAL size that triggers a checkpoint on commit. Each checkpoint has a fixed part per
-    # table, so under steady ingest checkpointing every 16 MiB (the default) costs more
-    # per row: measured on 2 cores, 8.4 ms of CPU per 1000 rows at 16 MiB against 6.3 ms
-    # at 256 MiB. The price of 128 MiB: that much more on disk, and a WAL replay of that
-    # size (about a second) when the collector starts after a crash.
-    "SET checkpoint_threshold = '128MiB'",
+    # WAL size at which a commit checkpoints on the spot, holding up that commit (and so
+    # every ack behind it) for as long as the checkpoint takes: about a second per
+    # 128 MiB. The Checkpointer below gets there long before; this is the backstop for
+    # when its checkpoints keep failing.
+    "SET checkpoint_threshold = '256MiB'",
 )
+
+# WAL size at which the Checkpointer checkpoints, off the writer thread. Each checkpoint
+# has a fixed part per table, so checkpointing often costs more per row under steady
+# ingest (measured on 2 cores: 8.4 ms of CPU per 1000 rows at 16 MiB, DuckDB's default,
+# against 6.3 ms at 256 MiB); but a checkpoint takes a core for about a second per
+# 128 MiB, and on a busy 2-core host that stalls every ack meanwhile. 32 MiB keeps that
+# stall near a quarter of a second (ingest benchmark on a shared 2-core host: p99 ack
+# 0.9 s at 32 MiB, 1.1-2 s at 128 MiB), and bounds the WAL replay after a crash to well
+# under a second.
+CHECKPOINT_WAL_BYTES = 32 * 1024 * 1024
+# How often the Checkpointer looks at the WAL's size: one stat() call.
+CHECKPOINT_POLL_S = 0.5
+
+
+class Checkpointer:
+    """Checkpoints a store from its own thread once its WAL passes CHECKPOINT_WAL_BYTES.
+
+    DuckDB checkpoints on commit by default, so one unlucky batch waits for the whole
+    checkpoint; from a thread of its own, the checkpoint runs beside the commits (DuckDB
+    lets appends go on meanwhile) and the other core can take it.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, wal: Path) -> None:
+        self._cur = con.cursor()
+        self._wal = wal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loupe-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECKPOINT_POLL_S):
+            try:
+                size = self._wal.stat().st_size
+            except FileNotFoundError:
+                continue  # no WAL: nothing written since the last checkpoint
+            if size < CHECKPOINT_WAL_BYTES:
+                continue
+            try:
+                self._cur.execute("CHECKPOINT")
+            except duckdb.Error as exc:
+                # e.g. a conflicting transaction; the WAL is still there at the next poll.
+                log.warning("checkpoint failed, retrying: %s", str(exc).splitlines()[0])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._cur.close()
+
 
 EXPORT_FORMATS = {
     "parquet": "(FORMAT parquet, COMPRESSION zstd)",
@@ -114,6 +164,8 @@ class DuckDBStorage:
         self._last_seq = int(row[0])
         if sandbox:
             self._con.execute("SET enable_external_access = false")
+        self._checkpointer = None if read_only else Checkpointer(
+            self._con, self.path.with_name(self.path.name + ".wal"))
         self._closed = False
 
     # -- writing (the writer thread only) -------------------------------------------------
@@ -310,6 +362,8 @@ class DuckDBStorage:
         if self._closed:
             return
         self._closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         try:
             self._con.execute("CHECKPOINT")
         except duckdb.Error:
