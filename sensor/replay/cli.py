@@ -9,6 +9,7 @@ on stderr, so stdout carries nothing but records.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -61,8 +62,8 @@ def register(tree) -> None:
     p.add_argument("--jobs", type=int, default=0, metavar="N",
                    help="meter in N processes, each taking a share of the host pairs' "
                         "flows (records then come in arrival order across processes); "
-                        "default 0: one process for inputs under 64 MiB or on one CPU, "
-                        "else one per CPU up to 4")
+                        "default 0: one per idle CPU (up to 4) for inputs of 64 MiB or "
+                        "more, else one")
     p.set_defaults(func=run)
 
 
@@ -229,9 +230,12 @@ def auto_jobs(files) -> int:
             pass   # checked before; a file that vanished fails when it is read
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else (os.cpu_count() or 1)
-    if total < _AUTO_JOBS_BYTES or cpus < 2:
+    # Only idle cores help: on a busy machine the shards fight for the same CPU and each
+    # still reads the whole capture, so the run gets slower, not faster.
+    idle = cpus - math.ceil(os.getloadavg()[0])
+    if total < _AUTO_JOBS_BYTES or idle < 2:
         return 1
-    return min(cpus, _MAX_AUTO_JOBS)
+    return min(idle, _MAX_AUTO_JOBS)
 
 
 def _grpc_sink(args, spool_dir: Path):
