@@ -19,6 +19,7 @@ the ratio of each Loupe run to NFStream, by wall time and by CPU time. The machi
 shared: wall-time figures move with other people's load, CPU-time figures much less.
 
     python -m tests.benchmarks.bench_replay [--packets 1000000] [--rounds 1]
+    python -m tests.benchmarks.bench_replay --breakdown     # CPU per stage, in-process
 """
 
 from __future__ import annotations
@@ -90,12 +91,60 @@ def measure(argv: list[str]) -> tuple[float, float, int, str]:
     return wall, cpu, peak, err
 
 
+def breakdown(pcap: Path, limit: int = 150_000) -> None:
+    """CPU µs per packet of each stage: the reader, the meter alone, the meter with the
+    L7 stage but no parser, with one parser at a time, and with all of them."""
+    from sensor.engine.l7engine import L7Engine
+    from sensor.l7.detect import DEFAULT_PARSERS, ParserRegistry
+    from sensor.replay.meter import Meter
+    from sensor.replay.reader import CaptureReader
+
+    start = time.process_time()
+    with CaptureReader(pcap) as reader:
+        packets = []
+        for packet in reader:
+            packets.append(packet)
+            if len(packets) == limit:
+                break
+    read_us = (time.process_time() - start) / len(packets) * 1e6
+
+    def run(make_sink) -> float:
+        best = float("inf")
+        for _ in range(3):
+            out: list = []
+            meter = Meter(emit=out.append, sink=make_sink(out))
+            feed = meter.feed
+            t = time.process_time()
+            for ts, ifx, link, frame, wire in packets:
+                feed(ts, ifx, link, frame, wire)
+            meter.flush()
+            best = min(best, time.process_time() - t)
+        return best / len(packets) * 1e6
+
+    print(f"reader (first {len(packets)} packets): {read_us:.2f} µs/packet CPU")
+    base = run(lambda out: None)
+    print(f"meter: {base:.2f}")
+    glue = run(lambda out: L7Engine(emit=out.append, registry=ParserRegistry({})))
+    print(f"meter + L7 stage, no parser: {glue:.2f} (+{glue - base:.2f})")
+    for name in DEFAULT_PARSERS:
+        spec = {name: DEFAULT_PARSERS[name]}
+        cost = run(lambda out: L7Engine(emit=out.append, registry=ParserRegistry(spec)))
+        print(f"meter + L7 stage, {name} parser only: {cost:.2f} (+{cost - glue:.2f})")
+    full = run(lambda out: L7Engine(emit=out.append))
+    print(f"meter + L7 stage, all parsers: {full:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="CPU per stage on a 150k-packet slice instead of the comparison")
     args = ap.parse_args()
     pcap = capture(args.packets)
+    if args.breakdown:
+        breakdown(pcap)
+        return 0
     size = pcap.stat().st_size
     print(f"capture: {pcap} ({size / 2**20:.0f} MiB, {args.packets} packets); "
           f"{os.cpu_count()} CPUs")
