@@ -53,6 +53,8 @@ from sensor.engine.semantics import (
     DEFAULT_TIMEOUTS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SideFlags, Timeouts, conn_state,
     conn_state_other,
 )
+from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
+from sensor.enrich.community_id import CommunityId, icmp_ports
 from sensor.kernel import abi, bpfsys
 from sensor.kernel.events import Event, FlowEnd, LateUpdate
 from sensor.model import Flow, FlowEndReason, L7Coverage
@@ -83,6 +85,7 @@ class _Cursor:
 
     uid: str
     period_start_ns: int                 # kernel ns where the next record starts
+    community_id: str = ""
     sent: list[_Counts] = field(default_factory=lambda: [_Counts(), _Counts()])
     sent_flags: tuple[int, int, int] = (0, 0, 0)   # SYN, FIN, RST counts reported
 
@@ -119,13 +122,15 @@ class FlowMapReader:
 
     def __init__(self, flows_fd: int, clock: Clock, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
                  sensor_id: str = "",
-                 on_retire: Callable[[bytes], None] | None = None) -> None:
+                 on_retire: Callable[[bytes], None] | None = None,
+                 community: CommunityId = DEFAULT_CID) -> None:
         floor = 2 * abi.RETIRE_GUARD_NS
         if min(timeouts.tcp_idle_ns, timeouts.other_idle_ns) < floor:
             raise ValueError(f"idle timeouts must be at least {floor / 1e9:g} s: the kernel "
                              "program double-checks only flows idle for half of that")
         self._fd = flows_fd
         self._on_retire = on_retire   # told the key of every retired selected flow
+        self._community = community
         self._clock = clock
         self._timeouts = timeouts
         self._sensor_id = sensor_id
@@ -237,7 +242,12 @@ class FlowMapReader:
                            inner_vlan_id=key.inner_vlan_id,
                            start_ns=kernel_to_wall_ns(value.first_ns, offset),
                            sensor_id=self._sensor_id)
-            cursor = _Cursor(uid=uid, period_start_ns=value.first_ns)
+            icmp = key.protocol in (PROTO_ICMP, PROTO_ICMPV6)
+            cid = self._community.compute(
+                src=src, dst=dst, protocol=key.protocol, src_port=sport, dst_port=dport,
+                icmp_type=value.icmp_type if icmp else None,
+                icmp_code=value.icmp_code if icmp else None)
+            cursor = _Cursor(uid=uid, period_start_ns=value.first_ns, community_id=cid)
             self._cursors[ident] = cursor
         return cursor
 
@@ -285,7 +295,9 @@ class FlowMapReader:
         lo = _addr(key.addr_lo, key.ip_version)
         hi = _addr(key.addr_hi, key.ip_version)
         if key.protocol in (PROTO_ICMP, PROTO_ICMPV6):
-            sport, dport = value.icmp_type, value.icmp_code
+            # Community ID's stand-ins, as replay's records carry them: the type, and
+            # the counterpart type of a request/reply pair, else the code.
+            sport, dport, _ = icmp_ports(key.protocol, value.icmp_type, value.icmp_code)
             return (lo, hi, sport, dport) if value.initiator == abi.DIR_LO_HI \
                 else (hi, lo, sport, dport)
         if value.initiator == abi.DIR_LO_HI:
@@ -352,6 +364,7 @@ class FlowMapReader:
             initiator_tcp_flags=orig.tcp_flags, responder_tcp_flags=resp.tcp_flags,
             tcp_syn_count=syn, tcp_fin_count=fin, tcp_rst_count=rst,
             flow_end_reason=reason, conn_state=state, handshake_rtt_ns=rtt,
+            community_id=cursor.community_id,
             l7_coverage=coverage(value),
             icmp_type=value.icmp_type if icmp else 0,
             icmp_code=value.icmp_code if icmp else 0,

@@ -127,9 +127,11 @@ def flows_from_records(records) -> dict:
     for r in records:
         if r.protocol in (1, 58):
             s_end, d_end = (r.src_addr, -1), (r.dst_addr, -1)
-            req = (ICMP_REQ4 if r.ip_version == 4 else ICMP_REQ6).get(r.src_port, r.src_port)
+            # The ports are Community ID stand-ins; the key here uses the first
+            # message's type (as its request) and code.
+            req = (ICMP_REQ4 if r.ip_version == 4 else ICMP_REQ6).get(r.icmp_type, r.icmp_type)
             key = (r.vlan_id, r.inner_vlan_id, r.protocol, frozenset((s_end, d_end)),
-                   req, r.dst_port)
+                   req, r.icmp_code)
         else:
             s_end, d_end = (r.src_addr, r.src_port), (r.dst_addr, r.dst_port)
             key = (r.vlan_id, r.inner_vlan_id, r.protocol, frozenset((s_end, d_end)))
