@@ -16,7 +16,12 @@ packet that cannot be attributed to a flow is counted in MeterStats under its re
 The L7 seam. A PayloadSink (below) receives what the L7 stage needs and nothing else:
 TCP segments that carry payload or SYN/FIN/RST (pure ACKs are not passed: they move no
 stream bytes), UDP datagrams with payload, and the end of each flow. Direction is
-relative to the initiator as known at that packet (0 = TO_SERVER).
+relative to the initiator as known at that packet (0 = TO_SERVER). Fragmented datagrams
+are joined first (IpDefragmenter, bounded and counted) and handed over whole. The sink
+talks back through the flow's state, as the L7 stage live talks to the kernel through
+l7_ctl: `l7_off` (hand over nothing more, only count the payload bytes) and `l7_skip`
+(per side, the seq below which payload is not wanted). A sink that is also a
+FlowAnnotator flushes each flow before its final record and fills the record's L7 fields.
 
 Zeek history. Letters recorded (upper case: the initiator, lower: the responder):
 S SYN without ACK, H SYN+ACK, A pure ACK, D payload, F FIN, R RST, I FIN+RST, Q other
