@@ -110,6 +110,7 @@ class ReaderStats:
     late_unmatched: int = 0
     flow_end_events: int = 0
     deferred: int = 0       # retires put off to the next cycle: the snapshot was too old
+    empty_final: int = 0    # final records not written: nothing new since the interim one
 
 
 def _addr(raw, version: int) -> str:
@@ -270,9 +271,16 @@ class FlowMapReader:
         self._leftovers = []
         for ident, entry in self._pending.items():
             last = max(entry.value.last_ns, entry.late_last_ns)
-            out.append(self._build(entry.key, entry.value, entry.cursor, entry.reason,
-                                   late=entry.late, counters=entry.value, last_ns=last,
-                                   offset=offset))
+            record = self._build(entry.key, entry.value, entry.cursor, entry.reason,
+                                 late=entry.late, counters=entry.value, last_ns=last,
+                                 offset=offset)
+            # As replay's flow table: after an interim record, a final record with no
+            # new packet is not written.
+            reported = entry.cursor.sent[0].packets + entry.cursor.sent[1].packets
+            if record.initiator_packets or record.responder_packets or not reported:
+                out.append(record)
+            else:
+                self.stats.empty_final += 1
             self._recent[ident] = entry
             while len(self._recent) > RECENT_RETIRED:
                 self._recent.popitem(last=False)

@@ -77,8 +77,13 @@ def check_privileges() -> None:
         )
 
 
-def check_headers() -> None:
-    build = Path("/lib/modules") / platform.release() / "build"
+MODULES_DIR = Path("/lib/modules")
+
+
+def check_headers(modules_dir: Path = MODULES_DIR) -> None:
+    """bcc compiles against <modules_dir>/<release>/build; tests point modules_dir
+    elsewhere to see the message."""
+    build = modules_dir / platform.release() / "build"
     if not (build / "include").is_dir():
         raise KernelError(
             f"kernel headers not found at {build}: install linux-headers-{platform.release()} "
