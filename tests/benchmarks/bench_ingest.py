@@ -142,6 +142,8 @@ def main(argv=None) -> int:
                     raise SystemExit("collector did not start")
                 if "listening on" in line:
                     address = line.split("listening on ")[1].split()[0]
+            # Keep reading its log: a full pipe would block the collector mid-run.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             ctx = mp.get_context("spawn")
             results = ctx.Queue()
             workers = [ctx.Process(target=_client, args=(
