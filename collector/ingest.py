@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -307,11 +308,26 @@ def decode_message(raw: bytes, identity: str | None) -> Shipped | str:
         return str(exc)
 
 
+# How often a decoder process checks that the collector is still alive: one getppid()
+# call, and at worst this long before an orphaned decoder exits.
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A decoder holds both ends of its task queue's pipe, so it never reads an EOF when
+    # the collector is killed (SIGKILL, OOM); without this it would wait forever.
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
 def _decoder_init() -> None:
     """Set up a decoder process."""
     # The collector handles SIGINT/SIGTERM and shuts the pool down itself; a ^C reaching
     # the whole process group must not kill a decoder mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="loupe-parent-watch").start()
 
 
 def _decoder_processes() -> int:
