@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     print(f"ack latency ms: p50={p(0.50):.1f} p90={p(0.90):.1f} p99={p(0.99):.1f} "
           f"max={lat[-1] * 1000:.1f} mean={statistics.mean(lat) * 1000:.1f} (batches={len(lat)})")
     print(f"CPU: collector {collector_cpu / wall:.2f} cores, clients {client_cpu / wall:.2f} "
-          f"cores ({client_cpu / max(client_cpu + collector_cpu, 1e-9):.0%} of the two)")
+          f"cores ({client_cpu / max(client_cpu + collector_cpu, 1e-9):.0%} of the two); "
+          f"collector {collector_cpu / max(records, 1) * 1e6:.1f} ms of CPU per 1000 records")
     print(f"stored rows: {stored} ({'matches' if stored == records else 'MISMATCH'})")
     return 0 if stored == records else 1
 
