@@ -33,15 +33,28 @@
  *   serialises updates and the copy, so userspace knows exactly whether the packet is
  *   in its copy (ordinal <= copied `updates`) or must be added.
  *
- *   Userspace retires an entry only if its snapshot shows it ENDED, or idle for at
- *   least 2 * LOUPE_RETIRE_GUARD_NS, and only within LOUPE_RETIRE_GUARD_NS / 2 of the
- *   snapshot (sensor/kernel/flowmap.py). So the first update after such a snapshot
- *   either sees ENDED (sticky), or comes after a gap of at least GUARD since the
- *   snapshot's last_ns and stamps resumed_ns; every later update within GUARD of
- *   resumed_ns is therefore racing a possible unlink and double-checks. Every other
- *   update cannot race one, and skips the second lookup. (A program run cannot be
- *   preempted between reading the clock and taking the lock: TC runs with bottom
- *   halves disabled.) Nothing is lost and nothing counted twice.
+ *   Userspace retires an entry only if its snapshot shows it ENDED at least
+ *   LOUPE_RETIRE_GUARD_NS ago (and after its linger), or idle for at least 2 * GUARD,
+ *   and only within GUARD / 2 of the snapshot (sensor/kernel/flowmap.py). So the first
+ *   update after such a snapshot either sees ENDED (sticky), or comes after a gap of at
+ *   least GUARD since the snapshot's last_ns and stamps resumed_ns; every later update
+ *   within GUARD of resumed_ns is therefore racing a possible unlink and double-checks.
+ *   Every other update cannot race one, and skips the second lookup. (A program run is
+ *   not preempted between reading the clock and taking the lock: TC runs with bottom
+ *   halves disabled.)
+ *
+ *   The fast path goes further: a locked update of a steady flow (not ENDED, no
+ *   double-check due, handshake complete, not being sniffed) sets fast_until = now +
+ *   GUARD, and until then packets that change nothing but counters skip the lock and
+ *   add atomically. No unlink can race them: an unlink needs a snapshot showing the
+ *   flow idle for 2 * GUARD, i.e. taken after fast_until, after which the first packet
+ *   takes the locked path (its gap is at least GUARD); or ENDED, which clears
+ *   fast_until, GUARD before the unlink. A fast-path packet would have to stall GUARD
+ *   (0.5 s) between its check and its adds, which a program run does not. What the lock
+ *   no longer gives: a snapshot taken while a fast-path packet is between its three
+ *   adds shows part of it; interim records (which never delete) may then split one
+ *   packet's fields across two consecutive records of the flow. Their sums stay exact,
+ *   and retirement (the final record) never races a fast-path add.
  *
  * Selection and payload (loupe.h, "selection"; docs/kernel.md)
  *   A new flow is checked once against the active selection set (protocols, ports,
@@ -676,11 +689,39 @@ static __always_inline void send_payload(struct __sk_buff *skb, struct pkt *p,
 
 /* ---- accounting ------------------------------------------------------------------ */
 
-/* Adds the packet to its flow. Returns 0 when done, 1 when the entry was recycled
- * under us and the caller should try once more. */
-static __always_inline int account(struct __sk_buff *skb, struct pkt *p, __u64 fp, __u64 now)
+/* The fast path: a packet that changes nothing but a steady flow's counters (no
+ * SYN/FIN/RST, no new flag bit, no payload to account for a selected flow) is added
+ * with atomic adds, without the lock, while the flow's fast_until (set by its last
+ * locked update) has not passed. Returns 1 when done; else 0, with the entry (or NULL)
+ * in *found for the locked path. Why this loses and double-counts nothing: see
+ * "Reading without losing" at the top. */
+static __always_inline int fast_path(struct pkt *p, __u64 now, struct loupe_flow_value **found)
 {
 	struct loupe_flow_value *v = flows.lookup(&p->key);
+	*found = v;
+	if (!v)
+		return 0;
+	__u16 tf = p->tcp_flags;
+	struct loupe_dir_counters *c = &v->dir[p->dir & 1];
+	if ((__s64)(now - v->fast_until) >= 0 || (tf & (TCPF_SYN | TCPF_FIN | TCPF_RST)) ||
+	    (c->tcp_flags | tf) != c->tcp_flags || (p->payload_len && v->l7_select))
+		return 0;
+	__sync_fetch_and_add(&c->packets, p->packets);
+	__sync_fetch_and_add(&c->ip_bytes, p->ip_bytes);
+	__sync_fetch_and_add(&c->l2_bytes, p->l2_bytes);
+	if ((__s64)(now - v->last_ns) > 0)
+		v->last_ns = now;   /* a racing store may keep a value some ns older: harmless */
+	return 1;
+}
+
+/* Adds the packet to its flow under the entry's lock (v: the entry found by the fast
+ * path, or NULL to look it up). Returns 0 when done, 1 when the entry was recycled
+ * under us and the caller should try once more. */
+static __always_inline int account(struct __sk_buff *skb, struct pkt *p, __u64 fp, __u64 now,
+				   struct loupe_flow_value *v)
+{
+	if (!v)
+		v = flows.lookup(&p->key);
 	if (!v) {
 		__u32 zero = 0;
 		struct loupe_flow_value *init = (struct loupe_flow_value *)new_flow.lookup(&zero);
@@ -838,6 +879,11 @@ static __always_inline int account(struct __sk_buff *skb, struct pkt *p, __u64 f
 	__u32 ordinal = v->updates;
 	int recheck = (v->flags & LOUPE_FLOW_ENDED) ||
 		      (__s64)(now - v->resumed_ns) < (__s64)LOUPE_RETIRE_GUARD_NS;
+	/* Steady: nothing but counters can change on the next packets (handshake done or
+	 * never seen, not ended, not being sniffed, no unlink can race). */
+	int steady = !recheck && !(v->flags & LOUPE_FLOW_SNIFF_PENDING) &&
+		     !(tcp && v->synack_ns && !v->ack_ns);
+	v->fast_until = steady ? now + LOUPE_RETIRE_GUARD_NS : 0;
 	bpf_spin_unlock(&v->lock);
 
 	if (recheck) {
@@ -934,12 +980,15 @@ int loupe_tc(struct __sk_buff *skb)
 		p.payload_len = p.ip_len - p.l3_hdr_len - p.l4_hdr_len;
 
 	__u64 now = bpf_ktime_get_ns();
+	struct loupe_flow_value *found = 0;
+	if (fast_path(&p, now, &found))
+		return TC_ACT_UNSPEC;
 	__u64 fp = key_hash(&p.key) | 1;   /* never 0, the value of a zeroed entry */
 	/* Twice at most: the second try follows an entry recycled under the first. A
 	 * loop, not two calls, so the body (and its stack) exists once. */
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < 2; i++) {
-		if (!account(skb, &p, fp, now))
+		if (!account(skb, &p, fp, now, i == 0 ? found : 0))
 			break;
 		if (i == 1)
 			count(LOUPE_CNT_RECYCLED_ENTRY);

@@ -166,9 +166,9 @@ struct loupe_l7_dir {
 #define LOUPE_SEL_SNIFFED  0x20   /* the first payload looked like TLS, HTTP or DNS */
 
 /* The value is updated under its spin lock, and userspace reads it with BPF_F_LOCK,
- * so a read never sees half of an update (sensor/kernel/flowmap.py). The l7[].gap
- * counters alone are added outside the lock (atomically), after a failed ring buffer
- * write. */
+ * so a read never sees half of a locked update (sensor/kernel/flowmap.py). Outside the
+ * lock, atomically: the fast path's packet and byte counts of steady flows, and the
+ * l7[].captured/gap moves after a failed ring buffer write (flow.c). */
 struct loupe_flow_value {
 	struct bpf_spin_lock lock;
 	__u32 updates;         /* updates applied so far: the ordinal of late-update events */
@@ -181,6 +181,7 @@ struct loupe_flow_value {
 	__u64 ack_ns;          /* first ACK of the initiator after the SYN-ACK */
 	__u64 end_ns;          /* when LOUPE_FLOW_ENDED was set */
 	__u64 resumed_ns;      /* last packet that came after an idle gap (flow.c, reading) */
+	__u64 fast_until;      /* the lock-free fast path is open until then (flow.c) */
 	struct loupe_dir_counters dir[2];  /* indexed by LOUPE_DIR_* */
 	__u32 syn_count;       /* segments with SYN, both directions */
 	__u32 fin_count;
@@ -198,7 +199,7 @@ struct loupe_flow_value {
 	__u32 pad1;
 	struct loupe_l7_dir l7[2];  /* indexed by LOUPE_DIR_* */
 };
-#define LOUPE_FLOW_VALUE_SIZE 256
+#define LOUPE_FLOW_VALUE_SIZE 264
 
 /* ---- IP fragments ----------------------------------------------------------------- */
 

@@ -13,7 +13,7 @@ import enum
 import sys
 
 FLOW_KEY_SIZE = 48
-FLOW_VALUE_SIZE = 256
+FLOW_VALUE_SIZE = 264
 FRAG_KEY_SIZE = 40
 FRAG_VALUE_SIZE = 56
 EVENT_HDR_SIZE = 16
@@ -142,6 +142,7 @@ class FlowValue(ctypes.Structure):
         ("ack_ns", ctypes.c_uint64),
         ("end_ns", ctypes.c_uint64),
         ("resumed_ns", ctypes.c_uint64),
+        ("fast_until", ctypes.c_uint64),
         ("dir", DirCounters * 2),
         ("syn_count", ctypes.c_uint32),
         ("fin_count", ctypes.c_uint32),

@@ -2,19 +2,22 @@
 
 Every cycle (collect()) the reader takes a locked snapshot of the map
 (BPF_MAP_LOOKUP_BATCH with BPF_F_LOCK: each entry is copied under its spin lock, so no
-entry is seen half-updated) and decides per entry:
+entry is seen half-way through a locked update) and decides per entry:
 - ended (RST, or FIN both ways) and lingered for Timeouts.tcp_end_linger_ns: retire,
   flow_end_reason END_OF_FLOW;
 - idle for longer than its idle timeout: retire, IDLE_TIMEOUT;
 - open for longer than the active timeout since its last record: an interim record,
   ACTIVE_TIMEOUT, same uid, counters since the previous record. The entry stays in
   the map; its kernel counters are cumulative and the reader keeps what it already
-  reported (a cursor), so interim records never race the kernel at all.
+  reported (a cursor), so interim records lose and repeat nothing. (A packet on the
+  kernel's lock-free path may be half in one snapshot: then the two records of the
+  flow on either side of it share that packet's fields; their sums are exact.)
 
 Never losing nor double-counting across a read
   A retire is BPF_MAP_LOOKUP_AND_DELETE_ELEM with BPF_F_LOCK: the kernel copies the
   value under the entry's spin lock and unlinks it in the same step. Per-direction
-  counters live in that one value (not per CPU), so the copy is one consistent sum.
+  counters live in that one value (not per CPU), so the copy is one consistent sum
+  (the lock-free path never races a retire: bpf/flow.c).
   A packet whose program had already looked the entry up may still add itself after
   the copy; the program notices (its second lookup finds no entry, or another
   incarnation) and sends a LATE_UPDATE event with the ordinal of its update. The
@@ -26,17 +29,19 @@ Never losing nor double-counting across a read
 When a retire may race a packet
   The program double-checks only updates that could race an unlink (bpf/flow.c,
   "Reading without losing"), which holds because this reader retires an entry only if
-  its snapshot shows it ENDED or idle for at least 2 * abi.RETIRE_GUARD_NS (idle
-  timeouts below that are refused), and only within RETIRE_GUARD_NS / 2 of taking the
-  snapshot; a retire that would come later waits for the next cycle (stats.deferred).
+  its snapshot shows it ENDED (for at least its linger and RETIRE_GUARD_NS) or idle for
+  at least 2 * abi.RETIRE_GUARD_NS (idle timeouts below that are refused), and only
+  within RETIRE_GUARD_NS / 2 of taking the snapshot; a retire that would come later
+  waits for the next cycle (stats.deferred).
   The time is read before the snapshot, so "idle" is never overstated.
 
 Records: the initiator is src (first pure SYN, else first packet). conn_state follows
 sensor.engine.semantics.conn_state for TCP and conn_state_other for the rest; SYN/FIN/
-RST counts are those since the previous record of the flow (semantics.py). history (Zeek's per-packet letter string)
-is left empty live: the kernel keeps OR-ed flags per direction, not the packet order
-history needs, and storing it would cost an unbounded string per flow in the kernel;
-replay, which sees every packet, fills it.
+RST counts are those since the previous record of the flow (semantics.py). history
+(Zeek's per-packet letter string) is left empty live: the kernel keeps OR-ed flags per
+direction, not the packet order history needs, and storing it would cost an unbounded
+string per flow in the kernel; replay, which sees every packet, fills it. l7_coverage
+comes from the kernel's per-direction payload accounting (coverage()).
 """
 
 from __future__ import annotations
@@ -200,11 +205,14 @@ class FlowMapReader:
                                        lock=True)
         self.stats.snapshots += 1
         fresh_until = now + abi.RETIRE_GUARD_NS // 2
+        # ENDED closes the kernel's lock-free path; a packet that took it just before
+        # has finished long before RETIRE_GUARD_NS (bpf/flow.c).
+        ended_wait = max(t.tcp_end_linger_ns, abi.RETIRE_GUARD_NS)
         for key, value in snapshot:
             ident = (bytes(key), value.incarnation)
             cursor = self._cursor(ident, key, value, offset)
             reason = None
-            if value.flags & abi.FLOW_ENDED and now - value.end_ns >= t.tcp_end_linger_ns:
+            if value.flags & abi.FLOW_ENDED and now - value.end_ns >= ended_wait:
                 reason = FlowEndReason.END_OF_FLOW
             elif now - value.last_ns >= t.idle_ns(key.protocol):
                 reason = FlowEndReason.IDLE_TIMEOUT
