@@ -3,7 +3,9 @@
 Strategy. Each direction has two buffers: record bytes until a whole TLSPlaintext record
 (RFC 8446 5.1, RFC 5246 6.2) is there, and handshake bytes until a whole handshake
 message is there, because one message may span records and one record may hold several
-messages. Only handshake, change_cipher_spec, alert and application_data records matter:
+messages. Only handshake, change_cipher_spec, alert and application_data records matter,
+change_cipher_spec and application_data only by their header (ciphertext is never
+buffered):
 
 - ClientHello (either direction, so mid-flow pickup with a swapped initiator still
   works): fields and fingerprints. A second ClientHello after a HelloRetryRequest does
@@ -317,6 +319,11 @@ class TlsParser:
             length = (buf[3] << 8) | buf[4]
             if length > MAX_RECORD:
                 self._fail(f"TLS record of {length} bytes exceeds {MAX_RECORD}")
+                return
+            if ctype == _CHANGE_CIPHER_SPEC or ctype == _APPLICATION_DATA:
+                # The header alone says this direction is encrypted from here: act on
+                # it now rather than buffer up to 18 KB of ciphertext nobody reads.
+                self._record(direction, side, ctype, b"", side.records_ts)
                 return
             if len(buf) < 5 + length:
                 return
