@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sensor.config_cli",
     "sensor.kernel.cli",
     "sensor.replay.cli",
+    "sensor.sensor_cli",
 )
 
 # Help lines for command groups (their subcommands bring their own).

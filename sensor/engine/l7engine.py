@@ -122,7 +122,9 @@ class L7Engine:
     # -- PayloadSink ----------------------------------------------------------------------
 
     def tcp_segment(self, flow: FlowState, direction: int, seq: int, ack: int, flags: int,
-                    payload: bytes, ts_ns: int) -> None:
+                    payload: bytes, ts_ns: int, wire_len: int | None = None) -> None:
+        """wire_len: the segment's payload length from `seq` on when only a prefix was
+        copied (the kernel's budget, live); the rest is accounted as truncated."""
         st = flow.l7
         if st is None:
             st = flow.l7 = FlowL7()
@@ -133,7 +135,7 @@ class L7Engine:
         reasm = st.reasm
         if reasm is None:
             reasm = st.reasm = FlowReassembler(self.budget, self.limits)
-        events = reasm.segment(direction, seq, ack, flags, payload, ts_ns)
+        events = reasm.segment(direction, seq, ack, flags, payload, ts_ns, wire_len)
         if events:
             self._stream_events(flow, st, events)
 

@@ -1,0 +1,714 @@
+"""The live sensor, wired in one place: kernel flow records and payload events in,
+enriched Flow / L7Event / LostEvent records out to an exporter.
+
+    kernel (bpf/flow.c) ─► flow map ─► FlowMapReader.collect() ─► join ─► enrich ─► exporter
+         │                                                         ▲
+         └─► ring buffer ─► KernelSensor queue ─► LiveL7 ─► L7Engine ┘ (L7Event records)
+                                                     │
+         l7_ctl (grant / skip-until / stop) ◄────────┘
+
+Stages know only their input and output (STYLE.md 10). `LiveL7` turns payload events into
+the L7 engine's PayloadSink calls (the same `L7Engine` replay uses, fed from the kernel
+instead of the replay meter) and writes the engine's wishes back to the kernel through a
+`FlowControl` seam; `LiveSensor` owns the kernel program, the order of start-up and
+shutdown, and the main loop's one iteration (`step`). The command (sensor/sensor_cli.py)
+adds signals, sd_notify, metrics and the exporters around it.
+
+Threads. One thread does everything that touches the kernel and the L7 state: it polls
+the ring buffer, runs the L7 engine on the queued payload events, reads the flow map
+once per interval and hands records to the exporter, whose submit() never blocks (its
+bounded queue drops and counts). So a slow or absent collector can never stall the ring
+buffer poll; a slow L7 stage can only make the kernel drop payload events, which it
+counts (kernel_ringbuf_full) while flow counters stay exact (they live in the flow map,
+not in the ring). Process attribution drains its own tracepoint on its own thread.
+
+Joining flows and L7. A flow's payload events are processed before its Flow record
+leaves the reader: the reader emits a retired flow one cycle after retiring it, and
+every payload event the kernel sent before the retire is already in the ring buffer,
+which this loop drains before each read. So when a selected flow's record comes out,
+its L7 stage is flushed (holes become gaps, the parser reports what it holds) and the
+record gets app_proto, http_host, dns_qname, tls_sni, tls_ja4; the wait is bounded by
+one read interval. Flows without L7 go out as soon as the reader retires them.
+
+uids. L7 events are emitted while the flow is live, so their uid is computed here when
+the flow's first payload event arrives (flowkey.flow_uid over the key and the flow's
+first kernel timestamp); the Flow records of that flow are given the same uid on their
+way out (the reader's own uid uses another wall-clock offset sample and may differ by a
+few ns in its start time).
+
+The budget policy (what is written to l7_ctl, see docs/sensor.md):
+- skip: the parser's skip_hint (an HTTP body of known length) becomes skip-until-seq, so
+  the kernel does not copy the body at all;
+- stop: the parser is DONE (TLS after the handshake, HTTP after an Upgrade) or in ERROR,
+  the protocol has no parser, or a DNS-over-TCP answer was seen;
+- grant: whenever a live flow's payload arrives, each direction whose remaining
+  allowance fell below half of `refill_octets` is topped up to `refill_octets`. The
+  allowance therefore always covers the next message head, while a body in flight
+  before its skip reached the kernel can consume at most that much: copied bytes grow
+  with the number of messages, not with their size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sensor.clock import Clock, SystemClock, wall_offset_ns
+from sensor.engine.flowtable import FlowState, identify
+from sensor.engine.l7engine import L7Engine
+from sensor.engine.reassembly import MemoryBudget
+from sensor.engine.semantics import DEFAULT_TIMEOUTS, PROTO_TCP, PROTO_UDP, Timeouts
+from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
+from sensor.errors import InterfaceError, KernelError, LoupeError
+from sensor.kernel import abi, attach, bpfsys
+from sensor.kernel.counters import CounterWatcher
+from sensor.kernel.events import PayloadEvent
+from sensor.kernel.hybrid import MAX_CTL, KernelSensor, SelectionConfig, flow_key
+from sensor.model import Flow, FlowEndReason, L7Event, LostEvent, LostSource, Record, record_kind
+
+log = logging.getLogger(__name__)
+
+# How long one ring buffer poll waits for the first event: the loop's reaction time to
+# signals and the granularity of flow-end handling, with an idle loop costing nothing.
+POLL_MS = 100
+# Flow map reads per second by default: a retired flow is visible within about this long
+# plus the reader's one-cycle delay.
+DEFAULT_INTERVAL_S = 1.0
+# After detaching, program runs that began before it may still be finishing (the filter
+# is freed after an RCU grace period); the final drain waits this long for them.
+DETACH_SETTLE_S = 0.05
+# Allowance a live flow's direction is topped up to (see the module text): a typical
+# HTTP/1 request or response head fits, and a body in flight before its skip lands costs
+# at most this much. Heads larger than this arriving in one burst are truncated (counted
+# in l7_coverage.truncated_octets).
+DEFAULT_REFILL_OCTETS = 2048
+# Flows with L7 state at once: as many as the kernel's l7_ctl map can steer
+# (LOUPE_L7_CTL_ENTRIES); a new flow beyond it is stopped in the kernel and counted.
+MAX_L7_FLOWS = MAX_CTL
+# Reader uid -> our uid for flows already finished: a late packet's own small record
+# (flowmap.py "late_after_emit") must carry the same uid as its flow's record. Late
+# packets arrive within a cycle; the bound only stops a storm from growing it.
+RECENT_UIDS = 65536
+# Payload events handled per loop iteration before the flow map gets its turn, so a
+# flood of payload cannot starve the reader (the rest waits in the bounded queue).
+EVENTS_PER_STEP = 20000
+
+
+# ---- the kernel seam -------------------------------------------------------------------
+
+
+class FlowControl(Protocol):
+    """What the L7 half needs from the kernel: l7_ctl writes and a flow's origin.
+    KernelControl is the real one; tests can drive LiveL7 with a fake."""
+
+    def grant(self, key: bytes, direction: int, octets: int) -> bool: ...
+
+    def skip_until(self, key: bytes, direction: int, seq: int) -> bool: ...
+
+    def stop(self, key: bytes) -> bool: ...
+
+    def flow_origin(self, key: bytes, incarnation: int) -> tuple[int, int] | None:
+        """(canonical side of the initiator, first packet's kernel ns), or None when the
+        flow (this incarnation) is no longer in the map."""
+
+
+class KernelControl:
+    """FlowControl over a loaded program and its KernelSensor."""
+
+    def __init__(self, sensor: KernelSensor, flows_fd: int) -> None:
+        self._sensor = sensor
+        self._fd = flows_fd
+
+    def grant(self, key: bytes, direction: int, octets: int) -> bool:
+        return self._sensor.grant(key, direction, octets)
+
+    def skip_until(self, key: bytes, direction: int, seq: int) -> bool:
+        return self._sensor.skip_until(key, direction, seq)
+
+    def stop(self, key: bytes) -> bool:
+        return self._sensor.stop(key)
+
+    def flow_origin(self, key: bytes, incarnation: int) -> tuple[int, int] | None:
+        value = abi.FlowValue()
+        if not bpfsys.lookup(self._fd, abi.FlowKey.from_buffer_copy(key), value, lock=True):
+            return None
+        if value.incarnation != incarnation:
+            return None
+        return value.initiator & 1, value.first_ns
+
+
+# ---- the L7 half ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LiveL7Stats:
+    payload_events: int = 0
+    payload_octets: int = 0          # copied payload handed to the L7 engine
+    flows: int = 0                   # flows given L7 state
+    flows_refused: int = 0           # MAX_L7_FLOWS reached: stopped in the kernel
+    no_origin: int = 0               # the flow left the map before its first event
+    not_tcp_udp: int = 0             # payload of other protocols (protocol selection)
+    grants: int = 0
+    granted_octets: int = 0
+    skips: int = 0
+    stops: int = 0
+    ctl_refused: int = 0             # l7_ctl writes the kernel map refused (full)
+    joined: int = 0                  # Flow records that got L7 fields
+    expired: int = 0                 # L7 states whose Flow record never came
+
+
+class _LiveFlow:
+    __slots__ = ("key", "incarnation", "state", "received", "allowance", "skip_sent",
+                 "stopped", "last_mono")
+
+    def __init__(self, key: bytes, incarnation: int, state: FlowState,
+                 budget: tuple[int, int], now: int) -> None:
+        self.key = key
+        self.incarnation = incarnation
+        self.state = state
+        self.received = [0, 0]                 # by direction from the initiator
+        self.allowance = [budget[0], budget[1]]
+        self.skip_sent: list[int | None] = [None, None]   # by canonical side
+        self.stopped = False
+        self.last_mono = now
+
+
+def _addr_bytes(raw: bytes, version: int) -> bytes:
+    return raw[:4] if version == 4 else raw[:16]
+
+
+class LiveL7:
+    """Payload events -> L7Engine -> L7Event records (to `emit`), l7_ctl writes (to
+    `control`), and the L7 fields of Flow records (join())."""
+
+    def __init__(self, *, emit: Callable[[Record], None], control: FlowControl,
+                 sensor_id: str = "", budget: tuple[int, int] = (4096, 4096),
+                 refill_octets: int = DEFAULT_REFILL_OCTETS,
+                 reassembly_budget_bytes: int = 64 << 20,
+                 max_flows: int = MAX_L7_FLOWS, expire_ns: int = 0) -> None:
+        self._emit = emit
+        self._control = control
+        self.sensor_id = sensor_id
+        self.budget = budget
+        self.refill_octets = refill_octets
+        self.max_flows = max_flows
+        # Default: longer than any flow can stay in the map without a record.
+        self.expire_ns = expire_ns or (DEFAULT_TIMEOUTS.tcp_idle_ns
+                                       + DEFAULT_TIMEOUTS.tcp_end_linger_ns + 60 * 10**9)
+        self.engine = L7Engine(emit=self._on_record, sensor_id=sensor_id,
+                               budget=MemoryBudget(reassembly_budget_bytes))
+        self.stats = LiveL7Stats()
+        self._flows: dict[tuple[bytes, int], _LiveFlow] = {}
+        self._by_key: dict[bytes, _LiveFlow] = {}
+        self._uids: OrderedDict[str, str] = OrderedDict()
+        self._current: _LiveFlow | None = None
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    # -- payload ---------------------------------------------------------------------------
+
+    def on_payload(self, ev: PayloadEvent, offset_ns: int, now_mono: int) -> None:
+        stats = self.stats
+        stats.payload_events += 1
+        stats.payload_octets += len(ev.data)
+        lf = self._flows.get((ev.key, ev.incarnation))
+        if lf is None:
+            lf = self._new_flow(ev, offset_ns, now_mono)
+            if lf is None:
+                return
+        lf.last_mono = now_mono
+        if lf.stopped:
+            return   # the kernel was told; what it sent meanwhile is counted there
+        lf.received[ev.direction & 1] += len(ev.data)
+        st = lf.state
+        ts = ev.ts_ns + offset_ns
+        self._current = lf
+        try:
+            if st.protocol == PROTO_TCP:
+                n = len(ev.data)
+                wire = None
+                # A chunk shorter than a full one that ends before the packet's payload
+                # does is the last copied chunk: the rest was not copied (budget).
+                if ev.offset + n < ev.payload_len and n < abi.PAYLOAD_CHUNK:
+                    wire = ev.payload_len - ev.offset
+                self.engine.tcp_segment(st, ev.direction & 1, ev.seq, ev.ack, ev.tcp_flags,
+                                        ev.data, ts, wire)
+            elif ev.data:
+                self.engine.udp_datagram(st, ev.direction & 1, ev.data, ts)
+        finally:
+            self._current = None
+        self._write_back(lf)
+
+    def _new_flow(self, ev: PayloadEvent, offset_ns: int, now_mono: int) -> _LiveFlow | None:
+        stats = self.stats
+        k = abi.FlowKey.from_buffer_copy(ev.key)
+        if k.protocol not in (PROTO_TCP, PROTO_UDP):
+            stats.not_tcp_udp += 1
+            return None
+        if len(self._flows) >= self.max_flows:
+            stats.flows_refused += 1
+            self._ctl(self._control.stop, ev.key)
+            return None
+        origin = self._control.flow_origin(ev.key, ev.incarnation)
+        if origin is None:
+            stats.no_origin += 1
+            return None
+        init, first_ns = origin
+        a = _addr_bytes(bytes(k.addr_lo), k.ip_version)
+        b = _addr_bytes(bytes(k.addr_hi), k.ip_version)
+        first_wall = first_ns + offset_ns
+        st = FlowState(ev.key, a, k.port_lo, b, k.port_hi, k.protocol, k.vlan_id,
+                       k.inner_vlan_id, k.ifindex, init, first_wall)
+        identify(st, self.sensor_id, self.engine.community)
+        lf = _LiveFlow(ev.key, ev.incarnation, st, self.budget, now_mono)
+        self._flows[(ev.key, ev.incarnation)] = lf
+        self._by_key[ev.key] = lf   # the newest incarnation; older ones expire if orphaned
+        stats.flows += 1
+        return lf
+
+    def _on_record(self, record: Record) -> None:
+        lf = self._current
+        # RFC 7766: a DNS-over-TCP connection usually carries one query; after its
+        # answer nothing more of the flow is needed.
+        if (lf is not None and isinstance(record, L7Event) and record.kind == "dns"
+                and lf.state.protocol == PROTO_TCP):
+            if record.detail.rcode >= 0:
+                lf.state.l7_off = True   # _write_back() stops it in the kernel
+        self._emit(record)
+
+    def _ctl(self, write, *args) -> bool:
+        ok = write(*args)
+        if not ok:
+            self.stats.ctl_refused += 1
+        return ok
+
+    def _write_back(self, lf: _LiveFlow) -> None:
+        st = lf.state
+        stats = self.stats
+        if st.l7_off:
+            lf.stopped = True
+            stats.stops += 1
+            self._ctl(self._control.stop, lf.key)
+            return
+        skip = st.l7_skip
+        if skip is not None:
+            for side in (0, 1):
+                until = skip[side]
+                if until is not None and until != lf.skip_sent[side]:
+                    lf.skip_sent[side] = until
+                    stats.skips += 1
+                    self._ctl(self._control.skip_until, lf.key, side ^ st.init, until)
+        refill = self.refill_octets
+        if refill <= 0:
+            return
+        for d in (0, 1):
+            room = lf.allowance[d] - lf.received[d]
+            if room < refill // 2:
+                more = refill - max(room, 0)
+                if self._ctl(self._control.grant, lf.key, d, more):
+                    lf.allowance[d] += more
+                    stats.grants += 1
+                    stats.granted_octets += more
+
+    # -- flow records ------------------------------------------------------------------------
+
+    def join(self, record: Flow) -> Flow:
+        """The record with its flow's uid and L7 fields; a final record also ends the
+        flow's L7 state (flushed first, so its last transactions come out before it)."""
+        if not record.l7_coverage.inspected:
+            return record
+        try:
+            key = bytes(flow_key(src=record.src_addr, dst=record.dst_addr,
+                                 sport=record.src_port, dport=record.dst_port,
+                                 protocol=record.protocol, vlan_id=record.vlan_id,
+                                 inner_vlan_id=record.inner_vlan_id, ifindex=record.ifindex))
+        except ValueError:
+            return record
+        lf = self._by_key.get(key)
+        if lf is None:
+            uid = self._uids.get(record.uid)
+            return dataclasses.replace(record, uid=uid) if uid else record
+        st = lf.state
+        final = record.flow_end_reason != FlowEndReason.ACTIVE_TIMEOUT
+        if final:
+            self._current = lf
+            try:
+                self.engine.flow_ending(st)
+            finally:
+                self._current = None
+            self._forget(lf)
+            self._uids[record.uid] = st.uid
+            while len(self._uids) > RECENT_UIDS:
+                self._uids.popitem(last=False)
+        fields = {}
+        if st.l7 is not None:
+            fields = self.engine.flow_fields(st)
+            # The kernel's accounting is per wire octet and complete (captured,
+            # truncated by the budget, skipped on request, gap when the ring was full);
+            # the record keeps it. Userspace losses are LostEvents (reassembly_*).
+            fields.pop("l7_coverage", None)
+        self.stats.joined += 1
+        return dataclasses.replace(record, uid=st.uid, **fields)
+
+    def _forget(self, lf: _LiveFlow) -> None:
+        self._flows.pop((lf.key, lf.incarnation), None)
+        if self._by_key.get(lf.key) is lf:
+            del self._by_key[lf.key]
+
+    def expire(self, now_mono: int) -> None:
+        """Drops L7 states whose flow record never came (their flow left the map in a way
+        the reader did not report, e.g. a sensor restart race): bounded memory."""
+        stale = [lf for lf in self._flows.values() if now_mono - lf.last_mono > self.expire_ns]
+        for lf in stale:
+            self._current = lf
+            try:
+                self.engine.flow_ending(lf.state)
+            finally:
+                self._current = None
+            self._forget(lf)
+            self.stats.expired += 1
+
+    def flush_all(self) -> None:
+        """At shutdown, for flows whose record will not come: their last transactions."""
+        self.expire(now_mono=1 << 62)
+
+
+# ---- the sensor ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveConfig:
+    interfaces: tuple[str, ...]
+    netns: str = ""                          # attach inside this network namespace
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
+    sensor_id: str = ""
+    flow_map_size: int = 65536
+    ringbuf_pages: int = 1024                # 4 MiB: ~2000 full payload chunks
+    l7: bool = True
+    refill_octets: int = DEFAULT_REFILL_OCTETS
+    reassembly_budget_bytes: int = 64 << 20
+    interval_s: float = DEFAULT_INTERVAL_S
+    process_attribution: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.interfaces:
+            raise InterfaceError("no interface to attach to: name one with --iface, or set "
+                                 "interfaces in sensor.toml")
+        if self.interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Runs the block with this thread inside network namespace `name` (a name under
+    /var/run/netns or a path), then returns to the original one. Netlink sockets opened
+    inside (the TC attach) belong to that namespace; BPF maps and the ring buffer do
+    not belong to any, so the sensor keeps running in its own."""
+    if not name:
+        yield
+        return
+    path = name if "/" in name else f"/var/run/netns/{name}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        target = os.open(path, os.O_RDONLY)
+    except OSError:
+        raise InterfaceError(f"no network namespace {name!r} ({path}): see `ip netns list`") \
+            from None
+    original = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise KernelError(f"cannot enter network namespace {name!r}: {os.strerror(err)}; "
+                              "that needs root (CAP_SYS_ADMIN)")
+        try:
+            yield
+        finally:
+            libc.setns(original, _CLONE_NEWNET)
+    finally:
+        os.close(original)
+        os.close(target)
+
+
+def default_interfaces() -> tuple[str, ...]:
+    """Every interface that is up, except loopback (sensor.toml's interfaces = [])."""
+    out = []
+    for entry in sorted(Path("/sys/class/net").iterdir()):
+        try:
+            flags = int((entry / "flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & 0x1 and not flags & 0x8:   # IFF_UP, not IFF_LOOPBACK
+            out.append(entry.name)
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class LiveTotals:
+    """Cumulative counts for metrics and the closing line."""
+
+    records: dict[str, int] = field(default_factory=dict)     # handed to the exporter
+    submit_refused: int = 0                                    # exporter queue full
+    lost: dict[str, int] = field(default_factory=dict)        # LostSource value -> count
+    kernel: dict[str, int] = field(default_factory=dict)      # kernel counters by name
+    cycles: int = 0
+    reloads: int = 0
+
+
+class Enricher(Protocol):
+    def enrich(self, flow: Flow) -> Flow: ...
+
+
+class LiveSensor:
+    """Build, start(), then step() until told to stop, then stop() exactly once."""
+
+    def __init__(self, config: LiveConfig, exporter, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.exporter = exporter
+        self.clock = clock or SystemClock()
+        self.totals = LiveTotals()
+        self.prog = None
+        self.kernel: KernelSensor | None = None
+        self.l7: LiveL7 | None = None
+        self.watcher: CounterWatcher | None = None
+        self.attachments: list[attach.Attachment] = []
+        self.attributor = None
+        self._next_read = 0.0
+        self._last = dict(queue_full=0, parser_errors=0, gaps=0, memory_drops=0)
+        self._stopped = False
+        self._last_wall = 0
+        self._started_mono = time.monotonic()
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load, attach, then the exporter (the caller says READY after this)."""
+        from sensor.kernel import loader  # noqa: PLC0415 (bcc only when running live)
+
+        cfg = self.config
+        with in_netns(cfg.netns):
+            for iface in cfg.interfaces:
+                attach.interface_index(iface)   # fail before the seconds of compiling
+        self.prog = loader.load(loader.LoadOptions(flow_map_size=cfg.flow_map_size,
+                                                   ringbuf_pages=cfg.ringbuf_pages))
+        try:
+            self.kernel = KernelSensor(self.prog, self.clock, selection=cfg.selection,
+                                       timeouts=cfg.timeouts, sensor_id=cfg.sensor_id)
+            self.watcher = CounterWatcher(self.prog.counters_fd, sensor_id=cfg.sensor_id)
+            if cfg.l7:
+                self.l7 = LiveL7(emit=self._submit, control=KernelControl(
+                    self.kernel, self.prog.flows_fd), sensor_id=cfg.sensor_id,
+                    budget=cfg.selection.budget, refill_octets=cfg.refill_octets,
+                    reassembly_budget_bytes=cfg.reassembly_budget_bytes,
+                    expire_ns=cfg.timeouts.tcp_idle_ns + cfg.timeouts.tcp_end_linger_ns
+                    + 60 * 10**9)
+            if cfg.process_attribution:
+                self._open_attribution()
+            with in_netns(cfg.netns):
+                for iface in cfg.interfaces:
+                    self.attachments.append(attach.attach(iface, self.prog.prog_fd))
+        except BaseException:
+            self._detach()
+            self._close_kernel()
+            raise
+        start = getattr(self.exporter, "start", None)
+        if start is not None:
+            start()
+        self._next_read = time.monotonic() + cfg.interval_s
+
+    def _open_attribution(self) -> None:
+        from sensor.enrich.process import ProcessAttributor  # noqa: PLC0415
+
+        try:
+            self.attributor = ProcessAttributor.open()
+            self.attributor.start()
+        except LoupeError as exc:
+            # Flows are worth having without their processes: go on, say why.
+            log.warning("process attribution is off: %s", exc)
+            self.attributor = None
+
+    def attached(self) -> list[str]:
+        return [a.iface for a in self.attachments]
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def step(self, poll_ms: int = POLL_MS) -> None:
+        """One iteration: poll the ring buffer, run L7 on the queued payload, read the
+        flow map when due (every interval, or at once after a flow-end event)."""
+        kernel = self.kernel
+        kernel.poll(poll_ms)
+        self._payload()
+        now = time.monotonic()
+        if now >= self._next_read or kernel.reader.end_seen:
+            self._cycle()
+            self._next_read = now + self.config.interval_s
+
+    def _payload(self, limit: int = EVENTS_PER_STEP) -> None:
+        l7 = self.l7
+        kernel = self.kernel
+        if l7 is None:
+            for _ in kernel.payload_events():
+                pass   # selection is off in the kernel; nothing should come, none kept
+            return
+        offset = wall_offset_ns(self.clock)
+        mono = self.clock.monotonic_ns()
+        for ev in kernel.payload_events(limit):
+            l7.on_payload(ev, offset, mono)
+
+    def _cycle(self) -> None:
+        self.totals.cycles += 1
+        self._export_flows(self.kernel.reader.collect())
+        self._report_losses()
+        if self.l7 is not None:
+            self.l7.expire(self.clock.monotonic_ns())
+
+    def _export_flows(self, flows: list[Flow]) -> None:
+        l7 = self.l7
+        att = self.attributor
+        for flow in flows:
+            if l7 is not None:
+                flow = l7.join(flow)
+            if att is not None:
+                flow = att.enrich(flow)
+            self._submit(flow)
+
+    def _submit(self, record: Record) -> None:
+        kind = record_kind(record)
+        recs = self.totals.records
+        recs[kind] = recs.get(kind, 0) + 1
+        if not self.exporter.submit(record):
+            self.totals.submit_refused += 1
+
+    def _report_losses(self) -> None:
+        wall = self.clock.wall_ns()
+        losses = list(self.watcher.poll(wall))
+        start = self._last_wall or wall
+        self._last_wall = wall
+        extra: dict[str, int] = {}
+        ks = self.kernel.stats
+        # Payload events the kernel sent but the userspace queue had no room for: to
+        # an analyst the same loss as a full ring buffer (payload not seen).
+        extra[LostSource.KERNEL_RINGBUF_FULL.value] = ks.queue_full - self._last["queue_full"]
+        self._last["queue_full"] = ks.queue_full
+        if self.l7 is not None:
+            ls = self.l7.engine.stats
+            for attr, source in (("parser_errors", LostSource.PARSER_ERROR),
+                                 ("gaps", LostSource.REASSEMBLY_GAP),
+                                 ("memory_drops", LostSource.REASSEMBLY_MEMORY)):
+                value = getattr(ls, attr)
+                extra[source.value] = value - self._last[attr]
+                self._last[attr] = value
+        for source, count in extra.items():
+            if count > 0:
+                losses.append(LostEvent(source=source, count=count, interval_start_ns=start,
+                                        interval_end_ns=wall, sensor_id=self.config.sensor_id))
+        lost = self.totals.lost
+        for event in losses:
+            lost[event.source] = lost.get(event.source, 0) + event.count
+            self._submit(event)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload(self, selection: SelectionConfig, refill_octets: int | None = None) -> None:
+        """New selection and budgets for new flows; live flows keep theirs."""
+        self.kernel.reload_selection(selection)
+        if self.l7 is not None:
+            self.l7.budget = selection.budget
+            if refill_octets is not None:
+                self.l7.refill_octets = refill_octets
+        self.totals.reloads += 1
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def stop(self, export_timeout_s: float = 10.0) -> None:
+        """Stop capture (detach), drain the ring buffer and the payload queue, retire every
+        flow (FORCED_END, or END_OF_FLOW for TCP flows that had ended), join and export
+        them, report the last losses, close the exporter (what is not acked stays in
+        its spool), release the kernel program."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.kernel is not None:
+                self._detach()
+                time.sleep(DETACH_SETTLE_S)
+                self.kernel.poll(0)
+                while self._drain_payload():
+                    self.kernel.poll(0)
+                self.kernel.reader.drain()
+                self.kernel.poll(0)
+                while self._drain_payload():
+                    self.kernel.poll(0)
+                self._export_flows(self.kernel.reader.flush())
+                if self.l7 is not None:
+                    self.l7.flush_all()
+                self._report_losses()
+                self.totals.kernel = {c.name.lower(): v for c, v in self.watcher.totals().items()}
+        finally:
+            if self.attributor is not None:
+                self.attributor.close()
+            self.exporter.close(export_timeout_s)
+            self._close_kernel()
+
+    def _drain_payload(self) -> bool:
+        before = self.l7.stats.payload_events if self.l7 is not None else 0
+        self._payload(limit=1 << 30)
+        return self.l7 is not None and self.l7.stats.payload_events != before
+
+    def _detach(self) -> None:
+        with in_netns(self.config.netns):
+            for att in self.attachments:
+                try:
+                    attach.detach(att)
+                except LoupeError as exc:
+                    log.error("detaching from %s: %s", att.iface, exc)
+        self.attachments = []
+
+    def _close_kernel(self) -> None:
+        if self.prog is not None:
+            self.prog.close()
+            self.prog = None
+
+    # -- observability -------------------------------------------------------------------------
+
+    def kernel_counters(self) -> dict[str, int]:
+        if self.watcher is None or self.prog is None:
+            return dict(self.totals.kernel)
+        return {c.name.lower(): v for c, v in self.watcher.totals().items()}
+
+    def metrics(self) -> dict:
+        """A snapshot for sensor.metrics (read on the metrics thread: plain reads only)."""
+        t = self.totals
+        lost = {k: v for k, v in t.lost.items()}
+        return {"lost": lost, "records_exported": dict(t.records),
+                "flows_active": len(self.l7) if self.l7 is not None else 0}
+
+    def status(self) -> str:
+        t = self.totals
+        l7 = self.l7.stats if self.l7 is not None else None
+        flows = t.records.get("flow", 0)
+        events = sum(v for k, v in t.records.items() if k not in ("flow", "lost"))
+        text = (f"running; attached {','.join(self.attached()) or 'nothing'}; "
+                f"{flows} flows, {events} L7 events")
+        if l7 is not None:
+            text += f", payload {l7.payload_octets} octets"
+        lost = sum(t.lost.values())
+        return text + (f"; lost {lost}" if lost else "; nothing lost")
+
+
+def hostname() -> str:
+    return socket.gethostname()

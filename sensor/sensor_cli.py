@@ -1,0 +1,388 @@
+"""`loupe sensor run`: the live hybrid sensor as a daemon (loupe-sensor.service runs
+`loupe sensor run --config /etc/loupe/sensor.toml`).
+
+The pipeline itself is sensor/engine/live.py; this module adds what a daemon needs
+around it, in this order (docs/ops.md, "Lifecycle contract"):
+
+    config (file, --set, flags) -> metrics server -> load + attach -> exporter up
+      -> READY=1 + STATUS=; main loop with WATCHDOG=1 while it turns
+    SIGHUP:  RELOADING=1, re-read the config, new selection and budgets for new flows
+             (live flows keep theirs, nothing is dropped), READY=1
+    SIGTERM: STOPPING=1, detach, drain, every flow out (FORCED_END), exporter flushed
+             into its spool, exit 0
+
+A collector that cannot be reached is not an error: records wait in the spool and go out
+when it is back. Flags override the file: each maps to a dotted config key and is
+validated like the file (sensor.config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from sensor import config as cfg
+from sensor.engine.live import DEFAULT_REFILL_OCTETS, LiveConfig, LiveSensor, default_interfaces
+from sensor.engine.semantics import NS
+from sensor.errors import ConfigError, LoupeError, StorageError
+from sensor.kernel.hybrid import SelectionConfig as KernelSelection
+from sensor.logs import setup_logging  # noqa: F401  (set up by sensor.cli.main)
+from sensor.metrics import MetricsRegistry
+from sensor.notify import Notifier
+
+log = logging.getLogger("loupe.sensor")
+
+# How often STATUS= is refreshed while running: systemctl status stays current without
+# a datagram per loop iteration.
+STATUS_EVERY_S = 5.0
+# At SIGTERM, how long the exporter may spend getting spooled batches acked before the
+# rest is left in the spool for the next start (systemd's stop timeout is 90 s).
+EXPORT_CLOSE_S = 10.0
+
+
+def register(tree) -> None:
+    p = tree.command(
+        "sensor run", help="run the live sensor: kernel flows, L7 metadata, export",
+        description=__doc__.split("\n\n")[0] + "\n\nSee docs/sensor.md.")
+    cfg.add_config_arguments(p, "sensor")
+    p.add_argument("--iface", action="append", default=None, metavar="IF",
+                   help="interface to attach to (repeatable; default: sensor.toml's "
+                        "interfaces, or every interface that is up except loopback)")
+    p.add_argument("--netns", default="", metavar="NAME",
+                   help="attach to interfaces of this network namespace (ip netns name or "
+                        "path); the sensor itself stays in its own")
+    p.add_argument("--collector", default=None, metavar="HOST:PORT",
+                   help="collector address (\"\" for none); unreachable is not fatal: "
+                        "records are spooled and sent when it is back")
+    p.add_argument("--tls-ca", default=None, metavar="FILE")
+    p.add_argument("--tls-cert", default=None, metavar="FILE")
+    p.add_argument("--tls-key", default=None, metavar="FILE")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME")
+    p.add_argument("--select", action="append", default=None, metavar="RULES",
+                   help="which flows get L7 inspection, replacing the file's selection: "
+                        "comma-separated port:N, cidr:PREFIX, proto:NAME|N, sample:N, sniff, "
+                        "or off (e.g. --select port:443,cidr:198.18.0.0/15,proto:udp)")
+    p.add_argument("--budget", default=None, metavar="SIZE",
+                   help="payload bytes copied per flow and direction before the L7 stage "
+                        "asks for more (budget.per_direction_bytes), e.g. 4KiB")
+    p.add_argument("--refill", type=int, default=DEFAULT_REFILL_OCTETS, metavar="OCTETS",
+                   help="allowance a live flow is topped up to while its parser wants more "
+                        f"(default {DEFAULT_REFILL_OCTETS}; 0: never grant)")
+    p.add_argument("--output", choices=("jsonl", "none"), default="none",
+                   help="also print every record as a JSON line on stdout")
+    p.add_argument("--jsonl", default=None, metavar="PATH",
+                   help="also append every record as a JSON line to PATH (export.jsonl)")
+    p.add_argument("--sensor-id", default=None, metavar="ID",
+                   help="names this sensor in records and at the collector (default: host name)")
+    p.add_argument("--spool-dir", default=None, metavar="DIR",
+                   help="un-acked batches wait here (spool.dir)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="Prometheus /metrics address (metrics.listen; \"\" turns it off)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often the flow map is read")
+    p.add_argument("--no-l7", action="store_true",
+                   help="flows only: no payload copy, no L7 parsing")
+    p.add_argument("--no-process", action="store_true",
+                   help="no process attribution (process.attribution = false)")
+    p.set_defaults(func=run)
+
+
+# ---- flags -> config ---------------------------------------------------------------------
+
+
+def parse_select(items: list[str]) -> dict[str, object]:
+    """--select rules -> selection.* overrides. Given at all, it replaces the file's
+    selection (an unnamed list is empty)."""
+    ports: list[int] = []
+    cidrs: list[str] = []
+    protos: list[str] = []
+    sample = 1
+    sniff = False
+    for item in items:
+        for rule in (r.strip() for r in item.split(",")):
+            if not rule:
+                continue
+            kind, _, value = rule.partition(":")
+            kind = kind.lower()
+            if kind in ("off", "none") and not value:
+                continue
+            if kind == "sniff" and not value:
+                sniff = True
+            elif kind == "port" and value.isdigit():
+                ports.append(int(value))
+            elif kind == "cidr" and value:
+                cidrs.append(value)
+            elif kind in ("proto", "protocol") and value:
+                protos.append(value)
+            elif kind == "sample" and value.isdigit() and int(value) >= 1:
+                sample = int(value)
+            else:
+                raise ConfigError(
+                    f"--select {rule!r}: expected port:N, cidr:PREFIX, proto:NAME, sample:N, "
+                    "sniff or off (e.g. --select port:443,cidr:198.18.0.0/15)")
+    return {"selection.ports": ports, "selection.cidrs": cidrs,
+            "selection.protocols": [int(p) if p.isdigit() else p for p in protos],
+            "selection.sample_one_in": sample, "selection.sniff": sniff}
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None or path == "" else str(Path(path).resolve())
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {
+        "interfaces": args.iface,
+        "collector.address": args.collector,
+        "collector.ca_file": _absolute(args.tls_ca),
+        "collector.cert_file": _absolute(args.tls_cert),
+        "collector.key_file": _absolute(args.tls_key),
+        "collector.server_name": args.tls_server_name,
+        "sensor_id": args.sensor_id,
+        "spool.dir": _absolute(args.spool_dir),
+        "export.jsonl": _absolute(args.jsonl),
+        "metrics.listen": args.metrics,
+        "budget.per_direction_bytes": args.budget,
+    }
+    if args.no_process:
+        out["process.attribution"] = False
+    if args.select:
+        out.update(parse_select(args.select))
+    return out
+
+
+def load(args: argparse.Namespace) -> cfg.SensorConfig:
+    return cfg.config_from_args(args, "sensor", overrides_from(args))
+
+
+def kernel_selection(config: cfg.SensorConfig, l7: bool = True) -> KernelSelection:
+    sel = config.selection
+    if not l7:
+        return KernelSelection(ports=frozenset(), sniff=False, budget=(0, 0))
+    budget = config.budget.per_direction_bytes
+    return KernelSelection(
+        ports=frozenset(sel.ports), cidrs=tuple(sel.cidrs), protocols=frozenset(sel.protocols),
+        # sample_one_in = N > 1: the kernel also selects one flow in N of the rest
+        # (per flow, by key hash, so a sampled flow is seen whole); 1: no sampling.
+        sample_n=sel.sample_one_in if sel.sample_one_in > 1 else 0,
+        sniff=sel.sniff, budget=(budget, budget))
+
+
+def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfig:
+    interfaces = tuple(config.interfaces)
+    if not interfaces and not args.netns:
+        interfaces = default_interfaces()
+    if args.interval <= 0:
+        raise ConfigError("--interval must be positive seconds")
+    if args.refill < 0:
+        raise ConfigError("--refill must be 0 or a number of octets")
+    page = os.sysconf("SC_PAGE_SIZE")
+    return LiveConfig(
+        interfaces=interfaces, netns=args.netns,
+        selection=kernel_selection(config, not args.no_l7),
+        timeouts=config.timeouts.to_timeouts(), sensor_id=config.effective_sensor_id(),
+        flow_map_size=config.kernel.flow_map_size,
+        ringbuf_pages=max(1, config.kernel.ringbuf_size // page),
+        l7=not args.no_l7, refill_octets=args.refill,
+        reassembly_budget_bytes=config.budget.max_in_flight_bytes,
+        interval_s=args.interval, process_attribution=config.process.attribution)
+
+
+# ---- exporters -------------------------------------------------------------------------------
+
+
+class FanOut:
+    """One Exporter over several (collector and JSON lines): each keeps its own bounded
+    queue, so a slow one drops and counts only its own records."""
+
+    def __init__(self, exporters: list) -> None:
+        self.exporters = exporters
+
+    def start(self) -> None:
+        for e in self.exporters:
+            start = getattr(e, "start", None)
+            if start is not None:
+                start()
+
+    def submit(self, record) -> bool:
+        ok = True
+        for e in self.exporters:
+            ok = e.submit(record) and ok
+        return ok
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        for e in self.exporters:
+            e.close(timeout_s)
+
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.exporters:
+            for k, v in e.counters().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+def build_exporters(config: cfg.SensorConfig, output: str) -> FanOut:
+    from sensor.export.exporter import SinkExporter  # noqa: PLC0415
+    from sensor.export.sinks import JsonLinesSink  # noqa: PLC0415
+
+    exporters = []
+    sensor_id = config.effective_sensor_id()
+    if config.collector.address:
+        from sensor.export.grpc_client import (  # noqa: PLC0415
+            GrpcExportConfig, GrpcExporter, TlsFiles)
+
+        client = config.collector
+        tls = None
+        if client.ca_file:
+            tls = TlsFiles(ca_cert=Path(client.ca_file), client_cert=Path(client.cert_file),
+                           client_key=Path(client.key_file), server_name=client.server_name)
+        spool = Path(config.spool.dir)
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the spool directory {spool}: {exc.strerror}; "
+                               "set spool.dir (--spool-dir) to a writable directory") from None
+        if not os.access(spool, os.W_OK | os.X_OK):
+            raise StorageError(f"the spool directory {spool} is not writable; set spool.dir "
+                               "(--spool-dir) to a writable directory")
+        exporters.append(GrpcExporter(GrpcExportConfig(
+            target=client.address, sensor_id=sensor_id, spool_dir=spool, tls=tls,
+            queue_records=config.export.queue_size, batch_records=config.export.batch_size,
+            batch_delay_s=config.export.batch_delay / NS,
+            spool_max_bytes=config.spool.max_bytes)))
+    if config.export.jsonl:
+        exporters.append(SinkExporter(JsonLinesSink(config.export.jsonl), sensor_id=sensor_id,
+                                      queue_records=config.export.queue_size))
+    if output == "jsonl":
+        exporters.append(SinkExporter(JsonLinesSink("-"), sensor_id=sensor_id,
+                                      queue_records=config.export.queue_size))
+    if not exporters:
+        log.warning("no collector, no JSON lines: records are counted and dropped "
+                    "(set --collector, --jsonl or --output jsonl)")
+    return FanOut(exporters)
+
+
+# ---- the daemon ---------------------------------------------------------------------------------
+
+
+class _Signals:
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+
+    def install(self) -> dict:
+        def on_stop(signum, frame) -> None:
+            self.stop = True
+
+        def on_hup(signum, frame) -> None:
+            self.reload = True
+
+        return {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_stop),
+                                                     (signal.SIGINT, on_stop),
+                                                     (signal.SIGHUP, on_hup))}
+
+
+def closing_line(sensor: LiveSensor) -> str:
+    t = sensor.totals
+    kinds = {k: v for k, v in sorted(t.records.items()) if k not in ("flow", "lost")}
+    kc = t.kernel
+    l7 = sensor.l7.stats if sensor.l7 is not None else None
+    text = (f"loupe sensor: {t.records.get('flow', 0)} flows, {sum(kinds.values())} L7 events"
+            + (f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})" if kinds else "")
+            + f"; kernel: {kc.get('packets', 0)} packets, {kc.get('payload_events', 0)} "
+            f"payload events, payload {kc.get('payload_octets', 0)} octets copied")
+    if l7 is not None:
+        text += (f"; l7: {l7.flows} flows, {l7.grants} grants, {l7.skips} skips, "
+                 f"{l7.stops} stops")
+    lost = {k: v for k, v in sorted(t.lost.items()) if v}
+    if t.submit_refused:
+        lost["export_queue_full"] = lost.get("export_queue_full", 0) + t.submit_refused
+    text += ("; lost: " + ", ".join(f"{k} {v}" for k, v in lost.items())) if lost \
+        else "; nothing lost"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from sensor.kernel import loader  # noqa: PLC0415
+
+    config = load(args)
+    live_cfg = live_config(config, args)
+    loader.check_privileges()
+    notifier = Notifier.from_environ()
+    signals = _Signals()
+    previous = signals.install()
+    metrics = MetricsRegistry("sensor")
+    server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+    exporter = build_exporters(config, args.output)
+    sensor = LiveSensor(live_cfg, exporter)
+    metrics.add_source("sensor", sensor.metrics)
+    metrics.add_source("export", lambda: _export_snapshot(exporter))
+    try:
+        try:
+            sensor.start()
+        except BaseException:
+            exporter.close(0.5)
+            raise
+        where = ",".join(sensor.attached())
+        log.info("attached to %s%s; selection %s; metrics on %s", where,
+                 f" (netns {args.netns})" if args.netns else "",
+                 _describe(live_cfg.selection), config.metrics.listen or "off")
+        notifier.ready(sensor.status())
+        next_status = time.monotonic() + STATUS_EVERY_S
+        while not signals.stop:
+            sensor.step()
+            notifier.keepalive(time.monotonic_ns())
+            if signals.reload:
+                signals.reload = False
+                _reload(args, sensor, notifier)
+            now = time.monotonic()
+            if now >= next_status:
+                notifier.status(sensor.status())
+                next_status = now + STATUS_EVERY_S
+        notifier.stopping("stopping: detaching, flushing every flow")
+        log.info("stopping: detaching, flushing every flow")
+    finally:
+        sensor.stop(EXPORT_CLOSE_S)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if server is not None:
+            server.close()
+        notifier.close()
+    print(closing_line(sensor), file=sys.stderr, flush=True)
+    return 0
+
+
+def _reload(args: argparse.Namespace, sensor: LiveSensor, notifier: Notifier) -> None:
+    notifier.reloading()
+    try:
+        config = load(args)
+        selection = kernel_selection(config, not args.no_l7)
+        sensor.reload(selection)
+        log.info("reloaded: selection %s", _describe(selection))
+    except LoupeError as exc:
+        # A bad file keeps the running configuration (as nginx -s reload does).
+        log.error("reload refused, keeping the running configuration: %s", exc)
+    notifier.ready(sensor.status())
+
+
+def _describe(sel: KernelSelection) -> str:
+    parts = [f"port:{p}" for p in sorted(sel.ports)] + [f"cidr:{c}" for c in sel.cidrs]
+    parts += [f"proto:{p}" for p in sorted(sel.protocols)]
+    if sel.sample_n:
+        parts.append(f"sample:{sel.sample_n}")
+    if sel.sniff:
+        parts.append("sniff")
+    return (",".join(parts) or "off") + f" budget {sel.budget[0]}"
+
+
+def _export_snapshot(exporter: FanOut) -> dict:
+    c = exporter.counters()
+    return {"lost": {"export_queue_full": c.get("export_queue_full", 0),
+                     "spool_full": c.get("spool_records_dropped", 0)},
+            "queue_depth": {"export": c.get("export_queue_depth", 0)},
+            "spool_bytes": c.get("spool_bytes", 0)}
