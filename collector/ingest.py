@@ -84,7 +84,9 @@ _NON_EMPTY = {"flows": "uid", "http": "uid", "dns": "uid", "tls": "uid", "lost":
 
 def _columns(messages: list, paths: list[str]) -> list[tuple]:
     """One tuple per path, in path order. Nested paths ("http.method") fetch each parent
-    submessage once per record, not once per field: upb builds a wrapper per access."""
+    submessage once per record, not once per field: upb builds a wrapper per access.
+    Each column is one C-level pass over the messages (measured ~20% faster than one
+    multi-field attrgetter per record and a zip(*) to transpose)."""
     if not messages:
         return [() for _ in paths]
     groups: dict[str, list[str]] = {}
@@ -94,12 +96,8 @@ def _columns(messages: list, paths: list[str]) -> list[tuple]:
     out: dict[str, tuple] = {}
     for parent, names in groups.items():
         objs = messages if not parent else list(map(attrgetter(parent), messages))
-        if len(names) == 1:
-            cols = [tuple(map(attrgetter(names[0]), objs))]
-        else:
-            cols = list(zip(*map(attrgetter(*names), objs)))
-        for name, col in zip(names, cols):
-            out[f"{parent}.{name}" if parent else name] = col
+        for name in names:
+            out[f"{parent}.{name}" if parent else name] = tuple(map(attrgetter(name), objs))
     return [out[path] for path in paths]
 
 
