@@ -156,8 +156,13 @@ class StreamCounters:
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        # Spelled out rather than a setattr loop over __slots__: two of these are made
+        # for every inspected TCP flow.
+        self.segments = self.data_bytes = self.gaps = self.gap_bytes = 0
+        self.truncated_bytes = self.skipped_bytes = 0
+        self.overlaps = self.overlap_bytes = self.overlap_conflicts = 0
+        self.out_of_window = self.memory_drops = self.memory_drop_bytes = 0
+        self.after_fin_segments = self.after_fin_bytes = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -592,6 +597,34 @@ class FlowReassembler:
                 ts_ns: int, wire_len: int | None = None) -> list[tuple[int, StreamEvent]]:
         """One segment sent in `direction`; returns (direction, event) pairs."""
         result: list[tuple[int, StreamEvent]] = []
+        streams = self.streams
+        if not flags & (TCP_RST | TCP_SYN | TCP_FIN) and payload and wire_len is None:
+            # The common case, decided here without a call per direction: an ACK that
+            # acknowledges nothing unseen, carrying the next in-order bytes of a stream
+            # with nothing buffered, no FIN and no skip range. Same effects as the
+            # general path below.
+            other = streams[1 - direction]
+            if flags & TCP_ACK and other.started and not other.eof \
+                    and (ack - other._base - other._next + _HALF) & _SEQ_MASK > _HALF:
+                for ev in other.ack(ack, ts_ns):
+                    result.append((1 - direction, ev))
+            s = streams[direction]
+            if s.started and not s.eof and not s._segs and s._fin is None \
+                    and (seq - s._base - s._next) & _SEQ_MASK == 0 \
+                    and s._skip_until <= s._next:
+                n = len(payload)
+                off = s._next
+                c = s.counters
+                c.segments += 1
+                c.data_bytes += n
+                s._next = off + n
+                if s.limits.history_bytes:
+                    s._remember(off, payload)
+                result.append((direction, Data(payload, ts_ns)))
+                return result
+            for ev in s.segment(seq, flags, payload, ts_ns, wire_len):
+                result.append((direction, ev))
+            return result
         if flags & TCP_RST:
             # RFC 9293 §3.10.7.4: a reset ends the connection, both directions at once.
             for ev in self.streams[direction].segment(seq, TCP_RST, b"", ts_ns):

@@ -14,7 +14,7 @@ and is "one-way": its endpoints are never reordered.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import struct
 
@@ -79,22 +79,29 @@ class CommunityId:
     ) -> str:
         """The id of a flow seen from its initiator (src). For ICMP/ICMPv6, give
         icmp_type/icmp_code (the ports are then ignored)."""
-        saddr = addr_bytes(src)
-        daddr = addr_bytes(dst)
+        # Computed once per flow; packed addresses (the flow table's) skip the parse.
+        saddr = src if src.__class__ is bytes else addr_bytes(src)
+        daddr = dst if dst.__class__ is bytes else addr_bytes(dst)
         sport, dport = src_port, dst_port
         one_way = False
-        if protocol in (PROTO_ICMP, PROTO_ICMPV6) and icmp_type is not None:
+        if (protocol == PROTO_ICMP or protocol == PROTO_ICMPV6) and icmp_type is not None:
             sport, dport, one_way = icmp_ports(protocol, icmp_type, icmp_code or 0)
         if not one_way and (saddr > daddr or (saddr == daddr and sport > dport)):
             saddr, daddr, sport, dport = daddr, saddr, dport, sport
-        data = self._seed + saddr + daddr + bytes((protocol, 0))
         if protocol in _WITH_PORTS:
-            data += struct.pack("!HH", sport, dport)
-        digest = hashlib.sha1(data).digest()
+            data = self._seed + saddr + daddr + _PROTO_PORTS(protocol, 0, sport, dport)
+        else:
+            data = self._seed + saddr + daddr + bytes((protocol, 0))
+        digest = _sha1(data).digest()
         if self._b64:
-            return "1:" + base64.b64encode(digest).decode("ascii")
+            # binascii directly: base64.b64encode is a Python wrapper around it.
+            return "1:" + _b2a_base64(digest, newline=False).decode("ascii")
         return "1:" + digest.hex()
 
+
+_PROTO_PORTS = struct.Struct("!BBHH").pack
+_sha1 = hashlib.sha1
+_b2a_base64 = binascii.b2a_base64
 
 DEFAULT = CommunityId()
 
