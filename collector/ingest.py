@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable
@@ -364,10 +365,14 @@ class Writer:
         # Arrival order; each entry is [decode future, batch, identity, ack future].
         self._pending: collections.deque = collections.deque()
         self._flusher: asyncio.Task | None = None
+        self._decoder_count = decoders or _decoder_processes()
+        self._decoders = self._new_decoders()
+
+    def _new_decoders(self) -> ProcessPoolExecutor:
         # "spawn": the collector runs gRPC threads, which a fork would copy mid-flight.
-        # Processes start on the first batch and live until close().
-        self._decoders = ProcessPoolExecutor(
-            max_workers=decoders or _decoder_processes(),
+        # Processes start on the first batches and live until close().
+        return ProcessPoolExecutor(
+            max_workers=self._decoder_count,
             mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init,
         )
 
@@ -433,7 +438,15 @@ class Writer:
     async def store(self, batch, raw: bytes, identity: str | None) -> Stored:
         """Decode, validate and commit one batch (raw is its serialized form); its ack."""
         loop = asyncio.get_running_loop()
-        decode = loop.run_in_executor(self._decoders, decode_message, raw, identity)
+        try:
+            decode = loop.run_in_executor(self._decoders, decode_message, raw, identity)
+        except BrokenProcessPool:
+            # A decoder died (killed, out of memory): the batches it held fail and their
+            # sensors resend them; later batches go to a fresh set of processes.
+            log.error("a decoder process died; starting new ones")
+            self._decoders.shutdown(wait=False, cancel_futures=True)
+            self._decoders = self._new_decoders()
+            decode = loop.run_in_executor(self._decoders, decode_message, raw, identity)
         fut = loop.create_future()
         self._pending.append((decode, batch, identity, fut))
         if self._flusher is None or self._flusher.done():
