@@ -5,17 +5,19 @@ Strategy. A batch is decoded straight from protobuf into one Arrow table per rec
 (sensor.export.wire.batch_from_proto) costs about 30 us per record, which would cap a
 2-core collector near 30,000 records/s. Here each column is pulled out with one C-level
 attrgetter pass and validated as a column (max/min over a list, a set of distinct
-addresses), which keeps the per-record Python work to a few attribute reads.
+addresses), which keeps the per-record Python work to a few attribute reads. That work
+runs in decoder processes (see Writer), off the collector's GIL and on every core.
 
 The rules checked are the ones sensor/model.py enforces (_RANGE_RULES and friends below
-mirror its __post_init__ checks, and tests/collector/test_ingest_validation.py proves the
-two agree record by record). When a column check fails, the batch is decoded once more
+mirror its __post_init__ checks, and tests/collector/test_tls_storage.py proves the two
+agree record by record). When a column check fails, the batch is decoded once more
 through wire.batch_from_proto so that the REJECTED ack names the first bad record and
 field exactly as the model words it.
 
 Order of events per batch (the durability contract in protos/loupe/v1/ingest.proto):
 decode + validate -> one storage transaction (dedup row + records) -> live fan-out -> ack.
-A batch is acked only after its transaction committed.
+A batch is acked only after its transaction committed; acks on a stream keep the order
+of its batches, while up to IngestService.PIPELINE of them are decoded and committed.
 """
 
 from __future__ import annotations
