@@ -123,31 +123,6 @@ _Static_assert(LOUPE_PAYLOAD_CHUNK >= 64 && LOUPE_PAYLOAD_CHUNK <= 16384,
 /* Bytes of the first payload the content sniffer looks at. */
 #define SNIFF_LEN 16
 
-/* What one packet contributes, and to which flow. */
-struct pkt {
-	struct loupe_flow_key key;   /* canonical */
-	__u8  src[16];               /* addresses as sent; IPv4 in the first 4 bytes */
-	__u8  dst[16];
-	__u64 packets;
-	__u64 ip_bytes;
-	__u64 l2_bytes;
-	__u32 l3_off;                /* bytes before the IP header in the buffer */
-	__u32 l3_hdr_len;            /* IP header incl. IPv6 extension headers */
-	__u32 l4_hdr_len;
-	__u32 ip_len;                /* IP length of this buffer (non-GSO: the header's) */
-	__u32 payload_off;           /* first transport payload byte in the buffer */
-	__u32 payload_len;           /* transport payload octets in the buffer */
-	__u32 seq;
-	__u32 ack;
-	__u32 frag_id;
-	__u16 tcp_flags;
-	__u8  dir;
-	__u8  icmp_type;
-	__u8  icmp_code;
-	__u8  is_first_frag;         /* offset 0 and more fragments follow */
-	__u8  is_frag;               /* any fragment: its payload is not a whole datagram */
-	__u8  pad;
-};
 
 static __always_inline void count(__u32 idx)
 {
@@ -230,7 +205,7 @@ static __always_inline __u8 icmp_request_type(__u8 version, __u8 type, __u8 *is_
 }
 
 /* Orders the ends: lo gets the lower (address, port), and dir says which end sent. */
-static __always_inline void canonicalize(struct pkt *p, const __u8 *src, const __u8 *dst,
+static __always_inline void canonicalize(struct loupe_pkt *p, const __u8 *src, const __u8 *dst,
 					 __u16 sport, __u16 dport, int ports_ordered,
 					 __u8 reply_hint)
 {
@@ -271,7 +246,7 @@ static __always_inline void canonicalize(struct pkt *p, const __u8 *src, const _
 
 /* Parses the transport header at off (within the IP datagram ending at end) and fills
  * the canonical key. Returns 0, or the counter explaining why it could not. */
-static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 off, __u32 end)
+static __always_inline int parse_l4(struct __sk_buff *skb, struct loupe_pkt *p, __u32 off, __u32 end)
 {
 	__u8 proto = p->key.protocol;
 	__u16 sport = 0, dport = 0;
@@ -319,7 +294,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 
 }
 
 /* A later fragment: the flow is whatever its first fragment left in frags. */
-static __always_inline int attribute_fragment(struct pkt *p)
+static __always_inline int attribute_fragment(struct loupe_pkt *p)
 {
 	struct loupe_frag_key fk = {};
 	__builtin_memcpy(fk.src, p->src, 16);
@@ -337,7 +312,7 @@ static __always_inline int attribute_fragment(struct pkt *p)
 	return 0;
 }
 
-static __always_inline void remember_first_fragment(struct pkt *p)
+static __always_inline void remember_first_fragment(struct loupe_pkt *p)
 {
 	struct loupe_frag_key fk = {};
 	__builtin_memcpy(fk.src, p->src, 16);
@@ -345,7 +320,7 @@ static __always_inline void remember_first_fragment(struct pkt *p)
 	fk.id = p->frag_id;
 	fk.protocol = p->key.protocol;
 	fk.ip_version = p->key.ip_version;
-	/* The value is built in the key's own place: a struct pkt starts with the flow
+	/* The value is built in the key's own place: a struct loupe_pkt starts with the flow
 	 * key, and the dir byte is written after it for the update, then restored. */
 	struct loupe_frag_value *fv = (struct loupe_frag_value *)&p->key;
 	__u8 saved = fv->dir;
@@ -355,7 +330,7 @@ static __always_inline void remember_first_fragment(struct pkt *p)
 	p->is_frag = 1;
 }
 
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, int gso)
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct loupe_pkt *p, int gso)
 {
 	__u8 h[20];
 	__u32 off = p->l3_off;
@@ -388,7 +363,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, int 
 	return err;
 }
 
-static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, int gso)
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct loupe_pkt *p, int gso)
 {
 	__u8 h[40];
 	__u32 off = p->l3_off;
@@ -464,7 +439,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, int 
 
 /* Decides a new flow's selection from the active set; fills the flow's budgets and
  * whether the content sniffer gets a look at it. */
-static __always_inline __u8 select_new_flow(struct pkt *p, struct loupe_flow_value *v)
+static __always_inline __u8 select_new_flow(struct loupe_pkt *p, struct loupe_flow_value *v)
 {
 	__u32 zero = 0;
 	struct loupe_config *cfg = config.lookup(&zero);
@@ -567,7 +542,7 @@ static __always_inline int sniff(const __u8 *b, __u8 proto)
 
 /* ---- events ---------------------------------------------------------------------- */
 
-static __always_inline void send_late(struct pkt *p, __u64 inc, __u32 ordinal, __u64 now)
+static __always_inline void send_late(struct loupe_pkt *p, __u64 inc, __u32 ordinal, __u64 now)
 {
 	struct loupe_late_update_event *ev = events.ringbuf_reserve(sizeof(*ev));
 	if (!ev) {
@@ -591,7 +566,7 @@ static __always_inline void send_late(struct pkt *p, __u64 inc, __u32 ordinal, _
 	count(LOUPE_CNT_LATE_UPDATE);
 }
 
-static __always_inline void send_end(struct pkt *p, __u64 inc, __u8 reason, __u64 now)
+static __always_inline void send_end(struct loupe_pkt *p, __u64 inc, __u8 reason, __u64 now)
 {
 	struct loupe_flow_end_event *ev = events.ringbuf_reserve(sizeof(*ev));
 	if (!ev) {
@@ -622,7 +597,7 @@ struct copy_plan {
 
 /* Sends the planned payload in chunks of at most LOUPE_PAYLOAD_CHUNK. A chunk the ring
  * buffer refuses moves from the flow's captured to its gap octets. */
-static __always_inline void send_payload(struct __sk_buff *skb, struct pkt *p,
+static __always_inline void send_payload(struct __sk_buff *skb, struct loupe_pkt *p,
 					 struct loupe_flow_value *v, __u64 inc,
 					 struct copy_plan *plan, __u64 now)
 {
@@ -695,7 +670,7 @@ static __always_inline void send_payload(struct __sk_buff *skb, struct pkt *p,
  * locked update) has not passed. Returns 1 when done; else 0, with the entry (or NULL)
  * in *found for the locked path. Why this loses and double-counts nothing: see
  * "Reading without losing" at the top. */
-static __always_inline int fast_path(struct pkt *p, __u64 now, struct loupe_flow_value **found)
+static __always_inline int fast_path(struct loupe_pkt *p, __u64 now, struct loupe_flow_value **found)
 {
 	struct loupe_flow_value *v = flows.lookup(&p->key);
 	*found = v;
@@ -717,7 +692,7 @@ static __always_inline int fast_path(struct pkt *p, __u64 now, struct loupe_flow
 /* Adds the packet to its flow under the entry's lock (v: the entry found by the fast
  * path, or NULL to look it up). Returns 0 when done, 1 when the entry was recycled
  * under us and the caller should try once more. */
-static __always_inline int account(struct __sk_buff *skb, struct pkt *p, __u64 fp, __u64 now,
+static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, __u64 fp, __u64 now,
 				   struct loupe_flow_value *v)
 {
 	if (!v)
@@ -902,7 +877,15 @@ static __always_inline int account(struct __sk_buff *skb, struct pkt *p, __u64 f
 
 int loupe_tc(struct __sk_buff *skb)
 {
-	struct pkt p = {};
+	/* The packet's state lives in a per-CPU map value, not on the stack: the verifier
+	 * then sees what the parsers wrote as unknown values when accounting reads them,
+	 * so the many parse paths (IPv4/IPv6, extension headers, transports, fragments)
+	 * meet in one state there instead of each walking the accounting code again. */
+	__u32 zero = 0;
+	struct loupe_pkt *p = pkt_scratch.lookup(&zero);
+	if (!p)
+		return TC_ACT_UNSPEC;
+	__builtin_memset(p, 0, sizeof(*p));
 	__u32 off = ETH_HLEN_;
 	__u8 tags = 0;
 	__u16 vlan_extra = 0;
@@ -911,7 +894,7 @@ int loupe_tc(struct __sk_buff *skb)
 	count(LOUPE_CNT_PACKETS);
 	if (skb->vlan_present) {
 		/* The outer tag travels beside the frame (hardware or stack offload). */
-		p.key.vlan_id = skb->vlan_tci & 0x0fff;
+		p->key.vlan_id = skb->vlan_tci & 0x0fff;
 		vlan_extra = VLAN_HLEN_;
 		tags = 1;
 	}
@@ -935,16 +918,16 @@ int loupe_tc(struct __sk_buff *skb)
 			}
 			__u16 vid = (((__u16)t[0] << 8) | t[1]) & 0x0fff;
 			if (tags == 0)
-				p.key.vlan_id = vid;
+				p->key.vlan_id = vid;
 			else
-				p.key.inner_vlan_id = vid;
+				p->key.inner_vlan_id = vid;
 			tags += 1;
 			proto = ((__u16)t[2] << 8) | t[3];
 			off += VLAN_HLEN_;
 		}
 	}
-	p.l3_off = off;
-	p.key.ifindex = skb->ifindex;
+	p->l3_off = off;
+	p->key.ifindex = skb->ifindex;
 
 	__u32 segs = skb->gso_segs;
 	int gso = segs > 1;
@@ -952,9 +935,9 @@ int loupe_tc(struct __sk_buff *skb)
 		segs = 1;
 	int err;
 	if (proto == ETH_P_IP_) {
-		err = parse_ipv4(skb, &p, gso);
+		err = parse_ipv4(skb, p, gso);
 	} else if (proto == ETH_P_IPV6_) {
-		err = parse_ipv6(skb, &p, gso);
+		err = parse_ipv6(skb, p, gso);
 	} else if (proto == ETH_P_MPLS_UC_ || proto == ETH_P_MPLS_MC_ ||
 		   proto == ETH_P_PPP_DISC_ || proto == ETH_P_PPP_SES_ ||
 		   proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
@@ -969,26 +952,26 @@ int loupe_tc(struct __sk_buff *skb)
 
 	/* Segment arithmetic: the buffer holds segs segments' payload but one copy of
 	 * the headers; every further segment carried its own. */
-	__u64 seg_hdr = p.l3_hdr_len + p.l4_hdr_len;
-	p.packets = segs;
-	p.ip_bytes = p.ip_len + (segs - 1) * seg_hdr;
+	__u64 seg_hdr = p->l3_hdr_len + p->l4_hdr_len;
+	p->packets = segs;
+	p->ip_bytes = p->ip_len + (segs - 1) * seg_hdr;
 	if (gso)
-		p.l2_bytes = skb->len + (__u64)vlan_extra * segs + (segs - 1) * (off + seg_hdr);
+		p->l2_bytes = skb->len + (__u64)vlan_extra * segs + (segs - 1) * (off + seg_hdr);
 	else
-		p.l2_bytes = skb->len + vlan_extra;
-	if (p.is_frag)
-		p.payload_len = p.ip_len - p.l3_hdr_len - p.l4_hdr_len;
+		p->l2_bytes = skb->len + vlan_extra;
+	if (p->is_frag)
+		p->payload_len = p->ip_len - p->l3_hdr_len - p->l4_hdr_len;
 
 	__u64 now = bpf_ktime_get_ns();
 	struct loupe_flow_value *found = 0;
-	if (fast_path(&p, now, &found))
+	if (fast_path(p, now, &found))
 		return TC_ACT_UNSPEC;
-	__u64 fp = key_hash(&p.key) | 1;   /* never 0, the value of a zeroed entry */
+	__u64 fp = key_hash(&p->key) | 1;   /* never 0, the value of a zeroed entry */
 	/* Twice at most: the second try follows an entry recycled under the first. A
 	 * loop, not two calls, so the body (and its stack) exists once. */
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < 2; i++) {
-		if (!account(skb, &p, fp, now, i == 0 ? found : 0))
+		if (!account(skb, p, fp, now, i == 0 ? found : 0))
 			break;
 		if (i == 1)
 			count(LOUPE_CNT_RECYCLED_ENTRY);

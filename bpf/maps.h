@@ -41,6 +41,37 @@ struct loupe_payload_scratch {
 };
 BPF_PERCPU_ARRAY(payload_scratch, struct loupe_payload_scratch, 1);
 
+/* What one packet contributes, and to which flow: flow.c's parse result (not ABI). */
+struct loupe_pkt {
+	struct loupe_flow_key key;   /* canonical */
+	__u8  src[16];               /* addresses as sent; IPv4 in the first 4 bytes */
+	__u8  dst[16];
+	__u64 packets;
+	__u64 ip_bytes;
+	__u64 l2_bytes;
+	__u32 l3_off;                /* bytes before the IP header in the buffer */
+	__u32 l3_hdr_len;            /* IP header incl. IPv6 extension headers */
+	__u32 l4_hdr_len;
+	__u32 ip_len;                /* IP length of this buffer (non-GSO: the header's) */
+	__u32 payload_off;           /* first transport payload byte in the buffer */
+	__u32 payload_len;           /* transport payload octets in the buffer */
+	__u32 seq;
+	__u32 ack;
+	__u32 frag_id;
+	__u16 tcp_flags;
+	__u8  dir;
+	__u8  icmp_type;
+	__u8  icmp_code;
+	__u8  is_first_frag;         /* offset 0 and more fragments follow */
+	__u8  is_frag;               /* any fragment: its payload is not a whole datagram */
+	__u8  pad;
+};
+
+/* pkt_scratch: the packet being metered (flow.c, loupe_tc: in a map value rather than
+ * on the stack so the verifier merges the parse paths). Key: __u32 0. Value: struct
+ * loupe_pkt, per CPU (TC runs one program at a time per CPU). Size: 1. */
+BPF_PERCPU_ARRAY(pkt_scratch, struct loupe_pkt, 1);
+
 /* new_flow: where a new flow's first value is built before it is inserted (it is too
  * large for the 512-byte BPF stack next to the packet's state). Key: __u32 0.
  * Value: the bytes of a struct loupe_flow_value, per CPU (a per-CPU map may not hold

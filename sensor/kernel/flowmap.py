@@ -245,20 +245,25 @@ class FlowMapReader:
     def _cursor(self, ident, key: abi.FlowKey, value: abi.FlowValue, offset: int) -> _Cursor:
         cursor = self._cursors.get(ident)
         if cursor is None:
-            src, dst, sport, dport = self._ends(key, value)
-            uid = flow_uid(src=src, dst=dst, src_port=sport, dst_port=dport,
-                           protocol=key.protocol, vlan_id=key.vlan_id,
-                           inner_vlan_id=key.inner_vlan_id,
-                           start_ns=kernel_to_wall_ns(value.first_ns, offset),
-                           sensor_id=self._sensor_id)
-            icmp = key.protocol in (PROTO_ICMP, PROTO_ICMPV6)
-            cid = self._community.compute(
-                src=src, dst=dst, protocol=key.protocol, src_port=sport, dst_port=dport,
-                icmp_type=value.icmp_type if icmp else None,
-                icmp_code=value.icmp_code if icmp else None)
-            cursor = _Cursor(uid=uid, period_start_ns=value.first_ns, community_id=cid)
+            # uid and Community ID wait for the first record (_identify): most entries
+            # of a full map are read many times before they produce one.
+            cursor = _Cursor(uid="", period_start_ns=value.first_ns)
             self._cursors[ident] = cursor
         return cursor
+
+    def _identify(self, cursor: _Cursor, key: abi.FlowKey, value: abi.FlowValue,
+                  offset: int) -> None:
+        src, dst, sport, dport = self._ends(key, value)
+        cursor.uid = flow_uid(src=src, dst=dst, src_port=sport, dst_port=dport,
+                              protocol=key.protocol, vlan_id=key.vlan_id,
+                              inner_vlan_id=key.inner_vlan_id,
+                              start_ns=kernel_to_wall_ns(value.first_ns, offset),
+                              sensor_id=self._sensor_id)
+        icmp = key.protocol in (PROTO_ICMP, PROTO_ICMPV6)
+        cursor.community_id = self._community.compute(
+            src=src, dst=dst, protocol=key.protocol, src_port=sport, dst_port=dport,
+            icmp_type=value.icmp_type if icmp else None,
+            icmp_code=value.icmp_code if icmp else None)
 
     def _retire(self, key: abi.FlowKey, reason: FlowEndReason) -> None:
         value = abi.FlowValue()
@@ -325,6 +330,8 @@ class FlowMapReader:
                counters: abi.FlowValue | None, last_ns: int, offset: int) -> Flow:
         """A record of what happened since cursor: counters (the kernel's cumulative
         value, minus what cursor already reported) plus late packets."""
+        if not cursor.uid:
+            self._identify(cursor, key, value, offset)
         per_dir = [_Counts(), _Counts()]
         for i in (0, 1):
             c = per_dir[i]

@@ -1,22 +1,40 @@
-"""Flow meter overhead: iperf3 across a veth pair with the program attached and
-without, alternating rounds in one run (so drift in the machine's load hits both
-alike). Prints the TCP throughput ratio and the 64-byte UDP packet-rate ratio
-(attached / bare; target >= 0.95) and the kernel's drop counters, which must stay 0.
+"""Flow meter overhead, three ways.
 
     sudo .venv/bin/python -m tests.benchmarks.bench_kernel [--rounds 3] [--seconds 2]
+    sudo .venv/bin/python -m tests.benchmarks.bench_kernel --micro
+    sudo .venv/bin/python -m tests.benchmarks.bench_kernel --read
+
+- default: iperf3 across a veth pair with the program attached and without,
+  alternating rounds in one run (so drift in the machine's load hits both alike). It
+  prints the TCP throughput ratio and the 64-byte UDP packet-rate ratio (attached /
+  bare; target >= 0.95), the kernel's drop counters (must stay 0) and the program's
+  own cost per run while attached (BPF_ENABLE_STATS: run_time_ns / run_cnt), which is
+  far less noisy than iperf3 on a shared machine.
+- --micro: the program's cost per packet through BPF_PROG_TEST_RUN with many
+  repetitions, per kind of packet (fast path, locked path, selected flow with payload),
+  minus an empty program's cost (the test-run loop itself).
+- --read: the reader's cost at a full 65536-entry map: one BPF_MAP_LOOKUP_BATCH
+  snapshot, the per-key walk it replaces, and a whole collect() cycle.
+
+The load average is printed with every result: other work shares the cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-from sensor.kernel import abi, attach, loader
+from sensor.clock import SystemClock
+from sensor.kernel import abi, attach, bpfsys, loader, testrun
 from sensor.kernel.counters import possible_cpus, read_counters
+from sensor.kernel.flowmap import BATCH, FlowMapReader
+from sensor.kernel.hybrid import KernelSensor, SelectionConfig
 from tests.kernel.conftest import in_netns
 from tests.netns import VethPair
 
@@ -24,6 +42,12 @@ DROP_COUNTERS = (abi.Counter.FLOW_MAP_FULL, abi.Counter.RINGBUF_FULL,
                  abi.Counter.TRUNCATED, abi.Counter.BAD_HEADER,
                  abi.Counter.UNSUPPORTED_ENCAP, abi.Counter.FRAG_NO_FIRST,
                  abi.Counter.IPV6_EXT_TOO_LONG, abi.Counter.RECYCLED_ENTRY)
+
+MAC = bytes.fromhex("020000000002020000000001")
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _iperf(pair: VethPair, seconds: float, *args: str) -> dict:
@@ -56,32 +80,43 @@ def udp_pps(pair, seconds) -> float:
     return (s["packets"] - s["lost_packets"]) / s["seconds"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=2.0)
-    args = ap.parse_args(argv)
+def _ns_per_run(prog_fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
+    after = bpfsys.prog_info(prog_fd)
+    runs = after.run_cnt - before.run_cnt
+    return ((after.run_time_ns - before.run_time_ns) / runs if runs else 0.0), runs
+
+
+def iperf_main(args) -> int:
     prog = loader.load()
     results: dict[str, dict[bool, list[float]]] = {"tcp": {True: [], False: []},
                                                     "udp": {True: [], False: []}}
-    with VethPair.create("kb") as pair:
-        pair.wait_ready()
-        for rnd in range(args.rounds):
-            for attached in (rnd % 2 == 0, rnd % 2 != 0):
-                att = None
-                if attached:
-                    with in_netns(pair.b.netns):
-                        att = attach.attach(pair.b.iface, prog.prog_fd)
-                try:
-                    results["tcp"][attached].append(tcp_bps(pair, args.seconds))
-                    results["udp"][attached].append(udp_pps(pair, args.seconds))
-                finally:
-                    if att is not None:
+    cost: dict[str, list[float]] = {"tcp": [], "udp": []}
+    stats_fd = bpfsys.enable_run_time_stats()
+    try:
+        with VethPair.create("kb") as pair:
+            pair.wait_ready()
+            for rnd in range(args.rounds):
+                for attached in (rnd % 2 == 0, rnd % 2 != 0):
+                    att = None
+                    if attached:
                         with in_netns(pair.b.netns):
-                            attach.detach(att)
-                print(f"round {rnd + 1} {'attached' if attached else 'bare    '}: "
-                      f"tcp {results['tcp'][attached][-1] / 1e9:.2f} Gbit/s, "
-                      f"udp64 {results['udp'][attached][-1] / 1e3:.0f} kpps", flush=True)
+                            att = attach.attach(pair.b.iface, prog.prog_fd)
+                    try:
+                        for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
+                            before = bpfsys.prog_info(prog.prog_fd)
+                            results[kind][attached].append(fn(pair, args.seconds))
+                            if attached:
+                                cost[kind].append(_ns_per_run(prog.prog_fd, before)[0])
+                    finally:
+                        if att is not None:
+                            with in_netns(pair.b.netns):
+                                attach.detach(att)
+                    print(f"round {rnd + 1} {'attached' if attached else 'bare    '}: "
+                          f"tcp {results['tcp'][attached][-1] / 1e9:.2f} Gbit/s, "
+                          f"udp64 {results['udp'][attached][-1] / 1e3:.0f} kpps; {_load()}",
+                          flush=True)
+    finally:
+        os.close(stats_fd)
     counters = read_counters(prog.counters_fd, possible_cpus())
     prog.close()
     tcp = statistics.median(results["tcp"][True]) / statistics.median(results["tcp"][False])
@@ -89,9 +124,136 @@ def main(argv: list[str] | None = None) -> int:
     drops = {c.name.lower(): counters[c] for c in DROP_COUNTERS if counters[c]}
     print(f"tcp throughput ratio (attached/bare, medians): {tcp:.3f}")
     print(f"udp 64-byte packet-rate ratio (attached/bare, medians): {udp:.3f}")
+    print(f"program cost while attached (ns per run, median of rounds): "
+          f"tcp {statistics.median(cost['tcp']):.0f}, udp64 {statistics.median(cost['udp']):.0f}")
     print(f"packets metered: {counters[abi.Counter.PACKETS]}; kernel drop counters: "
-          f"{drops or 'none raised'}")
+          f"{drops or 'none raised'}; {_load()}")
     return 0 if not drops else 1
+
+
+def _frame(*, proto: int, sport: int, dport: int, payload: int, flags: int = 0x10) -> bytes:
+    """An Ethernet/IPv4 frame from 198.18.9.1 to 198.18.9.2, built by hand (fast)."""
+    if proto == 6:
+        l4 = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (1).to_bytes(4, "big")
+              + (1).to_bytes(4, "big") + bytes([0x50, flags]) + b"\xff\xff\0\0\0\0")
+    else:
+        l4 = (sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+              + (8 + payload).to_bytes(2, "big") + b"\0\0")
+    total = 20 + len(l4) + payload
+    ip = (bytes([0x45, 0]) + total.to_bytes(2, "big") + b"\0\0\0\0\x40" + bytes([proto])
+          + b"\0\0" + bytes([198, 18, 9, 1, 198, 18, 9, 2]))
+    return MAC + b"\x08\x00" + ip + l4 + b"p" * payload
+
+
+def micro_main(args) -> int:
+    from bcc import BPF  # noqa: PLC0415 (only this mode compiles a second program)
+
+    empty = BPF(text=b"int f(struct __sk_buff *s) { return -1; }")
+    empty_fd = empty.load_func(b"f", BPF.SCHED_CLS).fd
+    prog = loader.load()
+    sensor = KernelSensor(prog, SystemClock(),
+                          selection=SelectionConfig(ports={80}, sniff=False,
+                                                    budget=(1 << 31, 1 << 31)))
+    cases = {
+        "tcp 1448 B, unselected (fast path)": _frame(proto=6, sport=40000, dport=5201,
+                                                      payload=1448),
+        "udp 22 B, unselected (fast path)": _frame(proto=17, sport=40001, dport=5201,
+                                                   payload=22),
+        "tcp FIN, unselected (locked path)": _frame(proto=6, sport=40002, dport=5201,
+                                                    payload=0, flags=0x11),
+        "tcp 1448 B, selected, copied": _frame(proto=6, sport=40003, dport=80, payload=1448),
+    }
+    reps = args.repeat
+
+    def cost(fd, frame) -> float:
+        testrun.run_skb(fd, frame)
+        return statistics.median(testrun.run_skb(fd, frame, repeat=reps).duration_ns
+                                 for _ in range(7))
+
+    base = cost(empty_fd, cases["udp 22 B, unselected (fast path)"])
+    print(f"empty program (test-run loop): {base:.0f} ns; {_load()}")
+    for name, frame in cases.items():
+        c = cost(prog.prog_fd, frame)
+        sensor.poll(0)
+        list(sensor.payload_events())
+        print(f"{name:<40} {c - base:6.0f} ns per packet (raw {c:.0f})")
+    info = bpfsys.prog_info(prog.prog_fd)
+    print(f"program: {info.xlated_len // 8} instructions, verifier walked "
+          f"{info.verified_insns}")
+    prog.close()
+    empty.cleanup()
+    return 0
+
+
+def read_main(args) -> int:
+    entries = 65536
+    prog = loader.load(loader.LoadOptions(flow_map_size=entries))
+    template = bytearray(_frame(proto=17, sport=0, dport=53, payload=10))
+    started = time.monotonic()
+    for i in range(entries):   # distinct flows: source address low byte x source port
+        template[29] = 1 + (i >> 14)
+        template[34:36] = (1024 + (i & 0x3FFF)).to_bytes(2, "big")
+        testrun.run_skb(prog.prog_fd, bytes(template))
+    print(f"filled {entries} flows in {time.monotonic() - started:.1f} s; {_load()}")
+
+    t = time.perf_counter()
+    snap = bpfsys.lookup_batch(prog.flows_fd, abi.FlowKey, abi.FlowValue, batch=BATCH,
+                               lock=True)
+    batch_s = time.perf_counter() - t
+    assert len(snap) == entries, len(snap)
+
+    t = time.perf_counter()
+    walked = _walk(prog.flows_fd)
+    walk_s = time.perf_counter() - t
+    assert walked == entries, walked
+
+    reader = FlowMapReader(prog.flows_fd, SystemClock())
+    t = time.perf_counter()
+    reader.collect()
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    reader.collect()
+    second_s = time.perf_counter() - t
+    print(f"BPF_MAP_LOOKUP_BATCH snapshot of {entries}: {batch_s * 1e3:.0f} ms "
+          f"({batch_s / entries * 1e9:.0f} ns per entry)")
+    print(f"per-key walk (GET_NEXT_KEY + LOOKUP with BPF_F_LOCK): {walk_s * 1e3:.0f} ms")
+    print(f"reader.collect() at a full map: first {first_s * 1e3:.0f} ms, "
+          f"next {second_s * 1e3:.0f} ms; {_load()}")
+    prog.close()
+    return 0
+
+
+def _walk(fd: int) -> int:
+    """The old way: one get-next-key and one locked lookup per entry."""
+    key, nxt, value = abi.FlowKey(), abi.FlowKey(), abi.FlowValue()
+    n = 0
+    first = True
+    while True:
+        attr = bpfsys._MapElemAttr(map_fd=fd, key=0 if first else ctypes.addressof(key),
+                                   value=ctypes.addressof(nxt))
+        try:
+            bpfsys.bpf(bpfsys.BPF_MAP_GET_NEXT_KEY, attr)
+        except bpfsys.BpfError:
+            return n
+        first = False
+        ctypes.memmove(ctypes.addressof(key), ctypes.addressof(nxt), ctypes.sizeof(key))
+        bpfsys.lookup(fd, key, value, lock=True)
+        n += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--micro", action="store_true", help="per-packet cost by test run")
+    ap.add_argument("--read", action="store_true", help="reader cost at a full map")
+    ap.add_argument("--repeat", type=int, default=200_000, help="test-run repetitions")
+    args = ap.parse_args(argv)
+    if args.micro:
+        return micro_main(args)
+    if args.read:
+        return read_main(args)
+    return iperf_main(args)
 
 
 if __name__ == "__main__":
