@@ -218,6 +218,38 @@ def lookup_batch(map_fd: int, key_type: type[ctypes.Structure],
         first = False
 
 
+def lookup_batch_into(map_fd: int, keys: ctypes.Array, values: ctypes.Array, *, batch: int,
+                      lock: bool) -> int:
+    """Fills keys[] and values[] (arrays of the map's key and value types, as long as
+    the map's max_entries) with every entry, batch entries per BPF_MAP_LOOKUP_BATCH
+    call, and returns how many. No per-entry Python object is made: callers view the
+    arrays with numpy and touch only the entries they need."""
+    key_size = ctypes.sizeof(keys._type_)
+    value_size = ctypes.sizeof(values._type_)
+    capacity = len(keys)
+    token = (ctypes.c_uint8 * 8)()
+    n = 0
+    first = True
+    while n < capacity:
+        want = min(batch, capacity - n)
+        attr = _MapBatchAttr(in_batch=0 if first else _addr(token), out_batch=_addr(token),
+                             keys=_addr(keys) + n * key_size,
+                             values=_addr(values) + n * value_size, count=want,
+                             map_fd=map_fd, elem_flags=BPF_F_LOCK if lock else 0)
+        done = False
+        try:
+            bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            done = True
+        n += attr.count
+        if done:
+            break
+        first = False
+    return n
+
+
 def ringbuf_supported() -> bool:
     """True if the kernel can create a BPF ring buffer (Linux >= 5.8)."""
     attr = _MapCreateAttr(map_type=BPF_MAP_TYPE_RINGBUF, key_size=0, value_size=0,
@@ -248,6 +280,15 @@ def prog_info(prog_fd: int) -> ProgInfo:
     return ProgInfo(run_time_ns=u64(_OFF_RUN_TIME_NS), run_cnt=u64(_OFF_RUN_CNT),
                     xlated_len=u32(_OFF_XLATED_LEN), jited_len=u32(_OFF_JITED_LEN),
                     verified_insns=u32(_OFF_VERIFIED_INSNS))
+
+
+def map_max_entries(map_fd: int) -> int:
+    """max_entries of a map (struct bpf_map_info: type, id, key_size, value_size,
+    max_entries, ...)."""
+    buf = (ctypes.c_uint32 * 20)()
+    bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=map_fd, info_len=ctypes.sizeof(buf),
+                                          info=_addr(buf)))
+    return buf[4]
 
 
 def enable_run_time_stats() -> int:

@@ -52,6 +52,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sensor.clock import Clock, kernel_to_wall_ns, wall_offset_ns
 from sensor.engine.flowkey import flow_uid
 from sensor.engine.semantics import (
@@ -118,6 +120,19 @@ class ReaderStats:
     empty_final: int = 0    # final records not written: nothing new since the interim one
 
 
+_KEY_DTYPE = np.dtype(abi.FlowKey)
+_VALUE_DTYPE = np.dtype(abi.FlowValue)
+
+
+class _Snapshot:
+    """Buffers for one whole-map snapshot, allocated once: the map's max_entries keys
+    and values (65536 entries: 20 MiB)."""
+
+    def __init__(self, entries: int) -> None:
+        self.keys = (abi.FlowKey * entries)()
+        self.values = (abi.FlowValue * entries)()
+
+
 def _addr(raw, version: int) -> str:
     data = bytes(raw)
     return str(ipaddress.ip_address(data[:4] if version == 4 else data[:16]))
@@ -144,6 +159,7 @@ class FlowMapReader:
         self._pending: dict[tuple[bytes, int], _Retired] = {}
         self._recent: OrderedDict[tuple[bytes, int], _Retired] = OrderedDict()
         self._leftovers: list[Flow] = []
+        self._snapshot = _Snapshot(bpfsys.map_max_entries(flows_fd))
         self.stats = ReaderStats()
         self.end_seen = False   # a flow-end event arrived: the caller may collect early
 
@@ -201,28 +217,37 @@ class FlowMapReader:
         self.end_seen = False
         now = self._clock.monotonic_ns()
         t = self._timeouts
-        snapshot = bpfsys.lookup_batch(self._fd, abi.FlowKey, abi.FlowValue, batch=BATCH,
-                                       lock=True)
-        self.stats.snapshots += 1
         fresh_until = now + abi.RETIRE_GUARD_NS // 2
         # ENDED closes the kernel's lock-free path; a packet that took it just before
         # has finished long before RETIRE_GUARD_NS (bpf/flow.c).
         ended_wait = max(t.tcp_end_linger_ns, abi.RETIRE_GUARD_NS)
-        for key, value in snapshot:
-            ident = (bytes(key), value.incarnation)
-            cursor = self._cursor(ident, key, value, offset)
-            reason = None
-            if value.flags & abi.FLOW_ENDED and now - value.end_ns >= ended_wait:
-                reason = FlowEndReason.END_OF_FLOW
-            elif now - value.last_ns >= t.idle_ns(key.protocol):
-                reason = FlowEndReason.IDLE_TIMEOUT
-            elif now - cursor.period_start_ns >= t.active_ns:
-                out.append(self._interim(key, value, cursor, offset))
-            if reason is not None:
+        # Decide for all entries at once (numpy over the snapshot's raw arrays); only
+        # the entries that are due become Python objects.
+        keys, values = self._snapshot.keys, self._snapshot.values
+        n = bpfsys.lookup_batch_into(self._fd, keys, values, batch=BATCH, lock=True)
+        self.stats.snapshots += 1
+        v = np.frombuffer(values, dtype=_VALUE_DTYPE, count=n)
+        proto = np.frombuffer(keys, dtype=_KEY_DTYPE, count=n)["protocol"]
+        ended = ((v["flags"] & abi.FLOW_ENDED) != 0) & \
+            (now - v["end_ns"].astype(np.int64) >= ended_wait)
+        idle_for = np.where(proto == PROTO_TCP, t.tcp_idle_ns, t.other_idle_ns)
+        idle = ~ended & (now - v["last_ns"].astype(np.int64) >= idle_for)
+        # A superset of the active timeouts: the record period starts at or after the
+        # flow's first packet; the cursor decides.
+        active = ~ended & ~idle & (now - v["first_ns"].astype(np.int64) >= t.active_ns)
+        for i in np.flatnonzero(ended | idle | active).tolist():
+            key = abi.FlowKey.from_buffer_copy(keys[i])
+            value = abi.FlowValue.from_buffer_copy(values[i])
+            if ended[i] or idle[i]:
+                reason = FlowEndReason.END_OF_FLOW if ended[i] else FlowEndReason.IDLE_TIMEOUT
                 if self._clock.monotonic_ns() < fresh_until:
                     self._retire(key, reason)
                 else:
                     self.stats.deferred += 1
+                continue
+            cursor = self._cursor((bytes(key), value.incarnation), key, value, offset)
+            if now - cursor.period_start_ns >= t.active_ns:
+                out.append(self._interim(key, value, cursor, offset))
         return out
 
     def drain(self) -> None:
