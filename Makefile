@@ -28,7 +28,9 @@ run: install
 test: install
 	$(VENV)/bin/pytest
 
+# NFStream (the replay benchmark's reference) is only needed here: the `bench` extra.
 bench: install
+	@$(VENV)/bin/python -c "import nfstream" 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]' --config-settings editable_mode=compat
 	$(VENV)/bin/python -m tests.benchmarks
 
 clean:
