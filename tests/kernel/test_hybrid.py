@@ -5,6 +5,8 @@ a full ring buffer, each with the flow's payload accounting checked octet by oct
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import IP, TCP, UDP
@@ -298,3 +300,38 @@ def test_full_ring_buffer_is_a_gap_and_a_lost_event_and_counts_stay_exact(load_p
     cov = record.l7_coverage
     assert cov.inspected and not cov.sampled
     assert (cov.captured_octets, cov.gap_octets) == (copied, d.gap)
+
+
+def test_reload_keeps_live_flows_and_applies_to_new_ones(rig):
+    rig.run(tcp(A4, B4, 42000, 80, "S", seq=1))       # selected by the default port rule
+    rig.run(tcp(A4, B4, 42001, 9000, "S", seq=1))     # not selected
+    rig.sensor.reload_selection(SelectionConfig(ports={9000}, sniff=False))
+    rig.run(tcp(A4, B4, 42000, 80, "A", seq=2))
+    rig.run(tcp(A4, B4, 42001, 9000, "A", seq=2))
+    rig.run(tcp(A4, B4, 42002, 9000, "S", seq=1))     # new flow: the new rules
+    rig.run(tcp(A4, B4, 42003, 80, "S", seq=1))
+    got = {p: (rig.flow(p)[1].l7_select, rig.flow(p)[1].dir[abi.DIR_LO_HI].packets)
+           for p in (42000, 42001, 42002, 42003)}
+    assert got == {42000: (abi.SEL_PORT, 2), 42001: (0, 2), 42002: (abi.SEL_PORT, 1),
+                   42003: (0, 1)}
+    # the old set's rules are gone from the maps, the new set's are in
+    class U8(ctypes.Structure):
+        _fields_ = [("v", ctypes.c_uint8)]
+
+    ports = {(k.set, k.port) for k, _ in bpfsys.lookup_batch(
+        rig.prog.sel_ports_fd, abi.PortKey, U8, batch=64, lock=False)}
+    assert ports == {(rig.sensor._active, 9000)}
+
+
+def test_payload_queue_is_bounded_and_counts_what_it_drops(load_program):
+    prog = load_program(flow_map_size=64)
+    sensor = KernelSensor(prog, SystemClock(), queue_events=2,
+                          selection=SelectionConfig(ports={80}, sniff=False))
+    for i in range(5):
+        testrun.run_skb(prog.prog_fd, tcp(A4, B4, 42100, 80, "PA", seq=1 + 10 * i,
+                                          data=b"0123456789"))
+    sensor.poll(0)
+    kept = list(sensor.payload_events())
+    assert [e.seq for e in kept] == [1, 11]
+    assert (sensor.stats.payload_events, sensor.stats.queue_full,
+            sensor.stats.queue_full_octets) == (5, 3, 30)
