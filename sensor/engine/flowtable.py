@@ -33,6 +33,8 @@ from sensor.engine.flowkey import flow_uid
 from sensor.engine.semantics import (
     DEFAULT_TIMEOUTS,
     PROTO_TCP,
+    TCP_FIN,
+    TCP_RST,
     SideFlags,
     Timeouts,
     conn_state,
@@ -193,6 +195,10 @@ class FlowTable:
         self.stats = TableStats()
         self.now_ns = 0
         self.next_check_ns = 0
+        # conn_state of a TCP flow by what it depends on (each side's FIN and RST bits,
+        # pure SYN, SYN-ACK): at most 256 entries, so semantics.conn_state runs (and
+        # builds its SideFlags) once per combination instead of once per record.
+        self._tcp_states: dict[tuple, str] = {}
 
     def __len__(self) -> int:
         return len(self.tcp) + len(self.other)
@@ -317,6 +323,17 @@ class FlowTable:
         the first packet's time never change)."""
         identify(st, self.sensor_id, self.community)
 
+    def _conn_state(self, st: FlowState) -> str:
+        if st.protocol != PROTO_TCP:
+            return st.conn_state()
+        i, r = st.init, 1 - st.init
+        key = (st.flags[i] & _FIN_RST, st.pure_syn[i], st.synack[i],
+               st.flags[r] & _FIN_RST, st.pure_syn[r], st.synack[r])
+        state = self._tcp_states.get(key)
+        if state is None:
+            state = self._tcp_states[key] = st.conn_state()
+        return state
+
     def _write(self, st: FlowState, reason: FlowEndReason) -> Flow:
         i, r = st.init, 1 - st.init
         b = st.base
@@ -351,7 +368,7 @@ class FlowTable:
             tcp_fin_count=st.fin_count - b[7],
             tcp_rst_count=st.rst_count - b[8],
             flow_end_reason=reason,
-            conn_state=st.conn_state(),
+            conn_state=self._conn_state(st),
             history=st.history(),
             handshake_rtt_ns=st.rtt_ns,
             community_id=st.cid,
@@ -367,20 +384,29 @@ class FlowTable:
 
 
 _NO_FIELDS: dict = {}
+_FIN_RST = TCP_FIN | TCP_RST   # the only flag bits semantics.conn_state reads
+_ntoa = socket.inet_ntoa   # the same text as inet_ntop(AF_INET, ...), one lookup less
 
 
 def identify(st: FlowState, sensor_id: str, community: CommunityId) -> None:
     """Compute a flow's uid, Community ID and address texts into its state."""
-    i, r = st.init, 1 - st.init
-    st.uid = flow_uid(src=st.addr[i], dst=st.addr[r], src_port=st.port[i],
-                      dst_port=st.port[r], protocol=st.protocol, vlan_id=st.vlan_id,
-                      inner_vlan_id=st.inner_vlan_id, start_ns=st.first_ns,
-                      sensor_id=sensor_id)
-    family = socket.AF_INET if st.ip_version == 4 else socket.AF_INET6
-    st.src_text = socket.inet_ntop(family, st.addr[i])
-    st.dst_text = socket.inet_ntop(family, st.addr[r])
-    icmp = st.protocol in (1, 58)
-    st.cid = community.compute(
-        src=st.addr[i], dst=st.addr[r], protocol=st.protocol, src_port=st.port[i],
-        dst_port=st.port[r], icmp_type=st.icmp_type if icmp else None,
-        icmp_code=st.icmp_code if icmp else None)
+    i = st.init
+    src, dst = st.addr[i], st.addr[1 - i]
+    sport, dport = st.port[i], st.port[1 - i]
+    protocol = st.protocol
+    st.uid = flow_uid(src=src, dst=dst, src_port=sport, dst_port=dport, protocol=protocol,
+                      vlan_id=st.vlan_id, inner_vlan_id=st.inner_vlan_id,
+                      start_ns=st.first_ns, sensor_id=sensor_id)
+    if st.ip_version == 4:
+        st.src_text = _ntoa(src)
+        st.dst_text = _ntoa(dst)
+    else:
+        st.src_text = socket.inet_ntop(socket.AF_INET6, src)
+        st.dst_text = socket.inet_ntop(socket.AF_INET6, dst)
+    if protocol == 1 or protocol == 58:
+        st.cid = community.compute(src=src, dst=dst, protocol=protocol, src_port=sport,
+                                   dst_port=dport, icmp_type=st.icmp_type,
+                                   icmp_code=st.icmp_code)
+    else:
+        st.cid = community.compute(src=src, dst=dst, protocol=protocol, src_port=sport,
+                                   dst_port=dport)

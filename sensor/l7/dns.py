@@ -37,6 +37,11 @@ from dataclasses import dataclass
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.model import DnsAnswer, DnsEvent
 
+# Enum members bound once: a class attribute lookup on an Enum costs several times a
+# global's, and these are read on every call of the hot paths.
+_OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
+_TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
+
 # Queries awaiting a response, per flow. A stub resolver has one or two in flight per
 # socket; a forwarder that reuses one source port can have hundreds. 512 covers that
 # with room to spare, at about 300 bytes an entry (150 KB worst case per flow). Past it
@@ -175,7 +180,7 @@ def rdata_text(msg: bytes, rtype: int, start: int, length: int) -> str:
     if rtype == 1:
         if length != 4:
             raise _Malformed("A record data is not 4 bytes")
-        return ".".join(str(b) for b in rdata)
+        return "%d.%d.%d.%d" % (rdata[0], rdata[1], rdata[2], rdata[3])
     if rtype == 28:
         if length != 16:
             raise _Malformed("AAAA record data is not 16 bytes")
@@ -290,7 +295,7 @@ class DnsParser:
     name = "dns"
 
     def __init__(self) -> None:
-        self.state = ParserState.OK
+        self.state = _OK
         self.error = ""
         # Counters the engine reads into its loss accounting.
         self.messages = 0
@@ -312,11 +317,11 @@ class DnsParser:
     # --- the L7Parser contract -------------------------------------------------------
 
     def receive_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> None:
-        if self.state is ParserState.OK:
+        if self.state is _OK:
             self._message(bytes(data), ts_ns)
 
     def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
-        if self.state is not ParserState.OK or not data:
+        if self.state is not _OK or not data:
             return
         self._transport = "tcp"
         buf = self._buffers[direction]
@@ -336,7 +341,7 @@ class DnsParser:
             self._message(frame, frame_ts)
 
     def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
-        if self.state is ParserState.OK and self._transport == "tcp":
+        if self.state is _OK and self._transport == "tcp":
             self._fail(f"{length} bytes missing: DNS/TCP framing lost")
 
     def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
@@ -344,12 +349,12 @@ class DnsParser:
         self.receive_gap(direction, length, ts_ns)
 
     def receive_eof(self, direction: Direction, ts_ns: int) -> None:
-        if self.state is not ParserState.OK:
+        if self.state is not _OK:
             return
         if self._buffers[direction]:
             self._fail("stream ended inside a DNS/TCP frame")
             return
-        if direction is Direction.TO_CLIENT:
+        if direction is _TO_CLIENT:
             # The responder can send nothing more: what is still waiting is unanswered.
             self._flush()
 
@@ -425,7 +430,7 @@ class DnsParser:
 
     def _fail(self, reason: str) -> None:
         self._flush()  # queries seen before the framing broke are still reported
-        self.state = ParserState.ERROR
+        self.state = _ERROR
         self.error = reason
         for buf in self._buffers:
             buf.clear()

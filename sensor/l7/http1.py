@@ -42,6 +42,11 @@ from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _Need
 from sensor.l7.redact import redact_target, strip_userinfo
 from sensor.model import HttpEvent
 
+# Enum members bound once: a class attribute lookup on an Enum costs several times a
+# global's, and these are read on every call of the hot paths.
+_OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
+_TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
+
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_OUTSTANDING = 64
 _MAX_CHUNK_LINE = 4096
@@ -167,6 +172,10 @@ def _parse_head(block: bytes) -> tuple[list[bytes], dict[bytes, list[bytes]]]:
 
 
 def _content_length(values: list[bytes]) -> int:
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= 19:
+            return int(value)   # the usual single plain number: what the rules below give
     found: set[bytes] = set()
     for value in values:
         for item in value.split(b","):
@@ -193,7 +202,7 @@ class Http1Parser:
                  max_outstanding: int = DEFAULT_MAX_OUTSTANDING) -> None:
         if max_header_bytes < 64 or max_outstanding < 1:
             raise ValueError("max_header_bytes must be >= 64 and max_outstanding >= 1")
-        self.state = ParserState.OK
+        self.state = _OK
         self.error = ""
         self.redact = redact
         self.max_header_bytes = max_header_bytes
@@ -215,7 +224,7 @@ class Http1Parser:
     # -- the L7Parser contract -------------------------------------------------------------
 
     def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
-        if self.state is not ParserState.OK or not data:
+        if self.state is not _OK or not data:
             return
         d = int(direction)
         if self._eof[d]:
@@ -249,7 +258,7 @@ class Http1Parser:
         except _Malformed as exc:
             self._fail(str(exc))
             return
-        if self.state is not ParserState.OK:
+        if self.state is not _OK:
             return
         if view is buf:
             del buf[:pos]
@@ -268,7 +277,7 @@ class Http1Parser:
 
     def receive_eof(self, direction: Direction, ts_ns: int) -> None:
         d = int(direction)
-        if self.state is not ParserState.OK or self._eof[d]:
+        if self.state is not _OK or self._eof[d]:
             return
         self._eof[d] = True
         mode = self._mode[d]
@@ -281,16 +290,16 @@ class Http1Parser:
             return
         self._mode[d] = _IDLE
         self._buf[d].clear()
-        if d == Direction.TO_CLIENT:
+        if d == _TO_CLIENT:
             # No response can come any more: report every request still waiting.
             self._flush_all()
-        if self._eof[0] and self._eof[1] and self.state is ParserState.OK:
+        if self._eof[0] and self._eof[1] and self.state is _OK:
             self._flush_all()
-            self.state = ParserState.DONE
+            self.state = _DONE
 
     def skip_hint(self, direction: Direction) -> int:
         d = int(direction)
-        if self.state is not ParserState.OK or self._buf[d]:
+        if self.state is not _OK or self._buf[d]:
             return 0
         mode = self._mode[d]
         if mode == _LENGTH or mode == _CHUNK_DATA:
@@ -340,7 +349,7 @@ class Http1Parser:
                     self._request_head(block)
                 else:
                     self._response_head(block)
-                    if self.state is not ParserState.OK:
+                    if self.state is not _OK:
                         break  # the connection switched protocols
                 if modes[d] == _HEAD:
                     self._head_ts[d] = ts_ns
@@ -592,7 +601,7 @@ class Http1Parser:
                 self._mode[d] = _CHUNK_CRLF
 
     def _lost(self, d: int, length: int, what: str) -> None:
-        if self.state is not ParserState.OK or length <= 0 or self._eof[d]:
+        if self.state is not _OK or length <= 0 or self._eof[d]:
             return
         mode = self._mode[d]
         if mode == _UNTIL_CLOSE:
@@ -664,15 +673,15 @@ class Http1Parser:
 
     def _switch(self) -> None:
         self._flush_all()
-        self.state = ParserState.DONE
+        self.state = _DONE
         self._buf[0].clear()
         self._buf[1].clear()
 
     def _fail(self, reason: str) -> None:
-        if self.state is not ParserState.OK:
+        if self.state is not _OK:
             return
         self._flush_all()
-        self.state = ParserState.ERROR
+        self.state = _ERROR
         self.error = reason
         self._buf[0].clear()
         self._buf[1].clear()

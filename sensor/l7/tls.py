@@ -39,6 +39,11 @@ from sensor.l7 import x509
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.model import TlsEvent
 
+# Enum members bound once: a class attribute lookup on an Enum costs several times a
+# global's, and these are read on every call of the hot paths.
+_OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
+_TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
+
 # RFC 5246 6.2.3: a TLSCiphertext fragment is at most 2^14 + 2048 bytes; anything longer
 # is not TLS, and refusing it keeps the record buffer under 18.5 KB per direction.
 MAX_RECORD = (1 << 14) + 2048
@@ -91,25 +96,44 @@ class _Reader:
         return self.end - self.pos
 
     def take(self, n: int) -> bytes:
-        if n > self.end - self.pos:
-            raise _Malformed(f"need {n} bytes, {self.end - self.pos} left")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
+        pos = self.pos
+        if n > self.end - pos:
+            raise _Malformed(f"need {n} bytes, {self.end - pos} left")
+        self.pos = pos + n
+        return self.data[pos:pos + n]
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        pos = self.pos
+        if pos >= self.end:
+            raise _Malformed(f"need 1 bytes, {self.end - pos} left")
+        self.pos = pos + 1
+        return self.data[pos]
 
     def u16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
+        pos = self.pos
+        if pos + 2 > self.end:
+            raise _Malformed(f"need 2 bytes, {self.end - pos} left")
+        self.pos = pos + 2
+        data = self.data
+        return (data[pos] << 8) | data[pos + 1]
 
     def vec(self, length_bytes: int) -> "_Reader":
-        n = int.from_bytes(self.take(length_bytes), "big")
-        if n > self.end - self.pos:
-            raise _Malformed(f"vector of {n} bytes, {self.end - self.pos} left")
-        sub = _Reader(self.data, self.pos, self.pos + n)
-        self.pos += n
-        return sub
+        # Inline reads of the length prefix: a ClientHello has a dozen or more vectors.
+        pos, end, data = self.pos, self.end, self.data
+        if length_bytes > end - pos:
+            raise _Malformed(f"need {length_bytes} bytes, {end - pos} left")
+        if length_bytes == 1:
+            n = data[pos]
+        elif length_bytes == 2:
+            n = (data[pos] << 8) | data[pos + 1]
+        else:
+            n = int.from_bytes(data[pos:pos + length_bytes], "big")
+        pos += length_bytes
+        if n > end - pos:
+            self.pos = pos
+            raise _Malformed(f"vector of {n} bytes, {end - pos} left")
+        self.pos = pos + n
+        return _Reader(data, pos, pos + n)
 
     def u16_list(self, length_bytes: int) -> tuple[int, ...]:
         sub = self.vec(length_bytes)
@@ -237,7 +261,7 @@ class TlsParser:
     name = "tls"
 
     def __init__(self, *, transport: str = "t") -> None:
-        self.state = ParserState.OK
+        self.state = _OK
         self.error = ""
         self.unsupported = 0        # SSLv2-compatible hellos seen (not parsed)
         self.cert_errors = 0        # Certificate messages whose leaf did not parse
@@ -258,7 +282,7 @@ class TlsParser:
     # --- the L7Parser contract -------------------------------------------------------
 
     def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
-        if self.state is not ParserState.OK or not data:
+        if self.state is not _OK or not data:
             return
         side = self._sides[direction]
         if side.encrypted:
@@ -269,11 +293,11 @@ class TlsParser:
         self._drain_records(direction, side, ts_ns)
 
     def receive_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> None:
-        if self.state is ParserState.OK:
+        if self.state is _OK:
             self._fail("TLS over a datagram transport is not supported (DTLS/QUIC)")
 
     def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
-        if self.state is ParserState.OK and not self._sides[direction].encrypted:
+        if self.state is _OK and not self._sides[direction].encrypted:
             self._fail(f"{length} bytes missing inside the handshake")
 
     def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
@@ -282,7 +306,7 @@ class TlsParser:
         self.receive_gap(direction, length, ts_ns)
 
     def receive_eof(self, direction: Direction, ts_ns: int) -> None:
-        if self.state is not ParserState.OK:
+        if self.state is not _OK:
             return
         side = self._sides[direction]
         if (side.records or side.handshake) and not side.encrypted:
@@ -303,7 +327,7 @@ class TlsParser:
 
     def _drain_records(self, direction: Direction, side: _Side, ts_ns: int) -> None:
         buf = side.records
-        while len(buf) >= 5 and self.state is ParserState.OK and not side.encrypted:
+        while len(buf) >= 5 and self.state is _OK and not side.encrypted:
             if not side.started:
                 if buf[0] & 0x80 and buf[2] == _CLIENT_HELLO:
                     # SSLv2 record header (2 bytes, high bit set) carrying a v2
@@ -358,7 +382,7 @@ class TlsParser:
 
     def _drain_handshake(self, direction: Direction, side: _Side) -> None:
         buf = side.handshake
-        while len(buf) >= 4 and self.state is ParserState.OK:
+        while len(buf) >= 4 and self.state is _OK:
             msg_type = buf[0]
             length = (buf[1] << 16) | (buf[2] << 8) | buf[3]
             if length > MAX_HANDSHAKE:
@@ -417,15 +441,15 @@ class TlsParser:
         self._done()
 
     def _done(self) -> None:
-        if self.state is ParserState.OK:
-            self.state = ParserState.DONE
+        if self.state is _OK:
+            self.state = _DONE
         for side in self._sides:
             side.records.clear()
             side.handshake.clear()
 
     def _fail(self, reason: str) -> None:
         self._emit()
-        self.state = ParserState.ERROR
+        self.state = _ERROR
         self.error = reason
         for side in self._sides:
             side.records.clear()

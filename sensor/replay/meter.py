@@ -89,7 +89,9 @@ _u16 = struct.Struct("!H").unpack_from
 _u32 = struct.Struct("!I").unpack_from
 _tcp = struct.Struct("!HHIIBBH").unpack_from
 _ports = struct.Struct("!HH").unpack_from
-_ip4 = struct.Struct("!BBHHHBB").unpack_from   # ver/ihl, tos, total, id, frag, ttl, proto
+# ver/ihl, tos, total, id, frag, ttl, proto, checksum, src, dst: the addresses come out
+# of the same call (no slices of their own)
+_ip4 = struct.Struct("!BBHHHBBH4s4s").unpack_from
 
 P_TCP = 6
 P_UDP = 17
@@ -364,7 +366,7 @@ class Meter:
             if n < off + 20:
                 stats.truncated_ip += 1
                 return
-            vihl, _tos, ip_len, ip_id, frag, _ttl, proto = _ip4(frame, off)
+            vihl, _tos, ip_len, ip_id, frag, _ttl, proto, _sum, src, dst = _ip4(frame, off)
             ihl = (vihl & 15) << 2
             if vihl >> 4 != 4 or ihl < 20:
                 stats.bad_ip += 1
@@ -372,8 +374,6 @@ class Meter:
             if n < off + ihl:
                 stats.truncated_ip += 1
                 return
-            src = frame[off + 12:off + 16]
-            dst = frame[off + 16:off + 20]
             if ip_len < ihl:
                 # TSO/GSO captures write 0 here; count what was captured instead.
                 ip_len = n - off
