@@ -7,15 +7,21 @@
 # What goes where:
 #   /opt/loupe/venv          the package, in its own venv (--system-site-packages, so bcc
 #                            from python3-bpfcc is importable), installed from this checkout
-#   /opt/loupe/bin/loupe     the command the units run (a link into the venv)
+#   /opt/loupe/bin/loupe     the command the units run (a link into the venv; with --venv
+#                            a two-line wrapper, see below)
 #   /opt/loupe/share/doc     docs/ops.md, the units' Documentation=
 #   /etc/loupe/*.toml        example configs (every key at its default), if absent
 #   /etc/systemd/system/     loupe-sensor.service, loupe-collector.service
 #   /etc/sysusers.d/loupe.conf, /etc/tmpfiles.d/loupe.conf: the `loupe` user, /var/lib/loupe
 #
-# --venv PATH uses an existing venv that already has Loupe installed (a development
+# --venv PATH uses an existing venv that already has Loupe's dependencies (a development
 # checkout's .venv after `make install`) instead of building /opt/loupe/venv: the units
-# then run that checkout's code. The `loupe` user must be able to read it.
+# then run this checkout's code with that venv's Python. /opt/loupe/bin/loupe is then a
+# wrapper, `PATH/bin/python -m sensor.cli` with this checkout on PYTHONPATH, not a link to
+# the venv's `loupe` script: that script's #! line and the editable install's .pth name
+# the paths the venv was made at, which need not be the paths the units see. The
+# checkout and the venv must be readable by user `loupe` and must not live where the
+# units' sandbox hides them (/tmp and /var/tmp: PrivateTmp; /home, /root: ProtectHome).
 # --enable enables both units; --now also starts them.
 # The default build needs PyPI (pip) for the dependencies, and the generated protobuf code
 # (`make proto`, done by `make install`).
@@ -31,7 +37,7 @@ while [ $# -gt 0 ]; do
         --venv) venv=${2:?--venv needs a path}; shift 2 ;;
         --enable) enable=1; shift ;;
         --now) enable=1; now=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -40,12 +46,41 @@ done
 command -v systemctl >/dev/null || die "systemctl not found: these are systemd services"
 prefix=/opt/loupe
 
+# Paths the units' sandbox replaces with empty private ones: code there exists for this
+# script but not for the services, which then fail with status=203/EXEC or ImportError.
+hidden_by_sandbox() {
+    case "$1/" in
+        /tmp/*|/var/tmp/*) echo "PrivateTmp=yes" ;;
+        /home/*|/root/*|/run/user/*) echo "ProtectHome=yes" ;;
+        *) return 1 ;;
+    esac
+}
+
 # 1. The package.
+[ -f loupe/v1/records_pb2.py ] || die "generated protobuf code missing: run make install (or make proto) first"
+mkdir -p "$prefix/bin" "$prefix/share/doc"
 if [ -n "$venv" ]; then
-    [ -x "$venv/bin/loupe" ] || die "$venv/bin/loupe not found: run make install in that checkout first"
-    target=$(cd "$venv" && pwd)/bin/loupe
+    [ -x "$venv/bin/python" ] || die "$venv/bin/python not found: run make install in that checkout first"
+    venv=$(cd "$venv" && pwd -P)
+    code=$(pwd -P)
+    for path in "$code" "$venv"; do
+        if why=$(hidden_by_sandbox "$path"); then
+            die "$path is hidden from the services by $why: put the checkout elsewhere (e.g. /srv or /opt), or install without --venv"
+        fi
+    done
+    # Written next to the target and renamed over it: the old /opt/loupe/bin/loupe may be
+    # a link into a venv, and writing through it would overwrite that venv's script.
+    cat >"$prefix/bin/loupe.new" <<WRAPPER
+#!/bin/sh
+# Written by $code/scripts/install-service.sh --venv: this checkout's code, that venv.
+# -P: the working directory does not go first on sys.path (a directory holding another
+# "sensor" package must not shadow this one).
+PYTHONPATH='$code' exec '$venv/bin/python' -P -m sensor.cli "\$@"
+WRAPPER
+    chmod 0755 "$prefix/bin/loupe.new"
+    mv -f "$prefix/bin/loupe.new" "$prefix/bin/loupe"
+    target="$prefix/bin/loupe (runs $code with $venv)"
 else
-    [ -f loupe/v1/records_pb2.py ] || die "generated protobuf code missing: run make install (or make proto) first"
     if [ ! -x "$prefix/venv/bin/python" ]; then
         say "creating $prefix/venv"
         mkdir -p "$prefix"
@@ -54,9 +89,8 @@ else
     say "installing Loupe from $repo into $prefix/venv"
     "$prefix/venv/bin/pip" install -q --disable-pip-version-check "$repo"
     target=$prefix/venv/bin/loupe
+    ln -sfn "$target" "$prefix/bin/loupe"
 fi
-mkdir -p "$prefix/bin" "$prefix/share/doc"
-ln -sfn "$target" "$prefix/bin/loupe"
 install -m 0644 docs/ops.md "$prefix/share/doc/ops.md"
 
 # 2. The system user and the state root.
@@ -71,9 +105,9 @@ systemd-tmpfiles --create /etc/tmpfiles.d/loupe.conf
 
 # The services run as `loupe`: it must be able to run the command (a venv under /root or
 # a 0700 checkout would fail only at start, with a terse status=203/EXEC).
-if ! setpriv --reuid=loupe --regid=loupe --clear-groups --inh-caps=-all \
-        "$prefix/bin/loupe" --help >/dev/null 2>&1; then
-    die "user loupe cannot run $prefix/bin/loupe ($target): make it readable, or install without --venv"
+if ! out=$(setpriv --reuid=loupe --regid=loupe --clear-groups --inh-caps=-all \
+        "$prefix/bin/loupe" --help 2>&1 >/dev/null); then
+    die "user loupe cannot run $prefix/bin/loupe ($target): make it readable, or install without --venv; it said: $(printf '%s' "$out" | tail -n 1)"
 fi
 
 # 3. Configuration: examples only where the admin has none; existing files are theirs.

@@ -6,8 +6,11 @@ root is an overlay whose upper layer is a tmpfs, so the cached tree is never wri
 the container gets its own /tmp, /run, /var and /etc. Nothing is shared with the host but
 these read-only binds:
 
-- the repository, at the same path (its .venv points at its own path and at
-  /usr/bin/python3, which the rootfs has in the same version);
+- the repository, at CHECKOUT (/srv/loupe) whatever its path on the host: a CI clone may
+  live under /tmp, which the units' PrivateTmp hides. Its .venv is used through
+  `install-service.sh --venv`, whose wrapper runs the venv's python (a link to
+  /usr/bin/python3, which the rootfs has in the same version) with the checkout on
+  PYTHONPATH, so the host paths recorded inside the venv do not matter;
 - /lib/modules and /usr/src: the kernel headers bcc compiles against;
 - /sys/kernel/tracing: tracefs, for the sensor's tracepoint (process attribution).
 
@@ -29,6 +32,9 @@ from pathlib import Path
 
 ROOTFS = Path(os.environ.get("LOUPE_TEST_ROOTFS", "/var/cache/loupe-test/rootfs"))
 REPO = Path(__file__).resolve().parents[2]
+# Where the container sees the repository: a fixed path outside /tmp, /var/tmp, /home and
+# /root, which the units' sandbox (PrivateTmp, ProtectHome) replaces with empty ones.
+CHECKOUT = "/srv/loupe"
 BUILD_SCRIPT = REPO / "scripts" / "build-test-rootfs.sh"
 
 
@@ -54,7 +60,7 @@ class Container:
         self.leader = 0
 
     def boot(self, timeout_s: float = 60) -> None:
-        binds = [f"--bind-ro={REPO}", "--bind-ro=/lib/modules", "--bind-ro=/usr/src"]
+        binds = [f"--bind-ro={REPO}:{CHECKOUT}", "--bind-ro=/lib/modules", "--bind-ro=/usr/src"]
         if Path("/sys/kernel/tracing/events").is_dir():
             binds.append("--bind-ro=/sys/kernel/tracing")
         cmd = [
