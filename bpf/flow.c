@@ -103,6 +103,7 @@ _Static_assert(LOUPE_PAYLOAD_CHUNK >= 64 && LOUPE_PAYLOAD_CHUNK <= 16384,
 #define PROTO_TCP 6
 #define PROTO_UDP 17
 #define PROTO_ICMPV6 58
+#define PROTO_SCTP 132
 #define NH_HOPOPTS 0
 #define NH_ROUTING 43
 #define NH_FRAGMENT 44
@@ -245,17 +246,27 @@ static __always_inline void canonicalize(struct loupe_pkt *p, const __u8 *src, c
 }
 
 /* Parses the transport header at off (within the IP datagram ending at end) and fills
- * the canonical key. Returns 0, or the counter explaining why it could not. */
+ * the canonical key. Returns 0, or the counter explaining why it could not. A datagram
+ * that ends inside its transport header still counts, in a flow with ports 0, as the
+ * replay meter, nDPI and NFStream count it (LOUPE_CNT_TRUNCATED_L4, not a loss). */
 static __always_inline int parse_l4(struct __sk_buff *skb, struct loupe_pkt *p, __u32 off, __u32 end)
 {
 	__u8 proto = p->key.protocol;
 	__u16 sport = 0, dport = 0;
 	int ports_ordered = 1;
 	__u8 reply = 0;
+	int icmp = (proto == PROTO_ICMP && p->key.ip_version == 4) ||
+		   (proto == PROTO_ICMPV6 && p->key.ip_version == 6);
+	__u32 need = proto == PROTO_TCP ? 20 : (proto == PROTO_UDP || proto == PROTO_SCTP) ? 8 :
+		     icmp ? 2 : 0;
 
-	if (proto == PROTO_TCP) {
+	if (off + need > end) {
+		count(LOUPE_CNT_TRUNCATED_L4);
+		if (icmp)
+			ports_ordered = 0;
+	} else if (proto == PROTO_TCP) {
 		__u8 h[16];
-		if (off + 20 > end || load_hdr(skb, off, h, sizeof(h)) < 0)
+		if (load_hdr(skb, off, h, sizeof(h)) < 0)
 			return LOUPE_CNT_TRUNCATED;
 		__u32 doff = (h[12] >> 4) * 4;
 		if (doff < 20 || off + doff > end)
@@ -266,17 +277,24 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct loupe_pkt *p, 
 		p->ack = ((__u32)h[8] << 24) | ((__u32)h[9] << 16) | ((__u32)h[10] << 8) | h[11];
 		p->tcp_flags = ((__u16)(h[12] & 1) << 8) | h[13];
 		p->l4_hdr_len = doff;
-	} else if (proto == PROTO_UDP) {
+		p->payload_off = off + doff;
+		p->payload_len = end - p->payload_off;
+	} else if (proto == PROTO_UDP || proto == PROTO_SCTP) {
 		__u8 h[4];
-		if (off + 8 > end || load_hdr(skb, off, h, sizeof(h)) < 0)
+		if (load_hdr(skb, off, h, sizeof(h)) < 0)
 			return LOUPE_CNT_TRUNCATED;
 		sport = ((__u16)h[0] << 8) | h[1];
 		dport = ((__u16)h[2] << 8) | h[3];
-		p->l4_hdr_len = 8;
-	} else if ((proto == PROTO_ICMP && p->key.ip_version == 4) ||
-		   (proto == PROTO_ICMPV6 && p->key.ip_version == 6)) {
+		/* RFC 9260 3.1: SCTP's common header is 12 bytes; its payload is chunks,
+		 * never copied. */
+		p->l4_hdr_len = proto == PROTO_UDP ? 8 : 12;
+		if (proto == PROTO_UDP) {
+			p->payload_off = off + 8;
+			p->payload_len = end - p->payload_off;
+		}
+	} else if (icmp) {
 		__u8 h[2];
-		if (off + 4 > end || load_hdr(skb, off, h, sizeof(h)) < 0)
+		if (load_hdr(skb, off, h, sizeof(h)) < 0)
 			return LOUPE_CNT_TRUNCATED;
 		p->icmp_type = h[0];
 		p->icmp_code = h[1];
@@ -284,10 +302,6 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct loupe_pkt *p, 
 		dport = h[1];
 		ports_ordered = 0;
 		p->l4_hdr_len = 0;   /* ICMP is never segmented */
-	}
-	if (proto == PROTO_TCP || proto == PROTO_UDP) {
-		p->payload_off = off + p->l4_hdr_len;
-		p->payload_len = end - p->payload_off;
 	}
 	canonicalize(p, p->src, p->dst, sport, dport, ports_ordered, reply);
 	return 0;

@@ -371,6 +371,7 @@ enum loupe_counter {
 	LOUPE_CNT_PAYLOAD_GAP_OCTETS, /* payload octets lost to a full ring buffer */
 	LOUPE_CNT_SELECTED_FLOWS,     /* flows selected at their first packet */
 	LOUPE_CNT_SNIFFED_FLOWS,      /* flows selected by the content sniffer */
+	LOUPE_CNT_TRUNCATED_L4,       /* counted in a flow with ports 0: transport header cut */
 	LOUPE_CNT_MAX
 };
 

@@ -86,6 +86,7 @@ class Counter(enum.IntEnum):
     PAYLOAD_GAP_OCTETS = 15
     SELECTED_FLOWS = 16
     SNIFFED_FLOWS = 17
+    TRUNCATED_L4 = 18
 
 
 COUNTER_MAX = len(Counter)

@@ -344,6 +344,10 @@ class FlowMapReader:
             # Community ID's stand-ins, as replay's records carry them: the type, and
             # the counterpart type of a request/reply pair, else the code.
             sport, dport, _ = icmp_ports(key.protocol, value.icmp_type, value.icmp_code)
+            if key.port_lo == 0 and key.port_hi == 0:
+                # The ICMP header was cut short: ports 0, as replay records it (no
+                # real message keys as 0/0: an echo reply keys as its request, 8).
+                sport = dport = 0
             return (lo, hi, sport, dport) if value.initiator == abi.DIR_LO_HI \
                 else (hi, lo, sport, dport)
         if value.initiator == abi.DIR_LO_HI:

@@ -129,10 +129,14 @@ def test_truncated_tcp_header(probe, cut):
 
 @pytest.mark.parametrize("proto", [TCP, UDP])
 def test_transport_header_cut_within_a_consistent_datagram(probe, proto):
-    # IP length and frame agree, but the datagram ends inside the transport header.
-    ip = IP(src=A4, dst=B4, proto=6 if proto is TCP else 17) / Raw(b"\0" * 6)
-    assert probe.run(raw(Ether(**MAC) / ip)) == {abi.Counter.TRUNCATED: 1}
-    assert probe.flows() == []
+    # IP length and frame agree, but the datagram ends inside the transport header: it
+    # counts, in a flow with ports 0 (as replay, nDPI and NFStream count it).
+    number = 6 if proto is TCP else 17
+    ip = IP(src=A4, dst=B4, proto=number) / Raw(b"\0" * 6)
+    assert probe.run(raw(Ether(**MAC) / ip)) == {abi.Counter.TRUNCATED_L4: 1}
+    [(key, val)] = probe.flows()
+    assert (key.protocol, key.port_lo, key.port_hi) == (number, 0, 0)
+    assert val.dir[0].packets == 1 and val.dir[0].ip_bytes == 26 and val.dir[0].tcp_flags == 0
 
 
 def test_bogus_ihl(probe):
