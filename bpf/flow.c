@@ -334,13 +334,10 @@ static __always_inline void remember_first_fragment(struct loupe_pkt *p)
 	fk.id = p->frag_id;
 	fk.protocol = p->key.protocol;
 	fk.ip_version = p->key.ip_version;
-	/* The value is built in the key's own place: a struct loupe_pkt starts with the flow
-	 * key, and the dir byte is written after it for the update, then restored. */
-	struct loupe_frag_value *fv = (struct loupe_frag_value *)&p->key;
-	__u8 saved = fv->dir;
-	fv->dir = p->dir;
-	frags.update(&fk, fv);
-	fv->dir = saved;
+	struct loupe_frag_value fv = {};
+	__builtin_memcpy(&fv.flow, &p->key, sizeof(fv.flow));
+	fv.dir = p->dir;
+	frags.update(&fk, &fv);
 	p->is_frag = 1;
 }
 

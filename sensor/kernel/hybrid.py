@@ -251,26 +251,36 @@ class KernelSensor:
     # ---- l7_ctl -------------------------------------------------------------------
 
     def grant(self, key: bytes | abi.FlowKey, direction: int, octets: int) -> bool:
-        """Lets the flow copy octets more in direction, beyond its budget."""
+        """Lets the flow copy octets more in direction, beyond its budget. False if
+        the l7_ctl map is full (counted)."""
         if octets < 0:
             raise ValueError("a grant is a positive number of octets")
         d = _direction(direction)
-        return self._write(key, lambda c: c.grant.__setitem__(d, c.grant[d] + octets))
+        ctl = self._shadow(key)
+        if ctl is None:
+            return False
+        ctl.grant[d] += octets
+        return self._write(key, ctl)
 
     def skip_until(self, key: bytes | abi.FlowKey, direction: int, seq: int) -> bool:
         """Payload of direction below TCP sequence number seq is not copied (counted as
-        skipped); copying resumes at seq, within the budget."""
+        skipped); copying resumes at seq, within the budget. False if the l7_ctl map
+        is full (counted)."""
         d = _direction(direction)
-
-        def _set(c: abi.L7Ctl) -> None:
-            c.skip_until[d] = seq & _U32
-            c.skip_gen[d] = (c.skip_gen[d] + 1) & _U32
-
-        return self._write(key, _set)
+        ctl = self._shadow(key)
+        if ctl is None:
+            return False
+        ctl.skip_until[d] = seq & _U32
+        ctl.skip_gen[d] = (ctl.skip_gen[d] + 1) & _U32   # a new skip, not the old one
+        return self._write(key, ctl)
 
     def stop(self, key: bytes | abi.FlowKey) -> bool:
         """Copy nothing more of this flow (its payload is counted as skipped)."""
-        return self._write(key, lambda c: setattr(c, "flags", c.flags | abi.CTL_DONE))
+        ctl = self._shadow(key)
+        if ctl is None:
+            return False
+        ctl.flags |= abi.CTL_DONE
+        return self._write(key, ctl)
 
     def forget(self, key: bytes | abi.FlowKey) -> None:
         """Drops the flow's l7_ctl entry (the flow was retired)."""
@@ -278,15 +288,19 @@ class KernelSensor:
         if self._ctl.pop(raw, None) is not None:
             bpfsys.delete(self._prog.l7_ctl_fd, _key(raw))
 
-    def _write(self, key: bytes | abi.FlowKey, change) -> bool:
-        raw = bytes(key)
-        ctl = self._ctl.get(raw)
-        if ctl is None:
+    def _shadow(self, key: bytes | abi.FlowKey) -> abi.L7Ctl | None:
+        """A copy of the flow's l7_ctl value to change (the shadow is only replaced
+        once the kernel took the write), or None when MAX_CTL flows have one."""
+        current = self._ctl.get(bytes(key))
+        if current is None:
             if len(self._ctl) >= MAX_CTL:
                 self.stats.ctl_full += 1
-                return False
-            ctl = abi.L7Ctl()
-        change(ctl)
+                return None
+            return abi.L7Ctl()
+        return abi.L7Ctl.from_buffer_copy(current)
+
+    def _write(self, key: bytes | abi.FlowKey, ctl: abi.L7Ctl) -> bool:
+        raw = bytes(key)
         try:
             bpfsys.update(self._prog.l7_ctl_fd, _key(raw), ctl)
         except bpfsys.BpfError as exc:
@@ -296,7 +310,6 @@ class KernelSensor:
             raise
         self._ctl[raw] = ctl
         return True
-
 
 def flow_key(*, src: str, dst: str, sport: int, dport: int, protocol: int,
              vlan_id: int = 0, inner_vlan_id: int = 0, ifindex: int = 0) -> abi.FlowKey:
