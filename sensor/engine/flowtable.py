@@ -53,6 +53,13 @@ CHECK_INTERVAL_NS = 1_000_000_000
 DEFAULT_MAX_FLOWS = 500_000
 
 
+_ZERO_PAIR = (0, 0)
+_FALSE_PAIR = (False, False)
+_NONE_PAIR = (None, None)
+_MINUS_ONE_PAIR = (-1, -1)
+_ONE_PAIR = (1, 1)
+
+
 class FlowState:
     """One live flow. Mutable on purpose: the meter updates it on every packet.
 
@@ -92,9 +99,27 @@ class FlowState:
         self.pkts = [0, 0]
         self.octs = [0, 0]
         self.l2 = [0, 0]
-        self.flags = [0, 0]
-        self.pure_syn = [False, False]
-        self.synack = [False, False]
+        if protocol == PROTO_TCP:
+            self.flags = [0, 0]
+            self.pure_syn = [False, False]
+            self.synack = [False, False]
+            self.last_seq: list[int | None] | tuple = [None, None]
+            self.last_syn: list[int] | tuple = [-1, -1]
+            self.last_fin: list[int] | tuple = [-1, -1]
+            self.last_rst: list[int] | tuple = [-1, -1]
+            self.rxmit: list[int] | tuple = [0, 0]
+            # Zeek's scaled history: 1st, 10th, 100th ... event
+            self.rxmit_next: list[int] | tuple = [1, 1]
+        else:
+            # Only the meter's TCP block writes these. Other flows (UDP: most of the live
+            # flows, as they wait out a 60 s idle timeout) share immutable pairs with the
+            # same values: eight lists fewer to allocate and for the garbage collector
+            # to traverse, and a write by mistake would raise instead of going unseen.
+            self.flags = self.rxmit = _ZERO_PAIR
+            self.pure_syn = self.synack = _FALSE_PAIR
+            self.last_seq = _NONE_PAIR
+            self.last_syn = self.last_fin = self.last_rst = _MINUS_ONE_PAIR
+            self.rxmit_next = _ONE_PAIR
         self.syn_count = 0
         self.fin_count = 0
         self.rst_count = 0
@@ -103,12 +128,6 @@ class FlowState:
         self.rtt_ns = 0
         self.hist: list[str] = []    # letters, upper case = sent by side 0
         self.hist_seen = 0
-        self.last_seq: list[int | None] = [None, None]
-        self.last_syn = [-1, -1]
-        self.last_fin = [-1, -1]
-        self.last_rst = [-1, -1]
-        self.rxmit = [0, 0]
-        self.rxmit_next = [1, 1]     # Zeek's scaled history: 1st, 10th, 100th ... event
         self.ended_ns = 0
         self.icmp_type = 0
         self.icmp_code = 0
