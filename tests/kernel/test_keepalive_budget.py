@@ -1,4 +1,4 @@
-"""The budget on real traffic: curl fetches the same number of 1 KiB and of 1 MiB bodies
+"""The budget and the ring buffer on real traffic. curl fetches the same number of 1 KiB and of 1 MiB bodies
 over one keep-alive connection between two namespaces, with the flow meter attached
 and KernelSensor acting as the L7 stage would: for every response header it sees, it
 skips the body (skip_until its last byte) and grants room for the next header. Every
@@ -112,3 +112,59 @@ def test_keepalive_copies_nearly_the_same_for_1k_and_1m_bodies(load_program, tmp
     c = big.l7_coverage
     assert c.captured_octets + c.truncated_octets + c.skipped_octets >= REQUESTS << 20
     assert c.skipped_octets > REQUESTS << 19 and c.gap_octets == 0
+
+
+def test_tiny_ring_buffer_under_real_load_loses_payload_not_counts(load_program, tmp_path):
+    """One 4 KiB ring page, a budget of 1 GiB and nobody polling during a 2 MiB
+    transfer (at a rate tcpdump keeps up with): payload is lost and counted (per flow as gap octets, globally as
+    ringbuf_full and a kernel_ringbuf_full LostEvent), while the flow's packet and byte
+    counts still equal tcpdump's."""
+    from sensor.kernel.counters import CounterWatcher
+    from sensor.model import LostSource
+    from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
+    from tests.kernel.test_netns_counts import Capture
+
+    prog = load_program(flow_map_size=256, ringbuf_pages=1)
+    sensor = KernelSensor(prog, SystemClock(), selection=SelectionConfig(
+        ports={5201}, sniff=False, budget=(1 << 30, 1 << 30)))
+    watcher = CounterWatcher(prog.counters_fd)
+    with VethPair.create("kr") as pair:
+        pair.wait_ready()
+        pair.set_offloads(False)   # tcpdump then sees wire packets
+        with in_netns(pair.b.netns):
+            att = attach.attach(pair.b.iface, prog.prog_fd)
+        cap = Capture(pair.b, tmp_path / "cap.pcap")
+        srv = pair.b.popen("iperf3", "-s", "-1", stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):
+                r = pair.a.run("iperf3", "-c", pair.b.ip4, "-b", "40M", "-n", "2M",
+                               check=False)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert r.returncode == 0, r.stderr
+        finally:
+            srv.wait(timeout=10)
+            err = cap.stop()
+            with in_netns(pair.b.netns):
+                attach.detach(att)
+    assert "0 packets dropped by kernel" in err, err
+    captured = int(err.split(" packets captured")[0].split()[-1])
+    received = int(err.split(" packets received by filter")[0].split()[-1])
+    assert captured == received, err
+    lost = {e.source: e.count for e in watcher.poll(SystemClock().wall_ns())}
+    assert lost.get(LostSource.KERNEL_RINGBUF_FULL.value, 0) > 0
+    sensor.poll(0)
+    list(sensor.payload_events())
+    sensor.reader.drain()
+    records = sensor.reader.flush()
+    reference = flows_from_pcap(tmp_path / "cap.pcap")
+    kernel = flows_from_records(records)
+    assert set(kernel) == set(reference)
+    for key, ref in reference.items():
+        assert kernel[key].sides == ref.sides, key
+    data = max(records, key=lambda r: r.initiator_octets)
+    c = data.l7_coverage
+    assert c.inspected and c.gap_octets > 1 << 20
+    assert c.captured_octets + c.gap_octets + c.truncated_octets + c.skipped_octets >= 2 << 20
