@@ -211,6 +211,11 @@ class KernelSensor:
         self.selection = cfg
         self.stats.reloads += 1
 
+    @property
+    def active_set(self) -> int:
+        """Which of the two selection sets new flows are checked against."""
+        return self._active
+
     def _clear_set(self, which: int) -> None:
         ports, c4, c6, protos = self._written[which]
         for k in ports:

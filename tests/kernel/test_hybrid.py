@@ -320,7 +320,7 @@ def test_reload_keeps_live_flows_and_applies_to_new_ones(rig):
 
     ports = {(k.set, k.port) for k, _ in bpfsys.lookup_batch(
         rig.prog.sel_ports_fd, abi.PortKey, U8, batch=64, lock=False)}
-    assert ports == {(rig.sensor._active, 9000)}
+    assert ports == {(rig.sensor.active_set, 9000)}
 
 
 def test_payload_queue_is_bounded_and_counts_what_it_drops(load_program):

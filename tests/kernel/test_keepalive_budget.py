@@ -37,11 +37,11 @@ http.server.ThreadingHTTPServer((sys.argv[1], 8080),
 """
 
 
-def _fetch(pair, sensor, name: str) -> tuple[int, int]:
+def _fetch(pair, prog, sensor, name: str) -> tuple[int, int]:
     """Runs REQUESTS requests on one connection; returns (response headers seen,
     payload octets the kernel copied)."""
     url = f"http://{pair.b.ip4}:8080/{name}"
-    before = read_counters(sensor._prog.counters_fd, possible_cpus())[abi.Counter.PAYLOAD_OCTETS]
+    before = read_counters(prog.counters_fd, possible_cpus())[abi.Counter.PAYLOAD_OCTETS]
     args = ["curl", "-s", "--fail", "--max-time", "20"]
     for _ in range(REQUESTS):
         args += ["-o", "/dev/null", url]
@@ -65,7 +65,7 @@ def _fetch(pair, sensor, name: str) -> tuple[int, int]:
         if done:
             break
     assert client.wait(timeout=5) == 0, client.stderr.read()
-    after = read_counters(sensor._prog.counters_fd, possible_cpus())[abi.Counter.PAYLOAD_OCTETS]
+    after = read_counters(prog.counters_fd, possible_cpus())[abi.Counter.PAYLOAD_OCTETS]
     return headers, after - before
 
 
@@ -88,8 +88,8 @@ def test_keepalive_copies_nearly_the_same_for_1k_and_1m_bodies(load_program, tmp
                 time.sleep(0.1)
             sensor.poll(0)
             list(sensor.payload_events())
-            small_headers, small_copied = _fetch(pair, sensor, "small")
-            large_headers, large_copied = _fetch(pair, sensor, "large")
+            small_headers, small_copied = _fetch(pair, prog, sensor, "small")
+            large_headers, large_copied = _fetch(pair, prog, sensor, "large")
         finally:
             with in_netns(pair.b.netns):
                 attach.detach(att)
