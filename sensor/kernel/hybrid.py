@@ -31,7 +31,7 @@ import errno
 import ipaddress
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sensor.clock import Clock
 from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
