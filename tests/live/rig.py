@@ -1,0 +1,193 @@
+"""What the live sensor tests drive: `loupe sensor run` as a real subprocess (readiness
+from its own sd_notify datagrams, counters from its own /metrics), a keep-alive HTTP/1.1
+server, and the peers (openssl s_server, dnsmasq) in a namespace.
+
+The sensor runs in the host's namespace and attaches to a veth inside a test namespace
+(--netns), so it reaches a real collector on 127.0.0.1 while it watches traffic that
+stays between the namespaces (198.18.0.0/15, fc00::/7).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from sensor.export import jsonfmt
+from tests.conftest import REPO
+from tests.export.collector_proc import free_port
+
+LOUPE = [sys.executable, "-m", "sensor.cli"]
+
+# A keep-alive HTTP/1.1 server: GET /size/N answers N bytes (Content-Length), anything
+# else 404. Bodies come from one preallocated buffer, so a 10 MiB body costs the server
+# no Python work per byte.
+HTTP_SERVER = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+BLOB = b"b" * (16 << 20)
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        if self.path.startswith("/size/"):
+            n = int(self.path[6:])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            view = memoryview(BLOB)
+            while n:
+                k = min(n, len(BLOB))
+                self.wfile.write(view[:k])
+                n -= k
+        else:
+            self.send_error(404)
+ThreadingHTTPServer.allow_reuse_address = True
+ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+
+class Sensor:
+    """`loupe sensor run` in a subprocess. start() returns after READY=1."""
+
+    def __init__(self, args: list[str], *, workdir: Path) -> None:
+        self.workdir = workdir
+        self.metrics_port = free_port()
+        self.args = [*LOUPE, "sensor", "run", "--metrics", f"127.0.0.1:{self.metrics_port}",
+                     *args]
+        self.proc: subprocess.Popen | None = None
+        self.notes: list[str] = []
+        self._sock: socket.socket | None = None
+        self.stdout = ""
+        self.stderr = ""
+
+    def start(self, timeout_s: float = 90.0) -> "Sensor":
+        sock_path = tempfile.mktemp(prefix="lvnotify", dir="/tmp")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(sock_path)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": sock_path}
+        self._out = open(self.workdir / f"sensor-{len(self.notes)}.out", "w+")
+        self._err = open(self.workdir / f"sensor-{len(self.notes)}.err", "w+")
+        self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=self._out,
+                                     stderr=self._err, text=True)
+        self.wait_note("READY=1", timeout_s)
+        return self
+
+    def wait_note(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._err.seek(0)
+                raise AssertionError(f"sensor exited {self.proc.returncode}: {self._err.read()}")
+            self._sock.settimeout(0.2)
+            try:
+                note = self._sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.notes.append(note)
+            if text in note:
+                return note
+        raise AssertionError(f"no {text} from the sensor within {timeout_s} s: {self.notes}")
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """family -> {label value or "": value}, from the sensor's own /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out: dict[str, dict[str, float]] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                label = next(iter(s.labels.values()), "") if s.labels else ""
+                out.setdefault(fam.name, {})[label] = s.value
+        return out
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, wait; stdout/stderr are then in self.stdout / self.stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self._out.seek(0)
+        self._err.seek(0)
+        self.stdout, self.stderr = self._out.read(), self._err.read()
+        self._out.close()
+        self._err.close()
+        self._sock.setblocking(False)
+        while True:   # what it said while stopping (STOPPING=1)
+            try:
+                self.notes.append(self._sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+        path = self._sock.getsockname()
+        self._sock.close()
+        os.unlink(path)
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def records(self) -> list:
+        """The model records of the JSON lines it printed (--output jsonl)."""
+        return [jsonfmt.from_dict(__import__("json").loads(line))
+                for line in self.stdout.splitlines() if line.startswith("{")]
+
+    def closing(self) -> dict[str, int]:
+        """Numbers from the closing line on stderr."""
+        m = re.search(r"loupe sensor: (\d+) flows, (\d+) L7 events.*?kernel: (\d+) packets, "
+                      r"(\d+) payload events, payload (\d+) octets copied", self.stderr)
+        assert m, self.stderr
+        keys = ("flows", "l7_events", "packets", "payload_events", "payload_octets")
+        return dict(zip(keys, map(int, m.groups())))
+
+
+def wait_tcp(host, addr: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        probe = host.run("bash", "-c", f"exec 3<>/dev/tcp/{addr}/{port}", check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {addr}:{port}")
+
+
+def start_http(host, workdir: Path, port: int = 8080) -> subprocess.Popen:
+    script = workdir / "httpd.py"
+    script.write_text(HTTP_SERVER)
+    proc = host.popen(sys.executable, str(script), host.ip4, str(port),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tc_filters(host) -> str:
+    return (host.run("tc", "filter", "show", "dev", host.iface, "ingress").stdout
+            + host.run("tc", "filter", "show", "dev", host.iface, "egress").stdout)
