@@ -17,6 +17,7 @@ import grpc
 
 from collector import filters, render
 from collector.client import ClientTLS, open_channel, translate
+from sensor import config as cfg
 from sensor.errors import ConfigError
 from sensor.export import wire
 
@@ -145,15 +146,45 @@ def _observer(args):
 
 # -- collector run / status ---------------------------------------------------------------
 
-def cmd_collector_run(args) -> int:
-    from collector.server import CollectorConfig, serve
+def _absolute(path: Path | None) -> str | None:
+    # A path on the command line is relative to where the command runs; the config file
+    # takes absolute paths only (a daemon's working directory is /).
+    return None if path is None else str(path.absolute())
 
-    config = CollectorConfig(
-        listen=args.listen, data_dir=args.data_dir, retention_ns=parse_duration(args.retention),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-        insecure=args.insecure, print_records=args.print, grace_s=args.grace,
+
+def collector_config(args):
+    """collector.server.CollectorConfig from the config file (--config, else
+    /etc/loupe/collector.toml if present), then --set, then the flags."""
+    from collector.server import CollectorConfig
+
+    overrides = {
+        "listen": args.listen, "data_dir": _absolute(args.data_dir),
+        "retention": args.retention, "insecure": True if args.insecure else None,
+        "tls.cert_file": _absolute(args.tls_cert), "tls.key_file": _absolute(args.tls_key),
+        "tls.client_ca_file": _absolute(args.tls_ca), "metrics.listen": args.metrics,
+    }
+    if args.data_dir is None and args.config is None and not cfg.COLLECTOR_CONFIG_PATH.exists():
+        # No file at all: a development run, with the store in ./data as always; the
+        # file's default (/var/lib/loupe/collector) is the service's.
+        overrides["data_dir"] = _absolute(Path("data"))
+    c = cfg.config_from_args(args, "collector", overrides)
+    tls = c.tls
+    return CollectorConfig(
+        listen=c.listen, data_dir=Path(c.data_dir), retention_ns=c.retention,
+        tls_cert=Path(tls.cert_file) if tls.cert_file else None,
+        tls_key=Path(tls.key_file) if tls.key_file else None,
+        tls_ca=Path(tls.client_ca_file) if tls.client_ca_file else None,
+        insecure=c.insecure, print_records=args.print, grace_s=args.grace,
+        max_message_bytes=c.max_message_size, subscriber_queue=c.subscriber_queue_size,
+        metrics_listen=c.metrics.listen,
     )
-    asyncio.run(serve(config))
+
+
+def cmd_collector_run(args) -> int:
+    from collector.server import serve
+
+    # SIGHUP re-reads the same sources (file, --set, flags).
+    asyncio.run(serve(collector_config(args), reload=lambda: collector_config(args)))
     return 0
 
 
@@ -283,17 +314,26 @@ def cmd_query(args) -> int:
 # -- registration ---------------------------------------------------------------------------
 
 def register(tree) -> None:
-    p = tree.command("collector run", help="run the collector: gRPC ingest, storage, live streams")
-    p.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
-                   help="address to listen on (default 127.0.0.1:50051; port 0 picks one)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help=f"where loupe.duckdb lives (default ./data; the service uses {SERVICE_DATA_DIR})")
-    p.add_argument("--retention", default="7d", help="delete records older than this (default 7d)")
-    p.add_argument("--tls-cert", type=Path, help="collector certificate (mTLS)")
-    p.add_argument("--tls-key", type=Path, help="collector key (mTLS)")
-    p.add_argument("--tls-ca", type=Path, help="CA that signed the sensors' certificates (mTLS)")
+    p = tree.command(
+        "collector run", help="run the collector: gRPC ingest, storage, live streams",
+        description="Settings come from the configuration file (collector.toml), then --set, "
+                    "then the flags below, each naming its key. SIGHUP re-reads them: the "
+                    "retention applies at once, other changes at the next start.")
+    cfg.add_config_arguments(p, "collector")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="address to listen on (listen; default 127.0.0.1:50051; port 0 picks one)")
+    p.add_argument("--data-dir", type=Path,
+                   help="where loupe.duckdb lives (data_dir; default ./data without a config "
+                        f"file; the service uses {SERVICE_DATA_DIR}/collector)")
+    p.add_argument("--retention", help="delete records older than this (retention; default 7d)")
+    p.add_argument("--tls-cert", type=Path, help="collector certificate (mTLS; tls.cert_file)")
+    p.add_argument("--tls-key", type=Path, help="collector key (mTLS; tls.key_file)")
+    p.add_argument("--tls-ca", type=Path,
+                   help="CA that signed the sensors' certificates (mTLS; tls.client_ca_file)")
     p.add_argument("--insecure", action="store_true",
-                   help="allow plaintext on a non-loopback address")
+                   help="allow plaintext on a non-loopback address (insecure)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help='Prometheus /metrics address (metrics.listen; default 127.0.0.1:9465; "" turns it off)')
     p.add_argument("--print", action="store_true", help="print every received record, one line each")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds open streams get on shutdown (default 5)")

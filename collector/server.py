@@ -1,24 +1,31 @@
 """The collector process: wires storage, ingest, the subscriber hub and the gRPC server,
 and owns start-up and the shutdown order.
 
-Shutdown (SIGTERM/SIGINT): health goes NOT_SERVING; the server stops accepting RPCs and
-gives open streams `grace` seconds; every batch already received is committed (a batch
-whose ack could not be sent any more is resent by its sensor and acked DUPLICATE); then
-DuckDB checkpoints and closes, releasing its file lock.
+Start-up (serve): metrics server, store and gRPC port, then READY=1 to systemd (sd_notify
+through sensor.notify) once sensors can connect.
+
+SIGHUP re-reads the configuration: the retention takes effect at once (a sweep runs with
+it); the other keys (addresses, TLS, store, sizes) are fixed by sockets and objects made
+at start-up, so a change to them is logged as needing a restart and otherwise ignored.
+
+Shutdown (SIGTERM/SIGINT): STOPPING=1; health goes NOT_SERVING; the server stops
+accepting RPCs and gives open streams `grace` seconds; every batch already received is
+committed (a batch whose ack could not be sent any more is resent by its sensor and acked
+DUPLICATE); then DuckDB checkpoints and closes, releasing its file lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
-import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,8 +35,11 @@ from collector import render
 from collector.ingest import IngestCounters, IngestService, Writer
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
 from collector.storage.duckdb import DuckDBStorage
-from sensor.errors import CollectorError, ConfigError
+from sensor.errors import CollectorError, ConfigError, LoupeError
 from sensor.export import wire
+from sensor.metrics import MetricsRegistry
+from sensor.model import LostSource
+from sensor.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,14 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 DAY_NS = 86_400 * 10**9
+
+# A scrape reads the counters on the event loop (they are touched only there); when the
+# loop cannot answer within this, the scrape reports the source as failed instead of
+# hanging the metrics thread.
+METRICS_LOOP_TIMEOUT_S = 5.0
+# How often STATUS= (what `systemctl status` shows) is refreshed with the counters: often
+# enough to be current when someone looks, rarely enough to cost nothing.
+STATUS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +74,8 @@ class CollectorConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     subscriber_queue: int = SUBSCRIBER_QUEUE
     grace_s: float = 5.0
+    # Prometheus /metrics ("127.0.0.1:9465"); "" is off, the default for embedded use.
+    metrics_listen: str = ""
 
     @property
     def mtls(self) -> bool:
@@ -111,7 +131,7 @@ class Collector:
         self.storage = DuckDBStorage(config.data_dir, sandbox=True)
         self.counters = IngestCounters()
         self.hub = Hub(queue_size=config.subscriber_queue, last_seq=self.storage.last_seq())
-        self.writer = Writer(self.storage)
+        self.writer = _CountingWriter(self.storage)
         self.observer = ObserverService(
             self.storage, self.hub, self.counters.as_dict,
             version=VERSION, started_ns=time.time_ns(),
@@ -143,6 +163,7 @@ class Collector:
         self.port = self._bind()
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
+        self._sweep_now = asyncio.Event()
 
     def _bind(self) -> int:
         config = self.config
@@ -175,10 +196,11 @@ class Collector:
             self._tasks.append(asyncio.create_task(render.print_live(self.hub, sys.stdout)))
 
     async def _retention_loop(self) -> None:
-        # Often enough that the store overshoots the retention by at most a tenth of it,
-        # rarely enough (at most once a minute) that deleting costs nothing noticeable.
-        interval = max(1.0, min(self.config.retention_ns / 10 / 1e9, 60.0))
         while True:
+            # Often enough that the store overshoots the retention by at most a tenth of
+            # it, rarely enough (at most once a minute) that deleting costs nothing
+            # noticeable. Read each time: a reload may have changed the retention.
+            interval = max(1.0, min(self.config.retention_ns / 10 / 1e9, 60.0))
             cutoff = time.time_ns() - self.config.retention_ns
             try:
                 deleted = await self.writer.run(self.storage.delete_older_than, cutoff)
@@ -187,7 +209,56 @@ class Collector:
             else:
                 if deleted:
                     log.info("retention: deleted %d rows older than the retention", deleted)
-            await asyncio.sleep(interval)
+            self._sweep_now.clear()
+            try:
+                await asyncio.wait_for(self._sweep_now.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def reload(self, new: CollectorConfig) -> str:
+        """Apply a re-read configuration: the retention at once (with a sweep), the rest
+        only at the next start. Returns a one-line summary for the log and STATUS."""
+        new.check()
+        fixed = [f.name for f in dataclasses.fields(CollectorConfig)
+                 if f.name != "retention_ns" and getattr(new, f.name) != getattr(self.config, f.name)]
+        if fixed:
+            log.warning("reload: %s changed; that takes effect at the next start "
+                        "(systemctl restart loupe-collector)", ", ".join(fixed))
+        changed = new.retention_ns != self.config.retention_ns
+        self.config = dataclasses.replace(self.config, retention_ns=new.retention_ns)
+        if changed:
+            self._sweep_now.set()
+        return f"retention {_duration(self.config.retention_ns)}"
+
+    def metrics_snapshot(self, loop: asyncio.AbstractEventLoop) -> dict:
+        """The collector's numbers for /metrics; called on the metrics server's thread."""
+        future = asyncio.run_coroutine_threadsafe(self._loop_snapshot(), loop)
+        try:
+            snapshot = future.result(timeout=METRICS_LOOP_TIMEOUT_S)
+        except TimeoutError:
+            future.cancel()
+            raise
+        # DuckDB counts rows from its own metadata; a cursor of its own is thread-safe.
+        snapshot["stored_rows"] = self.storage.counts()
+        return snapshot
+
+    async def _loop_snapshot(self) -> dict:
+        counters, hub = self.counters, self.hub
+        return {
+            "lost": {LostSource.SUBSCRIBER_SLOW.value: hub.counters()["subscriber_dropped"]},
+            "records_stored": counters.records_stored,
+            "batches": {"stored": counters.batches_stored,
+                        "duplicate": counters.batches_duplicate,
+                        "rejected": counters.batches_rejected},
+            "undecodable_messages": counters.undecodable_messages,
+            "subscribers": len(hub.subscribers),
+            "queue_depth": {
+                # Batches received and not yet acked: decoding, or waiting for a commit.
+                "ingest_batches": self.writer.in_flight,
+                # Records waiting for live subscribers (each queue is bounded).
+                "subscriber_records": sum(s.queue.qsize() for s in hub.subscribers),
+            },
+        }
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped:
@@ -207,41 +278,108 @@ class Collector:
         await self.server.wait_for_termination()
 
 
+class _CountingWriter(Writer):
+    """The writer, counting the batches it holds (for the ingest queue depth metric)."""
+
+    def __init__(self, storage) -> None:
+        super().__init__(storage)
+        self.in_flight = 0      # touched on the event loop only
+
+    async def store(self, batch, raw: bytes, identity: str | None):
+        self.in_flight += 1
+        try:
+            return await super().store(batch, raw, identity)
+        finally:
+            self.in_flight -= 1
+
+
+def _duration(ns: int) -> str:
+    for unit, size in (("d", DAY_NS), ("h", 3600 * 10**9), ("m", 60 * 10**9)):
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns / 1e9:g}s"
+
+
 def create_server(config: CollectorConfig) -> tuple[Collector, int]:
     """A bound, not yet started collector and its port (useful with port 0)."""
     collector = Collector(config)
     return collector, collector.port
 
 
-def _notify_systemd(state: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET (Type=notify units)."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), path)
-        except OSError as exc:
-            log.warning("cannot notify systemd at %s: %s", path, exc.strerror)
+async def serve(config: CollectorConfig,
+                reload: Callable[[], CollectorConfig] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then shut down in order. `reload` re-reads the
+    configuration on SIGHUP (None: SIGHUP is logged and ignored)."""
+    notifier = Notifier.from_environ()
+    metrics = MetricsRegistry("collector")
+    # Metrics first: a port in use fails here, before the store is opened.
+    metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
+    try:
+        await _serve(config, reload, notifier, metrics)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        notifier.close()
 
 
-async def serve(config: CollectorConfig) -> None:
-    """Run until SIGTERM/SIGINT, then shut down in order."""
+async def _serve(config: CollectorConfig, reload, notifier: Notifier,
+                 metrics: MetricsRegistry) -> None:
     collector, port = create_server(config)
     await collector.start()
+    loop = asyncio.get_running_loop()
+    metrics.add_source("collector", lambda: collector.metrics_snapshot(loop))
     host, _ = split_address(config.listen)
     shown = f"[{host}]" if ":" in host else host
     log.info("listening on %s:%d (%s, %s)", shown, port, collector.storage.description,
              "mTLS" if config.mtls else "plaintext")
-    _notify_systemd("READY=1")
+    serving = (f"serving on {shown}:{port} ({'mTLS' if config.mtls else 'plaintext'}); "
+               f"metrics on {config.metrics_listen or 'off'}")
+    notifier.ready(_status(collector, serving))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    hup = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping: draining in-flight batches")
-    _notify_systemd("STOPPING=1")
-    await collector.stop()
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    try:
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hup.wait())]
+            await asyncio.wait(waiters, timeout=STATUS_EVERY_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if hup.is_set() and not stop.is_set():
+                hup.clear()
+                _reload(collector, reload, notifier)
+                notifier.ready(_status(collector, serving))
+            else:
+                notifier.status(_status(collector, serving))
+        log.info("stopping: draining in-flight batches")
+        notifier.stopping("stopping: draining in-flight batches")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        metrics.remove_source("collector")
+        await collector.stop()
     log.info("stopped; storage closed")
+
+
+def _status(collector: Collector, serving: str) -> str:
+    """The STATUS= line `systemctl status loupe-collector` shows."""
+    c = collector.counters
+    return (f"{serving}; retention {_duration(collector.config.retention_ns)}; "
+            f"{c.records_stored} records in {c.batches_stored} batches stored; "
+            f"{len(collector.hub.subscribers)} subscribers")
+
+
+def _reload(collector: Collector, reload, notifier: Notifier) -> None:
+    if reload is None:
+        log.warning("SIGHUP: started without a configuration file, nothing to re-read")
+        return
+    notifier.reloading()
+    try:
+        summary = collector.reload(reload())
+    except LoupeError as exc:
+        # A bad file keeps the running configuration, as the sensor does.
+        log.error("reload refused, keeping the running configuration: %s", exc)
+    else:
+        log.info("reloaded: %s", summary)

@@ -26,8 +26,10 @@ Self-monitoring (CPU seconds, RSS, threads, open fds) comes from psutil.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import threading
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Iterator, Mapping, Union
@@ -62,7 +64,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "(flows, packets, bytes, records or events, see docs/ops.md)"),
     Family("records_exported", "counter", "kind",
            "Records handed on (sensor: to the collector or a file; collector: to storage), by kind"),
-    Family("records_received", "counter", "kind", "Records received from sensors, by kind"),
+    Family("records_stored", "counter", None, "Records committed to storage (collector)"),
+    Family("batches", "counter", "result",
+           "Record batches from sensors, by result: stored, duplicate (stored before, acked "
+           "again) or rejected (an invalid record; nothing of it stored) (collector)"),
+    Family("undecodable_messages", "counter", None,
+           "Ingest messages that were not a RecordBatch; each closed its stream (collector)"),
+    Family("stored_rows", "gauge", "table", "Rows in the store now, by table (collector)"),
     Family("queue_depth", "gauge", "queue", "Items waiting in a bounded queue, by queue"),
     Family("spool_bytes", "gauge", None, "Bytes of unacknowledged batches in the on-disk spool"),
     Family("flows_active", "gauge", None, "Flows currently tracked"),
@@ -97,8 +105,22 @@ def self_usage(process: psutil.Process | None = None) -> SelfUsage:
             rss_bytes=proc.memory_info().rss,
             threads=proc.num_threads(),
             open_fds=proc.num_fds(),
-            start_time=proc.create_time(),
+            start_time=_start_time(proc),
         )
+
+
+def _start_time(proc: psutil.Process) -> float:
+    try:
+        return proc.create_time()
+    except (psutil.Error, RuntimeError, OSError):
+        # psutil adds the boot time from /proc/stat, which ProcSubset=pid (the collector's
+        # unit) hides. The boot time is also "now" minus CLOCK_BOOTTIME; the process's
+        # start, in clock ticks since boot, is field 22 of /proc/PID/stat (counted after
+        # the command name, which may itself hold spaces and parentheses).
+        with open(f"/proc/{proc.pid}/stat", "rb") as handle:
+            fields = handle.read().rpartition(b")")[2].split()
+        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def build_version() -> str:
@@ -243,6 +265,14 @@ class _Exporter:
                 metric.add_metric([label] if labels else [], value)
             yield metric
 
+        # Self-monitoring must not take the rest of the scrape down with it: a failure is
+        # counted like a failing source, under the name "process".
+        try:
+            usage: SelfUsage | None = self_usage(owner._process)
+        except (psutil.Error, OSError) as exc:
+            owner._count_error("process", f"raised {type(exc).__name__}: {exc}")
+            usage = None
+
         errors = CounterMetricFamily(f"{PREFIX}_metrics_source_errors",
                                      "Scrapes at which a metrics source failed", labels=["source"])
         for source, count in sorted(owner.source_errors().items()):
@@ -254,7 +284,8 @@ class _Exporter:
         info.add_metric([owner.daemon, build_version(), platform.python_version()], 1)
         yield info
 
-        usage = self_usage(owner._process)
+        if usage is None:
+            return
         cpu = CounterMetricFamily(f"{PREFIX}_process_cpu_seconds",
                                   "CPU time used by this daemon", labels=["mode"])
         cpu.add_metric(["user"], usage.cpu_user_seconds)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sensor.errors import MetricsError
 from sensor.metrics import MetricsRegistry, self_usage
 from sensor.model import LostSource
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -133,3 +139,22 @@ def test_ipv6_loopback():
             assert b'daemon="collector"' in response.read()
     finally:
         server.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace)")
+def test_self_usage_without_proc_stat():
+    # loupe-collector.service has ProcSubset=pid, which hides /proc/stat, where psutil
+    # reads the boot time for a process's start time: a scrape there failed with HTTP 500.
+    script = ("import psutil, time\nfrom sensor.metrics import MetricsRegistry, self_usage\n"
+              "print(self_usage().start_time - time.time())\n"
+              "print(MetricsRegistry('collector').render().decode())\n")
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind /dev/null /proc/stat && '
+         'cat /proc/stat && exec "$0" -c "$1"', sys.executable, script],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    age, text = result.stdout.split("\n", 1)
+    assert -30 < float(age) < 0      # this process started moments ago
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["loupe_process_start_time_seconds"].samples[0].value > 1.6e9
+    assert families["loupe_metrics_source_errors"].samples == []

@@ -198,10 +198,26 @@ def test_records_flow_from_sensor_to_collector(running):
     running.wait_for(stored, 30, "flows and a DNS event stored by the collector")
     status = running.run(LOUPE, "collector", "status").stdout
     assert re.search(rf"sensor {SENSOR_ID}: last batch \d+, \d+ records", status), status
+    # The batches were decoded by the collector's worker processes, inside its unit.
+    children = running.run("ps", "--ppid", str(_main_pid(running, COLLECTOR)), "-o",
+                           "args=").stdout
+    assert "multiprocessing" in children, children
+
+
+def test_collector_reload_applies_the_retention(running):
+    pid = _main_pid(running, COLLECTOR)
+    running.run("sh", "-c", f"{LOUPE} config show --kind collector /etc/loupe/collector.toml "
+                "--set retention=30d > /etc/loupe/collector.toml.new && "
+                "mv /etc/loupe/collector.toml.new /etc/loupe/collector.toml")
+    running.run("systemctl", "reload", COLLECTOR, timeout=60)
+    running.wait_for(lambda: "; retention 30d;" in running.show(COLLECTOR, "StatusText")["StatusText"],
+                     10, "the collector to report the new retention")
+    assert _main_pid(running, COLLECTOR) == pid
+    assert "reloaded: retention 30d" in _journal(running, COLLECTOR)
 
 
 def test_metrics_endpoints_in_the_units(running):
-    for daemon, address in (("sensor", "127.0.0.1:9464"),):
+    for daemon, address in (("sensor", "127.0.0.1:9464"), ("collector", "127.0.0.1:9465")):
         families = _scrape(running, address)
         reasons = {s.labels["reason"] for s in families["loupe_lost"].samples}
         assert reasons == {source.value for source in LostSource}, daemon
@@ -209,6 +225,10 @@ def test_metrics_endpoints_in_the_units(running):
         assert info.labels["daemon"] == daemon and info.value == 1
         rss = families["loupe_process_resident_memory_bytes"].samples[0].value
         assert rss > 1_000_000, daemon
+        if daemon == "collector":
+            batches = {s.labels["result"]: s.value for s in families["loupe_batches"].samples
+                       if s.name == "loupe_batches_total"}
+            assert batches["stored"] >= 1 and batches["rejected"] == 0, batches
 
 
 def test_reload_keeps_the_process(running):
