@@ -114,6 +114,7 @@ class ReassemblyLimits:
 
 
 DEFAULT_LIMITS = ReassemblyLimits()
+_NOTHING: tuple = ()
 
 
 class MemoryBudget:
@@ -190,11 +191,13 @@ class StreamReassembler:
         self._fin: int | None = None   # offset of the FIN (the byte after the last one)
         self._skip_until = 0    # offsets below this are reported as Skip, not Data
         # Out-of-order buffer: non-overlapping pieces sorted by start offset.
-        # Each piece is (start, end, data or None for truncated bytes, ts_ns).
-        self._starts: list[int] = []
-        self._segs: list[tuple[int, int, bytes | None, int]] = []
+        # Each piece is (start, end, data or None for truncated bytes, ts_ns). Both
+        # start as the shared empty tuple and become lists when a piece is first held:
+        # most streams never hold one, and two streams are made for every TCP flow.
+        self._starts: list[int] | tuple = _NOTHING
+        self._segs: list[tuple[int, int, bytes | None, int]] | tuple = _NOTHING
         self._buffered = 0
-        self._hist: deque[tuple[int, bytes]] = deque()
+        self._hist: deque[tuple[int, bytes]] | None = None   # made on first delivery
         self._hist_bytes = 0
 
     # -- sequence arithmetic ---------------------------------------------------------
@@ -341,9 +344,8 @@ class StreamReassembler:
         self.budget.release(self._buffered + self._hist_bytes)
         self._buffered = 0
         self._hist_bytes = 0
-        self._segs.clear()
-        self._starts.clear()
-        self._hist.clear()
+        self._segs = self._starts = _NOTHING
+        self._hist = None
 
     # -- internals ---------------------------------------------------------------------
 
@@ -394,6 +396,8 @@ class StreamReassembler:
             return  # history is a nicety; never let it take reassembly memory
         budget.used += n
         hist = self._hist
+        if hist is None:
+            hist = self._hist = deque()
         hist.append((off, data))
         total = self._hist_bytes + n
         limit = self.limits.history_bytes
@@ -578,6 +582,8 @@ class StreamReassembler:
                 # Nothing older to give up: the hole before this piece goes.
                 self._lose(out, start - self._next, ts_ns, GapCause.MEMORY)
         self._buffered += size
+        if not self._segs:
+            self._segs, self._starts = [], []
         i = bisect.bisect_left(self._starts, start)
         self._starts.insert(i, start)
         self._segs.insert(i, piece)

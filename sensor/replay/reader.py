@@ -250,6 +250,21 @@ class CaptureReader:
                 pos = 0
                 end = len(buf)
                 continue
+            if not resyncing:
+                # While a record of the largest allowed size still fits in the buffer,
+                # neither the refill nor the end-of-buffer checks can fire: a tight loop
+                # over plausible headers; anything else drops to the general code below.
+                last = end - need
+                while pos <= last:
+                    sec, frac, incl, orig = unpack(buf, pos)
+                    if incl > limit or frac >= frac_max or (orig < incl and orig):
+                        break
+                    stop = pos + 16 + incl
+                    packets += 1
+                    prev_sec = sec
+                    yield (sec * 1_000_000_000 + frac * mul, 0, linktype, buf[pos + 16:stop],
+                           orig or incl)
+                    pos = stop
             if pos + 16 > end:
                 if pos < end:
                     stats.truncated_records += 1
