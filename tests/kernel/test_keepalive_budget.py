@@ -159,9 +159,15 @@ def test_tiny_ring_buffer_under_real_load_loses_payload_not_counts(load_program,
     list(sensor.payload_events())
     sensor.reader.drain()
     records = sensor.reader.flush()
-    reference = flows_from_pcap(tmp_path / "cap.pcap")
-    kernel = flows_from_records(records)
-    assert set(kernel) == set(reference)
+    # The iperf3 connections (control and data): other packets (IPv6 neighbour
+    # discovery, MLD) may fall between attaching and starting the capture.
+    def iperf(flows: dict) -> dict:
+        return {k: f for k, f in flows.items()
+                if k[2] == 6 and any(port == 5201 for _, port in k[3])}
+
+    reference = iperf(flows_from_pcap(tmp_path / "cap.pcap"))
+    kernel = iperf(flows_from_records(records))
+    assert set(kernel) == set(reference) and len(reference) == 2
     for key, ref in reference.items():
         assert kernel[key].sides == ref.sides, key
     data = max(records, key=lambda r: r.initiator_octets)
