@@ -222,6 +222,7 @@ def test_full_sensor_as_nobody_with_three_capabilities(lab):
         eff, bnd, uid = _caps_of(sensor.proc.pid)
         three = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON)
         assert (eff, bnd, uid) == (three, three, 65534)
+        assert "loupe_tc" in _filters(lab)
         _exchange(lab, "wait")
         http = sensor.wait_for(lambda r: r["type"] == "http" and r["detail"]["host"] == "lp.test",
                                "HTTP event for lp.test")
@@ -236,9 +237,14 @@ def test_full_sensor_as_nobody_with_three_capabilities(lab):
     assert code == 0, sensor.stderr
     assert "Traceback" not in sensor.stderr
     assert sensor.stderr.splitlines()[-1].startswith("loupe sensor: ")
-    filters = subprocess.run(["ip", "-n", lab.ns_sensor, "filter", "show", "dev", lab.if_sensor,
-                              "ingress"], capture_output=True, text=True, timeout=30).stdout
-    assert "loupe_tc" not in filters
+    assert "loupe_tc" not in _filters(lab)
+
+
+def _filters(lab: Lab) -> str:
+    result = subprocess.run(["tc", "-n", lab.ns_sensor, "filter", "show", "dev", lab.if_sensor,
+                             "ingress"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 ATTRIBUTION_GAP = (
