@@ -18,8 +18,8 @@
 
 /* ---- limits; each may be overridden with -D by sensor/kernel/loader.py ---------- */
 
-/* Flows tracked at once. 65536 entries of key+value (~48+168 B plus ~64 B of hash
- * overhead) preallocate ~18 MiB: enough for a busy host between two reads (the reader
+/* Flows tracked at once. 65536 entries of key+value (~48+264 B plus ~64 B of hash
+ * overhead) preallocate ~24 MiB (and the reader's snapshot buffers ~20 MiB): enough for a busy host between two reads (the reader
  * drains ended and idle flows every second); when full, new flows are counted in
  * LOUPE_CNT_FLOW_MAP_FULL and reach analysts as a LostEvent. */
 #ifndef LOUPE_FLOW_MAP_SIZE
