@@ -19,9 +19,10 @@
 /* ---- limits; each may be overridden with -D by sensor/kernel/loader.py ---------- */
 
 /* Flows tracked at once. 65536 entries of key+value (~48+264 B plus ~64 B of hash
- * overhead) preallocate ~24 MiB (and the reader's snapshot buffers ~20 MiB): enough for a busy host between two reads (the reader
- * drains ended and idle flows every second); when full, new flows are counted in
- * LOUPE_CNT_FLOW_MAP_FULL and reach analysts as a LostEvent. */
+ * overhead) preallocate ~24 MiB, and the reader's snapshot buffers take ~20 MiB:
+ * enough for a busy host between two reads (the reader drains ended and idle flows
+ * every second); when full, new flows are counted in LOUPE_CNT_FLOW_MAP_FULL and
+ * reach analysts as a LostEvent. */
 #ifndef LOUPE_FLOW_MAP_SIZE
 #define LOUPE_FLOW_MAP_SIZE 65536
 #endif
