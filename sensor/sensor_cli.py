@@ -85,6 +85,9 @@ def register(tree) -> None:
                    help="Prometheus /metrics address (metrics.listen; \"\" turns it off)")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="how often the flow map is read")
+    p.add_argument("--drain-timeout", type=float, default=EXPORT_CLOSE_S, metavar="SECONDS",
+                   help="at SIGTERM, how long to try to get spooled records acked before "
+                        f"leaving them in the spool for the next start (default {EXPORT_CLOSE_S:g})")
     p.add_argument("--no-l7", action="store_true",
                    help="flows only: no payload copy, no L7 parsing")
     p.add_argument("--no-process", action="store_true",
@@ -347,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
         notifier.stopping("stopping: detaching, flushing every flow")
         log.info("stopping: detaching, flushing every flow")
     finally:
-        sensor.stop(EXPORT_CLOSE_S)
+        sensor.stop(max(0.0, args.drain_timeout))
         for s, handler in previous.items():
             signal.signal(s, handler)
         if server is not None:
@@ -384,5 +387,7 @@ def _export_snapshot(exporter: FanOut) -> dict:
     c = exporter.counters()
     return {"lost": {"export_queue_full": c.get("export_queue_full", 0),
                      "spool_full": c.get("spool_records_dropped", 0)},
-            "queue_depth": {"export": c.get("export_queue_depth", 0)},
+            # Batches spooled and not yet acked by the collector: 0 = all delivered.
+            "queue_depth": {"export": c.get("export_queue_depth", 0),
+                            "spool": c.get("spool_batches_unacked", 0)},
             "spool_bytes": c.get("spool_bytes", 0)}
