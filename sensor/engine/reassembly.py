@@ -604,7 +604,8 @@ class FlowReassembler:
         """One segment sent in `direction`; returns (direction, event) pairs."""
         result: list[tuple[int, StreamEvent]] = []
         streams = self.streams
-        if not flags & (TCP_RST | TCP_SYN | TCP_FIN) and payload and wire_len is None:
+        if not flags & (TCP_RST | TCP_SYN | TCP_FIN) and payload \
+                and (wire_len is None or wire_len <= len(payload)):
             # The common case, decided here without a call per direction: an ACK that
             # acknowledges nothing unseen, carrying the next in-order bytes of a stream
             # with nothing buffered, no FIN and no skip range. Same effects as the
