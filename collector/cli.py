@@ -163,10 +163,15 @@ def collector_config(args):
         "tls.cert_file": _absolute(args.tls_cert), "tls.key_file": _absolute(args.tls_key),
         "tls.client_ca_file": _absolute(args.tls_ca), "metrics.listen": args.metrics,
     }
-    if args.data_dir is None and args.config is None and not cfg.COLLECTOR_CONFIG_PATH.exists():
-        # No file at all: a development run, with the store in ./data as always; the
-        # file's default (/var/lib/loupe/collector) is the service's.
-        overrides["data_dir"] = _absolute(Path("data"))
+    if args.config is None and not cfg.COLLECTOR_CONFIG_PATH.exists():
+        # No file at all: a development or test run. The store is ./data as always (the
+        # file's /var/lib/loupe/collector is the service's), and metrics are off unless
+        # asked for, so that several such collectors on one host do not fight over the
+        # service's metrics port.
+        if args.data_dir is None:
+            overrides["data_dir"] = _absolute(Path("data"))
+        if args.metrics is None:
+            overrides["metrics.listen"] = ""
     c = cfg.config_from_args(args, "collector", overrides)
     tls = c.tls
     return CollectorConfig(
@@ -333,7 +338,8 @@ def register(tree) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback address (insecure)")
     p.add_argument("--metrics", metavar="HOST:PORT",
-                   help='Prometheus /metrics address (metrics.listen; default 127.0.0.1:9465; "" turns it off)')
+                   help='Prometheus /metrics address (metrics.listen; default 127.0.0.1:9465 '
+                        'with a config file, else off; "" turns it off)')
     p.add_argument("--print", action="store_true", help="print every received record, one line each")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds open streams get on shutdown (default 5)")

@@ -82,6 +82,15 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     assert c.max_message_bytes == 64 * 1024        # still the file's
 
 
+def test_without_a_file_the_store_is_here_and_metrics_are_off(tmp_path, monkeypatch):
+    if config.COLLECTOR_CONFIG_PATH.exists():
+        pytest.skip(f"{config.COLLECTOR_CONFIG_PATH} exists on this host")
+    monkeypatch.chdir(tmp_path)
+    c = collector_config(_run_args())
+    assert (c.data_dir, c.metrics_listen, c.listen) == (tmp_path / "data", "", "127.0.0.1:50051")
+    assert collector_config(_run_args("--metrics", "127.0.0.1:9465")).metrics_listen == "127.0.0.1:9465"
+
+
 class NotifySocket:
     """What systemd would receive: an abstract AF_UNIX datagram socket."""
 

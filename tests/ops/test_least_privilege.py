@@ -106,6 +106,13 @@ def lab():
     for tool in ("setpriv", "nsenter", "ip"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} missing (util-linux, iproute2)")
+    # The unprivileged sensor runs this checkout with this venv: both must be readable by
+    # other users (a checkout under a 0700 home directory is not).
+    probe = subprocess.run([*_setpriv(()), "--", "env", f"PYTHONPATH={REPO}", sys.executable,
+                            "-P", "-c", "import sensor.cli"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot import sensor.cli from {REPO} with {sys.executable}: "
+                    "a parent directory is not readable by other users")
     box = Lab()
     try:
         box.up()
