@@ -201,6 +201,8 @@ class Collector:
             # it, rarely enough (at most once a minute) that deleting costs nothing
             # noticeable. Read each time: a reload may have changed the retention.
             interval = max(1.0, min(self.config.retention_ns / 10 / 1e9, 60.0))
+            # Cleared before the sweep: a reload during it asks for another one.
+            self._sweep_now.clear()
             cutoff = time.time_ns() - self.config.retention_ns
             try:
                 deleted = await self.writer.run(self.storage.delete_older_than, cutoff)
@@ -209,7 +211,6 @@ class Collector:
             else:
                 if deleted:
                     log.info("retention: deleted %d rows older than the retention", deleted)
-            self._sweep_now.clear()
             try:
                 await asyncio.wait_for(self._sweep_now.wait(), interval)
             except asyncio.TimeoutError:

@@ -192,12 +192,18 @@ def test_collector_service_lifecycle_metrics_and_reload(tmp_path, notify):
         assert info.labels["daemon"] == "collector" and info.value == 1
         assert (tmp_path / "store" / "loupe.duckdb").is_file()
 
-        # SIGHUP: the retention applies at once; a new listen address waits for a restart.
-        write("2h", "127.0.0.1:1")
+        # SIGHUP: the retention applies at once (the rows, stored over a second ago, are
+        # swept); a new listen address waits for a restart.
+        write("1s", "127.0.0.1:1")
+        time.sleep(1.1)
         proc.send_signal(signal.SIGHUP)
         assert "MONOTONIC_USEC" in notify.wait_for("RELOADING", 10)
-        assert "; retention 2h; 3 records in 1 batches stored;" in notify.wait_for(
+        assert "; retention 1s; 3 records in 1 batches stored;" in notify.wait_for(
             "READY", 10)["STATUS"]
+        deadline = time.monotonic() + 10
+        while _values(_scrape(metrics)["loupe_stored_rows"])["flows"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _values(_scrape(metrics)["loupe_stored_rows"])["flows"] == 0
         proc.send_signal(signal.SIGTERM)
         assert notify.wait_for("STOPPING", 30)["STATUS"] == "stopping: draining in-flight batches"
         assert proc.wait(30) == 0
@@ -207,7 +213,8 @@ def test_collector_service_lifecycle_metrics_and_reload(tmp_path, notify):
             proc.wait(10)
     log = proc.stderr.read()
     assert "reload: listen changed; that takes effect at the next start" in log
-    assert "reloaded: retention 2h" in log
+    assert "reloaded: retention 1s" in log
+    assert "retention: deleted 3 rows older than the retention" in log
     assert "stopped; storage closed" in log
 
 
