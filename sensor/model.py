@@ -56,6 +56,15 @@ def _check_uint(name: str, value: int, limit: int) -> None:
         raise ValueError(f"{name}={value} is outside 0..{limit}")
 
 
+def _check_uints(obj, spec: tuple[tuple[str, int], ...]) -> None:
+    """_check_uint over (field, limit) pairs, with the common all-valid case inlined:
+    a Flow has over twenty integer fields and is built once per flow record."""
+    for name, limit in spec:
+        value = getattr(obj, name)
+        if type(value) is not int or value < 0 or value > limit:
+            _check_uint(name, value, limit)
+
+
 def _check_addr(name: str, value: str) -> None:
     # inet_pton rather than ipaddress.ip_address: the same answer for valid input and
     # ten times cheaper, and every Flow and L7Event checks two addresses.
@@ -99,6 +108,20 @@ class ProcessInfo:
         _check_uint("pid", self.pid, U32)
         _check_uint("uid", self.uid, U32)
         _check_uint("cgroup_id", self.cgroup_id, U64)
+
+
+_FLOW_UINTS = (
+    ("flow_start_ns", U64), ("flow_end_ns", U64),
+    ("src_port", 0xFFFF), ("dst_port", 0xFFFF), ("protocol", 0xFF),
+    ("vlan_id", 0xFFF), ("inner_vlan_id", 0xFFF), ("ifindex", U32),
+    ("initiator_octets", U64), ("responder_octets", U64),
+    ("initiator_packets", U64), ("responder_packets", U64),
+    ("initiator_l2_octets", U64), ("responder_l2_octets", U64),
+    ("tcp_syn_count", U64), ("tcp_fin_count", U64), ("tcp_rst_count", U64),
+    ("handshake_rtt_ns", U64),
+    ("initiator_tcp_flags", 0xFFFF), ("responder_tcp_flags", 0xFFFF),
+    ("icmp_type", 0xFF), ("icmp_code", 0xFF),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,8 +170,7 @@ class Flow:
     def __post_init__(self) -> None:
         if not self.uid:
             raise ValueError("uid must not be empty")
-        _check_uint("flow_start_ns", self.flow_start_ns, U64)
-        _check_uint("flow_end_ns", self.flow_end_ns, U64)
+        _check_uints(self, _FLOW_UINTS)
         if self.flow_end_ns < self.flow_start_ns:
             raise ValueError(
                 f"flow_end_ns={self.flow_end_ns} is before flow_start_ns={self.flow_start_ns}"
@@ -157,22 +179,6 @@ class Flow:
         _check_addr("dst_addr", self.dst_addr)
         if self.ip_version not in (4, 6):
             raise ValueError(f"ip_version={self.ip_version} is neither 4 nor 6")
-        _check_uint("src_port", self.src_port, 0xFFFF)
-        _check_uint("dst_port", self.dst_port, 0xFFFF)
-        _check_uint("protocol", self.protocol, 0xFF)
-        _check_uint("vlan_id", self.vlan_id, 0xFFF)
-        _check_uint("inner_vlan_id", self.inner_vlan_id, 0xFFF)
-        _check_uint("ifindex", self.ifindex, U32)
-        for name in (
-            "initiator_octets", "responder_octets", "initiator_packets", "responder_packets",
-            "initiator_l2_octets", "responder_l2_octets", "tcp_syn_count", "tcp_fin_count",
-            "tcp_rst_count", "handshake_rtt_ns",
-        ):
-            _check_uint(name, getattr(self, name), U64)
-        _check_uint("initiator_tcp_flags", self.initiator_tcp_flags, 0xFFFF)
-        _check_uint("responder_tcp_flags", self.responder_tcp_flags, 0xFFFF)
-        _check_uint("icmp_type", self.icmp_type, 0xFF)
-        _check_uint("icmp_code", self.icmp_code, 0xFF)
         if not isinstance(self.flow_end_reason, FlowEndReason):
             object.__setattr__(self, "flow_end_reason", FlowEndReason(self.flow_end_reason))
 
