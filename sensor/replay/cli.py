@@ -9,6 +9,7 @@ on stderr, so stdout carries nothing but records.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -255,9 +256,21 @@ def _grpc_sink(args, spool_dir: Path):
     return exporter.start()
 
 
+def _tune_gc() -> None:
+    """A replay keeps tens of thousands of long-lived flow objects. With the default
+    thresholds the cyclic collector rescans them every few hundred allocations (about 1 s
+    of CPU per million packets); freezing what start-up made and collecting less often
+    cuts that tenfold. Memory stays bounded by the flow table and reassembly bounds,
+    which do not depend on the collector."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run(args) -> int:
     for path in args.files:
         CaptureReader(path).close()   # an unreadable file fails before anything is written
+    _tune_gc()
     sinks = []
     spool_dir = None
     temp_spool = False
