@@ -84,6 +84,11 @@ POLL_MS = 100
 # Flow map reads per second by default: a retired flow is visible within about this long
 # plus the reader's one-cycle delay.
 DEFAULT_INTERVAL_S = 1.0
+# After a read that retired flows, the next read comes this soon instead of a whole
+# interval later: the reader emits retired flows one read after retiring them (late
+# packets racing the retire reach the ring buffer within microseconds), so a flow is
+# exported about this long after it is due rather than a second later.
+RETIRE_SETTLE_S = 0.05
 # After detaching, program runs that began before it may still be finishing (the filter
 # is freed after an RCU grace period); the final drain waits this long for them.
 DETACH_SETTLE_S = 0.05
@@ -99,6 +104,14 @@ MAX_L7_FLOWS = MAX_CTL
 # (flowmap.py "late_after_emit") must carry the same uid as its flow's record. Late
 # packets arrive within a cycle; the bound only stops a storm from growing it.
 RECENT_UIDS = 65536
+# HTTP/1 resynchronisations in a row per flow: after a head was lost (truncated while userspace
+# lagged behind a fast connection, or a full ring buffer), the parser is restarted at the
+# next segment that starts a message instead of giving up on the connection. Bounded so
+# a connection that keeps losing heads is eventually stopped (and counted).
+MAX_RESYNCS = 16
+# What a segment starting an HTTP/1 message begins with (RFC 9112 3, 4).
+_HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
+                b"CONNECT ", b"TRACE ", b"HTTP/1.")
 # Payload events handled per loop iteration before the flow map gets its turn, so a
 # flood of payload cannot starve the reader (the rest waits in the bounded queue).
 EVENTS_PER_STEP = 20000
@@ -163,13 +176,15 @@ class LiveL7Stats:
     skips: int = 0
     stops: int = 0
     ctl_refused: int = 0             # l7_ctl writes the kernel map refused (full)
+    resyncs: int = 0                 # HTTP parsers restarted after a lost head
+    resync_skipped_events: int = 0   # payload events passed over while resyncing
     joined: int = 0                  # Flow records that got L7 fields
     expired: int = 0                 # L7 states whose Flow record never came
 
 
 class _LiveFlow:
     __slots__ = ("key", "incarnation", "state", "received", "allowance", "skip_sent",
-                 "stopped", "last_mono")
+                 "stopped", "last_mono", "resyncs", "waiting")
 
     def __init__(self, key: bytes, incarnation: int, state: FlowState,
                  budget: tuple[int, int], now: int) -> None:
@@ -181,6 +196,8 @@ class _LiveFlow:
         self.skip_sent: list[int | None] = [None, None]   # by canonical side
         self.stopped = False
         self.last_mono = now
+        self.resyncs = 0
+        self.waiting = False          # an HTTP parser failed: wait for a message start
 
 
 def _addr_bytes(raw: bytes, version: int) -> bytes:
@@ -232,7 +249,20 @@ class LiveL7:
             return   # the kernel was told; what it sent meanwhile is counted there
         lf.received[ev.direction & 1] += len(ev.data)
         st = lf.state
+        if lf.waiting:
+            if not ev.data.startswith(_HTTP_STARTS):
+                stats.resync_skipped_events += 1
+                self._write_back(lf, ev)      # keep the allowance for the next head
+                return
+            # A new message starts here: a fresh reassembler and parser from this
+            # segment on (the reassembler picks the stream up mid-way).
+            lf.waiting = False
+            st.l7 = None
+            st.l7_off = False
+            st.l7_skip = None
+            lf.skip_sent = [None, None]
         ts = ev.ts_ns + offset_ns
+        errors = self.engine.stats.parser_errors
         self._current = lf
         try:
             if st.protocol == PROTO_TCP:
@@ -248,7 +278,15 @@ class LiveL7:
                 self.engine.udp_datagram(st, ev.direction & 1, ev.data, ts)
         finally:
             self._current = None
-        self._write_back(lf)
+        if (st.l7_off and self.engine.stats.parser_errors > errors
+                and st.protocol == PROTO_TCP and st.l7 is not None
+                and st.l7.app_proto == "http" and lf.resyncs < MAX_RESYNCS):
+            lf.resyncs += 1
+            stats.resyncs += 1
+            lf.waiting = True
+            st.l7_off = False
+            st.l7_skip = None
+        self._write_back(lf, ev)
 
     def _new_flow(self, ev: PayloadEvent, offset_ns: int, now_mono: int) -> _LiveFlow | None:
         stats = self.stats
@@ -279,6 +317,8 @@ class LiveL7:
 
     def _on_record(self, record: Record) -> None:
         lf = self._current
+        if lf is not None:
+            lf.resyncs = 0   # parsing works again: MAX_RESYNCS counts failures in a row
         # RFC 7766: a DNS-over-TCP connection usually carries one query; after its
         # answer nothing more of the flow is needed.
         if (lf is not None and isinstance(record, L7Event) and record.kind == "dns"
@@ -293,7 +333,7 @@ class LiveL7:
             self.stats.ctl_refused += 1
         return ok
 
-    def _write_back(self, lf: _LiveFlow) -> None:
+    def _write_back(self, lf: _LiveFlow, ev: PayloadEvent) -> None:
         st = lf.state
         stats = self.stats
         if st.l7_off:
@@ -301,25 +341,40 @@ class LiveL7:
             stats.stops += 1
             self._ctl(self._control.stop, lf.key)
             return
+        refill = self.refill_octets
         skip = st.l7_skip
         if skip is not None:
             for side in (0, 1):
                 until = skip[side]
-                if until is not None and until != lf.skip_sent[side]:
-                    lf.skip_sent[side] = until
-                    stats.skips += 1
-                    self._ctl(self._control.skip_until, lf.key, side ^ st.init, until)
-        refill = self.refill_octets
+                if until is None or until == lf.skip_sent[side]:
+                    continue
+                lf.skip_sent[side] = until
+                stats.skips += 1
+                d = side ^ st.init
+                self._ctl(self._control.skip_until, lf.key, d, until)
+                if refill > 0:
+                    # Until the skip reaches the kernel, the body in flight uses up the
+                    # allowance (as much as `length` of it). Granted now, right behind
+                    # the skip, the next head finds room however late userspace gets
+                    # to the body's own events.
+                    length = (until - (ev.seq + len(ev.data))) & 0xFFFFFFFF \
+                        if ev.direction == d else 1 << 32
+                    room = max(lf.allowance[d] - lf.received[d], 0)
+                    after = room - min(length, room)
+                    if after < refill:
+                        self._grant(lf, d, refill - after)
         if refill <= 0:
             return
         for d in (0, 1):
             room = lf.allowance[d] - lf.received[d]
             if room < refill // 2:
-                more = refill - max(room, 0)
-                if self._ctl(self._control.grant, lf.key, d, more):
-                    lf.allowance[d] += more
-                    stats.grants += 1
-                    stats.granted_octets += more
+                self._grant(lf, d, refill - max(room, 0))
+
+    def _grant(self, lf: _LiveFlow, direction: int, octets: int) -> None:
+        if self._ctl(self._control.grant, lf.key, direction, octets):
+            lf.allowance[direction] += octets
+            self.stats.grants += 1
+            self.stats.granted_octets += octets
 
     # -- flow records ------------------------------------------------------------------------
 
@@ -554,8 +609,10 @@ class LiveSensor:
         self._payload()
         now = time.monotonic()
         if now >= self._next_read or kernel.reader.end_seen:
+            retired = kernel.reader.stats.retired
             self._cycle()
-            self._next_read = now + self.config.interval_s
+            self._next_read = now + (RETIRE_SETTLE_S if kernel.reader.stats.retired > retired
+                                     else self.config.interval_s)
 
     def _payload(self, limit: int = EVENTS_PER_STEP) -> None:
         l7 = self.l7

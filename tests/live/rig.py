@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 BLOB = b"b" * (16 << 20)
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True   # head and body are separate writes
     def log_message(self, *a):
         pass
     def do_GET(self):
@@ -56,6 +57,43 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer.allow_reuse_address = True
 ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 """
+
+
+# A paced keep-alive HTTP/1.1 client: N GETs of /size/SIZE on one connection at RATE
+# requests per second at most (a fast client, but one userspace can follow), then it
+# prints how many responses it read completely.
+HTTP_CLIENT = r"""
+import http.client, sys, time
+host, port, size, n, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+conn = http.client.HTTPConnection(host, port, timeout=30)
+ok = 0
+start = time.monotonic()
+for i in range(n):
+    conn.request("GET", f"/size/{size}")
+    resp = conn.getresponse()
+    got = 0
+    while True:
+        chunk = resp.read(1 << 20)
+        if not chunk:
+            break
+        got += len(chunk)
+    ok += resp.status == 200 and got == size
+    delay = start + (i + 1) / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+conn.close()
+print(ok)
+"""
+
+
+def http_requests(host, workdir: Path, server_ip: str, size: int, n: int, rate: float,
+                  port: int = 8080) -> int:
+    """Runs HTTP_CLIENT in host's namespace; the number of complete 200 responses."""
+    script = workdir / "httpc.py"
+    script.write_text(HTTP_CLIENT)
+    out = host.run(sys.executable, str(script), server_ip, str(port), str(size), str(n),
+                   str(rate), timeout=n / rate + 120)
+    return int(out.stdout.strip())
 
 
 class Sensor:

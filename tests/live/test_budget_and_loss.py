@@ -25,7 +25,7 @@ from sensor.model import Flow, L7Event, LostSource
 from tests.export.collector_proc import CollectorProcess, query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
-from tests.live.rig import Sensor, start_http, stop, wait_tcp
+from tests.live.rig import Sensor, http_requests, start_http, stop, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -70,10 +70,9 @@ def test_copied_bytes_do_not_grow_with_body_size(pair, tmp_path):
         time.sleep(1.5)
         sensor.start()
         for size in sizes.values():
-            url = f"http://{pair.b.ip4}:8080/size/{size}"
-            out = pair.a.run("curl", "-s", *(["-o", "/dev/null", url] * REQUESTS),
-                             "-w", "%{num_connects}%{size_download} ", timeout=120)
-            assert out.stdout.split() == [f"1{size}"] + [f"0{size}"] * (REQUESTS - 1)
+            # One keep-alive connection each, paced at 20 requests/s (see rig.HTTP_CLIENT).
+            assert http_requests(pair.a, tmp_path, pair.b.ip4, size, REQUESTS, 20.0) \
+                == REQUESTS
         time.sleep(2.5)
         assert sensor.stop() == 0
     finally:
