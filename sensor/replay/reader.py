@@ -25,6 +25,7 @@ raises CaptureFileError with one line saying what to do.
 from __future__ import annotations
 
 import gzip
+import mmap
 import os
 import struct
 import zlib
@@ -151,6 +152,7 @@ class CaptureReader:
         # progress reporting at no per-packet cost.
         self.on_read: Callable[[int, int], None] | None = None
         self._f = _open(path)
+        self._mm: mmap.mmap | None = None   # the mapped file while classic pcap is read
         self._raw = getattr(self._f, "fileobj", None) or self._f
         try:
             self.size = os.fstat(self._raw.fileno()).st_size
@@ -191,7 +193,27 @@ class CaptureReader:
         self.close()
 
     def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
         self._f.close()
+
+    def _map(self) -> mmap.mmap | None:
+        """The whole file mapped read-only, or None where it cannot be (gzip, a pipe, an
+        empty file). Mapping saves the kernel's copy into a fresh buffer and the join of
+        each refill: on a 769 MiB capture 0.6 s of system time and 191k page faults
+        became 0.1 s. The file must not shrink while it is read (the mapping would
+        fault); captures are written by appending, and the size is fixed at open."""
+        if self._raw is not self._f:
+            return None
+        try:
+            mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None
+        try:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        except (OSError, AttributeError):
+            pass   # only a read-ahead hint; reading works the same without it
+        return mm
 
     def _read(self, n: int) -> bytes:
         """Read up to n bytes; a damaged gzip stream ends the input (counted)."""
@@ -241,6 +263,17 @@ class CaptureReader:
         buf = b""
         pos = end = 0
         eof = False
+        # With the file mapped, a refill only moves the end of the window by CHUNK bytes
+        # (so records, drops and counters come out exactly as from the read buffer),
+        # reports progress and releases the pages already consumed: mapped pages count
+        # in the process's resident memory, and a multi-GB capture must not.
+        mm = self._mm = self._map()
+        if mm is not None:
+            buf = mm
+            pos = end = 24
+            size = len(mm)
+            released = 0
+            page = mmap.PAGESIZE
         resyncing = False
         packets = 0
         prev_sec = -1
@@ -248,6 +281,18 @@ class CaptureReader:
         mul = 1 if ns else 1000
         while True:
             if end - pos < need and not eof:
+                if mm is not None:
+                    if end < size:
+                        end = min(end + CHUNK, size)
+                        if self.on_read is not None:
+                            self.on_read(end, size)
+                        drop = pos - pos % page
+                        if drop - released >= CHUNK:
+                            mm.madvise(mmap.MADV_DONTNEED, released, drop - released)
+                            released = drop
+                    else:
+                        eof = True
+                    continue
                 more = read(CHUNK)
                 eof = not more
                 buf = buf[pos:] + more
@@ -280,7 +325,8 @@ class CaptureReader:
                     stats.corrupt_records += 1
                     stats.skipped_bytes += 1
                     pos += 1
-                found, nxt = _pcap_resync(buf, pos, unpack, limit, frac_max, prev_sec, eof)
+                found, nxt = _pcap_resync(buf, pos, end, unpack, limit, frac_max, prev_sec,
+                                          eof)
                 stats.skipped_bytes += nxt - pos
                 pos = nxt
                 if found:
@@ -487,16 +533,16 @@ class CaptureReader:
         return end
 
 
-def _pcap_resync(buf: bytes, pos: int, unpack, limit: int, frac_max: int,
+def _pcap_resync(buf, pos: int, size: int, unpack, limit: int, frac_max: int,
                  prev_sec: int, eof: bool) -> tuple[bool, int]:
     """(True, offset) of the next plausible pcap record header at or after pos, or
-    (False, offset) where the scan must resume once more bytes are in.
+    (False, offset) where the scan must resume once more bytes are in; buf holds size
+    bytes read so far (the read buffer, or the window of the mapped file).
 
     Plausible: fractional part in range, captured length within the snap length and
     not above the wire length, time within a day of the previous good record, and the
     record after it plausible too (or the end of the file right after it).
     """
-    size = len(buf)
     while pos + 16 <= size:
         sec, frac, incl, orig = unpack(buf, pos)
         if (frac < frac_max and 0 < incl <= limit and incl <= orig
