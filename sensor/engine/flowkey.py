@@ -14,12 +14,34 @@ import ipaddress
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
+# Two base-62 digits per table entry, least significant first (the order _base62 writes):
+# a 17-digit uid takes 8 divisions by 62**2 and one lookup instead of 17 divisions.
+_PAIRS = tuple(_ALPHABET[r % 62] + _ALPHABET[r // 62] for r in range(62 * 62))
+_UID_MOD = 62**17
+
+
 def _base62(n: int, width: int) -> str:
     out = []
     for _ in range(width):
         n, r = divmod(n, 62)
         out.append(_ALPHABET[r])
     return "".join(out)
+
+
+def _base62_17(n: int) -> str:
+    """_base62(n, 17), twice as fast: the uid's digits come in pairs (a test holds the
+    two equal on random and edge values)."""
+    p = _PAIRS
+    n %= _UID_MOD
+    n, a = divmod(n, 3844)
+    n, b = divmod(n, 3844)
+    n, c = divmod(n, 3844)
+    n, d = divmod(n, 3844)
+    n, e = divmod(n, 3844)
+    n, f = divmod(n, 3844)
+    n, g = divmod(n, 3844)
+    n, h = divmod(n, 3844)
+    return p[a] + p[b] + p[c] + p[d] + p[e] + p[f] + p[g] + p[h] + _ALPHABET[n]
 
 
 def addr_bytes(addr: str | bytes) -> bytes:
@@ -49,4 +71,4 @@ def flow_uid(
     h.update(lo + hi + bytes((protocol,)))
     h.update(vlan_id.to_bytes(2, "big") + inner_vlan_id.to_bytes(2, "big"))
     h.update(start_ns.to_bytes(8, "big"))
-    return "C" + _base62(int.from_bytes(h.digest(), "big"), 17)
+    return "C" + _base62_17(int.from_bytes(h.digest(), "big"))
