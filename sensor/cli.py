@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sensor.kernel.cli",
     "sensor.replay.cli",
     "sensor.sensor_cli",
+    "sensor.status_cli",
 )
 
 # Help lines for command groups (their subcommands bring their own).

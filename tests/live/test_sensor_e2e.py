@@ -14,6 +14,7 @@ same interface as the reference.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -28,7 +29,8 @@ from sensor.model import Flow, FlowEndReason, L7Event
 from tests.export.collector_proc import CollectorProcess, query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
-from tests.live.rig import Sensor, start_http, stop, tc_filters, wait_tcp
+from tests.conftest import REPO
+from tests.live.rig import LOUPE, Sensor, start_http, stop, tc_filters, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -246,6 +248,17 @@ def test_reload_changes_selection_and_sigterm_flushes_and_detaches(pair, collect
         sensor.wait_note("READY=1", 10)
         pair.a.run("curl", "-s", "-o", "/dev/null", f"http://{pair.b.ip4}:8080/size/2")
         time.sleep(3.5)   # the long connection's requests all went out
+        # `loupe status` sees both daemons: the sensor's exports, the collector's store.
+        status = subprocess.run(
+            [*LOUPE, "status", "--sensor-metrics", f"127.0.0.1:{sensor.metrics_port}",
+             "--collector", collector.address, "--interval", "0.2"],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert status.returncode == 0, status.stderr
+        assert f"sensor at 127.0.0.1:{sensor.metrics_port}: up" in status.stdout
+        assert re.search(r"exported: .*flow \d+", status.stdout), status.stdout
+        assert f"collector at {collector.address}: up" in status.stdout
+        assert "sensor livetest:" in status.stdout
         assert sensor.stop() == 0
         slow.kill()
         slow.wait(5)
