@@ -174,8 +174,11 @@ class DuckDBStorage:
         """Commit several batches in one transaction; each one is deduplicated on its own
         (sensor_id, batch_id), against the store and against the others of the group.
 
-        The dedup rows go in first, with ON CONFLICT DO NOTHING: the primary key's index
-        answers which batches are new in one statement, however large the table. Then one
+        The dedup rows go in first, and the primary key's index answers which batches are
+        new. A resent batch is rare (a sensor reconnecting), so the group's rows are first
+        inserted as they are: one plain INSERT, a third of the cost of the INSERT ...
+        ON CONFLICT DO NOTHING RETURNING that names the new ones. Only when the key
+        rejects that insert is the transaction restarted with the RETURNING form. Then one
         INSERT per record table carries the rows of every new batch of the group.
         """
         con = self._con
@@ -188,16 +191,9 @@ class DuckDBStorage:
             if key not in seqs:
                 seq += 1
                 seqs[key] = seq
+        dedup = self._batch_rows(batches, seqs, received_ns)
         try:
-            con.begin()
-            try:
-                con.register("_loupe_batches", self._batch_rows(batches, seqs, received_ns))
-                new = {tuple(row) for row in con.execute(
-                    "INSERT INTO batches SELECT * FROM _loupe_batches ON CONFLICT DO NOTHING "
-                    "RETURNING sensor_id, batch_id"
-                ).fetchall()}
-            finally:
-                con.unregister("_loupe_batches")
+            new = self._insert_dedup_rows(dedup, seqs)
             results: list[StoreResult] = []
             parts: dict[str, list[pa.Table]] = {}
             part_seqs: dict[str, list[tuple[int, int]]] = {}
@@ -228,6 +224,28 @@ class DuckDBStorage:
             raise StorageError(f"cannot write to {self.path}: {str(exc).splitlines()[0]}") from None
         self._last_seq = seq
         return results
+
+    def _insert_dedup_rows(self, rows: pa.Table, seqs: dict) -> set[tuple[str, int]]:
+        """Begin the group's transaction with its dedup rows; the keys that were new."""
+        con = self._con
+        con.begin()
+        con.register("_loupe_batches", rows)
+        try:
+            con.execute("INSERT INTO batches SELECT * FROM _loupe_batches")
+            return set(seqs)
+        except duckdb.ConstraintException:
+            # A batch of the group is stored already. The failed statement spoilt the
+            # transaction, and the rollback takes the registration with it: start again
+            # and let the key pick out the new batches.
+            con.rollback()
+            con.begin()
+            con.register("_loupe_batches", rows)
+            return {tuple(row) for row in con.execute(
+                "INSERT INTO batches SELECT * FROM _loupe_batches ON CONFLICT DO NOTHING "
+                "RETURNING sensor_id, batch_id"
+            ).fetchall()}
+        finally:
+            con.unregister("_loupe_batches")
 
     @staticmethod
     def _batch_rows(batches: list[DecodedBatch], seqs: dict, received_ns: int) -> pa.Table:
