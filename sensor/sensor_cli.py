@@ -31,7 +31,6 @@ from sensor.engine.live import DEFAULT_REFILL_OCTETS, LiveConfig, LiveSensor, de
 from sensor.engine.semantics import NS
 from sensor.errors import ConfigError, LoupeError, StorageError
 from sensor.kernel.hybrid import SelectionConfig as KernelSelection
-from sensor.logs import setup_logging  # noqa: F401  (set up by sensor.cli.main)
 from sensor.metrics import MetricsRegistry
 from sensor.notify import Notifier
 

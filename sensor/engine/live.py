@@ -55,7 +55,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -68,7 +67,6 @@ from sensor.engine.flowtable import FlowState, identify
 from sensor.engine.l7engine import L7Engine
 from sensor.engine.reassembly import MemoryBudget
 from sensor.engine.semantics import DEFAULT_TIMEOUTS, PROTO_TCP, PROTO_UDP, Timeouts
-from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
 from sensor.errors import InterfaceError, KernelError, LoupeError
 from sensor.kernel import abi, attach, bpfsys
 from sensor.kernel.counters import CounterWatcher
@@ -525,7 +523,11 @@ class LiveTotals:
 
 
 class Enricher(Protocol):
+    """Process attribution (sensor.enrich.process.ProcessAttributor), or a test's fake."""
+
     def enrich(self, flow: Flow) -> Flow: ...
+
+    def close(self) -> None: ...
 
 
 class LiveSensor:
@@ -541,7 +543,7 @@ class LiveSensor:
         self.l7: LiveL7 | None = None
         self.watcher: CounterWatcher | None = None
         self.attachments: list[attach.Attachment] = []
-        self.attributor = None
+        self.attributor: Enricher | None = None
         self._next_read = 0.0
         self._last = dict(queue_full=0, parser_errors=0, gaps=0, memory_drops=0)
         self._stopped = False
@@ -765,7 +767,3 @@ class LiveSensor:
             text += f", payload {l7.payload_octets} octets"
         lost = sum(t.lost.values())
         return text + (f"; lost {lost}" if lost else "; nothing lost")
-
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import time
-from types import SimpleNamespace
 
 import dpkt
 import pytest
