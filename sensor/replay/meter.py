@@ -90,8 +90,10 @@ _u32 = struct.Struct("!I").unpack_from
 _tcp = struct.Struct("!HHIIBBH").unpack_from
 _ports = struct.Struct("!HH").unpack_from
 # ver/ihl, tos, total, id, frag, ttl, proto, checksum, src, dst: the addresses come out
-# of the same call (no slices of their own)
-_ip4 = struct.Struct("!BBHHHBBH4s4s").unpack_from
+# of the same call as integers (no bytes objects of their own to allocate and hash for
+# the flow key, per packet; ordered like the bytes they were); packed once per new flow.
+_ip4 = struct.Struct("!BBHHHBBHII").unpack_from
+_addr4 = struct.Struct("!I").pack
 
 P_TCP = 6
 P_UDP = 17
@@ -475,12 +477,12 @@ class Meter:
         st = flows.get(key)
         if st is None:
             pure_syn = tcp_flags >= 0 and tcp_flags & 0x12 == 0x02
-            if d == 0:
-                st = table.create(key, src, sport, dst, dport, proto, vlan, ivlan,
-                                  ifindex, 0, ts)
+            if ver == 4:
+                a_addr, b_addr = _addr4(key[0]), _addr4(key[2])
             else:
-                st = table.create(key, dst, dport, src, sport, proto, vlan, ivlan,
-                                  ifindex, 1, ts)
+                a_addr, b_addr = key[0], key[2]
+            st = table.create(key, a_addr, key[1], b_addr, key[3], proto, vlan, ivlan,
+                              ifindex, d, ts)
             st.init_by_syn = pure_syn
             if proto == P_ICMP or proto == P_ICMPV6:
                 if cap_end - l4 >= 2 and not later_frag:
