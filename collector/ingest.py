@@ -331,6 +331,11 @@ def _decoder_init() -> None:
                      name="loupe-parent-watch").start()
 
 
+def _decoder_ready() -> int:
+    """A no-op task: a decoder process that ran it has started and imported this module."""
+    return os.getpid()
+
+
 def _decoder_processes() -> int:
     # One per core: decoding is the collector's largest CPU cost per record, and the
     # writer thread spends most of a commit inside DuckDB, which does not need a core of
@@ -377,6 +382,18 @@ class Writer:
             max_workers=self._decoder_count,
             mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init,
         )
+
+    async def start(self) -> None:
+        """Start every decoder process now rather than on the first batches.
+
+        A decoder takes a few hundred milliseconds to spawn and import Arrow and protobuf
+        (over a second on a loaded host); started lazily, that lands on the acks of the
+        first batches the sensors send, all of them at once."""
+        loop = asyncio.get_running_loop()
+        # The pool starts one process per submitted task while none is idle, so as many
+        # tasks as processes, submitted together, start them all.
+        await asyncio.gather(*[loop.run_in_executor(self._decoders, _decoder_ready)
+                               for _ in range(self._decoder_count)])
 
     def _store_group(self, group: list[tuple[Shipped, object, str | None]]) -> list[Stored]:
         results = self._storage.store_many([d.unpack() for d, _, _ in group], self._clock())

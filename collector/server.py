@@ -188,6 +188,9 @@ class Collector:
         return port
 
     async def start(self) -> None:
+        # Decoders first: a sensor connecting the moment the port answers gets its first
+        # acks at full speed.
+        await self.writer.start()
         await self.server.start()
         for service in ("", "loupe.v1.Ingest", "loupe.v1.Observer"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
