@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import random
 
-from sensor.engine.flowkey import _UID_MOD, _base62, _base62_17, flow_uid
+import pytest
+
+from sensor.engine.flowkey import _UID_MOD, _base62, _base62_17, _flow_uid_plain, flow_uid
 
 
 def test_pairwise_base62_equals_digit_by_digit():
@@ -25,3 +27,30 @@ def test_uids_are_pinned():
     assert flow_uid(src="fc00::1", dst="fc00::2", src_port=5353, dst_port=53,
                     protocol=17, vlan_id=7, inner_vlan_id=9, start_ns=1,
                     sensor_id="s1") == "CZhowZZjf9OK9TesiL"
+
+
+def test_fast_uid_equals_step_by_step_definition():
+    rng = random.Random(11)
+    for _ in range(2000):
+        width = rng.choice((4, 16))
+        src, dst = rng.randbytes(width), rng.randbytes(width)
+        if rng.random() < 0.1:
+            dst = src   # equal addresses: ports decide the order
+        args = dict(src=src, dst=dst, src_port=rng.randrange(65536),
+                    dst_port=rng.randrange(65536), protocol=rng.randrange(256),
+                    vlan_id=rng.randrange(4096), inner_vlan_id=rng.randrange(4096),
+                    start_ns=rng.getrandbits(64), sensor_id=rng.choice(("", "s1", "x" * 80)))
+        assert flow_uid(**args) == _flow_uid_plain(**args)
+    # Text addresses are parsed the same way on both paths.
+    assert flow_uid(src="198.18.0.1", dst=b"\xc6\x12\x00\x02", src_port=1, dst_port=2,
+                    protocol=17, vlan_id=0, inner_vlan_id=0, start_ns=5) == \
+        _flow_uid_plain("198.18.0.1", "198.18.0.2", 1, 2, 17, 0, 0, 5, "")
+
+
+def test_out_of_range_values_still_refused():
+    for bad in ({"src_port": 70000}, {"protocol": 256}, {"start_ns": -1}):
+        args = dict(src="198.18.0.1", dst="198.18.0.2", src_port=1, dst_port=2,
+                    protocol=6, vlan_id=0, inner_vlan_id=0, start_ns=1)
+        args.update(bad)
+        with pytest.raises((OverflowError, ValueError)):
+            flow_uid(**args)
