@@ -91,6 +91,10 @@ def register(tree) -> None:
                    help="flows only: no payload copy, no L7 parsing")
     p.add_argument("--no-process", action="store_true",
                    help="no process attribution (process.attribution = false)")
+    p.add_argument("--user", default="", metavar="USER",
+                   help="started as root: load and attach as root, then run as USER with "
+                        "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only (loupe-sensor.service "
+                        "runs --user loupe)")
     p.set_defaults(func=run)
 
 
@@ -314,21 +318,36 @@ def run(args: argparse.Namespace) -> int:
 
     config = load(args)
     live_cfg = live_config(config, args)
+    if args.user and args.netns:
+        # Detaching inside another namespace needs CAP_SYS_ADMIN (setns), which the
+        # dropped user does not keep: the filters would be left behind at exit.
+        raise ConfigError("--user and --netns cannot be combined: run the sensor inside the "
+                          "namespace instead (nsenter --net=... loupe sensor run --user ...)")
+    if args.user:
+        loader.check_user(args.user)
     loader.check_privileges()
     notifier = Notifier.from_environ()
     signals = _Signals()
     previous = signals.install()
     metrics = MetricsRegistry("sensor")
     server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    exporter = build_exporters(config, args.output)
+    # With --user, the exporters (the spool directory, which the service's StateDirectory
+    # gives to that user) are set up after the drop, as that user; without it, before
+    # the seconds of compiling, so that a bad spool directory is reported at once.
+    exporter = FanOut([]) if args.user else build_exporters(config, args.output)
     sensor = LiveSensor(live_cfg, exporter)
+
+    def after_attach() -> None:
+        loader.drop_privileges(args.user)
+        sensor.exporter = build_exporters(config, args.output)
+
     metrics.add_source("sensor", sensor.metrics)
-    metrics.add_source("export", lambda: _export_snapshot(exporter))
+    metrics.add_source("export", lambda: _export_snapshot(sensor.exporter))
     try:
         try:
-            sensor.start()
+            sensor.start(after_attach if args.user else None)
         except BaseException:
-            exporter.close(0.5)
+            sensor.exporter.close(0.5)
             raise
         where = ",".join(sensor.attached())
         log.info("attached to %s%s; selection %s; metrics on %s", where,

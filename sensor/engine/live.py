@@ -552,8 +552,10 @@ class LiveSensor:
 
     # -- start-up ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Load, attach, then the exporter (the caller says READY after this)."""
+    def start(self, after_attach: Callable[[], None] | None = None) -> None:
+        """Load, attach, then `after_attach` (the daemon drops its privileges there: what
+        follows needs only CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN), then the exporter
+        (the caller says READY after this). On failure everything started is undone."""
         from sensor.kernel import loader  # noqa: PLC0415 (bcc only when running live)
 
         cfg = self.config
@@ -578,8 +580,11 @@ class LiveSensor:
             with in_netns(cfg.netns):
                 for iface in cfg.interfaces:
                     self.attachments.append(attach.attach(iface, self.prog.prog_fd))
+            if after_attach is not None:
+                after_attach()
         except BaseException:
             self._detach()
+            self._close_attribution()
             self._close_kernel()
             raise
         start = getattr(self.exporter, "start", None)
@@ -590,12 +595,21 @@ class LiveSensor:
     def _open_attribution(self) -> None:
         from sensor.enrich.process import ProcessAttributor  # noqa: PLC0415
 
+        attributor = None
         try:
-            self.attributor = ProcessAttributor.open()
-            self.attributor.start()
+            attributor = ProcessAttributor.open()
+            attributor.start()
         except LoupeError as exc:
-            # Flows are worth having without their processes: go on, say why.
-            log.warning("process attribution is off: %s", exc)
+            # Flows are worth having without their processes: go on, say why (one line).
+            log.warning("process attribution off: %s", exc)
+            if attributor is not None:
+                attributor.close()
+            return
+        self.attributor = attributor
+
+    def _close_attribution(self) -> None:
+        if self.attributor is not None:
+            self.attributor.close()
             self.attributor = None
 
     def attached(self) -> list[str]:
@@ -702,7 +716,9 @@ class LiveSensor:
             return
         self._stopped = True
         try:
-            if self.kernel is not None:
+            # A start that failed half-way has closed the kernel program already
+            # (prog None): there is nothing left to drain.
+            if self.kernel is not None and self.prog is not None:
                 self._detach()
                 time.sleep(DETACH_SETTLE_S)
                 self.kernel.poll(0)
@@ -718,8 +734,7 @@ class LiveSensor:
                 self._report_losses()
                 self.totals.kernel = {c.name.lower(): v for c, v in self.watcher.totals().items()}
         finally:
-            if self.attributor is not None:
-                self.attributor.close()
+            self._close_attribution()
             self.exporter.close(export_timeout_s)
             self._close_kernel()
 
@@ -741,6 +756,8 @@ class LiveSensor:
         if self.prog is not None:
             self.prog.close()
             self.prog = None
+        # Its ring buffer is gone with it: nothing may poll it again.
+        self.kernel = None
 
     # -- observability -------------------------------------------------------------------------
 

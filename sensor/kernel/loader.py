@@ -27,7 +27,14 @@ PROGRAM = "loupe_tc"
 
 _CAP_NET_ADMIN = 12
 _CAP_SYS_ADMIN = 21
+_CAP_PERFMON = 38
 _CAP_BPF = 39
+# What the flow meter needs, by name: CAP_BPF (programs, maps), CAP_PERFMON (the pointer
+# arithmetic and reads the verifier allows only to it; without it the kernel refuses the
+# program with a bare "Permission denied"), CAP_NET_ADMIN (TC attach and detach).
+# CAP_SYS_ADMIN stands in for the first two, as the kernel lets it.
+REQUIRED_CAPS = (("CAP_BPF", _CAP_BPF), ("CAP_PERFMON", _CAP_PERFMON),
+                 ("CAP_NET_ADMIN", _CAP_NET_ADMIN))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,14 +74,134 @@ def _effective_caps() -> int:
     return 0
 
 
+def missing_capabilities(caps: int) -> list[str]:
+    """Names of the REQUIRED_CAPS missing from the effective set `caps`."""
+    admin = bool(caps & (1 << _CAP_SYS_ADMIN))
+    return [name for name, bit in REQUIRED_CAPS
+            if not caps & (1 << bit) and not (admin and bit != _CAP_NET_ADMIN)]
+
+
 def check_privileges() -> None:
-    caps = _effective_caps()
-    has_bpf = bool(caps & (1 << _CAP_BPF)) or bool(caps & (1 << _CAP_SYS_ADMIN))
-    if not has_bpf or not caps & (1 << _CAP_NET_ADMIN):
+    """Before anything is compiled: one line naming what is missing, instead of a
+    verifier log that ends in "Permission denied"."""
+    missing = missing_capabilities(_effective_caps())
+    if missing:
         raise PrivilegeError(
-            "loading the flow meter needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: "
-            "run it with sudo (or grant those capabilities to the service)"
+            f"loading the flow meter needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; "
+            f"missing: {', '.join(missing)}: run it with sudo (or grant those capabilities "
+            "to the service)"
         )
+
+
+# prctl(2) and capset(2) constants (linux/prctl.h, linux/capability.h).
+_PR_SET_KEEPCAPS = 8
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_SETPCAP = 8
+_CAP_LAST = 63
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _thread_status() -> dict[str, str]:
+    # thread-self: capabilities are per thread, and the drop runs on this one.
+    out = {}
+    for line in Path("/proc/thread-self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        out[name] = value.strip()
+    return out
+
+
+def check_user(user: str) -> tuple[int, int]:
+    """(uid, primary gid) of `user`, if the sensor can become it: before compiling, so
+    that a wrong --user costs no seconds of start-up."""
+    import pwd  # noqa: PLC0415 (the only callers are the daemon's start-up)
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"--user {user}: no such user; create it (the installer makes "
+                             "the system user loupe) or name another") from None
+    if os.geteuid() not in (0, entry.pw_uid):
+        raise PrivilegeError(f"--user {user} needs the sensor started as root: it attaches "
+                             "as root, then becomes that user")
+    return entry.pw_uid, entry.pw_gid
+
+
+def drop_privileges(user: str) -> None:
+    """Becomes `user` (its uid, primary gid and no other groups) keeping exactly
+    CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN in the effective and permitted sets, with empty
+    inheritable and ambient sets, then checks /proc/thread-self/status.
+
+    Called after the programs are loaded and attached as root: the tracepoint's tracefs
+    is readable by root only, and everything the sensor does afterwards (ring buffer and
+    map reads on open descriptors, TC detach, exporting) needs no more than this. Other
+    threads started before (metrics server, process attribution) lose every capability
+    with the uid change, since only this thread keeps them across it."""
+    uid, gid = check_user(user)
+    if os.geteuid() == uid:
+        return   # already that user: nothing to drop
+    keep = 0
+    for _, bit in REQUIRED_CAPS:
+        keep |= 1 << bit
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise PrivilegeError(f"dropping privileges to {user}: {what} failed: "
+                                 f"{os.strerror(err)}; the service's capability bounding set "
+                                 "must hold CAP_SETUID and CAP_SETGID")
+
+    # The bounding set too, where allowed (CAP_SETPCAP): then not even an execve of a
+    # setuid program could bring another capability back. The unit's own bounding set
+    # already does this under systemd.
+    if _effective_caps() & (1 << _CAP_SETPCAP):
+        for bit in range(_CAP_LAST + 1):
+            if not keep & (1 << bit):
+                # EINVAL past the kernel's last capability: nothing left to drop.
+                if libc.prctl(_PR_CAPBSET_DROP, bit, 0, 0, 0) != 0:
+                    break
+    check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    try:
+        os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise PrivilegeError(f"dropping privileges to {user}: {exc.strerror}; the service's "
+                             "capability bounding set must hold CAP_SETUID and CAP_SETGID") \
+            from None
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        word = (keep >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = word
+        data[i].inheritable = 0
+    check(libc.capset(ctypes.byref(header), data), "capset")
+    check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "prctl(PR_SET_KEEPCAPS, 0)")
+    check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+          "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    status = _thread_status()
+    uids = {int(x) for x in status["Uid"].split()}
+    gids = {int(x) for x in status["Gid"].split()}
+    got = {name: int(status[name], 16) for name in ("CapEff", "CapPrm", "CapInh", "CapAmb")}
+    if uids != {uid} or gids != {gid} or got != {"CapEff": keep, "CapPrm": keep,
+                                                  "CapInh": 0, "CapAmb": 0}:
+        raise PrivilegeError(
+            f"after dropping privileges to {user}: uids {sorted(uids)}, gids {sorted(gids)}, "
+            + ", ".join(f"{k} {v:#x}" for k, v in got.items())
+            + f"; expected uid {uid}, gid {gid}, CapEff and CapPrm {keep:#x}: refusing to run")
+    log.info("running as %s (uid %d) with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only",
+             user, uid)
 
 
 MODULES_DIR = Path("/lib/modules")

@@ -75,10 +75,24 @@ def check_tracepoint_privileges() -> None:
 
 
 def tracefs_dir() -> Path:
-    """The mounted tracefs that has our tracepoint, or a KernelError saying how to get it."""
+    """The mounted tracefs that has our tracepoint, or a LoupeError saying how to get it.
+    tracefs is mode 0700 root on current kernels: a non-root process, whatever its
+    capabilities, cannot read the tracepoint's id and format there."""
+    denied: Path | None = None
     for root in TRACEFS_DIRS:
-        if (root / "events" / TRACEPOINT / "format").is_file():
-            return root
+        try:
+            if (root / "events" / TRACEPOINT / "format").is_file():
+                return root
+        except PermissionError:
+            denied = root
+    if denied is not None:
+        raise PrivilegeError(
+            f"tracefs ({denied}) is readable by root only, and the sock:inet_sock_set_state "
+            f"tracepoint is attached through it: start the sensor as root with --user "
+            "USER (it attaches, then runs as USER with CAP_BPF, CAP_PERFMON and "
+            "CAP_NET_ADMIN only, as loupe-sensor.service does), or set "
+            "process.attribution = false"
+        )
     raise KernelError(
         f"tracepoint {TRACEPOINT} not found under {TRACEFS_DIRS[0]}: mount tracefs "
         "(mount -t tracefs nodev /sys/kernel/tracing; make install does it) on a kernel "

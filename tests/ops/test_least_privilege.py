@@ -1,12 +1,15 @@
 """The full sensor (`loupe sensor run`) as a non-root user with only CAP_BPF, CAP_NET_ADMIN
-and CAP_PERFMON, as loupe-sensor.service runs it, and its one-line refusal without them.
+and CAP_PERFMON: started as root with `--user`, as loupe-sensor.service runs it (attach as
+root, then drop), and started as that user from the outset (setpriv); and its one-line
+refusal without the capabilities.
 
 The sensor runs in a network namespace joined with `nsenter --net` (not `ip netns exec`,
 which mounts a fresh /sys and so hides tracefs: the unit sees the host's /sys). It is
 attached to one end of a veth pair whose other end is in a second namespace; traffic goes
 between the two namespaces only (198.18.71.0/24). setpriv takes the process down to user
 nobody with exactly the three capabilities (effective through the ambient set, and
-nothing more in the bounding set), so nothing here runs the sensor as root.
+nothing more in the bounding set); `--user nobody` has the sensor do the same itself once
+its programs are attached.
 """
 
 from __future__ import annotations
@@ -216,19 +219,38 @@ def _caps_of(pid: int) -> tuple[int, int, int]:
     return eff, bnd, uid
 
 
+def _credentials(pid: int) -> dict[str, object]:
+    """Every uid and gid of the process, its groups, and its capability sets."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    out: dict[str, object] = {name: int(status[name], 16)
+                              for name in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd")}
+    out["uids"] = set(map(int, status["Uid"].split()))
+    out["gids"] = set(map(int, status["Gid"].split()))
+    out["groups"] = set(map(int, status["Groups"].split()))
+    return out
+
+
+THREE = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON)
+
+
 def _is_http_flow(record: dict) -> bool:
     return (record["type"] == "flow" and record["dst_addr"] == SERVER
             and record["dst_port"] == 80 and record["src_addr"] == CLIENT)
 
 
 def test_full_sensor_as_nobody_with_three_capabilities(lab):
-    # Process attribution off here: see the next test for why it cannot work this way yet.
-    sensor = Sensor(lab, _sensor_cmd(lab, CAPS, "--no-process"))
+    # Started as nobody, the sensor cannot read tracefs (0700 root): process attribution
+    # is off, said in one line with what to do, and the rest runs.
+    sensor = Sensor(lab, _sensor_cmd(lab, CAPS))
     try:
         sensor.wait_attached()
         eff, bnd, uid = _caps_of(sensor.proc.pid)
-        three = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON)
-        assert (eff, bnd, uid) == (three, three, 65534)
+        assert (eff, bnd, uid) == (THREE, THREE, 65534)
+        off = [line for line in sensor.stderr.splitlines() if "process attribution" in line]
+        assert len(off) == 1, sensor.stderr
+        assert "process attribution off: tracefs (/sys/kernel/tracing) is readable by root " \
+               "only" in off[0] and "--user" in off[0], off[0]
         assert "loupe_tc" in _filters(lab)
         _exchange(lab, "wait")
         http = sensor.wait_for(lambda r: r["type"] == "http" and r["detail"]["host"] == "lp.test",
@@ -254,47 +276,62 @@ def _filters(lab: Lab) -> str:
     return result.stdout
 
 
-ATTRIBUTION_GAP = (
-    "tracefs (/sys/kernel/tracing) is mode 0700 root: as a non-root user "
-    "sensor/kernel/tracepoints.py tracefs_dir() raises PermissionError (not a LoupeError), "
-    "so the sensor dies with a traceback; attaching as a raw tracepoint (no tracefs), or "
-    "attaching before dropping to the user, would make attribution work with these "
-    "capabilities")
-
-
-@pytest.mark.parametrize("as_nobody", [
+@pytest.mark.parametrize("drop", [
     pytest.param(False, id="root-reference"),
-    pytest.param(True, id="nobody-three-caps",
-                 marks=pytest.mark.xfail(strict=True, reason=ATTRIBUTION_GAP)),
+    pytest.param(True, id="root-then-nobody"),
 ])
-def test_short_lived_process_is_attributed(lab, as_nobody):
-    # The root run proves the check itself; the least-privilege run is what the unit does.
-    sensor = Sensor(lab, _sensor_cmd(lab, CAPS if as_nobody else None))
+def test_short_lived_process_is_attributed(lab, drop):
+    # The root run proves the check itself; `--user nobody` is what the unit does: the
+    # tracepoint is attached as root, then the sensor runs as nobody with three
+    # capabilities and attribution keeps working.
+    sensor = Sensor(lab, _sensor_cmd(lab, None, *(("--user", "nobody") if drop else ())))
     try:
         sensor.wait_attached()
+        if drop:
+            creds = _credentials(sensor.proc.pid)
+            assert creds == {"CapEff": THREE, "CapPrm": THREE, "CapInh": 0, "CapAmb": 0,
+                             "CapBnd": THREE, "uids": {65534}, "gids": {65534},
+                             "groups": {65534}}, sensor.stderr
         # The client exits right after sending: it is gone before its flow is exported.
         pid = _exchange(lab, "exit")
         flow = sensor.wait_for(_is_http_flow, "flow to port 80")
+        http = sensor.wait_for(lambda r: r["type"] == "http" and r["detail"]["host"] == "lp.test",
+                               "HTTP event for lp.test")
+        assert http["detail"]["path"] == "/least"
     finally:
-        sensor.stop()
+        code = sensor.stop()
     assert flow["process"] is not None, sensor.stderr
     assert (flow["process"]["pid"], flow["process"]["comm"]) == (pid, "lpclient")
     assert flow["process"]["user"] == "root"
+    # SIGTERM as nobody: detached (CAP_NET_ADMIN kept), clean exit, no traceback.
+    assert code == 0, sensor.stderr
+    assert "Traceback" not in sensor.stderr and "process attribution off" not in sensor.stderr
+    assert "loupe_tc" not in _filters(lab)
 
 
-@pytest.mark.parametrize("caps", [
-    pytest.param((), id="none"),
-    pytest.param(("net_admin", "perfmon"), id="no-bpf"),
-    pytest.param(("bpf", "perfmon"), id="no-net_admin"),
-    pytest.param(("bpf", "net_admin"), id="no-perfmon", marks=pytest.mark.xfail(
-        strict=True, reason="sensor/kernel/loader.py check_privileges() does not check "
-        "CAP_PERFMON: the kernel refuses the program, bcc prints the verifier log on "
-        "stderr, and the error says 'Permission denied' without naming the capability")),
+def test_user_needs_root(lab):
+    # Started as nobody already, --user root cannot gain anything: one line, no attach.
+    result = subprocess.run(_sensor_cmd(lab, CAPS, "--user", "root"), capture_output=True,
+                            text=True, timeout=START_TIMEOUT_S)
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[-1] == (
+        "loupe: error: --user root needs the sensor started as root: it attaches as root, "
+        "then becomes that user"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert "loupe_tc" not in _filters(lab)
+
+
+@pytest.mark.parametrize(("caps", "missing"), [
+    pytest.param((), "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN", id="none"),
+    pytest.param(("net_admin", "perfmon"), "CAP_BPF", id="no-bpf"),
+    pytest.param(("bpf", "perfmon"), "CAP_NET_ADMIN", id="no-net_admin"),
+    pytest.param(("bpf", "net_admin"), "CAP_PERFMON", id="no-perfmon"),
 ])
-def test_without_the_capabilities_it_fails_in_one_line(lab, caps):
+def test_without_the_capabilities_it_fails_in_one_line(lab, caps, missing):
     result = subprocess.run(_sensor_cmd(lab, caps, "--no-process"), capture_output=True,
                             text=True, timeout=START_TIMEOUT_S)
     assert result.returncode != 0
     assert result.stderr.splitlines() == [
         "loupe: error: loading the flow meter needs root, or CAP_BPF, CAP_PERFMON and "
-        "CAP_NET_ADMIN: run it with sudo (or grant those capabilities to the service)"]
+        f"CAP_NET_ADMIN; missing: {missing}: run it with sudo (or grant those capabilities "
+        "to the service)"]
