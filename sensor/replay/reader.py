@@ -1,8 +1,9 @@
 """Capture file reader: classic pcap, pcapng and gzip-compressed either, in our own code.
 
-Strategy. The file is read in large chunks (CHUNK bytes) into one bytes buffer and records
-are cut out of it with struct.unpack_from, so the per-packet cost is one header unpack,
-one slice and one tuple. Each packet comes out as
+Strategy. An uncompressed classic pcap file is mapped into memory; anything else is read
+in large chunks (CHUNK bytes) into one bytes buffer. Records are cut out of the mapping
+or the buffer with struct.unpack_from, so the per-packet cost is one header unpack, one
+slice and one tuple. Each packet comes out as
 
     (ts_ns, interface, link_type, frame, wire_len)
 
