@@ -331,8 +331,23 @@ def _decoder_init() -> None:
                      name="loupe-parent-watch").start()
 
 
-def _decoder_ready() -> int:
-    """A no-op task: a decoder process that ran it has started and imported this module."""
+def _warm_up_batch():
+    """A valid batch with one record of every table, for warming up a decoder."""
+    flow = {"uid": "w", "src_addr": "127.0.0.1", "dst_addr": "127.0.0.1", "ip_version": 4}
+    l7 = {"uid": "w", "src_addr": "127.0.0.1", "dst_addr": "127.0.0.1"}
+    return ingest_pb2.RecordBatch(sensor_id="warm-up", records=[
+        {"flow": flow},
+        {"l7": {**l7, "http": {"method": "GET"}}},
+        {"l7": {**l7, "dns": {"qname": "w", "transport": "udp", "answers": [{"name": "w"}]}}},
+        {"l7": {**l7, "tls": {"sni": "w", "alpn": ["h2"], "cert_san": ["w"]}}},
+        {"lost": {"source": "w"}},
+    ])
+
+
+def _warm_up() -> int:
+    """Decode a small batch, result discarded: the first decode in a process imports what
+    Arrow needs for it (pandas among them, 0.4 s on an idle core)."""
+    Shipped.pack(decode_batch(_warm_up_batch()))
     return os.getpid()
 
 
@@ -384,16 +399,19 @@ class Writer:
         )
 
     async def start(self) -> None:
-        """Start every decoder process now rather than on the first batches.
+        """Start every decoder process now, and warm them and the writer thread up.
 
-        A decoder takes a few hundred milliseconds to spawn and import Arrow and protobuf
-        (over a second on a loaded host); started lazily, that lands on the acks of the
-        first batches the sensors send, all of them at once."""
+        A decoder takes a few hundred milliseconds to spawn and import Arrow and protobuf,
+        and the first batch through a process imports what Arrow needs for it (another
+        0.3-0.4 s, several times that on a loaded host). Paid on the first batches, that
+        lands on their acks, all of them at once."""
         loop = asyncio.get_running_loop()
         # The pool starts one process per submitted task while none is idle, so as many
         # tasks as processes, submitted together, start them all.
-        await asyncio.gather(*[loop.run_in_executor(self._decoders, _decoder_ready)
-                               for _ in range(self._decoder_count)])
+        await asyncio.gather(
+            loop.run_in_executor(self._pool, _warm_up),
+            *[loop.run_in_executor(self._decoders, _warm_up) for _ in range(self._decoder_count)],
+        )
 
     def _store_group(self, group: list[tuple[Shipped, object, str | None]]) -> list[Stored]:
         results = self._storage.store_many([d.unpack() for d, _, _ in group], self._clock())
