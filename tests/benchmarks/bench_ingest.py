@@ -63,13 +63,19 @@ def _pool(batch_size: int, client: int) -> list[bytes]:
 
 
 def _client(address: str, client: int, batch_size: int, seconds: float, window_size: int,
-            out) -> None:
+            start, out) -> None:
     import grpc
     from loupe.v1 import ingest_pb2
 
     pool = _pool(batch_size, client)
     window = threading.Semaphore(window_size)
     sent_at: dict[int, float] = {}
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=60)
+    # Every client builds its pool and connects first: building one takes about a core
+    # for a second, which would otherwise land on the first acks of the clients already
+    # pushing.
+    start.wait()
     stop_at = time.monotonic() + seconds
 
     def requests():
@@ -82,7 +88,7 @@ def _client(address: str, client: int, batch_size: int, seconds: float, window_s
             sent_at[batch_id] = time.monotonic()
             yield data
 
-    push = grpc.insecure_channel(address).stream_stream(
+    push = channel.stream_stream(
         "/loupe.v1.Ingest/Push", request_serializer=None,
         response_deserializer=ingest_pb2.BatchAck.FromString,
     )
@@ -146,12 +152,14 @@ def main(argv=None) -> int:
             threading.Thread(target=proc.stderr.read, daemon=True).start()
             ctx = mp.get_context("spawn")
             results = ctx.Queue()
+            start = ctx.Barrier(args.clients + 1)
             workers = [ctx.Process(target=_client, args=(
-                address, i, args.batch, args.seconds, args.window, results))
+                address, i, args.batch, args.seconds, args.window, start, results))
                 for i in range(args.clients)]
-            cpu0, wall0 = _tree_cpu(proc.pid), time.monotonic()
             for w in workers:
                 w.start()
+            start.wait(timeout=120)
+            cpu0, wall0 = _tree_cpu(proc.pid), time.monotonic()
             reports = [results.get(timeout=args.seconds + 120) for _ in workers]
             collector_cpu, wall = _tree_cpu(proc.pid) - cpu0, time.monotonic() - wall0
             load_after = os.getloadavg()
