@@ -15,14 +15,18 @@ import sys
 from sensor.errors import LoupeError
 from sensor.logs import setup_logging
 
-COMMAND_MODULES: tuple[str, ...] = (
-    "collector.cli",
-    "sensor.config_cli",
-    "sensor.kernel.cli",
-    "sensor.replay.cli",
-    "sensor.sensor_cli",
-    "sensor.status_cli",
-)
+# module -> the top-level command words it registers. `loupe replay ...` imports only
+# the module(s) owning `replay`: every command module pulls in heavy libraries (grpc,
+# numpy, prometheus) and a full import costs a third of a second per run. `loupe --help`
+# and unknown words import them all. tests/unit/test_cli.py checks this table.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "collector.cli": ("collector", "export", "certs", "tail", "query"),
+    "sensor.config_cli": ("config",),
+    "sensor.kernel.cli": ("sensor",),
+    "sensor.replay.cli": ("replay",),
+    "sensor.sensor_cli": ("sensor",),
+    "sensor.status_cli": ("status",),
+}
 
 # Help lines for command groups (their subcommands bring their own).
 GROUP_HELP = {
@@ -63,7 +67,21 @@ class CommandTree:
         return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _first_word(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def modules_for(argv: list[str] | None) -> list[str]:
+    """The command modules to import for this command line (all when unsure)."""
+    word = _first_word(sys.argv[1:] if argv is None else argv)
+    owners = [m for m, words in COMMAND_MODULES.items() if word in words]
+    return owners or list(COMMAND_MODULES)
+
+
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loupe",
         description="Loupe: eBPF-assisted flow and L7 sensor, collector and analyst tools.",
@@ -71,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=None, _parser=parser)
     tree = CommandTree(parser)
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(tree)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
     # One line per event on stderr, with syslog priority prefixes under journald.
     setup_logging(verbose=args.verbose)

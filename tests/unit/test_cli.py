@@ -1,0 +1,42 @@
+"""The command tree: each module registers exactly the top-level words COMMAND_MODULES
+says it does (so `loupe WORD` can import only its owners), and every command has help."""
+
+import argparse
+import subprocess
+import sys
+
+from sensor import cli
+
+
+def _top_words(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def test_each_module_registers_the_words_it_declares():
+    for module, words in cli.COMMAND_MODULES.items():
+        assert _top_words(cli.build_parser([module])) == set(words), module
+
+
+def test_modules_for_picks_owners_and_falls_back_to_all():
+    assert cli.modules_for(["replay", "x.pcap"]) == ["sensor.replay.cli"]
+    assert cli.modules_for(["-v", "sensor", "run"]) == ["sensor.kernel.cli", "sensor.sensor_cli"]
+    assert cli.modules_for(["--help"]) == list(cli.COMMAND_MODULES)
+    assert cli.modules_for(["nonsense"]) == list(cli.COMMAND_MODULES)
+
+
+def test_unknown_command_is_one_line_and_exit_2():
+    out = subprocess.run([sys.executable, "-m", "sensor.cli", "nonsense"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "invalid choice: 'nonsense'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_replay_imports_no_grpc_or_numpy():
+    code = ("import sys; from sensor import cli; cli.build_parser(cli.modules_for(['replay'])); "
+            "print(sorted(m for m in ('numpy', 'prometheus_client', 'collector.cli') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
