@@ -42,10 +42,13 @@ The budget policy (what is written to l7_ctl, see docs/sensor.md):
 - stop: the parser is DONE (TLS after the handshake, HTTP after an Upgrade) or in ERROR,
   the protocol has no parser, or a DNS-over-TCP answer was seen;
 - grant: whenever a live flow's payload arrives, each direction whose remaining
-  allowance fell below half of `refill_octets` is topped up to `refill_octets`. The
-  allowance therefore always covers the next message head, while a body in flight
-  before its skip reached the kernel can consume at most that much: copied bytes grow
-  with the number of messages, not with their size.
+  allowance fell below half of its target is topped up to the target. The target is
+  `refill_octets`, except in an HTTP direction whose message heads have been seen: there
+  it is HEAD_ROOM_FACTOR times the largest head seen (at least MIN_HEAD_ROOM, at most
+  `refill_octets`). The allowance therefore covers the next message head, while a body
+  in flight before its skip reached the kernel (it follows its head at once, in the
+  same burst) can consume at most the target: copied bytes grow with the number of
+  messages, not with their size, and a 10 MiB body costs about what a 1 KiB one does.
 """
 
 from __future__ import annotations
@@ -95,6 +98,16 @@ DETACH_SETTLE_S = 0.05
 # at most this much. Heads larger than this arriving in one burst are truncated (counted
 # in l7_coverage.truncated_octets).
 DEFAULT_REFILL_OCTETS = 2048
+# The allowance kept for an HTTP direction's next heads, once heads were seen there: four
+# times the largest seen, never less than MIN_HEAD_ROOM (about two request or response
+# heads without cookies) nor more than the refill. Topped up when it falls below half,
+# so at least two of the largest heads seen always fit: userspace may lag one message
+# behind on a busy host, and a head larger than any before it still has room. A head
+# that does not fit is truncated, counted (parser_error), and parsing resynchronises at
+# the next message. What a body copies before its skip lands is at most this, instead
+# of the whole refill.
+HEAD_ROOM_FACTOR = 4
+MIN_HEAD_ROOM = 512
 # Flows with L7 state at once: as many as the kernel's l7_ctl map can steer
 # (LOUPE_L7_CTL_ENTRIES); a new flow beyond it is stopped in the kernel and counted.
 MAX_L7_FLOWS = MAX_CTL
@@ -182,7 +195,7 @@ class LiveL7Stats:
 
 class _LiveFlow:
     __slots__ = ("key", "incarnation", "state", "received", "allowance", "skip_sent",
-                 "stopped", "last_mono", "resyncs", "waiting")
+                 "stopped", "last_mono", "resyncs", "waiting", "head_max")
 
     def __init__(self, key: bytes, incarnation: int, state: FlowState,
                  budget: tuple[int, int], now: int) -> None:
@@ -196,6 +209,9 @@ class _LiveFlow:
         self.last_mono = now
         self.resyncs = 0
         self.waiting = False          # an HTTP parser failed: wait for a message start
+        # Largest HTTP message head seen by direction from the initiator (0: none yet;
+        # a head that does not end in its first chunk counts as unbounded).
+        self.head_max = [0, 0]
 
 
 def _addr_bytes(raw: bytes, version: int) -> bytes:
@@ -247,6 +263,14 @@ class LiveL7:
             return   # the kernel was told; what it sent meanwhile is counted there
         lf.received[ev.direction & 1] += len(ev.data)
         st = lf.state
+        if st.protocol == PROTO_TCP and ev.data.startswith(_HTTP_STARTS):
+            # A segment that starts an HTTP message: its head's length sizes the room
+            # kept for the next one (the head normally ends in its first chunk).
+            end = ev.data.find(b"\r\n\r\n")
+            head = end + 4 if end >= 0 else 1 << 32
+            d = ev.direction & 1
+            if head > lf.head_max[d]:
+                lf.head_max[d] = head
         if lf.waiting:
             if not ev.data.startswith(_HTTP_STARTS):
                 stats.resync_skipped_events += 1
@@ -340,6 +364,7 @@ class LiveL7:
             self._ctl(self._control.stop, lf.key)
             return
         refill = self.refill_octets
+        targets = [self._room_target(lf, 0), self._room_target(lf, 1)]
         skip = st.l7_skip
         if skip is not None:
             for side in (0, 1):
@@ -359,14 +384,21 @@ class LiveL7:
                         if ev.direction == d else 1 << 32
                     room = max(lf.allowance[d] - lf.received[d], 0)
                     after = room - min(length, room)
-                    if after < refill:
-                        self._grant(lf, d, refill - after)
+                    if after < targets[d]:
+                        self._grant(lf, d, targets[d] - after)
         if refill <= 0:
             return
         for d in (0, 1):
             room = lf.allowance[d] - lf.received[d]
-            if room < refill // 2:
-                self._grant(lf, d, refill - max(room, 0))
+            if room < targets[d] // 2:
+                self._grant(lf, d, targets[d] - max(room, 0))
+
+    def _room_target(self, lf: _LiveFlow, d: int) -> int:
+        """What direction d's allowance is kept topped up to (see the module text)."""
+        head = lf.head_max[d]
+        if not head:
+            return self.refill_octets
+        return min(self.refill_octets, max(MIN_HEAD_ROOM, HEAD_ROOM_FACTOR * head))
 
     def _grant(self, lf: _LiveFlow, direction: int, octets: int) -> None:
         if self._ctl(self._control.grant, lf.key, direction, octets):

@@ -2,9 +2,10 @@
 
 - Budget: two keep-alive connections with the same number of requests, 1 KiB and
   10 MiB bodies. The kernel copies each direction's bytes only up to the allowance the
-  L7 stage keeps topped up, and skips bodies of known length, so the bytes copied to
-  userspace (the sensor's own per-flow coverage and kernel counter) stay of the same
-  order while the traffic differs by four orders of magnitude; every request is parsed.
+  L7 stage keeps topped up (four times the largest head seen), and skips bodies of known
+  length, so the bytes copied to userspace (the sensor's own per-flow coverage and kernel
+  counter) for 10 MiB bodies stay within twice those for 1 KiB bodies while the traffic
+  differs by four orders of magnitude; every request is parsed.
 - Loss: a 64 KiB ring buffer and a sensor that cannot drain it (SIGSTOP) while a bulk
   transfer runs: the collector receives LostEvents with source kernel_ringbuf_full, the
   same count the sensor reports, and the flow counters still equal tcpdump's.
@@ -85,7 +86,7 @@ def test_copied_bytes_do_not_grow_with_body_size(pair, tmp_path):
     for name, size in sizes.items():
         mine = [e for e in events if e.detail.response_body_len == size]
         # Every request parsed, with its status and body length.
-        assert len(mine) == REQUESTS
+        assert len(mine) == REQUESTS, (name, len(mine), sensor.stderr.splitlines()[-1])
         assert all(e.detail.status == 200 and e.detail.path == f"/size/{size}" for e in mine)
         [uid] = {e.uid for e in mine}
         cov = flows[uid].l7_coverage
@@ -93,13 +94,16 @@ def test_copied_bytes_do_not_grow_with_body_size(pair, tmp_path):
         transferred = cov.captured_octets + cov.truncated_octets + cov.skipped_octets \
             + cov.gap_octets
         assert transferred >= REQUESTS * size
-    # Per request at most the refill allowance (2 KiB: heads, and what a body in flight
-    # copies before its skip reaches the kernel), plus the 4 KiB initial budget per
-    # direction, whatever the body size: 200 MiB of bodies cost as much copying as
-    # about 40 KiB, 0.02 % of the traffic.
+    # Per request at most the refill allowance (2 KiB), plus the 4 KiB initial budget per
+    # direction, whatever the body size.
     for name in sizes:
         assert copied[name] <= REQUESTS * (DEFAULT_REFILL_OCTETS + 512) + 2 * 4096, copied
-    assert copied["large"] < REQUESTS * (10 << 20) / 2000
+    # What a body copies before its skip reaches the kernel is bounded by the room kept
+    # for the next heads (four times the largest head seen, at least 512 octets), not by
+    # the refill: 200 MiB of bodies cost about as much copying as 20 KiB of bodies
+    # (measured 17.3 KiB and 15.2 KiB; 44.6 KiB and 22.0 KiB when every direction was
+    # kept topped up to the 2 KiB refill).
+    assert copied["large"] <= 2 * copied["small"], copied
     # The kernel's own counter of copied octets is what the flows' coverage says.
     closing = sensor.closing()
     assert closing["payload_octets"] == sum(f.l7_coverage.captured_octets
