@@ -195,7 +195,8 @@ def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfi
         ringbuf_pages=max(1, config.kernel.ringbuf_size // page),
         l7=not args.no_l7, refill_octets=args.refill,
         reassembly_budget_bytes=config.budget.max_in_flight_bytes,
-        interval_s=args.interval, process_attribution=config.process.attribution)
+        interval_s=args.interval, process_attribution=config.process.attribution,
+        redact=config.redaction.enabled)
 
 
 # ---- exporters -------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from sensor.kernel import abi, attach, bpfsys
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import PayloadEvent
 from sensor.kernel.hybrid import MAX_CTL, KernelSensor, SelectionConfig, flow_key
+from sensor.l7.detect import ParserRegistry
 from sensor.model import Flow, FlowEndReason, L7Event, LostEvent, LostSource, Record, record_kind
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,20 @@ class KernelControl:
 # ---- the L7 half ---------------------------------------------------------------------------
 
 
+class _Parsers(ParserRegistry):
+    """The default parsers, with sensor.toml's [redaction] enabled switch handed to the
+    HTTP/1 parser (it redacts credentials at parse time; off only for lab use)."""
+
+    def __init__(self, redact: bool) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def create(self, name: str, **options):
+        if name == "http":
+            options.setdefault("redact", self.redact)
+        return super().create(name, **options)
+
+
 @dataclass(slots=True)
 class LiveL7Stats:
     payload_events: int = 0
@@ -226,7 +241,8 @@ class LiveL7:
                  sensor_id: str = "", budget: tuple[int, int] = (4096, 4096),
                  refill_octets: int = DEFAULT_REFILL_OCTETS,
                  reassembly_budget_bytes: int = 64 << 20,
-                 max_flows: int = MAX_L7_FLOWS, expire_ns: int = 0) -> None:
+                 max_flows: int = MAX_L7_FLOWS, expire_ns: int = 0,
+                 redact: bool = True) -> None:
         self._emit = emit
         self._control = control
         self.sensor_id = sensor_id
@@ -237,6 +253,7 @@ class LiveL7:
         self.expire_ns = expire_ns or (DEFAULT_TIMEOUTS.tcp_idle_ns
                                        + DEFAULT_TIMEOUTS.tcp_end_linger_ns + 60 * 10**9)
         self.engine = L7Engine(emit=self._on_record, sensor_id=sensor_id,
+                               registry=_Parsers(redact),
                                budget=MemoryBudget(reassembly_budget_bytes))
         self.stats = LiveL7Stats()
         self._flows: dict[tuple[bytes, int], _LiveFlow] = {}
@@ -486,6 +503,7 @@ class LiveConfig:
     reassembly_budget_bytes: int = 64 << 20
     interval_s: float = DEFAULT_INTERVAL_S
     process_attribution: bool = True
+    redact: bool = True                      # [redaction] enabled: HTTP credentials
 
     def __post_init__(self) -> None:
         if not self.interfaces:
@@ -606,7 +624,7 @@ class LiveSensor:
                     budget=cfg.selection.budget, refill_octets=cfg.refill_octets,
                     reassembly_budget_bytes=cfg.reassembly_budget_bytes,
                     expire_ns=cfg.timeouts.tcp_idle_ns + cfg.timeouts.tcp_end_linger_ns
-                    + 60 * 10**9)
+                    + 60 * 10**9, redact=cfg.redact)
             if cfg.process_attribution:
                 self._open_attribution()
             with in_netns(cfg.netns):

@@ -16,7 +16,7 @@ from sensor.kernel import abi
 from sensor.kernel.events import PayloadEvent
 from sensor.kernel.hybrid import flow_key
 from sensor.model import Flow, FlowEndReason, L7Coverage, L7Event
-from sensor.sensor_cli import kernel_selection, load, parse_select
+from sensor.sensor_cli import kernel_selection, live_config, load, parse_select
 
 CLIENT, SERVER = ("198.18.9.1", 40000), ("198.18.9.2", 80)
 SYN, ACK, PSH, FIN = 0x02, 0x10, 0x08, 0x01
@@ -198,3 +198,19 @@ def test_select_syntax_and_kernel_selection():
                                       "--select", "cidr:198.18.0.1/15"])
     with pytest.raises(ConfigError, match="host bits"):
         load(args)
+
+
+@pytest.mark.parametrize(("setting", "path"), [
+    ([], "/x?token=REDACTED&a=1"),
+    (["--set", "redaction.enabled=false"], "/x?token=s3cret&a=1"),
+])
+def test_redaction_setting_reaches_the_http_parser(setting, path):
+    args = build_parser().parse_args(["sensor", "run", "--config", "/dev/null", "--iface",
+                                      "lo", *setting])
+    cfg = live_config(load(args), args)
+    records = []
+    l7 = LiveL7(emit=records.append, control=Control(), redact=cfg.redact)
+    c = Conn(_key())
+    _run(l7, [c.event(0, b"GET /x?token=s3cret&a=1 HTTP/1.1\r\nHost: h\r\n\r\n"),
+              c.event(1, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")])
+    assert [e.detail.path for e in records if isinstance(e, L7Event)] == [path]
