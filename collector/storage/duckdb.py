@@ -5,8 +5,9 @@ collector owns it. Inside the collector, the writer thread uses the main connect
 readers (queries, subscription replays) use their own cursors; DuckDB's MVCC gives them a
 consistent snapshot while ingest goes on.
 
-Batches arrive as Arrow tables and are inserted with one INSERT ... SELECT per table,
-so a 1000-record batch costs a handful of statements, not 1000.
+Batches arrive as Arrow tables and are inserted with one statement per table (a relation
+over the Arrow table, inserted: no view to register and drop, which cost about as much
+again), so a 1000-record batch costs a handful of statements, not 1000.
 
 Queries arriving over the network run in a sandbox: after start-up the collector turns
 `enable_external_access` off, so SQL cannot read or write files on the collector's host
@@ -222,11 +223,7 @@ class DuckDBStorage:
                 ).append_column("batch_seq", pa.chunked_array(
                     [pa.repeat(pa.scalar(q, pa.uint64()), n) for q, n in part_seqs[name]],
                     pa.uint64()))
-                con.register("_loupe_ingest", rows)
-                try:
-                    con.execute(f"INSERT INTO {name} SELECT * FROM _loupe_ingest")
-                finally:
-                    con.unregister("_loupe_ingest")
+                con.from_arrow(rows).insert_into(name)
             con.commit()
         except duckdb.Error as exc:
             con.rollback()
@@ -238,17 +235,16 @@ class DuckDBStorage:
         """Begin the group's transaction with its dedup rows; the keys that were new."""
         con = self._con
         con.begin()
-        con.register("_loupe_batches", rows)
         try:
-            con.execute("INSERT INTO batches SELECT * FROM _loupe_batches")
+            con.from_arrow(rows).insert_into("batches")
             return set(seqs)
         except duckdb.ConstraintException:
             # A batch of the group is stored already. The failed statement spoilt the
-            # transaction, and the rollback takes the registration with it: start again
-            # and let the key pick out the new batches.
+            # transaction: start again and let the key pick out the new batches.
             con.rollback()
             con.begin()
-            con.register("_loupe_batches", rows)
+        con.register("_loupe_batches", rows)
+        try:
             return {tuple(row) for row in con.execute(
                 "INSERT INTO batches SELECT * FROM _loupe_batches ON CONFLICT DO NOTHING "
                 "RETURNING sensor_id, batch_id"
