@@ -67,7 +67,8 @@ class LoadOptions:
         ]
 
 
-def _effective_caps() -> int:
+def effective_caps() -> int:
+    """This process's effective capability set, as the bit mask /proc shows."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("CapEff:"):
             return int(line.split()[1], 16)
@@ -84,7 +85,7 @@ def missing_capabilities(caps: int) -> list[str]:
 def check_privileges() -> None:
     """Before anything is compiled: one line naming what is missing, instead of a
     verifier log that ends in "Permission denied"."""
-    missing = missing_capabilities(_effective_caps())
+    missing = missing_capabilities(effective_caps())
     if missing:
         raise PrivilegeError(
             f"loading the flow meter needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; "
@@ -165,7 +166,7 @@ def drop_privileges(user: str) -> None:
     # The bounding set too, where allowed (CAP_SETPCAP): then not even an execve of a
     # setuid program could bring another capability back. The unit's own bounding set
     # already does this under systemd.
-    if _effective_caps() & (1 << _CAP_SETPCAP):
+    if effective_caps() & (1 << _CAP_SETPCAP):
         for bit in range(_CAP_LAST + 1):
             if not keep & (1 << bit):
                 # EINVAL past the kernel's last capability: nothing left to drop.

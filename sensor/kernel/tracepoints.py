@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
-from sensor.kernel.loader import check_headers, check_ringbuf
+from sensor.kernel.loader import check_headers, check_ringbuf, effective_caps
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,8 @@ class TracepointOptions:
         ]
 
 
-def _effective_caps() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def check_tracepoint_privileges() -> None:
-    caps = _effective_caps()
+    caps = effective_caps()
     admin = bool(caps & (1 << _CAP_SYS_ADMIN))
     if not admin and not (caps & (1 << _CAP_BPF) and caps & (1 << _CAP_PERFMON)):
         raise PrivilegeError(
