@@ -141,6 +141,28 @@ def test_garbage_bytes_get_a_clear_error_and_the_collector_stays_up(collector):
     assert status.counters["undecodable_messages"] == 1 and status.stored["flows"] == 1
 
 
+def test_garbage_inside_records_ends_the_stream_before_later_batches(collector):
+    channel = grpc.insecure_channel(collector.address)
+    push_raw = channel.stream_stream("/loupe.v1.Ingest/Push", request_serializer=None,
+                                     response_deserializer=wire.ingest_pb2.BatchAck.FromString)
+    # A well-framed batch whose field 4 (a Record) holds a string field cut short.
+    inner = batch([], 2).SerializeToString() + b"\x22\x03\x0a\xff\xff"
+    messages = [batch([flow(1)], 1).SerializeToString(), inner,
+                batch([flow(3)], 3).SerializeToString(), batch([flow(4)], 4).SerializeToString()]
+    acks = []
+    with pytest.raises(grpc.RpcError) as info:
+        for ack in push_raw(iter(messages), timeout=10):
+            acks.append(ack)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 1 on this stream is not a loupe.v1.RecordBatch" in info.value.details()
+    assert [(a.batch_id, a.status) for a in acks] == [(1, STORED)]
+    # The batches after it on that stream were not stored, so their resend is not a duplicate.
+    assert query(collector.address, "SELECT uid FROM flows ORDER BY uid") == [("F1",)]
+    assert push(collector.address, [batch([flow(3)], 3)])[0].status == STORED
+    status = observer_stub(collector.address).Status(wire.observer_pb2.StatusRequest())
+    assert status.counters["undecodable_messages"] == 1
+
+
 def test_oversized_message_is_refused_with_the_limit(start_collector):
     running = start_collector(max_message_bytes=64 * 1024)
     big = batch(mixed(2000), 1)
