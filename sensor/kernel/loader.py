@@ -255,23 +255,12 @@ class LoadedProgram:
         self.l7_ctl_fd: int = bpf[b"l7_ctl"].map_fd
         for table, key, value in ((b"flows", abi.FlowKey, abi.FlowValue),
                                   (b"frags", abi.FragKey, abi.FragValue)):
-            t = bpf[table]
-            if (ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf)) != (ctypes.sizeof(key),
-                                                                  ctypes.sizeof(value)):
-                raise KernelError(
-                    f"map {table.decode()} has key/value sizes {ctypes.sizeof(t.Key)}/"
-                    f"{ctypes.sizeof(t.Leaf)} but sensor/kernel/abi.py expects "
-                    f"{ctypes.sizeof(key)}/{ctypes.sizeof(value)}: bpf/loupe.h and abi.py differ"
-                )
+            check_map_layout(bpf, table, ctypes.sizeof(key), ctypes.sizeof(value),
+                             mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
 
     def open_events(self, handler: Callable[[bytes], None]) -> None:
         """Delivers every ring buffer event to handler as bytes, during poll_events()."""
-
-        def _callback(_ctx, data, size):
-            handler(ctypes.string_at(data, size))
-            return 0
-
-        self._bpf[b"events"].open_ring_buffer(_callback)
+        open_ring_buffer(self._bpf, b"events", handler)
         self._ring_open = True
 
     def poll_events(self, timeout_ms: int) -> None:
@@ -280,6 +269,30 @@ class LoadedProgram:
 
     def close(self) -> None:
         self._bpf.cleanup()
+
+
+def check_map_layout(bpf, table: bytes, key_size: int, value_size: int, *,
+                     mirror: str, header: str) -> None:
+    """Refuse to run when a map's key/value sizes differ from the Python mirror's: the C
+    header and its ctypes mirror were changed apart, and every read would be garbage."""
+    t = bpf[table]
+    got = (ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf))
+    if got != (key_size, value_size):
+        raise KernelError(
+            f"map {table.decode()} has key/value sizes {got[0]}/{got[1]} but {mirror} "
+            f"expects {key_size}/{value_size}: {header} and {mirror} differ"
+        )
+
+
+def open_ring_buffer(bpf, name: bytes, handler: Callable[[bytes], None]) -> None:
+    """Deliver every event of ring buffer `name` to handler as bytes, during bcc's
+    ring_buffer_poll()."""
+
+    def _callback(_ctx, data, size):
+        handler(ctypes.string_at(data, size))
+        return 0
+
+    bpf[name].open_ring_buffer(_callback)
 
 
 def load(options: LoadOptions | None = None) -> LoadedProgram:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
-from sensor.kernel.loader import check_headers, check_ringbuf, effective_caps
+from sensor.kernel.loader import (
+    check_headers, check_map_layout, check_ringbuf, effective_caps, open_ring_buffer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +103,12 @@ class ProcessTracepoint:
         self._bpf = bpf
         self.options = options
         self._ring_open = False
-        pending = bpf[b"proc_pending"]
-        if (ctypes.sizeof(pending.Key), ctypes.sizeof(pending.Leaf)) != (8, PROC_TASK_SIZE):
-            raise KernelError(
-                f"map proc_pending has key/value sizes {ctypes.sizeof(pending.Key)}/"
-                f"{ctypes.sizeof(pending.Leaf)} but sensor/kernel/tracepoints.py expects "
-                f"8/{PROC_TASK_SIZE}: bpf/process.h and tracepoints.py differ"
-            )
+        check_map_layout(bpf, b"proc_pending", 8, PROC_TASK_SIZE,
+                         mirror="sensor/kernel/tracepoints.py", header="bpf/process.h")
         self._counters = bpf[b"proc_counters"]
 
     def open_events(self, handler: Callable[[bytes], None]) -> None:
-        def _callback(_ctx, data, size):
-            handler(ctypes.string_at(data, size))
-            return 0
-
-        self._bpf[b"proc_events"].open_ring_buffer(_callback)
+        open_ring_buffer(self._bpf, b"proc_events", handler)
         self._ring_open = True
 
     def poll(self, timeout_ms: int) -> None:
