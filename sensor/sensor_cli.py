@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
         except BaseException:
             sensor.exporter.close(0.5)
             raise
-        where = ",".join(sensor.attached())
+        where = ",".join(f"{a.iface} ({a.mode})" for a in sensor.attachments)
         log.info("attached to %s%s; selection %s; metrics on %s", where,
                  f" (netns {args.netns})" if args.netns else "",
                  _describe(live_cfg.selection), config.metrics.listen or "off")

@@ -2,16 +2,15 @@
 
 Sensor: two scrapes of its Prometheus endpoint (default 127.0.0.1:9464) one interval
 apart give records exported by kind and their rates, losses by reason, queue depths,
-un-acked spool batches, CPU and memory; the interfaces carrying its TC filters come
-from `tc filter show` (the filter is named loupe_flow:<hook>). Collector: Observer.Status
+un-acked spool batches, CPU and memory; the interfaces running its flow meter (tcx
+programs named loupe_tc, which takes root to see, or clsact filters named
+loupe_flow:<hook>). Collector: Observer.Status
 (stored rows, sensors, counters). Either may be down: that is reported, not an error,
 unless both are.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import time
 import urllib.error
@@ -59,17 +58,15 @@ def scrape(address: str) -> dict[str, dict[str, float]]:
 
 
 def attachments() -> list[str]:
-    """Interfaces (of this network namespace) that carry the flow meter's filters."""
-    if shutil.which("tc") is None:
-        return []
+    """Interfaces (of this network namespace) that run the flow meter, with its hooks."""
+    from sensor.kernel import attach  # noqa: PLC0415 (only this part of status needs it)
+
     found = []
     for dev in sorted(Path("/sys/class/net").iterdir()):
-        hooks = []
-        for hook in ("ingress", "egress"):
-            out = subprocess.run(["tc", "filter", "show", "dev", dev.name, hook],
-                                 capture_output=True, text=True, timeout=5).stdout
-            if "loupe_flow" in out:
-                hooks.append(hook)
+        try:
+            hooks = attach.attached_hooks(dev.name)
+        except (LoupeError, OSError):
+            continue   # gone meanwhile
         if hooks:
             found.append(f"{dev.name} ({'+'.join(hooks)})")
     return found

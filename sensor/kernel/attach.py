@@ -1,12 +1,20 @@
-"""Attaching the flow meter to interfaces: TC clsact filters over rtnetlink.
+"""Attaching the flow meter to interfaces: tcx links, or TC clsact filters over rtnetlink.
 
-Our filter is recognised by its priority (PRIORITY), handle (HANDLE) and name (a
-TCA_BPF_NAME starting with NAME_PREFIX), on chain 0 of the clsact ingress and egress
-hooks. That is how we find and remove our own stale filters after a crash (a TC filter
-keeps its program alive after the process that attached it died), and how we avoid
-clobbering anyone else's: a foreign filter at our priority makes us refuse with a clear
-message; foreign filters at other priorities are left alone and keep running, before
-or after ours (the program returns TC_ACT_UNSPEC, so the chain continues).
+tcx (kernel >= 6.6) is preferred. A tcx link runs the program straight from the stack's
+TC hook, without the clsact qdisc's classifier walk (on 64-byte UDP across a veth, an
+empty program attached with clsact cost ~5% of the packet rate, with tcx ~2.5%). The
+program goes first among the hook's programs and returns TC_ACT_UNSPEC, which tcx
+reads as "next": the others run after it, then any clsact filters. A link lives as long
+as its file descriptor, so the program detaches when the sensor exits, crash included.
+
+Older kernels refuse tcx (EINVAL) and get a clsact filter. Ours is recognised by its
+priority (PRIORITY), handle (HANDLE) and name (a TCA_BPF_NAME starting with
+NAME_PREFIX), on chain 0 of the clsact ingress and egress hooks. That is how we find and
+remove our own stale filters after a crash (a TC filter keeps its program alive after
+the process that attached it died), and how we avoid clobbering anyone else's: a
+foreign filter at our priority makes us refuse with a clear message; foreign filters at
+other priorities are left alone and keep running, before or after ours (the program
+returns TC_ACT_UNSPEC, so the chain continues).
 
 A loopback device is attached on ingress only: a packet sent on lo passes its egress
 and then its ingress hook, and would be counted twice.
@@ -25,10 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sensor.errors import InterfaceError, KernelError, PrivilegeError
+from sensor.kernel import bpfsys
 
 PRIORITY = 7          # low number: we run before filters added with tc's default (49152)
 HANDLE = 0x4C55       # "LU"
 NAME_PREFIX = "loupe_flow"
+PROGRAM_NAME = "loupe_tc"   # the program's function name in bpf/flow.c, as tcx lists it
+
+_TCX_TYPES = {"ingress": bpfsys.BPF_TCX_INGRESS, "egress": bpfsys.BPF_TCX_EGRESS}
+# What a kernel without tcx (< 6.6) answers a tcx link request with.
+_NO_TCX = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
 
 _RTM_NEWQDISC, _RTM_DELQDISC = 36, 37
 _RTM_NEWTFILTER, _RTM_DELTFILTER, _RTM_GETTFILTER = 44, 45, 46
@@ -150,13 +164,18 @@ def _translate(exc: OSError, what: str) -> Exception:
 
 @dataclass
 class Attachment:
-    """Our filters on one interface; detach() removes exactly those."""
+    """Our links or filters on one interface; detach() removes exactly those."""
 
     iface: str
     ifindex: int
     hooks: tuple[str, ...]
     created_qdisc: bool
     attached: list[str] = field(default_factory=list)
+    links: dict[str, int] = field(default_factory=dict)   # hook -> tcx link fd
+
+    @property
+    def mode(self) -> str:
+        return "tcx" if self.links else "clsact"
 
 
 def list_filters(nl: _Netlink, ifindex: int, hook: str) -> list[FilterInfo]:
@@ -192,9 +211,36 @@ def _ensure_clsact(nl: _Netlink, ifindex: int) -> bool:
     return True
 
 
-def attach(iface: str, prog_fd: int) -> Attachment:
-    """Attaches prog_fd to iface's clsact hooks, after removing our own stale filters.
-    Refuses if another program holds our priority."""
+def attach(iface: str, prog_fd: int, *, tcx: bool = True) -> Attachment:
+    """Attaches prog_fd to iface: with tcx links when the kernel has them (and tcx is
+    True), else with clsact filters. Our own stale clsact filters go first either way."""
+    if tcx:
+        att = _attach_tcx(iface, prog_fd)
+        if att is not None:
+            return att
+    return _attach_clsact(iface, prog_fd)
+
+
+def _attach_tcx(iface: str, prog_fd: int) -> Attachment | None:
+    """tcx links on iface's hooks; None if the kernel has no tcx."""
+    ifindex = interface_index(iface)
+    cleanup_stale(iface)   # a clsact filter of ours would count every packet twice
+    att = Attachment(iface=iface, ifindex=ifindex, hooks=hooks_for(iface), created_qdisc=False)
+    for hook in att.hooks:
+        try:
+            att.links[hook] = bpfsys.tcx_attach(prog_fd, ifindex, _TCX_TYPES[hook])
+        except bpfsys.BpfError as exc:
+            detach(att)
+            if exc.errno in _NO_TCX:
+                return None
+            raise _translate(exc, f"attaching to {iface} {hook}") from None
+        att.attached.append(hook)
+    return att
+
+
+def _attach_clsact(iface: str, prog_fd: int) -> Attachment:
+    """clsact filters on iface's hooks, after removing our own stale ones. Refuses if
+    another program holds our priority."""
     ifindex = interface_index(iface)
     nl = _Netlink()
     try:
@@ -239,8 +285,14 @@ def attach(iface: str, prog_fd: int) -> Attachment:
 
 
 def detach(att: Attachment) -> None:
-    """Removes our filters; removes the clsact qdisc too if we added it and it is empty.
-    Tolerates an interface that is already gone (its filters went with it)."""
+    """Removes our links or filters; removes the clsact qdisc too if we added it and it
+    is empty. Tolerates an interface that is already gone (its filters went with it)."""
+    if att.links:
+        for hook, fd in list(att.links.items()):
+            os.close(fd)   # the last reference to a tcx link: the kernel detaches it
+            del att.links[hook]
+            att.attached.remove(hook)
+        return
     nl = _Netlink()
     try:
         for hook in list(att.attached):
@@ -287,3 +339,30 @@ def cleanup_stale(iface: str) -> int:
         return removed
     finally:
         nl.close()
+
+
+def attached_hooks(iface: str) -> list[str]:
+    """The hooks of iface (in this network namespace) that run the flow meter: a tcx
+    program named PROGRAM_NAME or one of our clsact filters. Needs CAP_SYS_ADMIN to name
+    tcx programs; without it only clsact filters are seen."""
+    ifindex = interface_index(iface)
+    found = []
+    nl = _Netlink()
+    try:
+        for hook in ("ingress", "egress"):
+            try:
+                ids = bpfsys.tcx_query(ifindex, _TCX_TYPES[hook])
+                if any(bpfsys.prog_name(i) == PROGRAM_NAME for i in ids):
+                    found.append(hook)
+                    continue
+            except bpfsys.BpfError:
+                pass   # no tcx on this kernel, or not allowed to name programs
+            try:
+                filters = list_filters(nl, ifindex, hook)
+            except OSError:
+                continue   # no clsact qdisc
+            if any(f.name.startswith(NAME_PREFIX) for f in filters):
+                found.append(hook)
+    finally:
+        nl.close()
+    return found

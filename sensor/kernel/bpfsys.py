@@ -23,11 +23,19 @@ BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_LINK_CREATE = 28
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
+
+# tcx: the TC hooks as BPF links (kernel >= 6.6), attach types of enum bpf_attach_type.
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3   # with no relative program: first in the hook's list
 
 BPF_MAP_TYPE_RINGBUF = 27
 
@@ -101,6 +109,29 @@ class _InfoAttr(ctypes.Structure):
 
 class _EnableStatsAttr(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32)]
+
+
+class _LinkCreateTcxAttr(ctypes.Structure):
+    """bpf_attr.link_create with its tcx part."""
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+class _ProgQueryAttr(ctypes.Structure):
+    """bpf_attr.query."""
+    _fields_ = [("target_ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("prog_attach_flags", ctypes.c_uint64),
+                ("link_ids", ctypes.c_uint64), ("link_attach_flags", ctypes.c_uint64),
+                ("revision", ctypes.c_uint64)]
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
 
 
 # struct bpf_prog_info: the offsets of the fields read here (include/uapi/linux/bpf.h;
@@ -262,6 +293,47 @@ def ringbuf_supported() -> bool:
         raise
     os.close(fd)
     return True
+
+
+def tcx_attach(prog_fd: int, ifindex: int, attach_type: int) -> int:
+    """Attaches a SCHED_CLS program first on an interface's tcx hook; the link's file
+    descriptor. The program stays attached while that descriptor (or a copy) is open:
+    closing it, or the process ending for any reason, detaches it."""
+    return bpf(BPF_LINK_CREATE, _LinkCreateTcxAttr(
+        prog_fd=prog_fd, target_ifindex=ifindex, attach_type=attach_type,
+        flags=BPF_F_BEFORE))
+
+
+# Programs listed per tcx hook by tcx_query; the kernel caps a hook at 64 (tcx's
+# bpf_mprog entries).
+_TCX_QUERY_MAX = 64
+
+
+def tcx_query(ifindex: int, attach_type: int) -> list[int]:
+    """Ids of the programs on an interface's tcx hook, in the order they run."""
+    ids = (ctypes.c_uint32 * _TCX_QUERY_MAX)()
+    attr = _ProgQueryAttr(target_ifindex=ifindex, attach_type=attach_type,
+                          prog_ids=_addr(ids), prog_cnt=_TCX_QUERY_MAX)
+    bpf(BPF_PROG_QUERY, attr)
+    return list(ids[:attr.prog_cnt])
+
+
+# struct bpf_prog_info: name[BPF_OBJ_NAME_LEN] at this offset.
+_OFF_NAME, _NAME_LEN = 64, 16
+
+
+def prog_name(prog_id: int) -> str:
+    """The name a loaded program was given (its function name, at most 15 bytes).
+    Opening a program by id needs CAP_SYS_ADMIN."""
+    fd = bpf(BPF_PROG_GET_FD_BY_ID, _GetFdByIdAttr(id=prog_id))
+    try:
+        buf = (ctypes.c_uint8 * _PROG_INFO_LEN)()
+        bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_LEN,
+                                              info=_addr(buf)))
+    finally:
+        os.close(fd)
+    return bytes(buf[_OFF_NAME:_OFF_NAME + _NAME_LEN]).split(b"\0", 1)[0].decode(
+        errors="replace")
 
 
 def prog_info(prog_fd: int) -> ProgInfo:

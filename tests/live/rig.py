@@ -226,6 +226,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def tc_filters(host) -> str:
-    return (host.run("tc", "filter", "show", "dev", host.iface, "ingress").stdout
-            + host.run("tc", "filter", "show", "dev", host.iface, "egress").stdout)
+def meter_hooks(host) -> list[str]:
+    """The hooks of host's interface running the flow meter (tcx or clsact)."""
+    from sensor.kernel import attach
+    from tests.kernel.conftest import in_netns
+
+    with in_netns(host.netns):
+        return attach.attached_hooks(host.iface)

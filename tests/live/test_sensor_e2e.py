@@ -29,7 +29,7 @@ from tests.export.collector_proc import CollectorProcess, query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
 from tests.conftest import REPO
-from tests.live.rig import LOUPE, Sensor, start_http, stop, tc_filters, wait_tcp
+from tests.live.rig import LOUPE, Sensor, meter_hooks, start_http, stop, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -234,7 +234,7 @@ def test_reload_changes_selection_and_sigterm_flushes_and_detaches(pair, collect
         wait_tcp(pair.a, pair.b.ip4, 8080)
         time.sleep(1.5)
         sensor.start()
-        assert "loupe_flow" in tc_filters(pair.a)
+        assert meter_hooks(pair.a) == ["ingress", "egress"]
         # A long connection across the reload: started while 8080 is not selected.
         slow = pair.a.popen("bash", "-c",
                             f"exec 3<>/dev/tcp/{pair.b.ip4}/8080; for i in 1 2 3 4 5 6; do "
@@ -275,7 +275,7 @@ def test_reload_changes_selection_and_sigterm_flushes_and_detaches(pair, collect
     assert not long.l7_coverage.inspected        # it keeps the selection it started with
     assert long.initiator_packets >= 7           # SYN, ACK, 6 requests: nothing dropped
     # SIGTERM: detached, every flow out, the notify sequence complete.
-    assert "loupe_flow" not in tc_filters(pair.a)
+    assert meter_hooks(pair.a) == []
     assert any("STOPPING=1" in n for n in sensor.notes)
     wait_for(lambda: len(query(collector.address,
                                "SELECT uid FROM flows WHERE dst_port = 8080")) == 3,

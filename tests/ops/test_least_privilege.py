@@ -251,7 +251,7 @@ def test_full_sensor_as_nobody_with_three_capabilities(lab):
         assert len(off) == 1, sensor.stderr
         assert "process attribution off: tracefs (/sys/kernel/tracing) is readable by root " \
                "only" in off[0] and "--user" in off[0], off[0]
-        assert "loupe_tc" in _filters(lab)
+        assert _meter_hooks(lab) == ["ingress", "egress"]
         _exchange(lab, "wait")
         http = sensor.wait_for(lambda r: r["type"] == "http" and r["detail"]["host"] == "lp.test",
                                "HTTP event for lp.test")
@@ -266,14 +266,16 @@ def test_full_sensor_as_nobody_with_three_capabilities(lab):
     assert code == 0, sensor.stderr
     assert "Traceback" not in sensor.stderr
     assert sensor.stderr.splitlines()[-1].startswith("loupe sensor: ")
-    assert "loupe_tc" not in _filters(lab)
+    assert _meter_hooks(lab) == []
 
 
-def _filters(lab: Lab) -> str:
-    result = subprocess.run(["tc", "-n", lab.ns_sensor, "filter", "show", "dev", lab.if_sensor,
-                             "ingress"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def _meter_hooks(lab: Lab) -> list[str]:
+    """The hooks of the sensor's interface running the flow meter (tcx or clsact)."""
+    from sensor.kernel import attach
+    from tests.kernel.conftest import in_netns
+
+    with in_netns(lab.ns_sensor):
+        return attach.attached_hooks(lab.if_sensor)
 
 
 @pytest.mark.parametrize("drop", [
@@ -306,7 +308,7 @@ def test_short_lived_process_is_attributed(lab, drop):
     # SIGTERM as nobody: detached (CAP_NET_ADMIN kept), clean exit, no traceback.
     assert code == 0, sensor.stderr
     assert "Traceback" not in sensor.stderr and "process attribution off" not in sensor.stderr
-    assert "loupe_tc" not in _filters(lab)
+    assert _meter_hooks(lab) == []
 
 
 def test_user_needs_root(lab):
@@ -318,7 +320,7 @@ def test_user_needs_root(lab):
         "loupe: error: --user root needs the sensor started as root: it attaches as root, "
         "then becomes that user"), result.stderr
     assert "Traceback" not in result.stderr
-    assert "loupe_tc" not in _filters(lab)
+    assert _meter_hooks(lab) == []
 
 
 @pytest.mark.parametrize(("caps", "missing"), [
