@@ -34,11 +34,11 @@ from pathlib import Path
 
 from sensor.errors import InterfaceError, KernelError, PrivilegeError
 from sensor.kernel import bpfsys
+from sensor.kernel.loader import PROGRAM
 
 PRIORITY = 7          # low number: we run before filters added with tc's default (49152)
 HANDLE = 0x4C55       # "LU"
 NAME_PREFIX = "loupe_flow"
-PROGRAM_NAME = "loupe_tc"   # the program's function name in bpf/flow.c, as tcx lists it
 
 _TCX_TYPES = {"ingress": bpfsys.BPF_TCX_INGRESS, "egress": bpfsys.BPF_TCX_EGRESS}
 # What a kernel without tcx (< 6.6) answers a tcx link request with.
@@ -343,7 +343,7 @@ def cleanup_stale(iface: str) -> int:
 
 def attached_hooks(iface: str) -> list[str]:
     """The hooks of iface (in this network namespace) that run the flow meter: a tcx
-    program named PROGRAM_NAME or one of our clsact filters. Needs CAP_SYS_ADMIN to name
+    program named loader.PROGRAM (its function name) or one of our clsact filters. Needs CAP_SYS_ADMIN to name
     tcx programs; without it only clsact filters are seen."""
     ifindex = interface_index(iface)
     found = []
@@ -352,7 +352,7 @@ def attached_hooks(iface: str) -> list[str]:
         for hook in ("ingress", "egress"):
             try:
                 ids = bpfsys.tcx_query(ifindex, _TCX_TYPES[hook])
-                if any(bpfsys.prog_name(i) == PROGRAM_NAME for i in ids):
+                if any(bpfsys.prog_name(i) == PROGRAM for i in ids):
                     found.append(hook)
                     continue
             except bpfsys.BpfError:

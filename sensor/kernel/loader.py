@@ -37,6 +37,12 @@ REQUIRED_CAPS = (("CAP_BPF", _CAP_BPF), ("CAP_PERFMON", _CAP_PERFMON),
                  ("CAP_NET_ADMIN", _CAP_NET_ADMIN))
 
 
+def check_ringbuf_pages(pages: int) -> None:
+    """A ring buffer's size in pages must be a power of two (BPF_MAP_TYPE_RINGBUF)."""
+    if pages < 1 or pages & (pages - 1):
+        raise ValueError("ringbuf_pages must be a power of two")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadOptions:
     """Sizes passed to the C code as -D; bounds and their reasons are in bpf/loupe.h."""
@@ -53,9 +59,7 @@ class LoadOptions:
             raise ValueError("frag_map_size must be within 1..1048576")
         if not 1 <= self.max_ipv6_ext <= 16:
             raise ValueError("max_ipv6_ext must be within 1..16")
-        pages = self.ringbuf_pages
-        if pages < 1 or pages & (pages - 1):
-            raise ValueError("ringbuf_pages must be a power of two")
+        check_ringbuf_pages(self.ringbuf_pages)
 
     def cflags(self) -> list[str]:
         return [

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
 from sensor.kernel.loader import (
-    check_headers, check_map_layout, check_ringbuf, effective_caps, open_ring_buffer,
+    BPF_DIR, check_headers, check_map_layout, check_ringbuf, check_ringbuf_pages,
+    effective_caps, open_ring_buffer,
 )
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 SOURCE = BPF_DIR / "process.c"
 TRACEPOINT = "sock/inet_sock_set_state"
 TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
@@ -47,9 +47,7 @@ class TracepointOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.pending_size <= 1 << 20:
             raise ValueError("pending_size must be within 1..1048576")
-        pages = self.ringbuf_pages
-        if pages < 1 or pages & (pages - 1):
-            raise ValueError("ringbuf_pages must be a power of two")
+        check_ringbuf_pages(self.ringbuf_pages)
 
     def cflags(self) -> list[str]:
         return [

@@ -36,11 +36,11 @@ import sys
 import time
 
 from sensor.clock import SystemClock
-from sensor.kernel import abi, attach, bpfsys, loader, testrun
+from sensor.kernel import abi, bpfsys, loader, testrun
 from sensor.kernel.counters import possible_cpus, read_counters
 from sensor.kernel.flowmap import BATCH, FlowMapReader
 from sensor.kernel.hybrid import KernelSensor, SelectionConfig
-from tests.kernel.conftest import in_netns
+from tests.kernel.conftest import attached
 from tests.netns import VethPair
 
 DROP_COUNTERS = (abi.Counter.FLOW_MAP_FULL, abi.Counter.RINGBUF_FULL,
@@ -99,20 +99,6 @@ def _ns_per_run(prog_fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
     return ((after.run_time_ns - before.run_time_ns) / runs if runs else 0.0), runs
 
 
-def _attached(pair: VethPair, prog_fd: int):
-    """Context manager: the program on pair.b's veth (ingress and egress) meanwhile."""
-    @contextlib.contextmanager
-    def cm():
-        with in_netns(pair.b.netns):
-            att = attach.attach(pair.b.iface, prog_fd)
-        try:
-            yield
-        finally:
-            with in_netns(pair.b.netns):
-                attach.detach(att)
-    return cm()
-
-
 def iperf_main(args) -> int:
     prog = loader.load()
     results: dict[str, dict[bool, list[float]]] = {"tcp": {True: [], False: []},
@@ -125,18 +111,19 @@ def iperf_main(args) -> int:
         # statistics stay off here: timing every run costs two clock reads per packet,
         # which would be charged to the program.
         for rnd in range(args.rounds):
-            for attached in (rnd % 2 == 0, rnd % 2 != 0):
-                with _attached(pair, prog.prog_fd) if attached else contextlib.nullcontext():
+            for on in (rnd % 2 == 0, rnd % 2 != 0):
+                with (attached(pair.b.netns, pair.b.iface, prog.prog_fd) if on
+                      else contextlib.nullcontext()):
                     for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
-                        results[kind][attached].append(fn(pair, args.seconds))
-                print(f"round {rnd + 1} {'attached' if attached else 'bare    '}: "
-                      f"tcp {results['tcp'][attached][-1] / 1e9:.2f} Gbit/s, "
-                      f"udp64 {results['udp'][attached][-1] / 1e3:.0f} kpps; {_load()}",
+                        results[kind][on].append(fn(pair, args.seconds))
+                print(f"round {rnd + 1} {'attached' if on else 'bare    '}: "
+                      f"tcp {results['tcp'][on][-1] / 1e9:.2f} Gbit/s, "
+                      f"udp64 {results['udp'][on][-1] / 1e3:.0f} kpps; {_load()}",
                       flush=True)
         # Cost rounds: attached, with run-time statistics on (BPF_ENABLE_STATS).
         stats_fd = bpfsys.enable_run_time_stats()
         try:
-            with _attached(pair, prog.prog_fd):
+            with attached(pair.b.netns, pair.b.iface, prog.prog_fd):
                 for _ in range(args.cost_rounds):
                     for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
                         before = bpfsys.prog_info(prog.prog_fd)

@@ -29,6 +29,30 @@ def in_netns(name: str):
         os.close(target)
 
 
+@contextlib.contextmanager
+def attached(netns: str, iface: str, prog_fd: int, **options):
+    """Runs the block with prog_fd attached to iface in netns (attach.attach's options);
+    yields the Attachment. Detaches inside netns too: a clsact filter is removed over
+    netlink, which works in the caller's namespace."""
+    from sensor.kernel import attach
+
+    with in_netns(netns):
+        att = attach.attach(iface, prog_fd, **options)
+    try:
+        yield att
+    finally:
+        with in_netns(netns):
+            attach.detach(att)
+
+
+def meter_hooks(netns: str, iface: str) -> list[str]:
+    """The hooks of iface in netns that run the flow meter (tcx or clsact)."""
+    from sensor.kernel import attach
+
+    with in_netns(netns):
+        return attach.attached_hooks(iface)
+
+
 @pytest.fixture
 def load_program():
     """load_program(**LoadOptions) -> LoadedProgram, closed after the test."""

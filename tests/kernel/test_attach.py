@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from sensor.kernel import attach, bpfsys
+from sensor.kernel import attach, bpfsys, loader
 from tests.conftest import REPO
-from tests.kernel.conftest import in_netns
+from tests.kernel.conftest import attached, in_netns, meter_hooks
 from tests.netns import VethPair
 
 pytestmark = pytest.mark.bpf
@@ -18,16 +18,13 @@ pytestmark = pytest.mark.bpf
 
 @pytest.fixture(scope="module")
 def kernel_prog():
-    from sensor.kernel import loader
-
     prog = loader.load()
     yield prog
     prog.close()
 
 
 def _hooks(pair: VethPair) -> list[str]:
-    with in_netns(pair.b.netns):
-        return attach.attached_hooks(pair.b.iface)
+    return meter_hooks(pair.b.netns, pair.b.iface)
 
 
 def _tc(pair: VethPair, hook: str) -> str:
@@ -37,18 +34,14 @@ def _tc(pair: VethPair, hook: str) -> str:
 def test_tcx_runs_the_meter_first_and_detaches_with_the_link(kernel_prog):
     with VethPair.create("at") as pair:
         pair.wait_ready()
-        with in_netns(pair.b.netns):
-            att = attach.attach(pair.b.iface, kernel_prog.prog_fd)
-        try:
+        with attached(pair.b.netns, pair.b.iface, kernel_prog.prog_fd) as att:
             assert att.mode == "tcx" and att.attached == ["ingress", "egress"]
             assert _hooks(pair) == ["ingress", "egress"]
             assert "loupe_flow" not in _tc(pair, "ingress")   # no clsact filter as well
             with in_netns(pair.b.netns):
                 ifindex = attach.interface_index(pair.b.iface)
                 ids = bpfsys.tcx_query(ifindex, bpfsys.BPF_TCX_INGRESS)
-            assert [bpfsys.prog_name(i) for i in ids] == [attach.PROGRAM_NAME]
-        finally:
-            attach.detach(att)
+            assert [bpfsys.prog_name(i) for i in ids] == [loader.PROGRAM]
         assert att.attached == [] and att.links == {}
         assert _hooks(pair) == []
 
@@ -59,7 +52,7 @@ def test_tcx_link_goes_away_with_a_killed_process(kernel_prog):
         pair.wait_ready()
         child = pair.b.popen(
             sys.executable, "-c",
-            "import os, sys, time\n"
+            "import sys, time\n"
             "from sensor.kernel import attach, loader\n"
             "prog = loader.load()\n"
             "attach.attach(sys.argv[1], prog.prog_fd)\n"
@@ -78,16 +71,11 @@ def test_tcx_link_goes_away_with_a_killed_process(kernel_prog):
 def test_clsact_fallback_attaches_filters_and_removes_its_qdisc(kernel_prog):
     with VethPair.create("ac") as pair:
         pair.wait_ready()
-        with in_netns(pair.b.netns):
-            att = attach.attach(pair.b.iface, kernel_prog.prog_fd, tcx=False)
-        try:
+        with attached(pair.b.netns, pair.b.iface, kernel_prog.prog_fd, tcx=False) as att:
             assert att.mode == "clsact" and att.attached == ["ingress", "egress"]
             assert "loupe_flow:ingress" in _tc(pair, "ingress")
             assert "loupe_flow:egress" in _tc(pair, "egress")
             assert _hooks(pair) == ["ingress", "egress"]
-        finally:
-            with in_netns(pair.b.netns):   # netlink works in the caller's namespace
-                attach.detach(att)
         assert _hooks(pair) == []
         assert "clsact" not in pair.b.run("tc", "qdisc", "show", "dev", pair.b.iface).stdout
 

@@ -18,11 +18,11 @@ from scapy.packet import Raw, raw
 from sensor.clock import SystemClock
 from sensor.engine.semantics import NS, Timeouts
 from sensor.errors import KernelError
-from sensor.kernel import attach, loader, testrun
+from sensor.kernel import loader, testrun
 from sensor.kernel.events import EventDecoder
 from sensor.kernel.flowmap import FlowMapReader
 from sensor.model import FlowEndReason
-from tests.kernel.conftest import in_netns
+from tests.kernel.conftest import meter_hooks
 from tests.netns import VethPair
 
 pytestmark = pytest.mark.bpf
@@ -130,9 +130,8 @@ def test_sensor_flows_prints_json_lines_matching_the_traffic():
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             for _ in range(100):   # attached once the meter shows up (bounded: 10 s)
-                with in_netns(pair.b.netns):
-                    if attach.attached_hooks(pair.b.iface):
-                        break
+                if meter_hooks(pair.b.netns, pair.b.iface):
+                    break
                 time.sleep(0.1)
             else:
                 raise AssertionError("loupe sensor flows did not attach")

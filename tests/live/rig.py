@@ -228,8 +228,6 @@ def stop(proc: subprocess.Popen) -> None:
 
 def meter_hooks(host) -> list[str]:
     """The hooks of host's interface running the flow meter (tcx or clsact)."""
-    from sensor.kernel import attach
-    from tests.kernel.conftest import in_netns
+    from tests.kernel.conftest import meter_hooks as hooks
 
-    with in_netns(host.netns):
-        return attach.attached_hooks(host.iface)
+    return hooks(host.netns, host.iface)

@@ -271,11 +271,9 @@ def test_full_sensor_as_nobody_with_three_capabilities(lab):
 
 def _meter_hooks(lab: Lab) -> list[str]:
     """The hooks of the sensor's interface running the flow meter (tcx or clsact)."""
-    from sensor.kernel import attach
-    from tests.kernel.conftest import in_netns
+    from tests.kernel.conftest import meter_hooks
 
-    with in_netns(lab.ns_sensor):
-        return attach.attached_hooks(lab.if_sensor)
+    return meter_hooks(lab.ns_sensor, lab.if_sensor)
 
 
 @pytest.mark.parametrize("drop", [
