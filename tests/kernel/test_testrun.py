@@ -5,7 +5,7 @@ created or credited for it."""
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, fragment
 from scapy.layers.inet6 import (
     IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting,
 )
@@ -95,6 +95,47 @@ def test_gso_buffer_counts_wire_segments(probe):
     assert val.dir[0].ip_bytes == payload + 3 * 40
     assert val.dir[0].l2_bytes == payload + 3 * 54
 
+
+
+STEADY_SHAPES = {
+    "ipv4": (lambda: Ether(**MAC), lambda s, d: IP(src=s, dst=d), (A4, B4), 40),
+    "ipv6": (lambda: Ether(**MAC), lambda s, d: IPv6(src=s, dst=d), (A6, B6), 60),
+    # Shapes the quick path leaves to the full parse, whose fast path adds them lock-free.
+    "ipv4 with options": (lambda: Ether(**MAC),
+                          lambda s, d: IP(src=s, dst=d, options=IPOption(b"\x01\x01\x01\x00")),
+                          (A4, B4), 44),
+    "802.1Q in the frame": (lambda: Ether(**MAC) / Dot1Q(vlan=7),
+                            lambda s, d: IP(src=s, dst=d), (A4, B4), 40),
+}
+
+
+@pytest.mark.parametrize("shape", STEADY_SHAPES)
+def test_steady_packets_are_added_without_the_lock(probe, shape):
+    """Once the handshake is done, a packet changes only its flow's counters and is
+    added lock-free; `updates`, which only locked updates raise, stays at 4: the
+    handshake's 3 and the first PSH (a flag bit new to its side). Data both ways, and a GSO buffer of 3 segments, land in the flow the
+    handshake created (same key from both parsers) and count exactly."""
+    l2, l3, (a, b), hdr = STEADY_SHAPES[shape]
+    l2_hdr = len(raw(l2() / IP() / TCP())) - 40
+
+    def seg(src, dst, sport, dport, flags, data=b""):
+        return raw(l2() / l3(src, dst) / TCP(sport=sport, dport=dport, flags=flags) / data)
+
+    for frame in (seg(a, b, 40000, 80, "S"), seg(b, a, 80, 40000, "SA"),
+                  seg(a, b, 40000, 80, "A")):
+        assert probe.run(frame) == {}
+    for _ in range(5):
+        assert probe.run(seg(a, b, 40000, 80, "PA", b"q" * 100)) == {}
+        assert probe.run(seg(b, a, 80, 40000, "A")) == {}
+    assert probe.run(seg(b, a, 80, 40000, "A", b"r" * 3000), gso_segs=3, gso_size=1000) == {}
+    [(key, val)] = probe.flows()
+    assert (key.port_lo, key.port_hi) == (40000, 80)  # the client's address is the lower
+    up, down = val.dir[0], val.dir[1]
+    assert val.updates == 4
+    assert (up.packets, up.ip_bytes, up.l2_bytes) == (
+        7, 7 * hdr + 500, 7 * (hdr + l2_hdr) + 500)
+    assert (down.packets, down.ip_bytes, down.l2_bytes) == (
+        9, 9 * hdr + 3000, 9 * (hdr + l2_hdr) + 3000)
 
 def test_vlan_and_qinq_tags_are_in_the_key(probe):
     base = IP(src=A4, dst=B4) / UDP(sport=5, dport=6)
