@@ -5,7 +5,8 @@
  *   TC_ACT_OK does when we are the only filter, and lets a filter chained after ours
  *   (another tool's program) still run, so attaching Loupe never changes a verdict.
  * - Only packet bytes and __sk_buff fields are read; no kernel struct, so one build
- *   runs on any kernel >= 5.8. Only UAPI headers are included.
+ *   runs on any kernel >= 5.14 (the newest feature used: hash lookup-and-delete, by
+ *   the reader). Only UAPI headers are included.
  * - Headers are read straight from the buffer's linear part (direct packet access),
  *   where the stack and drivers put them; a header outside it (a driver that left
  *   everything in page fragments) is pulled into it first and counted
@@ -18,8 +19,11 @@
  *   the wire: it is the outer tag, and its 4 bytes count in the layer-2 length.
  * - Every packet that is not attributed to a flow is counted in one of the per-CPU
  *   counters (loupe.h, enum loupe_counter); none is misattributed.
- * - The fast path (a packet of a known, unselected flow) costs one hash lookup, one
- *   spin lock and no other helper than the clock.
+ * - A packet of a steady flow (known, handshake done, no new flag, not selected)
+ *   costs a header read in place, one hash lookup, the coarse clock and three atomic
+ *   adds: the quick path (quick_path) for TCP/UDP over IPv4 without options or IPv6
+ *   without extension headers, else the full parse and the same lock-free add
+ *   (fast_path). Every other packet takes the entry's spin lock (account).
  *
  * Reading without losing
  *   Userspace takes finished flows out with BPF_MAP_LOOKUP_AND_DELETE_ELEM(BPF_F_LOCK),
@@ -50,7 +54,11 @@
  *   flow idle for 2 * GUARD, i.e. taken after fast_until, after which the first packet
  *   takes the locked path (its gap is at least GUARD); or ENDED, which clears
  *   fast_until, GUARD before the unlink. A fast-path packet would have to stall GUARD
- *   (0.5 s) between its check and its adds, which a program run does not. What the lock
+ *   (0.5 s) between its check and its adds, which a program run does not. The check
+ *   reads the coarse clock, at most a tick (4 ms at HZ=250) behind the exact one that
+ *   set fast_until, so the stall would still have to be GUARD minus a tick; and a
+ *   fast-path last_ns up to a tick early only makes a flow look idle that much sooner,
+ *   which the first locked packet after it sees as a gap (resumed_ns). What the lock
  *   no longer gives: a snapshot taken while a fast-path packet is between its three
  *   adds shows part of it; interim records (which never delete) may then split one
  *   packet's fields across two consecutive records of the flow. Their sums stay exact,
@@ -731,7 +739,8 @@ static __always_inline int fast_path(struct loupe_pkt *p, struct loupe_flow_valu
 
 #define QUICK_NOT_MINE 0   /* not a packet the quick path parses: the full parse decides */
 #define QUICK_DONE 1       /* counted */
-#define QUICK_LOCKED 2     /* parsed; a new flow, or the packet needs the locked path */
+#define QUICK_LOCKED 2     /* parsed into p, the entry (or NULL) in *found: a new flow,
+			    * or a packet that needs the locked path */
 
 /* The quick path: most packets are TCP or UDP over IPv4 without options or IPv6
  * without extension headers, unfragmented, in an untagged frame (or one whose tag the
@@ -741,7 +750,8 @@ static __always_inline int fast_path(struct loupe_pkt *p, struct loupe_flow_valu
  * Anything else, or headers outside the linear part, returns QUICK_NOT_MINE and the
  * full parse counts the packet, to the same key. The checks are the full parse's:
  * a packet it would count as malformed is never the quick path's. */
-static __always_inline int quick_path(struct __sk_buff *skb)
+static __always_inline int quick_path(struct __sk_buff *skb, struct loupe_pkt *p,
+				       struct loupe_flow_value **found)
 {
 	__u8 *data = (__u8 *)(long)skb->data;
 	__u8 *data_end = (__u8 *)(long)skb->data_end;
@@ -790,6 +800,7 @@ static __always_inline int quick_path(struct __sk_buff *skb)
 	}
 
 	__u16 tf = 0;
+	__u32 seq = 0, ack = 0;
 	if (k.protocol == PROTO_TCP) {
 		if (l4 + 20 > data_end)
 			return QUICK_NOT_MINE;
@@ -797,6 +808,8 @@ static __always_inline int quick_path(struct __sk_buff *skb)
 		if (l4_hdr < 20 || l3_hdr + l4_hdr > tot)
 			return QUICK_NOT_MINE;
 		tf = ((__u16)(l4[12] & 1) << 8) | l4[13];
+		seq = ((__u32)l4[4] << 24) | ((__u32)l4[5] << 16) | ((__u32)l4[6] << 8) | l4[7];
+		ack = ((__u32)l4[8] << 24) | ((__u32)l4[9] << 16) | ((__u32)l4[10] << 8) | l4[11];
 	} else if (k.protocol == PROTO_UDP) {
 		if (l4 + 8 > data_end || l3_hdr + 8 > tot)
 			return QUICK_NOT_MINE;
@@ -804,8 +817,6 @@ static __always_inline int quick_path(struct __sk_buff *skb)
 	} else {
 		return QUICK_NOT_MINE;
 	}
-	if (tf & (TCPF_SYN | TCPF_FIN | TCPF_RST))
-		return QUICK_LOCKED;
 	__u16 sport = ((__u16)l4[0] << 8) | l4[1];
 	__u16 dport = ((__u16)l4[2] << 8) | l4[3];
 	__u32 vlan_extra = 0;
@@ -816,16 +827,38 @@ static __always_inline int quick_path(struct __sk_buff *skb)
 	k.ifindex = skb->ifindex;
 	__u8 dir = canonicalize(&k, src, dst, sport, dport, 1, 0);
 
-	struct loupe_flow_value *v = flows.lookup(&k);
-	if (!v)
-		return QUICK_LOCKED;
 	__u32 segs = gso ? skb->gso_segs : 1;
+	__u32 payload_len = tot - l3_hdr - l4_hdr;
 	__u64 ip_bytes, l2_bytes;
 	wire_bytes(skb, segs, tot, l3_hdr + l4_hdr, ETH_HLEN_, vlan_extra, &ip_bytes, &l2_bytes);
-	if (!add_if_steady(v, dir, tf, tot - l3_hdr - l4_hdr, segs, ip_bytes, l2_bytes,
-			   bpf_ktime_get_coarse_ns()))
-		return QUICK_LOCKED;
-	return QUICK_DONE;
+
+	struct loupe_flow_value *v = 0;
+	if (!(tf & (TCPF_SYN | TCPF_FIN | TCPF_RST))) {
+		v = flows.lookup(&k);
+		if (v && add_if_steady(v, dir, tf, payload_len, segs, ip_bytes, l2_bytes,
+				       bpf_ktime_get_coarse_ns()))
+			return QUICK_DONE;
+	}
+	/* For the locked path: the packet as the full parse would have left it. */
+	__builtin_memset(p, 0, sizeof(*p));
+	__builtin_memcpy(&p->key, &k, sizeof(k));
+	__builtin_memcpy(p->src, src, 16);
+	__builtin_memcpy(p->dst, dst, 16);
+	p->dir = dir;
+	p->tcp_flags = tf;
+	p->seq = seq;
+	p->ack = ack;
+	p->l3_off = ETH_HLEN_;
+	p->l3_hdr_len = l3_hdr;
+	p->l4_hdr_len = l4_hdr;
+	p->ip_len = tot;
+	p->payload_off = ETH_HLEN_ + l3_hdr + l4_hdr;
+	p->payload_len = payload_len;
+	p->packets = segs;
+	p->ip_bytes = ip_bytes;
+	p->l2_bytes = l2_bytes;
+	*found = v;
+	return QUICK_LOCKED;
 }
 
 /* Adds the packet to its flow under the entry's lock (v: the entry found by the fast
@@ -1014,29 +1047,16 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 	return 0;
 }
 
-int loupe_tc(struct __sk_buff *skb)
+/* The full parse: any frame, into p. Returns 0, or the counter that explains why the
+ * packet is not a flow's. */
+static __always_inline int parse_frame(struct __sk_buff *skb, struct loupe_pkt *p)
 {
-	/* The packet's state lives in a per-CPU map value, not on the stack: the verifier
-	 * then sees what the parsers wrote as unknown values when accounting reads them,
-	 * so the many parse paths (IPv4/IPv6, extension headers, transports, fragments)
-	 * meet in one state there instead of each walking the accounting code again. */
-	__u32 zero = 0;
-	struct loupe_pkt *p = pkt_scratch.lookup(&zero);
-	if (!p)
-		return TC_ACT_UNSPEC;
 	__u32 off = ETH_HLEN_;
 	__u8 tags = 0;
 	__u16 vlan_extra = 0;
 	__u16 proto;
 
-	count(LOUPE_CNT_PACKETS);
-	int quick = quick_path(skb);
-	if (quick == QUICK_DONE)
-		return TC_ACT_UNSPEC;
 	__builtin_memset(p, 0, sizeof(*p));
-	/* Kept in the scratch, not a register: read back as unknown, both outcomes meet in
-	 * one verifier state instead of each walking the full parse. */
-	p->needs_lock = quick == QUICK_LOCKED;
 	if (skb->vlan_present) {
 		/* The outer tag travels beside the frame (hardware or stack offload). */
 		p->key.vlan_id = skb->vlan_tci & 0x0fff;
@@ -1044,23 +1064,17 @@ int loupe_tc(struct __sk_buff *skb)
 		tags = 1;
 	}
 	__u8 eth[2];
-	if (load_hdr(skb, 12, eth, 2) < 0) {
-		count(LOUPE_CNT_TRUNCATED);
-		return TC_ACT_UNSPEC;
-	}
+	if (load_hdr(skb, 12, eth, 2) < 0)
+		return LOUPE_CNT_TRUNCATED;
 	proto = ((__u16)eth[0] << 8) | eth[1];
 #pragma unroll
 	for (int i = 0; i < 3; i++) {
 		if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
-			if (tags >= 2) {
-				count(LOUPE_CNT_UNSUPPORTED_ENCAP);
-				return TC_ACT_UNSPEC;
-			}
+			if (tags >= 2)
+				return LOUPE_CNT_UNSUPPORTED_ENCAP;
 			__u8 t[4];
-			if (load_hdr(skb, off, t, 4) < 0) {
-				count(LOUPE_CNT_TRUNCATED);
-				return TC_ACT_UNSPEC;
-			}
+			if (load_hdr(skb, off, t, 4) < 0)
+				return LOUPE_CNT_TRUNCATED;
 			__u16 vid = (((__u16)t[0] << 8) | t[1]) & 0x0fff;
 			if (tags == 0)
 				p->key.vlan_id = vid;
@@ -1090,10 +1104,8 @@ int loupe_tc(struct __sk_buff *skb)
 	} else {
 		err = LOUPE_CNT_NON_IP;
 	}
-	if (err) {
-		count(err);
-		return TC_ACT_UNSPEC;
-	}
+	if (err)
+		return err;
 
 	/* Segment arithmetic: the buffer holds segs segments' payload but one copy of
 	 * the headers; every further segment carried its own. */
@@ -1102,11 +1114,34 @@ int loupe_tc(struct __sk_buff *skb)
 		   &p->ip_bytes, &p->l2_bytes);
 	if (p->is_frag)
 		p->payload_len = p->ip_len - p->l3_hdr_len - p->l4_hdr_len;
+	return 0;
+}
 
-	/* A packet the quick path parsed and sent here needs the lock: no second try. */
-	struct loupe_flow_value *found = 0;
-	if (!p->needs_lock && fast_path(p, &found))
+int loupe_tc(struct __sk_buff *skb)
+{
+	/* The packet's state lives in a per-CPU map value, not on the stack: the verifier
+	 * then sees what the parsers wrote as unknown values when accounting reads them,
+	 * so the many parse paths (IPv4/IPv6, extension headers, transports, fragments)
+	 * meet in one state there instead of each walking the accounting code again. */
+	__u32 zero = 0;
+	struct loupe_pkt *p = pkt_scratch.lookup(&zero);
+	if (!p)
 		return TC_ACT_UNSPEC;
+	count(LOUPE_CNT_PACKETS);
+
+	struct loupe_flow_value *found = 0;
+	int quick = quick_path(skb, p, &found);
+	if (quick == QUICK_DONE)
+		return TC_ACT_UNSPEC;
+	if (quick == QUICK_NOT_MINE) {
+		int err = parse_frame(skb, p);
+		if (err) {
+			count(err);
+			return TC_ACT_UNSPEC;
+		}
+		if (fast_path(p, &found))
+			return TC_ACT_UNSPEC;
+	}
 	__u64 now = bpf_ktime_get_ns();
 	__u64 fp = key_hash(&p->key) | 1;   /* never 0, the value of a zeroed entry */
 	/* Twice at most: the second try follows an entry recycled under the first. A

@@ -9,7 +9,7 @@
  * Layout rules: fixed-width types only, every padding byte spelled out, multi-byte
  * fields in host byte order unless the name says otherwise (addresses stay in network
  * order, as on the wire). Only UAPI headers are used, so one build runs on any kernel
- * >= 5.8 (ring buffer).
+ * >= 5.14 (hash lookup-and-delete; ring buffer 5.8, coarse clock 5.11).
  */
 #ifndef LOUPE_H
 #define LOUPE_H

@@ -37,6 +37,7 @@ BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
 BPF_F_BEFORE = 1 << 3   # with no relative program: first in the hook's list
 
+BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_ANY = 0
@@ -292,6 +293,24 @@ def ringbuf_supported() -> bool:
             return False
         raise
     os.close(fd)
+    return True
+
+
+def hash_lookup_and_delete_supported() -> bool:
+    """True if BPF_MAP_LOOKUP_AND_DELETE_ELEM works on a hash map (Linux >= 5.14), the
+    newest kernel feature the flow meter uses: asking a tiny map for an absent key
+    says ENOENT where it does."""
+    fd = bpf(BPF_MAP_CREATE, _MapCreateAttr(map_type=BPF_MAP_TYPE_HASH, key_size=4,
+                                            value_size=4, max_entries=1))
+    try:
+        key, value = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        lookup_and_delete(fd, key, value, lock=False)
+    except BpfError as exc:
+        if exc.errno in (errno.EINVAL, _ENOTSUPP):
+            return False
+        raise
+    finally:
+        os.close(fd)
     return True
 
 

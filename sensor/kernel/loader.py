@@ -233,6 +233,18 @@ def check_ringbuf() -> None:
         )
 
 
+def check_flow_meter_kernel() -> None:
+    """The flow meter's reader takes entries out with lookup-and-delete (Linux 5.14),
+    and the program reads the coarse clock (5.11): one probe covers both, so an old
+    kernel gets this message rather than a verifier log."""
+    if not bpfsys.hash_lookup_and_delete_supported():
+        raise KernelError(
+            f"this kernel ({platform.release()}) cannot look up and delete BPF hash map "
+            "entries in one step, which the flow meter's reader needs: upgrade to Linux "
+            "5.14 or later"
+        )
+
+
 class LoadedProgram:
     """The compiled program and its maps. close() releases them (filters that still
     reference the program keep it alive in the kernel; detach those first)."""
@@ -305,6 +317,7 @@ def load(options: LoadOptions | None = None) -> LoadedProgram:
     check_privileges()
     check_headers()
     check_ringbuf()
+    check_flow_meter_kernel()
     try:
         from bcc import BPF  # noqa: PLC0415 (imported here so the rest runs without bcc)
     except ImportError:

@@ -116,6 +116,16 @@ def test_missing_headers_say_what_to_install(tmp_path):
     assert str(tmp_path) in text and "linux-headers-" in text and "\n" not in text
 
 
+
+def test_kernel_feature_probes_find_what_this_kernel_has():
+    # The probes behind the "upgrade to Linux 5.8 / 5.14" messages: a probe that failed
+    # on a kernel that has the feature would refuse every start.
+    from sensor.kernel import bpfsys
+
+    assert bpfsys.ringbuf_supported()
+    assert bpfsys.hash_lookup_and_delete_supported()
+    loader.check_flow_meter_kernel()
+
 def test_idle_timeout_below_the_guard_is_refused():
     proc = subprocess.run([LOUPE, "sensor", "flows", "--iface", "lo", "--idle-timeout", "0.2"],
                           capture_output=True, text=True, timeout=60)
