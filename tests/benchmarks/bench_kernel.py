@@ -1,19 +1,23 @@
 """Flow meter overhead, three ways.
 
-    sudo .venv/bin/python -m tests.benchmarks.bench_kernel [--rounds 10] [--seconds 3]
+    sudo .venv/bin/python -m tests.benchmarks.bench_kernel [--rounds 30] [--phase 1]
     sudo .venv/bin/python -m tests.benchmarks.bench_kernel --micro
     sudo .venv/bin/python -m tests.benchmarks.bench_kernel --read
 
-- default: iperf3 across a veth pair with the program attached (tcx where the kernel
-  has it) and without, in alternating rounds in one run; iperf3's client and server
-  are pinned to a core each. It prints the TCP throughput ratio and the 64-byte UDP
-  packet-rate ratio (attached / bare: the median of the rounds' ratios, each round's
-  two tests back to back so that load coming and going cancels out; target >= 0.95),
-  the kernel's drop counters (must stay 0) and the program's own cost per run while
-  attached (BPF_ENABLE_STATS: run_time_ns / run_cnt), measured in rounds of their own
-  after the ratio rounds (timing every run costs the kernel two clock reads per
-  packet, which would otherwise be charged to the program); far less noisy than iperf3
-  on a shared machine.
+- default: one long iperf3 test across a veth pair per kind (TCP, then 64-byte UDP),
+  during which the program is attached (tcx where the kernel has it) and detached in
+  turn, one phase a second: bare, attached, bare, ... (--rounds attached phases).
+  iperf3's client and server are pinned to a core each. The rate of each phase is read
+  from the receiving interface's counters (bytes for TCP, packets for UDP). It prints
+  the TCP throughput ratio and the 64-byte UDP packet-rate ratio: each attached phase
+  against the mean of the bare phases either side of it, the median of those (target
+  >= 0.95), and the ratio of all attached to all bare phases beside it. Phases a
+  second apart see the same machine: separate tests a few seconds apart differed by
+  up to 25% on a shared VM, which no number of rounds averaged out. Then the kernel's
+  drop counters (must stay 0), and the program's own cost per run while attached
+  (BPF_ENABLE_STATS: run_time_ns / run_cnt), measured in tests of their own after the
+  ratio runs (timing every run costs the kernel two clock reads per packet, which
+  would otherwise be charged to the program).
 - --micro: the program's cost per packet through BPF_PROG_TEST_RUN with many
   repetitions, per kind of packet (fast path, locked path, selected flow with payload),
   minus an empty program's cost (the test-run loop itself).
@@ -26,7 +30,6 @@ The load average is printed with every result: other work shares the cores.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -36,11 +39,11 @@ import sys
 import time
 
 from sensor.clock import SystemClock
-from sensor.kernel import abi, bpfsys, loader, testrun
+from sensor.kernel import abi, attach, bpfsys, loader, testrun
 from sensor.kernel.counters import possible_cpus, read_counters
 from sensor.kernel.flowmap import BATCH, FlowMapReader
 from sensor.kernel.hybrid import KernelSensor, SelectionConfig
-from tests.kernel.conftest import attached
+from tests.kernel.conftest import attached, in_netns
 from tests.netns import VethPair
 
 DROP_COUNTERS = (abi.Counter.FLOW_MAP_FULL, abi.Counter.RINGBUF_FULL,
@@ -80,8 +83,11 @@ def _iperf(pair: VethPair, seconds: float, *args: str) -> dict:
         try:
             srv.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            srv.kill()  # a one-off server that missed its client's last message
+            srv.kill()
             srv.wait()
+
+
+UDP64 = ("-u", "-l", "64", "-b", "0")
 
 
 def tcp_bps(pair, seconds) -> float:
@@ -89,7 +95,7 @@ def tcp_bps(pair, seconds) -> float:
 
 
 def udp_pps(pair, seconds) -> float:
-    s = _iperf(pair, seconds, "-u", "-l", "64", "-b", "0")["end"]["sum"]
+    s = _iperf(pair, seconds, *UDP64)["end"]["sum"]
     return (s["packets"] - s["lost_packets"]) / s["seconds"]
 
 
@@ -99,56 +105,116 @@ def _ns_per_run(prog_fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
     return ((after.run_time_ns - before.run_time_ns) / runs if runs else 0.0), runs
 
 
+def _received(netns: str, iface: str) -> tuple[int, int]:
+    """(bytes, packets) iface in netns has received so far: /proc/net/dev as this
+    thread sees it, inside netns."""
+    with in_netns(netns), open("/proc/thread-self/net/dev") as f:
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == iface:
+                fields = counters.split()
+                return int(fields[0]), int(fields[1])
+    raise RuntimeError(f"{iface} not found in netns {netns}")
+
+
+def alternating(pair: VethPair, prog_fd: int, iperf_args: tuple[str, ...], *, rounds: int,
+                phase: float, unit: int) -> list[tuple[bool, float]]:
+    """One iperf3 test from a to b while prog_fd is attached to b's interface every
+    other phase, starting and ending bare. Returns (attached, rate) per phase: bytes/s
+    (unit 0) or packets/s (unit 1) received by b."""
+    phases = 2 * rounds + 1
+    srv = pair.b.popen("iperf3", "-s", "-1", stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # let the server listen
+    # Long enough for every phase and each phase's attach or detach, with room to spare;
+    # stopped when the phases are done.
+    client = pair.a.popen("iperf3", "-c", pair.b.ip4, "-t", str(int(phases * phase * 1.5) + 5),
+                          *_affinity(), *iperf_args, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    rates: list[tuple[bool, float]] = []
+    link = None
+    try:
+        time.sleep(1.5)  # connected and at full rate
+        if client.poll() is not None:
+            raise RuntimeError(f"iperf3 client ended early: {client.stderr.read()[-500:]}")
+        for i in range(phases):
+            on = i % 2 == 1
+            with in_netns(pair.b.netns):
+                if on:
+                    link = attach.attach(pair.b.iface, prog_fd)
+                elif link is not None:
+                    attach.detach(link)
+                    link = None
+            t0, c0 = time.monotonic(), _received(pair.b.netns, pair.b.iface)[unit]
+            time.sleep(phase)
+            t1, c1 = time.monotonic(), _received(pair.b.netns, pair.b.iface)[unit]
+            rates.append((on, (c1 - c0) / (t1 - t0)))
+        if client.poll() is not None:
+            raise RuntimeError(f"iperf3 client ended early: {client.stderr.read()[-500:]}")
+    finally:
+        if link is not None:
+            with in_netns(pair.b.netns):
+                attach.detach(link)
+        for proc in (client, srv):
+            proc.kill()
+            proc.wait()
+    return rates
+
+
+def phase_ratios(rates: list[tuple[bool, float]]) -> list[float]:
+    """Each attached phase's rate over the mean of the bare phases either side."""
+    return [rates[i][1] / ((rates[i - 1][1] + rates[i + 1][1]) / 2)
+            for i in range(1, len(rates) - 1) if rates[i][0]]
+
+
 def iperf_main(args) -> int:
     prog = loader.load()
-    results: dict[str, dict[bool, list[float]]] = {"tcp": {True: [], False: []},
-                                                    "udp": {True: [], False: []}}
+    ratios: dict[str, list[float]] = {}
+    means: dict[str, float] = {}
     cost: dict[str, list[float]] = {"tcp": [], "udp": []}
     with VethPair.create("kb") as pair:
         pair.wait_ready()
-        # Ratio rounds: attached and bare alternate, and which comes first alternates
-        # too, so drift in the machine's load hits both alike. The kernel's run-time
-        # statistics stay off here: timing every run costs two clock reads per packet,
-        # which would be charged to the program.
-        for rnd in range(args.rounds):
-            for on in (rnd % 2 == 0, rnd % 2 != 0):
-                with (attached(pair.b.netns, pair.b.iface, prog.prog_fd) if on
-                      else contextlib.nullcontext()):
-                    for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
-                        results[kind][on].append(fn(pair, args.seconds))
-                print(f"round {rnd + 1} {'attached' if on else 'bare    '}: "
-                      f"tcp {results['tcp'][on][-1] / 1e9:.2f} Gbit/s, "
-                      f"udp64 {results['udp'][on][-1] / 1e3:.0f} kpps; {_load()}",
-                      flush=True)
-        # Cost rounds: attached, with run-time statistics on (BPF_ENABLE_STATS).
+        for kind, iperf_args, unit in (("tcp", (), 0), ("udp", UDP64, 1)):
+            rates = alternating(pair, prog.prog_fd, iperf_args, rounds=args.rounds,
+                                phase=args.phase, unit=unit)
+            ratios[kind] = phase_ratios(rates)
+            on = [r for a, r in rates if a]
+            off = [r for a, r in rates if not a]
+            means[kind] = statistics.mean(on) / statistics.mean(off)
+            what = "Gbit/s" if kind == "tcp" else "kpps"
+            scale = 8e-9 if kind == "tcp" else 1e-3
+            print(f"{kind}: {' '.join(('+' if a else '-') + f'{r * scale:.1f}' for a, r in rates)}"
+                  f" {what} (+ attached, - bare); {_load()}", flush=True)
+        # Cost tests: attached, with run-time statistics on (BPF_ENABLE_STATS).
         stats_fd = bpfsys.enable_run_time_stats()
         try:
             with attached(pair.b.netns, pair.b.iface, prog.prog_fd):
                 for _ in range(args.cost_rounds):
                     for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
                         before = bpfsys.prog_info(prog.prog_fd)
-                        fn(pair, args.seconds)
+                        fn(pair, 3)
                         cost[kind].append(_ns_per_run(prog.prog_fd, before)[0])
         finally:
             os.close(stats_fd)
     counters = read_counters(prog.counters_fd, possible_cpus())
     prog.close()
     drops = {c.name.lower(): counters[c] for c in DROP_COUNTERS if counters[c]}
-    print(f"rounds: {args.rounds} x {args.seconds:g} s per test, attached and bare")
+    print(f"{args.rounds} attached phases of {args.phase:g} s per test, each between two bare ones")
     for kind, what in (("tcp", "tcp throughput"), ("udp", "udp 64-byte packet-rate")):
-        on, off = results[kind][True], results[kind][False]
-        # A round's two tests ran back to back, so their ratio cancels load that came and
-        # went over the run; the median of those ratios is the figure. The ratio of the
-        # two medians is printed beside it.
-        paired = statistics.median(a / b for a, b in zip(on, off))
-        print(f"{what} ratio (attached/bare): {paired:.3f} median of the rounds' ratios; "
-              f"{statistics.median(on) / statistics.median(off):.3f} ratio of the medians")
+        print(f"{what} ratio (attached/bare): {statistics.median(ratios[kind]):.3f} median of "
+              f"the phases' ratios (quartiles {_quartiles(ratios[kind])}); {means[kind]:.3f} "
+              f"all attached over all bare phases")
     print(f"program cost while attached (ns per run with run-time stats on, median of "
-          f"{args.cost_rounds} rounds): tcp {statistics.median(cost['tcp']):.0f}, "
+          f"{args.cost_rounds} tests): tcp {statistics.median(cost['tcp']):.0f}, "
           f"udp64 {statistics.median(cost['udp']):.0f}")
     print(f"packets metered: {counters[abi.Counter.PACKETS]}; kernel drop counters: "
           f"{drops or 'none raised'}; {_load()}")
     return 0 if not drops else 1
+
+
+def _quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.3f}-{q[2]:.3f}"
 
 
 def _frame(*, proto: int, sport: int, dport: int, payload: int, flags: int = 0x10) -> bytes:
@@ -269,11 +335,10 @@ def _walk(fd: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # One iperf3 test on this shared 2-core VM varies by +-10% from the next; the median
-    # of 10 rounds' ratios, 3 s per test, keeps the figure within a few percent
-    # (~4 minutes in all).
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--seconds", type=float, default=3.0)
+    # 30 attached phases of 1 s per test, ~2.5 minutes in all with the cost tests: one
+    # phase's ratio varies by ~5% on this shared VM, so the median of 30 is within ~1%.
+    ap.add_argument("--rounds", type=int, default=30, help="attached phases per test")
+    ap.add_argument("--phase", type=float, default=1.0, help="seconds per phase")
     ap.add_argument("--cost-rounds", type=int, default=2)
     ap.add_argument("--micro", action="store_true", help="per-packet cost by test run")
     ap.add_argument("--read", action="store_true", help="reader cost at a full map")
