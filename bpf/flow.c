@@ -771,33 +771,27 @@ static __always_inline int quick_path(struct __sk_buff *skb, struct loupe_pkt *p
 		if (ip[0] != 0x45 || (ip[6] & 0x3f) || ip[7])
 			return QUICK_NOT_MINE;
 		tot = ((__u32)ip[2] << 8) | ip[3];
-		if (gso)
-			tot = avail;
-		else if (tot < 20 || tot > avail)
-			return QUICK_NOT_MINE;
 		k.protocol = ip[9];
-		k.ip_version = 4;
 		__builtin_memcpy(src, ip + 12, 4);
 		__builtin_memcpy(dst, ip + 16, 4);
 		l3_hdr = 20;
-		l4 = ip + 20;
 	} else if (eth_proto == ETH_P_IPV6_) {
 		if (ip + 40 > data_end || (ip[0] >> 4) != 6)
 			return QUICK_NOT_MINE;
 		tot = 40 + (((__u32)ip[4] << 8) | ip[5]);
-		if (gso)
-			tot = avail;
-		else if (tot > avail)
-			return QUICK_NOT_MINE;
 		k.protocol = ip[6];
-		k.ip_version = 6;
 		__builtin_memcpy(src, ip + 8, 16);
 		__builtin_memcpy(dst, ip + 24, 16);
 		l3_hdr = 40;
-		l4 = ip + 40;
 	} else {
 		return QUICK_NOT_MINE;
 	}
+	k.ip_version = l3_hdr == 20 ? 4 : 6;
+	if (gso)
+		tot = avail;  /* a GSO buffer's own length; its header may say 0 (BIG TCP) */
+	else if (tot < l3_hdr || tot > avail)
+		return QUICK_NOT_MINE;
+	l4 = ip + l3_hdr;
 
 	__u16 tf = 0;
 	__u32 seq = 0, ack = 0;
