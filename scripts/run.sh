@@ -2,7 +2,8 @@
 # `make run`: a collector on the embedded default (./data/loupe.duckdb) printing every
 # record it receives to this terminal, and a live sensor feeding it.
 #
-#   scripts/run.sh            sensor on the default-route interface (lo if there is none)
+#   scripts/run.sh            sensor on the default-route interface (lo if there is none,
+#                             or if it is a tunnel without Ethernet frames)
 #   scripts/run.sh --demo     (or `make run DEMO=1`) two network namespaces joined by a
 #                             veth (198.18.0.1 <-> 198.18.0.2, fc00::1 <-> fc00::2), with
 #                             an HTTP server, openssl s_server and dnsmasq on one side and
@@ -64,6 +65,12 @@ SENSOR_PID=""
 SENSOR_ARGS=(--collector "$COLLECTOR" --spool-dir "$PWD/data/spool" --metrics 127.0.0.1:9464)
 if [[ -z "$DEMO" ]]; then
     IFACE="$(ip route show default | awk '/ dev / {for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')"
+    # The meter parses Ethernet frames (link type 1) or loopback (772); a default route
+    # over a tunnel (WireGuard, tun) is left for lo, with a word about it.
+    if [[ -n "$IFACE" ]] && ! [[ "$(cat "/sys/class/net/$IFACE/type" 2>/dev/null)" =~ ^(1|772)$ ]]; then
+        echo "run.sh: the default route goes over $IFACE, which carries no Ethernet frames (a tunnel?); watching lo" >&2
+        IFACE=""
+    fi
     IFACE="${IFACE:-lo}"
     echo "run.sh: sensor on $IFACE; records follow (Ctrl-C stops)" >&2
     SENSOR_ARGS+=(--iface "$IFACE")

@@ -611,7 +611,7 @@ class LiveSensor:
         cfg = self.config
         with in_netns(cfg.netns):
             for iface in cfg.interfaces:
-                attach.interface_index(iface)   # fail before the seconds of compiling
+                attach.meterable_interface(iface)   # fail before the seconds of compiling
         self.prog = loader.load(loader.LoadOptions(flow_map_size=cfg.flow_map_size,
                                                    ringbuf_pages=cfg.ringbuf_pages))
         try:

@@ -44,6 +44,7 @@ _TCX_TYPES = {"ingress": bpfsys.BPF_TCX_INGRESS, "egress": bpfsys.BPF_TCX_EGRESS
 # What a kernel without tcx (< 6.6) answers a tcx link request with.
 _NO_TCX = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
 
+_RTM_GETLINK = 18
 _RTM_NEWQDISC, _RTM_DELQDISC = 36, 37
 _RTM_NEWTFILTER, _RTM_DELTFILTER, _RTM_GETTFILTER = 44, 45, 46
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
@@ -140,6 +141,43 @@ def interface_index(name: str) -> int:
         ) from None
 
 
+# Link types (ARPHRD_*) whose frames start with an Ethernet header at TC, which is what
+# bpf/flow.c parses: Ethernet (veth, bridges, bonds, VLAN, macvlan, VXLAN, Geneve...) and
+# loopback. Others, with the names `ip link` shows for the common ones.
+_ETHERNET_LINKS = {1, 772}
+_LINK_NAMES = {65534: "none: tun, WireGuard", 768: "ipip", 769: "ip6tnl", 776: "sit",
+               778: "gre", 823: "ip6gre", 32: "infiniband", 512: "ppp"}
+
+
+def link_type(ifindex: int) -> int:
+    """The interface's link type (ARPHRD_*), asked over netlink: right inside a network
+    namespace entered with setns, where /sys still shows the original one."""
+    nl = _Netlink()
+    try:
+        replies = nl.request(_RTM_GETLINK, 0,
+                             struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0))
+    except OSError as exc:
+        raise _translate(exc, f"asking for interface {ifindex}") from None
+    finally:
+        nl.close()
+    return struct.unpack_from("=H", replies[0], 2)[0]
+
+
+def meterable_interface(name: str) -> int:
+    """The index of interface name, if the flow meter can watch it: it must exist and
+    carry Ethernet frames (or be loopback). Anything else is an InterfaceError."""
+    ifindex = interface_index(name)
+    kind = link_type(ifindex)
+    if kind not in _ETHERNET_LINKS:
+        what = _LINK_NAMES.get(kind, "not Ethernet")
+        raise InterfaceError(
+            f"interface {name!r} has no Ethernet header (link type {kind}, {what}), and the "
+            "flow meter parses Ethernet frames: watch the interface its traffic is carried "
+            "over instead (a tunnel's underlay, e.g. eth0)"
+        )
+    return ifindex
+
+
 def is_loopback(name: str) -> bool:
     flags = Path("/sys/class/net", name, "flags")
     try:
@@ -223,7 +261,7 @@ def attach(iface: str, prog_fd: int, *, tcx: bool = True) -> Attachment:
 
 def _attach_tcx(iface: str, prog_fd: int) -> Attachment | None:
     """tcx links on iface's hooks; None if the kernel has no tcx."""
-    ifindex = interface_index(iface)
+    ifindex = meterable_interface(iface)
     cleanup_stale(iface)   # a clsact filter of ours would count every packet twice
     att = Attachment(iface=iface, ifindex=ifindex, hooks=hooks_for(iface), created_qdisc=False)
     for hook in att.hooks:
@@ -241,7 +279,7 @@ def _attach_tcx(iface: str, prog_fd: int) -> Attachment | None:
 def _attach_clsact(iface: str, prog_fd: int) -> Attachment:
     """clsact filters on iface's hooks, after removing our own stale ones. Refuses if
     another program holds our priority."""
-    ifindex = interface_index(iface)
+    ifindex = meterable_interface(iface)
     nl = _Netlink()
     try:
         try:

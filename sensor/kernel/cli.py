@@ -107,7 +107,7 @@ def run(args, out: TextIO | None = None) -> int:
     if args.interval <= 0:
         raise ConfigError("--interval must be positive seconds")
     for iface in args.iface:
-        attach.interface_index(iface)  # fail fast, before compiling
+        attach.meterable_interface(iface)  # fail fast, before compiling
     prog = loader.load(loader.LoadOptions(flow_map_size=args.flow_map_size))
     clock = SystemClock()
     reader = FlowMapReader(prog.flows_fd, clock, timeouts=timeouts)

@@ -99,6 +99,31 @@ def test_no_such_interface_is_one_line():
     assert "no network interface named 'loupe-nosuch0'" in _one_line_error(proc)
 
 
+
+def test_interface_without_ethernet_header_is_refused():
+    """A tun device hands TC bare IP packets; the meter parses Ethernet frames, so it
+    refuses the interface in one line instead of counting garbage."""
+    from sensor.errors import InterfaceError
+    from sensor.kernel import attach
+    from tests.kernel.conftest import in_netns
+
+    ns = "loupe-l3test"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "tuntap", "add", "mode", "tun", "name", "ltun0"],
+                       check=True)
+        proc = subprocess.run(["ip", "netns", "exec", ns, LOUPE, "sensor", "flows", "--iface",
+                               "ltun0"], capture_output=True, text=True, timeout=60)
+        line = _one_line_error(proc)
+        assert "'ltun0' has no Ethernet header (link type 65534, none: tun" in line
+        assert "underlay" in line
+        with in_netns(ns), pytest.raises(InterfaceError):
+            attach.attach("ltun0", -1)   # refused before any program is touched
+        with in_netns(ns):
+            assert attach.meterable_interface("lo") == attach.interface_index("lo")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
 def test_not_root_is_one_line():
     # nobody, no capabilities at all (effective, inheritable, bounding)
     proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534",
