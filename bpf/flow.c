@@ -746,8 +746,9 @@ static __always_inline int fast_path(struct loupe_pkt *p, struct loupe_flow_valu
  * without extension headers, unfragmented, in an untagged frame (or one whose tag the
  * stack holds beside it), of a steady flow. For exactly those this reads the headers
  * in place, builds the canonical key on the stack and adds lock-free, without the full
- * parse's scratch state; that halves the parse on real traffic (docs/kernel.md).
- * Anything else, or headers outside the linear part, returns QUICK_NOT_MINE and the
+ * parse's scratch state: ~73 ns instead of ~108 per steady packet in a test run
+ * (docs/kernel.md, "Cost per packet"). A packet of such a flow that needs the lock is
+ * handed over parsed (QUICK_LOCKED). Anything else, or headers outside the linear part, returns QUICK_NOT_MINE and the
  * full parse counts the packet, to the same key. The checks are the full parse's:
  * a packet it would count as malformed is never the quick path's. */
 static __always_inline int quick_path(struct __sk_buff *skb, struct loupe_pkt *p,

@@ -100,12 +100,9 @@ def _assert_same(kernel: dict, reference: dict):
 
 @pytest.fixture
 def pair():
-    p = VethPair.create("kt")
-    try:
+    with VethPair.create("kt") as p:
         p.wait_ready()
         yield p
-    finally:
-        p.close()
 
 
 def _http(pair):

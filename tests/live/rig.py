@@ -17,12 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from sensor.export import jsonfmt
+from sensor.status_cli import scrape
 from tests.conftest import REPO
 from tests.export.collector_proc import free_port
 
@@ -139,17 +137,9 @@ class Sensor:
         raise AssertionError(f"no {text} from the sensor within {timeout_s} s: {self.notes}")
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """family -> {label value or "": value}, from the sensor's own /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        out: dict[str, dict[str, float]] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name.endswith("_created"):
-                    continue
-                label = next(iter(s.labels.values()), "") if s.labels else ""
-                out.setdefault(fam.name, {})[label] = s.value
-        return out
+        """family -> {label value or "": value}, from the sensor's own /metrics, read
+        as `loupe status` reads it."""
+        return scrape(f"127.0.0.1:{self.metrics_port}")
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 
 from sensor.engine.live import DEFAULT_REFILL_OCTETS
 from sensor.model import Flow, L7Event, LostSource
-from tests.export.collector_proc import CollectorProcess, query, wait_for
+from tests.export.collector_proc import query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
 from tests.live.rig import Sensor, http_requests, start_http, stop, wait_tcp
@@ -36,23 +35,9 @@ REQUESTS = 20
 
 @pytest.fixture
 def pair():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, BPF)")
-    p = VethPair.create("lb")
-    try:
+    with VethPair.create("lb") as p:
         p.wait_ready()
         yield p
-    finally:
-        p.close()
-
-
-@pytest.fixture
-def collector(tmp_path):
-    proc = CollectorProcess(tmp_path / "data").start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def _args(pair, tmp_path, *extra) -> list[str]:

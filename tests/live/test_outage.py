@@ -6,7 +6,6 @@ own JSON lines and counters) is stored exactly once."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections import Counter
@@ -25,14 +24,9 @@ OUTAGE_S = 30
 
 @pytest.fixture
 def pair():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, BPF)")
-    p = VethPair.create("lo")
-    try:
+    with VethPair.create("lo") as p:
         p.wait_ready()
         yield p
-    finally:
-        p.close()
 
 
 def _loop(pair, seconds: float) -> subprocess.Popen:

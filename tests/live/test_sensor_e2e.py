@@ -25,7 +25,7 @@ import pytest
 from sensor.l7 import fingerprints as fp
 from sensor.l7.tls import parse_client_hello
 from sensor.model import Flow, FlowEndReason, L7Event
-from tests.export.collector_proc import CollectorProcess, query, wait_for
+from tests.export.collector_proc import query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
 from tests.conftest import REPO
@@ -45,24 +45,10 @@ FLOW_COLS = ("uid", "src_addr", "dst_addr", "src_port", "dst_port", "protocol", 
 
 @pytest.fixture
 def pair():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, BPF)")
-    p = VethPair.create("lv")
-    try:
+    with VethPair.create("lv") as p:
         p.set_offloads(False)   # tcpdump then sees wire packets, as the kernel counts them
         p.wait_ready()
         yield p
-    finally:
-        p.close()
-
-
-@pytest.fixture
-def collector(tmp_path):
-    proc = CollectorProcess(tmp_path / "data").start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def _sensor_args(pair, collector, tmp_path, *extra) -> list[str]:
