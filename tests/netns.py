@@ -71,9 +71,14 @@ class VethPair:
                 sh("ip", "netns", "add", h.netns)
                 h.run("ip", "link", "set", "lo", "up")
                 # No duplicate address detection: addresses are usable at once, and
-                # tests do not wait a second for tentative link-local addresses.
+                # tests do not wait a second for tentative link-local addresses. No
+                # router solicitations: there is no router, and one sent at link-up (then
+                # every 4 s, three in all) can fall between attaching the meter and
+                # starting a capture, a flow only one of the two saw.
                 h.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
-                      "net.ipv6.conf.default.accept_dad=0")
+                      "net.ipv6.conf.default.accept_dad=0",
+                      "net.ipv6.conf.all.router_solicitations=0",
+                      "net.ipv6.conf.default.router_solicitations=0")
             sh("ip", "link", "add", f"{tag}x", "netns", a.netns, "type", "veth",
                "peer", "name", f"{tag}y", "netns", b.netns)
             a.run("ip", "link", "set", f"{tag}x", "name", a.iface)
