@@ -378,7 +378,10 @@ _SERVER_NAME = _Str(253, r"[A-Za-z0-9.-]+", "a DNS name")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SelectionConfig:
-    """Which flows userspace sees payload of; every flow is counted regardless."""
+    """Which flows userspace sees payload of; every flow is counted regardless.
+
+    These are THE selection defaults: docs (docs/sensor.md "Defaults"), systemd/sensor.toml
+    and --help are checked against them (tests/ops/test_defaults.py)."""
 
     # Bounds: the kernel keeps ports in a fixed-size map and CIDRs in an LPM trie whose
     # max_entries is fixed at load time; these are those sizes.
@@ -386,7 +389,9 @@ class SelectionConfig:
     cidrs: tuple[str, ...] = _opt((), _List(_Cidr(), 1024))
     protocols: tuple[int, ...] = _opt((), _List(_Protocol(), 8))
     sample_one_in: int = _opt(1, _Int(1, 1_000_000))
-    sniff: bool = _opt(False, _Bool())
+    # On: HTTP, TLS and DNS on any port are parsed (an app on :18080 is what users try
+    # first), for one ring-buffer copy of the first payload of each unselected flow.
+    sniff: bool = _opt(True, _Bool())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
