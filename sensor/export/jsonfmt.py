@@ -2,8 +2,11 @@
 
 Used by the JSON lines sink and by every CLI that prints `--output json`. Field names are
 the model's field names, so a JSON line reads like the dataclass and like the collector's
-columns. One key is added, "type": "flow", "http", "dns", "tls" or "lost" (what
-sensor.model.record_kind says), so a reader can tell records apart without guessing.
+columns. One key is added first, "type": "flow", "http", "dns", "tls" or "lost" (what
+sensor.model.record_kind says), so a reader can tell records apart without guessing. After
+the model's fields come ISO 8601 companions of the times people read ("start"/"end" of a
+flow or loss interval, "ts" of an L7 event; UTC, microseconds, null when unset): the
+integer ns fields stay the exact values, the companions are for eyes and jq.
 
 Nested values stay nested (Flow.l7_coverage, Flow.process, L7Event.detail, DNS answers);
 enums are written as their wire values (flow_end_reason as the IPFIX integer). from_dict
@@ -19,6 +22,7 @@ from typing import Any
 
 from sensor import model
 from sensor.errors import SchemaError
+from sensor.export.formats import COMPANIONS, companions
 
 __all__ = ["to_dict", "from_dict"]
 
@@ -41,6 +45,7 @@ def to_dict(record: model.Record) -> dict[str, Any]:
     out: dict[str, Any] = {"type": kind}
     for f in dataclasses.fields(record):
         out[f.name] = _plain(getattr(record, f.name))
+    out.update(companions(record, kind))
     return out
 
 
@@ -69,6 +74,9 @@ def from_dict(data: dict[str, Any]) -> model.Record:
         raise SchemaError(f"a JSON record must be an object, got {type(data).__name__}")
     body = dict(data)
     kind = body.pop("type", None)
+    # The ISO companions are derived from the ns fields, which stay authoritative.
+    for key, _ in COMPANIONS.get(kind, ()) if isinstance(kind, str) else ():
+        body.pop(key, None)
     try:
         if kind == "flow":
             return _flow(body)

@@ -18,11 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import orjson
-
 from sensor import model
 from sensor.engine.pipeline import ExporterSink, Pipeline, PipelineConfig, run_sharded
 from sensor.errors import ConfigError, StorageError
+from sensor.export.formats import json_line
 from sensor.replay.reader import CaptureReader
 
 _FORMATS = ("jsonl", "parquet", "csv")
@@ -117,8 +116,6 @@ class JsonLinesOut:
         self.path = path
         self.written = 0
         self._lines: list[bytes] = []
-        self._prefix = {kind: b'{"type":"' + kind.encode() + b'",'
-                        for kind in ("flow", "http", "dns", "tls", "lost")}
         if path == "-":
             self._out, self._owned = sys.stdout.buffer, False
         else:
@@ -130,11 +127,10 @@ class JsonLinesOut:
 
     def encode(self, record: model.Record) -> bytes:
         """One record's line, without the newline."""
-        return self._prefix[model.record_kind(record)] + orjson.dumps(record)[1:]
+        return json_line(record)
 
     def write(self, record: model.Record) -> None:
-        self._lines.append(self._prefix[model.record_kind(record)]
-                           + orjson.dumps(record)[1:])
+        self._lines.append(json_line(record))
         self.written += 1
         if len(self._lines) >= self.BLOCK_LINES:
             self.flush()

@@ -39,7 +39,8 @@ def test_json_dict_round_trip_and_type_tag(record):
 
 def test_json_field_names_are_model_field_names():
     d = jsonfmt.to_dict(ALL_KINDS[0])
-    assert set(d) == {"type"} | {f for f in model.Flow.__dataclass_fields__}
+    assert set(d) == {"type", "start", "end"} | {f for f in model.Flow.__dataclass_fields__}
+    assert list(d)[-2:] == ["start", "end"] and d["end"].endswith("Z")
     assert d["flow_end_reason"] == 3 and d["l7_coverage"]["skipped_octets"] == 1000
     dns = jsonfmt.to_dict(ALL_KINDS[3])
     assert dns["detail"]["answers"][1] == {"name": "b.example.test", "rtype": 1, "ttl": 60,
