@@ -1,9 +1,19 @@
 """`loupe certs init`: a private CA and the certificates of a small deployment.
 
 One CA signs a server certificate for the collector and one client certificate per
-sensor (and per analyst). The collector takes a sensor's identity from its certificate's
-common name, so each sensor gets its own certificate named after it. Keys are ECDSA
-P-256 (small, fast handshakes, supported by every gRPC TLS stack) and written 0600.
+sensor (and per analyst and admin). The collector takes a sensor's identity from its
+certificate's common name, so each sensor gets its own certificate named after it. Keys
+are ECDSA P-256 (small, fast handshakes, supported by every gRPC TLS stack) and written
+0600.
+
+Roles. Every client certificate carries its role as the subject's organizational unit
+(OU=sensor, OU=analyst or OU=admin): a sensor may only send records (Ingest), an analyst
+may only read them (Observer), an admin may do both. The subject was chosen over a URI
+SAN or a private extendedKeyUsage because `openssl x509 -noout -subject` shows it, and
+any CA tooling can set it. The collector reads the role from the peer certificate on
+every RPC (collector/roles.py). A certificate without a role (issued before roles
+existed) is refused, with a message saying to re-issue it: it would otherwise be
+allowed everything.
 """
 
 from __future__ import annotations
@@ -32,13 +42,28 @@ class IssuedFiles:
     ca_key: Path
     collector: tuple[Path, Path]
     clients: dict[str, tuple[Path, Path]]
+    roles: dict[str, str]     # client name -> its role
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Loupe"),
-        x509.NameAttribute(NameOID.COMMON_NAME, cn),
-    ])
+# Client roles, in the subject's OU; what each may call is in collector/roles.py.
+SENSOR, ANALYST, ADMIN = "sensor", "analyst", "admin"
+ROLES = (SENSOR, ANALYST, ADMIN)
+
+
+def _name(cn: str, role: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Loupe")]
+    if role is not None:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
+
+
+def role_of(cert: x509.Certificate) -> str | None:
+    """The Loupe role a client certificate carries (its subject's OU), or None."""
+    for attr in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
+        if attr.value in ROLES:
+            return attr.value
+    return None
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -73,12 +98,13 @@ def _sans(names: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def _issue(ca_key, ca_cert, cn: str, *, server: bool, sans: list[str], now: dt.datetime):
+def _issue(ca_key, ca_cert, cn: str, *, role: str | None, sans: list[str], now: dt.datetime):
+    """A leaf: the collector's server certificate (role None) or a client's."""
     key = _key()
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role is None else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(ca_cert.subject)
+        .subject_name(_name(cn, role)).issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
@@ -98,12 +124,14 @@ def _check_name(name: str) -> None:
 
 
 def init(directory: Path, *, collector_name: str, sensors: list[str], analysts: list[str],
-         extra_sans: list[str] = ()) -> IssuedFiles:
+         admins: list[str] = (), extra_sans: list[str] = ()) -> IssuedFiles:
     directory = Path(directory)
-    for name in [collector_name, *sensors, *analysts]:
+    clients = ([(n, SENSOR) for n in sensors] + [(n, ANALYST) for n in analysts]
+               + [(n, ADMIN) for n in admins])
+    for name in [collector_name, *(n for n, _ in clients)]:
         _check_name(name)
-    if len(set(sensors) | set(analysts)) != len(sensors) + len(analysts):
-        raise ConfigError("sensor and analyst names must be distinct: each one is an identity")
+    if len({n for n, _ in clients}) != len(clients):
+        raise ConfigError("sensor, analyst and admin names must be distinct: each one is an identity")
     directory.mkdir(parents=True, exist_ok=True)
     taken = [p.name for p in directory.glob("*.pem")] + [p.name for p in directory.glob("*.key")]
     if taken:
@@ -128,15 +156,16 @@ def init(directory: Path, *, collector_name: str, sensors: list[str], analysts: 
         .sign(ca_key, hashes.SHA256())
     )
     files = IssuedFiles(directory / "ca.pem", directory / "ca.key",
-                        (directory / "collector.pem", directory / "collector.key"), {})
+                        (directory / "collector.pem", directory / "collector.key"), {},
+                        {name: role for name, role in clients})
     _write(files.ca_key, _pem_key(ca_key), 0o600)
     _write(files.ca_cert, _pem_cert(ca_cert), 0o644)
     sans = list(dict.fromkeys([collector_name, "localhost", "127.0.0.1", "::1", *extra_sans]))
-    key, cert = _issue(ca_key, ca_cert, collector_name, server=True, sans=sans, now=now)
+    key, cert = _issue(ca_key, ca_cert, collector_name, role=None, sans=sans, now=now)
     _write(files.collector[1], _pem_key(key), 0o600)
     _write(files.collector[0], _pem_cert(cert), 0o644)
-    for name in [*sensors, *analysts]:
-        key, cert = _issue(ca_key, ca_cert, name, server=False, sans=[name], now=now)
+    for name, role in clients:
+        key, cert = _issue(ca_key, ca_cert, name, role=role, sans=[name], now=now)
         pair = (directory / f"{name}.pem", directory / f"{name}.key")
         _write(pair[1], _pem_key(key), 0o600)
         _write(pair[0], _pem_cert(cert), 0o644)

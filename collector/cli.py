@@ -8,12 +8,18 @@ import asyncio
 import collections
 import datetime as dt
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-import grpc
+# grpc's C core prints its own log line for a failed bind (and other failures we report
+# in one line ourselves); it reads this once, when grpc is first imported.
+# GRPC_VERBOSITY=debug in the environment still shows them.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402 - after GRPC_VERBOSITY
 
 from collector import filters, render
 from collector.client import ClientTLS, open_channel, translate
@@ -228,12 +234,13 @@ def cmd_export(args) -> int:
 def cmd_certs_init(args) -> int:
     from collector import certs
 
+    analysts = args.analyst if args.analyst is not None else ([] if args.admin else ["analyst"])
     files = certs.init(args.dir, collector_name=args.collector_name, sensors=args.sensor or [],
-                       analysts=args.analyst or ["analyst"], extra_sans=args.san or [])
+                       analysts=analysts, admins=args.admin or [], extra_sans=args.san or [])
     print(f"CA: {files.ca_cert} (key {files.ca_key}: keep it offline)")
     print(f"collector: {files.collector[0]} {files.collector[1]}")
     for name, (cert, key) in files.clients.items():
-        print(f"client {name}: {cert} {key}")
+        print(f"{files.roles[name]} {name}: {cert} {key}")
     return 0
 
 
@@ -364,8 +371,12 @@ def register(tree) -> None:
     p.add_argument("--collector-name", default="loupe-collector",
                    help="DNS name of the collector (also valid: localhost, 127.0.0.1, ::1)")
     p.add_argument("--san", action="append", help="another DNS name or IP of the collector")
-    p.add_argument("--sensor", action="append", help="a sensor name (its identity); repeatable")
-    p.add_argument("--analyst", action="append", help="an analyst client name (default: analyst)")
+    p.add_argument("--sensor", action="append",
+                   help="a sensor name (its identity; may only send records); repeatable")
+    p.add_argument("--analyst", action="append",
+                   help="an analyst name (may only read records; default: one named analyst, "
+                        "unless --admin is given)")
+    p.add_argument("--admin", action="append", help="an admin name (may send and read records)")
     p.set_defaults(func=cmd_certs_init)
 
     p = tree.command(

@@ -62,6 +62,8 @@ def translate(exc: grpc.RpcError, address: str) -> LoupeError:
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return QueryError(f"the collector at {address} refused the request: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return CollectorError(f"the collector at {address} refused this certificate: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return CollectorError(f"the collector at {address} did not answer in time")
     name = code.name if code is not None else "error"

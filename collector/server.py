@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from collector import render
 from collector.ingest import IngestCounters, IngestService, Writer
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
+from collector.roles import RoleInterceptor
 from collector.storage.duckdb import DuckDBStorage
 from sensor.errors import CollectorError, ConfigError, LoupeError
 from sensor.export import wire
@@ -128,7 +129,23 @@ class Collector:
     def __init__(self, config: CollectorConfig) -> None:
         config.check()
         self.config = config
-        self.storage = DuckDBStorage(config.data_dir, sandbox=True)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second collector on the same port must fail
+        ]
+        # Under mTLS the certificate's role decides what a peer may call (roles.py).
+        interceptors = [RoleInterceptor()] if config.mtls else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        # Everything that can fail (TLS files, the port) before the store's directory is
+        # made: a failed start leaves nothing behind.
+        self.port = self._bind()
+        try:
+            self.storage = DuckDBStorage(config.data_dir, sandbox=True)
+        except BaseException:
+            # Not started: dropping the server releases the port.
+            self.server = None
+            raise
         self.counters = IngestCounters()
         self.hub = Hub(queue_size=config.subscriber_queue, last_seq=self.storage.last_seq())
         self.writer = _CountingWriter(self.storage)
@@ -137,12 +154,6 @@ class Collector:
             version=VERSION, started_ns=time.time_ns(),
         )
         self.health = health.aio.HealthServicer()
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second collector on the same port must fail
-        ]
-        self.server = grpc.aio.server(options=options)
         ingest = IngestService(self.writer, self.hub, self.counters, mtls=config.mtls)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "loupe.v1.Ingest",
@@ -160,7 +171,6 @@ class Collector:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), self.server)
-        self.port = self._bind()
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._sweep_now = asyncio.Event()
@@ -180,7 +190,6 @@ class Collector:
         except RuntimeError:
             port = 0
         if port == 0:
-            self.storage.close()
             raise CollectorError(
                 f"cannot listen on {config.listen}: the port is in use or the address is not "
                 "on this host; stop the other process or choose another --listen HOST:PORT"
