@@ -1,7 +1,9 @@
 """Capture file reader: classic pcap, pcapng and gzip-compressed either, in our own code.
 
-Strategy. An uncompressed classic pcap file is mapped into memory; anything else is read
-in large chunks (CHUNK bytes) into one bytes buffer. Records are cut out of the mapping
+Strategy. An uncompressed classic pcap file is mapped into memory; anything else (gzip,
+pcapng, and any input that can be read only once: stdin as "-", a pipe, a FIFO, a
+process substitution) is read forward in large chunks (CHUNK bytes) into one bytes
+buffer, never seeking. Records are cut out of the mapping
 or the buffer with struct.unpack_from, so the per-packet cost is one header unpack, one
 slice and one tuple. Each packet comes out as
 
@@ -19,15 +21,17 @@ Bad input. A record whose header cannot be right (captured length beyond any sna
 a pcapng block whose two length fields disagree) is counted in `stats` and skipped; the
 reader then resynchronises by scanning forward for the next plausible record, so one
 corrupt record does not lose the rest of the file. A record cut short by the end of the
-file is counted as truncated. A file that is not a capture at all, or cannot be opened,
+file is counted as truncated. An input that ends before its capture does (a record cut
+short, a gzip stream cut short or damaged) keeps every complete packet before the cut and
+says why in stats.cut_short. A file that is not a capture at all, or cannot be opened,
 raises CaptureFileError with one line saying what to do.
 """
 
 from __future__ import annotations
 
-import gzip
 import mmap
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -104,6 +108,18 @@ class ReaderStats:
     unknown_blocks: int = 0       # pcapng blocks of types we do not need (skipped by design)
     bad_interface: int = 0        # pcapng packets naming an interface never described
     link_types: dict[int, int] = field(default_factory=dict)  # link type -> interfaces
+    source: str = ""              # the file's name, "stdin" for "-"
+    # Why the input ended before the capture did ("" if it did not): a gzip stream cut
+    # short or damaged, a read error, the last record cut short.
+    cut_short: str = ""
+
+    def truncation(self) -> str:
+        """One line saying that this input is truncated and what was kept ("" if not)."""
+        if not self.cut_short:
+            return ""
+        return (f"{self.source} is truncated ({self.cut_short}): its {self.packets} "
+                "complete packets before the cut were replayed, the rest of the capture "
+                "is missing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +132,114 @@ class Interface:
     offset_ns: int
 
 
-def _open(path: str | os.PathLike[str]) -> BinaryIO:
+STDIN = "-"
+
+
+class _Input:
+    """The bytes of one capture, read forward only: a regular file, or a pipe, a FIFO,
+    stdin or a process substitution, any of them gzip-compressed. It never seeks, so
+    non-seekable inputs work; the magic is sniffed by reading it and handing it out again.
+
+    gzip goes through zlib.decompressobj a bounded piece at a time (not gzip.GzipFile),
+    so a stream cut short keeps every byte decompressed before the cut: GzipFile raises
+    EOFError at the cut and drops the whole read it was filling (a 1 MiB read lost
+    hundreds of packets; 3000 bytes of a .pcap.gz gave none). Concatenated gzip members
+    (`cat a.gz b.gz`) read as one stream, as gzip(1) does.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.consumed = 0      # bytes taken from raw (compressed bytes for gzip)
+        # Why the input ended before its end ("" while it did not): a gzip stream cut
+        # short or damaged, a read error. The reader adds a record cut short itself.
+        self.cut = ""
+        self._head = self._raw_read(2)
+        self.gzip = self._head == b"\x1f\x8b"
+        self._z = None          # decompressor of the current gzip member
+        self._zin = b""         # compressed bytes not yet given to it
+        if self.gzip:
+            self._zin, self._head = self._head, b""
+
+    def _raw_read(self, n: int) -> bytes:
+        try:
+            data = self.raw.read(n)
+        except OSError as exc:
+            self.cut = f"read error: {exc.strerror or exc}"
+            return b""
+        self.consumed += len(data)
+        return data
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes; fewer only at the end of the input."""
+        if self.gzip:
+            return self._inflate(n)
+        head, self._head = self._head, b""
+        if len(head) >= n:
+            head, self._head = head[:n], head[n:]
+            return head
+        return head + self._raw_read(n - len(head))
+
+    def _inflate(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        have = 0
+        while have < n and not self.cut:
+            if not self._zin:
+                self._zin = self._raw_read(CHUNK)
+                if not self._zin:
+                    if self._z is not None and not self.cut:
+                        self.cut = "the gzip stream ends before its end marker"
+                    break
+            if self._z is None:
+                if not self._zin.strip(b"\0"):
+                    self._zin = b""   # zero padding after the last member, as gzip(1)
+                    continue
+                self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                # max_length bounds what one call makes: memory stays flat however well
+                # the data compresses.
+                piece = self._z.decompress(self._zin, n - have)
+            except zlib.error as exc:
+                self.cut = f"damaged gzip data ({exc})"
+                break
+            if self._z.eof:
+                self._zin, self._z = self._z.unused_data, None
+            else:
+                self._zin = self._z.unconsumed_tail
+            if piece:
+                parts.append(piece)
+                have += len(piece)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _open(path: str | os.PathLike[str]) -> _Input:
+    name = os.fspath(path)
     try:
-        raw = open(path, "rb")  # noqa: SIM115 -- closed by the caller's finally
+        if name == STDIN:
+            # A second handle on fd 0: closing the reader leaves sys.stdin alone.
+            raw = open(0, "rb", closefd=False)  # noqa: SIM115 -- closed by close()
+        else:
+            raw = open(path, "rb")  # noqa: SIM115 -- closed by the caller's finally
     except OSError as exc:
         raise CaptureFileError(
-            f"cannot open capture file {os.fspath(path)!r}: {exc.strerror or exc}; "
+            f"cannot open capture file {name!r}: {exc.strerror or exc}; "
             "check the path and its permissions"
         ) from None
-    head = raw.read(2)
-    raw.seek(0)
-    if head == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw
+    return _Input(raw)
+
+
+def is_stream(path: str | os.PathLike[str]) -> bool:
+    """True for inputs that can be read only once: stdin ("-"), a pipe, a FIFO, a socket,
+    a character device, a process substitution (/dev/fd/N)."""
+    name = os.fspath(path)
+    if name == STDIN:
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(name).st_mode)
+    except OSError:
+        return False   # missing: opening it says so in one line
 
 
 def _tsresol(value: int) -> tuple[int, int]:
@@ -147,27 +258,33 @@ class CaptureReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self.stats = ReaderStats()
+        self.stats = ReaderStats(source="stdin" if self.path == STDIN else self.path)
         self.format = ""
         # Called with (bytes of the file consumed, file size) after each chunk is read:
-        # progress reporting at no per-packet cost.
+        # progress reporting at no per-packet cost. The size is 0 where it is unknown
+        # (a pipe, stdin).
         self.on_read: Callable[[int, int], None] | None = None
-        self._f = _open(path)
         self._mm: mmap.mmap | None = None   # the mapped file while classic pcap is read
-        self._raw = getattr(self._f, "fileobj", None) or self._f
+        self._in = _open(path)
+        raw = self._in.raw
+        self.size = 0
+        # Only a regular file read from its start can be mapped (stdin redirected from
+        # a file may start anywhere in it).
+        self._mappable = False
         try:
-            self.size = os.fstat(self._raw.fileno()).st_size
-        except (OSError, AttributeError, ValueError):
-            self.size = 0
-        try:
-            magic = self._f.read(4)
-        except (OSError, EOFError, zlib.error) as exc:
-            self._f.close()
-            raise CaptureFileError(
-                f"cannot read {self.path!r}: {exc}; the file is damaged or not a capture"
-            ) from None
+            st = os.fstat(raw.fileno())
+            if stat.S_ISREG(st.st_mode):
+                self.size = st.st_size
+                self._mappable = not self._in.gzip and raw.tell() == 2
+        except (OSError, ValueError):
+            pass
+        magic = self._in.read(4)
         if len(magic) < 4:
-            self._f.close()
+            self._in.close()
+            if self._in.cut:
+                raise CaptureFileError(
+                    f"cannot read {self.path!r}: {self._in.cut}; the file is damaged "
+                    "or not a capture")
             raise CaptureFileError(
                 f"{self.path!r} is too short to be a capture file "
                 "(expected a pcap or pcapng file)"
@@ -181,7 +298,7 @@ class CaptureReader:
         elif le == PCAPNG_SHB:
             self.format = "pcapng"
         else:
-            self._f.close()
+            self._in.close()
             raise CaptureFileError(
                 f"{self.path!r} is not a pcap or pcapng capture (magic {magic.hex()}); "
                 "give a file written by tcpdump, tshark or dumpcap"
@@ -196,7 +313,7 @@ class CaptureReader:
     def close(self) -> None:
         if self._mm is not None:
             self._mm.close()
-        self._f.close()
+        self._in.close()
 
     def _map(self) -> mmap.mmap | None:
         """The whole file mapped read-only, or None where it cannot be (gzip, a pipe, an
@@ -204,10 +321,10 @@ class CaptureReader:
         each refill: on a 769 MiB capture 0.6 s of system time and 191k page faults
         became 0.1 s. The file must not shrink while it is read (the mapping would
         fault); captures are written by appending, and the size is fixed at open."""
-        if self._raw is not self._f:
+        if not self._mappable:
             return None
         try:
-            mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = mmap.mmap(self._in.raw.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
             return None
         try:
@@ -217,19 +334,22 @@ class CaptureReader:
         return mm
 
     def _read(self, n: int) -> bytes:
-        """Read up to n bytes; a damaged gzip stream ends the input (counted)."""
-        try:
-            data = self._f.read(n)
-        except (OSError, EOFError, zlib.error):
-            self.stats.truncated_records += 1
-            return b""
+        """Read up to n bytes; fewer only at the end of the input (or where a damaged
+        gzip stream or a read error ends it early: counted, see _end)."""
+        data = self._in.read(n)
         if self.on_read is not None:
-            try:
-                pos = self._raw.tell()
-            except (OSError, ValueError):
-                pos = 0
-            self.on_read(pos, self.size)
+            self.on_read(self._in.consumed, self.size)
         return data
+
+    def _end(self, cut_record: bool) -> None:
+        """At the end of the input: note whether it ended early, and why."""
+        stats = self.stats
+        if self._in.cut.startswith("damaged") or self._in.cut.startswith("read error"):
+            stats.truncated_records += 1   # the bytes after the damage are lost
+        if self._in.cut:
+            stats.cut_short = self._in.cut
+        elif cut_record:
+            stats.cut_short = "the last record is cut short"
 
     def __iter__(self) -> Iterator[Packet]:
         if self.format == "pcap":
@@ -352,6 +472,7 @@ class CaptureReader:
                    orig or incl)
             pos = stop
         stats.packets = packets
+        self._end(stats.truncated_records > 0)
 
     # ---------------------------------------------------------------- pcapng
 
@@ -494,6 +615,7 @@ class CaptureReader:
                 stats.unknown_blocks += 1
             pos += blen
         stats.packets = packets
+        self._end(stats.truncated_records > 0)
 
     @staticmethod
     def _interface(buf: bytes, pos: int, end: int, bo: str, link: int,
