@@ -280,7 +280,9 @@ class _Parser:
             # `host (A or B)`: values in parentheses take these qualifiers.
             return self.term(depth)
         tok = self.peek()
-        if tok is None or tok in _KEYWORDS or tok in ("(", ")"):
+        # `proto tcp` needs no backslash here (tcpdump wants `proto \tcp`).
+        if tok is None or (tok in _KEYWORDS and not (tq == "proto" and tok in _PROTO_NAMES)) \
+                or tok in ("(", ")"):
             raise self.fail(f"{tq} needs a value")
         value, col = self.take()
         mask = None
