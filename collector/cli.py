@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import datetime as dt
 import json
 import os
@@ -22,10 +21,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402 - after GRPC_VERBOSITY
 
 from collector import filters, render
-from collector.client import ClientTLS, open_channel, translate
+from collector.client import QUERY_TIMEOUT_S, ClientTLS, open_channel, translate
 from sensor import config as cfg
 from sensor.errors import ConfigError
 from sensor.export import wire
+from sensor.output import add_output_arguments
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
 SERVICE_DATA_DIR = "/var/lib/loupe"
@@ -36,9 +36,8 @@ _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmp6": 58, "icmpv6": 58, "sctp": 132}
 _RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
 
-# `loupe tail` with neither --since nor --follow shows this much history, like `hubble
-# observe` shows the last records by default.
-DEFAULT_TAIL_WINDOW = "1h"
+# `loupe tail` with none of --since, --first, --last and --follow shows the newest this
+# many stored records, whatever their age, as `hubble observe` does by default.
 DEFAULT_TAIL_LAST = 20
 
 
@@ -107,8 +106,13 @@ FILTER_FLAGS: dict[str, tuple[str, object]] = {
     "dns-rcode": ("dns_rcode", _rcode),
     "tls-sni": ("tls_sni", str),
     "ja4": ("tls_ja4", str),
-    "sensor": ("sensor_id", str),
+    "sensor-id": ("sensor_id", str),
+    "process": ("process", str),
+    "container": ("container_id", str.lower),
 }
+
+# Old flag spellings, kept working but not shown: alias -> FILTER_FLAGS name.
+FILTER_ALIASES = {"sensor": "sensor-id"}
 
 FILTER_HELP = {
     "type": "record kind: flow, http, dns, tls or lost",
@@ -128,7 +132,9 @@ FILTER_HELP = {
     "dns-rcode": "NOERROR, NXDOMAIN, ... or a number",
     "tls-sni": "server name glob",
     "ja4": "JA4 client fingerprint",
-    "sensor": "sensor id",
+    "sensor-id": "sensor id",
+    "process": "process name or executable glob (flows): 'curl', '*/python3*'",
+    "container": "container id prefix (flows): 'a1b2c3d4e5f6'",
 }
 
 
@@ -139,6 +145,18 @@ def _add_tls_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, help="client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, help="client key (mTLS)")
     p.add_argument("--tls-server-name", help="name to verify in the collector's certificate")
+
+
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    """The record filter flags of `tail` (and `top`), each also as --not-<flag>."""
+    for flag in FILTER_FLAGS:
+        p.add_argument(f"--{flag}", action="append", metavar="V", help=FILTER_HELP[flag])
+        p.add_argument(f"--not-{flag}", action="append", metavar="V", help=argparse.SUPPRESS)
+    for alias, flag in FILTER_ALIASES.items():
+        dest = flag.replace("-", "_")
+        p.add_argument(f"--{alias}", action="append", dest=dest, help=argparse.SUPPRESS)
+        p.add_argument(f"--not-{alias}", action="append", dest="not_" + dest,
+                       help=argparse.SUPPRESS)
 
 
 def _tls(args) -> ClientTLS:
@@ -255,72 +273,128 @@ def _filter_from(args, prefix: str):
 
 
 def build_subscribe_request(args, now_ns: int):
+    """tail's flags -> SubscribeRequest, with hubble observe's meaning: --since/--until
+    bound the stored records by their own time, --first/--last take the oldest/newest N
+    that match (whatever their age), -f then streams live records. With none of --since,
+    --first, --last and -f: the newest DEFAULT_TAIL_LAST."""
+    since, until = getattr(args, "since", None), getattr(args, "until", None)
+    first, last = getattr(args, "first", None), getattr(args, "last", None)
+    if first is not None and last is not None:
+        raise ConfigError("--first and --last exclude each other: give one")
+    if until is not None and args.follow:
+        raise ConfigError("--until ends the stream; drop it, or drop --follow")
+    if first is not None and args.follow:
+        raise ConfigError("--first reads the oldest stored records; with --follow use "
+                          "--since or --last")
+    for name, n in (("--first", first), ("--last", last)):
+        if n is not None and n < 1:
+            raise ConfigError(f"{name} needs a number of records, 1 or more")
+    if last is None and first is None and since is None and not args.follow:
+        last = DEFAULT_TAIL_LAST
+    req = wire.observer_pb2.SubscribeRequest(follow=args.follow, number=args.number or 0,
+                                             first=first or 0, last=last or 0)
     allow = _filter_from(args, "")
     deny = _filter_from(args, "not_")
-    req = wire.observer_pb2.SubscribeRequest(follow=args.follow, number=args.number or 0)
     if allow.ByteSize():
         req.allow.append(allow)
     if deny.ByteSize():
         req.deny.append(deny)
-    since = args.since
-    if since is None and not args.follow:
-        since = DEFAULT_TAIL_WINDOW
     if since is not None:
         req.since_ns = parse_since(since, now_ns)
+    if until is not None:
+        req.until_ns = parse_since(until, now_ns)
+        if req.until_ns <= req.since_ns:
+            raise ConfigError(f"--until {until} is not after --since {since}")
     return req
 
 
-def _emit(record, output: str) -> None:
-    rec = wire.from_proto(record)
-    sys.stdout.write((render.as_json(rec) if output == "json" else render.line(rec)) + "\n")
-    sys.stdout.flush()
+TAIL_FORMATS = ("table", "json", "eve", "zeek")
 
 
 def cmd_tail(args) -> int:
-    if args.last is not None and args.follow:
-        raise ConfigError("--last shows the newest stored records and ends; with --follow use --since")
+    from sensor.output import RecordOut, resolve
+
+    out = RecordOut(resolve(args, TAIL_FORMATS))
     req = build_subscribe_request(args, time.time_ns())
-    last = args.last
-    if last is None and args.since is None and not args.follow and not args.number:
-        last = DEFAULT_TAIL_LAST
-    # --last keeps only the newest N of the replay: bounded by N, whatever the store holds.
-    window = collections.deque(maxlen=last) if last is not None else None
     try:
         for resp in _observer(args).Subscribe(req):
-            if window is not None:
-                window.append(resp.record)
-            else:
-                _emit(resp.record, args.output)
+            out.write(wire.from_proto(resp.record))
+            out.flush()
     except grpc.RpcError as exc:
         raise translate(exc, args.collector) from None
-    for record in window or ():
-        _emit(record, args.output)
+    finally:
+        out.close()
     return 0
 
 
 # -- query ----------------------------------------------------------------------------------
 
+QUERY_FORMATS = ("table", "json", "csv")
+
+
+def write_rows(out, columns: list[str], rows: list[list]) -> None:
+    """Query rows as an aligned table, JSON objects or CSV, with --fields picking and
+    ordering columns as zeek-cut does."""
+    import csv
+
+    from sensor.output import open_text
+
+    if out.fields:
+        missing = [f for f in out.fields if f not in columns]
+        if missing:
+            raise ConfigError(f"--fields names {', '.join(missing)}, not in the result "
+                              f"(columns: {', '.join(columns)})")
+        pick = [columns.index(f) for f in out.fields]
+        columns, rows = list(out.fields), [[row[i] for i in pick] for row in rows]
+    stream, owned = open_text(out)
+    try:
+        if out.fmt == "json":
+            for row in rows:
+                stream.write(json.dumps(dict(zip(columns, row))) + "\n")
+        elif out.fmt == "csv":
+            w = csv.writer(stream, lineterminator="\n")
+            w.writerow(columns)
+            w.writerows([_csv_cell(v) for v in row] for row in rows)
+        else:
+            cells = [columns] + [["NULL" if v is None else str(v) for v in row] for row in rows]
+            widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+            for i, row in enumerate(cells):
+                stream.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+                if i == 0:
+                    stream.write("  ".join("-" * w for w in widths) + "\n")
+    finally:
+        stream.flush()
+        if owned:
+            stream.close()
+
+
+def _csv_cell(value):
+    # Lists and structs (DNS answers, TLS ALPN) as JSON text, as `replay -o x.csv` writes them.
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else value
+
+
 def cmd_query(args) -> int:
+    from sensor.output import resolve
+
+    out = resolve(args, QUERY_FORMATS)
     req = wire.observer_pb2.QueryRequest(sql=args.sql, max_rows=args.max_rows)
     try:
         resp = _observer(args).Query(req, timeout=args.timeout)
     except grpc.RpcError as exc:
         raise translate(exc, args.collector) from None
     rows = [json.loads(r) for r in resp.rows_json]
-    if args.output == "json":
-        for row in rows:
-            print(json.dumps(dict(zip(resp.columns, row))))
-    else:
-        cells = [list(resp.columns)] + [["NULL" if v is None else str(v) for v in row] for row in rows]
-        widths = [max(len(r[i]) for r in cells) for i in range(len(resp.columns))]
-        for i, row in enumerate(cells):
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-            if i == 0:
-                print("  ".join("-" * w for w in widths))
+    write_rows(out, list(resp.columns), rows)
     if resp.truncated:
         print(f"loupe: more rows than --max-rows {len(rows)}; add LIMIT or use `loupe export`",
               file=sys.stderr)
     return 0
+
+
+def cmd_top(args) -> int:
+    from collector import top  # textual loads only for `loupe top`
+    return top.cmd_top(args)
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -382,24 +456,40 @@ def register(tree) -> None:
     p = tree.command(
         "tail", help="stream records from the collector, with filters",
         description="Flags of the same name are alternatives (OR); different flags must all "
-                    "match (AND). --not-<flag> excludes. Without --since and --follow, shows "
-                    f"the last {DEFAULT_TAIL_LAST} records of the past {DEFAULT_TAIL_WINDOW}.",
+                    "match (AND), as in hubble observe. --not-<flag> excludes. Without "
+                    f"--since, --first, --last and -f, shows the newest {DEFAULT_TAIL_LAST} "
+                    "stored records, whatever their age.",
     )
     _add_tls_client_flags(p)
-    for flag in FILTER_FLAGS:
-        p.add_argument(f"--{flag}", action="append", metavar="V", help=FILTER_HELP[flag])
-        p.add_argument(f"--not-{flag}", action="append", metavar="V", help=argparse.SUPPRESS)
-    p.add_argument("--since", help="replay stored records from: 10m, 1h or an ISO time")
-    p.add_argument("-f", "--follow", action="store_true", help="keep streaming live records")
-    p.add_argument("--last", type=int, help="only the newest N stored records")
+    add_filter_flags(p)
+    p.add_argument("--since", metavar="T",
+                   help="stored records from T: 10m, 1h, 7d ago or an ISO time")
+    p.add_argument("--until", metavar="T", help="stored records before T (not with -f)")
+    p.add_argument("--first", type=int, metavar="N", help="the oldest N matching stored records")
+    p.add_argument("--last", type=int, metavar="N",
+                   help=f"the newest N matching stored records, whatever their age "
+                        f"(default {DEFAULT_TAIL_LAST} without --since, --first and -f)")
+    p.add_argument("-f", "--follow", action="store_true", help="then keep streaming live records")
     p.add_argument("-n", "--number", type=int, help="stop after N records")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_output_arguments(p, TAIL_FORMATS)
     p.set_defaults(func=cmd_tail)
 
     p = tree.command("query", help="read-only SQL over the collector's store")
     _add_tls_client_flags(p)
     p.add_argument("sql", help='one SELECT, e.g. "SELECT host, count(*) FROM http GROUP BY 1"')
     p.add_argument("--max-rows", type=int, default=1000, help="row cap (default 1000)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--timeout", type=float, default=QUERY_TIMEOUT_S,
+                   help=f"seconds to wait; the collector stops the query then (default and "
+                        f"the collector's own cap: {QUERY_TIMEOUT_S:g})")
+    add_output_arguments(p, QUERY_FORMATS)
     p.set_defaults(func=cmd_query)
+
+    p = tree.command(
+        "top", help="full-screen live view: services, talkers, slow endpoints, DNS errors, loss",
+        description="Follows the collector's live records (the filter flags are tail's) and\n"
+                    "redraws every second. Rates are per second over the last 10 s or 60 s.\n"
+                    "Keys: s sort column, r reverse, 1-5 or Tab pick a panel, t talkers by\n"
+                    "host pair or by address, p pause, q quit.")
+    _add_tls_client_flags(p)
+    add_filter_flags(p)
+    p.set_defaults(func=cmd_top)

@@ -12,7 +12,8 @@ to test a filter would cost ingest ~30 us per record per subscriber.
 Criteria that name an L7 field (http_method, http_status, http_path, dns_rcode) match
 only L7 events of that kind. Host, query name, SNI and JA4 also match a flow through its
 L7 summary fields (http_host, dns_qname, tls_sni, tls_ja4). Address and port criteria
-never match a LostEvent, which has neither.
+never match a LostEvent, which has neither. Process and container match flows only: the
+process is attributed per flow, and an L7 event reaches it through its flow's uid.
 """
 
 from __future__ import annotations
@@ -277,6 +278,34 @@ def build_sensor_id(values: Iterable[str]) -> Predicate:
     return match
 
 
+def _process(rec):
+    """The flow's ProcessInfo message, or None (L7 and loss records carry no process)."""
+    if rec.WhichOneof("kind") == "flow" and rec.flow.HasField("process"):
+        return rec.flow.process
+    return None
+
+
+def build_process(values: Iterable[str]) -> Predicate:
+    """Glob over the process name (comm) or its executable, full path or base name."""
+    test = _globs(values, fold=False)
+
+    def match(rec) -> bool:
+        p = _process(rec)
+        return p is not None and bool(p.comm or p.exe) and (
+            test(p.comm) or test(p.exe) or test(p.exe.rpartition("/")[2]))
+    return match
+
+
+def build_container_id(values: Iterable[str]) -> Predicate:
+    """Prefix of the container id: `docker ps` shows 12 characters of 64."""
+    prefixes = tuple(v.lower() for v in values)
+
+    def match(rec) -> bool:
+        p = _process(rec)
+        return p is not None and bool(p.container_id) and p.container_id.lower().startswith(prefixes)
+    return match
+
+
 BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "record_kind": build_record_kind,
     "source_ip": build_source_ip,
@@ -296,6 +325,8 @@ BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "tls_sni": build_tls_sni,
     "tls_ja4": build_tls_ja4,
     "sensor_id": build_sensor_id,
+    "process": build_process,
+    "container_id": build_container_id,
 }
 
 

@@ -17,6 +17,7 @@ registration is therefore read from the store, and skipped when it is published.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,8 +27,9 @@ from typing import Callable
 
 import grpc
 
-from collector import filters
-from collector.storage.base import Storage
+from collector import filters, history
+from collector.client import QUERY_TIMEOUT_S
+from collector.storage.base import Cancel, Storage
 from sensor import model
 from sensor.errors import ConfigError, QueryError, StorageError
 from sensor.export import wire
@@ -51,8 +53,10 @@ MAX_SUBSCRIBERS = 64
 DEFAULT_MAX_ROWS = 1000
 MAX_ROWS = 100_000
 
-# A query longer than this holds a reader thread; it is interrupted.
-QUERY_TIMEOUT_S = 30.0
+# QUERY_TIMEOUT_S (collector/client.py): a query longer than this holds a reader thread;
+# it is interrupted. A query whose client gives up sooner (its deadline, Ctrl-C) is
+# interrupted then. `loupe query --timeout` defaults to this same cap, so by default the
+# client never waits on a query the server has already stopped.
 
 # Reader threads for queries and history replays: the machine has few cores and DuckDB
 # parallelises each query itself, so more threads would only queue inside DuckDB.
@@ -163,6 +167,10 @@ class ObserverService:
         self._version = version
         self._started_ns = started_ns
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="loupe-reader")
+        # Queries stopped because their client went away or its deadline passed, and
+        # queries stopped at QUERY_TIMEOUT_S (shown by Status). Event loop only.
+        self.queries_cancelled = 0
+        self.queries_timed_out = 0
 
     async def _replay(self, since_ns: int, upto_seq: int):
         """Stored records as protobuf, read in chunks on a reader thread."""
@@ -195,13 +203,21 @@ class ObserverService:
         limit = request.number or None
         sent = 0
         try:
-            if request.since_ns:
-                async for rec in self._replay(request.since_ns, sub.start_seq):
-                    if match(rec):
-                        yield observer_pb2.SubscribeResponse(record=rec)
-                        sent += 1
-                        if limit and sent >= limit:
-                            return
+            if request.last > history.MAX_LAST or (request.until_ns and request.follow):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"last is at most {history.MAX_LAST} (use loupe export)"
+                                    if request.last > history.MAX_LAST
+                                    else "until and follow exclude each other")
+            stored = history.stored(
+                lambda since: self._replay(since, sub.start_seq), match,
+                since_ns=request.since_ns, until_ns=request.until_ns,
+                first=request.first, last=request.last)
+            async with contextlib.aclosing(stored):
+                async for rec in stored:
+                    yield observer_pb2.SubscribeResponse(record=rec)
+                    sent += 1
+                    if limit and sent >= limit:
+                        return
             if not request.follow:
                 return
             while True:
@@ -216,11 +232,32 @@ class ObserverService:
     async def Query(self, request, context):
         max_rows = min(request.max_rows or DEFAULT_MAX_ROWS, MAX_ROWS)
         loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        # Past the client's deadline nobody reads the result: stop there.
+        timeout = QUERY_TIMEOUT_S if remaining is None else max(0.0, min(QUERY_TIMEOUT_S, remaining))
+        capped = timeout == QUERY_TIMEOUT_S
+        cancel = Cancel()
+        started = time.monotonic()
         try:
             result = await loop.run_in_executor(
-                self._readers, self._storage.query, request.sql, max_rows, QUERY_TIMEOUT_S
+                self._readers, self._storage.query, request.sql, max_rows, timeout, cancel
             )
+        except asyncio.CancelledError:
+            # The client went away (cancelled, or its deadline passed): the reader thread
+            # would otherwise run the query on to the cap.
+            cancel()
+            self.queries_cancelled += 1
+            log.info("query cancelled by its client after %.1f s; stopped",
+                     time.monotonic() - started)
+            raise
         except (QueryError, StorageError) as exc:
+            if "ran longer than" in str(exc):
+                if capped:
+                    self.queries_timed_out += 1
+                else:
+                    self.queries_cancelled += 1
+                    log.info("query stopped at its client's deadline after %.1f s",
+                             time.monotonic() - started)
             await _abort_for(context, exc)
         return observer_pb2.QueryResponse(
             columns=result.columns, column_types=result.column_types,
@@ -234,6 +271,8 @@ class ObserverService:
         sensors = await loop.run_in_executor(self._readers, self._storage.sensors)
         counters = dict(self._counters())
         counters.update(self._hub.counters())
+        counters.update(queries_cancelled=self.queries_cancelled,
+                        queries_timed_out=self.queries_timed_out)
         return observer_pb2.StatusResponse(
             version=self._version, started_ns=self._started_ns,
             storage=self._storage.description, stored=counts, counters=counters,

@@ -20,7 +20,7 @@ from sensor.logs import setup_logging
 # numpy, prometheus) and a full import costs a third of a second per run. `loupe --help`
 # and unknown words import them all. tests/unit/test_cli.py checks this table.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "collector.cli": ("collector", "export", "certs", "tail", "query"),
+    "collector.cli": ("collector", "export", "certs", "tail", "query", "top"),
     "sensor.config_cli": ("config",),
     "sensor.kernel.cli": ("sensor",),
     "sensor.replay.cli": ("replay",),
@@ -81,12 +81,31 @@ def modules_for(argv: list[str] | None) -> list[str]:
     return owners or list(COMMAND_MODULES)
 
 
+def version() -> str:
+    """The installed package's version; a source tree without an install reads
+    pyproject.toml."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("loupe")
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
 def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loupe",
         description="Loupe: eBPF-assisted flow and L7 sensor, collector and analyst tools.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"loupe {version()}")
     parser.set_defaults(func=None, _parser=parser)
     tree = CommandTree(parser)
     for name in COMMAND_MODULES if modules is None else modules:
@@ -94,9 +113,18 @@ def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that a flag no parser knows is reported with the usage of the
+    subcommand it was given to (`loupe tail --sinse 1h` shows tail's usage, not loupe's)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(modules_for(argv))
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     # One line per event on stderr, with syslog priority prefixes under journald.
     setup_logging(verbose=args.verbose)
     if args.func is None:
