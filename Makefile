@@ -21,9 +21,12 @@ $(GEN): $(PROTOS)
 	@touch $(GEN)
 
 # The main job on the embedded default: a collector storing to ./data/loupe.duckdb,
-# streaming every record it receives to this terminal.
+# streaming every record it receives to this terminal, fed by a sensor on the
+# default-route interface and lo. `make run IFACE=eth1` watches eth1 instead ("eth1,lo"
+# for several), `make run DEMO=1` runs the demo traffic; LOUPE_DATA_DIR, COLLECTOR and
+# METRICS in the environment move it aside (scripts/run.sh).
 run: install
-	@scripts/run.sh
+	@IFACE='$(IFACE)' DEMO='$(DEMO)' scripts/run.sh
 
 test: install
 	$(VENV)/bin/pytest

@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# `make run`: a collector on the embedded default (./data/loupe.duckdb) printing every
-# record it receives to this terminal, and a live sensor feeding it.
+# `make run`: a collector on the embedded default (DuckDB under ./data) printing every
+# record it receives to this terminal, and a live sensor feeding it. Both run on the
+# configuration schema's defaults (`--config /dev/null`: /etc/loupe is the services').
 #
-#   scripts/run.sh            sensor on the default-route interface (lo if there is none,
-#                             or if it is a tunnel without Ethernet frames)
+#   scripts/run.sh            sensor on the default-route interface and lo (a tunnel
+#                             without Ethernet frames as default route is left out)
+#   IFACE=eth1 scripts/run.sh (or `make run IFACE=eth1`; "eth1,lo" for several) those only
 #   scripts/run.sh --demo     (or `make run DEMO=1`) two network namespaces joined by a
 #                             veth (198.18.0.1 <-> 198.18.0.2, fc00::1 <-> fc00::2), with
 #                             an HTTP server, openssl s_server and dnsmasq on one side and
 #                             bounded loops of curl, openssl s_client and dig on the other;
 #                             the sensor watches the client's veth
 #
-# Ctrl-C stops everything and removes what the script created (trap below). Needs root
-# (the sensor loads BPF programs; the demo creates namespaces).
+# Until the first L7 record the sensor logs a heartbeat every 5 s ("N packets, M flows so
+# far, no L7 yet"), so a quiet interface is told apart from a dead sensor.
+#
+# Environment, so that a test (or a second run) does not collide with a running one:
+#   LOUPE_DATA_DIR  store and spool directory (default ./data)
+#   COLLECTOR       collector address (default 127.0.0.1:50051)
+#   METRICS         the sensor's Prometheus address (default 127.0.0.1:9464; "" off)
+#
+# The collector must be listening before the sensor starts: if it cannot start (port in
+# use, store locked), this script says so in one line and exits 1, rather than letting
+# the sensor export to whatever else listens there. Ctrl-C (or SIGTERM) stops the sensor
+# first, so its last flows reach the collector, then everything else, removes what the
+# script created, and exits 0. Needs root (the sensor loads BPF programs; the demo
+# creates namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +34,17 @@ if [[ "${1:-}" == "--demo" ]]; then
     DEMO=1
 fi
 LOUPE=.venv/bin/loupe
-COLLECTOR=127.0.0.1:50051
+DATA="${LOUPE_DATA_DIR:-./data}"
+COLLECTOR="${COLLECTOR:-127.0.0.1:50051}"
+METRICS="${METRICS-127.0.0.1:9464}"
+IFACE="${IFACE:-}"
+# How long the collector may take to listen (DuckDB open, gRPC up: about 1 s here).
+COLLECTOR_START_S=30
 TAG="lrun$$"
 WORK="$(mktemp -d /tmp/loupe-run.XXXXXX)"
 PIDS=()
+SENSOR_PID=""
+TAIL_PID=""
 
 cleanup() {
     # A second Ctrl-C must not cut the cleanup short.
@@ -31,7 +52,7 @@ cleanup() {
     trap '' INT TERM
     # The sensor first, alone (SIGTERM: it exports every flow to the collector, which is
     # still up, and detaches), then the rest.
-    if [[ -n "${SENSOR_PID:-}" ]]; then
+    if [[ -n "$SENSOR_PID" ]]; then
         kill -TERM "$SENSOR_PID" 2>/dev/null || true
         wait "$SENSOR_PID" 2>/dev/null || true
     fi
@@ -41,39 +62,87 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    # After the collector: it passes on the collector's last lines, then ends (--pid).
+    if [[ -n "$TAIL_PID" ]]; then
+        wait "$TAIL_PID" 2>/dev/null || true
+    fi
     if [[ -n "$DEMO" ]]; then
         ip netns del "${TAG}a" 2>/dev/null || true
         ip netns del "${TAG}b" 2>/dev/null || true
     fi
     rm -rf "$WORK"
 }
-trap cleanup EXIT INT TERM
+# Ctrl-C and SIGTERM are how this script is meant to end: after a clean cleanup that is
+# success (exit 0), so `make run` prints no "Error 130". Any other exit keeps its status.
+trap 'cleanup; exit 0' INT TERM
+trap cleanup EXIT
 
 if [[ $EUID -ne 0 ]]; then
     echo "run.sh: the sensor loads BPF programs: run as root (sudo make run)" >&2
     exit 1
 fi
 
-mkdir -p ./data
+# Waits until the collector listens on $COLLECTOR's port itself (not merely someone:
+# another process there would take the sensor's records). If it exits first, its one-line
+# reason is repeated as this script's one line.
+wait_for_collector() {
+    local port="${COLLECTOR##*:}" tries=$((COLLECTOR_START_S * 10)) why
+    while ((tries-- > 0)); do
+        if ! kill -0 "$COLLECTOR_PID" 2>/dev/null; then
+            why="$(grep -v '^\s*$' "$WORK/collector.err" | tail -n 1 | sed 's/^loupe: error: //')"
+            echo "run.sh: the collector did not start: ${why:-it exited}" \
+                 "(make run COLLECTOR=HOST:PORT picks another address)" >&2
+            exit 1
+        fi
+        if ss -Hltnp "sport = :$port" 2>/dev/null | grep -q "pid=$COLLECTOR_PID,"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "run.sh: the collector is not listening on $COLLECTOR after ${COLLECTOR_START_S} s;" \
+         "see $DATA and try again" >&2
+    exit 1
+}
+
+mkdir -p "$DATA"
 # Its own session: Ctrl-C reaches the whole foreground process group, and the collector
-# must outlive the sensor's last flush; cleanup() stops it after the sensor.
-setsid "$LOUPE" collector run --data-dir ./data --listen "$COLLECTOR" --print &
+# must outlive the sensor's last flush; cleanup() stops it after the sensor. (setsid
+# execs in place here: a script's background child never leads a process group, so
+# $! is the collector itself, which wait_for_collector relies on.) Its log goes to a
+# file first, so that a failed start can be reported in one line.
+setsid "$LOUPE" collector run --config /dev/null --data-dir "$DATA" --listen "$COLLECTOR" \
+    --metrics "" --print 2>"$WORK/collector.err" &
 COLLECTOR_PID=$!
 PIDS+=("$COLLECTOR_PID")
+wait_for_collector
+# From now on its log reaches the terminal as it is written.
+tail -n +1 -s 0.2 -f --pid="$COLLECTOR_PID" "$WORK/collector.err" >&2 &
+TAIL_PID=$!
 
-SENSOR_PID=""
-SENSOR_ARGS=(--collector "$COLLECTOR" --spool-dir "$PWD/data/spool" --metrics 127.0.0.1:9464)
+SENSOR_ARGS=(--config /dev/null --collector "$COLLECTOR" --spool-dir "$DATA/spool"
+             --metrics "$METRICS" --heartbeat 5)
 if [[ -z "$DEMO" ]]; then
-    IFACE="$(ip route show default | awk '/ dev / {for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')"
-    # The meter parses Ethernet frames (link type 1) or loopback (772); a default route
-    # over a tunnel (WireGuard, tun) is left for lo, with a word about it.
-    if [[ -n "$IFACE" ]] && ! [[ "$(cat "/sys/class/net/$IFACE/type" 2>/dev/null)" =~ ^(1|772)$ ]]; then
-        echo "run.sh: the default route goes over $IFACE, which carries no Ethernet frames (a tunnel?); watching lo" >&2
-        IFACE=""
+    IFACES=()
+    if [[ -n "$IFACE" ]]; then
+        read -r -a IFACES <<< "${IFACE//,/ }"
+    else
+        dev="$(ip route show default | awk '/ dev / {for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')"
+        # The meter parses Ethernet frames (link type 1) or loopback (772); a default
+        # route over a tunnel (WireGuard, tun) is left out, with a word about it.
+        if [[ -n "$dev" ]] && ! [[ "$(cat "/sys/class/net/$dev/type" 2>/dev/null)" =~ ^(1|772)$ ]]; then
+            echo "run.sh: the default route goes over $dev, which carries no Ethernet frames (a tunnel?); leaving it out" >&2
+            dev=""
+        fi
+        # lo as well: local traffic (a test server on 127.0.0.1) is what a first try makes.
+        if [[ -n "$dev" && "$dev" != lo ]]; then
+            IFACES+=("$dev")
+        fi
+        IFACES+=(lo)
     fi
-    IFACE="${IFACE:-lo}"
-    echo "run.sh: sensor on $IFACE; records follow (Ctrl-C stops)" >&2
-    SENSOR_ARGS+=(--iface "$IFACE")
+    echo "run.sh: sensor on ${IFACES[*]}; records follow (Ctrl-C stops)" >&2
+    for dev in "${IFACES[@]}"; do
+        SENSOR_ARGS+=(--iface "$dev")
+    done
 else
     A="${TAG}a" B="${TAG}b"
     ip netns add "$A"
@@ -117,10 +186,15 @@ else
         done' &
     PIDS+=($!)
     echo "run.sh: demo traffic in $A -> $B; sensor on $A veth0 (Ctrl-C stops)" >&2
-    SENSOR_ARGS+=(--netns "$A" --iface veth0 --select port:8080,port:443,port:53)
+    SENSOR_ARGS+=(--netns "$A" --iface veth0)
 fi
 
 "$LOUPE" sensor run "${SENSOR_ARGS[@]}" &
 SENSOR_PID=$!
-# Stopped first by cleanup(): the sensor's last records still reach the collector.
-wait "$SENSOR_PID"
+# Stopped first by cleanup(): the sensor's last records still reach the collector. The
+# sensor ending on its own (a start that failed, one line from it) ends the run with its
+# status; Ctrl-C and SIGTERM end it in the trap above.
+status=0
+wait "$SENSOR_PID" || status=$?
+SENSOR_PID=""
+exit "$status"

@@ -87,6 +87,9 @@ def register(tree) -> None:
     p.add_argument("--drain-timeout", type=float, default=EXPORT_CLOSE_S, metavar="SECONDS",
                    help="at SIGTERM, how long to try to get spooled records acked before "
                         f"leaving them in the spool for the next start (default {EXPORT_CLOSE_S:g})")
+    p.add_argument("--heartbeat", type=float, default=0.0, metavar="SECONDS",
+                   help="until the first L7 record, log every SECONDS how many packets "
+                        "and flows were seen (default 0: off; `make run` uses 5)")
     p.add_argument("--no-l7", action="store_true",
                    help="flows only: no payload copy, no L7 parsing")
     p.add_argument("--no-process", action="store_true",
@@ -186,6 +189,8 @@ def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfi
         raise ConfigError("--interval must be positive seconds")
     if args.refill < 0:
         raise ConfigError("--refill must be 0 or a number of octets")
+    if args.heartbeat < 0:
+        raise ConfigError("--heartbeat must be 0 (off) or positive seconds")
     page = os.sysconf("SC_PAGE_SIZE")
     return LiveConfig(
         interfaces=interfaces, netns=args.netns,
@@ -314,6 +319,17 @@ def closing_line(sensor: LiveSensor) -> str:
     return text
 
 
+def heartbeat_line(sensor: LiveSensor) -> str:
+    """"N packets, M flows so far, no L7 yet", or "" once an L7 record went out: someone
+    watching a quiet terminal learns the sensor is alive and what it has seen."""
+    t = sensor.totals
+    if any(k not in ("flow", "lost") for k in t.records):
+        return ""
+    packets = sensor.kernel_counters().get("packets", 0)
+    # Flows count once exported (when they end): what the collector has been sent.
+    return f"{packets} packets, {t.records.get('flow', 0)} flows so far, no L7 yet"
+
+
 def run(args: argparse.Namespace) -> int:
     from sensor.kernel import loader  # noqa: PLC0415
 
@@ -356,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
                  _describe(live_cfg.selection), config.metrics.listen or "off")
         notifier.ready(sensor.status())
         next_status = time.monotonic() + STATUS_EVERY_S
+        next_beat = time.monotonic() + args.heartbeat if args.heartbeat else float("inf")
         while not signals.stop:
             sensor.step()
             notifier.keepalive(time.monotonic_ns())
@@ -366,6 +383,12 @@ def run(args: argparse.Namespace) -> int:
             if now >= next_status:
                 notifier.status(sensor.status())
                 next_status = now + STATUS_EVERY_S
+            if now >= next_beat:
+                beat = heartbeat_line(sensor)
+                if beat:
+                    log.info("%s", beat)
+                # Once L7 records flow, they are the sign of life: the heartbeat ends.
+                next_beat = now + args.heartbeat if beat else float("inf")
         notifier.stopping("stopping: detaching, flushing every flow")
         log.info("stopping: detaching, flushing every flow")
     finally:
