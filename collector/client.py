@@ -13,6 +13,12 @@ from sensor.errors import CollectorError, ConfigError, LoupeError, QueryError
 # Responses up to the collector's own message limit (a Query result is one message).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+# The collector stops any one query after this many seconds (collector/observer.py), and
+# `loupe query --timeout` defaults to it: a longer client wait could only end in the
+# server's "ran longer than" error. Written here, not in observer.py, so that the CLI
+# does not import the server's dependencies to read it.
+QUERY_TIMEOUT_S = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class ClientTLS:

@@ -8,9 +8,10 @@ implements this Protocol over the same schema.
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 
@@ -47,6 +48,29 @@ class QueryResult:
     truncated: bool
 
 
+class Cancel:
+    """Stops a running query from another thread: the reader binds the engine's interrupt
+    to it, and whoever gave up on the result (a cancelled RPC) calls it. Calling it
+    before the query started stops the query as soon as it binds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._interrupt: Callable[[], None] | None = None
+        self.cancelled = False
+
+    def bind(self, interrupt: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._interrupt = interrupt
+            if interrupt is not None and self.cancelled:
+                interrupt()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._interrupt is not None:
+                self._interrupt()
+
+
 @dataclass(frozen=True, slots=True)
 class SensorSummary:
     sensor_id: str
@@ -76,8 +100,10 @@ class Storage(Protocol):
         """Stored records with their own time >= since_ns, from batches committed at or
         before upto_seq, in time order across tables. Lazy: reads in chunks."""
 
-    def query(self, sql: str, max_rows: int, timeout_s: float) -> QueryResult:
-        """One read-only statement (QueryError otherwise), at most max_rows rows."""
+    def query(self, sql: str, max_rows: int, timeout_s: float,
+              cancel: Cancel | None = None) -> QueryResult:
+        """One read-only statement (QueryError otherwise), at most max_rows rows; stopped
+        after timeout_s, or when `cancel` is called."""
 
     def counts(self) -> dict[str, int]:
         """Rows per table."""

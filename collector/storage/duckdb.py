@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from collector import schema
 from collector.storage.base import (
-    DecodedBatch, ExportResult, QueryResult, SensorSummary, StoreResult, StoreStatus,
+    Cancel, DecodedBatch, ExportResult, QueryResult, SensorSummary, StoreResult, StoreStatus,
 )
 from sensor.errors import QueryError, StorageError
 
@@ -306,8 +306,10 @@ class DuckDBStorage:
         for _, table, row in heapq.merge(*streams, key=lambda item: item[0]):
             yield schema.record_from_row(table, row)
 
-    def query(self, sql: str, max_rows: int, timeout_s: float) -> QueryResult:
+    def query(self, sql: str, max_rows: int, timeout_s: float,
+              cancel: Cancel | None = None) -> QueryResult:
         cur = self._con.cursor()
+        cancel = cancel if cancel is not None else Cancel()
         try:
             try:
                 statements = cur.extract_statements(sql)
@@ -324,19 +326,24 @@ class DuckDBStorage:
                     f"got {kind.name}"
                 )
             # A runaway query (a cross join of two big tables) must not hold a reader
-            # thread forever: interrupt it after timeout_s.
+            # thread forever: interrupt it after timeout_s, or as soon as the client has
+            # gone (cancel).
             timer = threading.Timer(timeout_s, cur.interrupt)
             timer.start()
+            cancel.bind(cur.interrupt)
             try:
                 cur.execute(sql)
                 columns = [d[0] for d in cur.description]
                 types = [str(d[1]) for d in cur.description]
                 rows = cur.fetchmany(max_rows + 1)
             except duckdb.InterruptException:
+                if cancel.cancelled:
+                    raise QueryError("the query was cancelled by its client") from None
                 raise QueryError(f"the query ran longer than {timeout_s:g} s and was stopped") from None
             except duckdb.Error as exc:
                 raise QueryError(str(exc).splitlines()[0]) from None
             finally:
+                cancel.bind(None)
                 timer.cancel()
         finally:
             cur.close()

@@ -3,19 +3,23 @@ replayed subscriptions with allow/deny filters, slow subscribers."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
 import pytest
 
+from collector.observer import READER_THREADS
 from collector.server import CollectorConfig, create_server
 from sensor import model
 from sensor.errors import CollectorError
 from sensor.export import wire
 
 from .conftest import (
-    BASE_NS, batch, dns, flow, http, ingest_stub, mixed, observer_stub, push, query,
+    BASE_NS, REPO, batch, dns, flow, http, ingest_stub, mixed, observer_stub, push, query,
     subscribe, tls, with_sensor,
 )
 
@@ -293,3 +297,36 @@ def test_plaintext_on_a_public_address_needs_insecure(tmp_path):
     from sensor.errors import ConfigError
     with pytest.raises(ConfigError, match="--insecure"):
         CollectorConfig(listen="0.0.0.0:0", data_dir=tmp_path).check()
+
+
+def _slow_query(address: str, timeout: float):
+    """A cross join DuckDB needs minutes for, given up by its client after `timeout` s."""
+    sql = "SELECT sum(a.range * b.range) FROM range(10000000) a CROSS JOIN range(10000000) b"
+    return subprocess.run(
+        [sys.executable, "-m", "sensor.cli", "query", "--collector", address,
+         "--timeout", str(timeout), sql],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_query_timeout_stops_the_query_on_the_server(collector):
+    # As many slow queries as the collector has reader threads: if they ran on after
+    # their clients gave up, the next query would wait for the server's 30 s cap.
+    with concurrent.futures.ThreadPoolExecutor(READER_THREADS) as pool:
+        outs = list(pool.map(lambda _: _slow_query(collector.address, 1), range(READER_THREADS)))
+    for out in outs:
+        assert out.returncode == 1 and "did not answer in time" in out.stderr, out.stderr
+    # Well within the 30 s the readers would stay busy if the queries ran on.
+    resp = observer_stub(collector.address).Query(
+        wire.observer_pb2.QueryRequest(sql="SELECT 42"), timeout=10)
+    assert list(resp.rows_json) == ["[42]"]
+    status = observer_stub(collector.address).Status(wire.observer_pb2.StatusRequest(), timeout=10)
+    assert status.counters["queries_cancelled"] == READER_THREADS
+    assert status.counters["queries_timed_out"] == 0
+
+
+def test_query_client_default_wait_is_within_the_server_cap():
+    from collector.observer import QUERY_TIMEOUT_S
+    from sensor.cli import build_parser
+
+    args = build_parser(["collector.cli"]).parse_args(["query", "SELECT 1"])
+    assert 0 < args.timeout <= QUERY_TIMEOUT_S
