@@ -73,24 +73,25 @@ def test_tail_and_query_print_the_records(collector):
                     "--type", "http", "--http-status", "500+", "--output", "json")
     assert out.returncode == 0, out.stderr
     lines = [json.loads(x) for x in out.stdout.splitlines()]
-    assert lines and all(x["kind"] == "http" and x["detail"]["status"] == 503 for x in lines)
+    assert lines and all(x["type"] == "http" and x["detail"]["status"] == 503 for x in lines)
     assert len(lines) == sum(1 for i in range(100) if i % 10 in (5, 6) and i % 3 == 2)
 
     out = run_loupe("tail", "--collector", collector.address, "--since", "2020-01-01T00:00:00Z",
                     "--type", "dns", "--dns-qname", "*.example.test", "--dns-rcode", "NXDOMAIN",
-                    "--not-from-port", "33007")
+                    "--not-from-port", "33007", "--format", "table")
     assert out.returncode == 0, out.stderr
     rows = out.stdout.splitlines()
     assert rows and all(" dns  " in r and "a.example.test A -> NXDOMAIN" in r for r in rows)
     assert not any(":33007 ->" in r for r in rows)
 
     out = run_loupe("tail", "--collector", collector.address, "--since", "2020-01-01T00:00:00Z",
-                    "--type", "tls", "--last", "3")
+                    "--type", "tls", "--last", "3", "--format", "table")
     rows = out.stdout.splitlines()
-    assert len(rows) == 3 and all("sni=api.example.test ja4=t13d1516h2_" in r for r in rows)
+    assert len(rows) == 3 and all("TLS 1.3 sni=api.example.test" in r and "ja4=t13d1516h2_" in r
+                                  for r in rows)
     assert rows[-1].startswith("2023-11-14T22:13:20.000Z")
 
-    out = run_loupe("query", "--collector", collector.address,
+    out = run_loupe("query", "--collector", collector.address, "--format", "table",
                     "SELECT status, count(*) AS n FROM http GROUP BY 1 ORDER BY 1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0].split() == ["status", "n"]
