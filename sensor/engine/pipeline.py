@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Callable, Iterable, Iterator, Protocol
 
+from sensor.capfilter import compile_packet_filter
+from sensor.capfilter import parse as parse_filter
 from sensor.engine.flowtable import DEFAULT_MAX_FLOWS
 from sensor.engine.l7engine import L7Engine
 from sensor.engine.reassembly import DEFAULT_LIMITS, MemoryBudget, ReassemblyLimits
@@ -90,6 +92,13 @@ class PipelineConfig:
     # keeps a replay well under 1 GiB RSS while covering many simultaneous holes.
     reassembly_budget_bytes: int = 64 << 20
     reassembly_limits: ReassemblyLimits = DEFAULT_LIMITS
+    # A tcpdump-style expression (sensor/capfilter.py); only the packets it matches reach
+    # the meter, as if the capture had been through `tcpdump -r FILE EXPR -w ...`.
+    packet_filter: str = ""
+
+    def __post_init__(self) -> None:
+        if self.packet_filter:
+            parse_filter(self.packet_filter)   # FilterError (one line) before any work
 
 
 @dataclass(slots=True)
@@ -104,6 +113,8 @@ class Summary:
     first_ns: int = 0
     last_ns: int = 0
     elapsed_s: float = 0.0
+    # One line per input that ended before its capture did (ReaderStats.truncation()).
+    truncated: list[str] = field(default_factory=list)
 
     @property
     def l7_total(self) -> int:
@@ -120,8 +131,12 @@ class Summary:
         if trouble:
             text += "; lost/errors: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(trouble.items()))
-        else:
+        elif not self.truncated:
             text += "; nothing lost"
+        if self.truncated:
+            # The capture goes on past the cut: what is missing there is not counted.
+            n = len(self.truncated)
+            text += f"; input truncated ({n} file{'s' if n > 1 else ''})"
         return text
 
 
@@ -145,6 +160,7 @@ def merge(summaries: list[Summary]) -> Summary:
         if s.first_ns and (not out.first_ns or s.first_ns < out.first_ns):
             out.first_ns = s.first_ns
         out.last_ns = max(out.last_ns, s.last_ns)
+        out.truncated += s.truncated
     return out
 
 
@@ -180,13 +196,17 @@ class Pipeline:
         self.reader_stats: list = []
         self._first_ns = 0
         self._last_ns = 0
+        self._match = (compile_packet_filter(config.packet_filter)
+                       if config.packet_filter else None)
 
     def feed(self, source: Iterable[Packet]) -> None:
         """Run every packet of `source` through the engine (flows stay live across
         sources: several files of one capture session form one stream)."""
         feed = self.meter.feed
         ts = 0
-        packets = iter(source)
+        match = self._match
+        packets = iter(source) if match is None else (
+            p for p in source if match(p[2], p[3]))
         if not self._first_ns:
             for ts, ifx, link, frame, wire in packets:
                 feed(ts, ifx, link, frame, wire)
@@ -204,6 +224,7 @@ class Pipeline:
         """feed(), for the packets whose shard_of() falls to `index` of `jobs` parallel
         pipelines (every flow, and every fragment of it, lands in exactly one)."""
         feed = self.meter.feed
+        match = self._match
         ts = 0
         for ts, ifx, link, frame, wire in source:
             # Ethernet + IPv4 inline (shard_of's first case), the rest through shard_of.
@@ -211,7 +232,7 @@ class Pipeline:
                 h = ((frame[28] << 8) | frame[29]) ^ ((frame[32] << 8) | frame[33])
             else:
                 h = shard_of(link, frame)
-            if h % jobs == index:
+            if h % jobs == index and (match is None or match(link, frame)):
                 if not self._first_ns:
                     self._first_ns = ts
                 feed(ts, ifx, link, frame, wire)
@@ -245,6 +266,7 @@ class Pipeline:
         ts = meter.table.stats
         lost: dict[str, int] = {}
         errors: dict[str, int] = {}
+        truncated: list[str] = []
 
         def put(target: dict, name: str, value: int) -> None:
             if value:
@@ -255,6 +277,8 @@ class Pipeline:
                 rs.corrupt_records + rs.truncated_records)
             put(errors, "reader_skipped_bytes", rs.skipped_bytes)
             put(errors, "reader_bad_interface", rs.bad_interface)
+            if getattr(rs, "cut_short", ""):
+                truncated.append(rs.truncation())
         put(lost, LostSource.FLOW_TABLE_FULL.value, ts.evicted)
         for name in ("unsupported_link", "truncated_l2", "too_many_vlan_tags", "bad_ip",
                      "truncated_ip", "truncated_l4", "ipv6_ext_limit",
@@ -272,7 +296,7 @@ class Pipeline:
             packets=ms.packets,
             flows=kinds.get("flow", 0),
             l7_events=l7_events,
-            lost=lost, errors=errors,
+            lost=lost, errors=errors, truncated=truncated,
             first_ns=self._first_ns, last_ns=max(self._last_ns, self._first_ns),
         )
 

@@ -185,6 +185,9 @@ class GrpcExporter:
         self._drain_deadline: float | None = None
         self._enqueued: dict[int, list[int]] = {}  # batch id -> enqueue times (ns)
         self._latencies: deque[int] = deque(maxlen=_LATENCY_SAMPLES)
+        # Why the last stream ended ("" before any failure), for one-shot callers such
+        # as replay to name the cause in their closing line.
+        self.last_error = ""
         self._c = dict.fromkeys((
             "batches_spooled", "batches_sent", "batches_acked", "batches_duplicate",
             "batches_rejected", "records_rejected", "records_acked", "acks_unexpected",
@@ -335,6 +338,7 @@ class GrpcExporter:
             if not stream.stopped:
                 self._c["stream_errors"] += 1
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
+                self.last_error = f"{getattr(code, 'name', code)}: {detail}"
                 log.warning("collector %s: stream ended (%s: %s); %d batches un-acked",
                             self._cfg.target, getattr(code, "name", code), detail,
                             self._spool.unacked_count())

@@ -10,19 +10,23 @@ on stderr, so stdout carries nothing but records.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from sensor import model
+from sensor.capfilter import FilterError
+from sensor.capfilter import parse as parse_filter
 from sensor.engine.pipeline import ExporterSink, Pipeline, PipelineConfig, run_sharded
-from sensor.errors import ConfigError, StorageError
+from sensor.errors import CollectorError, ConfigError, StorageError
 from sensor.export.formats import json_line
-from sensor.replay.reader import CaptureReader
+from sensor.replay.reader import STDIN, CaptureReader, is_stream
 
 _FORMATS = ("jsonl", "parquet", "csv")
 # Redraw the bar at most this often: a terminal redraw costs more than a chunk of packets.
@@ -38,9 +42,16 @@ def register(tree) -> None:
             "files form one stream, in the order given.\n\n"
             "  loupe replay capture.pcapng                  JSON lines on stdout\n"
             "  loupe replay a.pcap b.pcap -o flows.parquet  flows.parquet, flows.http.parquet, ...\n"
-            "  loupe replay capture.pcap --to 127.0.0.1:50051"),
+            "  loupe replay capture.pcap --to 127.0.0.1:50051\n"
+            "  zcat capture.pcap.gz | loupe replay -         stdin (also pipes, FIFOs)\n\n"
+            "Exit status: 0 done; 1 an error, or records the collector did not\n"
+            "acknowledge within --delivery-timeout; 2 bad usage; 3 every record was\n"
+            "written but an input is truncated (a cut-off capture: its complete packets\n"
+            "were replayed, one line names the file); 130 interrupted (Ctrl-C)."),
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="capture file(s)")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="capture file(s); '-' reads stdin, and pipes, FIFOs and <(...) "
+                        "work too")
     p.add_argument("-o", "--output", default=None, metavar="PATH",
                    help="output file (.jsonl, .parquet, .csv); default: JSON lines on "
                         "stdout, or nothing when --to is given")
@@ -54,8 +65,17 @@ def register(tree) -> None:
                    help="name to verify in the collector's certificate")
     p.add_argument("--spool-dir", type=Path, default=None,
                    help="spool for --to (default: a temporary directory, removed when "
-                        "everything was delivered)")
+                        "the run ends); a given directory keeps what was not delivered "
+                        "for the next run")
+    p.add_argument("--delivery-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="with --to: after the last record, wait at most this long for "
+                        "the collector to acknowledge everything, then give up with one "
+                        "line and exit status 1 (default: 30)")
     p.add_argument("--no-l7", action="store_true", help="flows only: no reassembly, no L7")
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help="only packets matching this tcpdump-style expression (host, net, "
+                        "port, portrange, proto, ip, ip6, tcp, udp, icmp, and, or, not), "
+                        "as tcpdump -r FILE EXPR would keep; see docs/replay.md")
     p.add_argument("--sensor-id", default="", help="sensor id put on every record "
                    "(default: none; 'replay' with --to)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
@@ -63,7 +83,8 @@ def register(tree) -> None:
                    help="meter in N processes, each taking a share of the host pairs' "
                         "flows (records then come in arrival order across processes); "
                         "default 0: one per idle CPU (up to 4) for inputs of 64 MiB or "
-                        "more, else one")
+                        "more, else one. Stdin and pipes can be read only once, so they "
+                        "are always read by one process")
     p.set_defaults(func=run)
 
 
@@ -87,7 +108,13 @@ class _Progress:
         if now - self._last < _REDRAW_S:
             return
         self._last = now
-        frac = min(pos / size, 1.0) if size else 0.0
+        if not size:
+            # A pipe or stdin: its size is unknown, so no bar, only the packets.
+            self.stream.write(f"\rfile {self.index}/{self.total_files} "
+                              f"{self.packets():,} packets ")
+            self.stream.flush()
+            return
+        frac = min(pos / size, 1.0)
         width = 30
         filled = int(frac * width)
         bar = "#" * filled + "-" * (width - filled)
@@ -268,39 +295,165 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+# Exit status when every record was written but an input capture was truncated (a
+# cut-off download or copy): the records stand, but the capture they describe is not
+# whole. Distinct from 1 (an error, nothing or not everything delivered) so scripts can
+# tell the two apart. Documented in --help and docs/replay.md.
+EXIT_TRUNCATED = 3
+
+
+def _open_inputs(files, jobs: int) -> dict[int, CaptureReader]:
+    """Open every input once before anything is written, so an unreadable one fails
+    first. Regular files are closed again (the run opens them anew, in every --jobs
+    process); stdin, pipes and FIFOs stay open, by position in `files`: their first
+    bytes are read, and they can be read only once."""
+    if list(files).count(STDIN) > 1:
+        raise ConfigError("'-' (stdin) can be given only once")
+    streams = [path for path in files if is_stream(path)]
+    if streams and jobs > 1:
+        name = "'-' (stdin)" if streams[0] == STDIN else streams[0]
+        raise ConfigError(f"--jobs {jobs} reads every input once per process, and {name} "
+                          "can be read only once; use --jobs 1, or save it to a file")
+    kept: dict[int, CaptureReader] = {}
+    try:
+        for index, path in enumerate(files):
+            reader = CaptureReader(path)
+            if path in streams:
+                kept[index] = reader
+            else:
+                reader.close()
+    except BaseException:
+        for reader in kept.values():
+            reader.close()
+        raise
+    return kept
+
+
+class _Delivery:
+    """--to: the spool, the exporter, and how the run ends for them.
+
+    A spool the run made itself (no --spool-dir) is removed however the run ends:
+    delivered, given up after --delivery-timeout, failed or interrupted; nobody would
+    know to hand it to a later run. A --spool-dir given by the user keeps what was not
+    delivered, and the closing line says how many batches and where.
+    """
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.target = args.to
+        self.timeout = args.delivery_timeout
+        self.temp = args.spool_dir is None
+        self.spool_dir = (Path(tempfile.mkdtemp(prefix="loupe-replay-spool-"))
+                          if self.temp else args.spool_dir)
+        self.exporter = None
+        if not getattr(args, "verbose", False):
+            # The exporter warns on every failed reconnect (right for the daemon); a
+            # one-shot replay says what became of delivery in its closing line instead.
+            logging.getLogger("sensor.export.grpc_client").setLevel(logging.ERROR)
+
+    def sink(self) -> ExporterSink:
+        self.exporter = _grpc_sink(self.args, self.spool_dir)
+        return ExporterSink(self.exporter, close_timeout_s=self.timeout)
+
+    def _counts(self) -> tuple[int, int]:
+        """(records acknowledged, batches still in the spool)."""
+        if self.exporter is None:
+            return 0, 0
+        counters = self.exporter.counters()
+        return counters.get("records_acked", 0), counters.get("spool_batches_unacked", 0)
+
+    def _remove_temp(self) -> None:
+        if self.temp:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+
+    def finish(self) -> None:
+        """After the sink's close (delivery tried for up to the timeout): one line;
+        CollectorError when batches were not acknowledged."""
+        acked, left = self._counts()
+        self._remove_temp()
+        if not left:
+            print(f"loupe replay: {acked} records delivered to {self.target}",
+                  file=sys.stderr)
+            return
+        last = self.exporter.last_error
+        head = (f"the collector at {self.target} did not acknowledge {left} batches within "
+                f"--delivery-timeout {self.timeout:g} s"
+                f"{f' (last error: {last})' if last else ''}; {acked} records were "
+                "delivered")
+        if self.temp:
+            raise CollectorError(
+                f"{head}, the rest is dropped; check that the collector runs there, or "
+                "give --spool-dir DIR to keep undelivered batches for a later run")
+        raise CollectorError(
+            f"{head}; the {left} batches stay in {self.spool_dir} and go out with the "
+            f"next run given --spool-dir {self.spool_dir}")
+
+    def abort(self) -> None:
+        """The run failed or was interrupted: stop the exporter at once, remove a
+        temporary spool, say what a --spool-dir keeps."""
+        # A second Ctrl-C here must not leave the spool half removed.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if self.exporter is not None:
+                self.exporter.close(0)
+            _, left = self._counts()
+            self._remove_temp()
+            if left and not self.temp:
+                print(f"loupe replay: {left} batches not delivered to {self.target} stay "
+                      f"in {self.spool_dir} and go out with the next run given "
+                      f"--spool-dir {self.spool_dir}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run(args) -> int:
-    for path in args.files:
-        CaptureReader(path).close()   # an unreadable file fails before anything is written
-    _tune_gc()
-    sinks = []
-    spool_dir = None
-    temp_spool = False
-    if args.output is not None or args.to is None:
-        sinks.append(open_output(args.output or "-", args.format))
-    elif args.format is not None:
-        raise ConfigError("--format needs -o/--output")
+    if args.filter:
+        try:
+            parse_filter(args.filter)   # fails before anything is read or written
+        except FilterError as exc:
+            raise ConfigError(f"--filter: {exc}") from None
     if args.jobs < 0:
         raise ConfigError("--jobs must be 0 (automatic) or a number of processes")
+    if args.format is not None and args.output is None and args.to is not None:
+        raise ConfigError("--format needs -o/--output")
+    if args.to is not None and not args.delivery_timeout > 0:
+        raise ConfigError("--delivery-timeout must be a number of seconds above 0")
+    kept = _open_inputs(args.files, args.jobs)
+    delivery = _Delivery(args) if args.to is not None else None
+    try:
+        summary = _replay(args, kept, delivery)
+    except BaseException:
+        # Failed or interrupted (Ctrl-C: sensor/cli.py exits 130): nothing may be left
+        # behind that nobody will use, a temporary spool above all.
+        for reader in kept.values():
+            reader.close()
+        if delivery is not None:
+            delivery.abort()
+        raise
+    err = sys.stderr
+    print(f"loupe replay: {summary.line()}", file=err)
+    for line in summary.truncated:
+        print(f"loupe replay: {line}", file=err)
+    if delivery is not None:
+        delivery.finish()
+    return EXIT_TRUNCATED if summary.truncated else 0
+
+
+def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None):
+    """The run itself: inputs through the pipeline into the sinks; the Summary."""
+    _tune_gc()
+    sinks = []
+    if args.output is not None or delivery is None:
+        sinks.append(open_output(args.output or "-", args.format))
     if args.jobs == 0:
-        args.jobs = auto_jobs(args.files)
-    exporters = []
-    if args.to is not None:
-        spool_dir = args.spool_dir
-        if spool_dir is None:
-            spool_dir = Path(tempfile.mkdtemp(prefix="loupe-replay-spool-"))
-            temp_spool = True
-
-        def make_exporter_sink():
-            exporters.append(_grpc_sink(args, spool_dir))
-            return ExporterSink(exporters[0])
-
-        if args.jobs > 1:
-            sinks.append(_Deferred(make_exporter_sink))
-        else:
-            sinks.append(make_exporter_sink())
+        args.jobs = 1 if kept else auto_jobs(args.files)
+    if delivery is not None:
+        # With shards, the exporter (threads) starts after the processes were forked.
+        sinks.append(_Deferred(delivery.sink) if args.jobs > 1 else delivery.sink())
     sink = sinks[0] if len(sinks) == 1 else _Tee(sinks)
     sensor_id = args.sensor_id or ("replay" if args.to else "")
-    config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id)
+    config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id,
+                            packet_filter=args.filter)
     err = sys.stderr
     draw = not args.no_progress and err.isatty()
     if args.jobs > 1:
@@ -331,7 +484,7 @@ def run(args) -> int:
                                  lambda: pipeline.meter.stats.packets)
         try:
             for index, path in enumerate(args.files, 1):
-                with CaptureReader(path) as reader:
+                with kept.pop(index - 1, None) or CaptureReader(path) as reader:
                     if progress is not None:
                         progress.file(index, str(path))
                         reader.on_read = progress.update
@@ -340,19 +493,4 @@ def run(args) -> int:
             if progress is not None:
                 progress.clear()
         summary = pipeline.close()
-    print(f"loupe replay: {summary.line()}", file=err)
-    exporter = exporters[0] if exporters else None
-    if exporter is not None:
-        counters = exporter.counters()
-        pending = counters.get("batches_spooled", 0) - counters.get("batches_acked", 0) \
-            - counters.get("batches_duplicate", 0) - counters.get("batches_rejected", 0)
-        acked = counters.get("records_acked", 0)
-        if pending > 0:
-            print(f"loupe replay: {acked} records delivered to {args.to}; {pending} "
-                  f"batches not acknowledged yet stay in the spool {spool_dir} and are "
-                  "sent by the next run with the same --spool-dir", file=err)
-            return 1
-        print(f"loupe replay: {acked} records delivered to {args.to}", file=err)
-        if temp_spool:
-            shutil.rmtree(spool_dir, ignore_errors=True)
-    return 0
+    return summary
