@@ -15,6 +15,14 @@ as <stem>.<table><suffix> (flows.parquet -> flows.http.parquet, flows.dns.parque
 created when the first record of that kind arrives. The flows file is always written,
 empty if no flow came.
 
+The files of one path form a set, and a run replaces the whole set: a table this run does
+not write is removed, so flows.dns.parquet from an earlier run never sits beside the
+flows of this one. Parquet files cannot be read before their footer is written at close,
+so each table is written under a hidden temporary name (.<name>.partial) and the set is
+replaced at close: until then the earlier set stays whole. CSV can be read while it
+grows, so the earlier set is removed when the sink opens and the tables are written in
+place.
+
 Memory is bounded: Parquet rows are buffered per table up to ROW_GROUP_ROWS and then
 written as one row group; CSV rows go straight to the file.
 """
@@ -25,6 +33,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -100,6 +109,39 @@ def _storage_error(path: Path, exc: OSError) -> StorageError:
                         "exists and has free space")
 
 
+# Every table a file sink can write: the files one output path may own.
+_TABLES = tuple(dict.fromkeys(["flows", *schema.KIND_TABLE.values()]))
+
+
+def _partial(path: Path) -> Path:
+    """Where a table is written before it replaces `path` (hidden, same directory, so
+    the rename is atomic)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def _replace_set(path: Path, written: dict[str, Path]) -> None:
+    """Make the set of `path` exactly the tables in `written` (table -> the file holding
+    its new contents, moved into place); every other table of the set is removed."""
+    # Stale tables go first: a crash between the steps leaves part of one run's set,
+    # never two runs' tables side by side.
+    for table in _TABLES:
+        final = table_path(path, table)
+        try:
+            if table in written:
+                continue
+            final.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _storage_error(final, exc) from None
+    for table, source in written.items():
+        final = table_path(path, table)
+        if source == final:
+            continue
+        try:
+            os.replace(source, final)
+        except OSError as exc:
+            raise _storage_error(final, exc) from None
+
+
 class JsonLinesSink:
     """JSON lines to a file, or to stdout when path is "-"."""
 
@@ -154,7 +196,7 @@ class ParquetSink:
         path = table_path(self.path, table)
         try:
             if writer is None:
-                writer = self._writers[table] = pq.ParquetWriter(path, sch)
+                writer = self._writers[table] = pq.ParquetWriter(_partial(path), sch)
             if rows:
                 writer.write_table(pa.Table.from_pylist(rows, schema=sch))
         except OSError as exc:
@@ -171,6 +213,8 @@ class ParquetSink:
             self._write_group(table)
         for writer in self._writers.values():
             writer.close()
+        _replace_set(self.path, {table: _partial(table_path(self.path, table))
+                                 for table in self._writers})
         self._writers.clear()
 
 
@@ -189,6 +233,8 @@ class CsvSink:
         self.path = Path(path)
         self.written = 0
         self._files: dict[str, tuple[io.TextIOBase, Any, list[str]]] = {}
+        # The earlier run's tables go now (the flows file is rewritten by _open).
+        _replace_set(self.path, {"flows": self.path})
         self._open("flows")
 
     def _open(self, table: str):
