@@ -137,6 +137,7 @@ class MetricsRegistry:
     def __init__(self, daemon: str) -> None:
         self.daemon = daemon
         self._sources: dict[str, SnapshotSource] = {}
+        self._infos: dict[str, tuple[str, tuple[str, ...], Callable[[], list]]] = {}
         self._source_errors: dict[str, int] = {}
         self._lock = threading.Lock()
         self._process = psutil.Process()
@@ -153,6 +154,14 @@ class MetricsRegistry:
     def remove_source(self, name: str) -> None:
         with self._lock:
             self._sources.pop(name, None)
+
+    def add_info(self, name: str, help: str, labels: tuple[str, ...],
+                 callback: Callable[[], list[tuple[str, ...]]]) -> None:
+        """An info metric, loupe_<name>_info{labels...} 1, one sample per tuple the
+        callback returns (read at scrape time): what a number cannot say, such as the
+        interfaces the sensor attached to. A failing callback is counted like a source."""
+        with self._lock:
+            self._infos[name] = (help, labels, callback)
 
     def totals(self) -> dict[str, dict[str, float]]:
         """Every family summed over the sources: {"lost": {"spool_full": 0, ...},
@@ -283,6 +292,19 @@ class _Exporter:
                                  labels=["daemon", "version", "python"])
         info.add_metric([owner.daemon, build_version(), platform.python_version()], 1)
         yield info
+
+        with owner._lock:
+            infos = list(owner._infos.items())
+        for name, (help, labels, callback) in infos:
+            try:
+                rows = [tuple(str(v) for v in row) for row in callback()]
+            except Exception as exc:  # noqa: BLE001 - one bad source must not hide the rest
+                owner._count_error(name, f"raised {type(exc).__name__}: {exc}")
+                continue
+            metric = GaugeMetricFamily(f"{PREFIX}_{name}_info", help, labels=list(labels))
+            for row in rows:
+                metric.add_metric(list(row), 1)
+            yield metric
 
         if usage is None:
             return

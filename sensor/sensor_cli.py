@@ -299,7 +299,7 @@ class _Signals:
                                                      (signal.SIGHUP, on_hup))}
 
 
-def closing_line(sensor: LiveSensor) -> str:
+def closing_line(sensor: LiveSensor, spool_dir: str = "") -> str:
     t = sensor.totals
     kinds = {k: v for k, v in sorted(t.records.items()) if k not in ("flow", "lost")}
     kc = t.kernel
@@ -316,7 +316,16 @@ def closing_line(sensor: LiveSensor) -> str:
         lost["export_queue_full"] = lost.get("export_queue_full", 0) + t.submit_refused
     text += ("; lost: " + ", ".join(f"{k} {v}" for k, v in lost.items())) if lost \
         else "; nothing lost"
-    return text
+    return text + _spooled(sensor.exporter.counters(), spool_dir)
+
+
+def _spooled(counters: dict, spool_dir: str) -> str:
+    """What a stop left undelivered (the collector was down): kept for the next start."""
+    batches = counters.get("spool_batches_unacked", 0)
+    if not batches:
+        return ""
+    return (f"; {batches} batches ({counters.get('spool_bytes', 0)} bytes) not delivered, "
+            f"kept in the spool {spool_dir or '(spool.dir)'} for the next start")
 
 
 def heartbeat_line(sensor: LiveSensor) -> str:
@@ -360,6 +369,11 @@ def run(args: argparse.Namespace) -> int:
 
     metrics.add_source("sensor", sensor.metrics)
     metrics.add_source("export", lambda: _export_snapshot(sensor.exporter))
+    # What `loupe status` lists as this sensor's interfaces (not every meter on the host).
+    metrics.add_info("attached", "Interface hooks this sensor's flow meter runs on",
+                     ("interface", "hook", "mode"),
+                     lambda: [(a.iface, hook, a.mode) for a in list(sensor.attachments)
+                              for hook in a.attached])
     try:
         try:
             sensor.start(after_attach if args.user else None)
@@ -398,7 +412,8 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.close()
         notifier.close()
-    print(closing_line(sensor), file=sys.stderr, flush=True)
+    print(closing_line(sensor, config.spool.dir if config.collector.address else ""),
+          file=sys.stderr, flush=True)
     return 0
 
 

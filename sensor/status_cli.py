@@ -2,11 +2,13 @@
 
 Sensor: two scrapes of its Prometheus endpoint (default 127.0.0.1:9464) one interval
 apart give records exported by kind and their rates, losses by reason, queue depths,
-un-acked spool batches, CPU and memory; the interfaces running its flow meter (tcx
-programs named loupe_tc, which takes root to see, or clsact filters named
-loupe_flow:<hook>). Collector: Observer.Status
-(stored rows, sensors, counters). Either may be down: that is reported, not an error,
-unless both are.
+un-acked spool batches, CPU and memory, and the interfaces and hooks that sensor attached
+to (its loupe_attached_info metric: only that sensor's, whatever other meters run on the
+host, in whatever namespace). Collector: Observer.Status (stored rows, sensors, counters).
+
+Exit status: 0 when everything asked about is up; NOT_RUNNING (3, as `systemctl status`
+and LSB init scripts answer for a stopped service) when the sensor or the collector asked
+about is down, after printing what could be learnt. Skip one with "" to check the other.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ DEFAULT_SENSOR_METRICS = "127.0.0.1:9464"
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
 # A scrape larger than this is not ours; stop reading.
 MAX_SCRAPE_BYTES = 4 << 20
+NOT_RUNNING = 3
 
 
 def register(tree) -> None:
-    p = tree.command("status", help="health of the local sensor and of the collector")
+    p = tree.command("status", help="health of the local sensor and of the collector",
+                     description="Health of the local sensor and of the collector. Exit "
+                                 f"status 0 when both are up, {NOT_RUNNING} when either "
+                                 "one asked about is down (skip one with \"\").")
     p.add_argument("--sensor-metrics", default=DEFAULT_SENSOR_METRICS, metavar="HOST:PORT",
                    help=f"the sensor's metrics.listen (default {DEFAULT_SENSOR_METRICS}; "
                         "\"\" skips the sensor)")
@@ -41,42 +47,52 @@ def register(tree) -> None:
     p.set_defaults(func=run)
 
 
-def scrape(address: str) -> dict[str, dict[str, float]]:
-    """family -> {label value ("" without a label): value}."""
+def _fetch(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        return resp.read(MAX_SCRAPE_BYTES).decode("utf-8", "replace")
+
+
+def _samples(text: str):
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
-        text = resp.read(MAX_SCRAPE_BYTES).decode("utf-8", "replace")
-    out: dict[str, dict[str, float]] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name.endswith("_created"):
-                continue
-            label = next(iter(s.labels.values()), "") if s.labels else ""
-            out.setdefault(fam.name, {})[label] = s.value
+            if not s.name.endswith("_created"):
+                yield fam.name, s
+
+
+def families(text: str) -> dict[str, dict[str, float]]:
+    """family -> {label value ("" without a label): value}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, s in _samples(text):
+        label = next(iter(s.labels.values()), "") if s.labels else ""
+        out.setdefault(name, {})[label] = s.value
     return out
 
 
-def attachments() -> list[str]:
-    """Interfaces (of this network namespace) that run the flow meter, with its hooks."""
-    from sensor.kernel import attach  # noqa: PLC0415 (only this part of status needs it)
+def scrape(address: str) -> dict[str, dict[str, float]]:
+    """A sensor's /metrics as families()."""
+    return families(_fetch(address))
 
-    found = []
-    for dev in sorted(Path("/sys/class/net").iterdir()):
-        try:
-            hooks = attach.attached_hooks(dev.name)
-        except (LoupeError, OSError):
-            continue   # gone meanwhile
-        if hooks:
-            found.append(f"{dev.name} ({'+'.join(hooks)})")
-    return found
+
+def attachments(text: str) -> list[str]:
+    """The interfaces the scraped sensor attached to, with their hooks ("eth0
+    (ingress+egress)"), from its loupe_attached_info metric."""
+    hooks: dict[str, list[str]] = {}
+    for name, s in _samples(text):
+        if name == "loupe_attached" and s.value:
+            hooks.setdefault(s.labels.get("interface", "?"), []).append(s.labels.get("hook", "?"))
+    order = {"ingress": 0, "egress": 1}
+    return [f"{iface} ({'+'.join(sorted(h, key=lambda x: order.get(x, 2)))})"
+            for iface, h in sorted(hooks.items())]
 
 
 def sensor_lines(address: str, interval_s: float) -> list[str]:
     first = scrape(address)
     t0 = time.monotonic()
     time.sleep(max(0.0, interval_s))
-    second = scrape(address)
+    text = _fetch(address)
+    second = families(text)
     dt = max(time.monotonic() - t0, 1e-9)
     exported = second.get("loupe_records_exported", {})
     before = first.get("loupe_records_exported", {})
@@ -89,7 +105,7 @@ def sensor_lines(address: str, interval_s: float) -> list[str]:
     cpu_rate = (sum(cpu.values()) - sum(cpu_before.values())) / dt
     rss = second.get("loupe_process_resident_memory_bytes", {}).get("", 0)
     lines = [f"sensor at {address}: up",
-             f"  attached: {', '.join(attachments()) or 'no loupe filter in this namespace'}",
+             f"  attached: {', '.join(attachments(text)) or 'nothing'}",
              f"  exported: {kinds}",
              "  lost: " + (", ".join(f"{k} {v}" for k, v in sorted(lost.items()))
                            or "nothing"),
@@ -113,6 +129,9 @@ def collector_lines(args) -> list[str]:
     try:
         status = stub.Status(wire.observer_pb2.StatusRequest(), timeout=5)
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+            return [f"collector at {args.collector}: unreachable: it refused this "
+                    f"certificate ({exc.details()})"]
         return [f"collector at {args.collector}: unreachable ({exc.code().name})"]
     lines = [f"collector at {args.collector}: up, {status.version}, {status.storage}",
              "  stored: " + ", ".join(f"{k} {v}" for k, v in sorted(status.stored.items())),
@@ -128,19 +147,19 @@ def collector_lines(args) -> list[str]:
 def run(args) -> int:
     if not args.sensor_metrics and not args.collector:
         raise LoupeError("nothing to ask: give --sensor-metrics or --collector")
-    ok = 0
+    down = 0
     if args.sensor_metrics:
         try:
             lines = sensor_lines(args.sensor_metrics, args.interval)
-            ok += 1
         except (urllib.error.URLError, OSError) as exc:
+            down += 1
             reason = getattr(exc, "reason", exc)
             lines = [f"sensor at {args.sensor_metrics}: not answering ({reason}); is "
                      "`loupe sensor run` running with metrics.listen there?"]
         print("\n".join(lines))
     if args.collector:
         lines = collector_lines(args)
-        ok += "unreachable" not in lines[0]
+        down += "unreachable" in lines[0]
         print("\n".join(lines))
     sys.stdout.flush()
-    return 0 if ok else 1
+    return NOT_RUNNING if down else 0

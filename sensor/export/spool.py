@@ -202,6 +202,10 @@ class Spool:
         self._ids: list[int] = []           # every batch id on disk, increasing
         self._entries: dict[int, _Entry] = {}
         self._acked: set[int] = set()
+        # Bytes (frames) of the batches not acked yet: what is still to deliver. The
+        # files also hold acked batches until their segment goes (see Segments above),
+        # so this is less than the bytes on disk, and 0 once everything is delivered.
+        self._unacked_bytes = 0
         self._active: _Segment | None = None
         self._active_fd: int | None = None
         self._dirty = False
@@ -261,6 +265,7 @@ class Spool:
                 entry = _Entry(batch_id, offset, length, records, carried, seg)
                 seg.entries.append(entry)
                 self._entries[batch_id] = entry
+                self._unacked_bytes += FRAME_HEADER + length
                 max_seen = max(max_seen, batch_id)
             seg.unacked = len(seg.entries)
             self._segments.append(seg)
@@ -368,6 +373,7 @@ class Spool:
             seg.entries.append(entry)
             seg.unacked += 1
             self._entries[batch_id] = entry
+            self._unacked_bytes += len(frame)
             self._ids.append(batch_id)
             if carried_loss:
                 # Subtract rather than reset: this very append may have dropped segments.
@@ -437,6 +443,8 @@ class Spool:
     def _delete_segment(self, seg: _Segment) -> None:
         self._segments.remove(seg)
         for entry in seg.entries:
+            if entry.batch_id not in self._acked:
+                self._unacked_bytes -= FRAME_HEADER + entry.length
             self._entries.pop(entry.batch_id, None)
             self._acked.discard(entry.batch_id)
         if seg.entries:
@@ -483,6 +491,7 @@ class Spool:
             if entry is None or batch_id in self._acked:
                 return False
             self._acked.add(batch_id)
+            self._unacked_bytes -= FRAME_HEADER + entry.length
             self._counters["spool_batches_acked"] += 1
             seg = entry.segment
             seg.unacked -= 1
@@ -516,7 +525,9 @@ class Spool:
     def counters(self) -> dict[str, int]:
         with self._lock:
             out = dict(self._counters)
-            out["spool_bytes"] = self._bytes()
+            # Still to deliver; spool_disk_bytes is what the files take (the max_bytes bound).
+            out["spool_bytes"] = self._unacked_bytes
+            out["spool_disk_bytes"] = self._bytes()
             out["spool_segments"] = len(self._segments)
             out["spool_batches_unacked"] = len(self._entries) - len(self._acked)
             out["spool_pending_loss"] = self._full_loss.count
