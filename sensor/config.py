@@ -391,12 +391,16 @@ class SelectionConfig:
     sample_one_in: int = _opt(1, _Int(1, 1_000_000))
     # On: HTTP, TLS and DNS on any port are parsed (an app on :18080 is what users try
     # first), for one ring-buffer copy of the first payload of each unselected flow.
-    sniff: bool = _opt(True, _Bool())
+    sniff: bool = _opt(False, _Bool())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetConfig:
-    per_direction_bytes: int = _opt(32 * KIB, _Size(0, 16 * MIB))
+    # At least 512 bytes: a budget of 0 copies no payload, so every selected flow would
+    # be counted "inspected" and yield nothing (to turn L7 off, use --no-l7 or an empty
+    # selection). 512 is the largest classic DNS message over UDP (RFC 1035 4.2.1), the
+    # smallest transaction any parser reads whole, and holds a typical HTTP request head.
+    per_direction_bytes: int = _opt(32 * KIB, _Size(512, 16 * MIB))
     max_in_flight_bytes: int = _opt(64 * MIB, _Size(1 * MIB, 4 * GIB))
 
 
@@ -405,7 +409,11 @@ class TimeoutsConfig:
     tcp_idle: int = _opt(300 * S, _Duration(1 * S, 7 * 86400 * S))
     other_idle: int = _opt(60 * S, _Duration(1 * S, 7 * 86400 * S))
     active: int = _opt(1800 * S, _Duration(1 * S, 7 * 86400 * S))
-    tcp_linger: int = _opt(5 * S, _Duration(0, 300 * S))
+    # At least 1 s: the linger after FIN both ways (or RST) catches the last ACK one RTT
+    # later and a retransmitted FIN (Linux's smallest RTO is 200 ms); with 0 s those
+    # packets start a new flow of their own, a phantom half-connection. The live reader
+    # waits RETIRE_GUARD_NS (0.5 s) after the end anyway, so less would not be honoured.
+    tcp_linger: int = _opt(5 * S, _Duration(1 * S, 300 * S))
 
     def to_timeouts(self) -> Timeouts:
         return Timeouts(tcp_idle_ns=self.tcp_idle, other_idle_ns=self.other_idle,
@@ -514,31 +522,45 @@ DEFAULT_PATHS: dict[str, Path] = {"sensor": SENSOR_CONFIG_PATH, "collector": COL
 # --- building and checking ----------------------------------------------------------------------
 
 
-def _build(cls: type, table: Mapping[str, Any], prefix: str, source: str) -> Any:
+class ConfigProblems(ConfigError):
+    """Every problem found in one configuration, in file order. `loupe config check`
+    prints one per line; a daemon's one-line error joins them with "; "."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str, source: str,
+           problems: dict[str, str]) -> Any:
+    """The config dataclass; a bad key is recorded in `problems` (key -> message) and
+    takes its default, so that one pass finds every bad key of a file."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in table:
         if key not in fields:
             known = ", ".join(fields)
-            raise ConfigError(f"{source}: {prefix}{key}: unknown key (known here: {known})")
+            problems[prefix + key] = f"{source}: {prefix}{key}: unknown key (known here: {known})"
     defaults = cls()
     values: dict[str, Any] = {}
     for name, f in fields.items():
         key = prefix + name
+        values[name] = getattr(defaults, name)
         if name not in table:
-            values[name] = getattr(defaults, name)
-        elif "section" in f.metadata:
+            continue
+        if "section" in f.metadata:
             sub = table[name]
             if not isinstance(sub, dict):
-                raise ConfigError(f"{source}: {key}: expected a [{key}] table, got {_type_name(sub)}")
+                problems[key] = f"{source}: {key}: expected a [{key}] table, got {_type_name(sub)}"
+                continue
             merged = {**_as_table(getattr(defaults, name)), **sub}
-            values[name] = _build(f.metadata["section"], merged, key + ".", source)
+            values[name] = _build(f.metadata["section"], merged, key + ".", source, problems)
         else:
             try:
                 values[name] = f.metadata["spec"].parse(table[name])
             except _Invalid as exc:
                 # A list item's reason starts with its index: "ports[1]: ...".
                 sep = "" if str(exc).startswith("[") else ": "
-                raise ConfigError(f"{source}: {key}{sep}{exc}") from None
+                problems[key] = f"{source}: {key}{sep}{exc}"
     return cls(**values)
 
 
@@ -554,35 +576,42 @@ def _as_table(config: Any) -> dict[str, Any]:
     return table
 
 
-def _check_sensor(config: SensorConfig, source: str) -> None:
+# Checks across keys yield (the keys they read, the message). One whose keys already had
+# a problem of their own is skipped: it would judge a default, not the file.
+
+def _check_sensor(config: SensorConfig, source: str):
     client = config.collector
     tls = {"ca_file": client.ca_file, "cert_file": client.cert_file, "key_file": client.key_file}
+    tls_keys = [f"collector.{k}" for k in tls]
     if any(tls.values()) and not all(tls.values()):
         missing = ", ".join(f"collector.{k}" for k, v in tls.items() if not v)
-        raise ConfigError(f"{source}: {missing}: mutual TLS needs ca_file, cert_file and "
-                          "key_file together; set the missing ones or clear all three")
+        yield tls_keys, (f"{source}: {missing}: mutual TLS needs ca_file, cert_file and "
+                         "key_file together; set the missing ones or clear all three")
     if (client.address and not any(tls.values()) and not client.insecure
             and not is_loopback_address(client.address)):
-        raise ConfigError(
+        yield ["collector.address", "collector.insecure", *tls_keys], (
             f"{source}: collector.address: {client.address} is not a loopback address and no "
             "TLS is configured; set collector.ca_file/cert_file/key_file, or insecure = true")
     if config.export.batch_size > config.export.queue_size:
-        raise ConfigError(f"{source}: export.batch_size: {config.export.batch_size} is larger "
-                          f"than export.queue_size ({config.export.queue_size})")
+        yield ["export.batch_size", "export.queue_size"], (
+            f"{source}: export.batch_size: {config.export.batch_size} is larger "
+            f"than export.queue_size ({config.export.queue_size})")
     if config.budget.per_direction_bytes > config.budget.max_in_flight_bytes:
-        raise ConfigError(f"{source}: budget.per_direction_bytes: larger than "
-                          "budget.max_in_flight_bytes, so no flow could ever be inspected whole")
+        yield ["budget.per_direction_bytes", "budget.max_in_flight_bytes"], (
+            f"{source}: budget.per_direction_bytes: larger than "
+            "budget.max_in_flight_bytes, so no flow could ever be inspected whole")
 
 
-def _check_collector(config: CollectorConfig, source: str) -> None:
+def _check_collector(config: CollectorConfig, source: str):
     tls = {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file,
            "client_ca_file": config.tls.client_ca_file}
+    tls_keys = [f"tls.{k}" for k in tls]
     if any(tls.values()) and not all(tls.values()):
         missing = ", ".join(f"tls.{k}" for k, v in tls.items() if not v)
-        raise ConfigError(f"{source}: {missing}: mutual TLS needs cert_file, key_file and "
-                          "client_ca_file together; set the missing ones or clear all three")
+        yield tls_keys, (f"{source}: {missing}: mutual TLS needs cert_file, key_file and "
+                         "client_ca_file together; set the missing ones or clear all three")
     if not any(tls.values()) and not config.insecure and not is_loopback_address(config.listen):
-        raise ConfigError(
+        yield ["listen", "insecure", *tls_keys], (
             f"{source}: listen: {config.listen} is not a loopback address and no TLS is "
             "configured; set tls.cert_file/key_file/client_ca_file, or insecure = true")
 
@@ -630,8 +659,14 @@ def parse_config(kind: str, table: Mapping[str, Any], *, source: str,
     if overrides:
         _apply_overrides(cls, merged, overrides)
         source = f"{source} (with command-line overrides)"
-    config = _build(cls, merged, "", source)
-    _CHECKS[cls](config, source)
+    problems: dict[str, str] = {}
+    config = _build(cls, merged, "", source, problems)
+    messages = list(problems.values())
+    for keys, message in _CHECKS[cls](config, source):
+        if not any(k in problems or k.split(".")[0] in problems for k in keys):
+            messages.append(message)
+    if messages:
+        raise ConfigProblems(messages)
     return config
 
 
@@ -722,6 +757,11 @@ def config_to_toml(config: Any) -> str:
 # --- command line ---------------------------------------------------------------------------------
 
 
+# The --set example each daemon's --help shows: a key of that daemon's own schema
+# (tests/ops/test_config.py parses each one with it).
+SET_EXAMPLES = {"sensor": "selection.ports=80,443", "collector": "retention=3d"}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     """--config and --set for a daemon's parser; config_from_args() reads them back."""
     parser.add_argument(
@@ -729,7 +769,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
         help=f"configuration file (default {DEFAULT_PATHS[kind]}; all defaults if absent)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="config_set",
-        help="override one key, e.g. --set selection.ports=80,443 (repeatable; wins over the file)")
+        help=f"override one key, e.g. --set {SET_EXAMPLES[kind]} (repeatable; wins over the file)")
 
 
 def parse_set_arguments(items: list[str]) -> dict[str, str]:

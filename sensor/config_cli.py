@@ -1,8 +1,8 @@
 """`loupe config check FILE` and `loupe config show`: validate a configuration before a
 restart picks it up, and print the configuration a daemon would run with.
 
-Exit status of `check`: 0 valid, 2 invalid (ConfigError.exit_code), with the bad key and
-the reason on one line of stderr, so `loupe config check /etc/loupe/sensor.toml &&
+Exit status of `check`: 0 valid, 2 invalid (ConfigError.exit_code), with every bad key
+and its reason on stderr, one line each, so `loupe config check /etc/loupe/sensor.toml &&
 systemctl reload loupe-sensor` never reloads a broken file.
 """
 
@@ -25,7 +25,13 @@ def _kind_for(path: Path, explicit: str | None) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     kind = _kind_for(args.file, args.kind)
-    config.load_config(kind, args.file)
+    try:
+        config.load_config(kind, args.file)
+    except config.ConfigProblems as exc:
+        # Every bad key of the file at once, one line each, so one edit fixes them all.
+        for problem in exc.problems:
+            print(f"loupe: error: {problem}", file=sys.stderr)
+        return exc.exit_code
     print(f"{args.file}: ok ({kind} configuration)")
     return 0
 
@@ -42,7 +48,7 @@ def register(tree) -> None:
     check = tree.command(
         "config check", help="validate a sensor.toml or collector.toml",
         description="Validate a configuration file. Exit status 0 when valid, 2 when not, "
-                    "with the bad key and why.")
+                    "with every bad key and why, one line each.")
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--kind", choices=sorted(config.CONFIG_KINDS),
                        help="which schema (default: collector if the name says so, else sensor)")

@@ -4,6 +4,7 @@ command-line overrides."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -65,7 +66,7 @@ def test_values_are_converted():
         "selection": {"ports": [80], "cidrs": ["198.18.0.0/15", "fc00::/7"],
                       "protocols": ["tcp", 17], "sample_one_in": 10, "sniff": True},
         "budget": {"per_direction_bytes": 4096, "max_in_flight_bytes": "1GiB"},
-        "timeouts": {"tcp_idle": "2m", "other_idle": "30s", "active": "1h", "tcp_linger": "0s"},
+        "timeouts": {"tcp_idle": "2m", "other_idle": "30s", "active": "1h", "tcp_linger": "2s"},
         "export": {"batch_delay": "250ms"},
         "kernel": {"ringbuf_size": "16MiB"},
     }, source="t")
@@ -74,7 +75,7 @@ def test_values_are_converted():
     assert c.selection.cidrs == ("198.18.0.0/15", "fc00::/7")
     assert c.budget.max_in_flight_bytes == 1 << 30
     assert c.timeouts.to_timeouts().tcp_idle_ns == 120 * 10**9
-    assert c.timeouts.tcp_linger == 0
+    assert c.timeouts.tcp_linger == 2 * 10**9
     assert c.export.batch_delay == 250 * 10**6
     assert c.kernel.ringbuf_size == 16 << 20
     assert c.effective_sensor_id() == "edge-1"
@@ -107,6 +108,8 @@ BAD_SENSOR = [
     ({"export": {"queue_size": 100, "batch_size": 500}}, "export.batch_size: 500 is larger than export.queue_size"),
     ({"redaction": {"extra_headers": ["X Api"]}}, "redaction.extra_headers[0]: 'X Api' is not an HTTP header name"),
     ({"process": {"cache_ttl": "2h"}}, "process.cache_ttl: 2h is outside 1s..1h"),
+    ({"budget": {"per_direction_bytes": 0}}, "budget.per_direction_bytes: 0 is outside 512B..16MiB"),
+    ({"timeouts": {"tcp_linger": "0s"}}, "timeouts.tcp_linger: 0s is outside 1s..5m"),
 ]
 
 
@@ -229,3 +232,32 @@ def test_config_show_prints_effective_toml():
     assert shown["selection"]["ports"] == [443]
     assert shown["timeouts"]["tcp_idle"] == "5m"
     assert _dotted(shown) == config.schema_keys("sensor")
+
+
+def test_config_check_reports_every_bad_key_one_line_each(tmp_path):
+    bad = tmp_path / "sensor.toml"
+    bad.write_text('interfaces = ["eth0/1"]\n[budget]\nper_direction_bytes = 0\n'
+                   '[timeouts]\ntcp_linger = "0s"\ntcp_idle = "forever"\n'
+                   '[export]\nqueue_size = 100\nbatch_size = 500\n[nonsense]\n')
+    result = _loupe("config", "check", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[3] for line in lines] == [
+        "nonsense", "interfaces[0]", "budget.per_direction_bytes", "timeouts.tcp_idle",
+        "timeouts.tcp_linger", "export.batch_size"], lines
+    assert all(line.startswith(f"loupe: error: {bad}: ") for line in lines)
+
+
+def test_a_cross_key_check_is_skipped_when_its_key_is_bad_itself():
+    with pytest.raises(config.ConfigProblems) as err:
+        config.parse_config("sensor", {"export": {"queue_size": 5, "batch_size": 500}},
+                            source="t")
+    assert err.value.problems == ["t: export.queue_size: 5 is outside 100..10000000"]
+
+
+@pytest.mark.parametrize("kind", sorted(config.CONFIG_KINDS))
+def test_the_set_example_in_each_daemons_help_is_accepted(kind):
+    words = {"sensor": ("sensor", "run"), "collector": ("collector", "run")}[kind]
+    text = " ".join(_loupe(*words, "--help").stdout.split())
+    example = re.search(r"e\.g\. --set (\S+)", text).group(1)
+    config.parse_config(kind, {}, source="t", overrides=config.parse_set_arguments([example]))

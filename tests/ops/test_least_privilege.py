@@ -138,7 +138,7 @@ def _sensor_cmd(lab: Lab, caps: tuple[str, ...] | None, *extra: str) -> list[str
     return lab.in_ns(lab.ns_sensor, *drop, "env", f"PYTHONPATH={REPO}", sys.executable, "-P",
                      "-m", "sensor.cli", "sensor", "run", "--config", str(lab.config),
                      "--iface", lab.if_sensor, "--collector", "", "--metrics", "",
-                     "--output", "jsonl", "--set", "timeouts.tcp_linger=0s", *extra)
+                     "--output", "jsonl", "--set", "timeouts.tcp_linger=1s", *extra)
 
 
 class Sensor:

@@ -41,10 +41,10 @@ MAX_EXPOSURE = {SENSOR: 3.0, COLLECTOR: 1.5}
 # killed main process is gone soon after.
 SENSOR_DROPIN = "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=5s\n"
 # The container's only interface is its loopback: attach there. Flows end soon after
-# their last packet (1 s idle for UDP, no linger after a TCP reset) so records reach the
-# collector within seconds.
+# their last packet (1 s idle for UDP, the shortest linger, 1 s, after a TCP reset) so
+# records reach the collector within seconds.
 SENSOR_SETTINGS = ("interfaces=lo", f"sensor_id={SENSOR_ID}", "timeouts.other_idle=1s",
-                   "timeouts.tcp_linger=0s", "export.batch_delay=100ms")
+                   "timeouts.tcp_linger=1s", "export.batch_delay=100ms")
 # A DNS query for example.com (A), sent to the container's loopback port 53: a UDP flow
 # on a selected port, so its payload reaches the sensor through the ring buffer.
 DNS_QUERY = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
