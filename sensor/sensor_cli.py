@@ -56,8 +56,9 @@ def register(tree) -> None:
                    help="attach to interfaces of this network namespace (ip netns name or "
                         "path); the sensor itself stays in its own")
     p.add_argument("--collector", default=None, metavar="HOST:PORT",
-                   help="collector address (\"\" for none); unreachable is not fatal: "
-                        "records are spooled and sent when it is back")
+                   help=f"collector address (collector.address; default "
+                        f"{cfg.CollectorClientConfig().address}; \"\" for none); unreachable "
+                        "is not fatal: records are spooled and sent when it is back")
     p.add_argument("--tls-ca", default=None, metavar="FILE")
     p.add_argument("--tls-cert", default=None, metavar="FILE")
     p.add_argument("--tls-key", default=None, metavar="FILE")
@@ -65,23 +66,29 @@ def register(tree) -> None:
     p.add_argument("--select", action="append", default=None, metavar="RULES",
                    help="which flows get L7 inspection, replacing the file's selection: "
                         "comma-separated port:N, cidr:PREFIX, proto:NAME|N, sample:N, sniff, "
-                        "or off (e.g. --select port:443,cidr:198.18.0.0/15,proto:udp)")
+                        "or off (e.g. --select port:443,cidr:198.18.0.0/15,proto:udp); "
+                        f"default: {_describe_rules(cfg.SelectionConfig())}")
     p.add_argument("--budget", default=None, metavar="SIZE",
                    help="payload bytes copied per flow and direction before the L7 stage "
-                        "asks for more (budget.per_direction_bytes), e.g. 4KiB")
+                        "asks for more (budget.per_direction_bytes; default "
+                        f"{cfg.format_size(cfg.BudgetConfig().per_direction_bytes)}), e.g. 4KiB")
     p.add_argument("--refill", type=int, default=DEFAULT_REFILL_OCTETS, metavar="OCTETS",
                    help="allowance a live flow is topped up to while its parser wants more "
                         f"(default {DEFAULT_REFILL_OCTETS}; 0: never grant)")
-    p.add_argument("--output", choices=("jsonl", "none"), default="none",
-                   help="also print every record as a JSON line on stdout")
-    p.add_argument("--jsonl", default=None, metavar="PATH",
-                   help="also append every record as a JSON line to PATH (export.jsonl)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="also write every record as a JSON line to FILE (export.jsonl); "
+                        "- = stdout")
+    p.add_argument("--format", type=str.lower, default=None, metavar="FMT",
+                   help="json: the record shape of docs/export.md (the one a live sensor writes)")
+    # Old spellings: --jsonl PATH is -o PATH; --output jsonl|none is stdout or nothing.
+    p.add_argument("--jsonl", default=None, metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--sensor-id", default=None, metavar="ID",
                    help="names this sensor in records and at the collector (default: host name)")
     p.add_argument("--spool-dir", default=None, metavar="DIR",
-                   help="un-acked batches wait here (spool.dir)")
+                   help=f"un-acked batches wait here (spool.dir; default {cfg.SpoolConfig().dir})")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT",
-                   help="Prometheus /metrics address (metrics.listen; \"\" turns it off)")
+                   help="Prometheus /metrics address (metrics.listen; default "
+                        f"{cfg.MetricsConfig().listen}; \"\" turns it off)")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="how often the flow map is read")
     p.add_argument("--drain-timeout", type=float, default=EXPORT_CLOSE_S, metavar="SECONDS",
@@ -102,6 +109,15 @@ def register(tree) -> None:
 
 
 # ---- flags -> config ---------------------------------------------------------------------
+
+
+def _describe_rules(sel: cfg.SelectionConfig) -> str:
+    """A [selection] table in --select's syntax: how --help states the default."""
+    rules = [f"port:{p}" for p in sel.ports] + [f"cidr:{c}" for c in sel.cidrs]
+    rules += [f"proto:{p}" for p in sel.protocols]
+    rules += [f"sample:{sel.sample_one_in}"] if sel.sample_one_in > 1 else []
+    rules += ["sniff"] if sel.sniff else []
+    return ",".join(rules) or "off"
 
 
 def parse_select(items: list[str]) -> dict[str, object]:
@@ -275,7 +291,7 @@ def build_exporters(config: cfg.SensorConfig, output: str) -> FanOut:
                                       queue_records=config.export.queue_size))
     if not exporters:
         log.warning("no collector, no JSON lines: records are counted and dropped "
-                    "(set --collector, --jsonl or --output jsonl)")
+                    "(set --collector, or -o FILE / -o - for JSON lines)")
     return FanOut(exporters)
 
 
@@ -339,9 +355,27 @@ def heartbeat_line(sensor: LiveSensor) -> str:
     return f"{packets} packets, {t.records.get('flow', 0)} flows so far, no L7 yet"
 
 
+def output_flags(args: argparse.Namespace) -> None:
+    """-o/--format (sensor/output.py's vocabulary) -> args.output "jsonl" (stdout) or
+    "none", and args.jsonl (a file)."""
+    out, fmt = args.output, (args.format or "json")
+    if fmt not in ("json", "jsonl"):
+        raise ConfigError(f"--format {fmt}: a live sensor writes json (use `loupe tail "
+                          "--format eve|zeek` on the collector's stream)")
+    if out is None or out == "none":
+        args.output = "none"
+    elif out in ("-", "json", "jsonl"):
+        args.output = "jsonl"
+    else:
+        if args.jsonl is not None and args.jsonl != out:
+            raise ConfigError("-o and --jsonl both name a file: give -o only")
+        args.jsonl, args.output = out, "none"
+
+
 def run(args: argparse.Namespace) -> int:
     from sensor.kernel import loader  # noqa: PLC0415
 
+    output_flags(args)
     config = load(args)
     live_cfg = live_config(config, args)
     if args.user and args.netns:

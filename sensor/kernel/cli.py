@@ -1,5 +1,6 @@
 """`loupe sensor flows`: attach the flow meter to interfaces and print finished flows
-live, as a table or JSON lines; print the kernel counters on exit.
+live, in the table (on a terminal) or any record format (sensor/output.py: json, eve,
+zeek, to stdout or -o FILE); print the kernel counters on exit.
 
 Shutdown order (SIGINT, SIGTERM or an error): detach from every interface first, so
 the program stops seeing packets, then drain the map (every flow as FORCED_END), drain
@@ -8,11 +9,9 @@ the ring buffer, print the last records and the counters.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
-from dataclasses import asdict
 from typing import TextIO
 
 from sensor.clock import SystemClock
@@ -22,7 +21,9 @@ from sensor.kernel import abi, attach, loader
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import EventDecoder
 from sensor.kernel.flowmap import FlowMapReader
-from sensor.model import Flow, LostEvent
+from sensor.output import RecordOut, add_output_arguments, resolve
+
+FORMATS = ("table", "json", "eve", "zeek")
 
 # How long one ring buffer poll blocks: the loop's reaction time to a signal and to
 # flow-end events.
@@ -38,7 +39,7 @@ def register(tree) -> None:
     p = tree.command("sensor flows", help="meter flows in the kernel and print them live")
     p.add_argument("--iface", action="append", required=True, metavar="IF",
                    help="interface to attach to (repeat for several)")
-    p.add_argument("--output", choices=("table", "json"), default="table")
+    add_output_arguments(p, FORMATS)
     p.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                    help="idle timeout for every protocol (default: TCP 300, others 60)")
     p.add_argument("--active-timeout", type=float, default=1800.0, metavar="SECONDS")
@@ -68,29 +69,6 @@ def timeouts_from(args) -> Timeouts:
     return base
 
 
-_TABLE_HEAD = (f"{'proto':<6}{'src':>40} {'dst':<40}{'pkts >':>9}{'pkts <':>9}"
-               f"{'bytes >':>12}{'bytes <':>12} {'state':<7}{'end':<8}")
-_END = {1: "idle", 2: "active", 3: "end", 4: "forced", 5: "lack"}
-
-
-def format_flow(flow: Flow, output: str) -> str:
-    if output == "json":
-        d = asdict(flow)
-        d["flow_end_reason"] = int(flow.flow_end_reason)
-        return json.dumps(d, separators=(",", ":"))
-    src = f"{flow.src_addr}:{flow.src_port}"
-    dst = f"{flow.dst_addr}:{flow.dst_port}"
-    return (f"{flow.protocol:<6}{src:>40} {dst:<40}{flow.initiator_packets:>9}"
-            f"{flow.responder_packets:>9}{flow.initiator_octets:>12}{flow.responder_octets:>12}"
-            f" {flow.conn_state or '-':<7}{_END.get(int(flow.flow_end_reason), '?'):<8}")
-
-
-def format_lost(lost: LostEvent, output: str) -> str:
-    if output == "json":
-        return json.dumps({"lost": asdict(lost)}, separators=(",", ":"))
-    return f"LOST {lost.source}: {lost.count}"
-
-
 class _Stop:
     """Set by SIGINT/SIGTERM; the loop checks it between polls."""
 
@@ -102,7 +80,16 @@ class _Stop:
 
 
 def run(args, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
+    target = resolve(args, FORMATS, stdout=out)
+    timeouts_from(args)   # a bad flag fails before the output file is created
+    sink = RecordOut(target, stdout=out)
+    try:
+        return _run(args, sink)
+    finally:
+        sink.close()
+
+
+def _run(args, sink: RecordOut) -> int:
     timeouts = timeouts_from(args)
     if args.interval <= 0:
         raise ConfigError("--interval must be positive seconds")
@@ -117,15 +104,13 @@ def run(args, out: TextIO | None = None) -> int:
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     attachments = []
-    if args.output == "table":
-        print(_TABLE_HEAD, file=out, flush=True)
 
     def emit(flows, losses) -> None:
         for f in flows:
-            print(format_flow(f, args.output), file=out)
+            sink.write(f)
         for lost in losses:
-            print(format_lost(lost, args.output), file=out)
-        out.flush()
+            sink.write(lost)
+        sink.flush()
 
     try:
         for iface in args.iface:

@@ -9,6 +9,7 @@ on stderr, so stdout carries nothing but records.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import math
@@ -28,7 +29,7 @@ from sensor.errors import CollectorError, ConfigError, StorageError
 from sensor.export.formats import json_line
 from sensor.replay.reader import STDIN, CaptureReader, is_stream
 
-_FORMATS = ("jsonl", "parquet", "csv")
+_FORMATS = ("json", "eve", "zeek", "parquet", "csv")
 # Redraw the bar at most this often: a terminal redraw costs more than a chunk of packets.
 _REDRAW_S = 0.1
 
@@ -52,12 +53,15 @@ def register(tree) -> None:
     p.add_argument("files", nargs="+", metavar="FILE",
                    help="capture file(s); '-' reads stdin, and pipes, FIFOs and <(...) "
                         "work too")
-    p.add_argument("-o", "--output", default=None, metavar="PATH",
-                   help="output file (.jsonl, .parquet, .csv); default: JSON lines on "
-                        "stdout, or nothing when --to is given")
-    p.add_argument("--format", choices=_FORMATS, default=None,
-                   help="output format when the suffix does not say")
-    p.add_argument("--to", metavar="HOST:PORT", help="send the records to a collector")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="output file (.jsonl, .parquet, .csv, .log for zeek; - = stdout); "
+                        "default: JSON lines on stdout, or nothing when --collector is given")
+    p.add_argument("--format", type=str.lower, default=None, metavar="FMT",
+                   help=f"{' | '.join(_FORMATS)}, when the suffix does not say "
+                        "(docs/export.md)")
+    p.add_argument("--collector", dest="to", metavar="HOST:PORT",
+                   help="send the records to a collector")
+    p.add_argument("--to", dest="to", help=argparse.SUPPRESS)   # the old spelling
     p.add_argument("--tls-ca", type=Path, help="CA certificate: turns TLS on")
     p.add_argument("--tls-cert", type=Path, help="client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, help="client key (mTLS)")
@@ -182,21 +186,20 @@ class JsonLinesOut:
 
 
 def open_output(path: str, fmt: str | None):
-    """The record sink for -o/--format: JsonLinesOut for JSON lines, else the export
-    sinks (Parquet, CSV)."""
-    if fmt == "jsonl" or (fmt is None and (
-            path == "-" or Path(path).suffix.lower() in (".jsonl", ".ndjson", ".json"))):
+    """The record sink for -o/--format (sensor/output.py decides the format): JsonLinesOut
+    for JSON lines, EVE and Zeek writers, else the export sinks (Parquet, CSV)."""
+    from sensor.output import RecordOut, resolve
+
+    target = resolve(argparse.Namespace(output=path, format=fmt), _FORMATS)
+    if target.fmt == "json":
         # Decided here so that JSON lines runs never import the export sinks, which
         # load pyarrow (about 50 ms of start-up) for Parquet and CSV.
-        return JsonLinesOut(path)
-    from sensor.export.sinks import JsonLinesSink, open_sink
+        return JsonLinesOut(target.path)
+    if target.fmt in ("eve", "zeek"):
+        return RecordOut(target)
+    from sensor.export.sinks import open_sink
 
-    sink = open_sink(path, fmt) if path != "-" or fmt not in (None, "jsonl") else None
-    if sink is None or isinstance(sink, JsonLinesSink):
-        if sink is not None:
-            sink.close()
-        return JsonLinesOut(path)
-    return sink
+    return open_sink(target.path, target.fmt)
 
 
 class _Deferred:
