@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import struct
 import subprocess
 import threading
 
@@ -15,23 +14,10 @@ import pytest
 
 from sensor.replay.reader import CaptureReader
 from tests.conftest import REPO
-from tests.fixtures import capture_files as cf
+from tests.replay.convert import to_pcapng
 
 LOUPE = str(REPO / ".venv" / "bin" / "loupe")
 GOLDEN = REPO / "tests" / "golden"
-
-
-def _pcapng(pcap: bytes) -> bytes:
-    """The same packets as a pcapng file (one Ethernet interface, ns resolution)."""
-    (link,) = struct.unpack_from("<I", pcap, 20)
-    out = [cf.shb(), cf.idb(link, tsresol=9)]
-    pos = 24
-    while pos < len(pcap):
-        sec, usec, incl, orig = struct.unpack_from("<IIII", pcap, pos)
-        frame = pcap[pos + 16:pos + 16 + incl]
-        out.append(cf.epb(0, sec * 1_000_000_000 + usec * 1000, frame, wire=orig))
-        pos += 16 + incl
-    return b"".join(out)
 
 
 # (name, capture bytes): one golden capture per format, each with L7 records.
@@ -39,8 +25,8 @@ def _inputs():
     http = (GOLDEN / "curl-http.pcap").read_bytes()
     dns = (GOLDEN / "dig-dnsmasq.pcap").read_bytes()
     tls = (GOLDEN / "openssl-tls13.pcap").read_bytes()
-    return {"pcap": http, "pcapng": _pcapng(dns), "pcap.gz": gzip.compress(tls),
-            "pcapng.gz": gzip.compress(_pcapng(http))}
+    return {"pcap": http, "pcapng": to_pcapng(dns), "pcap.gz": gzip.compress(tls),
+            "pcapng.gz": gzip.compress(to_pcapng(http))}
 
 
 INPUTS = _inputs()
