@@ -256,7 +256,7 @@ class TopApp(App):
         labels = [Text(c.name + (arrow if i == panel.sort else ""),
                        justify="left" if c.kind == "text" else "right")
                   for i, c in enumerate(panel.columns)]
-        title = f"{panel.title} · {panel.keys:,} keys"
+        title = f"{panel.title} · {panel.keys:,} {'key' if panel.keys == 1 else 'keys'}"
         if panel.evicted:
             title += f" · {panel.evicted:,} evicted"
         table.border_title = title

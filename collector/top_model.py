@@ -413,7 +413,8 @@ def format_cell(value, kind: str) -> str:
     if kind == "pct":
         return f"{value:.1f}%"
     if kind == "rate":
-        return f"{value:.1f}/s" if value else "0/s"
+        # Two decimals below 1/s: one request a minute is 0.02/s, not "0.0/s".
+        return "0/s" if not value else f"{value:.2f}/s" if value < 1 else f"{value:.1f}/s"
     if kind in ("bytes", "bytes_rate"):
         suffix = "/s" if kind == "bytes_rate" else ""
         for unit in ("B", "KiB", "MiB", "GiB"):

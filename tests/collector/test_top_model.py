@@ -164,5 +164,7 @@ def test_percentile_and_cells():
     assert tm.format_cell(512, "bytes_rate") == "512 B/s"
     assert tm.format_cell(25.0, "pct") == "25.0%"
     assert tm.format_cell(12345, "int") == "12,345"
+    assert tm.format_cell(1 / 60, "rate") == "0.02/s" and tm.format_cell(2.5, "rate") == "2.5/s"
+    assert tm.format_cell(0.0, "rate") == "0/s"
     with pytest.raises(ValueError):
         tm.format_cell(1, "nope")
