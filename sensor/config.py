@@ -391,7 +391,7 @@ class SelectionConfig:
     sample_one_in: int = _opt(1, _Int(1, 1_000_000))
     # On: HTTP, TLS and DNS on any port are parsed (an app on :18080 is what users try
     # first), for one ring-buffer copy of the first payload of each unselected flow.
-    sniff: bool = _opt(False, _Bool())
+    sniff: bool = _opt(True, _Bool())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
