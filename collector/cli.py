@@ -316,12 +316,15 @@ def cmd_tail(args) -> int:
 
     out = RecordOut(resolve(args, TAIL_FORMATS))
     req = build_subscribe_request(args, time.time_ns())
+    received = 0
     try:
         for resp in _observer(args).Subscribe(req):
+            received += 1
             out.write(wire.from_proto(resp.record))
             out.flush()
     except grpc.RpcError as exc:
-        raise translate(exc, args.collector) from None
+        # After the first record, UNAVAILABLE means it went away, not that it was never there.
+        raise translate(exc, args.collector, received=received) from None
     finally:
         out.close()
     return 0

@@ -57,10 +57,17 @@ def open_channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
     return grpc.secure_channel(address, creds, options=options)
 
 
-def translate(exc: grpc.RpcError, address: str) -> LoupeError:
-    """A grpc failure as the one line the CLI prints."""
+def translate(exc: grpc.RpcError, address: str, *, received: int = 0) -> LoupeError:
+    """A grpc failure as the one line the CLI prints. `received`: responses a stream had
+    already delivered (a collector that answered was reachable; it went away since)."""
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE and received:
+        return CollectorError(
+            f"the collector at {address} went away mid-stream after {received} records "
+            f"({details.splitlines()[0] if details else 'unavailable'}): was it stopped or "
+            "restarted? Run the command again once it is back"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return CollectorError(
             f"cannot reach the collector at {address} ({details.splitlines()[0] if details else 'unavailable'}): "

@@ -135,3 +135,26 @@ def test_export_writes_files_that_read_back_and_refuses_a_locked_store(start_col
     out = run_loupe("export", "--data-dir", data, "--table", "dns", "--since", "1h",
                     "-o", str(tmp_path / "recent.parquet"))
     assert out.returncode == 0 and pq.read_table(tmp_path / "recent.parquet").num_rows == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_tail_says_the_collector_went_away_mid_stream(tmp_path, sig):
+    proc, address = start_process(tmp_path / "data")
+    tail = None
+    try:
+        push(address, [batch(mixed(10), 1)])
+        tail = subprocess.Popen([*LOUPE, "tail", "--collector", address, "--since", "2020-01-01",
+                                 "--follow", "--format", "json"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert json.loads(tail.stdout.readline())   # streaming: the collector was reachable
+        proc.send_signal(sig)
+        proc.wait(30)
+        _, err = tail.communicate(timeout=30)
+    finally:
+        for p in (proc, tail):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert tail.returncode == 1
+    assert err.startswith(f"loupe: error: the collector at {address} went away mid-stream "
+                          "after "), err
+    assert len(err.splitlines()) == 1
