@@ -158,3 +158,20 @@ def test_tail_says_the_collector_went_away_mid_stream(tmp_path, sig):
     assert err.startswith(f"loupe: error: the collector at {address} went away mid-stream "
                           "after "), err
     assert len(err.splitlines()) == 1
+
+
+def test_a_failed_start_prints_one_line_and_creates_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = tmp_path / "not-yet" / "data"
+        out = run_loupe("collector", "run", "--listen", f"127.0.0.1:{port}",
+                        "--data-dir", str(data))
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"loupe: error: cannot listen on 127.0.0.1:{port}: the port is in use or the address "
+        "is not on this host; stop the other process or choose another --listen HOST:PORT"]
+    assert not (tmp_path / "not-yet").exists()
