@@ -234,12 +234,33 @@ def cmd_collector_status(args) -> int:
 
 # -- export ---------------------------------------------------------------------------------
 
+def _export_json(storage, args, since_ns: int) -> int:
+    """JSON lines in the one record shape (jsonfmt.to_dict, docs/export.md), which every
+    other command writes too, rather than DuckDB's flat rows."""
+    from collector import schema
+    from sensor import model
+    from sensor.output import Output, RecordOut
+
+    out = RecordOut(Output(str(args.output), "json"))
+    try:
+        for rec in storage.records_since(since_ns, storage.last_seq()):
+            if schema.KIND_TABLE[model.record_kind(rec)] == args.table:
+                out.write(rec)
+    finally:
+        out.close()
+    return out.written
+
+
 def cmd_export(args) -> int:
     from collector.storage.duckdb import DuckDBStorage
 
     since_ns = parse_since(args.since, time.time_ns()) if args.since else 0
     storage = DuckDBStorage(args.data_dir, read_only=True)
     try:
+        if args.format in ("json", "jsonl"):
+            rows = _export_json(storage, args, since_ns)
+            print(f"wrote {rows} {args.table} records to {args.output}", file=sys.stderr)
+            return 0
         result = storage.export(args.output, args.format, args.table, since_ns)
     finally:
         storage.close()
@@ -438,7 +459,7 @@ def register(tree) -> None:
                                  "DuckDB has one writer). While it runs, use `loupe query`.")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="store directory (default ./data)")
     p.add_argument("--since", help="only records from this time on: 1h, 7d or an ISO time")
-    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    p.add_argument("--format", choices=("parquet", "csv", "json", "jsonl"), default="parquet")
     p.add_argument("--table", choices=("flows", "http", "dns", "tls", "lost"), default="flows")
     p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
     p.set_defaults(func=cmd_export)
