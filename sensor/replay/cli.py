@@ -1,7 +1,7 @@
 """`loupe replay FILE...`: capture files through the engine into records.
 
 JSON lines to stdout by default; `-o` writes JSON lines, Parquet or CSV (by suffix or
---format); `--to HOST:PORT` sends the records to a collector over gRPC (mTLS with the
+--format); `--collector HOST:PORT` (old spelling `--to`) sends the records to a collector over gRPC (mTLS with the
 --tls-* flags), through the same exporter and spool the live sensor uses. A progress bar
 goes to stderr only when stderr is a terminal; a one-line summary always ends the run
 on stderr, so stdout carries nothing but records.
@@ -43,7 +43,7 @@ def register(tree) -> None:
             "files form one stream, in the order given.\n\n"
             "  loupe replay capture.pcapng                  JSON lines on stdout\n"
             "  loupe replay a.pcap b.pcap -o flows.parquet  flows.parquet, flows.http.parquet, ...\n"
-            "  loupe replay capture.pcap --to 127.0.0.1:50051\n"
+            "  loupe replay capture.pcap --collector 127.0.0.1:50051\n"
             "  zcat capture.pcap.gz | loupe replay -         stdin (also pipes, FIFOs)\n\n"
             "Exit status: 0 done; 1 an error, or records the collector did not\n"
             "acknowledge within --delivery-timeout; 2 bad usage; 3 every record was\n"
@@ -68,11 +68,11 @@ def register(tree) -> None:
     p.add_argument("--tls-server-name", default="",
                    help="name to verify in the collector's certificate")
     p.add_argument("--spool-dir", type=Path, default=None,
-                   help="spool for --to (default: a temporary directory, removed when "
+                   help="spool for --collector (default: a temporary directory, removed when "
                         "the run ends); a given directory keeps what was not delivered "
                         "for the next run")
     p.add_argument("--delivery-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="with --to: after the last record, wait at most this long for "
+                   help="with --collector: after the last record, wait at most this long for "
                         "the collector to acknowledge everything, then give up with one "
                         "line and exit status 1 (default: 30)")
     p.add_argument("--no-l7", action="store_true", help="flows only: no reassembly, no L7")
@@ -81,7 +81,7 @@ def register(tree) -> None:
                         "port, portrange, proto, ip, ip6, tcp, udp, icmp, and, or, not), "
                         "as tcpdump -r FILE EXPR would keep; see docs/replay.md")
     p.add_argument("--sensor-id", default="", help="sensor id put on every record "
-                   "(default: none; 'replay' with --to)")
+                   "(default: none; 'replay' with --collector)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     p.add_argument("--jobs", type=int, default=0, metavar="N",
                    help="meter in N processes, each taking a share of the host pairs' "
@@ -423,13 +423,17 @@ def run(args) -> int:
         raise ConfigError("--delivery-timeout must be a number of seconds above 0")
     kept = _open_inputs(args.files, args.jobs)
     delivery = _Delivery(args) if args.to is not None else None
+    sinks: list = []
     try:
-        summary = _replay(args, kept, delivery)
+        summary = _replay(args, kept, delivery, sinks)
     except BaseException:
         # Failed or interrupted (Ctrl-C: sensor/cli.py exits 130): nothing may be left
         # behind that nobody will use, a temporary spool above all.
         for reader in kept.values():
             reader.close()
+        for sink in sinks:
+            if hasattr(sink, "abort"):
+                sink.abort()
         if delivery is not None:
             delivery.abort()
         raise
@@ -442,10 +446,11 @@ def run(args) -> int:
     return EXIT_TRUNCATED if summary.truncated else 0
 
 
-def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None):
-    """The run itself: inputs through the pipeline into the sinks; the Summary."""
+def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
+            sinks: list):
+    """The run itself: inputs through the pipeline into the sinks (appended to `sinks`
+    as they open, for the caller to abort); the Summary."""
     _tune_gc()
-    sinks = []
     if args.output is not None or delivery is None:
         sinks.append(open_output(args.output or "-", args.format))
     if args.jobs == 0:

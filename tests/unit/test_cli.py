@@ -40,3 +40,43 @@ def test_replay_imports_no_grpc_or_numpy():
             "print(sorted(m for m in ('numpy', 'prometheus_client', 'collector.cli') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _help(*words: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "sensor.cli", *words, "--help"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def test_one_flag_vocabulary_with_old_spellings_hidden():
+    """-o FILE and --format everywhere records are written; --collector and --sensor-id;
+    the old spellings parse but are not shown."""
+    helps = {words: _help(*words) for words in (("tail",), ("query",), ("replay",),
+                                                ("sensor", "flows"), ("sensor", "run"))}
+    for words, text in helps.items():
+        assert "-o FILE, --output FILE" in text and "--format FMT" in text, words
+    assert "--collector HOST:PORT" in helps[("replay",)] and "--to " not in helps[("replay",)]
+    assert "--sensor-id V" in helps[("tail",)] and "--sensor V" not in helps[("tail",)]
+    assert "--jsonl" not in helps[("sensor", "run")]
+    parser = cli.build_parser()
+    old = cli.parse(parser, ["replay", "x.pcap", "--to", "h:1"])
+    new = cli.parse(parser, ["replay", "x.pcap", "--collector", "h:1"])
+    assert old.to == new.to == "h:1"
+    old = cli.parse(parser, ["tail", "--sensor", "s1", "--not-sensor", "s2"])
+    assert (old.sensor_id, old.not_sensor_id) == (["s1"], ["s2"])
+
+
+def test_misspelt_flag_prints_the_subcommands_usage():
+    out = subprocess.run([sys.executable, "-m", "sensor.cli", "replay", "x.pcap", "--bogus"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("usage: loupe replay ")
+    assert out.stderr.splitlines()[-1] == "loupe replay: error: unrecognized arguments: --bogus"
+
+
+def test_version_comes_from_the_package():
+    from importlib import metadata
+
+    out = subprocess.run([sys.executable, "-m", "sensor.cli", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"loupe {metadata.version('loupe')}"
