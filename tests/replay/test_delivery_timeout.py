@@ -1,4 +1,4 @@
-"""`loupe replay --to` when the collector is not there: it gives up after
+"""`loupe replay --collector` when the collector is not there: it gives up after
 --delivery-timeout with one line and exit status 1, removes the temporary spool it made,
 and a --spool-dir keeps the undelivered batches (the line says how many and where) for a
 later run, which delivers them to a real collector. Ctrl-C removes the temporary spool
@@ -49,7 +49,7 @@ def _lines(stderr: str) -> list[str]:
 
 def test_no_collector_gives_up_in_one_line_and_removes_its_spool(dead_address, tmpdir_env):
     tmp, env = tmpdir_env
-    res = _replay(CAPTURE, "--to", dead_address, "--delivery-timeout", "1", env=env)
+    res = _replay(CAPTURE, "--collector", dead_address, "--delivery-timeout", "1", env=env)
     assert res.returncode == 1
     summary, error = _lines(res.stderr)   # no reconnect warnings in between
     assert summary.startswith("loupe replay: 24 packets, 2 flows")
@@ -61,7 +61,7 @@ def test_no_collector_gives_up_in_one_line_and_removes_its_spool(dead_address, t
 
 def test_spool_dir_keeps_what_was_not_delivered_for_the_next_run(tmp_path, dead_address):
     spool = tmp_path / "spool"
-    res = _replay(CAPTURE, "--to", dead_address, "--delivery-timeout", "1",
+    res = _replay(CAPTURE, "--collector", dead_address, "--delivery-timeout", "1",
                   "--spool-dir", spool)
     assert res.returncode == 1
     _, error = _lines(res.stderr)
@@ -71,7 +71,7 @@ def test_spool_dir_keeps_what_was_not_delivered_for_the_next_run(tmp_path, dead_
 
     collector = CollectorProcess(tmp_path / "data").start()
     try:
-        res = _replay(CAPTURE, "--to", collector.address, "--spool-dir", spool,
+        res = _replay(CAPTURE, "--collector", collector.address, "--spool-dir", spool,
                       "--sensor-id", "later")
         assert res.returncode == 0, res.stderr
         summary, delivered = _lines(res.stderr)
@@ -88,7 +88,7 @@ def test_collector_present_delivers_and_exits_0(tmp_path, tmpdir_env):
     tmp, env = tmpdir_env
     collector = CollectorProcess(tmp_path / "data").start()
     try:
-        res = _replay(CAPTURE, "--to", collector.address, env=env)
+        res = _replay(CAPTURE, "--collector", collector.address, env=env)
         assert res.returncode == 0, res.stderr
         assert _lines(res.stderr)[-1] == \
             f"loupe replay: 4 records delivered to {collector.address}"
@@ -123,7 +123,7 @@ def test_ctrl_c_removes_the_temporary_spool_and_exits_130(dead_address, tmpdir_e
     def spool_files():
         return [f for d in tmp.iterdir() for f in d.iterdir()]
 
-    res = _interrupt([CAPTURE, "--to", dead_address], env, spool_files)
+    res = _interrupt([CAPTURE, "--collector", dead_address], env, spool_files)
     assert res.returncode == 130
     assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr
     assert list(tmp.iterdir()) == []
@@ -131,7 +131,7 @@ def test_ctrl_c_removes_the_temporary_spool_and_exits_130(dead_address, tmpdir_e
 
 def test_ctrl_c_with_spool_dir_says_what_stays(tmp_path, dead_address):
     spool = tmp_path / "spool"
-    res = _interrupt([CAPTURE, "--to", dead_address, "--spool-dir", spool], None,
+    res = _interrupt([CAPTURE, "--collector", dead_address, "--spool-dir", spool], None,
                      lambda: list(spool.iterdir()) if spool.exists() else [])
     assert res.returncode == 130
     (line,) = _lines(res.stderr)

@@ -127,3 +127,13 @@ def test_reader_on_a_pipe_reports_progress_without_a_size():
     assert len(packets) == 24
     assert seen and {size for _, size in seen} == {0}
     assert seen[-1][0] == len(data)   # compressed bytes consumed
+
+
+def test_progress_line_for_a_pipe_shows_packets_without_a_percentage():
+    from io import StringIO
+
+    from sensor.replay.cli import _Progress
+
+    out = StringIO()
+    _Progress(out, 1, lambda: 1234).update(5000, 0)
+    assert out.getvalue() == "\rfile 0/1 1,234 packets "
