@@ -212,7 +212,7 @@ def test_reload_changes_selection_and_sigterm_flushes_and_detaches(pair, collect
     sensor = Sensor(_sensor_args(pair, collector, tmp_path, "--select", "port:9"),
                     workdir=tmp_path)
     config = tmp_path / "sensor.toml"
-    config.write_text("[selection]\nports = [9]\n")
+    config.write_text("[selection]\nports = [9]\nsniff = false\n")
     sensor.args += ["--config", str(config)]
     sensor.args.remove("--select")
     sensor.args.remove("port:9")
@@ -227,7 +227,7 @@ def test_reload_changes_selection_and_sigterm_flushes_and_detaches(pair, collect
                             "printf 'GET /size/10 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; "
                             "sleep 0.5; done; sleep 30", stdout=subprocess.DEVNULL)
         pair.a.run("curl", "-s", "-o", "/dev/null", f"http://{pair.b.ip4}:8080/size/1")
-        config.write_text("[selection]\nports = [8080]\n")
+        config.write_text("[selection]\nports = [8080]\nsniff = false\n")
         sensor.signal(signal.SIGHUP)
         sensor.wait_note("RELOADING=1", 10)
         sensor.wait_note("READY=1", 10)
