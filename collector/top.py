@@ -126,9 +126,7 @@ class TopApp(App):
     DataTable:focus { border: round $accent; }
     Horizontal { height: 1fr; }
     #services { height: 1fr; }
-    #endpoints { width: 3fr; }
-    #talkers { width: 2fr; }
-    #dns, #lost { width: 1fr; }
+    #endpoints, #talkers, #dns, #lost { width: 1fr; }
     #bottom { height: 10; }
     """
     BINDINGS = [
