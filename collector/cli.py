@@ -23,7 +23,7 @@ import grpc  # noqa: E402 - after GRPC_VERBOSITY
 from collector import filters, render
 from collector.client import QUERY_TIMEOUT_S, ClientTLS, open_channel, translate
 from sensor import config as cfg
-from sensor.errors import ConfigError
+from sensor.errors import CollectorError, ConfigError
 from sensor.export import wire
 from sensor.output import add_output_arguments
 
@@ -234,38 +234,103 @@ def cmd_collector_status(args) -> int:
 
 # -- export ---------------------------------------------------------------------------------
 
-def _export_json(storage, args, since_ns: int) -> int:
-    """JSON lines in the one record shape (jsonfmt.to_dict, docs/export.md), which every
-    other command writes too, rather than DuckDB's flat rows."""
-    from collector import schema
-    from sensor import model
-    from sensor.output import Output, RecordOut
+EXPORT_FORMATS = ("json", "eve", "csv", "parquet")
+EXPORT_TABLES = ("flows", "http", "dns", "tls", "lost")
 
-    out = RecordOut(Output(str(args.output), "json"))
+
+def _stored_records(args, since_ns: int, until_ns: int, tables: tuple[str, ...]):
+    """The stored records, in time order across tables: through the running collector
+    (Observer.Export), or with --data-dir straight from a stopped collector's store
+    (DuckDB lets one process open the file, and a running collector is that process)."""
+    if args.data_dir is not None:
+        from collector.storage.duckdb import DuckDBStorage
+
+        storage = DuckDBStorage(args.data_dir, read_only=True)
+        try:
+            yield from storage.records_since(since_ns, storage.last_seq(), until_ns=until_ns,
+                                             tables=tables)
+        finally:
+            storage.close()
+        return
+    req = wire.observer_pb2.ExportRequest(since_ns=since_ns, until_ns=until_ns, tables=tables)
+    received = 0
     try:
-        for rec in storage.records_since(since_ns, storage.last_seq()):
-            if schema.KIND_TABLE[model.record_kind(rec)] == args.table:
-                out.write(rec)
-    finally:
-        out.close()
-    return out.written
+        for chunk in _observer(args).Export(req):
+            for rec in chunk.records:
+                received += 1
+                yield wire.from_proto(rec)
+    except grpc.RpcError as exc:
+        if not received and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise CollectorError(
+                f"cannot reach the collector at {args.collector}: is `loupe collector run` "
+                "running there? To export a stopped collector's store, give --data-dir DIR"
+            ) from None
+        raise translate(exc, args.collector, received=received) from None
+
+
+def _export_sink(out):
+    from sensor.output import RecordOut
+
+    if out.fmt in ("json", "eve"):
+        return RecordOut(out)   # every kind in one stream, in the one record shape
+    if out.fields:
+        raise ConfigError(f"--fields applies to json and eve; for {out.fmt}, pick columns "
+                          "with `loupe query --format csv \"SELECT ...\"`")
+    from sensor.export.sinks import open_sink
+
+    return open_sink(out.path, out.fmt)   # one file per table: X.csv, X.http.csv, ...
+
+
+def _abandon(sink, out, tables) -> None:
+    """After a failed export: Parquet tables are written under hidden temporary names
+    and replace the earlier set only at close, so not closing keeps that set whole; the
+    temporary files go. JSON and CSV, written in place, are closed as far as they got."""
+    if out.fmt != "parquet":
+        sink.close()
+        return
+    from sensor.export import sinks
+
+    for table in tables:
+        sinks._partial(sinks.table_path(Path(out.path), table)).unlink(missing_ok=True)
 
 
 def cmd_export(args) -> int:
-    from collector.storage.duckdb import DuckDBStorage
+    from sensor import model
+    from sensor.output import resolve
 
-    since_ns = parse_since(args.since, time.time_ns()) if args.since else 0
-    storage = DuckDBStorage(args.data_dir, read_only=True)
+    out = resolve(args, EXPORT_FORMATS)
+    now = time.time_ns()
+    since_ns = parse_since(args.since, now) if args.since else 0
+    until_ns = parse_since(args.until, now) if args.until else 0
+    if until_ns and until_ns <= since_ns:
+        raise ConfigError(f"--until {args.until} is not after --since {args.since}")
+    tables = tuple(dict.fromkeys(args.table or EXPORT_TABLES))
+    counts: dict[str, int] = {}
+    sink = _export_sink(out)
     try:
-        if args.format in ("json", "jsonl"):
-            rows = _export_json(storage, args, since_ns)
-            print(f"wrote {rows} {args.table} records to {args.output}", file=sys.stderr)
-            return 0
-        result = storage.export(args.output, args.format, args.table, since_ns)
-    finally:
-        storage.close()
-    print(f"wrote {result.rows} {args.table} rows to {result.path}", file=sys.stderr)
+        for rec in _stored_records(args, since_ns, until_ns, tables):
+            sink.write(rec)
+            kind = model.record_kind(rec)
+            counts[kind] = counts.get(kind, 0) + 1
+    except BaseException:
+        _abandon(sink, out, EXPORT_TABLES)
+        raise
+    sink.close()
+    where = out.path if out.fmt in ("json", "eve") or out.to_stdout else ", ".join(
+        str(p) for p in _table_files(out.path, counts))
+    kinds = ", ".join(f"{k} {n}" for k, n in counts.items()) or "none matched"
+    print(f"wrote {sum(counts.values())} records ({kinds}) to {where}", file=sys.stderr)
     return 0
+
+
+def _table_files(path: str, counts: dict[str, int]) -> list[Path]:
+    """The files of a Parquet or CSV set: the flows file (always written) and one per
+    kind that had records."""
+    from collector import schema
+    from sensor.export.sinks import table_path
+
+    written = {schema.KIND_TABLE[k] for k in counts} | {"flows"}
+    return [table_path(Path(path), t) for t in EXPORT_TABLES if t in written]
 
 
 # -- certs ----------------------------------------------------------------------------------
@@ -380,7 +445,9 @@ def write_rows(out, columns: list[str], rows: list[list]) -> None:
             w.writerow(columns)
             w.writerows([_csv_cell(v) for v in row] for row in rows)
         else:
-            cells = [columns] + [["NULL" if v is None else str(v) for v in row] for row in rows]
+            from sensor.export.table import humanize
+
+            cells = [columns] + [[humanize(c, v) for c, v in zip(columns, row)] for row in rows]
             widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
             for i, row in enumerate(cells):
                 stream.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
@@ -454,14 +521,23 @@ def register(tree) -> None:
     _add_tls_client_flags(p)
     p.set_defaults(func=cmd_collector_status)
 
-    p = tree.command("export", help="write stored records to Parquet, CSV or JSON lines",
-                     description="Reads the store directly (the collector must be stopped: "
-                                 "DuckDB has one writer). While it runs, use `loupe query`.")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="store directory (default ./data)")
-    p.add_argument("--since", help="only records from this time on: 1h, 7d or an ISO time")
-    p.add_argument("--format", choices=("parquet", "csv", "json", "jsonl"), default="parquet")
-    p.add_argument("--table", choices=("flows", "http", "dns", "tls", "lost"), default="flows")
-    p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    p = tree.command(
+        "export", help="write stored records to JSON lines, Parquet or CSV",
+        description="Every record kind in one call: JSON lines (and eve) hold all kinds in "
+                    "one file, in time order; Parquet and CSV write one file per kind "
+                    "(X.parquet holds the flows, X.http.parquet the HTTP events, ...), and "
+                    "replace the whole set an earlier export left. Reads through the "
+                    "running collector; with --data-dir, straight from a stopped "
+                    "collector's store instead.")
+    _add_tls_client_flags(p)
+    add_output_arguments(p, EXPORT_FORMATS)
+    p.add_argument("--data-dir", type=Path,
+                   help="read this store directory directly (the collector must be stopped: "
+                        "DuckDB has one writer)")
+    p.add_argument("--since", metavar="T", help="only records from T on: 1h, 7d or an ISO time")
+    p.add_argument("--until", metavar="T", help="only records before T")
+    p.add_argument("--table", action="append", choices=EXPORT_TABLES,
+                   help="only this kind (repeatable; default every kind)")
     p.set_defaults(func=cmd_export)
 
     p = tree.command("certs init", help="make a CA plus collector and client certificates")

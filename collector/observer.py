@@ -27,7 +27,7 @@ from typing import Callable
 
 import grpc
 
-from collector import filters, history
+from collector import filters, history, schema
 from collector.client import QUERY_TIMEOUT_S
 from collector.storage.base import Cancel, Storage
 from sensor import model
@@ -57,6 +57,10 @@ MAX_ROWS = 100_000
 # it is interrupted. A query whose client gives up sooner (its deadline, Ctrl-C) is
 # interrupted then. `loupe query --timeout` defaults to this same cap, so by default the
 # client never waits on a query the server has already stopped.
+
+# Records converted per trip to a reader thread when reading history (a replay, an
+# export): amortises the hop, and ~500 KiB per Export message, far under the 16 MiB limit.
+REPLAY_CHUNK = 500
 
 # Reader threads for queries and history replays: the machine has few cores and DuckDB
 # parallelises each query itself, so more threads would only queue inside DuckDB.
@@ -172,25 +176,42 @@ class ObserverService:
         self.queries_cancelled = 0
         self.queries_timed_out = 0
 
-    async def _replay(self, since_ns: int, upto_seq: int):
-        """Stored records as protobuf, read in chunks on a reader thread."""
+    async def _chunks(self, since_ns: int, upto_seq: int, **kw):
+        """Stored records as protobuf, in lists of up to REPLAY_CHUNK read on a reader
+        thread (storage.records_since's keywords pass through)."""
         loop = asyncio.get_running_loop()
-        records = self._storage.records_since(since_ns, upto_seq)
+        records = self._storage.records_since(since_ns, upto_seq, **kw)
 
         def chunk():
             out = []
             for rec in records:
                 out.append(wire.to_proto(rec))
-                if len(out) >= 500:
+                if len(out) >= REPLAY_CHUNK:
                     break
             return out
 
         try:
             while batch := await loop.run_in_executor(self._readers, chunk):
-                for rec in batch:
-                    yield rec
+                yield batch
         finally:
             await loop.run_in_executor(self._readers, records.close)
+
+    async def _replay(self, since_ns: int, upto_seq: int):
+        """Stored records as protobuf, one at a time."""
+        async for batch in self._chunks(since_ns, upto_seq):
+            for rec in batch:
+                yield rec
+
+    async def Export(self, request, context):
+        tables = tuple(dict.fromkeys(request.tables))
+        unknown = [t for t in tables if t not in schema.TABLES]
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"no table {', '.join(unknown)}: use {', '.join(schema.TABLES)}")
+        # A snapshot of what is committed now; later batches are not waited for.
+        async for batch in self._chunks(request.since_ns, self._hub.last_seq,
+                                        until_ns=request.until_ns, tables=tables):
+            yield observer_pb2.ExportChunk(records=batch)
 
     async def Subscribe(self, request, context):
         try:

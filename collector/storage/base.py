@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
@@ -79,13 +78,6 @@ class SensorSummary:
     records: int
 
 
-@dataclass(frozen=True, slots=True)
-class ExportResult:
-    path: Path
-    rows: int
-    tables: list[str] = field(default_factory=list)
-
-
 class Storage(Protocol):
     description: str  # "duckdb:/var/lib/loupe/loupe.duckdb", for Status
 
@@ -96,9 +88,11 @@ class Storage(Protocol):
     def last_seq(self) -> int:
         """The commit sequence number of the newest stored batch (0 when empty)."""
 
-    def records_since(self, since_ns: int, upto_seq: int) -> Iterator[model.Record]:
-        """Stored records with their own time >= since_ns, from batches committed at or
-        before upto_seq, in time order across tables. Lazy: reads in chunks."""
+    def records_since(self, since_ns: int, upto_seq: int, *, until_ns: int = 0,
+                      tables: tuple[str, ...] = ()) -> Iterator[model.Record]:
+        """Stored records with their own time >= since_ns (and < until_ns unless 0), from
+        batches committed at or before upto_seq, of `tables` (all when empty), in time
+        order across tables. Lazy: reads in chunks."""
 
     def query(self, sql: str, max_rows: int, timeout_s: float,
               cancel: Cancel | None = None) -> QueryResult:
@@ -112,8 +106,6 @@ class Storage(Protocol):
 
     def delete_older_than(self, cutoff_ns: int) -> int:
         """Retention: delete rows received before cutoff_ns; return how many."""
-
-    def export(self, path: Path, fmt: str, table: str, since_ns: int) -> ExportResult: ...
 
     def close(self) -> None:
         """Commit what is pending and release the store (its lock, for DuckDB)."""

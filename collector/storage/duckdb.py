@@ -11,8 +11,8 @@ again), so a 1000-record batch costs a handful of statements, not 1000.
 
 Queries arriving over the network run in a sandbox: after start-up the collector turns
 `enable_external_access` off, so SQL cannot read or write files on the collector's host
-(read_csv('/etc/shadow'), COPY ... TO). Export therefore runs from `loupe export`, in its
-own process, while the collector is stopped.
+(read_csv('/etc/shadow'), COPY ... TO). `loupe export` therefore asks the collector for the
+records (Observer.Export) and writes the files itself, on the analyst's side.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from collector import schema
 from collector.storage.base import (
-    Cancel, DecodedBatch, ExportResult, QueryResult, SensorSummary, StoreResult, StoreStatus,
+    Cancel, DecodedBatch, QueryResult, SensorSummary, StoreResult, StoreStatus,
 )
 from sensor.errors import QueryError, StorageError
 
@@ -120,13 +120,6 @@ class Checkpointer:
         self._cur.close()
 
 
-EXPORT_FORMATS = {
-    "parquet": "(FORMAT parquet, COMPRESSION zstd)",
-    "csv": "(FORMAT csv, HEADER true)",
-    "jsonl": "(FORMAT json)",  # newline-delimited: one JSON object per line
-}
-
-
 def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(str(path), read_only=read_only)
@@ -134,16 +127,13 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         text = str(exc)
         if "lock" in text.lower():
             raise StorageError(
-                f"{path} is locked by another process (a running collector?): query the "
-                "running collector with `loupe query` / `loupe tail`, or stop it first"
+                f"{path} is locked by another process (a running collector?): ask the "
+                "running collector instead (`loupe export` without --data-dir, `loupe "
+                "query`, `loupe tail`), or stop it first"
             ) from None
         raise StorageError(f"cannot open {path}: {text.splitlines()[0]}") from None
     except duckdb.Error as exc:
         raise StorageError(f"cannot open {path}: {str(exc).splitlines()[0]}") from None
-
-
-def _quote_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 class DuckDBStorage:
@@ -284,14 +274,16 @@ class DuckDBStorage:
 
     # -- reading (any thread, each with its own cursor) ----------------------------------
 
-    def _table_rows(self, table: str, since_ns: int, upto_seq: int) -> Iterator[tuple[int, dict]]:
+    def _table_rows(self, table: str, since_ns: int, upto_seq: int,
+                    until_ns: int = 0) -> Iterator[tuple[int, dict]]:
         spec = schema.TABLES[table]
         cur = self._con.cursor()
+        until = f" AND {spec.time_column} < ?" if until_ns else ""
         try:
             cur.execute(
-                f"SELECT * FROM {table} WHERE {spec.time_column} >= ? AND batch_seq <= ? "
-                f"ORDER BY {spec.time_column}, batch_seq",
-                [since_ns, upto_seq],
+                f"SELECT * FROM {table} WHERE {spec.time_column} >= ? AND batch_seq <= ?"
+                f"{until} ORDER BY {spec.time_column}, batch_seq",
+                [since_ns, upto_seq, *([until_ns] if until_ns else [])],
             )
             names = [d[0] for d in cur.description]
             t = names.index(spec.time_column)
@@ -301,8 +293,10 @@ class DuckDBStorage:
         finally:
             cur.close()
 
-    def records_since(self, since_ns: int, upto_seq: int):
-        streams = [self._table_rows(t, since_ns, upto_seq) for t in schema.TABLES]
+    def records_since(self, since_ns: int, upto_seq: int, *, until_ns: int = 0,
+                      tables: tuple[str, ...] = ()):
+        streams = [self._table_rows(t, since_ns, upto_seq, until_ns)
+                   for t in (tables or schema.TABLES)]
         for _, table, row in heapq.merge(*streams, key=lambda item: item[0]):
             yield schema.record_from_row(table, row)
 
@@ -369,24 +363,6 @@ class DuckDBStorage:
         finally:
             cur.close()
         return [SensorSummary(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
-
-    def export(self, path: Path, fmt: str, table: str, since_ns: int) -> ExportResult:
-        if fmt not in EXPORT_FORMATS:
-            raise StorageError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
-        if table not in schema.TABLES:
-            raise StorageError(f"unknown table {table!r}: use one of {', '.join(schema.TABLES)}")
-        path = Path(path)
-        if path.parent and not path.parent.is_dir():
-            raise StorageError(f"cannot write {path}: the directory {path.parent} does not exist")
-        time_column = schema.TABLES[table].time_column
-        select = f"SELECT * FROM {table} WHERE {time_column} >= {int(since_ns)} ORDER BY {time_column}"
-        try:
-            rows = self._con.execute(
-                f"COPY ({select}) TO {_quote_path(path)} {EXPORT_FORMATS[fmt]}"
-            ).fetchone()
-        except duckdb.Error as exc:
-            raise StorageError(f"cannot export to {path}: {str(exc).splitlines()[0]}") from None
-        return ExportResult(path, int(rows[0]) if rows else 0, [table])
 
     def close(self) -> None:
         if self._closed:

@@ -15,7 +15,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
-from sensor.export import wire
+from sensor.export import jsonfmt, wire
 
 from .conftest import REPO, batch, mixed, push, query
 
@@ -110,31 +110,69 @@ def test_unreachable_collector_is_one_line_naming_the_address():
     assert len(out.stderr.splitlines()) == 1
 
 
-def test_export_writes_files_that_read_back_and_refuses_a_locked_store(start_collector, tmp_path):
+def _rows(path) -> int:
+    return pq.read_table(path).num_rows
+
+
+# mixed(100): 50 flows, 20 HTTP, 20 DNS and 10 TLS events.
+KINDS = {"flows": 50, "http": 20, "dns": 20, "tls": 10}
+
+
+def test_export_through_the_running_collector_writes_every_kind(start_collector, tmp_path):
     running = start_collector()
     push(running.address, [batch(mixed(100), 1)])
-    data = str(running.config.data_dir)
-    locked = run_loupe("export", "--data-dir", data, "-o", str(tmp_path / "x.parquet"))
-    assert locked.returncode != 0
-    assert "locked by another process" in locked.stderr and "loupe query" in locked.stderr
-    running.stop()
+    via = ("--collector", running.address)
 
-    for fmt in ("parquet", "csv", "jsonl"):
-        path = tmp_path / f"flows.{fmt}"
-        out = run_loupe("export", "--data-dir", data, "--since", "2020-01-01T00:00:00Z",
-                        "--format", fmt, "-o", str(path))
-        assert out.returncode == 0, out.stderr
-        if fmt == "parquet":
-            table = pq.read_table(path)
-        elif fmt == "csv":
-            table = pyarrow.csv.read_csv(path)
-        else:
-            table = duckdb.sql(f"SELECT * FROM read_json_auto('{path}')").to_arrow_table()
-        assert table.num_rows == 50
-        assert sorted(table.column("uid").to_pylist())[:2] == ["F0", "F1"]
+    out = run_loupe("export", *via, "-o", str(tmp_path / "x.parquet"))
+    assert out.returncode == 0, out.stderr
+    assert {t: _rows(tmp_path / ("x.parquet" if t == "flows" else f"x.{t}.parquet"))
+            for t in KINDS} == KINDS
+    assert out.stderr.startswith("wrote 100 records (flow 50, ")
+
+    # JSON lines: every kind in one file, in the one record shape, in time order.
+    out = run_loupe("export", *via, "-o", str(tmp_path / "all.jsonl"))
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    records = [jsonfmt.from_dict(d) for d in lines]
+    assert [r.uid for r in records] == [r.uid for r in mixed(100)]
+    assert {d["type"] for d in lines} == {"flow", "http", "dns", "tls"}
+
+    out = run_loupe("export", *via, "--format", "csv", "-o", str(tmp_path / "x.csv"))
+    assert out.returncode == 0, out.stderr
+    assert pyarrow.csv.read_csv(tmp_path / "x.http.csv").num_rows == 20
+
+    # A later export with fewer kinds replaces the whole set: no stale x.dns.parquet.
+    out = run_loupe("export", *via, "--table", "flows", "-o", str(tmp_path / "x.parquet"))
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.glob("x.*parquet")) == ["x.parquet"]
+
+    # A suffix that contradicts --format: one line, nothing written.
+    out = run_loupe("export", *via, "--format", "parquet", "-o", str(tmp_path / "y.csv"))
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert "does not fit the file name" in out.stderr and not (tmp_path / "y.csv").exists()
+
+    # The store's file is the running collector's: --data-dir says to ask it instead.
+    locked = run_loupe("export", "--data-dir", str(running.config.data_dir),
+                       "-o", str(tmp_path / "z.parquet"))
+    assert locked.returncode != 0 and len(locked.stderr.splitlines()) == 1
+    assert "locked by another process" in locked.stderr and "without --data-dir" in locked.stderr
+
+
+def test_export_reads_a_stopped_collectors_store_with_data_dir(start_collector, tmp_path):
+    running = start_collector()
+    push(running.address, [batch(mixed(100), 1)])
+    running.stop()
+    data = str(running.config.data_dir)
+    out = run_loupe("export", "--collector", "127.0.0.1:9", "-o", str(tmp_path / "x.parquet"))
+    assert out.returncode == 1 and "give --data-dir DIR" in out.stderr
+    out = run_loupe("export", "--data-dir", data, "--since", "2020-01-01T00:00:00Z",
+                    "-o", str(tmp_path / "x.parquet"))
+    assert out.returncode == 0, out.stderr
+    assert _rows(tmp_path / "x.parquet") == 50 and _rows(tmp_path / "x.tls.parquet") == 10
     out = run_loupe("export", "--data-dir", data, "--table", "dns", "--since", "1h",
                     "-o", str(tmp_path / "recent.parquet"))
-    assert out.returncode == 0 and pq.read_table(tmp_path / "recent.parquet").num_rows == 0
+    assert out.returncode == 0 and out.stderr.startswith("wrote 0 records")
+    assert not (tmp_path / "recent.dns.parquet").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
