@@ -69,13 +69,14 @@ def _push(address, pki, client, batch_id):
 
 
 def _read(address, pki, client):
-    """Query and Subscribe; the error codes, or None for each that worked."""
+    """Query, Subscribe, Status and Export: the error codes, or None for each that worked."""
     stub = observer_pb2_grpc.ObserverStub(_channel(address, pki, client))
     codes = []
     for call in (lambda: stub.Query(wire.observer_pb2.QueryRequest(sql="SELECT 1"), timeout=10),
                  lambda: list(stub.Subscribe(wire.observer_pb2.SubscribeRequest(since_ns=1),
                                              timeout=10)),
-                 lambda: stub.Status(wire.observer_pb2.StatusRequest(), timeout=10)):
+                 lambda: stub.Status(wire.observer_pb2.StatusRequest(), timeout=10),
+                 lambda: list(stub.Export(wire.observer_pb2.ExportRequest(), timeout=10))):
         try:
             call()
             codes.append(None)
@@ -92,7 +93,7 @@ def test_certificates_carry_their_role(pki):
 
 def test_sensor_may_only_send(running, pki):
     assert [a.status for a in _push(running.address, pki, "s1", 1)] == [STORED]
-    assert _read(running.address, pki, "s1") == [DENIED] * 3
+    assert _read(running.address, pki, "s1") == [DENIED] * 4
 
 
 def test_analyst_may_only_read(running, pki):
@@ -100,7 +101,7 @@ def test_analyst_may_only_read(running, pki):
         _push(running.address, pki, "ana", 1)
     assert info.value.code() == DENIED
     assert "role analyst" in info.value.details() and "send records" in info.value.details()
-    assert _read(running.address, pki, "ana") == [None] * 3
+    assert _read(running.address, pki, "ana") == [None] * 4
     # Nothing of the refused stream was stored.
     stub = observer_pb2_grpc.ObserverStub(_channel(running.address, pki, "ana"))
     resp = stub.Query(wire.observer_pb2.QueryRequest(sql="SELECT count(*) FROM flows"), timeout=10)
@@ -109,11 +110,11 @@ def test_analyst_may_only_read(running, pki):
 
 def test_admin_may_do_both_and_a_roleless_certificate_nothing(running, pki):
     assert [a.status for a in _push(running.address, pki, "root1", 1)] == [STORED]
-    assert _read(running.address, pki, "root1") == [None] * 3
+    assert _read(running.address, pki, "root1") == [None] * 4
     with pytest.raises(grpc.RpcError) as info:
         _push(running.address, pki, "old", 2)
     assert info.value.code() == DENIED and "re-issue" in info.value.details()
-    assert _read(running.address, pki, "old") == [DENIED] * 3
+    assert _read(running.address, pki, "old") == [DENIED] * 4
 
 
 def test_health_stays_open_to_every_certificate(running, pki):
