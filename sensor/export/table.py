@@ -224,3 +224,26 @@ def _cell(value: Any) -> str:
         import json
         return json.dumps(value, separators=(",", ":"))
     return str(value)
+
+
+# Epoch ns from 1973 on read as times; smaller *_ns values are durations (latency, RTT).
+_EPOCH_NS = 10**17
+
+
+def humanize(column: str, value: Any) -> str:
+    """A query result cell for people: *_ns as an ISO time or a duration, protocol, DNS
+    rcode/qtype and TLS version numbers as names. The machine formats keep the integers."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if column.endswith("_ns"):
+            return time_ms(value) if value >= _EPOCH_NS else duration(value) if value else "0"
+        if column == "protocol":
+            return formats.PROTO_NAMES.get(value, str(value))
+        if column == "rcode":
+            return "no-response" if value < 0 else formats.rcode_name(value)
+        if column in ("qtype", "rtype"):
+            return formats.qtype_name(value)
+        if column in ("version", "client_version") and value >= 0x0300:
+            return formats.tls_version_name(value)
+    return str(value)

@@ -107,3 +107,14 @@ def test_output_resolution():
                        (_args(format="zeek", fields="uid"), "zeek-cut")):
         with pytest.raises(ConfigError, match=words):
             resolve(bad, fmts)
+
+
+def test_query_cells_for_people_keep_numbers_that_are_not_codes():
+    from sensor.export.table import humanize
+
+    assert humanize("ts_ns", 1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123Z"
+    assert humanize("latency_ns", 35_000_000) == "35ms"
+    assert humanize("protocol", 17) == "udp" and humanize("rcode", 3) == "NXDOMAIN"
+    assert humanize("qtype", 28) == "AAAA" and humanize("version", 0x0304) == "TLS 1.3"
+    assert humanize("version", "HTTP/1.1") == "HTTP/1.1" and humanize("status", 503) == "503"
+    assert humanize("count_star()", 12) == "12" and humanize("x", None) == "NULL"
