@@ -2,7 +2,8 @@
 
 JSON lines to stdout by default; `-o` writes JSON lines, Parquet or CSV (by suffix or
 --format); `--collector HOST:PORT` (old spelling `--to`) sends the records to a collector over gRPC (mTLS with the
---tls-* flags), through the same exporter and spool the live sensor uses. A progress bar
+--tls-* flags), through the same exporter and spool the live sensor uses; `--ipfix TARGET`
+sends the flows as IPFIX (sensor/export/ipfix.py). A progress bar
 goes to stderr only when stderr is a terminal; a one-line summary always ends the run
 on stderr, so stdout carries nothing but records.
 """
@@ -55,13 +56,24 @@ def register(tree) -> None:
                         "work too")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="output file (.jsonl, .parquet, .csv, .log for zeek; - = stdout); "
-                        "default: JSON lines on stdout, or nothing when --collector is given")
+                        "default: JSON lines on stdout, or nothing when --collector or "
+                        "--ipfix is given")
     p.add_argument("--format", type=str.lower, default=None, metavar="FMT",
                    help=f"{' | '.join(_FORMATS)}, when the suffix does not say "
                         "(docs/export.md)")
     p.add_argument("--collector", dest="to", metavar="HOST:PORT",
                    help="send the records to a collector")
     p.add_argument("--to", dest="to", help=argparse.SUPPRESS)   # the old spelling
+    p.add_argument("--ipfix", default=None, metavar="TARGET",
+                   help="also send the flows as IPFIX (RFC 7011 biflows) to HOST:PORT "
+                        "(UDP) or tcp://HOST:PORT; see docs/export.md")
+    p.add_argument("--ipfix-domain", type=int, default=0, metavar="N",
+                   help="IPFIX observation domain id (default 0)")
+    p.add_argument("--ipfix-pen", type=int, default=None, metavar="N",
+                   help="enterprise number of Loupe's own IPFIX IEs (default 32473)")
+    p.add_argument("--ipfix-uniflow", action="store_true",
+                   help="two one-way IPFIX records per flow, for collectors that ignore "
+                        "RFC 5103 reverse IEs (pmacct)")
     p.add_argument("--tls-ca", type=Path, help="CA certificate: turns TLS on")
     p.add_argument("--tls-cert", type=Path, help="client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, help="client key (mTLS)")
@@ -409,6 +421,24 @@ class _Delivery:
             signal.signal(signal.SIGINT, previous)
 
 
+def _ipfix_sink(args):
+    from sensor.export.ipfix import DEFAULT_PEN, IpfixSink
+
+    return IpfixSink(args.ipfix, domain=args.ipfix_domain, pen=args.ipfix_pen or DEFAULT_PEN,
+                     uniflow=args.ipfix_uniflow)
+
+
+def _ipfix_finish(sink) -> None:
+    """After close: one line; CollectorError when records could not be sent."""
+    sent, dropped = sink.records_sent, sink.records_dropped
+    if not dropped:
+        print(f"loupe replay: {sent} IPFIX records sent to {sink.target}", file=sys.stderr)
+        return
+    raise CollectorError(
+        f"{dropped} of {sent + dropped} IPFIX records could not be sent to {sink.target} "
+        f"(last error: {sink.last_error}); check that an IPFIX collector listens there")
+
+
 def run(args) -> int:
     if args.filter:
         try:
@@ -417,13 +447,14 @@ def run(args) -> int:
             raise ConfigError(f"--filter: {exc}") from None
     if args.jobs < 0:
         raise ConfigError("--jobs must be 0 (automatic) or a number of processes")
-    if args.format is not None and args.output is None and args.to is not None:
+    if args.format is not None and args.output is None and (args.to or args.ipfix):
         raise ConfigError("--format needs -o/--output")
     if args.to is not None and not args.delivery_timeout > 0:
         raise ConfigError("--delivery-timeout must be a number of seconds above 0")
+    ipfix = _ipfix_sink(args) if args.ipfix else None   # a bad target fails first
     kept = _open_inputs(args.files, args.jobs)
     delivery = _Delivery(args) if args.to is not None else None
-    sinks: list = []
+    sinks: list = [ipfix] if ipfix is not None else []
     try:
         summary = _replay(args, kept, delivery, sinks)
     except BaseException:
@@ -441,6 +472,8 @@ def run(args) -> int:
     print(f"loupe replay: {summary.line()}", file=err)
     for line in summary.truncated:
         print(f"loupe replay: {line}", file=err)
+    if ipfix is not None:
+        _ipfix_finish(ipfix)
     if delivery is not None:
         delivery.finish()
     return EXIT_TRUNCATED if summary.truncated else 0
@@ -451,7 +484,7 @@ def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
     """The run itself: inputs through the pipeline into the sinks (appended to `sinks`
     as they open, for the caller to abort); the Summary."""
     _tune_gc()
-    if args.output is not None or delivery is None:
+    if args.output is not None or (delivery is None and not args.ipfix):
         sinks.append(open_output(args.output or "-", args.format))
     if args.jobs == 0:
         args.jobs = 1 if kept else auto_jobs(args.files)
