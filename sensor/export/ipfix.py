@@ -75,6 +75,7 @@ SEND_TIMEOUT_S = 5.0
 # After a failed TCP connect, wait this long before trying again: records meanwhile are
 # dropped and counted, never queued without bound.
 RECONNECT_S = 2.0
+LOG_EVERY_S = 60.0
 
 
 def _std(ie: int, length: int) -> tuple[int, int, int]:
@@ -323,7 +324,7 @@ class IpfixSink:
         self.messages_sent = 0
         self.send_errors = 0
         self.last_error = ""
-        self._failing = False
+        self._next_log = 0.0
         self._connect()
 
     # -- RecordSink ------------------------------------------------------------------------
@@ -411,22 +412,23 @@ class IpfixSink:
         except OSError as exc:
             self.send_errors += 1
             self.last_error = exc.strerror or str(exc)
-            if not self._failing:
-                # Once per outage, not per message: the counters tell how much.
+            now = self._mono()
+            if now >= self._next_log:
+                # At most once a minute, not per message: the counters tell how much.
                 log.warning("IPFIX send to %s failed: %s", self.target, self.last_error)
-            self._failing = True
+                self._next_log = now + LOG_EVERY_S
             if self.target.transport == "tcp":
                 # Part of a message may be in the stream: only a new connection (with
                 # its own templates and sequence) puts the collector back in step.
                 self._disconnect()
             return False
-        self._failing = False
         self.messages_sent += 1
         self._since_templates += 1
         if templates:
+            # This message counts as the first of the next refresh_messages.
             self._send_templates = False
             self._last_templates = self._mono()
-            self._since_templates = 0
+            self._since_templates = 1
         return True
 
     # -- transport --------------------------------------------------------------------------
