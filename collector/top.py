@@ -23,6 +23,7 @@ import grpc
 from rich.console import Console
 from rich.text import Text
 from textual.app import App, ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Footer, Static
@@ -131,6 +132,9 @@ class TopApp(App):
     """
     BINDINGS = [
         ("q", "quit", "quit"),
+        # Ctrl-C quits, as it does top and every other command here (textual would only
+        # tell how to quit).
+        Binding("ctrl+c", "quit", show=False, priority=True),
         ("p", "pause", "pause"),
         ("s", "sort", "sort column"),
         ("r", "reverse", "reverse"),

@@ -170,7 +170,8 @@ def test_top_says_when_the_collector_goes_and_reconnects(start_collector, tmp_pa
             assert app.feed.connects == 2
             await replay(second.address)
             await until(pilot, lambda: app.model.records >= GOLDEN_RECORDS, "records again")
-            await pilot.press("q")
+            await pilot.press("ctrl+c")
+            assert not app.is_running  # Ctrl-C quits, as in top
 
     asyncio.run(scenario())
 
