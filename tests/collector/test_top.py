@@ -49,6 +49,12 @@ async def replay(address: str, sensor_id: str = "replay") -> None:
     assert proc.returncode == 0, err.decode()
 
 
+async def click_header(pilot, app, panel: str, index: int) -> None:
+    table = app.query_one(f"#{panel}", DataTable)
+    x = 1 + sum(c.get_render_width(table) for c in table.ordered_columns[:index])
+    await pilot.click(table, offset=(x + 1, 1))  # inside the border, on the header row
+
+
 async def redrawn(pilot, app) -> None:
     """The tables as of the model now (the timer's redraw may lag a record behind)."""
     app.redraw(force=True)
@@ -95,6 +101,13 @@ def test_top_shows_the_golden_traffic_sorts_pauses_and_saves_a_capture(collector
             await pilot.press("3", "s", "s")
             assert labels(app, "endpoints")[6] == "status▼"
             assert column(app, "endpoints")[0] == "POST golden.test/b"  # 201
+            # A click on a header sorts by that column; a second click reverses.
+            await click_header(pilot, app, "services", 8)
+            assert labels(app, "services")[8] == "p95▼"
+            assert column(app, "services")[0] == "198.18.0.2:53"  # 13 ms
+            await click_header(pilot, app, "services", 8)
+            assert labels(app, "services")[8] == "p95▲"
+            assert column(app, "services")[0] == "198.18.7.2:53"  # 2.5 ms, the fastest
             # `2` picks the talkers, `r` reverses them, `t` counts by address.
             before = column(app, "talkers")
             await pilot.press("2", "r")
@@ -121,6 +134,7 @@ def test_top_shows_the_golden_traffic_sorts_pauses_and_saves_a_capture(collector
             (tmp_path / "top.txt").write_text(text + "\n")
             (tmp_path / "top.svg").write_text(app.export_screenshot())
             await pilot.press("q")
+            assert not app.is_running
         return text
 
     text = asyncio.run(scenario())
