@@ -53,15 +53,17 @@ class Nfcapd:
     """nfcapd -w DIR -p PORT -b 127.0.0.1; stop() (SIGTERM writes the file out), then
     records() as nfdump shows them, log() for its statistics line."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, repeat_to: int = 0) -> None:
         self.dir = workdir / "nfcapd"
         self.dir.mkdir()
         self.port = free_udp_port()
         self.logfile = workdir / "nfcapd.log"
+        # -R: nfcapd repeats every datagram it gets there (to feed nfacctd the same run).
+        repeat = ["-R", f"127.0.0.1/{repeat_to}"] if repeat_to else []
         with open(self.logfile, "w") as out:
             self.proc = subprocess.Popen(
-                ["nfcapd", "-w", str(self.dir), "-p", str(self.port), "-b", "127.0.0.1"],
-                stdout=out, stderr=subprocess.STDOUT)
+                ["nfcapd", "-w", str(self.dir), "-p", str(self.port), "-b", "127.0.0.1",
+                 *repeat], stdout=out, stderr=subprocess.STDOUT)
         wait_for(self.logfile, "Startup")
 
     def stop(self) -> None:
@@ -88,6 +90,17 @@ class Nfcapd:
              _ms(r["first"]), _ms(r["last"]), r["in_packets"], r["in_bytes"],
              r["out_packets"], r["out_bytes"], r["src_vlan"])
             for r in self.records())
+
+    def uniflows(self) -> Counter:
+        """Records of --ipfix-uniflow in the shape of directions()."""
+        out: Counter = Counter()
+        for r in self.records():
+            assert r["out_packets"] == r["out_bytes"] == 0
+            k = key(r.get("src4_addr") or r["src6_addr"], r.get("dst4_addr") or r["dst6_addr"],
+                    r.get("src_port", 0), r.get("dst_port", 0), r["proto"])
+            out[k + ("packets",)] += r["in_packets"]
+            out[k + ("bytes",)] += r["in_bytes"]
+        return +out
 
 
 class Nfacctd:
@@ -125,7 +138,7 @@ print_refresh_time[p]: 1
             for r in map(json.loads, lines):
                 proto = r["ip_proto"]
                 proto = int(proto) if str(proto).isdigit() else socket.getprotobyname(proto)
-                k = (r["ip_src"], r["ip_dst"], r["port_src"], r["port_dst"], proto)
+                k = key(r["ip_src"], r["ip_dst"], r["port_src"], r["port_dst"], proto)
                 got[k + ("packets",)] += r["packets"]
                 got[k + ("bytes",)] += r["bytes"]
             seen = sum(v for k, v in got.items() if k[-1] == "packets")
@@ -144,11 +157,12 @@ def directions(flows: list[dict], *, responder: bool = True) -> Counter:
     5-tuple (the responder's direction reversed)."""
     out: Counter = Counter()
     for f in flows:
-        five = (f["src_addr"], f["dst_addr"], f["src_port"], f["dst_port"], f["protocol"])
+        five = key(f["src_addr"], f["dst_addr"], f["src_port"], f["dst_port"], f["protocol"])
         out[five + ("packets",)] += f["initiator_packets"]
         out[five + ("bytes",)] += f["initiator_octets"]
         if responder and f["responder_packets"]:
-            back = (f["dst_addr"], f["src_addr"], f["dst_port"], f["src_port"], f["protocol"])
+            back = key(f["dst_addr"], f["src_addr"], f["dst_port"], f["src_port"],
+                       f["protocol"])
             out[back + ("packets",)] += f["responder_packets"]
             out[back + ("bytes",)] += f["responder_octets"]
     return +out
