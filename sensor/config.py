@@ -442,6 +442,13 @@ class ExportConfig:
     batch_size: int = _opt(500, _Int(1, 100_000))
     batch_delay: int = _opt(1 * S, _Duration(10 * MS, 60 * S))
     jsonl: str = _opt("", _Path(allow_empty=True))
+    # IPFIX (sensor/export/ipfix.py): the target, "" = off; the checks here are the
+    # syntax, the exporter checks the port and resolves the name at start.
+    ipfix: str = _opt("", _Str(300, r"((?i:udp|tcp)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
+                                    r":\d{1,5}", "HOST:PORT, udp://HOST:PORT or tcp://HOST:PORT"))
+    ipfix_domain: int = _opt(0, _Int(0, 0xFFFFFFFF))
+    ipfix_pen: int = _opt(32473, _Int(1, 0xFFFFFFFF))
+    ipfix_uniflow: bool = _opt(False, _Bool())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

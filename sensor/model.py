@@ -47,6 +47,7 @@ class LostSource(str, enum.Enum):
     SPOOL_FULL = "spool_full"
     SPOOL_CORRUPT = "spool_corrupt"  # count: corrupt spool regions found at start-up
     SUBSCRIBER_SLOW = "subscriber_slow"
+    IPFIX_SEND_ERROR = "ipfix_send_error"   # count: IPFIX data records not sent
 
 
 def _check_uint(name: str, value: int, limit: int) -> None:
