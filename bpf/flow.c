@@ -65,8 +65,9 @@
  *   and retirement (the final record) never races a fast-path add.
  *
  * Selection and payload (loupe.h, "selection"; docs/kernel.md)
- *   A new flow is checked once against the active selection set (protocols, ports,
- *   CIDR tries), the explicit keys and 1-in-N sampling, and keeps the outcome in
+ *   A new flow is checked once against the active selection set: its exclusion
+ *   program first (an excluded flow is counted and never selected), then protocols,
+ *   ports, CIDR tries, the explicit keys and 1-in-N sampling, and keeps the outcome in
  *   l7_select with its per-direction budget. An unselected TCP/UDP flow gets one look
  *   at its first payload (content sniffing: TLS ClientHello, HTTP method, DNS shape).
  *   For a selected flow the payload goes to the ring buffer in chunks, minus what
@@ -93,6 +94,8 @@ _Static_assert(sizeof(struct loupe_payload_event) == LOUPE_PAYLOAD_EVENT_SIZE,
 	       "payload event size");
 _Static_assert(sizeof(struct loupe_config) == LOUPE_CONFIG_SIZE, "config size");
 _Static_assert(sizeof(struct loupe_l7_ctl) == LOUPE_L7_CTL_SIZE, "l7_ctl size");
+_Static_assert(sizeof(struct loupe_filter_insn) == LOUPE_FILTER_INSN_SIZE, "filter insn size");
+_Static_assert(sizeof(struct loupe_filter) == LOUPE_FILTER_SIZE, "filter size");
 _Static_assert(LOUPE_PAYLOAD_CHUNK >= 64 && LOUPE_PAYLOAD_CHUNK <= 16384,
 	       "payload chunk within 64..16384");
 
@@ -454,11 +457,90 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct loupe_pkt *p
 	return err;
 }
 
+/* ---- exclusion ------------------------------------------------------------------- */
+
+/* Branchless helpers: the verifier walks the exclusion loop once per distinct state that
+ * reaches it, so its body is straight-line code (no branch to fork the walk). */
+#define EQ(a, b) ((((__u64)((a) ^ (b))) - 1) >> 63)             /* 1 if a == b (< 2^63) */
+#define WITHIN(x, lo, hi) ((~(((__u64)((__s64)(x) - (__s64)(lo))) | \
+			    ((__u64)((__s64)(hi) - (__s64)(x))))) >> 63)  /* lo <= x <= hi */
+
+/* 1 if the address a (16 bytes, IPv4 in the first 4) is in the instruction's prefix. */
+static __always_inline __u64 addr_in(const __u8 *a, const struct loupe_filter_insn *in)
+{
+	const __u32 *w = (const __u32 *)a;
+	const __u32 *v = (const __u32 *)in->addr;
+	const __u32 *m = (const __u32 *)in->mask;
+	__u64 diff = ((w[0] ^ v[0]) & m[0]) | ((w[1] ^ v[1]) & m[1]) |
+		     ((w[2] ^ v[2]) & m[2]) | ((w[3] ^ v[3]) & m[3]);
+	return EQ(diff, 0);
+}
+
+/* Combines the src and dst outcomes (0/1) as LOUPE_FDIR_* dir says. */
+static __always_inline __u64 by_dir(__u64 src, __u64 dst, __u8 dir)
+{
+	return (EQ(dir, LOUPE_FDIR_SRC) & src) | (EQ(dir, LOUPE_FDIR_DST) & dst) |
+	       (EQ(dir, LOUPE_FDIR_BOTH) & src & dst) | (EQ(dir, LOUPE_FDIR_EITHER) & (src | dst));
+}
+
+/* Runs selection set `set`'s exclusion program (loupe.h, "Exclusion") on a new flow's
+ * first packet: 1 if the flow is excluded. Only new flows come here, so a steady
+ * packet's cost is unchanged; a new flow pays one lookup and LOUPE_FILTER_MAX_INSNS
+ * straight-line steps (past len, op 0 changes nothing). src/dst are the ends as the
+ * first packet went. */
+static __always_inline int excluded(struct loupe_pkt *p, __u32 set)
+{
+	struct loupe_filter *f = exclude.lookup(&set);
+	if (!f || !f->len)
+		return 0;
+	__u32 len = f->len;
+	__u64 proto = p->key.protocol;
+	__u64 version = p->key.ip_version;
+	__u64 ports = EQ(proto, PROTO_TCP) | EQ(proto, PROTO_UDP) | EQ(proto, PROTO_SCTP);
+	__u64 lohi = EQ(p->dir, LOUPE_DIR_LO_HI);
+	__u64 sport = (lohi * p->key.port_lo) | ((lohi ^ 1) * p->key.port_hi);
+	__u64 dport = (lohi * p->key.port_hi) | ((lohi ^ 1) * p->key.port_lo);
+	__u64 stack = 0;
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < LOUPE_FILTER_MAX_INSNS; i++) {
+		if (i >= len)
+			break;
+		/* The index the verifier checks is the one used (no strength reduction). */
+		__u32 k = i;
+		barrier_var(k);
+		if (k >= LOUPE_FILTER_MAX_INSNS)
+			break;
+		const struct loupe_filter_insn *in = &f->insn[k];
+		__u64 op = in->op;
+		__u64 iv = in->version, ip = in->protocol;
+		__u64 any_v = EQ(iv, 0) | EQ(iv, version);
+		__u64 r = (EQ(op, LOUPE_FOP_IP) & EQ(iv, version)) |
+			  (EQ(op, LOUPE_FOP_PROTO) & EQ(ip, proto) & any_v) |
+			  (EQ(op, LOUPE_FOP_ADDR) & EQ(iv, version) &
+			   by_dir(addr_in(p->src, in), addr_in(p->dst, in), in->dir)) |
+			  (EQ(op, LOUPE_FOP_PORT) & ports & (EQ(ip, 0) | EQ(ip, proto)) &
+			   by_dir(WITHIN(sport, in->port_lo, in->port_hi),
+				  WITHIN(dport, in->port_lo, in->port_hi), in->dir));
+		__u64 leaf = EQ(op, LOUPE_FOP_IP) | EQ(op, LOUPE_FOP_PROTO) |
+			     EQ(op, LOUPE_FOP_ADDR) | EQ(op, LOUPE_FOP_PORT);
+		/* Masks of all ones for the op that applies; none for op 0 (past len). */
+		__u64 m_leaf = -leaf, m_and = -EQ(op, LOUPE_FOP_AND);
+		__u64 m_or = -EQ(op, LOUPE_FOP_OR), m_not = -EQ(op, LOUPE_FOP_NOT);
+		__u64 m_keep = ~(m_leaf | m_and | m_or | m_not);
+		stack = (m_leaf & ((stack << 1) | r)) |
+			(m_and & ((stack >> 1) & (~1ULL | (stack & 1)))) |
+			(m_or & ((stack >> 1) | (stack & 1))) |
+			(m_not & (stack ^ 1)) | (m_keep & stack);
+	}
+	return stack & 1;
+}
+
 /* ---- selection ------------------------------------------------------------------- */
 
 /* Decides a new flow's selection from the active set; fills the flow's budgets and
  * whether the content sniffer gets a look at it. */
-static __always_inline __u8 select_new_flow(struct loupe_pkt *p, struct loupe_flow_value *v)
+static __always_inline __u8 select_new_flow(struct loupe_pkt *p, struct loupe_flow_value *v,
+					    int with_exclusion)
 {
 	__u32 zero = 0;
 	struct loupe_config *cfg = config.lookup(&zero);
@@ -469,6 +551,11 @@ static __always_inline __u8 select_new_flow(struct loupe_pkt *p, struct loupe_fl
 	__u8 proto = p->key.protocol;
 	__u8 sel = 0;
 
+	if (with_exclusion && excluded(p, set)) {
+		/* Before every other way in: no rule, key, sample or sniff selects it. */
+		v->flags |= LOUPE_FLOW_EXCLUDED;
+		return 0;
+	}
 	__u32 pi = set * 256 + proto;
 	__u8 *on = sel_protos.lookup(&pi);
 	if (on && *on)
@@ -856,6 +943,37 @@ static __always_inline int quick_path(struct __sk_buff *skb, struct loupe_pkt *p
 	return QUICK_LOCKED;
 }
 
+/* Inserts a new flow's first value, its selection decided (with the exclusion program
+ * only in loupe_new_flow). Returns 0 when the key is in the map (inserted here or by
+ * another CPU), -1 when the map is full (counted: the packet is not). */
+static __always_inline int create_flow(struct loupe_pkt *p, __u64 fp, __u64 now,
+				       int with_exclusion)
+{
+	__u32 zero = 0;
+	struct loupe_flow_value *init = (struct loupe_flow_value *)new_flow.lookup(&zero);
+	if (!init)
+		return -1;
+	__builtin_memset(init, 0, sizeof(*init));
+	init->incarnation = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+	init->key_fp = fp;
+	init->first_ns = now;
+	init->last_ns = now;
+	init->initiator = p->dir;
+	init->icmp_type = p->icmp_type;
+	init->icmp_code = p->icmp_code;
+	init->l7_select = select_new_flow(p, init, with_exclusion);
+	int err = flows.insert(&p->key, init);
+	if (err && err != -17 /* EEXIST: another CPU inserted it first */) {
+		count(LOUPE_CNT_FLOW_MAP_FULL);
+		return -1;
+	}
+	if (!err && init->l7_select)
+		count(LOUPE_CNT_SELECTED_FLOWS);
+	if (!err && (init->flags & LOUPE_FLOW_EXCLUDED))
+		count(LOUPE_CNT_EXCLUDED_FLOWS);
+	return 0;
+}
+
 /* Adds the packet to its flow under the entry's lock (v: the entry found by the fast
  * path, or NULL to look it up). Returns 0 when done, 1 when the entry was recycled
  * under us and the caller should try once more. */
@@ -865,26 +983,18 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 	if (!v)
 		v = flows.lookup(&p->key);
 	if (!v) {
+		/* A new flow. With an exclusion program installed, loupe_new_flow creates
+		 * it and runs this program on the packet again (the call returns only when
+		 * the slot is empty): the program's loop is verified there, once, instead of
+		 * here for every parse path that reaches a new flow. The run it starts is
+		 * told apart by the key it just created: no flow is created twice within
+		 * LOUPE_RETIRE_GUARD_NS, since userspace retires none sooner. */
 		__u32 zero = 0;
-		struct loupe_flow_value *init = (struct loupe_flow_value *)new_flow.lookup(&zero);
-		if (!init)
+		struct loupe_tail *t = tail_state.lookup(&zero);
+		if (t && !(t->fp == fp && (__s64)(now - t->created_ns) < (__s64)LOUPE_RETIRE_GUARD_NS))
+			tails.call(skb, LOUPE_TAIL_NEW_FLOW);
+		if (create_flow(p, fp, now, 0) < 0)
 			return 0;
-		__builtin_memset(init, 0, sizeof(*init));
-		init->incarnation = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
-		init->key_fp = fp;
-		init->first_ns = now;
-		init->last_ns = now;
-		init->initiator = p->dir;
-		init->icmp_type = p->icmp_type;
-		init->icmp_code = p->icmp_code;
-		init->l7_select = select_new_flow(p, init);
-		int err = flows.insert(&p->key, init);
-		if (err && err != -17 /* EEXIST: another CPU inserted it first */) {
-			count(LOUPE_CNT_FLOW_MAP_FULL);
-			return 0;
-		}
-		if (!err && init->l7_select)
-			count(LOUPE_CNT_SELECTED_FLOWS);
 		v = flows.lookup(&p->key);
 		if (!v)
 			return 1;   /* taken out by userspace in between */
@@ -1110,6 +1220,31 @@ static __always_inline int parse_frame(struct __sk_buff *skb, struct loupe_pkt *
 	if (p->is_frag)
 		p->payload_len = p->ip_len - p->l3_hdr_len - p->l4_hdr_len;
 	return 0;
+}
+
+/* Tail-called by loupe_tc for a new flow while an exclusion program is installed
+ * (userspace fills slot LOUPE_TAIL_NEW_FLOW only then): creates the flow with the
+ * exclusion decided, then runs loupe_tc on the packet again, which finds the flow and
+ * counts the packet. The parse result is still in pkt_scratch (same CPU, same packet). */
+int loupe_new_flow(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct loupe_pkt *p = pkt_scratch.lookup(&zero);
+	struct loupe_tail *t = tail_state.lookup(&zero);
+	if (!p || !t)
+		return TC_ACT_UNSPEC;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 fp = key_hash(&p->key) | 1;
+	if (create_flow(p, fp, now, 1) < 0)
+		return TC_ACT_UNSPEC;   /* map full: counted */
+	t->fp = fp;
+	t->created_ns = now;
+	count_n(LOUPE_CNT_PACKETS, (__u64)-1);   /* loupe_tc counts this packet again */
+	tails.call(skb, LOUPE_TAIL_METER);
+	/* Only if userspace emptied the meter's slot: the packet is not counted. */
+	count(LOUPE_CNT_PACKETS);
+	count(LOUPE_CNT_TAIL_CALL_FAILED);
+	return TC_ACT_UNSPEC;
 }
 
 int loupe_tc(struct __sk_buff *skb)

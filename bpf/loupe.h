@@ -151,6 +151,7 @@ struct loupe_l7_dir {
 #define LOUPE_FLOW_INITIATOR_BY_SYN 0x01  /* initiator fixed by a pure SYN */
 #define LOUPE_FLOW_ENDED            0x02  /* TCP: RST seen, or FIN in both directions */
 #define LOUPE_FLOW_SNIFF_PENDING    0x04  /* unselected: the sniffer looks at its first payload */
+#define LOUPE_FLOW_EXCLUDED         0x08  /* the exclusion filter matched its first packet */
 
 /* end_reason, set with LOUPE_FLOW_ENDED */
 #define LOUPE_END_RST 1
@@ -333,6 +334,57 @@ struct loupe_config {
 };
 #define LOUPE_CONFIG_SIZE 40
 
+/* Exclusion: a filter expression (sensor/capfilter.py, tcpdump's host/net/port/proto
+ * subset) compiled by userspace into a flat postfix program, one per selection set. A new
+ * flow whose first packet it matches is never selected: no rule, explicit key, sampling
+ * or sniffing applies, so it costs userspace nothing beyond its counters (it is still
+ * counted like every flow). It runs once per flow, at its creation; steady packets never
+ * see it. Each leaf pushes one bit on a 64-bit stack, AND/OR pop two and push one, NOT
+ * flips the top; the flow is excluded when the final top bit is 1. A program of at most
+ * LOUPE_FILTER_MAX_INSNS leaves and operators (at most 32 leaves) never holds more
+ * than 32 bits. */
+#define LOUPE_FILTER_MAX_INSNS 64   /* = capfilter.MAX_NODES: one instruction per node */
+
+#define LOUPE_FOP_IP    1   /* the flow's IP version is `version` */
+#define LOUPE_FOP_PROTO 2   /* its IP protocol is `protocol` (and version, if not 0) */
+#define LOUPE_FOP_ADDR  3   /* address(es) of `dir`, masked with mask, equal addr */
+#define LOUPE_FOP_PORT  4   /* port(s) of `dir` within port_lo..port_hi, for TCP, UDP
+                               or SCTP (protocol 0) or for `protocol` only */
+#define LOUPE_FOP_AND   5
+#define LOUPE_FOP_OR    6
+#define LOUPE_FOP_NOT   7
+
+/* dir: which end, as the flow's first packet was sent. */
+#define LOUPE_FDIR_EITHER 0
+#define LOUPE_FDIR_SRC    1
+#define LOUPE_FDIR_DST    2
+#define LOUPE_FDIR_BOTH   3
+
+struct loupe_filter_insn {
+	__u8  op;              /* LOUPE_FOP_* */
+	__u8  dir;             /* LOUPE_FDIR_* */
+	__u8  version;         /* 4, 6, or 0 for either */
+	__u8  protocol;
+	__u16 port_lo;         /* host order */
+	__u16 port_hi;
+	__u8  addr[16];        /* network order; IPv4 in the first 4 bytes, rest zero */
+	__u8  mask[16];
+};
+#define LOUPE_FILTER_INSN_SIZE 40
+
+struct loupe_filter {
+	__u32 len;             /* instructions in use; 0: nothing is excluded */
+	__u32 pad;
+	struct loupe_filter_insn insn[LOUPE_FILTER_MAX_INSNS];
+};
+#define LOUPE_FILTER_SIZE 2568
+
+/* Slots of the tails program array (maps.h): userspace puts loupe_tc in the meter's
+ * slot at load time, and loupe_new_flow in the other while the active set has an
+ * exclusion program. */
+#define LOUPE_TAIL_NEW_FLOW 0
+#define LOUPE_TAIL_METER    1
+
 /* l7_ctl: what userspace wants from a selected flow. Key: the flow's loupe_flow_key.
  * Only userspace writes it (whole values); the kernel reads it for every payload packet
  * of a selected flow. Fields are cumulative or generation-numbered so a write never
@@ -373,6 +425,8 @@ enum loupe_counter {
 	LOUPE_CNT_SELECTED_FLOWS,     /* flows selected at their first packet */
 	LOUPE_CNT_SNIFFED_FLOWS,      /* flows selected by the content sniffer */
 	LOUPE_CNT_TRUNCATED_L4,       /* counted in a flow with ports 0: transport header cut */
+	LOUPE_CNT_EXCLUDED_FLOWS,     /* flows the exclusion filter kept from selection */
+	LOUPE_CNT_TAIL_CALL_FAILED,   /* a new flow's packet could not re-enter the meter */
 	LOUPE_CNT_MAX
 };
 

@@ -100,6 +100,27 @@ BPF_LPM_TRIE(sel_cidr6, struct loupe_cidr6_key, __u8, 2 * LOUPE_SEL_RULES_ENTRIE
  * Value: __u8, non-zero = selected. Size: 2 x 256, fixed by the key space. */
 BPF_ARRAY(sel_protos, __u8, 512);
 
+/* exclude: the exclusion program of each selection set (loupe.h, "Exclusion"), flipped
+ * with the rest of the set by config.active_set. Key: __u32 set (0 or 1). Value: struct
+ * loupe_filter (2.5 KiB: LOUPE_FILTER_MAX_INSNS instructions, what the longest
+ * expression userspace accepts compiles to). Size: 2, one per set. Read for new flows
+ * only, with one lookup. */
+BPF_ARRAY(exclude, struct loupe_filter, 2);
+
+/* tails: the programs a new flow goes through while an exclusion program is installed
+ * (flow.c, loupe_new_flow). Key: __u32 LOUPE_TAIL_*. Value: a program fd (userspace).
+ * Size: 2, one per slot. */
+BPF_PROG_ARRAY(tails, 2);
+
+/* tail_state: the flow loupe_new_flow created last on this CPU, so that the run of
+ * loupe_tc it starts does not call it again. Key: __u32 0. Value: struct loupe_tail,
+ * per CPU (a tail call stays on its CPU). Size: 1. */
+struct loupe_tail {
+	__u64 fp;                    /* key fingerprint (flow.c key_hash) */
+	__u64 created_ns;
+};
+BPF_PERCPU_ARRAY(tail_state, struct loupe_tail, 1);
+
 /* sel_keys: flows userspace selected explicitly, by canonical key with ifindex 0 (a
  * flow is the same flow on every interface). Checked at a flow's first packet; not
  * part of the double-buffered sets, userspace adds and removes keys at run time.

@@ -22,6 +22,8 @@ LATE_UPDATE_EVENT_SIZE = 104
 PAYLOAD_EVENT_SIZE = 96
 CONFIG_SIZE = 40
 L7_CTL_SIZE = 40
+FILTER_INSN_SIZE = 40
+FILTER_SIZE = 2568
 
 # Defaults of the -D limits in loupe.h that userspace needs to know.
 PAYLOAD_CHUNK = 2048
@@ -37,6 +39,21 @@ SIDE_SYNACK = 0x02
 FLOW_INITIATOR_BY_SYN = 0x01
 FLOW_ENDED = 0x02
 FLOW_SNIFF_PENDING = 0x04
+FLOW_EXCLUDED = 0x08
+
+# The exclusion program (LOUPE_FILTER_*, LOUPE_FOP_*; directions LOUPE_FDIR_* are
+# sensor.capfilter's EITHER, SRC, DST, BOTH).
+FILTER_MAX_INSNS = 64
+FOP_IP = 1
+FOP_PROTO = 2
+FOP_ADDR = 3
+FOP_PORT = 4
+FOP_AND = 5
+FOP_OR = 6
+FOP_NOT = 7
+# Slots of the tails program array (LOUPE_TAIL_*).
+TAIL_NEW_FLOW = 0
+TAIL_METER = 1
 
 # l7_select bits (LOUPE_SEL_*)
 SEL_PORT = 0x01
@@ -87,6 +104,8 @@ class Counter(enum.IntEnum):
     SELECTED_FLOWS = 16
     SNIFFED_FLOWS = 17
     TRUNCATED_L4 = 18
+    EXCLUDED_FLOWS = 19
+    TAIL_CALL_FAILED = 20
 
 
 COUNTER_MAX = len(Counter)
@@ -275,6 +294,27 @@ class L7Ctl(ctypes.Structure):
     ]
 
 
+class FilterInsn(ctypes.Structure):
+    _fields_ = [
+        ("op", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("version", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("port_lo", ctypes.c_uint16),
+        ("port_hi", ctypes.c_uint16),
+        ("addr", ctypes.c_uint8 * 16),
+        ("mask", ctypes.c_uint8 * 16),
+    ]
+
+
+class Filter(ctypes.Structure):
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("insn", FilterInsn * FILTER_MAX_INSNS),
+    ]
+
+
 SIZES: dict[type[ctypes.Structure], int] = {
     FlowKey: FLOW_KEY_SIZE,
     FlowValue: FLOW_VALUE_SIZE,
@@ -286,6 +326,8 @@ SIZES: dict[type[ctypes.Structure], int] = {
     PayloadEvent: PAYLOAD_EVENT_SIZE,
     Config: CONFIG_SIZE,
     L7Ctl: L7_CTL_SIZE,
+    FilterInsn: FILTER_INSN_SIZE,
+    Filter: FILTER_SIZE,
     PortKey: 4,
     Cidr4Key: 12,
     Cidr6Key: 24,
