@@ -16,9 +16,9 @@ flowEndMilliseconds (IE 152/153): every collector reads them, the nanosecond IEs
 Transports (RFC 7011 10.): UDP, the default, in messages of at most `max_message`
 octets (1400: under a 1500-octet path MTU with room for tunnels, so no IP fragments),
 templates resent every `refresh_s` seconds or `refresh_messages` messages, whichever
-comes first (10.3.6; a collector that restarts learns them again); TCP, templates once
-per connection (10.4.2.2), a new connection after an error. TLS is not offered: use
-a TLS tunnel (stunnel) or a collector on the same host.
+comes first (RFC 7011 8.4; a collector that restarts learns them again); TCP, templates
+once per connection (RFC 7011 8.), a new connection after an error. TLS is not offered:
+use a TLS tunnel (stunnel) or a collector on the same host.
 
 Sequence numbers count Data Records per Observation Domain (RFC 7011 3.1) and restart at
 0 on every TCP connection. A message that fails to send still advances them, so the
@@ -62,7 +62,7 @@ SET_HEADER = struct.Struct("!HH")
 VARLEN = 0xFFFF
 
 # UDP payload bound: 1500-octet Ethernet MTU minus IPv6 (40) and UDP (8) headers and
-# room for a tunnel or VLAN on the path. RFC 7011 10.3.3: avoid IP fragmentation.
+# room for a tunnel or VLAN on the path. RFC 7011 10.3: avoid IP fragmentation.
 DEFAULT_MESSAGE = 1400
 # A TCP message may be up to 65535 octets (the length field); 16 KiB keeps one send
 # small while cutting syscalls tenfold against 1400.
