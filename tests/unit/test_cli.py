@@ -80,3 +80,24 @@ def test_version_comes_from_the_package():
     out = subprocess.run([sys.executable, "-m", "sensor.cli", "--version"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"loupe {metadata.version('loupe')}"
+
+
+def test_sensor_run_output_flags_and_their_old_spellings():
+    import pytest
+
+    from sensor.errors import ConfigError
+    from sensor.sensor_cli import output_flags
+
+    parser = cli.build_parser(["sensor.kernel.cli", "sensor.sensor_cli"])
+
+    def mapped(*argv):
+        args = cli.parse(parser, ["sensor", "run", *argv])
+        output_flags(args)
+        return args.output, args.jsonl
+
+    assert mapped() == ("none", None)
+    assert mapped("-o", "-") == mapped("--output", "jsonl") == mapped("-o", "json") == ("jsonl", None)
+    assert mapped("-o", "/tmp/r.jsonl") == mapped("--jsonl", "/tmp/r.jsonl") == ("none", "/tmp/r.jsonl")
+    assert mapped("--output", "none") == ("none", None)
+    with pytest.raises(ConfigError, match="live sensor writes json"):
+        mapped("--format", "zeek")
