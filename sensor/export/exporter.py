@@ -83,10 +83,11 @@ class ExportQueue:
                 self._cond.notify()
             return True
 
-    def get_batch(self, max_delay_s: float, idle_s: float) -> list[tuple[int, model.Record]]:
+    def get_batch(self, max_delay_s: float,
+                  idle_s: float | None) -> list[tuple[int, model.Record]]:
         """Up to batch_records items: returns when a batch is full, max_delay_s after the
-        first record arrived, after idle_s with nothing at all (an empty list), or at once
-        when closed."""
+        first record arrived, after idle_s with nothing at all (an empty list; None: wait
+        for a record), or at once when closed."""
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(idle_s)
@@ -169,7 +170,8 @@ class SinkExporter:
 
     def _run(self) -> None:
         while True:
-            items = self._queue.get_batch(self._delay, idle_s=self._delay)
+            # Nothing to do until a record or close() comes: no idle wakeups.
+            items = self._queue.get_batch(self._delay, idle_s=None)
             lost = self._queue.take_lost(self._sensor_id)
             try:
                 for _, record in items:

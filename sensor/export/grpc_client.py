@@ -25,6 +25,13 @@ DUPLICATE, and nothing is stored twice.
 A fresh channel per attempt (rather than grpc's own reconnect) keeps the retry timing
 ours: grpc's internal channel backoff grows to two minutes.
 
+A stream with nothing in flight and nothing to send for idle_close_s is half-closed; the
+collector acks what it has and ends it, and the channel is closed with it. The sender
+then waits for the next spooled batch and opens a new channel and stream for it (not a
+reconnect: no backoff, not counted). An open channel keeps grpc's threads waking about
+25 times a second with no traffic at all (docs/sensor.md, "Idle cost"); a new one costs
+one handshake.
+
 Shutdown (close): the queue is closed and drained into the spool, then the sender tries
 for at most timeout_s to get every spooled batch acked; what is left stays in the spool
 for the next start.
@@ -103,6 +110,7 @@ class GrpcExportConfig:
     # commits, small enough that a reconnect resends little.
     window_batches: int = 16
     ack_timeout_s: float = 30.0       # oldest in-flight batch without an ack -> reconnect
+    idle_close_s: float = 10.0        # nothing to send or ack this long -> close the stream
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 10.0
     backoff_jitter: float = 0.2
@@ -121,6 +129,8 @@ class GrpcExportConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.backoff_jitter < 1:
             raise ConfigError("backoff_jitter must be in [0, 1)")
+        if self.idle_close_s <= 0:
+            raise ConfigError("idle_close_s must be positive")
 
 
 # The spool holds each RecordBatch already serialized. The generated stub
@@ -155,6 +165,8 @@ class _Stream:
         self.inflight: deque[tuple[int, int, float]] = deque()  # (batch id, records, sent)
         self.last_sent = 0
         self.stopped = False
+        self.idle_closed = False              # ended for want of work (idle_close_s)
+        self.last_active = time.monotonic()   # last send or ack
         self.call = None
 
 
@@ -191,7 +203,7 @@ class GrpcExporter:
         self._c = dict.fromkeys((
             "batches_spooled", "batches_sent", "batches_acked", "batches_duplicate",
             "batches_rejected", "records_rejected", "records_acked", "acks_unexpected",
-            "reconnects", "stream_errors", "ack_timeouts", "lost_events_sent",
+            "reconnects", "stream_errors", "ack_timeouts", "lost_events_sent", "idle_closes",
         ), 0)
         self._batcher = threading.Thread(target=self._run_batcher, name="loupe-batcher",
                                          daemon=True)
@@ -244,7 +256,9 @@ class GrpcExporter:
     def _run_batcher(self) -> None:
         cfg = self._cfg
         while True:
-            items = self._queue.get_batch(cfg.batch_delay_s, idle_s=cfg.batch_delay_s)
+            # With no spool work pending, wait for a record without waking (idle cost).
+            idle_s = cfg.batch_delay_s if self._spool.work_pending() else None
+            items = self._queue.get_batch(cfg.batch_delay_s, idle_s=idle_s)
             losses = []
             queue_lost = self._queue.take_lost(cfg.sensor_id)
             if queue_lost is not None:
@@ -294,9 +308,14 @@ class GrpcExporter:
             if not first:
                 self._c["reconnects"] += 1
             first = False
-            acked = self._run_stream()
+            acked, idle = self._run_stream()
             if self._stop.is_set() or self._draining_done():
                 return
+            if idle:
+                self._c["idle_closes"] += 1
+                self._wait_for_work()
+                first, attempt = True, 0
+                continue
             attempt = 0 if acked else attempt + 1
             delay = backoff_delay(self._cfg, attempt, self._rng)
             with self._cond:
@@ -305,6 +324,13 @@ class GrpcExporter:
                     if self._drain_deadline is not None:
                         end = min(end, self._drain_deadline)
                     self._cond.wait(max(0.0, end - time.monotonic()))
+
+    def _wait_for_work(self) -> None:
+        """After an idle close: until a batch is spooled, or close() or stop."""
+        with self._cond:
+            while (not self._stop.is_set() and self._drain_deadline is None
+                   and self._spool.unacked_count() == 0):
+                self._cond.wait()
 
     def _channel(self) -> grpc.Channel:
         options = [
@@ -318,8 +344,9 @@ class GrpcExporter:
             return grpc.secure_channel(self._cfg.target, self._creds, options=options)
         return grpc.insecure_channel(self._cfg.target, options=options)
 
-    def _run_stream(self) -> bool:
-        """One Push stream until it breaks or we stop. True if any ack arrived."""
+    def _run_stream(self) -> tuple[bool, bool]:
+        """One Push stream until it breaks, idles (idle_close_s) or we stop: whether any
+        ack arrived, and whether it ended idle."""
         stream = _Stream()
         acked = False
         channel = self._channel()
@@ -350,7 +377,7 @@ class GrpcExporter:
             if stream.call is not None:
                 stream.call.cancel()
             channel.close()
-        return acked
+        return acked, stream.idle_closed
 
     def _requests(self, stream: _Stream):
         """The request iterator grpc pulls from (on its own thread): spooled batches in id
@@ -380,9 +407,18 @@ class GrpcExporter:
                         if stream.call is not None:
                             stream.call.cancel()
                         return
-                    self._cond.wait(min(1.0, self._cfg.ack_timeout_s / 4))
+                    if stream.inflight:
+                        self._cond.wait(min(1.0, self._cfg.ack_timeout_s / 4))
+                        continue
+                    # Nothing in flight, nothing to send: wake only to close when idle.
+                    idle_s = time.monotonic() - stream.last_active
+                    if idle_s >= self._cfg.idle_close_s:
+                        stream.idle_closed = True
+                        return   # half-close: the collector then ends the stream
+                    self._cond.wait(self._cfg.idle_close_s - idle_s)
                 stream.inflight.append((nxt.batch_id, nxt.records, time.monotonic()))
                 stream.last_sent = nxt.batch_id
+                stream.last_active = time.monotonic()
             self._c["batches_sent"] += 1
             yield nxt.payload
 
@@ -394,6 +430,7 @@ class GrpcExporter:
                     entry = item
                     del stream.inflight[i]
                     break
+            stream.last_active = time.monotonic()
             times = self._enqueued.pop(ack.batch_id, None)
             self._cond.notify_all()
         if entry is None:

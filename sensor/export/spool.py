@@ -391,6 +391,14 @@ class Spool:
                 self._sync_active()
             return True
 
+    def work_pending(self) -> bool:
+        """Whether the exporter's periodic calls still have work here: appended data
+        waiting for an INTERVAL fsync (sync_due), or loss not yet taken (take_losses).
+        When not, the exporter can wait for records without waking."""
+        with self._lock:
+            return (self._fsync is FsyncPolicy.INTERVAL and self._dirty) or bool(
+                self._full_loss.count or self._corrupt_loss.count)
+
     def sync_due(self) -> None:
         """Called periodically by the exporter: fsync if the INTERVAL policy says so."""
         with self._lock:
