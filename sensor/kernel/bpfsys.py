@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # bpf(2) system call numbers per architecture (arch/*/include/uapi/asm/unistd*.h).
@@ -158,10 +160,17 @@ def _syscall_number() -> int:
     return _SYS_BPF[machine]
 
 
+@functools.cache
+def _syscall() -> tuple[Callable[..., int], ctypes.c_long]:
+    """libc's syscall() and bpf's number, looked up once: a CDLL per call made every map
+    read cost about 0.1 ms, most of the idle sensor's once-a-second cycle."""
+    return ctypes.CDLL(None, use_errno=True).syscall, ctypes.c_long(_syscall_number())
+
+
 def bpf(cmd: int, attr: ctypes.Structure) -> int:
     """Runs one bpf(2) command; returns its non-negative result or raises BpfError."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    ret = libc.syscall(ctypes.c_long(_syscall_number()), ctypes.c_int(cmd),
+    syscall, number = _syscall()
+    ret = syscall(number, ctypes.c_int(cmd),
                        ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
     if ret < 0:
         err = ctypes.get_errno()

@@ -46,8 +46,10 @@ comes from the kernel's per-direction payload accounting (coverage()).
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
+import mmap
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,11 +128,16 @@ _VALUE_DTYPE = np.dtype(abi.FlowValue)
 
 class _Snapshot:
     """Buffers for one whole-map snapshot, allocated once: the map's max_entries keys
-    and values (65536 entries: 20 MiB)."""
+    and values (65536 entries: 20 MiB). They lie in an anonymous mmap, whose pages become
+    resident only when written: the kernel fills the first n entries, so a sensor holds
+    what its flows have needed, not the whole 20 MiB (a ctypes array zeroes, and so
+    touches, all of itself)."""
 
     def __init__(self, entries: int) -> None:
-        self.keys = (abi.FlowKey * entries)()
-        self.values = (abi.FlowValue * entries)()
+        key_bytes = ctypes.sizeof(abi.FlowKey) * entries
+        self._memory = mmap.mmap(-1, key_bytes + ctypes.sizeof(abi.FlowValue) * entries)
+        self.keys = (abi.FlowKey * entries).from_buffer(self._memory)
+        self.values = (abi.FlowValue * entries).from_buffer(self._memory, key_bytes)
 
 
 def _addr(raw, version: int) -> str:
