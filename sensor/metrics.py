@@ -28,11 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import selectors
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Iterator, Mapping, Union
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import psutil
 from prometheus_client import CollectorRegistry, exposition
@@ -204,18 +207,43 @@ class MetricsRegistry:
         """Serve /metrics on `listen` ("127.0.0.1:9464"; port 0 picks a free port)."""
         host, port = split_host_port(listen)
         try:
-            httpd, thread = exposition.start_http_server(port, addr=host, registry=self.registry)
+            return MetricsServer(host, port, exposition.make_wsgi_app(self.registry))
         except OSError as exc:
             raise MetricsError(
                 f"cannot serve metrics on {listen}: {exc.strerror or exc}; set metrics.listen "
                 "to a free address, or to \"\" to turn metrics off") from None
-        return MetricsServer(httpd, thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        pass   # a line per scrape on stderr is noise (prometheus_client's server is quiet too)
 
 
 class MetricsServer:
-    def __init__(self, httpd, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
+    """/metrics over HTTP, as prometheus_client's own server (a thread per scrape), on a
+    thread that waits for a connection or close() with no timeout: socketserver's
+    serve_forever() wakes twice a second to look for a shutdown (docs/sensor.md,
+    "Idle cost")."""
+
+    def __init__(self, host: str, port: int, app) -> None:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsHTTPServer", (exposition.ThreadingWSGIServer,),
+                            {"address_family": family})
+        self._httpd = make_server(host, port, app, server_class=server_class,
+                                  handler_class=_QuietHandler)
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name="loupe-metrics", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._httpd, selectors.EVENT_READ)
+            sel.register(self._stop_r, selectors.EVENT_READ)
+            while True:
+                if any(key.fileobj == self._stop_r for key, _ in sel.select()):
+                    return
+                self._httpd.handle_request()   # readable: accepts without waiting
 
     @property
     def address(self) -> tuple[str, int]:
@@ -223,9 +251,14 @@ class MetricsServer:
         return host, port
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        if self._stop_w < 0:
+            return
+        os.write(self._stop_w, b"x")
         self._thread.join(timeout=5)
+        self._httpd.server_close()
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        self._stop_r = self._stop_w = -1
 
 
 def _check_snapshot(snapshot: Snapshot) -> list[tuple[str, dict[str, float]]]:
