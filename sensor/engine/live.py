@@ -57,6 +57,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -80,9 +81,12 @@ from sensor.model import Flow, FlowEndReason, L7Event, LostEvent, LostSource, Re
 
 log = logging.getLogger(__name__)
 
-# How long one ring buffer poll waits for the first event: the loop's reaction time to
-# signals and the granularity of flow-end handling, with an idle loop costing nothing.
-POLL_MS = 100
+# The longest one ring buffer poll waits for the first event. The poll also ends at once
+# for an event (a flow end, payload) or a signal (EINTR), and when the next flow map read
+# is due; what else the command's loop does (STATUS=, the watchdog, the heartbeat) is
+# due at most this late. So an idle sensor's loop wakes once per read interval, not ten
+# times a second as with a fixed 100 ms (docs/sensor.md, "Idle cost").
+POLL_MS = 1000
 # Flow map reads per second by default: a retired flow is visible within about this long
 # plus the reader's one-cycle delay.
 DEFAULT_INTERVAL_S = 1.0
@@ -595,6 +599,7 @@ class LiveSensor:
         self.attachments: list[attach.Attachment] = []
         self.attributor: Enricher | None = None
         self._next_read = 0.0
+        self._backlog = False
         self._last = dict(queue_full=0, parser_errors=0, gaps=0, memory_drops=0)
         self._stopped = False
         self._last_wall = 0
@@ -668,11 +673,16 @@ class LiveSensor:
     # -- the loop ----------------------------------------------------------------------------
 
     def step(self, poll_ms: int = POLL_MS) -> None:
-        """One iteration: poll the ring buffer, run L7 on the queued payload, read the
-        flow map when due (every interval, or at once after a flow-end event)."""
+        """One iteration: poll the ring buffer (until an event, the next read, or poll_ms),
+        run L7 on the queued payload, read the flow map when due (every interval, or at
+        once after a flow-end event)."""
         kernel = self.kernel
+        if self._backlog:
+            poll_ms = 0   # payload queued beyond the last step's share: no waiting
+        else:
+            poll_ms = max(0, min(poll_ms, math.ceil((self._next_read - time.monotonic()) * 1000)))
         kernel.poll(poll_ms)
-        self._payload()
+        self._backlog = self._payload() >= EVENTS_PER_STEP
         now = time.monotonic()
         if now >= self._next_read or kernel.reader.end_seen:
             retired = kernel.reader.stats.retired
@@ -680,17 +690,21 @@ class LiveSensor:
             self._next_read = now + (RETIRE_SETTLE_S if kernel.reader.stats.retired > retired
                                      else self.config.interval_s)
 
-    def _payload(self, limit: int = EVENTS_PER_STEP) -> None:
+    def _payload(self, limit: int = EVENTS_PER_STEP) -> int:
+        """Runs L7 on at most `limit` queued payload events; how many there were."""
         l7 = self.l7
         kernel = self.kernel
+        n = 0
         if l7 is None:
             for _ in kernel.payload_events():
-                pass   # selection is off in the kernel; nothing should come, none kept
-            return
+                n += 1   # selection is off in the kernel; nothing should come, none kept
+            return n
         offset = wall_offset_ns(self.clock)
         mono = self.clock.monotonic_ns()
         for ev in kernel.payload_events(limit):
             l7.on_payload(ev, offset, mono)
+            n += 1
+        return n
 
     def _cycle(self) -> None:
         self.totals.cycles += 1
