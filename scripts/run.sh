@@ -82,19 +82,24 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
-# Waits until the collector listens on $COLLECTOR's port itself (not merely someone:
-# another process there would take the sensor's records). If it exits first, its one-line
-# reason is repeated as this script's one line.
+# Waits until the collector serves on $COLLECTOR itself: the port is bound by its pid (not
+# merely by someone: another process there would take the sensor's records), and a status
+# call through that port is answered (it binds before opening its store, which can still
+# fail). If it exits first, its one-line reason is repeated as this script's one line.
 wait_for_collector() {
-    local port="${COLLECTOR##*:}" tries=$((COLLECTOR_START_S * 10)) why
-    while ((tries-- > 0)); do
+    local port="${COLLECTOR##*:}" deadline=$((SECONDS + COLLECTOR_START_S)) why
+    while ((SECONDS < deadline)); do
         if ! kill -0 "$COLLECTOR_PID" 2>/dev/null; then
             why="$(grep -v '^\s*$' "$WORK/collector.err" | tail -n 1 | sed 's/^loupe: error: //')"
-            echo "run.sh: the collector did not start: ${why:-it exited}" \
-                 "(make run COLLECTOR=HOST:PORT picks another address)" >&2
+            case "$why" in
+                *"cannot listen"*) why+=" (make run COLLECTOR=HOST:PORT picks another address)" ;;
+                *locked*) why+=" (make run LOUPE_DATA_DIR=DIR picks another store)" ;;
+            esac
+            echo "run.sh: the collector did not start: ${why:-it exited}" >&2
             exit 1
         fi
-        if ss -Hltnp "sport = :$port" 2>/dev/null | grep -q "pid=$COLLECTOR_PID,"; then
+        if ss -Hltnp "sport = :$port" 2>/dev/null | grep -q "pid=$COLLECTOR_PID," &&
+           timeout 5 "$LOUPE" collector status --collector "$COLLECTOR" >/dev/null 2>&1; then
             return 0
         fi
         sleep 0.1
