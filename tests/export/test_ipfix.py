@@ -330,3 +330,29 @@ def test_bad_targets_are_one_line_config_errors(bad):
     with pytest.raises(ConfigError) as exc:
         parse_target(bad)
     assert "\n" not in str(exc.value)
+
+
+def test_sensor_config_wires_the_exporter_and_its_loss_metric(udp):
+    from sensor import config as cfg
+    from sensor.sensor_cli import _export_snapshot, build_exporters
+
+    port = udp.getsockname()[1]
+    config = cfg.parse_config("sensor", {
+        "collector": {"address": ""},
+        "export": {"ipfix": f"udp://127.0.0.1:{port}", "ipfix_domain": 9, "ipfix_pen": 4242,
+                   "ipfix_uniflow": True}}, source="test")
+    fan = build_exporters(config, "none")
+    assert fan.submit(records.FLOW)
+    fan.close(5)
+    msg = Decoder().message(udp.recv(65535))
+    assert msg.domain == 9 and len(msg.records) == 2          # uniflow: both directions
+    assert text(msg.records[0], 4242, 9) == records.FLOW.uid
+    assert _export_snapshot(fan)["lost"]["ipfix_send_error"] == 0
+
+
+@pytest.mark.parametrize("bad", ["sctp://h:1", "h", "udp://h:1:2"])
+def test_bad_config_target_names_the_key(bad):
+    from sensor import config as cfg
+
+    with pytest.raises(ConfigError, match="export.ipfix"):
+        cfg.parse_config("sensor", {"export": {"ipfix": bad}}, source="sensor.toml")
