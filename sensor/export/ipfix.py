@@ -138,8 +138,7 @@ ENTERPRISE = (
 
 
 def _layout(version: int):
-    fields = [*_HEAD, *_ADDRS[version], *_FIXED, _ICMP[version]]
-    return fields
+    return [*_HEAD, *_ADDRS[version], *_FIXED, _ICMP[version]]
 
 
 def _template_record(template_id: int, version: int, pen: int) -> bytes:
