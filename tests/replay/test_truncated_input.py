@@ -144,3 +144,23 @@ def test_whole_capture_exits_0_without_a_truncation_line(tmp_path, mixed):
     assert res.returncode == 0, res.stderr
     (summary,) = _lines(res.stderr)
     assert "truncated" not in summary and summary.endswith("nothing lost")
+
+
+def test_concatenated_gzip_members_read_as_one_stream(tmp_path, mixed):
+    """`cat a.gz b.gz` (and zero padding after the last member) is one capture, as for
+    gzip -d; a cut in the second member keeps the first member's packets and more."""
+    data = mixed["pcap"]
+    half = len(data) // 2 + 7          # the split falls inside a record
+    joined = gzip.compress(data[:half]) + gzip.compress(data[half:]) + bytes(512)
+    path = tmp_path / "joined.pcap.gz"
+    path.write_bytes(joined)
+    plain = tmp_path / "plain.pcap"
+    plain.write_bytes(data)
+    with CaptureReader(path) as reader:
+        got = [(p[0], p[3]) for p in reader]
+        assert not reader.stats.cut_short
+    assert got == _packets(plain)
+    path.write_bytes(joined[:len(joined) - 600])   # into the second member
+    with CaptureReader(path) as reader:
+        assert len(list(reader)) > len(got) // 2
+        assert reader.stats.cut_short == "the gzip stream ends before its end marker"
