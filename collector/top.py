@@ -127,7 +127,9 @@ class TopApp(App):
     DataTable:focus { border: round $accent; }
     Horizontal { height: 1fr; }
     #services { height: 1fr; }
-    #endpoints, #talkers, #dns, #lost { width: 1fr; }
+    #endpoints { width: 5fr; }
+    #talkers { width: 4fr; }
+    #dns, #lost { width: 1fr; }
     #bottom { height: 10; }
     """
     BINDINGS = [
