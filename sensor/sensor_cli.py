@@ -82,6 +82,17 @@ def register(tree) -> None:
                    help="json: the record shape of docs/export.md (the one a live sensor writes)")
     # Old spellings: --jsonl PATH is -o PATH; --output jsonl|none is stdout or nothing.
     p.add_argument("--jsonl", default=None, metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--ipfix", default=None, metavar="TARGET",
+                   help="also send every flow as IPFIX to HOST:PORT (UDP) or tcp://HOST:PORT "
+                        "(export.ipfix; docs/export.md)")
+    p.add_argument("--ipfix-domain", type=int, default=None, metavar="N",
+                   help="IPFIX observation domain id (export.ipfix_domain; default 0)")
+    p.add_argument("--ipfix-pen", type=int, default=None, metavar="N",
+                   help="enterprise number of Loupe's own IPFIX IEs (export.ipfix_pen; "
+                        "default 32473)")
+    p.add_argument("--ipfix-uniflow", action="store_const", const=True, default=None,
+                   help="two one-way IPFIX records per flow, for collectors that ignore "
+                        "RFC 5103 reverse IEs (export.ipfix_uniflow)")
     p.add_argument("--sensor-id", default=None, metavar="ID",
                    help="names this sensor in records and at the collector (default: host name)")
     p.add_argument("--spool-dir", default=None, metavar="DIR",
@@ -170,6 +181,10 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
         "sensor_id": args.sensor_id,
         "spool.dir": _absolute(args.spool_dir),
         "export.jsonl": _absolute(args.jsonl),
+        "export.ipfix": args.ipfix,
+        "export.ipfix_domain": args.ipfix_domain,
+        "export.ipfix_pen": args.ipfix_pen,
+        "export.ipfix_uniflow": args.ipfix_uniflow,
         "metrics.listen": args.metrics,
         "budget.per_direction_bytes": args.budget,
     }
@@ -283,6 +298,14 @@ def build_exporters(config: cfg.SensorConfig, output: str) -> FanOut:
             queue_records=config.export.queue_size, batch_records=config.export.batch_size,
             batch_delay_s=config.export.batch_delay / NS,
             spool_max_bytes=config.spool.max_bytes)))
+    if config.export.ipfix:
+        from sensor.export.ipfix import IpfixExporter, IpfixSink  # noqa: PLC0415
+
+        ipfix = config.export
+        exporters.append(IpfixExporter(
+            IpfixSink(ipfix.ipfix, domain=ipfix.ipfix_domain, pen=ipfix.ipfix_pen,
+                      uniflow=ipfix.ipfix_uniflow),
+            sensor_id=sensor_id, queue_records=config.export.queue_size))
     if config.export.jsonl:
         exporters.append(SinkExporter(JsonLinesSink(config.export.jsonl), sensor_id=sensor_id,
                                       queue_records=config.export.queue_size))
@@ -330,6 +353,8 @@ def closing_line(sensor: LiveSensor, spool_dir: str = "") -> str:
     lost = {k: v for k, v in sorted(t.lost.items()) if v}
     if t.submit_refused:
         lost["export_queue_full"] = lost.get("export_queue_full", 0) + t.submit_refused
+    if sensor.exporter.counters().get("ipfix_records_dropped", 0):
+        lost["ipfix_send_error"] = sensor.exporter.counters()["ipfix_records_dropped"]
     text += ("; lost: " + ", ".join(f"{k} {v}" for k, v in lost.items())) if lost \
         else "; nothing lost"
     return text + _spooled(sensor.exporter.counters(), spool_dir)
@@ -477,7 +502,8 @@ def _describe(sel: KernelSelection) -> str:
 def _export_snapshot(exporter: FanOut) -> dict:
     c = exporter.counters()
     return {"lost": {"export_queue_full": c.get("export_queue_full", 0),
-                     "spool_full": c.get("spool_records_dropped", 0)},
+                     "spool_full": c.get("spool_records_dropped", 0),
+                     "ipfix_send_error": c.get("ipfix_records_dropped", 0)},
             # Batches spooled and not yet acked by the collector: 0 = all delivered.
             "queue_depth": {"export": c.get("export_queue_depth", 0),
                             "spool": c.get("spool_batches_unacked", 0)},
