@@ -157,6 +157,8 @@ class TopApp(App):
         self.sort: dict[str, int | None] = dict.fromkeys(tm.PANELS)
         self.reverse: dict[str, bool] = dict.fromkeys(tm.PANELS, False)
         self.panels: dict[str, tm.Panel] = {}
+        self._rate_total = (0.0, 0)
+        self._view_lost = 0
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
@@ -230,6 +232,7 @@ class TopApp(App):
                     for name in tm.PANELS}
                 rate = self.model.records_per_s(now)
                 total = self.model.records
+                self._view_lost = self.model.view_lost
             self._rate_total = (rate, total)
             for name, panel in self.panels.items():
                 self._fill(self.query_one(f"#{name}", DataTable), panel)
@@ -237,7 +240,7 @@ class TopApp(App):
 
     def status_text(self) -> Text:
         feed = self.feed
-        rate, total = getattr(self, "_rate_total", (0.0, 0))
+        rate, total = self._rate_total
         text = Text(f"collector {feed.address}  ")
         if feed.state == "connected":
             text.append("● connected", style="bold green")
@@ -248,6 +251,9 @@ class TopApp(App):
         else:
             text.append(f"✕ {feed.error}; retrying every {feed.retry_s:g} s", style="bold red")
         text.append(f"  {rate:,.1f} records/s  {total:,} records")
+        if self._view_lost:
+            text.append(f"  {self._view_lost:,} dropped for this view (it fell behind)",
+                        style="bold yellow")
         if self.filters:
             text.append(f"  filter: {self.filters}")
         if self.paused:

@@ -239,6 +239,9 @@ class TopModel:
 
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
         self.records = 0
+        # Records the collector dropped for this view because it fell behind: the
+        # numbers on screen undercount by this much.
+        self.view_lost = 0
         self.rate = Window(1)
         self.by_pair = True  # talkers by host pair, else by address
         self._paths_per_host: collections.Counter = collections.Counter()
@@ -265,6 +268,8 @@ class TopModel:
             e.records += 1
             e.last_ns = now_ns
             e.window.add(sec, record.count)
+            if record.source == model.LostSource.SUBSCRIBER_SLOW.value:
+                self.view_lost += record.count
         elif isinstance(record, model.L7Event):
             self._l7(record, now_ns, sec)
 

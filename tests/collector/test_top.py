@@ -13,7 +13,7 @@ from textual.widgets import DataTable
 from collector import top
 from sensor import cli as loupe_cli
 from sensor.export import wire
-from tests.collector.conftest import REPO, observer_stub
+from tests.collector.conftest import REPO, batch, mixed, observer_stub, push
 
 LOUPE = [sys.executable, "-m", "sensor.cli"]
 PCAPS = sorted(str(p) for p in (REPO / "tests" / "golden").glob("*.pcap"))
@@ -186,6 +186,36 @@ def test_top_says_when_the_collector_goes_and_reconnects(start_collector, tmp_pa
             await until(pilot, lambda: app.model.records >= GOLDEN_RECORDS, "records again")
             await pilot.press("ctrl+c")
             assert not app.is_running  # Ctrl-C quits, as in top
+
+    asyncio.run(scenario())
+
+
+def test_records_dropped_for_a_slow_view_are_counted_and_shown(start_collector):
+    # A queue of 8 records per subscriber: each 1000-record batch overflows it at once.
+    running = start_collector(subscriber_queue=8)
+    records = mixed(5000)
+
+    async def scenario():
+        app = top.make_app(top_args(running.address), refresh_s=0.1)
+        async with app.run_test(size=SIZE) as pilot:
+            await connected(pilot, app, running.address)
+            await asyncio.to_thread(push, running.address, [
+                batch(records[i:i + 1000], i // 1000 + 1) for i in range(0, 5000, 1000)])
+
+            def seen():
+                # Records the view got, plus those the collector said it dropped for it.
+                with app.lock:
+                    return app.model.records - app.model.tables["lost"].entries[
+                        ("subscriber_slow", "")].records + app.model.view_lost
+
+            await until(pilot, lambda: app.model.view_lost and seen() == 5000,
+                        "every record seen or reported lost")
+            await redrawn(pilot, app)
+            assert app.model.view_lost > 3000
+            status = str(app.query_one("#status").render())
+            assert f"{app.model.view_lost:,} dropped for this view" in status
+            assert "subscriber_slow" in column(app, "lost")
+            await pilot.press("q")
 
     asyncio.run(scenario())
 

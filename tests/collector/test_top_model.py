@@ -88,6 +88,15 @@ def test_endpoints_dns_errors_and_lost_from_golden_records():
                                "reassembly_gap": ("reassembly_gap", "-", 1, 1, 1)}
 
 
+def test_loss_of_the_view_itself_is_counted_apart():
+    m = fed(golden())
+    assert m.view_lost == 0  # the sensors' loss is theirs, not the view's
+    m.add(model.LostEvent(source=model.LostSource.SUBSCRIBER_SLOW.value, count=39,
+                          interval_start_ns=1, interval_end_ns=2), T0)
+    assert m.view_lost == 39
+    assert rows(m, "lost")["subscriber_slow"][2] == 39
+
+
 def _http(status: int, latency_ms: int, path: str = "/a", host: str = "golden.test"):
     base = next(r for r in golden() if isinstance(r, model.L7Event) and r.kind == "http")
     return dataclasses.replace(base, detail=dataclasses.replace(
