@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from sensor import capfilter
 from sensor.engine.semantics import Timeouts
 from sensor.errors import ConfigError
 
@@ -329,6 +330,28 @@ class _Protocol:
 
 
 @dataclass(frozen=True, slots=True)
+class _Filter:
+    """A capture filter in tcpdump's syntax (sensor/capfilter.py), or "" for none."""
+
+    def parse(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a filter string such as \"host 10.0.0.1 and port 22\", "
+                           f"got {_type_name(value)}")
+        if value.strip():
+            try:
+                capfilter.parse(value)
+            except capfilter.FilterError as exc:
+                raise _Invalid(str(exc)) from None
+        return value.strip()
+
+    def from_text(self, text: str) -> object:
+        return text
+
+    def to_toml(self, value: str) -> object:
+        return value
+
+
+@dataclass(frozen=True, slots=True)
 class _List:
     item: Any
     max_items: int
@@ -392,6 +415,12 @@ class SelectionConfig:
     # On: HTTP, TLS and DNS on any port are parsed (an app on :18080 is what users try
     # first), for one ring-buffer copy of the first payload of each unselected flow.
     sniff: bool = _opt(True, _Bool())
+    # Flows whose first packet matches this filter (tcpdump's host/net/port/proto syntax,
+    # docs/sensor.md "Excluding traffic") are counted but never selected: no payload copy.
+    exclude: str = _opt("", _Filter())
+    # Also exclude the sensor's own TCP flows to collector.address and metrics.listen, so
+    # it never parses its own export.
+    exclude_own_traffic: bool = _opt(True, _Bool())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

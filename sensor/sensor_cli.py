@@ -30,6 +30,7 @@ from sensor import config as cfg
 from sensor.engine.live import DEFAULT_REFILL_OCTETS, LiveConfig, LiveSensor, default_interfaces
 from sensor.engine.semantics import NS
 from sensor.errors import ConfigError, LoupeError, StorageError
+from sensor.kernel import exclude as kexclude
 from sensor.kernel.hybrid import SelectionConfig as KernelSelection
 from sensor.metrics import MetricsRegistry
 from sensor.notify import Notifier
@@ -68,6 +69,12 @@ def register(tree) -> None:
                         "comma-separated port:N, cidr:PREFIX, proto:NAME|N, sample:N, sniff, "
                         "or off (e.g. --select port:443,cidr:198.18.0.0/15,proto:udp); "
                         f"default: {_describe_rules(cfg.SelectionConfig())}")
+    p.add_argument("--exclude", default=None, metavar="EXPR",
+                   help="flows matching this tcpdump-style filter (host, net, port, "
+                        "portrange, proto, ip, ip6, tcp, udp, icmp, and, or, not) are "
+                        "counted but never inspected, decided in the kernel "
+                        "(selection.exclude; the sensor's own export and metrics traffic "
+                        "is excluded too unless selection.exclude_own_traffic = false)")
     p.add_argument("--budget", default=None, metavar="SIZE",
                    help="payload bytes copied per flow and direction before the L7 stage "
                         "asks for more (budget.per_direction_bytes; default "
@@ -187,6 +194,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
         "export.ipfix_uniflow": args.ipfix_uniflow,
         "metrics.listen": args.metrics,
         "budget.per_direction_bytes": args.budget,
+        "selection.exclude": args.exclude,
     }
     if args.no_process:
         out["process.attribution"] = False
@@ -204,12 +212,21 @@ def kernel_selection(config: cfg.SensorConfig, l7: bool = True) -> KernelSelecti
     if not l7:
         return KernelSelection(ports=frozenset(), sniff=False, budget=(0, 0))
     budget = config.budget.per_direction_bytes
+    own = (kexclude.own_traffic(config.collector.address, config.metrics.listen)
+           if sel.exclude_own_traffic else "")
+    exclude = kexclude.combined(sel.exclude, own)
+    try:
+        kexclude.program(exclude)
+    except ConfigError as exc:
+        hint = ("; with the sensor's own traffic added (selection.exclude_own_traffic = "
+                "false leaves it out)") if own else ""
+        raise ConfigError(f"selection.exclude: {exc}{hint}") from None
     return KernelSelection(
         ports=frozenset(sel.ports), cidrs=tuple(sel.cidrs), protocols=frozenset(sel.protocols),
         # sample_one_in = N > 1: the kernel also selects one flow in N of the rest
         # (per flow, by key hash, so a sampled flow is seen whole); 1: no sampling.
         sample_n=sel.sample_one_in if sel.sample_one_in > 1 else 0,
-        sniff=sel.sniff, budget=(budget, budget))
+        sniff=sel.sniff, budget=(budget, budget), exclude=exclude)
 
 
 def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfig:
@@ -496,7 +513,8 @@ def _describe(sel: KernelSelection) -> str:
         parts.append(f"sample:{sel.sample_n}")
     if sel.sniff:
         parts.append("sniff")
-    return (",".join(parts) or "off") + f" budget {sel.budget[0]}"
+    text = (",".join(parts) or "off") + f" budget {sel.budget[0]}"
+    return text + (f"; excluded: {sel.exclude}" if sel.exclude else "")
 
 
 def _export_snapshot(exporter: FanOut) -> dict:

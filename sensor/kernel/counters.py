@@ -24,6 +24,9 @@ LOSS_SOURCES: dict[abi.Counter, LostSource] = {
     abi.Counter.FRAG_NO_FIRST: LostSource.KERNEL_PARSE_ERROR,
     abi.Counter.IPV6_EXT_TOO_LONG: LostSource.KERNEL_PARSE_ERROR,
     abi.Counter.RECYCLED_ENTRY: LostSource.KERNEL_FLOW_MAP_FULL,
+    # A new flow's packet that could not re-enter the meter (flow.c, loupe_new_flow):
+    # not counted, like a packet that found the map full.
+    abi.Counter.TAIL_CALL_FAILED: LostSource.KERNEL_FLOW_MAP_FULL,
 }
 
 

@@ -91,8 +91,8 @@ def own_traffic(collector: str, metrics: str, *, resolver: Resolver = resolve) -
         host, port = split_host_port(collector)
         addrs = resolver(host)
         if addrs:
-            hosts = " or ".join(addrs)
-            parts.append(f"(tcp port {port} and host ({hosts}))")
+            hosts = addrs[0] if len(addrs) == 1 else "(" + " or ".join(addrs) + ")"
+            parts.append(f"(tcp port {port} and host {hosts})")
     if metrics:
         host, port = split_host_port(metrics)
         if ipaddress.ip_address(host).is_unspecified:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from sensor.clock import Clock
 from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
 from sensor.errors import ConfigError
-from sensor.kernel import abi, bpfsys
+from sensor.kernel import abi, bpfsys, exclude
 from sensor.kernel.events import EventDecoder, PayloadEvent
 from sensor.kernel.flowmap import FlowMapReader
 
@@ -70,6 +70,9 @@ class SelectionConfig:
     sample_n: int = 0                    # also select 1 flow in sample_n; 0: none
     sniff: bool = True                   # sniff unselected TCP/UDP flows' first payload
     budget: tuple[int, int] = (DEFAULT_BUDGET, DEFAULT_BUDGET)  # from initiator, responder
+    # A capture filter (sensor/capfilter.py): flows whose first packet it matches are
+    # never selected, whatever else would select them; "" excludes nothing.
+    exclude: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ports", frozenset(self.ports))
@@ -91,6 +94,7 @@ class SelectionConfig:
             raise ConfigError("sample_n must be within 0..4294967295")
         if len(self.budget) != 2 or any(not 0 <= b <= _U32 for b in self.budget):
             raise ConfigError("budget must be two octet counts within 0..4294967295")
+        exclude.program(self.exclude)   # ConfigError if it does not parse or fit
 
 
 DEFAULT_SELECTION = SelectionConfig()
@@ -195,6 +199,11 @@ class KernelSensor:
             idx = ctypes.c_uint32(new * 256 + proto)
             bpfsys.update(self._prog.sel_protos_fd, idx, one)
             protos.append(idx)
+        bpfsys.update(self._prog.exclude_fd, ctypes.c_uint32(new), exclude.program(cfg.exclude))
+        if cfg.exclude:
+            # Before the flip: new flows of the new set go through the program.
+            bpfsys.update(self._prog.tails_fd, ctypes.c_uint32(abi.TAIL_NEW_FLOW),
+                          ctypes.c_uint32(self._prog.new_flow_prog_fd))
         sc = self._config.set[new]
         sc.flags = abi.CFG_SNIFF if cfg.sniff else 0
         sc.sample_n = cfg.sample_n
@@ -206,6 +215,10 @@ class KernelSensor:
         self._config.active_set = new
         bpfsys.update(self._prog.config_fd, zero, self._config)
         old, self._active = self._active, new
+        if not cfg.exclude:
+            # After the flip: no new flow needs it (one still on its way through it
+            # finds the new set's empty program).
+            bpfsys.delete(self._prog.tails_fd, ctypes.c_uint32(abi.TAIL_NEW_FLOW))
         if old != new:
             self._clear_set(old)
         self.selection = cfg

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 PROGRAM = "loupe_tc"
+# Tail-called by PROGRAM for new flows while an exclusion filter is in force.
+NEW_FLOW_PROGRAM = "loupe_new_flow"
 
 _CAP_NET_ADMIN = 12
 _CAP_SYS_ADMIN = 21
@@ -269,10 +271,23 @@ class LoadedProgram:
         self.sel_protos_fd: int = bpf[b"sel_protos"].map_fd
         self.sel_keys_fd: int = bpf[b"sel_keys"].map_fd
         self.l7_ctl_fd: int = bpf[b"l7_ctl"].map_fd
+        self.exclude_fd: int = bpf[b"exclude"].map_fd
+        try:
+            self.new_flow_prog_fd: int = bpf.load_func(NEW_FLOW_PROGRAM.encode(),
+                                                        bpf.SCHED_CLS).fd
+        except Exception as exc:  # bcc raises bare Exception with the verifier log
+            raise KernelError(f"the kernel refused the flow meter program: {exc}") from None
+        self.tails_fd: int = bpf[b"tails"].map_fd
         for table, key, value in ((b"flows", abi.FlowKey, abi.FlowValue),
                                   (b"frags", abi.FragKey, abi.FragValue)):
             check_map_layout(bpf, table, ctypes.sizeof(key), ctypes.sizeof(value),
                              mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
+        check_map_layout(bpf, b"exclude", 4, ctypes.sizeof(abi.Filter),
+                         mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
+        # The meter's own slot, for loupe_new_flow to return to (hybrid.py fills the
+        # new-flow slot while a filter is in force).
+        bpfsys.update(self.tails_fd, ctypes.c_uint32(abi.TAIL_METER),
+                      ctypes.c_uint32(self.prog_fd))
 
     def open_events(self, handler: Callable[[bytes], None]) -> None:
         """Delivers every ring buffer event to handler as bytes, during poll_events()."""
