@@ -38,6 +38,10 @@ RETRY_S = 2.0
 # A Status call proves the collector answers before the stream opens (a follow stream
 # sends nothing until a record arrives, so it cannot say "connected" by itself).
 CONNECT_TIMEOUT_S = 5.0
+# Answers that retrying cannot change: a refused filter, a certificate without the
+# analyst role, a collector without Observer.
+FATAL = frozenset((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                   grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED))
 ROWS = 50  # per panel: more than a screen shows, few enough to redraw every second
 
 
@@ -96,6 +100,9 @@ class Feed:
                 if self._stop.is_set():
                     return
                 self.error = str(translate(exc, self.address))
+                if exc.code() in FATAL:
+                    self.state = "failed"  # asking again gets the same answer
+                    return
             except Exception as exc:  # a bug: say so on screen, where the user looks
                 self.state, self.error = "failed", f"the feed stopped: {exc!r}"
                 return

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 
 from textual.widgets import DataTable
 
-from collector import top
+from collector import top, top_model as tm
+from collector.client import open_channel
 from sensor import cli as loupe_cli
 from sensor.export import wire
 from tests.collector.conftest import REPO, batch, mixed, observer_stub, push
@@ -218,6 +220,26 @@ def test_records_dropped_for_a_slow_view_are_counted_and_shown(start_collector):
             await pilot.press("q")
 
     asyncio.run(scenario())
+
+
+def test_a_refused_subscription_is_not_retried(collector):
+    # A status range the client would not send; the collector refuses it
+    # (INVALID_ARGUMENT), and asking again every 2 s would only repeat that.
+    request = wire.observer_pb2.SubscribeRequest(
+        follow=True, allow=[wire.observer_pb2.RecordFilter(http_status=["9x9"])])
+    feed = top.Feed(lambda: open_channel(collector.address), request, tm.TopModel(),
+                    threading.Lock(), collector.address, retry_s=0.05)
+    feed.start()
+    try:
+        deadline = time.monotonic() + 20
+        while feed.state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert feed.state == "failed", (feed.state, feed.error)
+        assert "refused the request" in feed.error and feed.connects == 1
+        time.sleep(0.3)
+        assert feed.connects == 1
+    finally:
+        feed.stop()
 
 
 def test_unreachable_collector_is_one_line(tmp_path):
