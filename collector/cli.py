@@ -403,17 +403,39 @@ def cmd_tail(args) -> int:
     out = RecordOut(resolve(args, TAIL_FORMATS))
     req = build_subscribe_request(args, time.time_ns())
     received = 0
+    # Without --follow, stored records come in one burst: the first TAIL_PRIME are held so
+    # the table sizes its columns on them and lines up from the first line.
+    held = None if args.follow else []
     try:
         for resp in _observer(args).Subscribe(req):
             received += 1
-            out.write(wire.from_proto(resp.record))
+            record = wire.from_proto(resp.record)
+            if held is not None and len(held) < TAIL_PRIME:
+                held.append(record)
+                continue
+            _write_held(out, held)
+            held = None
+            out.write(record)
             out.flush()
     except grpc.RpcError as exc:
         # After the first record, UNAVAILABLE means it went away, not that it was never there.
         raise translate(exc, args.collector, received=received) from None
     finally:
+        _write_held(out, held)
         out.close()
     return 0
+
+
+TAIL_PRIME = 500
+
+
+def _write_held(out, held) -> None:
+    if held:
+        out.prime(held)
+        for record in held:
+            out.write(record)
+        out.flush()
+        held.clear()
 
 
 # -- query ----------------------------------------------------------------------------------

@@ -135,6 +135,11 @@ class RecordOut:
     def written(self) -> int:
         return self.writer.written
 
+    def prime(self, records) -> None:
+        """Let the table size its columns for records known in advance (no-op otherwise)."""
+        if hasattr(self.writer, "prime"):
+            self.writer.prime(records)
+
     def write(self, record) -> None:
         self.writer.write(record)
 

@@ -206,6 +206,21 @@ class TableWriter:
             segments.append((text.ljust(self.widths[name]), None))
         return head + self._join(segments)
 
+    def prime(self, records) -> None:
+        """Widen the columns for records about to be written, so that a batch known in
+        advance (a bounded tail, a query) lines up from its first line."""
+        for record in records:
+            if self.fields:
+                from sensor.export import jsonfmt
+
+                values = formats.select_fields(jsonfmt.to_dict(record), self.fields)
+                for name, value in values.items():
+                    self.widths[name] = max(self.widths.get(name, len(name)), len(_cell(value)))
+                continue
+            cols, _ = cells(record)
+            for name, text in cols.items():
+                self.widths[name] = max(self.widths[name], len(text))
+
     def write(self, record: model.Record) -> None:
         self.out.write(self.line(record) + "\n")
         self.written += 1

@@ -118,3 +118,14 @@ def test_query_cells_for_people_keep_numbers_that_are_not_codes():
     assert humanize("qtype", 28) == "AAAA" and humanize("version", 0x0304) == "TLS 1.3"
     assert humanize("version", "HTTP/1.1") == "HTTP/1.1" and humanize("status", 503) == "503"
     assert humanize("count_star()", 12) == "12" and humanize("x", None) == "NULL"
+
+
+def test_primed_columns_line_up_from_the_first_line():
+    wide = dataclasses.replace(HTTP, sensor_id="a-much-longer-sensor-name")
+    out = io.StringIO()
+    w = TableWriter(out, color=False, width=None)
+    w.prime([HTTP, wide])
+    w.write(HTTP)
+    w.write(wide)
+    a, b = out.getvalue().splitlines()
+    assert a.index(" http ") == b.index(" http ")
