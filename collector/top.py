@@ -5,16 +5,19 @@ filter flags as `loupe tail`), turns each record into a model record and adds it
 TopModel under a lock. The UI (textual's event loop) takes the panels' rows under that
 lock once a second and updates its tables in place. A burst of records can slow the feed,
 never the keys or the drawing; the collector drops records for a subscriber that falls
-behind and says so with a LostEvent, which the "Lost events" panel shows.
+behind and says so with a LostEvent, which the "Lost events" panel and the status line
+show.
 
 Unreachable at start: one line and exit status 1, like `tail`. Gone mid-run: the status
-line says so and the feed retries every RETRY_S seconds, keeping what it has counted.
+line says so and the feed retries every RETRY_S seconds, keeping what it has counted. A
+subscription the collector refuses (FATAL) is shown and not retried.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import sys
 import threading
 import time
 from typing import Callable
@@ -336,8 +339,6 @@ def make_app(args, *, clock: Callable[[], int] = time.monotonic_ns,
 
 
 def cmd_top(args) -> int:
-    import sys
-
     app = make_app(args)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise ConfigError("loupe top draws on a terminal; for a stream to a pipe or file "
