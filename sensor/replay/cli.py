@@ -65,7 +65,7 @@ def register(tree) -> None:
                    help="send the records to a collector")
     p.add_argument("--to", dest="to", help=argparse.SUPPRESS)   # the old spelling
     p.add_argument("--ipfix", default=None, metavar="TARGET",
-                   help="also send the flows as IPFIX (RFC 7011 biflows) to HOST:PORT "
+                   help="send the flows as IPFIX (RFC 7011 biflows) to HOST:PORT "
                         "(UDP) or tcp://HOST:PORT; see docs/export.md")
     p.add_argument("--ipfix-domain", type=int, default=0, metavar="N",
                    help="IPFIX observation domain id (default 0)")

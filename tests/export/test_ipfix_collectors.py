@@ -122,3 +122,16 @@ def test_tcp_transport_end_to_end(tmp_path):
                   num(r, "packetDeltaCount", REVERSE_PEN),
                   num(r, "octetDeltaCount", REVERSE_PEN)) for r in seen)
     assert got == ours
+
+
+def test_replay_fails_in_one_line_when_nothing_listens(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]          # closed again: connection refused
+    run = subprocess.run([*LOUPE, "replay", GOLDEN[0], "--ipfix", f"tcp://127.0.0.1:{port}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stdout == ""                # --ipfix alone: no JSON lines on stdout
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("loupe: error: ") and "IPFIX records could not be sent" in last
+    assert "Traceback" not in run.stderr
