@@ -29,12 +29,9 @@ import orjson
 from sensor import model
 
 __all__ = [
-    "iso", "COMPANIONS", "companions", "json_line", "eve", "eve_line", "ZeekWriter",
-    "select_fields", "RecordWriter", "RECORD_FORMATS",
+    "iso", "COMPANIONS", "companions", "json_line", "eve", "ZeekWriter", "select_fields",
+    "RecordWriter",
 ]
-
-# Formats a record stream can be written in (tables and parquet are chosen elsewhere).
-RECORD_FORMATS = ("json", "eve", "zeek")
 
 # kind -> (ISO companion key, the integer ns field it renders). Flows and loss intervals
 # have a start and an end; an L7 event has one time, named "ts" as in Zeek.
@@ -198,10 +195,6 @@ def eve(record: model.Record) -> dict[str, Any]:
     out["app_proto"] = kind
     out[kind] = {"http": _eve_http, "dns": _eve_dns, "tls": _eve_tls}[kind](record.detail)
     return out
-
-
-def eve_line(record: model.Record) -> str:
-    return json.dumps(eve(record), separators=(",", ":"), ensure_ascii=False)
 
 
 # -- names shared by EVE, Zeek and the table ---------------------------------------------------
@@ -378,12 +371,6 @@ def select_fields(d: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
     """Only the named keys, in the order named; a dotted name reaches into nested
     objects ("detail.status"); a missing one is null, as zeek-cut prints "-"."""
     return {name: (d[name] if name in d else _get(d, name)) for name in fields}
-
-
-def parse_fields(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    return [f.strip() for f in text.split(",") if f.strip()]
 
 
 # -- one writer for the record-stream commands ----------------------------------------------
