@@ -593,6 +593,8 @@ class EventSource(Protocol):
 
     def open_events(self, handler: Callable[[bytes], None]) -> None: ...
     def poll(self, timeout_ms: int) -> None: ...
+    def wake(self) -> None:
+        """Ends a poll() waiting in another thread (close() of a started attributor)."""
     def counters(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
@@ -667,12 +669,16 @@ class ProcessAttributor:
         self._thread.start()
 
     def _run(self) -> None:
+        # No timeout: an idle thread would only wake to look at _stop, and close() wakes
+        # it for that (docs/sensor.md, "Idle cost").
         while not self._stop.is_set():
-            self.poll(100)
+            self.poll(-1)
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
+            if self._source is not None:
+                self._source.wake()
             self._thread.join()
             self._thread = None
         if self._source is not None:

@@ -1,6 +1,7 @@
-"""Compiling and loading the flow meter (bpf/flow.c) with bcc. The only module that
-imports bcc: everything else reaches the kernel through the file descriptors and the
-event callback this module hands out, so bcc's exceptions are translated here.
+"""Compiling and loading the flow meter (bpf/flow.c) with bcc, in a short-lived child
+process (sensor/kernel/bccload.py: the sensor itself never maps LLVM). Everything else
+reaches the kernel through the file descriptors and the event callback this module hands
+out, so bcc's errors are translated here.
 
 Options reach the C code as -D cflags (LOUPE_FLOW_MAP_SIZE etc., defaults in loupe.h);
 the C text is never edited. After compiling, the layouts bcc derived for the maps are
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
-from sensor.kernel import abi, bpfsys
+from sensor.kernel import abi, bccload, bpfsys
+from sensor.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
 PROGRAM = "loupe_tc"
 # Tail-called by PROGRAM for new flows while an exclusion filter is in force.
 NEW_FLOW_PROGRAM = "loupe_new_flow"
+SCHED_CLS = 3   # BPF_PROG_TYPE_SCHED_CLS, as bcc's BPF.SCHED_CLS
 
 _CAP_NET_ADMIN = 12
 _CAP_SYS_ADMIN = 21
@@ -248,66 +251,74 @@ def check_flow_meter_kernel() -> None:
 
 
 class LoadedProgram:
-    """The compiled program and its maps. close() releases them (filters that still
-    reference the program keep it alive in the kernel; detach those first)."""
+    """The loaded program and its maps, as descriptors (sensor/kernel/bccload.py compiled
+    and loaded them in a child). close() releases them (filters that still reference the
+    program keep it alive in the kernel; detach those first)."""
 
-    def __init__(self, bpf, options: LoadOptions) -> None:
-        self._bpf = bpf
+    def __init__(self, obj: bccload.BpfObject, options: LoadOptions) -> None:
+        self._obj = obj
         self.options = options
-        self._ring_open = False
+        self._ring: RingBuffer | None = None
         try:
-            self.prog_fd: int = bpf.load_func(PROGRAM.encode(), bpf.SCHED_CLS).fd
-        except Exception as exc:  # bcc raises bare Exception with the verifier log
-            raise KernelError(f"the kernel refused the flow meter program: {exc}") from None
-        self.flows_fd: int = bpf[b"flows"].map_fd
-        self.frags_fd: int = bpf[b"frags"].map_fd
-        self.counters_fd: int = bpf[b"counters"].map_fd
-        # Selection and payload control (sensor/kernel/hybrid.py fills them; with all
-        # of them empty, as after loading, no flow is selected and nothing is copied).
-        self.config_fd: int = bpf[b"config"].map_fd
-        self.sel_ports_fd: int = bpf[b"sel_ports"].map_fd
-        self.sel_cidr4_fd: int = bpf[b"sel_cidr4"].map_fd
-        self.sel_cidr6_fd: int = bpf[b"sel_cidr6"].map_fd
-        self.sel_protos_fd: int = bpf[b"sel_protos"].map_fd
-        self.sel_keys_fd: int = bpf[b"sel_keys"].map_fd
-        self.l7_ctl_fd: int = bpf[b"l7_ctl"].map_fd
-        self.exclude_fd: int = bpf[b"exclude"].map_fd
+            self.prog_fd: int = obj.prog_fd(PROGRAM)
+            self.flows_fd: int = obj.map_fd("flows")
+            self.frags_fd: int = obj.map_fd("frags")
+            self.counters_fd: int = obj.map_fd("counters")
+            self.events_fd: int = obj.map_fd("events")
+            # Selection and payload control (sensor/kernel/hybrid.py fills them; with all
+            # of them empty, as after loading, no flow is selected and nothing is copied).
+            self.config_fd: int = obj.map_fd("config")
+            self.sel_ports_fd: int = obj.map_fd("sel_ports")
+            self.sel_cidr4_fd: int = obj.map_fd("sel_cidr4")
+            self.sel_cidr6_fd: int = obj.map_fd("sel_cidr6")
+            self.sel_protos_fd: int = obj.map_fd("sel_protos")
+            self.sel_keys_fd: int = obj.map_fd("sel_keys")
+            self.l7_ctl_fd: int = obj.map_fd("l7_ctl")
+            self.exclude_fd: int = obj.map_fd("exclude")
+            self.new_flow_prog_fd: int = obj.prog_fd(NEW_FLOW_PROGRAM)
+            self.tails_fd: int = obj.map_fd("tails")
+        except KeyError as exc:
+            obj.close()
+            raise KernelError(f"bpf/flow.c has no {exc.args[0]}: bpf/ and "
+                              "sensor/kernel/loader.py differ") from None
         try:
-            self.new_flow_prog_fd: int = bpf.load_func(NEW_FLOW_PROGRAM.encode(),
-                                                        bpf.SCHED_CLS).fd
-        except Exception as exc:  # bcc raises bare Exception with the verifier log
-            raise KernelError(f"the kernel refused the flow meter program: {exc}") from None
-        self.tails_fd: int = bpf[b"tails"].map_fd
-        for table, key, value in ((b"flows", abi.FlowKey, abi.FlowValue),
-                                  (b"frags", abi.FragKey, abi.FragValue)):
-            check_map_layout(bpf, table, ctypes.sizeof(key), ctypes.sizeof(value),
+            for table, key, value in ((b"flows", abi.FlowKey, abi.FlowValue),
+                                      (b"frags", abi.FragKey, abi.FragValue)):
+                check_map_layout(obj, table, ctypes.sizeof(key), ctypes.sizeof(value),
+                                 mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
+            check_map_layout(obj, b"exclude", 4, ctypes.sizeof(abi.Filter),
                              mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
-        check_map_layout(bpf, b"exclude", 4, ctypes.sizeof(abi.Filter),
-                         mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
-        # The meter's own slot, for loupe_new_flow to return to (hybrid.py fills the
-        # new-flow slot while a filter is in force).
-        bpfsys.update(self.tails_fd, ctypes.c_uint32(abi.TAIL_METER),
-                      ctypes.c_uint32(self.prog_fd))
+            # The meter's own slot, for loupe_new_flow to return to (hybrid.py fills
+            # the new-flow slot while a filter is in force).
+            bpfsys.update(self.tails_fd, ctypes.c_uint32(abi.TAIL_METER),
+                          ctypes.c_uint32(self.prog_fd))
+        except BaseException:
+            obj.close()
+            raise
 
     def open_events(self, handler: Callable[[bytes], None]) -> None:
         """Delivers every ring buffer event to handler as bytes, during poll_events()."""
-        open_ring_buffer(self._bpf, b"events", handler)
-        self._ring_open = True
+        if self._ring is None:
+            self._ring = RingBuffer()
+        self._ring.add(self.events_fd, handler)
 
     def poll_events(self, timeout_ms: int) -> None:
-        if self._ring_open:
-            self._bpf.ring_buffer_poll(timeout_ms)
+        if self._ring is not None:
+            self._ring.poll(timeout_ms)
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._obj.close()
 
 
-def check_map_layout(bpf, table: bytes, key_size: int, value_size: int, *,
-                     mirror: str, header: str) -> None:
+def check_map_layout(obj: bccload.BpfObject, table: bytes, key_size: int, value_size: int,
+                     *, mirror: str, header: str) -> None:
     """Refuse to run when a map's key/value sizes differ from the Python mirror's: the C
     header and its ctypes mirror were changed apart, and every read would be garbage."""
-    t = bpf[table]
-    got = (ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf))
+    t = obj.map(table.decode())
+    got = (t.key_size, t.value_size)
     if got != (key_size, value_size):
         raise KernelError(
             f"map {table.decode()} has key/value sizes {got[0]}/{got[1]} but {mirror} "
@@ -315,36 +326,35 @@ def check_map_layout(bpf, table: bytes, key_size: int, value_size: int, *,
         )
 
 
-def open_ring_buffer(bpf, name: bytes, handler: Callable[[bytes], None]) -> None:
-    """Deliver every event of ring buffer `name` to handler as bytes, during bcc's
-    ring_buffer_poll()."""
+def bcc_missing() -> KernelError:
+    return KernelError(
+        "bcc is not importable: install python3-bpfcc (make install); the PyPI package "
+        "named bcc is an unrelated project")
 
-    def _callback(_ctx, data, size):
-        handler(ctypes.string_at(data, size))
-        return 0
 
-    bpf[name].open_ring_buffer(_callback)
+def refused(exc: Exception) -> bool:
+    """A load refused for want of privileges (bcc says so only in its message)."""
+    return os.geteuid() != 0 and "Operation not permitted" in str(exc)
 
 
 def load(options: LoadOptions | None = None) -> LoadedProgram:
-    """Checks privileges, headers and kernel features, then compiles and loads."""
+    """Checks privileges, headers and kernel features, then compiles and loads (in a
+    child process: sensor/kernel/bccload.py says why)."""
     options = options or LoadOptions()
     check_privileges()
     check_headers()
     check_ringbuf()
     check_flow_meter_kernel()
-    try:
-        from bcc import BPF  # noqa: PLC0415 (imported here so the rest runs without bcc)
-    except ImportError:
-        raise KernelError(
-            "bcc is not importable: install python3-bpfcc (make install); the PyPI package "
-            "named bcc is an unrelated project"
-        ) from None
     log.debug("compiling %s with %s", BPF_DIR / "flow.c", options.cflags())
     try:
-        bpf = BPF(src_file=str(BPF_DIR / "flow.c").encode(), cflags=options.cflags())
-    except Exception as exc:  # bcc raises bare Exception for compile and load failures
-        if os.geteuid() != 0 and "Operation not permitted" in str(exc):
+        obj = bccload.load(BPF_DIR / "flow.c", options.cflags(),
+                           {PROGRAM: SCHED_CLS, NEW_FLOW_PROGRAM: SCHED_CLS})
+    except bccload.LoadError as exc:
+        if exc.stage == "import":
+            raise bcc_missing() from None
+        if exc.stage == "load":
+            raise KernelError(f"the kernel refused the flow meter program: {exc}") from None
+        if refused(exc):
             raise PrivilegeError(f"loading BPF maps was refused: {exc}; run as root") from None
         raise KernelError(f"compiling bpf/flow.c failed: {exc}") from None
-    return LoadedProgram(bpf, options)
+    return LoadedProgram(obj, options)

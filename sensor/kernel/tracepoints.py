@@ -1,26 +1,30 @@
 """Compiling, loading and attaching the process attribution program (bpf/process.c) with
-bcc. Like sensor/kernel/loader.py for the flow meter, this is where bcc is touched for
-that program: sensor/enrich/process.py only sees raw event bytes and counter values
-through ProcessTracepoint, and bcc's exceptions are translated here.
+bcc, in a short-lived child process (sensor/kernel/bccload.py). Like
+sensor/kernel/loader.py for the flow meter, this is where that program's errors are
+translated: sensor/enrich/process.py only sees raw event bytes and counter values
+through ProcessTracepoint.
 
 bcc attaches TRACEPOINT_PROBE functions itself when it loads the object, reading the
-tracepoint's format from tracefs; that is why tracefs must be mounted.
+tracepoint's format from tracefs; that is why tracefs must be mounted. The attachment is
+a perf event descriptor the child hands over with the maps: it lasts while we hold it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
+from sensor.kernel import bccload, bpfsys
+from sensor.kernel.counters import possible_cpus
 from sensor.kernel.loader import (
-    BPF_DIR, check_headers, check_map_layout, check_ringbuf, check_ringbuf_pages,
-    effective_caps, open_ring_buffer,
+    BPF_DIR, bcc_missing, check_headers, check_map_layout, check_ringbuf,
+    check_ringbuf_pages, effective_caps, refused,
 )
+from sensor.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +101,49 @@ class ProcessTracepoint:
     """The loaded and attached program. Events reach the handler given to open_events()
     as raw bytes during poll(); close() detaches and frees everything."""
 
-    def __init__(self, bpf, options: TracepointOptions) -> None:
-        self._bpf = bpf
+    def __init__(self, obj: bccload.BpfObject, options: TracepointOptions) -> None:
+        self._obj = obj
         self.options = options
-        self._ring_open = False
-        check_map_layout(bpf, b"proc_pending", 8, PROC_TASK_SIZE,
+        self._ring: RingBuffer | None = None
+        check_map_layout(obj, b"proc_pending", 8, PROC_TASK_SIZE,
                          mirror="sensor/kernel/tracepoints.py", header="bpf/process.h")
-        self._counters = bpf[b"proc_counters"]
+        self._counters_fd = obj.map_fd("proc_counters")
+        self._ncpus = possible_cpus()
 
     def open_events(self, handler: Callable[[bytes], None]) -> None:
-        open_ring_buffer(self._bpf, b"proc_events", handler)
-        self._ring_open = True
+        if self._ring is None:
+            self._ring = RingBuffer()
+        self._ring.add(self._obj.map_fd("proc_events"), handler)
 
     def poll(self, timeout_ms: int) -> None:
-        if self._ring_open:
-            self._bpf.ring_buffer_poll(timeout_ms)
+        """Delivers events, waiting up to timeout_ms (-1: until wake()) for the first."""
+        if self._ring is not None:
+            self._ring.block(timeout_ms)
+
+    def wake(self) -> None:
+        """Ends a poll() waiting in another thread."""
+        if self._ring is not None:
+            self._ring.wake()
 
     def counters(self) -> dict[str, int]:
         """Kernel counters (process.h, enum loupe_proc_counter), summed over CPUs."""
-        return {name: int(self._counters.sum(ctypes.c_int(i)).value)
-                for i, name in enumerate(COUNTER_NAMES)}
+        values = (ctypes.c_uint64 * self._ncpus)()
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            bpfsys.lookup(self._counters_fd, ctypes.c_uint32(i), values, lock=False)
+            out[name] = sum(values)
+        return out
 
     def program_fds(self) -> list[int]:
         """File descriptors of the loaded programs: /proc/self/fdinfo/FD shows their
         run_cnt and run_time_ns while the kernel.bpf_stats_enabled sysctl is 1."""
-        return [fn.fd for fn in self._bpf.funcs.values()]
+        return list(self._obj.programs.values())
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._obj.close()
 
 
 def load_process_tracepoint(options: TracepointOptions | None = None) -> ProcessTracepoint:
@@ -135,23 +154,18 @@ def load_process_tracepoint(options: TracepointOptions | None = None) -> Process
     check_headers()
     tracefs_dir()
     check_ringbuf()
-    try:
-        from bcc import BPF  # noqa: PLC0415 (imported here so the rest runs without bcc)
-    except ImportError:
-        raise KernelError(
-            "bcc is not importable: install python3-bpfcc (make install); the PyPI package "
-            "named bcc is an unrelated project"
-        ) from None
     log.debug("compiling %s with %s", SOURCE, options.cflags())
     try:
-        bpf = BPF(src_file=str(SOURCE).encode(), cflags=options.cflags())
-    except Exception as exc:  # bcc raises bare Exception for compile, load and attach
-        if os.geteuid() != 0 and "Operation not permitted" in str(exc):
+        obj = bccload.load(SOURCE, options.cflags(), {})
+    except bccload.LoadError as exc:  # compile, load and attach
+        if exc.stage == "import":
+            raise bcc_missing() from None
+        if refused(exc):
             raise PrivilegeError(f"loading the tracepoint program was refused: {exc}; "
                                  "run as root") from None
         raise KernelError(f"loading bpf/process.c failed: {exc}") from None
     try:
-        return ProcessTracepoint(bpf, options)
+        return ProcessTracepoint(obj, options)
     except BaseException:
-        bpf.cleanup()
+        obj.close()
         raise

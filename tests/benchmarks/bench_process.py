@@ -58,6 +58,9 @@ class _Recording:
     def poll(self, timeout_ms: int) -> None:
         self._tp.poll(timeout_ms)
 
+    def wake(self) -> None:
+        self._tp.wake()
+
     def counters(self) -> dict[str, int]:
         return self._tp.counters()
 

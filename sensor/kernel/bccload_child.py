@@ -1,0 +1,94 @@
+"""The child half of sensor/kernel/bccload.py: compile one BPF C file with bcc, load its
+programs (bcc also attaches tracepoint__* functions itself), hand every program, map
+and attachment descriptor to the parent over a unix socket (SCM_RIGHTS), and exit.
+
+Run as `python -I bccload_child.py SOCKET_FD REQUEST_JSON`: isolated (no cwd, script
+directory or PYTHON* variables on the path, for a child that runs as root), so it
+imports nothing of Loupe, only the standard library and bcc.
+
+It leaves with os._exit, never through bcc's atexit cleanup: that would disable the perf
+events behind the tracepoint attachments (PERF_EVENT_IOC_DISABLE acts on the open file
+the parent now shares, so the tracepoint would stop firing there too) and close the
+maps before the parent has read its copies of them.
+"""
+
+import ctypes
+import json
+import os
+import socket
+import sys
+import traceback
+
+
+def _reply(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+
+
+def _maps(lib, module) -> list[tuple[str, int, int, int]]:
+    """(name, fd, key size, value size) of every map bcc created for the module."""
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    for fn in (lib.bpf_table_fd_id, lib.bpf_table_key_size_id, lib.bpf_table_leaf_size_id):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.bpf_table_fd_id.restype = ctypes.c_int
+    lib.bpf_table_key_size_id.restype = ctypes.c_size_t
+    lib.bpf_table_leaf_size_id.restype = ctypes.c_size_t
+    out = []
+    for i in range(lib.bpf_num_tables(module)):
+        out.append((lib.bpf_table_name(module, i).decode(), lib.bpf_table_fd_id(module, i),
+                    lib.bpf_table_key_size_id(module, i), lib.bpf_table_leaf_size_id(module, i)))
+    return out
+
+
+def compile_and_load(sock: socket.socket, request: dict) -> None:
+    try:
+        from bcc import BPF, lib
+    except ImportError as exc:
+        _reply(sock, {"stage": "import", "error": str(exc)})
+        return
+    try:
+        bpf = BPF(src_file=request["src"].encode(), cflags=request["cflags"])
+    except Exception as exc:  # bcc raises bare Exception for compile, load and attach
+        _reply(sock, {"stage": "compile", "error": str(exc)})
+        return
+    for name, prog_type in request["programs"]:
+        try:
+            bpf.load_func(name.encode(), prog_type)
+        except Exception as exc:  # the verifier's refusal, as a bare Exception
+            _reply(sock, {"stage": "load", "program": name, "error": str(exc)})
+            return
+    fds: list[int] = []
+
+    def index(fd: int) -> int:
+        fds.append(fd)
+        return len(fds) - 1
+
+    reply = {
+        "programs": {fn.name.decode(): index(fn.fd) for fn in bpf.funcs.values()},
+        "maps": {name: [index(fd), key, value] for name, fd, key, value in _maps(lib, bpf.module)},
+        "links": [index(fd) for fd in [*bpf.tracepoint_fds.values(),
+                                       *bpf.raw_tracepoint_fds.values()]],
+    }
+    _reply(sock, reply, fds)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    code = 0
+    try:
+        compile_and_load(sock, json.loads(sys.argv[2]))
+    except BaseException as exc:  # a bug here: say so, then still leave by os._exit
+        traceback.print_exc()
+        code = 1
+        try:
+            _reply(sock, {"stage": "internal", "error": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass   # the parent is gone
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
