@@ -104,8 +104,9 @@ wait_for_collector() {
         fi
         sleep 0.1
     done
-    echo "run.sh: the collector is not listening on $COLLECTOR after ${COLLECTOR_START_S} s;" \
-         "see $DATA and try again" >&2
+    why="$(grep -v '^\s*$' "$WORK/collector.err" | tail -n 1)"
+    echo "run.sh: the collector does not answer on $COLLECTOR after ${COLLECTOR_START_S} s" \
+         "(its last log line: ${why:-none}); stopped it, try again" >&2
     exit 1
 }
 
