@@ -5,6 +5,7 @@ files in systemd/ are held to the schema by test_config.py."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -146,3 +147,28 @@ def test_collector_flag_table_defaults():
         assert squash(cell) == squash(text_of(defaults[key])) or (
             NO_FILE in cell and f"`{key}`" in cell), row
     assert checked >= 3
+
+
+def _all_parsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _all_parsers(sub)
+
+
+def test_every_command_states_the_same_addresses():
+    # Analyst commands and `loupe status` address the daemons at their schema defaults.
+    want = {"--collector": config.CollectorConfig().listen,
+            "--sensor-metrics": config.MetricsConfig().listen}
+    checked = set()
+    for sub in _all_parsers(build_parser()):
+        for action in sub._actions:
+            flag = next((o for o in action.option_strings if o in want), None)
+            text = " ".join((action.help or "").split())
+            stated = re.search(r"default:? ([^;,)\s]+)", text)
+            if flag is None or stated is None:
+                continue
+            checked.add(sub.prog)
+            assert stated.group(1) == want[flag], f"{sub.prog} {flag}: {text}"
+    assert {"loupe tail", "loupe status", "loupe sensor run"} <= checked
