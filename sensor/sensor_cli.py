@@ -414,6 +414,28 @@ def output_flags(args: argparse.Namespace) -> None:
         args.jsonl, args.output = out, "none"
 
 
+def _check_spool_dir(config: cfg.SensorConfig) -> None:
+    """Refuse a spool directory that could not be made or written, without making it."""
+    if not config.collector.address:
+        return
+    path = Path(config.spool.dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a writable directory" if existing == path else (
+            f"cannot be made: {existing} is not a writable directory")
+        raise StorageError(f"the spool directory {path} {what}; set spool.dir (--spool-dir) "
+                           "to a writable directory")
+
+
+def _check_interfaces(live_cfg: LiveConfig) -> None:
+    from sensor.engine.live import in_netns  # noqa: PLC0415
+    from sensor.kernel import attach  # noqa: PLC0415
+
+    with in_netns(live_cfg.netns):
+        for iface in live_cfg.interfaces:
+            attach.meterable_interface(iface)
+
+
 def run(args: argparse.Namespace) -> int:
     from sensor.kernel import loader  # noqa: PLC0415
 
@@ -428,19 +450,26 @@ def run(args: argparse.Namespace) -> int:
     if args.user:
         loader.check_user(args.user)
     loader.check_privileges()
+    # A missing interface fails here, before the spool directory is made or the exporter
+    # tries the collector: a failed start leaves nothing behind and prints one line.
+    _check_interfaces(live_cfg)
+    # A spool directory that cannot be made is found now, before the seconds of compiling
+    # (it is made once the meter is attached, below).
+    _check_spool_dir(config)
     notifier = Notifier.from_environ()
     signals = _Signals()
     previous = signals.install()
     metrics = MetricsRegistry("sensor")
     server = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    # With --user, the exporters (the spool directory, which the service's StateDirectory
-    # gives to that user) are set up after the drop, as that user; without it, before
-    # the seconds of compiling, so that a bad spool directory is reported at once.
-    exporter = FanOut([]) if args.user else build_exporters(config, args.output)
-    sensor = LiveSensor(live_cfg, exporter)
+    # The exporters (the spool directory, the first attempt to reach the collector) are
+    # set up once the meter is attached, after the drop to --user (the service's
+    # StateDirectory gives the spool to that user): a start that fails before leaves no
+    # directory behind and no delivery warning in its output, only its one error line.
+    sensor = LiveSensor(live_cfg, FanOut([]))
 
     def after_attach() -> None:
-        loader.drop_privileges(args.user)
+        if args.user:
+            loader.drop_privileges(args.user)
         sensor.exporter = build_exporters(config, args.output)
 
     metrics.add_source("sensor", sensor.metrics)
@@ -452,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
                               for hook in a.attached])
     try:
         try:
-            sensor.start(after_attach if args.user else None)
+            sensor.start(after_attach)
         except BaseException:
             sensor.exporter.close(0.5)
             raise

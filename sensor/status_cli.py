@@ -80,7 +80,7 @@ def attachments(text: str) -> list[str]:
     (ingress+egress)"), from its loupe_attached_info metric."""
     hooks: dict[str, list[str]] = {}
     for name, s in _samples(text):
-        if name == "loupe_attached" and s.value:
+        if name == "loupe_attached_info" and s.value:
             hooks.setdefault(s.labels.get("interface", "?"), []).append(s.labels.get("hook", "?"))
     order = {"ingress": 0, "egress": 1}
     return [f"{iface} ({'+'.join(sorted(h, key=lambda x: order.get(x, 2)))})"

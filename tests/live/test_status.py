@@ -27,7 +27,9 @@ def pair():
 
 
 def _in_ns(host, args: list[str], workdir) -> Sensor:
-    """A sensor run inside host's namespace (its metrics on that namespace's loopback)."""
+    """A sensor run inside host's namespace (its metrics on that namespace's loopback),
+    its output files in a workdir of its own."""
+    workdir.mkdir()
     sensor = Sensor(args, workdir=workdir)
     sensor.args = host.cmd(*sensor.args)
     return sensor
@@ -48,8 +50,9 @@ def test_status_lists_only_the_queried_sensors_interfaces(pair, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
     one = _in_ns(pair.a, ["--iface", pair.a.iface, "--collector", dead,
                           "--spool-dir", str(spool), "--drain-timeout", "1",
-                          "--sensor-id", "one"], tmp_path)
-    two = _in_ns(pair.a, ["--iface", "lo", "--collector", "", "--sensor-id", "two"], tmp_path)
+                          "--sensor-id", "one"], tmp_path / "one")
+    two = _in_ns(pair.a, ["--iface", "lo", "--collector", "", "--sensor-id", "two"],
+                 tmp_path / "two")
     try:
         one.start()
         two.start()
@@ -76,3 +79,15 @@ def test_status_lists_only_the_queried_sensors_interfaces(pair, tmp_path):
     # Both are down now: status says so, and exits non-zero.
     out = _status(pair.a, one.metrics_port)
     assert out.returncode == NOT_RUNNING and "not answering" in out.stdout
+
+
+def test_a_failed_sensor_start_prints_one_line_and_creates_no_spool(tmp_path):
+    spool = tmp_path / "not-yet" / "spool"
+    out = subprocess.run([*LOUPE, "sensor", "run", "--iface", "nosuch0", "--metrics", "",
+                          "--collector", f"127.0.0.1:{free_port()}", "--spool-dir", str(spool)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "loupe: error: no network interface named 'nosuch0': pick one from `ip link` "
+        "(inside its network namespace if it lives in one)"]
+    assert not (tmp_path / "not-yet").exists()
