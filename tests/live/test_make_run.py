@@ -98,8 +98,10 @@ def test_make_run_on_lo_shows_http_and_stops_cleanly(netns, tmp_path):
     out, err = Lines(run.stdout), Lines(run.stderr)
     try:
         assert err.wait_for(lambda line: "sensor on lo" in line, 60), err.seen
+        # Compiling takes seconds, more on a busy host: the bound that matters is the next.
+        assert err.wait_for(lambda line: "attached to lo" in line, 90), "\n".join(err.seen)
         # Before any traffic of ours: something within seconds of the sensor starting.
-        beat = err.wait_for(lambda line: "no L7 yet" in line, 30)
+        beat = err.wait_for(lambda line: "no L7 yet" in line, 15)
         assert beat and "packets" in beat, "\n".join(err.seen)
         start = time.monotonic()
         record = None
