@@ -484,10 +484,10 @@ static __always_inline __u64 by_dir(__u64 src, __u64 dst, __u8 dir)
 }
 
 /* Runs selection set `set`'s exclusion program (loupe.h, "Exclusion") on a new flow's
- * first packet: 1 if the flow is excluded. Only new flows come here, so a steady
- * packet's cost is unchanged; a new flow pays one lookup and LOUPE_FILTER_MAX_INSNS
- * straight-line steps (past len, op 0 changes nothing). src/dst are the ends as the
- * first packet went. */
+ * first packet: 1 if the flow is excluded. Only loupe_new_flow runs it, so packets of
+ * known flows never pay for it; a new flow pays one lookup and len straight-line steps
+ * (an unknown op leaves the stack as it is). src/dst are the ends as the first packet
+ * went. */
 static __always_inline int excluded(struct loupe_pkt *p, __u32 set)
 {
 	struct loupe_filter *f = exclude.lookup(&set);
@@ -523,7 +523,7 @@ static __always_inline int excluded(struct loupe_pkt *p, __u32 set)
 				  WITHIN(dport, in->port_lo, in->port_hi), in->dir));
 		__u64 leaf = EQ(op, LOUPE_FOP_IP) | EQ(op, LOUPE_FOP_PROTO) |
 			     EQ(op, LOUPE_FOP_ADDR) | EQ(op, LOUPE_FOP_PORT);
-		/* Masks of all ones for the op that applies; none for op 0 (past len). */
+		/* A mask of all ones for the op that applies, zeros for the others. */
 		__u64 m_leaf = -leaf, m_and = -EQ(op, LOUPE_FOP_AND);
 		__u64 m_or = -EQ(op, LOUPE_FOP_OR), m_not = -EQ(op, LOUPE_FOP_NOT);
 		__u64 m_keep = ~(m_leaf | m_and | m_or | m_not);
