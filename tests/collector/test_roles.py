@@ -135,3 +135,16 @@ def test_cli_with_a_sensor_certificate_gets_one_line(running, pki):
     assert out.stderr.startswith(f"loupe: error: the collector at {running.address} refused "
                                  "this certificate: certificate 's1' has role sensor")
     assert len(out.stderr.splitlines()) == 1
+
+
+def test_certs_init_cli_names_each_role(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "sensor.cli", "certs", "init", "--dir", str(tmp_path / "pki"),
+         "--sensor", "web1", "--admin", "ops"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[2:] == [f"sensor web1: {tmp_path}/pki/web1.pem {tmp_path}/pki/web1.key",
+                         f"admin ops: {tmp_path}/pki/ops.pem {tmp_path}/pki/ops.key"]
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "ops.pem").read_bytes())
+    assert certs.role_of(cert) == "admin"
