@@ -183,20 +183,22 @@ class _Input:
         parts: list[bytes] = []
         have = 0
         while have < n and not self.cut:
+            at_end = False
             if not self._zin:
                 self._zin = self._raw_read(CHUNK)
-                if not self._zin:
-                    if self._z is not None and not self.cut:
-                        self.cut = "the gzip stream ends before its end marker"
-                    break
+                at_end = not self._zin
             if self._z is None:
+                if at_end:
+                    break
                 if not self._zin.strip(b"\0"):
                     self._zin = b""   # zero padding after the last member, as gzip(1)
                     continue
                 self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
             try:
                 # max_length bounds what one call makes: memory stays flat however well
-                # the data compresses.
+                # the data compresses. At the end of the input the call still runs, on
+                # no bytes: a call cut off by max_length may hold output (part of a long
+                # match) with all its input consumed, and the packets in it count.
                 piece = self._z.decompress(self._zin, n - have)
             except zlib.error as exc:
                 self.cut = f"damaged gzip data ({exc})"
@@ -208,6 +210,10 @@ class _Input:
             if piece:
                 parts.append(piece)
                 have += len(piece)
+            elif at_end and self._z is not None:
+                if not self.cut:
+                    self.cut = "the gzip stream ends before its end marker"
+                break
         return b"".join(parts)
 
     def close(self) -> None:

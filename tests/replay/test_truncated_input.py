@@ -6,11 +6,14 @@ as a plain capture and read by path: every packet complete in it must come out."
 from __future__ import annotations
 
 import gzip
+import io
+import random
 import subprocess
 import zlib
 
 import pytest
 
+from sensor.replay import reader as reader_module
 from sensor.replay.reader import CaptureReader
 from tests.conftest import REPO
 from tests.fixtures.gen_mixed import generate
@@ -164,3 +167,22 @@ def test_concatenated_gzip_members_read_as_one_stream(tmp_path, mixed):
     with CaptureReader(path) as reader:
         assert len(list(reader)) > len(got) // 2
         assert reader.stats.cut_short == "the gzip stream ends before its end marker"
+
+
+@pytest.mark.parametrize("read_size", [777, 4096, 1 << 20])
+def test_cut_gzip_yields_exactly_the_decompressed_prefix(monkeypatch, mixed, read_size):
+    """Byte level, over many cut points: what the reader's input layer hands out is what
+    zlib makes of the whole prefix at once. Small reads and a small CHUNK put the cut
+    everywhere relative to the bounded decompress calls; repeated data gives long
+    matches, whose output a bounded call can hold back with all its input consumed."""
+    monkeypatch.setattr(reader_module, "CHUNK", 4096)
+    data = mixed["pcap"][:600_000]
+    gz = gzip.compress(data + data[:300_000], 9)
+    rng = random.Random(1)
+    cuts = sorted(rng.sample(range(100, len(gz)), 300)) + [len(gz) - 9, len(gz) - 1]
+    for cut in cuts + [len(gz)]:
+        prefix = gz[:cut]
+        source = reader_module._Input(io.BytesIO(prefix))
+        got = b"".join(iter(lambda: source.read(read_size), b""))
+        assert got == zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(prefix), cut
+        assert bool(source.cut) == (cut < len(gz)), cut
