@@ -213,3 +213,18 @@ def test_a_failed_start_prints_one_line_and_creates_nothing(tmp_path):
         f"loupe: error: cannot listen on 127.0.0.1:{port}: the port is in use or the address "
         "is not on this host; stop the other process or choose another --listen HOST:PORT"]
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_status_exits_non_zero_when_the_sensor_is_down(collector):
+    import socket
+
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    out = run_loupe("status", "--sensor-metrics", dead, "--collector", collector.address)
+    assert out.returncode == 3, out
+    assert f"sensor at {dead}: not answering" in out.stdout
+    assert f"collector at {collector.address}: up" in out.stdout
+    # Skipping the sensor: only the collector is asked, and it is up.
+    out = run_loupe("status", "--sensor-metrics", "", "--collector", collector.address)
+    assert out.returncode == 0, out
