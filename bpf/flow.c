@@ -273,6 +273,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct loupe_pkt *p, 
 
 	if (off + need > end) {
 		count(LOUPE_CNT_TRUNCATED_L4);
+		p->l4_cut = 1;
 		if (icmp)
 			ports_ordered = 0;
 	} else if (proto == PROTO_TCP) {
@@ -1239,10 +1240,16 @@ int loupe_new_flow(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;   /* map full: counted */
 	t->fp = fp;
 	t->created_ns = now;
-	count_n(LOUPE_CNT_PACKETS, (__u64)-1);   /* loupe_tc counts this packet again */
+	/* loupe_tc parses and counts this packet again */
+	__u8 cut = p->l4_cut;
+	count_n(LOUPE_CNT_PACKETS, (__u64)-1);
+	if (cut)
+		count_n(LOUPE_CNT_TRUNCATED_L4, (__u64)-1);
 	tails.call(skb, LOUPE_TAIL_METER);
 	/* Only if userspace emptied the meter's slot: the packet is not counted. */
 	count(LOUPE_CNT_PACKETS);
+	if (cut)
+		count(LOUPE_CNT_TRUNCATED_L4);
 	count(LOUPE_CNT_TAIL_CALL_FAILED);
 	return TC_ACT_UNSPEC;
 }

@@ -64,7 +64,7 @@ struct loupe_pkt {
 	__u8  icmp_code;
 	__u8  is_first_frag;         /* offset 0 and more fragments follow */
 	__u8  is_frag;               /* any fragment: its payload is not a whole datagram */
-	__u8  pad;
+	__u8  l4_cut;                /* counted in LOUPE_CNT_TRUNCATED_L4 */
 };
 
 /* pkt_scratch: the packet being metered (flow.c, loupe_tc: in a map value rather than

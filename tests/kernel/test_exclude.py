@@ -118,6 +118,18 @@ def test_an_excluded_flow_is_counted_and_never_selected(rig):
     assert abi.Counter.TAIL_CALL_FAILED not in delta
 
 
+def test_a_new_flow_run_twice_counts_its_packet_once(rig):
+    """The re-run through loupe_new_flow counts nothing twice, also the first packet of
+    a flow whose transport header is cut (parsed twice, counted in truncated_l4 once)."""
+    rig.reset(SelectionConfig(exclude="host 198.18.9.9"))
+    before = rig.counters()
+    rig.run(raw(Ether(**MAC) / IP(src=A4, dst=B4, proto=17) / Raw(b"\0" * 6)))
+    rig.run(frame(A4, B4, 40100, 9000, proto="udp", data=b"x"))
+    after = rig.counters()
+    delta = {c: after[c] - before[c] for c in abi.Counter if after[c] != before[c]}
+    assert delta == {abi.Counter.PACKETS: 2, abi.Counter.TRUNCATED_L4: 1}
+
+
 def test_exclusion_wins_over_sniffing_explicit_keys_and_sampling(rig):
     key = flow_key(src=A4, dst=B4, sport=5353, dport=5354, protocol=17)
     rig.reset(SelectionConfig(ports=(5353,), protocols={17}, sample_n=1, sniff=True,
