@@ -365,7 +365,8 @@ class GrpcExporter:
             if not stream.stopped:
                 self._c["stream_errors"] += 1
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
-                self.last_error = f"{getattr(code, 'name', code)}: {detail}"
+                if not self._stop.is_set():   # not our own cancel at close
+                    self.last_error = f"{getattr(code, 'name', code)}: {detail}"
                 log.warning("collector %s: stream ended (%s: %s); %d batches un-acked",
                             self._cfg.target, getattr(code, "name", code), detail,
                             self._spool.unacked_count())

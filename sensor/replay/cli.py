@@ -393,8 +393,8 @@ class _Delivery:
         last = self.exporter.last_error
         head = (f"the collector at {self.target} did not acknowledge {left} batches within "
                 f"--delivery-timeout {self.timeout:g} s"
-                f"{f' (last error: {last})' if last else ''}; {acked} records were "
-                "delivered")
+                f" ({f'last error: {last}' if last else 'no answer in time'}); {acked} "
+                "records were delivered")
         if self.temp:
             raise CollectorError(
                 f"{head}, the rest is dropped; check that the collector runs there, or "

@@ -59,6 +59,22 @@ def test_no_collector_gives_up_in_one_line_and_removes_its_spool(dead_address, t
     assert list(tmp.iterdir()) == []     # the temporary spool is gone
 
 
+def test_collector_that_never_answers_is_given_up_on_too(tmpdir_env):
+    """A port that accepts connections and says nothing (a hung collector)."""
+    tmp, env = tmpdir_env
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        res = _replay(CAPTURE, "--collector", address, "--delivery-timeout", "1", env=env)
+    assert res.returncode == 1
+    _, error = _lines(res.stderr)
+    assert error.startswith(f"loupe: error: the collector at {address} did not "
+                            "acknowledge 1 batches within --delivery-timeout 1 s "
+                            "(no answer in time); 0 records were delivered")
+    assert list(tmp.iterdir()) == []
+
+
 def test_spool_dir_keeps_what_was_not_delivered_for_the_next_run(tmp_path, dead_address):
     spool = tmp_path / "spool"
     res = _replay(CAPTURE, "--collector", dead_address, "--delivery-timeout", "1",
