@@ -272,7 +272,9 @@ def test_mtls_push_with_loupe_certs_and_identity_from_the_certificate(tmp_path):
             ex.submit(numbered_flow(i, sensor_id="spoofed"))
         ex.close(10)
         assert ex.counters()["records_acked"] == 200
-        creds = tls.credentials()
+        # Reading takes an analyst's certificate: a sensor's may only send.
+        creds = TlsFiles(ca_cert=certs / "ca.pem", client_cert=certs / "analyst.pem",
+                         client_key=certs / "analyst.key").credentials()
         rows = query(collector.address,
                      "SELECT sensor_id, count(DISTINCT uid) FROM flows GROUP BY 1",
                      credentials=creds, server_name="collector.loupe.test")
