@@ -312,7 +312,7 @@ def test_query_timeout_stops_the_query_on_the_server(collector):
     # As many slow queries as the collector has reader threads: if they ran on after
     # their clients gave up, the next query would wait for the server's 30 s cap.
     with concurrent.futures.ThreadPoolExecutor(READER_THREADS) as pool:
-        outs = list(pool.map(lambda _: _slow_query(collector.address, 1), range(READER_THREADS)))
+        outs = list(pool.map(lambda _: _slow_query(collector.address, 3), range(READER_THREADS)))
     for out in outs:
         assert out.returncode == 1 and "did not answer in time" in out.stderr, out.stderr
     # Well within the 30 s the readers would stay busy if the queries ran on.
