@@ -36,7 +36,11 @@ the same way.
 Batch ids. Ids increase and are never reused, even across restarts and crashes: state.json
 holds the end of a reserved block of ids (written atomically: temp file, fsync, rename,
 fsync of the directory) and a new block is reserved before any id of it is handed out. A
-restart skips the rest of the old block; gaps are fine, reuse is not.
+restart skips the rest of the old block; gaps are fine, reuse is not. Ids also never fall
+below the wall clock in ns at open: a new spool directory (a replay's temporary spool, a
+sensor whose spool was deleted) must not hand out ids an earlier spool of the same sensor
+id already gave the collector, which would drop the new batches as duplicates. Two spools
+opened a millisecond apart are a million ids apart, far more batches than one run sends.
 
 Durability (fsync policy). Every append is one write(2) straight to the file (no Python
 buffer), so a crash of the sensor process loses nothing: the page cache survives it. An
@@ -272,7 +276,7 @@ class Spool:
             self._counters["spool_recovered_batches"] += len(seg.entries)
         self._segments.sort(key=lambda s: s.first_id)
         self._ids = sorted(self._entries)
-        self._next_id = max(int(state.get("reserved", 0)), max_seen) + 1
+        self._next_id = max(int(state.get("reserved", 0)), max_seen, self._clock_ns()) + 1
         pending = state.get("pending_full_loss") or [0, 0, 0]
         if pending[0]:
             self._full_loss = _Loss(*pending)
