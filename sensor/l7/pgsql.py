@@ -156,6 +156,26 @@ def looks_like(first: bytes, direction: Direction) -> bool:
 SIGNATURE = looks_like
 
 
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How the server's byte stream is framed, for a budget that follows messages in the
+    kernel: each message is `header` bytes, the big-endian length field at `length_at`
+    (of `length_size` bytes) counting itself, then the body. Messages whose type byte is
+    in `elidable` may be left out whole (header and body) by a deliberate skip that
+    starts and ends on message boundaries: the parser accepts such a skip right after a
+    RowDescription, DataRow or CopyData, and `rows` still comes exact from the
+    CommandComplete tag. It holds for the server direction after the parser's
+    `typed_from_server()` is true (the one-byte SSL/GSS answer is not framed)."""
+
+    header: int = 5
+    length_at: int = 1
+    length_size: int = 4
+    elidable: bytes = b"Dd"
+
+
+FRAMING = Framing()
+
+
 def _check_uint(name: str, value: int, limit: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -312,6 +332,8 @@ class PgsqlParser:
         self.evicted_statements = 0
         self.evicted_pending = 0
         self.unmatched = 0          # server messages that answered nothing on record
+        self.elided_bytes = 0       # whole DataRow/CopyData messages skipped (Framing)
+        self._in_rows = False       # the last server message began or continued rows
         self._buf = (bytearray(), bytearray())
         self._skip = [0, 0]         # body bytes of the current message still to discard
         self._msg_ts = [0, 0]       # time of the current message's first byte
@@ -447,6 +469,11 @@ class PgsqlParser:
             return
         if length <= self._skip[d] and not self._buf[d]:
             self._skip[d] -= length   # inside a body nobody needs: costs nothing
+            return
+        if what == "skip" and d == _TO_CLIENT and self._in_rows and not self._skip[d] \
+                and not self._buf[d]:
+            # Whole DataRow/CopyData messages left out on purpose (see Framing).
+            self.elided_bytes += length
             return
         self._fail(f"{length} bytes missing ({what}) inside a PostgreSQL message header")
 
@@ -659,7 +686,13 @@ class PgsqlParser:
     def _emit(self, txn: _Txn) -> None:
         self._out.append(txn.transaction())
 
+    def typed_from_server(self) -> bool:
+        """True once every further server byte is a typed message (FRAMING applies)."""
+        return self.state is _OK and not self._await_byte and self._startup is None \
+            and not self._untyped
+
     def _backend(self, kind: int, body: bytes, body_len: int, ts_ns: int) -> None:
+        self._in_rows = kind in (0x54, 0x44, 0x64, 0x48, 0x57)   # T, D, d, H, W
         st = self._startup
         if kind == 0x44:      # D: DataRow
             self._result_txn(ts_ns).data_rows += 1
