@@ -228,7 +228,13 @@ def looks_like(first: bytes, direction: Direction) -> bool:
         if length < 2 or not text:
             return length >= 2
         return all(b >= 0x20 or b in (0x09, 0x0A, 0x0D) for b in text) and text[0] != 0x7F
-    return length >= 5 if cmd in (0x17, 0x19, 0x1A, 0x1C, 0x18) else False
+    if cmd in (0x19, 0x1A):   # COM_STMT_CLOSE, COM_STMT_RESET: exactly a statement id
+        return length == 5
+    if cmd == 0x1C:           # COM_STMT_FETCH: statement id, row count
+        return length == 9
+    if cmd == 0x17:           # COM_STMT_EXECUTE: id, flags, an iteration count of 1
+        return length >= 10 and (len(body) < 10 or body[6:10] == b"\x01\x00\x00\x00")
+    return False
 
 
 SIGNATURE = looks_like
@@ -438,7 +444,8 @@ class MysqlParser:
         the engine may stop copying it then (see the module docstring, "the budget")."""
         if self.state is not _OK or direction != _TO_CLIENT:
             return False
-        return self._wait or (self._rmode == _R_ROWS and bool(self._awaiting)
+        # Once the client sent its next command, the response to it must be copied.
+        return self._wait or (self._rmode == _R_ROWS and len(self._awaiting) == 1
                               and self._awaiting[0].rows >= ROW_WALK_LIMIT)
 
     def next_event(self) -> Transaction | _NeedData:
@@ -522,8 +529,11 @@ class MysqlParser:
             if self._rmode in (_R_ROWS, _R_AFTER_COLS, _R_COLS):
                 cmd.rows_truncated = True
             self._finish(cmd)
-        self._wait = True
-        self._armed = False
+        # If the client already sent its next command, the loss was the old response's
+        # tail (reported late, when later server bytes came) and the next server byte
+        # starts the new response; otherwise wait for that command.
+        self._wait = not self._awaiting
+        self._armed = not self._wait
         self._buf[1].clear()
         self._drop[1] = 0
         self._cont[1] = False
