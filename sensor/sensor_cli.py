@@ -288,7 +288,7 @@ class FanOut:
 
 def build_exporters(config: cfg.SensorConfig, output: str) -> FanOut:
     from sensor.export.exporter import SinkExporter  # noqa: PLC0415
-    from sensor.export.sinks import JsonLinesSink  # noqa: PLC0415
+    from sensor.export.jsonlines import JsonLinesSink  # noqa: PLC0415 (no Arrow here)
 
     exporters = []
     sensor_id = config.effective_sensor_id()

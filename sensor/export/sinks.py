@@ -1,4 +1,5 @@
-"""File sinks: JSON lines (to a file or stdout), Parquet and CSV.
+"""File sinks: JSON lines (to a file or stdout; sensor/export/jsonlines.py, which needs no
+Arrow), Parquet and CSV.
 
 JSON lines carry one record per line in the shape of sensor/export/jsonfmt.py, every kind
 in one stream, each line tagged with "type".
@@ -34,17 +35,16 @@ import dataclasses
 import io
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collector import schema
 from sensor import model
-from sensor.errors import ConfigError, StorageError
-from sensor.export import jsonfmt
+from sensor.errors import ConfigError
+from sensor.export.jsonlines import JsonLinesSink, storage_error as _storage_error
 
 __all__ = [
     "JsonLinesSink", "ParquetSink", "CsvSink", "open_sink", "flatten", "table_schema",
@@ -104,11 +104,6 @@ def table_path(path: Path, table: str) -> Path:
     return path.with_name(f"{path.stem}.{table}{path.suffix}")
 
 
-def _storage_error(path: Path, exc: OSError) -> StorageError:
-    return StorageError(f"cannot write {path}: {exc.strerror or exc}; check the directory "
-                        "exists and has free space")
-
-
 # Every table a file sink can write: the files one output path may own.
 _TABLES = tuple(dict.fromkeys(["flows", *schema.KIND_TABLE.values()]))
 
@@ -140,35 +135,6 @@ def _replace_set(path: Path, written: dict[str, Path]) -> None:
             os.replace(source, final)
         except OSError as exc:
             raise _storage_error(final, exc) from None
-
-
-class JsonLinesSink:
-    """JSON lines to a file, or to stdout when path is "-"."""
-
-    def __init__(self, path: str | Path = "-", *, stream: TextIO | None = None) -> None:
-        self.path = str(path)
-        self.written = 0
-        if stream is not None:
-            self._out, self._owned = stream, False
-        elif self.path == "-":
-            self._out, self._owned = sys.stdout, False
-        else:
-            try:
-                self._out, self._owned = open(self.path, "w", encoding="utf-8"), True
-            except OSError as exc:
-                raise _storage_error(Path(self.path), exc) from None
-
-    def write(self, record: model.Record) -> None:
-        self._out.write(json.dumps(jsonfmt.to_dict(record), separators=(",", ":")) + "\n")
-        self.written += 1
-
-    def flush(self) -> None:
-        self._out.flush()
-
-    def close(self) -> None:
-        self.flush()
-        if self._owned:
-            self._out.close()
 
 
 class ParquetSink:
@@ -215,6 +181,17 @@ class ParquetSink:
             writer.close()
         _replace_set(self.path, {table: _partial(table_path(self.path, table))
                                  for table in self._writers})
+        self._writers.clear()
+
+    def abort(self) -> None:
+        """The run failed or was interrupted: drop what this sink wrote (the earlier set
+        stays as it was)."""
+        for table, writer in self._writers.items():
+            try:
+                writer.close()
+            except OSError:
+                pass   # the file goes anyway
+            _partial(table_path(self.path, table)).unlink(missing_ok=True)
         self._writers.clear()
 
 
