@@ -779,6 +779,8 @@ class RedisParser:
                 break
             if nl == pos or view[nl - 1] != 0x0D:
                 raise _Malformed("reply line not ended by CRLF")
+            if nl - 1 == pos:
+                raise _Malformed("empty reply line")
             line = bytes(view[pos:nl - 1])
             start = self._off[1] + pos
             pos = nl + 1
