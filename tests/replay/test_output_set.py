@@ -67,3 +67,15 @@ def test_parquet_set_is_replaced_only_at_close(tmp_path):
     sink.close()
     assert {p.name for p in tmp_path.iterdir()} == {"X.http.parquet", "X.parquet"}
     assert pq.read_table(tmp_path / "X.http.parquet").num_rows == 2
+
+
+def test_aborted_parquet_run_leaves_the_earlier_set_and_no_partial_files(tmp_path):
+    out = tmp_path / "X.parquet"
+    _replay(DNS_TLS, out)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    sink = ParquetSink(out, row_group_rows=1)
+    for record in replay_records(HTTP):
+        sink.write(record)
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    sink.abort()   # what `loupe replay` does on an error or Ctrl-C
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
