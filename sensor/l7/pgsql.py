@@ -99,10 +99,11 @@ _SKIPPED = frozenset(b"Dd")
 _U32 = (1 << 32) - 1
 
 # PASSWORD 'literal' (CREATE/ALTER ROLE/USER, user mappings' OPTIONS (password '...')),
-# with an optional E prefix, doubled quotes inside, or a dollar-quoted literal; an
+# with an optional E prefix (backslash escapes inside), doubled quotes inside, or a dollar-quoted literal; an
 # unterminated literal (text cut at MAX_STATEMENT) is hidden to its end.
 _PASSWORD_LITERAL = re.compile(
-    r"(\bpassword\s*(?:=\s*)?)(?:[Ee]?'(?:[^']|'')*(?:'|\Z)|\$([A-Za-z_]*)\$.*?(?:\$\2\$|\Z))",
+    r"(\bpassword\s*(?:=\s*)?)(?:(?:[Ee]'(?:[^'\\]|\\.|'')*|'(?:[^']|'')*)(?:'|\Z)"
+    r"|\$([A-Za-z_]*)\$.*?(?:\$\2\$|\Z))",
     re.IGNORECASE | re.DOTALL)
 # password=secret inside a libpq connection string (dblink, postgres_fdw).
 _CONNSTR_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?!')[^\s']+", re.IGNORECASE)
@@ -420,6 +421,10 @@ class PgsqlParser:
         pos = 0
         end = len(buf)
         while pos < end and self.state is _OK:
+            if d == 0 and self._untyped and buf[pos] != 0:
+                # A start-up packet's length (< 10000) begins with a zero byte, a typed
+                # message with its letter: the capture began mid-connection.
+                self._untyped = False
             if d == 0 and self._untyped:
                 if end - pos < 8:
                     break

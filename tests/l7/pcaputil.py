@@ -270,7 +270,10 @@ def capture_lo(pcap: Path, port: int):
         probe_sock.bind(("127.0.0.1", 0))
         probe_port = probe_sock.getsockname()[1]
         proc = subprocess.Popen(
-            ["tcpdump", "-i", "lo", "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap),
+            # -B: a 64 MiB kernel buffer; the 2 MiB default drops segments of a burst of
+            # a few MB on lo (a 100,000-row result set), which would cut the stream.
+            ["tcpdump", "-i", "lo", "--immediate-mode", "-U", "-n", "-s", "0", "-B", "65536",
+             "-w", str(pcap),
              f"port {port} or port {probe_port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
