@@ -953,6 +953,8 @@ class RedisParser:
             count = msg.head[2] if len(msg.head) > 2 else None
             if txn.expect > 0:
                 txn.expect -= 1
+            if count == b"0" and txn.command in _UNSUBSCRIBE:
+                self._subscribed = False  # out of subscribe mode: arrays are replies again
             if txn.expect == 0 or (txn.expect == -1 and count == b"0"):
                 self._complete(awaiting.popleft())
             return

@@ -340,6 +340,7 @@ def test_long_key_is_cut_and_marked():
     (b"#x\r\n", S, "bad boolean"),
     (b":12a\r\n", S, "bad integer"),
     (b"+OK\n", S, "CRLF"),
+    (b"\r\n", S, "empty reply line"),   # found by the fuzzer: was an IndexError
     (b"*1\r\n" * 40, S, "nested deeper"),
 ])
 def test_malformed_input_is_an_error_with_a_reason(raw, side, reason):
@@ -772,3 +773,14 @@ def test_fuzz_split_points_do_not_change_results(req, resp, step):
               for i in range(0, len(blob), step)]
     split = drive(pieces + steps[2:])
     assert split[1] == whole[1] and split[0].state == whole[0].state
+
+
+def test_unsubscribe_of_channels_never_subscribed_gets_one_reply_each():
+    unsub = b"*3\r\n$11\r\nunsubscribe\r\n$1\r\n%s\r\n:0\r\n"
+    got = events((C, cmd("SUBSCRIBE", "a"), 1), (S, b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n", 2),
+                 (C, cmd("UNSUBSCRIBE", "a", "b") + cmd("LRANGE", "l", "0", "-1"), 3),
+                 (S, unsub % b"a" + unsub % b"b"
+                  + b"*3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$1\r\ny\r\n", 4))
+    # Out of subscribe mode, an array that starts with "message" is LRANGE's reply.
+    assert [(e.command, e.replies, e.push) for e in got] == [
+        ("SUBSCRIBE", 1, False), ("UNSUBSCRIBE", 2, False), ("LRANGE", 1, False)]
