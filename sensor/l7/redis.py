@@ -165,7 +165,8 @@ class RedisEvent:
             raise ValueError(f"resp={self.resp!r} is neither 2 nor 3")
         if not isinstance(self.args, tuple):
             object.__setattr__(self, "args", tuple(self.args))
-        if len(self.command) > MAX_COMMAND * 2 + 1 or len(self.key) > MAX_ARG_KEPT * 4 \
+        # Bytes that are not UTF-8 are shown as \xNN: up to 4 characters per byte kept.
+        if len(self.command) > MAX_COMMAND * 8 + 1 or len(self.key) > MAX_ARG_KEPT * 4 \
                 or len(self.error) > MAX_ERROR * 4 or len(self.args) > MAX_ARGS_SHOWN:
             raise ValueError("a RedisEvent field is longer than its bound")
 

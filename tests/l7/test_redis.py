@@ -322,6 +322,12 @@ def test_gap_in_a_header_is_an_error():
     assert p.state is ParserState.ERROR
 
 
+def test_binary_command_names_fit_the_event_bounds():
+    # Found by random fuzzing: 64 non-UTF-8 bytes show as 256 characters (\xNN each).
+    (ev,) = events((C, cmd(b"\xff" * 300, "k"), 1))
+    assert ev.command == "\\xff" * R.MAX_COMMAND and ev.truncated
+
+
 def test_long_key_is_cut_and_marked():
     key = "k" * 1000
     (ev,) = events((C, cmd("GET", key), 1))
@@ -775,7 +781,7 @@ def test_fuzz_split_points_do_not_change_results(req, resp, step):
     assert split[1] == whole[1] and split[0].state == whole[0].state
 
 
-def test_unsubscribe_of_channels_never_subscribed_gets_one_reply_each():
+def test_leaving_subscribe_mode_and_unsubscribing_unknown_channels():
     unsub = b"*3\r\n$11\r\nunsubscribe\r\n$1\r\n%s\r\n:0\r\n"
     got = events((C, cmd("SUBSCRIBE", "a"), 1), (S, b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n", 2),
                  (C, cmd("UNSUBSCRIBE", "a", "b") + cmd("LRANGE", "l", "0", "-1"), 3),
