@@ -96,6 +96,7 @@ _FRONTEND = frozenset(b"QPBDESHCXdcfpF")
 _BACKEND = frozenset(b"R S K Z E N A v 1 2 3 n t T D C s I G H W d c V".replace(b" ", b""))
 # Bodies never needed: counted and skipped.
 _SKIPPED = frozenset(b"Dd")
+_HEAD = struct.Struct(">BI")   # type byte, length (counting itself)
 _U32 = (1 << 32) - 1
 
 # PASSWORD 'literal' (CREATE/ALTER ROLE/USER, user mappings' OPTIONS (password '...')),
@@ -420,12 +421,16 @@ class PgsqlParser:
     def _run(self, d: int, buf: bytearray, ts_ns: int) -> None:
         pos = 0
         end = len(buf)
+        msg_ts = self._msg_ts
+        known = _FRONTEND if d == 0 else _BACKEND
+        handle = self._frontend if d == 0 else self._backend
         while pos < end and self.state is _OK:
-            if d == 0 and self._untyped and buf[pos] != 0:
-                # A start-up packet's length (< 10000) begins with a zero byte, a typed
-                # message with its letter: the capture began mid-connection.
-                self._untyped = False
             if d == 0 and self._untyped:
+                if buf[pos] != 0:
+                    # A start-up packet's length (< 10000) begins with a zero byte, a
+                    # typed message with its letter: the capture began mid-connection.
+                    self._untyped = False
+                    continue
                 if end - pos < 8:
                     break
                 length = int.from_bytes(buf[pos:pos + 4], "big")
@@ -433,52 +438,61 @@ class PgsqlParser:
                     raise _Malformed(f"start-up packet length {length} out of range")
                 if end - pos < length:
                     break
-                self._startup_packet(bytes(buf[pos + 4:pos + length]), self._msg_ts[d])
+                self._startup_packet(bytes(buf[pos + 4:pos + length]), msg_ts[d])
                 pos += length
             elif d == 1 and self._await_byte:
-                self._answer_byte(buf[pos], self._msg_ts[d])
+                self._answer_byte(buf[pos], msg_ts[d])
                 if buf[pos] in (0x53, 0x4E, 0x47):  # S, N, G (E: a typed message)
                     pos += 1
             else:
                 if end - pos < 5:
                     break
-                kind = buf[pos]
-                length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-                if length < 4:
-                    raise _Malformed(f"message {chr(kind)!r} has length {length} < 4")
-                if kind not in (_FRONTEND if d == 0 else _BACKEND):
+                kind, length = _HEAD.unpack_from(buf, pos)
+                if kind not in known:
                     side = "frontend" if d == 0 else "backend"
                     raise _Malformed(f"unknown {side} message type 0x{kind:02x}")
+                if length < 4:
+                    raise _Malformed(f"message {chr(kind)!r} has length {length} < 4")
                 body_len = length - 4
-                keep = 0 if kind in _SKIPPED else min(body_len, MAX_KEPT)
-                if end - pos - 5 < keep:
-                    break
-                body = bytes(buf[pos + 5:pos + 5 + keep])
                 self.messages += 1
-                if d == 0:
-                    self._frontend(kind, body, body_len, self._msg_ts[d])
+                if kind in _SKIPPED:
+                    # DataRow/CopyData: counted from the header alone, body never kept.
+                    if d == 1 and kind == 0x44:
+                        self._in_rows = True
+                        self._result_txn(msg_ts[d]).data_rows += 1
+                    else:
+                        handle(kind, b"", body_len, msg_ts[d])
+                    pos += 5
                 else:
-                    self._backend(kind, body, body_len, self._msg_ts[d])
-                rest = body_len - keep   # bytes not needed: discarded as they stream by
-                avail = end - pos - 5 - keep
-                if rest > avail:
-                    self._skip[d] = rest - avail
-                    pos = end
-                    break
-                pos += 5 + keep + rest
-            self._msg_ts[d] = ts_ns
+                    keep = body_len if body_len < MAX_KEPT else MAX_KEPT
+                    if end - pos - 5 < keep:
+                        break
+                    pos += 5
+                    handle(kind, bytes(buf[pos:pos + keep]), body_len, msg_ts[d])
+                    pos += keep
+                    body_len -= keep
+                if body_len:   # bytes not needed: discarded as they stream by
+                    avail = end - pos
+                    if body_len > avail:
+                        self._skip[d] = body_len - avail
+                        pos = end
+                        break
+                    pos += body_len
+            msg_ts[d] = ts_ns
         del buf[:pos]
 
     def _lost(self, d: int, length: int, what: str) -> None:
         if self.state is not _OK or self._eof[d]:
             return
-        if length <= self._skip[d] and not self._buf[d]:
-            self._skip[d] -= length   # inside a body nobody needs: costs nothing
+        skip = self._skip[d]
+        if length <= skip and not self._buf[d]:
+            self._skip[d] = skip - length   # inside a body nobody needs: costs nothing
             return
-        if what == "skip" and d == _TO_CLIENT and self._in_rows and not self._skip[d] \
-                and not self._buf[d]:
-            # Whole DataRow/CopyData messages left out on purpose (see Framing).
-            self.elided_bytes += length
+        if what == "skip" and d == _TO_CLIENT and self._in_rows and not self._buf[d]:
+            # The rest of this body, then whole DataRow/CopyData messages left out on
+            # purpose (see Framing).
+            self._skip[d] = 0
+            self.elided_bytes += length - skip
             return
         self._fail(f"{length} bytes missing ({what}) inside a PostgreSQL message header")
 
@@ -699,9 +713,7 @@ class PgsqlParser:
     def _backend(self, kind: int, body: bytes, body_len: int, ts_ns: int) -> None:
         self._in_rows = kind in (0x54, 0x44, 0x64, 0x48, 0x57)   # T, D, d, H, W
         st = self._startup
-        if kind == 0x44:      # D: DataRow
-            self._result_txn(ts_ns).data_rows += 1
-        elif kind == 0x43:    # C: CommandComplete
+        if kind == 0x43:      # C: CommandComplete (DataRow is counted in _run)
             raw, _ = _cstr(body, 0)
             tag = _text(raw, 64)
             txn = self._result_txn(ts_ns)
