@@ -503,6 +503,19 @@ def test_whole_datarows_elided_by_framing_keep_the_exact_row_count():
     assert results[100_000] - results[10] == len("100000") - len("10")
 
 
+def test_a_skip_over_the_rest_of_a_body_and_whole_rows_after_it():
+    p = PgsqlParser()
+    run([(C, startup(user="u")), (S, LOGIN), (C, query("SELECT g FROM t"))], parser=p, eof=False)
+    rows = [data_row(b"x" * 100) for _ in range(5)]
+    p.receive_data(S, row_desc(1) + rows[0][:30], 1)
+    assert p.skip_hint(S) == len(rows[0]) - 30
+    p.receive_skip(S, len(rows[0]) - 30 + sum(map(len, rows[1:])), 2)
+    p.receive_data(S, complete("SELECT 5") + READY, 3)
+    q = details(run([], parser=p)[0])[-1]
+    assert (q.rows, q.data_rows, p.elided_bytes) == (5, 1, sum(map(len, rows[1:])))
+    assert p.summary()["pgsql_statement"] == "SELECT g FROM t"
+
+
 def test_a_skip_outside_rows_is_still_an_error():
     p = PgsqlParser()
     run([(C, startup(user="u")), (S, LOGIN)], parser=p, eof=False)
