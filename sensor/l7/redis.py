@@ -73,6 +73,7 @@ MAX_PENDING = 4096
 # RESP integers are signed 64-bit; redis-server refuses a multibulk count above INT_MAX.
 _MAX_INT = (1 << 63) - 1
 _MAX_MULTIBULK = (1 << 31) - 1
+_INT_ONLY = {int}
 
 REPLY_TYPES = {
     0x2B: "string", 0x2D: "error", 0x3A: "integer", 0x24: "bulk", 0x2A: "array",
@@ -155,10 +156,14 @@ class RedisEvent:
     latency_ns: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("argc", "request_bytes", "reply_len", "reply_bytes", "replies", "latency_ns"):
-            value = getattr(self, name)
-            if type(value) is not int or not 0 <= value <= _MAX_INT:
-                raise ValueError(f"{name}={value!r} is not an integer in 0..2**63-1")
+        # One event per command: the all-valid case is checked in one pass, without a loop.
+        values = (self.argc, self.request_bytes, self.reply_len, self.reply_bytes,
+                  self.replies, self.latency_ns)
+        if set(map(type, values)) != _INT_ONLY or min(values) < 0 or max(values) > _MAX_INT:
+            names = ("argc", "request_bytes", "reply_len", "reply_bytes", "replies", "latency_ns")
+            for name, value in zip(names, values):
+                if type(value) is not int or not 0 <= value <= _MAX_INT:
+                    raise ValueError(f"{name}={value!r} is not an integer in 0..2**63-1")
         if self.reply_type not in _REPLY_TYPE_NAMES:
             raise ValueError(f"reply_type={self.reply_type!r} is not a RESP reply type")
         if self.resp not in (2, 3):
@@ -233,6 +238,8 @@ def _text(raw: bytes | bytearray, limit: int) -> tuple[str, bool]:
 
 def _int(raw: bytes | bytearray, what: str) -> int:
     """A RESP length or integer: optional '-', 1..19 digits."""
+    if 0 < len(raw) < 19 and raw.isdigit():
+        return int(raw)  # the usual short non-negative length
     body = raw[1:] if raw[:1] == b"-" else raw
     if not body or len(body) > 19 or not body.isdigit():
         raise _Malformed(f"bad {what} {bytes(raw[:24])!r}")
@@ -602,17 +609,9 @@ class RedisParser:
                 if view[pos] != 0x0D or view[pos + 1] != 0x0A:
                     raise _Malformed("bulk argument not followed by CRLF")
                 pos += 2
-                args = self._req_args
-                if len(args) < MAX_ARGS_KEPT:
-                    args.append(bytes(self._kept[0]))
-                self._req_left -= 1
-                if self._req_left:
-                    modes[0] = _ITEM
-                else:
-                    modes[0] = _TOP
-                    self._request(args, self._req_lens, self._req_argc, False, self._req_ts,
-                                  self._off[0] + pos - self._req_start)
-                    self._head_ts[0] = ts_ns
+                if len(self._req_args) < MAX_ARGS_KEPT:
+                    self._req_args.append(bytes(self._kept[0]))
+                self._arg_done(pos, ts_ns)
                 continue
             if nl < 0:
                 if end - pos > MAX_LINE:
@@ -659,10 +658,30 @@ class RedisParser:
             if len(self._req_lens) < MAX_ARGS_KEPT:
                 want = MAX_ARG_KEPT
                 self._req_lens.append(n)
+            stop = pos + n
+            if stop + 2 <= end:
+                # The whole argument is here (the common case): no body state at all.
+                if view[stop] != 0x0D or view[stop + 1] != 0x0A:
+                    raise _Malformed("bulk argument not followed by CRLF")
+                if want:
+                    self._req_args.append(bytes(view[pos:pos + (n if n < want else want)]))
+                pos = stop + 2
+                self._arg_done(pos, ts_ns)
+                continue
             self._begin_body(0, n, want)
             if n == 0:
                 modes[0] = _CRLF
         return pos
+
+    def _arg_done(self, pos: int, ts_ns: int) -> None:
+        self._req_left -= 1
+        if self._req_left:
+            self._mode[0] = _ITEM
+            return
+        self._mode[0] = _TOP
+        self._request(self._req_args, self._req_lens, self._req_argc, False, self._req_ts,
+                      self._off[0] + pos - self._req_start)
+        self._head_ts[0] = ts_ns
 
     def _request(self, args: list[bytes], lens: list[int], argc: int, inline: bool, ts: int,
                  nbytes: int) -> None:
@@ -834,6 +853,19 @@ class RedisParser:
                     keep = MAX_ERROR if kind == 0x21 else 0
                 else:
                     keep = MAX_HEAD_ITEM if head >= 0 else 0
+                stop = pos + n
+                if stop + 2 <= end:
+                    # The whole body is here (the common case): no body state at all.
+                    if view[stop] != 0x0D or view[stop + 1] != 0x0A:
+                        raise _Malformed("bulk string not followed by CRLF")
+                    if keep:
+                        kept = bytes(view[pos:pos + (keep if keep < n else n)])
+                        if not stack:
+                            msg.text = kept
+                        else:
+                            msg.head[head] = kept
+                    pos = self._value_done(stop + 2, ts_ns)
+                    continue
                 self._body_kind = kind
                 self._body_head = head
                 self._begin_body(1, n, keep)
