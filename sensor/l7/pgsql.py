@@ -30,7 +30,9 @@ Errors are data: severity (the non-localized V field when sent), SQLSTATE and me
 
 Rows. `rows` is the count from the CommandComplete tag ("SELECT 10" -> 10, "INSERT 0 5"
 -> 5), exact even when the bodies were skipped. `data_rows` counts DataRow headers seen;
-it equals `rows` unless the capture lost framing. Row values are never kept.
+it equals `rows` unless whole DataRow messages were left out on purpose (see Framing:
+a kernel that follows the framing keeps the budget flat for a 100,000-row result) or the
+capture lost framing. Row values are never kept.
 
 Prepared statements live in a map bounded by MAX_PREPARED (least recently defined
 evicted first, counted in `evicted_statements`); an Execute of an evicted or unseen
