@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import random
+import re
 import selectors
 import shutil
 import socket
@@ -532,6 +533,36 @@ def test_corpus_against_tshark(rel):
             assert [e.reply for e in got if e.reply_type == "integer"] == o["ints"]
         compared += len(got)
     assert compared > 0
+
+
+_TCPDUMP_LINE = re.compile(r"IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+): .*length \d+: RESP (.*)$")
+
+
+def test_benchmark_capture_against_tcpdump_output():
+    """tcpdump -v's RESP printer (resp_1.out) lists each request's strings, inline PING
+    included, and each flat reply's value: command and key, and status and integer replies,
+    must equal the parser's. (Its LRANGE replies, many "xxx", are bulk values we never keep.)"""
+    base = CORPUS / "tcpdump/resp"
+    sent, answered = defaultdict(list), defaultdict(list)
+    for line in (base / "resp_1.out").read_text().splitlines():
+        m = _TCPDUMP_LINE.search(line)
+        if not m:
+            continue
+        words = re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(3))
+        if m.group(2) == "6379":
+            sent[int(m.group(1))].append(words)
+        else:
+            answered[int(m.group(2))].append(words)
+    flows = [f for f in pcaputil.flows(base / "resp_1_benchmark.pcap") if f.proto == 6]
+    assert len(flows) == len(sent) == 15
+    for flow in flows:
+        got = [t.detail for t in pcaputil.feed(RedisParser(), flow)]
+        assert [(e.command, e.key) for e in got] == [
+            (w[0].upper(), w[1] if len(w) > 1 and w[0] not in ("PING",) else "")
+            for w in sent[flow.sport]]
+        for e, words in zip(got, answered[flow.sport]):
+            if e.reply_type in ("string", "integer"):
+                assert [e.reply] == words
 
 
 def test_malicious_inline_commands_match_the_servers_answers():
