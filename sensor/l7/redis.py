@@ -492,6 +492,12 @@ class RedisParser:
             view: bytes | bytearray = data
         else:
             buf += data
+            if (mode == _TOP or mode == _ITEM) and b"\n" not in data:
+                # Still inside the same line: do not scan the buffer again (a line sent in
+                # 1-byte segments would otherwise cost quadratic time).
+                if len(buf) > MAX_LINE + 2:
+                    self._fail(f"line longer than {MAX_LINE} bytes")
+                return
             view = buf
         try:
             pos = self._run_client(view, ts_ns) if d == 0 else self._run_server(view, ts_ns)
@@ -814,10 +820,12 @@ class RedisParser:
             head = -1
             if len(stack) == 1 and stack[0][1] != 0x3B:
                 head = msg.children
-                if head < 3:
-                    msg.head.append(None)
-                else:
+                if head >= 3:
                     head = -1
+                elif len(msg.head) == head:
+                    msg.head.append(None)  # an attribute before it may have made the slot
+                else:
+                    msg.head[head] = None
             if kind in (0x2B, 0x2D, 0x3A, 0x2C, 0x23, 0x28, 0x5F):
                 body = line[1:]
                 if kind == 0x3A or kind == 0x28:
@@ -969,7 +977,7 @@ class RedisParser:
         kind = msg.kind
         first = msg.head[0].lower() if msg.head and msg.head[0] is not None else b""
         awaiting = self._awaiting
-        confirms = kind in (0x2A, 0x3E) and awaiting and self._confirms(awaiting[0], first)
+        confirms = kind in (0x2A, 0x3E) and bool(awaiting) and self._confirms(awaiting[0], first)
         if not confirms and (kind == 0x3E or (
                 kind == 0x2A and self._subscribed and first in _MESSAGE_KINDS)):
             self._push(msg, size, first)

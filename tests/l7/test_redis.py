@@ -363,6 +363,27 @@ def test_line_length_is_bounded():
     assert p.state is ParserState.ERROR and "longer than" in p.error
 
 
+def test_a_line_in_tiny_segments_is_not_rescanned():
+    p = RedisParser()
+    calls = []
+    run = p._run_server
+    p._run_server = lambda view, ts: calls.append(len(view)) or run(view, ts)
+    for b in b"+" + b"a" * 5000:
+        p.receive_data(S, bytes([b]), 1)
+    assert calls == [1]   # the buffer is scanned again only when a newline arrives
+    p.receive_data(S, b"\r\n", 2)
+    assert calls == [1, 5003] and p.state is ParserState.OK
+
+
+def test_attributes_do_not_grow_the_reply_head():
+    p = RedisParser()
+    p.receive_data(S, b"*2\r\n" + b"|0\r\n" * 1000, 1)
+    assert len(p._msg.head) <= 3 and p.state is ParserState.OK
+    p.receive_data(S, b"$7\r\nmessage\r\n:1\r\n", 2)
+    (ev,) = events(parser=p)
+    assert (ev.reply_type, ev.reply_len) == ("array", 2)
+
+
 def test_datagram_is_an_error():
     p = RedisParser()
     p.receive_datagram(C, cmd("PING"), 1)
