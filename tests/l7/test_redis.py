@@ -500,7 +500,8 @@ def _tshark(path: Path) -> dict:
     for f in _TSHARK:
         args += ["-e", f]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
-    by: dict = defaultdict(lambda: {"cmds": [], "errors": [], "strings": [], "ints": []})
+    by: dict = defaultdict(lambda: {"cmds": [], "second": [], "errors": [], "strings": [],
+                                    "ints": []})
     for line in out.splitlines():
         row = {k: (v.split("\x1f") if v else []) for k, v in zip(_TSHARK, line.split("\t"))}
         sport, dport = int(row["tcp.srcport"][0]), int(row["tcp.dstport"][0])
@@ -511,6 +512,8 @@ def _tshark(path: Path) -> dict:
                 if n > 0:
                     name = values[i].upper().decode() if i < len(values) else None
                     by[sport]["cmds"].append((name, n))
+                    by[sport]["second"].append(values[i + 1] if n > 1 and i + 1 < len(values)
+                                               else None)
                     i += n
         else:
             o = by[dport]
@@ -545,8 +548,12 @@ def test_corpus_against_tshark(rel):
         # inline command to redis-server, which answers "unknown command '$0'", while
         # tshark shows a bulk string or integer): those are compared with Zeek and the
         # server's own error text below.
-        assert [(e.command.split(" ")[0], e.argc) for e in got
-                if e.command and not e.inline] == o["cmds"], flow.sport
+        arrays = [e for e in got if e.command and not e.inline]
+        assert [(e.command.split(" ")[0], e.argc) for e in arrays] == o["cmds"], flow.sport
+        # The key, where the command has one at the first argument: tshark's second string.
+        for e, second in zip(arrays, o["second"]):
+            if e.key:
+                assert e.key.encode() == second
         assert [e.error for e in got if e.error] == o["errors"], flow.sport
         if all(e.reply_type in ("string", "integer", "error", "") for e in got):
             # Flat replies only: tshark's lists then hold top-level values alone.
