@@ -15,9 +15,13 @@ maps before the parent has read its copies of them.
 import ctypes
 import json
 import os
+import signal
 import socket
 import sys
 import traceback
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _reply(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
@@ -74,7 +78,20 @@ def compile_and_load(sock: socket.socket, request: dict) -> None:
     _reply(sock, reply, fds)
 
 
+def _follow_parent() -> None:
+    """Signals are the parent's to handle: Ctrl-C at a terminal or systemd's stop reach
+    this whole process group, and the parent finishes its start-up (this compile) before
+    it stops, as it did when it compiled itself. If the parent dies, so does this child
+    (PR_SET_PDEATHSIG), instead of compiling for nobody."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(1)   # the parent was gone before the line above
+
+
 def main() -> None:
+    _follow_parent()
     sock = socket.socket(fileno=int(sys.argv[1]))
     code = 0
     try:
