@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 from sensor.errors import ConfigError
-from sensor.replay.reader import (
+from sensor.flow.packet import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,

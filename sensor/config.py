@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sensor import capfilter
-from sensor.engine.semantics import Timeouts
 from sensor.errors import ConfigError
+from sensor.flow.semantics import Timeouts
 
 SENSOR_CONFIG_PATH = Path("/etc/loupe/sensor.toml")
 COLLECTOR_CONFIG_PATH = Path("/etc/loupe/collector.toml")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from sensor import config as cfg
 from sensor.engine.live import DEFAULT_REFILL_OCTETS, LiveConfig, LiveSensor, default_interfaces
-from sensor.engine.semantics import NS
 from sensor.errors import ConfigError, LoupeError, StorageError
+from sensor.flow.semantics import NS
 from sensor.kernel import exclude as kexclude
 from sensor.kernel.hybrid import SelectionConfig as KernelSelection
 from sensor.metrics import MetricsRegistry

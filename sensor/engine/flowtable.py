@@ -1,6 +1,6 @@
 """The flow table: per-flow state, timeouts and the records they produce.
 
-Semantics are sensor/engine/semantics.py's; this module owns when a flow's record is
+Semantics are sensor/flow/semantics.py's; this module owns when a flow's record is
 written:
 
 - idle timeout (TCP 300 s, others 60 s) after the flow's last packet: IDLE_TIMEOUT;
@@ -29,8 +29,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
-from sensor.engine.flowkey import flow_uid
-from sensor.engine.semantics import (
+from sensor.flow.community_id import DEFAULT as DEFAULT_CID
+from sensor.flow.community_id import CommunityId
+from sensor.flow.flowkey import flow_uid
+from sensor.flow.semantics import (
     DEFAULT_TIMEOUTS,
     PROTO_TCP,
     TCP_FIN,
@@ -40,8 +42,6 @@ from sensor.engine.semantics import (
     conn_state,
     conn_state_other,
 )
-from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
-from sensor.enrich.community_id import CommunityId
 from sensor.model import Flow, FlowEndReason
 
 # How often (in packet time) expiry runs. Timeouts are tens of seconds, so expiring up to

@@ -50,8 +50,8 @@ from sensor.engine.reassembly import (
     ReassemblyLimits,
     Skip,
 )
-from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
-from sensor.enrich.community_id import CommunityId
+from sensor.flow.community_id import DEFAULT as DEFAULT_CID
+from sensor.flow.community_id import CommunityId
 from sensor.l7.base import NEED_DATA, Direction, ParserState
 from sensor.l7.detect import PROTO_TCP, PROTO_UDP, ParserRegistry, detect
 from sensor.model import L7Coverage, L7Event, Record
@@ -98,7 +98,7 @@ class FlowL7:
 
 
 class L7Engine:
-    """PayloadSink + FlowAnnotator for sensor/replay/meter.py (and, later, the kernel's
+    """PayloadSink + FlowAnnotator for sensor/engine/meter.py (and, later, the kernel's
     payload events). Records go to `emit`."""
 
     def __init__(

@@ -70,8 +70,8 @@ from sensor.clock import Clock, SystemClock, wall_offset_ns
 from sensor.engine.flowtable import FlowState, identify
 from sensor.engine.l7engine import L7Engine
 from sensor.engine.reassembly import MemoryBudget
-from sensor.engine.semantics import DEFAULT_TIMEOUTS, PROTO_TCP, PROTO_UDP, Timeouts
 from sensor.errors import InterfaceError, KernelError, LoupeError
+from sensor.flow.semantics import DEFAULT_TIMEOUTS, PROTO_TCP, PROTO_UDP, Timeouts
 from sensor.kernel import abi, attach, bpfsys
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import PayloadEvent
@@ -181,15 +181,15 @@ class KernelControl:
 
 class _Parsers(ParserRegistry):
     """The default parsers, with sensor.toml's [redaction] enabled switch handed to the
-    HTTP/1 parser (it redacts credentials at parse time; off only for lab use)."""
+    parsers that registered a "redact" option (they redact credentials at parse time;
+    off only for lab use)."""
 
     def __init__(self, redact: bool) -> None:
         super().__init__()
         self.redact = redact
 
     def create(self, name: str, **options):
-        if name == "http":
-            options.setdefault("redact", self.redact)
+        options.setdefault("redact", self.redact)
         return super().create(name, **options)
 
 

@@ -32,13 +32,13 @@ from sensor.capfilter import compile_packet_filter
 from sensor.capfilter import parse as parse_filter
 from sensor.engine.flowtable import DEFAULT_MAX_FLOWS
 from sensor.engine.l7engine import L7Engine
+from sensor.engine.meter import Meter, shard_of
 from sensor.engine.reassembly import DEFAULT_LIMITS, MemoryBudget, ReassemblyLimits
-from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
-from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
-from sensor.enrich.community_id import CommunityId
+from sensor.flow.community_id import DEFAULT as DEFAULT_CID
+from sensor.flow.community_id import CommunityId
+from sensor.flow.packet import Packet
+from sensor.flow.semantics import DEFAULT_TIMEOUTS, Timeouts
 from sensor.model import LostEvent, LostSource, Record, record_kind
-from sensor.replay.meter import Meter, shard_of
-from sensor.replay.reader import Packet
 
 __all__ = ["PacketSource", "RecordSink", "ExporterSink", "PipelineConfig", "Pipeline",
            "Summary", "loss_events", "merge", "run_sharded"]

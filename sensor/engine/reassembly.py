@@ -43,7 +43,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from sensor.engine.semantics import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sensor.flow.semantics import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from sensor.model import L7Coverage
 
 SEQ_MOD = 1 << 32

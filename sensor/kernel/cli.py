@@ -15,8 +15,8 @@ import time
 from typing import TextIO
 
 from sensor.clock import SystemClock
-from sensor.engine.semantics import NS, Timeouts
 from sensor.errors import ConfigError
+from sensor.flow.semantics import NS, Timeouts
 from sensor.kernel import abi, attach, loader
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import EventDecoder

@@ -36,7 +36,7 @@ When a retire may race a packet
   The time is read before the snapshot, so "idle" is never overstated.
 
 Records: the initiator is src (first pure SYN, else first packet). conn_state follows
-sensor.engine.semantics.conn_state for TCP and conn_state_other for the rest; SYN/FIN/
+sensor.flow.semantics.conn_state for TCP and conn_state_other for the rest; SYN/FIN/
 RST counts are those since the previous record of the flow (semantics.py). history
 (Zeek's per-packet letter string) is left empty live: the kernel keeps OR-ed flags per
 direction, not the packet order history needs, and storing it would cost an unbounded
@@ -57,13 +57,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sensor.clock import Clock, kernel_to_wall_ns, wall_offset_ns
-from sensor.engine.flowkey import flow_uid
-from sensor.engine.semantics import (
+from sensor.flow.community_id import DEFAULT as DEFAULT_CID
+from sensor.flow.community_id import CommunityId, icmp_ports
+from sensor.flow.flowkey import flow_uid
+from sensor.flow.semantics import (
     DEFAULT_TIMEOUTS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SideFlags, Timeouts, conn_state,
     conn_state_other,
 )
-from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
-from sensor.enrich.community_id import CommunityId, icmp_ports
 from sensor.kernel import abi, bpfsys
 from sensor.kernel.events import Event, FlowEnd, LateUpdate
 from sensor.model import Flow, FlowEndReason, L7Coverage

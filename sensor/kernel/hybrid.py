@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sensor.clock import Clock
-from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
 from sensor.errors import ConfigError
+from sensor.flow.semantics import DEFAULT_TIMEOUTS, Timeouts
 from sensor.kernel import abi, bpfsys, exclude
 from sensor.kernel.events import EventDecoder, PayloadEvent
 from sensor.kernel.flowmap import FlowMapReader

@@ -1,7 +1,7 @@
 """Replay: capture files through the userspace engine into Loupe records.
 
-The Python API (sensor/replay/api.py) is exported here lazily: the engine's pipeline
-imports this package's reader and meter, so importing the API eagerly would be circular.
+The Python API (sensor/replay/api.py) is exported here lazily, so importing the reader
+alone does not load the whole engine.
 """
 
 __all__ = ["replay", "replay_records", "to_dataframe", "RECORD_KINDS"]

@@ -38,23 +38,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
 from sensor.errors import CaptureFileError
-
-# Link types (tcpdump.org/linktypes.html) the meter decodes.
-LINKTYPE_NULL = 0
-LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW_12 = 12   # DLT_RAW on most BSDs
-LINKTYPE_RAW_14 = 14   # DLT_RAW on OpenBSD
-LINKTYPE_RAW = 101
-LINKTYPE_LOOP = 108
-LINKTYPE_LINUX_SLL = 113
-LINKTYPE_IPV4 = 228
-LINKTYPE_IPV6 = 229
-LINKTYPE_LINUX_SLL2 = 276
-
-SUPPORTED_LINKTYPES = frozenset({
-    LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW_12, LINKTYPE_RAW_14, LINKTYPE_RAW,
-    LINKTYPE_LOOP, LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2,
-})
+from sensor.flow.packet import Packet
 
 # Read size: large enough that the per-read overhead vanishes against the per-packet
 # work, small enough to keep memory flat on multi-GB captures. Not larger: each refill
@@ -93,8 +77,6 @@ _BT_EPB = 0x00000006
 # Interfaces one pcapng file may define. Far above any real capture (a host with every
 # interface of a large router); bounds the per-file interface table.
 MAX_INTERFACES = 65_536
-
-Packet = tuple[int, int, int, bytes, int]
 
 
 @dataclass(slots=True)

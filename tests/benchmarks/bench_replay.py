@@ -98,7 +98,7 @@ def breakdown(pcap: Path, limit: int = 150_000) -> None:
     JSON lines encoding of that last run's records."""
     from sensor.engine.l7engine import L7Engine
     from sensor.l7.detect import DEFAULT_PARSERS, ParserRegistry
-    from sensor.replay.meter import Meter
+    from sensor.engine.meter import Meter
     from sensor.replay.reader import CaptureReader
 
     start = time.process_time()

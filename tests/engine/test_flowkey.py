@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sensor.engine.flowkey import _UID_MOD, _base62, _base62_17, _flow_uid_plain, flow_uid
+from sensor.flow.flowkey import _UID_MOD, _base62, _base62_17, _flow_uid_plain, flow_uid
 
 
 def test_pairwise_base62_equals_digit_by_digit():

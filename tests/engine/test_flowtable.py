@@ -3,9 +3,9 @@ fed through the real meter (packet time only)."""
 
 from __future__ import annotations
 
-from sensor.engine.semantics import NS, Timeouts
+from sensor.engine.meter import Meter
+from sensor.flow.semantics import NS, Timeouts
 from sensor.model import FlowEndReason as R
-from sensor.replay.meter import Meter
 from tests.fixtures import packets as pk
 
 A, B = "198.18.0.1", "198.18.0.2"

@@ -19,7 +19,7 @@ from sensor.engine.reassembly import (
     Skip,
     StreamReassembler,
 )
-from sensor.engine.semantics import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sensor.flow.semantics import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 ISN = 1000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sensor.engine.semantics import (
+from sensor.flow.semantics import (
     TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, SideFlags, Timeouts, conn_state,
     conn_state_other, tcp_ended,
 )

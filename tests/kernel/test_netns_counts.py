@@ -17,12 +17,12 @@ import time
 import pytest
 
 from sensor.clock import SystemClock
-from sensor.engine.semantics import NS, Timeouts
+from sensor.flow.semantics import NS, Timeouts
 from sensor.kernel import attach
+from sensor.kernel import abi
 from sensor.kernel.counters import read_counters, possible_cpus
 from sensor.kernel.events import EventDecoder
 from sensor.kernel.flowmap import FlowMapReader
-from sensor.kernel import abi
 from sensor.model import FlowEndReason
 from tests.kernel.conftest import in_netns
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records

@@ -1,6 +1,6 @@
 """Live <-> replay parity, record for record: the same frames go through the real kernel
 program (BPF_PROG_TEST_RUN, read out by FlowMapReader) and through the replay meter
-(sensor/replay/meter.py), and both must produce the same flows with the same fields.
+(sensor/engine/meter.py), and both must produce the same flows with the same fields.
 
 Fields that must differ, and why:
 - uid, flow_start_ns, flow_end_ns: live time is the kernel clock when the test runs
@@ -20,10 +20,10 @@ from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw, raw
 
 from sensor.clock import SystemClock
+from sensor.engine.meter import Meter
+from sensor.flow.packet import LINKTYPE_ETHERNET
 from sensor.kernel import testrun
 from sensor.kernel.flowmap import FlowMapReader
-from sensor.replay.meter import Meter
-from sensor.replay.reader import LINKTYPE_ETHERNET
 
 pytestmark = pytest.mark.bpf
 

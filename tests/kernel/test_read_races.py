@@ -14,7 +14,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from sensor.clock import SystemClock
-from sensor.engine.semantics import NS, Timeouts
+from sensor.flow.semantics import NS, Timeouts
 from sensor.kernel import testrun
 from sensor.kernel.events import EventDecoder
 from sensor.kernel.flowmap import FlowMapReader

@@ -16,8 +16,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from sensor.clock import SystemClock
-from sensor.engine.semantics import NS, Timeouts
 from sensor.errors import KernelError
+from sensor.flow.semantics import NS, Timeouts
 from sensor.kernel import loader, testrun
 from sensor.kernel.events import EventDecoder
 from sensor.kernel.flowmap import FlowMapReader

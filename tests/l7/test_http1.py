@@ -521,7 +521,7 @@ def _through_reassembler(steps, rnd) -> tuple:
     run them through the reassembler, and feed its events to the parser, honouring
     skip_hint the way the engine does."""
     from sensor.engine.reassembly import Data, Eof, FlowReassembler, Gap, Skip
-    from sensor.engine.semantics import TCP_ACK, TCP_FIN
+    from sensor.flow.semantics import TCP_ACK, TCP_FIN
 
     flow = FlowReassembler()
     parser = Http1Parser()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from sensor.engine.pipeline import PipelineConfig
-from sensor.enrich.community_id import CommunityId
+from sensor.flow.community_id import CommunityId
 from sensor.model import DnsEvent, Flow, HttpEvent, L7Event, TlsEvent
 from sensor.replay import replay_records
 from tests.pipeline import eve

@@ -8,15 +8,15 @@ import struct
 import pytest
 
 from sensor.engine.l7engine import L7Engine
+from sensor.engine.meter import MAX_DEFRAG_DATAGRAMS, Meter
 from sensor.engine.pipeline import Pipeline, PipelineConfig
 from sensor.engine.reassembly import MemoryBudget, ReassemblyLimits
 from sensor.export.sinks import table_schema
 from sensor.l7.base import ParserState
 from sensor.model import Flow, FlowEndReason, HttpEvent, L7Event, LostEvent, TlsEvent
 from sensor.replay import replay, to_dataframe
-from sensor.replay.meter import MAX_DEFRAG_DATAGRAMS, Meter
-from tests.fixtures import packets as pk
 from tests.conftest import REPO
+from tests.fixtures import packets as pk
 
 A, B = "198.18.0.1", "198.18.0.2"
 T0 = 1_700_000_000_000_000_000

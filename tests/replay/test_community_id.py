@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sensor.enrich.community_id import CommunityId, community_id, icmp_ports
+from sensor.flow.community_id import CommunityId, community_id, icmp_ports
 
 
 def test_symmetric_for_tcp_and_paired_icmp():

@@ -17,8 +17,8 @@ import dpkt
 import pytest
 import yaml
 
-from sensor.enrich.community_id import CommunityId
-from sensor.replay.meter import meter_file
+from sensor.flow.community_id import CommunityId
+from tests.replay.metering import meter_file
 from tests.replay.ndpi_oracle import parse as parse_ndpi
 
 NDPI_CASES = [

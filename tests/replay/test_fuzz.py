@@ -8,9 +8,10 @@ import tracemalloc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sensor.engine.meter import MAX_FRAG_ENTRIES, Meter
 from sensor.errors import CaptureFileError
-from sensor.replay.meter import MAX_FRAG_ENTRIES, Meter
-from sensor.replay.reader import SUPPORTED_LINKTYPES, CaptureReader
+from sensor.flow.packet import SUPPORTED_LINKTYPES
+from sensor.replay.reader import CaptureReader
 from tests.fixtures import capture_files as cf
 from tests.fixtures import packets as pk
 

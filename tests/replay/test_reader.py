@@ -9,10 +9,11 @@ import struct
 import pytest
 
 from sensor.errors import CaptureFileError
-from sensor.replay.meter import meter_file
-from sensor.replay.reader import SUPPORTED_LINKTYPES, CaptureReader, read_packets
+from sensor.flow.packet import SUPPORTED_LINKTYPES
+from sensor.replay.reader import CaptureReader, read_packets
 from tests.fixtures import capture_files as cf
 from tests.fixtures import packets as pk
+from tests.replay.metering import meter_file
 
 T0 = 1_700_000_000_123_456_789  # ns; the µs formats keep 1_700_000_000_123_456_000
 

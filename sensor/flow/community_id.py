@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import struct
 
-from sensor.engine.flowkey import addr_bytes
+from sensor.flow.flowkey import addr_bytes
 
 PROTO_ICMP = 1
 PROTO_TCP = 6

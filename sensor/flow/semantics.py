@@ -1,5 +1,5 @@
 """Flow semantics in one place: the rules the kernel program (bpf/flow.c, read out by
-sensor/kernel/flowmap.py) and the replay meter (sensor/replay/meter.py) both follow, and
+sensor/kernel/flowmap.py) and the replay meter (sensor/engine/meter.py) both follow, and
 that both are tested against.
 
 - A flow is bidirectional (RFC 5103). Its key is canonical (the lower address/port end

@@ -1,5 +1,5 @@
 """The replay flow meter: L2-L4 decoding and per-flow accounting with the kernel program's
-semantics (sensor/engine/semantics.py), driven by packet time only.
+semantics (sensor/flow/semantics.py), driven by packet time only.
 
 Strategy. One method, feed(), takes a packet as the reader yields it and does all the
 work inline: hand-written struct/slice parsing (faster than building dpkt objects for the
@@ -42,11 +42,9 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol, runtime_checkable
 
 from sensor.engine.flowtable import DEFAULT_MAX_FLOWS, FlowState, FlowTable
-from sensor.engine.semantics import DEFAULT_TIMEOUTS, Timeouts
-from sensor.enrich.community_id import DEFAULT as DEFAULT_CID
-from sensor.enrich.community_id import CommunityId, icmp_ports
-from sensor.model import Flow, FlowEndReason
-from sensor.replay.reader import (
+from sensor.flow.community_id import DEFAULT as DEFAULT_CID
+from sensor.flow.community_id import CommunityId, icmp_ports
+from sensor.flow.packet import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,
@@ -59,6 +57,8 @@ from sensor.replay.reader import (
     LINKTYPE_RAW_14,
     Packet,
 )
+from sensor.flow.semantics import DEFAULT_TIMEOUTS, Timeouts
+from sensor.model import Flow, FlowEndReason
 
 # IPv6 extension headers followed before giving up (RFC 8200 expects at most one of each
 # of ~6 kinds; 8 covers every legal chain and bounds the work a crafted packet can cause).
@@ -258,7 +258,6 @@ class Meter:
         self.stats = MeterStats()
         self._frags: OrderedDict[tuple, tuple[int, int, int]] = OrderedDict()
         self._defrag = IpDefragmenter()
-        self.reader_stats = None  # set by meter_file()
 
     def run(self, packets: Iterable[Packet]) -> None:
         """Meter every packet, then flush the table (FORCED_END for live flows)."""
@@ -769,18 +768,3 @@ def shard_of(link: int, frame: bytes) -> int:
         return ((frame[off + 22] << 8) | frame[off + 23]) ^ \
             ((frame[off + 38] << 8) | frame[off + 39])
     return 0
-
-
-def meter_file(path, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
-               max_flows: int = DEFAULT_MAX_FLOWS, sink: PayloadSink | None = None,
-               community: CommunityId = DEFAULT_CID) -> tuple[list[Flow], Meter]:
-    """All Flow records of one capture file, and the meter (for its counters)."""
-    from sensor.replay.reader import CaptureReader
-
-    records: list[Flow] = []
-    meter = Meter(emit=records.append, sink=sink, timeouts=timeouts, max_flows=max_flows,
-                  community=community)
-    with CaptureReader(path) as reader:
-        meter.run(reader)
-        meter.reader_stats = reader.stats
-    return records, meter
