@@ -1,0 +1,154 @@
+"""Every L7 parser through the shared harness (tests/l7/harness.py): its real captures fed
+whole, one byte at a time, split at every offset, with trailing junk, and to hypothesis.
+The long fuzz run is `python -m tests.fuzz` (tests/fuzz.py); this is its short version."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from functools import cache
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sensor.l7
+from sensor.l7.dns import DnsParser
+from sensor.l7.http1 import Http1Parser
+from sensor.l7.mysql import MysqlParser
+from sensor.l7.pgsql import PgsqlParser
+from sensor.l7.redis import RedisParser
+from sensor.l7.tls import TlsParser
+from tests.l7 import harness, pcaputil
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+BIG = 4 << 10
+
+# parser name -> (factory, the golden captures holding its conversations). Every TCP flow
+# and UDP flow on the server port of each capture is one conversation.
+PARSERS = {
+    "http1": (Http1Parser, ("curl-http.pcap", "http-pipelined.pcap", "http-gap-garbage.pcap")),
+    "dns": (DnsParser, ("dig-dnsmasq.pcap", "dns-udp-tcp.pcap")),
+    "tls": (TlsParser, ("openssl-tls12.pcap", "openssl-tls13.pcap",
+                        "tls13-split-hello-ipv6.pcap")),
+    "mysql": (MysqlParser, ("mysql-parser/session.pcap",)),
+    "pgsql": (PgsqlParser, ("pgsql-session.pcap.gz",)),
+    "redis": (RedisParser, ("redis-session.pcap.gz",)),
+}
+
+
+@cache
+def conversations(name: str) -> tuple[harness.Conversation, ...]:
+    out = []
+    for capture in PARSERS[name][1]:
+        for flow in pcaputil.flows(GOLDEN / capture):
+            # The captures' UDP "marker" datagrams (port to itself) are not DNS.
+            if flow.chunks and (flow.proto == 6 or flow.dport == 53):
+                out.append(harness.Conversation(
+                    f"{capture}:{flow.sport}", tuple(flow.chunks), flow.proto == 17))
+    return tuple(out)
+
+
+def seeds(name: str) -> list[bytes]:
+    return [harness.encode(c) for c in conversations(name)]
+
+
+def test_every_parser_in_sensor_l7_is_here():
+    found = set()
+    for info in pkgutil.iter_modules(sensor.l7.__path__):
+        module = importlib.import_module(f"sensor.l7.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            # Classes with the L7Parser methods, not the typing.Protocol itself.
+            if (cls.__module__ == module.__name__ and hasattr(cls, "receive_data")
+                    and hasattr(cls, "next_event") and not getattr(cls, "_is_protocol", 0)):
+                found.add(cls)
+    missing = found - {factory for factory, _ in PARSERS.values()}
+    assert not missing, f"add {sorted(c.__name__ for c in missing)} to PARSERS with captures"
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_fed_whole_bytewise_split_and_with_junk_alike(name):
+    factory = PARSERS[name][0]
+    convs = conversations(name)
+    assert convs, f"{name}: no conversations in its captures"
+    made = 0
+    for conv in convs:
+        # Each split replays the conversation: a large one (over 4 KiB) gets its
+        # first 256 offsets and 32 drawn after, to keep this test to seconds.
+        big = conv.size > BIG
+        made += harness.check_conversation(factory, conv, exhaustive=256 if big else
+                                           harness.EXHAUSTIVE, sample=32 if big else
+                                           harness.SAMPLE)
+    # Captures that make no transactions would make every comparison above vacuous.
+    assert made > 0
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_fuzz_scripts_seeded_by_the_captures_replay_them(name):
+    # encode() is faithful: the script of a capture gives the capture's transactions.
+    factory = PARSERS[name][0]
+    for conv in conversations(name):
+        _, _, whole = harness.run(factory, conv.chunks, datagrams=conv.datagrams)
+        assert harness.drive(factory, harness.encode(conv)) == len(whole), conv.name
+
+
+@st.composite
+def scripts(draw, name: str) -> bytes:
+    """Random scripts, and capture scripts with a few byte-level mutations."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=2048))
+    base = draw(st.sampled_from(seeds(name)))
+    buf = bytearray(base)
+    for _ in range(draw(st.integers(1, 4))):
+        if not buf:
+            break
+        pos = draw(st.integers(0, len(buf) - 1))
+        how = draw(st.sampled_from(("set", "insert", "delete", "truncate")))
+        if how == "set":
+            buf[pos] = draw(st.integers(0, 255))
+        elif how == "insert":
+            buf[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif how == "delete":
+            del buf[pos:pos + draw(st.integers(1, 16))]
+        else:
+            del buf[pos:]
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_fuzz_nothing_escapes(name):
+    factory = PARSERS[name][0]
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(scripts(name))
+    def one(script):
+        harness.drive(factory, script)
+
+    one()
+
+
+def test_the_harness_catches_a_parser_that_depends_on_segmentation():
+    # A parser that emits one transaction per receive_data call: feeding it whole and one
+    # byte at a time differ, and the harness must say so.
+    class PerCall:
+        def __init__(self):
+            real = Http1Parser()
+            self.state, self._out = real.state, []
+
+        def receive_data(self, direction, data, ts_ns):
+            from sensor.l7.base import Transaction
+            self._out.append(Transaction(ts_ns, len(data)))
+
+        def receive_eof(self, direction, ts_ns):
+            pass
+
+        def next_event(self):
+            from sensor.l7.base import NEED_DATA
+            return self._out.pop(0) if self._out else NEED_DATA
+
+    conv = conversations("http1")[0]
+    with pytest.raises(AssertionError, match="one byte at a time"):
+        harness.check_conversation(PerCall, conv)
