@@ -17,9 +17,18 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction
+from sensor.l7.dns import DnsParser
+from sensor.l7.http1 import Http1Parser
+from sensor.l7.mysql import MysqlParser
+from sensor.l7.pgsql import PgsqlParser
+from sensor.l7.redis import RedisParser
+from sensor.l7.tls import TlsParser
+from tests.l7 import pcaputil
 from tests.l7.pcaputil import Chunk
 
 Factory = Callable[[], Any]
@@ -37,6 +46,21 @@ JUNK = (b"\x00" * 7, b"\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)), 
 STATES = frozenset(ParserState)
 
 
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+# parser name -> (factory, the golden captures holding its conversations). Every TCP flow
+# and every UDP flow to port 53 of each capture is one conversation.
+PARSERS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
+    "http1": (Http1Parser, ("curl-http.pcap", "http-pipelined.pcap", "http-gap-garbage.pcap")),
+    "dns": (DnsParser, ("dig-dnsmasq.pcap", "dns-udp-tcp.pcap")),
+    "tls": (TlsParser, ("openssl-tls12.pcap", "openssl-tls13.pcap",
+                        "tls13-split-hello-ipv6.pcap")),
+    "mysql": (MysqlParser, ("mysql-parser/session.pcap",)),
+    "pgsql": (PgsqlParser, ("pgsql-session.pcap.gz",)),
+    "redis": (RedisParser, ("redis-session.pcap.gz",)),
+}
+
+
 class Escaped(AssertionError):
     """The parser broke its contract (an exception other than this one escaping is too)."""
 
@@ -50,6 +74,23 @@ class Conversation:
     @property
     def size(self) -> int:
         return sum(len(c.data) for c in self.chunks)
+
+
+@cache
+def conversations(name: str) -> tuple[Conversation, ...]:
+    out = []
+    for capture in PARSERS[name][1]:
+        for flow in pcaputil.flows(GOLDEN / capture):
+            # The captures' UDP "marker" datagrams (a port to itself) are not DNS.
+            if flow.chunks and (flow.proto == 6 or flow.dport == 53):
+                out.append(Conversation(
+                    f"{capture}:{flow.sport}", tuple(flow.chunks), flow.proto == 17))
+    return tuple(out)
+
+
+def seeds(name: str) -> list[bytes]:
+    """Fuzz scripts replaying each of the parser's conversations."""
+    return [encode(c) for c in conversations(name)]
 
 
 def _pull(parser, out: list) -> None:

@@ -7,52 +7,21 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from functools import cache
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sensor.l7
-from sensor.l7.dns import DnsParser
 from sensor.l7.http1 import Http1Parser
-from sensor.l7.mysql import MysqlParser
-from sensor.l7.pgsql import PgsqlParser
-from sensor.l7.redis import RedisParser
-from sensor.l7.tls import TlsParser
-from tests.l7 import harness, pcaputil
+from tests.l7 import harness
+from tests.conftest import REPO
+from tests.fuzz import PARSER_NAMES
+from tests.l7.harness import PARSERS, conversations, seeds
 
-GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 BIG = 4 << 10
-
-# parser name -> (factory, the golden captures holding its conversations). Every TCP flow
-# and UDP flow on the server port of each capture is one conversation.
-PARSERS = {
-    "http1": (Http1Parser, ("curl-http.pcap", "http-pipelined.pcap", "http-gap-garbage.pcap")),
-    "dns": (DnsParser, ("dig-dnsmasq.pcap", "dns-udp-tcp.pcap")),
-    "tls": (TlsParser, ("openssl-tls12.pcap", "openssl-tls13.pcap",
-                        "tls13-split-hello-ipv6.pcap")),
-    "mysql": (MysqlParser, ("mysql-parser/session.pcap",)),
-    "pgsql": (PgsqlParser, ("pgsql-session.pcap.gz",)),
-    "redis": (RedisParser, ("redis-session.pcap.gz",)),
-}
-
-
-@cache
-def conversations(name: str) -> tuple[harness.Conversation, ...]:
-    out = []
-    for capture in PARSERS[name][1]:
-        for flow in pcaputil.flows(GOLDEN / capture):
-            # The captures' UDP "marker" datagrams (port to itself) are not DNS.
-            if flow.chunks and (flow.proto == 6 or flow.dport == 53):
-                out.append(harness.Conversation(
-                    f"{capture}:{flow.sport}", tuple(flow.chunks), flow.proto == 17))
-    return tuple(out)
-
-
-def seeds(name: str) -> list[bytes]:
-    return [harness.encode(c) for c in conversations(name)]
 
 
 def test_every_parser_in_sensor_l7_is_here():
@@ -65,7 +34,8 @@ def test_every_parser_in_sensor_l7_is_here():
                     and hasattr(cls, "next_event") and not getattr(cls, "_is_protocol", 0)):
                 found.add(cls)
     missing = found - {factory for factory, _ in PARSERS.values()}
-    assert not missing, f"add {sorted(c.__name__ for c in missing)} to PARSERS with captures"
+    assert not missing, (f"add {sorted(c.__name__ for c in missing)} to PARSERS in "
+                         "tests/l7/harness.py, with captures")
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
@@ -152,3 +122,24 @@ def test_the_harness_catches_a_parser_that_depends_on_segmentation():
     conv = conversations("http1")[0]
     with pytest.raises(AssertionError, match="one byte at a time"):
         harness.check_conversation(PerCall, conv)
+
+
+def test_the_fuzz_command_knows_every_parser():
+    assert set(PARSER_NAMES) == set(PARSERS)
+
+
+# atheris instruments the sensor modules in each parser's child (seconds apiece): one
+# parser is enough to show the command works.
+@pytest.mark.parametrize(("engine", "target", "names"), [
+    ("mutate", "all", PARSER_NAMES), ("atheris", "dns", ("dns",))])
+def test_fuzz_command_short_run(engine, target, names, tmp_path):
+    if engine == "atheris":
+        pytest.importorskip("atheris")
+    res = subprocess.run([sys.executable, "-m", "tests.fuzz", target, "--execs", "300",
+                          "--engine", engine, "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(names)
+    assert all(" 300 executions in " in line and "nothing escaped" in line
+               for line in lines), lines
