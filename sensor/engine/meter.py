@@ -4,15 +4,15 @@ semantics (sensor/flow/semantics.py), driven by packet time only.
 Strategy. One method, feed(), takes a packet as a source yields it (sensor/flow/packet.py)
 and does all the work inline: hand-written struct/slice parsing (faster than building dpkt
 objects for the few fields we need), one dict lookup for the flow, counter updates,
-Zeek-style history.
-Nothing is allocated per packet beyond the key tuple and, for the L7 stage, the payload
-slice. Timeouts run every CHECK_INTERVAL_NS of packet time (see flowtable.py).
+Zeek-style history. Nothing is allocated per packet beyond the key tuple and, for the L7
+stage, the payload slice. Timeouts run every CHECK_INTERVAL_NS of packet time (see
+flowtable.py).
 
 Decoded: Ethernet with up to two 802.1Q/802.1ad tags (a third is counted and dropped) and
 PPPoE sessions, the link types of sensor/flow/packet.py, IPv4 with options and fragments,
-IPv6 with up to
-MAX_IPV6_EXT_HEADERS extension headers, TCP, UDP, SCTP ports, ICMP/ICMPv6 type/code. Every
-packet that cannot be attributed to a flow is counted in MeterStats under its reason.
+IPv6 with up to MAX_IPV6_EXT_HEADERS extension headers, TCP, UDP, SCTP ports, ICMP/ICMPv6
+type/code. Every packet that cannot be attributed to a flow is counted in MeterStats under
+its reason.
 
 The L7 seam. A PayloadSink (below) receives what the L7 stage needs and nothing else:
 TCP segments that carry payload or SYN/FIN/RST (pure ACKs are not passed: they move no
