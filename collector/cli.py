@@ -25,6 +25,7 @@ from collector.client import QUERY_TIMEOUT_S, ClientTLS, open_channel, translate
 from sensor import config as cfg
 from sensor.errors import CollectorError, ConfigError
 from sensor.export import wire
+from sensor.l7 import registry
 from sensor.output import add_output_arguments
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
@@ -235,7 +236,8 @@ def cmd_collector_status(args) -> int:
 # -- export ---------------------------------------------------------------------------------
 
 EXPORT_FORMATS = ("json", "eve", "csv", "parquet")
-EXPORT_TABLES = ("flows", "http", "dns", "tls", "lost")
+# Flows, each registered L7 kind's table (sensor/l7/registry.py), loss.
+EXPORT_TABLES = ("flows", *(p.table_name for p in registry.kinds()), "lost")
 
 
 def _stored_records(args, since_ns: int, until_ns: int, tables: tuple[str, ...]):

@@ -24,10 +24,12 @@ import re
 from typing import Callable, Iterable
 
 from sensor.errors import ConfigError
+from sensor.l7 import registry
 
 Predicate = Callable[[object], bool]
 
-RECORD_KINDS = ("flow", "http", "dns", "tls", "lost")
+# Flows, every registered L7 kind (sensor/l7/registry.py; its L7Event oneof field), loss.
+RECORD_KINDS = ("flow", *registry.kind_names(), "lost")
 
 _STATUS = re.compile(r"^(?:(\d{3})|(\d{3})\+|(\d)xx|(\d{3})-(\d{3}))$")
 

@@ -11,7 +11,10 @@ no JSON functions. Every table also carries two collector columns:
   subscriptions use it to stitch stored history and the live stream without a gap or a
   duplicate (see collector/observer.py).
 
-Arrow types are the single definition; the DuckDB DDL is derived from them.
+The record kinds' columns are sensor/export/tables.py's (L7 tables from the protocol
+registry, sensor/l7/registry.py); this module adds the collector's columns and the
+DuckDB DDL, which is derived from the Arrow types. A kind no registered protocol declares
+has no table: ingest refuses it (INVALID_ARGUMENT naming it), never stores it as another.
 """
 
 from __future__ import annotations
@@ -20,63 +23,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-U8, U16, U32, U64 = pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()
-STR, BOOL, I32 = pa.string(), pa.bool_(), pa.int32()
-
-DNS_ANSWER = pa.struct([("name", STR), ("rtype", U16), ("ttl", U32), ("data", STR)])
+from sensor.export.tables import (  # noqa: F401  (re-exported: the collector's names)
+    BOOL, FLOW_COLUMNS, I32, I64, L7_COLUMNS, LOST_COLUMNS, STR, U8, U16, U32, U64,
+    kind_columns, kind_tables,
+)
+from sensor.l7 import registry
 
 COLLECTOR_COLUMNS = [("received_ns", U64), ("batch_seq", U64)]
-
-FLOW_COLUMNS = [
-    ("uid", STR), ("sensor_id", STR), ("flow_start_ns", U64), ("flow_end_ns", U64),
-    ("src_addr", STR), ("dst_addr", STR), ("src_port", U16), ("dst_port", U16),
-    ("protocol", U8), ("ip_version", U8), ("vlan_id", U16), ("inner_vlan_id", U16),
-    ("ifindex", U32), ("initiator_octets", U64), ("responder_octets", U64),
-    ("initiator_packets", U64), ("responder_packets", U64), ("initiator_l2_octets", U64),
-    ("responder_l2_octets", U64), ("initiator_tcp_flags", U16), ("responder_tcp_flags", U16),
-    ("tcp_syn_count", U64), ("tcp_fin_count", U64), ("tcp_rst_count", U64),
-    ("flow_end_reason", U8), ("conn_state", STR), ("history", STR), ("handshake_rtt_ns", U64),
-    ("community_id", STR), ("app_proto", STR),
-    ("l7_coverage_inspected", BOOL), ("l7_coverage_sampled", BOOL),
-    ("l7_coverage_captured_octets", U64), ("l7_coverage_truncated_octets", U64),
-    ("l7_coverage_gap_octets", U64), ("l7_coverage_skipped_octets", U64),
-    ("process_pid", U32), ("process_comm", STR), ("process_exe", STR), ("process_uid", U32),
-    ("process_user", STR), ("process_cgroup_id", U64), ("process_container_id", STR),
-    ("http_host", STR), ("dns_qname", STR), ("tls_sni", STR), ("tls_ja4", STR),
-    ("icmp_type", U8), ("icmp_code", U8),
-]
-
-# Columns every L7 table shares (the L7Event envelope), then the detail's fields.
-L7_COLUMNS = [
-    ("uid", STR), ("sensor_id", STR), ("community_id", STR), ("ts_ns", U64),
-    ("src_addr", STR), ("dst_addr", STR), ("src_port", U16), ("dst_port", U16),
-    ("protocol", U8),
-]
-
-HTTP_COLUMNS = [
-    ("method", STR), ("host", STR), ("path", STR), ("version", STR), ("status", U16),
-    ("reason", STR), ("user_agent", STR), ("request_content_type", STR),
-    ("response_content_type", STR), ("request_body_len", U64), ("response_body_len", U64),
-    ("latency_ns", U64),
-]
-
-DNS_COLUMNS = [
-    ("id", U16), ("qname", STR), ("qtype", U16), ("qclass", U16), ("rcode", I32),
-    ("answers", pa.list_(DNS_ANSWER)), ("latency_ns", U64), ("transport", STR),
-    ("truncated", BOOL),
-]
-
-TLS_COLUMNS = [
-    ("version", U16), ("client_version", U16), ("sni", STR), ("alpn", pa.list_(STR)),
-    ("alpn_selected", STR), ("cipher", U16), ("ja3", STR), ("ja3s", STR), ("ja4", STR),
-    ("cert_subject", STR), ("cert_issuer", STR), ("cert_san", pa.list_(STR)),
-    ("cert_not_before_ns", U64), ("cert_not_after_ns", U64),
-]
-
-LOST_COLUMNS = [
-    ("source", STR), ("count", U64), ("interval_start_ns", U64), ("interval_end_ns", U64),
-    ("sensor_id", STR),
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,20 +43,25 @@ def _schema(*groups) -> pa.Schema:
     return pa.schema([pa.field(n, t) for group in groups for n, t in group])
 
 
-TABLES: dict[str, Table] = {
-    "flows": Table("flows", _schema(FLOW_COLUMNS, COLLECTOR_COLUMNS), "flow_end_ns"),
-    "http": Table("http", _schema(L7_COLUMNS, HTTP_COLUMNS, COLLECTOR_COLUMNS), "ts_ns"),
-    "dns": Table("dns", _schema(L7_COLUMNS, DNS_COLUMNS, COLLECTOR_COLUMNS), "ts_ns"),
-    "tls": Table("tls", _schema(L7_COLUMNS, TLS_COLUMNS, COLLECTOR_COLUMNS), "ts_ns"),
-    "lost": Table("lost", _schema(LOST_COLUMNS, COLLECTOR_COLUMNS), "interval_end_ns"),
-}
+def _tables() -> dict[str, Table]:
+    out = {}
+    for name, columns in kind_columns().items():
+        time_column = {"flows": "flow_end_ns", "lost": "interval_end_ns"}.get(name, "ts_ns")
+        out[name] = Table(name, _schema(columns, COLLECTOR_COLUMNS), time_column)
+    return out
+
+
+TABLES: dict[str, Table] = _tables()
 
 # Record kind (as sensor.model.record_kind names it) -> table.
-KIND_TABLE = {"flow": "flows", "http": "http", "dns": "dns", "tls": "tls", "lost": "lost"}
+KIND_TABLE = kind_tables()
+
+# Table -> the registered protocol whose events it stores.
+_TABLE_KIND = {spec.table_name: spec for spec in registry.kinds()}
 
 _DUCKDB_TYPES = {
     U8: "UTINYINT", U16: "USMALLINT", U32: "UINTEGER", U64: "UBIGINT",
-    I32: "INTEGER", STR: "VARCHAR", BOOL: "BOOLEAN",
+    I32: "INTEGER", I64: "BIGINT", STR: "VARCHAR", BOOL: "BOOLEAN",
 }
 
 
@@ -142,14 +100,13 @@ def record_from_row(table: str, row: dict):
         return model.Flow(**row)
     if table == "lost":
         return model.LostEvent(**row)
+    spec = _TABLE_KIND.get(table)
+    if spec is None:
+        raise KeyError(f"no record kind is stored in table {table!r}")
     envelope = {n: row.pop(n) for n, _ in L7_COLUMNS}
-    if table == "http":
-        detail = model.HttpEvent(**row)
-    elif table == "dns":
-        row["answers"] = tuple(model.DnsAnswer(**a) for a in row["answers"] or ())
-        detail = model.DnsEvent(**row)
-    else:
-        row["alpn"] = tuple(row["alpn"] or ())
-        row["cert_san"] = tuple(row["cert_san"] or ())
-        detail = model.TlsEvent(**row)
-    return model.L7Event(**envelope, detail=detail)
+    for col in registry.columns(spec.event):
+        if col.type == "list<str>":
+            row[col.name] = tuple(row[col.name] or ())
+        elif col.type == "list<struct>":
+            row[col.name] = tuple(col.of(**item) for item in row[col.name] or ())
+    return model.L7Event(**envelope, detail=spec.event(**row))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 import socket
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
+
+from sensor.l7 import registry as _registry
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -271,7 +273,9 @@ class TlsEvent:
         _check_uint("cert_not_after_ns", self.cert_not_after_ns, U64)
 
 
-L7Detail = Union[HttpEvent, DnsEvent, TlsEvent]
+# An L7Event's detail is the event dataclass of a registered protocol
+# (sensor/l7/registry.py); the registry, not this module, knows which classes those are.
+L7Detail = Any
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -298,16 +302,15 @@ class L7Event:
         _check_uint("src_port", self.src_port, 0xFFFF)
         _check_uint("dst_port", self.dst_port, 0xFFFF)
         _check_uint("protocol", self.protocol, 0xFF)
-        if not isinstance(self.detail, (HttpEvent, DnsEvent, TlsEvent)):
-            raise TypeError(f"detail must be an L7 event, got {type(self.detail).__name__}")
+        if _registry.of_event(type(self.detail)) is None:
+            raise TypeError(
+                f"detail must be a registered L7 event, got {type(self.detail).__name__}")
 
     @property
     def kind(self) -> str:
-        """"http", "dns" or "tls": the name used by filters, tables and the CLI."""
-        return _DETAIL_KIND[type(self.detail)]
-
-
-_DETAIL_KIND = {HttpEvent: "http", DnsEvent: "dns", TlsEvent: "tls"}
+        """The protocol's registered name ("http", "dns", ...): the name used by filters,
+        tables and the CLI."""
+        return _registry.of_event(type(self.detail)).name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,7 +333,7 @@ Record = Union[Flow, L7Event, LostEvent]
 
 
 def record_kind(record: Record) -> str:
-    """"flow", "http", "dns", "tls" or "lost"."""
+    """"flow", "lost", or the L7 event's registered kind ("http", "dns", ...)."""
     if isinstance(record, Flow):
         return "flow"
     if isinstance(record, LostEvent):

@@ -27,6 +27,7 @@ from typing import Any, Iterable, TextIO
 import orjson
 
 from sensor import model
+from sensor.l7 import registry
 
 __all__ = [
     "iso", "COMPANIONS", "companions", "json_line", "eve", "ZeekWriter", "select_fields",
@@ -37,7 +38,7 @@ __all__ = [
 # have a start and an end; an L7 event has one time, named "ts" as in Zeek.
 COMPANIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "flow": (("start", "flow_start_ns"), ("end", "flow_end_ns")),
-    "http": (("ts", "ts_ns"),), "dns": (("ts", "ts_ns"),), "tls": (("ts", "ts_ns"),),
+    **{name: (("ts", "ts_ns"),) for name in registry.kind_names()},
     "lost": (("start", "interval_start_ns"), ("end", "interval_end_ns")),
 }
 
@@ -193,8 +194,19 @@ def eve(record: model.Record) -> dict[str, Any]:
     kind = record.kind
     out = _eve_head(kind, record.ts_ns, record)
     out["app_proto"] = kind
-    out[kind] = {"http": _eve_http, "dns": _eve_dns, "tls": _eve_tls}[kind](record.detail)
+    out[kind] = _EVE.get(kind, _eve_fields)(record.detail)
     return out
+
+
+def _eve_fields(d) -> dict[str, Any]:
+    """A kind Suricata has no EVE shape for: its fields as they are (as JSON lines write)."""
+    from sensor.export.jsonfmt import _plain
+
+    return _plain(d)
+
+
+# Suricata's own EVE shapes, for the kinds it logs.
+_EVE = {"http": _eve_http, "dns": _eve_dns, "tls": _eve_tls}
 
 
 # -- names shared by EVE, Zeek and the table ---------------------------------------------------

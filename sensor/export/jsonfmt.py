@@ -2,8 +2,8 @@
 
 Used by the JSON lines sink and by every CLI that prints `--output json`. Field names are
 the model's field names, so a JSON line reads like the dataclass and like the collector's
-columns. One key is added first, "type": "flow", "http", "dns", "tls" or "lost" (what
-sensor.model.record_kind says), so a reader can tell records apart without guessing. After
+columns. One key is added first, "type": "flow", "lost" or the L7 event's registered
+kind ("http", "dns", ...: what sensor.model.record_kind says), so a reader can tell records apart without guessing. After
 the model's fields come ISO 8601 companions of the times people read ("start"/"end" of a
 flow or loss interval, "ts" of an L7 event; UTC, microseconds, null when unset): the
 integer ns fields stay the exact values, the companions are for eyes and jq.
@@ -23,10 +23,9 @@ from typing import Any
 from sensor import model
 from sensor.errors import SchemaError
 from sensor.export.formats import COMPANIONS, companions
+from sensor.l7 import registry
 
 __all__ = ["to_dict", "from_dict"]
-
-_DETAIL_CLASS = {"http": model.HttpEvent, "dns": model.DnsEvent, "tls": model.TlsEvent}
 
 
 def _plain(value: Any) -> Any:
@@ -57,15 +56,22 @@ def _flow(d: dict[str, Any]) -> model.Flow:
     return model.Flow(**d)
 
 
-def _l7(kind: str, d: dict[str, Any]) -> model.L7Event:
+def _detail(cls: type, data: dict[str, Any]) -> Any:
+    """A registered event dataclass from its JSON object: lists back to tuples, a list of
+    objects to a tuple of the field's dataclass (registry.columns says which)."""
+    data = dict(data)
+    for col in registry.columns(cls):
+        if col.type == "list<str>" and col.name in data:
+            data[col.name] = tuple(data[col.name])
+        elif col.type == "list<struct>":
+            data[col.name] = tuple(col.of(**item) for item in data.get(col.name, ()))
+    return cls(**data)
+
+
+def _l7(spec: registry.Protocol, d: dict[str, Any]) -> model.L7Event:
     d = dict(d)
-    detail = dict(d.pop("detail"))
-    if kind == "dns":
-        detail["answers"] = tuple(model.DnsAnswer(**a) for a in detail.get("answers", ()))
-    elif kind == "tls":
-        for name in ("alpn", "cert_san"):
-            detail[name] = tuple(detail.get(name, ()))
-    return model.L7Event(**d, detail=_DETAIL_CLASS[kind](**detail))
+    detail = _detail(spec.event, d.pop("detail"))
+    return model.L7Event(**d, detail=detail)
 
 
 def from_dict(data: dict[str, Any]) -> model.Record:
@@ -80,12 +86,14 @@ def from_dict(data: dict[str, Any]) -> model.Record:
     try:
         if kind == "flow":
             return _flow(body)
-        if kind in _DETAIL_CLASS:
-            return _l7(kind, body)
+        spec = registry.get(kind) if isinstance(kind, str) else None
+        if spec is not None and spec.event is not None:
+            return _l7(spec, body)
         if kind == "lost":
             return model.LostEvent(**body)
     except (TypeError, ValueError, KeyError) as exc:
         raise SchemaError(f"invalid {kind} record in JSON: {exc}") from None
     raise SchemaError(
-        f"JSON record has type={kind!r}; expected one of flow, http, dns, tls, lost"
+        f"JSON record has type={kind!r}; expected one of flow, "
+        f"{', '.join(registry.kind_names())}, lost"
     )

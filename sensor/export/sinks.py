@@ -5,7 +5,7 @@ JSON lines carry one record per line in the shape of sensor/export/jsonfmt.py, e
 in one stream, each line tagged with "type".
 
 Parquet and CSV are tables, one per record kind, with exactly the collector's columns
-(collector/schema.py, minus the collector's own received_ns and batch_seq): nested model
+(sensor/export/tables.py; the collector adds only its own received_ns and batch_seq): nested model
 values are flattened into prefixed columns (l7_coverage_*, process_*), an L7 event's
 detail fields sit beside its envelope, and lists stay lists (in CSV a list cell is JSON
 text). So a replayed capture and a collector export load into the same queries. A flow
@@ -41,9 +41,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from collector import schema
 from sensor import model
 from sensor.errors import ConfigError
+from sensor.export import tables
 from sensor.export.jsonlines import JsonLinesSink, storage_error as _storage_error
 
 __all__ = [
@@ -55,18 +55,18 @@ __all__ = [
 # compression and fast scans, small enough (tens of MiB for flows) to bound memory.
 ROW_GROUP_ROWS = 65_536
 
-_COLLECTOR_ONLY = {name for name, _ in schema.COLLECTOR_COLUMNS}
 _EMPTY_PROCESS = model.ProcessInfo()
+_COLUMNS = tables.kind_columns()
+_KIND_TABLE = tables.kind_tables()
 
 
 def table_schema(table: str) -> pa.Schema:
     """The collector's table schema without the collector-only columns."""
-    full = schema.TABLES[table].schema
-    return pa.schema([f for f in full if f.name not in _COLLECTOR_ONLY])
+    return pa.schema([pa.field(n, t) for n, t in _COLUMNS[table]])
 
 
 def _value(value: Any) -> Any:
-    if isinstance(value, model.DnsAnswer):
+    if dataclasses.is_dataclass(value):  # a member of a list of structs (a DNS answer)
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, tuple):
         return [_value(v) for v in value]
@@ -105,7 +105,7 @@ def table_path(path: Path, table: str) -> Path:
 
 
 # Every table a file sink can write: the files one output path may own.
-_TABLES = tuple(dict.fromkeys(["flows", *schema.KIND_TABLE.values()]))
+_TABLES = tuple(dict.fromkeys(["flows", *_KIND_TABLE.values()]))
 
 
 def _partial(path: Path) -> Path:
@@ -148,7 +148,7 @@ class ParquetSink:
         self._writers: dict[str, pq.ParquetWriter] = {}
 
     def write(self, record: model.Record) -> None:
-        table = schema.KIND_TABLE[model.record_kind(record)]
+        table = _KIND_TABLE[model.record_kind(record)]
         rows = self._rows.setdefault(table, [])
         rows.append(flatten(record))
         self.written += 1
@@ -227,7 +227,7 @@ class CsvSink:
         return self._files[table]
 
     def write(self, record: model.Record) -> None:
-        table = schema.KIND_TABLE[model.record_kind(record)]
+        table = _KIND_TABLE[model.record_kind(record)]
         entry = self._files.get(table) or self._open(table)
         _, writer, names = entry
         row = flatten(record)

@@ -2,8 +2,9 @@
 
 What an analyst reads first: time (ISO, ms, UTC), sensor, kind, the two endpoints and the
 protocol, then the kind's summary (flow: service, state, duration, packets and bytes each
-way, process and container; HTTP: method host+path -> status, latency; DNS: qname QTYPE ->
-RCODE answers; TLS: version, SNI, ALPN, JA4; loss: source and count). Names, not numbers
+way, the L7 summary fields, process and container; an L7 event: what its protocol's
+registration renders (sensor/l7/registry.py, Protocol.line), e.g. HTTP: method host+path ->
+status, latency; loss: source and count). Names, not numbers
 (tcp, NXDOMAIN, AAAA, TLS 1.3); durations as 35ms or 1.2s. Exact integers stay in the
 machine formats (json, parquet, csv).
 
@@ -14,12 +15,14 @@ not when NO_COLOR is set (no-color.org); lines are cut to the terminal's width t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any, TextIO
 
 from sensor import model
 from sensor.export import formats
+from sensor.l7 import registry
 
 # Minimum widths (time is fixed: 2024-05-01T12:00:00.123Z); a column starts empty and
 # grows, so an all-empty column (sensor, in a single-sensor stream) takes no room.
@@ -29,7 +32,12 @@ _ORDER = ("time", "sensor", "kind", "src", "arrow", "dst", "proto")
 _RESET = "\x1b[0m"
 _STYLE = {"dim": "\x1b[2m", "red": "\x1b[31m", "yellow": "\x1b[33m", "green": "\x1b[32m",
           "cyan": "\x1b[36m", "magenta": "\x1b[35m", "bold": "\x1b[1m", "blue": "\x1b[34m"}
-_KIND_STYLE = {"flow": "blue", "http": "cyan", "dns": "magenta", "tls": "green", "lost": "red"}
+_KIND_STYLE = {"flow": "blue", "lost": "red",
+               **{p.name: p.style for p in registry.kinds() if p.style}}
+# A protocol's Flow summary fields (Flow.http_host ...), each shown as label=value with
+# the protocol's prefix dropped (host=, qname=, sni=, ja4=).
+_SUMMARY_LABELS = tuple((f, f.removeprefix(p.name + "_"))
+                        for p in registry.protocols() for f in p.summary)
 
 
 def use_color(out: TextIO) -> bool:
@@ -70,10 +78,6 @@ def _endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-def _status_style(status: int) -> str | None:
-    return "red" if status >= 500 else "yellow" if status >= 400 else None
-
-
 def _flow_summary(f: model.Flow) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     if f.app_proto:
@@ -83,8 +87,8 @@ def _flow_summary(f: model.Flow) -> list[tuple[str, str | None]]:
     out.append((duration(f.flow_end_ns - f.flow_start_ns), None))
     out.append((f"pkts {f.initiator_packets}/{f.responder_packets}"
                 f" bytes {f.initiator_octets}/{f.responder_octets}", None))
-    for label, value in (("host", f.http_host), ("qname", f.dns_qname),
-                         ("sni", f.tls_sni), ("ja4", f.tls_ja4)):
+    for name, label in _SUMMARY_LABELS:
+        value = getattr(f, name)
         if value:
             out.append((f"{label}={value}", None))
     if f.process is not None:
@@ -96,29 +100,30 @@ def _flow_summary(f: model.Flow) -> list[tuple[str, str | None]]:
     return out
 
 
-def _l7_summary(e: model.L7Event) -> list[tuple[str, str | None]]:
-    d = e.detail
-    if isinstance(d, model.HttpEvent):
-        out = [(f"{d.method or '-'} {d.host}{d.path}", None), ("->", "dim"),
-               (str(d.status or "-") + (f" {d.reason}" if d.reason else ""),
-                _status_style(d.status))]
-        if d.latency_ns:
-            out.append((duration(d.latency_ns), None))
-        return out
-    if isinstance(d, model.DnsEvent):
-        rcode = "no-response" if d.rcode < 0 else formats.rcode_name(d.rcode)
-        out = [(f"{d.qname} {formats.qtype_name(d.qtype)}", None), ("->", "dim"),
-               (rcode, None if d.rcode == 0 else "red"),
-               (",".join(a.data for a in d.answers) or "-", None)]
-        if d.latency_ns:
-            out.append((duration(d.latency_ns), None))
-        return out
-    out = [(formats.tls_version_name(d.version) or "TLS ?", None), (f"sni={d.sni or '-'}", None)]
-    if d.alpn_selected or d.alpn:
-        out.append((f"alpn={d.alpn_selected or ','.join(d.alpn)}", None))
-    if d.ja4:
-        out.append((f"ja4={d.ja4}", "dim"))
+# Fields a generic line leaves out: envelope-like or not worth a terminal column.
+_GENERIC_MAX = 6
+
+
+def _generic(d) -> list[tuple[str, str | None]]:
+    """field=value for the first non-empty scalar fields, for a protocol that registered
+    no line of its own; latency as a duration."""
+    out: list[tuple[str, str | None]] = []
+    for f in dataclasses.fields(d):
+        value = getattr(d, f.name)
+        if f.name == "latency_ns" or isinstance(value, tuple) or value in ("", 0, False):
+            continue
+        out.append((f"{f.name}={value}", None))
+        if len(out) == _GENERIC_MAX:
+            break
+    latency = getattr(d, "latency_ns", 0)
+    if latency:
+        out.append((duration(latency), None))
     return out
+
+
+def _l7_summary(e: model.L7Event) -> list[tuple[str, str | None]]:
+    spec = registry.of_event(type(e.detail))
+    return spec.line(e.detail) if spec.line is not None else _generic(e.detail)
 
 
 def cells(record: model.Record) -> tuple[dict[str, str], list[tuple[str, str | None]]]:

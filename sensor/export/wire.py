@@ -2,7 +2,10 @@
 
 This is the only module that touches protobuf record classes. The dataclasses and the
 messages share field names, so the conversion walks dataclass fields; the few nested and
-enum fields are spelled out.
+enum fields of Flow are spelled out. L7 details are generic over the registered protocols
+(sensor/l7/registry.py): each names its L7Event oneof field and its message, and the event
+dataclass's fields map to the message's by name (a tuple of dataclasses to a repeated
+message named like the dataclass, a tuple of strings to a repeated string).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 
 from sensor import model
 from sensor.errors import SchemaError
+from sensor.l7 import registry
 
 try:
     from loupe.v1 import ingest_pb2, observer_pb2, records_pb2
@@ -24,8 +28,39 @@ __all__ = [
     "to_proto", "from_proto", "batch_to_proto", "batch_from_proto",
 ]
 
-_DETAIL_FIELD = {model.HttpEvent: "http", model.DnsEvent: "dns", model.TlsEvent: "tls"}
-_DETAIL_CLASS = {name: cls for cls, name in _DETAIL_FIELD.items()}
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one registered event dataclass maps to its message."""
+
+    oneof: str
+    message: type
+    event: type
+    scalars: tuple[str, ...]
+    strings: tuple[str, ...]                            # tuple[str, ...] fields
+    structs: tuple[tuple[str, type, type, tuple[str, ...]], ...]  # (field, class, msg, names)
+
+
+_PLANS: dict = {}   # event class and oneof field -> _Plan, filled once per protocol
+
+
+def _plan(key) -> _Plan | None:
+    plan = _PLANS.get(key)
+    if plan is None:
+        spec = registry.of_event(key) if isinstance(key, type) else \
+            registry.registry().by_oneof.get(key)
+        if spec is None:
+            return None
+        cols = registry.columns(spec.event)
+        plan = _Plan(
+            spec.oneof, getattr(records_pb2, spec.message_name), spec.event,
+            tuple(c.name for c in cols if not c.type.startswith("list<")),
+            tuple(c.name for c in cols if c.type == "list<str>"),
+            tuple((c.name, c.of, getattr(records_pb2, c.of.__name__),
+                   tuple(m.name for m in c.members)) for c in cols if c.type == "list<struct>"),
+        )
+        _PLANS[spec.event] = _PLANS[spec.oneof] = plan
+    return plan
 
 
 def _scalars(obj, skip=()) -> dict:
@@ -48,14 +83,14 @@ def _flow_to_proto(flow: model.Flow) -> records_pb2.Flow:
 def _l7_to_proto(event: model.L7Event) -> records_pb2.L7Event:
     msg = records_pb2.L7Event(**_scalars(event, skip=("detail",)))
     detail = event.detail
-    name = _DETAIL_FIELD[type(detail)]
-    if name == "dns":
-        fields = _scalars(detail, skip=("answers",))
-        sub = records_pb2.DnsEvent(**fields)
-        sub.answers.extend(records_pb2.DnsAnswer(**_scalars(a)) for a in detail.answers)
-    else:
-        sub = getattr(records_pb2, type(detail).__name__)(**_scalars(detail))
-    getattr(msg, name).CopyFrom(sub)
+    plan = _plan(type(detail))
+    kwargs = {n: getattr(detail, n) for n in plan.scalars}
+    for n in plan.strings:
+        kwargs[n] = getattr(detail, n)
+    for n, _, sub_cls, names in plan.structs:
+        kwargs[n] = [sub_cls(**{m: getattr(item, m) for m in names})
+                     for item in getattr(detail, n)]
+    getattr(msg, plan.oneof).CopyFrom(plan.message(**kwargs))
     return msg
 
 
@@ -89,20 +124,19 @@ def _flow_from_proto(msg) -> model.Flow:
 def _l7_from_proto(msg) -> model.L7Event:
     name = msg.WhichOneof("detail")
     if name is None:
-        raise SchemaError("L7Event without detail (http, dns or tls)")
+        raise SchemaError(f"L7Event without detail ({', '.join(registry.kind_names())})")
+    plan = _plan(name)
+    if plan is None:
+        # A field of this build's records.proto that no registered protocol claims.
+        raise SchemaError(f"L7Event of kind {name!r}, which no registered protocol declares")
     sub = getattr(msg, name)
-    cls = _DETAIL_CLASS[name]
-    if cls is model.DnsEvent:
-        kwargs = {f.name: getattr(sub, f.name) for f in dataclasses.fields(cls) if f.name != "answers"}
-        kwargs["answers"] = tuple(
-            model.DnsAnswer(**_fields_of(a, model.DnsAnswer)) for a in sub.answers
-        )
-    else:
-        kwargs = _fields_of(sub, cls)
-        for name_ in ("alpn", "cert_san"):
-            if name_ in kwargs:
-                kwargs[name_] = tuple(kwargs[name_])
-    detail = cls(**kwargs)
+    kwargs = {n: getattr(sub, n) for n in plan.scalars}
+    for n in plan.strings:
+        kwargs[n] = tuple(getattr(sub, n))
+    for n, cls, _, names in plan.structs:
+        kwargs[n] = tuple(cls(**{m: getattr(item, m) for m in names})
+                          for item in getattr(sub, n))
+    detail = plan.event(**kwargs)
     top = {f.name: getattr(msg, f.name) for f in dataclasses.fields(model.L7Event) if f.name != "detail"}
     return model.L7Event(**top, detail=detail)
 

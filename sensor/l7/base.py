@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, Union
-
-from sensor.model import DnsEvent, HttpEvent, TlsEvent
+from typing import Any, Protocol
 
 
 class Direction(enum.IntEnum):
@@ -53,13 +51,13 @@ class Transaction:
     """One finished L7 transaction: the detail record and the time of its first byte."""
 
     ts_ns: int
-    detail: Union[HttpEvent, DnsEvent, TlsEvent]
+    detail: Any  # the event dataclass its protocol registered (sensor/l7/registry.py)
 
 
 class L7Parser(Protocol):
     """What the engine calls. Protocol modules implement it; see http1.py for the model."""
 
-    name: str            # app_proto value: "http", "dns", "tls"
+    name: str            # app_proto value: its protocol's registered name
     state: ParserState
     error: str           # why, once state is ERROR
 
@@ -86,5 +84,5 @@ class L7Parser(Protocol):
         """The next finished transaction, or NEED_DATA."""
 
     def summary(self) -> dict[str, str]:
-        """Flow-level L7 summary fields for the Flow record (http_host, dns_qname,
-        tls_sni, tls_ja4), as far as they are known."""
+        """Flow-level L7 summary fields, as far as they are known. Only the Flow fields its
+        protocol's registration lists in `summary` reach the Flow record."""

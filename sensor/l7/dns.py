@@ -35,6 +35,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.registry import Protocol
 from sensor.model import DnsAnswer, DnsEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -434,3 +435,80 @@ class DnsParser:
         self.error = reason
         for buf in self._buffers:
             buf.clear()
+
+
+# -- registration (sensor/l7/registry.py) --------------------------------------------------
+
+def _name_end(msg: bytes, pos: int) -> int:
+    """Offset after an uncompressed question name, or -1 (RFC 1035 §3.1 limits)."""
+    total = 0
+    while pos < len(msg):
+        n = msg[pos]
+        if n == 0:
+            return pos + 1
+        if n > 63:
+            return -1  # a pointer cannot start the first question; 0x40/0x80 are unused
+        total += n + 1
+        if total > 255:
+            return -1
+        pos += n + 1
+    return -1
+
+
+def is_dns_message(msg: bytes) -> bool:
+    """A DNS header that is sane plus one well-formed first question (RFC 1035 §4.1),
+    without looking at ports."""
+    if len(msg) < 17:
+        return False
+    _, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", msg)
+    opcode = (flags >> 11) & 0xF
+    if opcode not in (0, 1, 2, 4, 5, 6) or flags & 0x0040:  # Z bit must be zero
+        return False
+    if not 1 <= qd <= 4 or ns > 64 or ar > 64 or an > 256:
+        return False
+    if not flags & 0x8000 and (an > 16 or flags & 0x000F):  # a query carries no rcode
+        return False
+    end = _name_end(msg, 12)
+    if end < 0 or end + 4 > len(msg):
+        return False
+    qclass = struct.unpack_from("!H", msg, end + 2)[0] & 0x7FFF  # mDNS unicast bit
+    return qclass in (1, 3, 4, 254, 255)
+
+
+def _looks_like_datagram(first: bytes, direction: Direction) -> bool:
+    return is_dns_message(first)
+
+
+def _looks_like_stream(first: bytes, direction: Direction) -> bool:
+    # The same message behind the two-byte length prefix (RFC 1035 §4.2.2).
+    if len(first) < 2:
+        return False
+    length = (first[0] << 8) | first[1]
+    return length >= 17 and is_dns_message(first[2:2 + length])
+
+
+def table_line(d: DnsEvent) -> list[tuple[str, str | None]]:
+    from sensor.export import formats  # rendering only; not needed to parse
+    from sensor.export.table import duration
+
+    rcode = "no-response" if d.rcode < 0 else formats.rcode_name(d.rcode)
+    out = [(f"{d.qname} {formats.qtype_name(d.qtype)}", None), ("->", "dim"),
+           (rcode, None if d.rcode == 0 else "red"),
+           (",".join(a.data for a in d.answers) or "-", None)]
+    if d.latency_ns:
+        out.append((duration(d.latency_ns), None))
+    return out
+
+
+PROTOCOL = Protocol(
+    name="dns", event=DnsEvent, parser=DnsParser,
+    tcp_ports=(53,), udp_ports=(53, 5353),
+    # Over TCP the shape alone is too weak a signal (two length bytes and a header), so
+    # it is trusted on port 53 only; over UDP the whole message is there to check.
+    signature=_looks_like_stream, signature_ports=(53,),
+    datagram_signature=_looks_like_datagram, priority=90,
+    summary=("dns_qname",),
+    column_types={"id": "u16", "qtype": "u16", "qclass": "u16", "rcode": "i32",
+                  "answers.rtype": "u16", "answers.ttl": "u32"},
+    line=table_line, listing=2, style="magenta",
+)

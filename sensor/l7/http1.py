@@ -40,6 +40,7 @@ from collections import deque
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
+from sensor.l7.registry import Protocol
 from sensor.model import HttpEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -685,3 +686,51 @@ class Http1Parser:
         self.error = reason
         self._buf[0].clear()
         self._buf[1].clear()
+
+
+# -- registration (sensor/l7/registry.py) --------------------------------------------------
+
+# Request methods (RFC 9110 §9, plus WebDAV and friends) that open an HTTP/1 request line.
+METHODS = frozenset((
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
+    b"SEARCH", b"MKCALENDAR", b"ACL", b"BIND", b"UNBIND", b"REBIND", b"LINK", b"UNLINK",
+))
+# The methods the kernel's content sniffer (bpf/flow.c, sniff()) recognises by their first
+# four bytes: the common ones only, each case costs verifier instructions. A flow opened
+# by another method is still found by its port or by a selection rule.
+# tests/l7/test_registry.py checks that bpf/flow.c's list is exactly this one.
+KERNEL_METHODS = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
+                  b"CONNECT")
+
+
+def looks_like(first: bytes, direction: Direction) -> bool:
+    """A request line's method and a space, or (a capture that starts mid-connection) a
+    response starting "HTTP/1."."""
+    if direction == Direction.TO_SERVER:
+        space = first.find(b" ", 0, 12)
+        return space > 0 and first[:space] in METHODS
+    return first.startswith(b"HTTP/1.")
+
+
+def _status_style(status: int) -> str | None:
+    return "red" if status >= 500 else "yellow" if status >= 400 else None
+
+
+def table_line(d: HttpEvent) -> list[tuple[str, str | None]]:
+    from sensor.export.table import duration  # rendering only; not needed to parse
+
+    out = [(f"{d.method or '-'} {d.host}{d.path}", None), ("->", "dim"),
+           (str(d.status or "-") + (f" {d.reason}" if d.reason else ""),
+            _status_style(d.status))]
+    if d.latency_ns:
+        out.append((duration(d.latency_ns), None))
+    return out
+
+
+PROTOCOL = Protocol(
+    name="http", event=HttpEvent, parser=Http1Parser, options=("redact",),
+    tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
+    summary=("http_host",), column_types={"status": "u16"},
+    line=table_line, listing=1, style="cyan",
+)

@@ -72,6 +72,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.registry import Protocol
 from sensor.l7.redact import REDACTED
 
 APP_PROTO = "mysql"
@@ -1014,3 +1015,8 @@ def fuzz_one(data: bytes) -> None:
         while parser.next_event() is not NEED_DATA:
             pass
     parser.summary()
+
+
+# -- registration (sensor/l7/registry.py) --------------------------------------------------
+
+PROTOCOL = Protocol(name=APP_PROTO, tcp_ports=PORTS, signature=looks_like, priority=33)

@@ -52,6 +52,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.registry import Protocol
 from sensor.l7.redact import REDACTED
 
 APP_PROTO = "pgsql"
@@ -834,3 +835,8 @@ class PgsqlParser:
             code, txn = self._pending.popleft()
             if txn is not None and code in (0x51, 0x45):
                 self._emit(txn)
+
+
+# -- registration (sensor/l7/registry.py) --------------------------------------------------
+
+PROTOCOL = Protocol(name=APP_PROTO, tcp_ports=PORTS, signature=looks_like, priority=30)

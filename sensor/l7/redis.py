@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.registry import Protocol
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 _TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
@@ -1080,3 +1081,8 @@ class RedisParser:
         self._buf[0].clear()
         self._buf[1].clear()
         self._stack.clear()
+
+
+# -- registration (sensor/l7/registry.py) --------------------------------------------------
+
+PROTOCOL = Protocol(name=APP_PROTO, tcp_ports=PORTS, signature=looks_like, priority=31)

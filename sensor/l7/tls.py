@@ -37,6 +37,7 @@ from collections import deque
 from sensor.l7 import fingerprints as fp
 from sensor.l7 import x509
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.registry import Protocol
 from sensor.model import TlsEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -481,3 +482,35 @@ class TlsParser:
             )
         ts = self._client_ts if ch is not None else self._server_ts
         self._events.append(Transaction(ts_ns=ts, detail=TlsEvent(**fields)))
+
+
+# -- registration (sensor/l7/registry.py) --------------------------------------------------
+
+def looks_like(first: bytes, direction: Direction) -> bool:
+    """A handshake record header (type 22, version 3.0-3.4, length <= 2^14 + 2048,
+    RFC 8446 §5.1) whose first message is a ClientHello or ServerHello."""
+    if len(first) < 6 or first[0] != 0x16 or first[1] != 3 or first[2] > 4:
+        return False
+    length = (first[3] << 8) | first[4]
+    return 4 <= length <= (1 << 14) + 2048 and first[5] in (1, 2)
+
+
+def table_line(d: TlsEvent) -> list[tuple[str, str | None]]:
+    from sensor.export import formats  # rendering only; not needed to parse
+
+    out = [(formats.tls_version_name(d.version) or "TLS ?", None),
+           (f"sni={d.sni or '-'}", None)]
+    if d.alpn_selected or d.alpn:
+        out.append((f"alpn={d.alpn_selected or ','.join(d.alpn)}", None))
+    if d.ja4:
+        out.append((f"ja4={d.ja4}", "dim"))
+    return out
+
+
+PROTOCOL = Protocol(
+    name="tls", event=TlsEvent, parser=TlsParser,
+    tcp_ports=(443, 8443, 853, 993, 995, 465), signature=looks_like, priority=10,
+    summary=("tls_sni", "tls_ja4"),
+    column_types={"version": "u16", "client_version": "u16", "cipher": "u16"},
+    line=table_line, listing=3, style="green",
+)

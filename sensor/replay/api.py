@@ -18,13 +18,15 @@ from itertools import islice
 from typing import Iterable, Iterator, Sequence, Union
 
 from sensor.engine.pipeline import Pipeline, PipelineConfig, Summary
+from sensor.l7 import registry
 from sensor.model import Record, record_kind
 from sensor.replay.reader import CaptureReader
 
 __all__ = ["replay", "replay_records", "to_dataframe", "RECORD_KINDS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-RECORD_KINDS = ("flow", "http", "dns", "tls", "lost")
+# Flows, every registered L7 kind (sensor/l7/registry.py), loss.
+RECORD_KINDS = ("flow", *registry.kind_names(), "lost")
 
 # Packets fed between hand-outs of records: small enough that a consumer sees records
 # early and the buffer of made-but-not-yet-yielded records stays small, large enough that
@@ -95,13 +97,13 @@ def replay_records(paths: PathLike | Sequence[PathLike], **options) -> list[Reco
 
 
 def to_dataframe(source: PathLike | Sequence[PathLike] | Iterable[Record], **options):
-    """pandas DataFrames per record kind: {"flow", "http", "dns", "tls", "lost"} ->
+    """pandas DataFrames per record kind (RECORD_KINDS: "flow", "http", ..., "lost") ->
     DataFrame with the collector's columns (nested values flattened as in Parquet).
     `source` is capture file path(s), or records already made (e.g. replay_records)."""
     import pandas as pd
 
-    from collector import schema
     from sensor.export.sinks import flatten, table_schema
+    from sensor.export.tables import kind_tables
 
     if isinstance(source, (str, os.PathLike)) or (
             isinstance(source, Sequence) and source
@@ -113,7 +115,8 @@ def to_dataframe(source: PathLike | Sequence[PathLike] | Iterable[Record], **opt
     for record in records:
         rows[record_kind(record)].append(flatten(record))
     frames = {}
+    table_of = kind_tables()
     for kind, kind_rows in rows.items():
-        columns = table_schema(schema.KIND_TABLE[kind]).names
+        columns = table_schema(table_of[kind]).names
         frames[kind] = pd.DataFrame(kind_rows, columns=columns)
     return frames

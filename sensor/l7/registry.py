@@ -1,0 +1,241 @@
+"""The registry of L7 protocols: each protocol module declares itself once, here is the list.
+
+A protocol module under sensor/l7/ (a module, or a package whose __init__ does it) sets a
+module-level `PROTOCOL = Protocol(...)`. Nothing else names the protocol: detection, the
+parsers the engine creates, the wire conversion (the L7Event oneof field), JSON, the
+collector's table and its columns, ingest, filters and the table line all read these
+specs. Adding a protocol is therefore its module plus its message in records.proto.
+
+Discovery walks sensor/l7/ once, on first use, and imports every module there; one that
+declares no PROTOCOL is a helper (redact, fingerprints, x509). It is lazy because protocol
+modules import sensor.model, and sensor.model asks this registry what an event's kind is.
+
+Storage types. The collector derives a table's columns from the event dataclass: str ->
+string, bool -> bool, int -> u64, tuple[str, ...] -> list of strings, tuple[<dataclass>,
+...] -> list of structs. `column_types` overrides one column ("status": "u16") or one
+struct member ("answers.rtype": "u16"), with the type names of TYPE_NAMES. Sensor code
+never imports pyarrow: these are names, collector/schema.py maps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+# Storage type names column_types may use (collector/schema.py maps each to Arrow).
+TYPE_NAMES = frozenset(("u8", "u16", "u32", "u64", "i32", "i64", "str", "bool"))
+
+# Detection order ties: a lower priority is sniffed first. Signatures are meant to be
+# disjoint; the order only matters for a first segment that two of them accept.
+DEFAULT_PRIORITY = 50
+
+Segment = tuple[str, "str | None"]  # (text, style) of one table-line segment
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Protocol:
+    """One L7 protocol as every consumer sees it. `name` is the Flow's app_proto, the
+    record kind (JSON "type", tail's kind column), and by default the L7Event oneof field
+    and the collector table."""
+
+    name: str
+    # The detail dataclass of its L7Event; None for a protocol only detected so far
+    # (flows carry its app_proto, no parser makes events).
+    event: type | None = None
+    # The sans-I/O parser class (sensor/l7/base.py L7Parser), None for detection only.
+    parser: Callable[..., Any] | None = None
+    # Keyword options the parser takes from the sensor's configuration ("redact").
+    options: tuple[str, ...] = ()
+    # Detection (sensor/l7/detect.py): content first, ports only hint.
+    tcp_ports: tuple[int, ...] = ()
+    udp_ports: tuple[int, ...] = ()
+    # (first bytes of one direction, its Direction) -> does this look like the protocol.
+    signature: Callable[[bytes, Any], bool] | None = None
+    # The TCP signature is trusted only on these server ports (empty: on any port).
+    signature_ports: tuple[int, ...] = ()
+    datagram_signature: Callable[[bytes, Any], bool] | None = None
+    priority: int = DEFAULT_PRIORITY
+    # Where the kind is listed (CLI help, error messages, export files, tables): lower
+    # first, then by name.
+    listing: int = 100
+    # Flow fields its parser's summary() fills (Flow.http_host ...); other keys are dropped.
+    summary: tuple[str, ...] = ()
+    # Wire and storage names; "" means `name` (message: the event class's name).
+    message: str = ""
+    field: str = ""
+    table: str = ""
+    column_types: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
+    # The table line's summary segments for one detail; None: generic "field=value" pairs.
+    line: Callable[[Any], list[Segment]] | None = None
+    # The table's colour for its kind column (a sensor/export/table.py style name).
+    style: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.isidentifier():
+            raise ValueError(f"protocol name {self.name!r} is not an identifier")
+        if (self.event is None) != (self.parser is None):
+            raise ValueError(f"{self.name}: event and parser come together")
+        bad = set(self.column_types.values()) - TYPE_NAMES
+        if bad:
+            raise ValueError(f"{self.name}: unknown column types {sorted(bad)}")
+        if not isinstance(self.column_types, MappingProxyType):
+            object.__setattr__(self, "column_types", MappingProxyType(dict(self.column_types)))
+
+    @property
+    def oneof(self) -> str:
+        return self.field or self.name
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+    @property
+    def message_name(self) -> str:
+        return self.message or (self.event.__name__ if self.event is not None else "")
+
+
+class UnknownKind(LookupError):
+    """A record kind no registered protocol declares."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """The protocols found, in listing order, with the lookups consumers need."""
+
+    protocols: tuple[Protocol, ...]
+    detection: tuple[Protocol, ...]   # the same, in the order signatures are tried
+    by_name: Mapping[str, Protocol]
+    by_event: Mapping[type, Protocol]
+    by_oneof: Mapping[str, Protocol]
+
+    @classmethod
+    def of(cls, protocols) -> "Registry":
+        ordered = tuple(sorted(protocols, key=lambda p: (p.listing, p.name)))
+        by_name: dict[str, Protocol] = {}
+        for p in ordered:
+            if p.name in by_name:
+                raise ValueError(f"protocol {p.name!r} is declared twice")
+            by_name[p.name] = p
+        kinds = [p for p in ordered if p.event is not None]
+        for names, what in (([p.oneof for p in kinds], "oneof field"),
+                            ([p.table_name for p in kinds], "table")):
+            clash = {n for n in names if names.count(n) > 1}
+            if clash:
+                raise ValueError(f"two protocols share the {what} {sorted(clash)}")
+        return cls(ordered, tuple(sorted(ordered, key=lambda p: (p.priority, p.name))),
+                   MappingProxyType(by_name),
+                   MappingProxyType({p.event: p for p in kinds}),
+                   MappingProxyType({p.oneof: p for p in kinds}))
+
+    def kinds(self) -> tuple[Protocol, ...]:
+        """The protocols that make L7Events (have an event class), in registry order."""
+        return tuple(p for p in self.protocols if p.event is not None)
+
+    def kind(self, name: str) -> Protocol:
+        p = self.by_name.get(name)
+        if p is None or p.event is None:
+            raise UnknownKind(f"unknown L7 record kind {name!r}; known: "
+                              f"{', '.join(k.name for k in self.kinds())}")
+        return p
+
+
+_found: list[Registry] = []  # filled once by registry(); a list so no `global` is needed
+
+
+def discover(package: str = "sensor.l7") -> Registry:
+    """Import every module of `package` and collect their PROTOCOL declarations."""
+    pkg = importlib.import_module(package)
+    found = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name == "registry" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        spec = getattr(module, "PROTOCOL", None)
+        if isinstance(spec, Protocol):
+            found.append(spec)
+    return Registry.of(found)
+
+
+def registry() -> Registry:
+    """The process's registry (discovered on first call)."""
+    if not _found:
+        _found.append(discover())
+    return _found[0]
+
+
+def protocols() -> tuple[Protocol, ...]:
+    return registry().protocols
+
+
+def detection() -> tuple[Protocol, ...]:
+    return registry().detection
+
+
+def kinds() -> tuple[Protocol, ...]:
+    return registry().kinds()
+
+
+def kind_names() -> tuple[str, ...]:
+    return tuple(p.name for p in kinds())
+
+
+def get(name: str) -> Protocol | None:
+    return registry().by_name.get(name)
+
+
+def kind(name: str) -> Protocol:
+    return registry().kind(name)
+
+
+def of_event(cls: type) -> Protocol | None:
+    return registry().by_event.get(cls)
+
+
+# -- the event dataclass, described for wire and storage --------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One field of an event dataclass: its storage type name, or its members for a list
+    of structs (then `type` is "struct" and `of` is the nested dataclass)."""
+
+    name: str
+    type: str                      # a TYPE_NAMES entry, "list<str>" or "list<struct>"
+    of: type | None = None
+    members: tuple["Column", ...] = ()
+
+
+def _type_name(hint: Any, default_int: str = "u64") -> str:
+    if hint is str:
+        return "str"
+    if hint is bool:
+        return "bool"
+    if hint is int:
+        return default_int
+    raise TypeError(f"no storage type for {hint!r}")
+
+
+def columns(cls: type, overrides: Mapping[str, str] = MappingProxyType({}),
+            prefix: str = "") -> tuple[Column, ...]:
+    """The storage columns of a dataclass, in field order (see the module docstring)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        key = prefix + f.name
+        if typing.get_origin(hint) is tuple:
+            inner = typing.get_args(hint)[0]
+            if dataclasses.is_dataclass(inner):
+                out.append(Column(f.name, "list<struct>", inner,
+                                  columns(inner, overrides, key + ".")))
+            else:
+                _type_name(inner)
+                out.append(Column(f.name, "list<str>"))
+            continue
+        out.append(Column(f.name, overrides.get(key) or _type_name(hint)))
+    return tuple(out)
