@@ -414,13 +414,38 @@ def output_flags(args: argparse.Namespace) -> None:
         args.jsonl, args.output = out, "none"
 
 
-def _check_spool_dir(config: cfg.SensorConfig) -> None:
+def _writable(path: Path, user: str) -> bool:
+    """Whether the process (no user) or `user`, which the sensor drops to before it
+    writes the spool, may create files in directory `path`. For a user, read from the
+    mode bits: os.access asks as the current root, which under the hardened unit lacks
+    CAP_DAC_OVERRIDE and so cannot write the loupe-owned spool it hands over."""
+    if not user:
+        return os.access(path, os.W_OK | os.X_OK)
+    import grp  # noqa: PLC0415
+    import pwd  # noqa: PLC0415
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return True   # --user itself is refused with its own line when it is dropped to
+    st = path.stat()
+    if entry.pw_uid == 0:
+        return True
+    if st.st_uid == entry.pw_uid:
+        return st.st_mode & 0o300 == 0o300
+    groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    if st.st_gid in groups:
+        return st.st_mode & 0o030 == 0o030
+    return st.st_mode & 0o003 == 0o003
+
+
+def _check_spool_dir(config: cfg.SensorConfig, user: str = "") -> None:
     """Refuse a spool directory that could not be made or written, without making it."""
     if not config.collector.address:
         return
     path = Path(config.spool.dir)
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _writable(existing, user):
         what = "is not a writable directory" if existing == path else (
             f"cannot be made: {existing} is not a writable directory")
         raise StorageError(f"the spool directory {path} {what}; set spool.dir (--spool-dir) "
@@ -455,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
     _check_interfaces(live_cfg)
     # A spool directory that cannot be made is found now, before the seconds of compiling
     # (it is made once the meter is attached, below).
-    _check_spool_dir(config)
+    _check_spool_dir(config, args.user)
     notifier = Notifier.from_environ()
     signals = _Signals()
     previous = signals.install()
