@@ -52,6 +52,7 @@ from sensor.engine.reassembly import (
 )
 from sensor.flow.community_id import DEFAULT as DEFAULT_CID
 from sensor.flow.community_id import CommunityId
+from sensor.l7 import registry
 from sensor.l7.base import NEED_DATA, Direction, ParserState
 from sensor.l7.detect import PROTO_TCP, PROTO_UDP, ParserRegistry, detect
 from sensor.model import L7Coverage, L7Event, Record
@@ -187,7 +188,12 @@ class L7Engine:
         fields: dict = {"app_proto": st.app_proto,
                         "l7_coverage": self._coverage(st, flow.l7_skipped)}
         if st.parser is not None:
-            fields.update(st.parser.summary())
+            summary = st.parser.summary()
+            if summary:
+                # Only the Flow fields its protocol registered reach the Flow record.
+                spec = registry.get(st.app_proto)
+                keep = spec.summary if spec is not None else ()
+                fields.update((k, v) for k, v in summary.items() if k in keep)
         return fields
 
     # -- internals ---------------------------------------------------------------------------

@@ -1019,4 +1019,29 @@ def fuzz_one(data: bytes) -> None:
 
 # -- registration (sensor/l7/registry.py) --------------------------------------------------
 
-PROTOCOL = Protocol(name=APP_PROTO, tcp_ports=PORTS, signature=looks_like, priority=33)
+def table_line(d: MysqlEvent) -> list[tuple[str, str | None]]:
+    from sensor.export.table import duration  # rendering only; not needed to parse
+
+    what = d.statement or d.schema or d.user or d.server_version
+    out = [(f"{d.command} {what}".rstrip(), None), ("->", "dim")]
+    if d.status == "error":
+        out.append((f"ERR {d.error_code} {d.sql_state} {d.error_message}".rstrip(), "red"))
+    elif d.status == "result":
+        out.append((f"{d.rows} rows", None))
+    elif d.status == "ok":
+        out.append((f"OK {d.affected_rows} affected", None))
+    else:
+        out.append((d.status or "-", None))
+    if d.latency_ns:
+        out.append((duration(d.latency_ns), None))
+    return out
+
+
+# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no MySQL fields yet,
+# so none is registered for it (summary=()).
+PROTOCOL = Protocol(
+    name=APP_PROTO, event=MysqlEvent, parser=MysqlParser, options=("redact",),
+    tcp_ports=PORTS, signature=looks_like, priority=33,
+    column_types={"statement_id": "u32", "warnings": "u16", "error_code": "u16"},
+    line=table_line, style="yellow",
+)

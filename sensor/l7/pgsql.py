@@ -839,4 +839,25 @@ class PgsqlParser:
 
 # -- registration (sensor/l7/registry.py) --------------------------------------------------
 
-PROTOCOL = Protocol(name=APP_PROTO, tcp_ports=PORTS, signature=looks_like, priority=30)
+def table_line(d: PgsqlEvent) -> list[tuple[str, str | None]]:
+    from sensor.export.table import duration  # rendering only; not needed to parse
+
+    what = d.statement or d.statement_name or d.database or d.user
+    out = [(f"{d.kind} {what}".rstrip(), None), ("->", "dim")]
+    if d.sqlstate:
+        out.append((f"{d.severity or 'ERROR'} {d.sqlstate} {d.message}".rstrip(), "red"))
+    else:
+        out.append((d.command_tag or ("accepted" if d.accepted else "-"), None))
+    if d.latency_ns:
+        out.append((duration(d.latency_ns), None))
+    return out
+
+
+# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no PostgreSQL fields
+# yet, so none is registered for it (summary=()).
+PROTOCOL = Protocol(
+    name=APP_PROTO, event=PgsqlEvent, parser=PgsqlParser, options=("redact",),
+    tcp_ports=PORTS, signature=looks_like, priority=30,
+    column_types={"columns": "u16", "backend_pid": "u32"},
+    line=table_line, style="yellow",
+)

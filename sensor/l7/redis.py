@@ -1085,4 +1085,24 @@ class RedisParser:
 
 # -- registration (sensor/l7/registry.py) --------------------------------------------------
 
-PROTOCOL = Protocol(name=APP_PROTO, tcp_ports=PORTS, signature=looks_like, priority=31)
+def table_line(d: RedisEvent) -> list[tuple[str, str | None]]:
+    from sensor.export.table import duration  # rendering only; not needed to parse
+
+    what = f"{d.command or 'push'} {d.key}".rstrip()
+    out = [(what, None), ("->", "dim")]
+    if d.error:
+        out.append((d.error, "red"))
+    else:
+        out.append((f"{d.reply_type or '-'} {d.reply}".rstrip(), None))
+    if d.latency_ns:
+        out.append((duration(d.latency_ns), None))
+    return out
+
+
+# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no Redis fields yet,
+# so none is registered for it (summary=()).
+PROTOCOL = Protocol(
+    name=APP_PROTO, event=RedisEvent, parser=RedisParser, options=("redact",),
+    tcp_ports=PORTS, signature=looks_like, priority=31,
+    column_types={"resp": "u8"}, line=table_line, style="yellow",
+)
