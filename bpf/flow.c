@@ -621,20 +621,12 @@ static __always_inline int sniff(const __u8 *b, __u8 proto)
 		 * (handshake type 1) at byte 5 (RFC 8446 5.1, 4). */
 		if (b[0] == 0x16 && b[1] == 0x03 && b[2] <= 0x04 && b[5] == 0x01)
 			return 1;
-		/* An HTTP/1 request line starts with a method (RFC 9110 9.3). */
+		/* The first four bytes of a client's payload that the registered protocols
+		 * declare (sensor/l7/registry.py, Protocol.kernel_prefixes: HTTP/1 request
+		 * methods, RFC 9110 9.3), compiled in by the loader as
+		 * LOUPE_SNIFF_PREFIX(word), a chain of compares. */
 		__u32 m = ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
-		switch (m) {
-		case 0x47455420: /* "GET " */
-		case 0x504f5354: /* "POST" */
-		case 0x48454144: /* "HEAD" */
-		case 0x50555420: /* "PUT " */
-		case 0x44454c45: /* "DELE" */
-		case 0x4f505449: /* "OPTI" */
-		case 0x50415443: /* "PATC" */
-		case 0x434f4e4e: /* "CONN" */
-			return 1;
-		}
-		return 0;
+		return LOUPE_SNIFF_PREFIX(m);
 	}
 	/* A DNS message (RFC 1035 4.1.1): opcode QUERY (0), Z zero, one question, few
 	 * records, and a first label of 1..63 bytes or the root. */

@@ -53,6 +53,14 @@
 #define LOUPE_RINGBUF_PAGES 1024
 #endif
 
+/* Whether a TCP client's first four payload bytes (big-endian) are a prefix some
+ * registered protocol declares; sensor/kernel/loader.py defines it from the protocol
+ * registry, so the kernel and userspace share one list. Without it, the sniffer selects
+ * by TLS ClientHello only. */
+#ifndef LOUPE_SNIFF_PREFIX
+#define LOUPE_SNIFF_PREFIX(m) 0
+#endif
+
 /* A flow whose packets resume after an idle gap of this long may be being retired by
  * userspace at that moment; for the next LOUPE_RETIRE_GUARD_NS such a flow's packets
  * double-check that their entry is still in the map (flow.c, "Reading without

@@ -73,7 +73,18 @@ class LoadOptions:
             f"-DLOUPE_FRAG_MAP_SIZE={self.frag_map_size}",
             f"-DLOUPE_MAX_IPV6_EXT={self.max_ipv6_ext}",
             f"-DLOUPE_RINGBUF_PAGES={self.ringbuf_pages}",
+            sniff_prefix_cflag(),
         ]
+
+
+def sniff_prefix_cflag() -> str:
+    """-DLOUPE_SNIFF_PREFIX(m)=...: the kernel sniffer's first-bytes list, from the protocol
+    registry (Protocol.kernel_prefixes), so the kernel and userspace share one definition."""
+    from sensor.l7 import registry  # the protocol modules: only needed to compile
+
+    words = registry.kernel_sniff_prefixes()
+    test = " || ".join(f"(m) == {w:#010x}" for w in words) or "0"
+    return f"-DLOUPE_SNIFF_PREFIX(m)=({test})"
 
 
 def effective_caps() -> int:

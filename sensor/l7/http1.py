@@ -697,9 +697,8 @@ METHODS = frozenset((
     b"SEARCH", b"MKCALENDAR", b"ACL", b"BIND", b"UNBIND", b"REBIND", b"LINK", b"UNLINK",
 ))
 # The methods the kernel's content sniffer (bpf/flow.c, sniff()) recognises by their first
-# four bytes: the common ones only, each case costs verifier instructions. A flow opened
-# by another method is still found by its port or by a selection rule.
-# tests/l7/test_registry.py checks that bpf/flow.c's list is exactly this one.
+# four bytes: the common ones only, each costs the verifier a compare. A flow opened by
+# another method is still found by its port or by a selection rule.
 KERNEL_METHODS = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
                   b"CONNECT")
 
@@ -731,6 +730,7 @@ def table_line(d: HttpEvent) -> list[tuple[str, str | None]]:
 PROTOCOL = Protocol(
     name="http", event=HttpEvent, parser=Http1Parser, options=("redact",),
     tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
+    kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
     summary=("http_host",), column_types={"status": "u16"},
     line=table_line, listing=1, style="cyan",
 )

@@ -59,6 +59,10 @@ class Protocol:
     # The TCP signature is trusted only on these server ports (empty: on any port).
     signature_ports: tuple[int, ...] = ()
     datagram_signature: Callable[[bytes, Any], bool] | None = None
+    # First four bytes of a TCP client's first payload that the kernel's content sniffer
+    # (bpf/flow.c, sniff()) selects a flow on; each costs the verifier one compare, so
+    # only the common openings. The loader compiles them in (kernel_sniff_prefixes()).
+    kernel_prefixes: tuple[bytes, ...] = ()
     priority: int = DEFAULT_PRIORITY
     # Where the kind is listed (CLI help, error messages, export files, tables): lower
     # first, then by name.
@@ -84,6 +88,8 @@ class Protocol:
         bad = set(self.column_types.values()) - TYPE_NAMES
         if bad:
             raise ValueError(f"{self.name}: unknown column types {sorted(bad)}")
+        if any(len(p) != 4 for p in self.kernel_prefixes):
+            raise ValueError(f"{self.name}: kernel_prefixes are four bytes each")
         if not isinstance(self.column_types, MappingProxyType):
             object.__setattr__(self, "column_types", MappingProxyType(dict(self.column_types)))
 
@@ -195,6 +201,12 @@ def kind(name: str) -> Protocol:
 
 def of_event(cls: type) -> Protocol | None:
     return registry().by_event.get(cls)
+
+
+def kernel_sniff_prefixes() -> tuple[int, ...]:
+    """Every registered kernel prefix as a big-endian 32-bit word, sorted, once each."""
+    return tuple(sorted({int.from_bytes(p, "big") for spec in protocols()
+                         for p in spec.kernel_prefixes}))
 
 
 # -- the event dataclass, described for wire and storage --------------------------------------

@@ -46,15 +46,19 @@ def test_unknown_kind_is_an_error_not_another_kind():
                       protocol=6, detail=Unregistered())
 
 
-def test_kernel_sniffer_http_methods_equal_the_registrations():
-    # bpf/flow.c keeps its own case list (one 32-bit compare per method); it must be the
-    # first four bytes of exactly http1.KERNEL_METHODS, each a method userspace knows.
+def test_kernel_sniffer_takes_its_prefixes_from_the_registry():
+    # bpf/flow.c holds no list of its own: the loader compiles the registry's in
+    # (tests/kernel/test_sniff_prefixes.py runs it in the real program).
+    from sensor.kernel.loader import sniff_prefix_cflag
+
     text = (ROOT / "bpf" / "flow.c").read_text()
     body = text[text.index("static __always_inline int sniff("):]
     body = body[:body.index("\n}\n")]
-    words = {int(w, 16) for w in re.findall(r"case (0x[0-9a-f]{8}):", body)}
-    expected = {int.from_bytes((m + b" ")[:4], "big") for m in http1.KERNEL_METHODS}
-    assert words == expected
+    assert "LOUPE_SNIFF_PREFIX(m)" in body and not re.search(r"0x[0-9a-f]{8}", body)
+    flag = sniff_prefix_cflag()
+    assert flag.startswith("-DLOUPE_SNIFF_PREFIX(m)=")
+    words = {int(w, 16) for w in re.findall(r"0x[0-9a-f]{8}", flag)}
+    assert words == {int.from_bytes((m + b" ")[:4], "big") for m in http1.KERNEL_METHODS}
     assert set(http1.KERNEL_METHODS) <= http1.METHODS
 
 
