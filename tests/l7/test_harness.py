@@ -4,9 +4,6 @@ The long fuzz run is `python -m tests.fuzz` (tests/fuzz.py); this is its short v
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 import subprocess
 import sys
 
@@ -14,28 +11,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sensor.l7
+from sensor.l7 import registry
 from sensor.l7.http1 import Http1Parser
-from tests.l7 import harness
 from tests.conftest import REPO
 from tests.fuzz import PARSER_NAMES
+from tests.l7 import harness
 from tests.l7.harness import PARSERS, conversations, seeds
 
 BIG = 4 << 10
 
 
-def test_every_parser_in_sensor_l7_is_here():
-    found = set()
-    for info in pkgutil.iter_modules(sensor.l7.__path__):
-        module = importlib.import_module(f"sensor.l7.{info.name}")
-        for _, cls in inspect.getmembers(module, inspect.isclass):
-            # Classes with the L7Parser methods, not the typing.Protocol itself.
-            if (cls.__module__ == module.__name__ and hasattr(cls, "receive_data")
-                    and hasattr(cls, "next_event") and not getattr(cls, "_is_protocol", 0)):
-                found.add(cls)
-    missing = found - {factory for factory, _ in PARSERS.values()}
-    assert not missing, (f"add {sorted(c.__name__ for c in missing)} to PARSERS in "
-                         "tests/l7/harness.py, with captures")
+def test_every_registered_parser_is_here():
+    registered = {p.name: p.parser for p in registry.protocols() if p.parser is not None}
+    mine = {factory for factory, _ in PARSERS.values()}
+    missing = sorted(name for name, parser in registered.items() if parser not in mine)
+    assert not missing, f"add {missing} to PARSERS in tests/l7/harness.py, with captures"
+    assert len(registered) == len(PARSERS)
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
