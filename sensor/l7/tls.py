@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from typing import TYPE_CHECKING
 
 from sensor.l7 import fingerprints as fp
-from sensor.l7 import x509
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.registry import Protocol
 from sensor.model import TlsEvent
+
+if TYPE_CHECKING:
+    from sensor.l7 import x509
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
 # global's, and these are read on every call of the hot paths.
@@ -427,6 +430,10 @@ class TlsParser:
         elif msg_type == _CERTIFICATE and self.server_hello is not None:
             leaf = parse_certificate_leaf(body)
             if leaf is not None:
+                # Imported on first certificate: `cryptography` is heavy, and every CLI
+                # that lists record kinds imports this module through the registry.
+                from sensor.l7 import x509
+
                 self.cert = x509.parse_leaf(leaf)
                 if self.cert is None:
                     self.cert_errors += 1
