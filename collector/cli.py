@@ -35,7 +35,6 @@ _UNITS_NS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86_400 * 10**9
              "w": 7 * 86_400 * 10**9}
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmp6": 58, "icmpv6": 58, "sctp": 132}
-_RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
 
 # `loupe tail` with none of --since, --first, --last and --follow shows the newest this
 # many stored records, whatever their age, as `hubble observe` does by default.
@@ -79,13 +78,25 @@ def _port(text: str) -> int:
     raise ConfigError(f"{text!r} is not a port (0-65535)")
 
 
-def _rcode(text: str) -> int:
-    if text.upper() in _RCODES:
-        return _RCODES[text.upper()]
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a DNS rcode: use NOERROR, NXDOMAIN, ... or a number") from None
+def _status(text: str) -> str:
+    filters.parse_status(text)   # FilterError (a ConfigError) on a bad range
+    return text
+
+
+# A registered filter's value parser by its match kind, unless it brings its own.
+_MATCH_PARSERS = {"upper": str.upper, "status": _status}
+
+
+def _l7_parser(flt: registry.Filter):
+    if flt.parse is None:
+        return _MATCH_PARSERS.get(flt.match, str)
+
+    def parse(text: str):
+        try:
+            return flt.parse(text)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return parse
 
 
 # flag -> (RecordFilter field, value parser). Every flag also exists as --not-<flag>.
@@ -99,14 +110,8 @@ FILTER_FLAGS: dict[str, tuple[str, object]] = {
     "port": ("port", _port),
     "protocol": ("protocol", _protocol),
     "app-proto": ("app_proto", str.lower),
-    "http-method": ("http_method", str.upper),
-    "http-status": ("http_status", lambda v: (filters.parse_status(v), v)[1]),
-    "http-host": ("http_host", str),
-    "http-path": ("http_path", str),
-    "dns-qname": ("dns_qname", str),
-    "dns-rcode": ("dns_rcode", _rcode),
-    "tls-sni": ("tls_sni", str),
-    "ja4": ("tls_ja4", str),
+    # Each registered protocol's criteria (sensor/l7/registry.py, Protocol.filters).
+    **{f.tail_flag: (f.name, _l7_parser(f)) for spec in registry.kinds() for f in spec.filters},
     "sensor-id": ("sensor_id", str),
     "process": ("process", str),
     "container": ("container_id", str.lower),
@@ -116,7 +121,7 @@ FILTER_FLAGS: dict[str, tuple[str, object]] = {
 FILTER_ALIASES = {"sensor": "sensor-id"}
 
 FILTER_HELP = {
-    "type": "record kind: flow, http, dns, tls or lost",
+    "type": f"record kind: {', '.join(filters.RECORD_KINDS[:-1])} or lost",
     "from-ip": "initiator address or CIDR",
     "to-ip": "responder address or CIDR",
     "ip": "either end, address or CIDR",
@@ -125,14 +130,7 @@ FILTER_HELP = {
     "port": "either port",
     "protocol": "tcp, udp, icmp, icmpv6 or a number",
     "app-proto": "application protocol: http, dns, tls, ...",
-    "http-method": "GET, POST, ...",
-    "http-status": "404, 500+, 4xx or 200-299",
-    "http-host": "Host glob: '*.example.com'",
-    "http-path": "path glob: '/api/*'",
-    "dns-qname": "query name glob: '*.example.com'",
-    "dns-rcode": "NOERROR, NXDOMAIN, ... or a number",
-    "tls-sni": "server name glob",
-    "ja4": "JA4 client fingerprint",
+    **{f.tail_flag: f.help for spec in registry.kinds() for f in spec.filters},
     "sensor-id": "sensor id",
     "process": "process name or executable glob (flows): 'curl', '*/python3*'",
     "container": "container id prefix (flows): 'a1b2c3d4e5f6'",

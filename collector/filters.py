@@ -9,9 +9,10 @@ Filters run on loupe.v1.Record messages, not on the model dataclasses: live reco
 reach the collector and leave it as protobuf, and turning each one into a dataclass only
 to test a filter would cost ingest ~30 us per record per subscriber.
 
-Criteria that name an L7 field (http_method, http_status, http_path, dns_rcode) match
-only L7 events of that kind. Host, query name, SNI and JA4 also match a flow through its
-L7 summary fields (http_host, dns_qname, tls_sni, tls_ja4). Address and port criteria
+Criteria over an L7 field are declared by their protocol (sensor/l7/registry.py,
+Protocol.filters: http_method, http_status, dns_rcode, ...) and match only L7 events of
+that kind; those that name a Flow summary field (host, query name, SNI, JA4) also match a
+flow through it. Address and port criteria
 never match a LostEvent, which has neither. Process and container match flows only: the
 process is attributed per flow, and an L7 event reaches it through its flow's uid.
 """
@@ -188,24 +189,6 @@ def build_app_proto(values: Iterable[str]) -> Predicate:
     return match
 
 
-def build_http_method(values: Iterable[str]) -> Predicate:
-    methods = frozenset(v.upper() for v in values)
-
-    def match(rec) -> bool:
-        http = _detail(rec, "http")
-        return http is not None and http.method.upper() in methods
-    return match
-
-
-def build_http_status(values: Iterable[str]) -> Predicate:
-    ranges = [parse_status(v) for v in values]
-
-    def match(rec) -> bool:
-        http = _detail(rec, "http")
-        return http is not None and any(lo <= http.status <= hi for lo, hi in ranges)
-    return match
-
-
 def _globs(values: Iterable[str], fold: bool) -> Callable[[str], bool]:
     patterns = [v.lower().rstrip(".") if fold else v for v in values]
 
@@ -216,59 +199,43 @@ def _globs(values: Iterable[str], fold: bool) -> Callable[[str], bool]:
     return test
 
 
-def _summary_glob(values, detail: str, detail_field: str, flow_field: str) -> Predicate:
-    """Glob over an L7 field that the flow record also summarises (host, qname, SNI)."""
-    test = _globs(values, fold=True)
-
-    def match(rec) -> bool:
-        kind = rec.WhichOneof("kind")
-        if kind == "flow":
-            value = getattr(rec.flow, flow_field)
-            return bool(value) and test(value)
-        sub = _detail(rec, detail)
-        return sub is not None and test(getattr(sub, detail_field))
-    return match
-
-
-def build_http_host(values: Iterable[str]) -> Predicate:
-    return _summary_glob(values, "http", "host", "http_host")
+def _tester(match: str, values: list) -> Callable[[object], bool]:
+    """The value test of one registered filter's match kind (registry.FILTER_MATCHES)."""
+    if match == "glob":
+        return _globs(values, fold=True)
+    if match == "glob_case":
+        return _globs(values, fold=False)
+    if match == "upper":
+        upper = frozenset(v.upper() for v in values)
+        return lambda v: v.upper() in upper
+    if match == "status":
+        ranges = [parse_status(v) for v in values]
+        return lambda v: any(lo <= v <= hi for lo, hi in ranges)
+    allowed = frozenset(values)
+    return allowed.__contains__
 
 
-def build_http_path(values: Iterable[str]) -> Predicate:
-    test = _globs(values, fold=False)
+def l7_builder(oneof: str, flt: registry.Filter) -> Callable[[Iterable], Predicate]:
+    """The builder of one registered protocol's filter: matches that protocol's events by
+    the event field, and flows by the summary field when it names one (a flow without it
+    never matches a glob)."""
+    field, flow_field = flt.field, flt.flow_field
+    needs_value = flt.match in ("glob", "glob_case")
 
-    def match(rec) -> bool:
-        http = _detail(rec, "http")
-        return http is not None and test(http.path)
-    return match
+    def build(values: Iterable) -> Predicate:
+        test = _tester(flt.match, list(values))
 
-
-def build_dns_qname(values: Iterable[str]) -> Predicate:
-    return _summary_glob(values, "dns", "qname", "dns_qname")
-
-
-def build_dns_rcode(values: Iterable[int]) -> Predicate:
-    codes = frozenset(values)
-
-    def match(rec) -> bool:
-        dns = _detail(rec, "dns")
-        return dns is not None and dns.rcode in codes
-    return match
-
-
-def build_tls_sni(values: Iterable[str]) -> Predicate:
-    return _summary_glob(values, "tls", "sni", "tls_sni")
-
-
-def build_tls_ja4(values: Iterable[str]) -> Predicate:
-    fingerprints = frozenset(values)
-
-    def match(rec) -> bool:
-        if rec.WhichOneof("kind") == "flow":
-            return rec.flow.tls_ja4 in fingerprints
-        tls = _detail(rec, "tls")
-        return tls is not None and tls.ja4 in fingerprints
-    return match
+        def match(rec) -> bool:
+            kind = rec.WhichOneof("kind")
+            if kind == "flow":
+                if not flow_field:
+                    return False
+                value = getattr(rec.flow, flow_field)
+                return (bool(value) or not needs_value) and test(value)
+            sub = _detail(rec, oneof)
+            return sub is not None and test(getattr(sub, field))
+        return match
+    return build
 
 
 def build_sensor_id(values: Iterable[str]) -> Predicate:
@@ -318,14 +285,8 @@ BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "port": build_port,
     "protocol": build_protocol,
     "app_proto": build_app_proto,
-    "http_method": build_http_method,
-    "http_status": build_http_status,
-    "http_host": build_http_host,
-    "http_path": build_http_path,
-    "dns_qname": build_dns_qname,
-    "dns_rcode": build_dns_rcode,
-    "tls_sni": build_tls_sni,
-    "tls_ja4": build_tls_ja4,
+    # Each registered protocol's criteria (sensor/l7/registry.py, Protocol.filters).
+    **{f.name: l7_builder(spec.oneof, f) for spec in registry.kinds() for f in spec.filters},
     "sensor_id": build_sensor_id,
     "process": build_process,
     "container_id": build_container_id,

@@ -35,7 +35,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import Filter, Protocol
 from sensor.model import DnsAnswer, DnsEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -500,6 +500,20 @@ def table_line(d: DnsEvent) -> list[tuple[str, str | None]]:
     return out
 
 
+_RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
+
+
+def parse_rcode(text: str) -> int:
+    """An rcode as tail takes it: a name (NXDOMAIN) or a number."""
+    if text.upper() in _RCODES:
+        return _RCODES[text.upper()]
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a DNS rcode: use NOERROR, NXDOMAIN, ... or a number") from None
+
+
 PROTOCOL = Protocol(
     name="dns", event=DnsEvent, parser=DnsParser,
     tcp_ports=(53,), udp_ports=(53, 5353),
@@ -511,4 +525,10 @@ PROTOCOL = Protocol(
     column_types={"id": "u16", "qtype": "u16", "qclass": "u16", "rcode": "i32",
                   "answers.rtype": "u16", "answers.ttl": "u32"},
     line=table_line, listing=2, style="magenta",
+    filters=(
+        Filter(name="dns_qname", field="qname", match="glob", flow_field="dns_qname",
+               help="query name glob: '*.example.com'"),
+        Filter(name="dns_rcode", field="rcode", match="exact", parse=parse_rcode,
+               help="NOERROR, NXDOMAIN, ... or a number"),
+    ),
 )

@@ -40,7 +40,7 @@ from collections import deque
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import Filter, Protocol
 from sensor.model import HttpEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -733,4 +733,12 @@ PROTOCOL = Protocol(
     kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
     summary=("http_host",), column_types={"status": "u16"},
     line=table_line, listing=1, style="cyan",
+    filters=(
+        Filter(name="http_method", field="method", match="upper", help="GET, POST, ..."),
+        Filter(name="http_status", field="status", match="status",
+               help="404, 500+, 4xx or 200-299"),
+        Filter(name="http_host", field="host", match="glob", flow_field="http_host",
+               help="Host glob: '*.example.com'"),
+        Filter(name="http_path", field="path", match="glob_case", help="path glob: '/api/*'"),
+    ),
 )

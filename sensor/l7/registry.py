@@ -36,6 +36,36 @@ DEFAULT_PRIORITY = 50
 
 Segment = tuple[str, "str | None"]  # (text, style) of one table-line segment
 
+# How a Filter compares its values with the event's field (collector/filters.py):
+# glob: fnmatch, case-folded, a trailing dot ignored (host names); glob_case: fnmatch as
+# is (paths); upper: one of the values, case-insensitively (methods); exact: one of the
+# values; status: within one of the HTTP status ranges ("404", "5xx", "500+", "200-299").
+FILTER_MATCHES = frozenset(("glob", "glob_case", "upper", "exact", "status"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Filter:
+    """One subscription criterion over a field of the protocol's event (tail's --<flag>).
+    `name` is its loupe.v1.RecordFilter field (protos/loupe/v1/observer.proto)."""
+
+    name: str
+    field: str
+    match: str
+    flow_field: str = ""    # a Flow summary field the criterion also matches flows on
+    flag: str = ""          # tail's flag, when not `name` with dashes
+    help: str = ""
+    # tail's value parser (text -> the RecordFilter value; ValueError names the problem).
+    parse: Callable[[str], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.match not in FILTER_MATCHES:
+            raise ValueError(f"filter {self.name}: match {self.match!r} is not one of "
+                             f"{sorted(FILTER_MATCHES)}")
+
+    @property
+    def tail_flag(self) -> str:
+        return self.flag or self.name.replace("_", "-")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Protocol:
@@ -79,6 +109,8 @@ class Protocol:
     line: Callable[[Any], list[Segment]] | None = None
     # The table's colour for its kind column (a sensor/export/table.py style name).
     style: str = ""
+    # Subscription criteria (tail flags) over its events.
+    filters: tuple[Filter, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier():

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from sensor.l7 import fingerprints as fp
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import Filter, Protocol
 from sensor.model import TlsEvent
 
 if TYPE_CHECKING:
@@ -520,4 +520,10 @@ PROTOCOL = Protocol(
     summary=("tls_sni", "tls_ja4"),
     column_types={"version": "u16", "client_version": "u16", "cipher": "u16"},
     line=table_line, listing=3, style="green",
+    filters=(
+        Filter(name="tls_sni", field="sni", match="glob", flow_field="tls_sni",
+               help="server name glob"),
+        Filter(name="tls_ja4", field="ja4", match="exact", flow_field="tls_ja4", flag="ja4",
+               help="JA4 client fingerprint"),
+    ),
 )

@@ -11,7 +11,7 @@ from collector.storage.duckdb import DuckDBStorage
 from sensor.errors import SchemaError
 from sensor.l7 import registry
 
-from .conftest import batch, mixed, tls
+from .conftest import batch, dns, flow, http, mixed, tls
 
 
 def test_every_registered_kind_has_its_table():
@@ -43,3 +43,30 @@ def test_an_unknown_kind_is_refused_naming_it(monkeypatch, tmp_path):
     store.store_many([decode_batch(b)], 1)
     assert store.counts()["tls"] == 1
     store.close()
+
+
+def _matches(**criteria) -> list[str]:
+    from collector import filters
+    from sensor.export import wire
+
+    records = [flow(1), flow(2, tls_sni="", tls_ja4="", http_host="WWW.Example.test.",
+                             app_proto="http"),
+               http(3, method="post", path="/API/x", status=503), http(4, host="other.test"),
+               dns(5, rcode=3, qname="Gone.example.test."), dns(6), tls(7), tls(8, sni="x.test")]
+    flt = wire.observer_pb2.RecordFilter(**criteria)
+    match = filters.compile_filter(flt)
+    return [r.uid for r in records if match(wire.to_proto(r))]
+
+
+def test_registered_filters_match_their_kind_and_the_flow_summary():
+    ja4 = "t13d1516h2_8daaf6152771_b0da82dd1658"
+    assert _matches(http_method=["POST"]) == ["H3"]
+    assert _matches(http_status=["5xx"]) == ["H3"]
+    assert _matches(http_path=["/api/*"]) == []          # paths keep their case
+    assert _matches(http_path=["/API/*"]) == ["H3"]
+    assert _matches(http_host=["*.example.test"]) == ["F2", "H3"]   # folded, dot ignored
+    assert _matches(dns_qname=["gone.*"]) == ["D5"]
+    assert _matches(dns_rcode=[3]) == ["D5"]
+    assert _matches(tls_sni=["api.*"]) == ["F1", "T7"]
+    assert _matches(tls_ja4=[ja4]) == ["T7", "T8"]        # flows here carry no JA4
+    assert _matches(tls_ja4=[ja4], record_kind=["tls"], tls_sni=["x.test"]) == ["T8"]
