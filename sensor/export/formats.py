@@ -90,7 +90,7 @@ def tls_version_name(version: int) -> str:
 
 
 def _eve_head(event_type: str, ts_ns: int, rec) -> dict[str, Any]:
-    out: dict[str, Any] = {"timestamp": _eve_time(ts_ns), "flow_id": flow_id(rec.uid),
+    out: dict[str, Any] = {"timestamp": eve_time(ts_ns), "flow_id": flow_id(rec.uid),
                            "event_type": event_type}
     if rec.sensor_id:
         out["host"] = rec.sensor_id   # Suricata's sensor-name
@@ -102,7 +102,7 @@ def _eve_head(event_type: str, ts_ns: int, rec) -> dict[str, Any]:
     return out
 
 
-def _eve_time(ns: int) -> str | None:
+def eve_time(ns: int) -> str | None:
     # Suricata writes "2024-05-01T12:00:00.123456+0000".
     text = iso(ns)
     return None if text is None else text[:-1] + "+0000"
@@ -118,7 +118,7 @@ def _eve_flow(f: model.Flow) -> dict[str, Any]:
         "pkts_toserver": f.initiator_packets, "pkts_toclient": f.responder_packets,
         "bytes_toserver": f.initiator_l2_octets or f.initiator_octets,
         "bytes_toclient": f.responder_l2_octets or f.responder_octets,
-        "start": _eve_time(f.flow_start_ns), "end": _eve_time(f.flow_end_ns),
+        "start": eve_time(f.flow_start_ns), "end": eve_time(f.flow_end_ns),
         "age": (f.flow_end_ns - f.flow_start_ns) // 1_000_000_000,
         "state": "closed" if f.conn_state in _ENDED else "established",
         "reason": _EVE_REASON.get(int(f.flow_end_reason), "unknown"),
@@ -138,63 +138,24 @@ def _eve_flow(f: model.Flow) -> dict[str, Any]:
     return out
 
 
-def _eve_http(d: model.HttpEvent) -> dict[str, Any]:
-    return {"hostname": d.host, "url": d.path, "http_user_agent": d.user_agent,
-            "http_content_type": d.response_content_type, "http_method": d.method,
-            "protocol": d.version, "status": d.status or None, "length": d.response_body_len,
-            "request_body_len": d.request_body_len, "latency_ns": d.latency_ns}
-
-
-def _eve_dns(d: model.DnsEvent) -> dict[str, Any]:
-    # Suricata's version 2 answer record: one per transaction, rrtype/rcode as names.
-    out: dict[str, Any] = {"version": 2, "type": "answer" if d.rcode >= 0 else "query",
-                           "id": d.id, "rrname": d.qname, "rrtype": qtype_name(d.qtype),
-                           "tx_id": 0}
-    if d.rcode >= 0:
-        out["rcode"] = rcode_name(d.rcode)
-        out["answers"] = [{"rrname": a.name, "rrtype": qtype_name(a.rtype), "ttl": a.ttl,
-                           "rdata": a.data} for a in d.answers]
-    if d.truncated:
-        out["flags"] = "tc"
-    out["latency_ns"] = d.latency_ns
-    return out
-
-
-def _eve_tls(d: model.TlsEvent) -> dict[str, Any]:
-    out: dict[str, Any] = {"subject": d.cert_subject or None, "issuerdn": d.cert_issuer or None,
-                           "sni": d.sni or None, "version": tls_version_name(d.version) or None,
-                           "notbefore": _eve_time(d.cert_not_before_ns),
-                           "notafter": _eve_time(d.cert_not_after_ns)}
-    if d.ja3:
-        out["ja3"] = {"hash": d.ja3}
-    if d.ja3s:
-        out["ja3s"] = {"hash": d.ja3s}
-    if d.ja4:
-        out["ja4"] = d.ja4
-    if d.alpn:
-        out["client_alpns"] = list(d.alpn)
-    if d.alpn_selected:
-        out["server_alpns"] = [d.alpn_selected]
-    out["cipher"] = d.cipher
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def eve(record: model.Record) -> dict[str, Any]:
     """One EVE event for one record."""
     if isinstance(record, model.Flow):
         return _eve_flow(record)
     if isinstance(record, model.LostEvent):
-        out = {"timestamp": _eve_time(record.interval_end_ns), "event_type": "loss"}
+        out = {"timestamp": eve_time(record.interval_end_ns), "event_type": "loss"}
         if record.sensor_id:
             out["host"] = record.sensor_id
         out["loss"] = {"source": record.source, "count": record.count,
-                       "start": _eve_time(record.interval_start_ns),
-                       "end": _eve_time(record.interval_end_ns)}
+                       "start": eve_time(record.interval_start_ns),
+                       "end": eve_time(record.interval_end_ns)}
         return out
-    kind = record.kind
+    spec = registry.of_event(type(record.detail))
+    kind = spec.name
     out = _eve_head(kind, record.ts_ns, record)
     out["app_proto"] = kind
-    out[kind] = _EVE.get(kind, _eve_fields)(record.detail)
+    # Suricata's own shape where the protocol registered one, else its fields as they are.
+    out[kind] = spec.eve(record.detail) if spec.eve is not None else _eve_fields(record.detail)
     return out
 
 
@@ -203,10 +164,6 @@ def _eve_fields(d) -> dict[str, Any]:
     from sensor.export.jsonfmt import _plain
 
     return _plain(d)
-
-
-# Suricata's own EVE shapes, for the kinds it logs.
-_EVE = {"http": _eve_http, "dns": _eve_dns, "tls": _eve_tls}
 
 
 # -- names shared by EVE, Zeek and the table ---------------------------------------------------
@@ -245,36 +202,13 @@ ZEEK_LOGS: dict[str, tuple[str, list[tuple[str, str]]]] = {
                       ("history", "string"), ("orig_pkts", "count"),
                       ("orig_ip_bytes", "count"), ("resp_pkts", "count"),
                       ("resp_ip_bytes", "count"), ("community_id", "string")]),
-    "http": ("http", [("ts", "time"), ("uid", "string"), *_ID, ("method", "string"),
-                      ("host", "string"), ("uri", "string"), ("version", "string"),
-                      ("user_agent", "string"), ("request_body_len", "count"),
-                      ("response_body_len", "count"), ("status_code", "count"),
-                      ("status_msg", "string"), ("orig_mime_types", "set[string]"),
-                      ("resp_mime_types", "set[string]")]),
-    "dns": ("dns", [("ts", "time"), ("uid", "string"), *_ID, ("proto", "enum"),
-                    ("trans_id", "count"), ("rtt", "interval"), ("query", "string"),
-                    ("qclass", "count"), ("qclass_name", "string"), ("qtype", "count"),
-                    ("qtype_name", "string"), ("rcode", "count"), ("rcode_name", "string"),
-                    ("TC", "bool"), ("answers", "vector[string]"),
-                    ("TTLs", "vector[interval]")]),
-    "tls": ("ssl", [("ts", "time"), ("uid", "string"), *_ID, ("version", "string"),
-                    ("cipher", "string"), ("server_name", "string"),
-                    ("next_protocol", "string"), ("subject", "string"),
-                    ("issuer", "string"), ("ja3", "string"), ("ja3s", "string"),
-                    ("ja4", "string")]),
+    # Each registered protocol's log (Protocol.zeek), with the same head columns.
+    **{p.name: (p.zeek.path, [("ts", "time"), ("uid", "string"), *_ID, *p.zeek.columns])
+       for p in registry.kinds() if p.zeek is not None},
 }
-
-_ZEEK_TLS = {0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
-             0x0304: "TLSv13"}
-
 
 def _secs(ns: int) -> str:
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000 // 1000:06d}"
-
-
-def _mime(content_type: str) -> list[str]:
-    base = content_type.split(";", 1)[0].strip()
-    return [base] if base else []
 
 
 def _zeek_values(record: model.Record) -> list[Any]:
@@ -290,29 +224,8 @@ def _zeek_values(record: model.Record) -> list[Any]:
                 f.conn_state or None, gap, f.history or None, f.initiator_packets,
                 f.initiator_octets, f.responder_packets, f.responder_octets,
                 f.community_id or None]
-    d = record.detail
     head = [_secs(record.ts_ns), record.uid, *ids]
-    if isinstance(d, model.HttpEvent):
-        return head + [d.method or None, d.host or None, d.path or None,
-                       d.version.removeprefix("HTTP/") or None, d.user_agent or None,
-                       d.request_body_len, d.response_body_len, d.status or None,
-                       d.reason or None, _mime(d.request_content_type),
-                       _mime(d.response_content_type)]
-    if isinstance(d, model.DnsEvent):
-        answered = d.rcode >= 0
-        return head + [PROTO_NAMES.get(record.protocol, str(record.protocol)), d.id,
-                       f"{d.latency_ns / 1e9:.6f}" if d.latency_ns else None, d.qname or None,
-                       d.qclass, "C_INTERNET" if d.qclass == 1 else None,
-                       d.qtype, qtype_name(d.qtype),
-                       d.rcode if answered else None,
-                       rcode_name(d.rcode) if answered else None,
-                       "T" if d.truncated else "F",
-                       [a.data for a in d.answers] if answered else None,
-                       [f"{a.ttl}.000000" for a in d.answers] if answered else None]
-    return head + [_ZEEK_TLS.get(d.version, f"unknown-{d.version}") if d.version else None,
-                   f"0x{d.cipher:04x}" if d.cipher else None, d.sni or None,
-                   d.alpn_selected or None, d.cert_subject or None, d.cert_issuer or None,
-                   d.ja3 or None, d.ja3s or None, d.ja4 or None]
+    return head + registry.of_event(type(record.detail)).zeek.values(record)
 
 
 def _zeek_cell(value: Any) -> str:

@@ -35,7 +35,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Filter, Protocol
+from sensor.l7.registry import Filter, Protocol, ZeekLog
 from sensor.model import DnsAnswer, DnsEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -514,6 +514,47 @@ def parse_rcode(text: str) -> int:
             f"{text!r} is not a DNS rcode: use NOERROR, NXDOMAIN, ... or a number") from None
 
 
+def eve(d: DnsEvent) -> dict:
+    """Suricata's EVE dns object: its version 2 answer record, one per transaction,
+    rrtype/rcode as names."""
+    from sensor.export.formats import qtype_name, rcode_name  # output only
+
+    out: dict = {"version": 2, "type": "answer" if d.rcode >= 0 else "query",
+                 "id": d.id, "rrname": d.qname, "rrtype": qtype_name(d.qtype), "tx_id": 0}
+    if d.rcode >= 0:
+        out["rcode"] = rcode_name(d.rcode)
+        out["answers"] = [{"rrname": a.name, "rrtype": qtype_name(a.rtype), "ttl": a.ttl,
+                           "rdata": a.data} for a in d.answers]
+    if d.truncated:
+        out["flags"] = "tc"
+    out["latency_ns"] = d.latency_ns
+    return out
+
+
+def _zeek(e) -> list:
+    from sensor.export.formats import PROTO_NAMES, qtype_name, rcode_name  # output only
+
+    d = e.detail
+    answered = d.rcode >= 0
+    return [PROTO_NAMES.get(e.protocol, str(e.protocol)), d.id,
+            f"{d.latency_ns / 1e9:.6f}" if d.latency_ns else None, d.qname or None,
+            d.qclass, "C_INTERNET" if d.qclass == 1 else None,
+            d.qtype, qtype_name(d.qtype),
+            d.rcode if answered else None,
+            rcode_name(d.rcode) if answered else None,
+            "T" if d.truncated else "F",
+            [a.data for a in d.answers] if answered else None,
+            [f"{a.ttl}.000000" for a in d.answers] if answered else None]
+
+
+# Zeek's dns.log columns that Loupe has a value for, in Zeek's order.
+ZEEK = ZeekLog(path="dns", values=_zeek, columns=(
+    ("proto", "enum"), ("trans_id", "count"), ("rtt", "interval"), ("query", "string"),
+    ("qclass", "count"), ("qclass_name", "string"), ("qtype", "count"),
+    ("qtype_name", "string"), ("rcode", "count"), ("rcode_name", "string"),
+    ("TC", "bool"), ("answers", "vector[string]"), ("TTLs", "vector[interval]")))
+
+
 PROTOCOL = Protocol(
     name="dns", event=DnsEvent, parser=DnsParser,
     tcp_ports=(53,), udp_ports=(53, 5353),
@@ -524,7 +565,7 @@ PROTOCOL = Protocol(
     summary=("dns_qname",),
     column_types={"id": "u16", "qtype": "u16", "qclass": "u16", "rcode": "i32",
                   "answers.rtype": "u16", "answers.ttl": "u32"},
-    line=table_line, listing=2, style="magenta",
+    line=table_line, listing=2, style="magenta", eve=eve, zeek=ZEEK,
     filters=(
         Filter(name="dns_qname", field="qname", match="glob", flow_field="dns_qname",
                help="query name glob: '*.example.com'"),

@@ -40,7 +40,7 @@ from collections import deque
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.registry import Filter, Protocol
+from sensor.l7.registry import Filter, Protocol, ZeekLog
 from sensor.model import HttpEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -727,12 +727,41 @@ def table_line(d: HttpEvent) -> list[tuple[str, str | None]]:
     return out
 
 
+def eve(d: HttpEvent) -> dict:
+    """Suricata's EVE http object."""
+    return {"hostname": d.host, "url": d.path, "http_user_agent": d.user_agent,
+            "http_content_type": d.response_content_type, "http_method": d.method,
+            "protocol": d.version, "status": d.status or None, "length": d.response_body_len,
+            "request_body_len": d.request_body_len, "latency_ns": d.latency_ns}
+
+
+def _mime(content_type: str) -> list[str]:
+    base = content_type.split(";", 1)[0].strip()
+    return [base] if base else []
+
+
+def _zeek(e) -> list:
+    d = e.detail
+    return [d.method or None, d.host or None, d.path or None,
+            d.version.removeprefix("HTTP/") or None, d.user_agent or None,
+            d.request_body_len, d.response_body_len, d.status or None,
+            d.reason or None, _mime(d.request_content_type), _mime(d.response_content_type)]
+
+
+# Zeek's http.log columns that Loupe has a value for, in Zeek's order.
+ZEEK = ZeekLog(path="http", values=_zeek, columns=(
+    ("method", "string"), ("host", "string"), ("uri", "string"), ("version", "string"),
+    ("user_agent", "string"), ("request_body_len", "count"), ("response_body_len", "count"),
+    ("status_code", "count"), ("status_msg", "string"), ("orig_mime_types", "set[string]"),
+    ("resp_mime_types", "set[string]")))
+
+
 PROTOCOL = Protocol(
     name="http", event=HttpEvent, parser=Http1Parser, options=("redact",),
     tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
     kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
     summary=("http_host",), column_types={"status": "u16"},
-    line=table_line, listing=1, style="cyan",
+    line=table_line, listing=1, style="cyan", eve=eve, zeek=ZEEK,
     filters=(
         Filter(name="http_method", field="method", match="upper", help="GET, POST, ..."),
         Filter(name="http_status", field="status", match="status",

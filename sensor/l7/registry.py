@@ -68,6 +68,17 @@ class Filter:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ZeekLog:
+    """The protocol's Zeek log (sensor/export/formats.py writes it as TSV): its path, its
+    columns after the shared head (ts, uid, id.orig_h, id.orig_p, id.resp_h, id.resp_p)
+    as (name, Zeek type), and the values of one L7Event for them (None is unset)."""
+
+    path: str
+    columns: tuple[tuple[str, str], ...]
+    values: Callable[[Any], list]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Protocol:
     """One L7 protocol as every consumer sees it. `name` is the Flow's app_proto, the
     record kind (JSON "type", tail's kind column), and by default the L7Event oneof field
@@ -111,6 +122,10 @@ class Protocol:
     style: str = ""
     # Subscription criteria (tail flags) over its events.
     filters: tuple[Filter, ...] = ()
+    # Suricata EVE: the object under the event's key; None writes the fields as they are.
+    eve: Callable[[Any], dict] | None = None
+    # Its Zeek log; None: `--format zeek` skips its events (counted).
+    zeek: ZeekLog | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier():

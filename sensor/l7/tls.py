@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from sensor.l7 import fingerprints as fp
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Filter, Protocol
+from sensor.l7.registry import Filter, Protocol, ZeekLog
 from sensor.model import TlsEvent
 
 if TYPE_CHECKING:
@@ -514,12 +514,54 @@ def table_line(d: TlsEvent) -> list[tuple[str, str | None]]:
     return out
 
 
+def eve(d: TlsEvent) -> dict:
+    """Suricata's EVE tls object."""
+    from sensor.export.formats import eve_time, tls_version_name  # output only
+
+    out: dict = {"subject": d.cert_subject or None, "issuerdn": d.cert_issuer or None,
+                 "sni": d.sni or None, "version": tls_version_name(d.version) or None,
+                 "notbefore": eve_time(d.cert_not_before_ns),
+                 "notafter": eve_time(d.cert_not_after_ns)}
+    if d.ja3:
+        out["ja3"] = {"hash": d.ja3}
+    if d.ja3s:
+        out["ja3s"] = {"hash": d.ja3s}
+    if d.ja4:
+        out["ja4"] = d.ja4
+    if d.alpn:
+        out["client_alpns"] = list(d.alpn)
+    if d.alpn_selected:
+        out["server_alpns"] = [d.alpn_selected]
+    out["cipher"] = d.cipher
+    return {k: v for k, v in out.items() if v is not None}
+
+
+_ZEEK_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
+                  0x0304: "TLSv13"}
+
+
+def _zeek(e) -> list:
+    d = e.detail
+    return [_ZEEK_VERSIONS.get(d.version, f"unknown-{d.version}") if d.version else None,
+            f"0x{d.cipher:04x}" if d.cipher else None, d.sni or None,
+            d.alpn_selected or None, d.cert_subject or None, d.cert_issuer or None,
+            d.ja3 or None, d.ja3s or None, d.ja4 or None]
+
+
+# Zeek's ssl.log columns that Loupe has a value for, in Zeek's order; JA4 last, as the
+# Zeek package that adds it does.
+ZEEK = ZeekLog(path="ssl", values=_zeek, columns=(
+    ("version", "string"), ("cipher", "string"), ("server_name", "string"),
+    ("next_protocol", "string"), ("subject", "string"), ("issuer", "string"),
+    ("ja3", "string"), ("ja3s", "string"), ("ja4", "string")))
+
+
 PROTOCOL = Protocol(
     name="tls", event=TlsEvent, parser=TlsParser,
     tcp_ports=(443, 8443, 853, 993, 995, 465), signature=looks_like, priority=10,
     summary=("tls_sni", "tls_ja4"),
     column_types={"version": "u16", "client_version": "u16", "cipher": "u16"},
-    line=table_line, listing=3, style="green",
+    line=table_line, listing=3, style="green", eve=eve, zeek=ZEEK,
     filters=(
         Filter(name="tls_sni", field="sni", match="glob", flow_field="tls_sni",
                help="server name glob"),

@@ -120,3 +120,21 @@ def test_collector_round_trip_and_table_line(kind, tmp_path):
     store.close()
     line = TableWriter(None, color=False, width=None).line(l7[0])
     assert f" {kind} " in line and "sni=" not in line and "TLS" not in line
+
+
+def test_eve_and_zeek_of_a_kind_without_their_shapes(tmp_path):
+    # MySQL registered no EVE or Zeek shape: EVE carries its fields as they are, Zeek
+    # skips its events and counts them (no log is made up for it).
+    import io
+
+    from sensor.export import formats
+
+    records = replay(CASES["mysql"][0], tmp_path)
+    event = next(r for r in records if isinstance(r, model.L7Event))
+    out = formats.eve(event)
+    assert out["event_type"] == out["app_proto"] == "mysql"
+    assert out["mysql"] == jsonfmt.to_dict(event)["detail"]
+    writer = formats.ZeekWriter(io.StringIO())
+    for r in records:
+        writer.write(r)
+    assert writer.skipped == sum(isinstance(r, model.L7Event) for r in records)
