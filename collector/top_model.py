@@ -307,8 +307,11 @@ class TopModel:
                 e.count += 1
                 e.last_ns = now_ns
                 e.window.add(sec, 1)
-        else:
+        elif isinstance(d, model.TlsEvent):
             key = (d.sni.lower() or server, "tls")
+        else:
+            # Any other registered kind: its server, keyed as its flows are (app_proto).
+            key = (server, ev.kind)
         s = self.tables["services"].get(key, Service)
         s.requests += 1
         s.last_ns = now_ns

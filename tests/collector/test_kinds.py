@@ -70,3 +70,23 @@ def test_registered_filters_match_their_kind_and_the_flow_summary():
     assert _matches(tls_sni=["api.*"]) == ["F1", "T7"]
     assert _matches(tls_ja4=[ja4]) == ["T7", "T8"]        # flows here carry no JA4
     assert _matches(tls_ja4=[ja4], record_kind=["tls"], tls_sni=["x.test"]) == ["T8"]
+
+
+def test_top_counts_another_kind_under_its_own_service():
+    # Before: every event that was neither HTTP nor DNS was taken for TLS (d.sni).
+    from collector import top_model as tm
+    from sensor import model
+    from sensor.l7.mysql import MysqlEvent
+
+    m = tm.TopModel()
+    now = 1_800_000_000 * tm.NS
+    ev = model.L7Event(uid="M1", ts_ns=now, src_addr="198.18.0.5", dst_addr="198.19.0.33",
+                       src_port=50000, dst_port=3306, protocol=6,
+                       detail=MysqlEvent(command="query", statement="SELECT 1", status="result",
+                                         latency_ns=1_000_000))
+    m.add(flow(1, dst_addr="198.19.0.33", dst_port=3306, app_proto="mysql", tls_sni=""), now)
+    m.add(ev, now)
+    rows = {(r[0], r[1]): r for r in m.panel("services", now).rows}
+    assert rows[("198.19.0.33:3306", "mysql")][2] == 1   # one request
+    assert rows[("198.19.0.33:3306", "mysql")][9] == 1   # its flow, on the same row
+    assert not any(k[1] == "tls" for k in rows)
