@@ -97,7 +97,7 @@ def breakdown(pcap: Path, limit: int = 150_000) -> None:
     L7 stage but no parser, with one parser at a time, and with all of them; then the
     JSON lines encoding of that last run's records."""
     from sensor.engine.l7engine import L7Engine
-    from sensor.l7.detect import DEFAULT_PARSERS, ParserRegistry
+    from sensor.l7.detect import ParserRegistry, default_parsers
     from sensor.engine.meter import Meter
     from sensor.replay.reader import CaptureReader
 
@@ -135,8 +135,9 @@ def breakdown(pcap: Path, limit: int = 150_000) -> None:
     print(f"meter: {base:.2f}")
     glue = run(lambda out: L7Engine(emit=out.append, registry=ParserRegistry({})))
     print(f"meter + L7 stage, no parser: {glue:.2f} (+{glue - base:.2f})")
-    for name in DEFAULT_PARSERS:
-        spec = {name: DEFAULT_PARSERS[name]}
+    parsers = default_parsers()   # every registered protocol's parser
+    for name in parsers:
+        spec = {name: parsers[name]}
         cost = run(lambda out: L7Engine(emit=out.append, registry=ParserRegistry(spec)))
         print(f"meter + L7 stage, {name} parser only: {cost:.2f} (+{cost - glue:.2f})")
     full = run(lambda out: L7Engine(emit=out.append))
