@@ -8,8 +8,9 @@ attrgetter pass and validated as a column (max/min over a list, a set of distinc
 addresses), which keeps the per-record Python work to a few attribute reads. That work
 runs in decoder processes (see Writer), off the collector's GIL and on every core.
 
-The rules checked are the ones sensor/model.py enforces (_RANGE_RULES and friends below
-mirror its __post_init__ checks, and tests/collector/test_tls_storage.py proves the two
+The rules checked are the ones sensor/model.py and the protocols' event classes enforce
+(_RANGE_RULES and friends below, from the protocols' registrations, mirror their
+__post_init__ checks, and tests/collector/test_tls_storage.py proves the two
 agree record by record). When a column check fails, the batch is decoded once more
 through wire.batch_from_proto so that the REJECTED ack names the first bad record and
 field exactly as the model words it.
@@ -122,23 +123,23 @@ _KINDS = {spec.oneof: _kind(spec) for spec in registry.kinds()}
 # (ports are uint16, protocol uint8, ... so an out-of-range value fails the conversion).
 _RANGE_RULES: dict[str, tuple[tuple[str, int, int], ...]] = {
     "flows": (("vlan_id", 0, 0xFFF), ("inner_vlan_id", 0, 0xFFF)),
-    "http": (("status", 0, 999),),
-    "dns": (("rcode", -1, 0xFFF),),
+    **{spec.table_name: spec.column_ranges for spec in registry.kinds()},
 }
 _ALLOWED_VALUES: dict[str, tuple[tuple[str, frozenset], ...]] = {
     "flows": (
         ("ip_version", frozenset((4, 6))),
         ("flow_end_reason", frozenset(range(6))),  # sensor.model.FlowEndReason
     ),
-    "dns": (("transport", frozenset(("udp", "tcp"))),),
+    **{spec.table_name: spec.column_values for spec in registry.kinds()},
 }
 _NON_EMPTY = {"flows": "uid", "lost": "source", **{k.table: "uid" for k in _KINDS.values()}}
 
-# The L7 kinds whose event rules are all mirrored above as column checks (proved record by
-# record in tests/collector/test_tls_storage.py). Events of any other registered kind are
-# validated by building them (wire.from_proto, the event dataclass's own checks): correct
-# for any kind by construction, at ~30 us per record, until its rules are mirrored here.
-_COLUMN_CHECKED = frozenset(("http", "dns", "tls"))
+# The L7 kinds whose event checks are all mirrored above as column checks (their
+# registrations say so: Protocol.columns_checked, proved record by record in
+# tests/collector/test_tls_storage.py). Events of any other kind are validated by
+# building them (wire.from_proto, the event dataclass's own checks): correct for any
+# kind by construction, at ~30 us per record.
+_COLUMN_CHECKED = frozenset(spec.oneof for spec in registry.kinds() if spec.columns_checked)
 
 
 def _columns(messages: list, paths: list[str]) -> list[tuple]:

@@ -565,6 +565,8 @@ PROTOCOL = Protocol(
     summary=("dns_qname",),
     column_types={"id": "u16", "qtype": "u16", "qclass": "u16", "rcode": "i32",
                   "answers.rtype": "u16", "answers.ttl": "u32"},
+    column_ranges=(("rcode", -1, 0xFFF),),
+    column_values=(("transport", frozenset(("udp", "tcp"))),), columns_checked=True,
     line=table_line, listing=2, style="magenta", eve=eve, zeek=ZEEK,
     filters=(
         Filter(name="dns_qname", field="qname", match="glob", flow_field="dns_qname",

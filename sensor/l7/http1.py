@@ -761,6 +761,7 @@ PROTOCOL = Protocol(
     tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
     kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
     summary=("http_host",), column_types={"status": "u16"},
+    column_ranges=(("status", 0, 999),), columns_checked=True,
     line=table_line, listing=1, style="cyan", eve=eve, zeek=ZEEK,
     filters=(
         Filter(name="http_method", field="method", match="upper", help="GET, POST, ..."),

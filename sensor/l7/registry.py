@@ -122,6 +122,15 @@ class Protocol:
     style: str = ""
     # Subscription criteria (tail flags) over its events.
     filters: tuple[Filter, ...] = ()
+    # The collector's columnar fast path (collector/ingest.py). `column_ranges` (field,
+    # low, high) and `column_values` (field, allowed values) are the event's checks that
+    # its column types do not already make; `columns_checked` says they, with the types,
+    # are ALL of its dataclass's checks, so ingest may skip building the dataclasses
+    # (tests/collector/test_tls_storage.py proves the two agree). Otherwise every event of
+    # the kind is validated by building it (~30 us a record).
+    column_ranges: tuple[tuple[str, int, int], ...] = ()
+    column_values: tuple[tuple[str, frozenset], ...] = ()
+    columns_checked: bool = False
     # Suricata EVE: the object under the event's key; None writes the fields as they are.
     eve: Callable[[Any], dict] | None = None
     # Its Zeek log; None: `--format zeek` skips its events (counted).

@@ -561,6 +561,7 @@ PROTOCOL = Protocol(
     tcp_ports=(443, 8443, 853, 993, 995, 465), signature=looks_like, priority=10,
     summary=("tls_sni", "tls_ja4"),
     column_types={"version": "u16", "client_version": "u16", "cipher": "u16"},
+    columns_checked=True,
     line=table_line, listing=3, style="green", eve=eve, zeek=ZEEK,
     filters=(
         Filter(name="tls_sni", field="sni", match="glob", flow_field="tls_sni",

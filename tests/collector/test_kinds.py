@@ -90,3 +90,24 @@ def test_top_counts_another_kind_under_its_own_service():
     assert rows[("198.19.0.33:3306", "mysql")][2] == 1   # one request
     assert rows[("198.19.0.33:3306", "mysql")][9] == 1   # its flow, on the same row
     assert not any(k[1] == "tls" for k in rows)
+
+
+def test_an_event_its_class_refuses_is_rejected_for_a_kind_without_column_checks():
+    # MySQL declares no column checks: its events are built (MysqlEvent's own checks).
+    from sensor import model
+    from sensor.l7.mysql import MysqlEvent
+
+    ev = model.L7Event(uid="M1", ts_ns=1, src_addr="198.18.0.5", dst_addr="198.19.0.33",
+                       src_port=50000, dst_port=3306, protocol=6,
+                       detail=MysqlEvent(command="query", status="error", error_code=1064,
+                                         sql_state="42000"))
+    good = batch(mixed(3) + [ev], 1)
+    assert decode_batch(good).tables["mysql"].num_rows == 1
+    bad = batch(mixed(3) + [ev], 2)
+    bad.records[3].l7.mysql.sql_state = "4200"     # not 5 characters
+    with pytest.raises(SchemaError, match=r"record 3: .*sql_state='4200' is not 5 characters"):
+        decode_batch(bad)
+    bad.records[3].l7.mysql.sql_state = "42000"
+    bad.records[3].l7.mysql.status = "maybe"       # not a status the parser makes
+    with pytest.raises(SchemaError, match=r"record 3: .*status='maybe'"):
+        decode_batch(bad)
