@@ -182,8 +182,9 @@ def test_collector_service_lifecycle_metrics_and_reload(tmp_path, notify):
         assert set(_values(lost)) == {source.value for source in LostSource}
         assert _values(families["loupe_batches"]) == {"stored": 1, "duplicate": 0, "rejected": 0}
         assert _values(families["loupe_records_stored"]) == {"": 3}
-        assert _values(families["loupe_stored_rows"]) == {
-            "flows": 3, "http": 0, "dns": 0, "tls": 0, "lost": 0}
+        assert _values(families["loupe_stored_rows"]) == {   # one per table
+            "flows": 3, "http": 0, "dns": 0, "tls": 0, "mysql": 0, "pgsql": 0, "redis": 0,
+            "lost": 0}
         assert _values(families["loupe_queue_depth"]) == {"ingest_batches": 0,
                                                           "subscriber_records": 0}
         assert _values(families["loupe_subscribers"]) == {"": 0}
