@@ -469,6 +469,9 @@ class Http1Parser:
 
     def _request_head(self, block: bytes) -> None:
         lines, headers = _parse_head(block)
+        if not lines:
+            # Only empty lines, past the number skipped before a message.
+            raise _Malformed("bad request line")
         parts = lines[0].split(b" ")
         if len(parts) != 3:
             raise _Malformed("bad request line")
@@ -528,6 +531,8 @@ class Http1Parser:
 
     def _response_head(self, block: bytes) -> None:
         lines, headers = _parse_head(block)
+        if not lines:
+            raise _Malformed("bad status line")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not _VERSION.match(parts[0]):
             raise _Malformed("bad status line")

@@ -103,7 +103,8 @@ def parse_leaf(der: bytes) -> CertFields | None:
             not_before_ns=_epoch_ns(cert.not_valid_before_utc),
             not_after_ns=_epoch_ns(cert.not_valid_after_utc),
         )
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, x509.InvalidVersion):
         # cryptography raises ValueError for malformed DER and for extensions it cannot
-        # decode lazily; a hostile certificate is data to count, not a crash.
+        # decode lazily, and InvalidVersion (not a ValueError) for a version field other
+        # than v1 or v3; a hostile certificate is data to count, not a crash.
         return None
