@@ -74,6 +74,14 @@ def _epoch_ns(when: datetime.datetime) -> int:
     return max(0, seconds) * 1_000_000_000
 
 
+# What cryptography raises for bytes that are no usable certificate, some of it lazily when
+# a field is read: ValueError for malformed DER and undecodable extensions, and its own
+# exceptions, which are no ValueError, for a version other than v1/v3 (InvalidVersion), an
+# extension given twice (DuplicateExtension) and an unknown general name type.
+_NOT_A_CERTIFICATE = (ValueError, TypeError, OverflowError, x509.InvalidVersion,
+                      x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
 def _san(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -103,8 +111,6 @@ def parse_leaf(der: bytes) -> CertFields | None:
             not_before_ns=_epoch_ns(cert.not_valid_before_utc),
             not_after_ns=_epoch_ns(cert.not_valid_after_utc),
         )
-    except (ValueError, TypeError, OverflowError, x509.InvalidVersion):
-        # cryptography raises ValueError for malformed DER and for extensions it cannot
-        # decode lazily, and InvalidVersion (not a ValueError) for a version field other
-        # than v1 or v3; a hostile certificate is data to count, not a crash.
+    except _NOT_A_CERTIFICATE:
+        # A hostile certificate is data to count, not a crash.
         return None
