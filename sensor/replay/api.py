@@ -20,7 +20,8 @@ from typing import Iterable, Iterator, Sequence, Union
 from sensor.engine.pipeline import Pipeline, PipelineConfig, Summary
 from sensor.l7 import registry
 from sensor.model import Record, record_kind
-from sensor.replay.reader import CaptureReader
+from sensor.errors import ConfigError
+from sensor.replay.reader import STDIN, CaptureReader, is_stream
 
 __all__ = ["replay", "replay_records", "to_dataframe", "RECORD_KINDS"]
 
@@ -67,14 +68,38 @@ def replay(paths: PathLike | Sequence[PathLike], *, l7: bool = True, sensor_id: 
     record) for a file that is not a readable capture.
     """
     files = _paths(paths)
-    for path in files:
-        CaptureReader(path).close()   # every file is checked before anything runs
-    cfg = config if config is not None else PipelineConfig(l7=l7, sensor_id=sensor_id)
+    # Every input is checked before anything runs. Stdin ("-"), pipes and FIFOs can be read
+    # only once: those readers stay open for the run instead of being opened anew.
+    if [os.fspath(p) for p in files].count(STDIN) > 1:
+        raise ConfigError("'-' (stdin) can be given only once")
+    kept: dict[int, CaptureReader] = {}
+    try:
+        for index, path in enumerate(files):
+            reader = CaptureReader(path)
+            if is_stream(path):
+                kept[index] = reader
+            else:
+                reader.close()
+    except BaseException:
+        for reader in kept.values():
+            reader.close()
+        raise
+    try:
+        yield from _run(files, kept, config if config is not None
+                        else PipelineConfig(l7=l7, sensor_id=sensor_id), summary)
+    finally:
+        for reader in kept.values():
+            reader.close()
+
+
+def _run(files, kept: dict[int, CaptureReader], cfg: PipelineConfig,
+         summary: list[Summary] | None) -> Iterator[Record]:
     buffer = _Buffer()
     pipeline = Pipeline(buffer, cfg)
     out = buffer.records
-    for path in files:
-        with CaptureReader(path) as reader:
+    for index, path in enumerate(files):
+        reader = kept.pop(index) if index in kept else CaptureReader(path)
+        with reader:
             packets = iter(reader)
             while True:
                 chunk = list(islice(packets, _SLICE))

@@ -137,3 +137,21 @@ def test_progress_line_for_a_pipe_shows_packets_without_a_percentage():
     out = StringIO()
     _Progress(out, 1, lambda: 1234).update(5000, 0)
     assert out.getvalue() == "\rfile 0/1 1,234 packets "
+
+
+def test_python_api_reads_stdin_once():
+    # replay() checks every input before it runs: for "-" that check must keep the reader
+    # it opened, or it reads stdin's first bytes and the run sees a cut stream.
+    script = ("import sys, orjson\n"
+              "from sensor.replay import replay_records\n"
+              "for r in replay_records(['-']): sys.stdout.buffer.write(orjson.dumps(r) + b'\\n')\n")
+    capture = REPO / "tests" / "golden" / "curl-http.pcap"
+    with capture.open("rb") as stdin:
+        res = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", script],
+                             stdin=stdin, capture_output=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr.decode()
+    by_file = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c",
+                              script.replace("['-']", repr([str(capture)]))],
+                             capture_output=True, cwd=REPO, timeout=60)
+    assert res.stdout == by_file.stdout
+    assert res.stdout.count(b"\n") == 4   # 2 flows, 2 HTTP events
