@@ -75,12 +75,18 @@ class Nfcapd:
         return self.logfile.read_text()
 
     def records(self) -> list[dict]:
-        (capture,) = self.dir.glob("nfcapd.2*")
-        shown = subprocess.run(["nfdump", "-r", str(capture), "-o", "json"],
-                               capture_output=True, text=True, timeout=30,
-                               env={**os.environ, "TZ": "UTC"})
-        assert shown.returncode == 0, shown.stderr
-        return json.loads(shown.stdout)
+        # nfcapd starts a new file at every 5-minute wall-clock boundary, so a run that
+        # crosses one leaves two files: read them all, oldest first.
+        captures = sorted(self.dir.glob("nfcapd.2*"))
+        assert captures, f"nfcapd wrote no file in {self.dir}"
+        records: list[dict] = []
+        for capture in captures:
+            shown = subprocess.run(["nfdump", "-r", str(capture), "-o", "json"],
+                                   capture_output=True, text=True, timeout=30,
+                                   env={**os.environ, "TZ": "UTC"})
+            assert shown.returncode == 0, shown.stderr
+            records += json.loads(shown.stdout) if shown.stdout.strip() else []
+        return records
 
     def flows(self) -> Counter:
         """(key, first ms, last ms, in packets, in bytes, out packets, out bytes, vlan)."""
