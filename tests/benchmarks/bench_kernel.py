@@ -1,17 +1,25 @@
 """Flow meter overhead, three ways.
 
-    sudo .venv/bin/python -m tests.benchmarks.bench_kernel [--rounds 30] [--phase 1]
+    sudo .venv/bin/python -m tests.benchmarks.bench_kernel [--rounds 30] [--phase 1] [--meters loupe,tcpdump]
     sudo .venv/bin/python -m tests.benchmarks.bench_kernel --micro
     sudo .venv/bin/python -m tests.benchmarks.bench_kernel --read
 
 - default: one long iperf3 test across a veth pair per kind (TCP, then 64-byte UDP),
-  during which the program is attached (tcx where the kernel has it) and detached in
-  turn, one phase a second: bare, attached, bare, ... (--rounds attached phases).
+  during which each meter is switched on and off in turn, one phase a second: bare,
+  Loupe, bare, softflowd, bare, tcpdump, bare, pmacctd, bare, Loupe, ... (--rounds
+  phases per meter). Loupe's program is attached (tcx where the kernel has it) and
+  detached; the capture-based meters ops would otherwise run are started and stopped
+  as processes on the same interface: `softflowd -i IF` and `pmacctd -i IF` (libpcap
+  on AF_PACKET) and `tcpdump -i IF -s 96 -w /dev/null`. A process counts as on once its
+  packet socket is open; every phase, bare ones included, starts --settle seconds after
+  the switch so that start-up and tear-down fall outside the measured second. A peer
+  that is not installed is left out (`--meters` picks them).
   iperf3's client and server are pinned to a core each. The rate of each phase is read
-  from the receiving interface's counters (bytes for TCP, packets for UDP). It prints
-  the TCP throughput ratio and the 64-byte UDP packet-rate ratio: each attached phase
-  against the mean of the bare phases either side of it, the median of those (target
-  >= 0.95), and the ratio of all attached to all bare phases beside it. Phases a
+  from the receiving interface's counters (bytes for TCP, packets for UDP). It prints,
+  per meter, the TCP throughput ratio and the 64-byte UDP packet-rate ratio: each of
+  its phases against the mean of the bare phases either side of it, the median of
+  those (Loupe's target >= 0.95), and the ratio of all its phases to all bare phases
+  beside it. Phases a
   second apart see the same machine: separate tests a few seconds apart differed by
   up to 25% on a shared VM, which no number of rounds averaged out. Then the kernel's
   drop counters (must stay 0), and the program's own cost per run while attached
@@ -33,10 +41,14 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from sensor.clock import SystemClock
 from sensor.kernel import abi, attach, bpfsys, loader, testrun
@@ -117,97 +129,200 @@ def _received(netns: str, iface: str) -> tuple[int, int]:
     raise RuntimeError(f"{iface} not found in netns {netns}")
 
 
-def alternating(pair: VethPair, prog_fd: int, iperf_args: tuple[str, ...], *, rounds: int,
-                phase: float, unit: int) -> list[tuple[bool, float]]:
-    """One iperf3 test from a to b while prog_fd is attached to b's interface every
-    other phase, starting and ending bare. Returns (attached, rate) per phase: bytes/s
-    (unit 0) or packets/s (unit 1) received by b."""
-    phases = 2 * rounds + 1
+class LoupeMeter:
+    """Loupe's flow program, attached to b's interface for a phase and detached after."""
+
+    name = "loupe"
+
+    def __init__(self, pair: VethPair, prog_fd: int) -> None:
+        self.pair, self.prog_fd, self.link = pair, prog_fd, None
+
+    def on(self) -> None:
+        with in_netns(self.pair.b.netns):
+            self.link = attach.attach(self.pair.b.iface, self.prog_fd)
+
+    def off(self) -> None:
+        if self.link is not None:
+            with in_netns(self.pair.b.netns):
+                attach.detach(self.link)
+            self.link = None
+
+
+class CaptureMeter:
+    """A capture-based meter: a process started on b's interface for a phase and stopped
+    after. It is on once it holds a packet socket in b's namespace (nothing else there
+    does), so the phase does not start while libpcap is still opening."""
+
+    def __init__(self, name: str, pair: VethPair, argv: list[str]) -> None:
+        self.name, self.pair, self.argv, self.proc = name, pair, argv, None
+
+    def on(self) -> None:
+        # Its own session: pmacctd forks plugin processes, stopped with it as a group.
+        self.proc = self.pair.b.popen(*self.argv, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self._capturing():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace")[-300:] \
+                    if self.proc.poll() is not None else "no packet socket after 10 s"
+                self.off()
+                raise RuntimeError(f"{self.name} did not start: {err}")
+            time.sleep(0.01)
+
+    def _capturing(self) -> bool:
+        try:
+            with open(f"/proc/{self.proc.pid}/net/packet") as f:
+                return len(f.readlines()) > 1
+        except OSError:
+            return False
+
+    def off(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.proc = None
+
+
+def peer_meters(pair: VethPair, workdir: Path, wanted: set[str]) -> list[CaptureMeter]:
+    """The capture-based meters that are installed and wanted, each writing nothing it
+    keeps: softflowd exports NetFlow v10 to a closed local port, tcpdump writes
+    /dev/null, pmacctd's print plugin writes to /dev/null once a minute."""
+    iface = pair.b.iface
+    conf = workdir / "pmacctd.conf"
+    conf.write_text(f"daemonize: false\npcap_interface: {iface}\nplugins: print\n"
+                    "aggregate: src_host, dst_host, src_port, dst_port, proto\n"
+                    "print_output_file: /dev/null\nprint_refresh_time: 60\n")
+    known = {
+        "softflowd": ["softflowd", "-d", "-i", iface, "-v", "10", "-n", "127.0.0.1:9",
+                      "-p", str(workdir / "softflowd.pid"), "-c", str(workdir / "sf.ctl")],
+        "tcpdump": ["tcpdump", "-i", iface, "-s", "96", "-w", "/dev/null"],
+        "pmacctd": ["pmacctd", "-f", str(conf)],
+    }
+    meters = []
+    for name, argv in known.items():
+        if name not in wanted:
+            continue
+        if shutil.which(argv[0]) is None:
+            print(f"{name}: not installed, left out", flush=True)
+            continue
+        meters.append(CaptureMeter(name, pair, argv))
+    return meters
+
+
+def alternating(pair: VethPair, meters: list, iperf_args: tuple[str, ...], *, rounds: int,
+                phase: float, settle: float, unit: int) -> list[tuple[str, float]]:
+    """One iperf3 test from a to b while the meters take turns on b's interface, each
+    phase of one meter between two bare ones: bare, m1, bare, m2, ..., bare (rounds
+    phases per meter). Returns (meter name or "", rate) per phase: bytes/s (unit 0) or
+    packets/s (unit 1) received by b."""
+    plan = [meters[i % len(meters)] for i in range(rounds * len(meters))]
+    phases = 2 * len(plan) + 1
     srv = pair.b.popen("iperf3", "-s", "-1", stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     time.sleep(0.3)  # let the server listen
-    # Long enough for every phase and each phase's attach or detach, with room to spare;
-    # stopped when the phases are done.
-    client = pair.a.popen("iperf3", "-c", pair.b.ip4, "-t", str(int(phases * phase * 1.5) + 5),
+    # Long enough for every phase and each switch, with room to spare; stopped when the
+    # phases are done.
+    length = int(phases * (phase + settle) * 1.5) + 5
+    client = pair.a.popen("iperf3", "-c", pair.b.ip4, "-t", str(length),
                           *_affinity(), *iperf_args, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
-    rates: list[tuple[bool, float]] = []
-    link = None
+    rates: list[tuple[str, float]] = []
+    current = None
     try:
         time.sleep(1.5)  # connected and at full rate
         if client.poll() is not None:
             raise RuntimeError(f"iperf3 client ended early: {client.stderr.read()[-500:]}")
         for i in range(phases):
-            on = i % 2 == 1
-            with in_netns(pair.b.netns):
-                if on:
-                    link = attach.attach(pair.b.iface, prog_fd)
-                elif link is not None:
-                    attach.detach(link)
-                    link = None
+            if i % 2:
+                current = plan[i // 2]
+                current.on()
+            elif current is not None:
+                current.off()
+                current = None
+            time.sleep(settle)
             t0, c0 = time.monotonic(), _received(pair.b.netns, pair.b.iface)[unit]
             time.sleep(phase)
             t1, c1 = time.monotonic(), _received(pair.b.netns, pair.b.iface)[unit]
-            rates.append((on, (c1 - c0) / (t1 - t0)))
+            rates.append((current.name if current else "", (c1 - c0) / (t1 - t0)))
         if client.poll() is not None:
             raise RuntimeError(f"iperf3 client ended early: {client.stderr.read()[-500:]}")
     finally:
-        if link is not None:
-            with in_netns(pair.b.netns):
-                attach.detach(link)
+        if current is not None:
+            current.off()
         for proc in (client, srv):
             proc.kill()
             proc.wait()
     return rates
 
 
-def phase_ratios(rates: list[tuple[bool, float]]) -> list[float]:
-    """Each attached phase's rate over the mean of the bare phases either side."""
+def phase_ratios(rates: list[tuple[str, float]], name: str) -> list[float]:
+    """Each phase of meter `name` over the mean of the bare phases either side."""
     return [rates[i][1] / ((rates[i - 1][1] + rates[i + 1][1]) / 2)
-            for i in range(1, len(rates) - 1) if rates[i][0]]
+            for i in range(1, len(rates) - 1) if rates[i][0] == name]
 
 
 def iperf_main(args) -> int:
     prog = loader.load()
-    ratios: dict[str, list[float]] = {}
-    means: dict[str, float] = {}
+    wanted = set(args.meters.split(","))
+    ratios: dict[tuple[str, str], list[float]] = {}
+    means: dict[tuple[str, str], float] = {}
     cost: dict[str, list[float]] = {"tcp": [], "udp": []}
-    with VethPair.create("kb") as pair:
+    with VethPair.create("kb") as pair, tempfile.TemporaryDirectory() as tmp:
         pair.wait_ready()
+        meters = ([LoupeMeter(pair, prog.prog_fd)] if "loupe" in wanted else [])
+        meters += peer_meters(pair, Path(tmp), wanted)
+        if not meters:
+            raise SystemExit(f"no meter to measure among {args.meters!r}")
         for kind, iperf_args, unit in (("tcp", (), 0), ("udp", UDP64, 1)):
-            rates = alternating(pair, prog.prog_fd, iperf_args, rounds=args.rounds,
-                                phase=args.phase, unit=unit)
-            ratios[kind] = phase_ratios(rates)
-            on = [r for a, r in rates if a]
-            off = [r for a, r in rates if not a]
-            means[kind] = statistics.mean(on) / statistics.mean(off)
+            rates = alternating(pair, meters, iperf_args, rounds=args.rounds,
+                                phase=args.phase, settle=args.settle, unit=unit)
+            off = [r for m, r in rates if not m]
+            for meter in meters:
+                ratios[meter.name, kind] = phase_ratios(rates, meter.name)
+                on = [r for m, r in rates if m == meter.name]
+                means[meter.name, kind] = statistics.mean(on) / statistics.mean(off)
             what = "Gbit/s" if kind == "tcp" else "kpps"
             scale = 8e-9 if kind == "tcp" else 1e-3
-            print(f"{kind}: {' '.join(('+' if a else '-') + f'{r * scale:.1f}' for a, r in rates)}"
-                  f" {what} (+ attached, - bare); {_load()}", flush=True)
+            print(f"{kind}: {' '.join((m[:1] or '-') + f'{r * scale:.1f}' for m, r in rates)}"
+                  f" {what} (- bare, else the meter's initial); {_load()}", flush=True)
         # Cost tests: attached, with run-time statistics on (BPF_ENABLE_STATS).
-        stats_fd = bpfsys.enable_run_time_stats()
-        try:
-            with attached(pair.b.netns, pair.b.iface, prog.prog_fd):
-                for _ in range(args.cost_rounds):
-                    for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
-                        before = bpfsys.prog_info(prog.prog_fd)
-                        fn(pair, 3)
-                        cost[kind].append(_ns_per_run(prog.prog_fd, before)[0])
-        finally:
-            os.close(stats_fd)
+        if "loupe" in wanted:
+            stats_fd = bpfsys.enable_run_time_stats()
+            try:
+                with attached(pair.b.netns, pair.b.iface, prog.prog_fd):
+                    for _ in range(args.cost_rounds):
+                        for kind, fn in (("tcp", tcp_bps), ("udp", udp_pps)):
+                            before = bpfsys.prog_info(prog.prog_fd)
+                            fn(pair, 3)
+                            cost[kind].append(_ns_per_run(prog.prog_fd, before)[0])
+            finally:
+                os.close(stats_fd)
     counters = read_counters(prog.counters_fd, possible_cpus())
     prog.close()
     drops = {c.name.lower(): counters[c] for c in DROP_COUNTERS if counters[c]}
-    print(f"{args.rounds} attached phases of {args.phase:g} s per test, each between two bare ones")
-    for kind, what in (("tcp", "tcp throughput"), ("udp", "udp 64-byte packet-rate")):
-        print(f"{what} ratio (attached/bare): {statistics.median(ratios[kind]):.3f} median of "
-              f"the phases' ratios (quartiles {_quartiles(ratios[kind])}); {means[kind]:.3f} "
-              f"all attached over all bare phases")
-    print(f"program cost while attached (ns per run with run-time stats on, median of "
-          f"{args.cost_rounds} tests): tcp {statistics.median(cost['tcp']):.0f}, "
-          f"udp64 {statistics.median(cost['udp']):.0f}")
-    print(f"packets metered: {counters[abi.Counter.PACKETS]}; kernel drop counters: "
+    print(f"{args.rounds} phases of {args.phase:g} s per meter and test, each between two "
+          f"bare ones, {args.settle:g} s after each switch")
+    print(f"{'meter':<10} {'tcp throughput ratio':>34} {'udp 64-byte packet-rate ratio':>34}")
+    for meter in meters:
+        cells = [f"{statistics.median(ratios[meter.name, k]):.3f} "
+                 f"({_quartiles(ratios[meter.name, k])}; all {means[meter.name, k]:.3f})"
+                 for k in ("tcp", "udp")]
+        print(f"{meter.name:<10} {cells[0]:>34} {cells[1]:>34}")
+    print("(median of the phases' ratios against the bare phases either side; quartiles; "
+          "all its phases over all bare phases)")
+    if cost["tcp"]:
+        print(f"loupe program cost while attached (ns per run with run-time stats on, median "
+              f"of {args.cost_rounds} tests): tcp {statistics.median(cost['tcp']):.0f}, "
+              f"udp64 {statistics.median(cost['udp']):.0f}")
+    print(f"packets metered by loupe: {counters[abi.Counter.PACKETS]}; kernel drop counters: "
           f"{drops or 'none raised'}; {_load()}")
     return 0 if not drops else 1
 
@@ -335,10 +450,14 @@ def _walk(fd: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # 30 attached phases of 1 s per test, ~2.5 minutes in all with the cost tests: one
+    # 30 phases of 1 s per meter and test (about 10 minutes with four meters): one
     # phase's ratio varies by ~5% on this shared VM, so the median of 30 is within ~1%.
-    ap.add_argument("--rounds", type=int, default=30, help="attached phases per test")
+    ap.add_argument("--rounds", type=int, default=30, help="phases per meter and test")
     ap.add_argument("--phase", type=float, default=1.0, help="seconds per phase")
+    ap.add_argument("--settle", type=float, default=0.25,
+                    help="seconds between a switch and the phase it starts")
+    ap.add_argument("--meters", default="loupe,softflowd,tcpdump,pmacctd",
+                    help="comma-separated: loupe softflowd tcpdump pmacctd")
     ap.add_argument("--cost-rounds", type=int, default=2)
     ap.add_argument("--micro", action="store_true", help="per-packet cost by test run")
     ap.add_argument("--read", action="store_true", help="reader cost at a full map")
