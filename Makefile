@@ -31,8 +31,10 @@ run: install
 test: install
 	$(VENV)/bin/pytest
 
-# NFStream (the replay benchmark's reference) is only needed here: the `bench` extra.
-bench: install
+# The benchmarks' peers are only needed here: NFStream (the `bench` extra), and Suricata,
+# ndpiReader and softflowd from Debian (scripts/apt-bench-packages.txt).
+bench:
+	@scripts/install.sh bench
 	@$(VENV)/bin/python -c "import nfstream" 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]' --config-settings editable_mode=compat
 	$(VENV)/bin/python -m tests.benchmarks
 

@@ -6,9 +6,27 @@
 #   3. tracefs, for the tracepoints.
 #   4. The venv (.venv, with system site-packages so `import bcc` works), protobuf code,
 #      and the package itself in editable mode.
+# `install.sh bench` (run by `make bench`) also installs the benchmarks' peers from
+# scripts/apt-bench-packages.txt, Suricata 7 from Debian's bookworm-backports among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf 'install: %s\n' "$*" >&2; }
+
+# Debian 12's backports suite (Suricata 7 comes from there): one source entry, signed by
+# Debian's own archive key. Packages are only taken from it when named with /bookworm-backports.
+backports=/etc/apt/sources.list.d/loupe-bookworm-backports.sources
+if [ "$(id -u)" = 0 ] && [ ! -f "$backports" ] \
+        && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    say "adding Debian's bookworm-backports source ($backports)"
+    cat > "$backports" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    apt-get update -q >/dev/null
+fi
 
 packages=$(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' | tr '\n' ' ')
 if [ "$(id -u)" = 0 ]; then
@@ -70,5 +88,22 @@ make --no-print-directory proto
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
     touch "$stamp"
+fi
+# The benchmarks' peers, for `make bench` only. Installing Suricata or softflowd on a host
+# with systemd starts their services: stop and disable them, the benchmarks run their own.
+if [ "${1:-}" = bench ] && [ "$(id -u)" = 0 ]; then
+    bench_missing=""
+    for entry in $(grep -v '^\s*#' scripts/apt-bench-packages.txt | grep -v '^\s*$'); do
+        dpkg-query -W -f='${db:Status-Abbrev}' "${entry%%/*}" 2>/dev/null | grep -q '^ii' \
+            || bench_missing="$bench_missing $entry"
+    done
+    if [ -n "$bench_missing" ]; then
+        say "installing the benchmarks' peers:$bench_missing"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            $bench_missing >/dev/null
+        if [ -d /run/systemd/system ]; then
+            systemctl disable --now suricata softflowd >/dev/null 2>&1 || true
+        fi
+    fi
 fi
 say "ok: $(.venv/bin/loupe --help >/dev/null && echo 'loupe command ready in .venv/bin/loupe')"
