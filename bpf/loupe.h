@@ -438,4 +438,139 @@ enum loupe_counter {
 	LOUPE_CNT_MAX
 };
 
+/* ---- TLS plaintext (bpf/tls_probe.c: uprobes on the TLS libraries) ----------------- */
+
+/* Plaintext octets per event. One call's bytes go in one event, from its start: an HTTP
+ * head (what the parsers need) is at the start of the call that carries it; the rest of a
+ * larger call is counted as truncated. Power of two, for the verifier's bound. */
+#ifndef LOUPE_TLS_CHUNK
+#define LOUPE_TLS_CHUNK 4096
+#endif
+
+/* Ring buffer pages (power of two). 256 pages (1 MiB) hold ~250 full chunks: a burst of
+ * 250 new connections' first calls between two drains. Full: counted, the chunk lost. */
+#ifndef LOUPE_TLS_RINGBUF_PAGES
+#define LOUPE_TLS_RINGBUF_PAGES 256
+#endif
+
+/* TLS objects (SSL *, gnutls_session_t) tracked at once, per process. LRU: an object
+ * freed without SSL_free being seen (a library not probed for it) must not pin an
+ * entry; an evicted live one restarts its offsets, which userspace sees. */
+#ifndef LOUPE_TLS_CONNS
+#define LOUPE_TLS_CONNS 65536
+#endif
+
+/* Threads inside a probed call at once (entry saved until its return). */
+#ifndef LOUPE_TLS_CALLS
+#define LOUPE_TLS_CALLS 16384
+#endif
+
+/* Entries of each selection list (process names, cgroup ids). */
+#ifndef LOUPE_TLS_SEL_ENTRIES
+#define LOUPE_TLS_SEL_ENTRIES 1024
+#endif
+
+#define LOUPE_TLS_READ  0   /* dir: the process received these octets */
+#define LOUPE_TLS_WRITE 1   /* the process sent them */
+
+#define LOUPE_TLS_LIB_OPENSSL 1
+#define LOUPE_TLS_LIB_GNUTLS  2
+
+/* fd_src: where the event's fd comes from. */
+#define LOUPE_TLS_FD_NONE    0   /* unknown: no SSL_set_fd, no syscall in any call yet */
+#define LOUPE_TLS_FD_SET_FD  1   /* SSL_set_fd(ssl, fd) */
+#define LOUPE_TLS_FD_SYSCALL 2   /* a read/write-family syscall inside a call on it */
+
+/* Selection flags of loupe_tls_config. */
+#define LOUPE_TLS_SEL_COMM   0x01   /* only processes whose comm is in tls_sel_comm */
+#define LOUPE_TLS_SEL_CGROUP 0x02   /* only tasks whose cgroup id is in tls_sel_cgroup */
+
+/* One TLS object of one process. */
+struct loupe_tls_conn_key {
+	__u64 ssl;             /* the object's address in the process: an opaque id */
+	__u32 tgid;
+	__u32 pad;
+};
+#define LOUPE_TLS_CONN_KEY_SIZE 16
+
+/* A call between its entry and its return, per thread id. */
+struct loupe_tls_call {
+	__u64 ssl;
+	__u64 buf;             /* the caller's buffer */
+	__u64 len_ptr;         /* SSL_*_ex: where the length is written; 0 otherwise */
+	__s32 fd;              /* the first read/write syscall's fd inside the call, or -1 */
+	__u8  dir;             /* LOUPE_TLS_READ / WRITE */
+	__u8  lib;             /* LOUPE_TLS_LIB_* */
+	__u16 pad;
+};
+#define LOUPE_TLS_CALL_SIZE 32
+
+/* The kernel's state of one TLS object. Octets of a direction land in exactly one of
+ * copied, truncated (budget) or skipped (userspace's skip or stop). */
+struct loupe_tls_conn {
+	__u64 offset[2];       /* stream octets so far, by LOUPE_TLS_READ / WRITE */
+	__u64 copied[2];
+	__u64 truncated[2];
+	__u64 skipped[2];
+	__s32 fd;
+	__u8  fd_src;          /* LOUPE_TLS_FD_* */
+	__u8  pad[3];
+};
+#define LOUPE_TLS_CONN_SIZE 72
+
+/* tls_ctl: what userspace wants from one object (the wire's loupe_l7_ctl, with stream
+ * offsets instead of TCP seqs: they never wrap, so no generation is needed). Only
+ * userspace writes it; the return probes read it. */
+struct loupe_tls_ctl {
+	__u64 grant[2];        /* octets granted beyond the budget, so far */
+	__u64 skip_until[2];   /* stream offset: octets below it are skipped */
+	__u32 flags;           /* LOUPE_CTL_DONE */
+	__u32 pad;
+};
+#define LOUPE_TLS_CTL_SIZE 40
+
+/* The one entry of tls_config. enabled 0 leaves every probe a lookup and a return. */
+struct loupe_tls_config {
+	__u32 enabled;
+	__u32 flags;           /* LOUPE_TLS_SEL_* */
+	__u32 budget[2];       /* octets per direction copied before any grant */
+};
+#define LOUPE_TLS_CONFIG_SIZE 16
+
+/* A chunk of plaintext: this header, then cap_len octets. len counts from offset (after
+ * a skip), so len - cap_len octets of the call were not copied (budget or chunk size). */
+struct loupe_tls_event {
+	__u64 ts_ns;           /* bpf_ktime_get_ns() at the call's return */
+	__u64 ssl;
+	__u64 offset;          /* stream offset of the first octet */
+	__u64 cgroup_id;
+	__u32 tgid;
+	__u32 tid;
+	__s32 fd;              /* -1 when fd_src is LOUPE_TLS_FD_NONE */
+	__u32 len;
+	__u16 cap_len;
+	__u8  dir;             /* LOUPE_TLS_READ / WRITE */
+	__u8  lib;
+	__u8  fd_src;
+	__u8  pad[3];
+	char  comm[16];
+};
+#define LOUPE_TLS_EVENT_SIZE 72
+
+/* Indices of the TLS program's per-CPU counter array (sensor/kernel/tlsprobe.py names
+ * them in this order). */
+enum loupe_tls_counter {
+	LOUPE_TLS_CNT_CALLS = 0,       /* probed calls that returned data */
+	LOUPE_TLS_CNT_EVENTS,          /* chunks sent */
+	LOUPE_TLS_CNT_COPIED,          /* octets copied into them */
+	LOUPE_TLS_CNT_TRUNCATED,       /* octets not copied: budget or chunk size */
+	LOUPE_TLS_CNT_SKIPPED,         /* octets not copied: userspace skip or stop */
+	LOUPE_TLS_CNT_RINGBUF_FULL,    /* chunks lost to a full ring buffer */
+	LOUPE_TLS_CNT_RINGBUF_OCTETS,  /* their octets */
+	LOUPE_TLS_CNT_CALLS_FULL,      /* an entry found tls_calls full: the call is lost */
+	LOUPE_TLS_CNT_READ_FAILED,     /* the caller's buffer could not be read */
+	LOUPE_TLS_CNT_NOT_SELECTED,    /* calls of processes outside the selection */
+	LOUPE_TLS_CNT_MAX
+};
+
 #endif /* LOUPE_H */

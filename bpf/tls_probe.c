@@ -1,0 +1,343 @@
+/* tls_probe.c: TLS plaintext at the TLS libraries' read and write calls, by uprobes.
+ *
+ * Strategy
+ * - The entry probe of SSL_read/SSL_write (and the _ex variants, gnutls_record_recv/
+ *   send) saves the object and the caller's buffer per thread id; the return probe
+ *   knows the real length (the return value, or *readbytes / *written for _ex) and copies
+ *   the octets the budget allows into one ring buffer event. Userspace attaches the
+ *   programs by library file (an inode covers every process mapping it, later ones too):
+ *   sensor/kernel/tlsprobe.py.
+ * - Only probe arguments, the caller's memory (bpf_probe_read_user), tracepoint
+ *   arguments and helpers are read; never a kernel struct nor a library-private one
+ *   (DESIGN.md). The socket behind an object comes from SSL_set_fd's argument or, for
+ *   objects made before the sensor or on a BIO of their own (curl, openssl s_server,
+ *   GnuTLS), from the fd of the read/write-family syscall the call makes on the same
+ *   thread (syscalls:sys_enter_* tracepoints). Userspace turns the fd into a 5-tuple
+ *   through /proc.
+ * - Budget and skip are the wire contract (loupe.h, loupe_l7_ctl) on stream offsets the
+ *   kernel counts per object and direction: octets below tls_ctl.skip_until are not
+ *   copied, nor those beyond budget + grant, nor any after LOUPE_CTL_DONE.
+ * - Selection by process name and cgroup is decided here, at the entry; by port it needs
+ *   the 5-tuple, so userspace stops unselected objects with LOUPE_CTL_DONE.
+ * - Every loss is counted (loupe.h, enum loupe_tls_counter).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/ptrace.h>
+
+#include "loupe.h"
+
+_Static_assert(sizeof(struct loupe_tls_conn_key) == LOUPE_TLS_CONN_KEY_SIZE, "key size");
+_Static_assert(sizeof(struct loupe_tls_call) == LOUPE_TLS_CALL_SIZE, "call size");
+_Static_assert(sizeof(struct loupe_tls_conn) == LOUPE_TLS_CONN_SIZE, "conn size");
+_Static_assert(sizeof(struct loupe_tls_ctl) == LOUPE_TLS_CTL_SIZE, "ctl size");
+_Static_assert(sizeof(struct loupe_tls_config) == LOUPE_TLS_CONFIG_SIZE, "config size");
+_Static_assert(sizeof(struct loupe_tls_event) == LOUPE_TLS_EVENT_SIZE, "event size");
+
+/* ---- maps (bcc syntax; sensor/kernel/tlsprobe.py looks them up by name) ----------- */
+
+/* tls_calls: a call between entry and return. Key: thread id (pid_tgid). Value: struct
+ * loupe_tls_call. Size: LOUPE_TLS_CALLS. A plain hash: a full map refuses the entry and
+ * the call is counted (LOUPE_TLS_CNT_CALLS_FULL); the return deletes it. */
+BPF_TABLE("hash", __u64, struct loupe_tls_call, tls_calls, LOUPE_TLS_CALLS);
+
+/* tls_conns: offsets, accounting and fd per object. Key: struct loupe_tls_conn_key.
+ * Value: struct loupe_tls_conn. Size: LOUPE_TLS_CONNS. LRU (why: see loupe.h). */
+BPF_TABLE("lru_hash", struct loupe_tls_conn_key, struct loupe_tls_conn, tls_conns,
+	  LOUPE_TLS_CONNS);
+
+/* tls_ctl: userspace's grant / skip / stop per object. Key: struct loupe_tls_conn_key.
+ * Value: struct loupe_tls_ctl. Size: LOUPE_TLS_CONNS. A plain hash written by userspace
+ * only (a refused write is counted there); SSL_free deletes an object's entry so a new
+ * object at the same address starts clean. */
+BPF_TABLE("hash", struct loupe_tls_conn_key, struct loupe_tls_ctl, tls_ctl, LOUPE_TLS_CONNS);
+
+/* tls_config: Key: __u32 0. Value: struct loupe_tls_config. Size: 1. */
+BPF_ARRAY(tls_config, struct loupe_tls_config, 1);
+
+/* tls_sel_comm / tls_sel_cgroup: the selection lists. Key: comm (16 bytes, zero
+ * padded) or cgroup id. Value: __u8 1. Size: LOUPE_TLS_SEL_ENTRIES. */
+struct loupe_tls_comm { char comm[16]; };
+BPF_TABLE("hash", struct loupe_tls_comm, __u8, tls_sel_comm, LOUPE_TLS_SEL_ENTRIES);
+BPF_TABLE("hash", __u64, __u8, tls_sel_cgroup, LOUPE_TLS_SEL_ENTRIES);
+
+/* tls_events: struct loupe_tls_event + cap_len octets. LOUPE_TLS_RINGBUF_PAGES pages. */
+BPF_RINGBUF_OUTPUT(tls_events, LOUPE_TLS_RINGBUF_PAGES);
+
+/* tls_scratch: where an event is assembled (a reservation must have a constant size;
+ * bpf_ringbuf_output copies only header + cap_len). Per CPU: a program run does not
+ * migrate, and tracing programs do not nest on one CPU. Size: 1. */
+struct loupe_tls_scratch {
+	struct loupe_tls_event ev;
+	__u8 data[LOUPE_TLS_CHUNK];
+};
+BPF_PERCPU_ARRAY(tls_scratch, struct loupe_tls_scratch, 1);
+
+/* tls_counters: one slot per enum loupe_tls_counter, per CPU. */
+BPF_PERCPU_ARRAY(tls_counters, __u64, LOUPE_TLS_CNT_MAX);
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = tls_counters.lookup(&idx);
+	if (v)
+		*v += n;
+}
+
+/* ---- entry -------------------------------------------------------------------------- */
+
+static __always_inline int selected(const struct loupe_tls_config *cfg)
+{
+	if (cfg->flags & LOUPE_TLS_SEL_COMM) {
+		struct loupe_tls_comm c = {};
+		bpf_get_current_comm(c.comm, sizeof(c.comm));
+		if (!tls_sel_comm.lookup(&c))
+			return 0;
+	}
+	if (cfg->flags & LOUPE_TLS_SEL_CGROUP) {
+		__u64 id = bpf_get_current_cgroup_id();
+		if (!tls_sel_cgroup.lookup(&id))
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline int enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 dir, __u8 lib)
+{
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	if (!cfg || !cfg->enabled)
+		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_conn_key key = {.ssl = ssl, .tgid = pid_tgid >> 32};
+	struct loupe_tls_ctl *ctl = tls_ctl.lookup(&key);
+	if (ctl && (ctl->flags & LOUPE_CTL_DONE))
+		return 0;   /* stopped: the return finds no entry and costs a lookup */
+	if (!selected(cfg)) {
+		count(LOUPE_TLS_CNT_NOT_SELECTED, 1);
+		return 0;
+	}
+	struct loupe_tls_call call = {.ssl = ssl, .buf = buf, .len_ptr = len_ptr, .fd = -1,
+				      .dir = dir, .lib = lib};
+	if (tls_calls.update(&pid_tgid, &call) != 0)
+		count(LOUPE_TLS_CNT_CALLS_FULL, 1);
+	return 0;
+}
+
+/* int SSL_read(SSL *ssl, void *buf, int num), SSL_write alike;
+ * int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes), _write_ex alike;
+ * ssize_t gnutls_record_recv(gnutls_session_t s, void *data, size_t size), send alike. */
+int tls_enter_read(struct pt_regs *ctx)
+{
+	return enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, LOUPE_TLS_READ,
+		     LOUPE_TLS_LIB_OPENSSL);
+}
+
+int tls_enter_write(struct pt_regs *ctx)
+{
+	return enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, LOUPE_TLS_WRITE,
+		     LOUPE_TLS_LIB_OPENSSL);
+}
+
+int tls_enter_read_ex(struct pt_regs *ctx)
+{
+	return enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM4(ctx),
+		     LOUPE_TLS_READ, LOUPE_TLS_LIB_OPENSSL);
+}
+
+int tls_enter_write_ex(struct pt_regs *ctx)
+{
+	return enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM4(ctx),
+		     LOUPE_TLS_WRITE, LOUPE_TLS_LIB_OPENSSL);
+}
+
+int tls_enter_gnutls_recv(struct pt_regs *ctx)
+{
+	return enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, LOUPE_TLS_READ,
+		     LOUPE_TLS_LIB_GNUTLS);
+}
+
+int tls_enter_gnutls_send(struct pt_regs *ctx)
+{
+	return enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, LOUPE_TLS_WRITE,
+		     LOUPE_TLS_LIB_GNUTLS);
+}
+
+/* ---- return ------------------------------------------------------------------------- */
+
+static __always_inline int leave(__s64 ret, int ex)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_call *saved = tls_calls.lookup(&pid_tgid);
+	if (!saved)
+		return 0;
+	struct loupe_tls_call call = *saved;
+	tls_calls.delete(&pid_tgid);
+
+	__u64 n = 0;
+	if (ex) {
+		/* 1 on success, with the length written through the fourth argument. */
+		if (ret != 1 || !call.len_ptr)
+			return 0;
+		if (bpf_probe_read_user(&n, sizeof(n), (void *)call.len_ptr) != 0) {
+			count(LOUPE_TLS_CNT_READ_FAILED, 1);
+			return 0;
+		}
+	} else {
+		if (ret <= 0)
+			return 0;   /* error, close or would-block: no octets */
+		n = ret;
+	}
+	if (n == 0 || n > 0x7fffffff)
+		return 0;
+	count(LOUPE_TLS_CNT_CALLS, 1);
+
+	struct loupe_tls_conn_key key = {.ssl = call.ssl, .tgid = pid_tgid >> 32};
+	struct loupe_tls_conn *conn = tls_conns.lookup(&key);
+	if (!conn) {
+		struct loupe_tls_conn fresh = {.fd = -1};
+		tls_conns.update(&key, &fresh);
+		conn = tls_conns.lookup(&key);
+		if (!conn)
+			return 0;
+	}
+	if (call.fd >= 0 && conn->fd_src != LOUPE_TLS_FD_SET_FD) {
+		conn->fd = call.fd;
+		conn->fd_src = LOUPE_TLS_FD_SYSCALL;
+	}
+	__u32 d = call.dir & 1;
+	__u64 off = conn->offset[d];
+	conn->offset[d] = off + n;
+
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	if (!cfg)
+		return 0;
+	struct loupe_tls_ctl *ctl = tls_ctl.lookup(&key);
+	__u64 start = 0;
+	__u64 allowed = cfg->budget[d];
+	if (ctl) {
+		if (ctl->flags & LOUPE_CTL_DONE) {
+			conn->skipped[d] += n;
+			count(LOUPE_TLS_CNT_SKIPPED, n);
+			return 0;
+		}
+		allowed += ctl->grant[d];
+		__u64 until = ctl->skip_until[d];
+		if (until > off) {
+			start = until - off;
+			if (start > n)
+				start = n;
+			conn->skipped[d] += start;
+			count(LOUPE_TLS_CNT_SKIPPED, start);
+		}
+	}
+	__u64 rest = n - start;
+	if (rest == 0)
+		return 0;
+	__u64 room = allowed > conn->copied[d] ? allowed - conn->copied[d] : 0;
+	__u64 copy = rest < room ? rest : room;
+	if (copy > LOUPE_TLS_CHUNK)
+		copy = LOUPE_TLS_CHUNK;
+	if (rest > copy) {
+		conn->truncated[d] += rest - copy;
+		count(LOUPE_TLS_CNT_TRUNCATED, rest - copy);
+	}
+	if (copy == 0)
+		return 0;   /* userspace sees the offsets jump at the next chunk */
+
+	struct loupe_tls_scratch *s = tls_scratch.lookup(&zero);
+	if (!s)
+		return 0;
+	/* The verifier needs the size bounded at the call itself. */
+	__u32 sz = copy;
+	sz &= LOUPE_TLS_CHUNK * 2 - 1;
+	if (sz > LOUPE_TLS_CHUNK)
+		return 0;
+	if (bpf_probe_read_user(s->data, sz, (void *)(call.buf + start)) != 0) {
+		count(LOUPE_TLS_CNT_READ_FAILED, 1);
+		return 0;
+	}
+	struct loupe_tls_event *ev = &s->ev;
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->ssl = call.ssl;
+	ev->offset = off + start;
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->tgid = pid_tgid >> 32;
+	ev->tid = (__u32)pid_tgid;
+	ev->fd = conn->fd;
+	ev->len = rest;
+	ev->cap_len = sz;
+	ev->dir = d;
+	ev->lib = call.lib;
+	ev->fd_src = conn->fd_src;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	conn->copied[d] += sz;
+	if (tls_events.ringbuf_output(s, sizeof(struct loupe_tls_event) + sz, 0) != 0) {
+		count(LOUPE_TLS_CNT_RINGBUF_FULL, 1);
+		count(LOUPE_TLS_CNT_RINGBUF_OCTETS, sz);
+		return 0;
+	}
+	count(LOUPE_TLS_CNT_EVENTS, 1);
+	count(LOUPE_TLS_CNT_COPIED, sz);
+	return 0;
+}
+
+int tls_leave(struct pt_regs *ctx)
+{
+	return leave((__s64)PT_REGS_RC(ctx), 0);
+}
+
+/* int return values (SSL_read/write) are sign-extended from eax. */
+int tls_leave_int(struct pt_regs *ctx)
+{
+	return leave((__s64)(int)PT_REGS_RC(ctx), 0);
+}
+
+int tls_leave_ex(struct pt_regs *ctx)
+{
+	return leave((__s64)(int)PT_REGS_RC(ctx), 1);
+}
+
+/* ---- the object's socket and its end -------------------------------------------------- */
+
+/* int SSL_set_fd(SSL *ssl, int fd): a (re)bound object starts a new stream. */
+int tls_set_fd(struct pt_regs *ctx)
+{
+	struct loupe_tls_conn_key key = {.ssl = PT_REGS_PARM1(ctx),
+					 .tgid = bpf_get_current_pid_tgid() >> 32};
+	struct loupe_tls_conn fresh = {.fd = (__s32)PT_REGS_PARM2(ctx),
+				       .fd_src = LOUPE_TLS_FD_SET_FD};
+	tls_conns.update(&key, &fresh);
+	tls_ctl.delete(&key);
+	return 0;
+}
+
+/* void SSL_free(SSL *ssl), void gnutls_deinit(gnutls_session_t s): the address may be
+ * reused by the next object, which must not inherit offsets or a stop. */
+int tls_free(struct pt_regs *ctx)
+{
+	struct loupe_tls_conn_key key = {.ssl = PT_REGS_PARM1(ctx),
+					 .tgid = bpf_get_current_pid_tgid() >> 32};
+	tls_conns.delete(&key);
+	tls_ctl.delete(&key);
+	return 0;
+}
+
+/* ---- the fd of a call, from the syscall it makes ----------------------------------------- */
+
+static __always_inline void call_fd(__s64 fd)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_call *call = tls_calls.lookup(&pid_tgid);
+	if (call && call->fd < 0)
+		call->fd = (__s32)fd;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { call_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { call_fd(args->fd); return 0; }

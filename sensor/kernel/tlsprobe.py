@@ -1,0 +1,399 @@
+"""The TLS plaintext probes (bpf/tls_probe.c): compiled and loaded in a short-lived child
+(sensor/kernel/bccload.py, like every program), attached here.
+
+Attaching. The child loads the uprobe programs and attaches the syscall tracepoints
+(bcc does that for TRACEPOINT_PROBE); the uprobes are attached in this process with
+perf_event_open(2) on the kernel's "uprobe" PMU (path and file offset), then
+PERF_EVENT_IOC_SET_BPF. So a library found later (a container's own libssl) costs a
+few syscalls, not a compile. A uprobe sits on the library's inode: every process that
+maps it, including those started afterwards, runs the probe. Each inode is attached
+once (`attach_library` keys on st_dev/st_ino).
+
+A library without the functions (stripped of its dynamic symbols, a version that
+renamed them, not a TLS library at all) is a one-line warning naming it, never an
+error: the rest of the sensor does not depend on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sensor.errors import KernelError, PrivilegeError
+from sensor.kernel import bccload, bpfsys
+from sensor.kernel.counters import possible_cpus
+from sensor.kernel.elfsyms import ElfError, function_offsets
+from sensor.kernel.loader import (
+    BPF_DIR, bcc_missing, check_headers, check_map_layout, check_ringbuf,
+    check_ringbuf_pages, effective_caps, refused,
+)
+from sensor.kernel.ringbuf import RingBuffer
+
+log = logging.getLogger(__name__)
+
+SOURCE = BPF_DIR / "tls_probe.c"
+KPROBE = 2   # BPF_PROG_TYPE_KPROBE: uprobes are kprobe programs, as bcc's BPF.KPROBE
+
+# ---- ctypes mirrors of bpf/loupe.h (TLS plaintext section) -------------------------------
+
+
+class TlsConnKey(ctypes.Structure):
+    _fields_ = [("ssl", ctypes.c_uint64), ("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class TlsCtl(ctypes.Structure):
+    _fields_ = [("grant", ctypes.c_uint64 * 2), ("skip_until", ctypes.c_uint64 * 2),
+                ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class TlsConn(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64 * 2), ("copied", ctypes.c_uint64 * 2),
+                ("truncated", ctypes.c_uint64 * 2), ("skipped", ctypes.c_uint64 * 2),
+                ("fd", ctypes.c_int32), ("fd_src", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class TlsConfig(ctypes.Structure):
+    _fields_ = [("enabled", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("budget", ctypes.c_uint32 * 2)]
+
+
+class TlsEvent(ctypes.Structure):
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("ssl", ctypes.c_uint64),
+                ("offset", ctypes.c_uint64), ("cgroup_id", ctypes.c_uint64),
+                ("tgid", ctypes.c_uint32), ("tid", ctypes.c_uint32), ("fd", ctypes.c_int32),
+                ("len", ctypes.c_uint32), ("cap_len", ctypes.c_uint16), ("dir", ctypes.c_uint8),
+                ("lib", ctypes.c_uint8), ("fd_src", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("comm", ctypes.c_char * 16)]
+
+
+assert ctypes.sizeof(TlsConnKey) == 16
+assert ctypes.sizeof(TlsCtl) == 40
+assert ctypes.sizeof(TlsConn) == 72
+assert ctypes.sizeof(TlsConfig) == 16
+assert ctypes.sizeof(TlsEvent) == 72
+
+READ, WRITE = 0, 1                       # LOUPE_TLS_READ / WRITE
+FD_NONE, FD_SET_FD, FD_SYSCALL = 0, 1, 2
+SEL_COMM, SEL_CGROUP = 0x01, 0x02
+CTL_DONE = 0x01
+LIBS = {1: "openssl", 2: "gnutls"}
+COUNTER_NAMES = ("calls", "events", "copied", "truncated", "skipped", "ringbuf_full",
+                 "ringbuf_octets", "calls_full", "read_failed", "not_selected")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One event: plaintext a process read (dir READ) or wrote (WRITE) through one object."""
+
+    ts_ns: int          # kernel monotonic
+    tgid: int
+    tid: int
+    ssl: int
+    fd: int             # -1: unknown
+    fd_src: int
+    dir: int
+    lib: str
+    offset: int         # stream offset of data[0], per object and direction
+    length: int         # octets of the call from offset on; more than len(data) if cut
+    cgroup_id: int
+    comm: str
+    data: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Chunk:
+        ev = TlsEvent.from_buffer_copy(raw[:72])
+        return cls(ts_ns=ev.ts_ns, tgid=ev.tgid, tid=ev.tid, ssl=ev.ssl, fd=ev.fd,
+                   fd_src=ev.fd_src, dir=ev.dir & 1, lib=LIBS.get(ev.lib, "?"),
+                   offset=ev.offset, length=ev.len, cgroup_id=ev.cgroup_id,
+                   comm=ev.comm.decode(errors="replace"), data=raw[72:72 + ev.cap_len])
+
+
+# ---- libraries ---------------------------------------------------------------------------
+
+# function -> (entry program, return program or None). The read and write functions are
+# what the plaintext needs; the others bind objects to sockets and end them.
+FUNCTIONS = {
+    "openssl": {
+        "SSL_read": ("tls_enter_read", "tls_leave_int"),
+        "SSL_write": ("tls_enter_write", "tls_leave_int"),
+        "SSL_read_ex": ("tls_enter_read_ex", "tls_leave_ex"),
+        "SSL_write_ex": ("tls_enter_write_ex", "tls_leave_ex"),
+        "SSL_set_fd": ("tls_set_fd", None),
+        "SSL_free": ("tls_free", None),
+    },
+    "gnutls": {
+        "gnutls_record_recv": ("tls_enter_gnutls_recv", "tls_leave"),
+        "gnutls_record_send": ("tls_enter_gnutls_send", "tls_leave"),
+        "gnutls_deinit": ("tls_free", None),
+    },
+}
+NEEDED = {"openssl": ("SSL_read", "SSL_write"),
+          "gnutls": ("gnutls_record_recv", "gnutls_record_send")}
+PROGRAMS = sorted({p for fns in FUNCTIONS.values() for pair in fns.values()
+                   for p in pair if p})
+
+
+def library_kind(path: str) -> str | None:
+    """Which library a mapped file is, by its name (libssl.so.3, libgnutls.so.30)."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("libssl.so.3"):
+        return "openssl"
+    if name.startswith("libgnutls.so.30"):
+        return "gnutls"
+    return None
+
+
+# ---- perf_event_open on the uprobe PMU ----------------------------------------------------
+
+_PERF_FLAG_FD_CLOEXEC = 1 << 3
+_PERF_EVENT_IOC_ENABLE = 0x2400
+_PERF_EVENT_IOC_SET_BPF = 0x40042408
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
+_PMU = Path("/sys/bus/event_source/devices/uprobe")
+
+
+def _pmu() -> tuple[int, int]:
+    """(PMU type, retprobe bit) of the kernel's uprobe PMU (CONFIG_UPROBE_EVENTS)."""
+    try:
+        ptype = int((_PMU / "type").read_text())
+        fmt = (_PMU / "format" / "retprobe").read_text().strip()   # "config:0"
+    except OSError:
+        raise KernelError("this kernel has no uprobe PMU (/sys/bus/event_source/devices/"
+                          "uprobe): TLS plaintext needs CONFIG_UPROBE_EVENTS") from None
+    return ptype, int(fmt.split(":")[1])
+
+
+def _perf_event_open(ptype: int, config: int, path: bytes, offset: int) -> int:
+    attr = (ctypes.c_uint8 * 128)()
+    cpath = ctypes.create_string_buffer(path)
+    ctypes.c_uint32.from_buffer(attr, 0).value = ptype
+    ctypes.c_uint32.from_buffer(attr, 4).value = 128
+    ctypes.c_uint64.from_buffer(attr, 8).value = config
+    ctypes.c_uint64.from_buffer(attr, 16).value = 1        # sample_period
+    ctypes.c_uint64.from_buffer(attr, 56).value = ctypes.addressof(cpath)   # config1
+    ctypes.c_uint64.from_buffer(attr, 64).value = offset   # config2
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = _NR_PERF_EVENT_OPEN.get(os.uname().machine)
+    if nr is None:
+        raise KernelError(f"TLS plaintext probes are not supported on {os.uname().machine}")
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(nr), attr, ctypes.c_int(-1), ctypes.c_int(0),
+                      ctypes.c_int(-1), ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def attach_uprobe(prog_fd: int, path: str, offset: int, *, ret: bool) -> int:
+    """A perf event descriptor holding the program on path+offset (closing it detaches)."""
+    ptype, bit = _pmu()
+    fd = _perf_event_open(ptype, (1 << bit) if ret else 0, os.fsencode(path), offset)
+    try:
+        fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_BPF, prog_fd)
+        fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+# ---- the loaded program ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsProbeOptions:
+    """Sizes passed to bpf/tls_probe.c as -D; bounds and their reasons are in loupe.h."""
+
+    ringbuf_pages: int = 256
+    conns: int = 65536
+
+    def __post_init__(self) -> None:
+        check_ringbuf_pages(self.ringbuf_pages)
+        if not 1 <= self.conns <= 1 << 20:
+            raise ValueError("conns must be within 1..1048576")
+
+    def cflags(self) -> list[str]:
+        return [f"-I{BPF_DIR}", f"-DLOUPE_TLS_RINGBUF_PAGES={self.ringbuf_pages}",
+                f"-DLOUPE_TLS_CONNS={self.conns}"]
+
+
+@dataclass(slots=True)
+class Library:
+    kind: str
+    path: str
+    functions: tuple[str, ...]   # attached
+    links: list[int]
+
+
+class TlsProbe:
+    """Loaded programs and maps; attach_library() per library inode; close() undoes all."""
+
+    def __init__(self, obj: bccload.BpfObject) -> None:
+        self._obj = obj
+        check_map_layout(obj, b"tls_ctl", 16, 40, mirror="sensor/kernel/tlsprobe.py",
+                         header="bpf/loupe.h")
+        check_map_layout(obj, b"tls_conns", 16, 72, mirror="sensor/kernel/tlsprobe.py",
+                         header="bpf/loupe.h")
+        self._ctl = obj.map_fd("tls_ctl")
+        self._conns = obj.map_fd("tls_conns")
+        self._counters = obj.map_fd("tls_counters")
+        self._ncpus = possible_cpus()
+        self._ring: RingBuffer | None = None
+        self.libraries: dict[tuple[int, int], Library] = {}
+        self.refused: dict[tuple[int, int], str] = {}   # inode -> why (said once)
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def configure(self, *, budget: int, comms: tuple[str, ...] = (),
+                  cgroup_ids: tuple[int, ...] = ()) -> None:
+        """Selection lists first, then the config entry that switches the probes on."""
+        one = ctypes.c_uint8(1)
+        for comm in comms:
+            bpfsys.update(self._obj.map_fd("tls_sel_comm"),
+                          (ctypes.c_char * 16)(*comm.encode()[:15]), one)
+        for cg in cgroup_ids:
+            bpfsys.update(self._obj.map_fd("tls_sel_cgroup"), ctypes.c_uint64(cg), one)
+        flags = (SEL_COMM if comms else 0) | (SEL_CGROUP if cgroup_ids else 0)
+        cfg = TlsConfig(enabled=1, flags=flags)
+        cfg.budget[0] = cfg.budget[1] = budget
+        bpfsys.update(self._obj.map_fd("tls_config"), ctypes.c_uint32(0), cfg)
+
+    # -- libraries -------------------------------------------------------------------------
+
+    def attach_library(self, path: str, kind: str) -> Library | None:
+        """Attaches the probes to the library at `path` once per inode; None (and a
+        warning, once) when it has none of the functions or cannot be probed."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            log.debug("TLS library %s: %s", path, exc)
+            return None
+        inode = (st.st_dev, st.st_ino)
+        if inode in self.libraries or inode in self.refused:
+            return self.libraries.get(inode)
+        why = self._attach(inode, path, kind)
+        if why:
+            self.refused[inode] = why
+            log.warning("TLS plaintext: %s %s: %s", kind, path, why)
+            return None
+        return self.libraries[inode]
+
+    def _attach(self, inode: tuple[int, int], path: str, kind: str) -> str:
+        fns = FUNCTIONS[kind]
+        try:
+            offsets = function_offsets(path, set(fns))
+        except (OSError, ElfError) as exc:
+            return f"cannot read its symbols ({exc}); its plaintext is not seen"
+        missing = [f for f in NEEDED[kind] if f not in offsets]
+        if missing:
+            return (f"no {' or '.join(missing)} symbol (stripped, or another version); "
+                    "its plaintext is not seen")
+        links: list[int] = []
+        try:
+            for name, off in sorted(offsets.items()):
+                entry, ret = fns[name]
+                links.append(attach_uprobe(self._obj.prog_fd(entry), path, off, ret=False))
+                if ret:
+                    links.append(attach_uprobe(self._obj.prog_fd(ret), path, off, ret=True))
+        except OSError as exc:
+            for fd in links:
+                os.close(fd)
+            hint = " (needs CAP_PERFMON, or root)" if exc.errno in (1, 13) else ""
+            return f"attaching uprobes failed: {exc.strerror}{hint}"
+        self.libraries[inode] = Library(kind, path, tuple(sorted(offsets)), links)
+        log.info("TLS plaintext: probes on %s %s (%s)", kind, path, ", ".join(sorted(offsets)))
+        return ""
+
+    # -- events and control ----------------------------------------------------------------
+
+    def open_events(self, handler: Callable[[bytes], None]) -> None:
+        if self._ring is None:
+            self._ring = RingBuffer()
+            self._ring.add(self._obj.map_fd("tls_events"), handler)
+
+    def poll(self, timeout_ms: int) -> None:
+        if self._ring is not None:
+            self._ring.poll(timeout_ms)
+
+    def ctl(self, tgid: int, ssl: int) -> TlsCtl:
+        value = TlsCtl()
+        bpfsys.lookup(self._ctl, TlsConnKey(ssl=ssl, tgid=tgid), value, lock=False)
+        return value
+
+    def write_ctl(self, tgid: int, ssl: int, value: TlsCtl) -> bool:
+        """False when the map is full (the caller counts it)."""
+        try:
+            bpfsys.update(self._ctl, TlsConnKey(ssl=ssl, tgid=tgid), value)
+        except bpfsys.BpfError:
+            return False
+        return True
+
+    def conn(self, tgid: int, ssl: int) -> TlsConn | None:
+        value = TlsConn()
+        if not bpfsys.lookup(self._conns, TlsConnKey(ssl=ssl, tgid=tgid), value, lock=False):
+            return None
+        return value
+
+    def counters(self) -> dict[str, int]:
+        values = (ctypes.c_uint64 * self._ncpus)()
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            bpfsys.lookup(self._counters, ctypes.c_uint32(i), values, lock=False)
+            out[name] = sum(values)
+        return out
+
+    def program_fds(self) -> list[int]:
+        return list(self._obj.programs.values())
+
+    def close(self) -> None:
+        for lib in self.libraries.values():
+            for fd in lib.links:
+                os.close(fd)
+        self.libraries = {}
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._obj.close()
+
+
+_CAP_SYS_ADMIN = 21
+_CAP_PERFMON = 38
+_CAP_BPF = 39
+
+
+def check_privileges() -> None:
+    caps = effective_caps()
+    if not caps & (1 << _CAP_SYS_ADMIN) and not (caps & (1 << _CAP_BPF)
+                                                   and caps & (1 << _CAP_PERFMON)):
+        raise PrivilegeError("TLS plaintext probes need root, or CAP_BPF and CAP_PERFMON: "
+                             "run the sensor with sudo (or as loupe-sensor.service)")
+
+
+def load(options: TlsProbeOptions | None = None) -> TlsProbe:
+    """Compiles bpf/tls_probe.c in a child and loads it; nothing is attached to a
+    library yet (attach_library), and the probes do nothing until configure()."""
+    options = options or TlsProbeOptions()
+    check_privileges()
+    check_headers()
+    check_ringbuf()
+    _pmu()
+    try:
+        obj = bccload.load(SOURCE, options.cflags(), {p: KPROBE for p in PROGRAMS})
+    except bccload.LoadError as exc:
+        if exc.stage == "import":
+            raise bcc_missing() from None
+        if refused(exc):
+            raise PrivilegeError(f"loading the TLS plaintext probes was refused: {exc}; "
+                                 "run as root") from None
+        raise KernelError(f"loading bpf/tls_probe.c failed: {exc}") from None
+    try:
+        return TlsProbe(obj)
+    except BaseException:
+        obj.close()
+        raise
