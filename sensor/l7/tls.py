@@ -83,7 +83,11 @@ _HRR_RANDOM = bytes.fromhex(
 
 
 class _Malformed(Exception):
-    """A hello whose structure does not add up; caught inside this module only."""
+    """A hello whose structure does not add up; caught inside this module, and by
+    quic.py, which parses the hellos QUIC carries with parse_client_hello/server_hello."""
+
+
+Malformed = _Malformed
 
 
 class _Reader:
