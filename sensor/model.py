@@ -50,6 +50,8 @@ class LostSource(str, enum.Enum):
     SPOOL_CORRUPT = "spool_corrupt"  # count: corrupt spool regions found at start-up
     SUBSCRIBER_SLOW = "subscriber_slow"
     IPFIX_SEND_ERROR = "ipfix_send_error"   # count: IPFIX data records not sent
+    TLS_RINGBUF_FULL = "tls_ringbuf_full"   # count: TLS plaintext chunks lost in the kernel
+    TLS_NO_SOCKET = "tls_no_socket"         # count: TLS objects whose socket was not found
 
 
 def _check_uint(name: str, value: int, limit: int) -> None:
@@ -278,6 +280,9 @@ class TlsEvent:
 L7Detail = Any
 
 
+L7_SOURCES = ("wire", "tls_plaintext")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class L7Event:
     """One L7 transaction, linked to its Flow by uid and community_id."""
@@ -292,10 +297,15 @@ class L7Event:
     dst_port: int = 0
     protocol: int
     detail: L7Detail
+    # Where the bytes came from: "wire" (packets) or "tls_plaintext" (a TLS library's
+    # read/write calls, bpf/tls_probe.c).
+    source: str = "wire"
 
     def __post_init__(self) -> None:
         if not self.uid:
             raise ValueError("uid must not be empty")
+        if self.source not in L7_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(L7_SOURCES)}, got {self.source!r}")
         _check_uint("ts_ns", self.ts_ns, U64)
         _check_addr("src_addr", self.src_addr)
         _check_addr("dst_addr", self.dst_addr)

@@ -111,8 +111,14 @@ class L7Engine:
         registry: ParserRegistry | None = None,
         budget: MemoryBudget | None = None,
         limits: ReassemblyLimits = DEFAULT_LIMITS,
+        analyze: Callable[[L7Event, object], None] | None = None,
+        source: str = "wire",
     ) -> None:
         self.emit = emit
+        self.source = source   # L7Event.source of every event: "wire" or "tls_plaintext"
+        # The analyzer stage (sensor/rules/): sees each L7Event right after it is emitted,
+        # with the raw request an HTTP parser kept for it (or None); may emit Alerts.
+        self.analyze = analyze
         self.sensor_id = sensor_id
         self.community = community
         self.registry = registry if registry is not None else ParserRegistry()
@@ -288,10 +294,12 @@ class L7Engine:
                 uid=flow.uid, sensor_id=self.sensor_id, community_id=flow.cid,
                 ts_ns=txn.ts_ns, src_addr=flow.src_text, dst_addr=flow.dst_text,
                 src_port=flow.port[i], dst_port=flow.port[1 - i], protocol=flow.protocol,
-                detail=txn.detail)
+                detail=txn.detail, source=self.source)
             kind = record.kind
             events[kind] = events.get(kind, 0) + 1
             self.emit(record)
+            if self.analyze is not None:
+                self.analyze(record, getattr(txn, "request", None))
             txn = parser.next_event()
 
     def _parser_error(self, st: FlowL7) -> None:

@@ -52,7 +52,7 @@ FLOW_COLUMNS = [
 L7_COLUMNS = [
     ("uid", STR), ("sensor_id", STR), ("community_id", STR), ("ts_ns", U64),
     ("src_addr", STR), ("dst_addr", STR), ("src_port", U16), ("dst_port", U16),
-    ("protocol", U8),
+    ("protocol", U8), ("source", STR),
 ]
 
 LOST_COLUMNS = [

@@ -138,6 +138,7 @@ def _l7_from_proto(msg) -> model.L7Event:
                           for item in getattr(sub, n))
     detail = plan.event(**kwargs)
     top = {f.name: getattr(msg, f.name) for f in dataclasses.fields(model.L7Event) if f.name != "detail"}
+    top["source"] = top["source"] or "wire"   # senders older than the field
     return model.L7Event(**top, detail=detail)
 
 
