@@ -395,8 +395,12 @@ class QuicParser:
         while pos < n and self.state is _OK:
             first = data[pos]
             if not first & 0x80:
-                # A short header (1-RTT): the Initial exchange is over, or this capture
-                # started after it.
+                if pos:
+                    # After long-header packets: a coalesced 1-RTT packet, or the zero
+                    # bytes some stacks (aioquic) pad a datagram with. Neither is read.
+                    return
+                # A datagram of a short header (1-RTT): the Initial exchange is over, or
+                # this capture started after it.
                 self.skipped_packets += 1
                 if self._seen_initial:
                     self._finish()
