@@ -56,12 +56,6 @@ def _envelope(rec):
     return None
 
 
-def _detail(rec, name: str):
-    if rec.WhichOneof("kind") == "l7" and rec.l7.WhichOneof("detail") == name:
-        return getattr(rec.l7, name)
-    return None
-
-
 # -- value parsers, shared with the CLI so that a bad flag fails before connecting -------
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -211,19 +205,24 @@ def _tester(match: str, values: list) -> Callable[[object], bool]:
     if match == "status":
         ranges = [parse_status(v) for v in values]
         return lambda v: any(lo <= v <= hi for lo, hi in ranges)
+    if match == "contains":
+        needles = [v.casefold() for v in values]
+        return lambda v: any(n in v.casefold() for n in needles)
     allowed = frozenset(values)
     return allowed.__contains__
 
 
-def l7_builder(oneof: str, flt: registry.Filter) -> Callable[[Iterable], Predicate]:
-    """The builder of one registered protocol's filter: matches that protocol's events by
-    the event field, and flows by the summary field when it names one (a flow without it
-    never matches a glob)."""
-    field, flow_field = flt.field, flt.flow_field
-    needs_value = flt.match in ("glob", "glob_case")
+def l7_builder(declared: list[tuple[str, registry.Filter]]) -> Callable[[Iterable], Predicate]:
+    """The builder of one filter name, from the (L7Event oneof field, Filter) of every
+    protocol declaring it: matches those protocols' events by their event field, and flows
+    by the summary field when one names it (a flow without it never matches a glob)."""
+    fields = {oneof: flt.field for oneof, flt in declared}
+    match_kind = declared[0][1].match
+    flow_field = next((flt.flow_field for _, flt in declared if flt.flow_field), "")
+    needs_value = match_kind in ("glob", "glob_case")
 
     def build(values: Iterable) -> Predicate:
-        test = _tester(flt.match, list(values))
+        test = _tester(match_kind, list(values))
 
         def match(rec) -> bool:
             kind = rec.WhichOneof("kind")
@@ -232,10 +231,22 @@ def l7_builder(oneof: str, flt: registry.Filter) -> Callable[[Iterable], Predica
                     return False
                 value = getattr(rec.flow, flow_field)
                 return (bool(value) or not needs_value) and test(value)
-            sub = _detail(rec, oneof)
-            return sub is not None and test(getattr(sub, field))
+            if kind != "l7":
+                return False
+            oneof = rec.l7.WhichOneof("detail")
+            field = fields.get(oneof)
+            return field is not None and test(getattr(getattr(rec.l7, oneof), field))
         return match
     return build
+
+
+def _l7_declared() -> dict[str, list[tuple[str, registry.Filter]]]:
+    """Filter name -> (oneof, Filter) of each protocol declaring it, in registry order."""
+    named: dict[str, list[tuple[str, registry.Filter]]] = {}
+    for spec in registry.kinds():
+        for flt in spec.filters:
+            named.setdefault(flt.name, []).append((spec.oneof, flt))
+    return named
 
 
 def build_sensor_id(values: Iterable[str]) -> Predicate:
@@ -286,7 +297,7 @@ BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "protocol": build_protocol,
     "app_proto": build_app_proto,
     # Each registered protocol's criteria (sensor/l7/registry.py, Protocol.filters).
-    **{f.name: l7_builder(spec.oneof, f) for spec in registry.kinds() for f in spec.filters},
+    **{name: l7_builder(declared) for name, declared in _l7_declared().items()},
     "sensor_id": build_sensor_id,
     "process": build_process,
     "container_id": build_container_id,

@@ -72,7 +72,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import Filter, Protocol
 from sensor.l7.redact import REDACTED
 
 APP_PROTO = "mysql"
@@ -1044,4 +1044,6 @@ PROTOCOL = Protocol(
     tcp_ports=PORTS, signature=looks_like, priority=33,
     column_types={"statement_id": "u32", "warnings": "u16", "error_code": "u16"},
     line=table_line, style="yellow",
+    filters=(Filter(name="sql_query_contains", field="statement", match="contains",
+                    help="text the SQL statement contains (MySQL, PostgreSQL; any case)"),),
 )

@@ -52,7 +52,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import Filter, Protocol
 from sensor.l7.redact import REDACTED
 
 APP_PROTO = "pgsql"
@@ -860,4 +860,6 @@ PROTOCOL = Protocol(
     tcp_ports=PORTS, signature=looks_like, priority=30,
     column_types={"columns": "u16", "backend_pid": "u32"},
     line=table_line, style="yellow",
+    filters=(Filter(name="sql_query_contains", field="statement", match="contains",
+                    help="text the SQL statement contains (MySQL, PostgreSQL; any case)"),),
 )

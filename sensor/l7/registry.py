@@ -39,8 +39,12 @@ Segment = tuple[str, "str | None"]  # (text, style) of one table-line segment
 # How a Filter compares its values with the event's field (collector/filters.py):
 # glob: fnmatch, case-folded, a trailing dot ignored (host names); glob_case: fnmatch as
 # is (paths); upper: one of the values, case-insensitively (methods); exact: one of the
-# values; status: within one of the HTTP status ranges ("404", "5xx", "500+", "200-299").
-FILTER_MATCHES = frozenset(("glob", "glob_case", "upper", "exact", "status"))
+# values; status: within one of the HTTP status ranges ("404", "5xx", "500+", "200-299");
+# contains: holds one of the values, case-insensitively (statement text).
+# Several protocols may declare one filter name (sql_query_contains: MySQL and
+# PostgreSQL); it then matches the events of any of them, so they must agree on its flag,
+# match and help.
+FILTER_MATCHES = frozenset(("glob", "glob_case", "upper", "exact", "status", "contains"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,45 @@
+"""tail --sql-query-contains: one filter that MySQL and PostgreSQL both declare, matched
+on their statements (any case) in records replayed from their real captures."""
+
+from __future__ import annotations
+
+from collector import filters
+from collector.cli import FILTER_FLAGS
+from sensor.export import wire
+from sensor.replay.api import replay_records
+from tests.conftest import REPO
+
+CAPTURES = [REPO / "tests/golden/mysql-parser/session.pcap",
+            REPO / "tests/golden/pgsql-session.pcap.gz"]
+
+
+def _records():
+    return [wire.to_proto(r) for r in replay_records(CAPTURES)]
+
+
+def _kinds(matched) -> set[str]:
+    return {filters.kind_of(r) for r in matched}
+
+
+def test_sql_query_contains_matches_both_kinds_by_statement_in_any_case():
+    records = _records()
+    statements = [(filters.kind_of(r), getattr(r.l7, filters.kind_of(r)).statement)
+                  for r in records if filters.kind_of(r) in ("mysql", "pgsql")]
+    assert {k for k, _ in statements} == {"mysql", "pgsql"}
+    match = filters.compile_filter(wire.observer_pb2.RecordFilter(sql_query_contains=["sElEcT"]))
+    matched = [r for r in records if match(r)]
+    expected = sum(1 for _, s in statements if "select" in s.lower())
+    assert expected and len(matched) == expected
+    assert _kinds(matched) == {"mysql", "pgsql"}
+    # Values are alternatives; a text no statement holds matches nothing; flows never do.
+    either = filters.compile_filter(wire.observer_pb2.RecordFilter(
+        sql_query_contains=["no such text", "select"]))
+    assert sum(map(either, records)) == expected
+    none = filters.compile_filter(wire.observer_pb2.RecordFilter(
+        sql_query_contains=["no such text"]))
+    assert not any(map(none, records))
+
+
+def test_sql_query_contains_is_one_tail_flag():
+    name, parse = FILTER_FLAGS["sql-query-contains"]
+    assert name == "sql_query_contains" and parse("Drop Table") == "Drop Table"
