@@ -24,8 +24,11 @@ from typing import Any, Callable, Iterable, Iterator
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction
 from sensor.l7.dns import DnsParser
 from sensor.l7.http1 import Http1Parser
+from sensor.l7.http2 import Http2Parser
+from sensor.l7.kafka import KafkaParser
 from sensor.l7.mysql import MysqlParser
 from sensor.l7.pgsql import PgsqlParser
+from sensor.l7.quic import QuicParser
 from sensor.l7.redis import RedisParser
 from sensor.l7.tls import TlsParser
 from tests.l7 import pcaputil
@@ -58,6 +61,9 @@ PARSERS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "mysql": (MysqlParser, ("mysql-parser/session.pcap",)),
     "pgsql": (PgsqlParser, ("pgsql-session.pcap.gz",)),
     "redis": (RedisParser, ("redis-session.pcap.gz",)),
+    "quic": (QuicParser, ("quic-parser/session.pcap",)),
+    "http2": (Http2Parser, ("http2-parser/session.pcap.gz",)),
+    "kafka": (KafkaParser, ("kafka-parser/session.pcap.gz",)),
 }
 
 
@@ -81,8 +87,9 @@ def conversations(name: str) -> tuple[Conversation, ...]:
     out = []
     for capture in PARSERS[name][1]:
         for flow in pcaputil.flows(GOLDEN / capture):
-            # The captures' UDP "marker" datagrams (a port to itself) are not DNS.
-            if flow.chunks and (flow.proto == 6 or flow.dport == 53):
+            # The captures' UDP "marker" datagrams (a port to itself) are neither DNS
+            # nor QUIC.
+            if flow.chunks and (flow.proto == 6 or flow.dport in (53, 443)):
                 out.append(Conversation(
                     f"{capture}:{flow.sport}", tuple(flow.chunks), flow.proto == 17))
     return tuple(out)
