@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from dataclasses import dataclass
+from typing import Callable
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
@@ -83,7 +85,7 @@ class _Txn:
     __slots__ = (
         "method", "host", "path", "version", "user_agent", "req_ctype", "req_body",
         "req_ts", "req_done", "status", "reason", "resp_ctype", "resp_body", "resp_ts",
-        "resp_done", "is_head", "is_connect", "wants_upgrade",
+        "resp_done", "is_head", "is_connect", "wants_upgrade", "head", "req_data", "want",
     )
 
     def __init__(self) -> None:
@@ -105,6 +107,9 @@ class _Txn:
         self.is_head = False
         self.is_connect = False
         self.wants_upgrade = False
+        self.head: bytes | None = None        # raw request head, kept for inspection only
+        self.req_data: bytearray | None = None  # request body prefix captured for rules
+        self.want = 0                         # body bytes still to capture
 
     def transaction(self) -> Transaction:
         latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
@@ -116,7 +121,18 @@ class _Txn:
             latency_ns=latency if latency > 0 else 0,
         )
         ts = self.req_ts if self.req_ts >= 0 else max(self.resp_ts, 0)
+        if self.head is not None:
+            body = bytes(self.req_data) if self.req_data is not None else b""
+            return HttpTransaction(ts, event, request=(self.head, body))
         return Transaction(ts, event)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTransaction(Transaction):
+    """A transaction with its raw request head and captured body prefix, for the rules
+    stage (sensor/rules/) only: never copied into a record, so redaction is unaffected."""
+
+    request: tuple[bytes, bytes] | None = None
 
 
 class _Malformed(Exception):
@@ -200,7 +216,8 @@ class Http1Parser:
 
     def __init__(self, *, redact: bool = True,
                  max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-                 max_outstanding: int = DEFAULT_MAX_OUTSTANDING) -> None:
+                 max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+                 inspect: Callable[[str, str, str], int] | None = None) -> None:
         if max_header_bytes < 64 or max_outstanding < 1:
             raise ValueError("max_header_bytes must be >= 64 and max_outstanding >= 1")
         self.state = _OK
@@ -221,6 +238,10 @@ class Http1Parser:
         self._resp: _Txn | None = None         # whose response body is being read
         self._out: deque[Transaction] = deque()
         self._host = ""
+        # Rules inspection (sensor/rules/capture.py): given a request's method, raw target
+        # and media type, how many body bytes to capture (0: none). With it, request heads
+        # are kept raw; without it (the default) nothing changes.
+        self.inspect = inspect
 
     # -- the L7Parser contract -------------------------------------------------------------
 
@@ -237,6 +258,8 @@ class Http1Parser:
                 # A body of known length: count it, copy nothing.
                 n = len(data)
                 take = n if n < self._remaining[d] else self._remaining[d]
+                if d == 0 and self._req is not None and self._req.want:
+                    self._capture(data, 0, take)
                 self._body(d, take)
                 if take == n:
                     return
@@ -304,8 +327,24 @@ class Http1Parser:
             return 0
         mode = self._mode[d]
         if mode == _LENGTH or mode == _CHUNK_DATA:
+            if d == 0 and self._req is not None and self._req.want:
+                return 0   # a body prefix the rules asked for: deliver it
             return self._remaining[d]
         return 0
+
+    def wanted(self, direction: Direction) -> int:
+        """Request body bytes still to capture for the rules (0 in every other case): the
+        live budget grants them (sensor/engine/live.py, docs/rules.md)."""
+        txn = self._req
+        if int(direction) != 0 or txn is None or self.state is not _OK:
+            return 0
+        return txn.want
+
+    def _capture(self, view, pos: int, n: int) -> None:
+        txn = self._req
+        take = n if n < txn.want else txn.want
+        txn.req_data += view[pos:pos + take]
+        txn.want -= take
 
     def next_event(self) -> Transaction | _NeedData:
         if self._out:
@@ -361,6 +400,8 @@ class Http1Parser:
                 txn = self._req if d == 0 else self._resp
                 if txn is not None:
                     if d == 0:
+                        if txn.want:
+                            self._capture(view, pos, take)
                         txn.req_body += take
                     else:
                         txn.resp_body += take
@@ -377,6 +418,8 @@ class Http1Parser:
             elif mode == _LENGTH:
                 avail = end - pos
                 take = avail if avail < remaining[d] else remaining[d]
+                if d == 0 and self._req is not None and self._req.want:
+                    self._capture(view, pos, take)
                 pos += take
                 self._body(d, take)
                 if modes[d] == _HEAD:
@@ -510,6 +553,12 @@ class Http1Parser:
             connection = b",".join(headers.get(b"connection", ())).lower()
             txn.wants_upgrade = b"upgrade" in connection
         txn.req_ts = self._head_ts[0]
+        if self.inspect is not None:
+            txn.head = block
+            want = self.inspect(txn.method, path, txn.req_ctype)
+            if want > 0:
+                txn.req_data = bytearray()
+                txn.want = want
         self._txns.append(txn)
         self._awaiting.append(txn)
         self._req = txn
@@ -762,7 +811,7 @@ ZEEK = ZeekLog(path="http", values=_zeek, columns=(
 
 
 PROTOCOL = Protocol(
-    name="http", event=HttpEvent, parser=Http1Parser, options=("redact",),
+    name="http", event=HttpEvent, parser=Http1Parser, options=("redact", "inspect"),
     tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
     kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
     summary=("http_host",), column_types={"status": "u16"},
