@@ -88,6 +88,7 @@ _FLOW_PATHS = [
 ]
 _L7_PATHS = [n for n, _ in schema.L7_COLUMNS]
 _LOST_PATHS = [n for n, _ in schema.LOST_COLUMNS]
+_ALERT_PATHS = [n for n, _ in schema.ALERT_COLUMNS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ _ALLOWED_VALUES: dict[str, tuple[tuple[str, frozenset], ...]] = {
     ),
     **{spec.table_name: spec.column_values for spec in registry.kinds()},
 }
-_NON_EMPTY = {"flows": "uid", "lost": "source", **{k.table: "uid" for k in _KINDS.values()}}
+_NON_EMPTY = {"flows": "uid", "lost": "source", "alerts": "rule_id", **{k.table: "uid" for k in _KINDS.values()}}
 
 # The L7 kinds whose event checks are all mirrored above as column checks (their
 # registrations say so: Protocol.columns_checked, proved record by record in
@@ -245,7 +246,7 @@ def decode_batch(batch, identity: str | None = None) -> DecodedBatch:
             "RecordBatch.sensor_id is empty: the collector deduplicates on (sensor_id, "
             "batch_id), so every sensor must name itself (or use mTLS)"
         )
-    flows, lost = [], []
+    flows, lost, alerts = [], [], []
     by_detail: dict[str, list] = {name: [] for name in _KINDS}
     for i, rec in enumerate(batch.records):
         kind = rec.WhichOneof("kind")
@@ -270,8 +271,14 @@ def decode_batch(batch, identity: str | None = None) -> DecodedBatch:
             messages.append(rec.l7)
         elif kind == "lost":
             lost.append(rec.lost)
+        elif kind == "alert":
+            try:
+                wire.from_proto(rec)   # action, severity and excerpt bounds: the model's
+            except SchemaError as exc:
+                raise SchemaError(f"record {i}: {exc}") from None
+            alerts.append(rec.alert)
         else:
-            raise SchemaError(f"record {i}: empty Record (no flow, l7 or lost)")
+            raise SchemaError(f"record {i}: empty Record (no flow, l7, lost or alert)")
 
     raw: dict[str, dict[str, tuple]] = {}
     if flows:
@@ -292,6 +299,8 @@ def decode_batch(batch, identity: str | None = None) -> DecodedBatch:
                 for sub in subs)
     if lost:
         raw["lost"] = dict(zip([n for n, _ in schema.LOST_COLUMNS], _columns(lost, _LOST_PATHS)))
+    if alerts:
+        raw["alerts"] = dict(zip(_ALERT_PATHS, _columns(alerts, _ALERT_PATHS)))
 
     tables: dict[str, pa.Table] = {}
     for table, cols in raw.items():
@@ -502,6 +511,9 @@ class Writer:
         self._flusher: asyncio.Task | None = None
         self._decoder_count = decoders or _decoder_processes()
         self._decoders = self._new_decoders()
+        # Called on the writer thread with each batch just committed (not duplicates):
+        # the endpoint inventory learns from it (collector/inventory/store.py).
+        self.on_stored: Callable[[DecodedBatch], None] | None = None
 
     def _new_decoders(self) -> ProcessPoolExecutor:
         # "spawn": the collector runs gRPC threads, which a fork would copy mid-flight.
@@ -527,9 +539,16 @@ class Writer:
         )
 
     def _store_group(self, group: list[tuple[Shipped, object, str | None]]) -> list[Stored]:
-        results = self._storage.store_many([d.unpack() for d, _, _ in group], self._clock())
+        unpacked = [d.unpack() for d, _, _ in group]
+        results = self._storage.store_many(unpacked, self._clock())
         out = []
-        for (decoded, batch, identity), result in zip(group, results):
+        for (decoded, batch, identity), result, columns in zip(group, results, unpacked):
+            if result.status is StoreStatus.STORED and self.on_stored is not None:
+                try:
+                    self.on_stored(columns)
+                except Exception:  # noqa: BLE001 - committed already; the ack must go out
+                    log.exception("the endpoint inventory failed on batch %d; the batch "
+                                  "is stored", batch.batch_id)
             if result.status is StoreStatus.DUPLICATE:
                 ack = ingest_pb2.BatchAck(
                     batch_id=batch.batch_id, status=ingest_pb2.ACK_STATUS_DUPLICATE,

@@ -164,8 +164,9 @@ class ObserverService:
     """loupe.v1.Observer."""
 
     def __init__(self, storage: Storage, hub: Hub, counters: Callable[[], dict], *,
-                 version: str, started_ns: int) -> None:
+                 version: str, started_ns: int, inventory=None) -> None:
         self._storage = storage
+        self._inventory = inventory  # collector.inventory.model.Inventory
         self._hub = hub
         self._counters = counters
         self._version = version
@@ -302,6 +303,18 @@ class ObserverService:
                 last_seen_ns=s.last_seen_ns, records=s.records) for s in sensors],
             subscribers=len(self._hub.subscribers),
         )
+
+    async def Endpoints(self, request, context):
+        from collector.inventory import store
+
+        if self._inventory is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector keeps no inventory")
+        loop = asyncio.get_running_loop()
+        chosen = await loop.run_in_executor(
+            self._readers, lambda: store.select(self._inventory.snapshot(), request))
+        return observer_pb2.EndpointsResponse(
+            endpoints=[store.to_proto(d, observer_pb2) for d in chosen],
+            dropped=self._inventory.dropped)
 
     def close(self) -> None:
         self._readers.shutdown(wait=True, cancel_futures=True)

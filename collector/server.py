@@ -33,9 +33,11 @@ from grpc_reflection.v1alpha import reflection
 
 from collector import render
 from collector.ingest import IngestCounters, IngestService, Writer
+from collector.inventory.store import InventoryStore
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
 from collector.roles import RoleInterceptor
-from collector.storage.duckdb import DuckDBStorage
+from collector.storage import open_storage
+from sensor.config import StorageConfig
 from sensor.errors import CollectorError, ConfigError, LoupeError
 from sensor.export import wire
 from sensor.metrics import MetricsRegistry
@@ -60,6 +62,8 @@ METRICS_LOOP_TIMEOUT_S = 5.0
 # How often STATUS= (what `systemctl status` shows) is refreshed with the counters: often
 # enough to be current when someone looks, rarely enough to cost nothing.
 STATUS_EVERY_S = 10.0
+# How often the endpoint inventory writes its changed endpoints (and at stop).
+INVENTORY_SAVE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +81,8 @@ class CollectorConfig:
     grace_s: float = 5.0
     # Prometheus /metrics ("127.0.0.1:9465"); "" is off, the default for embedded use.
     metrics_listen: str = ""
+    # [storage]: DuckDB in data_dir (the default) or a ClickHouse server.
+    storage: StorageConfig = StorageConfig()
 
     @property
     def mtls(self) -> bool:
@@ -141,17 +147,24 @@ class Collector:
         # made: a failed start leaves nothing behind.
         self.port = self._bind()
         try:
-            self.storage = DuckDBStorage(config.data_dir, sandbox=True)
+            self.storage = open_storage(config.storage, config.data_dir, sandbox=True)
         except BaseException:
             # Not started: dropping the server releases the port.
+            self.server = None
+            raise
+        try:
+            self.inventory = InventoryStore(config.data_dir)
+        except BaseException:
+            self.storage.close()
             self.server = None
             raise
         self.counters = IngestCounters()
         self.hub = Hub(queue_size=config.subscriber_queue, last_seq=self.storage.last_seq())
         self.writer = _CountingWriter(self.storage)
+        self.writer.on_stored = self.inventory.on_stored
         self.observer = ObserverService(
             self.storage, self.hub, self.counters.as_dict,
-            version=VERSION, started_ns=time.time_ns(),
+            version=VERSION, started_ns=time.time_ns(), inventory=self.inventory.inventory,
         )
         self.health = health.aio.HealthServicer()
         ingest = IngestService(self.writer, self.hub, self.counters, mtls=config.mtls)
@@ -204,6 +217,7 @@ class Collector:
         for service in ("", "loupe.v1.Ingest", "loupe.v1.Observer"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._retention_loop()))
+        self._tasks.append(asyncio.create_task(self._inventory_loop()))
         if self.config.print_records:
             self._tasks.append(asyncio.create_task(render.print_live(self.hub, sys.stdout)))
 
@@ -217,6 +231,7 @@ class Collector:
             self._sweep_now.clear()
             cutoff = time.time_ns() - self.config.retention_ns
             try:
+                await self.writer.run(self.storage.set_retention, self.config.retention_ns)
                 deleted = await self.writer.run(self.storage.delete_older_than, cutoff)
             except Exception:  # noqa: BLE001 - a failed sweep is retried; keep ingesting
                 log.exception("retention sweep failed; retrying in %.0f s", interval)
@@ -227,6 +242,16 @@ class Collector:
                 await asyncio.wait_for(self._sweep_now.wait(), interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def _inventory_loop(self) -> None:
+        # Saved on the writer thread, between commits: a crash loses at most this much
+        # of the inventory's updates (the records themselves are in the store).
+        while True:
+            await asyncio.sleep(INVENTORY_SAVE_S)
+            try:
+                await self.writer.run(self.inventory.save)
+            except Exception:  # noqa: BLE001 - retried at the next tick; keep ingesting
+                log.exception("saving the endpoint inventory failed; retrying")
 
     def reload(self, new: CollectorConfig) -> str:
         """Apply a re-read configuration: the retention at once (with a sweep), the rest
@@ -284,6 +309,7 @@ class Collector:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.writer.drain()
         self.writer.close()
+        self.inventory.close()
         self.observer.close()
         self.storage.close()
 

@@ -21,6 +21,7 @@ from sensor.logs import setup_logging
 # and unknown words import them all. tests/unit/test_cli.py checks this table.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "collector.cli": ("collector", "export", "certs", "tail", "query", "top"),
+    "collector.inventory.cli": ("endpoints", "api"),
     "sensor.config_cli": ("config",),
     "sensor.kernel.cli": ("sensor",),
     "sensor.replay.cli": ("replay",),
@@ -33,6 +34,7 @@ GROUP_HELP = {
     "collector": "run the collector, or ask a running one for its status",
     "certs": "make a CA and TLS certificates for collector, sensors and analysts",
     "config": "check and show configuration files",
+    "api": "OpenAPI from the endpoint inventory, and a diff against a given spec",
     "sensor": "meter live interfaces in the kernel and run the sensor",
 }
 

@@ -1,0 +1,171 @@
+"""The inventory in the collector: fed from committed batches, kept in its own file,
+answered over Observer.Endpoints.
+
+Its own file (data_dir/inventory.sqlite, Python's sqlite3) rather than a table in the
+record store: the inventory is a small keyed state updated in place, the record store is
+append-only columns behind a seam with more than one engine, and the inventory must not
+depend on which one runs. One row per endpoint (its JSON); save() writes only the rows
+changed since the last save and deletes the keys that a learned parameter merged away.
+At start every row is read back and merged in (Inventory.merge), which also rebuilds the
+learned templates: the stored templates are exactly what the learner had learned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+from collector.inventory.model import Endpoint, Inventory, Transaction, service_of
+from collector.storage.base import DecodedBatch
+from sensor.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+FILE = "inventory.sqlite"
+# HTTP-shaped tables the inventory reads: HTTP/1 now; HTTP/2 and gRPC events share the
+# HTTP shape (DESIGN.md, Records) and join here by having these columns.
+_NEEDS = ("method", "host", "path", "status", "request_content_type",
+          "response_content_type", "ts_ns", "dst_addr", "dst_port", "sensor_id")
+# Read when a table has them (request-body capture, auth presence): optional.
+_OPTIONAL = ("auth", "request_fields", "response_fields")
+
+
+def transactions(batch: DecodedBatch):
+    """The inventory's view of every HTTP-shaped event in a committed batch."""
+    for table in batch.tables.values():
+        names = table.schema.names
+        if not all(n in names for n in _NEEDS):
+            continue
+        cols = {n: table.column(n).to_pylist() for n in _NEEDS + _OPTIONAL if n in names}
+        for i in range(table.num_rows):
+            method = cols["method"][i]
+            if not method:
+                continue
+            yield Transaction(
+                service=service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i]),
+                method=method, target=cols["path"][i], ts_ns=cols["ts_ns"][i],
+                status=cols["status"][i],
+                request_content_type=cols["request_content_type"][i],
+                response_content_type=cols["response_content_type"][i],
+                sensor_id=cols["sensor_id"][i],
+                auth=tuple(cols["auth"][i] or ()) if "auth" in cols else (),
+                request_fields=_fields(cols, "request_fields", i),
+                response_fields=_fields(cols, "response_fields", i),
+            )
+
+
+def _fields(cols: dict, name: str, i: int) -> dict | None:
+    value = cols.get(name)
+    if not value or not value[i]:
+        return None
+    return json.loads(value[i]) if isinstance(value[i], str) else dict(value[i])
+
+
+class InventoryStore:
+    """The inventory of one collector and its file."""
+
+    def __init__(self, data_dir: Path) -> None:
+        path = Path(data_dir) / FILE
+        try:
+            # Used by the writer thread (save) and at start/stop; serialised by the caller.
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS endpoints (service TEXT NOT NULL, method TEXT NOT"
+                " NULL, template TEXT NOT NULL, state TEXT NOT NULL,"
+                " PRIMARY KEY (service, method, template))")
+            rows = self._db.execute("SELECT state FROM endpoints").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the endpoint inventory {path}: {exc}; move the "
+                               "file away to start a new inventory") from None
+        self.inventory = Inventory()
+        self.inventory.merge(Endpoint.from_dict(json.loads(state)) for (state,) in rows)
+        # What was read back is stored already; templates that a learned parameter merged
+        # on the way are rewritten at the first save.
+        self.save()
+
+    def on_stored(self, batch: DecodedBatch) -> None:
+        """Writer hook: called on the writer thread after a batch committed."""
+        self.inventory.add_many(transactions(batch))
+
+    def save(self) -> int:
+        """Write the changed endpoints; returns how many rows were written or deleted."""
+        changed, removed = self.inventory.take_changes()
+        if not changed and not removed:
+            return 0
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "DELETE FROM endpoints WHERE service = ? AND method = ? AND template = ?",
+                    [(s, m, json.dumps(list(t))) for s, m, t in removed])
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO endpoints VALUES (?, ?, ?, ?)",
+                    [(d["service"], d["method"], json.dumps(d["template"]), json.dumps(d))
+                     for d in changed])
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot save the endpoint inventory: {exc}") from None
+        return len(changed) + len(removed)
+
+    def close(self) -> None:
+        try:
+            self.save()
+        finally:
+            self._db.close()
+
+
+def select(snapshot: list[dict], request) -> list[dict]:
+    """The endpoints (dicts) an EndpointsRequest asks for."""
+    def any_glob(value: str, globs) -> bool:
+        return not globs or any(fnmatch.fnmatchcase(value, g) for g in globs)
+
+    methods = {m.upper() for m in request.method}
+    out = []
+    for d in snapshot:
+        if methods and d["method"] not in methods:
+            continue
+        if not any_glob(d["service"], request.service) or not any_glob(d["path_template"],
+                                                                      request.path):
+            continue
+        if request.sensor_id and not set(request.sensor_id) & set(d["sensors"]):
+            continue
+        if request.since_ns and d["last_seen_ns"] < request.since_ns:
+            continue
+        if request.until_ns and d["first_seen_ns"] >= request.until_ns:
+            continue
+        out.append(d)
+    out.sort(key=lambda d: (d["service"], d["path_template"], d["method"]))
+    return out
+
+
+def to_proto(d: dict, pb):
+    """One endpoint dict as an observer_pb2.Endpoint (pb is the observer_pb2 module)."""
+    fields = lambda m: {k: pb.FieldTypes(types=v) for k, v in m.items()}  # noqa: E731
+    return pb.Endpoint(
+        service=d["service"], method=d["method"], path_template=d["path_template"],
+        template=d["template"], first_seen_ns=d["first_seen_ns"],
+        last_seen_ns=d["last_seen_ns"], requests=d["requests"],
+        status_classes=d["status_classes"],
+        request_content_types=d["request_content_types"],
+        response_content_types=d["response_content_types"], auth=d["auth"],
+        query_params=d["query_params"], request_fields=fields(d["request_fields"]),
+        response_fields=fields(d["response_fields"]), sensors=d["sensors"],
+    )
+
+
+def from_proto(msg) -> dict:
+    """An observer_pb2.Endpoint back to the dict shape (the CLI's side)."""
+    return {
+        "service": msg.service, "method": msg.method, "path_template": msg.path_template,
+        "template": list(msg.template), "first_seen_ns": msg.first_seen_ns,
+        "last_seen_ns": msg.last_seen_ns, "requests": msg.requests,
+        "status_classes": dict(sorted(msg.status_classes.items())),
+        "request_content_types": list(msg.request_content_types),
+        "response_content_types": list(msg.response_content_types),
+        "auth": list(msg.auth), "query_params": list(msg.query_params),
+        "request_fields": {k: list(v.types) for k, v in sorted(msg.request_fields.items())},
+        "response_fields": {k: list(v.types) for k, v in sorted(msg.response_fields.items())},
+        "sensors": list(msg.sensors),
+    }
