@@ -26,6 +26,7 @@ from sensor.l7.dns import DnsParser
 from sensor.l7.http1 import Http1Parser
 from sensor.l7.http2 import Http2Parser
 from sensor.l7.kafka import KafkaParser
+from sensor.l7.mongodb import MongodbParser
 from sensor.l7.mysql import MysqlParser
 from sensor.l7.pgsql import PgsqlParser
 from sensor.l7.quic import QuicParser
@@ -64,6 +65,7 @@ PARSERS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "quic": (QuicParser, ("quic-parser/session.pcap",)),
     "http2": (Http2Parser, ("http2-parser/session.pcap.gz",)),
     "kafka": (KafkaParser, ("kafka-parser/session.pcap.gz",)),
+    "mongodb": (MongodbParser, ("mongodb-parser/session.pcap.gz",)),
 }
 
 
