@@ -703,10 +703,23 @@ class Http2Parser:
 
 # -- registration (sensor/l7/registry.py) --------------------------------------------------
 
+# SETTINGS parameters a server's first frame may carry: six are defined (RFC 9113 §6.5.2)
+# plus a few extensions (RFC 8441, RFC 9218); each is 6 bytes.
+_MAX_FIRST_SETTINGS = 16
+
+
 def looks_like(first: bytes, direction: Direction) -> bool:
     """The client connection preface (RFC 9113 §3.4); 14 bytes ("PRI * HTTP/2.0") already
-    rule out an HTTP/1 request line."""
-    return len(first) >= 14 and first.startswith(PREFACE[:len(first)])
+    rule out an HTTP/1 request line. A server may speak first (nghttpd does, before the
+    client's preface reaches it): its preface is a SETTINGS frame on stream 0, flags 0,
+    whose length is a multiple of 6."""
+    if len(first) >= 14 and first.startswith(PREFACE[:len(first)]):
+        return True
+    if direction != Direction.TO_CLIENT or len(first) < 9:
+        return False
+    length = int.from_bytes(first[:3], "big")
+    return (first[3:9] == b"\x04\x00\x00\x00\x00\x00" and length % 6 == 0
+            and length <= 6 * _MAX_FIRST_SETTINGS)
 
 
 def table_line(d: Http2Event) -> list[tuple[str, str | None]]:

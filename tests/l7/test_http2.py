@@ -385,10 +385,17 @@ def test_event_validation():
         Http2Event(request_body_len=-1)
 
 
-def test_signature_is_the_preface():
+def test_signature_is_the_client_or_server_preface():
     assert looks_like(PREFACE, C) and looks_like(PREFACE[:14], C)
     assert not looks_like(PREFACE[:13], C) and not looks_like(b"PRI * HTTP/1.1\r\n", C)
     assert not looks_like(b"GET / HTTP/1.1\r\n\r\n", C)
+    # A server that speaks first (nghttpd): its SETTINGS frame, 6 bytes per parameter.
+    assert looks_like(settings_frame((3, 100)), S) and looks_like(settings_frame(), S)
+    assert not looks_like(settings_frame((3, 100)), C)
+    assert not looks_like(frame(SETTINGS, 1, 0), S)                 # an ACK is no preface
+    assert not looks_like(frame(SETTINGS, 0, 0, b"\0" * 5), S)
+    assert not looks_like(frame(HEADERS, 0, 0, b"\0" * 6), S)
+    assert not looks_like(b"\x4a\x00\x00\x00\x0a5.5.5-10.11", S)   # a MySQL greeting
 
 
 # -- the golden capture: real clients' own accounts ----------------------------------------------
@@ -641,3 +648,54 @@ def test_budget_1_kib_and_10_mib_grpc_messages_copy_about_the_same():
     # never with the message bytes.
     assert big - small <= (big_frames - small_frames) * CHUNK, (small, big)
     assert big < wire / 500, (big, wire)
+
+
+# -- end to end: replay, the collector, the tail filter ----------------------------------------------
+
+def test_replay_gives_the_parser_events_and_what_the_clients_did(tmp_path):
+    from sensor import model
+    from tests.replay.test_l7_kinds import _us, by_client_port, parser_events, replay
+
+    expect, flows = _golden()
+    records = replay(GOLDEN / "session.pcap.gz", tmp_path)
+    got = by_client_port(records, "http2")
+    assert _us(got) == _us(parser_events(GOLDEN / "session.pcap.gz", Http2Parser,
+                                         expect["port"]))
+    # nghttpd speaks first: the flows it answered are found by its SETTINGS preface.
+    assert {f.app_proto for f in records if isinstance(f, model.Flow)
+            and f.dst_port == expect["port"]} == {"http2"}
+    nghttp = [c for c in expect["connections"] if c["client"] == "nghttp"]
+    check_nghttp(got[flows[0].sport], nghttp[0]["streams"])
+    check_grpc(got[flows[3].sport], expect["connections"][3]["calls"])
+    hosts = {f.http_host for f in records if isinstance(f, model.Flow) and f.app_proto == "http2"}
+    assert hosts == {f"127.0.0.1:{expect['port']}"}
+
+
+def test_collector_stores_them_and_the_grpc_method_filter_picks_them(tmp_path):
+    from collector.filters import compile_filter
+    from collector.ingest import decode_batch
+    from collector.storage.duckdb import DuckDBStorage
+    from loupe.v1 import observer_pb2
+    from sensor import model
+    from sensor.export import wire
+    from sensor.export.table import TableWriter
+    from tests.replay.test_l7_kinds import replay
+
+    records = [r for r in replay(GOLDEN / "session.pcap.gz", tmp_path)
+               if not isinstance(r, model.LostEvent)]
+    batch = wire.batch_to_proto(records, sensor_id="s1", batch_id=1, created_ns=1)
+    store = DuckDBStorage(tmp_path / "db")
+    store.store_many([decode_batch(batch)], 1)
+    l7 = [dataclasses.replace(r, sensor_id="s1") for r in records
+          if isinstance(r, model.L7Event)]
+    assert store.counts()["http2"] == len(l7) == 23
+    stored = list(store.records_since(0, 1 << 62, tables=("http2",)))
+    key = lambda r: (r.ts_ns, r.uid, repr(r.detail))  # noqa: E731
+    assert sorted(stored, key=key) == sorted(l7, key=key)
+    store.close()
+    match = compile_filter(observer_pb2.RecordFilter(grpc_method=["F*", "Invalid"]))
+    picked = [r for r in batch.records if match(r)]
+    assert [r.l7.http2.grpc_status for r in picked] == [5, 3]
+    fail = next(r for r in l7 if r.detail.grpc_method == "Fail")
+    line = TableWriter(None, color=False, width=None).line(fail)
+    assert " http2 " in line and "/loupe.test.Echo/Fail -> 200 grpc 5 no such thing" in line
