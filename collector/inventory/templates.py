@@ -256,7 +256,8 @@ class View:
         nodes, out = [root], ()
         for seg in key:
             rename, children = self._level(service, out, nodes)
-            soft = seg if seg in PARAMS else rename.get(seg, seg)
+            # A value not remembered: folded into a parameter for good, or never seen.
+            soft = seg if seg in PARAMS else rename.get(seg, rename.get(NAME, seg))
             nodes = children.get(soft, [])
             out = out + (soft,)
         return out
@@ -268,7 +269,8 @@ class View:
         return got
 
     def _decide(self, nodes: list[_Node]) -> tuple[dict, dict]:
-        """(static value -> its template segment, template segment -> child nodes)."""
+        """(static value -> its template segment, template segment -> child nodes);
+        rename[NAME] is present when the position is a parameter."""
         learner = self._learner
         merged: dict[str, list[_Node]] = {}
         children: dict[str, list[_Node]] = {}
@@ -285,7 +287,7 @@ class View:
         # Values seen once beside a busy {token}: tokens the shape test missed (a
         # base64 value without a digit), not routes.
         tokens = sum(c.hits for c in children.get(TOKEN, ())) > learner.threshold
-        rename = {}
+        rename = {NAME: NAME} if is_param else {}
         for seg, cs in merged.items():
             if is_param:
                 soft = NAME
