@@ -613,8 +613,9 @@ static __always_inline __u8 select_new_flow(struct loupe_pkt *p, struct loupe_fl
 	return sel;
 }
 
-/* The content sniffer: does this first payload look like a protocol we parse? */
-static __always_inline int sniff(const __u8 *b, __u8 proto)
+/* The content sniffer: does this first payload (len bytes, b its first SNIFF_LEN) look
+ * like a protocol we parse? */
+static __always_inline int sniff(const __u8 *b, __u8 proto, __u32 len)
 {
 	if (proto == PROTO_TCP) {
 		/* TLS record header of a handshake (22), version 3.x, then a ClientHello
@@ -627,6 +628,18 @@ static __always_inline int sniff(const __u8 *b, __u8 proto)
 		 * LOUPE_SNIFF_PREFIX(word), a chain of compares. */
 		__u32 m = ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
 		return LOUPE_SNIFF_PREFIX(m);
+	}
+	/* A QUIC client's first Initial (RFC 9000 17.2.2, 14.1): long header with the fixed
+	 * bit, a version sensor/l7/quic.py opens (v1 and drafts 29-34 with Initial type
+	 * bits 00, v2 0x6b3343cf with 01, RFC 9369 3.2), a DCID of 8..20 bytes, in a
+	 * datagram of at least 1200 bytes. Its version bytes can never pass the DNS test. */
+	if ((b[0] & 0xc0) == 0xc0 && len >= 1200 && b[5] >= 8 && b[5] <= 20) {
+		__u32 v = ((__u32)b[1] << 24) | ((__u32)b[2] << 16) | ((__u32)b[3] << 8) | b[4];
+		__u8 type = (b[0] >> 4) & 3;
+		if (type == 0 && (v == 1 || (v >= 0xff00001d && v <= 0xff000022)))
+			return 1;
+		if (type == 1 && v == 0x6b3343cf)
+			return 1;
 	}
 	/* A DNS message (RFC 1035 4.1.1): opcode QUERY (0), Z zero, one question, few
 	 * records, and a first label of 1..63 bytes or the root. */
@@ -1006,7 +1019,7 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 	if ((v->flags & LOUPE_FLOW_SNIFF_PENDING) && p->payload_len >= SNIFF_LEN) {
 		__u8 b[SNIFF_LEN];
 		if (load_hdr(skb, p->payload_off, b, SNIFF_LEN) == 0)
-			sniffed = sniff(b, p->key.protocol);
+			sniffed = sniff(b, p->key.protocol, p->payload_len);
 	}
 	int sniffed_now = 0;
 

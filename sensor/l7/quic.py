@@ -401,6 +401,9 @@ class QuicParser:
                     return
                 # A datagram of a short header (1-RTT): the Initial exchange is over, or
                 # this capture started after it.
+                if not first & 0x40 and not self._seen_initial:
+                    raise _Malformed(f"first byte 0x{first:02x} has neither the long-header "
+                                     "nor the fixed bit")
                 self.skipped_packets += 1
                 if self._seen_initial:
                     self._finish()
