@@ -115,13 +115,15 @@ FILTER_FLAGS: dict[str, tuple[str, object]] = {
     "sensor-id": ("sensor_id", str),
     "process": ("process", str),
     "container": ("container_id", str.lower),
+    "alert-rule": ("alert_rule", str),
+    "alert-action": ("alert_action", str.lower),
 }
 
 # Old flag spellings, kept working but not shown: alias -> FILTER_FLAGS name.
 FILTER_ALIASES = {"sensor": "sensor-id"}
 
 FILTER_HELP = {
-    "type": f"record kind: {', '.join(filters.RECORD_KINDS[:-1])} or lost",
+    "type": f"record kind: {', '.join(filters.RECORD_KINDS[:-1])} or alert",
     "from-ip": "initiator address or CIDR",
     "to-ip": "responder address or CIDR",
     "ip": "either end, address or CIDR",
@@ -134,6 +136,8 @@ FILTER_HELP = {
     "sensor-id": "sensor id",
     "process": "process name or executable glob (flows): 'curl', '*/python3*'",
     "container": "container id prefix (flows): 'a1b2c3d4e5f6'",
+    "alert-rule": "alert rule id glob: 'loupe-sqli', 'login-*'",
+    "alert-action": "alert action: count, alert, allow or block",
 }
 
 
@@ -204,7 +208,7 @@ def collector_config(args):
         tls_ca=Path(tls.client_ca_file) if tls.client_ca_file else None,
         insecure=c.insecure, print_records=args.print, grace_s=args.grace,
         max_message_bytes=c.max_message_size, subscriber_queue=c.subscriber_queue_size,
-        metrics_listen=c.metrics.listen,
+        metrics_listen=c.metrics.listen, storage=c.storage,
     )
 
 
@@ -235,7 +239,7 @@ def cmd_collector_status(args) -> int:
 
 EXPORT_FORMATS = ("json", "eve", "csv", "parquet")
 # Flows, each registered L7 kind's table (sensor/l7/registry.py), loss.
-EXPORT_TABLES = ("flows", *(p.table_name for p in registry.kinds()), "lost")
+EXPORT_TABLES = ("flows", *(p.table_name for p in registry.kinds()), "lost", "alerts")
 
 
 def _stored_records(args, since_ns: int, until_ns: int, tables: tuple[str, ...]):
@@ -243,9 +247,10 @@ def _stored_records(args, since_ns: int, until_ns: int, tables: tuple[str, ...])
     (Observer.Export), or with --data-dir straight from a stopped collector's store
     (DuckDB lets one process open the file, and a running collector is that process)."""
     if args.data_dir is not None:
-        from collector.storage.duckdb import DuckDBStorage
+        from collector.storage import open_storage
+        from sensor.config import StorageConfig
 
-        storage = DuckDBStorage(args.data_dir, read_only=True)
+        storage = open_storage(StorageConfig(backend="duckdb"), args.data_dir, read_only=True)
         try:
             yield from storage.records_since(since_ns, storage.last_seq(), until_ns=until_ns,
                                              tables=tables)

@@ -30,7 +30,7 @@ from sensor.l7 import registry
 Predicate = Callable[[object], bool]
 
 # Flows, every registered L7 kind (sensor/l7/registry.py; its L7Event oneof field), loss.
-RECORD_KINDS = ("flow", *registry.kind_names(), "lost")
+RECORD_KINDS = ("flow", *registry.kind_names(), "lost", "alert")
 
 _STATUS = re.compile(r"^(?:(\d{3})|(\d{3})\+|(\d)xx|(\d{3})-(\d{3}))$")
 
@@ -53,6 +53,8 @@ def _envelope(rec):
         return rec.flow
     if kind == "l7":
         return rec.l7
+    if kind == "alert":
+        return rec.alert   # addresses and ports of the event it is about
     return None
 
 
@@ -166,7 +168,7 @@ def build_protocol(values: Iterable[int]) -> Predicate:
 
     def match(rec) -> bool:
         env = _envelope(rec)
-        return env is not None and env.protocol in protos
+        return env is not None and env is not rec.alert and env.protocol in protos
     return match
 
 
@@ -286,6 +288,23 @@ def build_container_id(values: Iterable[str]) -> Predicate:
     return match
 
 
+def build_alert_rule(values: Iterable[str]) -> Predicate:
+    test = _globs(values, fold=False)
+    return lambda rec: rec.WhichOneof("kind") == "alert" and test(rec.alert.rule_id)
+
+
+ALERT_ACTIONS = ("count", "alert", "allow", "block")
+
+
+def build_alert_action(values: Iterable[str]) -> Predicate:
+    actions = frozenset(v.lower() for v in values)
+    bad = actions - set(ALERT_ACTIONS)
+    if bad:
+        raise FilterError(f"{sorted(bad)[0]!r} is not an alert action: use one of "
+                          f"{', '.join(ALERT_ACTIONS)}")
+    return lambda rec: rec.WhichOneof("kind") == "alert" and rec.alert.action in actions
+
+
 BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "record_kind": build_record_kind,
     "source_ip": build_source_ip,
@@ -301,6 +320,8 @@ BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "sensor_id": build_sensor_id,
     "process": build_process,
     "container_id": build_container_id,
+    "alert_rule": build_alert_rule,
+    "alert_action": build_alert_action,
 }
 
 

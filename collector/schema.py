@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from sensor.export.tables import (  # noqa: F401  (re-exported: the collector's names)
-    BOOL, FLOW_COLUMNS, I32, I64, L7_COLUMNS, LOST_COLUMNS, STR, U8, U16, U32, U64,
+    ALERT_COLUMNS, BOOL, FLOW_COLUMNS, I32, I64, L7_COLUMNS, LOST_COLUMNS, STR, U8, U16, U32, U64,
     kind_columns, kind_tables,
 )
 from sensor.l7 import registry
@@ -100,6 +100,8 @@ def record_from_row(table: str, row: dict):
         return model.Flow(**row)
     if table == "lost":
         return model.LostEvent(**row)
+    if table == "alerts":
+        return model.Alert(**row)
     spec = _TABLE_KIND.get(table)
     if spec is None:
         raise KeyError(f"no record kind is stored in table {table!r}")

@@ -339,13 +339,61 @@ class LostEvent:
         _check_uint("interval_end_ns", self.interval_end_ns, U64)
 
 
-Record = Union[Flow, L7Event, LostEvent]
+ALERT_ACTIONS = ("count", "alert", "allow", "block")
+SEVERITIES = ("low", "medium", "high", "critical")
+MAX_EXCERPT = 256   # characters of an Alert's excerpt: enough to read, too short to leak much
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alert:
+    """A rule matched an L7 event (sensor/rules/): what, where, and the flow it belongs to."""
+
+    rule_id: str
+    action: str
+    field: str = ""
+    excerpt: str = ""
+    reason: str = ""
+    severity: str = "medium"
+    category: str = ""
+    community_id: str = ""
+    uid: str = ""
+    ts_ns: int = 0
+    event_kind: str = ""
+    src_addr: str = ""
+    dst_addr: str = ""
+    src_port: int = 0
+    dst_port: int = 0
+    sensor_id: str = ""
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rule_id:
+            raise ValueError("rule_id must not be empty")
+        if self.action not in ALERT_ACTIONS:
+            raise ValueError(f"action={self.action!r} is not one of {', '.join(ALERT_ACTIONS)}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity={self.severity!r} is not one of {', '.join(SEVERITIES)}")
+        if len(self.excerpt) > MAX_EXCERPT:
+            raise ValueError(f"excerpt is longer than {MAX_EXCERPT} characters")
+        _check_uint("ts_ns", self.ts_ns, U64)
+        _check_uint("src_port", self.src_port, 0xFFFF)
+        _check_uint("dst_port", self.dst_port, 0xFFFF)
+        _check_uint("count", self.count, U64)
+        if self.src_addr:
+            _check_addr("src_addr", self.src_addr)
+        if self.dst_addr:
+            _check_addr("dst_addr", self.dst_addr)
+
+
+Record = Union[Flow, L7Event, LostEvent, Alert]
 
 
 def record_kind(record: Record) -> str:
-    """"flow", "lost", or the L7 event's registered kind ("http", "dns", ...)."""
+    """"flow", "lost", "alert", or the L7 event's registered kind ("http", "dns", ...)."""
     if isinstance(record, Flow):
         return "flow"
     if isinstance(record, LostEvent):
         return "lost"
+    if isinstance(record, Alert):
+        return "alert"
     return record.kind

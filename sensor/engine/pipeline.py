@@ -95,6 +95,9 @@ class PipelineConfig:
     # A tcpdump-style expression (sensor/capfilter.py); only the packets it matches reach
     # the meter, as if the capture had been through `tcpdump -r FILE EXPR -w ...`.
     packet_filter: str = ""
+    # Rules (sensor/rules/): a rule file or directory, or "default"; "" is off. Alerts
+    # come out as records beside the L7 events they are about.
+    rules: str = ""
 
     def __post_init__(self) -> None:
         if self.packet_filter:
@@ -108,6 +111,7 @@ class Summary:
     packets: int = 0
     flows: int = 0                                    # Flow records (incl. interim)
     l7_events: dict[str, int] = field(default_factory=dict)
+    alerts: int = 0
     lost: dict[str, int] = field(default_factory=dict)   # LostSource value -> count
     errors: dict[str, int] = field(default_factory=dict)  # other counted trouble
     first_ns: int = 0
@@ -125,7 +129,8 @@ class Summary:
         rate = self.packets / self.elapsed_s if self.elapsed_s > 0 else 0.0
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.l7_events.items()))
         text = (f"{self.packets} packets, {self.flows} flows, {self.l7_total} L7 events"
-                f"{f' ({kinds})' if kinds else ''} in {self.elapsed_s:.1f} s "
+                f"{f' ({kinds})' if kinds else ''}"
+                f"{f', {self.alerts} alerts' if self.alerts else ''} in {self.elapsed_s:.1f} s "
                 f"({rate:,.0f} packets/s)")
         trouble = {**self.lost, **self.errors}
         if trouble:
@@ -153,6 +158,7 @@ def merge(summaries: list[Summary]) -> Summary:
     for s in summaries:
         out.packets += s.packets
         out.flows += s.flows
+        out.alerts += s.alerts
         for target, part in ((out.l7_events, s.l7_events), (out.lost, s.lost),
                              (out.errors, s.errors)):
             for k, v in part.items():
@@ -185,11 +191,18 @@ class Pipeline:
 
         self._emit = emit
         self.l7: L7Engine | None = None
+        self.rules = None
         if config.l7:
+            registry = analyze = None
+            if config.rules:
+                from sensor.rules import stage  # only runs with rules pay for the import
+
+                self.rules, registry = stage.build(config.rules, emit)
+                analyze = self.rules
             self.l7 = L7Engine(
                 emit=emit, sensor_id=config.sensor_id, community=config.community,
                 budget=MemoryBudget(config.reassembly_budget_bytes),
-                limits=config.reassembly_limits)
+                limits=config.reassembly_limits, registry=registry, analyze=analyze)
         self.meter = Meter(emit=emit, sink=self.l7, timeouts=config.timeouts,
                            max_flows=config.max_flows, sensor_id=config.sensor_id,
                            community=config.community)
@@ -291,11 +304,11 @@ class Pipeline:
             put(lost, LostSource.REASSEMBLY_GAP.value, ls.gaps)
             put(lost, LostSource.REASSEMBLY_MEMORY.value, ls.memory_drops)
         kinds = self._kinds
-        l7_events = {k: v for k, v in kinds.items() if k not in ("flow", "lost")}
+        l7_events = {k: v for k, v in kinds.items() if k not in ("flow", "lost", "alert")}
         return Summary(
             packets=ms.packets,
             flows=kinds.get("flow", 0),
-            l7_events=l7_events,
+            l7_events=l7_events, alerts=kinds.get("alert", 0),
             lost=lost, errors=errors, truncated=truncated,
             first_ns=self._first_ns, last_ns=max(self._last_ns, self._first_ns),
         )

@@ -40,6 +40,7 @@ COMPANIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "flow": (("start", "flow_start_ns"), ("end", "flow_end_ns")),
     **{name: (("ts", "ts_ns"),) for name in registry.kind_names()},
     "lost": (("start", "interval_start_ns"), ("end", "interval_end_ns")),
+    "alert": (("ts", "ts_ns"),),
 }
 
 _second_cache: list = [None, ""]
@@ -150,12 +151,41 @@ def eve(record: model.Record) -> dict[str, Any]:
                        "start": eve_time(record.interval_start_ns),
                        "end": eve_time(record.interval_end_ns)}
         return out
+    if isinstance(record, model.Alert):
+        return _eve_alert(record)
     spec = registry.of_event(type(record.detail))
     kind = spec.name
     out = _eve_head(kind, record.ts_ns, record)
     out["app_proto"] = kind
     # Suricata's own shape where the protocol registered one, else its fields as they are.
     out[kind] = spec.eve(record.detail) if spec.eve is not None else _eve_fields(record.detail)
+    return out
+
+
+_EVE_ACTION = {"block": "blocked", "allow": "allowed"}   # Suricata's words; else "allowed"
+_EVE_SEVERITY = {"critical": 1, "high": 1, "medium": 2, "low": 3}
+
+
+def _eve_alert(a: model.Alert) -> dict[str, Any]:
+    """Suricata's `event_type: alert` shape; Loupe's own fields under alert.metadata."""
+    out: dict[str, Any] = {"timestamp": eve_time(a.ts_ns), "flow_id": flow_id(a.uid) if a.uid else None,
+                           "event_type": "alert"}
+    if a.sensor_id:
+        out["host"] = a.sensor_id
+    if a.src_addr:
+        out.update(src_ip=a.src_addr, src_port=a.src_port, dest_ip=a.dst_addr,
+                   dest_port=a.dst_port, proto="TCP" if a.event_kind in ("http",) else None)
+    if a.community_id:
+        out["community_id"] = a.community_id
+    if a.event_kind:
+        out["app_proto"] = a.event_kind
+    out["alert"] = {
+        "action": _EVE_ACTION.get(a.action, "allowed"), "signature": a.reason or a.rule_id,
+        "signature_id": a.rule_id, "category": a.category,
+        "severity": _EVE_SEVERITY.get(a.severity, 2),
+        "metadata": {"loupe_action": [a.action], "field": [a.field], "excerpt": [a.excerpt],
+                     **({"count": [a.count]} if a.count else {})},
+    }
     return out
 
 

@@ -91,9 +91,11 @@ def from_dict(data: dict[str, Any]) -> model.Record:
             return _l7(spec, body)
         if kind == "lost":
             return model.LostEvent(**body)
+        if kind == "alert":
+            return model.Alert(**body)
     except (TypeError, ValueError, KeyError) as exc:
         raise SchemaError(f"invalid {kind} record in JSON: {exc}") from None
     raise SchemaError(
         f"JSON record has type={kind!r}; expected one of flow, "
-        f"{', '.join(registry.kind_names())}, lost"
+        f"{', '.join(registry.kind_names())}, lost, alert"
     )

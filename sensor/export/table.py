@@ -32,7 +32,7 @@ _ORDER = ("time", "sensor", "kind", "src", "arrow", "dst", "proto")
 _RESET = "\x1b[0m"
 _STYLE = {"dim": "\x1b[2m", "red": "\x1b[31m", "yellow": "\x1b[33m", "green": "\x1b[32m",
           "cyan": "\x1b[36m", "magenta": "\x1b[35m", "bold": "\x1b[1m", "blue": "\x1b[34m"}
-_KIND_STYLE = {"flow": "blue", "lost": "red",
+_KIND_STYLE = {"flow": "blue", "lost": "red", "alert": "magenta",
                **{p.name: p.style for p in registry.kinds() if p.style}}
 # A protocol's Flow summary fields (Flow.http_host ...), each shown as label=value with
 # the protocol's prefix dropped (host=, qname=, sni=, ja4=).
@@ -133,6 +133,20 @@ def cells(record: model.Record) -> tuple[dict[str, str], list[tuple[str, str | N
         cols = {"time": time_ms(record.interval_end_ns), "sensor": record.sensor_id,
                 "kind": kind, "src": "", "arrow": "", "dst": "", "proto": ""}
         return cols, [(f"{record.source} count={record.count}", "red")]
+    if isinstance(record, model.Alert):
+        cols = {"time": time_ms(record.ts_ns), "sensor": record.sensor_id, "kind": kind,
+                "src": _endpoint(record.src_addr, record.src_port) if record.src_addr else "",
+                "arrow": "->" if record.src_addr else "",
+                "dst": _endpoint(record.dst_addr, record.dst_port) if record.dst_addr else "",
+                "proto": record.event_kind}
+        style = "red" if record.action == "block" else "yellow"
+        out = [(record.action.upper(), style), (record.rule_id, "bold"),
+               (f"{record.field}: {record.reason}", None)]
+        if record.excerpt:
+            out.append((repr(record.excerpt[:80]), "dim"))
+        if record.count:
+            out.append((f"count={record.count}", None))
+        return cols, out
     ts = record.flow_end_ns if isinstance(record, model.Flow) else record.ts_ns
     cols = {"time": time_ms(ts), "sensor": record.sensor_id, "kind": kind,
             "src": _endpoint(record.src_addr, record.src_port), "arrow": "->",

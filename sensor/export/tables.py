@@ -60,6 +60,13 @@ LOST_COLUMNS = [
     ("sensor_id", STR),
 ]
 
+ALERT_COLUMNS = [
+    ("rule_id", STR), ("action", STR), ("field", STR), ("excerpt", STR), ("reason", STR),
+    ("severity", STR), ("category", STR), ("community_id", STR), ("uid", STR), ("ts_ns", U64),
+    ("event_kind", STR), ("src_addr", STR), ("dst_addr", STR), ("src_port", U16),
+    ("dst_port", U16), ("sensor_id", STR), ("count", U64),
+]
+
 
 def _arrow(col: registry.Column) -> pa.DataType:
     if col.type == "list<struct>":
@@ -78,6 +85,7 @@ def kind_columns() -> dict[str, list[tuple[str, pa.DataType]]]:
     for spec in registry.kinds():
         out[spec.table_name] = L7_COLUMNS + detail_columns(spec)
     out["lost"] = LOST_COLUMNS
+    out["alerts"] = ALERT_COLUMNS
     return out
 
 
@@ -86,4 +94,5 @@ def kind_tables() -> dict[str, str]:
     out = {"flow": "flows"}
     out.update((spec.name, spec.table_name) for spec in registry.kinds())
     out["lost"] = "lost"
+    out["alert"] = "alerts"
     return out

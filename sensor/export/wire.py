@@ -102,6 +102,8 @@ def to_proto(record: model.Record) -> records_pb2.Record:
         return records_pb2.Record(l7=_l7_to_proto(record))
     if isinstance(record, model.LostEvent):
         return records_pb2.Record(lost=records_pb2.LostEvent(**_scalars(record)))
+    if isinstance(record, model.Alert):
+        return records_pb2.Record(alert=records_pb2.Alert(**_scalars(record)))
     raise TypeError(f"not a Loupe record: {type(record).__name__}")
 
 
@@ -152,9 +154,11 @@ def from_proto(msg: records_pb2.Record) -> model.Record:
             return _l7_from_proto(msg.l7)
         if kind == "lost":
             return model.LostEvent(**_fields_of(msg.lost, model.LostEvent))
+        if kind == "alert":
+            return model.Alert(**_fields_of(msg.alert, model.Alert))
     except (ValueError, TypeError) as exc:
         raise SchemaError(f"invalid {kind} record: {exc}") from None
-    raise SchemaError("empty Record (no flow, l7 or lost)")
+    raise SchemaError("empty Record (no flow, l7, lost or alert)")
 
 
 def batch_to_proto(

@@ -88,6 +88,9 @@ def register(tree) -> None:
                         "the collector to acknowledge everything, then give up with one "
                         "line and exit status 1 (default: 30)")
     p.add_argument("--no-l7", action="store_true", help="flows only: no reassembly, no L7")
+    p.add_argument("--rules", default="", metavar="PATH",
+                   help="evaluate rules on every L7 event and write Alert records: a rule "
+                        "file, a directory of them, or 'default' (docs/rules.md)")
     p.add_argument("--filter", default="", metavar="EXPR",
                    help="only packets matching this tcpdump-style expression (host, net, "
                         "port, portrange, proto, ip, ip6, tcp, udp, icmp, and, or, not), "
@@ -447,6 +450,12 @@ def run(args) -> int:
             raise ConfigError(f"--filter: {exc}") from None
     if args.jobs < 0:
         raise ConfigError("--jobs must be 0 (automatic) or a number of processes")
+    if args.rules:
+        if args.no_l7:
+            raise ConfigError("--rules needs L7 events: drop --no-l7")
+        from sensor.rules import loader
+
+        loader.load(args.rules)   # a bad rule fails here, naming file:line
     if args.format is not None and args.output is None and (args.to or args.ipfix):
         raise ConfigError("--format needs -o/--output")
     if args.to is not None and not args.delivery_timeout > 0:
@@ -494,7 +503,7 @@ def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
     sink = sinks[0] if len(sinks) == 1 else _Tee(sinks)
     sensor_id = args.sensor_id or ("replay" if args.to else "")
     config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id,
-                            packet_filter=args.filter)
+                            packet_filter=args.filter, rules=args.rules)
     err = sys.stderr
     draw = not args.no_progress and err.isatty()
     if args.jobs > 1:

@@ -74,9 +74,9 @@ def _scanner(req: Request) -> Finding | None:
     why = web.scanner_agent(ua) if ua else ""
     if why:
         return Finding("scanner", "header:user-agent", ua, "scanner user agent " + why)
-    why = web.scanner_request(unquote(req.path), [n for n, _ in req.headers])
+    where, why = web.scanner_request(unquote(req.path), [n for n, _ in req.headers])
     if why:
-        return Finding("scanner", "path", req.path, why)
+        return Finding("scanner", where, req.path if where == "path" else "", why)
     return None
 
 

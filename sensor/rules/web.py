@@ -145,13 +145,9 @@ SCANNER_AGENTS = (
     "arachni", "skipfish", "whatweb", "appscan", "webinspect", "paros", "grabber",
     "nstealth", "brutus", "hydra", "medusa", "commix", "jaeles", "xsstrike", "dalfox",
     "httpx - open-source", "interactsh", "fimap", "bbqsql", "jbrofuzz", "webshag",
-    "pangolin", "vega/", "morfeus", "zmeu", "muieblackcat", "blackwidow", "sf/", "w3af.org",
-    "metasploit", "struts-pwn", "crowdstrike", "detectify", "internet-measurement",
-    "censys", "shodan", "netcraft", "libwww-perl", "python-requests/", "go-http-client/1.1",
+    "pangolin", "vega/", "morfeus", "zmeu", "muieblackcat", "blackwidow", "w3af.org",
+    "metasploit", "struts-pwn", "detectify",
 )
-# python-requests and Go's client are ordinary libraries: reported only in behaviour, not here.
-_LIBRARIES = ("libwww-perl", "python-requests/", "go-http-client/1.1", "crowdstrike",
-              "censys", "shodan", "netcraft", "internet-measurement", "sf/")
 _SCANNER_PATHS = re.compile(r"(?:^|/)(?:nessus|nikto|acunetix|netsparker|sqlmap|w3af|"
                             r"appscan|qualys)[\w.-]*", re.I)
 
@@ -159,17 +155,16 @@ _SCANNER_PATHS = re.compile(r"(?:^|/)(?:nessus|nikto|acunetix|netsparker|sqlmap|
 def scanner_agent(ua: str) -> str:
     low = ua.lower()
     for name in SCANNER_AGENTS:
-        if name in low and name not in _LIBRARIES:
+        if name in low:
             return name.strip("/ ")
     return ""
 
 
-def scanner_request(path: str, header_names: list[str]) -> str:
-    """A scanner's own probe path, or a header only scanners send."""
+def scanner_request(path: str, header_names: list[str]) -> tuple[str, str]:
+    """(field, reason) of a scanner's own probe path or a header only scanners send."""
     if _SCANNER_PATHS.search(path):
-        return "scanner probe path"
+        return "path", "scanner probe path"
     for name in header_names:
-        if name.startswith(("x-scanner", "x-scan-", "acunetix-", "x-wipp", "x-request-memo",
-                            "x-ftw-scan")) or name in ("uri",):
-            return "scanner header " + name
-    return ""
+        if name.startswith(("x-scanner", "x-scan-", "acunetix-", "x-wipp", "x-request-memo")):
+            return "header:" + name, "scanner header " + name
+    return "", ""

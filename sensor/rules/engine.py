@@ -1,0 +1,292 @@
+"""The rules engine: every L7 event against a rule set, with AWS WAF rule-group semantics.
+
+Entries (rules and managed groups) run in priority order (lower first; file order breaks
+ties). A match makes an Alert. `count` and `alert` never stop evaluation; the first
+`allow` or `block` that matches decides and ends it; if none does, the rule set's default
+action decides (allow unless the files say otherwise). A `block` decision goes to the
+verdict callback (kernel enforcement plugs in there; this module writes no map itself).
+
+Threshold rules (credential stuffing, enumeration, scanner 404s) count matching events per
+key (source, endpoint, ...) in fixed windows of packet time (replay) or wall time (live,
+the event's own timestamp either way). They alert once per key and window, when the count
+reaches the threshold, and their action applies to every matching event of that key for
+the rest of the window. Their state is bounded (MAX_KEYS keys, least recently used out).
+
+The engine is a plain object: `evaluate(event, raw)` returns a Verdict and the Alerts.
+Analyzer wraps it for the L7 engine's analyze hook and makes reloading atomic: the
+rule set is replaced between two events, never during one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sensor.l7.redact import REDACTED, redact_target, sensitive
+from sensor.model import MAX_EXCERPT, Alert, L7Event
+from sensor.rules import managed
+from sensor.rules.fields import Subject
+from sensor.rules.request import Request
+
+TERMINAL = ("allow", "block")
+MAX_KEYS = 65536   # threshold keys held (sources x endpoints); ~200 bytes each
+_TEMPLATE_SEGMENT = re.compile(
+    r"^(?:\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{16,}"
+    r"|[A-Za-z0-9_-]{20,})$", re.I)
+
+
+def template(path: str) -> tuple[str, str]:
+    """(templated path, the id values joined): /users/42/orders/7 -> /users/{id}/orders/{id}."""
+    parts = path.split("?", 1)[0].split("/")
+    ids = []
+    for i, part in enumerate(parts):
+        if part and _TEMPLATE_SEGMENT.match(part):
+            ids.append(part)
+            parts[i] = "{id}"
+    return "/".join(parts), "/".join(ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    field: str
+    test: Callable[[Subject], tuple[str, str, str] | None]   # (field, value, reason) or None
+    negate: bool = False
+
+    def match(self, subject: Subject) -> tuple[str, str, str] | None:
+        hit = self.test(subject)
+        if self.negate:
+            return None if hit is not None else (self.field, "", "not matched")
+        return hit
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    count: int
+    window_ns: int
+    by: str = "src"           # src | endpoint | src+endpoint | src+template
+    distinct: str = ""        # "" (count events) or "id" (count distinct ids of the path)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    priority: int
+    action: str
+    conditions: tuple[Condition, ...] = ()
+    severity: str = "medium"
+    category: str = ""
+    group: managed.Group | None = None     # a managed group instead of conditions
+    threshold: Threshold | None = None
+    log: bool = True                       # an `allow` match writes an Alert only if set
+    order: int = 0                          # position in the files: breaks priority ties
+    source: str = ""                        # file:line, for `rules check` and errors
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    rules: tuple[Rule, ...] = ()
+    default_action: str = "allow"
+    body_bytes: int = 8192        # request body prefix captured for inspection
+    body_paths: tuple[str, ...] = ("/",)   # path prefixes whose bodies are captured
+
+    def sorted(self) -> "RuleSet":
+        rules = tuple(sorted(self.rules, key=lambda r: (r.priority, r.order)))
+        return RuleSet(rules, self.default_action, self.body_bytes, self.body_paths)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision for one event. Kernel enforcement (flow drop, source ban) consumes
+    `block` verdicts through Analyzer's on_verdict callback."""
+
+    action: str                # allow or block
+    rule_id: str               # "" when the default action decided
+    event: L7Event
+
+
+@dataclass(slots=True)
+class _Window:
+    start: int
+    count: int = 0
+    ids: set = field(default_factory=set)
+    fired: bool = False
+
+
+@dataclass(slots=True)
+class EngineStats:
+    events: int = 0
+    alerts: dict[str, int] = field(default_factory=dict)    # by rule id
+    verdicts: dict[str, int] = field(default_factory=dict)  # by action
+    threshold_keys_evicted: int = 0
+    detector_errors: int = 0
+
+
+def excerpt(field_name: str, value: str) -> str:
+    """A bounded, redacted excerpt of a matched value: secrets (sensitive parameter
+    names, cookies, credentials) are never copied, targets lose their secrets."""
+    name = field_name.partition(":")[2]
+    if field_name.startswith(("cookie", "header:authorization", "header:proxy-authorization")) \
+            or (name and sensitive(name)):
+        return REDACTED
+    if field_name in ("uri", "path", "head"):
+        value = redact_target(value)
+    value = value.replace("\r", "\\r").replace("\n", "\\n")
+    if len(value) > MAX_EXCERPT:
+        value = value[:MAX_EXCERPT - 3] + "..."
+    return value
+
+
+class Engine:
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules.sorted()
+        self.stats = EngineStats()
+        self._windows: OrderedDict[tuple, _Window] = OrderedDict()
+
+    def evaluate(self, event: L7Event, raw: tuple[bytes, bytes] | None = None
+                 ) -> tuple[Verdict, list[Alert]]:
+        self.stats.events += 1
+        subject = Subject(event, Request(*raw) if raw is not None else None)
+        alerts: list[Alert] = []
+        for rule in self.rules.rules:
+            hit = self._match(rule, subject)
+            if hit is None:
+                continue
+            fld, value, reason, count, fire = hit
+            if fire and (rule.action != "allow" or rule.log):
+                alerts.append(self._alert(rule, event, fld, value, reason, count))
+            if rule.action in TERMINAL:
+                return self._decide(rule.action, rule.id, event), alerts
+        return self._decide(self.rules.default_action, "", event), alerts
+
+    def _decide(self, action: str, rule_id: str, event: L7Event) -> Verdict:
+        v = self.stats.verdicts
+        v[action] = v.get(action, 0) + 1
+        return Verdict(action, rule_id, event)
+
+    def _match(self, rule: Rule, subject: Subject):
+        """(field, value, reason, count, alert now) when the rule applies, else None."""
+        if rule.group is not None:
+            if subject.request is None:
+                return None
+            try:
+                finding = rule.group.scan(subject.request)
+            except RecursionError:   # a detector bug must not take the sensor down
+                self.stats.detector_errors += 1
+                return None
+            if finding is None:
+                return None
+            return finding.field, finding.value, finding.reason, 0, True
+        first = None
+        for cond in rule.conditions:
+            hit = cond.match(subject)
+            if hit is None:
+                return None
+            if first is None:
+                first = hit
+        fld, value, reason = first if first is not None else ("", "", "matched")
+        if rule.threshold is None:
+            return fld, value, reason, 0, True
+        return self._count(rule, subject, fld, value, reason)
+
+    def _count(self, rule: Rule, subject: Subject, fld: str, value: str, reason: str):
+        th = rule.threshold
+        ev = subject.event
+        path = subject.path()
+        tpl, ids = template(path) if th.by.endswith("template") or th.distinct else (path, "")
+        if th.distinct and not ids:
+            return None   # nothing to enumerate on this path
+        endpoint = f"{subject.host()}{tpl if th.by.endswith('template') else path}"
+        key = (rule.id,) + {
+            "src": (ev.src_addr,), "endpoint": (endpoint,),
+            "src+endpoint": (ev.src_addr, endpoint), "src+template": (ev.src_addr, endpoint),
+        }[th.by]
+        w = self._windows.get(key)
+        ts = ev.ts_ns
+        if w is None or ts - w.start >= th.window_ns or ts < w.start:
+            w = _Window(ts)
+            self._windows[key] = w
+            while len(self._windows) > MAX_KEYS:
+                self._windows.popitem(last=False)
+                self.stats.threshold_keys_evicted += 1
+        self._windows.move_to_end(key)
+        if th.distinct:
+            if len(w.ids) < th.count:   # bounded: no need to remember more than the threshold
+                w.ids.add(ids)
+            n = len(w.ids)
+        else:
+            w.count += 1
+            n = w.count
+        if n < th.count:
+            return None
+        fire = not w.fired
+        w.fired = True
+        what = f"{n} {'distinct ids' if th.distinct else 'events'} in {th.window_ns // 10**9} s by {th.by}"
+        return ("path" if th.distinct else fld, tpl if th.distinct else value,
+                f"{reason}; {what}" if reason and reason != "matched" else what, n, fire)
+
+    def _alert(self, rule: Rule, ev: L7Event, fld: str, value: str, reason: str,
+               count: int) -> Alert:
+        a = self.stats.alerts
+        a[rule.id] = a.get(rule.id, 0) + 1
+        return Alert(
+            rule_id=rule.id, action=rule.action, field=fld, excerpt=excerpt(fld, value),
+            reason=reason[:MAX_EXCERPT], severity=rule.severity, category=rule.category,
+            community_id=ev.community_id, uid=ev.uid, ts_ns=ev.ts_ns, event_kind=ev.kind,
+            src_addr=ev.src_addr, dst_addr=ev.dst_addr, src_port=ev.src_port,
+            dst_port=ev.dst_port, sensor_id=ev.sensor_id, count=count)
+
+
+class Analyzer:
+    """The L7 engine's analyze hook: alerts to `emit`, verdicts to `on_verdict`.
+
+    `capture` is what the HTTP/1 parser calls (its `inspect` option) to ask how many
+    request body bytes to keep: `body_bytes` for form and JSON bodies on the paths the
+    rule set selects, nothing otherwise (the one place where the budget grants body bytes,
+    docs/rules.md)."""
+
+    def __init__(self, rules: RuleSet, emit: Callable, *,
+                 on_verdict: Callable[[Verdict], None] | None = None) -> None:
+        self.engine = Engine(rules)
+        self.emit = emit
+        self.on_verdict = on_verdict
+        self.reloads = 0
+
+    def __call__(self, event: L7Event, raw) -> None:
+        verdict, alerts = self.engine.evaluate(event, raw)
+        for alert in alerts:
+            self.emit(alert)
+        if self.on_verdict is not None and verdict.action == "block":
+            self.on_verdict(verdict)
+
+    def capture(self, method: str, target: str, content_type: str) -> int:
+        rules = self.engine.rules
+        if not rules.body_bytes or method in ("GET", "HEAD", "OPTIONS"):
+            return 0
+        if content_type and not _INSPECTED_BODY.search(content_type):
+            return 0
+        path = target.split("?", 1)[0]
+        if not path.startswith(rules.body_paths):
+            return 0
+        return rules.body_bytes
+
+    def reload(self, rules: RuleSet) -> None:
+        """Swap the rule set between two events; threshold windows and counters stay
+        (flows and their L7 state are not touched at all)."""
+        stats, windows = self.engine.stats, self.engine._windows
+        self.engine = Engine(rules)
+        self.engine.stats, self.engine._windows = stats, windows
+        self.reloads += 1
+
+
+# Bodies the detectors can read as values: forms, JSON, XML, multipart, text.
+_INSPECTED_BODY = re.compile(r"form|json|xml|text/", re.I)
+
+
+def uses_requests(rules: RuleSet) -> bool:
+    return any(r.group is not None or any(c.field in _RAW_FIELDS or c.field.startswith(
+        ("arg:", "header:", "cookie:", "body")) for c in r.conditions) for r in rules.rules)
+
+
+_RAW_FIELDS = frozenset(("uri", "query", "args", "headers", "cookies", "body"))

@@ -1,0 +1,116 @@
+"""What a rule can match on: the fields of one L7 event, by name.
+
+A field name resolves to a list of (label, value) pairs, because some fields have many
+values (every query argument, every cookie). Names:
+
+  kind method host path uri query status user_agent src dst src_port dst_port
+  arg:NAME args  header:NAME  cookie:NAME cookies  body body:NAME
+  dns.qname tls.sni tls.ja4 sql kafka.topic   detail.NAME (any field of the event's detail)
+
+HTTP fields other than method/host/path/status/user_agent need the raw request (kept by
+the HTTP/1 parser when rules are on); the path is the raw target's path there, else the
+record's (redacted) path. An event of another kind simply has no value for `method`.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from sensor.model import L7Event
+from sensor.rules.request import Request
+
+# Field names with a fixed meaning; everything else must be prefix:NAME or detail.NAME.
+FIXED = frozenset((
+    "kind", "method", "host", "path", "uri", "query", "status", "user_agent", "src", "dst",
+    "src_port", "dst_port", "args", "cookies", "body", "headers", "dns.qname", "tls.sni",
+    "tls.ja4", "sql", "kafka.topic",
+))
+PREFIXES = ("arg:", "header:", "cookie:", "body:", "detail.")
+NUMERIC = frozenset(("status", "src_port", "dst_port"))
+
+
+def known(name: str) -> bool:
+    return name in FIXED or (name.startswith(PREFIXES) and len(name) > name.find(":") + 1)
+
+
+class Subject:
+    """One event (and its raw request, if kept) as rules see it. Values are computed on
+    first use only: most rules look at one or two fields."""
+
+    __slots__ = ("event", "request")
+
+    def __init__(self, event: L7Event, request: Request | None) -> None:
+        self.event = event
+        self.request = request
+
+    def path(self) -> str:
+        if self.request is not None:
+            return unquote(self.request.path)
+        return getattr(self.event.detail, "path", "").split("?", 1)[0]
+
+    def host(self) -> str:
+        if self.request is not None:
+            h = self.request.header("host")
+            if h:
+                return h
+        return getattr(self.event.detail, "host", "")
+
+    def values(self, name: str) -> list[tuple[str, object]]:
+        ev, d, req = self.event, self.event.detail, self.request
+        if name == "kind":
+            return [(name, ev.kind)]
+        if name in ("src", "dst"):
+            return [(name, ev.src_addr if name == "src" else ev.dst_addr)]
+        if name in ("src_port", "dst_port"):
+            return [(name, getattr(ev, name))]
+        if name == "path":
+            return [(name, self.path())] if hasattr(d, "path") or req else []
+        if name == "host":
+            return [(name, self.host())] if hasattr(d, "host") else []
+        if name == "status":
+            return [(name, d.status)] if hasattr(d, "status") and d.status else []
+        if name == "user_agent":
+            return [(name, getattr(d, "user_agent", ""))] if hasattr(d, "user_agent") else []
+        if name == "method":
+            return [(name, d.method)] if hasattr(d, "method") and d.method else []
+        if name == "dns.qname":
+            return [(name, d.qname)] if hasattr(d, "qname") else []
+        if name == "tls.sni":
+            return [(name, d.sni)] if hasattr(d, "sni") else []
+        if name == "tls.ja4":
+            return [(name, d.ja4)] if hasattr(d, "ja4") else []
+        if name == "sql":
+            return [(name, d.statement)] if getattr(d, "statement", "") else []
+        if name == "kafka.topic":
+            topics = getattr(d, "topics", None) or ([d.topic] if getattr(d, "topic", "") else [])
+            return [(name, t) for t in topics]
+        if name.startswith("detail."):
+            attr = name[7:]
+            return [(name, getattr(d, attr))] if hasattr(d, attr) else []
+        if req is None:
+            return []
+        if name == "uri":
+            return [(name, req.target)]
+        if name == "query":
+            return [(name, req.query)]
+        if name == "args":
+            return [(f"arg:{n}", v) for n, v in req.args()]
+        if name.startswith("arg:"):
+            want = name[4:]
+            return [(name, v) for n, v in req.args() if n == want]
+        if name == "headers":
+            return [(f"header:{n}", v) for n, v in req.headers]
+        if name.startswith("header:"):
+            want = name[7:].lower()
+            return [(name, v) for n, v in req.headers if n == want]
+        if name == "cookies":
+            return [(f"cookie:{n}", v) for n, v in req.cookies()]
+        if name.startswith("cookie:"):
+            want = name[7:]
+            return [(name, v) for n, v in req.cookies() if n == want]
+        if name == "body":
+            return [("body", req.body.decode("utf-8", "replace"))] if req.body else []
+        if name.startswith("body:"):
+            want = name[5:]
+            return [(name, v) for n, v in req.body_args() if n == want]
+        return []
