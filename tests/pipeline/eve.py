@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 
 from sensor.model import DnsEvent, Flow, HttpEvent, L7Event, TlsEvent
+from sensor.l7.quic import QuicEvent
 
 UNSUPPORTED = {
     "pcap_cnt": "Loupe records carry packet time, not the packet's index in the file",
@@ -37,7 +38,7 @@ UNSUPPORTED = {
     "dns.ra": "Loupe keeps rcode and the TC bit, not the raw header flags",
     "dns.aa": "Loupe keeps rcode and the TC bit, not the raw header flags",
 }
-SUPPORTED_EVENTS = frozenset({"flow", "netflow", "tls", "dns", "http"})
+SUPPORTED_EVENTS = frozenset({"flow", "netflow", "tls", "dns", "http", "quic"})
 
 # Loupe app_proto -> Suricata's name for the same protocol.
 _APP = {"postgres": "pgsql", "http2": "http2"}
@@ -172,6 +173,8 @@ def events(records: list, *, dns_version: int = 3) -> list[dict]:
             out.append(ev)
         elif isinstance(d, DnsEvent):
             out.extend(_dns(env, d, dns_version))
+        elif isinstance(d, QuicEvent):
+            out.append(_quic(env, d))
     return out
 
 
@@ -211,6 +214,26 @@ def _dns(env: tuple, d: DnsEvent, version: int) -> list[dict]:
             ans[f"dns.grouped.{name}[{i}]"] = value
     out.append(ans)
     return out
+
+
+# Suricata's quic.extensions[i]: the ClientHello's extensions in wire order, by name; the
+# values Loupe keeps are those of server_name and alpn.
+_TLS_EXT = {0: "server_name", 16: "alpn", 43: "supported_versions", 13: "signature_algorithms",
+            10: "supported_groups", 51: "key_share", 45: "psk_key_exchange_modes"}
+
+
+def _quic(env: tuple, d: QuicEvent) -> dict:
+    ev = _envelope("quic", *env)
+    ev.update({"quic.version": f"{d.version:x}", "quic.sni": d.sni, "quic.ja3.hash": d.ja3,
+               "quic.ja4": d.ja4})
+    for i, ext in enumerate(int(e) for e in d.extensions):
+        ev[f"quic.extensions[{i}].type"] = ext
+        if ext in _TLS_EXT:
+            ev[f"quic.extensions[{i}].name"] = _TLS_EXT[ext]
+        values = [d.sni] if ext == 0 else list(d.alpn) if ext == 16 else []
+        for j, value in enumerate(values):
+            ev[f"quic.extensions[{i}].values[{j}]"] = value
+    return ev
 
 
 _ADDR_KEYS = ("src_ip", "dest_ip")
