@@ -241,18 +241,18 @@ static __always_inline int leave(__s64 ret, int ex)
 		conn->truncated[d] += rest - copy;
 		count(LOUPE_TLS_CNT_TRUNCATED, rest - copy);
 	}
-	if (copy == 0)
-		return 0;   /* userspace sees the offsets jump at the next chunk */
-
 	struct loupe_tls_scratch *s = tls_scratch.lookup(&zero);
 	if (!s)
 		return 0;
-	/* The verifier needs the size bounded at the call itself. */
+	/* The verifier needs the size bounded at the call itself. With nothing to copy
+	 * (the budget is used up) the event still goes, without data: userspace learns the
+	 * stream moved on and grants more (it grants only as events arrive), and the
+	 * parser hears of the truncation where it happened. */
 	__u32 sz = copy;
 	sz &= LOUPE_TLS_CHUNK * 2 - 1;
 	if (sz > LOUPE_TLS_CHUNK)
 		return 0;
-	if (bpf_probe_read_user(s->data, sz, (void *)(call.buf + start)) != 0) {
+	if (sz && bpf_probe_read_user(s->data, sz, (void *)(call.buf + start)) != 0) {
 		count(LOUPE_TLS_CNT_READ_FAILED, 1);
 		return 0;
 	}

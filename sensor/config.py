@@ -507,6 +507,38 @@ class KernelConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsPlaintextConfig:
+    """Plaintext of TLS connections at the TLS libraries' calls (docs/tls-plaintext.md).
+    Off by default: it sees secrets ([redaction] applies as on the wire)."""
+
+    enabled: bool = _opt(False, _Bool())
+    # Octets copied per connection and direction before userspace grants more; at least
+    # 512 as budget.per_direction_bytes. 16 KiB: a dozen HTTP heads, room for the grants
+    # of a userspace a few ms behind a fast keep-alive connection.
+    budget_bytes: int = _opt(16 * KIB, _Size(512, 16 * MIB))
+    # Selection (each empty: all). Process names as the kernel's comm (15 characters);
+    # cgroup v2 directories (absolute, or under /sys/fs/cgroup); ports of either end.
+    # Bounds: the kernel's selection maps hold 1024 entries.
+    processes: tuple[str, ...] = _opt((), _List(_Str(15, r"[^\x00]+", "a process name"), 1024))
+    cgroups: tuple[str, ...] = _opt((), _List(_Str(4095, r"[^\x00]+", "a cgroup directory"),
+                                              1024))
+    ports: tuple[int, ...] = _opt((), _List(_Int(1, 65535), 256))
+    # How often the maps of new processes are read for TLS libraries of other inodes.
+    rescan: int = _opt(5 * S, _Duration(1 * S, 3600 * S))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RulesConfig:
+    """The rules engine (docs/rules.md): Alerts from every L7 event. Off by default: it
+    reads request contents (bounded) and costs CPU per event. SIGHUP re-reads the files."""
+
+    enabled: bool = _opt(False, _Bool())
+    # A directory of *.toml rule files (read in name order), one file, or "default" (the
+    # built-in managed groups in alert mode and the behaviour rules).
+    path: str = _opt("/etc/loupe/rules.d", _Str(4095, r"[^\x00]+", "a path or 'default'"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SensorConfig:
     sensor_id: str = _opt("", _Str(64, r"[A-Za-z0-9._-]+", "letters, digits, '.', '_' or '-'"))
     interfaces: tuple[str, ...] = _opt((), _List(_IFNAME, 64))
@@ -520,6 +552,8 @@ class SensorConfig:
     redaction: RedactionConfig = _section(RedactionConfig)
     process: ProcessConfig = _section(ProcessConfig)
     kernel: KernelConfig = _section(KernelConfig)
+    tls_plaintext: TlsPlaintextConfig = _section(TlsPlaintextConfig)
+    rules: RulesConfig = _section(RulesConfig)
 
     def effective_sensor_id(self) -> str:
         """sensor_id, or the host name when it is empty (the documented default)."""
@@ -537,6 +571,26 @@ class ServerTlsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClickHouseConfig:
+    # The native protocol (clickhouse-driver), not HTTP: 9000 is the server's tcp_port.
+    host: str = _opt("127.0.0.1", _Str(253, r"[A-Za-z0-9.:_-]+", "a host name or IP address"))
+    port: int = _opt(9000, _Int(1, 65535))
+    database: str = _opt("loupe", _Str(64, r"[A-Za-z_][A-Za-z0-9_]*", "a database name"))
+    user: str = _opt("default", _Str(64, r"[A-Za-z0-9._-]+", "a user name"))
+    password: str = _opt("", _Str(256))
+    # A remote_servers cluster name: tables are made ON CLUSTER, sharded under a
+    # Distributed table of the same name (docs/scaling.md). "" = one server.
+    cluster: str = _opt("", _Str(64, r"[A-Za-z_][A-Za-z0-9_]*", "a cluster name"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    # "duckdb": one embedded file in data_dir; "clickhouse": a server shared by collectors.
+    backend: str = _opt("duckdb", _Str(16, r"duckdb|clickhouse", "duckdb or clickhouse"))
+    clickhouse: ClickHouseConfig = _section(ClickHouseConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorConfig:
     listen: str = _opt("127.0.0.1:50051", _Address(listen=True, allow_empty=False))
     insecure: bool = _opt(False, _Bool())
@@ -545,6 +599,7 @@ class CollectorConfig:
     max_message_size: int = _opt(16 * MIB, _Size(64 * KIB, 1 * GIB))
     subscriber_queue_size: int = _opt(4096, _Int(16, 1_000_000))
     tls: ServerTlsConfig = _section(ServerTlsConfig)
+    storage: StorageConfig = _section(StorageConfig)
     metrics: MetricsConfig = field(
         default_factory=lambda: MetricsConfig(listen="127.0.0.1:9465"),
         metadata={"section": MetricsConfig},
@@ -782,12 +837,16 @@ def _toml_value(value: Any) -> str:
 
 def config_to_toml(config: Any) -> str:
     """The effective configuration as TOML that parses back to the same config."""
-    table = _as_table(config)
+    return "\n".join(_toml_lines(_as_table(config), "")) + "\n"
+
+
+def _toml_lines(table: dict[str, Any], prefix: str) -> list[str]:
+    """A table's keys, then each sub-table as [prefix.name] ([storage.clickhouse])."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
     for name, sub in table.items():
         if isinstance(sub, dict):
-            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
-    return "\n".join(lines) + "\n"
+            lines += ["", f"[{prefix}{name}]"] + _toml_lines(sub, f"{prefix}{name}.")
+    return lines
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -119,6 +119,9 @@ def register(tree) -> None:
                    help="flows only: no payload copy, no L7 parsing")
     p.add_argument("--no-process", action="store_true",
                    help="no process attribution (process.attribution = false)")
+    p.add_argument("--tls-plaintext", action="store_true",
+                   help="also parse TLS plaintext at the TLS libraries' calls, by uprobes "
+                        "(tls_plaintext.enabled = true; docs/tls-plaintext.md)")
     p.add_argument("--user", default="", metavar="USER",
                    help="started as root: load and attach as root, then run as USER with "
                         "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only (loupe-sensor.service "
@@ -198,6 +201,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     }
     if args.no_process:
         out["process.attribution"] = False
+    if getattr(args, "tls_plaintext", False):
+        out["tls_plaintext.enabled"] = True
     if args.select:
         out.update(parse_select(args.select))
     return out
@@ -249,7 +254,31 @@ def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfi
         l7=not args.no_l7, refill_octets=args.refill,
         reassembly_budget_bytes=config.budget.max_in_flight_bytes,
         interval_s=args.interval, process_attribution=config.process.attribution,
-        redact=config.redaction.enabled)
+        redact=config.redaction.enabled, tls_plaintext=plaintext_config(config, args),
+        rules=rules_path(config, args))
+
+
+def rules_path(config: cfg.SensorConfig, args: argparse.Namespace) -> str:
+    """[rules] path when enabled (and L7 is on), checked now: a bad rule file stops the
+    start with its file:line, before anything is attached."""
+    if not config.rules.enabled or args.no_l7:
+        return ""
+    from sensor.rules import loader  # noqa: PLC0415
+
+    loader.load(config.rules.path)
+    return config.rules.path
+
+
+def plaintext_config(config: cfg.SensorConfig, args: argparse.Namespace):
+    """[tls_plaintext] as the live sensor takes it, or None when off (or with --no-l7)."""
+    tls = config.tls_plaintext
+    if not tls.enabled or args.no_l7:
+        return None
+    from sensor.engine.plaintext_live import PlaintextConfig  # noqa: PLC0415
+
+    return PlaintextConfig(budget_octets=tls.budget_bytes, processes=tls.processes,
+                           cgroups=tls.cgroups, ports=tls.ports,
+                           rescan_s=tls.rescan / 1e9)
 
 
 # ---- exporters -------------------------------------------------------------------------------
@@ -554,6 +583,8 @@ def _reload(args: argparse.Namespace, sensor: LiveSensor, notifier: Notifier) ->
         selection = kernel_selection(config, not args.no_l7)
         sensor.reload(selection)
         log.info("reloaded: selection %s", _describe(selection))
+        if sensor.l7 is not None and sensor.l7.rules is not None:
+            log.info("reloaded: %d rules from %s", sensor.reload_rules(), sensor.config.rules)
     except LoupeError as exc:
         # A bad file keeps the running configuration (as nginx -s reload does).
         log.error("reload refused, keeping the running configuration: %s", exc)

@@ -69,6 +69,7 @@ from typing import Protocol
 from sensor.clock import Clock, SystemClock, wall_offset_ns
 from sensor.engine.flowtable import FlowState, identify
 from sensor.engine.l7engine import L7Engine
+from sensor.l7.base import Direction
 from sensor.engine.reassembly import MemoryBudget
 from sensor.errors import InterfaceError, KernelError, LoupeError
 from sensor.flow.semantics import DEFAULT_TIMEOUTS, PROTO_TCP, PROTO_UDP, Timeouts
@@ -246,7 +247,8 @@ class LiveL7:
                  refill_octets: int = DEFAULT_REFILL_OCTETS,
                  reassembly_budget_bytes: int = 64 << 20,
                  max_flows: int = MAX_L7_FLOWS, expire_ns: int = 0,
-                 redact: bool = True) -> None:
+                 redact: bool = True, rules: str = "",
+                 on_verdict: Callable | None = None) -> None:
         self._emit = emit
         self._control = control
         self.sensor_id = sensor_id
@@ -256,9 +258,18 @@ class LiveL7:
         # Default: longer than any flow can stay in the map without a record.
         self.expire_ns = expire_ns or (DEFAULT_TIMEOUTS.tcp_idle_ns
                                        + DEFAULT_TIMEOUTS.tcp_end_linger_ns + 60 * 10**9)
+        registry = _Parsers(redact)
+        # Rules (sensor/rules/): alerts go out with the records; verdicts to on_verdict.
+        self.rules = None
+        if rules:
+            from sensor.rules import stage  # noqa: PLC0415 (only sensors with rules)
+
+            self.rules, registry = stage.build(rules, emit, registry=registry,
+                                               on_verdict=on_verdict)
         self.engine = L7Engine(emit=self._on_record, sensor_id=sensor_id,
-                               registry=_Parsers(redact),
-                               budget=MemoryBudget(reassembly_budget_bytes))
+                               registry=registry,
+                               budget=MemoryBudget(reassembly_budget_bytes),
+                               analyze=self.rules)
         self.stats = LiveL7Stats()
         self._flows: dict[tuple[bytes, int], _LiveFlow] = {}
         self._by_key: dict[bytes, _LiveFlow] = {}
@@ -415,11 +426,18 @@ class LiveL7:
                 self._grant(lf, d, targets[d] - max(room, 0))
 
     def _room_target(self, lf: _LiveFlow, d: int) -> int:
-        """What direction d's allowance is kept topped up to (see the module text)."""
+        """What direction d's allowance is kept topped up to (see the module text), plus
+        the request body prefix the rules asked for: the one place where the budget
+        grants body bytes on purpose (docs/rules.md)."""
         head = lf.head_max[d]
-        if not head:
-            return self.refill_octets
-        return min(self.refill_octets, max(MIN_HEAD_ROOM, HEAD_ROOM_FACTOR * head))
+        target = self.refill_octets if not head else min(
+            self.refill_octets, max(MIN_HEAD_ROOM, HEAD_ROOM_FACTOR * head))
+        if self.rules is not None:
+            st = lf.state.l7
+            wanted = getattr(st.parser, "wanted", None) if st is not None else None
+            if wanted is not None:
+                target += wanted(Direction(d))
+        return target
 
     def _grant(self, lf: _LiveFlow, direction: int, octets: int) -> None:
         if self._ctl(self._control.grant, lf.key, direction, octets):
@@ -508,6 +526,10 @@ class LiveConfig:
     interval_s: float = DEFAULT_INTERVAL_S
     process_attribution: bool = True
     redact: bool = True                      # [redaction] enabled: HTTP credentials
+    # [tls_plaintext]: a sensor.engine.plaintext_live.PlaintextConfig, or None (off)
+    tls_plaintext: object | None = None
+    # [rules]: a rule directory or file, or "default" (sensor/rules/); "" is off
+    rules: str = ""
 
     def __post_init__(self) -> None:
         if not self.interfaces:
@@ -598,6 +620,7 @@ class LiveSensor:
         self.watcher: CounterWatcher | None = None
         self.attachments: list[attach.Attachment] = []
         self.attributor: Enricher | None = None
+        self.plaintext = None   # sensor.engine.plaintext_live.PlaintextSensor when enabled
         self._next_read = 0.0
         self._backlog = False
         self._last = dict(queue_full=0, parser_errors=0, gaps=0, memory_drops=0)
@@ -629,9 +652,11 @@ class LiveSensor:
                     budget=cfg.selection.budget, refill_octets=cfg.refill_octets,
                     reassembly_budget_bytes=cfg.reassembly_budget_bytes,
                     expire_ns=cfg.timeouts.tcp_idle_ns + cfg.timeouts.tcp_end_linger_ns
-                    + 60 * 10**9, redact=cfg.redact)
+                    + 60 * 10**9, redact=cfg.redact, rules=cfg.rules)
             if cfg.process_attribution:
                 self._open_attribution()
+            if cfg.tls_plaintext is not None:
+                self._open_plaintext()
             with in_netns(cfg.netns):
                 for iface in cfg.interfaces:
                     self.attachments.append(attach.attach(iface, self.prog.prog_fd))
@@ -640,6 +665,7 @@ class LiveSensor:
         except BaseException:
             self._detach()
             self._close_attribution()
+            self._close_plaintext()
             self._close_kernel()
             raise
         start = getattr(self.exporter, "start", None)
@@ -662,6 +688,44 @@ class LiveSensor:
             return
         self.attributor = attributor
 
+    def _open_plaintext(self) -> None:
+        from sensor.engine.plaintext_live import PlaintextSensor  # noqa: PLC0415
+
+        cfg = self.config
+        self.plaintext = PlaintextSensor(
+            cfg.tls_plaintext, emit=self._submit, origin=self._flow_origin,
+            uid_of=self._wire_uid, sensor_id=cfg.sensor_id, redact=cfg.redact,
+            refill_octets=cfg.refill_octets)
+        self.plaintext.start(self.prog.add_ring)
+
+    def _flow_origin(self, key: bytes) -> tuple[int, int] | None:
+        """(initiator side, first packet's kernel ns) of the kernel flow with this key
+        (ifindex 0) on any attached interface, for plaintext chunks to join it."""
+        for att in self.attachments:
+            k = abi.FlowKey.from_buffer_copy(key)
+            k.ifindex = att.ifindex
+            value = abi.FlowValue()
+            if bpfsys.lookup(self.prog.flows_fd, k, value, lock=True):
+                return value.initiator & 1, value.first_ns
+        return None
+
+    def _wire_uid(self, key: bytes) -> str | None:
+        """The uid the wire L7 stage gave this flow (key with ifindex 0), if it has it."""
+        if self.l7 is None:
+            return None
+        for att in self.attachments:
+            k = abi.FlowKey.from_buffer_copy(key)
+            k.ifindex = att.ifindex
+            lf = self.l7._by_key.get(bytes(k))
+            if lf is not None:
+                return lf.state.uid
+        return None
+
+    def _close_plaintext(self) -> None:
+        if self.plaintext is not None:
+            self.plaintext.close()
+            self.plaintext = None
+
     def _close_attribution(self) -> None:
         if self.attributor is not None:
             self.attributor.close()
@@ -683,6 +747,11 @@ class LiveSensor:
             poll_ms = max(0, min(poll_ms, math.ceil((self._next_read - time.monotonic()) * 1000)))
         kernel.poll(poll_ms)
         self._backlog = self._payload() >= EVENTS_PER_STEP
+        if self.plaintext is not None:
+            # After the wire's payload: a flow's handshake reaches the wire L7 stage (and
+            # gets its uid) before its plaintext does.
+            self.plaintext.step(wall_offset_ns(self.clock), self.clock.monotonic_ns())
+            self._backlog = self._backlog or self.plaintext.backlog
         now = time.monotonic()
         if now >= self._next_read or kernel.reader.end_seen:
             retired = kernel.reader.stats.retired
@@ -712,6 +781,8 @@ class LiveSensor:
         self._report_losses()
         if self.l7 is not None:
             self.l7.expire(self.clock.monotonic_ns())
+        if self.plaintext is not None:
+            self.plaintext.expire(self.clock.monotonic_ns())
 
     def _export_flows(self, flows: list[Flow]) -> None:
         l7 = self.l7
@@ -719,6 +790,8 @@ class LiveSensor:
         for flow in flows:
             if l7 is not None:
                 flow = l7.join(flow)
+            if self.plaintext is not None:
+                flow = self.plaintext.join(flow)
             if att is not None:
                 flow = att.enrich(flow)
             self._submit(flow)
@@ -749,6 +822,9 @@ class LiveSensor:
                 value = getattr(ls, attr)
                 extra[source.value] = value - self._last[attr]
                 self._last[attr] = value
+        if self.plaintext is not None:
+            for source, count in self.plaintext.losses().items():
+                extra[source] = extra.get(source, 0) + count
         for source, count in extra.items():
             if count > 0:
                 losses.append(LostEvent(source=source, count=count, interval_start_ns=start,
@@ -759,6 +835,18 @@ class LiveSensor:
             self._submit(event)
 
     # -- reload ------------------------------------------------------------------------------
+
+    def reload_rules(self) -> int:
+        """Re-read the rule files (SIGHUP): the new set applies from the next L7 event on;
+        flows, their L7 state and threshold windows are untouched, so nothing is lost.
+        A bad file raises (the caller keeps the running set). Returns the rule count."""
+        if self.l7 is None or self.l7.rules is None:
+            return 0
+        from sensor.rules import loader  # noqa: PLC0415
+
+        rules = loader.load(self.config.rules)
+        self.l7.rules.reload(rules)
+        return len(rules.rules)
 
     def reload(self, selection: SelectionConfig, refill_octets: int | None = None) -> None:
         """New selection and budgets for new flows; live flows keep theirs."""
@@ -792,13 +880,18 @@ class LiveSensor:
                 self.kernel.poll(0)
                 while self._drain_payload():
                     self.kernel.poll(0)
+                if self.plaintext is not None:
+                    self.plaintext.step(wall_offset_ns(self.clock), self.clock.monotonic_ns())
                 self._export_flows(self.kernel.reader.flush())
                 if self.l7 is not None:
                     self.l7.flush_all()
+                if self.plaintext is not None:
+                    self.plaintext.flush_all()
                 self._report_losses()
                 self.totals.kernel = {c.name.lower(): v for c, v in self.watcher.totals().items()}
         finally:
             self._close_attribution()
+            self._close_plaintext()
             self.exporter.close(export_timeout_s)
             self._close_kernel()
 

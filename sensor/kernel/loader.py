@@ -317,6 +317,12 @@ class LoadedProgram:
         if self._ring is not None:
             self._ring.poll(timeout_ms)
 
+    def add_ring(self, map_fd: int, handler: Callable[[bytes], None]) -> None:
+        """Another program's ring buffer (the TLS plaintext probes'), read in the same
+        poll_events(): one wait wakes for either, so neither waits for the other's
+        timeout. Call after open_events()."""
+        self._ring.add(map_fd, handler)
+
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()

@@ -312,6 +312,11 @@ class TlsProbe:
 
     # -- events and control ----------------------------------------------------------------
 
+    @property
+    def events_fd(self) -> int:
+        """The ring buffer map, for a reader that polls it with others (loader.add_ring)."""
+        return self._obj.map_fd("tls_events")
+
     def open_events(self, handler: Callable[[bytes], None]) -> None:
         if self._ring is None:
             self._ring = RingBuffer()

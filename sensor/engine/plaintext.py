@@ -1,0 +1,406 @@
+"""TLS plaintext chunks (bpf/tls_probe.c) -> the same L7 engine as wire payload.
+
+Seam. A chunk is what one process read or wrote through one TLS object (OpenSSL's SSL *,
+GnuTLS's session), with a stream offset the kernel counts per object and direction.
+That is a TCP segment in all but name: the offset is its sequence number (mod 2^32, as
+the reassembler keeps it), the object's socket gives the 5-tuple, and whether the
+process accepted or connected it gives the direction from the initiator. So each chunk
+goes into `L7Engine.tcp_segment` of an engine whose events say source "tls_plaintext",
+and the same reassembly, parsers, skip hints and records come out.
+
+Joining the wire. The socket's 5-tuple is the kernel flow's: its Community ID is the
+same by construction. The uid is the wire L7 stage's when it has the flow (LiveL7 saw
+the handshake), else it is computed from the kernel flow's first packet time as LiveL7
+computes it, and `join` gives the Flow record that uid on its way out. A connection
+whose flow the meter does not see (an interface not attached) keeps the uid of its
+first chunk's time.
+
+One view per connection. Client and server on one host both call the library for the
+same connection: the first object seen on a flow feeds the engine, a second one is
+stopped in the kernel (counted as duplicate_views), so each transaction comes out once.
+
+Budget (the wire contract, module text of sensor/engine/live.py): the kernel copies at
+most budget + grants per direction; skip hints become tls_ctl.skip_until (an offset,
+which never wraps); a DONE or broken parser, a port outside the selection, or a
+duplicate view becomes LOUPE_CTL_DONE. Copied bytes therefore grow with the number of
+messages, not their size.
+
+Loss. A chunk whose object has no socket yet is counted; after MAX_NO_SOCKET such
+chunks the object is stopped and counted as a LostEvent (tls_no_socket). Octets the
+kernel did not copy (budget) show as a jump in the offsets and are accounted as
+truncated by the reassembler; chunks the ring buffer had no room for are the kernel's
+counter (tls_ringbuf_full).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sensor.engine.flowtable import FlowState, identify
+from sensor.engine.l7engine import L7Engine
+from sensor.engine.plaintext_socket import Endpoint, SocketResolver
+from sensor.engine.reassembly import MemoryBudget
+from sensor.flow.semantics import PROTO_TCP
+from sensor.kernel import abi
+from sensor.kernel.tlsprobe import CTL_DONE, Chunk, TlsCtl
+from sensor.l7.detect import ParserRegistry
+from sensor.model import Flow, FlowEndReason, Record
+
+# LOUPE_TLS_CHUNK (bpf/loupe.h): octets one event carries at most.
+CHUNK = 4096
+# Chunks of an object without a socket before it is given up (its first calls may come
+# before a syscall shows the fd: data buffered by an earlier, unprobed read).
+MAX_NO_SOCKET = 8
+# Connections with plaintext state at once; beyond it new ones are stopped and counted.
+MAX_CONNS = 16384
+# HTTP resynchronisations in a row per connection (as live.py's MAX_RESYNCS): after a
+# head was truncated (userspace lagged behind a fast connection and the budget ran out
+# before its grant landed), parsing restarts at the next request instead of giving up.
+MAX_RESYNCS = 16
+_REQUEST_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ",
+                                      b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+# An HTTP direction's allowance target once heads were seen (as live.py's policy).
+HEAD_ROOM_FACTOR = 4
+MIN_HEAD_ROOM = 512
+_HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
+                b"CONNECT ", b"TRACE ", b"HTTP/1.")
+_M32 = 0xFFFFFFFF
+
+
+class PlaintextControl(Protocol):
+    """tls_ctl writes (sensor.kernel.tlsprobe.TlsProbe; tests may fake it)."""
+
+    def write_ctl(self, tgid: int, ssl: int, value: TlsCtl) -> bool: ...
+
+
+@dataclass(slots=True)
+class PlaintextStats:
+    chunks: int = 0
+    octets: int = 0
+    conns: int = 0
+    no_socket_chunks: int = 0
+    no_socket: int = 0          # objects given up: LostSource.TLS_NO_SOCKET
+    duplicate_views: int = 0    # the other end's process on the same host
+    not_selected: int = 0       # outside the port selection
+    refused: int = 0            # MAX_CONNS reached
+    restarted: int = 0          # an object reused for a new connection
+    resyncs: int = 0            # HTTP parsers restarted after a lost head
+    skips: int = 0
+    grants: int = 0
+    stops: int = 0
+    ctl_refused: int = 0
+    joined: int = 0
+
+
+class _Conn:
+    __slots__ = ("id", "fd", "flow", "state", "flip", "next_off", "received", "allowance",
+                 "ctl", "head_max", "stopped", "last_mono", "skip_sent", "waiting",
+                 "resyncs")
+
+    def __init__(self, cid: tuple[int, int], fd: int, flow: bytes, state: FlowState,
+                 flip: int, budget: int, now: int) -> None:
+        self.id = cid
+        self.fd = fd
+        self.flow = flow
+        self.state = state
+        self.flip = flip              # engine direction = kernel dir ^ flip
+        self.next_off: list[int | None] = [None, None]   # by kernel dir
+        self.received = [0, 0]
+        self.allowance = [budget, budget]
+        self.ctl = TlsCtl()
+        self.head_max = [0, 0]
+        self.stopped = False
+        self.last_mono = now
+        self.skip_sent = [0, 0]
+        self.waiting = False          # an HTTP parser failed: wait for a request start
+        self.resyncs = 0
+
+
+class PlaintextL7:
+    """Chunks -> L7Engine(source="tls_plaintext") -> L7Event records (to `emit`), tls_ctl
+    writes (to `control`), and the uid of Flow records (join())."""
+
+    def __init__(self, *, emit: Callable[[Record], None], control: PlaintextControl,
+                 origin: Callable[[bytes], tuple[int, int] | None] = lambda key: None,
+                 uid_of: Callable[[bytes], str | None] = lambda key: None,
+                 resolver: SocketResolver | None = None, sensor_id: str = "",
+                 budget: int = 4096, refill_octets: int = 2048, ports: tuple[int, ...] = (),
+                 reassembly_budget_bytes: int = 16 << 20, redact: bool = True,
+                 expire_ns: int = 420 * 10**9, analyze=None) -> None:
+        self._emit = emit
+        self._control = control
+        self._origin = origin
+        self._uid_of = uid_of
+        self.resolver = resolver or SocketResolver()
+        self.sensor_id = sensor_id
+        self.budget = budget
+        self.refill_octets = refill_octets
+        self.ports = frozenset(ports)
+        self.expire_ns = expire_ns
+        self.engine = L7Engine(emit=emit, sensor_id=sensor_id, registry=_Parsers(redact),
+                               budget=MemoryBudget(reassembly_budget_bytes),
+                               source="tls_plaintext", analyze=analyze)
+        self.stats = PlaintextStats()
+        self._conns: dict[tuple[int, int], _Conn] = {}
+        self._by_flow: dict[bytes, _Conn] = {}
+        self._pending: dict[tuple[int, int], int] = {}   # no socket yet: chunks seen
+        self._done: dict[tuple[int, int], int] = {}      # stopped objects -> their fd
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    def locate(self, ch: Chunk) -> Endpoint | None:
+        """The chunk's socket when its object needs one (a first chunk, a new fd), else
+        None. Called as the chunk is read from the ring buffer, before it is queued: a
+        short connection's fd (or process) may be gone by the time step() gets to it."""
+        conn = self._conns.get((ch.tgid, ch.ssl))
+        if conn is not None and (ch.fd < 0 or ch.fd == conn.fd):
+            return None
+        if self._done.get((ch.tgid, ch.ssl)) == ch.fd:
+            return None
+        return self.resolver.resolve(ch.tgid, ch.fd)
+
+    def on_chunk(self, ch: Chunk, offset_ns: int, now_mono: int,
+                 ep: Endpoint | None = None) -> None:
+        """ep: the socket as locate() found it when the chunk was read, if it did."""
+        stats = self.stats
+        stats.chunks += 1
+        stats.octets += len(ch.data)
+        cid = (ch.tgid, ch.ssl)
+        conn = self._conns.get(cid)
+        if conn is not None and ((ch.fd >= 0 and ch.fd != conn.fd)
+                                 or (conn.next_off[ch.dir] is not None
+                                     and ch.offset < conn.next_off[ch.dir])):
+            # The object now serves another connection (its address reused after a free
+            # the probes did not see, or a new fd): the old one ends here.
+            stats.restarted += 1
+            self._end(conn)
+            conn = None
+        if conn is None:
+            if self._done.get(cid) == ch.fd:
+                return   # stopped; a chunk written before the stop reached the kernel
+            conn = self._new_conn(ch, cid, offset_ns, now_mono, ep)
+            if conn is None:
+                return
+        conn.last_mono = now_mono
+        if conn.stopped:
+            return
+        d = ch.dir
+        expected = conn.next_off[d]
+        st = conn.state
+        ts = ch.ts_ns + offset_ns
+        ed = d ^ conn.flip
+        if expected is not None and ch.offset > expected:
+            # Octets the kernel did not copy (budget, or a lost chunk): accounted as
+            # truncated, so the parser resynchronises or skips past them.
+            self.engine.tcp_segment(st, ed, expected & _M32, 0, 0, b"", ts,
+                                    ch.offset - expected)
+        n = len(ch.data)
+        conn.received[d] += n
+        if ch.length > n and n < CHUNK:
+            # Cut short by the budget: the kernel's room is 0, whatever we counted (bytes
+            # of chunks we could not place, before the connection was known, used it).
+            conn.received[d] = max(conn.received[d], conn.allowance[d])
+        if ch.data.startswith(_HTTP_STARTS):
+            end = ch.data.find(b"\r\n\r\n")
+            head = end + 4 if end >= 0 else 1 << 32
+            if head > conn.head_max[d]:
+                conn.head_max[d] = head
+        conn.next_off[d] = ch.offset + ch.length
+        if conn.waiting:
+            if ed != 0 or not ch.data.startswith(_REQUEST_STARTS):
+                self._write_back(conn)    # keeps the allowance for the next head
+                return
+            # A request starts here: a fresh reassembler and parser from this chunk on.
+            conn.waiting = False
+            st.l7 = None
+            st.l7_off = False
+            st.l7_skip = None
+        wire = ch.length if ch.length > n else None
+        engine = self.engine
+        errors = engine.stats.parser_errors
+        events = sum(engine.stats.events.values())
+        engine.tcp_segment(st, ed, ch.offset & _M32, 0, 0, ch.data, ts, wire)
+        if sum(engine.stats.events.values()) > events:
+            conn.resyncs = 0   # parsing works again: MAX_RESYNCS counts failures in a row
+        if (st.l7_off and engine.stats.parser_errors > errors and st.l7 is not None
+                and st.l7.app_proto == "http" and conn.resyncs < MAX_RESYNCS):
+            conn.resyncs += 1
+            stats.resyncs += 1
+            conn.waiting = True
+            st.l7_off = False
+            st.l7_skip = None
+        self._write_back(conn)
+
+    def _new_conn(self, ch: Chunk, cid: tuple[int, int], offset_ns: int,
+                  now_mono: int, ep: Endpoint | None) -> _Conn | None:
+        stats = self.stats
+        if ep is None:
+            ep = self.resolver.resolve(ch.tgid, ch.fd)
+        if ep is None:
+            stats.no_socket_chunks += 1
+            seen = self._pending.get(cid, 0) + 1
+            self._pending[cid] = seen
+            if seen >= MAX_NO_SOCKET:
+                stats.no_socket += 1
+                self._pending.pop(cid, None)
+                self._stop_id(cid, ch.fd)
+            elif len(self._pending) > MAX_CONNS:
+                self._pending.clear()   # bounded; the objects are counted again if seen
+            return None
+        self._pending.pop(cid, None)
+        if self.ports and ep.local_port not in self.ports and ep.remote_port not in self.ports:
+            stats.not_selected += 1
+            self._stop_id(cid, ch.fd)
+            return None
+        if len(self._conns) >= MAX_CONNS:
+            stats.refused += 1
+            self._stop_id(cid, ch.fd)
+            return None
+        key = _key(ep.local, ep.local_port, ep.remote, ep.remote_port)
+        if key in self._by_flow:
+            stats.duplicate_views += 1
+            self._stop_id(cid, ch.fd)
+            return None
+        lo_is_local = (ep.local, ep.local_port) <= (ep.remote, ep.remote_port)
+        a, pa, b, pb = ((ep.local, ep.local_port, ep.remote, ep.remote_port) if lo_is_local
+                        else (ep.remote, ep.remote_port, ep.local, ep.local_port))
+        origin = self._origin(key)
+        if origin is not None:
+            init, first_ns = origin
+        else:
+            # No kernel flow: the initiator is the side that did not accept.
+            local_side = 0 if lo_is_local else 1
+            init = 1 - local_side if ep.server else local_side
+            first_ns = ch.ts_ns
+        st = FlowState(key, a, pa, b, pb, PROTO_TCP, 0, 0, 0, init, first_ns + offset_ns)
+        identify(st, self.sensor_id, self.engine.community)
+        uid = self._uid_of(key)
+        if uid:
+            st.uid = uid
+        # Engine direction 0 is the initiator's: its writes are the kernel's WRITE (1).
+        flip = 1 if init == (0 if lo_is_local else 1) else 0
+        conn = _Conn(cid, ch.fd, key, st, flip, self.budget, now_mono)
+        self._conns[cid] = conn
+        self._by_flow[key] = conn
+        self._done.pop(cid, None)
+        stats.conns += 1
+        return conn
+
+    # -- the kernel's budget -----------------------------------------------------------------
+
+    def _stop_id(self, cid: tuple[int, int], fd: int) -> None:
+        ctl = TlsCtl(flags=CTL_DONE)
+        self.stats.stops += 1
+        if not self._control.write_ctl(cid[0], cid[1], ctl):
+            self.stats.ctl_refused += 1
+        self._done[cid] = fd
+        while len(self._done) > MAX_CONNS:
+            self._done.pop(next(iter(self._done)))
+
+    def _write_ctl(self, conn: _Conn) -> None:
+        if not self._control.write_ctl(conn.id[0], conn.id[1], conn.ctl):
+            self.stats.ctl_refused += 1
+
+    def _write_back(self, conn: _Conn) -> None:
+        st = conn.state
+        if st.l7_off:
+            conn.stopped = True
+            self._stop_id(conn.id, conn.fd)
+            return
+        changed = False
+        skip = st.l7_skip
+        if skip is not None:
+            for side in (0, 1):
+                until = skip[side]
+                if until is None:
+                    continue
+                d = (side ^ st.init) ^ conn.flip    # canonical side -> engine -> kernel dir
+                base = conn.next_off[d] or 0
+                off = base + ((until - base) & _M32)
+                if off > conn.skip_sent[d]:
+                    conn.skip_sent[d] = off
+                    conn.ctl.skip_until[d] = off
+                    self.stats.skips += 1
+                    changed = True
+        for d in (0, 1):
+            target = self._room_target(conn, d)
+            room = conn.allowance[d] - conn.received[d]
+            if room < target // 2:
+                grant = target - max(room, 0)
+                conn.ctl.grant[d] += grant
+                conn.allowance[d] += grant
+                self.stats.grants += 1
+                changed = True
+        if changed:
+            self._write_ctl(conn)
+
+    def _room_target(self, conn: _Conn, d: int) -> int:
+        head = conn.head_max[d]
+        if not head:
+            return self.refill_octets
+        return min(self.refill_octets, max(MIN_HEAD_ROOM, HEAD_ROOM_FACTOR * head))
+
+    # -- flow records ---------------------------------------------------------------------------
+
+    def join(self, record: Flow) -> Flow:
+        """The record with the uid its plaintext events carry; a final record ends the
+        plaintext state of its connection (its last transactions come out first)."""
+        if record.protocol != PROTO_TCP or not self._by_flow:
+            return record
+        key = _key(_pack(record.src_addr), record.src_port, _pack(record.dst_addr),
+                   record.dst_port)
+        conn = self._by_flow.get(key)
+        if conn is None:
+            return record
+        if record.flow_end_reason != FlowEndReason.ACTIVE_TIMEOUT:
+            self._end(conn)
+        self.stats.joined += 1
+        return dataclasses.replace(record, uid=conn.state.uid)
+
+    def _end(self, conn: _Conn) -> None:
+        self.engine.flow_ending(conn.state)
+        self._conns.pop(conn.id, None)
+        if self._by_flow.get(conn.flow) is conn:
+            del self._by_flow[conn.flow]
+
+    def expire(self, now_mono: int) -> None:
+        for conn in [c for c in self._conns.values() if now_mono - c.last_mono > self.expire_ns]:
+            self._end(conn)
+
+    def flush_all(self) -> None:
+        self.expire(now_mono=1 << 62)
+
+
+def _pack(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+
+
+def _key(a: bytes, pa: int, b: bytes, pb: int) -> bytes:
+    """The kernel's canonical flow key of a TCP connection, without interface or VLAN
+    (those are the wire's; the caller's origin() tries the attached interfaces)."""
+    (la, lp), (ha, hp) = sorted([(a, pa), (b, pb)])
+    k = abi.FlowKey(port_lo=lp, port_hi=hp, protocol=PROTO_TCP, ip_version=4 if len(a) == 4 else 6)
+    ctypes.memmove(k.addr_lo, la, len(la))
+    ctypes.memmove(k.addr_hi, ha, len(ha))
+    return bytes(k)
+
+
+class _Parsers(ParserRegistry):
+    """The default parsers with [redaction] enabled handed to those that take it (as the
+    wire's, sensor/engine/live.py)."""
+
+    def __init__(self, redact: bool) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def create(self, name: str, **options):
+        options.setdefault("redact", self.redact)
+        return super().create(name, **options)

@@ -1,0 +1,114 @@
+"""A process's file descriptor -> the TCP connection behind it, through /proc only.
+
+/proc/PID/fd/FD names the socket's inode ("socket:[INODE]"); /proc/PID/net/tcp and tcp6
+list that process's network namespace's TCP sockets with their inodes, addresses and
+states (the files are per namespace, so a container's sockets are found through one of
+its processes). Nothing is read from the kernel's structs (DESIGN.md).
+
+Tables are cached per namespace (the inode of /proc/PID/ns/net) and read again when an
+inode is not in them: a new connection appears in the table the moment it exists, so
+one re-read finds it. The cache is bounded (MAX_NETNS) and old tables go first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+# Namespaces whose tables are kept at once: each holds one host's or container's sockets;
+# a host with more containers than this re-reads tables, nothing is lost.
+MAX_NETNS = 64
+_LISTEN = 0x0A
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One TCP connection as its owner sees it."""
+
+    version: int          # 4 or 6 (an IPv4-mapped IPv6 socket is 4, as on the wire)
+    local: bytes          # 4 or 16 octets, network order
+    local_port: int
+    remote: bytes
+    remote_port: int
+    server: bool          # the local port is listened on: the peer initiated
+
+    def text(self) -> tuple[str, str]:
+        family = socket.AF_INET if self.version == 4 else socket.AF_INET6
+        return socket.inet_ntop(family, self.local), socket.inet_ntop(family, self.remote)
+
+
+def _addr(hexaddr: str) -> bytes:
+    """/proc/net/tcp prints each 32-bit word of the address in host (little-endian) order."""
+    raw = bytes.fromhex(hexaddr)
+    return b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+
+
+class _Table:
+    __slots__ = ("sockets", "listening")
+
+    def __init__(self) -> None:
+        self.sockets: dict[int, tuple[bytes, int, bytes, int]] = {}
+        self.listening: set[int] = set()
+
+
+def _read_table(proc: Path, pid: int) -> _Table:
+    table = _Table()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / str(pid) / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10:
+                continue
+            la, lp = f[1].split(":")
+            ra, rp = f[2].split(":")
+            state = int(f[3], 16)
+            if state == _LISTEN:
+                table.listening.add(int(lp, 16))
+                continue
+            table.sockets[int(f[9])] = (_addr(la), int(lp, 16), _addr(ra), int(rp, 16))
+    return table
+
+
+class SocketResolver:
+    """resolve(pid, fd) -> Endpoint, or None (not a TCP socket, or gone)."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self._proc = proc
+        self._tables: OrderedDict[int, _Table] = OrderedDict()
+        self.reads = 0      # table reads, for tests and metrics
+
+    def resolve(self, pid: int, fd: int) -> Endpoint | None:
+        if fd < 0:
+            return None
+        base = self._proc / str(pid)
+        try:
+            link = os.readlink(base / "fd" / str(fd))
+            netns = os.stat(base / "ns" / "net").st_ino
+        except OSError:
+            return None
+        if not link.startswith("socket:["):
+            return None
+        inode = int(link[8:-1])
+        table = self._tables.get(netns)
+        if table is None or inode not in table.sockets:
+            table = _read_table(self._proc, pid)
+            self.reads += 1
+            self._tables[netns] = table
+            while len(self._tables) > MAX_NETNS:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(netns)
+        entry = table.sockets.get(inode)
+        if entry is None:
+            return None
+        local, lport, remote, rport = entry
+        version = 4 if len(local) == 4 else 6
+        if version == 6 and local.startswith(_V4_MAPPED) and remote.startswith(_V4_MAPPED):
+            local, remote, version = local[12:], remote[12:], 4
+        return Endpoint(version, local, lport, remote, rport, lport in table.listening)

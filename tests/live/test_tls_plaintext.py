@@ -1,0 +1,223 @@
+"""TLS plaintext end to end: `loupe sensor run --tls-plaintext` on the host, a client in one
+namespace and a TLS server in the other (the sensor's meter on the client's veth), a real
+collector. The HTTP transactions inside TLS come out as the same L7 events as on the
+wire, marked source tls_plaintext, with the Community ID and uid of the wire flow.
+
+- curl (OpenSSL, keep-alive) against nginx: 20 requests with a POST and a 404;
+- Python's ssl (SSL_read_ex / SSL_write_ex, SSL_set_fd) against openssl s_server -WWW;
+- gnutls-cli against nginx;
+- a client started after the sensor is seen (a uprobe on the library inode covers it);
+- a "libssl.so.3" without the functions is a warning naming it, and the sensor goes on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.export.collector_proc import query, wait_for
+from tests.live.rig import Sensor, stop, wait_tcp
+from tests.live.tls_peers import nginx, s_server
+from tests.netns import VethPair
+
+pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
+
+HTTP_COLS = ("method", "path", "status", "source", "community_id", "uid", "src_addr",
+             "dst_port")
+
+
+@pytest.fixture
+def pair():
+    with VethPair.create("tp") as p:
+        p.wait_ready()
+        yield p
+
+
+def _args(pair, collector, tmp_path, *extra) -> list[str]:
+    return ["--netns", pair.a.netns, "--iface", pair.a.iface,
+            "--collector", collector.address, "--spool-dir", str(tmp_path / "spool"),
+            "--sensor-id", "tlstest", "--output", "jsonl", "--interval", "0.5",
+            "--tls-plaintext", "--set", "timeouts.tcp_linger=1s",
+            "--set", "export.batch_delay=100ms", *extra]
+
+
+def _http_rows(collector, source: str = "tls_plaintext") -> list[dict]:
+    rows = query(collector.address, f"SELECT {', '.join(HTTP_COLS)} FROM http "
+                                    f"WHERE source = '{source}' ORDER BY ts_ns")
+    return [dict(zip(HTTP_COLS, r)) for r in rows]
+
+
+def _flows(collector, port: int) -> list[dict]:
+    cols = ("uid", "community_id", "src_port", "dst_port")
+    rows = query(collector.address, f"SELECT {', '.join(cols)} FROM flows "
+                                    f"WHERE dst_port = {port}")
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def _curl_keepalive(pair, requests: list[tuple[str, str]]) -> subprocess.CompletedProcess:
+    """One curl process, one connection (--next reuses it), the given (method, path)."""
+    argv = ["curl", "-sk", "--http1.1", "--max-time", "20"]
+    for i, (method, path) in enumerate(requests):
+        if i:
+            argv += ["--next", "-sk", "--http1.1"]
+        if method == "POST":
+            argv += ["-d", "name=value"]
+        argv += ["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\\n",
+                 f"https://{pair.b.ip4}{path}"]
+    return pair.a.run(*argv, timeout=60)
+
+
+def _check_joined(collector, rows, port: int) -> None:
+    flows = _flows(collector, port)
+    assert flows, "no wire Flow record for the TLS connection"
+    by_cid = {f["community_id"]: f for f in flows}
+    for row in rows:
+        flow = by_cid.get(row["community_id"])
+        assert flow is not None, (row, flows)
+        assert flow["uid"] == row["uid"]
+
+
+def test_curl_keepalive_against_nginx(pair, collector, tmp_path):
+    srv = nginx(pair.b, tmp_path)
+    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
+    try:
+        wait_tcp(pair.a, pair.b.ip4, 443)
+        sensor.start()
+        want = [("GET", "/index.html", 200) if i % 2 else ("GET", "/a.txt", 200)
+                for i in range(18)]
+        want[5] = ("POST", "/post", 200)
+        want[11] = ("GET", "/missing", 404)
+        want += [("GET", "/a.txt", 200), ("GET", "/index.html", 200)]
+        out = _curl_keepalive(pair, [(m, p) for m, p, _ in want])
+        codes = out.stdout.split()
+        assert codes[0::2] == [str(s) for _, _, s in want]
+        assert sum(map(int, codes[1::2])) == 1        # one connection: keep-alive
+        wait_for(lambda: len(_http_rows(collector)) >= 20, 20, "20 plaintext HTTP events")
+        assert sensor.stop() == 0
+        wait_for(lambda: _flows(collector, 443), 20, "the wire flow")
+    finally:
+        sensor.kill()
+        stop(srv)
+    rows = _http_rows(collector)
+    assert [(r["method"], r["path"], r["status"]) for r in rows] == want
+    assert {r["source"] for r in rows} == {"tls_plaintext"}
+    assert {r["src_addr"] for r in rows} == {pair.a.ip4}
+    assert len({r["uid"] for r in rows}) == 1
+    _check_joined(collector, rows, 443)
+    # The wire still sees only the handshake of this connection, as before.
+    wire = query(collector.address, "SELECT count(*) FROM http WHERE source = 'wire'")
+    assert wire == [[0]]
+
+
+PY_CLIENT = r"""
+import socket, ssl, sys
+host, port, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+for path in paths:
+    with socket.create_connection((host, port)) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        print(data.split(b"\r\n", 1)[0].decode())
+"""
+
+
+def test_python_ssl_against_openssl_s_server(pair, collector, tmp_path):
+    srv = s_server(pair.b, tmp_path)
+    (tmp_path / "www" / "page.txt").write_bytes(b"p" * 300)
+    client = tmp_path / "client.py"
+    client.write_text(PY_CLIENT)
+    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
+    paths = ["/page.txt"] * 19 + ["/nothing.txt"]
+    try:
+        wait_tcp(pair.a, pair.b.ip4, 4433)
+        sensor.start()
+        out = pair.a.run(sys.executable, str(client), pair.b.ip4, "4433", *paths, timeout=60)
+        assert out.stdout.count("200 ok") == 19, out.stdout
+        wait_for(lambda: len(_http_rows(collector)) >= 20, 20, "20 plaintext HTTP events")
+        assert sensor.stop() == 0
+        wait_for(lambda: len(_flows(collector, 4433)) >= 20, 20, "the wire flows")
+    finally:
+        sensor.kill()
+        stop(srv)
+    rows = _http_rows(collector)
+    assert [(r["method"], r["path"]) for r in rows] == [("GET", p) for p in paths]
+    assert [r["status"] for r in rows] == [200] * 19 + [404]
+    assert len({r["uid"] for r in rows}) == 20
+    _check_joined(collector, rows, 4433)
+
+
+def test_gnutls_cli_against_nginx(pair, collector, tmp_path):
+    if not shutil.which("gnutls-cli"):
+        pytest.skip("gnutls-cli is not installed (scripts/apt-packages.txt: gnutls-bin)")
+    srv = nginx(pair.b, tmp_path)
+    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
+    request = (f"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+               f"GET /gone HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        wait_tcp(pair.a, pair.b.ip4, 443)
+        sensor.start()
+        out = subprocess.run(pair.a.cmd("gnutls-cli", "--insecure", "--port", "443",
+                                        pair.b.ip4), input=request, text=True,
+                             capture_output=True, timeout=30)
+        assert "404 Not Found" in out.stdout, out.stdout + out.stderr
+        wait_for(lambda: len(_http_rows(collector)) >= 2, 20, "2 plaintext HTTP events")
+        assert sensor.stop() == 0
+    finally:
+        sensor.kill()
+        stop(srv)
+    rows = _http_rows(collector)
+    assert [(r["method"], r["path"], r["status"]) for r in rows] == [
+        ("GET", "/a.txt", 200), ("GET", "/gone", 404)]
+
+
+NO_SYMBOLS = r"""
+import ctypes, sys, time
+ctypes.CDLL(sys.argv[1])       # maps a file named libssl.so.3 that is no TLS library
+print("mapped", flush=True)
+time.sleep(30)
+"""
+
+
+def test_late_process_and_library_without_symbols(pair, collector, tmp_path):
+    """A client started after the sensor is seen; a mapped libssl.so.3 without SSL_read
+    and SSL_write gives one warning naming it, and the sensor keeps running."""
+    fake = tmp_path / "fake" / "libssl.so.3"
+    fake.parent.mkdir()
+    shutil.copy(next(p for p in ("/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1")
+                     if __import__("os").path.exists(p)), fake)
+    srv = nginx(pair.b, tmp_path)
+    sensor = Sensor(_args(pair, collector, tmp_path, "--set", "tls_plaintext.rescan=1s"),
+                    workdir=tmp_path)
+    holder = None
+    try:
+        wait_tcp(pair.a, pair.b.ip4, 443)
+        sensor.start()
+        holder = subprocess.Popen([sys.executable, "-c", NO_SYMBOLS, str(fake)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "mapped"
+        time.sleep(2.5)   # two rescans
+        out = _curl_keepalive(pair, [("GET", "/a.txt"), ("GET", "/late")])
+        assert out.stdout.split()[0::2] == ["200", "404"]
+        wait_for(lambda: len(_http_rows(collector)) >= 2, 20, "the late client's events")
+        assert sensor.stop() == 0
+    finally:
+        sensor.kill()
+        stop(srv)
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    rows = _http_rows(collector)
+    assert [(r["path"], r["status"]) for r in rows] == [("/a.txt", 200), ("/late", 404)]
+    warnings = [line for line in sensor.stderr.splitlines() if "libssl.so.3" in line
+                and "fake" in line]
+    assert len(warnings) == 1, sensor.stderr
+    assert "no SSL_read or SSL_write symbol" in warnings[0]
+    assert "Traceback" not in sensor.stderr

@@ -1,0 +1,74 @@
+"""TLS peers for the TLS plaintext tests: a certificate, nginx (Debian's) with its own
+configuration, and `openssl s_server -WWW`, each in a test namespace."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+NGINX_CONF = """
+daemon off;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 10000;
+    server {{
+        listen {port} ssl;
+        listen [::]:{port} ssl;
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        root {d}/www;
+        location = /post {{ return 200 "posted\\n"; }}
+    }}
+}}
+"""
+
+
+def certificate(workdir: Path) -> tuple[Path, Path]:
+    key, cert = workdir / "key.pem", workdir / "cert.pem"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "2", "-subj", "/CN=tls.plaintext.test"],
+                       check=True, capture_output=True, timeout=30)
+    return key, cert
+
+
+def nginx(host, workdir: Path, port: int = 443, files: dict[str, int] | None = None
+          ) -> subprocess.Popen:
+    """nginx serving workdir/www (files: name -> size) with TLS on port, in host's
+    namespace; skips the test when nginx is not installed."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.skip("nginx is not installed (scripts/apt-packages.txt: nginx-light)")
+    certificate(workdir)
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    for name, size in (files or {"index.html": 612, "a.txt": 100}).items():
+        (www / name).write_bytes(b"x" * size)
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=workdir, port=port))
+    return host.popen(binary, "-c", str(conf), "-e", str(workdir / "error.log"),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def s_server(host, workdir: Path, port: int = 4433) -> subprocess.Popen:
+    """openssl s_server -WWW: files relative to workdir/www."""
+    key, cert = certificate(workdir)
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    return host.popen("openssl", "s_server", "-WWW", "-accept", str(port), "-cert", str(cert),
+                      "-key", str(key), "-quiet", cwd=www, stdin=subprocess.DEVNULL,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
