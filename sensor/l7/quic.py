@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from sensor.l7 import fingerprints as fp
 from sensor.l7 import tls
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import Protocol, ZeekLog
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 _TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
@@ -716,6 +716,50 @@ def table_line(d: QuicEvent) -> list[tuple[str, str | None]]:
     return out
 
 
+def eve(d: QuicEvent) -> dict:
+    """Suricata's EVE quic object (version, sni, ja3, ja4, extensions by wire position)."""
+    out: dict = {"version": f"{d.version:x}", "sni": d.sni or None, "ja4": d.ja4 or None}
+    if d.ja3:
+        out["ja3"] = {"hash": d.ja3}
+    if d.ja3s:
+        out["ja3s"] = {"hash": d.ja3s}
+    exts = []
+    for ext in d.extensions:
+        entry: dict = {"type": int(ext)}
+        if ext == "0":
+            entry.update(name="server_name", values=[d.sni])
+        elif ext == "16":
+            entry.update(name="alpn", values=list(d.alpn))
+        exts.append(entry)
+    if exts:
+        out["extensions"] = exts
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _zeek_version(version: int) -> str:
+    # Zeek's quic.log names: "1" for v1, "quicv2", "draft-NN", else unknown-<hex>.
+    if version == V1:
+        return "1"
+    if version == V2:
+        return "quicv2"
+    name = version_name(version)
+    return name if name.startswith("draft-") else f"unknown-{version:x}"
+
+
+def _zeek(e) -> list:
+    d = e.detail
+    return [_zeek_version(d.version) if d.version else None, d.dcid or None,
+            d.client_scid or None, d.server_scid or None, d.sni or None,
+            d.alpn[0] if d.alpn else None]
+
+
+# Zeek's quic.log columns Loupe has values for, in Zeek's order (its history column is
+# a per-packet letter string Loupe does not keep).
+ZEEK = ZeekLog(path="quic", values=_zeek, columns=(
+    ("version", "string"), ("client_initial_dcid", "string"), ("client_scid", "string"),
+    ("server_scid", "string"), ("server_name", "string"), ("client_protocol", "string")))
+
+
 PROTOCOL = Protocol(
     name=APP_PROTO, event=QuicEvent, parser=QuicParser, udp_ports=PORTS,
     datagram_signature=looks_like, priority=12,
@@ -723,5 +767,5 @@ PROTOCOL = Protocol(
     summary=("tls_sni", "tls_ja4"),
     column_types={"version": "u32", "server_version": "u32", "tls_version": "u16",
                   "cipher": "u16"},
-    line=table_line, listing=4, style="green",
+    line=table_line, listing=4, style="green", eve=eve, zeek=ZEEK,
 )

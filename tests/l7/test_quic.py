@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sensor import model
 from sensor.l7 import fingerprints as fp
 from sensor.l7 import quic as Q
 from sensor.l7.base import NEED_DATA, Direction, ParserState
@@ -538,6 +539,15 @@ def test_zeek_quic_log():
                             row["server_name"], row["client_protocol"])
     # ssl.log: TLSv13 and TLS_AES_128_GCM_SHA256.
     assert (ev.tls_version, ev.cipher) == (0x0304, 0x1301)
+    # Loupe's own quic.log (--format zeek) has Zeek's values in Zeek's columns.
+    record = model.L7Event(uid="u", ts_ns=1, src_addr="82.239.54.117", src_port=53727,
+                           dst_addr="110.213.53.115", dst_port=443, protocol=17, detail=ev)
+    columns = [name for name, _ in Q.ZEEK.columns]
+    assert [v or "(empty)" for v in Q.ZEEK.values(record)] == [row[c] for c in columns]
+    # And Suricata's EVE shape, as tests/pipeline/eve.py reads suricata-verify's checks.
+    out = Q.eve(ev)
+    assert out["sni"] == "api.cirrus-ci.com" and out["version"] == "1"
+    assert [e.get("name") for e in out["extensions"]].index("alpn") == 8
 
 
 # -- replay and the collector ---------------------------------------------------------------------
