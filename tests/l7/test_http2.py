@@ -699,3 +699,91 @@ def test_collector_stores_them_and_the_grpc_method_filter_picks_them(tmp_path):
     fail = next(r for r in l7 if r.detail.grpc_method == "Fail")
     line = TableWriter(None, color=False, width=None).line(fail)
     assert " http2 " in line and "/loupe.test.Echo/Fail -> 200 grpc 5 no such thing" in line
+
+
+# -- live: a real sensor watching nghttp, h2load and grpcio traffic between namespaces -------------
+
+H2_PORT, GRPC_PORT = 8080, 50051
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(shutil.which("nghttpd") is None, reason="nghttp2-server is not installed")
+def test_live_sensor_sees_what_the_clients_did(tmp_path):
+    """`loupe sensor run` on the client's veth, a real collector: the http2 rows stored
+    equal what nghttp logged, h2load counted and the grpcio client got, planted errors
+    (404s, NOT_FOUND, a Trailers-Only INVALID_ARGUMENT, a cancelled stream) included."""
+    import sys
+
+    from tests.conftest import REPO
+    from tests.export.collector_proc import CollectorProcess, query, wait_for
+    from tests.fixtures import gen_http2 as G
+    from tests.live.rig import Sensor, stop, wait_tcp
+    from tests.netns import VethPair
+
+    env = ("env", f"PYTHONPATH={REPO}")
+    with VethPair.create("h2") as pair:
+        pair.wait_ready()
+        collector = CollectorProcess(tmp_path / "data").start()
+        root = G.docroot(tmp_path / "www")
+        peers = [pair.b.popen(*G.nghttpd_argv(root, pair.b.ip4, H2_PORT),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                 pair.b.popen(*env, sys.executable, "-m", "tests.fixtures.gen_http2",
+                              "grpc-server", pair.b.ip4, str(GRPC_PORT),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        sensor = Sensor(["--netns", pair.a.netns, "--iface", pair.a.iface,
+                         "--collector", collector.address, "--spool-dir", str(tmp_path / "spool"),
+                         "--sensor-id", "liveh2", "--output", "jsonl", "--interval", "0.5",
+                         "--set", "timeouts.tcp_linger=1s", "--set", "export.batch_delay=100ms",
+                         "--select", f"port:{H2_PORT},port:{GRPC_PORT}"], workdir=tmp_path)
+        try:
+            for port in (H2_PORT, GRPC_PORT):
+                wait_tcp(pair.a, pair.b.ip4, port)
+            time.sleep(1.5)   # the probes' flows end before the sensor starts
+            sensor.start()
+            log = pair.a.run(*G.nghttp_argv(pair.b.ip4, H2_PORT)).stdout
+            streams = G.nghttp_streams(log)
+            out = pair.a.run(*G.h2load_argv(pair.b.ip4, H2_PORT, n=40)).stdout
+            statuses = G.h2load_statuses(out)
+            calls = json.loads(pair.a.run(*env, sys.executable, "-m", "tests.fixtures.gen_http2",
+                                          "grpc-client", pair.b.ip4, str(GRPC_PORT),
+                                          timeout=60).stdout)
+            time.sleep(2.5)   # past the 1 s linger and a read: ended flows are exported
+            assert sensor.stop() == 0
+            cols = ("src_port", "dst_port", "stream_id", "method", "host", "path", "status",
+                    "user_agent", "request_content_type", "response_content_type",
+                    "request_body_len",
+                    "response_body_len", "pushed", "grpc_service", "grpc_method", "grpc_status",
+                    "grpc_message", "grpc_request_messages", "grpc_response_messages", "reset",
+                    "ended")
+            total = len(streams) + 40 + len(calls)
+            wait_for(lambda: len(query(collector.address, "SELECT uid FROM http2")) >= total,
+                     20, "the http2 events at the collector")
+            rows = [dict(zip(cols, r)) for r in query(
+                collector.address, f"SELECT {', '.join(cols)} FROM http2 ORDER BY ts_ns")]
+        finally:
+            sensor.kill()
+            for p in peers:
+                stop(p)
+            collector.stop()
+    assert len(rows) == total
+    by_port: dict = defaultdict(list)
+    for r in rows:
+        by_port[(r["dst_port"], r["src_port"])].append(r)
+    conns = [by_port[k] for k in sorted(by_port) if k[0] == H2_PORT]
+    [nghttp] = [c for c in conns if len(c) == len(streams)]
+    [load] = [c for c in conns if len(c) == 40]
+    # nghttp: each stream as the client logged it (secrets never stored).
+    got = [Http2Event(**{k: v for k, v in r.items() if k not in ("src_port", "dst_port")})
+           for r in nghttp]
+    check_nghttp(got, streams)
+    assert not any(s in repr(rows) for s in G.SECRETS)
+    # h2load: its status classes, every request.
+    classes = Counter(f"{r['status'] // 100}xx" for r in load)
+    assert {k: classes.get(k, 0) for k in statuses} == statuses and statuses["4xx"] == 20
+    # grpcio: each call's method, status code and message, planted errors included.
+    [grpc_rows] = [by_port[k] for k in by_port if k[0] == GRPC_PORT]
+    got = [Http2Event(**{k: v for k, v in r.items() if k not in ("src_port", "dst_port")})
+           for r in sorted(grpc_rows, key=lambda r: r["stream_id"])]
+    check_grpc(got, calls)
+    assert [e.grpc_status for e in got] == [0, 5, 3, 0, 0, -1]
