@@ -12,6 +12,7 @@ endpoint is counted in `dropped`, not kept), and a cap on every per-endpoint set
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "none"
 
 
+@functools.lru_cache(maxsize=256)   # a service speaks a handful of content types
 def media_type(content_type: str) -> str:
     """'application/json; charset=utf-8' -> 'application/json'."""
     return content_type.partition(";")[0].strip().lower()

@@ -28,6 +28,7 @@ tuple of segments in which parameters are the markers below.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # A position with at most this many distinct values is never a learned parameter: small
@@ -63,6 +64,9 @@ _HEX = re.compile(r"[0-9a-fA-F]{16,}\Z")
 _B64 = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}\Z")
 
 
+# Route segments repeat on every request; parameter values rarely do. The cache's bound
+# keeps the values from growing it (~1 MiB at most).
+@functools.lru_cache(maxsize=8192)
 def classify(segment: str) -> str | None:
     """The parameter a segment is by its shape alone, or None for a static one."""
     if _NUMERIC.match(segment):
