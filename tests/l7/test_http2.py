@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -385,6 +384,42 @@ def test_event_validation():
         Http2Event(request_body_len=-1)
 
 
+def _conversation(n: int):
+    """A small connection with n gRPC calls and one plain GET, as (client, server) bytes."""
+    c, s = Peer(), Peer()
+    req, resp = bytearray(PREFACE + settings_frame((1, 4096))), bytearray(settings_frame())
+    for i in range(n):
+        sid = 2 * i + 1
+        req += c.headers(sid, request(path=f"/p.S/M{i}", method="POST", extra=[
+            ("content-type", "application/grpc")]))
+        req += frame(DATA, PADDED | END_STREAM, sid, bytes([3]) + grpc_msg(b"q" * i) * 2 + b"\0" * 3)
+        resp += s.headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        resp += frame(DATA, 0, sid, grpc_msg(b"r" * (i + 1)))
+        resp += s.headers(sid, [("grpc-status", str(i % 3)), ("grpc-message", f"m%20{i}")],
+                          END_HEADERS | END_STREAM)
+    sid = 2 * n + 1
+    req += c.headers(sid, request(path="/x"), END_HEADERS | END_STREAM)
+    resp += s.headers(sid, [(":status", "404")], END_HEADERS | END_STREAM)
+    return bytes(req), bytes(resp)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, 4), st.lists(st.integers(1, 64), min_size=1, max_size=40))
+def test_fuzz_split_points_do_not_change_results(n, cuts):
+    req, resp = _conversation(n)
+    whole = drive([(C, req, 1), (S, resp, 2), (C, None, 3), (S, None, 3)])
+    assert whole[0].state is ParserState.DONE and len(whole[1]) == n + 1
+    steps = []
+    for d, blob, ts in ((C, req, 1), (S, resp, 2)):
+        pos, i = 0, 0
+        while pos < len(blob):
+            k = cuts[i % len(cuts)]
+            steps.append((d, blob[pos:pos + k], ts))
+            pos, i = pos + k, i + 1
+    split = drive(steps + [(C, None, 3), (S, None, 3)])
+    assert split[1] == whole[1] and split[0].state is ParserState.DONE
+
+
 def test_signature_is_the_client_or_server_preface():
     assert looks_like(PREFACE, C) and looks_like(PREFACE[:14], C)
     assert not looks_like(PREFACE[:13], C) and not looks_like(b"PRI * HTTP/1.1\r\n", C)
@@ -514,7 +549,6 @@ def tshark_streams(path: Path, port: int) -> tuple[dict, Counter]:
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
 def test_golden_against_tshark():
     expect, flows = _golden()
-    raw = pcaputil._packets  # noqa: F841 - the gzip is read by tshark through a temp file
     import gzip
     import tempfile
 
