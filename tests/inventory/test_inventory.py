@@ -144,3 +144,27 @@ def test_service_names():
     assert service_of("API.example.test:8443", "198.18.0.2", 443) == "api.example.test:443"
     assert service_of("", "fc00::2", 80) == "[fc00::2]:80"
     assert service_of("[fc00::2]:80", "fc00::2", 80) == "[fc00::2]:80"
+
+
+def test_http2_and_grpc_streams_join_the_inventory(collector):
+    from sensor import model
+    from sensor.l7.http2 import Http2Event
+
+    def h2(i, path, ctype="", host="grpc.example.test:50051"):
+        return model.L7Event(
+            uid=f"G{i}", ts_ns=BASE_NS + i, src_addr="198.18.0.5", dst_addr="198.19.0.9",
+            src_port=40000 + i, dst_port=50051, protocol=6,
+            detail=Http2Event(stream_id=1 + 2 * i, method="POST" if ctype else "GET",
+                              host=host, path=path, status=200,
+                              request_content_type=ctype, response_content_type=ctype))
+
+    # 15 methods of one gRPC service: more than THRESHOLD, each seen once, and still
+    # 15 endpoints (a gRPC path names a method, never a value).
+    records = [h2(i, f"/shop.Catalog/Method{chr(65 + i)}", "application/grpc")
+               for i in range(15)]
+    records += [h2(100 + i, f"/files/{name}") for i, name in enumerate(USERS)]
+    push(collector.address, [batch(records, 1)])
+    got = sorted((e.method, e.path_template) for e in endpoints(collector.address))
+    assert got == sorted([("POST", f"/shop.Catalog/Method{chr(65 + i)}") for i in range(15)]
+                         + [("GET", "/files/{name}")])
+    assert {e.service for e in endpoints(collector.address)} == {"grpc.example.test:50051"}
