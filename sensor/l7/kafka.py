@@ -395,7 +395,7 @@ class _Txn:
     def topic_id(self, raw: bytes) -> None:
         if raw == _ZERO_UUID:
             return  # "no id": the name is used instead
-        text = str(uuid.UUID(bytes=raw))
+        text = str(uuid.UUID(bytes=bytes(raw)))
         if text in self.topic_ids:
             return
         if len(self.topic_ids) >= MAX_TOPICS:
@@ -601,9 +601,13 @@ class KafkaParser:
                         elif avail < want:
                             break
                         else:
-                            value = _send(gen, bytes(buf[pos:pos + want]))
+                            chunk = buf[pos:pos + want]
                             pos += want
                             s.left -= want
+                            try:
+                                value = gen.send(chunk)
+                            except StopIteration:
+                                value = None
                     elif want < 0:
                         n = -want
                         if n > s.left:
