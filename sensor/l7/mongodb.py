@@ -41,6 +41,7 @@ OP_MSG checksums (CRC-32C) are skipped, not verified.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zlib
@@ -319,6 +320,7 @@ def redact_errmsg(text: str) -> str:
     return _DOC_TEXT.sub("{ " + REDACTED + " }", text)
 
 
+@functools.cache
 def _zstd():
     """The zstd module (stdlib compression.zstd from Python 3.14, backports.zstd before)."""
     try:
@@ -420,7 +422,7 @@ class _Msg:
 
     __slots__ = ("d", "op", "length", "off", "rid", "txn", "prog", "pc", "skip", "stack",
                  "flags", "sect_end", "seq_end", "cursor", "walk", "docs_seen", "ts",
-                 "inner_op", "inner_size", "cid")
+                 "inner_op", "inner_size", "cid", "named")
 
     def __init__(self, d: int, op: int, length: int, rid: int, txn: _Txn, ts: int) -> None:
         self.d = d
@@ -443,6 +445,7 @@ class _Msg:
         self.inner_op = 0             # OP_COMPRESSED: the inner opcode, size, compressor
         self.inner_size = 0
         self.cid = 0
+        self.named = False            # the command document's first key was read
 
     @property
     def done(self) -> bool:
@@ -911,20 +914,30 @@ class MongodbParser:
     def _section(self, m: _Msg, view: bytes | bytearray, pos: int, end: int) -> int:
         """One step of OP_MSG's sections; -1 when more bytes are needed."""
         if m.seq_end:
-            if m.off == m.seq_end:
-                m.seq_end = 0
-                return pos
-            if end - pos < 4:
-                return -1
-            n = _I32.unpack_from(view, pos)[0]
-            if n < 5 or m.off + n > m.seq_end:
-                raise _Malformed("document sequence element does not fit its section")
+            # Documents are counted by their lengths, never read: a run of them in view is
+            # passed over here at once; one that goes past the view is skipped.
+            start = pos
+            count = 0
+            while True:
+                if m.off == m.seq_end:
+                    m.seq_end = 0
+                    break
+                if end - pos < 4:
+                    break
+                n = _I32.unpack_from(view, pos)[0]
+                if n < 5 or m.off + n > m.seq_end:
+                    raise _Malformed("document sequence element does not fit its section")
+                count += 1
+                if end - pos < n:
+                    m.skip = n
+                    break
+                pos += n
+                m.off += n
             if m.d == 0:
-                m.txn.documents += 1
+                m.txn.documents += count
             else:
-                m.txn.returned += 1
-            m.skip = n
-            return pos
+                m.txn.returned += count
+            return pos if (pos > start or count or not m.seq_end) else -1
         if m.off == m.sect_end:
             m.pc += 1
             return pos
@@ -1072,9 +1085,10 @@ class MongodbParser:
         if role == R_CMD:
             if m.d != 0:
                 return None
-            if index == 0 and not txn.command:
+            if index == 0 and not m.named:
                 if t == 0x03 and m.op == OP_QUERY and key in (b"$query", b"query"):
                     return ("doc", R_CMD)     # the legacy {$query: {...}} wrapper
+                m.named = True
                 txn.command, cut = _text(key, MAX_NAME)
                 txn.truncated = txn.truncated or cut
                 low = txn.command.lower()
