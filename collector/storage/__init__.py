@@ -1,0 +1,29 @@
+"""The storage factory: the collector opens its store here, never through a backend class.
+
+`[storage] backend` picks the engine: "duckdb" (the embedded default, one file in
+data_dir) or "clickhouse" (a server or cluster several collectors share). Each backend
+owns its table definitions, made from the registry-derived columns in collector/schema.py,
+and implements collector/storage/base.py's Storage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from collector.storage.base import Storage
+from sensor.config import StorageConfig
+
+
+def open_storage(config: StorageConfig, data_dir: Path, *, read_only: bool = False,
+                 sandbox: bool = False) -> Storage:
+    """The configured store. read_only opens an existing DuckDB file without writing
+    (`loupe export --data-dir`); sandbox turns off SQL's access to the host's files
+    (DuckDB) for a store that answers analysts' queries. ClickHouse ignores data_dir:
+    its data lives on the server, and analysts' SQL always runs there with readonly=1."""
+    if config.backend == "clickhouse":
+        from collector.storage.clickhouse import ClickHouseStorage, native
+
+        return ClickHouseStorage(native(config.clickhouse))
+    from collector.storage.duckdb import DuckDBStorage
+
+    return DuckDBStorage(data_dir, read_only=read_only, sandbox=sandbox)

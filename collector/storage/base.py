@@ -1,8 +1,9 @@
 """The storage seam: what the collector needs from a store, whatever the engine.
 
-DuckDB (collector/storage/duckdb.py) is the embedded default. Tables and columns are
-defined once in collector/schema.py, so another engine (ClickHouse for many sensors)
-implements this Protocol over the same schema.
+DuckDB (collector/storage/duckdb.py) is the embedded default, ClickHouse
+(collector/storage/clickhouse.py) the engine for many sensors and collectors; the collector
+opens either through collector.storage.open_storage. Columns are defined once in
+collector/schema.py; each engine makes its own tables from them.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class Storage(Protocol):
 
     def delete_older_than(self, cutoff_ns: int) -> int:
         """Retention: delete rows received before cutoff_ns; return how many."""
+
+    def set_retention(self, retention_ns: int) -> None:
+        """The retention, for engines that expire rows themselves (ClickHouse's TTL);
+        delete_older_than still runs on every engine."""
 
     def close(self) -> None:
         """Commit what is pending and release the store (its lock, for DuckDB)."""

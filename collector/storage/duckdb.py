@@ -269,6 +269,9 @@ class DuckDBStorage:
         con.commit()
         return deleted
 
+    def set_retention(self, retention_ns: int) -> None:
+        """Nothing to set: delete_older_than is DuckDB's whole retention."""
+
     def last_seq(self) -> int:
         return self._last_seq
 
