@@ -25,6 +25,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "sensor.config_cli": ("config",),
     "sensor.kernel.cli": ("sensor",),
     "sensor.replay.cli": ("replay",),
+    "sensor.rules.cli": ("rules",),
     "sensor.sensor_cli": ("sensor",),
     "sensor.status_cli": ("status",),
 }
@@ -36,6 +37,7 @@ GROUP_HELP = {
     "config": "check and show configuration files",
     "api": "OpenAPI from the endpoint inventory, and a diff against a given spec",
     "sensor": "meter live interfaces in the kernel and run the sensor",
+    "rules": "check rule files, and test them on a capture",
 }
 
 

@@ -36,16 +36,22 @@ first kernel timestamp); the Flow records of that flow are given the same uid on
 way out (the reader's own uid uses another wall-clock offset sample and may differ by a
 few ns in its start time).
 
-The budget policy (what is written to l7_ctl, see docs/sensor.md):
+The budget policy (what is written to l7_ctl, see docs/sensor.md). No protocol is named
+here: the parsers give their hints (skip_hint, DONE), and each protocol's registration
+(sensor/l7/registry.py, FramingHints) says where its messages start, where a head ends,
+whether a failed parser may resynchronise, and which event ends a TCP flow's use:
 - skip: the parser's skip_hint (an HTTP body of known length) becomes skip-until-seq, so
   the kernel does not copy the body at all;
-- stop: the parser is DONE (TLS after the handshake, HTTP after an Upgrade) or in ERROR,
-  the protocol has no parser, or a DNS-over-TCP answer was seen;
+- stop: the parser is DONE (TLS after the handshake, HTTP after an Upgrade) or in ERROR
+  (unless its protocol resynchronises, below), the protocol has no parser, or an event
+  its hints' done_after accepts was seen (a DNS-over-TCP answer);
+- resync: after a parser error in a protocol with `resync` (HTTP/1), the flow waits for
+  the next segment that starts a message and gets a fresh parser there (MAX_RESYNCS);
 - grant: whenever a live flow's payload arrives, each direction whose remaining
   allowance fell below half of its target is topped up to the target. The target is
-  `refill_octets`, except in an HTTP direction whose message heads have been seen: there
-  it is HEAD_ROOM_FACTOR times the largest head seen (at least MIN_HEAD_ROOM, at most
-  `refill_octets`). The allowance therefore covers the next message head, while a body
+  `refill_octets`, except in a direction whose message heads have been seen (a protocol
+  with message_starts and head_end, HTTP/1): there it is HEAD_ROOM_FACTOR times the
+  largest head seen (at least MIN_HEAD_ROOM, at most `refill_octets`). The allowance therefore covers the next message head, while a body
   in flight before its skip reached the kernel (it follows its head at once, in the
   same burst) can consume at most the target: copied bytes grow with the number of
   messages, not with their size, and a 10 MiB body costs about what a 1 KiB one does.
@@ -77,6 +83,7 @@ from sensor.kernel import abi, attach, bpfsys
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import PayloadEvent
 from sensor.kernel.hybrid import MAX_CTL, KernelSensor, SelectionConfig, flow_key
+from sensor.l7 import registry as l7_registry
 from sensor.l7.detect import ParserRegistry
 from sensor.model import Flow, FlowEndReason, L7Event, LostEvent, LostSource, Record, record_kind
 
@@ -121,14 +128,12 @@ MAX_L7_FLOWS = MAX_CTL
 # (flowmap.py "late_after_emit") must carry the same uid as its flow's record. Late
 # packets arrive within a cycle; the bound only stops a storm from growing it.
 RECENT_UIDS = 65536
-# HTTP/1 resynchronisations in a row per flow: after a head was lost (truncated while userspace
-# lagged behind a fast connection, or a full ring buffer), the parser is restarted at the
-# next segment that starts a message instead of giving up on the connection. Bounded so
-# a connection that keeps losing heads is eventually stopped (and counted).
+# Resynchronisations in a row per flow, for a protocol whose FramingHints allow them
+# (HTTP/1): after a head was lost (truncated while userspace lagged behind a fast
+# connection, or a full ring buffer), the parser is restarted at the next segment that
+# starts a message instead of giving up on the connection. Bounded so a connection that
+# keeps losing heads is eventually stopped (and counted).
 MAX_RESYNCS = 16
-# What a segment starting an HTTP/1 message begins with (RFC 9112 3, 4).
-_HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
-                b"CONNECT ", b"TRACE ", b"HTTP/1.")
 # Payload events handled per loop iteration before the flow map gets its turn, so a
 # flood of payload cannot starve the reader (the rest waits in the bounded queue).
 EVENTS_PER_STEP = 20000
@@ -228,10 +233,47 @@ class _LiveFlow:
         self.stopped = False
         self.last_mono = now
         self.resyncs = 0
-        self.waiting = False          # an HTTP parser failed: wait for a message start
-        # Largest HTTP message head seen by direction from the initiator (0: none yet;
-        # a head that does not end in its first chunk counts as unbounded).
+        # A parser failed: the message starts to wait for (its FramingHints), else ().
+        self.waiting: tuple[bytes, ...] = ()
+        # Largest message head seen by direction from the initiator (0: none yet; a head
+        # that does not end in its first chunk counts as unbounded).
         self.head_max = [0, 0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Framing:
+    """The registered protocols' FramingHints (sensor/l7/registry.py), as this engine
+    looks them up per segment and per event."""
+
+    heads: tuple[tuple[bytes, tuple[bytes, ...]], ...]   # (head_end, message_starts)
+    resync: dict[str, tuple[bytes, ...]]                 # app_proto -> message_starts
+    done_after: dict[str, Callable[[object], bool]]      # record kind -> done_after
+
+    def head_length(self, data: bytes) -> int:
+        """The length of the message head `data` starts with; 1 << 32 when it does not
+        end in this segment; 0 for a protocol that declares no head end."""
+        for end, starts in self.heads:
+            if data.startswith(starts):
+                if not end:
+                    return 0
+                i = data.find(end)
+                return i + len(end) if i >= 0 else 1 << 32
+        return 0
+
+
+def _framing_hints() -> _Framing:
+    heads, resync, done_after = [], {}, {}
+    for spec in l7_registry.protocols():
+        hints = spec.framing
+        if hints is None:
+            continue
+        if hints.message_starts:
+            heads.append((hints.head_end, hints.message_starts))
+        if hints.resync:
+            resync[spec.name] = hints.message_starts
+        if hints.done_after is not None:
+            done_after[spec.name] = hints.done_after
+    return _Framing(tuple(heads), resync, done_after)
 
 
 def _addr_bytes(raw: bytes, version: int) -> bytes:
@@ -259,6 +301,9 @@ class LiveL7:
         self.expire_ns = expire_ns or (DEFAULT_TIMEOUTS.tcp_idle_ns
                                        + DEFAULT_TIMEOUTS.tcp_end_linger_ns + 60 * 10**9)
         registry = _Parsers(redact)
+        self._framing = _framing_hints()
+        # Every protocol's message starts in one tuple: one startswith() per segment.
+        self._starts = tuple(s for _, hints in self._framing.heads for s in hints)
         # Rules (sensor/rules/): alerts go out with the records; verdicts to on_verdict.
         self.rules = None
         if rules:
@@ -295,22 +340,21 @@ class LiveL7:
             return   # the kernel was told; what it sent meanwhile is counted there
         lf.received[ev.direction & 1] += len(ev.data)
         st = lf.state
-        if st.protocol == PROTO_TCP and ev.data.startswith(_HTTP_STARTS):
-            # A segment that starts an HTTP message: its head's length sizes the room
-            # kept for the next one (the head normally ends in its first chunk).
-            end = ev.data.find(b"\r\n\r\n")
-            head = end + 4 if end >= 0 else 1 << 32
+        if st.protocol == PROTO_TCP and self._starts and ev.data.startswith(self._starts):
+            # A segment that starts a message: its head's length sizes the room kept for
+            # the next one (the head normally ends in its first chunk).
+            head = self._framing.head_length(ev.data)
             d = ev.direction & 1
             if head > lf.head_max[d]:
                 lf.head_max[d] = head
         if lf.waiting:
-            if not ev.data.startswith(_HTTP_STARTS):
+            if not ev.data.startswith(lf.waiting):
                 stats.resync_skipped_events += 1
                 self._write_back(lf, ev)      # keep the allowance for the next head
                 return
             # A new message starts here: a fresh reassembler and parser from this
             # segment on (the reassembler picks the stream up mid-way).
-            lf.waiting = False
+            lf.waiting = ()
             st.l7 = None
             st.l7_off = False
             st.l7_skip = None
@@ -334,10 +378,11 @@ class LiveL7:
             self._current = None
         if (st.l7_off and self.engine.stats.parser_errors > errors
                 and st.protocol == PROTO_TCP and st.l7 is not None
-                and st.l7.app_proto == "http" and lf.resyncs < MAX_RESYNCS):
+                and lf.resyncs < MAX_RESYNCS
+                and st.l7.app_proto in self._framing.resync):
             lf.resyncs += 1
             stats.resyncs += 1
-            lf.waiting = True
+            lf.waiting = self._framing.resync[st.l7.app_proto]
             st.l7_off = False
             st.l7_skip = None
         self._write_back(lf, ev)
@@ -373,11 +418,12 @@ class LiveL7:
         lf = self._current
         if lf is not None:
             lf.resyncs = 0   # parsing works again: MAX_RESYNCS counts failures in a row
-        # RFC 7766: a DNS-over-TCP connection usually carries one query; after its
-        # answer nothing more of the flow is needed.
-        if (lf is not None and isinstance(record, L7Event) and record.kind == "dns"
+        # A protocol whose FramingHints say an event ends what a TCP flow is needed for
+        # (DNS over TCP, after its answer).
+        if (lf is not None and isinstance(record, L7Event)
                 and lf.state.protocol == PROTO_TCP):
-            if record.detail.rcode >= 0:
+            done = self._framing.done_after.get(record.kind)
+            if done is not None and done(record.detail):
                 lf.state.l7_off = True   # _write_back() stops it in the kernel
         self._emit(record)
 

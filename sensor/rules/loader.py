@@ -291,7 +291,9 @@ def _condition(c, i: int, where: _Where) -> engine.Condition:
     try:
         test = _compile(name, op, value, bool(c.get("nocase", False)))
     except (ValueError, TypeError, re2.error) as exc:
-        raise where.fail(line, f"{op} on {name}: {exc}") from None
+        text = exc.args[0] if exc.args else str(exc)
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        raise where.fail(line, f"{op} on {name}: {text}") from None
     negate = c.get("negate", False)
     if not isinstance(negate, bool):
         raise where.fail(where.line("rule", i, "negate"), "negate must be true or false")
