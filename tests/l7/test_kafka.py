@@ -245,6 +245,13 @@ def test_signature_refuses_other_protocols(first):
     assert sniff(first, protocol=PROTO_TCP, to_server=True, server_port=1234) != "kafka"
 
 
+def test_signature_does_not_fire_on_random_bytes():
+    import random
+
+    rng = random.Random(7)
+    assert not any(looks_like(rng.randbytes(64), C) for _ in range(10_000))
+
+
 def test_signature_needs_known_api_version_and_printable_client_id():
     def req(key, version, client=b"c1"):
         body = struct.pack(">hhih", key, version, 1, len(client)) + client
