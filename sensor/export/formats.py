@@ -173,8 +173,9 @@ def _eve_alert(a: model.Alert) -> dict[str, Any]:
     if a.sensor_id:
         out["host"] = a.sensor_id
     if a.src_addr:
+        # No proto: an Alert names the L7 event's kind (app_proto), not its transport.
         out.update(src_ip=a.src_addr, src_port=a.src_port, dest_ip=a.dst_addr,
-                   dest_port=a.dst_port, proto="TCP" if a.event_kind in ("http",) else None)
+                   dest_port=a.dst_port)
     if a.community_id:
         out["community_id"] = a.community_id
     if a.event_kind:

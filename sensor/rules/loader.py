@@ -146,8 +146,9 @@ def _read(f: Path) -> tuple[dict, _Where]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        line = m.group(1) if m else "1"
-        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        # "at end of document": the last line is where the unfinished value starts or ends.
+        line = m.group(1) if m else str(max(len(text.splitlines()), 1))
+        msg = re.sub(r"\s*\(at (?:line \d+, column \d+|end of document)\)", "", str(exc))
         raise RuleError(f"{f}:{line}: TOML: {msg}") from None
     return doc, where
 
@@ -261,7 +262,8 @@ def _rule(t: dict, i: int, where: _Where, order: int, seen) -> engine.Rule:
     threshold = None
     if "threshold" in t:
         threshold = _threshold(t["threshold"], i, where)
-    log = t.get("log", True)
+    # An allow decides silently unless asked (allow-lists are hot paths: health checks).
+    log = t.get("log", action != "allow")
     if not isinstance(log, bool):
         raise where.fail(where.line("rule", i, "log"), "log must be true or false")
     return engine.Rule(id=rid, priority=prio, action=action, conditions=conds,
