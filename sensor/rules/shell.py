@@ -77,6 +77,8 @@ _HERE = re.compile(r"<<<|\d?>\s*/dev/null|2>&1|\b(?:ba|z|k|da)?sh[\s,]+-[ic]\b|\
 # Arguments that make even a common word a command line: a flag, a system directory.
 _STRONG_ARG = re.compile(r"(?:^|\s)(?:--?[a-z]{1,16}\b|/(?:etc|bin|usr|var|tmp|dev|proc|home|root|opt|"
                          r"sbin|lib)\b|\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})", re.I)
+# `cmd ...` and $(cmd ...): command substitution, whatever the program's name looks like.
+_SUBST = re.compile(r"`\s*([\w./-]{1,64})[^`]{0,256}`|\$\(\s*([\w./-]{1,64})[^)]{0,256}\)")
 _TILDE = re.compile(r"^~[+-]?\d*$")
 _HISTORY = re.compile(r"(?:^|[\s;|&])!-?\d+\b|(?:^|[\s;|&])!!(?:$|\s)")
 _MAIL = re.compile(r"[\r\n]\s*(?:a\d+\s+(?:login|select|fetch|quit|list|uid|logout)\b|quit\b|"
@@ -148,6 +150,10 @@ def detect(value: str) -> str:
         m = _SENSITIVE.search(v)
         if m:
             return "shell (evasion): " + m.group(0).strip()
+    for m in _SUBST.finditer(v):
+        name = _VERSION.sub("", _PREFIX.sub("", m.group(1) or m.group(2)).lower())
+        if name in PROGRAMS or name in AMBIGUOUS:
+            return f"command substitution: {name}"
     if _WIN_FOR.search(v) or _WIN_IF.search(v):
         return "cmd.exe FOR/IF"
     if _HERE.search(v):
