@@ -533,8 +533,8 @@ class MongodbParser:
         self._cur[d] = None
         if m is not None:
             m.txn.truncated = True    # cut by the end of the stream
-            if d == 1:
-                self._emit(m.txn)     # a reply cut short: report what was seen
+            if d == 1 or not self._waiting(m):
+                self._emit(m.txn)     # cut short, and no reply will report it: what was seen
         if d == 1:
             self._flush()             # no reply can come any more
         if self._eof[0] and self._eof[1]:
@@ -609,12 +609,13 @@ class MongodbParser:
 
     def _register(self, rid: int, txn: _Txn) -> None:
         old = self._pending.pop(rid, None)
-        if old is not None:
+        if old is not None and old.req_ts >= 0:
             self._emit(old)           # a request id used again: the old one got no reply
         if len(self._pending) >= self.max_pending:
-            oldest = next(iter(self._pending))
+            oldest = self._pending.pop(next(iter(self._pending)))
             self.evicted += 1
-            self._emit(self._pending.pop(oldest))
+            if oldest.req_ts >= 0:    # an exhaust stream's next reply has no request
+                self._emit(oldest)
         self._pending[rid] = txn
 
     def _complete(self, m: _Msg) -> None:
@@ -637,6 +638,10 @@ class MongodbParser:
             txn.exhaust = True
             self._register(m.rid & 0xFFFFFFFF, txn.follow_on())
         self._emit(txn)
+
+    def _waiting(self, m: _Msg) -> bool:
+        """Whether m's command waits for a reply (so a flush reports it)."""
+        return self._pending.get(m.rid & 0xFFFFFFFF) is m.txn
 
     def _emit(self, txn: _Txn) -> None:
         self._out.append(txn.transaction())
@@ -670,7 +675,7 @@ class MongodbParser:
             buf.clear()
             m.stack.clear()
             m.prog = (S_REST,)
-            m.pc = 0
+            m.pc = 1
             m.off = m.length - left
             m.skip = left
             if m.done:
@@ -684,7 +689,7 @@ class MongodbParser:
             return
         for d in (1, 0):
             m = self._cur[d]
-            if m is not None and d == 1:
+            if m is not None and (d == 1 or not self._waiting(m)):
                 self._emit(m.txn)
         self._flush()
         self._cur = [None, None]
@@ -754,6 +759,9 @@ class MongodbParser:
                 m.skip = 8
                 m.pc += 1
             elif stage == S_DOC:
+                if left == 0 and m.op == OP_REPLY:
+                    m.pc += 1                 # a reply with no documents (numberReturned 0)
+                    continue
                 if left < 5:
                     raise _Malformed(f"{OPCODES[m.op]} without its document")
                 if avail < 4:

@@ -335,9 +335,11 @@ def test_legacy_cmd_query_and_failure_flags():
     q1 = G.op_query(1, "admin.$cmd", {"$query": {"listDatabases": 1}, "$readPreference": {}})
     q2 = G.op_query(2, "db.$cmd.sys.inprog", {})
     q3 = G.op_query(3, "db.coll", {})
-    got = events((C, q1 + q2 + q3, 1), (S, G.op_reply(1, [{"ok": 1.0}])[1], 2),
-                 (S, G.op_reply(2, [{"inprog": []}])[1], 3),
-                 (S, G.op_reply(3, [], flags=1)[1], 4))
+    p, out = drive([(C, q1 + q2 + q3, 1), (S, G.op_reply(1, [{"ok": 1.0}])[1], 2),
+                    (S, G.op_reply(2, [{"inprog": []}])[1], 3),
+                    (S, G.op_reply(3, [], flags=1)[1], 4)])   # a reply without documents
+    assert p.state is ParserState.DONE, p.error
+    got = [e for _, e in out]
     assert [(e.command, e.database, e.collection, e.status, e.code_name) for e in got] == [
         ("listDatabases", "admin", "", "ok", ""), ("sys.inprog", "db", "", "ok", ""),
         ("find", "db", "coll", "error", "CursorNotFound")]
@@ -365,6 +367,17 @@ def test_explain_getmore_and_namespace_commands_name_their_collection():
         (e,) = events((C, req, 1), (S, reply(rid, {"ok": 1.0}), 2))
         assert (e.command, e.collection) == (command, coll)
         assert "s3cret" not in repr(e) and "bob" not in repr(e)
+
+
+def test_write_without_reply_cut_by_the_end_is_still_reported():
+    import bson as b
+    ins = G.legacy(9, 2002, "shop.users", b.encode({"_id": 1}) + b.encode({"_id": 2}))
+    for cut in (32, len(ins) - 3):
+        p, out = drive([(C, ins[:cut], 1)])
+        assert [(e.command, e.collection, e.truncated) for _, e in out] == [
+            ("insert", "users", True)], cut
+    p, out = drive([(C, ins[:32] + b"\xff" * 40, 1)])    # garbage where documents go
+    assert [(e.command, e.collection) for _, e in out] == [("insert", "users")]
 
 
 def test_reply_without_request_and_request_without_reply():
