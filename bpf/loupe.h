@@ -537,8 +537,36 @@ struct loupe_tls_config {
 };
 #define LOUPE_TLS_CONFIG_SIZE 16
 
+/* The socket of a process's fd, learnt in the kernel as connect() runs, for userspace
+ * to fall back on when /proc no longer has the fd (a short connection, closed before its
+ * chunks were read). sys_enter_connect names the fd, sock:inet_sock_set_state to
+ * SYN_SENT (in the same thread) its socket, and the socket leaving SYN_SENT the final
+ * 4-tuple: tracepoint arguments only. Accepted sockets are not covered (their state
+ * changes run in softirq, with no task to tie an fd to). An entry outlives close() on
+ * purpose (the event may be read after it); the next connect() on the fd replaces it. */
+struct loupe_tls_fd_key {
+	__u32 tgid;
+	__s32 fd;
+};
+#define LOUPE_TLS_FD_KEY_SIZE 8
+
+struct loupe_tls_sock {
+	__u8  saddr[16];       /* local, network order; IPv4 in the first 4 bytes */
+	__u8  daddr[16];       /* remote */
+	__u16 sport;           /* host order */
+	__u16 dport;
+	__u16 family;          /* AF_INET (2) or AF_INET6 (10) */
+	__u16 pad;
+};
+#define LOUPE_TLS_SOCK_SIZE 40
+
 /* A chunk of plaintext: this header, then cap_len octets. len counts from offset (after
- * a skip), so len - cap_len octets of the call were not copied (budget or chunk size). */
+ * a skip), so len - cap_len octets of the call were not copied (budget or chunk size).
+ * len 0: no chunk, the object was just bound to fd (SSL_set_fd). sock is the fd's
+ * 4-tuple when the kernel saw it connect (flags LOUPE_TLS_EV_SOCK): taken at the call,
+ * so it names this connection even if the fd is closed and reused before userspace
+ * reads the event (for other sockets userspace asks /proc). */
+#define LOUPE_TLS_EV_SOCK 0x01
 struct loupe_tls_event {
 	__u64 ts_ns;           /* bpf_ktime_get_ns() at the call's return */
 	__u64 ssl;
@@ -552,10 +580,12 @@ struct loupe_tls_event {
 	__u8  dir;             /* LOUPE_TLS_READ / WRITE */
 	__u8  lib;
 	__u8  fd_src;
-	__u8  pad[3];
+	__u8  flags;           /* LOUPE_TLS_EV_* */
+	__u8  pad[2];
 	char  comm[16];
+	struct loupe_tls_sock sock;
 };
-#define LOUPE_TLS_EVENT_SIZE 72
+#define LOUPE_TLS_EVENT_SIZE 112
 
 /* Indices of the TLS program's per-CPU counter array (sensor/kernel/tlsprobe.py names
  * them in this order). */

@@ -60,6 +60,17 @@ struct loupe_tls_comm { char comm[16]; };
 BPF_TABLE("hash", struct loupe_tls_comm, __u8, tls_sel_comm, LOUPE_TLS_SEL_ENTRIES);
 BPF_TABLE("hash", __u64, __u8, tls_sel_cgroup, LOUPE_TLS_SEL_ENTRIES);
 
+/* tls_connecting: the fd a thread is connect()ing. Key: thread id. Value: __s32 fd.
+ * tls_sk_fd: a socket in SYN_SENT -> its process and fd. Key: skaddr (opaque, never
+ * dereferenced). Value: struct loupe_tls_fd_key.
+ * tls_fd_sock: a connected fd -> its 4-tuple. Key: struct loupe_tls_fd_key. Value: struct
+ * loupe_tls_sock. LRU, LOUPE_TLS_CONNS each: connections a host opens between two reads
+ * of a short one's chunks; older ones have been resolved or are gone. */
+BPF_TABLE("lru_hash", __u64, __s32, tls_connecting, LOUPE_TLS_CALLS);
+BPF_TABLE("lru_hash", __u64, struct loupe_tls_fd_key, tls_sk_fd, LOUPE_TLS_CALLS);
+BPF_TABLE("lru_hash", struct loupe_tls_fd_key, struct loupe_tls_sock, tls_fd_sock,
+	  LOUPE_TLS_CONNS);
+
 /* tls_events: struct loupe_tls_event + cap_len octets. LOUPE_TLS_RINGBUF_PAGES pages. */
 BPF_RINGBUF_OUTPUT(tls_events, LOUPE_TLS_RINGBUF_PAGES);
 
@@ -80,6 +91,20 @@ static __always_inline void count(__u32 idx, __u64 n)
 	__u64 *v = tls_counters.lookup(&idx);
 	if (v)
 		*v += n;
+}
+
+/* The fd's 4-tuple, when the kernel saw it connect, into the event. */
+static __always_inline void take_sock(struct loupe_tls_event *ev, __u32 tgid, __s32 fd)
+{
+	struct loupe_tls_fd_key key = {.tgid = tgid, .fd = fd};
+	struct loupe_tls_sock *sock = fd >= 0 ? tls_fd_sock.lookup(&key) : 0;
+	if (sock) {
+		ev->sock = *sock;
+		ev->flags = LOUPE_TLS_EV_SOCK;
+	} else {
+		__builtin_memset(&ev->sock, 0, sizeof(ev->sock));
+		ev->flags = 0;
+	}
 }
 
 /* ---- entry -------------------------------------------------------------------------- */
@@ -270,6 +295,7 @@ static __always_inline int leave(__s64 ret, int ex)
 	ev->lib = call.lib;
 	ev->fd_src = conn->fd_src;
 	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	take_sock(ev, ev->tgid, ev->fd);
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	conn->copied[d] += sz;
 	if (tls_events.ringbuf_output(s, sizeof(struct loupe_tls_event) + sz, 0) != 0) {
@@ -300,15 +326,34 @@ int tls_leave_ex(struct pt_regs *ctx)
 
 /* ---- the object's socket and its end -------------------------------------------------- */
 
-/* int SSL_set_fd(SSL *ssl, int fd): a (re)bound object starts a new stream. */
+/* int SSL_set_fd(SSL *ssl, int fd), void gnutls_transport_set_int2(gnutls_session_t s,
+ * int recv_fd, int send_fd): a (re)bound object starts a new stream. An event without
+ * data (len 0) tells userspace at once, so it finds the socket in /proc during the
+ * handshake, before a short connection can close it. */
 int tls_set_fd(struct pt_regs *ctx)
 {
-	struct loupe_tls_conn_key key = {.ssl = PT_REGS_PARM1(ctx),
-					 .tgid = bpf_get_current_pid_tgid() >> 32};
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	if (!cfg || !cfg->enabled || !selected(cfg))
+		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_conn_key key = {.ssl = PT_REGS_PARM1(ctx), .tgid = pid_tgid >> 32};
 	struct loupe_tls_conn fresh = {.fd = (__s32)PT_REGS_PARM2(ctx),
 				       .fd_src = LOUPE_TLS_FD_SET_FD};
 	tls_conns.update(&key, &fresh);
 	tls_ctl.delete(&key);
+	struct loupe_tls_event ev = {};
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.ssl = key.ssl;
+	ev.cgroup_id = bpf_get_current_cgroup_id();
+	ev.tgid = key.tgid;
+	ev.tid = (__u32)pid_tgid;
+	ev.fd = fresh.fd;
+	ev.fd_src = LOUPE_TLS_FD_SET_FD;
+	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+	take_sock(&ev, ev.tgid, ev.fd);
+	if (tls_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+		count(LOUPE_TLS_CNT_RINGBUF_FULL, 1);
 	return 0;
 }
 
@@ -341,3 +386,68 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { call_fd(args->fd); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { call_fd(args->fd); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { call_fd(args->fd); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { call_fd(args->fd); return 0; }
+
+/* ---- the 4-tuple of a connect()ed fd (loupe.h, struct loupe_tls_sock) ----------------- */
+
+#define TCP_ESTABLISHED_ 1
+#define TCP_SYN_SENT_    2
+#define IPPROTO_TCP_     6
+#define AF_INET_         2
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	if (!cfg || !cfg->enabled)
+		return 0;
+	__u64 tid = bpf_get_current_pid_tgid();
+	__s32 fd = args->fd;
+	tls_connecting.update(&tid, &fd);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	tls_connecting.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol != IPPROTO_TCP_)
+		return 0;
+	__u64 sk = (__u64)args->skaddr;
+	if (args->newstate == TCP_SYN_SENT_) {
+		/* Inside connect(), in the connecting thread. */
+		__u64 tid = bpf_get_current_pid_tgid();
+		__s32 *fd = tls_connecting.lookup(&tid);
+		if (!fd)
+			return 0;
+		struct loupe_tls_fd_key key = {.tgid = tid >> 32, .fd = *fd};
+		tls_sk_fd.update(&sk, &key);
+		return 0;
+	}
+	if (args->oldstate != TCP_SYN_SENT_)
+		return 0;
+	struct loupe_tls_fd_key *found = tls_sk_fd.lookup(&sk);
+	if (!found)
+		return 0;
+	struct loupe_tls_fd_key key = *found;
+	tls_sk_fd.delete(&sk);
+	if (args->newstate != TCP_ESTABLISHED_)
+		return 0;
+	struct loupe_tls_sock sock = {};
+	sock.sport = args->sport;
+	sock.dport = args->dport;
+	sock.family = args->family;
+	if (args->family == AF_INET_) {
+		__builtin_memcpy(sock.saddr, args->saddr, 4);
+		__builtin_memcpy(sock.daddr, args->daddr, 4);
+	} else {
+		__builtin_memcpy(sock.saddr, args->saddr_v6, 16);
+		__builtin_memcpy(sock.daddr, args->daddr_v6, 16);
+	}
+	tls_fd_sock.update(&key, &sock);
+	return 0;
+}

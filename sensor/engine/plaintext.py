@@ -43,7 +43,7 @@ from typing import Protocol
 
 from sensor.engine.flowtable import FlowState, identify
 from sensor.engine.l7engine import L7Engine
-from sensor.engine.plaintext_socket import Endpoint, SocketResolver
+from sensor.engine.plaintext_socket import Endpoint, SocketResolver, connected
 from sensor.engine.reassembly import MemoryBudget
 from sensor.flow.semantics import PROTO_TCP
 from sensor.kernel import abi
@@ -150,39 +150,72 @@ class PlaintextL7:
         self._by_flow: dict[bytes, _Conn] = {}
         self._pending: dict[tuple[int, int], int] = {}   # no socket yet: chunks seen
         self._done: dict[tuple[int, int], int] = {}      # stopped objects -> their fd
+        # Per object, as chunks are read: [fd, next offset READ, next offset WRITE].
+        self._seen: dict[tuple[int, int], list[int]] = {}
+        self._bound: dict[tuple[int, int], tuple[int, Endpoint]] = {}   # bind()
 
     def __len__(self) -> int:
         return len(self._conns)
 
     # -- chunks ----------------------------------------------------------------------------
 
-    def locate(self, ch: Chunk) -> Endpoint | None:
-        """The chunk's socket when its object needs one (a first chunk, a new fd), else
-        None. Called as the chunk is read from the ring buffer, before it is queued: a
-        short connection's fd (or process) may be gone by the time step() gets to it."""
-        conn = self._conns.get((ch.tgid, ch.ssl))
-        if conn is not None and (ch.fd < 0 or ch.fd == conn.fd):
-            return None
-        if self._done.get((ch.tgid, ch.ssl)) == ch.fd:
-            return None
+    def locate(self, ch: Chunk) -> tuple[bool, Endpoint | None]:
+        """(whether the chunk starts a new connection of its object, its socket when it
+        may need one). Called as the chunk is read from the ring buffer, before it is
+        queued: a short connection's fd (or its process) may be gone by the time step()
+        gets to it. New: an object not seen before, a new fd, or offsets that start
+        again (the object was freed and its address reused, or set to a new fd)."""
+        cid = (ch.tgid, ch.ssl)
+        seen = self._seen.get(cid)
+        d = ch.dir
+        new = (seen is None or (ch.fd >= 0 and ch.fd != seen[0])
+               or ch.offset < seen[1 + d])
+        if new:
+            seen = self._seen[cid] = [ch.fd, 0, 0]
+            while len(self._seen) > 2 * MAX_CONNS:
+                self._seen.pop(next(iter(self._seen)))
+        seen[1 + d] = ch.offset + ch.length
+        if new or (cid not in self._conns and self._done.get(cid) != ch.fd):
+            return new, self._socket(ch)
+        return False, None
+
+    def _socket(self, ch: Chunk) -> Endpoint | None:
+        """The kernel's 4-tuple of a connect()ed fd, taken at the call (exact even if
+        the fd was closed and reused since); else what SSL_set_fd found; else /proc."""
+        if ch.sock is not None:
+            return connected(ch.sock)
+        bound = self._bound.get((ch.tgid, ch.ssl))
+        if bound is not None and bound[0] == ch.fd:
+            return bound[1]
         return self.resolver.resolve(ch.tgid, ch.fd)
 
+    def bind(self, ch: Chunk) -> None:
+        """The object was just given its fd (SSL_set_fd, before the handshake): find the
+        socket now, while the connection surely exists."""
+        cid = (ch.tgid, ch.ssl)
+        self._bound.pop(cid, None)
+        ep = self._socket(ch)
+        if ep is not None:
+            self._bound[cid] = (ch.fd, ep)
+            while len(self._bound) > MAX_CONNS:
+                self._bound.pop(next(iter(self._bound)))
+
     def on_chunk(self, ch: Chunk, offset_ns: int, now_mono: int,
-                 ep: Endpoint | None = None) -> None:
-        """ep: the socket as locate() found it when the chunk was read, if it did."""
+                 located: tuple[bool, Endpoint | None] | None = None) -> None:
+        """located: what locate() said when the chunk was read (None: ask it now)."""
+        new, ep = located if located is not None else self.locate(ch)
         stats = self.stats
         stats.chunks += 1
         stats.octets += len(ch.data)
         cid = (ch.tgid, ch.ssl)
         conn = self._conns.get(cid)
-        if conn is not None and ((ch.fd >= 0 and ch.fd != conn.fd)
-                                 or (conn.next_off[ch.dir] is not None
-                                     and ch.offset < conn.next_off[ch.dir])):
-            # The object now serves another connection (its address reused after a free
-            # the probes did not see, or a new fd): the old one ends here.
-            stats.restarted += 1
-            self._end(conn)
-            conn = None
+        if new:
+            self._done.pop(cid, None)
+            if conn is not None:
+                # The object now serves another connection: the old one ends here.
+                stats.restarted += 1
+                self._end(conn)
+                conn = None
         if conn is None:
             if self._done.get(cid) == ch.fd:
                 return   # stopped; a chunk written before the stop reached the kernel
@@ -243,7 +276,7 @@ class PlaintextL7:
                   now_mono: int, ep: Endpoint | None) -> _Conn | None:
         stats = self.stats
         if ep is None:
-            ep = self.resolver.resolve(ch.tgid, ch.fd)
+            ep = self._socket(ch)
         if ep is None:
             stats.no_socket_chunks += 1
             seen = self._pending.get(cid, 0) + 1

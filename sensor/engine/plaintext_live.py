@@ -79,7 +79,7 @@ class PlaintextSensor:
         self.l7 = PlaintextL7(emit=emit, control=self, origin=origin, uid_of=uid_of,
                               sensor_id=sensor_id, budget=config.budget_octets,
                               refill_octets=refill_octets, ports=config.ports, redact=redact)
-        self._queue: deque[tuple[tlsprobe.Chunk, object]] = deque()
+        self._queue: deque[tuple[tlsprobe.Chunk, tuple]] = deque()
         self.queue_full = 0
         self._proc = proc
         self._seen_pids: set[int] = set()
@@ -109,6 +109,9 @@ class PlaintextSensor:
             self.queue_full += 1
             return
         chunk = tlsprobe.Chunk.parse(raw)
+        if chunk.length == 0:
+            self.l7.bind(chunk)   # SSL_set_fd: no data, the socket to look up
+            return
         self._queue.append((chunk, self.l7.locate(chunk)))
 
     # -- libraries -------------------------------------------------------------------------
@@ -133,8 +136,8 @@ class PlaintextSensor:
         n = 0
         on_chunk = self.l7.on_chunk
         while q and n < CHUNKS_PER_STEP:
-            chunk, ep = q.popleft()
-            on_chunk(chunk, offset_ns, now_mono, ep)
+            chunk, located = q.popleft()
+            on_chunk(chunk, offset_ns, now_mono, located)
             n += 1
         if time.monotonic() >= self._next_scan:
             self.rescan()

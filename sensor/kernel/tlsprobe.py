@@ -62,20 +62,34 @@ class TlsConfig(ctypes.Structure):
                 ("budget", ctypes.c_uint32 * 2)]
 
 
+class TlsFdKey(ctypes.Structure):
+    _fields_ = [("tgid", ctypes.c_uint32), ("fd", ctypes.c_int32)]
+
+
+class TlsSock(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("family", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
 class TlsEvent(ctypes.Structure):
     _fields_ = [("ts_ns", ctypes.c_uint64), ("ssl", ctypes.c_uint64),
                 ("offset", ctypes.c_uint64), ("cgroup_id", ctypes.c_uint64),
                 ("tgid", ctypes.c_uint32), ("tid", ctypes.c_uint32), ("fd", ctypes.c_int32),
                 ("len", ctypes.c_uint32), ("cap_len", ctypes.c_uint16), ("dir", ctypes.c_uint8),
-                ("lib", ctypes.c_uint8), ("fd_src", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
-                ("comm", ctypes.c_char * 16)]
+                ("lib", ctypes.c_uint8), ("fd_src", ctypes.c_uint8), ("flags", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 2), ("comm", ctypes.c_char * 16), ("sock", TlsSock)]
 
 
+assert ctypes.sizeof(TlsFdKey) == 8
+assert ctypes.sizeof(TlsSock) == 40
 assert ctypes.sizeof(TlsConnKey) == 16
 assert ctypes.sizeof(TlsCtl) == 40
 assert ctypes.sizeof(TlsConn) == 72
 assert ctypes.sizeof(TlsConfig) == 16
-assert ctypes.sizeof(TlsEvent) == 72
+assert ctypes.sizeof(TlsEvent) == 112
+EVENT_SIZE = 112
+EV_SOCK = 0x01
 
 READ, WRITE = 0, 1                       # LOUPE_TLS_READ / WRITE
 FD_NONE, FD_SET_FD, FD_SYSCALL = 0, 1, 2
@@ -103,14 +117,22 @@ class Chunk:
     cgroup_id: int
     comm: str
     data: bytes
+    # (local address, port, remote address, port) when the kernel saw the fd connect
+    sock: tuple[bytes, int, bytes, int] | None = None
 
     @classmethod
     def parse(cls, raw: bytes) -> Chunk:
-        ev = TlsEvent.from_buffer_copy(raw[:72])
+        ev = TlsEvent.from_buffer_copy(raw[:EVENT_SIZE])
+        sock = None
+        if ev.flags & EV_SOCK:
+            s = ev.sock
+            n = 4 if s.family == 2 else 16
+            sock = (bytes(s.saddr[:n]), s.sport, bytes(s.daddr[:n]), s.dport)
         return cls(ts_ns=ev.ts_ns, tgid=ev.tgid, tid=ev.tid, ssl=ev.ssl, fd=ev.fd,
                    fd_src=ev.fd_src, dir=ev.dir & 1, lib=LIBS.get(ev.lib, "?"),
                    offset=ev.offset, length=ev.len, cgroup_id=ev.cgroup_id,
-                   comm=ev.comm.decode(errors="replace"), data=raw[72:72 + ev.cap_len])
+                   comm=ev.comm.decode(errors="replace"),
+                   data=raw[EVENT_SIZE:EVENT_SIZE + ev.cap_len], sock=sock)
 
 
 # ---- libraries ---------------------------------------------------------------------------
@@ -130,6 +152,7 @@ FUNCTIONS = {
         "gnutls_record_recv": ("tls_enter_gnutls_recv", "tls_leave"),
         "gnutls_record_send": ("tls_enter_gnutls_send", "tls_leave"),
         "gnutls_deinit": ("tls_free", None),
+        "gnutls_transport_set_int2": ("tls_set_fd", None),
     },
 }
 NEEDED = {"openssl": ("SSL_read", "SSL_write"),
@@ -239,6 +262,8 @@ class TlsProbe:
         check_map_layout(obj, b"tls_ctl", 16, 40, mirror="sensor/kernel/tlsprobe.py",
                          header="bpf/loupe.h")
         check_map_layout(obj, b"tls_conns", 16, 72, mirror="sensor/kernel/tlsprobe.py",
+                         header="bpf/loupe.h")
+        check_map_layout(obj, b"tls_fd_sock", 8, 40, mirror="sensor/kernel/tlsprobe.py",
                          header="bpf/loupe.h")
         self._ctl = obj.map_fd("tls_ctl")
         self._conns = obj.map_fd("tls_conns")
