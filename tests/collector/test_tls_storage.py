@@ -75,7 +75,7 @@ def test_retention_deletes_old_rows(tmp_path):
     assert deleted == 20
     assert store.counts() == {"flows": 10, "http": 4, "dns": 4, "tls": 2, "mysql": 0,
                               "pgsql": 0, "redis": 0, "quic": 0, "kafka": 0, "mongodb": 0,
-                              "lost": 0}
+                              "http2": 0, "lost": 0}
     assert [s.sensor_id for s in store.sensors()] == ["s1"]
     store.close()
 

@@ -233,7 +233,7 @@ def test_python_api_streams_records_and_makes_dataframes():
     frames = to_dataframe(pcap)
     # One frame per record kind: flows, every registered L7 kind, loss.
     assert set(frames) == {"flow", "http", "dns", "tls", "mysql", "pgsql", "redis", "quic", "kafka",
-                           "mongodb", "lost"}
+                           "mongodb", "http2", "lost"}
     assert list(frames["flow"].columns) == table_schema("flows").names
     assert list(frames["dns"].columns) == table_schema("dns").names
     assert sorted(frames["dns"]["qname"]) == ["dig.golden.test", "dig.golden.test",
