@@ -327,9 +327,14 @@ class Inventory:
         transactions would."""
         with self._lock:
             for ep in endpoints:
+                stored = ep.key
                 if not _is_grpc(ep):
                     ep.template = self.learner.learn(ep.service, "/" + "/".join(ep.template),
                                                      weight=max(1, ep.requests))
+                if ep.key != stored:
+                    # A position became a parameter for good while reading: the old
+                    # row must go, or the next start would count it again.
+                    self._removed.add(stored)
                 self._refresh()
                 self._put(ep)
             self._refresh()

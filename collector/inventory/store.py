@@ -82,8 +82,8 @@ class InventoryStore:
                                "file away to start a new inventory") from None
         self.inventory = Inventory()
         self.inventory.merge(Endpoint.from_dict(json.loads(state)) for (state,) in rows)
-        # What was read back is stored already; templates that a learned parameter merged
-        # on the way are rewritten at the first save.
+        # Rows whose keys merged on the way (a position made a parameter for good while
+        # reading) are replaced now; the others are written back unchanged, once.
         self.save()
 
     def on_stored(self, batch: DecodedBatch) -> None:

@@ -168,3 +168,17 @@ def test_http2_and_grpc_streams_join_the_inventory(collector):
     assert got == sorted([("POST", f"/shop.Catalog/Method{chr(65 + i)}") for i in range(15)]
                          + [("GET", "/files/{name}")])
     assert {e.service for e in endpoints(collector.address)} == {"grpc.example.test:50051"}
+
+
+def test_merging_inventories_past_max_values_replaces_every_merged_row():
+    # Two collectors' 75 file names each: together past MAX_VALUES (100), so the
+    # position becomes {name} for good and every one of the 150 stored rows must go
+    # (a row left behind would be counted again at the next start).
+    inv = Inventory()
+    rows = [Endpoint("s:80", "GET", ("files", f"doc{c}{i}x"), requests=1, first_seen_ns=i,
+                     last_seen_ns=i) for c in "ab" for i in range(75)]
+    keys = {ep.key for ep in rows}
+    inv.merge(rows)
+    changed, removed = inv.take_changes()
+    assert set(removed) == keys
+    assert [(d["template"], d["requests"]) for d in changed] == [(["files", "{name}"], 150)]
