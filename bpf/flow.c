@@ -629,18 +629,15 @@ static __always_inline int sniff(const __u8 *b, __u8 proto, __u32 len)
 		__u32 m = ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
 		return LOUPE_SNIFF_PREFIX(m);
 	}
-	/* A QUIC client's first Initial (RFC 9000 17.2.2, 14.1): long header with the fixed
-	 * bit, a version sensor/l7/quic.py opens (v1 and drafts 29-34 with Initial type
-	 * bits 00, v2 0x6b3343cf with 01, RFC 9369 3.2), a DCID of 8..20 bytes, in a
-	 * datagram of at least 1200 bytes. Its version bytes can never pass the DNS test. */
-	if ((b[0] & 0xc0) == 0xc0 && len >= 1200 && b[5] >= 8 && b[5] <= 20) {
-		__u32 v = ((__u32)b[1] << 24) | ((__u32)b[2] << 16) | ((__u32)b[3] << 8) | b[4];
-		__u8 type = (b[0] >> 4) & 3;
-		if (type == 0 && (v == 1 || (v >= 0xff00001d && v <= 0xff000022)))
-			return 1;
-		if (type == 1 && v == 0x6b3343cf)
-			return 1;
-	}
+	/* The first eight bytes of a client's first datagram that the registered protocols
+	 * declare (Protocol.kernel_datagram_words: QUIC Initials of the versions
+	 * sensor/l7/quic.py opens, in datagrams of at least 1200 bytes, RFC 9000 14.1),
+	 * compiled in by the loader as LOUPE_SNIFF_DATAGRAM(w, len), masked compares. */
+	__u64 w = ((__u64)b[0] << 56) | ((__u64)b[1] << 48) | ((__u64)b[2] << 40) |
+		  ((__u64)b[3] << 32) | ((__u64)b[4] << 24) | ((__u64)b[5] << 16) |
+		  ((__u64)b[6] << 8) | b[7];
+	if (LOUPE_SNIFF_DATAGRAM(w, len))
+		return 1;
 	/* A DNS message (RFC 1035 4.1.1): opcode QUERY (0), Z zero, one question, few
 	 * records, and a first label of 1..63 bytes or the root. */
 	__u16 flags = ((__u16)b[2] << 8) | b[3];

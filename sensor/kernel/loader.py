@@ -74,6 +74,7 @@ class LoadOptions:
             f"-DLOUPE_MAX_IPV6_EXT={self.max_ipv6_ext}",
             f"-DLOUPE_RINGBUF_PAGES={self.ringbuf_pages}",
             sniff_prefix_cflag(),
+            sniff_datagram_cflag(),
         ]
 
 
@@ -85,6 +86,16 @@ def sniff_prefix_cflag() -> str:
     words = registry.kernel_sniff_prefixes()
     test = " || ".join(f"(m) == {w:#010x}" for w in words) or "0"
     return f"-DLOUPE_SNIFF_PREFIX(m)=({test})"
+
+
+def sniff_datagram_cflag() -> str:
+    """-DLOUPE_SNIFF_DATAGRAM(w,len)=...: the sniffer's UDP openings (masked compares of the
+    first eight bytes, a least length), from the registry (Protocol.kernel_datagram_words)."""
+    from sensor.l7 import registry  # the protocol modules: only needed to compile
+
+    tests = [f"(((w) & {m:#018x}ULL) == {v:#018x}ULL && (len) >= {n})"
+             for m, v, n in registry.kernel_datagram_words()]
+    return f"-DLOUPE_SNIFF_DATAGRAM(w,len)=({' || '.join(tests) or '0'})"
 
 
 def effective_caps() -> int:

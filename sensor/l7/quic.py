@@ -760,9 +760,17 @@ ZEEK = ZeekLog(path="quic", values=_zeek, columns=(
     ("server_scid", "string"), ("server_name", "string"), ("client_protocol", "string")))
 
 
+def _kernel_words() -> tuple[tuple[int, int, int], ...]:
+    """The kernel sniffer's share of looks_like: long header, fixed bit and the Initial
+    type bits (v2: 01) in the first byte, then the version, in a client datagram of at
+    least 1200 bytes; the connection ID lengths are left to userspace."""
+    return tuple((0xF0FFFFFFFF000000, (0xD0 if v == V2 else 0xC0) << 56 | v << 24,
+                  MIN_CLIENT_DATAGRAM) for v in sorted(VERSIONS))
+
+
 PROTOCOL = Protocol(
     name=APP_PROTO, event=QuicEvent, parser=QuicParser, udp_ports=PORTS,
-    datagram_signature=looks_like, priority=12,
+    datagram_signature=looks_like, kernel_datagram_words=_kernel_words(), priority=12,
     # QUIC carries TLS 1.3: its server name and JA4 fill the Flow's TLS summary fields.
     summary=("tls_sni", "tls_ja4"),
     column_types={"version": "u32", "server_version": "u32", "tls_version": "u16",

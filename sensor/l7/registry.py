@@ -83,6 +83,32 @@ class ZeekLog:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FramingHints:
+    """What the live engine (sensor/engine/live.py) needs to know of the protocol's
+    messages on a TCP stream to spend the kernel's copy budget well. The parser's own
+    hints (skip_hint, DONE) need no declaration; these are the rules that hold before a
+    parser exists or after it failed.
+
+    message_starts: first bytes of a segment that begins a message (a request or status
+    line). With `head_end`, the engine measures each message head (up to and including
+    head_end) and keeps room for the next head of that direction in the allowance.
+    resync: after a parser error, wait for the next segment that begins a message and
+    start a fresh parser there, so a lost head costs one message, not the connection.
+    done_after(detail): over TCP, after such an event nothing more of the flow is needed
+    and the kernel stops copying it (DNS over TCP, RFC 7766: one query per connection as
+    a rule)."""
+
+    message_starts: tuple[bytes, ...] = ()
+    head_end: bytes = b""
+    resync: bool = False
+    done_after: Callable[[Any], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resync and not self.message_starts:
+            raise ValueError("resync needs message_starts: where a message begins")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Protocol:
     """One L7 protocol as every consumer sees it. `name` is the Flow's app_proto, the
     record kind (JSON "type", tail's kind column), and by default the L7Event oneof field
@@ -108,6 +134,11 @@ class Protocol:
     # (bpf/flow.c, sniff()) selects a flow on; each costs the verifier one compare, so
     # only the common openings. The loader compiles them in (kernel_sniff_prefixes()).
     kernel_prefixes: tuple[bytes, ...] = ()
+    # The same for a UDP client's first datagram: (mask, value, min_len), the first eight
+    # payload bytes as a big-endian 64-bit word masked and compared, in a datagram of at
+    # least min_len bytes (QUIC Initials). The loader compiles them in
+    # (kernel_datagram_words()).
+    kernel_datagram_words: tuple[tuple[int, int, int], ...] = ()
     priority: int = DEFAULT_PRIORITY
     # Where the kind is listed (CLI help, error messages, export files, tables): lower
     # first, then by name.
@@ -139,6 +170,9 @@ class Protocol:
     eve: Callable[[Any], dict] | None = None
     # Its Zeek log; None: `--format zeek` skips its events (counted).
     zeek: ZeekLog | None = None
+    # Live budget rules over its TCP messages (FramingHints); None: the parser's own
+    # skip hints and DONE are all the engine uses.
+    framing: FramingHints | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier():
@@ -267,6 +301,11 @@ def kernel_sniff_prefixes() -> tuple[int, ...]:
     """Every registered kernel prefix as a big-endian 32-bit word, sorted, once each."""
     return tuple(sorted({int.from_bytes(p, "big") for spec in protocols()
                          for p in spec.kernel_prefixes}))
+
+
+def kernel_datagram_words() -> tuple[tuple[int, int, int], ...]:
+    """Every registered (mask, value, min_len) datagram test, sorted, once each."""
+    return tuple(sorted({w for spec in protocols() for w in spec.kernel_datagram_words}))
 
 
 # -- the event dataclass, described for wire and storage --------------------------------------
