@@ -35,6 +35,7 @@ state is unknown: the client side must start with the preface).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -47,6 +48,10 @@ from sensor.l7.redact import redact_target, strip_userinfo
 from sensor.l7.registry import Filter, Protocol
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
+
+# hpack logs every decoded header field at DEBUG, Authorization and Cookie values included:
+# a sensor run with debug logging must not write them out.
+logging.getLogger("hpack").setLevel(logging.WARNING)
 
 APP_PROTO = "http2"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -239,8 +244,7 @@ class Http2Parser:
 
     @staticmethod
     def _decoder() -> Decoder:
-        dec = Decoder(max_header_list_size=MAX_HEADER_LIST)
-        return dec
+        return Decoder(max_header_list_size=MAX_HEADER_LIST)
 
     # -- the L7Parser contract ---------------------------------------------------------------
 

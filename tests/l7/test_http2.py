@@ -275,6 +275,15 @@ def test_secret_headers_are_never_kept_and_paths_are_redacted():
     assert "s3cret-a" not in repr(e) and "s3cret-c" not in repr(e)
 
 
+def test_debug_logging_does_not_write_header_values(caplog):
+    c, s = Peer(), Peer()
+    req = PREFACE + c.headers(1, request(extra=[("authorization", "Bearer s3cret-log")]),
+                              END_HEADERS | END_STREAM)
+    with caplog.at_level("DEBUG"):
+        events((C, req, 1), (S, s.headers(1, [(":status", "200")], END_HEADERS | END_STREAM), 2))
+    assert "s3cret-log" not in caplog.text
+
+
 # -- DATA: skip hints, gaps, bounds --------------------------------------------------------------
 
 def test_data_payloads_are_skipped_and_grpc_skips_stop_at_each_prefix():
