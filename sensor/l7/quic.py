@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from sensor.l7 import fingerprints as fp
 from sensor.l7 import tls
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol, ZeekLog
+from sensor.l7.registry import Filter, Protocol, ZeekLog
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 _TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
@@ -776,4 +776,12 @@ PROTOCOL = Protocol(
     column_types={"version": "u32", "server_version": "u32", "tls_version": "u16",
                   "cipher": "u16"},
     line=table_line, listing=4, style="green", eve=eve, zeek=ZEEK,
+    # TLS's criteria, declared again: `tail --tls-sni` and `--ja4` match QUIC handshakes
+    # as they match TLS ones (collector/filters.py joins protocols declaring one name).
+    filters=(
+        Filter(name="tls_sni", field="sni", match="glob", flow_field="tls_sni",
+               help="server name glob"),
+        Filter(name="tls_ja4", field="ja4", match="exact", flow_field="tls_ja4", flag="ja4",
+               help="JA4 client fingerprint"),
+    ),
 )

@@ -596,6 +596,20 @@ def test_replay_json_table_and_collector(tmp_path):
     store.close()
 
 
+def test_tail_filters_tls_sni_and_ja4_match_quic_events():
+    from collector import filters
+    from sensor.export import wire
+
+    [ev] = corpus_events(CORPUS_FILES[3]).values()
+    rec = wire.to_proto(model.L7Event(uid="u", ts_ns=1, src_addr="198.18.0.1",
+                                      dst_addr="198.18.0.2", protocol=17, detail=ev))
+    flt = wire.observer_pb2.RecordFilter
+    assert filters.compile_filter(flt(tls_sni=["*.cirrus-ci.com"]))(rec)
+    assert not filters.compile_filter(flt(tls_sni=["*.example.org"]))(rec)
+    assert filters.compile_filter(flt(tls_ja4=[ev.ja4]))(rec)
+    assert not filters.compile_filter(flt(tls_ja4=["t13d0000h2_000000000000_000000000000"]))(rec)
+
+
 # -- the kernel's content sniffer ---------------------------------------------------------------------
 
 @pytest.mark.bpf
