@@ -23,7 +23,7 @@ def open_storage(config: StorageConfig, data_dir: Path, *, read_only: bool = Fal
     if config.backend == "clickhouse":
         from collector.storage.clickhouse import ClickHouseStorage, native
 
-        return ClickHouseStorage(native(config.clickhouse))
+        return ClickHouseStorage(native(config.clickhouse), cluster=config.clickhouse.cluster)
     from collector.storage.duckdb import DuckDBStorage
 
     return DuckDBStorage(data_dir, read_only=read_only, sandbox=sandbox)

@@ -66,7 +66,9 @@ from collector.storage.base import (
 )
 from sensor.errors import QueryError, StorageError
 
-log = logging.getLogger(__name__)
+# The driver logs every failed connect as a warning with a traceback; the collector says
+# it in one line of its own (StorageError).
+logging.getLogger("clickhouse_driver.connection").setLevel(logging.ERROR)
 
 MODERN = (22, 3)   # the first LTS with every feature the modern DDL uses (Bool: 21.12)
 
@@ -95,7 +97,9 @@ _READ_ONLY_WORDS = ("SELECT", "WITH", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "EX
 
 
 def _day(ns_column: str) -> str:
-    return f"toYYYYMMDD(toDateTime(intDiv({ns_column}, 1000000000)))"
+    # UTC whatever the server's time zone: delete_older_than reads partition names as
+    # UTC days.
+    return f"toYYYYMMDD(toDateTime(intDiv({ns_column}, 1000000000), 'UTC'))"
 
 
 def _quote(value) -> str:
@@ -141,6 +145,10 @@ class Native:
 
     def clone(self) -> "Native":
         return Native(*self._args, create_database=False)
+
+    def node(self, host: str, port: int) -> "Native":
+        """A connection to another server of the cluster, same database and user."""
+        return Native(host, port, *self._args[2:])
 
     def execute(self, sql: str, settings: dict | None = None) -> list[tuple]:
         return self._client.execute(sql, settings=settings)
@@ -346,24 +354,69 @@ def check_read_only(sql: str) -> None:
 
 class ClickHouseStorage:
     """Storage over a ClickHouse server through `conn` (Native, or any object with its
-    methods)."""
+    methods), or over a cluster of them (see _nodes)."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn, *, cluster: str = "") -> None:
         self._conn = conn
-        self.modern = tuple(conn.version) >= MODERN
-        self.description = f"{conn.where} (ClickHouse {'.'.join(map(str, conn.version))})"
+        self._cluster = cluster
         self._readers = {name: _Reader(t) for name, t in schema.TABLES.items()}
         self._retention_ns = 0
         self._closed = False
+        # Every server that holds data: the one connected to, or each of the cluster's.
+        self._nodes = self._connect_nodes() if cluster else [conn]
+        version = min(tuple(n.version) for n in self._nodes)
+        self.modern = version >= MODERN
+        shards = f", cluster {cluster} of {len(self._nodes)}" if cluster else ""
+        self.description = f"{conn.where} (ClickHouse {'.'.join(map(str, version))}{shards})"
         try:
-            for table in schema.TABLES.values():
-                conn.execute(create_table_sql(table, self.modern))
-            conn.execute(_batches_sql())
+            for node in self._nodes:
+                self._create_tables(node)
             row = conn.execute("SELECT max(batch_seq) FROM batches")
         except Exception as exc:  # noqa: BLE001 - driver and server errors alike
             raise StorageError(f"cannot create Loupe's tables on {conn.where}: "
                                f"{_first_line(exc)}") from None
         self._last_seq = int(row[0][0] or 0)
+        # Through a Distributed table an insert returns once every shard has its rows,
+        # so an ack means stored, and the next dedup check sees them.
+        self._insert_settings = {"insert_distributed_sync": 1} if cluster else None
+
+    def _local(self, name: str) -> str:
+        """The table that holds a node's own rows (under the Distributed table)."""
+        return f"{name}_local" if self._cluster else name
+
+    def _connect_nodes(self) -> list:
+        """The cluster's servers, from remote_servers as the connected server has it.
+        Tables are made on each one directly: ON CLUSTER DDL needs ZooKeeper, which a
+        cluster without replication does not run."""
+        try:
+            rows = self._conn.execute(
+                "SELECT DISTINCT host_address, port FROM system.clusters WHERE cluster = "
+                f"{_quote(self._cluster)} ORDER BY shard_num, replica_num")
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot read the clusters of {self._conn.where}: "
+                               f"{_first_line(exc)}") from None
+        if not rows:
+            raise StorageError(f"{self._conn.where} has no cluster {self._cluster!r} in its "
+                               "remote_servers: fix [storage.clickhouse] cluster or the "
+                               "server's config (docs/scaling.md)")
+        return [self._conn.node(host, int(port)) for host, port in rows]
+
+    def _create_tables(self, node) -> None:
+        for table in schema.TABLES.values():
+            node.execute(create_table_sql(table, self.modern, self._local(table.name)))
+        node.execute(_batches_sql(self._local("batches")))
+        if not self._cluster:
+            return
+        # A Distributed table of the plain name on every node, so that collectors and
+        # analysts may use any server. Records spread at random; the dedup rows of a
+        # (sensor_id, batch_id) always land on one shard.
+        db = _quote(node.database)
+        for table in schema.TABLES:
+            node.execute(f"CREATE TABLE IF NOT EXISTS {table} AS {table}_local ENGINE = "
+                         f"Distributed({self._cluster}, {db}, {table}_local, rand())")
+        node.execute(f"CREATE TABLE IF NOT EXISTS batches AS batches_local ENGINE = "
+                     f"Distributed({self._cluster}, {db}, batches_local, "
+                     "cityHash64(sensor_id, batch_id))")
 
     # -- writing (the writer thread only) -------------------------------------------------
 
@@ -393,14 +446,16 @@ class ClickHouseStorage:
                 ).append_column("batch_seq", pa.chunked_array(
                     [pa.repeat(pa.scalar(q, pa.uint64()), n) for q, n in part_seqs[name]],
                     pa.uint64()))
-                self._conn.insert(name, *_columns_of(rows, self.modern))
+                self._conn.insert(name, *_columns_of(rows, self.modern),
+                                  settings=self._insert_settings)
             if seqs:
                 # After the records: a crash in between stores the batch again on resend
                 # (a duplicate), never acks a batch whose records are missing.
                 records = {(b.sensor_id, b.batch_id): b.records for b in batches}
                 self._conn.insert("batches", list(_BATCH_COLUMNS), [
                     [k[0] for k in seqs], [k[1] for k in seqs], list(seqs.values()),
-                    [received_ns] * len(seqs), [records[k] for k in seqs]])
+                    [received_ns] * len(seqs), [records[k] for k in seqs]],
+                    settings=self._insert_settings)
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver, socket and server errors alike
@@ -422,10 +477,11 @@ class ClickHouseStorage:
         if not self.modern or retention_ns == self._retention_ns:
             return
         seconds = max(1, retention_ns // 10**9)
-        for name in [*schema.TABLES, "batches"]:
-            self._conn.execute(
-                f"ALTER TABLE {_ident(name)} MODIFY TTL toDateTime(intDiv(received_ns, "
-                f"1000000000)) + INTERVAL {seconds} SECOND")
+        for node in self._nodes:
+            for name in [*schema.TABLES, "batches"]:
+                node.execute(
+                    f"ALTER TABLE {_ident(self._local(name))} MODIFY TTL toDateTime("
+                    f"intDiv(received_ns, 1000000000)) + INTERVAL {seconds} SECOND")
         self._retention_ns = retention_ns
 
     def delete_older_than(self, cutoff_ns: int) -> int:
@@ -436,17 +492,19 @@ class ClickHouseStorage:
         # A partition is named by its day (toYYYYMMDD in the server's time zone, UTC for
         # the collector's servers); it ends at the next midnight.
         deleted = 0
-        for name in [*schema.TABLES, "batches"]:
-            parts = self._conn.execute(
-                "SELECT partition, sum(rows) FROM system.parts WHERE active AND "
-                f"database = currentDatabase() AND table = {_quote(name)} GROUP BY partition")
-            for partition, rows in parts:
-                day = dt.datetime.strptime(str(partition).strip("'"), "%Y%m%d").replace(
-                    tzinfo=dt.timezone.utc)
-                if day + dt.timedelta(days=1) <= cutoff_day:
-                    self._conn.execute(f"ALTER TABLE {_ident(name)} DROP PARTITION {partition}")
-                    if name != "batches":
-                        deleted += int(rows)
+        for node in self._nodes:
+            for name in [*schema.TABLES, "batches"]:
+                local = self._local(name)
+                parts = node.execute(
+                    "SELECT partition, sum(rows) FROM system.parts WHERE active AND database"
+                    f" = currentDatabase() AND table = {_quote(local)} GROUP BY partition")
+                for partition, rows in parts:
+                    day = dt.datetime.strptime(str(partition).strip("'"), "%Y%m%d").replace(
+                        tzinfo=dt.timezone.utc)
+                    if day + dt.timedelta(days=1) <= cutoff_day:
+                        node.execute(f"ALTER TABLE {_ident(local)} DROP PARTITION {partition}")
+                        if name != "batches":
+                            deleted += int(rows)
         return deleted
 
     def last_seq(self) -> int:
@@ -540,7 +598,8 @@ class ClickHouseStorage:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._conn.close()
+            for node in {id(n): n for n in [self._conn, *self._nodes]}.values():
+                node.close()
 
 
 def _server_message(exc: BaseException) -> str:

@@ -1,6 +1,7 @@
 """The backends of the contract suite. Each `backend` fixture value opens stores over one
 and the same underlying data: a DuckDB directory (one store at a time: its file lock), a
-real clickhouse-server process, or a chDB database (the modern DDL)."""
+real clickhouse-server process, two of them as a cluster of two shards under Distributed
+tables, or a chDB database (the modern DDL)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from collector.storage import open_storage
 from sensor.config import ClickHouseConfig, StorageConfig
 
-from .clickhouse_proc import ClickHouseServer
+from .clickhouse_proc import ClickHouseServer, free_port, remote_servers
 
 _databases = itertools.count(1)
 
@@ -21,6 +22,22 @@ def clickhouse_server(tmp_path_factory):
     server = ClickHouseServer(tmp_path_factory.mktemp("clickhouse"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_cluster(tmp_path_factory):
+    """Two servers, one shard each, both knowing the cluster `loupe` of the two."""
+    ports = [free_port(), free_port()]
+    extra = remote_servers("loupe", ports)
+    base = tmp_path_factory.mktemp("cluster")
+    servers = []
+    try:
+        for i, port in enumerate(ports):
+            servers.append(ClickHouseServer(base / f"shard{i + 1}", extra, port))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +68,7 @@ class Backend:
             store.close()
 
 
-@pytest.fixture(params=["duckdb", "clickhouse", "chdb"])
+@pytest.fixture(params=["duckdb", "clickhouse", "cluster", "chdb"])
 def backend(request, tmp_path):
     name = request.param
     if name == "duckdb":
@@ -61,6 +78,15 @@ def backend(request, tmp_path):
         config = StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
             port=server.port, database=f"t{next(_databases)}"))
         opener = lambda: open_storage(config, tmp_path)  # noqa: E731
+    elif name == "cluster":
+        servers = request.getfixturevalue("clickhouse_cluster")
+        database = f"t{next(_databases)}"
+        stores = iter(range(10**6))
+        # Each store (collector) connects to the next server in turn.
+        opener = lambda: open_storage(StorageConfig(  # noqa: E731
+            backend="clickhouse", clickhouse=ClickHouseConfig(
+                port=servers[next(stores) % 2].port, database=database, cluster="loupe")),
+            tmp_path)
     else:
         from collector.storage.clickhouse import ClickHouseStorage
 

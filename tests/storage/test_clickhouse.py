@@ -9,13 +9,12 @@ import time
 import pytest
 
 from collector.storage import open_storage
-from collector.storage.base import Cancel, StoreStatus
+from collector.storage.base import Cancel
 from collector.storage.clickhouse import ClickHouseStorage
 from sensor.config import ClickHouseConfig, StorageConfig
 from sensor.errors import QueryError, StorageError
 from sensor.export import wire
 from tests.collector.conftest import batch, flow, http, push, query, subscribe, start_collector  # noqa: F401
-from tests.export import records as R
 
 from .chdb_conn import ChdbConn
 from .test_contract import DAY_NS, _flow, decoded
@@ -38,7 +37,7 @@ def test_the_server_version_picks_the_ddl(clickhouse_server, chdb_session):
         assert modern.modern
         old, new = show(legacy, "flows"), show(modern, "flows")
         for text in (old, new):
-            assert "PARTITION BY toYYYYMMDD(toDateTime(intDiv(received_ns, 1000000000)))" in text
+            assert "PARTITION BY toYYYYMMDD(toDateTime(intDiv(received_ns, 1000000000), 'UTC'))" in text
             assert "ORDER BY (intDiv(flow_end_ns, 3600000000000), app_proto, dst_port" in text
         assert "LowCardinality" not in old and "IPv6" not in old and "CODEC" not in old
         assert "`app_proto` LowCardinality(String)" in new
@@ -120,3 +119,52 @@ def test_two_collectors_on_one_server(clickhouse_server, start_collector, tmp_pa
     # History (since) through the collector that stored the later batch.
     got = subscribe(b.address, since_ns=1)
     assert sorted(r.uid for r in got) == ["F1", "F3", "H2"]
+
+
+def test_a_cluster_spreads_rows_over_both_shards(clickhouse_cluster):
+    from collector.storage.clickhouse import Native
+
+    first, second = clickhouse_cluster
+    stores = [open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
+        port=s.port, database="spread", cluster="loupe")), None) for s in clickhouse_cluster]
+    try:
+        assert "cluster loupe of 2" in stores[0].description
+        for i in range(4):
+            stores[i % 2].store_many(
+                [decoded([_flow(i * 50 + j, 10 + j) for j in range(50)], i)], time.time_ns())
+        local = []
+        for server in clickhouse_cluster:
+            conn = Native("127.0.0.1", server.port, "spread", "default", "")
+            local.append(conn.execute("SELECT count() FROM flows_local")[0][0])
+            assert conn.execute("SELECT count() FROM batches_local")[0][0] >= 1
+            conn.close()
+        assert all(n > 0 for n in local) and sum(local) == 200
+        # Either server answers for the whole cluster.
+        for store in stores:
+            assert store.query("SELECT count() FROM flows", 10, 10).rows == [(200,)]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_an_unknown_cluster_is_one_line(clickhouse_server):
+    with pytest.raises(StorageError, match="has no cluster 'nope' in its remote_servers"):
+        open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
+            port=clickhouse_server.port, cluster="nope")), None)
+
+
+def test_retention_keeps_rows_received_after_the_cutoff_whatever_the_server_zone(
+        clickhouse_server):
+    # The test server runs on America/Los_Angeles time (UTC-8). Partitions named by the
+    # server's local day put a row received at 03:00 UTC into the previous day, which
+    # ended (read as UTC) before a 01:00 UTC cutoff: the row was dropped two hours early.
+    store = open_storage(config(clickhouse_server, "zone"), None)
+    try:
+        midnight = (time.time_ns() // DAY_NS - 2) * DAY_NS
+        hour = 3600 * 10**9
+        store.store_many([decoded([_flow(1, 5)], 1)], midnight + 3 * hour)
+        store.store_many([decoded([_flow(2, 6)], 2)], midnight - 3 * hour)
+        assert store.delete_older_than(midnight + hour) == 1
+        assert [r.uid for r in store.records_since(1, store.last_seq())] == ["F00000001"]
+    finally:
+        store.close()
