@@ -24,6 +24,7 @@ LOUPE = str(Path(sys.executable).with_name("loupe"))
 HERE = Path(__file__).resolve().parent
 PORT = 8080
 REQUESTS = 2000
+SEED = 15   # the driver's; any other gives the same figures (seeds 3 and 99 checked)
 SERVER = ("import logging, sys, httpbin\n"
           "from wsgiref.simple_server import WSGIRequestHandler, make_server\n"
           "logging.disable(logging.WARNING)\n"
@@ -71,7 +72,7 @@ def capture(tmp_path: Path) -> tuple[Path, str]:
             else:
                 pytest.fail("httpbin did not start listening")
             drive = pair.a.run(sys.executable, str(HERE / "httpbin_driver.py"), pair.b.ip4,
-                               str(PORT), str(REQUESTS), "15", timeout=240)
+                               str(PORT), str(REQUESTS), str(SEED), timeout=240)
         finally:
             for proc in (dump, server):
                 proc.send_signal(signal.SIGINT)
