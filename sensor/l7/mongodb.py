@@ -46,7 +46,6 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import REDACTED
@@ -56,7 +55,7 @@ APP_PROTO = "mongodb"
 PORTS = (27017,)
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
-_TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
+_TO_SERVER = Direction.TO_SERVER
 
 # mongod refuses messages above maxMessageSizeBytes (48,000,000): a longer length is garbage.
 MAX_MESSAGE = 48_000_000

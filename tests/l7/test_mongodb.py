@@ -20,10 +20,8 @@ from pathlib import Path
 
 import bson
 import pytest
-from bson.codec_options import DEFAULT_CODEC_OPTIONS
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pymongo import message
 from pymongo.compression_support import ZlibContext, ZstdContext
 
 from sensor import model
