@@ -562,11 +562,15 @@ struct loupe_tls_sock {
 
 /* A chunk of plaintext: this header, then cap_len octets. len counts from offset (after
  * a skip), so len - cap_len octets of the call were not copied (budget or chunk size).
- * len 0: no chunk, the object was just bound to fd (SSL_set_fd). sock is the fd's
+ * Without data: LOUPE_TLS_EV_BIND, the object was just bound to fd (SSL_set_fd);
+ * LOUPE_TLS_EV_PROGRESS, a call ended a skip range, the stream is at offset now (so a
+ * body skipped in the kernel ends its transaction without waiting for more). sock is the fd's
  * 4-tuple when the kernel saw it connect (flags LOUPE_TLS_EV_SOCK): taken at the call,
  * so it names this connection even if the fd is closed and reused before userspace
  * reads the event (for other sockets userspace asks /proc). */
-#define LOUPE_TLS_EV_SOCK 0x01
+#define LOUPE_TLS_EV_SOCK     0x01
+#define LOUPE_TLS_EV_BIND     0x02
+#define LOUPE_TLS_EV_PROGRESS 0x04
 struct loupe_tls_event {
 	__u64 ts_ns;           /* bpf_ktime_get_ns() at the call's return */
 	__u64 ssl;

@@ -188,6 +188,36 @@ int tls_enter_gnutls_send(struct pt_regs *ctx)
 
 /* ---- return ------------------------------------------------------------------------- */
 
+/* An event without data: the stream of (key, d) is at offset (LOUPE_TLS_EV_PROGRESS). */
+static __always_inline void mark(const struct loupe_tls_conn_key *key,
+				 const struct loupe_tls_conn *conn, __u32 d, __u64 offset,
+				 __u8 lib, __u64 pid_tgid)
+{
+	__u32 zero = 0;
+	struct loupe_tls_scratch *s = tls_scratch.lookup(&zero);
+	if (!s)
+		return;
+	struct loupe_tls_event *ev = &s->ev;
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->ssl = key->ssl;
+	ev->offset = offset;
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->tgid = key->tgid;
+	ev->tid = (__u32)pid_tgid;
+	ev->fd = conn->fd;
+	ev->len = 0;
+	ev->cap_len = 0;
+	ev->dir = d;
+	ev->lib = lib;
+	ev->fd_src = conn->fd_src;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	take_sock(ev, key->tgid, conn->fd);
+	ev->flags |= LOUPE_TLS_EV_PROGRESS;
+	if (tls_events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+		count(LOUPE_TLS_CNT_RINGBUF_FULL, 1);
+}
+
 static __always_inline int leave(__s64 ret, int ex)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -256,8 +286,11 @@ static __always_inline int leave(__s64 ret, int ex)
 		}
 	}
 	__u64 rest = n - start;
-	if (rest == 0)
+	if (rest == 0) {
+		if (ctl && off + n >= ctl->skip_until[d])
+			mark(&key, conn, d, off + n, call.lib, pid_tgid);
 		return 0;
+	}
 	__u64 room = allowed > conn->copied[d] ? allowed - conn->copied[d] : 0;
 	__u64 copy = rest < room ? rest : room;
 	if (copy > LOUPE_TLS_CHUNK)
@@ -295,7 +328,7 @@ static __always_inline int leave(__s64 ret, int ex)
 	ev->lib = call.lib;
 	ev->fd_src = conn->fd_src;
 	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
-	take_sock(ev, ev->tgid, ev->fd);
+	take_sock(ev, ev->tgid, ev->fd);   /* sets flags */
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	conn->copied[d] += sz;
 	if (tls_events.ringbuf_output(s, sizeof(struct loupe_tls_event) + sz, 0) != 0) {
@@ -352,6 +385,7 @@ int tls_set_fd(struct pt_regs *ctx)
 	ev.fd_src = LOUPE_TLS_FD_SET_FD;
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	take_sock(&ev, ev.tgid, ev.fd);
+	ev.flags |= LOUPE_TLS_EV_BIND;
 	if (tls_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
 		count(LOUPE_TLS_CNT_RINGBUF_FULL, 1);
 	return 0;

@@ -64,9 +64,12 @@ MAX_CONNS = 16384
 MAX_RESYNCS = 16
 _REQUEST_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ",
                                       b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
-# An HTTP direction's allowance target once heads were seen (as live.py's policy).
+# A direction's allowance is kept topped up to this (as live.py's policy, with a larger
+# floor): one call carries a whole response head and, for small bodies, the body too,
+# so 4 KiB keeps a few responses of room ahead of a userspace that lags behind a fast
+# keep-alive connection; a body in flight before its skip lands copies at most this.
+ROOM_TARGET = 4096
 HEAD_ROOM_FACTOR = 4
-MIN_HEAD_ROOM = 512
 _HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
                 b"CONNECT ", b"TRACE ", b"HTTP/1.")
 _M32 = 0xFFFFFFFF
@@ -231,15 +234,22 @@ class PlaintextL7:
         ts = ch.ts_ns + offset_ns
         ed = d ^ conn.flip
         if expected is not None and ch.offset > expected:
-            # Octets the kernel did not copy (budget, or a lost chunk): accounted as
-            # truncated, so the parser resynchronises or skips past them.
+            # Octets the kernel did not copy: skipped on our request (they become Skip,
+            # a body's end), or truncated by the budget or a lost chunk (the parser
+            # resynchronises or skips past them).
             self.engine.tcp_segment(st, ed, expected & _M32, 0, 0, b"", ts,
                                     ch.offset - expected)
+        if not ch.length:
+            conn.next_off[d] = max(ch.offset, expected or 0)
+            self._write_back(conn)   # a progress mark: nothing more to parse
+            return
         n = len(ch.data)
         conn.received[d] += n
-        if ch.length > n and n < CHUNK:
-            # Cut short by the budget: the kernel's room is 0, whatever we counted (bytes
-            # of chunks we could not place, before the connection was known, used it).
+        if ch.length > n and n < CHUNK and conn.skip_sent[d] <= ch.offset:
+            # Cut short by the budget outside a body being skipped: the kernel's room is
+            # 0, whatever we counted (chunks we could not place before the connection
+            # was known used it). Inside a skip range the cut is the body in flight
+            # before our skip landed: granting there would only copy more of it.
             conn.received[d] = max(conn.received[d], conn.allowance[d])
         if ch.data.startswith(_HTTP_STARTS):
             end = ch.data.find(b"\r\n\r\n")
@@ -363,23 +373,32 @@ class PlaintextL7:
                     conn.ctl.skip_until[d] = off
                     self.stats.skips += 1
                     changed = True
+                    # Until the skip reaches the kernel, the body in flight uses up the
+                    # allowance (as live.py's policy): granted right behind the skip,
+                    # the next head finds room however late we get to the body's chunks.
+                    room = max(conn.allowance[d] - conn.received[d], 0)
+                    after = room - min(off - base, room)
+                    target = self._room_target(conn, d)
+                    if after < target:
+                        self._grant(conn, d, target - after)
         for d in (0, 1):
             target = self._room_target(conn, d)
             room = conn.allowance[d] - conn.received[d]
             if room < target // 2:
-                grant = target - max(room, 0)
-                conn.ctl.grant[d] += grant
-                conn.allowance[d] += grant
-                self.stats.grants += 1
+                self._grant(conn, d, target - max(room, 0))
                 changed = True
         if changed:
             self._write_ctl(conn)
 
+    def _grant(self, conn: _Conn, d: int, octets: int) -> None:
+        conn.ctl.grant[d] += octets
+        conn.allowance[d] += octets
+        self.stats.grants += 1
+
     def _room_target(self, conn: _Conn, d: int) -> int:
-        head = conn.head_max[d]
-        if not head:
-            return self.refill_octets
-        return min(self.refill_octets, max(MIN_HEAD_ROOM, HEAD_ROOM_FACTOR * head))
+        floor = max(self.refill_octets, ROOM_TARGET)
+        # Four of the largest heads seen, never more than the initial budget.
+        return max(floor, min(HEAD_ROOM_FACTOR * conn.head_max[d], self.budget))
 
     # -- flow records ---------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class PlaintextSensor:
             self.queue_full += 1
             return
         chunk = tlsprobe.Chunk.parse(raw)
-        if chunk.length == 0:
+        if chunk.flags & tlsprobe.EV_BIND:
             self.l7.bind(chunk)   # SSL_set_fd: no data, the socket to look up
             return
         self._queue.append((chunk, self.l7.locate(chunk)))

@@ -89,7 +89,7 @@ assert ctypes.sizeof(TlsConn) == 72
 assert ctypes.sizeof(TlsConfig) == 16
 assert ctypes.sizeof(TlsEvent) == 112
 EVENT_SIZE = 112
-EV_SOCK = 0x01
+EV_SOCK, EV_BIND, EV_PROGRESS = 0x01, 0x02, 0x04
 
 READ, WRITE = 0, 1                       # LOUPE_TLS_READ / WRITE
 FD_NONE, FD_SET_FD, FD_SYSCALL = 0, 1, 2
@@ -119,6 +119,7 @@ class Chunk:
     data: bytes
     # (local address, port, remote address, port) when the kernel saw the fd connect
     sock: tuple[bytes, int, bytes, int] | None = None
+    flags: int = 0      # EV_BIND: SSL_set_fd, no data; EV_PROGRESS: the stream is at offset
 
     @classmethod
     def parse(cls, raw: bytes) -> Chunk:
@@ -132,7 +133,7 @@ class Chunk:
                    fd_src=ev.fd_src, dir=ev.dir & 1, lib=LIBS.get(ev.lib, "?"),
                    offset=ev.offset, length=ev.len, cgroup_id=ev.cgroup_id,
                    comm=ev.comm.decode(errors="replace"),
-                   data=raw[EVENT_SIZE:EVENT_SIZE + ev.cap_len], sock=sock)
+                   data=raw[EVENT_SIZE:EVENT_SIZE + ev.cap_len], sock=sock, flags=ev.flags)
 
 
 # ---- libraries ---------------------------------------------------------------------------
