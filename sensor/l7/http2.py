@@ -710,6 +710,7 @@ class Http2Parser:
 # SETTINGS parameters a server's first frame may carry: six are defined (RFC 9113 §6.5.2)
 # plus a few extensions (RFC 8441, RFC 9218); each is 6 bytes.
 _MAX_FIRST_SETTINGS = 16
+_SETTINGS_IDS = frozenset(i.to_bytes(2, "big") for i in (1, 2, 3, 4, 5, 6, 8, 9))
 
 
 def looks_like(first: bytes, direction: Direction) -> bool:
@@ -722,8 +723,12 @@ def looks_like(first: bytes, direction: Direction) -> bool:
     if direction != Direction.TO_CLIENT or len(first) < 9:
         return False
     length = int.from_bytes(first[:3], "big")
-    return (first[3:9] == b"\x04\x00\x00\x00\x00\x00" and length % 6 == 0
-            and length <= 6 * _MAX_FIRST_SETTINGS)
+    if first[3:9] != b"\x04\x00\x00\x00\x00\x00" or length % 6 or \
+            length > 6 * _MAX_FIRST_SETTINGS:
+        return False
+    # Its first parameter, when there is one and it is here, must be a known one: the
+    # frame shape alone is only 9 bytes of mostly zeros.
+    return not length or len(first) < 11 or first[9:11] in _SETTINGS_IDS
 
 
 def table_line(d: Http2Event) -> list[tuple[str, str | None]]:

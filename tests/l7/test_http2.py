@@ -440,6 +440,9 @@ def test_signature_is_the_client_or_server_preface():
     assert not looks_like(frame(SETTINGS, 0, 0, b"\0" * 5), S)
     assert not looks_like(frame(HEADERS, 0, 0, b"\0" * 6), S)
     assert not looks_like(b"\x4a\x00\x00\x00\x0a5.5.5-10.11", S)   # a MySQL greeting
+    # A Kafka response of 1540 bytes to correlation id 0 has the frame's shape; its next
+    # bytes (an error code, then an array length) are no SETTINGS parameter.
+    assert not looks_like(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x00\x00\x3c", S)
 
 
 # -- the golden capture: real clients' own accounts ----------------------------------------------
