@@ -41,7 +41,6 @@ frame type an Initial may not carry, is an ERROR.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections import OrderedDict, deque
@@ -164,7 +163,7 @@ def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
     here fits one SHA-256 block."""
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes((len(full),)) + full + b"\x00"
-    return hmac.new(secret, info + b"\x01", hashlib.sha256).digest()[:length]
+    return hmac.digest(secret, info + b"\x01", "sha256")[:length]
 
 
 class _Keys:
@@ -189,7 +188,7 @@ def initial_keys(version: int, dcid: bytes) -> tuple[_Keys, _Keys]:
     to `dcid`."""
     salt = _SALT_V2 if version == V2 else \
         _SALT_DRAFT29 if 0xFF00001D <= version <= 0xFF000020 else _SALT_V1
-    prk = hmac.new(salt, dcid, hashlib.sha256).digest()
+    prk = hmac.digest(salt, dcid, "sha256")
     return (_Keys(_expand_label(prk, b"client in", 32), version),
             _Keys(_expand_label(prk, b"server in", 32), version))
 
