@@ -35,7 +35,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Filter, Protocol, ZeekLog
+from sensor.l7.registry import Filter, FramingHints, Protocol, ZeekLog
 from sensor.model import DnsAnswer, DnsEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -555,8 +555,16 @@ ZEEK = ZeekLog(path="dns", values=_zeek, columns=(
     ("TC", "bool"), ("answers", "vector[string]"), ("TTLs", "vector[interval]")))
 
 
+def _answered(event: DnsEvent) -> bool:
+    """An answer came back (a query alone has rcode -1)."""
+    return event.rcode >= 0
+
+
 PROTOCOL = Protocol(
     name="dns", event=DnsEvent, parser=DnsParser,
+    # RFC 7766: a DNS-over-TCP connection usually carries one query; once it is answered,
+    # the live sensor copies nothing more of the flow.
+    framing=FramingHints(done_after=_answered),
     tcp_ports=(53,), udp_ports=(53, 5353),
     # Over TCP the shape alone is too weak a signal (two length bytes and a header), so
     # it is trusted on port 53 only; over UDP the whole message is there to check.

@@ -42,7 +42,7 @@ from typing import Callable
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.registry import Filter, Protocol, ZeekLog
+from sensor.l7.registry import Filter, FramingHints, Protocol, ZeekLog
 from sensor.model import HttpEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -755,6 +755,9 @@ METHODS = frozenset((
 # another method is still found by its port or by a selection rule.
 KERNEL_METHODS = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
                   b"CONNECT")
+# What a segment starting an HTTP/1 message begins with (RFC 9112 3, 4), for the live
+# budget (FramingHints): the common methods and a status line.
+MESSAGE_STARTS = (*(m + b" " for m in (*KERNEL_METHODS, b"TRACE")), b"HTTP/1.")
 
 
 def looks_like(first: bytes, direction: Direction) -> bool:
@@ -812,6 +815,9 @@ ZEEK = ZeekLog(path="http", values=_zeek, columns=(
 
 PROTOCOL = Protocol(
     name="http", event=HttpEvent, parser=Http1Parser, options=("redact", "inspect"),
+    # Live budget: room for the next head of each direction, sized by the heads seen;
+    # after a lost head, a fresh parser at the next message (sensor/engine/live.py).
+    framing=FramingHints(message_starts=MESSAGE_STARTS, head_end=b"\r\n\r\n", resync=True),
     tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
     kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
     summary=("http_host",), column_types={"status": "u16"},
