@@ -81,3 +81,25 @@ def test_storage_columns_are_derived_with_overrides():
         ("name", "str"), ("rtype", "u16"), ("ttl", "u32"), ("data", "str")]
     with pytest.raises(ValueError, match="unknown column types"):
         registry.Protocol(name="x", column_types={"a": "float"})
+
+
+def test_the_live_engine_takes_its_budget_rules_from_the_registrations():
+    # sensor/engine/live.py names no protocol: no string literal in it is a protocol's
+    # name, and what it resynchronises, sizes heads by and stops on comes from FramingHints.
+    import ast
+
+    from sensor.engine import live
+
+    tree = ast.parse((ROOT / "sensor" / "engine" / "live.py").read_text())
+    names = {p.name for p in registry.protocols()}
+    literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                and isinstance(n.value, str)}
+    assert not names & literals, sorted(names & literals)
+    hints = live._framing_hints()
+    assert hints.resync == {"http": http1.MESSAGE_STARTS}
+    assert set(hints.done_after) == {"dns"}
+    assert hints.head_length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody") == 27
+    assert hints.head_length(b"HTTP/1.1 200 OK\r\nContent-Le") == 1 << 32
+    assert hints.head_length(b"\x16\x03\x01\x00") == 0
+    with pytest.raises(ValueError, match="resync needs message_starts"):
+        registry.FramingHints(resync=True)
