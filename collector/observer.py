@@ -166,7 +166,7 @@ class ObserverService:
     def __init__(self, storage: Storage, hub: Hub, counters: Callable[[], dict], *,
                  version: str, started_ns: int, inventory=None) -> None:
         self._storage = storage
-        self._inventory = inventory  # collector.inventory.model.Inventory
+        self._inventory = inventory  # collector.inventory.store.InventoryStore
         self._hub = hub
         self._counters = counters
         self._version = version
@@ -209,8 +209,12 @@ class ObserverService:
         if unknown:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"no table {', '.join(unknown)}: use {', '.join(schema.TABLES)}")
-        # A snapshot of what is committed now; later batches are not waited for.
-        async for batch in self._chunks(request.since_ns, self._hub.last_seq,
+        # A snapshot of what is committed now; later batches are not waited for. The
+        # store's newest commit includes other collectors' on a shared store (ClickHouse).
+        loop = asyncio.get_running_loop()
+        upto = max(self._hub.last_seq,
+                   await loop.run_in_executor(self._readers, self._storage.last_seq))
+        async for batch in self._chunks(request.since_ns, upto,
                                         until_ns=request.until_ns, tables=tables):
             yield observer_pb2.ExportChunk(records=batch)
 

@@ -39,7 +39,10 @@ Both err towards a duplicate, never a loss (at least once).
 Commit sequence (batch_seq): max(previous + 1, wall-clock ns). Within one collector it
 rises with every commit, as DuckDB's counter does (the live stream's stitching relies on
 that); across collectors sharing the server it orders commits by wall clock, so a
-restarted or second collector continues above what is stored.
+restarted or second collector continues above what is stored, and last_seq() (the bound
+of an export) is the newest commit of any of them. Without transactions an export is not
+an atomic snapshot: a batch another collector is inserting at that moment may be read in
+part.
 
 Queries from analysts run with readonly=1 (no writes, no SET, no table functions such as
 file() or url()), after the same one-statement, read-only check as DuckDB's.
@@ -508,7 +511,16 @@ class ClickHouseStorage:
         return deleted
 
     def last_seq(self) -> int:
-        return self._last_seq
+        """The newest commit in the store, this collector's or another's (they share it):
+        an export from a collector that stores nothing itself still sees everything."""
+        conn = self._conn.clone()
+        try:
+            row = conn.execute("SELECT max(batch_seq) FROM batches")
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot read {self._conn.where}: {_first_line(exc)}") from None
+        finally:
+            conn.close()
+        return max(self._last_seq, int(row[0][0] or 0))
 
     # -- reading (any thread, each on its own connection) --------------------------------
 

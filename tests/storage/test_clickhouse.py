@@ -119,6 +119,11 @@ def test_two_collectors_on_one_server(clickhouse_server, start_collector, tmp_pa
     # History (since) through the collector that stored the later batch.
     got = subscribe(b.address, since_ns=1)
     assert sorted(r.uid for r in got) == ["F1", "F3", "H2"]
+    # Export through the collector that did not store it: every record, once.
+    from tests.collector.conftest import observer_stub
+
+    chunks = observer_stub(a.address).Export(wire.observer_pb2.ExportRequest(since_ns=1))
+    assert sorted(wire.from_proto(r).uid for c in chunks for r in c.records) == ["F1", "F3", "H2"]
 
 
 def test_a_cluster_spreads_rows_over_both_shards(clickhouse_cluster):
