@@ -55,6 +55,7 @@ _LOOSE_ENTITIES = {"tab": "\t", "newline": "\n", "colon": ":", "lpar": "(", "rpa
                    "apos": "'", "lt": "<", "gt": ">", "grave": "`", "lowbar": "_",
                    "num": "#", "semi": ";", "equals": "=", "plus": "+", "bsol": "\\"}
 _LOOSE = re.compile(r"&([a-z]{2,8});", re.I)
+_HIGH = re.compile(r"[\x80-\xff]")
 _HEX_ESC = re.compile(r"\\x([0-9A-Fa-f]{2})")
 
 
@@ -67,8 +68,8 @@ def hex_escapes(value: str) -> str:
     high bit set is also read with it cleared, as US-ASCII decoders that drop bit 7 do
     (`\\xbcscript\\xbe` is `<script>` there)."""
     value = _HEX_ESC.sub(lambda m: chr(int(m.group(1), 16)), value)
-    if any("\x80" <= c <= "\xff" for c in value):
-        value = "".join(chr(ord(c) & 0x7F) if "\x80" <= c <= "\xff" else c for c in value)
+    if _HIGH.search(value):
+        value = _HIGH.sub(lambda m: chr(ord(m.group(0)) & 0x7F), value)
     return value
 
 
@@ -95,7 +96,7 @@ def variants(value: str) -> list[str]:
         cur = nxt
     if "&" in value or "&" in cur:
         add(loose_entities(entities(cur)))
-    if "\\x" in cur or any("\x80" <= c <= "\xff" for c in cur):
+    if "\\x" in cur or _HIGH.search(cur):
         add(hex_escapes(cur))
     if "\\" in cur:
         add(json_escapes(cur))

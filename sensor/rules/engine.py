@@ -32,20 +32,21 @@ from sensor.rules.request import Request
 
 TERMINAL = ("allow", "block")
 MAX_KEYS = 65536   # threshold keys held (sources x endpoints); ~200 bytes each
-_TEMPLATE_SEGMENT = re.compile(
-    r"^(?:\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{16,}"
-    r"|[A-Za-z0-9_-]{20,})$", re.I)
+_HAS_ID = re.compile(r"/(?:\d|[0-9a-f]{8}-|[A-Za-z0-9_-]{16})", re.I)
+# An id-like path segment: a number, a UUID, a long hex or token string. One regex over
+# the whole path (no per-segment loop): this runs on every GET when enumeration is on.
+_ID_SEGMENT = re.compile(
+    r"(?<=/)(?:\d+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{16,}"
+    r"|[A-Za-z0-9_-]{20,})(?=/|$)", re.I)
 
 
 def template(path: str) -> tuple[str, str]:
     """(templated path, the id values joined): /users/42/orders/7 -> /users/{id}/orders/{id}."""
-    parts = path.split("?", 1)[0].split("/")
-    ids = []
-    for i, part in enumerate(parts):
-        if part and _TEMPLATE_SEGMENT.match(part):
-            ids.append(part)
-            parts[i] = "{id}"
-    return "/".join(parts), "/".join(ids)
+    path = path.split("?", 1)[0]
+    ids = _ID_SEGMENT.findall(path)
+    if not ids:
+        return path, ""
+    return _ID_SEGMENT.sub("{id}", path), "/".join(ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Rule:
     log: bool = True                       # an `allow` match writes an Alert only if set
     order: int = 0                          # position in the files: breaks priority ties
     source: str = ""                        # file:line, for `rules check` and errors
+    cheap_first: tuple[int, ...] = ()       # condition indexes, cheapest test first
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,10 @@ def excerpt(field_name: str, value: str) -> str:
 class Engine:
     def __init__(self, rules: RuleSet) -> None:
         self.rules = rules.sorted()
+        # The value detectors of the enabled groups: judged together, once per value.
+        self.detectors = tuple(dict.fromkeys(
+            r.group.name for r in self.rules.rules
+            if r.group is not None and r.group.name in managed.VALUE_DETECTORS))
         self.stats = EngineStats()
         self._windows: OrderedDict[tuple, _Window] = OrderedDict()
 
@@ -171,19 +177,21 @@ class Engine:
             if subject.request is None:
                 return None
             try:
-                finding = rule.group.scan(subject.request)
+                finding = rule.group.scan(subject.request, self.detectors)
             except RecursionError:   # a detector bug must not take the sensor down
                 self.stats.detector_errors += 1
                 return None
             if finding is None:
                 return None
             return finding.field, finding.value, finding.reason, 0, True
+        # Conditions are ANDed: cheap ones run first (rule.cheap_first), and the hit
+        # reported is the first condition's in the file, whatever ran first.
         first = None
-        for cond in rule.conditions:
-            hit = cond.match(subject)
+        for i in rule.cheap_first:
+            hit = rule.conditions[i].match(subject)
             if hit is None:
                 return None
-            if first is None:
+            if i == 0:
                 first = hit
         fld, value, reason = first if first is not None else ("", "", "matched")
         if rule.threshold is None:
@@ -194,6 +202,8 @@ class Engine:
         th = rule.threshold
         ev = subject.event
         path = subject.path()
+        if th.distinct and not _HAS_ID.search(path):
+            return None   # no id-like segment: nothing to enumerate (the common case)
         tpl, ids = template(path) if th.by.endswith("template") or th.distinct else (path, "")
         if th.distinct and not ids:
             return None   # nothing to enumerate on this path

@@ -37,16 +37,20 @@ class Subject:
     """One event (and its raw request, if kept) as rules see it. Values are computed on
     first use only: most rules look at one or two fields."""
 
-    __slots__ = ("event", "request")
+    __slots__ = ("event", "request", "_path")
 
     def __init__(self, event: L7Event, request: Request | None) -> None:
         self.event = event
         self.request = request
+        self._path: str | None = None
 
     def path(self) -> str:
-        if self.request is not None:
-            return unquote(self.request.path)
-        return getattr(self.event.detail, "path", "").split("?", 1)[0]
+        if self._path is None:
+            if self.request is not None:
+                self._path = unquote(self.request.path)
+            else:
+                self._path = getattr(self.event.detail, "path", "").split("?", 1)[0]
+        return self._path
 
     def host(self) -> str:
         if self.request is not None:

@@ -56,6 +56,9 @@ MAX_BODY = 1 << 20
 _DETECTORS = {"sqli": sqli.detect, "xss": web.xss, "lfi": web.traversal, "rce": shell.detect}
 _TEXT_OPS = ("equals", "prefix", "suffix", "contains", "regex")
 _OPS = (*_TEXT_OPS, "cidr", "range", "exists", *_DETECTORS)
+# Relative cost of an operator's test: conditions run cheapest first.
+_COST = {"exists": 0, "equals": 1, "prefix": 1, "suffix": 1, "range": 1, "contains": 2,
+         "cidr": 3, "regex": 4, **{d: 9 for d in _DETECTORS}}
 _RULE_KEYS = frozenset(("id", "priority", "action", "severity", "category", "match", "field",
                         "op", "value", "negate", "nocase", "threshold", "log"))
 _COND_KEYS = frozenset(("field", "op", "value", "negate", "nocase"))
@@ -266,9 +269,12 @@ def _rule(t: dict, i: int, where: _Where, order: int, seen) -> engine.Rule:
     log = t.get("log", action != "allow")
     if not isinstance(log, bool):
         raise where.fail(where.line("rule", i, "log"), "log must be true or false")
+    cost = [_COST.get(c.get("op", "equals"), 1) for c in specs]
+    cheap_first = tuple(sorted(range(len(conds)), key=lambda j: cost[j]))
     return engine.Rule(id=rid, priority=prio, action=action, conditions=conds,
                        severity=sev or "medium", category=t.get("category", "custom"),
-                       threshold=threshold, log=log, order=order, source=here)
+                       threshold=threshold, log=log, order=order, source=here,
+                       cheap_first=cheap_first)
 
 
 def _condition(c, i: int, where: _Where) -> engine.Condition:

@@ -454,9 +454,27 @@ def _anywhere(toks: list[Token]) -> str:
     return ""
 
 
+# A value of only words, digits, spaces and . : + - (no quote, bracket, operator,
+# comment or statement break) can only be SQL by its words: these are the ones some
+# shape above needs. Anything else is tokenized. The prefilter is what keeps ordinary
+# values (names, ids, dates, prose) at a regex search each.
+_PLAIN = re.compile(r"[\w .:+\-]*")
+_SQL_WORDS = re.compile(
+    r"\b(?:union|select|insert|delete|drop|update|exec|execute|shutdown|waitfor|into|order|"
+    r"group|having|limit|where|from|procedure|like|rlike|regexp|ilike|between|is|null|xor|"
+    r"sounds|declare|truncate|alter|create|notnull|isnull|true|false|in|not)\b|^\s*(?:or|and)\b"
+    r"|\d\s*(?:or|and)\b|::|--|\b(?:xp|sp)_\w|" + "|".join(
+        re.escape(c) for c in ("information_schema", "sysobjects", "syscolumns", "pg_catalog",
+                               "pg_shadow", "sqlite_master", "mysql.user", "all_tables",
+                               "user_tables", "sysibm", "nvarchar", "utl_", "openrowset",
+                               "opendatasource", "openquery", "dbms_", "pg_sleep")), re.I)
+
+
 def detect(value: str) -> str:
     """The reason value looks like SQL injection, or ""."""
     if len(value) < 2:
+        return ""
+    if _PLAIN.fullmatch(value) and not _SQL_WORDS.search(value):
         return ""
     if "/*" in value:
         joined = _INLINE_COMMENT.sub("", value)

@@ -120,8 +120,15 @@ def traversal(value: str) -> str:
     return ""
 
 
+# Every check below needs one of these: most paths (/api/v1/users/42) are passed on it.
+_PATH_SUSPECT = re.compile(r"[.@\\:~%]|/(?:etc|proc|sys|windows|winnt|boot|var|root|inetpub)"
+                           r"(?:/|$)", re.I)
+
+
 def restricted_path(path: str) -> str:
     """Why a request path (decoded, no query) asks for a restricted file, or ""."""
+    if not _PATH_SUSPECT.search(path):
+        return ""
     if _DEVSERVER.match(path):
         return "dev server file access"
     why = traversal(path)
@@ -152,12 +159,12 @@ _SCANNER_PATHS = re.compile(r"(?:^|/)(?:nessus|nikto|acunetix|netsparker|sqlmap|
                             r"appscan|qualys)[\w.-]*", re.I)
 
 
+_AGENTS = re.compile("|".join(re.escape(n) for n in SCANNER_AGENTS), re.I)
+
+
 def scanner_agent(ua: str) -> str:
-    low = ua.lower()
-    for name in SCANNER_AGENTS:
-        if name in low:
-            return name.strip("/ ")
-    return ""
+    m = _AGENTS.search(ua)
+    return m.group(0).lower().strip("/ ") if m else ""
 
 
 def scanner_request(path: str, header_names: list[str]) -> tuple[str, str]:
