@@ -44,6 +44,10 @@ of an export) is the newest commit of any of them. Without transactions an expor
 an atomic snapshot: a batch another collector is inserting at that moment may be read in
 part.
 
+Cluster (`cluster` set): the tables are made on every server of that remote_servers
+cluster as <name>_local, under Distributed tables of the plain names; reads and writes go
+through those, retention and TTL to each server's local tables (docs/scaling.md).
+
 Queries from analysts run with readonly=1 (no writes, no SET, no table functions such as
 file() or url()), after the same one-statement, read-only check as DuckDB's.
 """
@@ -291,7 +295,7 @@ class _Reader:
     """The SELECT list of one table and how its rows become schema.record_from_row's
     dicts (Nested members zipped back into structs, IPv6 un-mapped, 0/1 as booleans)."""
 
-    def __init__(self, table: schema.Table) -> None:
+    def __init__(self, table: schema.Table, modern: bool) -> None:
         self.table = table
         self.select: list[str] = []
         self._plan: list[tuple[str, str, object]] = []   # (name, how, detail)
@@ -303,7 +307,7 @@ class _Reader:
                 self._plan.append((field.name, "nested", members))
             else:
                 self.select.append(_ident(field.name))
-                how = ("addr" if field.name in ADDRESSES else
+                how = ("addr" if modern and field.name in ADDRESSES else
                        "bool" if pa.types.is_boolean(t) else
                        "list" if pa.types.is_list(t) else "plain")
                 self._plan.append((field.name, how, None))
@@ -322,7 +326,7 @@ class _Reader:
                 continue
             v = next(it)
             if how == "addr":
-                v = v if isinstance(v, str) and ":" not in v else _from_v6(v)
+                v = _from_v6(v)
             elif how == "bool":
                 v = bool(v)
             elif how == "list":
@@ -362,13 +366,13 @@ class ClickHouseStorage:
     def __init__(self, conn, *, cluster: str = "") -> None:
         self._conn = conn
         self._cluster = cluster
-        self._readers = {name: _Reader(t) for name, t in schema.TABLES.items()}
         self._retention_ns = 0
         self._closed = False
         # Every server that holds data: the one connected to, or each of the cluster's.
         self._nodes = self._connect_nodes() if cluster else [conn]
         version = min(tuple(n.version) for n in self._nodes)
         self.modern = version >= MODERN
+        self._readers = {name: _Reader(t, self.modern) for name, t in schema.TABLES.items()}
         shards = f", cluster {cluster} of {len(self._nodes)}" if cluster else ""
         self.description = f"{conn.where} (ClickHouse {'.'.join(map(str, version))}{shards})"
         try:
