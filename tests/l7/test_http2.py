@@ -807,6 +807,14 @@ def test_live_sensor_sees_what_the_clients_did(tmp_path):
                      20, "the http2 events at the collector")
             rows = [dict(zip(cols, r)) for r in query(
                 collector.address, f"SELECT {', '.join(cols)} FROM http2 ORDER BY ts_ns")]
+            # `loupe tail --grpc-method` against the collector: the planted failures only.
+            tail = subprocess.run([sys.executable, "-m", "sensor.cli", "tail", "--collector",
+                                   collector.address, "--grpc-method", "Fail",
+                                   "--grpc-method", "Inv*", "--first", "100", "--format",
+                                   "json"], capture_output=True, text=True, timeout=60,
+                                  cwd=REPO)
+            assert tail.returncode == 0, tail.stderr
+            tailed = [json.loads(line) for line in tail.stdout.splitlines()]
         finally:
             sensor.kill()
             for p in peers:
@@ -833,3 +841,5 @@ def test_live_sensor_sees_what_the_clients_did(tmp_path):
            for r in sorted(grpc_rows, key=lambda r: r["stream_id"])]
     check_grpc(got, calls)
     assert [e.grpc_status for e in got] == [0, 5, 3, 0, 0, -1]
+    assert sorted((t["type"], t["detail"]["grpc_method"], t["detail"]["grpc_status"])
+                  for t in tailed) == [("http2", "Fail", 5), ("http2", "Invalid", 3)]
