@@ -164,7 +164,7 @@ class Collector:
         self.writer.on_stored = self.inventory.on_stored
         self.observer = ObserverService(
             self.storage, self.hub, self.counters.as_dict,
-            version=VERSION, started_ns=time.time_ns(), inventory=self.inventory.inventory,
+            version=VERSION, started_ns=time.time_ns(), inventory=self.inventory,
         )
         self.health = health.aio.HealthServicer()
         ingest = IngestService(self.writer, self.hub, self.counters, mtls=config.mtls)

@@ -258,7 +258,7 @@ class Inventory:
         self._endpoints: dict[tuple, Endpoint] = {}
         self._generation = 0
         self._lock = threading.Lock()
-        self.dropped = 0                 # transactions of endpoints past MAX_ENDPOINTS
+        self.dropped = 0                 # transactions of new endpoints past MAX_ENDPOINTS
         # Keys changed / removed since the last take_changes() (for the store).
         self._dirty: set[tuple] = set()
         self._removed: set[tuple] = set()

@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from openapi_spec_validator import validate
@@ -182,3 +183,27 @@ def test_merging_inventories_past_max_values_replaces_every_merged_row():
     changed, removed = inv.take_changes()
     assert set(removed) == keys
     assert [(d["template"], d["requests"]) for d in changed] == [(["files", "{name}"], 150)]
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks_the_writer(tmp_path, monkeypatch):
+    from collector.inventory import store
+    from collector.ingest import decode_batch
+
+    monkeypatch.setattr(store, "QUEUE_BATCHES", 2)
+    inv = store.InventoryStore(tmp_path)
+    decoded = decode_batch(batch([http(i, path=f"/p{i % 3}") for i in range(10)], 1))
+    with inv.inventory._lock:          # the inventory's thread will be stuck on a batch
+        inv.on_stored(decoded)
+        for _ in range(100):           # bounded: until the thread took it (~at once)
+            if inv._queue.qsize() == 0:
+                break
+            time.sleep(0.01)
+        for _ in range(5):
+            inv.on_stored(decoded)     # returns at once, full queue or not
+        # One batch taken by the thread, two queued, three dropped.
+        assert inv.dropped == 30
+    assert sum(d["requests"] for d in inv.snapshot()) == 30
+    inv.close()
+    again = store.InventoryStore(tmp_path)
+    assert sum(d["requests"] for d in again.snapshot()) == 30
+    again.close()
