@@ -99,3 +99,15 @@ def test_collector_refuses_an_invalid_alert(collector):
     acks = push(collector.address, [b])
     assert acks[0].status == ingest_pb2.ACK_STATUS_REJECTED and "action" in acks[0].message
     assert query(collector.address, "SELECT count(*) FROM alerts") == [(0,)]
+
+
+def test_collector_exports_the_alerts_table(collector, capsys, tmp_path):
+    push(collector.address, [batch([http(1), alert(1), alert(2)], 1)])
+    target = tmp_path / "out.parquet"
+    code, _, err = loupe(capsys, "export", "--collector", collector.address, "--table",
+                         "alerts", "-o", str(target))
+    assert code == 0, err
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(target.with_name("out.alerts.parquet")).to_pylist()
+    assert [r["uid"] for r in rows] == ["H1", "H2"] and rows[0]["rule_id"] == "loupe-sqli"
