@@ -56,6 +56,7 @@ _STRONG_FUNCS = frozenset((
     "position", "reverse", "lower", "upper", "trim", "replace", "left", "right",
     "is_srvrolemember", "db_name", "object_id", "openrowset", "opendatasource",
     "pg_user", "current_setting", "query_to_xml", "lo_import", "copy", "string_agg",
+    "lo_get", "lo_export", "lo_from_bytea", "pg_ls_dir", "pg_read_binary_file",
 ))
 _CATALOGS = ("information_schema", "sysobjects", "syscolumns", "pg_catalog", "pg_shadow",
              "sqlite_master", "mysql.user", "all_tables", "user_tables", "msysaccessobjects",
@@ -345,8 +346,8 @@ def _after_break(toks: list[Token], i: int, strict: bool = False, quote: str = "
         return "union"
     if k == "E" and nxt is not None and _anywhere(toks[i:]):
         return "statement"
-    if k in "UE" and i == 1 and not toks[0].text and toks[0].kind == "s" and nxt is not None \
-            and nxt.kind in "bnv(k":
+    if k in "UE" and i == 1 and not toks[0].text and toks[0].kind == "s" and (
+            nxt is None or nxt.kind in "bnv(ko"):
         return "statement"    # the value opens with a quote and a statement word
     if k == "k" and nxt is not None:
         w = t.text
@@ -502,13 +503,16 @@ def detect(value: str) -> str:
                     and toks[j + 1].text == "by" or nxt.text == "where"
                     and _operand_then(toks, j + 1, strict=True) or nxt.text == "limit"):
                 return "leading clause"        # `FROM t GROUP BY`, `FROM t WHERE x="y"`
+        why = _statement_fragment(toks)
+        if why:
+            return why
         if len(toks) > 1 and _leading_operator(toks):
             return "leading operator"   # `or 88`, `LIKE NULL`, `IN (1, 2)`
         kinds = "".join(t.kind for t in toks if t.kind != "c")
         if kinds in ("nU", "onU") or len(toks) == 2 and kinds == "n" and \
                 toks[1].text.startswith(("--", "#")):
             return "numeric comment"    # `-1 #\nunion`, `1--`
-        i = 1 if toks[0].kind == "o" and toks[0].text == "-" else 0
+        i = 1 if toks[0].kind == "o" and toks[0].text in ("-", "+", "~", "!") else 0
         if i < len(toks) and toks[i].kind in "nv":
             why = _after_break(toks, i + 1, strict=True)
             if why and why != "comment":
@@ -535,6 +539,34 @@ def detect(value: str) -> str:
         why = _anywhere(toks[1:])
         if why:
             return why
+    return ""
+
+
+def _statement_fragment(toks: list[Token]) -> str:
+    """Whole values that are a piece of a statement: `; select`, `execute proc_name`,
+    `id having (1 or true)`, `case when ... then ... end`, `order by 1`, `1 * 1/*`."""
+    n = len(toks)
+    first, second = toks[0], toks[1] if n > 1 else None
+    if first.kind == ";" and second is not None and second.kind in "EU":
+        return "stacked statement"
+    if n == 2 and first.kind == "E" and first.text in ("exec", "execute") and second.kind == "b":
+        return "exec procedure"
+    if first.kind == "b" and second is not None and second.kind == "k" and \
+            second.text in ("having", "where", "limit", "order", "group"):
+        if _after_break(toks, 1, strict=True) == "clause":
+            return "clause after identifier"
+    if first.text == "case":
+        words = [t.text for t in toks if t.kind == "k"]
+        if "when" in words and "then" in words and "end" in words and \
+                words.index("when") < words.index("then") < words.index("end"):
+            return "case expression"
+    if first.text in ("order", "group") and second is not None and second.text == "by" and (
+            n == 2 or n == 3 and toks[2].kind == "n"):
+        return "order by"
+    last = toks[-1]
+    if n >= 3 and first.kind == "n" and last.kind == "c" and last.text.startswith("/*") \
+            and not last.text.endswith("*/") and any(t.kind == "o" for t in toks):
+        return "expression with open comment"   # the rest of the query commented out
     return ""
 
 

@@ -17,6 +17,8 @@ from tests.rules.helpers import event, request, rules
     "7 UNION ALL SELECT name, pass FROM accounts", "x' OR 'a'='a", "5 AND 3=3",
     "10; DROP TABLE invoices--", "abc\" or sleep(3)#", "1) or (2=2", "' AND extractvalue(1,concat(0x7e,version()))",
     "-3 union select 1,@@version", "admin'--", "1 waitfor delay '0:0:5'", "x' || pg_sleep(5)--",
+    "; select pass from users", "uid having (1=1)", "case when 1=1 then 1 else 0 end",
+    "2 - (select 1)/*",
 ])
 def test_sqli_positive(value):
     assert sqli.detect(value), value
@@ -26,6 +28,8 @@ def test_sqli_positive(value):
     "O'Reilly", "select your size", "rock 'n' roll", "Tom & Jerry", "union station",
     "1-800-555-0100", "2 or 3 days", "She said \"hello\" and left", "drop-down menu",
     "table for two", "it's 10 or less", "Where's the order?", "-- just a dash --",
+    "order by date", "Execute the plan today", "customer id having trouble", "just in case",
+    "5 * 3 = 15",
 ])
 def test_sqli_negative(value):
     assert not sqli.detect(value), value
