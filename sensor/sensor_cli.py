@@ -523,7 +523,11 @@ def run(args: argparse.Namespace) -> int:
 
     def after_attach() -> None:
         if args.user:
-            loader.drop_privileges(args.user)
+            extra = ()
+            if live_cfg.tls_plaintext is not None:
+                from sensor.kernel.tlsprobe import RUNTIME_CAPS  # noqa: PLC0415
+                extra = tuple(bit for _, bit in RUNTIME_CAPS)
+            loader.drop_privileges(args.user, extra)
         sensor.exporter = build_exporters(config, args.output)
 
     metrics.add_source("sensor", sensor.metrics)

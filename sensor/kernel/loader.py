@@ -169,7 +169,7 @@ def check_user(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def drop_privileges(user: str) -> None:
+def drop_privileges(user: str, extra: tuple[int, ...] = ()) -> None:
     """Becomes `user` (its uid, primary gid and no other groups) keeping exactly
     CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN in the effective and permitted sets, with empty
     inheritable and ambient sets, then checks /proc/thread-self/status.
@@ -183,7 +183,7 @@ def drop_privileges(user: str) -> None:
     if os.geteuid() == uid:
         return   # already that user: nothing to drop
     keep = 0
-    for _, bit in REQUIRED_CAPS:
+    for bit in (*(b for _, b in REQUIRED_CAPS), *extra):   # extra: TLS plaintext's
         keep |= 1 << bit
     libc = ctypes.CDLL(None, use_errno=True)
 

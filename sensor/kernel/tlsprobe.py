@@ -396,6 +396,18 @@ class TlsProbe:
 _CAP_SYS_ADMIN = 21
 _CAP_PERFMON = 38
 _CAP_BPF = 39
+# What TLS plaintext needs besides the flow meter's three, once the sensor runs as its
+# own user (measured on this kernel with setpriv; docs/tls-plaintext.md): attaching a
+# uprobe is perf_event_open on the uprobe PMU, which CAP_PERFMON allows; but the files
+# it reads about other users' processes are ptrace-guarded: /proc/PID/maps (libraries to
+# attach), /proc/PID/root/... (a container's library), /proc/PID/ns/net, and
+# /proc/PID/fd/N (an accepted socket's inode), whose directory is also mode 0500 of the
+# process's owner. CAP_SYS_PTRACE passes the ptrace check (read access only is used),
+# CAP_DAC_READ_SEARCH the directory; neither alone reads an fd link.
+_CAP_DAC_READ_SEARCH = 2
+_CAP_SYS_PTRACE = 19
+RUNTIME_CAPS = (("CAP_DAC_READ_SEARCH", _CAP_DAC_READ_SEARCH),
+                ("CAP_SYS_PTRACE", _CAP_SYS_PTRACE))
 
 
 def check_privileges() -> None:
