@@ -29,8 +29,8 @@ def show(store, table: str) -> str:
     return store._conn.execute(f"SHOW CREATE TABLE {table}")[0][0]
 
 
-def test_the_server_version_picks_the_ddl(clickhouse_server, chdb_session):
-    legacy = open_storage(config(clickhouse_server, "ddl"), None)
+def test_the_server_version_picks_the_ddl(clickhouse_server, chdb_session, tmp_path):
+    legacy = open_storage(config(clickhouse_server, "ddl"), tmp_path)
     modern = ClickHouseStorage(ChdbConn(chdb_session, "ddl"))
     try:
         assert not legacy.modern and "ClickHouse 18.16" in legacy.description
@@ -63,8 +63,8 @@ def test_ttl_expires_rows_on_a_modern_engine(chdb_session):
     assert [r.uid for r in store.records_since(1, store.last_seq())] == ["F00000002"]
 
 
-def test_the_server_keeps_analysts_read_only(clickhouse_server):
-    store = open_storage(config(clickhouse_server, "ro"), None)
+def test_the_server_keeps_analysts_read_only(clickhouse_server, tmp_path):
+    store = open_storage(config(clickhouse_server, "ro"), tmp_path)
     try:
         # Past the statement check, the server's readonly=1 still refuses table
         # functions (files, URLs, other servers) and any attempt to lift it.
@@ -76,8 +76,8 @@ def test_the_server_keeps_analysts_read_only(clickhouse_server):
         store.close()
 
 
-def test_a_query_is_stopped_at_its_timeout_and_on_cancel(clickhouse_server):
-    store = open_storage(config(clickhouse_server, "slow"), None)
+def test_a_query_is_stopped_at_its_timeout_and_on_cancel(clickhouse_server, tmp_path):
+    store = open_storage(config(clickhouse_server, "slow"), tmp_path)
     slow = "SELECT count() FROM system.numbers WHERE number % 7 = 1000000007"
     try:
         with pytest.raises(QueryError, match="ran longer than 1 s and was stopped"):
@@ -90,23 +90,21 @@ def test_a_query_is_stopped_at_its_timeout_and_on_cancel(clickhouse_server):
         store.close()
 
 
-def test_an_unreachable_server_is_one_line():
+def test_an_unreachable_server_is_one_line(tmp_path):
     from tests.storage.clickhouse_proc import free_port
 
     with pytest.raises(StorageError, match=r"cannot reach ClickHouse at 127.0.0.1:\d+: .*"
                                            r"check \[storage.clickhouse\]"):
         open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
-            port=free_port())), None)
+            port=free_port())), tmp_path)
 
 
 def test_two_collectors_on_one_server(clickhouse_server, start_collector, tmp_path):  # noqa: F811
     storage = config(clickhouse_server, "two")
-    # Each collector keeps its local state (not the records) in a directory of its own.
-    dirs = [tmp_path / "a", tmp_path / "b"]
-    for d in dirs:
-        d.mkdir()
-    a = start_collector(storage=storage, data_dir=dirs[0])
-    b = start_collector(storage=storage, data_dir=dirs[1])
+    # Each collector keeps its local state (not the records) in a directory of its own,
+    # made at start as with DuckDB (the endpoint inventory failed on a missing one).
+    a = start_collector(storage=storage, data_dir=tmp_path / "a")
+    b = start_collector(storage=storage, data_dir=tmp_path / "b")
     one = batch([flow(1), http(2)], 1)
     [ack] = push(a.address, [one])
     assert ack.status == wire.ingest_pb2.ACK_STATUS_STORED
@@ -126,12 +124,12 @@ def test_two_collectors_on_one_server(clickhouse_server, start_collector, tmp_pa
     assert sorted(wire.from_proto(r).uid for c in chunks for r in c.records) == ["F1", "F3", "H2"]
 
 
-def test_a_cluster_spreads_rows_over_both_shards(clickhouse_cluster):
+def test_a_cluster_spreads_rows_over_both_shards(clickhouse_cluster, tmp_path):
     from collector.storage.clickhouse import Native
 
     first, second = clickhouse_cluster
     stores = [open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
-        port=s.port, database="spread", cluster="loupe")), None) for s in clickhouse_cluster]
+        port=s.port, database="spread", cluster="loupe")), tmp_path) for s in clickhouse_cluster]
     try:
         assert "cluster loupe of 2" in stores[0].description
         for i in range(4):
@@ -152,18 +150,18 @@ def test_a_cluster_spreads_rows_over_both_shards(clickhouse_cluster):
             store.close()
 
 
-def test_an_unknown_cluster_is_one_line(clickhouse_server):
+def test_an_unknown_cluster_is_one_line(clickhouse_server, tmp_path):
     with pytest.raises(StorageError, match="has no cluster 'nope' in its remote_servers"):
         open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
-            port=clickhouse_server.port, cluster="nope")), None)
+            port=clickhouse_server.port, cluster="nope")), tmp_path)
 
 
 def test_retention_keeps_rows_received_after_the_cutoff_whatever_the_server_zone(
-        clickhouse_server):
+        clickhouse_server, tmp_path):
     # The test server runs on America/Los_Angeles time (UTC-8). Partitions named by the
     # server's local day put a row received at 03:00 UTC into the previous day, which
     # ended (read as UTC) before a 01:00 UTC cutoff: the row was dropped two hours early.
-    store = open_storage(config(clickhouse_server, "zone"), None)
+    store = open_storage(config(clickhouse_server, "zone"), tmp_path)
     try:
         midnight = (time.time_ns() // DAY_NS - 2) * DAY_NS
         hour = 3600 * 10**9
