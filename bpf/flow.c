@@ -980,6 +980,15 @@ static __always_inline int create_flow(struct loupe_pkt *p, __u64 fp, __u64 now,
 /* Adds the packet to its flow under the entry's lock (v: the entry found by the fast
  * path, or NULL to look it up). Returns 0 when done, 1 when the entry was recycled
  * under us and the caller should try once more. */
+/* A LOUPE_CTL_HOLD lasts while the other direction (peer) has sent no payload beyond
+ * what userspace had seen when it asked (loupe.h). Compared modulo 2^32: a hold is asked
+ * for right after userspace saw the peer's bytes, far less than 2 GiB behind. */
+static __always_inline int hold_on(const struct loupe_l7_dir *peer, __u32 seen)
+{
+	__u32 total = (__u32)(peer->captured + peer->truncated + peer->skipped + peer->gap);
+	return (__s32)(total - seen) <= 0;
+}
+
 static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, __u64 fp, __u64 now,
 				   struct loupe_flow_value *v)
 {
@@ -1096,6 +1105,9 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 				/* No IP reassembly here: a fragment's payload is not copied. */
 				l->truncated += pl;
 			} else if (ctl && (ctl->flags & LOUPE_CTL_DONE)) {
+				l->skipped += pl;
+			} else if (ctl && (ctl->flags & (LOUPE_CTL_HOLD << to)) &&
+				   hold_on(&v->l7[(d ^ 1) & 1], ctl->hold_peer)) {
 				l->skipped += pl;
 			} else if (pl) {
 				if (tcp && ctl && ctl->skip_gen[to] != l->skip_gen_done) {

@@ -398,6 +398,12 @@ struct loupe_filter {
  * of a selected flow. Fields are cumulative or generation-numbered so a write never
  * has to know what the kernel did in between. Indexed by LOUPE_PL_TO_*. */
 #define LOUPE_CTL_DONE 0x01      /* copy nothing more; payload is counted as skipped */
+/* Hold a direction (bit LOUPE_CTL_HOLD << LOUPE_PL_TO_*): its payload is skipped while
+ * the other direction has sent no payload beyond hold_peer octets. A request/response
+ * protocol's parser that needs nothing more of a response (MySQL after enough rows)
+ * asks for it; the client's next request ends the hold in the kernel, before userspace
+ * sees the request, so the next response is copied from its first byte. */
+#define LOUPE_CTL_HOLD 0x02
 
 struct loupe_l7_ctl {
 	__u64 grant[2];        /* total octets granted beyond the flow's budget, so far */
@@ -405,7 +411,9 @@ struct loupe_l7_ctl {
 	__u32 skip_gen[2];     /* ... while skip_gen differs from the flow's skip_gen_done;
 	                          userspace bumps it with every new skip_until */
 	__u32 flags;           /* LOUPE_CTL_* */
-	__u32 pad;
+	__u32 hold_peer;       /* LOUPE_CTL_HOLD: the other direction's payload octets since
+	                          selection (captured + truncated + skipped + gap, modulo
+	                          2^32) that userspace had seen when it asked for the hold */
 };
 #define LOUPE_L7_CTL_SIZE 40
 

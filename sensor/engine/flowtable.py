@@ -76,7 +76,7 @@ class FlowState:
         "rst_count", "syn_ns", "synack_ns", "rtt_ns", "hist", "hist_seen", "last_seq",
         "last_syn", "last_fin", "last_rst", "rxmit", "rxmit_next", "ended_ns",
         "icmp_type", "icmp_code", "base", "uid", "cid", "src_text", "dst_text", "l7",
-        "l7_off", "l7_skip", "l7_skipped",
+        "l7_off", "l7_skip", "l7_skipped", "l7_hold",
     )
 
     def __init__(self, key: Hashable, a_addr: bytes, a_port: int, b_addr: bytes,
@@ -146,6 +146,10 @@ class FlowState:
         self.l7_off = False
         self.l7_skip: list | None = None
         self.l7_skipped = 0
+        # The direction from the initiator (0 or 1) whose bytes the parser needs no more
+        # until the other direction sends (idle_until_request), or None. Live only: the
+        # kernel holds it (LOUPE_CTL_HOLD); replay hands over everything anyway.
+        self.l7_hold: int | None = None
 
     def history(self) -> str:
         """Zeek-style history, upper case for the initiator."""

@@ -87,12 +87,14 @@ class L7Stats:
 class FlowL7:
     """One flow's L7 state (in FlowState.l7)."""
 
-    __slots__ = ("phase", "reasm", "parser", "app_proto", "udp_octets", "coverage")
+    __slots__ = ("phase", "reasm", "parser", "app_proto", "udp_octets", "coverage", "idle")
 
     def __init__(self) -> None:
         self.phase = _DETECT
         self.reasm: FlowReassembler | None = None
         self.parser = None
+        # The parser's idle_until_request(direction), for parsers that have one.
+        self.idle: Callable | None = None
         self.app_proto = ""
         self.udp_octets = 0
         self.coverage: L7Coverage | None = None   # frozen at the stop
@@ -163,6 +165,15 @@ class L7Engine:
                 return
         parser.receive_datagram(_DIRS[direction], payload, ts_ns)
         self._after(flow, st, parser)
+
+    def skip_to(self, flow: FlowState, direction: int, seq: int) -> None:
+        """Bytes of `direction` before wire seq `seq` were left out on purpose (a kernel
+        hold that ended): they become a Skip, not a Gap, when the stream reaches them."""
+        st = flow.l7
+        if st is not None and st.reasm is not None:
+            stream = st.reasm.streams[direction]
+            if stream.started:
+                stream.skip_to_seq(seq)
 
     def flow_ended(self, flow: FlowState, record) -> None:
         """Nothing left to do: flow_ending() flushed the flow before its record."""
@@ -239,6 +250,9 @@ class L7Engine:
                     skip[d ^ flow.init] = until
                 elif skip is not None:
                     skip[d ^ flow.init] = None
+            idle = st.idle
+            if idle is not None:
+                flow.l7_hold = 1 if idle(_DIRS[1]) else 0 if idle(_DIRS[0]) else None
 
     def _detect(self, flow: FlowState, st: FlowL7, protocol: int, direction: int,
                 data: bytes):
@@ -265,6 +279,7 @@ class L7Engine:
             self._stop(flow, st)
             return None
         st.parser = parser
+        st.idle = getattr(parser, "idle_until_request", None)
         st.phase = _PARSE
         return parser
 
@@ -314,6 +329,7 @@ class L7Engine:
         st.phase = _STOPPED
         flow.l7_off = True   # the meter (live: the kernel) hands over no more payload
         flow.l7_skip = None
+        flow.l7_hold = None
         if st.reasm is not None:
             self._close_stream(st)
 

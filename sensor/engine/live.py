@@ -152,6 +152,10 @@ class FlowControl(Protocol):
 
     def stop(self, key: bytes) -> bool: ...
 
+    def hold(self, key: bytes, direction: int, peer_octets: int) -> bool: ...
+
+    def release(self, key: bytes, direction: int) -> bool: ...
+
     def flow_origin(self, key: bytes, incarnation: int) -> tuple[int, int] | None:
         """(canonical side of the initiator, first packet's kernel ns), or None when the
         flow (this incarnation) is no longer in the map."""
@@ -172,6 +176,12 @@ class KernelControl:
 
     def stop(self, key: bytes) -> bool:
         return self._sensor.stop(key)
+
+    def hold(self, key: bytes, direction: int, peer_octets: int) -> bool:
+        return self._sensor.hold(key, direction, peer_octets)
+
+    def release(self, key: bytes, direction: int) -> bool:
+        return self._sensor.release(key, direction)
 
     def flow_origin(self, key: bytes, incarnation: int) -> tuple[int, int] | None:
         value = abi.FlowValue()
@@ -210,6 +220,7 @@ class LiveL7Stats:
     grants: int = 0
     granted_octets: int = 0
     skips: int = 0
+    holds: int = 0                   # directions held until the other one sends
     stops: int = 0
     ctl_refused: int = 0             # l7_ctl writes the kernel map refused (full)
     resyncs: int = 0                 # HTTP parsers restarted after a lost head
@@ -220,7 +231,8 @@ class LiveL7Stats:
 
 class _LiveFlow:
     __slots__ = ("key", "incarnation", "state", "received", "allowance", "skip_sent",
-                 "stopped", "last_mono", "resyncs", "waiting", "head_max")
+                 "stopped", "last_mono", "resyncs", "waiting", "head_max", "seen",
+                 "hold", "held", "peer_moved")
 
     def __init__(self, key: bytes, incarnation: int, state: FlowState,
                  budget: tuple[int, int], now: int) -> None:
@@ -238,6 +250,14 @@ class _LiveFlow:
         # Largest message head seen by direction from the initiator (0: none yet; a head
         # that does not end in its first chunk counts as unbounded).
         self.head_max = [0, 0]
+        # Payload octets of the packets seen, by direction from the initiator (whole
+        # packets, copied or not): a hold's measure of "the other direction sent more".
+        self.seen = [0, 0]
+        self.hold: int | None = None   # the direction the kernel holds (LOUPE_CTL_HOLD)
+        # The direction last held, from the hold until its first data after the other
+        # one moved (the bytes the kernel left out before that data are a Skip); or None.
+        self.held: int | None = None
+        self.peer_moved = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,35 +265,33 @@ class _Framing:
     """The registered protocols' FramingHints (sensor/l7/registry.py), as this engine
     looks them up per segment and per event."""
 
-    heads: tuple[tuple[bytes, tuple[bytes, ...]], ...]   # (head_end, message_starts)
+    heads: dict[str, tuple[bytes, tuple[bytes, ...]]]   # app_proto -> (head_end, starts)
     resync: dict[str, tuple[bytes, ...]]                 # app_proto -> message_starts
     done_after: dict[str, Callable[[object], bool]]      # record kind -> done_after
 
-    def head_length(self, data: bytes) -> int:
-        """The length of the message head `data` starts with; 1 << 32 when it does not
-        end in this segment; 0 for a protocol that declares no head end."""
-        for end, starts in self.heads:
-            if data.startswith(starts):
-                if not end:
-                    return 0
-                i = data.find(end)
-                return i + len(end) if i >= 0 else 1 << 32
-        return 0
+    def head_length(self, data: bytes, app_proto: str) -> int:
+        """The length of the message head `data` starts with, by the hints of the flow's
+        protocol; 1 << 32 when it does not end in this segment; 0 when none applies."""
+        hints = self.heads.get(app_proto)
+        if hints is None or not hints[0] or not data.startswith(hints[1]):
+            return 0
+        i = data.find(hints[0])
+        return i + len(hints[0]) if i >= 0 else 1 << 32
 
 
 def _framing_hints() -> _Framing:
-    heads, resync, done_after = [], {}, {}
+    heads, resync, done_after = {}, {}, {}
     for spec in l7_registry.protocols():
         hints = spec.framing
         if hints is None:
             continue
         if hints.message_starts:
-            heads.append((hints.head_end, hints.message_starts))
+            heads[spec.name] = (hints.head_end, hints.message_starts)
         if hints.resync:
             resync[spec.name] = hints.message_starts
         if hints.done_after is not None:
             done_after[spec.name] = hints.done_after
-    return _Framing(tuple(heads), resync, done_after)
+    return _Framing(heads, resync, done_after)
 
 
 def _addr_bytes(raw: bytes, version: int) -> bytes:
@@ -303,7 +321,7 @@ class LiveL7:
         registry = _Parsers(redact)
         self._framing = _framing_hints()
         # Every protocol's message starts in one tuple: one startswith() per segment.
-        self._starts = tuple(s for _, hints in self._framing.heads for s in hints)
+        self._starts = tuple(s for _, starts in self._framing.heads.values() for s in starts)
         # Rules (sensor/rules/): alerts go out with the records; verdicts to on_verdict.
         self.rules = None
         if rules:
@@ -338,15 +356,19 @@ class LiveL7:
         lf.last_mono = now_mono
         if lf.stopped:
             return   # the kernel was told; what it sent meanwhile is counted there
-        lf.received[ev.direction & 1] += len(ev.data)
+        d = ev.direction & 1
+        lf.received[d] += len(ev.data)
+        if ev.offset == 0:
+            lf.seen[d] += ev.payload_len
         st = lf.state
-        if st.protocol == PROTO_TCP and self._starts and ev.data.startswith(self._starts):
-            # A segment that starts a message: its head's length sizes the room kept for
-            # the next one (the head normally ends in its first chunk).
-            head = self._framing.head_length(ev.data)
-            d = ev.direction & 1
-            if head > lf.head_max[d]:
-                lf.head_max[d] = head
+        if lf.held is not None and ev.data:
+            if d != lf.held:
+                lf.peer_moved = True
+            elif lf.peer_moved:
+                # The first data of the held direction since the other one sent: what the
+                # kernel held back before it was not wanted (a Skip, not a loss).
+                lf.held = None
+                self.engine.skip_to(st, d, ev.seq)
         if lf.waiting:
             if not ev.data.startswith(lf.waiting):
                 stats.resync_skipped_events += 1
@@ -385,6 +407,14 @@ class LiveL7:
             lf.waiting = self._framing.resync[st.l7.app_proto]
             st.l7_off = False
             st.l7_skip = None
+        elif (st.protocol == PROTO_TCP and st.l7 is not None and self._starts
+                and ev.data.startswith(self._starts)):
+            # A segment that starts a message of the flow's protocol: its head's length
+            # sizes the room kept for the next one (a head normally ends in its first
+            # chunk). Measured once the engine named the protocol (on a first segment too).
+            head = self._framing.head_length(ev.data, st.l7.app_proto)
+            if head > lf.head_max[d]:
+                lf.head_max[d] = head
         self._write_back(lf, ev)
 
     def _new_flow(self, ev: PayloadEvent, offset_ns: int, now_mono: int) -> _LiveFlow | None:
@@ -441,6 +471,8 @@ class LiveL7:
             stats.stops += 1
             self._ctl(self._control.stop, lf.key)
             return
+        if st.l7_hold != lf.hold:
+            self._hold(lf, st.l7_hold)
         refill = self.refill_octets
         targets = [self._room_target(lf, 0), self._room_target(lf, 1)]
         skip = st.l7_skip
@@ -470,6 +502,17 @@ class LiveL7:
             room = lf.allowance[d] - lf.received[d]
             if room < targets[d] // 2:
                 self._grant(lf, d, targets[d] - max(room, 0))
+
+    def _hold(self, lf: _LiveFlow, want: int | None) -> None:
+        """The parser's idle_until_request changed: hold that direction in the kernel
+        until the other one sends past what was seen of it, or release the old hold."""
+        if lf.hold is not None:
+            self._ctl(self._control.release, lf.key, lf.hold)
+        lf.hold = want
+        if want is not None and self._ctl(self._control.hold, lf.key, want, lf.seen[want ^ 1]):
+            lf.held = want
+            lf.peer_moved = False
+            self.stats.holds += 1
 
     def _room_target(self, lf: _LiveFlow, d: int) -> int:
         """What direction d's allowance is kept topped up to (see the module text), plus

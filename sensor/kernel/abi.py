@@ -71,6 +71,7 @@ PL_TO_INITIATOR = 1
 
 CFG_SNIFF = 0x01
 CTL_DONE = 0x01
+CTL_HOLD = 0x02   # << direction: hold it while the other sends nothing new (loupe.h)
 
 END_RST = 1
 END_FIN = 2
@@ -290,7 +291,7 @@ class L7Ctl(ctypes.Structure):
         ("skip_until", ctypes.c_uint32 * 2),
         ("skip_gen", ctypes.c_uint32 * 2),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("hold_peer", ctypes.c_uint32),
     ]
 
 

@@ -292,6 +292,29 @@ class KernelSensor:
         ctl.skip_gen[d] = (ctl.skip_gen[d] + 1) & _U32   # a new skip, not the old one
         return self._write(key, ctl)
 
+    def hold(self, key: bytes | abi.FlowKey, direction: int, peer_octets: int) -> bool:
+        """Copy nothing of direction (counted as skipped) until the other direction sends
+        payload beyond peer_octets (its payload octets since selection that userspace has
+        seen). One direction at a time: a hold replaces the other's. False if the l7_ctl
+        map is full (counted)."""
+        d = _direction(direction)
+        ctl = self._shadow(key)
+        if ctl is None:
+            return False
+        ctl.flags = (ctl.flags & ~(abi.CTL_HOLD << (d ^ 1))) | (abi.CTL_HOLD << d)
+        ctl.hold_peer = peer_octets & _U32
+        return self._write(key, ctl)
+
+    def release(self, key: bytes | abi.FlowKey, direction: int) -> bool:
+        """End a hold of direction (the kernel ends it by itself when the peer sends;
+        this keeps a stale one from waking up when the peer's count wraps)."""
+        d = _direction(direction)
+        ctl = self._shadow(key)
+        if ctl is None:
+            return False
+        ctl.flags &= ~(abi.CTL_HOLD << d)
+        return self._write(key, ctl)
+
     def stop(self, key: bytes | abi.FlowKey) -> bool:
         """Copy nothing more of this flow (its payload is counted as skipped)."""
         ctl = self._shadow(key)

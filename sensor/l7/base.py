@@ -83,6 +83,14 @@ class L7Parser(Protocol):
     def next_event(self) -> Transaction | _NeedData:
         """The next finished transaction, or NEED_DATA."""
 
+    # Optional: a parser of a request/response protocol may also define
+    #     def idle_until_request(self, direction: Direction) -> bool
+    # True when no byte of `direction` is needed until the other direction sends again
+    # (MySQL after enough rows of a result set). The live engine then has the kernel
+    # hold that direction (LOUPE_CTL_HOLD); the bytes left out arrive as a Skip just
+    # before the next data of that direction, which the parser must take as the end
+    # of what it no longer needed. Replay delivers everything; the parser must cope.
+
     def summary(self) -> dict[str, str]:
         """Flow-level L7 summary fields, as far as they are known. Only the Flow fields its
         protocol's registration lists in `summary` reach the Flow record."""

@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Protocol
+from sensor.l7.registry import FramingHints, Protocol
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 _TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
@@ -1105,4 +1105,10 @@ PROTOCOL = Protocol(
     name=APP_PROTO, event=RedisEvent, parser=RedisParser, options=("redact",),
     tcp_ports=PORTS, signature=looks_like, priority=31,
     column_types={"resp": "u8"}, line=table_line, style="yellow",
+    # Live budget: a segment that starts with a RESP type byte starts a message whose
+    # head is its first line ("$10485760\r\n"): the room kept per direction follows the
+    # heads seen (a few hundred octets), so what a big bulk string copies before its
+    # skip reaches the kernel stays small.
+    framing=FramingHints(message_starts=tuple(bytes([b]) for b in (*REPLY_TYPES, 0x7C)),
+                         head_end=b"\r\n"),
 )

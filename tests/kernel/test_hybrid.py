@@ -253,6 +253,46 @@ def test_stop_copies_nothing_more(rig):
     assert (d.captured, d.skipped) == (10, 60)
 
 
+def test_hold_skips_a_direction_until_the_other_sends_more(rig):
+    # A response the parser needs no more of (MySQL after enough rows): the server's
+    # bytes are skipped until the client's next request, which ends the hold in the
+    # kernel, so the next response is copied from its first byte.
+    rig.reset(SelectionConfig(ports={3306}, sniff=False, budget=(10_000, 10_000)))
+    c, s = (A4, 41010), (B4, 3306)
+    cseq = _segments(rig, c, s, 1, [20])                  # the request
+    sseq = _segments(rig, s, c, 1, [100, 100], fill=b"r")  # rows
+    key = bytes(rig.flow(41010)[0])
+    assert len(rig.events()) == 3
+    assert rig.sensor.hold(key, abi.PL_TO_INITIATOR, 20)  # userspace saw 20 client octets
+    sseq = _segments(rig, s, c, sseq, [100] * 5, fill=b"r")  # more rows: held
+    assert rig.events() == []
+    cseq = _segments(rig, c, s, cseq, [15])               # the next request ...
+    _segments(rig, s, c, sseq, [30], fill=b"n")           # ... and its response
+    assert [(e.direction, e.data) for e in rig.events()] == [
+        (abi.PL_TO_RESPONDER, b"a" * 15), (abi.PL_TO_INITIATOR, b"n" * 30)]
+    key_, val = rig.flow(41010)
+    server = val.l7[abi.DIR_LO_HI if key_.port_lo == 3306 else abi.DIR_HI_LO]
+    assert (server.captured, server.skipped, server.truncated) == (230, 500, 0)
+
+
+def test_hold_ends_at_once_when_the_other_side_already_sent_more(rig):
+    # Userspace asks for a hold after the kernel already passed the client's next
+    # request (userspace lagged): the client has sent beyond what userspace saw, so
+    # nothing is held and the response is copied.
+    rig.reset(SelectionConfig(ports={3306}, sniff=False, budget=(10_000, 10_000)))
+    c, s = (A4, 41011), (B4, 3306)
+    cseq = _segments(rig, c, s, 1, [20])
+    sseq = _segments(rig, s, c, 1, [100], fill=b"r")
+    _segments(rig, c, s, cseq, [15])                      # the next request, unseen
+    key = bytes(rig.flow(41011)[0])
+    assert rig.sensor.hold(key, abi.PL_TO_INITIATOR, 20)
+    _segments(rig, s, c, sseq, [30], fill=b"n")
+    assert [e.data for e in rig.events()][-1] == b"n" * 30
+    # A release clears the flag: a later hold is a new one.
+    assert rig.sensor.release(key, abi.PL_TO_INITIATOR)
+    assert not rig.sensor._ctl[key].flags & (abi.CTL_HOLD << abi.PL_TO_INITIATOR)
+
+
 def test_gso_buffer_chunks_carry_their_sequence_numbers(rig):
     # A test run takes at most about a page of data, so the "GSO" buffer is 4 x 900.
     rig.reset(SelectionConfig(ports={80}, sniff=False, budget=(3000, 3000)))

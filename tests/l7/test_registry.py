@@ -98,8 +98,11 @@ def test_the_live_engine_takes_its_budget_rules_from_the_registrations():
     hints = live._framing_hints()
     assert hints.resync == {"http": http1.MESSAGE_STARTS}
     assert set(hints.done_after) == {"dns"}
-    assert hints.head_length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody") == 27
-    assert hints.head_length(b"HTTP/1.1 200 OK\r\nContent-Le") == 1 << 32
-    assert hints.head_length(b"\x16\x03\x01\x00") == 0
+    assert hints.head_length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody", "http") == 27
+    assert hints.head_length(b"HTTP/1.1 200 OK\r\nContent-Le", "http") == 1 << 32
+    assert hints.head_length(b"$10485760\r\nVVVV", "redis") == 11
+    # Each flow by its own protocol's hints: an HTTP head is nothing to a TLS flow.
+    assert hints.head_length(b"GET / HTTP/1.1\r\n\r\n", "tls") == 0
+    assert hints.head_length(b"$10485760\r\n", "http") == 0
     with pytest.raises(ValueError, match="resync needs message_starts"):
         registry.FramingHints(resync=True)

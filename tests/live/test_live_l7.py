@@ -41,6 +41,14 @@ class Control:
         self.calls.append(("stop",))
         return True
 
+    def hold(self, key, direction, peer_octets):
+        self.calls.append(("hold", direction, peer_octets))
+        return True
+
+    def release(self, key, direction):
+        self.calls.append(("release", direction))
+        return True
+
     def flow_origin(self, key, incarnation):
         return self.initiator_side, 1_000_000
 
