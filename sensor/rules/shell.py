@@ -20,26 +20,26 @@ import re
 # find, sort, more, date, test, set, type, echo) are in AMBIGUOUS: they count only with a
 # shell-looking argument or after a separator.
 PROGRAMS = frozenset("""
-sh bash dash zsh ksh csh tcsh busybox rbash tac nl egrep fgrep rgrep awk gawk
-mawk nawk sed perl python python2 python3 ruby php lua node nodejs java javac gcc cc
-tclsh wish expect curl wget nc ncat netcat socat telnet ssh scp sftp ftp tftp rsync nmap
-ping6 traceroute dig nslookup whois openssl base64 xxd od hexdump strings uuencode
-uudecode whoami uname hostname ifconfig ip netstat ss route arp lastlog lastb pstree
-killall pkill pgrep nohup sudo su chmod chown chgrp chattr lsattr rm rmdir mv cp ln
-mkdir touch locate xargs tee dd tar zip unzip gzip gunzip bzip2 xz zcat bzcat 7z rar
-unrar crontab systemctl service journalctl dmesg mount umount useradd userdel usermod
-passwd groupadd visudo getent printenv export unset alias history strace ltrace gdb ldd
-objdump readelf nm chroot setuid capsh timeout wall mail sendmail mailx eval exec source
-shutdown reboot halt poweroff init iptables ip6tables nft ufw tcpdump tshark docker
-kubectl podman runc ctr crictl ansible ansible-playbook ansible-console ansible-config
-ansible-inventory ansible-doc ansible-vault ansible-galaxy chef chef-client chef-run
-chef-shell chef-solo chef-vault knife puppet salt salt-call terraform vault consul nomad
-cscli perf mkfifo mknod rev fold paste shred wipe script screen tmux setsid aa-disable
-aa-exec rmt rmt-dump dump restore php-fpm apt apt-get yum dnf rpm dpkg pip pip3 npm npx
-gem composer git svn hg cmd powershell pwsh cscript wscript mshta certutil bitsadmin
-regedit reg regsvr32 rundll32 wmic schtasks tasklist taskkill net net1 netsh sc bcdboot
-bcdedit vssadmin icacls takeown cacls diskpart format fsutil msiexec msbuild installutil
-forfiles
+sh bash dash zsh ksh csh tcsh busybox rbash tac nl egrep fgrep rgrep awk gawk mawk nawk
+sed perl python python2 python3 ruby php lua node nodejs java javac gcc cc tclsh wish
+expect curl wget nc ncat netcat socat telnet ssh scp sftp ftp tftp rsync nmap ping6
+traceroute dig nslookup whois openssl base64 xxd od hexdump strings uuencode uudecode
+whoami uname hostname ifconfig ip netstat ss route arp lastlog lastb pstree killall
+pkill pgrep nohup sudo su chmod chown chgrp chattr lsattr rm rmdir mv cp ln mkdir touch
+locate xargs tee dd tar zip unzip gzip gunzip bzip2 xz zcat bzcat 7z rar unrar crontab
+systemctl service journalctl dmesg mount umount useradd userdel usermod passwd groupadd
+visudo getent printenv export unset alias history strace ltrace gdb ldd objdump readelf
+nm chroot setuid capsh timeout wall mail sendmail mailx eval exec source shutdown reboot
+halt poweroff init iptables ip6tables nft ufw tcpdump tshark docker kubectl podman runc
+ctr crictl ansible ansible-playbook ansible-console ansible-config ansible-inventory
+ansible-doc ansible-vault ansible-galaxy chef chef-client chef-run chef-shell chef-solo
+chef-vault knife puppet salt salt-call terraform vault consul nomad cscli perf mkfifo
+mknod rev fold paste shred wipe script screen tmux setsid aa-disable aa-exec rmt
+rmt-dump dump restore php-fpm apt apt-get yum dnf rpm dpkg pip pip3 npm npx gem composer
+git svn hg ssh-keygen ssh-copy-id ssh-add vim nvim cmd powershell pwsh cscript wscript
+mshta certutil bitsadmin regedit reg regsvr32 rundll32 wmic schtasks tasklist taskkill
+net net1 netsh sc bcdboot bcdedit vssadmin icacls takeown cacls diskpart format fsutil
+msiexec msbuild installutil forfiles
 """.split())
 AMBIGUOUS = frozenset("""
 ls ll cat grep ping kill last host w id make at watch dir ps top find who time sort
@@ -63,8 +63,11 @@ _GLOB_PATH = re.compile(r"/[\w]*[?*][\w?*]*/|/[\w?*]*[?*][\w?*]*$|/\?\?\?/")
 _SENSITIVE = re.compile(
     r"/etc/(?:passwd|shadow|group|hosts|issue|sudoers)|/dev/(?:tcp|udp)/|/bin/(?:ba|z|k|da|)sh\b"
     r"|/proc/self/|\bcmd(?:\.exe)?\s+/[ck]\b|%comspec%|%systemroot%|\bpowershell(?:\.exe)?\s+-"
-    r"|\$\{jndi:|\$\{:\d+:-|\$\{?(?:shell|bash|0)\}?\s+-c\b", re.I)
-_WIN_FOR = re.compile(r"\bfor\s+(?:/[a-z]\s+(?:\"[^\"]*\"\s+|[^\s%/\"][^\s%]*\s+)?)*%%?[\w/~-]+\s+in"
+    r"|\$\{jndi:|\$\{:\d+:-|\$\{?(?:shell|bash|0)\}?\s+-c\b"
+    # a program by its bin directory; an editor's shell escape; cd to the root or up
+    r"|(?:^|[;|&=`(])\s*/?(?:usr/(?:local/)?)?s?bin/[\w.+-]+"
+    r"|\b(?:vi|vim|nvim|ex|ed)\s+-c\s*['\"]?:?\s*\\?!|\bcd\s+(?:/|\.\.|~)(?:\s|;|$)", re.I)
+_WIN_FOR = re.compile(r"\bfor\s+(?:/[a-z]\s+(?:\"[^\"]*\"\s+|[^\s%/\"][^\s%]*\s+)?)*%{1,2}[^\s%]{0,16}\s+in"
                       r"\s*\(.*\)\s*do\b",
                       re.I | re.S)
 _WIN_IF = re.compile(
@@ -79,6 +82,12 @@ _STRONG_ARG = re.compile(r"(?:^|\s)(?:--?[a-z]{1,16}\b|/(?:etc|bin|usr|var|tmp|d
                          r"sbin|lib)\b|\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})", re.I)
 # `cmd ...` and $(cmd ...): command substitution, whatever the program's name looks like.
 _SUBST = re.compile(r"`\s*([\w./-]{1,64})[^`]{0,256}`|\$\(\s*([\w./-]{1,64})[^)]{0,256}\)")
+# A value that opens with a command separator and a word: nothing but a command does that.
+# Case-sensitive on purpose: Unix commands are lower case, and ";ON" is punctuation.
+_LEADING_SEPARATOR = re.compile(
+    r"\s*(?:;|\|\|?|&&?|`|\$\()\s*([a-z][a-z0-9._-]{1,40})(?:\s|$|[;|&`)])")
+# A tool name then a GNU long option: `ansible-pull --url x`, `env --version`.
+_LONG_OPTION = re.compile(r"\s*([a-z][\w.-]{1,40})\s+--[a-z][\w-]{1,30}\b", re.I)
 _TILDE = re.compile(r"^~[+-]?\d*$")
 _HISTORY = re.compile(r"(?:^|[\s;|&])!-?\d+\b|(?:^|[\s;|&])!!(?:$|\s)")
 _MAIL = re.compile(r"[\r\n]\s*(?:a\d+\s+(?:login|select|fetch|quit|list|uid|logout)\b|quit\b|"
@@ -180,6 +189,12 @@ def detect(value: str) -> str:
         return "shell redirection"
     if _GLOB_PATH.search(v) and (v[:1] == "/" or re.search(r"[\s;|&`=]/", v)):
         return "glob path"
+    m = _LEADING_SEPARATOR.match(v)
+    if m:
+        return f"command after a leading separator: {m.group(1)}"
+    m = _LONG_OPTION.match(v)
+    if m is not None and ("-" in m.group(1) or m.group(1) in PROGRAMS):
+        return f"command line: {m.group(1)}"
     parts = _SEPARATORS.split(v)
     for i, seg in enumerate(parts):
         if not seg.strip():
@@ -198,7 +213,10 @@ def detect(value: str) -> str:
             if has_path or prefixed or evasion or _SHELL_ARG.search(rest) \
                     or _looks_invoked(name, rest):
                 return f"command: {name}"
-        elif name in AMBIGUOUS and (has_path or prefixed or evasion or _STRONG_ARG.search(rest)):
+        elif name in AMBIGUOUS and (has_path or prefixed or evasion or _STRONG_ARG.search(rest)
+                                    and not seg.lstrip()[:1].isupper()):
+            # A common word counts with a flag only as typed in lower case, as a Unix
+            # command is: "SET 8 -MINI AS" is a product title.
             return f"command: {name}"
     return ""
 

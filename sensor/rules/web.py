@@ -29,12 +29,13 @@ _TAGS = ("script", "iframe", "frame", "frameset", "object", "embed", "applet", "
 _DANGEROUS_TAG = re.compile(
     r"<\s*/?\s*(?:script|iframe|frame|frameset|object|embed|applet|meta|base|isindex|"
     r"vmlframe|xss|import|handler|listener|portal|plaintext|xmp|bgsound|layer|ilayer|"
-    r"svg|math|style|link|xml|set|animate|xi:include)\b|\bxi:include\b", re.I)
+    r"svg|math|style|link|xml|set|animate|xi:include)\b|\bxi:include\b"
+    r"|<[a-z][\w:-]*\s[^>]{0,256}\bxmlns(?::\w+)?\s*=", re.I)
 _HANDLER = re.compile(r"<[a-z!/?][^>]{0,512}?[\s\"'/;]on[a-z]{3,24}\s*=", re.I | re.S)
 _ATTR_BREAK = re.compile(
     r"[\"'`]\s*/?\s*on[a-z]{3,40}\s*=|^\s*on[a-z]{3,40}\s*=\s*\S|^\s+on[a-z]{3,40}\s*=", re.I)
-_SCHEME = re.compile(r"(?:javascript|vbscript|livescript|jscript|data:text/html|data:image/svg"
-                     r"|data:application/x?html|mocha):", re.I)
+_SCHEME = re.compile(r"(?:javascript|vbscript|livescript|jscript|mocha):"
+                     r"|data:(?:text/html|image/svg|application/x?html)", re.I)
 _ATTRS = re.compile(r"<[a-z][^>]{0,512}?\b(?:src|href|action|formaction|data|srcdoc|style|"
                     r"background|dynsrc|lowsrc|xlink:href|poster|code|codebase|values|from|to|"
                     r"by|attributename)\s*=", re.I | re.S)
@@ -45,8 +46,8 @@ _JS_SINKS = re.compile(
     r"fromcharcode|top\s*\[|self\s*\[|-moz-binding|expression\s*\(|behavior\s*:\s*url|"
     r"constructor\s*\(|\bimport\s*\(|location\s*=|location\.hash|\bnew\s+function\b|"
     r"<!entity|<!doctype\s+\w+\s*\[|binding\s*:\s*url\s*\(|document\s*\)?\s*\[\s*[\"'`]|"
-    r"\.(?:call|apply)\s*`|\breflect\s*\.\s*(?:apply|construct)\b|\$\{\s*alert\b|"
-    r"(?:!\[\]|\+\[\]|\[\]\[){3})", re.I)
+    r"\.\s*(?:call|apply)\s*`|\breflect\s*\.\s*(?:apply|construct)\b|\$\{\s*alert\b|"
+    r"(?:!\[\]|\+\[\]|\[\]\[){3}|!entity\s+%?\s*\w+\s+system\b)", re.I)
 _SQUEEZE = re.compile(r"[\s\x00-\x1f\\]+")
 
 
@@ -75,6 +76,8 @@ def xss(value: str) -> str:
     m = _JS_SINKS.search(_COMMENT.sub("", value) if "/*" in value else v)
     if m:
         return "script sink " + m.group(0).strip().lower()[:24]
+    if v.count("[]") >= 6 and ("![]" in v or "+[]" in v):
+        return "JSFuck-style script"   # code spelled with [] ! + only
     return ""
 
 

