@@ -651,6 +651,57 @@ def budget_feed(record) -> tuple[list[Http2Event], int, int]:
 CALLS = 5
 
 
+class Relay:
+    """A TCP relay on loopback recording each direction's bytes of one connection: the real
+    client and server talk through it, and the test gets their exact streams."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.record: list[tuple[Direction, bytes | None, int]] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import selectors
+        import socket
+
+        client, _ = self.sock.accept()
+        server = socket.create_connection(("127.0.0.1", self.target))
+        sel = selectors.DefaultSelector()
+        sel.register(client, selectors.EVENT_READ, (client, server, C))
+        sel.register(server, selectors.EVENT_READ, (server, client, S))
+        open_ = 2
+        while open_:
+            for key, _ in sel.select(timeout=10):
+                src, dst, d = key.data
+                try:
+                    blob = src.recv(1 << 20)
+                except ConnectionResetError:
+                    blob = b""
+                if not blob:
+                    sel.unregister(src)
+                    open_ -= 1
+                    self.record.append((d, None, time.monotonic_ns()))
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass   # that side is gone already: nothing more to pass on
+                    continue
+                self.record.append((d, blob, time.monotonic_ns()))
+                dst.sendall(blob)
+        client.close()
+        server.close()
+
+    def close(self) -> None:
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+
 def frames(record) -> tuple[int, int]:
     """(frames, DATA frames) in a recorded conversation, counted by walking its frames."""
     n = data = 0
@@ -666,16 +717,15 @@ def frames(record) -> tuple[int, int]:
 
 def test_budget_1_kib_and_10_mib_grpc_messages_copy_about_the_same():
     from tests.fixtures import gen_http2 as G
-    from tests.l7.test_redis import _Relay
 
     server, port = G.grpc_server("127.0.0.1", 0)
     results = {}
     try:
         for size in (1024, 10 << 20):
-            relay = _Relay(port)
+            relay = Relay(port)
             G.grpc_sized("127.0.0.1", relay.port, size, CALLS)
             relay.close()
-            (record,) = relay.conns
+            record = relay.record
             results[size] = (*budget_feed(record), *frames(record))
     finally:
         server.stop(0)
