@@ -232,7 +232,8 @@ class Engine:
             return None
         fire = not w.fired
         w.fired = True
-        what = f"{n} {'distinct ids' if th.distinct else 'events'} in {th.window_ns // 10**9} s by {th.by}"
+        counted = "distinct ids" if th.distinct else "events"
+        what = f"{n} {counted} in {th.window_ns // 10**9} s by {th.by}"
         return ("path" if th.distinct else fld, tpl if th.distinct else value,
                 f"{reason}; {what}" if reason and reason != "matched" else what, n, fire)
 

@@ -405,8 +405,8 @@ def _anywhere(toks: list[Token]) -> str:
                 return w + " " + texts[0]
             if w == "update" and len(texts) >= 2 and texts[1] == "set":
                 return "update set"
-            if w in ("exec", "execute") and rest and (rest[0].text.startswith(("xp_", "sp_",
-                                                                                "master")) or rest[0].kind in "(s"):
+            if w in ("exec", "execute") and rest and (
+                    rest[0].text.startswith(("xp_", "sp_", "master")) or rest[0].kind in "(s"):
                 return "exec"
             if w == "shutdown" and (i == 0 or toks[i - 1].kind in ";c"):
                 return "shutdown"
