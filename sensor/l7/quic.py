@@ -414,6 +414,8 @@ class QuicParser:
             version = int.from_bytes(data[pos + 1:pos + 5], "big")
             dcil = data[pos + 5]
             if version == 0:
+                if direction != _TO_CLIENT:
+                    raise _Malformed("Version Negotiation from the client")
                 self._version_negotiation(data, pos, dcil)
                 return
             if version not in VERSIONS:

@@ -216,6 +216,26 @@ def test_version_negotiation_then_v1():
     assert ev.cipher and ev.latency_ns == 1
 
 
+def test_hello_retry_request_is_skipped_for_the_server_hello_after_it():
+    hrr_random = bytes.fromhex(
+        "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+    hrr = SH[:6] + hrr_random + SH[38:]          # RFC 8446 4.1.3: the HRR's fixed random
+    p, ev = one([(C, initial(crypto(0, CH)), 1),
+                 (S, initial(crypto(0, hrr), client=False, dcid=SCID, keys=DCID), 2),
+                 (C, initial(crypto(len(CH), CH), pn=1), 3),
+                 (S, initial(crypto(len(hrr), SH), client=False, dcid=SCID, keys=DCID, pn=1),
+                  4)])
+    assert p.hello_retries == 1 and ev.cipher and ev.initial_packets == 4
+    assert p.state is ParserState.DONE
+
+
+def test_version_negotiation_from_the_client_is_not_believed():
+    vn = (b"\x80" + bytes(4) + bytes((8,)) + DCID + bytes((8,)) + SCID + bytes(4 * 3))
+    p, out = drive([(C, initial(crypto(0, CH[:100])), 1), (C, vn, 2),
+                    (C, initial(crypto(100, CH[100:]), pn=1), 3)])
+    assert p.client_hello is not None and not p._f.get("server_versions")
+
+
 def test_connection_close_in_an_initial_is_data():
     close = b"\x1c" + varint(0x178) + varint(0x06) + varint(7) + b"no alpn"
     p, ev = one([(C, initial(crypto(0, CH)), 1),
@@ -610,7 +630,7 @@ def test_tail_filters_tls_sni_and_ja4_match_quic_events():
     assert not filters.compile_filter(flt(tls_ja4=["t13d0000h2_000000000000_000000000000"]))(rec)
 
 
-# -- the kernel's content sniffer ---------------------------------------------------------------------
+# -- the kernel's content sniffer -----------------------------------------------------------
 
 @pytest.mark.bpf
 def test_kernel_sniffer_selects_quic_initials_of_the_versions_loupe_opens():
@@ -648,7 +668,7 @@ def test_kernel_sniffer_selects_quic_initials_of_the_versions_loupe_opens():
         prog.close()
 
 
-# -- live: aioquic's client and server, the sensor, a collector --------------------------------------
+# -- live: aioquic's client and server, the sensor, a collector ------------------------------
 
 @pytest.mark.bpf
 @pytest.mark.timeout(240)
