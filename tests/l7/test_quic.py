@@ -711,6 +711,11 @@ def test_live_aioquic_v1_and_v2_at_the_collector(tmp_path):
                 stop(server)
         rows = query(collector.address, "SELECT src_port, sni, alpn, version, server_version, "
                      "cipher, ja4 FROM quic ORDER BY src_port")
+        # SIGTERM exported the flows: app_proto and the TLS summary fields from QUIC.
+        wait_for(lambda: len(query(collector.address, "SELECT uid FROM flows WHERE "
+                                   f"dst_port = {port}")) >= 2, 20, "the QUIC flows")
+        flows = query(collector.address, "SELECT src_port, app_proto, tls_sni, tls_ja4 FROM "
+                      f"flows WHERE dst_port = {port} ORDER BY src_port")
     finally:
         collector.stop()
     assert [c["error"] for c in clients] == ["", ""]
@@ -718,5 +723,6 @@ def test_live_aioquic_v1_and_v2_at_the_collector(tmp_path):
         (c["client_port"], c["sni"], c["alpn"], c["offered_version"], c["version"], c["cipher"])
         for c in clients]
     assert [c["version"] for c in clients] == [V1, V2]
+    assert flows == [[r[0], "quic", r[1], r[6]] for r in rows]
     printed = [r for r in sensor.records() if getattr(r, "kind", "") == "quic"]
     assert sorted(r.detail.ja4 for r in printed) == sorted(r[6] for r in rows)
