@@ -21,7 +21,6 @@ import os
 import re
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
