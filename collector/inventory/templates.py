@@ -196,8 +196,9 @@ class Learner:
         self.generation += 1
 
     def _merge(self, into: _Node, other: _Node) -> None:
-        """Merge the subtree `other` into `into` (other is dropped), promoting on the way
-        where the union of static values passes the threshold."""
+        """Merge the subtree `other` into `into` (other is dropped), making positions
+        parameters for good on the way where the union of static values passes
+        MAX_VALUES."""
         self.nodes -= 1
         into.hits += other.hits
         for kind, child in other.params.items():
@@ -220,9 +221,8 @@ class Learner:
                 into.static[seg] = child
 
     def retemplate(self, service: str, template: tuple[str, ...]) -> tuple[str, ...]:
-        """A template handed out before, as the learner templates it now (without
-        learning): static segments that a learned parameter has since absorbed become
-        {name}."""
+        """A key handed out before, as learn() would give it now (without learning):
+        static segments at positions since made parameters for good become {name}."""
         node = self._roots.get(service)
         if node is None:
             return template
