@@ -84,6 +84,12 @@ class InventoryStore:
     def __init__(self, data_dir: Path) -> None:
         path = Path(data_dir) / FILE
         try:
+            # Whatever the record store is (ClickHouse keeps nothing in data_dir).
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the data directory {path.parent}: "
+                               f"{exc.strerror}; pick another with --data-dir") from None
+        try:
             # Used by the writer thread (save) and at start/stop; serialised by the caller.
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute(
