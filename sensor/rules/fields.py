@@ -60,6 +60,10 @@ class Subject:
         return getattr(self.event.detail, "host", "")
 
     def values(self, name: str) -> list[tuple[str, object]]:
+        """The (label, value) pairs of a field; getter(name) is the fast path."""
+        return getter(name)(self)
+
+    def _values(self, name: str) -> list[tuple[str, object]]:
         ev, d, req = self.event, self.event.detail, self.request
         if name == "kind":
             return [(name, ev.kind)]
@@ -118,3 +122,33 @@ class Subject:
             want = name[5:]
             return [(name, v) for n, v in req.body_args() if n == want]
         return []
+
+
+def _status(s: Subject) -> list[tuple[str, object]]:
+    status = getattr(s.event.detail, "status", 0)
+    return [("status", status)] if status else []
+
+
+def _method(s: Subject) -> list[tuple[str, object]]:
+    method = getattr(s.event.detail, "method", "")
+    return [("method", method)] if method else []
+
+
+def _path(s: Subject) -> list[tuple[str, object]]:
+    return [("path", s.path())] if s.request is not None or hasattr(s.event.detail, "path") \
+        else []
+
+
+# The fields most rules use, without the general lookup's chain of comparisons: a rule's
+# condition resolves its field once, at load.
+_FAST = {"status": _status, "method": _method, "path": _path,
+         "src": lambda s: [("src", s.event.src_addr)],
+         "dst": lambda s: [("dst", s.event.dst_addr)]}
+
+
+def getter(name: str):
+    """subject -> [(label, value)] for one field name."""
+    fast = _FAST.get(name)
+    if fast is not None:
+        return fast
+    return lambda s: Subject._values(s, name)

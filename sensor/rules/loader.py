@@ -318,15 +318,16 @@ def _texts(value) -> list[str]:
 def _compile(name: str, op: str, value, nocase: bool):
     """The test of one condition: subject -> (field, value, reason) of the first
     matching value, or None."""
+    get = fields.getter(name)
     if op == "exists":
-        return lambda s: next(((f, str(v), "present") for f, v in s.values(name)), None)
+        return lambda s: next(((f, str(v), "present") for f, v in get(s)), None)
     if op in _DETECTORS:
         if value is not None:
             raise ValueError("a detector takes no value")
         detect = _DETECTORS[op]
 
         def run(s):
-            for f, v in s.values(name):
+            for f, v in get(s):
                 for form in decode.variants(str(v)):
                     why = detect(form)
                     if why:
@@ -342,13 +343,13 @@ def _compile(name: str, op: str, value, nocase: bool):
             raise ValueError(f"{name} is not a number (range works on "
                              f"{', '.join(sorted(fields.NUMERIC))}, detail.NAME)")
         lo, hi = value
-        return lambda s: next(((f, str(v), f"{v} in [{lo}, {hi}]") for f, v in s.values(name)
+        return lambda s: next(((f, str(v), f"{v} in [{lo}, {hi}]") for f, v in get(s)
                                if isinstance(v, (int, float)) and lo <= v <= hi), None)
     if op == "cidr":
         nets = [ipaddress.ip_network(v, strict=False) for v in _texts(value)]
 
         def in_nets(s):
-            for f, v in s.values(name):
+            for f, v in get(s):
                 try:
                     ip = ipaddress.ip_address(str(v).split(",")[0].strip())
                 except ValueError:
@@ -369,7 +370,7 @@ def _compile(name: str, op: str, value, nocase: bool):
         rx = [re2.compile(t, options) for t in texts]
 
         def search(s):
-            for f, v in s.values(name):
+            for f, v in get(s):
                 text = str(v)[:decode.MAX_VALUE]
                 for r in rx:
                     if r.search(text):
@@ -385,7 +386,7 @@ def _compile(name: str, op: str, value, nocase: bool):
     }[op]
 
     def text_test(s):
-        for f, v in s.values(name):
+        for f, v in get(s):
             text = str(v)
             if pred(text.lower() if nocase else text):
                 return f, text, f"{op} {texts[0]!r}" + (" ..." if len(texts) > 1 else "")
