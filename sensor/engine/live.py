@@ -698,9 +698,13 @@ class Enricher(Protocol):
 class LiveSensor:
     """Build, start(), then step() until told to stop, then stop() exactly once."""
 
-    def __init__(self, config: LiveConfig, exporter, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: LiveConfig, exporter, *, clock: Clock | None = None,
+                 on_verdict: Callable | None = None) -> None:
         self.config = config
         self.exporter = exporter
+        # Where rule verdicts go (sensor/rules/engine.Verdict, `block` only): kernel
+        # enforcement plugs in here; it is called on the loop thread, so it must not block.
+        self.on_verdict = on_verdict
         self.clock = clock or SystemClock()
         self.totals = LiveTotals()
         self.prog = None
@@ -741,7 +745,8 @@ class LiveSensor:
                     budget=cfg.selection.budget, refill_octets=cfg.refill_octets,
                     reassembly_budget_bytes=cfg.reassembly_budget_bytes,
                     expire_ns=cfg.timeouts.tcp_idle_ns + cfg.timeouts.tcp_end_linger_ns
-                    + 60 * 10**9, redact=cfg.redact, rules=cfg.rules)
+                    + 60 * 10**9, redact=cfg.redact, rules=cfg.rules,
+                    on_verdict=self.on_verdict)
             if cfg.process_attribution:
                 self._open_attribution()
             if cfg.tls_plaintext is not None:
