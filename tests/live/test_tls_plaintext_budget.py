@@ -80,5 +80,8 @@ def test_large_bodies_cost_what_small_ones_do(tmp_path):
     # head (ROOM_TARGET); the first one at most the budget.
     assert large["copied"] < 3 * small["copied"] + REQUESTS * ROOM_TARGET, (small, large)
     assert large["copied"] < REQUESTS * (10 << 20) // 1000
-    assert large["skipped"] > REQUESTS * (9 << 20)
+    # Most of each body is skipped in the kernel; what a lagging userspace let pass
+    # before a skip landed is counted as truncated, not copied.
+    assert large["skipped"] > REQUESTS * (5 << 20)
+    assert large["skipped"] + large["truncated"] + large["copied"] >= REQUESTS * (10 << 20)
     assert large["ringbuf_full"] == 0 and small["ringbuf_full"] == 0
