@@ -423,6 +423,10 @@ class CaptureReader:
                     yield (sec * 1_000_000_000 + frac * mul, 0, linktype, buf[pos + 16:stop],
                            orig or incl)
                     pos = stop
+                if end - pos < need and not eof:
+                    # The loop ran out of guaranteed room: refill before the general code,
+                    # which takes a record that does not fit for one cut short.
+                    continue
             if pos + 16 > end:
                 if pos < end:
                     stats.truncated_records += 1
