@@ -237,7 +237,12 @@ def l7_builder(declared: list[tuple[str, registry.Filter]]) -> Callable[[Iterabl
                 return False
             oneof = rec.l7.WhichOneof("detail")
             field = fields.get(oneof)
-            return field is not None and test(getattr(getattr(rec.l7, oneof), field))
+            if field is None:
+                return False
+            value = getattr(getattr(rec.l7, oneof), field)
+            if isinstance(value, (str, int)):
+                return test(value)
+            return any(test(v) for v in value)   # a list field: any of its values
         return match
     return build
 

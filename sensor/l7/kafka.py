@@ -1289,7 +1289,7 @@ PROTOCOL = Protocol(
                   "error_code": "i32"},
     line=table_line, style="yellow",
     filters=(
-        Filter(name="kafka_topic", field="topic", match="glob_case",
-               help="topic glob: 'orders.*' (matches an event's first topic)"),
+        Filter(name="kafka_topic", field="topics", match="glob_case",
+               help="topic glob: 'orders.*' (matches any topic an event names)"),
     ),
 )

@@ -43,3 +43,20 @@ def test_sql_query_contains_matches_both_kinds_by_statement_in_any_case():
 def test_sql_query_contains_is_one_tail_flag():
     name, parse = FILTER_FLAGS["sql-query-contains"]
     assert name == "sql_query_contains" and parse("Drop Table") == "Drop Table"
+
+
+def test_a_filter_over_a_list_field_matches_any_of_its_values():
+    # tail --kafka-topic over an event's `topics`: the second topic named matches too.
+    from sensor import model
+    from sensor.l7.kafka import KafkaEvent
+
+    def kafka(uid: str, topics: tuple[str, ...]):
+        return wire.to_proto(model.L7Event(
+            uid=uid, ts_ns=1, src_addr="198.18.0.5", dst_addr="198.19.0.9", src_port=40000,
+            dst_port=9092, protocol=6,
+            detail=KafkaEvent(api_key=0, api="Produce", topic=topics[0] if topics else "",
+                              topics=topics)))
+
+    records = [kafka("K1", ("audit", "orders")), kafka("K2", ("audit",)), kafka("K3", ())]
+    match = filters.compile_filter(wire.observer_pb2.RecordFilter(kafka_topic=["order*"]))
+    assert [r.l7.uid for r in records if match(r)] == ["K1"]

@@ -459,7 +459,7 @@ def test_collector_stores_the_events_and_tail_filters_by_topic(tmp_path):
     stored = [json.loads(line) for line in tail.stdout.splitlines()]
     spec, _ = golden()
     want = sorted((e["api"], e["correlation_id"]) for c in spec["connections"]
-                  for e in c["events"] if e["topics"][:1] in (["orders"],))
+                  for e in c["events"] if any(t.startswith("order") for t in e["topics"]))
     assert sorted((r["detail"]["api"], r["detail"]["correlation_id"]) for r in stored) == want
     assert all(r["type"] == "kafka" and r["sensor_id"] == "s-kafka" for r in stored)
     produce9 = next(r["detail"] for r in stored if r["detail"]["api"] == "Produce"
