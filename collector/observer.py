@@ -164,9 +164,10 @@ class ObserverService:
     """loupe.v1.Observer."""
 
     def __init__(self, storage: Storage, hub: Hub, counters: Callable[[], dict], *,
-                 version: str, started_ns: int, inventory=None) -> None:
+                 version: str, started_ns: int, inventory=None, stats=None) -> None:
         self._storage = storage
         self._inventory = inventory  # collector.inventory.store.InventoryStore
+        self._stats = stats          # collector.stats.store.StatsStore
         self._hub = hub
         self._counters = counters
         self._version = version
@@ -319,6 +320,24 @@ class ObserverService:
         return observer_pb2.EndpointsResponse(
             endpoints=[store.to_proto(d, observer_pb2) for d in chosen],
             dropped=self._inventory.dropped)
+
+    async def Stats(self, request, context):
+        from collector.stats import store
+        from collector.stats.model import ALPHA, RES_INDEX
+
+        if self._stats is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector keeps no statistics")
+        kind, resolution = request.kind or "services", request.resolution or "1m"
+        if kind not in store.KINDS or resolution not in RES_INDEX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"kind {kind!r} / resolution {resolution!r}: kinds are "
+                                f"{', '.join(store.KINDS)}, resolutions {', '.join(RES_INDEX)}")
+        loop = asyncio.get_running_loop()
+        rows, start, end = await loop.run_in_executor(
+            self._readers, lambda: self._stats.query(kind, resolution, request.last_ns))
+        return observer_pb2.StatsResponse(
+            stats=[store.to_proto(r, observer_pb2) for r in store.select(rows, request)],
+            start_ns=start, end_ns=end, dropped=self._stats.dropped, relative_accuracy=ALPHA)
 
     def close(self) -> None:
         self._readers.shutdown(wait=True, cancel_futures=True)

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from collector import render
 from collector.ingest import IngestCounters, IngestService, Writer
 from collector.inventory.store import InventoryStore
+from collector.stats.store import StatsStore
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
 from collector.roles import RoleInterceptor
 from collector.storage import open_storage
@@ -158,13 +159,21 @@ class Collector:
             self.storage.close()
             self.server = None
             raise
+        try:
+            self.stats = StatsStore(config.data_dir, self.inventory)
+        except BaseException:
+            self.inventory.close()
+            self.storage.close()
+            self.server = None
+            raise
         self.counters = IngestCounters()
         self.hub = Hub(queue_size=config.subscriber_queue, last_seq=self.storage.last_seq())
         self.writer = _CountingWriter(self.storage)
-        self.writer.on_stored = self.inventory.on_stored
+        self.writer.on_stored = self._on_stored
         self.observer = ObserverService(
             self.storage, self.hub, self.counters.as_dict,
             version=VERSION, started_ns=time.time_ns(), inventory=self.inventory,
+            stats=self.stats,
         )
         self.health = health.aio.HealthServicer()
         ingest = IngestService(self.writer, self.hub, self.counters, mtls=config.mtls)
@@ -187,6 +196,11 @@ class Collector:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._sweep_now = asyncio.Event()
+
+    def _on_stored(self, batch) -> None:
+        # Both only queue the batch for their own thread: neither holds up the ack.
+        self.inventory.on_stored(batch)
+        self.stats.on_stored(batch)
 
     def _bind(self) -> int:
         config = self.config
@@ -310,6 +324,7 @@ class Collector:
         await self.writer.drain()
         self.writer.close()
         self.inventory.close()
+        self.stats.close()
         self.observer.close()
         self.storage.close()
 
@@ -367,6 +382,10 @@ async def _serve(config: CollectorConfig, reload, notifier: Notifier,
     await collector.start()
     loop = asyncio.get_running_loop()
     metrics.add_source("collector", lambda: collector.metrics_snapshot(loop))
+    # Service statistics: labelled families of their own, top-N services plus "other".
+    from collector.stats.prom import StatsMetrics
+    stats_metrics = StatsMetrics(collector.stats)
+    metrics.registry.register(stats_metrics)
     host, _ = split_address(config.listen)
     shown = f"[{host}]" if ":" in host else host
     log.info("listening on %s:%d (%s, %s)", shown, port, collector.storage.description,
@@ -398,6 +417,7 @@ async def _serve(config: CollectorConfig, reload, notifier: Notifier,
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         metrics.remove_source("collector")
+        metrics.registry.unregister(stats_metrics)
         await collector.stop()
     log.info("stopped; storage closed")
 

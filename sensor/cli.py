@@ -22,6 +22,7 @@ from sensor.logs import setup_logging
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "collector.cli": ("collector", "export", "certs", "tail", "query", "top"),
     "collector.inventory.cli": ("endpoints", "api"),
+    "collector.stats.cli": ("services",),
     "sensor.config_cli": ("config",),
     "sensor.kernel.cli": ("sensor",),
     "sensor.replay.cli": ("replay",),

@@ -356,6 +356,14 @@ class Inventory:
                 have.merge(ep)
         return sorted(out.values(), key=lambda e: (e.service, e.template, e.method))
 
+    def templates_for(self, pairs) -> dict[tuple, tuple[str, ...]]:
+        """(service, path segments with shape parameters) -> the template endpoints()
+        would put them under now; for the statistics (collector/stats), whose series
+        follow the inventory's templates."""
+        with self._lock:
+            view = templates.View(self.learner)
+            return {(s, k): view.template(s, self.learner.retemplate(s, k)) for s, k in pairs}
+
     def snapshot(self) -> list[dict]:
         """endpoints() as dicts."""
         return [ep.to_dict() for ep in self.endpoints()]

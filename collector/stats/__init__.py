@@ -1,0 +1,1 @@
+"""Service statistics and the service map (docs/stats.md)."""

@@ -1,0 +1,275 @@
+"""Service statistics: per series (an endpoint, a service or a service-map edge) request
+and error counts and a latency sketch, in time cells at three resolutions.
+
+The latency sketch is DDSketch (PyPI `ddsketch`, DataDog's): relative accuracy ALPHA, so
+any quantile it returns is within ALPHA (1 %) of the value of that rank among the values
+added. Two sketches with the same mapping merge by adding their bins, so the merge of the
+sketches of two sensors (or of six 10 s cells) holds exactly the bins of one sketch that
+saw all those values: merged quantiles equal the single sketch's, bin for bin (and so
+are within ALPHA of the true ones). Every other statistic is a sum. Order never matters.
+
+Bounds (docs/stats.md): MAX_SERIES series and MAX_CELLS cells in all; past either, the
+event's share that would need a new one is counted in `dropped`, never kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from dataclasses import dataclass, field
+
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
+from ddsketch.pb.ddsketch_pb2 import DDSketch as SketchProto
+from ddsketch.pb.proto import DDSketchProto
+from ddsketch.store import CollapsingLowestDenseStore
+
+# 1 %: p50 of a 10 ms endpoint is read as 9.9-10.1 ms; finer costs bins (memory) for a
+# precision no latency question needs.
+ALPHA = 0.01
+# Bins per sketch: 1024 at 1 % span a factor e^20 (1 us .. 8 min in ns); values below
+# the lowest bin fold into it (a collapse only ever merges the fastest requests).
+BIN_LIMIT = 1024
+_MAPPING = LogarithmicMapping(ALPHA)
+
+# (name, width ns, cells kept): 10 s for 1 h, 1 min for 1 day, 1 h for 30 days.
+RESOLUTIONS = (("10s", 10 * 10**9, 360), ("1m", 60 * 10**9, 1440), ("1h", 3600 * 10**9, 720))
+RES_INDEX = {name: i for i, (name, _, _) in enumerate(RESOLUTIONS)}
+# Series: endpoints, services and edges together. A series costs ~0.3 KiB plus its cells.
+MAX_SERIES = 20_000
+# Cells (a sketch and three counts, ~2.4 KiB measured with 50 values): ~150 MiB at worst.
+# A series busy for all its retention holds 2,520 cells; the budget fits ~25 of those or
+# thousands of sparser ones. Past it, an event's share in a new cell is dropped, counted.
+MAX_CELLS = 60_000
+
+
+def new_sketch() -> BaseDDSketch:
+    return BaseDDSketch(mapping=_MAPPING, store=CollapsingLowestDenseStore(BIN_LIMIT, 16),
+                        negative_store=CollapsingLowestDenseStore(BIN_LIMIT, 16), zero_count=0.0)
+
+
+def sketch_bytes(sketch: BaseDDSketch) -> bytes:
+    return DDSketchProto.to_proto(sketch).SerializeToString()
+
+
+def sketch_from(raw: bytes) -> BaseDDSketch:
+    msg = SketchProto()
+    msg.ParseFromString(raw)
+    out = new_sketch()
+    out.merge(DDSketchProto.from_proto(msg))
+    return out
+
+
+@dataclass(slots=True)
+class Cell:
+    """One series in one time cell. latency holds the events that had a latency."""
+
+    requests: int = 0
+    errors_4xx: int = 0
+    errors_5xx: int = 0
+    latency: BaseDDSketch = field(default_factory=new_sketch)
+
+    def merge(self, other: "Cell") -> None:
+        self.requests += other.requests
+        self.errors_4xx += other.errors_4xx
+        self.errors_5xx += other.errors_5xx
+        if other.latency.count:
+            self.latency.merge(other.latency)
+
+    def to_list(self) -> list:
+        return [self.requests, self.errors_4xx, self.errors_5xx,
+                base64.b64encode(sketch_bytes(self.latency)).decode()]
+
+    @classmethod
+    def from_list(cls, v: list) -> "Cell":
+        return cls(v[0], v[1], v[2], sketch_from(base64.b64decode(v[3])))
+
+
+def summary(cell: Cell, seconds: float) -> dict:
+    """What a caller reads of a (merged) cell over `seconds`."""
+    q = lambda p: round(cell.latency.get_quantile_value(p) or 0.0) if cell.latency.count else 0  # noqa: E731
+    n = cell.requests
+    return {"requests": n, "rate": round(n / seconds, 6) if seconds else 0.0,
+            "errors_4xx": cell.errors_4xx, "errors_5xx": cell.errors_5xx,
+            "error_rate_4xx": round(cell.errors_4xx / n, 6) if n else 0.0,
+            "error_rate_5xx": round(cell.errors_5xx / n, 6) if n else 0.0,
+            "latency_count": int(cell.latency.count),
+            "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99)}
+
+
+class Series:
+    """A key's cells per resolution ({cell index: Cell}, sparse) and its totals."""
+
+    __slots__ = ("rings", "total")
+
+    def __init__(self) -> None:
+        self.rings: list[dict[int, Cell]] = [{} for _ in RESOLUTIONS]
+        self.total = Cell()   # since the series began; for Prometheus counters and top-N
+
+    def to_dict(self) -> dict:
+        return {"total": self.total.to_list(),
+                "rings": [{str(i): c.to_list() for i, c in ring.items()} for ring in self.rings]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Series":
+        s = cls()
+        s.total = Cell.from_list(d["total"])
+        s.rings = [{int(i): Cell.from_list(v) for i, v in ring.items()} for ring in d["rings"]]
+        return s
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One L7 transaction's share of the statistics, for each series key it counts in."""
+
+    keys: tuple
+    ts_ns: int
+    latency_ns: int        # 0: none measured (no response seen, or a kind without one)
+    error: str = ""        # "", "4xx" or "5xx"
+
+
+class Stats:
+    """All series, by key. Thread-safe: the feed thread adds, readers merge copies."""
+
+    def __init__(self, *, max_series: int = MAX_SERIES, max_cells: int = MAX_CELLS) -> None:
+        self.max_series = max_series
+        self.max_cells = max_cells
+        self.series: dict[tuple, Series] = {}
+        self.cells = 0
+        self.dropped = 0        # event shares not kept: series or cell budget full
+        self.newest = [0] * len(RESOLUTIONS)   # newest cell index seen, per resolution
+        self.dirty: set[tuple] = set()
+        self.lock = threading.Lock()
+
+    def add_many(self, events) -> None:
+        """Group a batch's events by (key, 10 s cell), sketch each group once, and merge
+        the group into its cells at every resolution (a merge costs bins, not values)."""
+        groups: dict[tuple, Cell] = {}
+        width0 = RESOLUTIONS[0][1]
+        for ev in events:
+            for key in ev.keys:
+                g = groups.get((key, ev.ts_ns // width0))
+                if g is None:
+                    g = groups[(key, ev.ts_ns // width0)] = Cell()
+                g.requests += 1
+                if ev.error == "4xx":
+                    g.errors_4xx += 1
+                elif ev.error == "5xx":
+                    g.errors_5xx += 1
+                if ev.latency_ns > 0:
+                    g.latency.add(ev.latency_ns)
+        with self.lock:
+            for (key, index0), group in groups.items():
+                self._add(key, index0 * width0, group)
+
+    def _add(self, key: tuple, start_ns: int, group: Cell) -> None:
+        series = self.series.get(key)
+        if series is None:
+            if len(self.series) >= self.max_series:
+                self.dropped += group.requests
+                return
+            series = self.series[key] = Series()
+        series.total.merge(group)
+        for r, (_, width, keep) in enumerate(RESOLUTIONS):
+            index = start_ns // width
+            self.newest[r] = max(self.newest[r], index)
+            if index <= self.newest[r] - keep:
+                continue   # older than this resolution keeps
+            cell = series.rings[r].get(index)
+            if cell is None:
+                if self.cells >= self.max_cells:
+                    self.dropped += group.requests
+                    continue
+                cell = series.rings[r][index] = Cell()
+                self.cells += 1
+            cell.merge(group)
+        self.dirty.add(key)
+
+    def prune(self) -> int:
+        """Drop cells past their resolution's retention (counted from the newest cell
+        seen, so replayed old traffic keeps its own hour); returns how many."""
+        gone = 0
+        with self.lock:
+            for key, series in self.series.items():
+                for r, (_, _, keep) in enumerate(RESOLUTIONS):
+                    ring = series.rings[r]
+                    old = [i for i in ring if i <= self.newest[r] - keep]
+                    for i in old:
+                        del ring[i]
+                    if old:
+                        gone += len(old)
+                        self.dirty.add(key)
+            self.cells -= gone
+        return gone
+
+    def merge_series(self, key: tuple, other: Series) -> None:
+        """Merge a series from elsewhere (the store at start, a key a learned template
+        covers) into `key`."""
+        with self.lock:
+            self._merge(key, other)
+
+    def _merge(self, key: tuple, other: Series) -> None:
+        have = self.series.get(key)
+        if have is None:
+            if len(self.series) >= self.max_series:
+                self.dropped += other.total.requests
+                return
+            self.series[key] = other
+            self.cells += sum(len(r) for r in other.rings)
+        else:
+            have.total.merge(other.total)
+            for r, ring in enumerate(other.rings):
+                for i, cell in ring.items():
+                    if i in have.rings[r]:
+                        have.rings[r][i].merge(cell)
+                    else:
+                        have.rings[r][i] = cell
+                        self.cells += 1
+        for r, ring in enumerate(other.rings):
+            if ring:
+                self.newest[r] = max(self.newest[r], max(ring))
+        self.dirty.add(key)
+
+    def rekey(self, mapping: dict[tuple, tuple]) -> list[tuple]:
+        """Move series to new keys (merging those that meet); returns the old keys gone."""
+        gone = []
+        with self.lock:
+            for old, new in mapping.items():
+                if old == new or old not in self.series:
+                    continue
+                series = self.series.pop(old)
+                self.cells -= sum(len(r) for r in series.rings)
+                self.dirty.add(old)   # take_dirty reports it gone: its row goes
+                self._merge(new, series)
+                gone.append(old)
+        return gone
+
+    def window(self, resolution: str, last_ns: int, kinds: set[str]) -> tuple[dict, int, int]:
+        """Each series of the kinds asked, merged over the cells of `resolution` in the
+        last `last_ns` up to the newest cell: ({key: Cell}, start_ns, end_ns)."""
+        r = RES_INDEX[resolution]
+        width = RESOLUTIONS[r][1]
+        end = (self.newest[r] + 1) * width
+        first = (end - last_ns) // width
+        out: dict[tuple, Cell] = {}
+        with self.lock:
+            for key, series in self.series.items():
+                if key[0] not in kinds:
+                    continue
+                merged = None
+                for i, cell in series.rings[r].items():
+                    if i >= first:
+                        if merged is None:
+                            merged = Cell()
+                        merged.merge(cell)
+                if merged is not None:
+                    out[key] = merged
+        return out, first * width, end
+
+    def take_dirty(self) -> tuple[dict[tuple, dict], list[tuple]]:
+        """(series changed, as dicts; keys gone) since the last call, for the store."""
+        with self.lock:
+            changed = {k: self.series[k].to_dict() for k in self.dirty if k in self.series}
+            gone = [k for k in self.dirty if k not in self.series]
+            self.dirty = set()
+        return changed, gone
