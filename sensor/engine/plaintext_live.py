@@ -15,6 +15,7 @@ owns all L7 state.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.engine.plaintext import PlaintextL7
+from sensor.errors import ConfigError
 from sensor.kernel import tlsprobe
 from sensor.model import LostSource, Record
 
@@ -54,13 +56,39 @@ class PlaintextConfig:
     ringbuf_pages: int = 256
 
 
+def cgroup2_root() -> Path:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or .../unified on a
+    hybrid (v1 + v2) host."""
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    except OSError:
+        pass
+    return Path("/sys/fs/cgroup")
+
+
 def cgroup_id(path: str) -> int:
-    """A cgroup v2 directory's id is its inode number (what bpf_get_current_cgroup_id
-    returns)."""
+    """A cgroup v2 directory's id, as bpf_get_current_cgroup_id returns it: the 8-byte
+    file handle name_to_handle_at(2) gives (kernfs's 64-bit node id; st_ino can lack its
+    generation bits). A relative path is under the v2 mount."""
     p = Path(path)
     if not p.is_absolute():
-        p = Path("/sys/fs/cgroup") / path
-    return os.stat(p).st_ino
+        p = cgroup2_root() / path
+
+    class Handle(ctypes.Structure):
+        _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int),
+                    ("id", ctypes.c_uint64)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    handle, mount_id = Handle(bytes=8), ctypes.c_int()
+    if libc.name_to_handle_at(-100, os.fsencode(p), ctypes.byref(handle),
+                              ctypes.byref(mount_id), 0) != 0:   # AT_FDCWD
+        err = ctypes.get_errno()
+        raise ConfigError(f"tls_plaintext.cgroups: {p}: {os.strerror(err)}; name a cgroup v2 "
+                          f"directory (under {cgroup2_root()})")
+    return handle.id
 
 
 @dataclass(slots=True)

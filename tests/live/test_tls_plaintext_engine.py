@@ -160,3 +160,13 @@ def test_head_lost_to_the_budget_resynchronises_at_the_next_request():
     events = [r for r in records if isinstance(r, L7Event)]
     assert events[-1].detail.status == 404
     assert stage.stats.resyncs == 1
+
+
+def test_port_selection_stops_other_connections_in_the_kernel():
+    stage, records, control = _stage(ports=(8443,))
+    p = Process(C_PID)
+    stage.on_chunk(p.chunk(WRITE, REQUEST), 0, 0)
+    stage.on_chunk(p.chunk(READ, RESPONSE), 0, 0)
+    stage.flush_all()
+    assert records == [] and stage.stats.not_selected == 1
+    assert control.writes == [(C_PID, p.ssl, [0, 0], [0, 0], CTL_DONE)]
