@@ -517,7 +517,7 @@ class TlsPlaintextConfig:
     # of a userspace a few ms behind a fast keep-alive connection.
     budget_bytes: int = _opt(16 * KIB, _Size(512, 16 * MIB))
     # Selection (each empty: all). Process names as the kernel's comm (15 characters);
-    # cgroup v2 directories (absolute, or under /sys/fs/cgroup); ports of either end.
+    # cgroup v2 directories (absolute, or under the v2 mount); ports of either end.
     # Bounds: the kernel's selection maps hold 1024 entries.
     processes: tuple[str, ...] = _opt((), _List(_Str(15, r"[^\x00]+", "a process name"), 1024))
     cgroups: tuple[str, ...] = _opt((), _List(_Str(4095, r"[^\x00]+", "a cgroup directory"),
