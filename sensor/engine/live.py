@@ -1033,5 +1033,7 @@ class LiveSensor:
                 f"{flows} flows, {events} L7 events")
         if l7 is not None:
             text += f", payload {l7.payload_octets} octets"
+        if self.plaintext is not None:
+            text += f", TLS plaintext {self.plaintext.l7.stats.octets} octets"
         lost = sum(t.lost.values())
         return text + (f"; lost {lost}" if lost else "; nothing lost")
