@@ -41,6 +41,19 @@ if [ "$(id -u)" = 0 ]; then
         # tshark asks whether non-root users may capture; answer no without a prompt.
         echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
         apt-get install -y -q --no-install-recommends $missing >/dev/null
+        # Servers installed here are test peers: the tests start their own instances on
+        # ports and directories of their choosing. On a host with systemd, Debian starts
+        # a server's service when it installs it; stop and disable the ones this step
+        # just installed (a server that was there before is left as it was).
+        if [ -d /run/systemd/system ]; then
+            for pair in clickhouse-server:clickhouse-server mariadb-server:mariadb \
+                        postgresql:postgresql redis-server:redis-server nginx-light:nginx \
+                        nghttp2-server:nghttpd; do
+                case " $missing " in
+                    *" ${pair%%:*} "*) systemctl disable --now "${pair##*:}" >/dev/null 2>&1 || true ;;
+                esac
+            done
+        fi
     fi
 else
     say "not root: skipping Debian packages (needs: $packages)"
