@@ -835,9 +835,23 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
 
 
-def config_to_toml(config: Any) -> str:
-    """The effective configuration as TOML that parses back to the same config."""
-    return "\n".join(_toml_lines(_as_table(config), "")) + "\n"
+# Keys whose values `loupe config show` does not print (a password set in the file).
+SECRET_KEYS = frozenset(("password",))
+HIDDEN = "(set; hidden)"
+
+
+def config_to_toml(config: Any, *, hide_secrets: bool = False) -> str:
+    """The effective configuration as TOML that parses back to the same config; with
+    hide_secrets, a set SECRET_KEYS value is replaced by HIDDEN (which does not)."""
+    table = _as_table(config)
+    if hide_secrets:
+        table = _hidden(table)
+    return "\n".join(_toml_lines(table, "")) + "\n"
+
+
+def _hidden(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: _hidden(v) if isinstance(v, dict) else
+            (HIDDEN if k in SECRET_KEYS and v else v) for k, v in table.items()}
 
 
 def _toml_lines(table: dict[str, Any], prefix: str) -> list[str]:

@@ -40,7 +40,7 @@ def _show(args: argparse.Namespace) -> int:
     kind = args.kind or ("collector" if args.file and "collector" in args.file.name else "sensor")
     overrides = config.parse_set_arguments(args.config_set)
     effective = config.load_config(kind, args.file, overrides=overrides)
-    sys.stdout.write(config.config_to_toml(effective))
+    sys.stdout.write(config.config_to_toml(effective, hide_secrets=not args.show_secrets))
     return 0
 
 
@@ -64,4 +64,6 @@ def register(tree) -> None:
                       help="which schema (default: sensor, or collector if FILE says so)")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       dest="config_set", help="override one key, as the daemons' --set does")
+    show.add_argument("--show-secrets", action="store_true",
+                      help="print passwords as they are (hidden by default)")
     show.set_defaults(func=_show)

@@ -261,3 +261,13 @@ def test_the_set_example_in_each_daemons_help_is_accepted(kind):
     text = " ".join(_loupe(*words, "--help").stdout.split())
     example = re.search(r"e\.g\. --set (\S+)", text).group(1)
     config.parse_config(kind, {}, source="t", overrides=config.parse_set_arguments([example]))
+
+
+def test_config_show_hides_a_password_unless_asked(tmp_path):
+    conf = tmp_path / "collector.toml"
+    conf.write_text('[storage.clickhouse]\npassword = "s3cr3t-ch"\n')
+    shown = _loupe("config", "show", str(conf), "--kind", "collector")
+    assert shown.returncode == 0, shown.stderr
+    assert "s3cr3t-ch" not in shown.stdout and config.HIDDEN in shown.stdout
+    plain = _loupe("config", "show", str(conf), "--kind", "collector", "--show-secrets")
+    assert 'password = "s3cr3t-ch"' in plain.stdout
