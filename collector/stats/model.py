@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.ddsketch_pb2 import DDSketch as SketchProto
-from ddsketch.pb.proto import DDSketchProto
-from ddsketch.store import CollapsingLowestDenseStore
+from ddsketch.pb.proto import DDSketchProto, KeyMappingProto, StoreProto
+from ddsketch.store import CollapsingLowestDenseStore, DenseStore
 
 # 1 %: p50 of a 10 ms endpoint is read as 9.9-10.1 ms; finer costs bins (memory) for a
 # precision no latency question needs.
@@ -53,11 +53,22 @@ def sketch_bytes(sketch: BaseDDSketch) -> bytes:
 
 
 def sketch_from(raw: bytes) -> BaseDDSketch:
+    """A stored sketch, with the bounded stores new_sketch() makes (DDSketchProto gives
+    unbounded ones; min, max and sum are not in the protobuf and quantiles need none)."""
     msg = SketchProto()
     msg.ParseFromString(raw)
-    out = new_sketch()
-    out.merge(DDSketchProto.from_proto(msg))
-    return out
+    if KeyMappingProto.from_proto(msg.mapping).gamma != _MAPPING.gamma:
+        raise ValueError("a stored sketch of another relative accuracy")
+
+    def bounded(values) -> CollapsingLowestDenseStore:
+        out = CollapsingLowestDenseStore(BIN_LIMIT, 16)
+        dense = StoreProto.from_proto(values)
+        if dense.count:
+            DenseStore.copy(out, dense)   # the bins as stored; the limit holds from here on
+        return out
+
+    return BaseDDSketch(mapping=_MAPPING, store=bounded(msg.positiveValues),
+                        negative_store=bounded(msg.negativeValues), zero_count=msg.zeroCount)
 
 
 @dataclass(slots=True)
@@ -246,24 +257,25 @@ class Stats:
 
     def window(self, resolution: str, last_ns: int, kinds: set[str]) -> tuple[dict, int, int]:
         """Each series of the kinds asked, merged over the cells of `resolution` in the
-        last `last_ns` up to the newest cell: ({key: Cell}, start_ns, end_ns)."""
+        last `last_ns` up to the newest cell: ({key: (Cell, seconds)}, start_ns, end_ns).
+        `seconds` spans the series' first to last cell there: its rate is per second of
+        that span, so a burst replayed into a day-long window still reads as a rate."""
         r = RES_INDEX[resolution]
         width = RESOLUTIONS[r][1]
         end = (self.newest[r] + 1) * width
         first = (end - last_ns) // width
-        out: dict[tuple, Cell] = {}
+        out: dict[tuple, tuple[Cell, float]] = {}
         with self.lock:
             for key, series in self.series.items():
                 if key[0] not in kinds:
                     continue
-                merged = None
-                for i, cell in series.rings[r].items():
-                    if i >= first:
-                        if merged is None:
-                            merged = Cell()
-                        merged.merge(cell)
-                if merged is not None:
-                    out[key] = merged
+                cells = [i for i in series.rings[r] if i >= first]
+                if not cells:
+                    continue
+                merged = Cell()
+                for i in cells:
+                    merged.merge(series.rings[r][i])
+                out[key] = (merged, (max(cells) - min(cells) + 1) * width / 1e9)
         return out, first * width, end
 
     def take_dirty(self) -> tuple[dict[tuple, dict], list[tuple]]:

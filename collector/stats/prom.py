@@ -78,7 +78,8 @@ class StatsMetrics:
             with stats.lock:
                 totals = {k: Cell(s.total.requests, s.total.errors_4xx, s.total.errors_5xx)
                           for k, s in stats.series.items() if k[0] in KINDS[kind]}
-            recent, _, _ = stats.window(LATENCY_WINDOW[0], LATENCY_WINDOW[1], KINDS[kind])
+            window, _, _ = stats.window(LATENCY_WINDOW[0], LATENCY_WINDOW[1], KINDS[kind])
+            recent = {k: cell for k, (cell, _) in window.items()}
             total, latest = fold(kind, totals, recent, self.top_n)
             req = CounterMetricFamily(f"loupe_{prefix}_requests", f"L7 requests per {prefix} "
                                       f"(top {self.top_n} by requests, the rest as other)",

@@ -153,8 +153,8 @@ class StatsStore:
         _, width, keep = RESOLUTIONS[RES_INDEX[resolution]]
         span = min(last_ns or width * keep, width * keep)
         cells, start, end = self.stats.window(resolution, span, KINDS[kind])
-        rows = [dict(_labels(key), **summary(cell, (end - start) / 1e9))
-                for key, cell in cells.items()]
+        rows = [dict(_labels(key), **summary(cell, seconds))
+                for key, (cell, seconds) in cells.items()]
         rows.sort(key=lambda r: (r["service"], r["path"], r["method"], r["protocol"], r["client"]))
         return rows, start, end
 
