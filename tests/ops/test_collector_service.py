@@ -189,9 +189,10 @@ def test_collector_service_lifecycle_metrics_and_reload(tmp_path, notify):
         assert set(_values(lost)) == {source.value for source in LostSource}
         assert _values(families["loupe_batches"]) == {"stored": 1, "duplicate": 0, "rejected": 0}
         assert _values(families["loupe_records_stored"]) == {"": 3}
+        from collector import schema   # noqa: PLC0415
+
         assert _values(families["loupe_stored_rows"]) == {   # one per table
-            "flows": 3, "http": 0, "dns": 0, "tls": 0, "mysql": 0, "pgsql": 0, "redis": 0,
-            "quic": 0, "kafka": 0, "mongodb": 0, "http2": 0, "lost": 0}
+            **{table: 0 for table in schema.TABLES}, "flows": 3}
         assert _values(families["loupe_queue_depth"]) == {"ingest_batches": 0,
                                                           "subscriber_records": 0}
         assert _values(families["loupe_subscribers"]) == {"": 0}
