@@ -51,6 +51,8 @@ from sensor.kernel.tlsprobe import CTL_DONE, Chunk, TlsCtl
 from sensor.l7.detect import ParserRegistry
 from sensor.model import Flow, FlowEndReason, Record
 
+# How long an object's chunks may wait for its socket before it counts as lost.
+PENDING_NS = 10 * 10**9
 # LOUPE_TLS_CHUNK (bpf/loupe.h): octets one event carries at most.
 CHUNK = 4096
 # Chunks of an object without a socket before it is given up (its first calls may come
@@ -151,7 +153,8 @@ class PlaintextL7:
         self.stats = PlaintextStats()
         self._conns: dict[tuple[int, int], _Conn] = {}
         self._by_flow: dict[bytes, _Conn] = {}
-        self._pending: dict[tuple[int, int], int] = {}   # no socket yet: chunks seen
+        # No socket yet: object -> [chunks seen, first seen (monotonic ns)].
+        self._pending: dict[tuple[int, int], list[int]] = {}
         self._done: dict[tuple[int, int], int] = {}      # stopped objects -> their fd
         # Per object, as chunks are read: [fd, next offset READ, next offset WRITE].
         self._seen: dict[tuple[int, int], list[int]] = {}
@@ -289,14 +292,16 @@ class PlaintextL7:
             ep = self._socket(ch)
         if ep is None:
             stats.no_socket_chunks += 1
-            seen = self._pending.get(cid, 0) + 1
-            self._pending[cid] = seen
-            if seen >= MAX_NO_SOCKET:
+            pending = self._pending.setdefault(cid, [0, now_mono])
+            pending[0] += 1
+            if pending[0] >= MAX_NO_SOCKET:
                 stats.no_socket += 1
                 self._pending.pop(cid, None)
                 self._stop_id(cid, ch.fd)
             elif len(self._pending) > MAX_CONNS:
-                self._pending.clear()   # bounded; the objects are counted again if seen
+                # Bounded: the oldest is given up (and counted) to make room.
+                self._pending.pop(next(iter(self._pending)))
+                stats.no_socket += 1
             return None
         self._pending.pop(cid, None)
         if self.ports and ep.local_port not in self.ports and ep.remote_port not in self.ports:
@@ -426,6 +431,13 @@ class PlaintextL7:
     def expire(self, now_mono: int) -> None:
         for conn in [c for c in self._conns.values() if now_mono - c.last_mono > self.expire_ns]:
             self._end(conn)
+        # An object that sent fewer than MAX_NO_SOCKET chunks without a socket is lost
+        # all the same: counted once it waited PENDING_NS (or at shutdown).
+        stale = [cid for cid, (_, first) in self._pending.items()
+                 if now_mono - first > PENDING_NS]
+        for cid in stale:
+            del self._pending[cid]
+        self.stats.no_socket += len(stale)
 
     def flush_all(self) -> None:
         self.expire(now_mono=1 << 62)

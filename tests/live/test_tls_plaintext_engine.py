@@ -170,3 +170,13 @@ def test_port_selection_stops_other_connections_in_the_kernel():
     stage.flush_all()
     assert records == [] and stage.stats.not_selected == 1
     assert control.writes == [(C_PID, p.ssl, [0, 0], [0, 0], CTL_DONE)]
+
+
+def test_object_with_few_chunks_and_no_socket_is_counted_at_the_end():
+    stage, records, _ = _stage()
+    p = Process(999)
+    stage.on_chunk(p.chunk(WRITE, REQUEST), 0, 0)
+    stage.on_chunk(p.chunk(READ, RESPONSE), 0, 0)
+    assert stage.stats.no_socket == 0
+    stage.flush_all()
+    assert stage.stats.no_socket == 1 and records == []
