@@ -207,11 +207,12 @@ class Engine:
         tpl, ids = template(path) if th.by.endswith("template") or th.distinct else (path, "")
         if th.distinct and not ids:
             return None   # nothing to enumerate on this path
-        endpoint = f"{subject.host()}{tpl if th.by.endswith('template') else path}"
-        key = (rule.id,) + {
-            "src": (ev.src_addr,), "endpoint": (endpoint,),
-            "src+endpoint": (ev.src_addr, endpoint), "src+template": (ev.src_addr, endpoint),
-        }[th.by]
+        by = th.by
+        if by == "src":
+            key = (rule.id, ev.src_addr)
+        else:
+            endpoint = subject.host() + (tpl if by == "src+template" else path)
+            key = (rule.id, endpoint) if by == "endpoint" else (rule.id, ev.src_addr, endpoint)
         w = self._windows.get(key)
         ts = ev.ts_ns
         if w is None or ts - w.start >= th.window_ns or ts < w.start:

@@ -52,6 +52,8 @@ class Request:
         self.version = start[2] if len(start) > 2 else ""
         headers: list[tuple[str, str]] = []
         anomalies: list[str] = []
+        hosts = lengths = 0
+        te = ""
         for line in lines[1:MAX_HEADERS + 1]:
             line = line.rstrip("\r")
             if not line:
@@ -64,7 +66,18 @@ class Request:
                 anomalies.append("obsolete line folding")
                 continue
             name, _, value = line.partition(":")
-            headers.append((name.lower(), value.strip(" \t")))
+            name = name.lower()
+            value = value.strip(" \t")
+            headers.append((name, value))
+            # The framing headers, counted in the same pass (request smuggling shapes).
+            if name == "host":
+                hosts += 1
+            elif name == "content-length":
+                lengths += 1
+            elif name == "transfer-encoding":
+                te = value.lower()
+            elif " " in name or "\t" in name:
+                anomalies.append("whitespace in header name")
         self.headers = headers
         self.body = body
         self._args: list[tuple[str, str]] | None = None
@@ -72,21 +85,16 @@ class Request:
         self._body_args: list[tuple[str, str]] | None = None
         self._inputs: list[tuple[str, str]] | None = None
         self.findings = None   # managed.findings(): (detector names, results)
-        names = [n for n, _ in headers]
-        if "host" not in names and self.version == "HTTP/1.1":
+        if not hosts and self.version == "HTTP/1.1":
             anomalies.append("missing Host")
-        if names.count("host") > 1:
+        if hosts > 1:
             anomalies.append("duplicate Host")
-        cls = names.count("content-length")
-        if cls > 1:
+        if lengths > 1:
             anomalies.append("duplicate Content-Length")
-        if cls and "transfer-encoding" in names:
+        if lengths and te:
             anomalies.append("Content-Length with Transfer-Encoding")
-        te = self.header("transfer-encoding").lower()
         if te and te.replace(" ", "") not in ("chunked", "gzip,chunked", "deflate,chunked"):
             anomalies.append("unusual Transfer-Encoding")
-        if any(n != n.strip() or " " in n for n in names):
-            anomalies.append("whitespace in header name")
         self.anomalies = anomalies
 
     def header(self, name: str) -> str:
