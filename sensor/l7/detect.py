@@ -92,7 +92,7 @@ _HINTS: dict[int, Mapping[int, str]] = {}
 def default_parsers() -> dict[str, tuple[str, str]]:
     """Every registered parser class as (module, class), by protocol name."""
     return {p.name: (p.parser.__module__, p.parser.__qualname__)
-            for p in registry.kinds()}
+            for p in registry.protocols() if p.parser is not None}
 
 
 class ParserRegistry:

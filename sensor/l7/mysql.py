@@ -9,8 +9,9 @@ Strategy
   what it drops is what skip_hint offers the kernel. So a 1 GiB INSERT costs its first
   4 KiB, a BLOB row its first 64 bytes, a column definition nothing but its header.
 - Phases: the server greeting (HandshakeV10), the client's HandshakeResponse41 (or an
-  SSLRequest: the stream turns into TLS, noted as `tls_requested`, and the parser is DONE;
-  the TLS parser takes over in a later step), the authentication exchange (auth switch,
+  SSLRequest: the stream turns into TLS, noted as `tls_requested`; every later byte goes
+  to the TLS parser, sensor/l7/upgrade.py, whose TlsEvents follow the login's event, and
+  the parser ends with the handshake), the authentication exchange (auth switch,
   more-data rounds) until the server's OK or ERR, then commands. CLIENT_COMPRESS on both
   sides wraps every later packet in the compressed framing: the login is reported with
   `compressed` and the parser is DONE rather than parse compressed bytes as garbage.
@@ -74,6 +75,7 @@ from dataclasses import dataclass
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.registry import Filter, Protocol
 from sensor.l7.redact import REDACTED
+from sensor.l7.upgrade import Handover
 
 APP_PROTO = "mysql"
 PORTS = (3306,)
@@ -366,6 +368,7 @@ class MysqlParser:
         self._stmts: dict[int, str] = {}
         self._out: deque[Transaction] = deque()
         self._infile = False     # client direction: LOCAL INFILE data until an empty packet
+        self._tls: Handover | None = None   # TLS after an SSLRequest
         self.user = ""
         self.database = ""
         self.server_version = ""
@@ -374,6 +377,9 @@ class MysqlParser:
 
     def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
         if self.state is not _OK or not data:
+            return
+        if self._tls is not None:
+            self._tls.data(self, direction, data, ts_ns)
             return
         d = int(direction)
         if self._eof[d] or (d and self._wait):
@@ -400,6 +406,13 @@ class MysqlParser:
         except _Malformed as exc:
             self._fail(str(exc))
             return
+        if self._tls is not None:
+            # The SSLRequest was the last cleartext packet: the rest is the ClientHello.
+            rest = bytes(view[pos:])
+            for b in self._buf:
+                b.clear()
+            self._tls.data(self, direction, rest, ts_ns)
+            return
         if self.state is not _OK:
             return
         if d and self._wait:
@@ -417,13 +430,24 @@ class MysqlParser:
         self._fail("MySQL runs over a stream, got a datagram")
 
     def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
+        if self._tls is not None:
+            if self.state is _OK:
+                self._tls.gap(self, direction, length, ts_ns)
+            return
         self._lost(int(direction), length, "gap")
 
     def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
+        if self._tls is not None:
+            self.receive_gap(direction, length, ts_ns)   # TLS never asks for skips
+            return
         self._lost(int(direction), length, "skip")
 
     def receive_eof(self, direction: Direction, ts_ns: int) -> None:
         d = int(direction)
+        if self._tls is not None:
+            if self.state is _OK:
+                self._tls.eof(self, direction, ts_ns)
+            return
         if self.state is not _OK or self._eof[d]:
             return
         self._eof[d] = True
@@ -436,14 +460,14 @@ class MysqlParser:
 
     def skip_hint(self, direction: Direction) -> int:
         d = int(direction)
-        if self.state is not _OK or self._buf[d]:
+        if self.state is not _OK or self._buf[d] or self._tls is not None:
             return 0
         return self._drop[d]
 
     def idle_until_request(self, direction: Direction) -> bool:
         """True when this direction's bytes are not needed until the client's next command:
         the engine may stop copying it then (see the module docstring, "the budget")."""
-        if self.state is not _OK or direction != _TO_CLIENT:
+        if self.state is not _OK or direction != _TO_CLIENT or self._tls is not None:
             return False
         # Once the client sent its next command, the response to it must be copied.
         return self._wait or (self._rmode == _R_ROWS and len(self._awaiting) == 1
@@ -452,7 +476,7 @@ class MysqlParser:
     def next_event(self) -> Transaction | _NeedData:
         if self._out:
             return self._out.popleft()
-        return NEED_DATA
+        return self._tls.next_event() if self._tls is not None else NEED_DATA
 
     def summary(self) -> dict[str, str]:
         out = {}
@@ -462,6 +486,8 @@ class MysqlParser:
             out["mysql_database"] = self.database
         if self.server_version:
             out["mysql_server_version"] = self.server_version
+        if self._tls is not None:
+            out.update(self._tls.summary())
         return out
 
     # -- framing -----------------------------------------------------------------------------
@@ -498,6 +524,8 @@ class MysqlParser:
                     self._server_packet(length, seq, payload, ts)
                 else:
                     self._client_packet(length, seq, payload, ts)
+                if self._tls is not None:
+                    return pos + total   # the SSLRequest: what follows is TLS
                 if self.state is not _OK or (d and self._wait):
                     return end
             if end - pos >= total:
@@ -585,7 +613,9 @@ class MysqlParser:
         if length == 32 and caps & CLIENT_SSL:
             login.tls = True  # SSLRequest: what follows is a TLS ClientHello
             login.done = True
-            self._stop("TLS requested (SSLRequest)")
+            self._flush_all()
+            self.note = "TLS requested (SSLRequest)"
+            self._tls = Handover("SSLRequest")
             return
         if len(p) < 33:
             raise _Malformed("handshake response too short")

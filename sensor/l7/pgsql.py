@@ -12,8 +12,10 @@ Transactions (one PgsqlEvent each), paired by order, as the server answers in or
 - "startup": StartupMessage .. ReadyForQuery (or the ErrorResponse that refuses it):
   user, database, application_name, the authentication method the server asked for,
   server_version (ParameterStatus), the backend pid (never the cancel key).
-- "ssl_request" / "gssenc_request": the one-byte answer. 'S' or 'G' means TLS or GSSAPI
-  encryption follows: the parser is DONE, the TLS parser takes over in a later step.
+- "ssl_request" / "gssenc_request": the one-byte answer. 'S' means TLS follows: every
+  later byte goes to the TLS parser (sensor/l7/upgrade.py), whose TlsEvents (kind "tls")
+  follow; client bytes sent before the answer are held until it comes. 'G' means GSSAPI
+  encryption: the parser is DONE.
 - "cancel": a CancelRequest (no answer exists; emitted at once).
 - "query": one simple-query cycle, Query .. ReadyForQuery. A query string may hold several
   statements: command_tag is the last CommandComplete tag, rows the sum of their row
@@ -54,6 +56,7 @@ from dataclasses import dataclass
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.registry import Filter, Protocol
 from sensor.l7.redact import REDACTED
+from sensor.l7.upgrade import MAX_HELD, Handover
 
 APP_PROTO = "pgsql"
 PORTS = (5432,)
@@ -346,6 +349,7 @@ class PgsqlParser:
         self._untyped = True        # the client is in the start-up phase
         self._await_byte = 0        # 0, or _SSL/_GSSENC: the server answers with one byte
         self._ssl_refused = False
+        self._tls: Handover | None = None   # TLS after an SSLRequest answered 'S'
         self._startup: _Startup | None = None
         self._sasl = False
         self._prepared: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
@@ -359,6 +363,9 @@ class PgsqlParser:
 
     def receive_data(self, direction: Direction, data: bytes, ts_ns: int) -> None:
         if self.state is not _OK or not data:
+            return
+        if self._tls is not None:
+            self._tls.data(self, direction, data, ts_ns)
             return
         d = int(direction)
         if self._eof[d]:
@@ -376,20 +383,40 @@ class PgsqlParser:
         buf += data
         try:
             self._run(d, buf, ts_ns)
+            held = self._buf[0]
+            if d == 1 and held and not self._await_byte and self._tls is None \
+                    and self.state is _OK:
+                self._run(0, held, ts_ns)   # client bytes held while the answer was awaited
         except _Malformed as exc:
             self._fail(str(exc))
+            return
+        if self._tls is not None:
+            self._hand_over(ts_ns)
+        elif self._await_byte and len(self._buf[0]) > MAX_HELD:
+            self._fail(f"over {MAX_HELD} client bytes before the SSLRequest answer")
 
     def receive_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> None:
         self._fail("PostgreSQL runs over a stream, got a datagram")
 
     def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
+        if self._tls is not None:
+            if self.state is _OK:
+                self._tls.gap(self, direction, length, ts_ns)
+            return
         self._lost(int(direction), length, "gap")
 
     def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
+        if self._tls is not None:
+            self.receive_gap(direction, length, ts_ns)   # TLS never asks for skips
+            return
         self._lost(int(direction), length, "skip")
 
     def receive_eof(self, direction: Direction, ts_ns: int) -> None:
         d = int(direction)
+        if self._tls is not None:
+            if self.state is _OK:
+                self._tls.eof(self, direction, ts_ns)
+            return
         if self.state is not _OK or self._eof[d]:
             return
         self._eof[d] = True
@@ -402,12 +429,14 @@ class PgsqlParser:
             self.state = _DONE
 
     def skip_hint(self, direction: Direction) -> int:
-        if self.state is not _OK:
+        if self.state is not _OK or self._tls is not None:
             return 0
         return self._skip[int(direction)]
 
     def next_event(self) -> Transaction | _NeedData:
-        return self._out.popleft() if self._out else NEED_DATA
+        if self._out:
+            return self._out.popleft()
+        return self._tls.next_event() if self._tls is not None else NEED_DATA
 
     def summary(self) -> dict[str, str]:
         out = {}
@@ -417,6 +446,8 @@ class PgsqlParser:
             out["pgsql_database"] = self._database
         if self._first:
             out["pgsql_statement"] = self._first
+        if self._tls is not None:
+            out.update(self._tls.summary())
         return out
 
     # -- framing -----------------------------------------------------------------------------
@@ -427,7 +458,9 @@ class PgsqlParser:
         msg_ts = self._msg_ts
         known = _FRONTEND if d == 0 else _BACKEND
         handle = self._frontend if d == 0 else self._backend
-        while pos < end and self.state is _OK:
+        while pos < end and self.state is _OK and self._tls is None:
+            if d == 0 and self._await_byte:
+                break   # sent before the one-byte answer: held until it comes (TLS?)
             if d == 0 and self._untyped:
                 if buf[pos] != 0:
                     # A start-up packet's length (< 10000) begins with a zero byte, a
@@ -483,6 +516,15 @@ class PgsqlParser:
                     pos += body_len
             msg_ts[d] = ts_ns
         del buf[:pos]
+
+    def _hand_over(self, ts_ns: int) -> None:
+        """The server said 'S': what both directions hold past it is TLS."""
+        client, server = bytes(self._buf[0]), bytes(self._buf[1])
+        for buf in self._buf:
+            buf.clear()
+        self._skip = [0, 0]
+        self._tls.data(self, _TO_SERVER, client, self._msg_ts[0])
+        self._tls.data(self, _TO_CLIENT, server, ts_ns)
 
     def _lost(self, d: int, length: int, what: str) -> None:
         if self.state is not _OK or self._eof[d]:
@@ -558,9 +600,12 @@ class PgsqlParser:
         if code == _SSL and not accepted:
             self._ssl_refused = True
         if accepted:
-            # Encrypted from here on: a later step hands the stream to the TLS parser.
             self._flush()
-            self.state = _DONE
+            if code == _SSL:
+                # TLS from the next byte on, parsed like any TLS (sensor/l7/upgrade.py).
+                self._tls = Handover("SSLRequest")
+            else:
+                self.state = _DONE   # GSSAPI encryption: nothing more is readable
 
     def _emit_startup(self) -> None:
         st = self._startup

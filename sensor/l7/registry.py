@@ -120,6 +120,9 @@ class Protocol:
     event: type | None = None
     # The sans-I/O parser class (sensor/l7/base.py L7Parser), None for detection only.
     parser: Callable[..., Any] | None = None
+    # Event classes of other protocols a parser without an event of its own makes (the
+    # STARTTLS parsers make TlsEvents after the upgrade): their kinds name the records.
+    emits: tuple[type, ...] = ()
     # Keyword options the parser takes from the sensor's configuration ("redact").
     options: tuple[str, ...] = ()
     # Detection (sensor/l7/detect.py): content first, ports only hint.
@@ -177,7 +180,7 @@ class Protocol:
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier():
             raise ValueError(f"protocol name {self.name!r} is not an identifier")
-        if (self.event is None) != (self.parser is None):
+        if (self.event is None) != (self.parser is None) and not (self.parser and self.emits):
             raise ValueError(f"{self.name}: event and parser come together")
         bad = set(self.column_types.values()) - TYPE_NAMES
         if bad:
@@ -259,6 +262,8 @@ def discover(package: str = "sensor.l7") -> Registry:
         spec = getattr(module, "PROTOCOL", None)
         if isinstance(spec, Protocol):
             found.append(spec)
+        # A module may declare several related protocols (starttls.py: smtp, imap, ...).
+        found.extend(p for p in getattr(module, "PROTOCOLS", ()) if isinstance(p, Protocol))
     return Registry.of(found)
 
 

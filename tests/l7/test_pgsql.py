@@ -331,12 +331,14 @@ def test_startup_refused_is_an_event_with_the_error():
     assert "md5deadbeef" not in repr(ev)
 
 
-def test_ssl_accepted_ends_plaintext_parsing():
+def test_ssl_accepted_hands_the_stream_to_tls():
+    # After 'S' the bytes are TLS (tests/l7/test_starttls.py follows them to TlsEvents):
+    # a record header is awaited, not read as PostgreSQL.
     ssl = struct.pack(">II", 8, 80877103)
-    out, p = run([(C, ssl), (S, b"S"), (C, b"\x16\x03\x01\x00\x05hello")], eof=False)
+    out, p = run([(C, ssl), (S, b"S"), (C, b"\x16\x03\x01\x00\x05hel")], eof=False)
     assert details(out) == [PgsqlEvent(kind="ssl_request", ssl_requested=True, accepted=True,
                                        latency_ns=1000)]
-    assert p.state is ParserState.DONE and p.skip_hint(C) == 0
+    assert p.state is ParserState.OK and p.skip_hint(C) == 0
 
 
 def test_cancel_request_keeps_the_pid_not_the_key():
