@@ -99,7 +99,7 @@ class _Text:
         if d == 0 and self._asked:
             self._hold(data, ts_ns)
             return
-        self._buf[d] += data
+        self._buf[d].extend(data)
         self._lines(d, ts_ns)
 
     def receive_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> None:
@@ -200,7 +200,7 @@ class _Text:
         if not ok:
             # Refused: the session goes on in cleartext; held bytes are commands.
             if held:
-                self._buf[0] += held
+                self._buf[0].extend(held)
                 self._lines(0, held_ts)
             return
         self.upgraded = True
@@ -257,6 +257,7 @@ class _Coded(_Text):
         raise NotImplementedError
 
     def _client(self, line: bytes) -> None:
+        self._greeted = True   # a command before any reply: the capture began later
         verb = _verb(line)
         if self._is_upgrade(verb, line):
             self._asked = True
@@ -337,6 +338,7 @@ class Pop3Parser(_Text):
         self._in_multi = False
 
     def _client(self, line: bytes) -> None:
+        self._greeted = True   # a command before any reply: the capture began later
         verb = _verb(line)
         if verb == b"STLS":
             self._asked = True
@@ -416,11 +418,12 @@ def _first_line(first: bytes) -> bytes:
 
 
 def smtp_like(first: bytes, direction: Direction) -> bool:
-    """Server: a 220 greeting naming (E)SMTP. Client: EHLO/HELO."""
+    """Server: a 220 greeting naming (E)SMTP. Client: EHLO/HELO, or STARTTLS (a capture
+    that began after the greeting)."""
     line = _first_line(first)
     if direction == _TO_CLIENT:
         return line[:3] == b"220" and line[3:4] in (b" ", b"-") and b"SMTP" in line
-    return line[:5] in (b"EHLO ", b"HELO ")
+    return line[:5] in (b"EHLO ", b"HELO ") or line == b"STARTTLS\r"
 
 
 def ftp_like(first: bytes, direction: Direction) -> bool:
@@ -438,8 +441,11 @@ def imap_like(first: bytes, direction: Direction) -> bool:
 
 
 def pop3_like(first: bytes, direction: Direction) -> bool:
-    """Server: a `+OK ` greeting with text (a bare "+OK" is also a RESP reply)."""
-    return direction == _TO_CLIENT and first[:4] == b"+OK " and b"\n" in first
+    """Server: a `+OK ` greeting with text (a bare "+OK" is also a RESP reply). Client:
+    STLS (a capture that began after the greeting)."""
+    if direction == _TO_SERVER:
+        return _first_line(first) == b"STLS\r"
+    return first[:4] == b"+OK " and b"\n" in first
 
 
 def _spec(name: str, parser, ports, signature, priority: int) -> Protocol:

@@ -352,6 +352,16 @@ class TlsParser:
             if length > MAX_RECORD:
                 self._fail(f"TLS record of {length} bytes exceeds {MAX_RECORD}")
                 return
+            if ctype == _CHANGE_CIPHER_SPEC and self.hello_retries and \
+                    self.server_hello is None:
+                # RFC 8446 D.4: the compatibility CCS right after a HelloRetryRequest
+                # (and the client's before its second hello); the handshake goes on in
+                # the clear, the real ServerHello follows.
+                if len(buf) < 5 + length:
+                    return
+                del buf[:5 + length]
+                side.records_ts = ts_ns
+                continue
             if ctype == _CHANGE_CIPHER_SPEC or ctype == _APPLICATION_DATA:
                 # The header alone says this direction is encrypted from here: act on
                 # it now rather than buffer up to 18 KB of ciphertext nobody reads.
