@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 
 PARSER_NAMES = ("http1", "dns", "tls", "mysql", "pgsql", "redis", "http2", "quic", "kafka",
-                "mongodb")
+                "mongodb", "smtp", "imap", "pop3", "ftp")
 
 # Scripts longer than this are cut: enough for the seeds' opening exchanges (logins,
 # handshakes, the first queries), short enough to keep executions fast. libFuzzer's own

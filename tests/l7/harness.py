@@ -31,6 +31,7 @@ from sensor.l7.mysql import MysqlParser
 from sensor.l7.pgsql import PgsqlParser
 from sensor.l7.quic import QuicParser
 from sensor.l7.redis import RedisParser
+from sensor.l7.starttls import FtpParser, ImapParser, Pop3Parser, SmtpParser
 from sensor.l7.tls import TlsParser
 from tests.l7 import pcaputil
 from tests.l7.pcaputil import Chunk
@@ -60,12 +61,16 @@ PARSERS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "tls": (TlsParser, ("openssl-tls12.pcap", "openssl-tls13.pcap",
                         "tls13-split-hello-ipv6.pcap")),
     "mysql": (MysqlParser, ("mysql-parser/session.pcap",)),
-    "pgsql": (PgsqlParser, ("pgsql-session.pcap.gz",)),
+    "pgsql": (PgsqlParser, ("pgsql-session.pcap.gz", "starttls-parser/pgsql.pcap")),
     "redis": (RedisParser, ("redis-session.pcap.gz",)),
     "quic": (QuicParser, ("quic-parser/session.pcap",)),
     "http2": (Http2Parser, ("http2-parser/session.pcap.gz",)),
     "kafka": (KafkaParser, ("kafka-parser/session.pcap.gz",)),
     "mongodb": (MongodbParser, ("mongodb-parser/session.pcap.gz",)),
+    "smtp": (SmtpParser, ("starttls-parser/smtp.pcap",)),
+    "imap": (ImapParser, ("starttls-parser/imap.pcap",)),
+    "pop3": (Pop3Parser, ("starttls-parser/pop3.pcap",)),
+    "ftp": (FtpParser, ("starttls-parser/ftp.pcap",)),
 }
 
 
