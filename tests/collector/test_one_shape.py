@@ -45,6 +45,14 @@ def _live_traffic(tmp_path: Path) -> tuple[str, Path]:
     pcap = tmp_path / "live.pcap"
     with VethPair.create("sh") as pair:
         pair.wait_ready()
+        # The server first: sensor flows meters for --duration seconds from its attach,
+        # and on a busy machine a server started after it may still be loading by then.
+        srv = pair.b.popen(sys.executable, "-m", "http.server", "8080", "--bind",
+                           pair.b.ip4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):   # bounded: 10 s; `ss` sends nothing on the wire
+            if pair.b.run("ss", "-Hltn", "sport = :8080").stdout.strip():
+                break
+            time.sleep(0.1)
         flows = pair.b.popen(LOUPE, "sensor", "flows", "--iface", pair.b.iface, "--format",
                              "json", "--duration", "4", "--linger", "0.2", "--interval", "0.2",
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -53,26 +61,20 @@ def _live_traffic(tmp_path: Path) -> tuple[str, Path]:
                             text=True)
         try:
             assert "listening on" in dump.stderr.readline()
-            for _ in range(100):   # bounded: 10 s
-                if meter_hooks(pair.b.netns, pair.b.iface):
+            # Until the program is attached (it compiles first: tens of seconds on a busy
+            # machine); bounded: 90 s. Its --duration counts from the attach.
+            for _ in range(900):
+                if meter_hooks(pair.b.netns, pair.b.iface) or flows.poll() is not None:
                     break
                 time.sleep(0.1)
-            srv = pair.b.popen(sys.executable, "-m", "http.server", "8080", "--bind",
-                               pair.b.ip4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                # One connection only: wait until the server listens (bounded: 10 s).
-                for _ in range(100):
-                    if pair.b.run("ss", "-Hltn", "sport = :8080").stdout.strip():
-                        break
-                    time.sleep(0.1)
-                pair.a.run("curl", "-s", "-o", "/dev/null", "--max-time", "5",
-                           f"http://{pair.b.ip4}:8080/")
-            finally:
-                srv.terminate()
-                srv.wait()
+            assert meter_hooks(pair.b.netns, pair.b.iface), "sensor flows never attached"
+            pair.a.run("curl", "-s", "-o", "/dev/null", "--max-time", "5",
+                       f"http://{pair.b.ip4}:8080/")   # one connection only
             out, err = flows.communicate(timeout=30)
             assert flows.returncode == 0, err
         finally:
+            srv.terminate()
+            srv.wait()
             for proc in (flows, dump):
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
