@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import base64
 import threading
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
@@ -35,12 +36,18 @@ _MAPPING = LogarithmicMapping(ALPHA)
 # (name, width ns, cells kept): 10 s for 1 h, 1 min for 1 day, 1 h for 30 days.
 RESOLUTIONS = (("10s", 10 * 10**9, 360), ("1m", 60 * 10**9, 1440), ("1h", 3600 * 10**9, 720))
 RES_INDEX = {name: i for i, (name, _, _) in enumerate(RESOLUTIONS)}
-# Series: endpoints, services and edges together. A series costs ~0.3 KiB plus its cells.
-MAX_SERIES = 20_000
-# Cells (a sketch and three counts, ~2.4 KiB measured with 50 values): ~150 MiB at worst.
-# A series busy for all its retention holds 2,520 cells; the budget fits ~25 of those or
-# thousands of sparser ones. Past it, an event's share in a new cell is dropped, counted.
-MAX_CELLS = 60_000
+# Series: endpoints, services and edges together. A series costs ~0.5 KiB plus its cells;
+# its current cells (one per resolution) are live sketches, ~3 KiB each at worst.
+MAX_SERIES = 10_000
+# Cells. Past the current one a cell is frozen (compressed protobuf): ~0.4-0.6 KiB
+# measured (bench_stats). A series busy for all its retention holds 2,520 cells; the
+# budget fits ~80 of those or many more sparse ones. Worst case, all budgets full:
+# ~90 MiB of live cells + ~120 MiB frozen. Past it, an event's share in a new cell is
+# dropped and counted.
+MAX_CELLS = 200_000
+# A group of at most this many latencies (one key, one 10 s cell, one batch) is added
+# value by value; a larger one is sketched once and merged into each resolution's cell.
+SMALL_GROUP = 8
 
 
 def new_sketch() -> BaseDDSketch:
@@ -49,14 +56,16 @@ def new_sketch() -> BaseDDSketch:
 
 
 def sketch_bytes(sketch: BaseDDSketch) -> bytes:
-    return DDSketchProto.to_proto(sketch).SerializeToString()
+    """DDSketch's own protobuf, zlib-compressed: the dense stores hold runs of empty bins
+    (a one-value sketch is ~1 KiB raw, ~40 B compressed)."""
+    return zlib.compress(DDSketchProto.to_proto(sketch).SerializeToString(), 1)
 
 
 def sketch_from(raw: bytes) -> BaseDDSketch:
     """A stored sketch, with the bounded stores new_sketch() makes (DDSketchProto gives
     unbounded ones; min, max and sum are not in the protobuf and quantiles need none)."""
     msg = SketchProto()
-    msg.ParseFromString(raw)
+    msg.ParseFromString(zlib.decompress(raw))
     if KeyMappingProto.from_proto(msg.mapping).gamma != _MAPPING.gamma:
         raise ValueError("a stored sketch of another relative accuracy")
 
@@ -71,40 +80,70 @@ def sketch_from(raw: bytes) -> BaseDDSketch:
                         negative_store=bounded(msg.negativeValues), zero_count=msg.zeroCount)
 
 
-@dataclass(slots=True)
 class Cell:
-    """One series in one time cell. latency holds the events that had a latency."""
+    """One series in one time cell: counts, and a latency sketch of the events that had
+    a latency. A cell no longer current is frozen (its sketch kept as protobuf bytes,
+    ~10x smaller than the live object); a late event thaws it."""
 
-    requests: int = 0
-    errors_4xx: int = 0
-    errors_5xx: int = 0
-    latency: BaseDDSketch = field(default_factory=new_sketch)
+    __slots__ = ("requests", "errors_4xx", "errors_5xx", "_sketch", "_frozen")
+
+    def __init__(self, requests: int = 0, errors_4xx: int = 0, errors_5xx: int = 0,
+                 sketch: BaseDDSketch | None = None, frozen: bytes | None = None) -> None:
+        self.requests = requests
+        self.errors_4xx = errors_4xx
+        self.errors_5xx = errors_5xx
+        self._sketch = sketch     # live; None until a latency comes (or while frozen)
+        self._frozen = frozen
+
+    @property
+    def latency(self) -> BaseDDSketch:
+        """The live sketch, made or thawed on first use (for adding to it)."""
+        if self._sketch is None:
+            self._sketch = sketch_from(self._frozen) if self._frozen else new_sketch()
+            self._frozen = None
+        return self._sketch
+
+    def read(self) -> BaseDDSketch | None:
+        """The sketch for merging elsewhere, without thawing this cell; None if empty."""
+        if self._frozen:
+            return sketch_from(self._frozen)
+        return self._sketch if self._sketch is not None and self._sketch.count else None
+
+    def freeze(self) -> None:
+        if self._sketch is not None:
+            self._frozen = sketch_bytes(self._sketch) if self._sketch.count else None
+            self._sketch = None
+
+    def count(self, requests: int, errors_4xx: int, errors_5xx: int) -> None:
+        self.requests += requests
+        self.errors_4xx += errors_4xx
+        self.errors_5xx += errors_5xx
 
     def merge(self, other: "Cell") -> None:
-        self.requests += other.requests
-        self.errors_4xx += other.errors_4xx
-        self.errors_5xx += other.errors_5xx
-        if other.latency.count:
-            self.latency.merge(other.latency)
+        self.count(other.requests, other.errors_4xx, other.errors_5xx)
+        sketch = other.read()
+        if sketch is not None:
+            self.latency.merge(sketch)
 
     def to_list(self) -> list:
-        return [self.requests, self.errors_4xx, self.errors_5xx,
-                base64.b64encode(sketch_bytes(self.latency)).decode()]
+        raw = self._frozen or (sketch_bytes(self._sketch) if self.read() is not None else b"")
+        return [self.requests, self.errors_4xx, self.errors_5xx, base64.b64encode(raw).decode()]
 
     @classmethod
     def from_list(cls, v: list) -> "Cell":
-        return cls(v[0], v[1], v[2], sketch_from(base64.b64decode(v[3])))
+        return cls(v[0], v[1], v[2], frozen=base64.b64decode(v[3]) or None)
 
 
 def summary(cell: Cell, seconds: float) -> dict:
     """What a caller reads of a (merged) cell over `seconds`."""
-    q = lambda p: round(cell.latency.get_quantile_value(p) or 0.0) if cell.latency.count else 0  # noqa: E731
+    sketch = cell.read()
+    q = lambda p: round(sketch.get_quantile_value(p)) if sketch is not None else 0  # noqa: E731
     n = cell.requests
     return {"requests": n, "rate": round(n / seconds, 6) if seconds else 0.0,
             "errors_4xx": cell.errors_4xx, "errors_5xx": cell.errors_5xx,
             "error_rate_4xx": round(cell.errors_4xx / n, 6) if n else 0.0,
             "error_rate_5xx": round(cell.errors_5xx / n, 6) if n else 0.0,
-            "latency_count": int(cell.latency.count),
+            "latency_count": int(sketch.count) if sketch is not None else 0,
             "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99)}
 
 
@@ -115,7 +154,7 @@ class Series:
 
     def __init__(self) -> None:
         self.rings: list[dict[int, Cell]] = [{} for _ in RESOLUTIONS]
-        self.total = Cell()   # since the series began; for Prometheus counters and top-N
+        self.total = Cell()   # counts since the series began (Prometheus counters, top-N)
 
     def to_dict(self) -> dict:
         return {"total": self.total.to_list(),
@@ -153,34 +192,40 @@ class Stats:
         self.lock = threading.Lock()
 
     def add_many(self, events) -> None:
-        """Group a batch's events by (key, 10 s cell), sketch each group once, and merge
-        the group into its cells at every resolution (a merge costs bins, not values)."""
-        groups: dict[tuple, Cell] = {}
+        """Group a batch's events by (key, 10 s cell) and add each group to its cells at
+        every resolution: value by value when small, else sketched once and merged (a
+        merge costs bins, not values)."""
+        groups: dict[tuple, list] = {}
         width0 = RESOLUTIONS[0][1]
         for ev in events:
+            index0 = ev.ts_ns // width0
             for key in ev.keys:
-                g = groups.get((key, ev.ts_ns // width0))
+                g = groups.get((key, index0))
                 if g is None:
-                    g = groups[(key, ev.ts_ns // width0)] = Cell()
-                g.requests += 1
-                if ev.error == "4xx":
-                    g.errors_4xx += 1
-                elif ev.error == "5xx":
-                    g.errors_5xx += 1
+                    g = groups[(key, index0)] = [0, 0, 0, []]
+                g[0] += 1
+                if ev.error:
+                    g[1 if ev.error == "4xx" else 2] += 1
                 if ev.latency_ns > 0:
-                    g.latency.add(ev.latency_ns)
+                    g[3].append(ev.latency_ns)
         with self.lock:
             for (key, index0), group in groups.items():
-                self._add(key, index0 * width0, group)
+                self._add(key, index0 * width0, *group)
 
-    def _add(self, key: tuple, start_ns: int, group: Cell) -> None:
+    def _add(self, key: tuple, start_ns: int, requests: int, e4: int, e5: int,
+             latencies: list[int]) -> None:
         series = self.series.get(key)
         if series is None:
             if len(self.series) >= self.max_series:
-                self.dropped += group.requests
+                self.dropped += requests
                 return
             series = self.series[key] = Series()
-        series.total.merge(group)
+        series.total.count(requests, e4, e5)
+        group = None
+        if len(latencies) > SMALL_GROUP:
+            group = new_sketch()
+            for v in latencies:
+                group.add(v)
         for r, (_, width, keep) in enumerate(RESOLUTIONS):
             index = start_ns // width
             self.newest[r] = max(self.newest[r], index)
@@ -189,21 +234,31 @@ class Stats:
             cell = series.rings[r].get(index)
             if cell is None:
                 if self.cells >= self.max_cells:
-                    self.dropped += group.requests
+                    self.dropped += requests
                     continue
                 cell = series.rings[r][index] = Cell()
                 self.cells += 1
-            cell.merge(group)
+            cell.count(requests, e4, e5)
+            if group is not None:
+                cell.latency.merge(group)
+            elif latencies:
+                sketch = cell.latency
+                for v in latencies:
+                    sketch.add(v)
         self.dirty.add(key)
 
     def prune(self) -> int:
         """Drop cells past their resolution's retention (counted from the newest cell
-        seen, so replayed old traffic keeps its own hour); returns how many."""
+        seen, so replayed old traffic keeps its own hour) and freeze the cells before
+        the newest; returns how many were dropped."""
         gone = 0
         with self.lock:
             for key, series in self.series.items():
                 for r, (_, _, keep) in enumerate(RESOLUTIONS):
                     ring = series.rings[r]
+                    for i, cell in ring.items():
+                        if i < self.newest[r]:
+                            cell.freeze()
                     old = [i for i in ring if i <= self.newest[r] - keep]
                     for i in old:
                         del ring[i]

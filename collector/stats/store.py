@@ -17,6 +17,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from collector.inventory import templates
@@ -73,20 +74,25 @@ class StatsStore:
             self._dropped += sum(t.num_rows for t in tables.values())
 
     def _run(self) -> None:
+        due = time.monotonic() + SAVE_S
         while True:
             try:
-                tables = self._queue.get(timeout=SAVE_S)
+                tables = self._queue.get(timeout=max(0.0, due - time.monotonic()))
             except queue.Empty:
-                self._tick()
-                continue
+                tables = ()
             try:
                 if tables is None:
                     return
-                self.stats.add_many(feed.events(tables))
+                if tables:
+                    self.stats.add_many(feed.events(tables))
             except Exception:  # noqa: BLE001 - one bad batch must not stop the statistics
                 log.exception("the statistics failed on a batch; they go on")
             finally:
-                self._queue.task_done()
+                if tables != ():
+                    self._queue.task_done()
+            if time.monotonic() >= due:   # busy or idle, every SAVE_S
+                self._tick()
+                due = time.monotonic() + SAVE_S
 
     def _tick(self) -> None:
         try:
