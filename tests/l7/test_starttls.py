@@ -326,3 +326,14 @@ def test_engine_creates_the_parsers_with_the_shared_options():
     reg = ParserRegistry()
     for name, cls in TEXT.items():
         assert type(reg.create(name, redact=False)) is cls
+
+
+def test_registry_takes_parsers_that_make_another_kinds_events():
+    from sensor.l7 import registry
+
+    for name, cls in TEXT.items():
+        spec = registry.get(name)
+        assert spec.parser is cls and spec.event is None and spec.emits == (TlsEvent,)
+        assert name not in registry.kind_names()   # no table or wire field of its own
+    with pytest.raises(ValueError, match="event and parser come together"):
+        registry.Protocol(name="x", parser=SmtpParser)
