@@ -23,6 +23,9 @@ class Side:
     ip_bytes: int = 0
     l2_bytes: int = 0
     tcp_flags: int = 0
+    # TCP payload octets (what L7 accounting covers); records have no such count, so
+    # it stays out of the comparison between a capture's flows and a sensor's.
+    payload: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -118,6 +121,8 @@ def flows_from_pcap(path, *, segment_sizes: dict | None = None) -> dict:
         side.packets += segs
         side.ip_bytes += ip_len + (segs - 1) * seg_hdr
         side.l2_bytes += wire_len + (segs - 1) * (wire_len - ip_len + seg_hdr)
+        if seg_hdr:
+            side.payload += ip_len - seg_hdr
     return flows
 
 
