@@ -19,8 +19,10 @@ mirror=${LOUPE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 # What the container needs to run Loupe's units: systemd as init, the same Python as the
 # host (the repo's venv is bind-mounted in and points at /usr/bin/python3), bcc from the
-# distribution for the sensor, iproute2 for interfaces, procps for ps/kill.
-packages=systemd,systemd-sysv,dbus,python3,python3-venv,python3-bpfcc,iproute2,procps
+# distribution for the sensor, iproute2 for interfaces, procps for ps/kill. python3-six:
+# the venv is made with --system-site-packages on a host that has Debian's six, so pip
+# took it from there for ddsketch (the collector's statistics) and the venv lacks it.
+packages=systemd,systemd-sysv,dbus,python3,python3-venv,python3-bpfcc,python3-six,iproute2,procps
 stamp_value="$suite $packages"
 stamp=$rootfs/.loupe-rootfs-stamp
 
