@@ -1121,9 +1121,15 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 						l->skip_gen_done = ctl->skip_gen[to];
 					}
 				}
+				struct loupe_l7_dir *peer = &v->l7[(d ^ 1) & 1];
+				__u32 turn = peer->spoke_last;
+				peer->spoke_last = 0;
+				l->spoke_last = 1;
 				__u64 allowance = v->l7_budget[to] + (ctl ? ctl->grant[to] : 0);
 				__u64 used = l->captured + l->gap;
 				__u64 room = allowance > used ? allowance - used : 0;
+				if (turn && room < LOUPE_TURN_OCTETS)
+					room = LOUPE_TURN_OCTETS;   /* loupe.h: a turn's head */
 				__u32 rest = pl - skip;
 				copy = rest;
 				if (copy > room)

@@ -72,6 +72,17 @@
 
 /* Payload bytes per ring buffer event. One MTU-sized segment fits one event; a larger
  * packet (GSO/GRO) becomes up to LOUPE_MAX_CHUNKS events, each with its own seq. */
+/* Octets of a payload packet that starts a turn (the other direction sent the latest
+ * payload before it) copied even when the direction's allowance is spent: in a
+ * request/response exchange such a packet begins a message, and its head must reach the
+ * parser even when userspace lags more than one exchange behind (its grants then come too
+ * late, and a lost head ends the parse of a protocol that cannot resynchronise). Bounded by
+ * one per turn, so a turn-taking flow copies at most this much beyond its allowance per
+ * message, and a one-way transfer never. */
+#ifndef LOUPE_TURN_OCTETS
+#define LOUPE_TURN_OCTETS 512
+#endif
+
 #ifndef LOUPE_PAYLOAD_CHUNK
 #define LOUPE_PAYLOAD_CHUNK 2048
 #endif
@@ -152,7 +163,7 @@ struct loupe_l7_dir {
 	__u64 skipped;         /* not copied: userspace said skip-until or done */
 	__u64 gap;             /* not copied: the ring buffer was full */
 	__u32 skip_gen_done;   /* the l7_ctl skip generation this direction has passed */
-	__u32 pad;
+	__u32 spoke_last;      /* 1: this direction sent the flow's latest payload packet */
 };
 
 /* flags */

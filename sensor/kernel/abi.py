@@ -146,7 +146,7 @@ class L7Dir(ctypes.Structure):
         ("skipped", ctypes.c_uint64),
         ("gap", ctypes.c_uint64),
         ("skip_gen_done", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("spoke_last", ctypes.c_uint32),
     ]
 
 

@@ -293,6 +293,24 @@ def test_hold_ends_at_once_when_the_other_side_already_sent_more(rig):
     assert not rig.sensor._ctl[key].flags & (abi.CTL_HOLD << abi.PL_TO_INITIATOR)
 
 
+def test_a_turn_copies_its_head_when_the_allowance_is_spent(rig):
+    # Userspace lagging: the server's allowance went on a body and no grant came. The
+    # server's next packet after the client spoke again still brings LOUPE_TURN_OCTETS
+    # (512): the next response's head; a packet that does not start a turn brings nothing.
+    rig.reset(SelectionConfig(ports={6379}, sniff=False, budget=(1000, 1000)))
+    c, s = (A4, 41012), (B4, 6379)
+    cseq = _segments(rig, c, s, 1, [30])
+    sseq = _segments(rig, s, c, 1, [1400, 1400], fill=b"b")   # a body: 1000 copied
+    rig.events()
+    cseq = _segments(rig, c, s, cseq, [30])                    # the next request
+    sseq = _segments(rig, s, c, sseq, [1400, 1400], fill=b"h")  # its response
+    got = [(e.direction, len(e.data)) for e in rig.events()]
+    assert got == [(abi.PL_TO_RESPONDER, 30), (abi.PL_TO_INITIATOR, 512)]
+    key, val = rig.flow(41012)
+    server = val.l7[abi.DIR_HI_LO]
+    assert (server.captured, server.truncated) == (1512, 4 * 1400 - 1512)
+
+
 def test_gso_buffer_chunks_carry_their_sequence_numbers(rig):
     # A test run takes at most about a page of data, so the "GSO" buffer is 4 x 900.
     rig.reset(SelectionConfig(ports={80}, sniff=False, budget=(3000, 3000)))
