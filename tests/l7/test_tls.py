@@ -391,12 +391,15 @@ def _openssl_handshake(tmp_path: Path, port: int, proto_flag: str, cipher_args: 
             server.wait()
 
 
-def _tshark_client_hello(pcap: Path) -> dict[str, list[str]]:
+def _tshark_client_hello(pcap: Path, port: int) -> dict[str, list[str]]:
+    """Wireshark's decode of the capture's ClientHello. The port is decoded as TLS: a
+    free port may be one Wireshark gives to another protocol (it then shows no TLS)."""
     fields = ["tls.handshake.ja3_full", "tls.handshake.ja3", "tls.handshake.ciphersuite",
               "tls.handshake.extension.type", "tls.handshake.sig_hash_alg",
               "tls.handshake.extensions.supported_version", "tls.handshake.extensions_alpn_str",
               "tls.handshake.extensions_server_name", "tls.handshake.version"]
-    cmd = ["tshark", "-r", str(pcap), "-Y", "tls.handshake.type == 1", "-T", "fields",
+    cmd = ["tshark", "-r", str(pcap), "-d", f"tcp.port=={port},tls",
+           "-Y", "tls.handshake.type == 1", "-T", "fields",
            "-E", "separator=\t", "-E", "aggregator=|"]
     for f in fields:
         cmd += ["-e", f]
@@ -454,7 +457,7 @@ def test_real_openssl_handshake(tmp_path, proto_flag, cipher_args, version, ciph
     assert ev.alpn == ("h2", "http/1.1")
     assert ev.version == version and ev.cipher == cipher
     assert ev.alpn_selected == ("h2" if alpn_visible else "")
-    ws = _tshark_client_hello(pcap)
+    ws = _tshark_client_hello(pcap, port)
     assert ws["tls.handshake.extensions_server_name"] == ["x.test"]
     assert ev.ja3 == ws["tls.handshake.ja3"][0]
     assert fp.ja3_string(parser.client_hello) == ws["tls.handshake.ja3_full"][0]
