@@ -48,6 +48,7 @@ from sensor.engine.reassembly import MemoryBudget
 from sensor.flow.semantics import PROTO_TCP
 from sensor.kernel import abi
 from sensor.kernel.tlsprobe import CTL_DONE, Chunk, TlsCtl
+from sensor.l7 import http1
 from sensor.l7.detect import ParserRegistry
 from sensor.model import Flow, FlowEndReason, Record
 
@@ -64,16 +65,15 @@ MAX_CONNS = 16384
 # head was truncated (userspace lagged behind a fast connection and the budget ran out
 # before its grant landed), parsing restarts at the next request instead of giving up.
 MAX_RESYNCS = 16
-_REQUEST_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ",
-                                      b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+# HTTP/1's message starts (its registration's FramingHints): requests only, and any.
+_HTTP_STARTS = http1.MESSAGE_STARTS
+_REQUEST_STARTS = tuple(start for start in _HTTP_STARTS if not start.startswith(b"HTTP/"))
 # A direction's allowance is kept topped up to this (as live.py's policy, with a larger
 # floor): one call carries a whole response head and, for small bodies, the body too,
 # so 4 KiB keeps a few responses of room ahead of a userspace that lags behind a fast
 # keep-alive connection; a body in flight before its skip lands copies at most this.
 ROOM_TARGET = 4096
 HEAD_ROOM_FACTOR = 4
-_HTTP_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
-                b"CONNECT ", b"TRACE ", b"HTTP/1.")
 _M32 = 0xFFFFFFFF
 
 
