@@ -789,7 +789,8 @@ class LiveSensor:
         self.plaintext = PlaintextSensor(
             cfg.tls_plaintext, emit=self._submit, origin=self._flow_origin,
             uid_of=self._wire_uid, sensor_id=cfg.sensor_id, redact=cfg.redact,
-            refill_octets=cfg.refill_octets)
+            refill_octets=cfg.refill_octets,
+            rules=self.l7.rules if self.l7 is not None else None)
         self.plaintext.start(self.prog.add_ring)
 
     def _flow_origin(self, key: bytes) -> tuple[int, int] | None:

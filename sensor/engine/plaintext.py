@@ -49,6 +49,7 @@ from sensor.flow.semantics import PROTO_TCP
 from sensor.kernel import abi
 from sensor.kernel.tlsprobe import CTL_DONE, Chunk, TlsCtl
 from sensor.l7 import http1
+from sensor.l7.base import Direction
 from sensor.l7.detect import ParserRegistry
 from sensor.model import Flow, FlowEndReason, Record
 
@@ -136,7 +137,9 @@ class PlaintextL7:
                  resolver: SocketResolver | None = None, sensor_id: str = "",
                  budget: int = 4096, refill_octets: int = 2048, ports: tuple[int, ...] = (),
                  reassembly_budget_bytes: int = 16 << 20, redact: bool = True,
-                 expire_ns: int = 420 * 10**9, analyze=None) -> None:
+                 expire_ns: int = 420 * 10**9, rules=None) -> None:
+        """rules: the wire L7 stage's rules Analyzer (sensor/rules/stage.build), shared so
+        plaintext events meet the same rule set, thresholds and reloads as wire ones."""
         self._emit = emit
         self._control = control
         self._origin = origin
@@ -147,9 +150,16 @@ class PlaintextL7:
         self.refill_octets = refill_octets
         self.ports = frozenset(ports)
         self.expire_ns = expire_ns
-        self.engine = L7Engine(emit=emit, sensor_id=sensor_id, registry=_Parsers(redact),
+        registry = _Parsers(redact)
+        self.rules = rules
+        if rules is not None:
+            from sensor.rules.stage import InspectingRegistry  # noqa: PLC0415
+
+            # Through a lambda, as stage.build: a reload swaps the analyzer's engine.
+            registry = InspectingRegistry(registry, lambda m, t, c: rules.capture(m, t, c))
+        self.engine = L7Engine(emit=emit, sensor_id=sensor_id, registry=registry,
                                budget=MemoryBudget(reassembly_budget_bytes),
-                               source="tls_plaintext", analyze=analyze)
+                               source="tls_plaintext", analyze=rules)
         self.stats = PlaintextStats()
         self._conns: dict[tuple[int, int], _Conn] = {}
         self._by_flow: dict[bytes, _Conn] = {}
@@ -403,7 +413,14 @@ class PlaintextL7:
     def _room_target(self, conn: _Conn, d: int) -> int:
         floor = max(self.refill_octets, ROOM_TARGET)
         # Four of the largest heads seen, never more than the initial budget.
-        return max(floor, min(HEAD_ROOM_FACTOR * conn.head_max[d], self.budget))
+        target = max(floor, min(HEAD_ROOM_FACTOR * conn.head_max[d], self.budget))
+        if self.rules is not None:
+            # Plus the request body prefix the rules asked for (as live.py's policy).
+            parser = conn.state.l7.parser if conn.state.l7 is not None else None
+            wanted = getattr(parser, "wanted", None)
+            if wanted is not None:
+                target += wanted(Direction(d ^ conn.flip))
+        return target
 
     # -- flow records ---------------------------------------------------------------------------
 
