@@ -4,6 +4,9 @@
  * - Observe only: every path returns TC_ACT_UNSPEC, which passes the packet exactly as
  *   TC_ACT_OK does when we are the only filter, and lets a filter chained after ours
  *   (another tool's program) still run, so attaching Loupe never changes a verdict.
+ *   The one exception is enforcement (blocked(), near loupe_tc): a packet of a flow or
+ *   source that userspace's rules blocked returns TC_ACT_SHOT, and only while the
+ *   sensor's heartbeat is fresh.
  * - Only packet bytes and __sk_buff fields are read; no kernel struct, so one build
  *   runs on any kernel >= 5.14 (the newest feature used: hash lookup-and-delete, by
  *   the reader). Only UAPI headers are included.
@@ -1274,6 +1277,59 @@ int loupe_new_flow(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* Enforcement (loupe.h, "enforcement"): which block maps to look in for this packet,
+ * LOUPE_BLOCK_ANY_* or 0. 0 while no block is in force, and 0 once the sensor's heartbeat
+ * is older than LOUPE_BLOCK_STALE_NS: a dead sensor's blocks stop (fail open). */
+_Static_assert(sizeof(struct loupe_block_cfg) == LOUPE_BLOCK_CFG_SIZE, "block cfg size");
+_Static_assert(sizeof(struct loupe_block_value) == LOUPE_BLOCK_VALUE_SIZE, "block value size");
+_Static_assert(sizeof(struct loupe_block_src_key) == LOUPE_BLOCK_SRC_KEY_SIZE,
+	       "block src key size");
+
+static __always_inline __u32 enforcing(void)
+{
+	__u32 zero = 0;
+	struct loupe_block_cfg *bc = block_cfg.lookup(&zero);
+	if (!bc || !bc->active)
+		return 0;
+	if ((__s64)(bpf_ktime_get_coarse_ns() - bc->heartbeat_ns) > (__s64)LOUPE_BLOCK_STALE_NS)
+		return 0;
+	return bc->active;
+}
+
+/* Whether the parsed packet p is to be dropped: its flow (either way) is in block_flow,
+ * or its source in block_src; one lookup per map that holds entries. Counted. */
+static __always_inline int blocked(struct loupe_pkt *p, __u32 active)
+{
+	/* A bare TCP RST always passes: the sensor's own resets, which end both sides of
+	 * a blocked flow (sensor/enforce/), travel with the flow's addresses, and a reset
+	 * without payload carries nothing a block has to stop. */
+	if ((p->tcp_flags & TCPF_RST) && !p->payload_len && p->key.protocol == PROTO_TCP)
+		return 0;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	if (active & LOUPE_BLOCK_ANY_FLOW) {
+		struct loupe_flow_key k;
+		__builtin_memcpy(&k, &p->key, sizeof(k));
+		k.ifindex = 0;
+		struct loupe_block_value *b = block_flow.lookup(&k);
+		if (b && (__s64)(b->expires_ns - now) > 0) {
+			count(LOUPE_CNT_BLOCKED_FLOW);
+			return 1;
+		}
+	}
+	if (active & LOUPE_BLOCK_ANY_SRC) {
+		struct loupe_block_src_key sk = {};
+		sk.prefixlen = p->key.ip_version == 4 ? 8 + 32 : 8 + 128;
+		sk.ip_version = p->key.ip_version;
+		__builtin_memcpy(sk.addr, p->src, 16);
+		struct loupe_block_value *b = block_src.lookup(&sk);
+		if (b && (__s64)(b->expires_ns - now) > 0) {
+			count(LOUPE_CNT_BLOCKED_SRC);
+			return 1;
+		}
+	}
+	return 0;
+}
+
 int loupe_tc(struct __sk_buff *skb)
 {
 	/* The packet's state lives in a per-CPU map value, not on the stack: the verifier
@@ -1286,8 +1342,11 @@ int loupe_tc(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	count(LOUPE_CNT_PACKETS);
 
+	/* While a block is in force every packet takes the full parse (the quick path
+	 * leaves no parse result behind), is counted as usual, and then meets the verdict. */
+	__u32 active = enforcing();
 	struct loupe_flow_value *found = 0;
-	int quick = quick_path(skb, p, &found);
+	int quick = active ? QUICK_NOT_MINE : quick_path(skb, p, &found);
 	if (quick == QUICK_DONE)
 		return TC_ACT_UNSPEC;
 	if (quick == QUICK_NOT_MINE) {
@@ -1297,7 +1356,7 @@ int loupe_tc(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		}
 		if (fast_path(p, &found))
-			return TC_ACT_UNSPEC;
+			return active && blocked(p, active) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 	}
 	__u64 now = bpf_ktime_get_ns();
 	__u64 fp = key_hash(&p->key) | 1;   /* never 0, the value of a zeroed entry */
@@ -1310,5 +1369,5 @@ int loupe_tc(struct __sk_buff *skb)
 		if (i == 1)
 			count(LOUPE_CNT_RECYCLED_ENTRY);
 	}
-	return TC_ACT_UNSPEC;
+	return active && blocked(p, active) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }

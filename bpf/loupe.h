@@ -428,6 +428,68 @@ struct loupe_l7_ctl {
 };
 #define LOUPE_L7_CTL_SIZE 40
 
+/* ---- enforcement (maps.h: block_flow, block_src, block_cfg; docs/kernel.md) -------- */
+
+/* Verdicts from userspace's rules: a blocked flow's packets are dropped both ways, and
+ * every packet from a blocked source prefix (a new flow at its first packet). Both fail
+ * open: the kernel honours them only while block_cfg.heartbeat_ns, which the sensor
+ * rewrites every second, is younger than LOUPE_BLOCK_STALE_NS, so a dead sensor's
+ * blocks stop within that time even where its program stays attached (a clsact filter
+ * outlives its process; a tcx link does not). Every expiry is CLOCK_MONOTONIC ns, the
+ * clock of bpf_ktime_get_ns(); an expired entry is ignored here and deleted by
+ * userspace. */
+#ifndef LOUPE_BLOCK_STALE_NS
+#define LOUPE_BLOCK_STALE_NS 3000000000ULL
+#endif
+
+/* Blocked flows and source prefixes at once. A verdict per blocked request, each
+ * living for its TTL: 16384 covers a sustained attack of hundreds of blocks a second for
+ * a minute's TTL; a full map refuses the write, which userspace counts (the alert then
+ * says not enforced). */
+#ifndef LOUPE_BLOCK_FLOW_ENTRIES
+#define LOUPE_BLOCK_FLOW_ENTRIES 16384
+#endif
+#ifndef LOUPE_BLOCK_SRC_ENTRIES
+#define LOUPE_BLOCK_SRC_ENTRIES 16384
+#endif
+
+/* Why an entry is there (block_value.reason). */
+#define LOUPE_BLOCK_RULE 1       /* a rule's block verdict */
+#define LOUPE_BLOCK_CLI  2       /* `loupe block add` */
+#define LOUPE_BLOCK_DDOS 3       /* the DDoS detector's mitigation */
+
+/* block_cfg.active: which maps hold entries, so an unblocked host pays one array
+ * lookup per packet and no hash or trie lookup. */
+#define LOUPE_BLOCK_ANY_FLOW 0x01
+#define LOUPE_BLOCK_ANY_SRC  0x02
+
+struct loupe_block_cfg {
+	__u64 heartbeat_ns;    /* bpf_ktime_get_ns() clock; written by userspace each second */
+	__u32 active;          /* LOUPE_BLOCK_ANY_* */
+	__u32 pad;
+};
+#define LOUPE_BLOCK_CFG_SIZE 16
+
+/* The value of both block maps. */
+struct loupe_block_value {
+	__u64 expires_ns;      /* CLOCK_MONOTONIC ns; the entry is void from then on */
+	__u64 added_ns;        /* CLOCK_MONOTONIC ns */
+	__u32 reason;          /* LOUPE_BLOCK_* */
+	__u32 pad;
+	char  note[32];        /* the rule id or the operator's note, NUL-padded */
+};
+#define LOUPE_BLOCK_VALUE_SIZE 56
+
+/* block_src key: the version byte is part of the prefix (prefixlen = 8 + address bits),
+ * so IPv4 and IPv6 prefixes share one trie without colliding. */
+struct loupe_block_src_key {
+	__u32 prefixlen;
+	__u8  ip_version;      /* 4 or 6 */
+	__u8  addr[16];        /* network order; IPv4 in the first 4 bytes */
+	__u8  pad[3];
+};
+#define LOUPE_BLOCK_SRC_KEY_SIZE 24
+
 /* ---- counters --------------------------------------------------------------------- */
 
 /* Indices of the per-CPU counter array. Never reset; userspace sums the CPUs and
@@ -454,6 +516,8 @@ enum loupe_counter {
 	LOUPE_CNT_TRUNCATED_L4,       /* counted in a flow with ports 0: transport header cut */
 	LOUPE_CNT_EXCLUDED_FLOWS,     /* flows the exclusion filter kept from selection */
 	LOUPE_CNT_TAIL_CALL_FAILED,   /* a new flow's packet could not re-enter the meter */
+	LOUPE_CNT_BLOCKED_FLOW,       /* dropped: its flow is in block_flow (enforcement) */
+	LOUPE_CNT_BLOCKED_SRC,        /* dropped: its source is in block_src (enforcement) */
 	LOUPE_CNT_MAX
 };
 

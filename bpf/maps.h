@@ -133,4 +133,23 @@ BPF_HASH(sel_keys, struct loupe_flow_key, __u8, LOUPE_SEL_KEYS_ENTRIES);
  * the flow. */
 BPF_HASH(l7_ctl, struct loupe_flow_key, struct loupe_l7_ctl, LOUPE_L7_CTL_ENTRIES);
 
+/* block_cfg: whether any block is in force, and the sensor's heartbeat (loupe.h,
+ * "enforcement"). Key: __u32 0. Value: struct loupe_block_cfg. Size: 1. Its own map,
+ * not a field of config: userspace rewrites config whole on a selection reload, and the
+ * heartbeat is written every second from another place. Read once per packet. */
+BPF_ARRAY(block_cfg, struct loupe_block_cfg, 1);
+
+/* block_flow: flows under a block verdict, dropped both ways. Key: struct
+ * loupe_flow_key, canonical, with ifindex 0 (a flow is the same flow on every
+ * interface). Value: struct loupe_block_value. Size: LOUPE_BLOCK_FLOW_ENTRIES. A plain
+ * hash: userspace writes and deletes (expired entries); a full map refuses the write,
+ * counted there. Looked up only while block_cfg says it holds entries. */
+BPF_HASH(block_flow, struct loupe_flow_key, struct loupe_block_value, LOUPE_BLOCK_FLOW_ENTRIES);
+
+/* block_src: source prefixes under a ban, every packet from them dropped. Key: struct
+ * loupe_block_src_key (version byte + address, longest-prefix match). Value: struct
+ * loupe_block_value, with its TTL. Size: LOUPE_BLOCK_SRC_ENTRIES. LPM tries must not be
+ * preallocated. Looked up only while block_cfg says it holds entries. */
+BPF_LPM_TRIE(block_src, struct loupe_block_src_key, struct loupe_block_value, LOUPE_BLOCK_SRC_ENTRIES);
+
 #endif /* LOUPE_MAPS_H */

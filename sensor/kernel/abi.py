@@ -107,6 +107,8 @@ class Counter(enum.IntEnum):
     TRUNCATED_L4 = 18
     EXCLUDED_FLOWS = 19
     TAIL_CALL_FAILED = 20
+    BLOCKED_FLOW = 21
+    BLOCKED_SRC = 22
 
 
 COUNTER_MAX = len(Counter)
@@ -316,7 +318,51 @@ class Filter(ctypes.Structure):
     ]
 
 
+# Enforcement (loupe.h, "enforcement"): block_cfg, block_flow, block_src.
+BLOCK_CFG_SIZE = 16
+BLOCK_VALUE_SIZE = 56
+BLOCK_SRC_KEY_SIZE = 24
+BLOCK_STALE_NS = 3_000_000_000       # LOUPE_BLOCK_STALE_NS
+BLOCK_FLOW_ENTRIES = 16384
+BLOCK_SRC_ENTRIES = 16384
+BLOCK_RULE = 1
+BLOCK_CLI = 2
+BLOCK_DDOS = 3
+BLOCK_ANY_FLOW = 0x01
+BLOCK_ANY_SRC = 0x02
+
+
+class BlockCfg(ctypes.Structure):
+    _fields_ = [
+        ("heartbeat_ns", ctypes.c_uint64),
+        ("active", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class BlockValue(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("added_ns", ctypes.c_uint64),
+        ("reason", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("note", ctypes.c_char * 32),
+    ]
+
+
+class BlockSrcKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("ip_version", ctypes.c_uint8),
+        ("addr", ctypes.c_uint8 * 16),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
 SIZES: dict[type[ctypes.Structure], int] = {
+    BlockCfg: BLOCK_CFG_SIZE,
+    BlockValue: BLOCK_VALUE_SIZE,
+    BlockSrcKey: BLOCK_SRC_KEY_SIZE,
     FlowKey: FLOW_KEY_SIZE,
     FlowValue: FLOW_VALUE_SIZE,
     FragKey: FRAG_KEY_SIZE,
