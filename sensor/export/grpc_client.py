@@ -25,6 +25,22 @@ DUPLICATE, and nothing is stored twice.
 A fresh channel per attempt (rather than grpc's own reconnect) keeps the retry timing
 ours: grpc's internal channel backoff grows to two minutes.
 
+Several collectors (target "a:7400,b:7400"; collectors in front of one shared ClickHouse,
+docs/scaling.md). Each collector has its own sender thread, stream, window and backoff;
+the spool, the batch ids and the acks stay one. A batch is claimed by one stream when it
+is sent. Spreading is least-outstanding: of the streams asking for a batch at that moment,
+the one with the fewest un-acked batches takes it, ties going to the one served least
+recently (so equal collectors alternate, round robin). Least-outstanding rather than plain
+round robin because a collector whose store commits slowly keeps its window full and is
+given less, and one that is down or in backoff has no stream and is given nothing, without
+a separate health check. When a stream breaks, its in-flight batches are released and go
+first to whichever stream asks next (another collector's, or its own after reconnecting):
+at least once, and the shared store's dedup on (sensor_id, batch_id) makes a batch the
+dead collector stored but never acked come back DUPLICATE, so it is stored once. A dead
+collector is retried with the same jittered backoff and takes its share again as soon as
+its stream is up. Order across collectors is not kept (it never mattered: the collector
+deduplicates by pair, not by the highest id seen).
+
 A stream with nothing in flight and nothing to send for idle_close_s is half-closed; the
 collector acks what it has and ends it, and the channel is closed with it. The sender
 then waits for the next spooled batch and opens a new channel and stream for it (not a
@@ -39,6 +55,7 @@ for the next start.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import threading
@@ -61,11 +78,15 @@ __all__ = ["TlsFiles", "GrpcExportConfig", "GrpcExporter", "backoff_delay"]
 log = logging.getLogger(__name__)
 
 _ACK = wire.ingest_pb2.AckStatus
+_UNDERSTOOD = (_ACK.ACK_STATUS_STORED, _ACK.ACK_STATUS_DUPLICATE, _ACK.ACK_STATUS_REJECTED)
 # Latency samples kept for metrics and the benchmark: enough for a stable p99, bounded.
 _LATENCY_SAMPLES = 100_000
 # Batches whose per-record enqueue times are remembered for latency; older ones (spooled
 # while the collector was down) simply give no sample.
 _TIMED_BATCHES = 4096
+# Collectors one sensor spreads over: each costs a thread, a channel and a window of
+# in-flight batches; a handful in front of a shared store is the use.
+MAX_COLLECTORS = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,7 +118,9 @@ class TlsFiles:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GrpcExportConfig:
-    target: str                       # host:port of the collector
+    # host:port of the collector, or several comma-separated (spread and failover, see the
+    # module docstring)
+    target: str
     sensor_id: str
     spool_dir: Path
     tls: TlsFiles | None = None
@@ -120,8 +143,14 @@ class GrpcExportConfig:
     spool_fsync_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
-        if not self.target or ":" not in self.target:
-            raise ConfigError(f"collector address {self.target!r} must be host:port")
+        targets = self.targets
+        if not targets or any(not t or ":" not in t for t in targets):
+            raise ConfigError(f"collector address {self.target!r} must be host:port, or "
+                              "several host:port separated by commas")
+        if len(set(targets)) != len(targets):
+            raise ConfigError(f"collector address {self.target!r} names a collector twice")
+        if len(targets) > MAX_COLLECTORS:
+            raise ConfigError(f"at most {MAX_COLLECTORS} collectors, not {len(targets)}")
         if not self.sensor_id:
             raise ConfigError("sensor_id must not be empty")
         for name in ("queue_records", "batch_records", "window_batches"):
@@ -131,6 +160,10 @@ class GrpcExportConfig:
             raise ConfigError("backoff_jitter must be in [0, 1)")
         if self.idle_close_s <= 0:
             raise ConfigError("idle_close_s must be positive")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.target.split(","))
 
 
 # The spool holds each RecordBatch already serialized. The generated stub
@@ -161,11 +194,16 @@ def backoff_delay(cfg: GrpcExportConfig, attempt: int, rng: random.Random) -> fl
 class _Stream:
     """One Push stream's send side: what was sent and not acked yet."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str) -> None:
+        self.target = target
         self.inflight: deque[tuple[int, int, float]] = deque()  # (batch id, records, sent)
-        self.last_sent = 0
+        # Acked with a status we do not understand: kept claimed, resent once this stream
+        # has ended (as a reconnect did with one collector).
+        self.held: list[int] = []
         self.stopped = False
         self.idle_closed = False              # ended for want of work (idle_close_s)
+        self.asking = False                   # its request iterator waits for a batch
+        self.served = 0                       # the pick that last gave it a batch
         self.last_active = time.monotonic()   # last send or ack
         self.call = None
 
@@ -192,7 +230,16 @@ class GrpcExporter:
         self._queue = ExportQueue(config.queue_records, batch_records=config.batch_records,
                                   clock_ns=clock_ns)
         self._cond = threading.Condition(threading.Lock())
-        self._stream: _Stream | None = None
+        self._targets = config.targets
+        self._streams: dict[str, _Stream] = {}   # open streams by collector
+        # Shared by the streams, under _cond: batch ids in flight on some stream; ids
+        # released by a broken stream, sent again first; the highest id taken from the
+        # spool in order; the pick counter (round robin among equals).
+        self._claimed: set[int] = set()
+        self._retry: list[int] = []
+        self._cursor = 0
+        self._picks = 0
+        self._released_at: dict[int, float] = {}   # released batch id -> when (monotonic)
         self._stop = threading.Event()        # sender: stop now
         self._drain_deadline: float | None = None
         self._enqueued: dict[int, list[int]] = {}  # batch id -> enqueue times (ns)
@@ -204,17 +251,21 @@ class GrpcExporter:
             "batches_spooled", "batches_sent", "batches_acked", "batches_duplicate",
             "batches_rejected", "records_rejected", "records_acked", "acks_unexpected",
             "reconnects", "stream_errors", "ack_timeouts", "lost_events_sent", "idle_closes",
+            "batches_released", "batches_resent", "failover_ms_max",
         ), 0)
         self._batcher = threading.Thread(target=self._run_batcher, name="loupe-batcher",
                                          daemon=True)
-        self._sender = threading.Thread(target=self._run_sender, name="loupe-sender",
-                                        daemon=True)
+        self._senders = [
+            threading.Thread(target=self._run_sender, args=(t,), daemon=True,
+                             name="loupe-sender" + (f"-{i}" if i else ""))
+            for i, t in enumerate(self._targets)]
 
     # ---- the Exporter seam -----------------------------------------------------------
 
     def start(self) -> "GrpcExporter":
         self._batcher.start()
-        self._sender.start()
+        for sender in self._senders:
+            sender.start()
         return self
 
     def submit(self, record: model.Record) -> bool:
@@ -231,19 +282,26 @@ class GrpcExporter:
         with self._cond:
             self._drain_deadline = time.monotonic() + timeout_s
             self._cond.notify_all()
-        if self._sender.is_alive():
-            self._sender.join(timeout_s + 2.0)
+        end = time.monotonic() + timeout_s + 2.0
+        for sender in self._senders:
+            if sender.is_alive():
+                sender.join(max(0.0, end - time.monotonic()))
         self._stop.set()
         with self._cond:
-            if self._stream is not None and self._stream.call is not None:
-                self._stream.call.cancel()  # a collector that stopped answering
+            for stream in self._streams.values():
+                if stream.call is not None:
+                    stream.call.cancel()  # a collector that stopped answering
             self._cond.notify_all()
-        self._sender.join(5.0)
+        for sender in self._senders:
+            sender.join(5.0)
         self._spool.close()
 
     def counters(self) -> dict[str, int]:
         out = self._queue.counters()
         out.update(self._c)
+        with self._cond:
+            out["collectors"] = len(self._targets)
+            out["collectors_connected"] = len(self._streams)
         out.update(self._spool.counters())
         return out
 
@@ -301,14 +359,14 @@ class GrpcExporter:
             return False
         return self._spool.unacked_count() == 0 or time.monotonic() >= self._drain_deadline
 
-    def _run_sender(self) -> None:
+    def _run_sender(self, target: str) -> None:
         attempt = 0
         first = True
         while not self._stop.is_set() and not self._draining_done():
             if not first:
                 self._c["reconnects"] += 1
             first = False
-            acked, idle = self._run_stream()
+            acked, idle = self._run_stream(target)
             if self._stop.is_set() or self._draining_done():
                 return
             if idle:
@@ -326,13 +384,14 @@ class GrpcExporter:
                     self._cond.wait(max(0.0, end - time.monotonic()))
 
     def _wait_for_work(self) -> None:
-        """After an idle close: until a batch is spooled, or close() or stop."""
+        """After an idle close: until a batch no other stream has is spooled, or close()
+        or stop."""
         with self._cond:
             while (not self._stop.is_set() and self._drain_deadline is None
-                   and self._spool.unacked_count() == 0):
+                   and self._spool.unacked_count() <= len(self._claimed)):
                 self._cond.wait()
 
-    def _channel(self) -> grpc.Channel:
+    def _channel(self, target: str) -> grpc.Channel:
         options = [
             # Our own backoff decides when to retry; keep grpc's from adding to it.
             ("grpc.initial_reconnect_backoff_ms", int(self._cfg.initial_backoff_s * 1000)),
@@ -341,20 +400,21 @@ class GrpcExporter:
         if self._creds is not None:
             if self._cfg.tls.server_name:
                 options.append(("grpc.ssl_target_name_override", self._cfg.tls.server_name))
-            return grpc.secure_channel(self._cfg.target, self._creds, options=options)
-        return grpc.insecure_channel(self._cfg.target, options=options)
+            return grpc.secure_channel(target, self._creds, options=options)
+        return grpc.insecure_channel(target, options=options)
 
-    def _run_stream(self) -> tuple[bool, bool]:
+    def _run_stream(self, target: str) -> tuple[bool, bool]:
         """One Push stream until it breaks, idles (idle_close_s) or we stop: whether any
         ack arrived, and whether it ended idle."""
-        stream = _Stream()
+        stream = _Stream(target)
         acked = False
-        channel = self._channel()
+        channel = self._channel(target)
+        with self._cond:
+            self._streams[target] = stream   # before grpc first pulls its requests
+            self._cond.notify_all()
         try:
             call = _push(channel)(self._requests(stream))
             stream.call = call
-            with self._cond:
-                self._stream = stream
             for ack in call:
                 acked = True
                 self._on_ack(stream, ack)
@@ -366,23 +426,78 @@ class GrpcExporter:
                 self._c["stream_errors"] += 1
                 detail = exc.details() if hasattr(exc, "details") else str(exc)
                 if not self._stop.is_set():   # not our own cancel at close
-                    self.last_error = f"{getattr(code, 'name', code)}: {detail}"
+                    where = f"{target}: " if len(self._targets) > 1 else ""
+                    self.last_error = f"{where}{getattr(code, 'name', code)}: {detail}"
                 log.warning("collector %s: stream ended (%s: %s); %d batches un-acked",
-                            self._cfg.target, getattr(code, "name", code), detail,
+                            target, getattr(code, "name", code), detail,
                             self._spool.unacked_count())
         finally:
             with self._cond:
                 stream.stopped = True
-                self._stream = None
+                stream.asking = False
+                if self._streams.get(target) is stream:
+                    del self._streams[target]
+                self._release(stream)
                 self._cond.notify_all()
             if stream.call is not None:
                 stream.call.cancel()
             channel.close()
         return acked, stream.idle_closed
 
+    def _release(self, stream: _Stream) -> None:
+        """A stream ended (under _cond): what it had in flight or held goes to the next
+        stream that asks, this collector's after a reconnect or another's."""
+        ids = [b for b, _, _ in stream.inflight] + stream.held
+        stream.inflight.clear()
+        stream.held = []
+        now = time.monotonic()
+        for batch_id in ids:
+            self._claimed.discard(batch_id)
+            heapq.heappush(self._retry, batch_id)
+            self._released_at[batch_id] = now
+        while len(self._released_at) > _TIMED_BATCHES:  # ones dropped from a full spool
+            del self._released_at[next(iter(self._released_at))]
+        self._c["batches_released"] += len(ids)
+
+    def _my_turn(self, stream: _Stream) -> bool:
+        """Least-outstanding (under _cond): of the streams asking now with room in their
+        window, the one with the fewest un-acked batches, then the one served longest ago."""
+        window = self._cfg.window_batches
+        best = min((s for s in self._streams.values()
+                    if s.asking and not s.stopped and len(s.inflight) < window),
+                   key=lambda s: (len(s.inflight), s.served), default=None)
+        return best is None or best is stream
+
+    def _take(self):
+        """The next batch to send (under _cond): released ones first, then the spool in
+        batch id order."""
+        while self._retry:
+            batch_id = heapq.heappop(self._retry)
+            if batch_id in self._claimed:
+                continue
+            batch = self._spool.read(batch_id)
+            if batch is not None:
+                self._c["batches_resent"] += 1
+                return batch
+            self._released_at.pop(batch_id, None)   # acked meanwhile, or dropped
+        batch = self._spool.next_unacked(self._cursor)
+        while batch is not None and batch.batch_id in self._claimed:
+            batch = self._spool.next_unacked(batch.batch_id)
+        if batch is not None:
+            self._cursor = batch.batch_id
+        return batch
+
     def _requests(self, stream: _Stream):
-        """The request iterator grpc pulls from (on its own thread): spooled batches in id
-        order, at most window_batches un-acked."""
+        """The request iterator grpc pulls from (on its own thread): spooled batches, at
+        most window_batches un-acked, when this stream's turn comes (_my_turn)."""
+        try:
+            yield from self._request_loop(stream)
+        finally:
+            with self._cond:
+                stream.asking = False
+                self._cond.notify_all()
+
+    def _request_loop(self, stream: _Stream):
         while True:
             with self._cond:
                 while True:
@@ -393,8 +508,9 @@ class GrpcExporter:
                     ):
                         return  # half-close: the collector then ends the stream
                     nxt = None
-                    if len(stream.inflight) < self._cfg.window_batches:
-                        nxt = self._spool.next_unacked(stream.last_sent)
+                    stream.asking = len(stream.inflight) < self._cfg.window_batches
+                    if stream.asking and self._my_turn(stream):
+                        nxt = self._take()
                     if nxt is not None:
                         break
                     if stream.inflight and (
@@ -402,7 +518,7 @@ class GrpcExporter:
                     ):
                         self._c["ack_timeouts"] += 1
                         log.warning("collector %s: no ack for batch %d in %.0f s; reconnecting",
-                                    self._cfg.target, stream.inflight[0][0],
+                                    stream.target, stream.inflight[0][0],
                                     self._cfg.ack_timeout_s)
                         stream.stopped = True
                         if stream.call is not None:
@@ -417,9 +533,13 @@ class GrpcExporter:
                         stream.idle_closed = True
                         return   # half-close: the collector then ends the stream
                     self._cond.wait(self._cfg.idle_close_s - idle_s)
+                stream.asking = False
+                self._picks += 1
+                stream.served = self._picks
+                self._claimed.add(nxt.batch_id)
                 stream.inflight.append((nxt.batch_id, nxt.records, time.monotonic()))
-                stream.last_sent = nxt.batch_id
                 stream.last_active = time.monotonic()
+                self._cond.notify_all()   # the other streams' turn may have come
             self._c["batches_sent"] += 1
             yield nxt.payload
 
@@ -433,11 +553,22 @@ class GrpcExporter:
                     break
             stream.last_active = time.monotonic()
             times = self._enqueued.pop(ack.batch_id, None)
+            released = self._released_at.pop(ack.batch_id, None)
+            if entry is not None:
+                if ack.status in _UNDERSTOOD:
+                    self._claimed.discard(ack.batch_id)
+                else:
+                    stream.held.append(ack.batch_id)
             self._cond.notify_all()
         if entry is None:
             self._c["acks_unexpected"] += 1
-            log.warning("collector acked batch %d, which was not in flight", ack.batch_id)
+            log.warning("collector %s acked batch %d, which was not in flight", stream.target,
+                        ack.batch_id)
             return
+        if released is not None:
+            # From its stream breaking to its ack over another (or the same, reconnected).
+            ms = int((time.monotonic() - released) * 1000)
+            self._c["failover_ms_max"] = max(self._c["failover_ms_max"], ms)
         status = ack.status
         if status in (_ACK.ACK_STATUS_STORED, _ACK.ACK_STATUS_DUPLICATE):
             key = "batches_acked" if status == _ACK.ACK_STATUS_STORED else "batches_duplicate"
@@ -449,11 +580,12 @@ class GrpcExporter:
         elif status == _ACK.ACK_STATUS_REJECTED:
             self._c["batches_rejected"] += 1
             self._c["records_rejected"] += entry[1]
-            log.error("collector rejected batch %d (%d records): %s", ack.batch_id,
-                      entry[1], ack.message or "no reason given")
+            log.error("collector %s rejected batch %d (%d records): %s", stream.target,
+                      ack.batch_id, entry[1], ack.message or "no reason given")
         else:
             # Not an answer we understand: keep the batch; it goes again after a reconnect.
             self._c["acks_unexpected"] += 1
-            log.warning("collector sent ack status %d for batch %d", status, ack.batch_id)
+            log.warning("collector %s sent ack status %d for batch %d", stream.target, status,
+                        ack.batch_id)
             return
         self._spool.ack(ack.batch_id)

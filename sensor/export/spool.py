@@ -495,6 +495,21 @@ class Spool:
                 i += 1
             return None
 
+    def read(self, batch_id: int) -> SpooledBatch | None:
+        """That batch if it is still in the spool and un-acked (a resend after the stream
+        it went out on broke), else None."""
+        with self._lock:
+            self._check_open()
+            entry = self._entries.get(batch_id)
+            if entry is None or batch_id in self._acked:
+                return None
+            fd = os.open(entry.segment.path, os.O_RDONLY)
+            try:
+                payload = os.pread(fd, entry.length, entry.offset)
+            finally:
+                os.close(fd)
+            return SpooledBatch(batch_id, entry.records, payload)
+
     def ack(self, batch_id: int) -> bool:
         """Mark a batch delivered (stored, duplicate or rejected). False if it is not in
         the spool any more (dropped when full, or acked before)."""
