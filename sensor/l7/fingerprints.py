@@ -50,6 +50,9 @@ class ClientHello:
     signature_algorithms: tuple[int, ...] = ()
     groups: tuple[int, ...] = ()
     point_formats: tuple[int, ...] = ()
+    # Parsed from the first MAX_HANDSHAKE bytes of a longer message (sensor/l7/tls.py):
+    # the lists may be incomplete, so no fingerprint is taken of it.
+    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +63,7 @@ class ServerHello:
     selected_version: int = 0  # from supported_versions (TLS 1.3), 0 when absent
     alpn: bytes | None = None   # the server's choice, when sent in the clear
     hello_retry: bool = False   # RFC 8446 4.1.3: the HelloRetryRequest random value
+    truncated: bool = False     # as ClientHello.truncated
 
     @property
     def version(self) -> int:

@@ -17,15 +17,22 @@ buffered):
 - TLS <= 1.2: the server's Certificate message is in the clear; the leaf's subject,
   issuer, SAN and validity go into the event, which is emitted at the Certificate (or
   at ServerHelloDone / the server's ChangeCipherSpec when no certificate is sent, as in
-  session resumption).
+  session resumption). The rest of the chain is walked (counted in `chain_certs`) and,
+  for callers that ask (`TlsParser(chain=True)`), parsed certificate by certificate.
 - An alert before the handshake completes, a gap, or EOF emits whatever is known.
 
 Once the event is out the parser is DONE and ignores all later bytes: the engine then
 stops feeding it, and the kernel stops copying the flow, which is what keeps TLS cheap.
 
-Bad input: a record header that is not TLS, a record or handshake message over its
-bound, or a hello that does not parse moves the parser to ERROR (anything already
-known is still emitted). An SSLv2-compatible ClientHello (RFC 5246 appendix E.2) is
+Size bounds: a record over MAX_RECORD is not TLS (ERROR). A handshake message is kept
+up to MAX_HANDSHAKE bytes; past that its first MAX_HANDSHAKE bytes are used as far as
+they go (the SNI and ALPN of a cut ClientHello, the version and cipher of a cut
+ServerHello, the certificates that fit whole), its fingerprints are left empty (they
+need the whole hello), the rest of it is dropped as it arrives, never buffered, and
+counted in `truncated`; the messages after it are parsed as usual.
+
+Bad input: a record header that is not TLS, a record over its bound, or a hello that
+does not parse moves the parser to ERROR (anything already known is still emitted). An SSLv2-compatible ClientHello (RFC 5246 appendix E.2) is
 counted in `unsupported` and the parser goes DONE without an event.
 """
 
@@ -52,11 +59,17 @@ _TO_SERVER, _TO_CLIENT = Direction.TO_SERVER, Direction.TO_CLIENT
 # is not TLS, and refusing it keeps the record buffer under 18.5 KB per direction.
 MAX_RECORD = (1 << 14) + 2048
 
-# One handshake message may be up to 2^24 bytes on paper. Real ClientHellos stay under
-# 4 KB even with post-quantum key shares and ECH, and certificate chains under 20 KB;
-# 64 KiB is three times the largest chains seen in practice and bounds the handshake
-# buffer per direction. A longer message puts the parser in ERROR (counted).
+# One handshake message may be up to 2^24 - 1 bytes on paper. Real ClientHellos stay
+# under 4 KB even with post-quantum key shares (X25519MLKEM768 alone is 1216 bytes) and
+# ECH, and certificate chains under 20 KB; 64 KiB is three times the largest chains seen
+# in practice and bounds the handshake buffer per direction. Of a longer message the
+# first MAX_HANDSHAKE bytes are used and the rest is dropped unbuffered (`truncated`).
 MAX_HANDSHAKE = 64 * 1024
+
+# Certificates of one Certificate message kept when the chain is asked for
+# (TlsParser(chain=True)). Real chains have 2-5, misconfigured servers send 10 or so;
+# entries past this are counted in `chain_certs` but not parsed.
+MAX_CHAIN = 16
 
 _CHANGE_CIPHER_SPEC = 20
 _ALERT = 21
@@ -125,6 +138,17 @@ class _Reader:
         data = self.data
         return (data[pos] << 8) | data[pos + 1]
 
+    def prefix(self, length_bytes: int) -> "_Reader":
+        """A vector of a message cut at MAX_HANDSHAKE: as much of it as is there."""
+        pos, end, data = self.pos, self.end, self.data
+        if length_bytes > end - pos:
+            raise _Malformed(f"need {length_bytes} bytes, {end - pos} left")
+        n = int.from_bytes(data[pos:pos + length_bytes], "big")
+        pos += length_bytes
+        stop = min(pos + n, end)
+        self.pos = stop
+        return _Reader(data, pos, stop)
+
     def vec(self, length_bytes: int) -> "_Reader":
         # Inline reads of the length prefix: a ClientHello has a dozen or more vectors.
         pos, end, data = self.pos, self.end, self.data
@@ -155,20 +179,37 @@ def _text(raw: bytes) -> str:
     return raw.decode("ascii", "backslashreplace")
 
 
-def parse_client_hello(body: bytes) -> fp.ClientHello:
+def parse_client_hello(body: bytes, *, truncated: bool = False) -> fp.ClientHello:
+    """`truncated`: body is the first MAX_HANDSHAKE bytes of a longer message; what
+    fits is read (ciphers, whole extensions) and the hello is marked truncated."""
     r = _Reader(body)
     legacy_version = r.u16()
     r.take(32)  # random
     r.vec(1)    # legacy_session_id
-    ciphers = r.u16_list(2)
-    r.vec(1)    # legacy_compression_methods
     fields: dict = {}
     extensions: list[int] = []
+    if truncated:
+        ciphers_r = r.prefix(2)
+        raw = ciphers_r.take(ciphers_r.remaining() & ~1)
+        ciphers = struct.unpack(f">{len(raw) // 2}H", raw)
+        if r.remaining():
+            r.vec(1)
+    else:
+        ciphers = r.u16_list(2)
+        r.vec(1)    # legacy_compression_methods
     if r.remaining():  # extensions are optional before TLS 1.2 (RFC 5246 7.4.1.2)
-        ext_block = r.vec(2)
+        ext_block = r.prefix(2) if truncated else r.vec(2)
         while ext_block.remaining():
+            if truncated and ext_block.remaining() < 4:
+                break
             ext_type = ext_block.u16()
-            data = ext_block.vec(2)
+            if truncated:
+                try:
+                    data = ext_block.vec(2)
+                except _Malformed:
+                    break  # the cut runs through this extension
+            else:
+                data = ext_block.vec(2)
             extensions.append(ext_type)
             try:
                 _client_extension(ext_type, data, fields)
@@ -177,7 +218,8 @@ def parse_client_hello(body: bytes) -> fp.ClientHello:
                 # content is just not used.
                 pass
     return fp.ClientHello(
-        legacy_version=legacy_version, ciphers=ciphers, extensions=tuple(extensions), **fields
+        legacy_version=legacy_version, ciphers=ciphers, extensions=tuple(extensions),
+        truncated=truncated, **fields
     )
 
 
@@ -208,7 +250,8 @@ def _client_extension(ext_type: int, data: _Reader, fields: dict) -> None:
         fields["point_formats"] = tuple(formats.take(formats.remaining()))
 
 
-def parse_server_hello(body: bytes) -> fp.ServerHello:
+def parse_server_hello(body: bytes, *, truncated: bool = False) -> fp.ServerHello:
+    """`truncated` as for parse_client_hello."""
     r = _Reader(body)
     legacy_version = r.u16()
     random = r.take(32)
@@ -219,10 +262,18 @@ def parse_server_hello(body: bytes) -> fp.ServerHello:
     selected_version = 0
     alpn: bytes | None = None
     if r.remaining():
-        ext_block = r.vec(2)
+        ext_block = r.prefix(2) if truncated else r.vec(2)
         while ext_block.remaining():
+            if truncated and ext_block.remaining() < 4:
+                break
             ext_type = ext_block.u16()
-            data = ext_block.vec(2)
+            if truncated:
+                try:
+                    data = ext_block.vec(2)
+                except _Malformed:
+                    break
+            else:
+                data = ext_block.vec(2)
             extensions.append(ext_type)
             try:
                 if ext_type == _EXT_SUPPORTED_VERSIONS and data.remaining() == 2:
@@ -236,6 +287,7 @@ def parse_server_hello(body: bytes) -> fp.ServerHello:
     return fp.ServerHello(
         legacy_version=legacy_version, cipher=cipher, extensions=tuple(extensions),
         selected_version=selected_version, alpn=alpn, hello_retry=random == _HRR_RANDOM,
+        truncated=truncated,
     )
 
 
@@ -249,10 +301,35 @@ def parse_certificate_leaf(body: bytes) -> bytes | None:
     return leaf.take(leaf.remaining())
 
 
+def parse_certificate_chain(body: bytes, *, truncated: bool = False,
+                            keep: int = MAX_CHAIN) -> tuple[list[bytes], int]:
+    """The DER certificates of a TLS <= 1.2 Certificate message (RFC 5246 7.4.2), leaf
+    first: at most `keep` of them, and how many entries the message holds. Of a message
+    cut at MAX_HANDSHAKE, the entries that fit whole."""
+    r = _Reader(body)
+    chain = r.prefix(3) if truncated else r.vec(3)
+    out: list[bytes] = []
+    count = 0
+    while chain.remaining():
+        try:
+            entry = chain.vec(3)
+        except _Malformed:
+            # The cut of a truncated message, or a broken entry after the leaf: the
+            # certificates before it still count (the leaf is what the event needs).
+            if truncated or out:
+                break
+            raise
+        count += 1
+        if len(out) < keep:
+            out.append(entry.take(entry.remaining()))
+    return out, count
+
+
 class _Side:
     """Per-direction buffers and what this direction has shown."""
 
-    __slots__ = ("records", "records_ts", "handshake", "handshake_ts", "started", "encrypted")
+    __slots__ = ("records", "records_ts", "handshake", "handshake_ts", "started", "encrypted",
+                 "drop")
 
     def __init__(self) -> None:
         self.records = bytearray()
@@ -261,6 +338,7 @@ class _Side:
         self.handshake_ts = 0
         self.started = False     # first record header checked
         self.encrypted = False   # sent ChangeCipherSpec/application data: opaque from here
+        self.drop = 0            # bytes of a message past MAX_HANDSHAKE still to come
 
 
 class TlsParser:
@@ -268,15 +346,22 @@ class TlsParser:
 
     name = "tls"
 
-    def __init__(self, *, transport: str = "t") -> None:
+    def __init__(self, *, transport: str = "t", chain: bool = False) -> None:
         self.state = _OK
         self.error = ""
         self.unsupported = 0        # SSLv2-compatible hellos seen (not parsed)
         self.cert_errors = 0        # Certificate messages whose leaf did not parse
         self.hello_retries = 0
+        self.truncated = 0          # handshake messages cut at MAX_HANDSHAKE
+        self.chain_certs = 0        # certificates in the server's Certificate message
         self.client_hello: fp.ClientHello | None = None
         self.server_hello: fp.ServerHello | None = None
         self.cert: x509.CertFields | None = None
+        # chain=True: every certificate of the chain (up to MAX_CHAIN), leaf first, each
+        # CertFields or None when it does not parse. Off by default: the record carries
+        # the leaf only, and each further certificate costs ~40 us to read.
+        self.chain: tuple[x509.CertFields | None, ...] = ()
+        self._want_chain = chain
         self._transport = transport
         self._client_dir: Direction | None = None
         self._client_ts = 0
@@ -400,36 +485,48 @@ class TlsParser:
 
     def _drain_handshake(self, direction: Direction, side: _Side) -> None:
         buf = side.handshake
-        while len(buf) >= 4 and self.state is _OK:
+        while self.state is _OK:
+            if side.drop:
+                # The tail of a message past MAX_HANDSHAKE: dropped as it comes.
+                n = min(side.drop, len(buf))
+                del buf[:n]
+                side.drop -= n
+                if side.drop:
+                    return
+            if len(buf) < 4:
+                return
             msg_type = buf[0]
             length = (buf[1] << 16) | (buf[2] << 8) | buf[3]
-            if length > MAX_HANDSHAKE:
-                self._fail(f"handshake message type {msg_type} of {length} bytes exceeds "
-                           f"{MAX_HANDSHAKE}")
+            kept = min(length, MAX_HANDSHAKE)
+            if len(buf) < 4 + kept:
                 return
-            if len(buf) < 4 + length:
-                return
-            body = bytes(buf[4:4 + length])
-            del buf[:4 + length]
+            body = bytes(buf[4:4 + kept])
+            del buf[:4 + kept]
+            cut = length > kept
+            if cut:
+                side.drop = length - kept
+                self.truncated += 1
             msg_ts = side.handshake_ts
             try:
-                self._message(direction, msg_type, body, msg_ts)
+                self._message(direction, msg_type, body, msg_ts, cut)
             except _Malformed as exc:
                 self._fail(f"malformed handshake message type {msg_type}: {exc}")
                 return
 
-    def _message(self, direction: Direction, msg_type: int, body: bytes, ts_ns: int) -> None:
+    def _message(self, direction: Direction, msg_type: int, body: bytes, ts_ns: int,
+                 cut: bool = False) -> None:
         if msg_type == _CLIENT_HELLO:
             if self.client_hello is None:
-                self.client_hello = parse_client_hello(body)
+                self.client_hello = parse_client_hello(body, truncated=cut)
                 self._client_dir = direction
                 self._client_ts = ts_ns
                 if self.client_hello.sni:
                     self._summary["tls_sni"] = self.client_hello.sni
-                self._ja4 = fp.ja4(self.client_hello, self._transport)
-                self._summary["tls_ja4"] = self._ja4
+                if not cut:  # a fingerprint of part of a hello would match nothing
+                    self._ja4 = fp.ja4(self.client_hello, self._transport)
+                    self._summary["tls_ja4"] = self._ja4
         elif msg_type == _SERVER_HELLO:
-            hello = parse_server_hello(body)
+            hello = parse_server_hello(body, truncated=cut)
             if hello.hello_retry:
                 self.hello_retries += 1
                 return
@@ -442,15 +539,18 @@ class TlsParser:
                 # certificate included, is encrypted.
                 self._finish()
         elif msg_type == _CERTIFICATE and self.server_hello is not None:
-            leaf = parse_certificate_leaf(body)
-            if leaf is not None:
+            certs, self.chain_certs = parse_certificate_chain(
+                body, truncated=cut, keep=MAX_CHAIN if self._want_chain else 1)
+            if certs:
                 # Imported on first certificate: `cryptography` is heavy, and every CLI
                 # that lists record kinds imports this module through the registry.
                 from sensor.l7 import x509
 
-                self.cert = x509.parse_leaf(leaf)
+                self.cert = x509.parse_leaf(certs[0])
                 if self.cert is None:
                     self.cert_errors += 1
+                if self._want_chain:
+                    self.chain = (self.cert,) + tuple(x509.parse_leaf(c) for c in certs[1:])
             self._finish()
         elif msg_type == _SERVER_HELLO_DONE:
             self._finish()
@@ -489,10 +589,11 @@ class TlsParser:
             fields.update(
                 client_version=ch.legacy_version, sni=ch.sni,
                 alpn=tuple(_text(p) for p in ch.alpn),
-                ja3=fp.ja3(ch), ja4=self._ja4,
+                ja3="" if ch.truncated else fp.ja3(ch), ja4=self._ja4,
             )
         if sh is not None:
-            fields.update(version=sh.version, cipher=sh.cipher, ja3s=fp.ja3s(sh))
+            fields.update(version=sh.version, cipher=sh.cipher,
+                          ja3s="" if sh.truncated else fp.ja3s(sh))
             if sh.alpn is not None:
                 fields["alpn_selected"] = _text(sh.alpn)
         if self.cert is not None:

@@ -51,6 +51,9 @@ class CertFields:
     san: tuple[str, ...]
     not_before_ns: int
     not_after_ns: int
+    # Lower-case hex without leading zeros, as Suricata's tls.serial and tshark show it
+    # (colon-free); "" when absent. Not a record field: for chain callers.
+    serial: str = ""
 
 
 def _attr_value(attr: x509.NameAttribute) -> str:
@@ -110,6 +113,7 @@ def parse_leaf(der: bytes) -> CertFields | None:
             san=_san(cert),
             not_before_ns=_epoch_ns(cert.not_valid_before_utc),
             not_after_ns=_epoch_ns(cert.not_valid_after_utc),
+            serial=format(cert.serial_number, "x"),
         )
     except _NOT_A_CERTIFICATE:
         # A hostile certificate is data to count, not a crash.

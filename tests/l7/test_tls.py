@@ -297,10 +297,25 @@ def test_record_and_handshake_bounds():
     parser = TlsParser()
     parser.receive_data(C2S, bytes([22, 3, 3]) + (tlsmod.MAX_RECORD + 1).to_bytes(2, "big"), 1)
     assert parser.state is ParserState.ERROR and "exceeds" in parser.error
+    # A handshake message over MAX_HANDSHAKE is cut, not refused: its first MAX_HANDSHAKE
+    # bytes are used, the rest is dropped unbuffered, and the next message is parsed
+    # (tests/l7/test_tls_edges.py has it with a real server).
     parser = TlsParser()
-    header = b"\x0b" + (tlsmod.MAX_HANDSHAKE + 1).to_bytes(3, "big")
-    parser.receive_data(S2C, record(22, header), 1)
-    assert parser.state is ParserState.ERROR and "exceeds" in parser.error
+    parser.receive_data(C2S, record(22, client_hello()), 1)
+    parser.receive_data(S2C, record(22, server_hello(version=0x0303, cipher=0xC02F)), 2)
+    declared = (1 << 24) - 1
+    parser.receive_data(S2C, record(22, b"\x0b" + declared.to_bytes(3, "big")), 3)
+    sent = 0
+    while sent < declared:
+        n = min(1 << 14, declared - sent)
+        parser.receive_data(S2C, record(22, bytes(n)), 4)
+        sent += n
+        _assert_bounded(parser)
+        if sent > tlsmod.MAX_HANDSHAKE:
+            assert parser.truncated == 1
+    assert parser.state is ParserState.DONE and parser.truncated == 1  # the cut chain: no leaf
+    ev = parser.next_event().detail
+    assert ev.cipher == 0xC02F and ev.sni == "x.test" and ev.cert_subject == ""
 
 
 def test_malformed_client_hello_is_an_error():
