@@ -54,6 +54,7 @@ from typing import Callable, Union
 
 from sensor.errors import ConfigError
 from sensor.flow.packet import (
+    LINKTYPE_C_HDLC,
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,
@@ -495,6 +496,13 @@ def _l3(link: int, frame: bytes) -> tuple[int, int]:
             et = (frame[off + 2] << 8) | frame[off + 3]
             off += 4
         return (0x0806 if et == 0x8035 else et), off
+    if link == LINKTYPE_C_HDLC:
+        # Cisco HDLC's EtherType; its 0x8035 is SLARP, not RARP: no protocol tcpdump's
+        # filter names.
+        if n < 4:
+            return 0, 0
+        et = (frame[2] << 8) | frame[3]
+        return (et if et in (0x0800, 0x86DD) else 0), 4
     return 0, 0
 
 

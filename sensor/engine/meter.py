@@ -46,6 +46,7 @@ from sensor.engine.flowtable import DEFAULT_MAX_FLOWS, FlowState, FlowTable
 from sensor.flow.community_id import DEFAULT as DEFAULT_CID
 from sensor.flow.community_id import CommunityId, icmp_ports
 from sensor.flow.packet import (
+    LINKTYPE_C_HDLC,
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,
@@ -372,6 +373,21 @@ class Meter:
                     vlan = _u16(frame, off)[0] & 0xFFF
                     et = _u16(frame, off + 2)[0]
                     off += 4
+                if et == 0x0800:
+                    ver = 4
+                elif et == 0x86DD:
+                    ver = 6
+                else:
+                    stats.non_ip += 1
+                    return
+            elif link == LINKTYPE_C_HDLC:
+                # Cisco HDLC: address (0x0F unicast, 0x8F broadcast), control 0, then an
+                # EtherType. SLARP (0x8035) and CDP (0x2000) keepalives are not IP.
+                if n < 4:
+                    stats.truncated_l2 += 1
+                    return
+                et = _u16(frame, 2)[0]
+                off = 4
                 if et == 0x0800:
                     ver = 4
                 elif et == 0x86DD:
@@ -758,6 +774,10 @@ def shard_of(link: int, frame: bytes) -> int:
         et_at = 14 if link == LINKTYPE_LINUX_SLL else 0
         if n >= off and (frame[et_at] << 8 | frame[et_at + 1]) == 0x8100:
             off += 4
+    elif link == LINKTYPE_C_HDLC:
+        if n < 4 or (frame[2] << 8 | frame[3]) not in (0x0800, 0x86DD):
+            return 0
+        off = 4
     else:
         return 0
     if n < off + 40 and not (n >= off + 20 and frame[off] >> 4 == 4):

@@ -95,6 +95,8 @@ def test_every_link_type_reaches_a_flow(tmp_path, linktype):
         frame = struct.pack("!HHH8sH", 0, 1, 6, b"\0" * 8, 0x0800) + ip
     elif linktype == 276:
         frame = struct.pack("!HHIHBB8s", 0x0800, 0, 1, 1, 0, 6, b"\0" * 8) + ip
+    elif linktype == 104:
+        frame = b"\x0f\x00\x08\x00" + ip            # Cisco HDLC, unicast, IPv4
     else:
         frame = ip
     path = _write(tmp_path, "l.pcap", cf.pcap([(T0, frame)], linktype=linktype))
