@@ -304,15 +304,21 @@ def test_server_messages_reframed_over_records_and_coalesced(chain_capture):
 
 # --- 4: one direction only --------------------------------------------------------------------
 
+@pytest.mark.parametrize("start", ["syn", "mid-stream"])
 @pytest.mark.parametrize("which", ["pq", "chain"])
-def test_one_direction_captures(workdir, pq_capture, chain_capture, which):
+def test_one_direction_captures(workdir, pq_capture, chain_capture, which, start):
     """Only client->server: SNI, ALPN, JA3, JA4 still come out. Only server->client: the
     version, cipher, JA3S and (TLS 1.2) the certificate. tshark decodes each half file
-    to the same fingerprints."""
+    to the same fingerprints, with or without the TCP handshake's packets. With no SYN
+    the first packet's sender is the initiator, so a server-only flow has the server as
+    src; the parser takes each hello in whichever direction it comes."""
     pcap, port = (pq_capture[0], pq_capture[1]) if which == "pq" else chain_capture
     (full,), _ = _replay(pcap, port)
-    client_only = tc.one_direction(pcap, workdir / f"{which}-c2s.pcap", f"tcp dst port {port}")
-    server_only = tc.one_direction(pcap, workdir / f"{which}-s2c.pcap", f"tcp src port {port}")
+    cut = " and tcp[tcpflags] & tcp-syn == 0" if start == "mid-stream" else ""
+    client_only = tc.one_direction(pcap, workdir / f"{which}-{start}-c2s.pcap",
+                                   f"tcp dst port {port}{cut}")
+    server_only = tc.one_direction(pcap, workdir / f"{which}-{start}-s2c.pcap",
+                                   f"tcp src port {port}{cut}")
 
     (ev,), record = _replay(client_only, port)
     assert (ev.sni, ev.alpn, ev.ja3, ev.ja4, ev.client_version) == \
@@ -329,7 +335,10 @@ def test_one_direction_captures(workdir, pq_capture, chain_capture, which):
     assert (ev.cert_subject, ev.cert_issuer, ev.cert_san, ev.cert_not_after_ns) == \
         (full.cert_subject, full.cert_issuer, full.cert_san, full.cert_not_after_ns)
     assert ev.sni == "" and ev.ja3 == "" and ev.ja4 == ""
-    assert record.app_proto == "tls"
+    assert record.app_proto == "tls" and record.tls_sni == ""
+    # No SYN: the first packet's sender, the server, is the initiator (sensor/flow/
+    # semantics.py; a SYN-ACK alone does not count as the other side's SYN).
+    assert record.src_port == port
     _check_server_hello(ev, server_only, port)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from sensor import model
+from sensor.engine.meter import shard_of
 from sensor.engine.pipeline import PipelineConfig
 from sensor.flow.packet import LINKTYPE_C_HDLC
 from sensor.replay.api import replay_records
@@ -154,6 +155,14 @@ def test_cisco_hdlc_replays_like_ethernet(captures, family, fmt):
                    for r in records if isinstance(r, model.Flow))
 
     assert l2(want) - l2(got) == 10 * ip_frames   # 14-byte Ethernet, 4-byte HDLC header
+
+    # `--jobs` spreads packets by addresses: the same shard as the Ethernet frame.
+    eth_frames = [f for _, _, _, f, _ in read_packets(eth) if f[12:14] in (b"\x08\x00",
+                                                                         b"\x86\xdd")]
+    hdlc_frames = [f for _, _, _, f, _ in read_packets(hdlc) if f[0] == 0x0F]
+    assert [shard_of(LINKTYPE_C_HDLC, f) for f in hdlc_frames] == \
+        [shard_of(1, f) for f in eth_frames]
+    assert shard_of(LINKTYPE_C_HDLC, SLARP) == shard_of(LINKTYPE_C_HDLC, CDP) == 0
 
     # SLARP and CDP: counted as non-IP, nothing else.
     _, meter = meter_file(hdlc)
