@@ -208,7 +208,9 @@ def collector_config(args):
         tls_ca=Path(tls.client_ca_file) if tls.client_ca_file else None,
         insecure=c.insecure, print_records=args.print, grace_s=args.grace,
         max_message_bytes=c.max_message_size, subscriber_queue=c.subscriber_queue_size,
-        metrics_listen=c.metrics.listen, storage=c.storage,
+        metrics_listen=c.metrics.listen, storage=c.storage, peers=c.cluster.peers,
+        peer_cert=Path(c.cluster.cert_file) if c.cluster.cert_file else None,
+        peer_key=Path(c.cluster.key_file) if c.cluster.key_file else None,
     )
 
 

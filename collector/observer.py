@@ -27,7 +27,7 @@ from typing import Callable
 
 import grpc
 
-from collector import filters, history, schema
+from collector import fanout, filters, history, schema
 from collector.client import QUERY_TIMEOUT_S
 from collector.storage.base import Cancel, Storage
 from sensor import model
@@ -75,6 +75,9 @@ class Subscriber:
     dropped: int = 0          # records dropped since the last LostEvent sent
     dropped_total: int = 0
     first_drop_ns: int = 0
+    # A peer collector's feed (collector/fanout.py): only records ingested here, never
+    # ones forwarded from peers, so a mesh of collectors does not loop.
+    local_only: bool = False
 
     def offer(self, rec) -> None:
         try:
@@ -122,12 +125,13 @@ class Hub:
     subscribers: list[Subscriber] = field(default_factory=list)
     dropped_total: int = 0
 
-    def add(self, match) -> Subscriber:
+    def add(self, match, *, local_only: bool = False) -> Subscriber:
         if len(self.subscribers) >= self.max_subscribers:
             raise ConfigError(
                 f"too many subscribers ({self.max_subscribers}): close another `loupe tail`"
             )
-        sub = Subscriber(match, self.last_seq, asyncio.Queue(maxsize=self.queue_size))
+        sub = Subscriber(match, self.last_seq, asyncio.Queue(maxsize=self.queue_size),
+                         local_only=local_only)
         self.subscribers.append(sub)
         return sub
 
@@ -145,6 +149,16 @@ class Hub:
         for rec in batch.records:
             # As stored: under mTLS the certificate names the sensor.
             _set_sensor(rec, sensor_id, force=identity is not None)
+            for sub in subs:
+                if sub.match(rec):
+                    sub.offer(rec)
+
+    def publish_forwarded(self, records) -> None:
+        """Offer records a peer collector ingested (collector/fanout.py) to the live
+        subscribers here, peer feeds excepted. They carry no commit number of ours: every
+        current subscriber gets them (live only; history comes from the shared store)."""
+        subs = [s for s in self.subscribers if not s.local_only]
+        for rec in records:
             for sub in subs:
                 if sub.match(rec):
                     sub.offer(rec)
@@ -222,7 +236,7 @@ class ObserverService:
     async def Subscribe(self, request, context):
         try:
             match = filters.compile_lists(request.allow, request.deny)
-            sub = self._hub.add(match)
+            sub = self._hub.add(match, local_only=fanout.is_peer_feed(context))
         except ConfigError as exc:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if "too many" in str(exc)
                     else grpc.StatusCode.INVALID_ARGUMENT)

@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from collector import render
+from collector.fanout import PeerFeed, PeerTls
 from collector.ingest import IngestCounters, IngestService, Writer
 from collector.inventory.store import InventoryStore
 from collector.stats.store import StatsStore
@@ -84,6 +85,12 @@ class CollectorConfig:
     metrics_listen: str = ""
     # [storage]: DuckDB in data_dir (the default) or a ClickHouse server.
     storage: StorageConfig = StorageConfig()
+    # [cluster]: the other collectors in front of the same store, whose records live
+    # streams here also carry (collector/fanout.py); under mTLS the client certificate
+    # and key this collector presents to them (CA: tls_ca).
+    peers: tuple[str, ...] = ()
+    peer_cert: Path | None = None
+    peer_key: Path | None = None
 
     @property
     def mtls(self) -> bool:
@@ -104,6 +111,10 @@ class CollectorConfig:
             )
         if self.retention_ns <= 0:
             raise ConfigError("--retention must be positive, e.g. 7d or 12h")
+        if self.peers and self.mtls and not (self.peer_cert and self.peer_key):
+            raise ConfigError(
+                "cluster.peers under mTLS needs cluster.cert_file and cluster.key_file: an "
+                "analyst certificate this collector presents to its peers (`loupe certs init`)")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -193,6 +204,13 @@ class Collector:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), self.server)
+        self.peer_feed = None
+        if config.peers:
+            tls = None
+            if config.mtls:
+                tls = PeerTls(ca_cert=config.tls_ca, client_cert=config.peer_cert,
+                              client_key=config.peer_key)
+            self.peer_feed = PeerFeed(config.peers, self.hub, tls=tls)
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._sweep_now = asyncio.Event()
@@ -232,6 +250,8 @@ class Collector:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._retention_loop()))
         self._tasks.append(asyncio.create_task(self._inventory_loop()))
+        if self.peer_feed is not None:
+            self._tasks.append(asyncio.create_task(self.peer_feed.run()))
         if self.config.print_records:
             self._tasks.append(asyncio.create_task(render.print_live(self.hub, sys.stdout)))
 

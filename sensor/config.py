@@ -452,11 +452,19 @@ class TimeoutsConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorClientConfig:
     address: str = _opt("127.0.0.1:50051", _Address(listen=False, allow_empty=True))
+    # Several collectors (in front of one shared ClickHouse, docs/scaling.md): batches are
+    # spread over them and fail over; when not empty this list is used instead of address.
+    # At most 16: each costs a thread, a channel and a window of batches.
+    addresses: tuple[str, ...] = _opt((), _List(_Address(listen=False, allow_empty=False), 16))
     ca_file: str = _opt("", _Path(allow_empty=True))
     cert_file: str = _opt("", _Path(allow_empty=True))
     key_file: str = _opt("", _Path(allow_empty=True))
     server_name: str = _opt("", _SERVER_NAME)
     insecure: bool = _opt(False, _Bool())
+
+    def targets(self) -> tuple[str, ...]:
+        """The collectors records go to: addresses, else address; () for none."""
+        return self.addresses or ((self.address,) if self.address else ())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -591,6 +599,18 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    # The other collectors in front of the same store: live streams (`loupe tail`) here
+    # also carry the records they receive (collector/fanout.py, docs/scaling.md). List
+    # every other collector on each one. At most 64, the subscriber bound of a collector.
+    peers: tuple[str, ...] = _opt((), _List(_Address(listen=False, allow_empty=False), 64))
+    # Under mTLS: the client certificate and key presented to the peers (an analyst
+    # certificate from `loupe certs init`); their CA is tls.client_ca_file.
+    cert_file: str = _opt("", _Path(allow_empty=True))
+    key_file: str = _opt("", _Path(allow_empty=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorConfig:
     listen: str = _opt("127.0.0.1:50051", _Address(listen=True, allow_empty=False))
     insecure: bool = _opt(False, _Bool())
@@ -600,6 +620,7 @@ class CollectorConfig:
     subscriber_queue_size: int = _opt(4096, _Int(16, 1_000_000))
     tls: ServerTlsConfig = _section(ServerTlsConfig)
     storage: StorageConfig = _section(StorageConfig)
+    cluster: ClusterConfig = _section(ClusterConfig)
     metrics: MetricsConfig = field(
         default_factory=lambda: MetricsConfig(listen="127.0.0.1:9465"),
         metadata={"section": MetricsConfig},
@@ -678,11 +699,13 @@ def _check_sensor(config: SensorConfig, source: str):
         missing = ", ".join(f"collector.{k}" for k, v in tls.items() if not v)
         yield tls_keys, (f"{source}: {missing}: mutual TLS needs ca_file, cert_file and "
                          "key_file together; set the missing ones or clear all three")
-    if (client.address and not any(tls.values()) and not client.insecure
-            and not is_loopback_address(client.address)):
-        yield ["collector.address", "collector.insecure", *tls_keys], (
-            f"{source}: collector.address: {client.address} is not a loopback address and no "
-            "TLS is configured; set collector.ca_file/cert_file/key_file, or insecure = true")
+    key = "collector.addresses" if client.addresses else "collector.address"
+    for address in client.targets():
+        if not any(tls.values()) and not client.insecure and not is_loopback_address(address):
+            yield [key, "collector.insecure", *tls_keys], (
+                f"{source}: {key}: {address} is not a loopback address and no TLS is "
+                "configured; set collector.ca_file/cert_file/key_file, or insecure = true")
+            break
     if config.export.batch_size > config.export.queue_size:
         yield ["export.batch_size", "export.queue_size"], (
             f"{source}: export.batch_size: {config.export.batch_size} is larger "

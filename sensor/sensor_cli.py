@@ -56,9 +56,10 @@ def register(tree) -> None:
     p.add_argument("--netns", default="", metavar="NAME",
                    help="attach to interfaces of this network namespace (ip netns name or "
                         "path); the sensor itself stays in its own")
-    p.add_argument("--collector", default=None, metavar="HOST:PORT",
+    p.add_argument("--collector", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                    help=f"collector address (collector.address; default "
-                        f"{cfg.CollectorClientConfig().address}; \"\" for none); unreachable "
+                        f"{cfg.CollectorClientConfig().address}; \"\" for none), or several "
+                        "comma-separated (collector.addresses: spread, failover); unreachable "
                         "is not fatal: records are spooled and sent when it is back")
     p.add_argument("--tls-ca", default=None, metavar="FILE")
     p.add_argument("--tls-cert", default=None, metavar="FILE")
@@ -183,7 +184,11 @@ def _absolute(path: str | None) -> str | None:
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {
         "interfaces": args.iface,
-        "collector.address": args.collector,
+        # One address replaces the file's address (and its list); a comma list, its list.
+        "collector.address": (None if args.collector is None or "," in args.collector
+                              else args.collector),
+        "collector.addresses": (None if args.collector is None
+                                else args.collector if "," in args.collector else ""),
         "collector.ca_file": _absolute(args.tls_ca),
         "collector.cert_file": _absolute(args.tls_cert),
         "collector.key_file": _absolute(args.tls_key),
@@ -217,7 +222,9 @@ def kernel_selection(config: cfg.SensorConfig, l7: bool = True) -> KernelSelecti
     if not l7:
         return KernelSelection(ports=frozenset(), sniff=False, budget=(0, 0))
     budget = config.budget.per_direction_bytes
-    own = (kexclude.own_traffic(config.collector.address, config.metrics.listen)
+    own = (" or ".join(filter(None, [
+        kexclude.own_traffic(t, "") for t in config.collector.targets()]
+        + [kexclude.own_traffic("", config.metrics.listen)]))
            if sel.exclude_own_traffic else "")
     exclude = kexclude.combined(sel.exclude, own)
     try:
@@ -321,7 +328,7 @@ def build_exporters(config: cfg.SensorConfig, output: str) -> FanOut:
 
     exporters = []
     sensor_id = config.effective_sensor_id()
-    if config.collector.address:
+    if config.collector.targets():
         from sensor.export.grpc_client import (  # noqa: PLC0415
             GrpcExportConfig, GrpcExporter, TlsFiles)
 
@@ -340,7 +347,7 @@ def build_exporters(config: cfg.SensorConfig, output: str) -> FanOut:
             raise StorageError(f"the spool directory {spool} is not writable; set spool.dir "
                                "(--spool-dir) to a writable directory")
         exporters.append(GrpcExporter(GrpcExportConfig(
-            target=client.address, sensor_id=sensor_id, spool_dir=spool, tls=tls,
+            target=",".join(client.targets()), sensor_id=sensor_id, spool_dir=spool, tls=tls,
             queue_records=config.export.queue_size, batch_records=config.export.batch_size,
             batch_delay_s=config.export.batch_delay / NS,
             spool_max_bytes=config.spool.max_bytes)))
@@ -470,7 +477,7 @@ def _writable(path: Path, user: str) -> bool:
 
 def _check_spool_dir(config: cfg.SensorConfig, user: str = "") -> None:
     """Refuse a spool directory that could not be made or written, without making it."""
-    if not config.collector.address:
+    if not config.collector.targets():
         return
     path = Path(config.spool.dir)
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
@@ -575,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.close()
         notifier.close()
-    print(closing_line(sensor, config.spool.dir if config.collector.address else ""),
+    print(closing_line(sensor, config.spool.dir if config.collector.targets() else ""),
           file=sys.stderr, flush=True)
     return 0
 
