@@ -2,8 +2,10 @@
 
 A uprobe is placed at a file offset of an inode. A function's dynamic symbol gives its
 virtual address; the PT_LOAD segment that contains it maps that address back to the
-file (offset = value - p_vaddr + p_offset). Only .dynsym is read: exported functions
-are what a program calls through the PLT, and a stripped library keeps it. ELF64
+file (offset = value - p_vaddr + p_offset). For a library only .dynsym is read: exported
+functions are what a program calls through the PLT, and a stripped library keeps it. A
+Go binary exports nothing: its functions are in .symtab (`function_ranges`), which
+`go build -ldflags=-s` strips. ELF64
 little-endian only (the architectures bcc's probes run on here); anything else, or a
 damaged file, is an ElfError the caller turns into a one-line warning naming the file.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 _MAX_SECTIONS = 1 << 16
 _MAX_TABLE = 64 << 20
 
+_SHT_SYMTAB = 2
 _SHT_DYNSYM = 11
 _STT_FUNC = 2
 _STT_GNU_IFUNC = 10
@@ -30,6 +33,16 @@ class ElfError(Exception):
 
 def function_offsets(path: str | Path, names: set[str]) -> dict[str, int]:
     """{name: file offset} for the defined functions among `names` that the file exports."""
+    return {name: off for name, (off, _) in _functions(path, names, _SHT_DYNSYM).items()}
+
+
+def function_ranges(path: str | Path, names: set[str]) -> dict[str, tuple[int, int]]:
+    """{name: (file offset, size)} for the defined functions among `names` in the file's
+    full symbol table (.symtab); {} when it has none (stripped)."""
+    return _functions(path, names, _SHT_SYMTAB)
+
+
+def _functions(path: str | Path, names: set[str], table: int) -> dict[str, tuple[int, int]]:
     with open(path, "rb") as f:
         head = f.read(64)
         if len(head) < 64 or head[:4] != b"\x7fELF":
@@ -53,7 +66,7 @@ def function_offsets(path: str | Path, names: set[str]) -> dict[str, int]:
         if len(sh) < shentsize * shnum:
             raise ElfError("section header table cut short")
         sections = [struct.unpack_from("<IIQQQQIIQQ", sh, i * shentsize) for i in range(shnum)]
-        dynsym = next((s for s in sections if s[1] == _SHT_DYNSYM), None)
+        dynsym = next((s for s in sections if s[1] == table), None)
         if dynsym is None:
             return {}
         strtab = sections[dynsym[6]] if dynsym[6] < shnum else None
@@ -64,9 +77,9 @@ def function_offsets(path: str | Path, names: set[str]) -> dict[str, int]:
         f.seek(strtab[4])
         strs = f.read(strtab[5])
     wanted = {n.encode(): n for n in names}
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for i in range(0, len(syms) - 23, 24):
-        st_name, st_info, _other, st_shndx, st_value, _size = struct.unpack_from(
+        st_name, st_info, _other, st_shndx, st_value, st_size = struct.unpack_from(
             "<IBBHQQ", syms, i)
         if st_shndx == 0 or st_info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC):
             continue   # undefined (imported) or not a function
@@ -76,6 +89,35 @@ def function_offsets(path: str | Path, names: set[str]) -> dict[str, int]:
             continue
         for vaddr, size, offset in loads:
             if vaddr <= st_value < vaddr + size:
-                out[name] = st_value - vaddr + offset
+                out[name] = (st_value - vaddr + offset, st_size)
                 break
+    return out
+
+
+def sections(path: str | Path) -> dict[str, tuple[int, int]]:
+    """{section name: (file offset, size)} of an ELF64 little-endian file."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF":
+            raise ElfError("not an ELF file")
+        if head[4] != 2 or head[5] != 1:
+            raise ElfError("not a 64-bit little-endian ELF file")
+        shoff = struct.unpack_from("<Q", head, 40)[0]
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 58)
+        if shnum > _MAX_SECTIONS or shentsize < 64 or shstrndx >= max(shnum, 1):
+            raise ElfError("implausible section header table")
+        f.seek(shoff)
+        sh = f.read(shentsize * shnum)
+        if len(sh) < shentsize * shnum:
+            raise ElfError("section header table cut short")
+        table = [struct.unpack_from("<IIQQQQIIQQ", sh, i * shentsize) for i in range(shnum)]
+        names = table[shstrndx]
+        if names[5] > _MAX_TABLE:
+            raise ElfError("implausible section name table")
+        f.seek(names[4])
+        strs = f.read(names[5])
+    out = {}
+    for sec in table:
+        end = strs.find(b"\0", sec[0])
+        out[strs[sec[0]:end].decode(errors="replace")] = (sec[4], sec[5])
     return out

@@ -1,13 +1,17 @@
 """TLS peers for the TLS plaintext tests: a certificate, nginx (Debian's) with its own
-configuration, and `openssl s_server -WWW`, each in a test namespace."""
+configuration, and `openssl s_server -WWW`, each in a test namespace; a Go HTTPS client
+built from source."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+GO_CLIENT = Path(__file__).parent / "go" / "tlsclient.go"
 
 NGINX_CONF = """
 daemon off;
@@ -72,3 +76,22 @@ def s_server(host, workdir: Path, port: int = 4433) -> subprocess.Popen:
     return host.popen("openssl", "s_server", "-WWW", "-accept", str(port), "-cert", str(cert),
                       "-key", str(key), "-quiet", cwd=www, stdin=subprocess.DEVNULL,
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def go_client(workdir: Path) -> Path:
+    """tests/live/go/tlsclient.go built with `go build` (offline: the standard library
+    only; cgo on, the default, so the distribution's prebuilt standard library is used
+    and the build takes seconds); skips the test when Go is not installed."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (scripts/apt-packages.txt: golang-go)")
+    src = workdir / "gosrc"
+    src.mkdir()
+    shutil.copy(GO_CLIENT, src / "main.go")
+    (src / "go.mod").write_text("module loupetest/tlsclient\n\ngo 1.17\n")
+    env = {**os.environ, "HOME": str(workdir), "GOCACHE": str(workdir / "gocache"),
+           "GOPATH": str(workdir / "gopath"), "GOPROXY": "off", "GOFLAGS": "-mod=mod"}
+    out = workdir / "tlsclient"
+    subprocess.run([go, "build", "-o", str(out), "."], cwd=src, env=env, check=True,
+                   capture_output=True, timeout=180)
+    return out

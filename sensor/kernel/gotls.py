@@ -1,0 +1,122 @@
+"""Go's crypto/tls in a Go binary: where the uprobes of bpf/tls_probe.c go.
+
+A Go program links crypto/tls into its own executable, so each binary (each inode) is
+probed on its own: (*Conn).Read and (*Conn).Write at their entry and at every RET
+instruction, and (*Conn).Close at its entry (the Conn's address may be reused after).
+No uretprobes: a uretprobe replaces the return address on the stack, and Go copies a
+goroutine's stack to grow it, taking the replaced address along (the kernel then finds
+a return it did not expect and the process gets SIGSEGV).
+
+The RETs are found by disassembling each function (capstone) from its symbol's start to
+its end (st_size): Go puts no data in .text, so a linear sweep decodes every instruction,
+and a sweep that stops before the end is refused rather than guessed. A byte scan for
+0xC3 is not enough: the byte occurs inside other instructions (two of ten in Go 1.19's
+Write).
+
+Symbols come from .symtab. `go build -ldflags=-s` strips it; the names are still in
+.gopclntab, but reading function bounds there means following the pclntab format of
+each Go release, which this module does not do: such a binary is a one-line warning.
+
+Only amd64 is handled (the register ABI's registers are named in tls_probe.c).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sensor.kernel.elfsyms import ElfError, function_ranges, sections
+
+READ = "crypto/tls.(*Conn).Read"
+WRITE = "crypto/tls.(*Conn).Write"
+CLOSE = "crypto/tls.(*Conn).Close"
+# A function larger than this is not Go 1.17-1.23's Read or Write (1-2 KiB): refused.
+MAX_FUNCTION = 64 << 10
+# What .gopclntab is searched for in a binary without .symtab (to warn only when it
+# really uses crypto/tls); the section is read whole, so it is bounded too.
+MAX_PCLNTAB = 256 << 20
+
+
+class GoTlsError(Exception):
+    """A Go binary that uses crypto/tls but cannot be probed (the text says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    offset: int                 # file offset of the entry
+    returns: tuple[int, ...]    # file offsets of its RET instructions
+
+
+@dataclass(frozen=True, slots=True)
+class GoTls:
+    read: Function
+    write: Function
+    close: int | None           # file offset of Close's entry
+
+
+def is_go(path: str | Path) -> bool:
+    """An ELF file the Go toolchain built (its build info or pclntab section)."""
+    try:
+        names = sections(path)
+    except (OSError, ElfError):
+        return False
+    return ".go.buildinfo" in names or ".gopclntab" in names
+
+
+def find(path: str | Path) -> GoTls | None:
+    """The probe points of a Go binary; None when it does not use crypto/tls's Conn."""
+    if os.uname().machine != "x86_64":
+        raise GoTlsError(f"Go binaries are probed on x86_64 only, not {os.uname().machine}")
+    try:
+        ranges = function_ranges(path, {READ, WRITE, CLOSE})
+    except (OSError, ElfError) as exc:
+        raise GoTlsError(f"cannot read its symbols ({exc})") from None
+    if READ not in ranges or WRITE not in ranges:
+        if _names_crypto_tls(path):
+            raise GoTlsError("a Go binary without a symbol table (built with -ldflags=-s): "
+                             "its crypto/tls plaintext is not seen")
+        return None
+    with open(path, "rb") as f:
+        read = _function(f, *ranges[READ])
+        write = _function(f, *ranges[WRITE])
+    close = ranges[CLOSE][0] if CLOSE in ranges else None
+    return GoTls(read=read, write=write, close=close)
+
+
+def _function(f, offset: int, size: int) -> Function:
+    try:
+        import capstone  # noqa: PLC0415 (only Go binaries need a disassembler)
+    except ImportError:
+        raise GoTlsError("the capstone package is not installed (pip install capstone): "
+                         "the return points of Go's crypto/tls cannot be found") from None
+    if not 0 < size <= MAX_FUNCTION:
+        raise GoTlsError(f"implausible size {size} of a crypto/tls function")
+    f.seek(offset)
+    code = f.read(size)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    end = 0
+    returns = []
+    for address, length, mnemonic, _ in md.disasm_lite(code, 0):
+        if mnemonic == "ret":
+            returns.append(offset + address)
+        end = address + length
+    # Go pads a function to its alignment with INT3 (0xCC), which decodes; a sweep that
+    # stops early met something that is not code: no guessing where the RETs are.
+    if end != len(code) or not returns:
+        raise GoTlsError(f"disassembling crypto/tls at {offset:#x} stopped at {end} of "
+                         f"{len(code)} octets; its plaintext is not seen")
+    return Function(offset=offset, returns=tuple(returns))
+
+
+def _names_crypto_tls(path: str | Path) -> bool:
+    try:
+        secs = sections(path)
+    except (OSError, ElfError):
+        return False
+    where = secs.get(".gopclntab")
+    if where is None or where[1] > MAX_PCLNTAB:
+        return False
+    with open(path, "rb") as f:
+        f.seek(where[0])
+        return (READ.encode() + b"\0") in f.read(where[1])
