@@ -32,8 +32,9 @@ need the whole hello), the rest of it is dropped as it arrives, never buffered, 
 counted in `truncated`; the messages after it are parsed as usual.
 
 Bad input: a record header that is not TLS, a record over its bound, or a hello that
-does not parse moves the parser to ERROR (anything already known is still emitted). An SSLv2-compatible ClientHello (RFC 5246 appendix E.2) is
-counted in `unsupported` and the parser goes DONE without an event.
+does not parse moves the parser to ERROR (anything already known is still emitted). An
+SSLv2-compatible ClientHello (RFC 5246 appendix E.2) is counted in `unsupported` and the
+parser goes DONE without an event.
 """
 
 from __future__ import annotations
@@ -188,17 +189,24 @@ def parse_client_hello(body: bytes, *, truncated: bool = False) -> fp.ClientHell
     r.vec(1)    # legacy_session_id
     fields: dict = {}
     extensions: list[int] = []
+    ext_block: _Reader | None = None
     if truncated:
-        ciphers_r = r.prefix(2)
-        raw = ciphers_r.take(ciphers_r.remaining() & ~1)
-        ciphers = struct.unpack(f">{len(raw) // 2}H", raw)
-        if r.remaining():
-            r.vec(1)
+        ciphers: tuple[int, ...] = ()
+        try:
+            ciphers_r = r.prefix(2)
+            raw = ciphers_r.take(ciphers_r.remaining() & ~1)
+            ciphers = struct.unpack(f">{len(raw) // 2}H", raw)
+            r.vec(1)    # legacy_compression_methods
+            if r.remaining():
+                ext_block = r.prefix(2)
+        except _Malformed:
+            pass        # the cut falls in these few bytes: no extension is whole
     else:
         ciphers = r.u16_list(2)
         r.vec(1)    # legacy_compression_methods
-    if r.remaining():  # extensions are optional before TLS 1.2 (RFC 5246 7.4.1.2)
-        ext_block = r.prefix(2) if truncated else r.vec(2)
+        if r.remaining():  # extensions are optional before TLS 1.2 (RFC 5246 7.4.1.2)
+            ext_block = r.vec(2)
+    if ext_block is not None:
         while ext_block.remaining():
             if truncated and ext_block.remaining() < 4:
                 break
@@ -261,7 +269,7 @@ def parse_server_hello(body: bytes, *, truncated: bool = False) -> fp.ServerHell
     extensions: list[int] = []
     selected_version = 0
     alpn: bytes | None = None
-    if r.remaining():
+    if r.remaining() >= (2 if truncated else 1):
         ext_block = r.prefix(2) if truncated else r.vec(2)
         while ext_block.remaining():
             if truncated and ext_block.remaining() < 4:

@@ -318,6 +318,31 @@ def test_record_and_handshake_bounds():
     assert ev.cipher == 0xC02F and ev.sni == "x.test" and ev.cert_subject == ""
 
 
+def test_client_hello_cut_anywhere_gives_what_fits():
+    """parse_client_hello(truncated=True) on every prefix of a Chrome-shaped hello (as
+    the parser holds the first MAX_HANDSHAKE bytes of a longer one): no exception, the
+    ciphers and extensions read are prefixes of the whole hello's, and the SNI is there
+    once its extension fits whole."""
+    from tests.l7.tls_captures import chrome_hello
+
+    body = chrome_hello("cut.x.test")[4:]
+    whole = tlsmod.parse_client_hello(body)
+    sni_end = None
+    for cut in range(2 + 32 + 33, len(body) + 1):
+        got = tlsmod.parse_client_hello(body[:cut], truncated=True)
+        assert got.truncated and got.legacy_version == whole.legacy_version
+        assert whole.ciphers[:len(got.ciphers)] == got.ciphers
+        assert whole.extensions[:len(got.extensions)] == got.extensions
+        if got.sni:
+            assert got.sni == "cut.x.test"
+            sni_end = cut if sni_end is None else sni_end
+        else:
+            assert sni_end is None  # once whole, it stays
+    assert got.extensions == whole.extensions and sni_end is not None
+    with pytest.raises(tlsmod.Malformed):
+        tlsmod.parse_client_hello(body[:-1])  # not declared cut: malformed
+
+
 def test_malformed_client_hello_is_an_error():
     bad = b"\x01\x00\x00\x05\x03\x03\x00\x00\x00"
     parser = TlsParser()
