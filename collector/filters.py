@@ -11,8 +11,9 @@ to test a filter would cost ingest ~30 us per record per subscriber.
 
 Criteria over an L7 field are declared by their protocol (sensor/l7/registry.py,
 Protocol.filters: http_method, http_status, dns_rcode, ...) and match only L7 events of
-that kind; those that name a Flow summary field (host, query name, SNI, JA4) also match a
-flow through it. Address and port criteria
+that kind; those that name a Flow summary field (host, query name, SNI, JA4) or a key of
+the flow's l7_summary map (Kafka topic, MongoDB collection, gRPC method) also match a flow
+through it (a flow without that key never matches). Address and port criteria
 never match a LostEvent, which has neither. Process and container match flows only: the
 process is attributed per flow, and an L7 event reaches it through its flow's uid.
 """
@@ -220,19 +221,27 @@ def l7_builder(declared: list[tuple[str, registry.Filter]]) -> Callable[[Iterabl
     by the summary field when one names it (a flow without it never matches a glob)."""
     fields = {oneof: flt.field for oneof, flt in declared}
     match_kind = declared[0][1].match
-    flow_field = next((flt.flow_field for _, flt in declared if flt.flow_field), "")
+    # A flow_field is a Flow field (http_host, tls_sni) or a key of the flow's l7_summary
+    # map (kafka_topic, mongodb_collection): each declaring protocol may name its own.
+    named = list(dict.fromkeys(flt.flow_field for _, flt in declared if flt.flow_field))
+    attrs = [f for f in named if f not in _SUMMARY_KEYS]
+    keys = [f for f in named if f in _SUMMARY_KEYS]
     needs_value = match_kind in ("glob", "glob_case")
 
     def build(values: Iterable) -> Predicate:
         test = _tester(match_kind, list(values))
 
+        def flow_matches(flow) -> bool:
+            for value in [getattr(flow, a) for a in attrs] + [
+                    flow.l7_summary.get(k, "") for k in keys if k in flow.l7_summary]:
+                if (value or not needs_value) and test(value):
+                    return True
+            return False
+
         def match(rec) -> bool:
             kind = rec.WhichOneof("kind")
             if kind == "flow":
-                if not flow_field:
-                    return False
-                value = getattr(rec.flow, flow_field)
-                return (bool(value) or not needs_value) and test(value)
+                return bool(named) and flow_matches(rec.flow)
             if kind != "l7":
                 return False
             oneof = rec.l7.WhichOneof("detail")
@@ -245,6 +254,10 @@ def l7_builder(declared: list[tuple[str, registry.Filter]]) -> Callable[[Iterabl
             return any(test(v) for v in value)   # a list field: any of its values
         return match
     return build
+
+
+# Every registered l7_summary key (registry Protocol.summary_keys).
+_SUMMARY_KEYS = frozenset(k for spec in registry.protocols() for k in spec.summary_keys)
 
 
 def _l7_declared() -> dict[str, list[tuple[str, registry.Filter]]]:

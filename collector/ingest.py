@@ -82,9 +82,11 @@ def _header_class():
 RecordBatchHeader = _header_class()
 
 # Column name -> attribute path on the protobuf message, per table.
+# (The l7_summary map is not a path: _summaries converts it.)
+_FLOW_NAMES = [n for n, _ in schema.FLOW_COLUMNS if n != "l7_summary"]
 _FLOW_PATHS = [
     n.replace("l7_coverage_", "l7_coverage.", 1).replace("process_", "process.", 1)
-    for n, _ in schema.FLOW_COLUMNS
+    for n in _FLOW_NAMES
 ]
 _L7_PATHS = [n for n, _ in schema.L7_COLUMNS]
 _LOST_PATHS = [n for n, _ in schema.LOST_COLUMNS]
@@ -200,7 +202,27 @@ def _check(table: str, cols: dict[str, tuple]) -> str | None:
             return f"{table}: {bad!r} is not an IP address"
     if table == "flows" and any(e < s for s, e in zip(cols["flow_start_ns"], cols["flow_end_ns"])):
         return "flows: flow_end_ns is before flow_start_ns"
+    if table == "flows" and _summary_problem(cols["l7_summary"]):
+        return "flows: an l7_summary is outside its bounds"
     return None
+
+
+def _summaries(flows: list) -> tuple:
+    """The l7_summary column: one key -> value dict per flow (proto maps are unordered)."""
+    return tuple(dict(f.l7_summary) for f in flows)
+
+
+def _summary_problem(maps: tuple) -> bool:
+    """Does any map break sensor/model.py's bounds (keys, their shape, value lengths)?
+    Most flows carry none or a few short ones: the common case is one pass of len()."""
+    for m in maps:
+        if not m:
+            continue
+        if len(m) > registry.SUMMARY_KEYS_MAX or any(
+                len(v) > registry.SUMMARY_VALUE_MAX for v in m.values()) or not all(
+                k.isidentifier() and len(k) <= registry.SUMMARY_KEY_MAX for k in m):
+            return True
+    return False
 
 
 # Integer Arrow types -> the array.array typecode of the same width and signedness.
@@ -282,8 +304,8 @@ def decode_batch(batch, identity: str | None = None) -> DecodedBatch:
 
     raw: dict[str, dict[str, tuple]] = {}
     if flows:
-        raw["flows"] = dict(zip([n for n, _ in schema.FLOW_COLUMNS],
-                                _columns(flows, _FLOW_PATHS)))
+        raw["flows"] = dict(zip(_FLOW_NAMES, _columns(flows, _FLOW_PATHS)))
+        raw["flows"]["l7_summary"] = _summaries(flows)
     for name, messages in by_detail.items():
         if not messages:
             continue

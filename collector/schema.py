@@ -2,8 +2,9 @@
 
 The columns follow sensor/model.py field for field. Nested values are flattened into
 prefixed columns (Flow.l7_coverage -> l7_coverage_*, Flow.process -> process_*), lists
-stay lists (DNS answers as LIST(STRUCT), TLS ALPN and SANs as LIST(VARCHAR)), so SQL needs
-no JSON functions. Every table also carries two collector columns:
+stay lists (DNS answers as LIST(STRUCT), TLS ALPN and SANs as LIST(VARCHAR)), and
+Flow.l7_summary is a MAP(VARCHAR, VARCHAR), so SQL needs no JSON functions. Every table
+also carries two collector columns:
 
 - received_ns: when the collector stored the row (wall clock). Retention ages rows by it,
   so replayed captures with old packet times are kept for the full retention period.
@@ -66,6 +67,8 @@ _DUCKDB_TYPES = {
 
 
 def duckdb_type(arrow_type: pa.DataType) -> str:
+    if pa.types.is_map(arrow_type):
+        return f"MAP({duckdb_type(arrow_type.key_type)}, {duckdb_type(arrow_type.item_type)})"
     if pa.types.is_list(arrow_type):
         return duckdb_type(arrow_type.value_type) + "[]"
     if pa.types.is_struct(arrow_type):
@@ -97,6 +100,9 @@ def record_from_row(table: str, row: dict):
         row["l7_coverage"] = model.L7Coverage(**coverage)
         if any(process.values()):
             row["process"] = model.ProcessInfo(**process)
+        # A key -> value dict from either engine (ClickHouse's reader zips its Nested
+        # columns into one); NULL in rows stored before the column existed.
+        row["l7_summary"] = row.get("l7_summary") or {}
         return model.Flow(**row)
     if table == "lost":
         return model.LostEvent(**row)
@@ -105,7 +111,9 @@ def record_from_row(table: str, row: dict):
     spec = _TABLE_KIND.get(table)
     if spec is None:
         raise KeyError(f"no record kind is stored in table {table!r}")
-    envelope = {n: row.pop(n) for n, _ in L7_COLUMNS}
+    # A column an older store lacks (read without migrating: `loupe export --data-dir`)
+    # takes the model's default.
+    envelope = {n: row.pop(n) for n, _ in L7_COLUMNS if n in row}
     for col in registry.columns(spec.event):
         if col.type == "list<str>":
             row[col.name] = tuple(row[col.name] or ())

@@ -115,6 +115,54 @@ class ProcessInfo:
         _check_uint("cgroup_id", self.cgroup_id, U64)
 
 
+class SummaryMap(dict):
+    """Flow.l7_summary: a str -> str dict that cannot change after it is made, so the
+    record stays immutable and hashable like its other fields. A dict subclass, so JSON
+    (orjson, json), Arrow and protobuf maps take it as it is."""
+
+    __slots__ = ()
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("a Flow's l7_summary cannot be changed; make a new Flow")
+
+    __setitem__ = __delitem__ = __ior__ = _immutable
+    clear = pop = popitem = setdefault = update = _immutable
+
+    def __hash__(self) -> int:   # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self):
+        return (SummaryMap, (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"SummaryMap({dict.__repr__(self)})"
+
+
+NO_SUMMARY = SummaryMap()
+
+
+def _check_summary(flow) -> None:
+    raw = flow.l7_summary
+    if raw is NO_SUMMARY:
+        return
+    items = raw.items() if hasattr(raw, "items") else raw
+    pairs = sorted((k, v) for k, v in items)
+    if len(pairs) > _registry.SUMMARY_KEYS_MAX:
+        raise ValueError(f"l7_summary has {len(pairs)} keys; at most "
+                         f"{_registry.SUMMARY_KEYS_MAX}")
+    for i, (k, v) in enumerate(pairs):
+        if not isinstance(k, str) or not k.isidentifier() or len(k) > _registry.SUMMARY_KEY_MAX:
+            raise ValueError(f"l7_summary key {k!r} is not an identifier of up to "
+                             f"{_registry.SUMMARY_KEY_MAX} characters")
+        if i and pairs[i - 1][0] == k:
+            raise ValueError(f"l7_summary key {k!r} appears twice")
+        if not isinstance(v, str) or len(v) > _registry.SUMMARY_VALUE_MAX:
+            raise ValueError(f"l7_summary[{k!r}] is not a string of up to "
+                             f"{_registry.SUMMARY_VALUE_MAX} characters")
+    if type(raw) is not SummaryMap or list(raw) != [k for k, _ in pairs]:
+        object.__setattr__(flow, "l7_summary", SummaryMap(pairs) if pairs else NO_SUMMARY)
+
+
 _FLOW_UINTS = (
     ("flow_start_ns", U64), ("flow_end_ns", U64),
     ("src_port", 0xFFFF), ("dst_port", 0xFFFF), ("protocol", 0xFF),
@@ -171,11 +219,15 @@ class Flow:
     tls_ja4: str = ""
     icmp_type: int = 0
     icmp_code: int = 0
+    # The app_proto's own summary keys (registry Protocol.summary_keys) -> value, in key
+    # order. Any mapping or (key, value) pairs are accepted and made a SummaryMap.
+    l7_summary: SummaryMap = NO_SUMMARY
 
     def __post_init__(self) -> None:
         if not self.uid:
             raise ValueError("uid must not be empty")
         _check_uints(self, _FLOW_UINTS)
+        _check_summary(self)
         if self.flow_end_ns < self.flow_start_ns:
             raise ValueError(
                 f"flow_end_ns={self.flow_end_ns} is before flow_start_ns={self.flow_start_ns}"

@@ -25,7 +25,9 @@ Tables. One MergeTree per record kind, same columns as DuckDB's (collector/schem
   range and a service or address reads only the granules of that hour and that service,
   and records_since's ORDER BY time still reads few rows out of order.
 - List-of-struct columns (DNS answers) are Nested: 18.16 stores Array(Tuple) in a MergeTree
-  as Nested anyway, and names its members answers.name, answers.rtype, ... on both.
+  as Nested anyway, and names its members answers.name, answers.rtype, ... on both. The
+  flows' l7_summary map is Nested(key, value) too (18.16 has no Map):
+  l7_summary.value[indexOf(l7_summary.key, 'mysql_user')] reads one key.
 
 Dedup of (sensor_id, batch_id): a `batches` table (ReplacingMergeTree on that pair) is read
 before a group is inserted, and written after its records. So a resend after a collector
@@ -68,6 +70,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from collector import schema
+from collector.storage import migrate
 from collector.storage.base import (
     Cancel, DecodedBatch, QueryResult, SensorSummary, StoreResult, StoreStatus,
 )
@@ -203,6 +206,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _column_type(name: str, arrow_type: pa.DataType, modern: bool) -> str:
+    if pa.types.is_map(arrow_type):
+        # 18.16 has no Map type (21.1 has): a Nested of key and value, both generations.
+        return (f"Nested(key {_column_type('', arrow_type.key_type, modern)}, "
+                f"value {_column_type('', arrow_type.item_type, modern)})")
     if pa.types.is_list(arrow_type):
         inner = arrow_type.value_type
         if pa.types.is_struct(inner):
@@ -222,6 +229,30 @@ def _column_type(name: str, arrow_type: pa.DataType, modern: bool) -> str:
     if modern and name in MONOTONIC:
         return f"{base} CODEC(DoubleDelta, LZ4)"
     return base
+
+
+def _stored_columns(table: schema.Table, modern: bool) -> list[tuple[str, str, object]]:
+    """(column, type, default) as the server lists a table's columns (system.columns):
+    a Nested is its member arrays (answers.name Array(String), ...); the default is what
+    a column added to stored rows reads there (migrate.default_value; None: the type's)."""
+    out = []
+    for field in table.schema:
+        ddl = _column_type(field.name, field.type, modern)
+        if ddl.startswith("Nested("):
+            t = field.type
+            members = ([("key", t.key_type), ("value", t.item_type)] if pa.types.is_map(t) else
+                       [(t.value_type.field(i).name, t.value_type.field(i).type)
+                        for i in range(t.value_type.num_fields)])
+            out += [(f"{field.name}.{m}", f"Array({_column_type(m, mt, modern)})", None)
+                    for m, mt in members]
+            continue
+        default = migrate.default_value(table.name, field.name, field.type)
+        if isinstance(default, bool):
+            default = int(default)
+        if default in ("", 0):
+            default = None   # the type's own default
+        out.append((field.name, ddl, default))
+    return out
 
 
 def _order_by(table: schema.Table) -> str:
@@ -276,6 +307,11 @@ def _columns_of(rows: pa.Table, modern: bool) -> tuple[list[str], list[list]]:
     data: list[list] = []
     for field in rows.schema:
         col = rows.column(field.name).combine_chunks()
+        if pa.types.is_map(field.type):
+            names += [f"{field.name}.key", f"{field.name}.value"]
+            data += [pa.ListArray.from_arrays(col.offsets, col.keys).to_pylist(),
+                     pa.ListArray.from_arrays(col.offsets, col.items).to_pylist()]
+            continue
         if pa.types.is_list(field.type) and pa.types.is_struct(field.type.value_type):
             values = col.flatten()
             for i in range(field.type.value_type.num_fields):
@@ -301,7 +337,10 @@ class _Reader:
         self._plan: list[tuple[str, str, object]] = []   # (name, how, detail)
         for field in table.schema:
             t = field.type
-            if pa.types.is_list(t) and pa.types.is_struct(t.value_type):
+            if pa.types.is_map(t):
+                self.select += [_ident(f"{field.name}.key"), _ident(f"{field.name}.value")]
+                self._plan.append((field.name, "map", None))
+            elif pa.types.is_list(t) and pa.types.is_struct(t.value_type):
                 members = [t.value_type.field(i) for i in range(t.value_type.num_fields)]
                 self.select += [_ident(f"{field.name}.{m.name}") for m in members]
                 self._plan.append((field.name, "nested", members))
@@ -316,6 +355,10 @@ class _Reader:
         out = {}
         it = iter(values)
         for name, how, detail in self._plan:
+            if how == "map":
+                keys = next(it)
+                out[name] = dict(zip(keys, next(it)))
+                continue
             if how == "nested":
                 arrays = [next(it) for _ in detail]
                 out[name] = [
@@ -411,6 +454,7 @@ class ClickHouseStorage:
     def _create_tables(self, node) -> None:
         for table in schema.TABLES.values():
             node.execute(create_table_sql(table, self.modern, self._local(table.name)))
+            self._migrate(node, table, self._local(table.name))
         node.execute(_batches_sql(self._local("batches")))
         if not self._cluster:
             return
@@ -424,6 +468,23 @@ class ClickHouseStorage:
         node.execute(f"CREATE TABLE IF NOT EXISTS batches AS batches_local ENGINE = "
                      f"Distributed({self._cluster}, {db}, batches_local, "
                      "cityHash64(sensor_id, batch_id))")
+        for table in schema.TABLES.values():
+            self._migrate(node, table, table.name)   # a Distributed table holds only columns
+
+    def _migrate(self, node, table: schema.Table, name: str) -> None:
+        """Adds the columns a table from an older Loupe lacks (collector/storage/migrate.py);
+        refuses, in one line, a column whose type differs. Inserts and reads name their
+        columns, so the added ones may sit at the end."""
+        have = dict(node.execute(
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND "
+            f"table = {_quote(name)}"))
+        want = _stored_columns(table, self.modern)
+        for added in migrate.plan(node.where, name, have,
+                                  [(n, t.split(" CODEC(")[0]) for n, t, _ in want]):
+            ddl, default = next((t, d) for n, t, d in want if n == added.column)
+            node.execute(f"ALTER TABLE {_ident(name)} ADD COLUMN {_ident(added.column)} {ddl}"
+                         + ("" if default is None else f" DEFAULT {_quote(default)}"))
+            migrate.logged(node.where, added)
 
     # -- writing (the writer thread only) -------------------------------------------------
 

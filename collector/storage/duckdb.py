@@ -27,6 +27,7 @@ import duckdb
 import pyarrow as pa
 
 from collector import schema
+from collector.storage import migrate
 from collector.storage.base import (
     Cancel, DecodedBatch, QueryResult, SensorSummary, StoreResult, StoreStatus,
 )
@@ -120,6 +121,17 @@ class Checkpointer:
         self._cur.close()
 
 
+def _literal(value, arrow_type: pa.DataType) -> str:
+    """A DuckDB literal of migrate.default_value (None: the type's empty value)."""
+    if value is None:
+        return "MAP {}" if pa.types.is_map(arrow_type) else "[]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(str(path), read_only=read_only)
@@ -154,9 +166,13 @@ class DuckDBStorage:
             raise StorageError(f"no store at {self.path}: check --data-dir")
         self.description = f"duckdb:{self.path}"
         self._con = _open(self.path, read_only)
+        # Table -> its columns in the store's order, where that is not the schema's (a
+        # store migrated from an older Loupe has its added columns last).
+        self._reorder: dict[str, list[str]] = {}
         if not read_only:
             for table in schema.TABLES.values():
                 self._con.execute(schema.create_table_sql(table))
+            self._migrate()
             self._con.execute(_BATCHES_DDL)
             for setting in _WRITER_SETTINGS:
                 self._con.execute(setting)
@@ -167,6 +183,41 @@ class DuckDBStorage:
         self._checkpointer = None if read_only else Checkpointer(
             self._con, self.path.with_name(self.path.name + ".wal"))
         self._closed = False
+
+    def _migrate(self) -> None:
+        """Adds the columns a store from an older Loupe lacks (collector/storage/migrate.py);
+        refuses, in one line, a column whose type differs."""
+        con = self._con
+        canonical: dict[str, str] = {}
+
+        def typed(arrow_type: pa.DataType) -> str:
+            # DuckDB's own spelling of the type, as duckdb_columns() gives it back.
+            ddl = schema.duckdb_type(arrow_type)
+            if ddl not in canonical:
+                canonical[ddl] = con.execute(f"SELECT typeof(CAST(NULL AS {ddl}))").fetchone()[0]
+            return canonical[ddl]
+
+        where = str(self.path)
+        for table in schema.TABLES.values():
+            have = dict(con.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ? AND"
+                " database_name = current_database() AND schema_name = current_schema()"
+                " ORDER BY column_index", [table.name]).fetchall())
+            want = [(f.name, typed(f.type)) for f in table.schema]
+            for added in migrate.plan(where, table.name, have, want):
+                field = table.schema.field(added.column)
+                default = migrate.default_value(table.name, field.name, field.type)
+                try:
+                    con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{field.name}" '
+                                f"{schema.duckdb_type(field.type)} DEFAULT "
+                                f"{_literal(default, field.type)}")
+                except duckdb.Error as exc:
+                    raise StorageError(f"cannot add column {table.name}.{field.name} to "
+                                       f"{self.path}: {str(exc).splitlines()[0]}") from None
+                migrate.logged(where, added)
+                have[added.column] = added.type
+            if list(have) != table.schema.names:
+                self._reorder[table.name] = list(have)
 
     # -- writing (the writer thread only) -------------------------------------------------
 
@@ -213,6 +264,9 @@ class DuckDBStorage:
                 ).append_column("batch_seq", pa.chunked_array(
                     [pa.repeat(pa.scalar(q, pa.uint64()), n) for q, n in part_seqs[name]],
                     pa.uint64()))
+                order = self._reorder.get(name)
+                if order is not None:   # insert_into goes by position
+                    rows = rows.select(order)
                 con.from_arrow(rows).insert_into(name)
             con.commit()
         except duckdb.Error as exc:

@@ -21,7 +21,8 @@ keeps one small `FlowL7` in `flow.l7`:
   encrypted TLS cost one comparison per segment.
 - At flow end the reassembler is flushed (holes become gaps, then Eof both ways), the
   parser reports what it still holds, and the Flow record gets app_proto, the parser's
-  summary (http_host, dns_qname, tls_sni, tls_ja4) and l7_coverage.
+  summary (http_host, dns_qname, tls_sni, tls_ja4, and the protocol's own keys in
+  l7_summary) and l7_coverage.
 
 Bounds: every stream's out-of-order bytes are charged to one MemoryBudget shared by the
 engine (global) and limited per stream by ReassemblyLimits; parsers bound their own
@@ -207,10 +208,17 @@ class L7Engine:
         if st.parser is not None:
             summary = st.parser.summary()
             if summary:
-                # Only the Flow fields its protocol registered reach the Flow record.
+                # Only what its protocol registered reaches the Flow record: its Flow fields,
+                # and its own keys into l7_summary, each value cut to the declared bound.
+                # Which value a key holds (the first statement, the first topic) is the
+                # parser's choice; summary() is asked again for each interim record.
                 spec = registry.get(st.app_proto)
-                keep = spec.summary if spec is not None else ()
-                fields.update((k, v) for k, v in summary.items() if k in keep)
+                if spec is not None:
+                    fields.update((k, v) for k, v in summary.items() if k in spec.summary)
+                    own = {k: v[:registry.SUMMARY_VALUE_MAX] for k, v in summary.items()
+                           if k in spec.summary_keys and v}
+                    if own:
+                        fields["l7_summary"] = own
         return fields
 
     # -- internals ---------------------------------------------------------------------------

@@ -136,6 +136,9 @@ def _eve_flow(f: model.Flow) -> dict[str, Any]:
     if f.process is not None:
         out["process"] = {"pid": f.process.pid, "comm": f.process.comm, "exe": f.process.exe,
                           "container_id": f.process.container_id}
+    if f.l7_summary:
+        # Suricata has no such object: Loupe's name, beside app_proto it describes.
+        out["l7_summary"] = dict(f.l7_summary)
     return out
 
 
@@ -232,7 +235,9 @@ ZEEK_LOGS: dict[str, tuple[str, list[tuple[str, str]]]] = {
                       ("conn_state", "string"), ("missed_bytes", "count"),
                       ("history", "string"), ("orig_pkts", "count"),
                       ("orig_ip_bytes", "count"), ("resp_pkts", "count"),
-                      ("resp_ip_bytes", "count"), ("community_id", "string")]),
+                      ("resp_ip_bytes", "count"), ("community_id", "string"),
+                      # Zeek logs no tables: the l7_summary map as key=value entries.
+                      ("l7_summary", "vector[string]")]),
     # Each registered protocol's log (Protocol.zeek), with the same head columns.
     **{p.name: (p.zeek.path, [("ts", "time"), ("uid", "string"), *_ID, *p.zeek.columns])
        for p in registry.kinds() if p.zeek is not None},
@@ -254,7 +259,8 @@ def _zeek_values(record: model.Record) -> list[Any]:
                 None, None,   # Zeek's orig_bytes/resp_bytes are payload by sequence space
                 f.conn_state or None, gap, f.history or None, f.initiator_packets,
                 f.initiator_octets, f.responder_packets, f.responder_octets,
-                f.community_id or None]
+                f.community_id or None,
+                [f"{k}={v}" for k, v in f.l7_summary.items()] or None]
     head = [_secs(record.ts_ns), record.uid, *ids]
     return head + registry.of_event(type(record.detail)).zeek.values(record)
 

@@ -8,7 +8,8 @@ the model's fields come ISO 8601 companions of the times people read ("start"/"e
 flow or loss interval, "ts" of an L7 event; UTC, microseconds, null when unset): the
 integer ns fields stay the exact values, the companions are for eyes and jq.
 
-Nested values stay nested (Flow.l7_coverage, Flow.process, L7Event.detail, DNS answers);
+Nested values stay nested (Flow.l7_coverage, Flow.process, L7Event.detail, DNS answers;
+Flow.l7_summary is an object, {"mysql_user": "app"}, empty when the protocol gave none);
 enums are written as their wire values (flow_end_reason as the IPFIX integer). from_dict
 is the exact inverse of to_dict and goes through the model constructors, so a JSON record
 that would not make a valid model record raises SchemaError naming the problem.
@@ -44,6 +45,8 @@ def to_dict(record: model.Record) -> dict[str, Any]:
     out: dict[str, Any] = {"type": kind}
     for f in dataclasses.fields(record):
         out[f.name] = _plain(getattr(record, f.name))
+    if kind == "flow":
+        out["l7_summary"] = dict(record.l7_summary)   # an object, as the map it is
     out.update(companions(record, kind))
     return out
 

@@ -8,8 +8,9 @@ Parquet and CSV are tables, one per record kind, with exactly the collector's co
 (sensor/export/tables.py; the collector adds only its own received_ns and batch_seq): nested model
 values are flattened into prefixed columns (l7_coverage_*, process_*), an L7 event's
 detail fields sit beside its envelope, and lists stay lists (in CSV a list cell is JSON
-text). So a replayed capture and a collector export load into the same queries. A flow
-without process attribution has the zero values the collector stores for it.
+text; the l7_summary map is its [key, value] pairs, as Arrow lists a map). So a replayed
+capture and a collector export load into the same queries. A flow without process
+attribution has the zero values the collector stores for it.
 
 One file per table: the path given holds the flows, and every other kind goes beside it
 as <stem>.<table><suffix> (flows.parquet -> flows.http.parquet, flows.dns.parquet, ...),
@@ -89,6 +90,10 @@ def flatten(record: model.Record) -> dict[str, Any]:
         value = getattr(record, f.name)
         if f.name == "process" and value is None:
             value = _EMPTY_PROCESS
+        if f.name == "l7_summary":
+            # The MAP column as Arrow gives it back (to_pylist, pandas): (key, value) pairs.
+            row[f.name] = list(value.items())
+            continue
         if dataclasses.is_dataclass(value):
             for sub in dataclasses.fields(value):
                 row[f"{f.name}_{sub.name}"] = getattr(value, sub.name)

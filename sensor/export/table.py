@@ -34,10 +34,11 @@ _STYLE = {"dim": "\x1b[2m", "red": "\x1b[31m", "yellow": "\x1b[33m", "green": "\
           "cyan": "\x1b[36m", "magenta": "\x1b[35m", "bold": "\x1b[1m", "blue": "\x1b[34m"}
 _KIND_STYLE = {"flow": "blue", "lost": "red", "alert": "magenta",
                **{p.name: p.style for p in registry.kinds() if p.style}}
-# A protocol's Flow summary fields (Flow.http_host ...), each shown as label=value with
-# the protocol's prefix dropped (host=, qname=, sni=, ja4=).
-_SUMMARY_LABELS = tuple((f, f.removeprefix(p.name + "_"))
-                        for p in registry.protocols() for f in p.summary)
+# The Flow summary fields the protocols fill (Flow.http_host ...), once each, shown as
+# label=value with the field's prefix dropped (host=, qname=, sni=, ja4=): several
+# protocols fill the TLS ones (tls, quic, the STARTTLS and SQL hand-overs).
+_SUMMARY_LABELS = tuple((f, f.partition("_")[2]) for f in dict.fromkeys(
+    f for p in registry.protocols() for f in p.summary))
 
 
 def use_color(out: TextIO) -> bool:
@@ -78,6 +79,10 @@ def _endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+# Characters of one l7_summary value on a line: a statement's start says what it was.
+_SUMMARY_CUT = 60
+
+
 def _flow_summary(f: model.Flow) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     if f.app_proto:
@@ -91,6 +96,13 @@ def _flow_summary(f: model.Flow) -> list[tuple[str, str | None]]:
         value = getattr(f, name)
         if value:
             out.append((f"{label}={value}", None))
+    # Then the protocol's own keys (l7_summary), its name's prefix dropped (user=, topic=),
+    # in key order; a long value (a statement) is cut here, whole in the machine formats.
+    prefix = f.app_proto + "_"
+    for key, value in f.l7_summary.items():
+        text = " ".join(value.split())   # a statement's newlines would break the line
+        text = text if len(text) <= _SUMMARY_CUT else text[:_SUMMARY_CUT - 3] + "..."
+        out.append((f"{key.removeprefix(prefix)}={text}", None))
     if f.process is not None:
         p = f.process
         if p.comm or p.pid:

@@ -5,7 +5,8 @@ Shared by the file sinks (Parquet, CSV), replay's DataFrames and the collector's
 export load into the same queries. The columns follow sensor/model.py field for field.
 Nested values are flattened into prefixed columns (Flow.l7_coverage -> l7_coverage_*,
 Flow.process -> process_*), lists stay lists (LIST(STRUCT) for a tuple of dataclasses,
-LIST(VARCHAR) for a tuple of strings), so SQL needs no JSON functions.
+LIST(VARCHAR) for a tuple of strings) and Flow.l7_summary is a MAP (l7_summary['mysql_user']),
+so SQL needs no JSON functions.
 
 L7 tables come from the protocol registry (sensor/l7/registry.py): the envelope columns
 every L7 event shares, then the event dataclass's fields with the storage types its
@@ -23,6 +24,7 @@ from sensor.l7 import registry
 
 U8, U16, U32, U64 = pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()
 STR, BOOL, I32, I64 = pa.string(), pa.bool_(), pa.int32(), pa.int64()
+SUMMARY = pa.map_(STR, STR)
 
 ARROW_TYPES: Mapping[str, pa.DataType] = MappingProxyType({
     "u8": U8, "u16": U16, "u32": U32, "u64": U64, "i32": I32, "i64": I64,
@@ -46,6 +48,9 @@ FLOW_COLUMNS = [
     ("process_user", STR), ("process_cgroup_id", U64), ("process_container_id", STR),
     ("http_host", STR), ("dns_qname", STR), ("tls_sni", STR), ("tls_ja4", STR),
     ("icmp_type", U8), ("icmp_code", U8),
+    # The app_proto's own summary keys (Flow.l7_summary): MAP(VARCHAR, VARCHAR) in DuckDB
+    # and Parquet, Nested(key, value) in ClickHouse (collector/storage/clickhouse.py).
+    ("l7_summary", SUMMARY),
 ]
 
 # Columns every L7 table shares (the L7Event envelope), then the detail's fields.

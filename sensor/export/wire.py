@@ -72,8 +72,11 @@ def _scalars(obj, skip=()) -> dict:
 
 
 def _flow_to_proto(flow: model.Flow) -> records_pb2.Flow:
-    msg = records_pb2.Flow(**_scalars(flow, skip=("l7_coverage", "process", "flow_end_reason")))
+    msg = records_pb2.Flow(**_scalars(flow, skip=("l7_coverage", "process", "flow_end_reason",
+                                                  "l7_summary")))
     msg.flow_end_reason = int(flow.flow_end_reason)
+    if flow.l7_summary:
+        msg.l7_summary.update(flow.l7_summary)
     msg.l7_coverage.CopyFrom(records_pb2.L7Coverage(**_scalars(flow.l7_coverage)))
     if flow.process is not None:
         msg.process.CopyFrom(records_pb2.ProcessInfo(**_scalars(flow.process)))
@@ -114,8 +117,10 @@ def _fields_of(msg, cls) -> dict:
 def _flow_from_proto(msg) -> model.Flow:
     names = [f.name for f in dataclasses.fields(model.Flow)]
     kwargs = {
-        n: getattr(msg, n) for n in names if n not in ("l7_coverage", "process", "flow_end_reason")
+        n: getattr(msg, n) for n in names
+        if n not in ("l7_coverage", "process", "flow_end_reason", "l7_summary")
     }
+    kwargs["l7_summary"] = dict(msg.l7_summary)
     kwargs["flow_end_reason"] = model.FlowEndReason(msg.flow_end_reason)
     kwargs["l7_coverage"] = model.L7Coverage(**_fields_of(msg.l7_coverage, model.L7Coverage))
     if msg.HasField("process"):

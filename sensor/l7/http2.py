@@ -241,6 +241,7 @@ class Http2Parser:
         self._last_sid = [0, 0]   # highest stream id opened by the client (odd) / pushes (even)
         self._out: deque[Transaction] = deque()
         self._host = ""
+        self._grpc_service = self._grpc_method = ""
 
     @staticmethod
     def _decoder() -> Decoder:
@@ -310,7 +311,10 @@ class Http2Parser:
         return NEED_DATA
 
     def summary(self) -> dict[str, str]:
-        return {"http_host": self._host} if self._host else {}
+        out = {"http_host": self._host} if self._host else {}
+        if self._grpc_method:   # the first gRPC call's: what the connection was for
+            out["grpc_service"], out["grpc_method"] = self._grpc_service, self._grpc_method
+        return out
 
     # -- framing -------------------------------------------------------------------------------
 
@@ -640,6 +644,8 @@ class Http2Parser:
                 self._host = s.host
         if _is_grpc(s.req_ctype):
             s.grpc[0] = s.grpc[1] = True
+            if not self._grpc_method and s.rpc:
+                self._grpc_service, self._grpc_method = s.service, s.rpc
         else:
             s.service = s.rpc = ""
 
@@ -750,9 +756,10 @@ def table_line(d: Http2Event) -> list[tuple[str, str | None]]:
 PROTOCOL = Protocol(
     name=APP_PROTO, event=Http2Event, parser=Http2Parser, options=("redact",),
     signature=looks_like, priority=0,
-    summary=("http_host",), column_types={"stream_id": "u32", "status": "u16",
-                                          "grpc_status": "i32"},
+    summary=("http_host",), summary_keys=("grpc_service", "grpc_method"),
+    column_types={"stream_id": "u32", "status": "u16", "grpc_status": "i32"},
     line=table_line, style="cyan",
     filters=(Filter(name="grpc_method", field="grpc_method", match="glob_case",
+                    flow_field="grpc_method",
                     help="gRPC method glob: 'SayHello', 'Get*'"),),
 )

@@ -1279,17 +1279,17 @@ def table_line(d: KafkaEvent) -> list[tuple[str, str | None]]:
     return out
 
 
-# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no Kafka fields yet,
-# so none is registered for it (summary=()). Priority 60: after the other TCP signatures,
+# SUMMARY_FIELDS are the parser's summary() keys: the Flow's l7_summary map, where
+# --kafka-topic matches a flow by its first topic. Priority 60: after the other TCP signatures,
 # whose first bytes it would never take anyway (a known api key and version are required).
 PROTOCOL = Protocol(
     name=APP_PROTO, event=KafkaEvent, parser=KafkaParser,
-    tcp_ports=PORTS, signature=looks_like, priority=60,
+    tcp_ports=PORTS, signature=looks_like, priority=60, summary_keys=SUMMARY_FIELDS,
     column_types={"api_key": "u16", "api_version": "u16", "correlation_id": "i32",
                   "error_code": "i32"},
     line=table_line, style="yellow",
     filters=(
-        Filter(name="kafka_topic", field="topics", match="glob_case",
+        Filter(name="kafka_topic", field="topics", match="glob_case", flow_field="kafka_topic",
                help="topic glob: 'orders.*' (matches any topic an event names)"),
     ),
 )

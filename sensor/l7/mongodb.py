@@ -475,6 +475,7 @@ class MongodbParser:
         self._out: list[Transaction] = []
         self._first_db = ""
         self._first_command = ""
+        self._first_collection = ""
 
     # -- the L7Parser contract -------------------------------------------------------------
 
@@ -558,6 +559,8 @@ class MongodbParser:
             out["mongodb_database"] = self._first_db
         if self._first_command:
             out["mongodb_command"] = self._first_command
+        if self._first_collection:
+            out["mongodb_collection"] = self._first_collection
         return out
 
     # -- messages ----------------------------------------------------------------------------
@@ -624,6 +627,8 @@ class MongodbParser:
                 self._first_command = txn.command
             if not self._first_db and txn.database:
                 self._first_db = txn.database
+            if not self._first_collection and txn.collection:
+                self._first_collection = txn.collection
             no_reply = m.op in _NO_REPLY_OPS or (m.op == OP_MSG and m.flags & MORE_TO_COME)
             if no_reply:
                 txn.more_to_come = m.op == OP_MSG
@@ -1214,14 +1219,16 @@ def table_line(d: MongodbEvent) -> list[tuple[str, str | None]]:
     return out
 
 
-# The parser's summary() keys (mongodb_database, mongodb_command) have no Flow fields yet,
-# so none is registered for the Flow (summary=()).
+# The parser's summary() keys (the first database, command and collection) are the Flow's
+# l7_summary map, where --mongo-collection matches a flow by its first collection.
 PROTOCOL = Protocol(
     name=APP_PROTO, event=MongodbEvent, parser=MongodbParser, options=("redact",),
     tcp_ports=PORTS, signature=looks_like, priority=32,
+    summary_keys=("mongodb_database", "mongodb_command", "mongodb_collection"),
     column_types={"request_id": "u32", "code": "i32"}, line=table_line, style="green",
     filters=(
         Filter(name="mongo_collection", field="collection", match="glob_case",
+               flow_field="mongodb_collection",
                help="collection glob: 'users*'"),
     ),
 )

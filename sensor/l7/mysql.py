@@ -1067,11 +1067,12 @@ def table_line(d: MysqlEvent) -> list[tuple[str, str | None]]:
     return out
 
 
-# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no MySQL fields yet,
-# so none is registered for it (summary=()).
+# SUMMARY_FIELDS are the parser's summary() keys: the Flow's l7_summary map. After an SSL
+# hand-over the TLS parser's SNI and JA4 fill the Flow's TLS fields (app_proto stays mysql).
 PROTOCOL = Protocol(
     name=APP_PROTO, event=MysqlEvent, parser=MysqlParser, options=("redact",),
     tcp_ports=PORTS, signature=looks_like, priority=33,
+    summary=("tls_sni", "tls_ja4"), summary_keys=SUMMARY_FIELDS,
     column_types={"statement_id": "u32", "warnings": "u16", "error_code": "u16"},
     line=table_line, style="yellow",
     filters=(Filter(name="sql_query_contains", field="statement", match="contains",

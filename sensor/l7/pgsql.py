@@ -898,11 +898,13 @@ def table_line(d: PgsqlEvent) -> list[tuple[str, str | None]]:
     return out
 
 
-# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no PostgreSQL fields
-# yet, so none is registered for it (summary=()).
+# SUMMARY_FIELDS are the parser's summary() keys: the Flow's l7_summary map (the first
+# statement, redacted, cut to 256 characters there). After an SSLRequest the TLS parser's
+# SNI and JA4 fill the Flow's TLS fields (app_proto stays pgsql).
 PROTOCOL = Protocol(
     name=APP_PROTO, event=PgsqlEvent, parser=PgsqlParser, options=("redact",),
     tcp_ports=PORTS, signature=looks_like, priority=30,
+    summary=("tls_sni", "tls_ja4"), summary_keys=SUMMARY_FIELDS,
     column_types={"columns": "u16", "backend_pid": "u32"},
     line=table_line, style="yellow",
     filters=(Filter(name="sql_query_contains", field="statement", match="contains",

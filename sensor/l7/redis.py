@@ -1099,11 +1099,10 @@ def table_line(d: RedisEvent) -> list[tuple[str, str | None]]:
     return out
 
 
-# SUMMARY_FIELDS are the parser's summary() keys; the Flow record has no Redis fields yet,
-# so none is registered for it (summary=()).
+# SUMMARY_FIELDS are the parser's summary() keys: the Flow's l7_summary map.
 PROTOCOL = Protocol(
     name=APP_PROTO, event=RedisEvent, parser=RedisParser, options=("redact",),
-    tcp_ports=PORTS, signature=looks_like, priority=31,
+    tcp_ports=PORTS, signature=looks_like, priority=31, summary_keys=SUMMARY_FIELDS,
     column_types={"resp": "u8"}, line=table_line, style="yellow",
     # Live budget: a segment that starts with a RESP type byte starts a message whose
     # head is its first line ("$10485760\r\n"): the room kept per direction follows the

@@ -30,6 +30,14 @@ from typing import Any, Callable, Mapping
 # Storage type names column_types may use (collector/schema.py maps each to Arrow).
 TYPE_NAMES = frozenset(("u8", "u16", "u32", "u64", "i32", "i64", "str", "bool"))
 
+# The Flow's l7_summary map (protos/loupe/v1/records.proto, Flow field 39): one protocol's
+# keys per flow, so 16 covers any protocol's "what was this" (user, database, topic...);
+# a value is a name or the start of a statement, and 256 characters identify either
+# without letting a bulk INSERT's text into every flow row. sensor/model.py checks both.
+SUMMARY_KEYS_MAX = 16
+SUMMARY_KEY_MAX = 64
+SUMMARY_VALUE_MAX = 256
+
 # Detection order ties: a lower priority is sniffed first. Signatures are meant to be
 # disjoint; the order only matters for a first segment that two of them accept.
 DEFAULT_PRIORITY = 50
@@ -55,7 +63,9 @@ class Filter:
     name: str
     field: str
     match: str
-    flow_field: str = ""    # a Flow summary field the criterion also matches flows on
+    # The Flow summary field (Protocol.summary) or l7_summary key (Protocol.summary_keys)
+    # the criterion also matches flows on; "" matches L7 events only.
+    flow_field: str = ""
     flag: str = ""          # tail's flag, when not `name` with dashes
     help: str = ""
     # tail's value parser (text -> the RecordFilter value; ValueError names the problem).
@@ -146,8 +156,13 @@ class Protocol:
     # Where the kind is listed (CLI help, error messages, export files, tables): lower
     # first, then by name.
     listing: int = 100
-    # Flow fields its parser's summary() fills (Flow.http_host ...); other keys are dropped.
+    # Flow fields its parser's summary() fills (Flow.http_host ...).
     summary: tuple[str, ...] = ()
+    # Its own summary() keys that go into the Flow's l7_summary map ("mysql_user",
+    # "kafka_topic"): at most SUMMARY_KEYS_MAX, values cut at SUMMARY_VALUE_MAX characters
+    # (sensor/engine/l7engine.py). A key in neither tuple is dropped. Never a secret: the
+    # parsers redact at parse time, and a password is no summary key.
+    summary_keys: tuple[str, ...] = ()
     # Wire and storage names; "" means `name` (message: the event class's name).
     message: str = ""
     field: str = ""
@@ -185,6 +200,17 @@ class Protocol:
         bad = set(self.column_types.values()) - TYPE_NAMES
         if bad:
             raise ValueError(f"{self.name}: unknown column types {sorted(bad)}")
+        if len(self.summary_keys) > SUMMARY_KEYS_MAX or len(set(self.summary_keys)) != len(
+                self.summary_keys) or not all(k.isidentifier() and len(k) <= SUMMARY_KEY_MAX
+                                              for k in self.summary_keys):
+            raise ValueError(f"{self.name}: summary_keys are up to {SUMMARY_KEYS_MAX} distinct "
+                             f"identifiers of up to {SUMMARY_KEY_MAX} characters")
+        if set(self.summary_keys) & set(self.summary):
+            raise ValueError(f"{self.name}: a key is both a Flow field and an l7_summary key")
+        for flt in self.filters:
+            if flt.flow_field and flt.flow_field not in self.summary + self.summary_keys:
+                raise ValueError(f"{self.name}: filter {flt.name}'s flow_field "
+                                 f"{flt.flow_field!r} is not in its summary or summary_keys")
         if any(len(p) != 4 for p in self.kernel_prefixes):
             raise ValueError(f"{self.name}: kernel_prefixes are four bytes each")
         if not isinstance(self.column_types, MappingProxyType):

@@ -37,6 +37,9 @@ POOL = [
     model.Flow(uid="C2", flow_start_ns=1, flow_end_ns=2, src_addr="198.18.0.5",
                dst_addr="198.19.0.80", src_port=40001, dst_port=443, protocol=6,
                ip_version=4, process=PROCESS),
+    model.Flow(uid="C3", flow_start_ns=1, flow_end_ns=2, src_addr="198.18.0.5",
+               dst_addr="198.19.0.90", src_port=40002, dst_port=9092, protocol=6,
+               ip_version=4, app_proto="kafka", l7_summary={"kafka_topic": "orders.eu"}),
 ]
 
 
