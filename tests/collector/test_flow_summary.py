@@ -25,6 +25,7 @@ from sensor.export import formats, jsonfmt, sinks, wire
 from sensor.l7 import registry
 from sensor.replay.api import replay_records
 from tests.conftest import REPO
+from tests.fixtures import gen_starttls
 
 GOLDEN = REPO / "tests" / "golden"
 STARTTLS = GOLDEN / "starttls-parser"
@@ -98,6 +99,24 @@ def test_tls_after_an_upgrade_fills_the_flow_tls_fields_and_app_proto_stays(name
     crit = {"tls_ja4": [flow.tls_ja4], **({"tls_sni": [sni]} if sni else {})}
     match = filters.compile_lists([wire.observer_pb2.RecordFilter(**crit)], [])
     assert match(wire.to_proto(flow))
+
+
+@pytest.mark.skipif(gen_starttls.available() is not None,
+                    reason=str(gen_starttls.available()))
+@pytest.mark.parametrize("name", ["pgsql", "smtp"])
+def test_live_upgrade_by_the_real_peers(name, tmp_path):
+    """Now, the real peers: psql sslmode=require against PostgreSQL, smtplib against
+    aiosmtpd, captured on lo; the SNI is the one the client sent."""
+    pcap = tmp_path / f"{name}.pcap"
+    if name == "pgsql":
+        want = gen_starttls.pgsql(pcap)
+    else:
+        want = gen_starttls.smtp(*gen_starttls.make_cert(tmp_path), pcap)
+    (flow,) = [f for f in flows(pcap) if f.dst_port == want["port"]]
+    (tls,) = [r.detail for r in replay_records(pcap) if isinstance(r, model.L7Event)
+              and isinstance(r.detail, model.TlsEvent)]
+    assert flow.app_proto == name
+    assert (flow.tls_sni, flow.tls_ja4) == (want["sni"], tls.ja4) and tls.ja4
 
 
 # -- the collector and every output --------------------------------------------------------
