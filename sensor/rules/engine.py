@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from sensor.l7.redact import REDACTED, redact_target, sensitive
@@ -31,6 +31,7 @@ from sensor.rules.fields import Subject
 from sensor.rules.request import Request
 
 TERMINAL = ("allow", "block")
+EARLY_PENDING = 1024   # requests enforced early whose transaction is not out yet
 MAX_KEYS = 65536   # threshold keys held (sources x endpoints); ~200 bytes each
 _HAS_ID = re.compile(r"/(?:\d|[0-9a-f]{8}-|[A-Za-z0-9_-]{16})", re.I)
 # An id-like path segment: a number, a UUID, a long hex or token string. One regex over
@@ -84,6 +85,7 @@ class Rule:
     order: int = 0                          # position in the files: breaks priority ties
     source: str = ""                        # file:line, for `rules check` and errors
     cheap_first: tuple[int, ...] = ()       # condition indexes, cheapest test first
+    block_source_ttl_ns: int = 0            # block: also ban the source this long (live)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class Verdict:
     action: str                # allow or block
     rule_id: str               # "" when the default action decided
     event: L7Event
+    source_ttl_ns: int = 0     # block: ban the event's source this long too (0: no)
 
 
 @dataclass(slots=True)
@@ -149,6 +152,25 @@ class Engine:
             if r.group is not None and r.group.name in managed.VALUE_DETECTORS))
         self.stats = EngineStats()
         self._windows: OrderedDict[tuple, _Window] = OrderedDict()
+        # Rules that a request alone decides (early()): managed groups and conditions on
+        # request fields, no threshold (windows count whole events).
+        self._early = tuple((r, _request_only(r)) for r in self.rules.rules)
+        self.early_blocks = any(ok and r.action == "block" for r, ok in self._early)
+
+    def early(self, event: L7Event, raw: tuple[bytes, bytes] | None) -> Verdict | None:
+        """The verdict on a request before its response (live enforcement), or None
+        when the request alone cannot decide it: no rule up to the first terminal one
+        that matches may depend on the response. No alert, no counting: evaluate() runs
+        on the whole event later and writes those, to the same decision."""
+        subject = Subject(event, Request(*raw) if raw is not None else None)
+        for rule, ok in self._early:
+            if not ok:
+                if rule.action in TERMINAL:
+                    return None   # it might decide first, on what is not known yet
+                continue
+            if self._match(rule, subject) is not None and rule.action in TERMINAL:
+                return Verdict(rule.action, rule.id, event, rule.block_source_ttl_ns)
+        return None
 
     def evaluate(self, event: L7Event, raw: tuple[bytes, bytes] | None = None
                  ) -> tuple[Verdict, list[Alert]]:
@@ -163,13 +185,15 @@ class Engine:
             if fire and (rule.action != "allow" or rule.log):
                 alerts.append(self._alert(rule, event, fld, value, reason, count))
             if rule.action in TERMINAL:
-                return self._decide(rule.action, rule.id, event), alerts
+                return self._decide(rule.action, rule.id, event,
+                                    rule.block_source_ttl_ns), alerts
         return self._decide(self.rules.default_action, "", event), alerts
 
-    def _decide(self, action: str, rule_id: str, event: L7Event) -> Verdict:
+    def _decide(self, action: str, rule_id: str, event: L7Event, source_ttl_ns: int = 0
+                ) -> Verdict:
         v = self.stats.verdicts
         v[action] = v.get(action, 0) + 1
-        return Verdict(action, rule_id, event)
+        return Verdict(action, rule_id, event, source_ttl_ns)
 
     def _match(self, rule: Rule, subject: Subject):
         """(field, value, reason, count, alert now) when the rule applies, else None."""
@@ -259,18 +283,64 @@ class Analyzer:
     docs/rules.md)."""
 
     def __init__(self, rules: RuleSet, emit: Callable, *,
-                 on_verdict: Callable[[Verdict], None] | None = None) -> None:
+                 on_verdict: Callable[[Verdict], None] | None = None,
+                 current_flow: Callable[[], object | None] | None = None) -> None:
         self.engine = Engine(rules)
         self.emit = emit
         self.on_verdict = on_verdict
+        # Live enforcement: the flow (sensor.engine.flowtable.FlowState) whose payload is
+        # being parsed, for verdicts on a request before its response (request_done()).
+        self.current_flow = current_flow
+        self._early: OrderedDict[int, tuple[bytes, object]] = OrderedDict()
         self.reloads = 0
+
+    @property
+    def early_on(self) -> bool:
+        return (self.on_verdict is not None and self.current_flow is not None
+                and self.engine.early_blocks)
+
+    def request_done(self, txn) -> None:
+        """A request is complete and its response not seen (the HTTP/1 parser's
+        on_request). A block that the request alone decides is enforced now, while the
+        server is still working on it; the whole transaction's evaluation later writes
+        the alerts, marked with what was enforced here, and does not enforce again."""
+        raw = getattr(txn, "request", None)
+        flow = self.current_flow() if self.early_on else None
+        if flow is None or raw is None:
+            return
+        i = flow.init
+        event = L7Event(uid=flow.uid or "early", community_id=flow.cid, ts_ns=txn.ts_ns,
+                        src_addr=flow.src_text, dst_addr=flow.dst_text,
+                        src_port=flow.port[i], dst_port=flow.port[1 - i],
+                        protocol=flow.protocol, detail=txn.detail)
+        verdict = self.engine.early(event, raw)
+        if verdict is None or verdict.action != "block":
+            return
+        done = self.on_verdict(verdict)
+        # Keyed by the raw head's identity: the whole transaction carries the same bytes
+        # object. Bounded: a transaction whose end never comes ages out.
+        self._early[id(raw[0])] = (raw[0], done)
+        while len(self._early) > EARLY_PENDING:
+            self._early.popitem(last=False)
 
     def __call__(self, event: L7Event, raw) -> None:
         verdict, alerts = self.engine.evaluate(event, raw)
+        if self.on_verdict is not None and verdict.action == "block":
+            # Enforced first, so the deciding rule's Alert says what the kernel now does
+            # (the callback returns sensor.enforce.enforcer.Enforcement, or None); once
+            # only, when request_done() enforced it already.
+            early = self._early.pop(id(raw[0]), None) if raw is not None and self._early \
+                else None
+            if early is not None and early[0] is raw[0]:
+                done = early[1]
+            else:
+                done = self.on_verdict(verdict)
+            if done is not None and done.enforced:
+                alerts = [replace(a, enforced=True, block_expires_ns=done.expires_wall_ns)
+                          if a.rule_id == verdict.rule_id and a.action == "block" else a
+                          for a in alerts]
         for alert in alerts:
             self.emit(alert)
-        if self.on_verdict is not None and verdict.action == "block":
-            self.on_verdict(verdict)
 
     def capture(self, method: str, target: str, content_type: str) -> int:
         rules = self.engine.rules
@@ -291,6 +361,18 @@ class Analyzer:
         self.engine.stats, self.engine._windows = stats, windows
         self.reloads += 1
 
+
+def _request_only(rule: Rule) -> bool:
+    """Whether the request alone decides the rule (early verdicts)."""
+    if rule.threshold is not None:
+        return False
+    if rule.group is not None:
+        return True   # managed groups scan the raw request
+    return all(c.field not in _RESPONSE_FIELDS and not c.field.startswith(("detail.", "pii"))
+               for c in rule.conditions)
+
+
+_RESPONSE_FIELDS = frozenset(("status",))
 
 # Bodies the detectors can read as values: forms, JSON, XML, multipart, text.
 _INSPECTED_BODY = re.compile(r"form|json|xml|text/", re.I)

@@ -10,6 +10,7 @@ order) or one file, to a RuleSet. Every problem names its file and line.
     name = "sqli"                     # sqli xss lfi rce scanner protocol
     mode = "block"                    # count, alert or block
     priority = 100
+    block_source_ttl = "10m"          # optional, block only: ban the source too (live)
 
     [[rule]]
     id = "admin-from-outside"
@@ -60,9 +61,12 @@ _OPS = (*_TEXT_OPS, "cidr", "range", "exists", *_DETECTORS)
 _COST = {"exists": 0, "equals": 1, "prefix": 1, "suffix": 1, "range": 1, "contains": 2,
          "cidr": 3, "regex": 4, **{d: 9 for d in _DETECTORS}}
 _RULE_KEYS = frozenset(("id", "priority", "action", "severity", "category", "match", "field",
-                        "op", "value", "negate", "nocase", "threshold", "log"))
+                        "op", "value", "negate", "nocase", "threshold", "log",
+                        "block_source_ttl"))
 _COND_KEYS = frozenset(("field", "op", "value", "negate", "nocase"))
-_GROUP_KEYS = frozenset(("name", "mode", "priority", "id", "severity"))
+_GROUP_KEYS = frozenset(("name", "mode", "priority", "id", "severity", "block_source_ttl"))
+# A source ban is a mitigation with an end (docs/rules.md, "Enforcement"): 1 s .. 1 day.
+MAX_BLOCK_SOURCE_TTL_NS = 24 * 3600 * 10**9
 _DURATION = re.compile(r"^(\d+)\s*(ms|s|m|h)?$")
 
 
@@ -240,7 +244,8 @@ def _group(t: dict, i: int, where: _Where, order: int, seen) -> engine.Rule:
     rid, prio, sev, here = _common(t, i, where, "group", seen)
     g = managed.GROUPS[name]
     return engine.Rule(id=rid, priority=prio, action=mode, severity=sev or g.severity,
-                       category=g.category, group=g, order=order, source=here)
+                       category=g.category, group=g, order=order, source=here,
+                       block_source_ttl_ns=_source_ttl(t, i, where, "group", mode))
 
 
 def _rule(t: dict, i: int, where: _Where, order: int, seen) -> engine.Rule:
@@ -274,7 +279,30 @@ def _rule(t: dict, i: int, where: _Where, order: int, seen) -> engine.Rule:
     return engine.Rule(id=rid, priority=prio, action=action, conditions=conds,
                        severity=sev or "medium", category=t.get("category", "custom"),
                        threshold=threshold, log=log, order=order, source=here,
-                       cheap_first=cheap_first)
+                       cheap_first=cheap_first,
+                       block_source_ttl_ns=_source_ttl(t, i, where, "rule", action))
+
+
+def _duration_ns(text) -> int | None:
+    m = _DURATION.match(str(text))
+    if not m:
+        return None
+    unit = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, None: 10**9}
+    return int(m.group(1)) * unit[m.group(2)]
+
+
+def _source_ttl(t: dict, i: int, where: _Where, kind: str, action: str) -> int:
+    """block_source_ttl = "10m": a block also bans the event's source for that long."""
+    if "block_source_ttl" not in t:
+        return 0
+    line = where.line(kind, i, "block_source_ttl")
+    if action != "block":
+        raise where.fail(line, f"block_source_ttl needs {'mode' if kind == 'group' else 'action'}"
+                               " = \"block\"")
+    ttl = _duration_ns(t["block_source_ttl"])
+    if ttl is None or not 10**9 <= ttl <= MAX_BLOCK_SOURCE_TTL_NS:
+        raise where.fail(line, "block_source_ttl is a duration from 1s to 24h: 30s, 10m, 1h")
+    return ttl
 
 
 def _condition(c, i: int, where: _Where) -> engine.Condition:
@@ -339,7 +367,7 @@ def _compile(name: str, op: str, value, nocase: bool):
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
                 or value[0] > value[1]):
             raise ValueError("value must be [low, high], numbers, low <= high")
-        if name not in fields.NUMERIC and not name.startswith("detail."):
+        if name not in fields.NUMERIC and not name.startswith(("detail.", "pii.")):
             raise ValueError(f"{name} is not a number (range works on "
                              f"{', '.join(sorted(fields.NUMERIC))}, detail.NAME)")
         lo, hi = value

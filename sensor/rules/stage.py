@@ -15,12 +15,16 @@ class InspectingRegistry:
     """A ParserRegistry whose parsers get `inspect` (only protocols that registered the
     option take it: HTTP/1 today)."""
 
-    def __init__(self, base: ParserRegistry, inspect: Callable[[str, str, str], int]) -> None:
+    def __init__(self, base: ParserRegistry, inspect: Callable[[str, str, str], int],
+                 on_request: Callable | None = None) -> None:
         self.base = base
         self.inspect = inspect
+        self.on_request = on_request
 
     def create(self, name: str, **options):
         options.setdefault("inspect", self.inspect)
+        if self.on_request is not None:
+            options.setdefault("on_request", self.on_request)
         return self.base.create(name, **options)
 
     def __getattr__(self, name: str):
@@ -29,11 +33,17 @@ class InspectingRegistry:
 
 def build(rules: engine.RuleSet | str, emit: Callable, *,
           registry: ParserRegistry | None = None,
-          on_verdict: Callable[[engine.Verdict], None] | None = None
+          on_verdict: Callable[[engine.Verdict], None] | None = None,
+          current_flow: Callable[[], object | None] | None = None
           ) -> tuple[engine.Analyzer, InspectingRegistry]:
-    """(analyzer, registry) for a rule set, or a rule path / "default" to load."""
+    """(analyzer, registry) for a rule set, or a rule path / "default" to load.
+    current_flow (live enforcement): the flow being parsed, which turns on verdicts on
+    a request before its response (Analyzer.request_done)."""
     ruleset = loader.load(rules) if isinstance(rules, str) else rules
-    analyzer = engine.Analyzer(ruleset, emit, on_verdict=on_verdict)
+    analyzer = engine.Analyzer(ruleset, emit, on_verdict=on_verdict,
+                               current_flow=current_flow)
     # Through a lambda: a reload swaps analyzer.engine, and new requests follow it.
+    early = analyzer.request_done if on_verdict is not None and current_flow is not None \
+        else None
     return analyzer, InspectingRegistry(registry or ParserRegistry(),
-                                        lambda m, t, c: analyzer.capture(m, t, c))
+                                        lambda m, t, c: analyzer.capture(m, t, c), early)
