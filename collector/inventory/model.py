@@ -29,6 +29,9 @@ MAX_QUERY_NAMES = 64
 MAX_FIELDS = 128
 MAX_CONTENT_TYPES = 8
 MAX_SENSORS = 32
+# PII keys ("card.response") per endpoint: sensor/l7/pii.py has 18; room for a newer
+# sensor's types, and a bound against a sender that makes up keys.
+MAX_PII_KEYS = 32
 # Nested JSON objects are flattened to dotted names this deep.
 MAX_FIELD_DEPTH = 4
 
@@ -109,6 +112,7 @@ class Transaction:
     auth: tuple[str, ...] = ()       # AUTH_KINDS present on the request
     request_fields: dict[str, str] | None = None   # from body_fields(), when a body was kept
     response_fields: dict[str, str] | None = None
+    pii: dict[str, int] | None = None               # "type.direction" -> occurrences
 
 
 def service_of(host: str, dst_addr: str, dst_port: int) -> str:
@@ -129,6 +133,19 @@ def _add_capped(target: set, values, cap: int) -> None:
         if len(target) >= cap:
             return
         target.add(value)
+
+
+def _merge_pii(target: dict[str, list[int]], key: str, count: int, first: int,
+               last: int) -> None:
+    """[occurrences, first seen ns, last seen ns] per "type.direction"."""
+    have = target.get(key)
+    if have is None:
+        if len(target) < MAX_PII_KEYS:
+            target[key] = [count, first, last]
+        return
+    have[0] += count
+    have[1] = min(have[1], first)
+    have[2] = max(have[2], last)
 
 
 def _merge_fields(target: dict[str, list[str]], fields: dict) -> None:
@@ -160,6 +177,7 @@ class Endpoint:
     request_fields: dict[str, list[str]] = field(default_factory=dict)
     response_fields: dict[str, list[str]] = field(default_factory=dict)
     sensors: set[str] = field(default_factory=set)
+    pii: dict[str, list[int]] = field(default_factory=dict)   # collector/inventory/pii.py
 
     @property
     def key(self) -> tuple[str, str, tuple[str, ...]]:
@@ -194,6 +212,10 @@ class Endpoint:
             _merge_fields(self.response_fields, tx.response_fields)
         if tx.sensor_id:
             _add_capped(self.sensors, (tx.sensor_id,), MAX_SENSORS)
+        if tx.pii:
+            for key, n in tx.pii.items():
+                if n:
+                    _merge_pii(self.pii, key, n, tx.ts_ns, tx.ts_ns)
 
     def merge(self, other: "Endpoint") -> None:
         if other.requests:
@@ -211,6 +233,8 @@ class Endpoint:
         _merge_fields(self.request_fields, other.request_fields)
         _merge_fields(self.response_fields, other.response_fields)
         _add_capped(self.sensors, other.sensors, MAX_SENSORS)
+        for key, (n, first, last) in other.pii.items():
+            _merge_pii(self.pii, key, n, first, last)
 
     def to_dict(self) -> dict:
         """The one JSON shape of an endpoint (store, RPC, `loupe endpoints --format json`)."""
@@ -225,6 +249,7 @@ class Endpoint:
             "request_fields": dict(sorted(self.request_fields.items())),
             "response_fields": dict(sorted(self.response_fields.items())),
             "sensors": sorted(self.sensors),
+            "pii": {k: list(v) for k, v in sorted(self.pii.items())},
         }
 
     @classmethod
@@ -239,6 +264,7 @@ class Endpoint:
             request_fields={k: list(v) for k, v in d["request_fields"].items()},
             response_fields={k: list(v) for k, v in d["response_fields"].items()},
             sensors=set(d["sensors"]),
+            pii={k: [int(x) for x in v] for k, v in d.get("pii", {}).items()},
         )
 
 

@@ -37,7 +37,7 @@ QUEUE_BATCHES = 64
 _NEEDS = ("method", "host", "path", "status", "request_content_type",
           "response_content_type", "ts_ns", "dst_addr", "dst_port", "sensor_id")
 # Read when a table has them (request-body capture, auth presence): optional.
-_OPTIONAL = ("auth", "request_fields", "response_fields")
+_OPTIONAL = ("auth", "request_fields", "response_fields", "pii")
 
 
 def http_tables(batch: DecodedBatch) -> list:
@@ -68,6 +68,7 @@ def _transactions(tables: list):
                 auth=tuple(cols["auth"][i] or ()) if "auth" in cols else (),
                 request_fields=_fields(cols, "request_fields", i),
                 response_fields=_fields(cols, "response_fields", i),
+                pii=_fields(cols, "pii", i),
             )
 
 

@@ -6,6 +6,8 @@ values (every query argument, every cookie). Names:
   kind method host path uri query status user_agent src dst src_port dst_port
   arg:NAME args  header:NAME  cookie:NAME cookies  body body:NAME
   dns.qname tls.sni tls.ja4 sql kafka.topic   detail.NAME (any field of the event's detail)
+  pii  pii.TYPE.DIRECTION (PII counts of an HTTP event, sensor/l7/pii.py: pii.card.response
+       is how many card numbers its sampled response held; no value when none)
 
 HTTP fields other than method/host/path/status/user_agent need the raw request (kept by
 the HTTP/1 parser when rules are on); the path is the raw target's path there, else the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
+from sensor.l7.pii import KEYS
 from sensor.model import L7Event
 from sensor.rules.request import Request
 
@@ -23,13 +26,16 @@ from sensor.rules.request import Request
 FIXED = frozenset((
     "kind", "method", "host", "path", "uri", "query", "status", "user_agent", "src", "dst",
     "src_port", "dst_port", "args", "cookies", "body", "headers", "dns.qname", "tls.sni",
-    "tls.ja4", "sql", "kafka.topic",
+    "tls.ja4", "sql", "kafka.topic", "pii",
 ))
-PREFIXES = ("arg:", "header:", "cookie:", "body:", "detail.")
+PREFIXES = ("arg:", "header:", "cookie:", "body:", "detail.", "pii.")
 NUMERIC = frozenset(("status", "src_port", "dst_port"))
+PII_KEYS = frozenset(KEYS)
 
 
 def known(name: str) -> bool:
+    if name.startswith("pii."):
+        return name[4:] in PII_KEYS   # a misspelt type would never match: refuse it
     return name in FIXED or (name.startswith(PREFIXES) and len(name) > name.find(":") + 1)
 
 
@@ -95,6 +101,12 @@ class Subject:
         if name.startswith("detail."):
             attr = name[7:]
             return [(name, getattr(d, attr))] if hasattr(d, attr) else []
+        if name == "pii" or name.startswith("pii."):
+            # Counts only: a rule matches on how many, never sees a value.
+            counts = getattr(d, "pii", ())
+            if name == "pii":
+                return [(f"pii.{k}", n) for k, n in counts]
+            return [(name, n) for k, n in counts if k == name[4:] and n]
         if req is None:
             return []
         if name == "uri":

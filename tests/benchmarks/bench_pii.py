@@ -1,0 +1,82 @@
+"""Cost of PII counting (sensor/l7/pii.py).
+
+1. µs of CPU per HTTP event for the counting alone (Scanner.request over the raw head
+   and body, as the HTTP/1 parser hands them over, then Scanner.response over a 1 KiB
+   JSON response sample), on the WAF corpus's benign requests (ordinary API traffic:
+   bearer JWTs, login, contact and sign-up forms) and on all of them.
+2. `loupe replay` of the corpus's benign capture with `--pii` and without: CPU seconds
+   per 1000 HTTP events, so the figure includes the head and body captures.
+
+    python -m tests.benchmarks.bench_pii [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from sensor.l7.pii import Scanner
+from tests.benchmarks.bench_replay import measure
+from tests.rules.corpus import CORPUS, raw_request, samples
+
+RESPONSE = json.dumps({"id": 42, "name": "Zoë Nowak", "items": [
+    {"sku": f"SKU-{i:05d}", "qty": i, "price": 9.99 + i} for i in range(20)]}).encode()[:1024]
+
+
+def per_event(rounds: int) -> None:
+    scanner = Scanner()
+    items = []
+    for s in samples():
+        head, body = raw_request(s)
+        ctype = next((v for n, v in s["headers"] if n.lower() == "content-type"), "")
+        items.append((s["class"], head, body, ctype))
+    for name, chosen in (("benign requests", [x for x in items if x[0] == "benign"]),
+                         ("all corpus requests", items)):
+        for with_response in (False, True):
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.process_time()
+                for _, head, body, ctype in chosen:
+                    counts = scanner.request(head, body, ctype)
+                    if with_response:
+                        scanner.response(RESPONSE, "application/json", counts)
+                best = min(best, time.process_time() - t0)
+            what = "request + 1 KiB JSON response" if with_response else "request"
+            print(f"PII counting, {name}, {what}: {len(chosen)} events, "
+                  f"{best / len(chosen) * 1e6:.1f} µs CPU per event (best of {rounds})")
+
+
+def replay_cost(rounds: int) -> None:
+    pcap = CORPUS / "benign.pcap"
+    base = [sys.executable, "-m", "sensor.cli", "replay", str(pcap), "-o", "/dev/null",
+            "--format", "jsonl", "--no-progress", "--jobs", "1"]
+    best = {}
+    for _ in range(rounds):
+        for name, argv in (("pii off", base), ("pii on", [*base, "--pii"])):
+            _, cpu, _, _ = measure(argv)
+            best[name] = min(best.get(name, float("inf")), cpu)
+    events = 605
+    for name, cpu in best.items():
+        print(f"loupe replay benign.pcap ({events} HTTP events), {name}: "
+              f"{cpu / events * 1000:.3f} CPU s per 1000 events (best of {rounds}, "
+              f"process start included)")
+    print(f"PII counting in replay: +{(best['pii on'] - best['pii off']) / events * 1e6:.0f} "
+          f"µs CPU per HTTP event")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if not CORPUS.is_dir():
+        print(f"{CORPUS}: not present; nothing to measure")
+        return 1
+    per_event(args.rounds)
+    replay_cost(args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
