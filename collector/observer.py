@@ -335,6 +335,18 @@ class ObserverService:
             endpoints=[store.to_proto(d, observer_pb2) for d in chosen],
             dropped=self._inventory.dropped)
 
+    async def Pii(self, request, context):
+        from collector.inventory import pii, store
+
+        if self._inventory is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector keeps no inventory")
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(
+            self._readers, lambda: pii.rows(store.select(self._inventory.snapshot(), request)))
+        return observer_pb2.QueryResponse(
+            columns=pii.COLUMNS, column_types=pii.COLUMN_TYPES,
+            rows_json=[json.dumps([r[c] for c in pii.COLUMNS]) for r in rows])
+
     async def Stats(self, request, context):
         from collector.stats import store
         from collector.stats.model import ALPHA, RES_INDEX
