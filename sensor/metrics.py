@@ -78,6 +78,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("spool_bytes", "gauge", None, "Bytes of unacknowledged batches in the on-disk spool"),
     Family("flows_active", "gauge", None, "Flows currently tracked"),
     Family("subscribers", "gauge", None, "Live subscribers connected"),
+    Family("enforcement", "counter", "action",
+           "Kernel enforcement of block verdicts (sensor/enforce/), by action: flows_blocked, "
+           "sources_blocked, resets_sent, resets_skipped, map_full, write_errors, expired"),
 )}
 
 LOST_REASONS: tuple[str, ...] = tuple(source.value for source in LostSource)
