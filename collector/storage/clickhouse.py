@@ -30,13 +30,18 @@ Tables. One MergeTree per record kind, same columns as DuckDB's (collector/schem
   l7_summary.value[indexOf(l7_summary.key, 'mysql_user')] reads one key.
 
 Dedup of (sensor_id, batch_id): a `batches` table (ReplacingMergeTree on that pair) is read
-before a group is inserted, and written after its records. So a resend after a collector
-restart, or to a second collector, is answered DUPLICATE. ClickHouse has no transaction
-across tables, which leaves two windows, both documented in docs/scaling.md:
-- the race: two collectors given the same batch within one group commit of each other
-  (both check before either wrote its batches row) both store it;
-- a crash between the records insert and the batches row stores the batch again on resend.
-Both err towards a duplicate, never a loss (at least once).
+before a group is inserted. A new batch gets a claim row first (records = 0, with the
+batch_seq and received_ns its rows will carry), then its records, then its commit row
+(records = n, replacing the claim at merges). So a resend after a collector restart, or to
+a second collector, of a committed batch is answered DUPLICATE; and a resend of a batch
+whose collector died after claiming it (SIGKILL between the records and the commit row,
+or while the server was still writing them) is taken over: after CLAIM_SETTLE_NS from the
+claim, each table's rows carrying the claim's batch_seq are counted, the tables whose rows
+are all there are not written again, the others are, and the commit row follows. ClickHouse
+has no transaction across tables, which leaves one window (docs/scaling.md): a collector
+still alive and writing more than CLAIM_SETTLE_NS after its claim while the sensor resent
+the batch elsewhere (its stream broke, or no ack in 30 s) is stored twice. It errs towards
+a duplicate, never a loss (at least once).
 
 Commit sequence (batch_seq): max(previous + 1, wall-clock ns). Within one collector it
 rises with every commit, as DuckDB's counter does (the live stream's stitching relies on
@@ -79,6 +84,7 @@ from sensor.errors import QueryError, StorageError
 # The driver logs every failed connect as a warning with a traceback; the collector says
 # it in one line of its own (StorageError).
 logging.getLogger("clickhouse_driver.connection").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 MODERN = (22, 3)   # the first LTS with every feature the modern DDL uses (Bool: 21.12)
 
@@ -102,6 +108,10 @@ _TYPES = {pa.uint8(): "UInt8", pa.uint16(): "UInt16", pa.uint32(): "UInt32",
 _REPLAY_BLOCK = 1000
 
 _BATCH_COLUMNS = ("sensor_id", "batch_id", "batch_seq", "received_ns", "records")
+# How long after a claim (its received_ns) another collector waits before it counts what the
+# claiming collector wrote: longer than a group's inserts take on the server, which finishes
+# an insert whose data it received even when the collector that sent it has died.
+CLAIM_SETTLE_NS = 3 * 10**9
 
 _READ_ONLY_WORDS = ("SELECT", "WITH", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "EXISTS")
 
@@ -491,15 +501,22 @@ class ClickHouseStorage:
     def store_many(self, batches: list[DecodedBatch], received_ns: int) -> list[StoreResult]:
         keys = [(b.sensor_id, b.batch_id) for b in batches]
         try:
-            stored = self._stored_keys(set(keys))
+            committed, claims = self._batch_rows(set(keys))
             seqs: dict[tuple[str, int], int] = {}
-            results = []
+            results: list = []
+            takeovers: list[tuple[int, DecodedBatch, tuple[int, int]]] = []
+            taken: set[tuple[str, int]] = set()
             parts: dict[str, list[pa.Table]] = {}
             part_seqs: dict[str, list[tuple[int, int]]] = {}
             seq = self._last_seq
             for batch, key in zip(batches, keys):
-                if key in stored or key in seqs:
+                if key in committed or key in seqs or key in taken:
                     results.append(StoreResult(StoreStatus.DUPLICATE))
+                    continue
+                if key in claims:
+                    taken.add(key)
+                    takeovers.append((len(results), batch, claims[key]))
+                    results.append(None)
                     continue
                 seq = max(seq + 1, time.time_ns())
                 seqs[key] = seq
@@ -507,6 +524,11 @@ class ClickHouseStorage:
                 for name, table in batch.tables.items():
                     parts.setdefault(name, []).append(table)
                     part_seqs.setdefault(name, []).append((seq, table.num_rows))
+            records = {(b.sensor_id, b.batch_id): b.records for b in batches}
+            if seqs:
+                # The claim: a collector taking the batch over later finds which rows
+                # these are (their batch_seq), should this one die before the commit row.
+                self._insert_batch_rows(seqs, received_ns, dict.fromkeys(seqs, 0))
             for name, tables in parts.items():
                 rows = pa.concat_tables(tables)
                 rows = rows.append_column(
@@ -517,13 +539,10 @@ class ClickHouseStorage:
                 self._conn.insert(name, *_columns_of(rows, self.modern),
                                   settings=self._insert_settings)
             if seqs:
-                # After the records: a crash in between stores the batch again on resend
-                # (a duplicate), never acks a batch whose records are missing.
-                records = {(b.sensor_id, b.batch_id): b.records for b in batches}
-                self._conn.insert("batches", list(_BATCH_COLUMNS), [
-                    [k[0] for k in seqs], [k[1] for k in seqs], list(seqs.values()),
-                    [received_ns] * len(seqs), [records[k] for k in seqs]],
-                    settings=self._insert_settings)
+                # After the records: never acks a batch whose records are missing.
+                self._insert_batch_rows(seqs, received_ns, records)
+            for index, batch, claim in takeovers:
+                results[index] = self._take_over(batch, claim)
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - driver, socket and server errors alike
@@ -531,13 +550,68 @@ class ClickHouseStorage:
         self._last_seq = seq
         return results
 
-    def _stored_keys(self, keys: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    def _insert_batch_rows(self, seqs: dict, received_ns: int, records: dict) -> None:
+        self._conn.insert("batches", list(_BATCH_COLUMNS), [
+            [k[0] for k in seqs], [k[1] for k in seqs], list(seqs.values()),
+            [received_ns] * len(seqs), [records[k] for k in seqs]],
+            settings=self._insert_settings)
+
+    def _batch_rows(self, keys: set[tuple[str, int]]):
+        """Of these pairs: the committed ones, and the claimed-only ones with their claim
+        (batch_seq, received_ns). A committed empty batch (0 records) looks claimed: it is
+        then taken over and stored again, which stores nothing."""
         if not keys:
-            return set()
+            return set(), {}
         wanted = ", ".join(f"({_quote(s)}, {_quote(b)})" for s, b in sorted(keys))
         rows = self._conn.execute(
-            f"SELECT sensor_id, batch_id FROM batches WHERE (sensor_id, batch_id) IN ({wanted})")
-        return {(r[0], int(r[1])) for r in rows}
+            "SELECT sensor_id, batch_id, max(records), argMax(batch_seq, records), "
+            "argMax(received_ns, records) FROM batches WHERE (sensor_id, batch_id) IN "
+            f"({wanted}) GROUP BY sensor_id, batch_id")
+        committed, claims = set(), {}
+        for sensor_id, batch_id, records, seq, received in rows:
+            key = (sensor_id, int(batch_id))
+            if int(records):
+                committed.add(key)
+            else:
+                claims[key] = (int(seq), int(received))
+        return committed, claims
+
+    def _take_over(self, batch: DecodedBatch, claim: tuple[int, int]) -> StoreResult:
+        """A batch another collector claimed and never committed (it died, or is slow):
+        write what of it is not stored, under the claim's batch_seq and received_ns."""
+        seq, received_ns = claim
+        wait_ns = received_ns + CLAIM_SETTLE_NS - time.time_ns()
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)
+        key = (batch.sensor_id, batch.batch_id)
+        committed, _ = self._batch_rows({key})
+        if key in committed:   # the claiming collector finished after all
+            return StoreResult(StoreStatus.DUPLICATE)
+        written = 0
+        for name, table in batch.tables.items():
+            (n,), = self._conn.execute(
+                f"SELECT count() FROM {name} WHERE received_ns = {_quote(received_ns)} "
+                f"AND batch_seq = {_quote(seq)}")
+            if int(n) == table.num_rows:
+                continue
+            if n:
+                # Part of a table's rows (one shard's share): write them all again, a
+                # duplicate rather than a loss.
+                log.warning("batch %d of %s: %d of %d %s rows found from a collector that "
+                            "died; writing them all again", batch.batch_id, batch.sensor_id,
+                            n, table.num_rows, name)
+            rows = table.append_column(
+                "received_ns", pa.repeat(pa.scalar(received_ns, pa.uint64()), table.num_rows)
+            ).append_column(
+                "batch_seq", pa.repeat(pa.scalar(seq, pa.uint64()), table.num_rows))
+            self._conn.insert(name, *_columns_of(rows, self.modern), settings=self._insert_settings)
+            written += table.num_rows
+        self._insert_batch_rows({key: seq}, received_ns, {key: batch.records})
+        log.warning("took over batch %d of %s from a collector that claimed it and did not "
+                    "commit: %d of %d records written", batch.batch_id, batch.sensor_id,
+                    written, batch.records)
+        return StoreResult(StoreStatus.STORED if written else StoreStatus.DUPLICATE,
+                           seq if written else 0)
 
     def set_retention(self, retention_ns: int) -> None:
         """Modern servers expire rows themselves (TTL, applied at merges); the partition

@@ -150,20 +150,20 @@ def read_jsonl(path: Path, sensor_id: str) -> list[model.Record]:
 
 
 def stored(address: str, sensors: tuple[str, ...]) -> Counter:
-    """The same keys, as `loupe query` on `address` counts them."""
+    """The same keys, as one `loupe query` on `address` counts them."""
     names = ", ".join(f"'{s}'" for s in sensors)
+    sql = " UNION ALL ".join(
+        f"SELECT sensor_id, '{kind}' AS kind, {'source' if kind == 'lost' else 'uid'} AS k, "
+        f"count() AS n FROM {table} WHERE sensor_id IN ({names}) GROUP BY sensor_id, k"
+        for kind, table in TABLE.items())
+    res = subprocess.run([*LOUPE, "query", "--collector", address, "--format", "json",
+                          "--max-rows", "100000", sql],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
     out = Counter()
-    for kind, table in TABLE.items():
-        col = "source" if kind == "lost" else "uid"
-        res = subprocess.run([
-            *LOUPE, "query", "--collector", address, "--format", "json", "--max-rows",
-            "100000", f"SELECT sensor_id, {col} AS k, count() AS n FROM {table} "
-            f"WHERE sensor_id IN ({names}) GROUP BY sensor_id, {col}",
-        ], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr
-        for line in res.stdout.splitlines():
-            row = json.loads(line)
-            out[(row["sensor_id"], kind, row["k"])] += int(row["n"])
+    for line in res.stdout.splitlines():
+        row = json.loads(line)
+        out[(row["sensor_id"], row["kind"], row["k"])] += int(row["n"])
     return out
 
 
@@ -180,20 +180,30 @@ def test_two_collectors_three_sensors_one_killed_exactly_once(
     database = f"scale{os.getpid()}"
     a = Collector(tmp_path / "a", shard1.port, database)
     b = Collector(tmp_path / "b", shard2.port, database)
-    # A first alone: it makes the tables on both shards; B then finds them.
-    a.start([b.address])
-    a.wait_listening()
-    b.start([a.address])
-    b.wait_listening()
     http = start_http(pair.b, tmp_path)
-    sensor = None
+    # The live sensor starts first, in a thread: compiling its kernel programs is the
+    # slowest start here, and until the collectors listen it only spools.
+    sensor = Sensor([
+        "--netns", pair.a.netns, "--iface", pair.a.iface,
+        "--collector", f"{a.address},{b.address}", "--spool-dir", str(tmp_path / "spool"),
+        "--sensor-id", "live", "--output", "jsonl", "--select", "port:8080",
+        "--no-process", "--set", "timeouts.tcp_linger=1s",
+        "--set", "export.batch_delay=100ms", "--drain-timeout", "10",
+    ], workdir=tmp_path)
+    sensor_start = threading.Thread(target=sensor.start)
+    sensor_start.start()
     tails = []
     loop = None
     try:
+        # A first alone: it makes the tables on both shards; B then finds them.
+        a.start([b.address])
+        a.wait_listening()
+        b.start([a.address])
+        b.wait_listening()
         tails = [Tail(a.address), Tail(b.address)]
         # Each collector serves our tail and the other's peer feed.
         wait_for(lambda: a.status().subscribers == 2 and b.status().subscribers == 2, 30,
-                 "the tails and the peer feeds")
+                 "the tails and the peer feeds", interval_s=0.5)
 
         # 1. Fan-out: r1 over both collectors; each live stream carries all of it.
         r1 = subprocess.run([
@@ -210,13 +220,8 @@ def test_two_collectors_three_sensors_one_killed_exactly_once(
 
         # 2. Failover: the live sensor and r2 push while A is SIGKILLed.
         wait_tcp(pair.a, pair.b.ip4, 8080)
-        sensor = Sensor([
-            "--netns", pair.a.netns, "--iface", pair.a.iface,
-            "--collector", f"{a.address},{b.address}", "--spool-dir", str(tmp_path / "spool"),
-            "--sensor-id", "live", "--output", "jsonl", "--select", "port:8080",
-            "--no-process", "--set", "timeouts.tcp_linger=1s",
-            "--set", "export.batch_delay=100ms", "--drain-timeout", "10",
-        ], workdir=tmp_path).start()
+        sensor_start.join(120)
+        assert any("READY=1" in note for note in sensor.notes), "the live sensor did not start"
         n = 25   # one new HTTP flow every 0.1 s: bounded
         loop = pair.a.popen("bash", "-c", f"for i in $(seq 1 {n}); do curl -s -o /dev/null "
                             f"http://{pair.b.ip4}:8080/size/$i; sleep 0.1; done",
@@ -259,8 +264,8 @@ def test_two_collectors_three_sensors_one_killed_exactly_once(
             tail.close()
         if loop is not None and loop.poll() is None:
             loop.kill()
-        if sensor is not None:
-            sensor.kill()
+        sensor_start.join(120)
+        sensor.kill()
         stop(http)
         a.stop()
         b.stop()
