@@ -492,7 +492,12 @@ class ClickHouseStorage:
         for added in migrate.plan(node.where, name, have,
                                   [(n, t.split(" CODEC(")[0]) for n, t, _ in want]):
             ddl, default = next((t, d) for n, t, d in want if n == added.column)
-            node.execute(f"ALTER TABLE {_ident(name)} ADD COLUMN {_ident(added.column)} {ddl}"
+            # Collectors in front of one server may start together and add the same column:
+            # IF NOT EXISTS on modern servers; 18.16 lacks it, so there the slower one stops
+            # with "column with this name already exists" and starts on the next try.
+            exists = "IF NOT EXISTS " if self.modern else ""
+            node.execute(f"ALTER TABLE {_ident(name)} ADD COLUMN {exists}"
+                         f"{_ident(added.column)} {ddl}"
                          + ("" if default is None else f" DEFAULT {_quote(default)}"))
             migrate.logged(node.where, added)
 
