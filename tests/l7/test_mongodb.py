@@ -675,9 +675,10 @@ def test_a_real_collector_stores_and_filters_mongodb_events(tmp_path):
         rows = [json.loads(line) for line in q.stdout.splitlines() if line.strip()]
         assert len(rows) == total
         assert {"command": "drop", "collection": "nope", "status": "error", "code": 26} in rows
+        # The events (--mongo-collection also matches flows by their first collection).
         tail = subprocess.run([*LOUPE, "tail", "--collector", address, "--since",
                                "2020-01-01T00:00:00Z", "--mongo-collection", "user*",
-                               "--format", "json"],
+                               "--type", "mongodb", "--format", "json"],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
         assert tail.returncode == 0, tail.stderr
         got = [json.loads(line) for line in tail.stdout.splitlines() if line.strip()]
