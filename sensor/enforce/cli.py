@@ -31,7 +31,7 @@ def register(tree) -> None:
                                  "packet, until the TTL ends.")
     p.add_argument("prefix", metavar="PREFIX", help="address or CIDR prefix, IPv4 or IPv6")
     p.add_argument("--ttl", default=DEFAULT_TTL, metavar="DURATION",
-                   help=f"how long: 30s, 10m, 2h (default {DEFAULT_TTL}, at most 7 days)")
+                   help=f"how long: 30s, 10m, 2h (default {DEFAULT_TTL}, at most 168h)")
     p.add_argument("--note", default="", help="a note shown by `loupe block list` (31 bytes)")
     common(p)
     p.set_defaults(func=add)
@@ -57,7 +57,7 @@ def _ttl_ns(text: str) -> int:
 
     ttl = _duration_ns(text)
     if ttl is None or not 10**9 <= ttl <= MAX_TTL_NS:
-        raise ConfigError(f"--ttl {text!r}: a duration from 1s to 7 days, e.g. 30s, 10m, 2h")
+        raise ConfigError(f"--ttl {text!r}: a duration from 1s to 168h (7 days): 30s, 10m, 2h")
     return ttl
 
 
