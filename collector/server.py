@@ -182,7 +182,7 @@ class Collector:
         self.writer = _CountingWriter(self.storage)
         self.writer.on_stored = self._on_stored
         self.observer = ObserverService(
-            self.storage, self.hub, self.counters.as_dict,
+            self.storage, self.hub, self._status_counters,
             version=VERSION, started_ns=time.time_ns(), inventory=self.inventory,
             stats=self.stats,
         )
@@ -214,6 +214,12 @@ class Collector:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._sweep_now = asyncio.Event()
+
+    def _status_counters(self) -> dict[str, int]:
+        out = self.counters.as_dict()
+        if self.peer_feed is not None:   # records forwarded from peers, feeds up, reconnects
+            out.update(self.peer_feed.counters)
+        return out
 
     def _on_stored(self, batch) -> None:
         # Both only queue the batch for their own thread: neither holds up the ack.

@@ -62,6 +62,10 @@ def test_live_streams_carry_the_peers_records_once(tmp_path):
         for tail in tails:
             wait_for(lambda t=tail: Counter((r.sensor_id, r.uid) for r in t.records) == want,
                      20, "both sensors' records, once each, on both live streams")
+        # Status counts what each collector's feed brought from its peer.
+        assert a.status().counters["peer_records"] == 200
+        assert b.status().counters["peer_records"] == 300
+        assert a.status().counters["peer_feeds_up"] == 1
     finally:
         for tail in tails:
             tail.close()
