@@ -585,9 +585,13 @@ class MysqlParser:
                 self._phase = _P_COMMAND  # picked up after the login
                 self._command(length, p, ts)
                 return
-            if seq != 1:
+            # 1: the greeting was not seen. 2: the plaintext of a TLS connection (TLS
+            # plaintext probes): the greeting and the SSLRequest (1) went before the
+            # handshake, so this stream starts at the HandshakeResponse.
+            if seq not in (1, 2):
                 raise _Malformed("not a MySQL client packet")
             self._login = _Cmd(0x0B, "connect", ts)  # greeting not seen
+            self._login.tls = seq == 2
             self._txns.append(self._login)
             phase = _P_LOGIN
         if phase == _P_LOGIN:
