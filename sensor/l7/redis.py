@@ -24,7 +24,16 @@ Strategy
 - Bulk strings are counted, not copied: only a bounded prefix of the arguments that name
   things is kept (command, key, administrative arguments), and skip_hint hands the rest of a
   bulk body (a 10 MiB SET or GET) to the kernel to skip. Gaps and skips inside a bulk body
-  cost nothing; one that reaches into a header line breaks the framing: ERROR.
+  cost nothing, and neither do ones that end in the CRLF closing it: those two bytes are
+  fixed, so the framing holds (live, a body whose skip reached the kernel after its last
+  packet went by leaves exactly that: a skip, then a 2-byte gap, docs/sensor.md "Budgets").
+- Resynchronisation, as a passive sensor must (Zeek's analyzers do the same): a gap or skip
+  that reaches into a header line loses that direction's framing, not the connection. The
+  request or reply being read is dropped; after a server-side loss the commands still
+  waiting are reported without a reply (theirs may have been in the gap: reply_type "").
+  That direction then passes over data until a segment that starts like a RESP message
+  (`looks_like`, the detection signature: a whole, valid first line) and parses on from
+  there. Counted in `resyncs`. Bytes that are not RESP at all are still an ERROR.
 - Values are never stored: not bulk replies, not the values of SET and friends. The
   arguments of administrative commands (AUTH, HELLO, CONFIG, ACL, CLIENT, MIGRATE, ...) are
   kept because they say what was done to the server; their secrets are redacted at parse time
@@ -438,6 +447,8 @@ class RedisParser:
         self.evicted = 0             # requests reported early because too many were waiting
         self.monitor_lines = 0
         self.cut = 0                 # requests cut short by the end of the stream
+        self.resyncs = 0             # framing lost to a gap or skip, then picked up again
+        self._resync = [False, False]  # by direction: waiting for a message start
         self._buf = (bytearray(), bytearray())
         self._off = [0, 0]           # stream offset of the first byte not yet consumed
         self._head_ts = [0, 0]       # time of the first byte of the next top-level value
@@ -480,6 +491,11 @@ class RedisParser:
         if mode == _CLOSED:
             return
         buf = self._buf[d]
+        if self._resync[d]:
+            if not looks_like(data, direction):
+                self._off[d] += len(data)
+                return
+            self._resync[d] = False   # a message starts here: parse on (buf is empty)
         if mode == _BODY and not buf:
             # Inside a bulk body: keep what is wanted, count the rest, copy nothing more.
             n = len(data)
@@ -519,10 +535,10 @@ class RedisParser:
         self._fail("RESP runs over a stream, got a datagram")
 
     def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
-        self._lost(int(direction), length, "gap")
+        self._lost(direction, length, ts_ns)
 
     def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
-        self._lost(int(direction), length, "skip")
+        self._lost(direction, length, ts_ns)
 
     def receive_eof(self, direction: Direction, ts_ns: int) -> None:
         d = int(direction)
@@ -587,17 +603,55 @@ class RedisParser:
             self._mode[d] = _CRLF
         return pos + take
 
-    def _lost(self, d: int, length: int, what: str) -> None:
-        if self.state is not _OK or length <= 0 or self._mode[d] == _CLOSED:
+    def _lost(self, direction: Direction, length: int, ts_ns: int) -> None:
+        """`length` bytes of a direction will not be seen (a gap, or a skip)."""
+        d = int(direction)
+        mode = self._mode[d]
+        if self.state is not _OK or length <= 0 or mode == _CLOSED:
             return
-        if self._mode[d] == _BODY and not self._buf[d] and length <= self._left[d]:
-            self._left[d] -= length
-            self._keep[d] = 0  # the kept prefix is all there will be
+        if self._resync[d]:
             self._off[d] += length
-            if not self._left[d]:
-                self._mode[d] = _CRLF
             return
-        self._fail(f"{what} of {length} bytes outside a bulk body")
+        buf = self._buf[d]
+        if mode == _BODY and not buf:
+            left = self._left[d]
+            self._keep[d] = 0  # the kept prefix is all there will be
+            if length <= left:
+                self._left[d] = left - length
+                self._off[d] += length
+                if length == left:
+                    self._mode[d] = _CRLF
+                return
+            if length <= left + 2:
+                # The loss ends in the CRLF that closes the body: its bytes are known.
+                self._left[d] = 0
+                self._off[d] += left
+                self._mode[d] = _CRLF
+                self.receive_data(direction, b"\r\n"[:length - left], ts_ns)
+                return
+        elif mode == _CRLF and len(buf) + length <= 2 and bytes(buf) in (b"", b"\r"):
+            self.receive_data(direction, b"\r\n"[len(buf):len(buf) + length], ts_ns)
+            return
+        self._lose_framing(d, length)
+
+    def _lose_framing(self, d: int, length: int) -> None:
+        """A loss reached into a header: drop what was being read in direction d and wait
+        for the next segment that starts a message (module text, "Resynchronisation")."""
+        self.resyncs += 1
+        self._resync[d] = True
+        self._off[d] += len(self._buf[d]) + length
+        self._buf[d].clear()
+        self._mode[d] = _TOP
+        self._left[d] = self._keep[d] = 0
+        if d == 0:
+            self._req_left = 0
+            self._req_args = []
+            self._req_lens = []
+            return
+        self._stack.clear()
+        self._msg = None
+        self._drop = 0
+        self._finish_all()
 
     # -- client side: requests --------------------------------------------------------------
 
