@@ -207,22 +207,27 @@ def _check(table: str, cols: dict[str, tuple]) -> str | None:
     return None
 
 
+_NO_SUMMARY: dict = {}   # shared by every flow without one; never changed
+_get_summary = attrgetter("l7_summary")
+
+
 def _summaries(flows: list) -> tuple:
     """The l7_summary column: one key -> value dict per flow (proto maps are unordered)."""
-    return tuple(dict(f.l7_summary) for f in flows)
+    return tuple(dict(m) if m else _NO_SUMMARY for m in map(_get_summary, flows))
 
 
 def _summary_problem(maps: tuple) -> bool:
-    """Does any map break sensor/model.py's bounds (keys, their shape, value lengths)?
-    Most flows carry none or a few short ones: the common case is one pass of len()."""
-    for m in maps:
-        if not m:
-            continue
-        if len(m) > registry.SUMMARY_KEYS_MAX or any(
-                len(v) > registry.SUMMARY_VALUE_MAX for v in m.values()) or not all(
-                k.isidentifier() and len(k) <= registry.SUMMARY_KEY_MAX for k in m):
-            return True
-    return False
+    """Does any map break sensor/model.py's bounds (keys, their shape, value lengths)?"""
+    present = [m for m in maps if m]
+    if not present:
+        return False
+    if max(map(len, present)) > registry.SUMMARY_KEYS_MAX:
+        return True
+    # A batch holds a handful of distinct keys: each is checked once.
+    if not all(k.isidentifier() and len(k) <= registry.SUMMARY_KEY_MAX
+               for k in set().union(*present)):
+        return True
+    return max(len(v) for m in present for v in m.values()) > registry.SUMMARY_VALUE_MAX
 
 
 # Integer Arrow types -> the array.array typecode of the same width and signedness.
