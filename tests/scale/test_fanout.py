@@ -2,7 +2,8 @@
 real `loupe collector run` processes, each listing the other in cluster.peers (each on
 its own DuckDB here: the feed does not depend on the store). A live stream on either
 collector carries the records pushed to the other, each once (no loop through the
-mesh); a peer that is down at start is followed once it is up."""
+mesh); a peer that is down at start is followed once it is up; under mTLS the feed
+presents an analyst certificate ([cluster] cert_file, key_file)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import grpc
 import pytest
 
 from sensor.export.grpc_client import GrpcExportConfig, GrpcExporter
@@ -93,3 +95,64 @@ def test_a_peer_that_is_down_is_followed_once_it_is_up(tmp_path):
             tail.close()
         a.stop()
         b.stop()
+
+
+def test_peer_feeds_under_mtls_with_an_analyst_certificate(tmp_path):
+    from loupe.v1 import observer_pb2_grpc
+
+    from sensor.export import wire
+    from sensor.export.grpc_client import TlsFiles
+
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "sensor.cli", "certs", "init", "--dir", str(certs),
+                    "--sensor", "edge-7", "--analyst", "peer"],
+                   cwd=REPO, check=True, capture_output=True, timeout=60)
+    tls = ["--tls-cert", str(certs / "collector.pem"), "--tls-key", str(certs / "collector.key"),
+           "--tls-ca", str(certs / "ca.pem")]
+    ports = [free_port(), free_port()]
+    procs = []
+    try:
+        for mine, peer in ((ports[0], ports[1]), (ports[1], ports[0])):
+            procs.append(subprocess.Popen([
+                sys.executable, "-m", "sensor.cli", "collector", "run", "--listen",
+                f"127.0.0.1:{mine}", "--data-dir", str(tmp_path / str(mine)), *tls,
+                "--set", f"cluster.peers=127.0.0.1:{peer}",
+                "--set", f"cluster.cert_file={certs / 'peer.pem'}",
+                "--set", f"cluster.key_file={certs / 'peer.key'}",
+            ], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        analyst = TlsFiles(ca_cert=certs / "ca.pem", client_cert=certs / "peer.pem",
+                           client_key=certs / "peer.key").credentials()
+
+        def subscribers(port: int) -> int:
+            with grpc.secure_channel(f"127.0.0.1:{port}", analyst) as channel:
+                try:
+                    return observer_pb2_grpc.ObserverStub(channel).Status(
+                        wire.observer_pb2.StatusRequest(), timeout=5).subscribers
+                except grpc.RpcError:
+                    return -1
+
+        # Each collector serves the other's feed: the analyst certificate was accepted.
+        wait_for(lambda: subscribers(ports[0]) == 1 and subscribers(ports[1]) == 1, 60,
+                 "the peer feeds over mTLS", 0.3)
+        channel = grpc.secure_channel(f"127.0.0.1:{ports[1]}", analyst)
+        call = observer_pb2_grpc.ObserverStub(channel).Subscribe(
+            wire.observer_pb2.SubscribeRequest(follow=True, number=20), timeout=60)
+        wait_for(lambda: subscribers(ports[1]) == 2, 20, "the tail on B", 0.2)
+        ex = GrpcExporter(GrpcExportConfig(
+            target=f"127.0.0.1:{ports[0]}", sensor_id="x", spool_dir=tmp_path / "spool",
+            batch_delay_s=0.05, tls=TlsFiles(ca_cert=certs / "ca.pem",
+                                             client_cert=certs / "edge-7.pem",
+                                             client_key=certs / "edge-7.key"))).start()
+        for i in range(20):
+            ex.submit(numbered_flow(i))
+        ex.close(20)
+        got = [wire.from_proto(r.record) for r in call]
+        channel.close()
+        # Pushed to A under the sensor's certificate, seen on B with its identity.
+        assert sorted(r.uid for r in got) == [numbered_flow(i).uid for i in range(20)]
+        assert {r.sensor_id for r in got} == {"edge-7"}
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(15)
