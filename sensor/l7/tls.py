@@ -19,7 +19,13 @@ buffered):
   at ServerHelloDone / the server's ChangeCipherSpec when no certificate is sent, as in
   session resumption). The rest of the chain is walked (counted in `chain_certs`) and,
   for callers that ask (`TlsParser(chain=True)`), parsed certificate by certificate.
-- An alert before the handshake completes, a gap, or EOF emits whatever is known.
+- An alert before the handshake completes, or EOF of both directions, emits whatever is
+  known.
+- Bytes lost inside the handshake (a gap, a skip, a stream ending inside a record)
+  end that direction only: what did arrive of it is read as far as it goes (a hello cut
+  short is read like one cut at MAX_HANDSHAKE, so a short snap length still gives the
+  SNI), and the other direction is still parsed. The parse then ends in ERROR (the
+  loss is counted) once the event is out.
 
 Once the event is out the parser is DONE and ignores all later bytes: the engine then
 stops feeding it, and the kernel stops copying the flow, which is what keeps TLS cheap.
@@ -337,7 +343,7 @@ class _Side:
     """Per-direction buffers and what this direction has shown."""
 
     __slots__ = ("records", "records_ts", "handshake", "handshake_ts", "started", "encrypted",
-                 "drop")
+                 "drop", "over")
 
     def __init__(self) -> None:
         self.records = bytearray()
@@ -347,6 +353,7 @@ class _Side:
         self.started = False     # first record header checked
         self.encrypted = False   # sent ChangeCipherSpec/application data: opaque from here
         self.drop = 0            # bytes of a message past MAX_HANDSHAKE still to come
+        self.over = False        # ended, or bytes went missing: nothing more is read
 
 
 class TlsParser:
@@ -370,6 +377,7 @@ class TlsParser:
         # the leaf only, and each further certificate costs ~40 us to read.
         self.chain: tuple[x509.CertFields | None, ...] = ()
         self._want_chain = chain
+        self._lost = ""             # why a direction was given up (see _lose)
         self._transport = transport
         self._client_dir: Direction | None = None
         self._client_ts = 0
@@ -386,7 +394,7 @@ class TlsParser:
         if self.state is not _OK or not data:
             return
         side = self._sides[direction]
-        if side.encrypted:
+        if side.encrypted or side.over:
             return
         if not side.records:
             side.records_ts = ts_ns
@@ -398,8 +406,9 @@ class TlsParser:
             self._fail("TLS over a datagram transport is not supported (DTLS/QUIC)")
 
     def receive_gap(self, direction: Direction, length: int, ts_ns: int) -> None:
-        if self.state is _OK and not self._sides[direction].encrypted:
-            self._fail(f"{length} bytes missing inside the handshake")
+        side = self._sides[direction]
+        if self.state is _OK and not side.encrypted and not side.over:
+            self._lose(direction, side, f"{length} bytes missing inside the handshake")
 
     def receive_skip(self, direction: Direction, length: int, ts_ns: int) -> None:
         # skip_hint is always 0, so a skip means the engine stopped copying on its own;
@@ -410,10 +419,17 @@ class TlsParser:
         if self.state is not _OK:
             return
         side = self._sides[direction]
-        if (side.records or side.handshake) and not side.encrypted:
-            self._fail("stream ended inside a TLS record or handshake message")
+        if side.encrypted or side.over:
             return
-        self._finish()
+        if side.records or side.handshake:
+            self._lose(direction, side, "stream ended inside a TLS record or handshake message")
+            return
+        # The other direction may still be sending its part of the handshake (a half
+        # close); the parse ends when it is over too.
+        side.over = True
+        other = self._sides[1 - direction]
+        if other.over or other.encrypted:
+            self._finish()
 
     def skip_hint(self, direction: Direction) -> int:
         return 0
@@ -563,6 +579,53 @@ class TlsParser:
         elif msg_type == _SERVER_HELLO_DONE:
             self._finish()
 
+    def _lose(self, direction: Direction, side: _Side, reason: str) -> None:
+        """Bytes of this direction went missing inside the handshake: read what arrived,
+        stop reading this side, and go on with the other one. The parse ends in ERROR
+        (with this reason) whenever it ends; at once when the other side is over too."""
+        if not self._lost:
+            self._lost = reason   # first: the salvage below may end the parse
+        self._salvage(direction, side)
+        side.over = True
+        side.records.clear()
+        side.handshake.clear()
+        side.drop = 0
+        other = self._sides[1 - direction]
+        if self.state is _OK and (other.over or other.encrypted):
+            self._finish()
+
+    def _salvage(self, direction: Direction, side: _Side) -> None:
+        """Before failing on lost or missing bytes: the handshake bytes that did arrive,
+        the unfinished record's included, read as far as they go. Whole messages are
+        parsed as usual; a ClientHello, ServerHello or Certificate cut short is read like
+        one cut at MAX_HANDSHAKE (so a capture with a short snap length, or one ending
+        inside the hello, still gives the SNI). A record header that does not say
+        handshake, or a message still being dropped, leaves nothing to read."""
+        if side.drop:
+            return
+        data = bytes(side.handshake)
+        ts = side.handshake_ts
+        recs = side.records
+        if len(recs) > 5 and recs[0] == _HANDSHAKE:
+            if not data:
+                ts = side.records_ts
+            data += bytes(recs[5:5 + ((recs[3] << 8) | recs[4])])
+        pos = 0
+        try:
+            while self.state is _OK and len(data) - pos >= 4:
+                msg_type = data[pos]
+                length = (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+                body = data[pos + 4:pos + 4 + min(length, MAX_HANDSHAKE)]
+                if len(body) == length:
+                    self._message(direction, msg_type, body, ts)
+                    pos += 4 + length
+                    continue
+                if msg_type in (_CLIENT_HELLO, _SERVER_HELLO, _CERTIFICATE):
+                    self._message(direction, msg_type, body, ts, True)
+                return
+        except _Malformed:
+            return  # too little of it arrived to read anything
+
     # --- outcome ---------------------------------------------------------------------
 
     def _finish(self) -> None:
@@ -572,7 +635,11 @@ class TlsParser:
 
     def _done(self) -> None:
         if self.state is _OK:
-            self.state = _DONE
+            if self._lost:
+                self.state = _ERROR
+                self.error = self._lost
+            else:
+                self.state = _DONE
         for side in self._sides:
             side.records.clear()
             side.handshake.clear()

@@ -282,15 +282,49 @@ def test_gap_inside_handshake_is_an_error():
     parser = TlsParser()
     parser.receive_data(C2S, record(22, client_hello())[:20], 1)
     parser.receive_gap(C2S, 100, 2)
+    # That direction is over (too little of the hello arrived to read); the other one
+    # is still parsed, and the parse ends in ERROR: bytes were lost.
+    assert parser.state is ParserState.OK and parser.next_event() is NEED_DATA
+    parser.receive_data(C2S, record(22, client_hello()), 3)   # ignored: side given up
+    parser.receive_data(S2C, record(22, server_hello()), 4)
+    assert parser.state is ParserState.ERROR and "missing" in parser.error
+    ev = parser.next_event().detail
+    assert ev.sni == "" and ev.cipher == 0x1301 and ev.version == 0x0304
+
+
+def test_gap_in_both_directions_ends_the_parse():
+    parser = TlsParser()
+    parser.receive_data(C2S, record(22, client_hello())[:60], 1)
+    parser.receive_gap(C2S, 100, 2)
+    parser.receive_data(S2C, record(22, server_hello())[:10], 3)
+    parser.receive_gap(S2C, 100, 4)
     assert parser.state is ParserState.ERROR
-    assert parser.next_event() is NEED_DATA  # nothing complete was known
+    # The hello's first 55 bytes hold no extension: fields, no fingerprint.
+    ev = parser.next_event().detail
+    assert ev.client_version == 0x0303 and ev.ja3 == "" and ev.ja4 == ""
+
+
+def test_hello_cut_by_a_gap_gives_what_arrived():
+    whole = record(22, client_hello(sni="gap.test"))
+    parser = TlsParser()
+    parser.receive_data(C2S, whole[:-8], 1)     # the hello's tail is lost
+    parser.receive_gap(C2S, 8, 2)
+    parser.receive_eof(S2C, 3)
+    assert parser.state is ParserState.ERROR
+    ev = parser.next_event().detail
+    assert ev.sni == "gap.test" and ev.alpn == ("h2", "http/1.1") and ev.ja4 == ""
+    assert parser.summary() == {"tls_sni": "gap.test"}
 
 
 def test_stream_ending_inside_a_record_is_an_error():
     parser = TlsParser()
     parser.receive_data(C2S, record(22, client_hello())[:-1], 1)
     parser.receive_eof(C2S, 2)
+    assert parser.state is ParserState.OK   # the server's side may still come
+    parser.receive_eof(S2C, 3)
     assert parser.state is ParserState.ERROR and "ended inside" in parser.error
+    # What arrived of the hello is read: all but its last byte.
+    assert parser.next_event().detail.sni == "x.test"
 
 
 def test_record_and_handshake_bounds():

@@ -302,6 +302,61 @@ def test_server_messages_reframed_over_records_and_coalesced(chain_capture):
     assert got == want and whole.chain == tiny.chain
 
 
+# --- bytes lost inside the handshake: a short snap length --------------------------------------
+
+def test_short_snap_length_still_gives_what_was_captured(workdir, pq_capture, chain_capture):
+    """The captures cut to 300 bytes a frame (editcap -s 300: 234 bytes of TCP payload).
+    The hellos arrive in part: what arrived is read (the Chrome-shaped hello's SNI and
+    ALPN sit in its first 200 bytes), the server's direction is parsed on its own, and
+    the lost bytes are counted (reassembly gap, parser error)."""
+    import subprocess
+
+    for (pcap, port), client_whole in (((pq_capture[0], pq_capture[1]), False),
+                                       (chain_capture, True)):
+        (full,), _ = _replay(pcap, port)
+        snapped = workdir / f"{pcap.stem}-snap300.pcap"
+        subprocess.run(["editcap", "-s", "300", str(pcap), str(snapped)], check=True,
+                       capture_output=True, timeout=30)
+        summary: list = []
+        records = list(replay_records(snapped, summary=summary))
+        (ev,) = [r.detail for r in records if isinstance(r, model.L7Event)]
+        assert (ev.sni, ev.alpn) == (full.sni, full.alpn)
+        assert (ev.version, ev.cipher, ev.ja3s) == (full.version, full.cipher, full.ja3s)
+        # A fingerprint only of a whole hello; the certificate did not fit in 234 bytes.
+        assert ev.ja4 == (full.ja4 if client_whole else "")
+        assert ev.ja3 == (full.ja3 if client_whole else "")
+        assert ev.cert_subject == ""
+        assert summary[0].lost.get("reassembly_gap", 0) >= 1
+
+
+def test_hello_cut_by_lost_bytes_on_real_bytes(pq_capture, chain_capture):
+    """The real client stream cut at several places, then a gap: the SNI comes out once
+    its extension arrived; the real server stream cut inside the chain after the leaf:
+    the leaf's fields come out."""
+    flow = _flow(pq_capture[0], pq_capture[1])
+    client = flow.stream(C2S)
+    for cut, sni in ((100, ""), (160, "pq.x.test"), (900, "pq.x.test"),
+                     (len(client) - 1, "pq.x.test")):
+        parser = TlsParser()
+        parser.receive_data(C2S, client[:cut], 1)
+        parser.receive_gap(C2S, len(client) - cut, 2)
+        parser.receive_eof(S2C, 3)
+        assert parser.state is ParserState.ERROR and "missing" in parser.error
+        ev = parser.next_event().detail
+        assert ev.sni == sni and ev.ja4 == "" and ev.client_version == 0x0303
+
+    flow = _flow(*chain_capture)
+    (want,) = pcaputil.feed(TlsParser(), flow)
+    server = flow.stream(S2C)
+    parser = TlsParser()
+    parser.receive_data(C2S, flow.stream(C2S), 1)
+    parser.receive_data(S2C, server[:4000], 2)   # ServerHello, leaf, part of the chain
+    parser.receive_gap(S2C, 100, 3)
+    parser.receive_eof(C2S, 4)
+    assert parser.state is ParserState.ERROR
+    assert parser.next_event().detail == want.detail
+
+
 # --- 4: one direction only --------------------------------------------------------------------
 
 @pytest.mark.parametrize("start", ["syn", "mid-stream"])
