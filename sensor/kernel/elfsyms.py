@@ -121,3 +121,24 @@ def sections(path: str | Path) -> dict[str, tuple[int, int]]:
         end = strs.find(b"\0", sec[0])
         out[strs[sec[0]:end].decode(errors="replace")] = (sec[4], sec[5])
     return out
+
+
+def segments(path: str | Path) -> list[tuple[int, int, int]]:
+    """(virtual address, file size, file offset) of each PT_LOAD segment."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            raise ElfError("not a 64-bit little-endian ELF file")
+        phoff = struct.unpack_from("<Q", head, 32)[0]
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        if phentsize < 56:
+            raise ElfError("implausible program header table")
+        f.seek(phoff)
+        ph = f.read(phentsize * phnum)
+    out = []
+    for i in range(len(ph) // phentsize):
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", ph, i * phentsize)
+        if p_type == _PT_LOAD:
+            out.append((p_vaddr, p_filesz, p_offset))
+    return out

@@ -13,9 +13,14 @@ and a sweep that stops before the end is refused rather than guessed. A byte sca
 0xC3 is not enough: the byte occurs inside other instructions (two of ten in Go 1.19's
 Write).
 
-Symbols come from .symtab. `go build -ldflags=-s` strips it; the names are still in
-.gopclntab, but reading function bounds there means following the pclntab format of
-each Go release, which this module does not do: such a binary is a one-line warning.
+Symbols come from .symtab; `go build -ldflags=-s` (or strip) removes it, and then from
+.gopclntab, the table the Go runtime itself reads for tracebacks, which no strip removes.
+Its layout is the Go 1.18+ one (magic 0xFFFFFFF0, 1.18-1.19; 0xFFFFFFF1, 1.20+): a
+header (function count, text start, offsets of the name table and the function table),
+then per function its entry (offset from the text start) and its _func record, whose
+second field is the name's offset. A function ends where the next one starts (the
+padding between them is INT3, which decodes). Older tables (Go 1.17's 0xFFFFFFFA) are a
+one-line warning.
 
 Only amd64 is handled (the register ABI's registers are named in tls_probe.c).
 """
@@ -26,16 +31,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sensor.kernel.elfsyms import ElfError, function_ranges, sections
+import struct
+
+from sensor.kernel.elfsyms import ElfError, function_ranges, sections, segments
 
 READ = "crypto/tls.(*Conn).Read"
 WRITE = "crypto/tls.(*Conn).Write"
 CLOSE = "crypto/tls.(*Conn).Close"
 # A function larger than this is not Go 1.17-1.23's Read or Write (1-2 KiB): refused.
 MAX_FUNCTION = 64 << 10
-# What .gopclntab is searched for in a binary without .symtab (to warn only when it
-# really uses crypto/tls); the section is read whole, so it is bounded too.
+# .gopclntab is read whole when a binary has no .symtab: bounded (a 1 GiB binary's is
+# ~100 MiB).
 MAX_PCLNTAB = 256 << 20
+# pclntab magics with the 1.18+ header layout.
+_PCLN_MAGICS = (0xFFFFFFF0, 0xFFFFFFF1)
 
 
 class GoTlsError(Exception):
@@ -73,10 +82,9 @@ def find(path: str | Path) -> GoTls | None:
     except (OSError, ElfError) as exc:
         raise GoTlsError(f"cannot read its symbols ({exc})") from None
     if READ not in ranges or WRITE not in ranges:
-        if _names_crypto_tls(path):
-            raise GoTlsError("a Go binary without a symbol table (built with -ldflags=-s): "
-                             "its crypto/tls plaintext is not seen")
-        return None
+        ranges = _pclntab_ranges(path, {READ, WRITE, CLOSE})
+        if READ not in ranges or WRITE not in ranges:
+            return None
     with open(path, "rb") as f:
         read = _function(f, *ranges[READ])
         write = _function(f, *ranges[WRITE])
@@ -109,14 +117,44 @@ def _function(f, offset: int, size: int) -> Function:
     return Function(offset=offset, returns=tuple(returns))
 
 
-def _names_crypto_tls(path: str | Path) -> bool:
+def _pclntab_ranges(path: str | Path, names: set[str]) -> dict[str, tuple[int, int]]:
+    """{name: (file offset, size)} from .gopclntab (Go 1.18+ layout; module text)."""
     try:
         secs = sections(path)
-    except (OSError, ElfError):
-        return False
+        loads = segments(path)
+    except (OSError, ElfError) as exc:
+        raise GoTlsError(f"cannot read its sections ({exc})") from None
     where = secs.get(".gopclntab")
     if where is None or where[1] > MAX_PCLNTAB:
-        return False
+        return {}
     with open(path, "rb") as f:
         f.seek(where[0])
-        return (READ.encode() + b"\0") in f.read(where[1])
+        tab = f.read(where[1])
+    wanted = {n.encode() + b"\0" for n in names}
+    if not any(w in tab for w in wanted):
+        return {}   # a Go program that does not use crypto/tls's Conn
+    if len(tab) < 72 or struct.unpack_from("<I", tab, 0)[0] not in _PCLN_MAGICS \
+            or tab[7] != 8:
+        raise GoTlsError("a Go binary without a symbol table whose .gopclntab is not of the "
+                         "Go 1.18+ layout: its crypto/tls plaintext is not seen")
+    nfunc, _, text, names_off, _, _, _, funcs_off = struct.unpack_from("<8Q", tab, 8)
+    if funcs_off + 8 * (nfunc + 1) > len(tab):
+        raise GoTlsError(".gopclntab's function table runs past the section")
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(nfunc):
+        entry, func = struct.unpack_from("<II", tab, funcs_off + 8 * i)
+        at = funcs_off + func + 4
+        if at + 4 > len(tab):
+            continue
+        name_at = names_off + struct.unpack_from("<i", tab, at)[0]
+        end = tab.find(b"\0", name_at)
+        name = tab[name_at:end + 1]
+        if name not in wanted:
+            continue
+        size = struct.unpack_from("<I", tab, funcs_off + 8 * (i + 1))[0] - entry
+        vaddr = text + entry
+        for base, length, offset in loads:
+            if base <= vaddr < base + length:
+                out[name[:-1].decode()] = (vaddr - base + offset, size)
+                break
+    return out

@@ -1,7 +1,7 @@
 """Where the Go crypto/tls probes go (sensor/kernel/gotls.py), on a client built here with
 the distribution's Go: the entry and the RET offsets of (*Conn).Read and Write agree with
-binutils' objdump (an independent disassembler); a binary built with -ldflags=-s is a
-one-line reason; another ELF is not Go. No root needed."""
+binutils' objdump (an independent disassembler); a stripped copy (no .symtab) gives the
+same points from .gopclntab; another ELF is not Go. No root needed."""
 
 from __future__ import annotations
 
@@ -48,12 +48,24 @@ def test_returns_match_objdump(client):
     assert gotls.is_go(client)
 
 
-def test_stripped_binary_is_a_reason(client, tmp_path):
+def test_stripped_binary_from_pclntab(client, tmp_path):
     stripped = tmp_path / "stripped"
     subprocess.run(["objcopy", "--strip-all", str(client), str(stripped)], check=True)
-    assert gotls.is_go(stripped)
-    with pytest.raises(gotls.GoTlsError, match="without a symbol table"):
-        gotls.find(stripped)
+    assert ".symtab" not in sections(stripped) and gotls.is_go(stripped)
+    assert gotls.find(stripped) == gotls.find(client)
+
+
+def test_pclntab_of_another_layout_is_a_reason(client, tmp_path):
+    """Go 1.17's table (magic 0xFFFFFFFA) is not read: one line, no guess."""
+    stripped = tmp_path / "stripped"
+    subprocess.run(["objcopy", "--strip-all", str(client), str(stripped)], check=True)
+    data = bytearray(stripped.read_bytes())
+    off, _ = sections(stripped)[".gopclntab"]
+    data[off:off + 4] = (0xFFFFFFFA).to_bytes(4, "little")
+    old = tmp_path / "old"
+    old.write_bytes(bytes(data))
+    with pytest.raises(gotls.GoTlsError, match="Go 1.18"):
+        gotls.find(old)
 
 
 def test_other_executables():
