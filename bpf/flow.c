@@ -84,6 +84,7 @@
 
 #include "loupe.h"
 #include "maps.h"
+#include "frames.h"
 
 _Static_assert(sizeof(struct loupe_flow_key) == LOUPE_FLOW_KEY_SIZE, "flow key size");
 _Static_assert(sizeof(struct loupe_flow_value) == LOUPE_FLOW_VALUE_SIZE, "flow value size");
@@ -707,6 +708,15 @@ struct copy_plan {
 	__u8  pad;
 };
 
+/* LOUPE_PLF_PEER_WALKED when this packet's other direction is walked (frames.h; set by
+ * walk_prepare for this very packet). */
+static __always_inline __u16 walk_peer_flags(void)
+{
+	__u32 zero = 0;
+	struct loupe_walk *w = walk_scratch.lookup(&zero);
+	return w ? w->peer_flags : 0;
+}
+
 /* Sends the planned payload in chunks of at most LOUPE_PAYLOAD_CHUNK. A chunk the ring
  * buffer refuses moves from the flow's captured to its gap octets. */
 static __always_inline void send_payload(struct __sk_buff *skb, struct loupe_pkt *p,
@@ -729,6 +739,7 @@ static __always_inline void send_payload(struct __sk_buff *skb, struct loupe_pkt
 	ev->tcp_flags = p->tcp_flags;
 	ev->dir = plan->to;
 	ev->l7_select = plan->sel;
+	ev->flags = walk_peer_flags();   /* frames.h: the other side's walk */
 	int tcp = p->key.protocol == PROTO_TCP;
 	__u8 d = p->dir & 1;
 
@@ -773,6 +784,531 @@ static __always_inline void send_payload(struct __sk_buff *skb, struct loupe_pkt
 		}
 	}
 }
+
+/* ---- frame walk (bpf/frames.h: the strategy, ABI and maps) -------------------------- */
+
+/* Adds payload[off, off + n) to the copied ranges, joined to the last when adjacent;
+ * past WALK_RANGES the last range grows to cover it. */
+static __always_inline void walk_range(struct loupe_walk *w, __u32 off, __u32 n)
+{
+	__u32 k = w->ranges;
+	if (k > WALK_RANGES)
+		return;
+	if (k > 0) {
+		__u32 j = (k - 1) & (WALK_RANGES - 1);
+		if (w->off[j] + w->len[j] == off || k == WALK_RANGES) {
+			w->len[j] = off + n - w->off[j];
+			return;
+		}
+	}
+	w->off[k & (WALK_RANGES - 1)] = off;
+	w->len[k & (WALK_RANGES - 1)] = n;
+	w->ranges = k + 1;
+}
+
+static __always_inline void walk_bad(struct loupe_walk *w, __u32 at)
+{
+	w->bad = 1;
+	w->bad_at = at;
+}
+
+/* One step: the rest of the current frame's payload in this packet, or (part of) the
+ * next header and, for a frame elided whole, its payload in this packet. Returns 1 when
+ * the packet is done. */
+static __always_inline int walk_step(struct __sk_buff *skb, struct loupe_walk *w)
+{
+	__u32 pos = w->pos, pl = w->pl;
+	if (pos >= pl || w->bad)
+		return 1;
+	__s32 body = (__s32)(w->frame_end - (w->seq + pos));
+	if (body > 0) {
+		__u32 n = pl - pos;
+		if (n > (__u32)body)
+			n = body;
+		if (!w->elide_cur)
+			walk_range(w, pos, n);
+		w->pos = pos + n;
+		return 0;
+	}
+	__u32 have = w->have, hl = w->hdr_len;
+	if (body != -(__s32)have || have >= hl) {
+		walk_bad(w, pos);
+		return 1;
+	}
+	__u32 n = hl - have;
+	if (n > pl - pos)
+		n = pl - pos;
+	if (n < 1 || n > LOUPE_FRAME_HDR_MAX || have >= LOUPE_FRAME_HDR_MAX) {
+		walk_bad(w, pos);
+		return 1;
+	}
+	/* n is 1..16 here; the mask and +1 show the verifier so on the very register the
+	 * helper gets (the compiler's copy of the checks may be another). */
+	__u64 m = n - 1;
+	barrier_var(m);
+	m &= LOUPE_FRAME_HDR_MAX - 1;
+	__u64 h = have & (LOUPE_FRAME_HDR_MAX - 1);
+	if (bpf_skb_load_bytes(skb, w->payload_off + pos, &w->hb[h], m + 1) < 0) {
+		walk_bad(w, pos);
+		return 1;
+	}
+	if (have + n < hl) {
+		walk_range(w, pos, n);
+		w->have = have + n;   /* the header goes on in the next packet */
+		w->pos = pos + n;
+		return 1;
+	}
+	__u32 lo = w->len_off & (LOUPE_FRAME_HDR_MAX - 1);
+	__u32 len = ((__u32)w->hb[lo] << 24) | ((__u32)w->hb[lo + 1] << 16) |
+		    ((__u32)w->hb[lo + 2] << 8) | w->hb[lo + 3];
+	len >>= (8 * (4 - w->len_size)) & 31;
+	__u8 type = w->hb[w->type_off & (LOUPE_FRAME_HDR_MAX - 1)];
+	__u8 fl = w->hb[w->flags_off & (LOUPE_FRAME_HDR_MAX - 1)];
+	__s64 total = (__s64)hl + len + w->len_adj;
+	if (total < hl || total > 0x7fffffff) {
+		walk_bad(w, pos);
+		return 1;
+	}
+	__u8 elide = (w->elide[(type >> 6) & 3] >> (type & 63)) & 1;
+	if (fl & w->keep_flags)
+		elide = 0;
+	__u32 start = w->seq + pos - have;
+	w->frame_end = start + (__u32)total;
+	w->elide_cur = elide;
+	w->have = 0;
+	if (elide && !(fl & w->body_flags) && have == 0) {
+		/* Whole: header and the payload in this packet, in this step. */
+		__u32 rest = pl - pos;
+		if (rest > (__u32)total)
+			rest = total;
+		w->pos = pos + rest;
+		return 0;
+	}
+	walk_range(w, pos, n);
+	w->pos = pos + n;
+	return 0;
+}
+
+static __always_inline int walk_quiet(const struct loupe_l7_dir *l)
+{
+	return !(l->captured | l->truncated | l->skipped | l->gap);
+}
+
+/* The first eight payload octets, big-endian, in *out; -1 when the packet has fewer. */
+static __always_inline int walk_first8(struct __sk_buff *skb, struct loupe_pkt *p,
+				       struct loupe_walk *w, __u64 *out)
+{
+	if (p->payload_len < 8 || bpf_skb_load_bytes(skb, p->payload_off, w->hb, 8) < 0)
+		return -1;
+	__u64 first = 0;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		first = (first << 8) | w->hb[i];
+	*out = first;
+	return 0;
+}
+
+/* Arms a flow's walk at its first payload (see the strategy): the client's, or the
+ * server's when it speaks first. Returns the new state, or NULL. */
+static __always_inline struct loupe_walk_state *
+walk_arm(struct __sk_buff *skb, struct loupe_pkt *p, struct loupe_flow_value *v, __u8 d,
+	 struct loupe_walk *w)
+{
+	__u64 first;
+	if (!(v->flags & LOUPE_FLOW_INITIATOR_BY_SYN) || !walk_quiet(&v->l7[d]) ||
+	    walk_first8(skb, p, w, &first) < 0)
+		return 0;
+	__u8 s = (d ^ 1) & 1;
+	int client = d == v->initiator;
+	/* A server speaking first is armed only when its every octet was counted (the flow
+	 * was selected at its SYN). The other side has sent no payload: counted for a
+	 * selected flow; for one still being sniffed, nothing but its SYN-ACK. */
+	if (!client && !v->l7_select)
+		return 0;
+	int quiet = v->l7_select ? walk_quiet(&v->l7[s]) : v->dir[s].packets <= 1;
+#pragma unroll
+	for (__u32 i = 0; i < LOUPE_FRAME_PROTOS; i++) {
+		__u32 idx = i;
+		struct loupe_frame_cfg *cfg = frame_cfg.lookup(&idx);
+		if (!cfg)
+			continue;
+		__u64 mask = client ? cfg->mask : cfg->server_mask;
+		__u64 match = client ? cfg->match : cfg->server_match;
+		if (!mask || (first & mask) != match)
+			continue;
+		struct loupe_walk_state *st = &w->arm;
+		__builtin_memset(st, 0, sizeof(*st));
+		st->proto = i;
+		__u8 me = client ? LOUPE_PL_TO_RESPONDER : LOUPE_PL_TO_INITIATOR;
+		__u8 peer = me ^ 1;
+		if (cfg->start[me] != LOUPE_FRAME_NOT_WALKED) {
+			st->dir[me].state = LOUPE_WALK_ON;
+			st->dir[me].next = p->seq;
+			st->dir[me].frame_end = p->seq + cfg->start[me];
+		}
+		if (cfg->start[peer] != LOUPE_FRAME_NOT_WALKED && quiet)
+			st->dir[peer].state = client ? LOUPE_WALK_FIRST : LOUPE_WALK_CLIENT;
+		/* Both sides' first payloads may race on two CPUs: the first entry stays, and
+		 * the other side's packet goes on with it (walk_prepare). */
+		frame_walk.insert(&p->key, st);
+		return frame_walk.lookup(&p->key);
+	}
+	return 0;
+}
+
+/* In loupe_tc, before account(): arms the walk, checks the packet's place in its
+ * direction and sets walk_scratch up for loupe_walk. Leaves w->planned 0 when the
+ * direction is not walked (the packet is then copied as without a walk). */
+static __always_inline void walk_prepare(struct __sk_buff *skb, struct loupe_pkt *p,
+					 struct loupe_flow_value *v)
+{
+	__u32 zero = 0;
+	struct loupe_walk *w = walk_scratch.lookup(&zero);
+	if (!w)
+		return;
+	w->planned = 0;
+	w->send = 0;
+	w->peer_flags = 0;
+	if (p->key.protocol != PROTO_TCP || p->is_frag)
+		return;
+	if (!v)
+		v = flows.lookup(&p->key);
+	if (!v || !(v->l7_select || (v->flags & LOUPE_FLOW_SNIFF_PENDING)))
+		return;
+	__u8 d = p->dir & 1;
+	__u8 to = (d ^ v->initiator) & 1;
+	struct loupe_walk_state *st = frame_walk.lookup(&p->key);
+	if (!st && p->payload_len)
+		st = walk_arm(skb, p, v, d, w);
+	if (!st)
+		return;
+	struct loupe_walk_dir *wd = &st->dir[to];
+	__u32 seq = p->seq, pl = p->payload_len;
+	/* For this packet's events however it is copied (send_payload too): the other
+	 * direction's octets below its ack that userspace lacks were elided. */
+	w->peer_flags = st->dir[(to ^ 1) & 1].state == LOUPE_WALK_ON ? LOUPE_PLF_PEER_WALKED : 0;
+	__u32 idx = st->proto;
+	struct loupe_frame_cfg *cfg = frame_cfg.lookup(&idx);
+	if (!cfg || cfg->hdr_len < 1 || cfg->hdr_len > LOUPE_FRAME_HDR_MAX ||
+	    cfg->len_size < 1 || cfg->len_size > 4 || cfg->len_off + cfg->len_size > cfg->hdr_len) {
+		wd->state = LOUPE_WALK_OFF;
+		wd->state = LOUPE_WALK_OFF;
+		wd->stopped = LOUPE_WALK_STOP_CFG;
+		return;
+	}
+	if (wd->state == LOUPE_WALK_CLIENT && pl) {
+		/* The server spoke first: its walk stands only if the client opens as the
+		 * protocol does, else neither side is walked. */
+		__u64 first;
+		if (!walk_quiet(&v->l7[d]) || walk_first8(skb, p, w, &first) < 0 ||
+		    !cfg->mask || (first & cfg->mask) != cfg->match) {
+			st->dir[0].state = LOUPE_WALK_OFF;
+			st->dir[0].stopped = LOUPE_WALK_STOP_OPENING;
+			st->dir[1].state = LOUPE_WALK_OFF;
+			st->dir[1].stopped = LOUPE_WALK_STOP_OPENING;
+			w->peer_flags = 0;
+			return;
+		}
+		wd->state = LOUPE_WALK_FIRST;
+	}
+	if (wd->state == LOUPE_WALK_FIRST && pl) {
+		if (!walk_quiet(&v->l7[d])) {
+			wd->state = LOUPE_WALK_OFF;
+			wd->state = LOUPE_WALK_OFF;
+			wd->stopped = LOUPE_WALK_STOP_LATE;
+			return;
+		}
+		wd->state = LOUPE_WALK_ON;
+		wd->next = seq;
+		wd->frame_end = seq + cfg->start[to & 1];
+		wd->have = 0;
+		wd->elide_cur = 0;
+	}
+	if (wd->state != LOUPE_WALK_ON)
+		return;
+	__s32 rel = (__s32)(seq - wd->next);
+	if (rel > 0) {
+		/* A hole: the packets before this one come later (reordered: lo's ingress
+		 * takes each CPU's backlog in turn) or never. When all of it lies in the
+		 * payload of an elided frame, it is elided whatever it holds, and the walk
+		 * goes on from here (the late packets are then wholly before its place:
+		 * skipped). Else the frames in it are unknown: the walk stops. */
+		if (!wd->elide_cur || wd->have || (__s32)(wd->frame_end - seq) < 0) {
+			wd->state = LOUPE_WALK_OFF;
+			wd->stopped = LOUPE_WALK_STOP_HOLE;
+			return;
+		}
+		rel = 0;
+	}
+	w->evflags = LOUPE_PLF_SKIPPED_BEFORE | w->peer_flags;
+	w->fp = v->key_fp;
+	w->to = to;
+	w->seq = seq;
+	w->pl = pl;
+	w->ranges = 0;
+	w->cut = 0;
+	w->bad = 0;
+	w->hops = 0;
+	w->copied = w->truncated = 0;
+	w->skipped = pl;
+	/* A packet wholly before the direction's place was walked already: skipped. */
+	w->pos = (__u32)(-rel) < pl ? (__u32)(-rel) : pl;
+	__builtin_memcpy(w->elide, cfg->elide, sizeof(w->elide));
+	w->len_adj = cfg->len_adj;
+	w->hdr_len = cfg->hdr_len;
+	w->len_off = cfg->len_off;
+	w->len_size = cfg->len_size;
+	w->type_off = cfg->type_off;
+	w->flags_off = cfg->flags_off;
+	w->keep_flags = cfg->keep_flags;
+	w->body_flags = cfg->body_flags;
+	w->payload_off = p->payload_off;
+	w->frame_end = wd->frame_end;
+	w->have = wd->have;
+	w->elide_cur = wd->elide_cur;
+	__builtin_memcpy(w->hb, wd->hdr, LOUPE_FRAME_HDR_MAX);
+	w->planned = 1;
+}
+
+/* The plan of this packet, looked up before account() takes the lock; NULL when there
+ * is none for this flow entry (fp). */
+static __always_inline struct loupe_walk *walk_plan(__u64 fp)
+{
+	__u32 zero = 0;
+	struct loupe_walk *w = walk_scratch.lookup(&zero);
+	if (!w || !w->planned || w->fp != fp)
+		return 0;
+	return w;
+}
+
+/* account(), under the lock: the packet goes to loupe_walk, which counts its octets. */
+static __always_inline void walk_take(struct loupe_walk *w, struct loupe_l7_dir *l,
+				      struct loupe_l7_dir *peer, __u64 inc, __u8 sel, __u16 tf)
+{
+	if (w->pl) {
+		peer->spoke_last = 0;
+		l->spoke_last = 1;
+	}
+	w->inc = inc;
+	w->sel = sel;
+	w->control = (tf & (TCPF_SYN | TCPF_FIN | TCPF_RST)) != 0;
+	w->send = 1;
+}
+
+/* In loupe_tc, last: a packet account() gave to the walk goes to loupe_walk. The call
+ * returns only when it failed (no program in the slot, or the kernel's tail-call limit):
+ * the payload is then counted as truncated and the walk stops. */
+static __always_inline void walk_run(struct __sk_buff *skb, struct loupe_pkt *p)
+{
+	__u32 zero = 0;
+	struct loupe_walk *w = walk_scratch.lookup(&zero);
+	if (!w || !w->send)
+		return;
+	walk_tails.call(skb, LOUPE_TAIL_WALK);
+	w->send = 0;
+	count(LOUPE_CNT_TAIL_CALL_FAILED);
+	struct loupe_walk_state *st = frame_walk.lookup(&p->key);
+	if (st) {
+		st->dir[w->to & 1].state = LOUPE_WALK_OFF;
+		st->dir[w->to & 1].stopped = LOUPE_WALK_STOP_TAIL;
+	}
+	struct loupe_flow_value *v = flows.lookup(&p->key);
+	if (v)
+		__sync_fetch_and_add(&v->l7[p->dir & 1].truncated, (__u64)w->pl);
+}
+
+/* loupe_walk's end: bounds the plan (WALK_EVENTS), stores the direction's place. */
+static __always_inline void walk_finish(struct loupe_pkt *p, struct loupe_walk *w)
+{
+	__u32 pl = w->pl;
+	if (!w->bad && w->pos < pl)
+		walk_bad(w, w->pos);   /* more frames than WALK_STEPS * (WALK_HOPS + 1) */
+	if (w->bad) {
+		/* The rest is copied as it is: the parser sees what the walk could not. */
+		__u32 at = w->bad_at < pl ? w->bad_at : pl;
+		if (at < pl)
+			walk_range(w, at, pl - at);
+	}
+	/* The running sums live in w, not in registers, so the loop's states converge. */
+	w->events = 0;
+	w->end = pl;
+	w->copied = 0;
+#pragma clang loop unroll(disable)
+	for (int k = 0; k < WALK_RANGES; k++) {
+		if (k >= w->ranges || w->cut)
+			break;
+		__u32 len = w->len[k & (WALK_RANGES - 1)];
+		__u32 ev = (len + LOUPE_PAYLOAD_CHUNK - 1) / LOUPE_PAYLOAD_CHUNK;
+		__u32 used = w->events;
+		if (used + ev > WALK_EVENTS) {
+			__u32 room = used < WALK_EVENTS ? (WALK_EVENTS - used) * LOUPE_PAYLOAD_CHUNK : 0;
+			w->len[k & (WALK_RANGES - 1)] = room;
+			w->ranges = room ? k + 1 : k;
+			w->end = w->off[k & (WALK_RANGES - 1)] + room;
+			w->copied += room;
+			w->cut = 1;
+		} else {
+			w->events = used + ev;
+			w->copied += len;
+		}
+	}
+	w->truncated = pl - w->end;
+	w->skipped = w->end - w->copied;
+	struct loupe_walk_state *st = frame_walk.lookup(&p->key);
+	if (!st)
+		return;
+	struct loupe_walk_dir *wd = &st->dir[w->to & 1];
+	if (w->bad || w->cut) {
+		wd->state = LOUPE_WALK_OFF;
+		wd->stopped = w->cut ? LOUPE_WALK_STOP_CUT : LOUPE_WALK_STOP_FRAME;
+	} else if (wd->state == LOUPE_WALK_ON && (__s32)(w->seq + pl - wd->next) > 0) {
+		wd->next = w->seq + pl;
+		wd->frame_end = w->frame_end;
+		wd->have = w->have;
+		wd->elide_cur = w->elide_cur;
+		__builtin_memcpy(wd->hdr, w->hb, LOUPE_FRAME_HDR_MAX);
+	}
+}
+
+/* loupe_walk's accounting, under the flow's lock. */
+static __always_inline void walk_count(struct loupe_pkt *p, struct loupe_walk *w)
+{
+	struct loupe_flow_value *v = flows.lookup(&p->key);
+	if (!v)
+		return;
+	struct loupe_l7_dir *l = &v->l7[p->dir & 1];
+	bpf_spin_lock(&v->lock);
+	if (v->key_fp == w->fp) {
+		l->captured += w->copied;
+		l->skipped += w->skipped;
+		l->truncated += w->truncated;
+	}
+	bpf_spin_unlock(&v->lock);
+}
+
+/* Sends the plan's ranges. A chunk the ring buffer refuses moves from captured to gap,
+ * as in send_payload, and stops the direction's walk. */
+static __always_inline void walk_send(struct __sk_buff *skb, struct loupe_pkt *p,
+				      struct loupe_walk *w)
+{
+	__u32 zero = 0;
+	struct loupe_payload_scratch *s = payload_scratch.lookup(&zero);
+	if (!s)
+		return;
+	struct loupe_payload_event *ev = &s->ev;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->hdr.type = LOUPE_EV_PAYLOAD;
+	ev->hdr.cpu = bpf_get_smp_processor_id();
+	ev->hdr.ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(&ev->key, &p->key, sizeof(ev->key));
+	ev->incarnation = w->inc;
+	ev->ack = p->ack;
+	ev->payload_len = w->pl;
+	ev->tcp_flags = p->tcp_flags;
+	ev->dir = w->to;
+	ev->l7_select = w->sel;
+	ev->flags = w->evflags;
+	__u8 d = p->dir & 1;
+	if (!w->ranges) {
+		if (!w->control)
+			return;
+		/* At the end of the payload: everything before it was elided. */
+		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE;
+		ev->seq = w->seq + w->pl;
+		ev->offset = w->pl;
+		if (events.ringbuf_output(ev, LOUPE_PAYLOAD_EVENT_SIZE, 0) < 0)
+			count(LOUPE_CNT_RINGBUF_FULL);
+		else
+			count(LOUPE_CNT_PAYLOAD_EVENTS);
+		return;
+	}
+	int lost = 0;
+	/* The place (range, octets of it sent) lives in w, so the loop's states converge. */
+	w->at_r = 0;
+	w->at_done = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < WALK_EVENTS; i++) {
+		__u32 r = w->at_r;
+		if (r >= w->ranges || r >= WALK_RANGES)
+			break;
+		__u32 len = w->len[r & (WALK_RANGES - 1)];
+		__u32 done = w->at_done;
+		__u32 at = w->off[r & (WALK_RANGES - 1)] + done;
+		__u64 n = len > done ? len - done : 0;
+		if (n > LOUPE_PAYLOAD_CHUNK)
+			n = LOUPE_PAYLOAD_CHUNK;
+		if (done + n >= len) {
+			w->at_r = r + 1;
+			w->at_done = 0;
+		} else {
+			w->at_done = done + n;
+		}
+		ev->offset = at;
+		ev->seq = w->seq + at;
+		ev->cap_len = n;
+		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE + n;
+		if (w->cut && w->at_r >= w->ranges)
+			ev->flags = w->evflags | LOUPE_PLF_CUT;
+		barrier_var(n);
+		if (n < 1 || n > LOUPE_PAYLOAD_CHUNK)
+			break;
+		int ok = bpf_skb_load_bytes(skb, w->payload_off + at, s->data, n) == 0 &&
+			 events.ringbuf_output(s, LOUPE_PAYLOAD_EVENT_SIZE + n, 0) == 0;
+		if (ok) {
+			count(LOUPE_CNT_PAYLOAD_EVENTS);
+			count_n(LOUPE_CNT_PAYLOAD_OCTETS, n);
+		} else {
+			struct loupe_flow_value *v = flows.lookup(&p->key);
+			if (v) {
+				__sync_fetch_and_add(&v->l7[d].captured, -(__u64)n);
+				__sync_fetch_and_add(&v->l7[d].gap, (__u64)n);
+			}
+			count(LOUPE_CNT_RINGBUF_FULL);
+			count_n(LOUPE_CNT_PAYLOAD_GAP_OCTETS, n);
+			lost = 1;
+		}
+	}
+	if (lost) {
+		struct loupe_walk_state *st = frame_walk.lookup(&p->key);
+		if (st) {
+			st->dir[w->to & 1].state = LOUPE_WALK_OFF;
+			st->dir[w->to & 1].stopped = LOUPE_WALK_STOP_RING;
+		}
+	}
+}
+
+/* The walk of one packet that account() gave it (see the strategy); tail-called by
+ * loupe_tc, and by itself for the next WALK_STEPS headers. The parse result is still in
+ * pkt_scratch (same CPU, same packet). */
+int loupe_walk(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct loupe_walk *w = walk_scratch.lookup(&zero);
+	struct loupe_pkt *p = pkt_scratch.lookup(&zero);
+	if (!w || !p || !w->send)
+		return TC_ACT_UNSPEC;
+	/* Every step starts from memory alone (w looked up again, nothing kept in
+	 * registers), so the verifier's states at the loop's head are all alike whatever
+	 * path the step took, and it checks the body about once per step, not once per path
+	 * through all the steps before. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < WALK_STEPS; i++) {
+		struct loupe_walk *ws = walk_scratch.lookup(&zero);
+		if (!ws || walk_step(skb, ws))
+			break;
+	}
+	if (!w->bad && w->pos < w->pl && w->hops < WALK_HOPS) {
+		w->hops += 1;
+		walk_tails.call(skb, LOUPE_TAIL_WALK);
+	}
+	w->send = 0;
+	walk_finish(p, w);
+	walk_count(p, w);
+	walk_send(skb, p, w);
+	return TC_ACT_UNSPEC;
+}
+
+/* ---- end of frame walk ---------------------------------------------------------------- */
 
 /* ---- accounting ------------------------------------------------------------------ */
 
@@ -1031,6 +1567,9 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 			sniffed = sniff(b, p->key.protocol, p->payload_len);
 	}
 	int sniffed_now = 0;
+	/* This packet's frame walk (frames.h), if walk_prepare planned one. */
+	struct loupe_walk *walk = want_l7 ? walk_plan(fp) : 0;
+	int walked = 0;
 
 	__u8 d = p->dir & 1;
 	__u16 tf = p->tcp_flags;
@@ -1112,6 +1651,9 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 			} else if (ctl && (ctl->flags & (LOUPE_CTL_HOLD << to)) &&
 				   hold_on(&v->l7[(d ^ 1) & 1], ctl->hold_peer)) {
 				l->skipped += pl;
+			} else if (walk) {
+				walk_take(walk, l, &v->l7[(d ^ 1) & 1], inc, sel, tf);
+				walked = 1;
 			} else if (pl) {
 				if (tcp && ctl && ctl->skip_gen[to] != l->skip_gen_done) {
 					__s32 ahead = (__s32)(ctl->skip_until[to] - p->seq);
@@ -1147,7 +1689,7 @@ static __always_inline int account(struct __sk_buff *skb, struct loupe_pkt *p, _
 			plan.len = copy;
 			plan.to = to;
 			plan.sel = sel;
-			plan.control = (tf & (TCPF_SYN | TCPF_FIN | TCPF_RST)) != 0;
+			plan.control = !walked && (tf & (TCPF_SYN | TCPF_FIN | TCPF_RST)) != 0;
 		}
 	}
 
@@ -1362,6 +1904,7 @@ int loupe_tc(struct __sk_buff *skb)
 	__u64 fp = key_hash(&p->key) | 1;   /* never 0, the value of a zeroed entry */
 	/* Twice at most: the second try follows an entry recycled under the first. A
 	 * loop, not two calls, so the body (and its stack) exists once. */
+	walk_prepare(skb, p, found);
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < 2; i++) {
 		if (!account(skb, p, fp, now, i == 0 ? found : 0))
@@ -1369,5 +1912,8 @@ int loupe_tc(struct __sk_buff *skb)
 		if (i == 1)
 			count(LOUPE_CNT_RECYCLED_ENTRY);
 	}
-	return active && blocked(p, active) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	if (active && blocked(p, active))
+		return TC_ACT_SHOT;
+	walk_run(skb, p);   /* frames.h: a walked packet goes on in loupe_walk */
+	return TC_ACT_UNSPEC;
 }

@@ -308,7 +308,7 @@ struct loupe_payload_event {
 	__u16 tcp_flags;
 	__u8  dir;             /* LOUPE_PL_TO_*: relative to the initiator */
 	__u8  l7_select;       /* the flow's LOUPE_SEL_* */
-	__u16 pad;
+	__u16 flags;           /* LOUPE_PLF_* (frames.h: the frame walk's) */
 };
 #define LOUPE_PAYLOAD_EVENT_SIZE 96
 

@@ -79,7 +79,7 @@ from sensor.l7.base import Direction
 from sensor.engine.reassembly import MemoryBudget
 from sensor.errors import InterfaceError, KernelError, LoupeError
 from sensor.flow.semantics import DEFAULT_TIMEOUTS, PROTO_TCP, PROTO_UDP, Timeouts
-from sensor.kernel import abi, attach, bpfsys
+from sensor.kernel import abi, attach, bpfsys, frames
 from sensor.kernel.counters import CounterWatcher
 from sensor.kernel.events import PayloadEvent
 from sensor.kernel.hybrid import MAX_CTL, KernelSensor, SelectionConfig, flow_key
@@ -388,9 +388,19 @@ class LiveL7:
             if st.protocol == PROTO_TCP:
                 n = len(ev.data)
                 wire = None
+                # The kernel's frame walk (bpf/frames.h): what the other direction sent
+                # below this ack and did not reach us was left out on purpose when it is
+                # walked; so was what this direction sent before this chunk when it is.
+                # A walked packet's chunks may be apart; only a cut one ends early.
+                if ev.flags & frames.PLF_PEER_WALKED:
+                    self.engine.skip_to(st, d ^ 1, ev.ack)
+                if ev.flags & frames.PLF_SKIPPED_BEFORE:
+                    self.engine.skip_to(st, d, ev.seq)
+                    if ev.flags & frames.PLF_CUT:
+                        wire = ev.payload_len - ev.offset
                 # A chunk shorter than a full one that ends before the packet's payload
                 # does is the last copied chunk: the rest was not copied (budget).
-                if ev.offset + n < ev.payload_len and n < abi.PAYLOAD_CHUNK:
+                elif ev.offset + n < ev.payload_len and n < abi.PAYLOAD_CHUNK:
                     wire = ev.payload_len - ev.offset
                 self.engine.tcp_segment(st, ev.direction & 1, ev.seq, ev.ack, ev.tcp_flags,
                                         ev.data, ts, wire)

@@ -245,7 +245,7 @@ class PayloadEvent(ctypes.Structure):
         ("tcp_flags", ctypes.c_uint16),
         ("dir", ctypes.c_uint8),
         ("l7_select", ctypes.c_uint8),
-        ("pad", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),   # LOUPE_PLF_* (bpf/frames.h)
     ]
 
 

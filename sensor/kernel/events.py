@@ -52,6 +52,7 @@ class PayloadEvent:
     data: bytes
     l7_select: int        # the flow's abi.SEL_* bits
     ts_ns: int            # kernel monotonic ns
+    flags: int = 0        # frames.PLF_*: the kernel's frame walk (bpf/frames.h)
 
 
 Event = FlowEnd | LateUpdate | PayloadEvent
@@ -102,6 +103,6 @@ class EventDecoder:
                                 direction=pe.dir, seq=pe.seq, ack=pe.ack,
                                 tcp_flags=pe.tcp_flags, payload_len=pe.payload_len,
                                 offset=pe.offset, data=bytes(raw[size:size + pe.cap_len]),
-                                l7_select=pe.l7_select, ts_ns=hdr.ts_ns)
+                                l7_select=pe.l7_select, ts_ns=hdr.ts_ns, flags=pe.flags)
         self.unknown += 1
         return None

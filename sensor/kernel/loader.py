@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
-from sensor.kernel import abi, bccload, bpfsys
+from sensor.kernel import abi, bccload, bpfsys, frames
 from sensor.kernel.ringbuf import RingBuffer
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class LoadOptions:
     frag_map_size: int = 4096
     max_ipv6_ext: int = 6
     ringbuf_pages: int = 1024
+    # Whether the registered protocols' frame walks (bpf/frames.h) are written into the
+    # kernel; off, no flow is walked (tests compare the budget with and without).
+    frame_walk: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.flow_map_size <= 1 << 24:
@@ -299,6 +302,11 @@ class LoadedProgram:
             self.exclude_fd: int = obj.map_fd("exclude")
             self.new_flow_prog_fd: int = obj.prog_fd(NEW_FLOW_PROGRAM)
             self.tails_fd: int = obj.map_fd("tails")
+            # The frame walk (bpf/frames.h, sensor/kernel/frames.py).
+            self.walk_prog_fd: int = obj.prog_fd(frames.PROGRAM)
+            self.frame_cfg_fd: int = obj.map_fd("frame_cfg")
+            self.frame_walk_fd: int = obj.map_fd("frame_walk")
+            self.walk_tails_fd: int = obj.map_fd("walk_tails")
         except KeyError as exc:
             obj.close()
             raise KernelError(f"bpf/flow.c has no {exc.args[0]}: bpf/ and "
@@ -314,6 +322,15 @@ class LoadedProgram:
             # the new-flow slot while a filter is in force).
             bpfsys.update(self.tails_fd, ctypes.c_uint32(abi.TAIL_METER),
                           ctypes.c_uint32(self.prog_fd))
+            check_map_layout(obj, b"frame_cfg", 4, ctypes.sizeof(frames.FrameCfg),
+                             mirror="sensor/kernel/frames.py", header="bpf/frames.h")
+            check_map_layout(obj, b"frame_walk", ctypes.sizeof(abi.FlowKey),
+                             ctypes.sizeof(frames.WalkState),
+                             mirror="sensor/kernel/frames.py", header="bpf/frames.h")
+            bpfsys.update(self.walk_tails_fd, ctypes.c_uint32(frames.TAIL_WALK),
+                          ctypes.c_uint32(self.walk_prog_fd))
+            if options.frame_walk:
+                frames.fill(self.frame_cfg_fd)
         except BaseException:
             obj.close()
             raise
@@ -376,7 +393,8 @@ def load(options: LoadOptions | None = None) -> LoadedProgram:
     log.debug("compiling %s with %s", BPF_DIR / "flow.c", options.cflags())
     try:
         obj = bccload.load(BPF_DIR / "flow.c", options.cflags(),
-                           {PROGRAM: SCHED_CLS, NEW_FLOW_PROGRAM: SCHED_CLS})
+                           {PROGRAM: SCHED_CLS, NEW_FLOW_PROGRAM: SCHED_CLS,
+                            frames.PROGRAM: SCHED_CLS})
     except bccload.LoadError as exc:
         if exc.stage == "import":
             raise bcc_missing() from None

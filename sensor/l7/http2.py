@@ -45,7 +45,7 @@ from hpack.exceptions import HPACKError
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.registry import Filter, Protocol
+from sensor.l7.registry import Filter, FramingHints, KernelWalk, Protocol
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 
@@ -224,6 +224,7 @@ class Http2Parser:
         self.evicted = 0          # streams reported early because too many were open
         self.unknown_streams = 0  # frames for streams not followed (closed, evicted)
         self.goaway = ""          # the error name of a GOAWAY, once one was seen
+        self.elided_bytes = [0, 0]   # whole frames the kernel left out, by direction
         self._mode = [_PREFACE, _HEAD]
         self._buf = (bytearray(), bytearray())
         self._left = [0, 0]       # payload bytes of the current frame to go
@@ -463,6 +464,14 @@ class Http2Parser:
             return
         while length > 0 and self.state is _OK:
             mode = self._mode[d]
+            if mode == _HEAD and what == "skip" and not self._buf[d]:
+                # Whole frames the kernel left out on purpose (FRAMING.kernel_walk: DATA
+                # without END_STREAM, PING, WINDOW_UPDATE): a Skip comes only from a
+                # deliberate skip, and this one starts on a frame boundary; none of those
+                # frames changes HPACK or stream state. Their DATA octets are not in the
+                # streams' body lengths.
+                self.elided_bytes[d] += length
+                return
             if mode != _BODY and mode != _IGNORE:
                 part = "a header block" if mode == _PAYLOAD else \
                     "the preface" if mode == _PREFACE else "a frame header"
@@ -753,8 +762,24 @@ def table_line(d: Http2Event) -> list[tuple[str, str | None]]:
     return out
 
 
+# The kernel follows the frames of h2c with prior knowledge (bpf/frames.h): the client's
+# side after the 24-octet preface, the server's from its first octet. DATA frames are left
+# out whole, or only their payload when they end the stream (END_STREAM must reach the
+# parser), or not at all when padded (the pad length is in the payload); PING and
+# WINDOW_UPDATE, which the parser only counts, are left out too. HEADERS, CONTINUATION,
+# SETTINGS, RST_STREAM, GOAWAY and PUSH_PROMISE always reach the parser: HPACK needs every
+# header block, and gRPC's status is in the trailers.
+FRAMING = FramingHints(kernel_walk=KernelWalk(
+    match=PREFACE[:8], start=(len(PREFACE), 0),
+    # A server's first frame is SETTINGS (type 4, no flags, stream 0), often sent before
+    # the client's preface arrives.
+    server_match=bytes((0, 0, 0, _SETTINGS, 0, 0, 0, 0)), server_mask=bytes(3) + b"\xff" * 5,
+    header=9, length_at=0, length_size=3, type_at=3, flags_at=4, elide=bytes((_DATA, _PING, _WINDOW)),
+    keep_flags=_PADDED, body_flags=_END_STREAM))
+
 PROTOCOL = Protocol(
     name=APP_PROTO, event=Http2Event, parser=Http2Parser, options=("redact",),
+    framing=FRAMING,
     signature=looks_like, priority=0,
     summary=("http_host",), summary_keys=("grpc_service", "grpc_method"),
     column_types={"stream_id": "u32", "status": "u16", "grpc_status": "i32"},

@@ -54,7 +54,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
-from sensor.l7.registry import Filter, Protocol
+from sensor.l7.registry import Filter, FramingHints, KernelWalk, Protocol
 from sensor.l7.redact import REDACTED
 from sensor.l7.upgrade import MAX_HELD, Handover
 
@@ -901,9 +901,20 @@ def table_line(d: PgsqlEvent) -> list[tuple[str, str | None]]:
 # SUMMARY_FIELDS are the parser's summary() keys: the Flow's l7_summary map (the first
 # statement, redacted, cut to 256 characters there). After an SSLRequest the TLS parser's
 # SNI and JA4 fill the Flow's TLS fields (app_proto stays pgsql).
+# The kernel follows the server's messages (bpf/frames.h) when the client opens with a
+# v3.0 StartupMessage (Int32 length, then 00 03 00 00): no SSL/GSS answer byte can come
+# first. DataRow and CopyData messages are left out whole (see Framing); the client's side
+# is not walked (it carries no bulk but COPY FROM).
+KERNEL_WALK = KernelWalk(
+    match=bytes(4) + (3 << 16).to_bytes(4, "big"), mask=bytes(4) + b"\xff" * 4,
+    start=(None, 0), header=FRAMING.header, length_at=FRAMING.length_at,
+    length_size=FRAMING.length_size, length_adjust=FRAMING.length_at - FRAMING.header,
+    type_at=0, elide=FRAMING.elidable)
+
 PROTOCOL = Protocol(
     name=APP_PROTO, event=PgsqlEvent, parser=PgsqlParser, options=("redact",),
     tcp_ports=PORTS, signature=looks_like, priority=30,
+    framing=FramingHints(kernel_walk=KERNEL_WALK),
     summary=("tls_sni", "tls_ja4"), summary_keys=SUMMARY_FIELDS,
     column_types={"columns": "u16", "backend_pid": "u32"},
     line=table_line, style="yellow",

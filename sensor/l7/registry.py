@@ -93,6 +93,51 @@ class ZeekLog:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KernelWalk:
+    """A length-framed protocol the kernel follows frame by frame (bpf/frames.h), so that
+    its bulk frames are left out without a userspace round trip per frame. The loader
+    writes it into the kernel's frame_cfg (sensor/kernel/frames.py).
+
+    match/mask: the client's first eight payload octets (big-endian, masked) that arm the
+    walk; server_match/server_mask the same for a server that speaks first (its client
+    must then match too). start: octets of each side's first payload before its first frame, by Direction
+    (client, server), None for a side not walked. A frame is `header` octets with a
+    big-endian length field at length_at (length_size octets); it spans header + length +
+    length_adjust octets. Frames whose type octet (at type_at) is in `elide` are left out:
+    whole (header too) unless the flags octet (flags_at) has one of body_flags (then only
+    the payload) or keep_flags (then nothing). The parser must accept a Skip that starts
+    and ends on frame boundaries in place of such frames."""
+
+    match: bytes
+    mask: bytes = b"\xff" * 8
+    server_match: bytes = b""
+    server_mask: bytes = b""
+    start: tuple[int | None, int | None]
+    header: int
+    length_at: int
+    length_size: int
+    length_adjust: int = 0
+    type_at: int
+    flags_at: int = 0
+    elide: bytes
+    keep_flags: int = 0
+    body_flags: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.match) != 8 or len(self.mask) != 8 or not any(self.mask):
+            raise ValueError("kernel walk: match and mask are eight octets, mask not zero")
+        if len(self.server_match) != len(self.server_mask) or \
+                len(self.server_mask) not in (0, 8):
+            raise ValueError("kernel walk: server_match and server_mask are eight octets")
+        if not 1 <= self.header <= 16 or not 1 <= self.length_size <= 4 or \
+                self.length_at + self.length_size > self.header or \
+                not (self.type_at < self.header and self.flags_at < self.header):
+            raise ValueError("kernel walk: the header's fields must lie in 1..16 octets")
+        if any(s is not None and not 0 <= s < 0xFFFF for s in self.start):
+            raise ValueError("kernel walk: start is 0..65534 octets or None")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FramingHints:
     """What the live engine (sensor/engine/live.py) needs to know of the protocol's
     messages on a TCP stream to spend the kernel's copy budget well. The parser's own
@@ -112,6 +157,8 @@ class FramingHints:
     head_end: bytes = b""
     resync: bool = False
     done_after: Callable[[Any], bool] | None = None
+    # Frames the kernel follows and leaves out by itself (KernelWalk), or None.
+    kernel_walk: KernelWalk | None = None
 
     def __post_init__(self) -> None:
         if self.resync and not self.message_starts:
@@ -332,6 +379,12 @@ def kernel_sniff_prefixes() -> tuple[int, ...]:
     """Every registered kernel prefix as a big-endian 32-bit word, sorted, once each."""
     return tuple(sorted({int.from_bytes(p, "big") for spec in protocols()
                          for p in spec.kernel_prefixes}))
+
+
+def kernel_walks() -> tuple[KernelWalk, ...]:
+    """Every registered KernelWalk, in registry order (the kernel holds four)."""
+    return tuple(spec.framing.kernel_walk for spec in protocols()
+                 if spec.framing is not None and spec.framing.kernel_walk is not None)
 
 
 def kernel_datagram_words() -> tuple[tuple[int, int, int], ...]:

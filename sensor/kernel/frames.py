@@ -1,0 +1,118 @@
+"""The kernel's frame walk (bpf/frames.h): its ABI mirrored in ctypes, and the protocol
+table userspace writes at load time from the parsers' registrations (sensor/l7/registry.py,
+FramingHints.kernel_walk). Nothing here names a protocol.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from sensor.kernel import abi, bpfsys
+from sensor.l7 import registry
+
+FRAME_PROTOS = 4          # LOUPE_FRAME_PROTOS: frame_cfg entries
+FRAME_HDR_MAX = 16        # LOUPE_FRAME_HDR_MAX
+NOT_WALKED = 0xFFFF       # LOUPE_FRAME_NOT_WALKED
+FRAME_CFG_SIZE = 80
+WALK_STATE_SIZE = 72
+TAIL_WALK = 0             # LOUPE_TAIL_WALK, the slot of walk_tails
+PROGRAM = "loupe_walk"
+
+WALK_OFF, WALK_FIRST, WALK_ON, WALK_CLIENT = 0, 1, 2, 3      # LOUPE_WALK_*
+# WalkDir.stopped (LOUPE_WALK_STOP_*): why a direction's walk went off.
+STOP_NAMES = {1: "cfg", 2: "opening", 3: "late", 4: "hole", 5: "tail_call", 6: "ring_full",
+              7: "cut", 8: "frame"}
+
+# PayloadEvent.flags (LOUPE_PLF_*)
+PLF_SKIPPED_BEFORE = 0x01   # this direction's octets before seq not received were elided
+PLF_PEER_WALKED = 0x02      # ... the other direction's below ack too
+PLF_CUT = 0x04              # the packet's octets after this chunk were not copied
+
+
+class FrameCfg(ctypes.Structure):
+    """struct loupe_frame_cfg."""
+
+    _fields_ = [
+        ("match", ctypes.c_uint64),
+        ("mask", ctypes.c_uint64),
+        ("server_match", ctypes.c_uint64),
+        ("server_mask", ctypes.c_uint64),
+        ("elide", ctypes.c_uint64 * 4),
+        ("len_adj", ctypes.c_int32),
+        ("start", ctypes.c_uint16 * 2),
+        ("hdr_len", ctypes.c_uint8),
+        ("len_off", ctypes.c_uint8),
+        ("len_size", ctypes.c_uint8),
+        ("type_off", ctypes.c_uint8),
+        ("flags_off", ctypes.c_uint8),
+        ("keep_flags", ctypes.c_uint8),
+        ("body_flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class WalkDir(ctypes.Structure):
+    """struct loupe_walk_dir."""
+
+    _fields_ = [
+        ("next", ctypes.c_uint32),
+        ("frame_end", ctypes.c_uint32),
+        ("state", ctypes.c_uint8),
+        ("have", ctypes.c_uint8),
+        ("elide_cur", ctypes.c_uint8),
+        ("stopped", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 4),
+        ("hdr", ctypes.c_uint8 * FRAME_HDR_MAX),
+    ]
+
+
+class WalkState(ctypes.Structure):
+    """struct loupe_walk_state: a flow's walk, by abi.PL_TO_*."""
+
+    _fields_ = [("proto", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("dir", WalkDir * 2)]
+
+
+assert ctypes.sizeof(FrameCfg) == FRAME_CFG_SIZE
+assert ctypes.sizeof(WalkState) == WALK_STATE_SIZE
+
+
+def frame_cfg(walk: registry.KernelWalk) -> FrameCfg:
+    """One registration as the kernel's table entry."""
+    cfg = FrameCfg()
+    cfg.match = int.from_bytes(walk.match, "big") & int.from_bytes(walk.mask, "big")
+    cfg.mask = int.from_bytes(walk.mask, "big")
+    if walk.server_mask:
+        cfg.server_mask = int.from_bytes(walk.server_mask, "big")
+        cfg.server_match = int.from_bytes(walk.server_match, "big") & cfg.server_mask
+    for t in walk.elide:
+        cfg.elide[t >> 6] |= 1 << (t & 63)
+    cfg.len_adj = walk.length_adjust
+    for side, start in enumerate(walk.start):   # Direction order = abi.PL_TO_* order
+        cfg.start[side] = NOT_WALKED if start is None else start
+    cfg.hdr_len = walk.header
+    cfg.len_off = walk.length_at
+    cfg.len_size = walk.length_size
+    cfg.type_off = walk.type_at
+    cfg.flags_off = walk.flags_at
+    cfg.keep_flags = walk.keep_flags
+    cfg.body_flags = walk.body_flags
+    return cfg
+
+
+def fill(map_fd: int, walks: tuple[registry.KernelWalk, ...] | None = None) -> int:
+    """Writes the registered walks (or `walks`) into frame_cfg; returns how many. Slots
+    past them are written empty (a zero mask matches nothing)."""
+    walks = registry.kernel_walks() if walks is None else walks
+    if len(walks) > FRAME_PROTOS:
+        raise ValueError(f"{len(walks)} protocols declare a kernel walk; the kernel holds "
+                         f"{FRAME_PROTOS}")
+    for i in range(FRAME_PROTOS):
+        cfg = frame_cfg(walks[i]) if i < len(walks) else FrameCfg()
+        bpfsys.update(map_fd, ctypes.c_uint32(i), cfg)
+    return len(walks)
+
+
+def state(map_fd: int, key: abi.FlowKey) -> WalkState | None:
+    """A flow's walk, or None (tests, diagnostics)."""
+    value = WalkState()
+    return value if bpfsys.lookup(map_fd, key, value, lock=False) else None
