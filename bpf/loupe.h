@@ -558,6 +558,7 @@ enum loupe_counter {
 
 #define LOUPE_TLS_LIB_OPENSSL 1
 #define LOUPE_TLS_LIB_GNUTLS  2
+#define LOUPE_TLS_LIB_GO      3   /* Go's crypto/tls: ssl is the *tls.Conn */
 
 /* fd_src: where the event's fd comes from. */
 #define LOUPE_TLS_FD_NONE    0   /* unknown: no SSL_set_fd, no syscall in any call yet */
@@ -567,6 +568,9 @@ enum loupe_counter {
 /* Selection flags of loupe_tls_config. */
 #define LOUPE_TLS_SEL_COMM   0x01   /* only processes whose comm is in tls_sel_comm */
 #define LOUPE_TLS_SEL_CGROUP 0x02   /* only tasks whose cgroup id is in tls_sel_cgroup */
+/* Not a selection: a Go binary is probed, so the syscall tracepoints also look for a
+ * goroutine's call on the thread (one more lookup per syscall only once one is). */
+#define LOUPE_TLS_HAS_GO     0x04
 
 /* One TLS object of one process. */
 struct loupe_tls_conn_key {

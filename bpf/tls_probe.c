@@ -20,6 +20,12 @@
  * - Selection by process name and cgroup is decided here, at the entry; by port it needs
  *   the 5-tuple, so userspace stops unselected objects with LOUPE_CTL_DONE.
  * - Every loss is counted (loupe.h, enum loupe_tls_counter).
+ * - Go's crypto/tls (amd64, register ABI of Go >= 1.17) is probed in each Go binary at
+ *   (*Conn).Read/Write's entry and at each of their RET instructions (found by
+ *   disassembly in userspace): a uretprobe rewrites the return address on the stack,
+ *   which Go moves when it grows a goroutine's stack. A call is keyed by its goroutine
+ *   (R14 holds the g), not the thread: a goroutine blocked in Read may resume on another
+ *   thread.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ptrace.h>
@@ -70,6 +76,26 @@ BPF_TABLE("lru_hash", __u64, __s32, tls_connecting, LOUPE_TLS_CALLS);
 BPF_TABLE("lru_hash", __u64, struct loupe_tls_fd_key, tls_sk_fd, LOUPE_TLS_CALLS);
 BPF_TABLE("lru_hash", struct loupe_tls_fd_key, struct loupe_tls_sock, tls_fd_sock,
 	  LOUPE_TLS_CONNS);
+
+/* Go: a call between its entry and a RET, per goroutine. Key: struct loupe_tls_conn_key
+ * with the g's address for ssl. Value: struct loupe_tls_go_call. LRU: a call that
+ * panics never reaches a RET, and its entry must not pin a slot.
+ * tls_go_thread: the Go call a thread entered last, for the syscall tracepoints to give
+ * it the fd (the goroutine makes its first read/write on the thread it entered on).
+ * Key: thread id. Value: struct loupe_tls_go_thread; the stamp tells a stale entry (the
+ * goroutine returned on another thread and called again) from the current call.
+ * Both kernel-internal: userspace never reads them. */
+struct loupe_tls_go_call {
+	struct loupe_tls_call call;
+	__u64 stamp;           /* bpf_ktime_get_ns() at the entry */
+};
+struct loupe_tls_go_thread {
+	__u64 g;
+	__u64 stamp;
+};
+BPF_TABLE("lru_hash", struct loupe_tls_conn_key, struct loupe_tls_go_call, tls_go_calls,
+	  LOUPE_TLS_CALLS);
+BPF_TABLE("lru_hash", __u64, struct loupe_tls_go_thread, tls_go_thread, LOUPE_TLS_CALLS);
 
 /* tls_events: struct loupe_tls_event + cap_len octets. LOUPE_TLS_RINGBUF_PAGES pages. */
 BPF_RINGBUF_OUTPUT(tls_events, LOUPE_TLS_RINGBUF_PAGES);
@@ -218,15 +244,9 @@ static __always_inline void mark(const struct loupe_tls_conn_key *key,
 		count(LOUPE_TLS_CNT_RINGBUF_FULL, 1);
 }
 
-static __always_inline int leave(__s64 ret, int ex)
+static __always_inline int leave_call(struct loupe_tls_call call, __s64 ret, int ex,
+				      __u64 pid_tgid)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct loupe_tls_call *saved = tls_calls.lookup(&pid_tgid);
-	if (!saved)
-		return 0;
-	struct loupe_tls_call call = *saved;
-	tls_calls.delete(&pid_tgid);
-
 	__u64 n = 0;
 	if (ex) {
 		/* 1 on success, with the length written through the fourth argument. */
@@ -341,6 +361,17 @@ static __always_inline int leave(__s64 ret, int ex)
 	return 0;
 }
 
+static __always_inline int leave(__s64 ret, int ex)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_call *saved = tls_calls.lookup(&pid_tgid);
+	if (!saved)
+		return 0;
+	struct loupe_tls_call call = *saved;
+	tls_calls.delete(&pid_tgid);
+	return leave_call(call, ret, ex, pid_tgid);
+}
+
 int tls_leave(struct pt_regs *ctx)
 {
 	return leave((__s64)PT_REGS_RC(ctx), 0);
@@ -355,6 +386,95 @@ int tls_leave_int(struct pt_regs *ctx)
 int tls_leave_ex(struct pt_regs *ctx)
 {
 	return leave((__s64)(int)PT_REGS_RC(ctx), 1);
+}
+
+/* ---- Go's crypto/tls ------------------------------------------------------------------- */
+
+/* func (c *Conn) Read(b []byte) (n int, err error), Write alike. Go's register ABI on
+ * amd64 (Go >= 1.17, internal/abi): arguments and results in RAX, RBX, RCX, ...: c in
+ * RAX, b's pointer in RBX (its length in RCX); n in RAX at each RET. R14 is the current
+ * goroutine (g). The entry runs again after a stack growth (morestack restarts the
+ * function): the same call is saved again. */
+#if defined(__x86_64__)
+#define GO_ARG1(ctx) ((ctx)->ax)
+#define GO_ARG2(ctx) ((ctx)->bx)
+#define GO_RET1(ctx) ((ctx)->ax)
+#define GO_G(ctx)    ((ctx)->r14)
+#else
+#define GO_ARG1(ctx) 0
+#define GO_ARG2(ctx) 0
+#define GO_RET1(ctx) 0
+#define GO_G(ctx)    0
+#endif
+
+static __always_inline int go_enter(struct pt_regs *ctx, __u8 dir)
+{
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	__u64 g = GO_G(ctx);
+	if (!cfg || !cfg->enabled || !g)
+		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_conn_key key = {.ssl = GO_ARG1(ctx), .tgid = pid_tgid >> 32};
+	struct loupe_tls_ctl *ctl = tls_ctl.lookup(&key);
+	if (ctl && (ctl->flags & LOUPE_CTL_DONE))
+		return 0;
+	if (!selected(cfg)) {
+		count(LOUPE_TLS_CNT_NOT_SELECTED, 1);
+		return 0;
+	}
+	struct loupe_tls_go_call gc = {};
+	gc.call.ssl = key.ssl;
+	gc.call.buf = GO_ARG2(ctx);
+	gc.call.fd = -1;
+	gc.call.dir = dir;
+	gc.call.lib = LOUPE_TLS_LIB_GO;
+	gc.stamp = bpf_ktime_get_ns();
+	struct loupe_tls_conn_key gk = {.ssl = g, .tgid = key.tgid};
+	if (tls_go_calls.update(&gk, &gc) != 0) {
+		count(LOUPE_TLS_CNT_CALLS_FULL, 1);
+		return 0;
+	}
+	struct loupe_tls_go_thread t = {.g = g, .stamp = gc.stamp};
+	tls_go_thread.update(&pid_tgid, &t);
+	return 0;
+}
+
+int tls_enter_go_read(struct pt_regs *ctx)
+{
+	return go_enter(ctx, LOUPE_TLS_READ);
+}
+
+int tls_enter_go_write(struct pt_regs *ctx)
+{
+	return go_enter(ctx, LOUPE_TLS_WRITE);
+}
+
+/* At a RET of Read or Write: n in RAX (an error with n > 0 still delivered n octets). */
+int tls_leave_go(struct pt_regs *ctx)
+{
+	__u64 g = GO_G(ctx);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_conn_key gk = {.ssl = g, .tgid = pid_tgid >> 32};
+	struct loupe_tls_go_call *saved = tls_go_calls.lookup(&gk);
+	if (!saved)
+		return 0;
+	struct loupe_tls_call call = saved->call;
+	tls_go_calls.delete(&gk);
+	struct loupe_tls_go_thread *t = tls_go_thread.lookup(&pid_tgid);
+	if (t && t->g == g)
+		tls_go_thread.delete(&pid_tgid);
+	return leave_call(call, (__s64)GO_RET1(ctx), 0, pid_tgid);
+}
+
+/* func (c *Conn) Close() error: as SSL_free, the Conn's address may be reused. */
+int tls_free_go(struct pt_regs *ctx)
+{
+	struct loupe_tls_conn_key key = {.ssl = GO_ARG1(ctx),
+					 .tgid = bpf_get_current_pid_tgid() >> 32};
+	tls_conns.delete(&key);
+	tls_ctl.delete(&key);
+	return 0;
 }
 
 /* ---- the object's socket and its end -------------------------------------------------- */
@@ -408,8 +528,22 @@ static __always_inline void call_fd(__s64 fd)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	struct loupe_tls_call *call = tls_calls.lookup(&pid_tgid);
-	if (call && call->fd < 0)
-		call->fd = (__s32)fd;
+	if (call) {
+		if (call->fd < 0)
+			call->fd = (__s32)fd;
+		return;
+	}
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	if (!cfg || !(cfg->flags & LOUPE_TLS_HAS_GO))
+		return;
+	struct loupe_tls_go_thread *t = tls_go_thread.lookup(&pid_tgid);
+	if (!t)
+		return;
+	struct loupe_tls_conn_key gk = {.ssl = t->g, .tgid = pid_tgid >> 32};
+	struct loupe_tls_go_call *gc = tls_go_calls.lookup(&gk);
+	if (gc && gc->stamp == t->stamp && gc->call.fd < 0)
+		gc->call.fd = (__s32)fd;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { call_fd(args->fd); return 0; }

@@ -7,6 +7,9 @@ process that maps them, now or later, is covered: the uprobe is on the inode). E
 `rescan_s` the maps of processes not seen before are read (/proc/PID/maps): a library
 file of another inode (a container's own, a vendored copy) is attached through
 /proc/PID/root, once per inode. A library without the functions is a one-line warning.
+The executable of each new process is looked at once per inode too: a Go binary that
+links crypto/tls is probed through /proc/PID/exe (sensor/kernel/gotls.py); a Go binary
+without it, or any other executable, costs one read of its section headers.
 
 Threads. Chunks are read by the wire's ring buffer poll (one wait for both rings, see
 loader.add_ring) into a bounded queue, and handled in step() on the main thread, which
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from sensor.engine.plaintext import PlaintextL7
 from sensor.errors import ConfigError
-from sensor.kernel import tlsprobe
+from sensor.kernel import gotls, tlsprobe
 from sensor.model import LostSource, Record
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 QUEUE_CHUNKS = 16384
 # Chunks handled per step before the flow map gets its turn.
 CHUNKS_PER_STEP = 20000
+# Executable inodes already looked at (Go or not), before the set starts again: every
+# distinct program a host runs is far fewer; past it, one re-read each is the cost.
+MAX_EXES = 65536
 # Where distributions put the libraries (multiarch and not).
 HOST_LIBRARIES = ("/usr/lib/*/libssl.so.3", "/lib/*/libssl.so.3", "/usr/lib64/libssl.so.3",
                   "/usr/lib/libssl.so.3", "/usr/lib/*/libgnutls.so.30",
@@ -114,6 +120,7 @@ class PlaintextSensor:
         self.queue_full = 0
         self._proc = proc
         self._seen_pids: set[int] = set()
+        self._exes: set[tuple[int, int]] = set()
         self._next_scan = 0.0
         self._last = _Last()
 
@@ -157,7 +164,23 @@ class PlaintextSensor:
         for pid in pids - self._seen_pids:
             for path, kind in _tls_libraries(self._proc, pid):
                 self.probe.attach_library(f"{self._proc}/{pid}/root{path}", kind)
+            self._go_binary(pid)
         self._seen_pids = pids
+
+    def _go_binary(self, pid: int) -> None:
+        exe = f"{self._proc}/{pid}/exe"
+        try:
+            st = os.stat(exe)
+        except OSError:
+            return   # a kernel thread, gone, or not ours to read
+        inode = (st.st_dev, st.st_ino)
+        if inode in self._exes:
+            return
+        if len(self._exes) >= MAX_EXES:
+            self._exes.clear()
+        self._exes.add(inode)
+        if gotls.is_go(exe):
+            self.probe.attach_library(exe, "go")
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ once (`attach_library` keys on st_dev/st_ino).
 A library without the functions (stripped of its dynamic symbols, a version that
 renamed them, not a TLS library at all) is a one-line warning naming it, never an
 error: the rest of the sensor does not depend on it.
+
+Go binaries (kind "go") carry crypto/tls inside: sensor/kernel/gotls.py finds the entry
+and RET offsets, each RET gets an entry-type uprobe running the return program.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensor.errors import KernelError, PrivilegeError
-from sensor.kernel import bccload, bpfsys
+from sensor.kernel import bccload, bpfsys, gotls
 from sensor.kernel.counters import possible_cpus
 from sensor.kernel.elfsyms import ElfError, function_offsets
 from sensor.kernel.loader import (
@@ -93,9 +96,9 @@ EV_SOCK, EV_BIND, EV_PROGRESS = 0x01, 0x02, 0x04
 
 READ, WRITE = 0, 1                       # LOUPE_TLS_READ / WRITE
 FD_NONE, FD_SET_FD, FD_SYSCALL = 0, 1, 2
-SEL_COMM, SEL_CGROUP = 0x01, 0x02
+SEL_COMM, SEL_CGROUP, HAS_GO = 0x01, 0x02, 0x04
 CTL_DONE = 0x01
-LIBS = {1: "openssl", 2: "gnutls"}
+LIBS = {1: "openssl", 2: "gnutls", 3: "go"}
 COUNTER_NAMES = ("calls", "events", "copied", "truncated", "skipped", "ringbuf_full",
                  "ringbuf_octets", "calls_full", "read_failed", "not_selected")
 
@@ -155,9 +158,16 @@ FUNCTIONS = {
         "gnutls_deinit": ("tls_free", None),
         "gnutls_transport_set_int2": ("tls_set_fd", None),
     },
+    # Go's crypto/tls: the return program goes on each RET (gotls.py), not a uretprobe.
+    "go": {
+        gotls.READ: ("tls_enter_go_read", "tls_leave_go"),
+        gotls.WRITE: ("tls_enter_go_write", "tls_leave_go"),
+        gotls.CLOSE: ("tls_free_go", None),
+    },
 }
 NEEDED = {"openssl": ("SSL_read", "SSL_write"),
-          "gnutls": ("gnutls_record_recv", "gnutls_record_send")}
+          "gnutls": ("gnutls_record_recv", "gnutls_record_send"),
+          "go": (gotls.READ, gotls.WRITE)}
 PROGRAMS = sorted({p for fns in FUNCTIONS.values() for pair in fns.values()
                    for p in pair if p})
 
@@ -170,6 +180,16 @@ def library_kind(path: str) -> str | None:
     if name.startswith("libgnutls.so.30"):
         return "gnutls"
     return None
+
+
+def _shown(path: str) -> str:
+    """A /proc/PID/exe path as the program's file name (and the pid), for log lines."""
+    if path.endswith("/exe"):
+        try:
+            return f"{os.readlink(path)} ({path})"
+        except OSError:
+            pass
+    return path
 
 
 # ---- perf_event_open on the uprobe PMU ----------------------------------------------------
@@ -273,6 +293,7 @@ class TlsProbe:
         self._ring: RingBuffer | None = None
         self.libraries: dict[tuple[int, int], Library] = {}
         self.refused: dict[tuple[int, int], str] = {}   # inode -> why (said once)
+        self._config = TlsConfig()
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -286,9 +307,10 @@ class TlsProbe:
         for cg in cgroup_ids:
             bpfsys.update(self._obj.map_fd("tls_sel_cgroup"), ctypes.c_uint64(cg), one)
         flags = (SEL_COMM if comms else 0) | (SEL_CGROUP if cgroup_ids else 0)
-        cfg = TlsConfig(enabled=1, flags=flags)
+        cfg = TlsConfig(enabled=1, flags=flags | (self._config.flags & HAS_GO))
         cfg.budget[0] = cfg.budget[1] = budget
         bpfsys.update(self._obj.map_fd("tls_config"), ctypes.c_uint32(0), cfg)
+        self._config = cfg
 
     # -- libraries -------------------------------------------------------------------------
 
@@ -303,10 +325,21 @@ class TlsProbe:
         inode = (st.st_dev, st.st_ino)
         if inode in self.libraries or inode in self.refused:
             return self.libraries.get(inode)
-        why = self._attach(inode, path, kind)
+        if kind == "go":
+            try:
+                points = gotls.find(path)
+            except gotls.GoTlsError as exc:
+                points, why = None, str(exc)
+            else:
+                if points is None:
+                    self.refused[inode] = ""   # Go without crypto/tls: nothing to say
+                    return None
+                why = self._attach_go(inode, path, points)
+        else:
+            why = self._attach(inode, path, kind)
         if why:
             self.refused[inode] = why
-            log.warning("TLS plaintext: %s %s: %s", kind, path, why)
+            log.warning("TLS plaintext: %s %s: %s", kind, _shown(path), why)
             return None
         return self.libraries[inode]
 
@@ -334,6 +367,33 @@ class TlsProbe:
             return f"attaching uprobes failed: {exc.strerror}{hint}"
         self.libraries[inode] = Library(kind, path, tuple(sorted(offsets)), links)
         log.info("TLS plaintext: probes on %s %s (%s)", kind, path, ", ".join(sorted(offsets)))
+        return ""
+
+    def _attach_go(self, inode: tuple[int, int], path: str, points: gotls.GoTls) -> str:
+        prog = self._obj.prog_fd
+        sites = [(prog("tls_enter_go_read"), points.read.offset),
+                 (prog("tls_enter_go_write"), points.write.offset)]
+        sites += [(prog("tls_leave_go"), off)
+                  for off in (*points.read.returns, *points.write.returns)]
+        if points.close is not None:
+            sites.append((prog("tls_free_go"), points.close))
+        links: list[int] = []
+        try:
+            for fd, off in sites:
+                links.append(attach_uprobe(fd, path, off, ret=False))
+        except OSError as exc:
+            for fd in links:
+                os.close(fd)
+            hint = " (needs CAP_PERFMON, or root)" if exc.errno in (1, 13) else ""
+            return f"attaching uprobes failed: {exc.strerror}{hint}"
+        names = (gotls.READ, gotls.WRITE) + ((gotls.CLOSE,) if points.close is not None else ())
+        self.libraries[inode] = Library("go", path, names, links)
+        if not self._config.flags & HAS_GO:
+            # The syscall tracepoints now also look for goroutines' calls (loupe.h).
+            self._config.flags |= HAS_GO
+            bpfsys.update(self._obj.map_fd("tls_config"), ctypes.c_uint32(0), self._config)
+        log.info("TLS plaintext: probes on Go crypto/tls in %s (%d return points)",
+                 _shown(path), len(points.read.returns) + len(points.write.returns))
         return ""
 
     # -- events and control ----------------------------------------------------------------
