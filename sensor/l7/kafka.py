@@ -596,18 +596,31 @@ class KafkaParser:
                     want = s.want
                     avail = len(buf) - pos
                     if want > 0:
-                        if want > s.left:
+                        left = s.left
+                        if want > left:
                             value = _throw(gen)
                         elif avail < want:
                             break
                         else:
-                            chunk = buf[pos:pos + want]
-                            pos += want
-                            s.left -= want
-                            try:
-                                value = gen.send(chunk)
-                            except StopIteration:
-                                value = None
+                            # Reads that fit in the message and in the buffer are fed in
+                            # this loop; anything else goes back through the checks above.
+                            # (Most fields are a few bytes: this is the parser's hot path.)
+                            send = gen.send
+                            end = len(buf)
+                            while True:
+                                chunk = buf[pos:pos + want]
+                                pos += want
+                                left -= want
+                                s.left = left   # walkers check counts against it
+                                try:
+                                    value = send(chunk)
+                                except StopIteration:
+                                    value = None
+                                    break
+                                if value is None or not 0 < value <= left \
+                                        or end - pos < value:
+                                    break
+                                want = value
                     elif want < 0:
                         n = -want
                         if n > s.left:
@@ -689,10 +702,16 @@ class KafkaParser:
 
     # -- field readers (generators: yield n for n bytes, -n to skip n) -----------------------
 
-    def _uvarint(self):
+    def _uvarint(self, first: int = -1):
+        """An unsigned varint. `first`: its first byte, already read by a caller that
+        handles the one-byte case itself (lengths, counts and tags are nearly always below
+        128; that saves a generator per field on the hot path, bench_kafka)."""
         value = shift = 0
         for _ in range(_MAX_VARINT_BYTES):
-            b = (yield 1)[0]
+            if first < 0:
+                b = (yield 1)[0]
+            else:
+                b, first = first, -1
             value |= (b & 0x7F) << shift
             if b < 0x80:
                 return value
@@ -702,7 +721,8 @@ class KafkaParser:
     def _length(self, flex: bool, wide: bool = False):
         """A string's (wide: a bytes' or array's) length; -1 is null."""
         if flex:
-            n = (yield from self._uvarint()) - 1
+            n = (yield 1)[0]
+            n = (n if n < 0x80 else (yield from self._uvarint(n))) - 1
         elif wide:
             n = _I32.unpack((yield 4))[0]
         else:
@@ -743,7 +763,9 @@ class KafkaParser:
         """A tagged-field section (KIP-482): count, then tag, size, value each; skipped."""
         if not flex:
             return
-        n = yield from self._uvarint()
+        n = (yield 1)[0]
+        if n >= 0x80:
+            n = yield from self._uvarint(n)
         if n > s.left:
             raise _BadBody(f"{n} tagged fields in {s.left} bytes")
         for _ in range(n):
