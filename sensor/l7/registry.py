@@ -12,7 +12,8 @@ modules import sensor.model, and sensor.model asks this registry what an event's
 
 Storage types. The collector derives a table's columns from the event dataclass: str ->
 string, bool -> bool, int -> u64, tuple[str, ...] -> list of strings, tuple[<dataclass>,
-...] -> list of structs. `column_types` overrides one column ("status": "u16") or one
+...] -> list of structs, Counts -> counts (a str -> count map stored as JSON text).
+`column_types` overrides one column ("status": "u16") or one
 struct member ("answers.rtype": "u16"), with the type names of TYPE_NAMES. Sensor code
 never imports pyarrow: these are names, collector/schema.py maps them.
 """
@@ -400,9 +401,52 @@ class Column:
     of structs (then `type` is "struct" and `of` is the nested dataclass)."""
 
     name: str
-    type: str                      # a TYPE_NAMES entry, "list<str>" or "list<struct>"
+    type: str                      # a TYPE_NAMES entry, "list<str>", "list<struct>", "counts"
     of: type | None = None
     members: tuple["Column", ...] = ()
+
+
+class Counts(tuple):
+    """A small immutable str -> count mapping as (key, count) pairs in key order (the PII
+    counts of an HTTP event, sensor/l7/pii.py): hashable like the rest of a record. On
+    the wire a map<string, uint32>; stored as JSON text ("counts" column type), which
+    DuckDB, ClickHouse 18.16, Parquet and CSV all hold as a plain string."""
+
+    __slots__ = ()
+    MAX_KEYS = 64          # more keys than pii.KEYS: a sender cannot grow a row unbounded
+    MAX_KEY = 64
+    MAX_COUNT = (1 << 32) - 1
+
+    @classmethod
+    def of(cls, value: Any) -> "Counts":
+        """From a mapping, (key, count) pairs, or JSON text (a stored row's column; None
+        or "" in a row stored before the column existed); ValueError names the problem."""
+        if isinstance(value, Counts):
+            return value
+        if value is None:
+            return _EMPTY_COUNTS
+        if isinstance(value, str):
+            import json
+            value = json.loads(value) if value else {}
+        items = value.items() if hasattr(value, "items") else value
+        pairs = tuple(sorted((k, v) for k, v in items))
+        if len(pairs) > cls.MAX_KEYS:
+            raise ValueError(f"{len(pairs)} counts; at most {cls.MAX_KEYS}")
+        for i, (k, v) in enumerate(pairs):
+            if not isinstance(k, str) or not k or len(k) > cls.MAX_KEY:
+                raise ValueError(f"count key {k!r} is not a string of 1..{cls.MAX_KEY}")
+            if i and pairs[i - 1][0] == k:
+                raise ValueError(f"count key {k!r} appears twice")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= cls.MAX_COUNT:
+                raise ValueError(f"count {k!r}={v!r} is not in 0..{cls.MAX_COUNT}")
+        return cls(pairs)
+
+    def json(self) -> str:
+        import json
+        return json.dumps(dict(self), separators=(",", ":"))
+
+
+_EMPTY_COUNTS = Counts()
 
 
 def _type_name(hint: Any, default_int: str = "u64") -> str:
@@ -423,6 +467,9 @@ def columns(cls: type, overrides: Mapping[str, str] = MappingProxyType({}),
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         key = prefix + f.name
+        if hint is Counts:
+            out.append(Column(f.name, "counts"))
+            continue
         if typing.get_origin(hint) is tuple:
             inner = typing.get_args(hint)[0]
             if dataclasses.is_dataclass(inner):
