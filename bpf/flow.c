@@ -825,8 +825,11 @@ static __always_inline int walk_step(struct __sk_buff *skb, struct loupe_walk *w
 		__u32 n = pl - pos;
 		if (n > (__u32)body)
 			n = body;
+		__s32 kept = (__s32)(w->keep_end - (w->seq + pos));
 		if (!w->elide_cur)
 			walk_range(w, pos, n);
+		else if (kept > 0)
+			walk_range(w, pos, (__u32)kept < n ? (__u32)kept : n);
 		w->pos = pos + n;
 		return 0;
 	}
@@ -876,7 +879,10 @@ static __always_inline int walk_step(struct __sk_buff *skb, struct loupe_walk *w
 	w->frame_end = start + (__u32)total;
 	w->elide_cur = elide;
 	w->have = 0;
-	if (elide && !(fl & w->body_flags) && have == 0) {
+	w->keep_end = start + hl;
+	if (elide && type == w->keep_type && w->keep_octets)
+		w->keep_end = start + hl + (len < w->keep_octets ? len : w->keep_octets);
+	else if (elide && !(fl & w->body_flags) && have == 0) {
 		/* Whole: header and the payload in this packet, in this step. */
 		__u32 rest = pl - pos;
 		if (rest > (__u32)total)
@@ -1030,10 +1036,12 @@ static __always_inline void walk_prepare(struct __sk_buff *skb, struct loupe_pkt
 	if (rel > 0) {
 		/* A hole: the packets before this one come later (reordered: lo's ingress
 		 * takes each CPU's backlog in turn) or never. When all of it lies in the
-		 * payload of an elided frame, it is elided whatever it holds, and the walk
+		 * payload of an elided frame (past what it keeps), it is elided whatever it
+		 * holds, and the walk
 		 * goes on from here (the late packets are then wholly before its place:
 		 * skipped). Else the frames in it are unknown: the walk stops. */
-		if (!wd->elide_cur || wd->have || (__s32)(wd->frame_end - seq) < 0) {
+		if (!wd->elide_cur || wd->have || (__s32)(wd->frame_end - seq) < 0 ||
+		    (__s32)(wd->keep_end - wd->next) > 0) {
 			wd->state = LOUPE_WALK_OFF;
 			wd->stopped = LOUPE_WALK_STOP_HOLE;
 			return;
@@ -1062,6 +1070,9 @@ static __always_inline void walk_prepare(struct __sk_buff *skb, struct loupe_pkt
 	w->flags_off = cfg->flags_off;
 	w->keep_flags = cfg->keep_flags;
 	w->body_flags = cfg->body_flags;
+	w->keep_type = cfg->keep_type;
+	w->keep_octets = cfg->keep_octets;
+	w->keep_end = wd->keep_end;
 	w->payload_off = p->payload_off;
 	w->frame_end = wd->frame_end;
 	w->have = wd->have;
@@ -1166,6 +1177,7 @@ static __always_inline void walk_finish(struct loupe_pkt *p, struct loupe_walk *
 		wd->frame_end = w->frame_end;
 		wd->have = w->have;
 		wd->elide_cur = w->elide_cur;
+		wd->keep_end = w->keep_end;
 		__builtin_memcpy(wd->hdr, w->hb, LOUPE_FRAME_HDR_MAX);
 	}
 }

@@ -37,6 +37,8 @@
  *   frame is left out whole, header included, when all of its header is in this packet
  *   and its flags ask for nothing else; with one of body_flags (HTTP/2 END_STREAM) only
  *   its payload is left out, and with one of keep_flags (PADDED) it is copied whole.
+ *   Elided frames of keep_type keep their header and keep_octets payload octets (an
+ *   HTTP/2 DATA frame its gRPC message prefix: message counts and lengths stay exact).
  *   loupe_walk counts the octets not copied as skipped (under the lock) and sends the
  *   ranges.
  * - Ranges beyond WALK_RANGES merge into the last one (the octets between are copied,
@@ -94,9 +96,12 @@ struct loupe_frame_cfg {
 	__u8  flags_off;       /* the flags octet's offset (with keep/body_flags 0: unused) */
 	__u8  keep_flags;      /* an elidable frame with one of these is copied whole */
 	__u8  body_flags;      /* ... with one of these, only its payload is elided */
-	__u8  pad;
+	__u8  keep_type;       /* elided frames of this type keep their header and ... */
+	__u8  keep_octets;     /* ... this many payload octets (gRPC's message prefix, so
+	                          message counts stay exact); 0: none */
+	__u8  pad[7];
 };
-#define LOUPE_FRAME_CFG_SIZE 80
+#define LOUPE_FRAME_CFG_SIZE 88
 
 /* Why a direction's walk went off (loupe_walk_dir.stopped), for diagnostics and tests. */
 #define LOUPE_WALK_STOP_CFG     1   /* the protocol's frame_cfg entry is not usable */
@@ -122,7 +127,7 @@ struct loupe_walk_dir {
 	__u8  have;            /* octets of a header split across packets, held in hdr */
 	__u8  elide_cur;       /* the current frame's payload is elided */
 	__u8  stopped;         /* why it is off: LOUPE_WALK_STOP_* (0: never walked) */
-	__u8  pad[4];
+	__u32 keep_end;        /* seq up to which the current frame's payload is kept */
 	__u8  hdr[LOUPE_FRAME_HDR_MAX];
 };
 
@@ -165,7 +170,7 @@ BPF_TABLE("lru_hash", struct loupe_flow_key, struct loupe_walk_state, frame_walk
  * so a packet may hold WALK_STEPS * (WALK_HOPS + 1) frames; past that the walk stops
  * and the rest of the packet is copied as it is. */
 #ifndef WALK_STEPS
-#define WALK_STEPS 64
+#define WALK_STEPS 256
 #endif
 #ifndef WALK_HOPS
 #define WALK_HOPS 28
@@ -185,6 +190,7 @@ struct loupe_walk {
 	__u32 seq, pl, payload_off;
 	__u32 pos;             /* the loop's place in the payload */
 	__u32 frame_end;       /* seq of the next frame header */
+	__u32 keep_end;        /* seq up to which the current frame's payload is kept */
 	__u32 bad_at;          /* where a frame the walk cannot follow starts */
 	__u32 ranges;
 	__u32 events, end;     /* walk_finish's running sums */
@@ -192,6 +198,7 @@ struct loupe_walk {
 	__u32 off[WALK_RANGES];
 	__u32 len[WALK_RANGES];
 	__u8  hdr_len, len_off, len_size, type_off, flags_off, keep_flags, body_flags;
+	__u8  keep_type, keep_octets;
 	__u8  have, elide_cur, bad;
 	__u8  planned;         /* walk_prepare planned this packet */
 	__u8  send;            /* account() took it: loupe_walk walks, counts and sends it */

@@ -13,7 +13,7 @@ from sensor.l7 import registry
 FRAME_PROTOS = 4          # LOUPE_FRAME_PROTOS: frame_cfg entries
 FRAME_HDR_MAX = 16        # LOUPE_FRAME_HDR_MAX
 NOT_WALKED = 0xFFFF       # LOUPE_FRAME_NOT_WALKED
-FRAME_CFG_SIZE = 80
+FRAME_CFG_SIZE = 88
 WALK_STATE_SIZE = 72
 TAIL_WALK = 0             # LOUPE_TAIL_WALK, the slot of walk_tails
 PROGRAM = "loupe_walk"
@@ -47,7 +47,9 @@ class FrameCfg(ctypes.Structure):
         ("flags_off", ctypes.c_uint8),
         ("keep_flags", ctypes.c_uint8),
         ("body_flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("keep_type", ctypes.c_uint8),
+        ("keep_octets", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
     ]
 
 
@@ -61,7 +63,7 @@ class WalkDir(ctypes.Structure):
         ("have", ctypes.c_uint8),
         ("elide_cur", ctypes.c_uint8),
         ("stopped", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 4),
+        ("keep_end", ctypes.c_uint32),
         ("hdr", ctypes.c_uint8 * FRAME_HDR_MAX),
     ]
 
@@ -96,6 +98,8 @@ def frame_cfg(walk: registry.KernelWalk) -> FrameCfg:
     cfg.flags_off = walk.flags_at
     cfg.keep_flags = walk.keep_flags
     cfg.body_flags = walk.body_flags
+    cfg.keep_type = walk.keep_type
+    cfg.keep_octets = walk.keep_octets
     return cfg
 
 

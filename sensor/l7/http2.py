@@ -763,19 +763,20 @@ def table_line(d: Http2Event) -> list[tuple[str, str | None]]:
 
 
 # The kernel follows the frames of h2c with prior knowledge (bpf/frames.h): the client's
-# side after the 24-octet preface, the server's from its first octet. DATA frames are left
-# out whole, or only their payload when they end the stream (END_STREAM must reach the
-# parser), or not at all when padded (the pad length is in the payload); PING and
-# WINDOW_UPDATE, which the parser only counts, are left out too. HEADERS, CONTINUATION,
-# SETTINGS, RST_STREAM, GOAWAY and PUSH_PROMISE always reach the parser: HPACK needs every
-# header block, and gRPC's status is in the trailers.
+# side after the 24-octet preface, the server's from its first octet. Of a DATA frame only
+# the header and the first five payload octets are copied (a gRPC message's prefix, so
+# message counts and body lengths stay exact), and all of it when padded (the pad length
+# is in the payload); PING and WINDOW_UPDATE, which the parser only counts, are left out
+# whole. HEADERS, CONTINUATION, SETTINGS, RST_STREAM, GOAWAY and PUSH_PROMISE always reach
+# the parser: HPACK needs every header block, and gRPC's status is in the trailers.
 FRAMING = FramingHints(kernel_walk=KernelWalk(
     match=PREFACE[:8], start=(len(PREFACE), 0),
     # A server's first frame is SETTINGS (type 4, no flags, stream 0), often sent before
     # the client's preface arrives.
     server_match=bytes((0, 0, 0, _SETTINGS, 0, 0, 0, 0)), server_mask=bytes(3) + b"\xff" * 5,
-    header=9, length_at=0, length_size=3, type_at=3, flags_at=4, elide=bytes((_DATA, _PING, _WINDOW)),
-    keep_flags=_PADDED, body_flags=_END_STREAM))
+    header=9, length_at=0, length_size=3, type_at=3, flags_at=4,
+    elide=bytes((_DATA, _PING, _WINDOW)), keep_flags=_PADDED, keep_type=_DATA,
+    keep_octets=5))
 
 PROTOCOL = Protocol(
     name=APP_PROTO, event=Http2Event, parser=Http2Parser, options=("redact",),

@@ -106,8 +106,9 @@ class KernelWalk:
     big-endian length field at length_at (length_size octets); it spans header + length +
     length_adjust octets. Frames whose type octet (at type_at) is in `elide` are left out:
     whole (header too) unless the flags octet (flags_at) has one of body_flags (then only
-    the payload) or keep_flags (then nothing). The parser must accept a Skip that starts
-    and ends on frame boundaries in place of such frames."""
+    the payload) or keep_flags (then nothing); frames of keep_type keep their header and
+    keep_octets payload octets instead. The parser must accept a Skip that starts and
+    ends on frame boundaries in place of frames left out whole."""
 
     match: bytes
     mask: bytes = b"\xff" * 8
@@ -123,6 +124,8 @@ class KernelWalk:
     elide: bytes
     keep_flags: int = 0
     body_flags: int = 0
+    keep_type: int = 0
+    keep_octets: int = 0
 
     def __post_init__(self) -> None:
         if len(self.match) != 8 or len(self.mask) != 8 or not any(self.mask):

@@ -84,23 +84,24 @@ def test_many_frames_in_one_packet_copy_headers_and_leave_bulk_out(rig):
     payload = head + bulk + last
     rig.run(seg(c, s, "PA", seq=1000, ack=5000, data=payload))
     evs = data_events(rig)
-    # Preface and control frames in one event; the last DATA's header alone (END_STREAM
-    # must reach the parser); everything else left out, the allowance notwithstanding.
+    # Preface and control frames, and each DATA frame's header with the five octets of a
+    # gRPC message prefix; PING and WINDOW_UPDATE left out whole, the allowance
+    # notwithstanding.
     assert [(e.offset, e.data) for e in evs] == [
-        (0, head), (len(head) + len(bulk), last[:9])]
+        (0, head + bulk[:14]), (len(head) + len(bulk), last[:14])]
     assert all(e.flags & frames.PLF_SKIPPED_BEFORE for e in evs)
     assert not evs[0].flags & frames.PLF_PEER_WALKED   # the server has not spoken yet
     d = abi.DIR_LO_HI if c < s else abi.DIR_HI_LO
-    assert l7(rig, 43001, d) == (len(head) + 9, len(bulk) + 1500, 0, 0)
+    assert l7(rig, 43001, d) == (len(head) + 28, len(bulk) - 14 + 1495, 0, 0)
 
     # The server's side is walked from its first octet; a padded DATA is copied whole
-    # (its pad length is in the payload), a plain one left out with its header.
+    # (its pad length is in the payload), a plain one keeps its header and prefix.
     padded = h2(DATA, PADDED, 1, b"\x02" + b"x" * 20 + b"\x00\x00")
     reply = h2(SETTINGS, 0, 0, b"") + h2(HEADERS, 0x4, 1, b"\x88") + padded + \
         h2(DATA, 0, 1, b"y" * 500)
     rig.run(seg(s, c, "PA", seq=5000, ack=1000 + len(payload), data=reply))
     evs = data_events(rig)
-    assert [(e.offset, e.data) for e in evs] == [(0, reply[:-509])]
+    assert [(e.offset, e.data) for e in evs] == [(0, reply[:-495])]
     assert evs[0].flags == frames.PLF_SKIPPED_BEFORE | frames.PLF_PEER_WALKED
     st = walk(rig, 43001)
     assert [st.dir[i].state for i in (0, 1)] == [frames.WALK_ON, frames.WALK_ON]
@@ -116,13 +117,13 @@ def test_a_header_split_across_packets_is_copied_and_its_payload_left_out(rig):
     rig.run(seg(c, s, "PA", seq=1000, ack=5000, data=first))
     rig.run(seg(c, s, "PA", seq=1000 + len(first), ack=5000, data=second))
     evs = data_events(rig)
-    # The header's first four octets went with the first packet (it could not be known
-    # elidable yet), so the rest goes too; the payload is left out all the same.
+    # The header's first four octets went with the first packet, the rest and the
+    # payload's first five with the second; the rest of the payload is left out.
     assert [(e.seq, e.data) for e in evs] == [
-        (1000, first), (1000 + len(first), frame[4:9]),
+        (1000, first), (1000 + len(first), frame[4:14]),
         (1000 + len(first) + 5 + 700, after)]
     d = abi.DIR_LO_HI if c < s else abi.DIR_HI_LO
-    assert l7(rig, 43002, d) == (len(first) + 5 + len(after), 700, 0, 0)
+    assert l7(rig, 43002, d) == (len(first) + 10 + len(after), 695, 0, 0)
     assert walk(rig, 43002).dir[abi.PL_TO_RESPONDER].state == frames.WALK_ON
 
 
@@ -156,15 +157,15 @@ def test_a_hole_stops_the_walk_and_a_retransmission_is_not_copied_again(rig):
     rig.run(seg(c, s, "PA", seq=1000, ack=5000, data=one))
     # Wholly before where the direction stands: walked already, skipped.
     rig.run(seg(c, s, "PA", seq=1000, ack=5000, data=one))
-    assert [e.data for e in data_events(rig)] == [PREFACE]
+    assert [e.data for e in data_events(rig)] == [one[:38]]
     d = abi.DIR_LO_HI if c < s else abi.DIR_HI_LO
-    assert l7(rig, 43004, d) == (24, 9 + 100 + len(one), 0, 0)
+    assert l7(rig, 43004, d) == (38, 95 + len(one), 0, 0)
     # 50 octets never seen: the frames in them are unknown, so the walk stops and the
     # direction is copied as without one (within the allowance, no flags).
     later = b"q" * 300
     rig.run(seg(c, s, "PA", seq=1000 + len(one) + 50, ack=5000, data=later))
     evs = data_events(rig)
-    assert [(e.data, e.flags) for e in evs] == [(later[:BUDGET - 24], 0)]
+    assert [(e.data, e.flags) for e in evs] == [(later[:BUDGET - 38], 0)]
     assert walk(rig, 43004).dir[abi.PL_TO_RESPONDER].state == frames.WALK_OFF
 
 
@@ -230,9 +231,9 @@ def test_reordered_packets_inside_an_elided_frame_keep_the_walk(rig):
         rig.run(seg(c, s, "PA", seq=1000 + off, ack=5000, data=part))
     evs = data_events(rig)
     assert [(e.seq, e.data) for e in evs] == [
-        (1000, PREFACE), (1000 + len(PREFACE) + len(frame), after)]
+        (1000, stream[:38]), (1000 + len(PREFACE) + len(frame), after)]
     d = abi.DIR_LO_HI if c < s else abi.DIR_HI_LO
-    assert l7(rig, 43010, d) == (len(PREFACE) + len(after), len(frame), 0, 0)
+    assert l7(rig, 43010, d) == (38 + len(after), len(frame) - 14, 0, 0)
     assert walk(rig, 43010).dir[abi.PL_TO_RESPONDER].state == frames.WALK_ON
     # A hole at a frame boundary holds an unknown header: the walk stops.
     rig.run(seg(c, s, "PA", seq=1000 + len(stream) + 9, ack=5000, data=b"x" * 50))
