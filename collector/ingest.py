@@ -104,11 +104,12 @@ class _Kind:
     names: list[str]
     strings: tuple[str, ...]                          # repeated string fields
     structs: tuple[tuple[str, tuple[str, ...]], ...]  # repeated message fields, members
+    counts: tuple[str, ...] = ()                      # map<string, uint32> -> JSON text
 
 
 def _kind(spec) -> _Kind:
     cols = registry.columns(spec.event, spec.column_types)
-    scalars = [c.name for c in cols if not c.type.startswith("list<")]
+    scalars = [c.name for c in cols if not c.type.startswith("list<") and c.type != "counts"]
     return _Kind(
         spec.oneof, spec.table_name,
         _L7_PATHS + [f"{spec.oneof}.{n}" for n in scalars],
@@ -116,6 +117,7 @@ def _kind(spec) -> _Kind:
         tuple(c.name for c in cols if c.type == "list<str>"),
         tuple((c.name, tuple(m.name for m in c.members))
               for c in cols if c.type == "list<struct>"),
+        tuple(c.name for c in cols if c.type == "counts"),
     )
 
 
@@ -316,7 +318,14 @@ def decode_batch(batch, identity: str | None = None) -> DecodedBatch:
             continue
         k = _KINDS[name]
         cols = raw[k.table] = dict(zip(k.names, _columns(messages, k.paths)))
-        subs = [getattr(m, name) for m in messages] if k.strings or k.structs else ()
+        subs = [getattr(m, name) for m in messages] if k.strings or k.structs or k.counts \
+            else ()
+        for field in k.counts:
+            try:   # the model's bounds (registry.Counts); nearly always an empty map
+                cols[field] = tuple(registry.Counts.of(getattr(sub, field)).json()
+                                    if getattr(sub, field) else "{}" for sub in subs)
+            except ValueError as exc:
+                raise _reject(batch, f"{k.table}: {field}: {exc}") from None
         for field in k.strings:
             cols[field] = tuple(list(getattr(sub, field)) for sub in subs)
         for field, members in k.structs:

@@ -62,12 +62,18 @@ def companions(record: model.Record, kind: str) -> dict[str, str | None]:
     return {key: iso(getattr(record, field)) for key, field in COMPANIONS[kind]}
 
 
+def _orjson_default(value: Any) -> Any:
+    if type(value) is registry.Counts:   # HTTP pii: an object, as jsonfmt writes it
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def json_line(record: model.Record) -> bytes:
     """jsonfmt.to_dict(record) as one compact JSON line (no newline), encoded by orjson,
     which serializes slotted dataclasses natively: ~3 µs a record against ~30 µs for the
     generic walk, which matters at replay rates. A test holds the two equal."""
     kind = model.record_kind(record)
-    body = orjson.dumps(record)
+    body = orjson.dumps(record, default=_orjson_default)
     extra = orjson.dumps(companions(record, kind))
     return b'{"type":"' + kind.encode() + b'",' + body[1:-1] + b"," + extra[1:]
 

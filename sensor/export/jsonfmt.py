@@ -34,6 +34,8 @@ def _plain(value: Any) -> Any:
         return value.value
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if type(value) is registry.Counts:
+        return dict(value)   # an object: {"card.response": 1}
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value

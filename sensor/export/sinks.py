@@ -46,6 +46,7 @@ from sensor import model
 from sensor.errors import ConfigError
 from sensor.export import tables
 from sensor.export.jsonlines import JsonLinesSink, storage_error as _storage_error
+from sensor.l7 import registry
 
 __all__ = [
     "JsonLinesSink", "ParquetSink", "CsvSink", "open_sink", "flatten", "table_schema",
@@ -67,6 +68,8 @@ def table_schema(table: str) -> pa.Schema:
 
 
 def _value(value: Any) -> Any:
+    if type(value) is registry.Counts:   # HTTP pii: the column is JSON text
+        return value.json()
     if dataclasses.is_dataclass(value):  # a member of a list of structs (a DNS answer)
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, tuple):

@@ -39,6 +39,7 @@ class _Plan:
     scalars: tuple[str, ...]
     strings: tuple[str, ...]                            # tuple[str, ...] fields
     structs: tuple[tuple[str, type, type, tuple[str, ...]], ...]  # (field, class, msg, names)
+    counts: tuple[str, ...] = ()                        # Counts fields: map<string, uint32>
 
 
 _PLANS: dict = {}   # event class and oneof field -> _Plan, filled once per protocol
@@ -54,10 +55,11 @@ def _plan(key) -> _Plan | None:
         cols = registry.columns(spec.event)
         plan = _Plan(
             spec.oneof, getattr(records_pb2, spec.message_name), spec.event,
-            tuple(c.name for c in cols if not c.type.startswith("list<")),
+            tuple(c.name for c in cols if not c.type.startswith("list<") and c.type != "counts"),
             tuple(c.name for c in cols if c.type == "list<str>"),
             tuple((c.name, c.of, getattr(records_pb2, c.of.__name__),
                    tuple(m.name for m in c.members)) for c in cols if c.type == "list<struct>"),
+            tuple(c.name for c in cols if c.type == "counts"),
         )
         _PLANS[spec.event] = _PLANS[spec.oneof] = plan
     return plan
@@ -90,6 +92,8 @@ def _l7_to_proto(event: model.L7Event) -> records_pb2.L7Event:
     kwargs = {n: getattr(detail, n) for n in plan.scalars}
     for n in plan.strings:
         kwargs[n] = getattr(detail, n)
+    for n in plan.counts:
+        kwargs[n] = dict(getattr(detail, n))
     for n, _, sub_cls, names in plan.structs:
         kwargs[n] = [sub_cls(**{m: getattr(item, m) for m in names})
                      for item in getattr(detail, n)]
@@ -140,6 +144,8 @@ def _l7_from_proto(msg) -> model.L7Event:
     kwargs = {n: getattr(sub, n) for n in plan.scalars}
     for n in plan.strings:
         kwargs[n] = tuple(getattr(sub, n))
+    for n in plan.counts:
+        kwargs[n] = getattr(sub, n)   # the model converts the map (registry.Counts)
     for n, cls, _, names in plan.structs:
         kwargs[n] = tuple(cls(**{m: getattr(item, m) for m in names})
                           for item in getattr(sub, n))
