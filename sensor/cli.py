@@ -22,8 +22,10 @@ from sensor.logs import setup_logging
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "collector.cli": ("collector", "export", "certs", "tail", "query", "top"),
     "collector.inventory.cli": ("endpoints", "api"),
+    "collector.inventory.pii_cli": ("pii",),
     "collector.stats.cli": ("services",),
     "sensor.config_cli": ("config",),
+    "sensor.enforce.cli": ("block",),
     "sensor.kernel.cli": ("sensor",),
     "sensor.replay.cli": ("replay",),
     "sensor.rules.cli": ("rules",),
@@ -39,6 +41,7 @@ GROUP_HELP = {
     "api": "OpenAPI from the endpoint inventory, and a diff against a given spec",
     "sensor": "meter live interfaces in the kernel and run the sensor",
     "rules": "check rule files, and test them on a capture",
+    "block": "ban sources in the running sensor's kernel; list and lift blocks",
 }
 
 

@@ -547,6 +547,34 @@ class RulesConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PiiConfig:
+    """PII statistics (docs/pii.md): occurrences per type in HTTP requests and sampled
+    responses, counted in the sensor; no value ever leaves it. Off by default: it keeps
+    request heads and body prefixes and costs CPU per HTTP event."""
+
+    enabled: bool = _opt(False, _Bool())
+    # Request body prefix counted (form and JSON bodies of methods with a body).
+    body_bytes: int = _opt(8192, _Int(0, 1 << 20))
+    # Response body prefix sampled (JSON, form, XML and text responses); 0 is none.
+    response_bytes: int = _opt(4096, _Int(0, 1 << 20))
+    # Every Nth such response of a connection is sampled (1: every one).
+    response_every: int = _opt(1, _Int(1, 1_000_000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnforceConfig:
+    """Kernel enforcement of the rules' block verdicts (docs/rules.md, "Enforcement"): the
+    flow is dropped both ways and both ends reset; a rule may ban the source for a TTL;
+    `loupe block` adds, lists and deletes bans. Fails open: a dead sensor's blocks stop
+    within 3 s (docs/ops.md)."""
+
+    enabled: bool = _opt(True, _Bool())
+    # bpffs directory where the verdict maps are pinned for `loupe block` (mounted at
+    # /sys/fs/bpf if nothing is). One sensor per directory.
+    pin_dir: str = _opt("/sys/fs/bpf/loupe", _Str(4095, r"/[^\x00]*", "an absolute path"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SensorConfig:
     sensor_id: str = _opt("", _Str(64, r"[A-Za-z0-9._-]+", "letters, digits, '.', '_' or '-'"))
     interfaces: tuple[str, ...] = _opt((), _List(_IFNAME, 64))
@@ -562,6 +590,8 @@ class SensorConfig:
     kernel: KernelConfig = _section(KernelConfig)
     tls_plaintext: TlsPlaintextConfig = _section(TlsPlaintextConfig)
     rules: RulesConfig = _section(RulesConfig)
+    pii: PiiConfig = _section(PiiConfig)
+    enforce: EnforceConfig = _section(EnforceConfig)
 
     def effective_sensor_id(self) -> str:
         """sensor_id, or the host name when it is empty (the documented default)."""

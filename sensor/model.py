@@ -254,12 +254,17 @@ class HttpEvent:
     request_body_len: int = 0
     response_body_len: int = 0
     latency_ns: int = 0
+    # PII occurrences by "type.direction" (sensor/l7/pii.py): counts, never values. A
+    # mapping is accepted and converted; dict(event.pii) reads it.
+    pii: _registry.Counts = _registry.Counts()
 
     def __post_init__(self) -> None:
         _check_uint("status", self.status, 999)
         _check_uint("request_body_len", self.request_body_len, U64)
         _check_uint("response_body_len", self.response_body_len, U64)
         _check_uint("latency_ns", self.latency_ns, U64)
+        if type(self.pii) is not _registry.Counts:
+            object.__setattr__(self, "pii", _registry.Counts.of(self.pii))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,6 +422,11 @@ class Alert:
     dst_port: int = 0
     sensor_id: str = ""
     count: int = 0
+    # What the kernel enforced for this alert's block (sensor/enforce/): the flow is
+    # dropped (and the source banned, if the rule says) until block_expires_ns (Unix ns).
+    # Always false in replay, which enforces nothing.
+    enforced: bool = False
+    block_expires_ns: int = 0
 
     def __post_init__(self) -> None:
         if not self.rule_id:
@@ -431,6 +441,7 @@ class Alert:
         _check_uint("src_port", self.src_port, 0xFFFF)
         _check_uint("dst_port", self.dst_port, 0xFFFF)
         _check_uint("count", self.count, U64)
+        _check_uint("block_expires_ns", self.block_expires_ns, U64)
         if self.src_addr:
             _check_addr("src_addr", self.src_addr)
         if self.dst_addr:

@@ -262,7 +262,19 @@ def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfi
         reassembly_budget_bytes=config.budget.max_in_flight_bytes,
         interval_s=args.interval, process_attribution=config.process.attribution,
         redact=config.redaction.enabled, tls_plaintext=plaintext_config(config, args),
-        rules=rules_path(config, args))
+        rules=rules_path(config, args), pii=pii_scanner(config, args),
+        enforce_pin_dir=config.enforce.pin_dir if config.enforce.enabled else None)
+
+
+def pii_scanner(config: cfg.SensorConfig, args: argparse.Namespace):
+    """[pii] as the HTTP parsers' option (sensor/l7/pii.py), or None when off."""
+    if not config.pii.enabled or args.no_l7:
+        return None
+    from sensor.l7.pii import Scanner  # noqa: PLC0415
+
+    p = config.pii
+    return Scanner(body_bytes=p.body_bytes, response_bytes=p.response_bytes,
+                   response_every=p.response_every)
 
 
 def rules_path(config: cfg.SensorConfig, args: argparse.Namespace) -> str:

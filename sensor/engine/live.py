@@ -308,7 +308,7 @@ class LiveL7:
                  reassembly_budget_bytes: int = 64 << 20,
                  max_flows: int = MAX_L7_FLOWS, expire_ns: int = 0,
                  redact: bool = True, rules: str = "",
-                 on_verdict: Callable | None = None) -> None:
+                 on_verdict: Callable | None = None, pii=None) -> None:
         self._emit = emit
         self._control = control
         self.sensor_id = sensor_id
@@ -319,6 +319,12 @@ class LiveL7:
         self.expire_ns = expire_ns or (DEFAULT_TIMEOUTS.tcp_idle_ns
                                        + DEFAULT_TIMEOUTS.tcp_end_linger_ns + 60 * 10**9)
         registry = _Parsers(redact)
+        # PII counting (sensor/l7/pii.py): a pii.Scanner the HTTP parsers are given.
+        self.pii = pii
+        if pii is not None:
+            from sensor.l7.pii import ScanningRegistry  # noqa: PLC0415
+
+            registry = ScanningRegistry(registry, pii)
         self._framing = _framing_hints()
         # Every protocol's message starts in one tuple: one startswith() per segment.
         self._starts = tuple(s for _, starts in self._framing.heads.values() for s in starts)
@@ -327,8 +333,9 @@ class LiveL7:
         if rules:
             from sensor.rules import stage  # noqa: PLC0415 (only sensors with rules)
 
-            self.rules, registry = stage.build(rules, emit, registry=registry,
-                                               on_verdict=on_verdict)
+            self.rules, registry = stage.build(
+                rules, emit, registry=registry, on_verdict=on_verdict,
+                current_flow=self.current_flow if on_verdict is not None else None)
         self.engine = L7Engine(emit=self._on_record, sensor_id=sensor_id,
                                registry=registry,
                                budget=MemoryBudget(reassembly_budget_bytes),
@@ -341,6 +348,11 @@ class LiveL7:
 
     def __len__(self) -> int:
         return len(self._flows)
+
+    def current_flow(self):
+        """The FlowState whose payload the L7 engine is processing (during a rule's
+        verdict, the flow that decided it), or None."""
+        return self._current.state if self._current is not None else None
 
     # -- payload ---------------------------------------------------------------------------
 
@@ -531,7 +543,7 @@ class LiveL7:
         head = lf.head_max[d]
         target = self.refill_octets if not head else min(
             self.refill_octets, max(MIN_HEAD_ROOM, HEAD_ROOM_FACTOR * head))
-        if self.rules is not None:
+        if self.rules is not None or self.pii is not None:
             st = lf.state.l7
             wanted = getattr(st.parser, "wanted", None) if st is not None else None
             if wanted is not None:
@@ -629,6 +641,11 @@ class LiveConfig:
     tls_plaintext: object | None = None
     # [rules]: a rule directory or file, or "default" (sensor/rules/); "" is off
     rules: str = ""
+    # [pii]: a sensor.l7.pii.Scanner, or None (off)
+    pii: object | None = None
+    # [enforce]: the bpffs directory for the verdict maps' pins (sensor/enforce/), or
+    # None: block verdicts are not enforced
+    enforce_pin_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.interfaces:
@@ -724,6 +741,8 @@ class LiveSensor:
         self.attachments: list[attach.Attachment] = []
         self.attributor: Enricher | None = None
         self.plaintext = None   # sensor.engine.plaintext_live.PlaintextSensor when enabled
+        self.enforcer = None    # sensor.enforce.enforcer.Enforcer when enforcing
+        self._pinned = False
         self._next_read = 0.0
         self._backlog = False
         self._last = dict(queue_full=0, parser_errors=0, gaps=0, memory_drops=0)
@@ -749,14 +768,17 @@ class LiveSensor:
             self.kernel = KernelSensor(self.prog, self.clock, selection=cfg.selection,
                                        timeouts=cfg.timeouts, sensor_id=cfg.sensor_id)
             self.watcher = CounterWatcher(self.prog.counters_fd, sensor_id=cfg.sensor_id)
+            if cfg.enforce_pin_dir is not None:
+                self._open_enforcer()
             if cfg.l7:
                 self.l7 = LiveL7(emit=self._submit, control=KernelControl(
                     self.kernel, self.prog.flows_fd), sensor_id=cfg.sensor_id,
                     budget=cfg.selection.budget, refill_octets=cfg.refill_octets,
                     reassembly_budget_bytes=cfg.reassembly_budget_bytes,
                     expire_ns=cfg.timeouts.tcp_idle_ns + cfg.timeouts.tcp_end_linger_ns
-                    + 60 * 10**9, redact=cfg.redact, rules=cfg.rules,
-                    on_verdict=self.on_verdict)
+                    + 60 * 10**9, redact=cfg.redact, rules=cfg.rules, pii=cfg.pii,
+                    on_verdict=self.on_verdict or (self.enforcer.on_verdict
+                                                   if self.enforcer is not None else None))
             if cfg.process_attribution:
                 self._open_attribution()
             if cfg.tls_plaintext is not None:
@@ -770,6 +792,7 @@ class LiveSensor:
             self._detach()
             self._close_attribution()
             self._close_plaintext()
+            self._close_enforcer()
             self._close_kernel()
             raise
         start = getattr(self.exporter, "start", None)
@@ -852,6 +875,8 @@ class LiveSensor:
             poll_ms = max(0, min(poll_ms, math.ceil((self._next_read - time.monotonic()) * 1000)))
         kernel.poll(poll_ms)
         self._backlog = self._payload() >= EVENTS_PER_STEP
+        if self.enforcer is not None:
+            self.enforcer.tick()   # heartbeat and expiry, once a second
         if self.plaintext is not None:
             # After the wire's payload: a flow's handshake reaches the wire L7 stage (and
             # gets its uid) before its plaintext does.
@@ -997,6 +1022,7 @@ class LiveSensor:
         finally:
             self._close_attribution()
             self._close_plaintext()
+            self._close_enforcer()
             self.exporter.close(export_timeout_s)
             self._close_kernel()
 
@@ -1013,6 +1039,50 @@ class LiveSensor:
                 except LoupeError as exc:
                     log.error("detaching from %s: %s", att.iface, exc)
         self.attachments = []
+
+    def _open_enforcer(self) -> None:
+        """Block verdicts into the kernel (sensor/enforce/): the maps pinned for `loupe
+        block`, raw sockets for the resets opened in the sensor's namespace."""
+        from sensor.enforce import enforcer, maps, pins, rst  # noqa: PLC0415
+
+        m = maps.BlockMaps(self.prog.block_cfg_fd, self.prog.block_flow_fd,
+                           self.prog.block_src_fd)
+        resets = None
+        try:
+            with in_netns(self.config.netns):
+                resets = rst.ResetSender()
+        except PermissionError as exc:
+            log.warning("enforcement: no TCP resets (raw sockets need CAP_NET_RAW: %s); "
+                        "blocked flows are dropped, their ends are not told", exc)
+        self.enforcer = enforcer.Enforcer(
+            m, current_flow=lambda: self.l7.current_flow() if self.l7 is not None else None,
+            resets=resets)
+        pin_dir = self.config.enforce_pin_dir
+        try:
+            pins.ensure_bpffs(pin_dir)
+            self._pinned = pins.pin_maps(m, pin_dir)
+        except (LoupeError, OSError) as exc:
+            log.warning("enforcement: not pinned under %s (%s); `loupe block` cannot reach "
+                        "this sensor", pin_dir, exc)
+        else:
+            if not self._pinned:   # one sensor per namespace is a normal setup
+                log.info("enforcement: %s belongs to another running sensor; `loupe "
+                            "block` reaches that one, not this", pin_dir)
+
+    def _close_enforcer(self) -> None:
+        if self.enforcer is None:
+            return
+        if self._pinned:
+            from sensor.enforce import pins  # noqa: PLC0415
+
+            try:
+                pins.unpin(self.config.enforce_pin_dir)
+            except OSError as exc:   # privileges dropped: the next sensor replaces them
+                log.warning("enforcement: pins under %s stay (%s)",
+                            self.config.enforce_pin_dir, exc)
+            self._pinned = False
+        self.enforcer.close()
+        self.enforcer = None
 
     def _close_kernel(self) -> None:
         if self.prog is not None:
@@ -1032,8 +1102,16 @@ class LiveSensor:
         """A snapshot for sensor.metrics (read on the metrics thread: plain reads only)."""
         t = self.totals
         lost = {k: v for k, v in t.lost.items()}
-        return {"lost": lost, "records_exported": dict(t.records),
-                "flows_active": len(self.l7) if self.l7 is not None else 0}
+        out = {"lost": lost, "records_exported": dict(t.records),
+               "flows_active": len(self.l7) if self.l7 is not None else 0}
+        enforcer = self.enforcer
+        if enforcer is not None:
+            e = enforcer.stats
+            out["enforcement"] = {
+                "flows_blocked": e.flows_blocked, "sources_blocked": e.sources_blocked,
+                "resets_sent": e.resets_sent, "resets_skipped": e.resets_skipped,
+                "map_full": e.map_full, "write_errors": e.write_errors, "expired": e.expired}
+        return out
 
     def status(self) -> str:
         t = self.totals

@@ -98,6 +98,8 @@ class PipelineConfig:
     # Rules (sensor/rules/): a rule file or directory, or "default"; "" is off. Alerts
     # come out as records beside the L7 events they are about.
     rules: str = ""
+    # PII counts on HTTP events (sensor/l7/pii.py, docs/pii.md): counts, never values.
+    pii: bool = False
 
     def __post_init__(self) -> None:
         if self.packet_filter:
@@ -199,6 +201,11 @@ class Pipeline:
 
                 self.rules, registry = stage.build(config.rules, emit)
                 analyze = self.rules
+            if config.pii:
+                from sensor.l7 import pii
+                from sensor.l7.detect import ParserRegistry
+
+                registry = pii.ScanningRegistry(registry or ParserRegistry(), pii.Scanner())
             self.l7 = L7Engine(
                 emit=emit, sensor_id=config.sensor_id, community=config.community,
                 budget=MemoryBudget(config.reassembly_budget_bytes),

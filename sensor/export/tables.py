@@ -29,6 +29,7 @@ SUMMARY = pa.map_(STR, STR)
 ARROW_TYPES: Mapping[str, pa.DataType] = MappingProxyType({
     "u8": U8, "u16": U16, "u32": U32, "u64": U64, "i32": I32, "i64": I64,
     "str": STR, "bool": BOOL, "list<str>": pa.list_(STR),
+    "counts": STR,   # registry.Counts as JSON text: '{"card.response":1}' (HTTP pii)
 })
 
 FLOW_COLUMNS = [
@@ -70,6 +71,7 @@ ALERT_COLUMNS = [
     ("severity", STR), ("category", STR), ("community_id", STR), ("uid", STR), ("ts_ns", U64),
     ("event_kind", STR), ("src_addr", STR), ("dst_addr", STR), ("src_port", U16),
     ("dst_port", U16), ("sensor_id", STR), ("count", U64),
+    ("enforced", BOOL), ("block_expires_ns", U64),
 ]
 
 

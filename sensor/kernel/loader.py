@@ -172,9 +172,15 @@ def check_user(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+# Names of the capabilities a sensor may keep besides REQUIRED_CAPS (linux/capability.h),
+# for the log line that says what was kept.
+_CAP_NAMES = {2: "CAP_DAC_READ_SEARCH", 19: "CAP_SYS_PTRACE"}
+
+
 def drop_privileges(user: str, extra: tuple[int, ...] = ()) -> None:
     """Becomes `user` (its uid, primary gid and no other groups) keeping exactly
-    CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN in the effective and permitted sets, with empty
+    CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, plus `extra` (capability numbers: TLS
+    plaintext's RUNTIME_CAPS), in the effective and permitted sets, with empty
     inheritable and ambient sets, then checks /proc/thread-self/status.
 
     Called after the programs are loaded and attached as root: the tracepoint's tracefs
@@ -186,7 +192,9 @@ def drop_privileges(user: str, extra: tuple[int, ...] = ()) -> None:
     if os.geteuid() == uid:
         return   # already that user: nothing to drop
     keep = 0
-    for bit in (*(b for _, b in REQUIRED_CAPS), *extra):   # extra: TLS plaintext's
+    kept = (*REQUIRED_CAPS,
+            *((_CAP_NAMES.get(bit, f"capability {bit}"), bit) for bit in extra))
+    for _, bit in kept:
         keep |= 1 << bit
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -235,8 +243,9 @@ def drop_privileges(user: str, extra: tuple[int, ...] = ()) -> None:
             f"after dropping privileges to {user}: uids {sorted(uids)}, gids {sorted(gids)}, "
             + ", ".join(f"{k} {v:#x}" for k, v in got.items())
             + f"; expected uid {uid}, gid {gid}, CapEff and CapPrm {keep:#x}: refusing to run")
-    log.info("running as %s (uid %d) with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only",
-             user, uid)
+    names = [name for name, _ in kept]
+    log.info("running as %s (uid %d) with %s and %s only", user, uid,
+             ", ".join(names[:-1]), names[-1])
 
 
 MODULES_DIR = Path("/lib/modules")
@@ -307,6 +316,11 @@ class LoadedProgram:
             self.frame_cfg_fd: int = obj.map_fd("frame_cfg")
             self.frame_walk_fd: int = obj.map_fd("frame_walk")
             self.walk_tails_fd: int = obj.map_fd("walk_tails")
+            # Enforcement (sensor/enforce/): empty, and block_cfg's heartbeat 0, after
+            # loading, so nothing is dropped until the sensor enforces.
+            self.block_cfg_fd: int = obj.map_fd("block_cfg")
+            self.block_flow_fd: int = obj.map_fd("block_flow")
+            self.block_src_fd: int = obj.map_fd("block_src")
         except KeyError as exc:
             obj.close()
             raise KernelError(f"bpf/flow.c has no {exc.args[0]}: bpf/ and "
@@ -318,6 +332,11 @@ class LoadedProgram:
                                  mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
             check_map_layout(obj, b"exclude", 4, ctypes.sizeof(abi.Filter),
                              mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
+            for table, key, value in ((b"block_cfg", ctypes.c_uint32, abi.BlockCfg),
+                                      (b"block_flow", abi.FlowKey, abi.BlockValue),
+                                      (b"block_src", abi.BlockSrcKey, abi.BlockValue)):
+                check_map_layout(obj, table, ctypes.sizeof(key), ctypes.sizeof(value),
+                                 mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
             # The meter's own slot, for loupe_new_flow to return to (hybrid.py fills
             # the new-flow slot while a filter is in force).
             bpfsys.update(self.tails_fd, ctypes.c_uint32(abi.TAIL_METER),

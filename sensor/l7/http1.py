@@ -35,14 +35,16 @@ tiny). Exceeding a bound is an ERROR with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
+from sensor.l7.pii import REDACTED, Scanner, has_pii, scrub_target
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.registry import Filter, FramingHints, Protocol, ZeekLog
+from sensor.l7.registry import Counts, Filter, FramingHints, Protocol, ZeekLog
 from sensor.model import HttpEvent
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
@@ -77,6 +79,7 @@ _INTERESTING = frozenset((
 ))
 # First letters (lower case) of those names: most other lines are passed over on one test.
 _INTERESTING_FIRST = frozenset(name[0] for name in _INTERESTING)
+_NO_PII = Counts()   # the event's pii when counting is off: no conversion per event
 
 
 class _Txn:
@@ -86,6 +89,7 @@ class _Txn:
         "method", "host", "path", "version", "user_agent", "req_ctype", "req_body",
         "req_ts", "req_done", "status", "reason", "resp_ctype", "resp_body", "resp_ts",
         "resp_done", "is_head", "is_connect", "wants_upgrade", "head", "req_data", "want",
+        "resp_data", "resp_want",
     )
 
     def __init__(self) -> None:
@@ -110,8 +114,10 @@ class _Txn:
         self.head: bytes | None = None        # raw request head, kept for inspection only
         self.req_data: bytearray | None = None  # request body prefix captured for rules
         self.want = 0                         # body bytes still to capture
+        self.resp_data: bytearray | None = None  # response body sample for PII counts
+        self.resp_want = 0
 
-    def transaction(self) -> Transaction:
+    def transaction(self, pii: Scanner | None = None) -> Transaction:
         latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
         event = HttpEvent(
             method=self.method, host=self.host, path=self.path, version=self.version,
@@ -119,12 +125,29 @@ class _Txn:
             request_content_type=self.req_ctype, response_content_type=self.resp_ctype,
             request_body_len=self.req_body, response_body_len=self.resp_body,
             latency_ns=latency if latency > 0 else 0,
+            pii=self._pii(pii) if pii is not None else _NO_PII,
         )
+        if event.pii and pii is not None:
+            # What was counted must not stay in the record's own text fields.
+            event = dataclasses.replace(event, path=scrub_target(event.path),
+                                        user_agent=REDACTED if has_pii(event.user_agent,
+                                                                       ip=False)
+                                        else event.user_agent)
         ts = self.req_ts if self.req_ts >= 0 else max(self.resp_ts, 0)
         if self.head is not None:
             body = bytes(self.req_data) if self.req_data is not None else b""
             return HttpTransaction(ts, event, request=(self.head, body))
         return Transaction(ts, event)
+
+    def _pii(self, pii: Scanner) -> dict[str, int]:
+        """PII counts of the kept request head and body prefix and the response sample;
+        the bytes are dropped with this transaction, only the counts go on."""
+        counts: dict[str, int] = {}
+        if self.head is not None:
+            pii.request(self.head, bytes(self.req_data or b""), self.req_ctype, counts)
+        if self.resp_data:
+            pii.response(bytes(self.resp_data), self.resp_ctype, counts)
+        return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +240,9 @@ class Http1Parser:
     def __init__(self, *, redact: bool = True,
                  max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
                  max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
-                 inspect: Callable[[str, str, str], int] | None = None) -> None:
+                 inspect: Callable[[str, str, str], int] | None = None,
+                 pii: Scanner | None = None,
+                 on_request: Callable[[Transaction], None] | None = None) -> None:
         if max_header_bytes < 64 or max_outstanding < 1:
             raise ValueError("max_header_bytes must be >= 64 and max_outstanding >= 1")
         self.state = _OK
@@ -242,6 +267,15 @@ class Http1Parser:
         # and media type, how many body bytes to capture (0: none). With it, request heads
         # are kept raw; without it (the default) nothing changes.
         self.inspect = inspect
+        # PII counting (sensor/l7/pii.py): request heads are kept, request body prefixes
+        # and sampled response body prefixes captured, and counted when the transaction
+        # is emitted. None (the default): nothing changes.
+        self.pii = pii
+        # Early verdicts (sensor/rules/stage.py): called with the request alone (status 0)
+        # as soon as a request is complete, before its response; the transaction is still
+        # emitted whole later. None (the default): nothing changes.
+        self.on_request = on_request
+        self._responses = 0   # final responses seen: the response sampling sequence
 
     # -- the L7Parser contract -------------------------------------------------------------
 
@@ -260,12 +294,16 @@ class Http1Parser:
                 take = n if n < self._remaining[d] else self._remaining[d]
                 if d == 0 and self._req is not None and self._req.want:
                     self._capture(data, 0, take)
+                elif d == 1 and self._resp is not None and self._resp.resp_want:
+                    self._capture_response(data, 0, take)
                 self._body(d, take)
                 if take == n:
                     return
                 data = data[take:]
                 mode = self._mode[d]
         elif mode == _UNTIL_CLOSE:
+            if d == 1 and self._resp is not None and self._resp.resp_want:
+                self._capture_response(data, 0, len(data))
             self._body(d, len(data))
             return
         elif mode == _IDLE:
@@ -329,22 +367,32 @@ class Http1Parser:
         if mode == _LENGTH or mode == _CHUNK_DATA:
             if d == 0 and self._req is not None and self._req.want:
                 return 0   # a body prefix the rules asked for: deliver it
+            if d == 1 and self._resp is not None and self._resp.resp_want:
+                return 0   # a response sample for the PII counts
             return self._remaining[d]
         return 0
 
     def wanted(self, direction: Direction) -> int:
         """Request body bytes still to capture for the rules (0 in every other case): the
         live budget grants them (sensor/engine/live.py, docs/rules.md)."""
-        txn = self._req
-        if int(direction) != 0 or txn is None or self.state is not _OK:
+        if self.state is not _OK:
             return 0
-        return txn.want
+        if int(direction) == 1:
+            return self._resp.resp_want if self._resp is not None else 0
+        txn = self._req
+        return txn.want if txn is not None else 0
 
     def _capture(self, view, pos: int, n: int) -> None:
         txn = self._req
         take = n if n < txn.want else txn.want
         txn.req_data += view[pos:pos + take]
         txn.want -= take
+
+    def _capture_response(self, view, pos: int, n: int) -> None:
+        txn = self._resp
+        take = n if n < txn.resp_want else txn.resp_want
+        txn.resp_data += view[pos:pos + take]
+        txn.resp_want -= take
 
     def next_event(self) -> Transaction | _NeedData:
         if self._out:
@@ -404,6 +452,8 @@ class Http1Parser:
                             self._capture(view, pos, take)
                         txn.req_body += take
                     else:
+                        if txn.resp_want:
+                            self._capture_response(view, pos, take)
                         txn.resp_body += take
                 pos += take
                 if take < left:
@@ -420,6 +470,8 @@ class Http1Parser:
                 take = avail if avail < remaining[d] else remaining[d]
                 if d == 0 and self._req is not None and self._req.want:
                     self._capture(view, pos, take)
+                elif d == 1 and self._resp is not None and self._resp.resp_want:
+                    self._capture_response(view, pos, take)
                 pos += take
                 self._body(d, take)
                 if modes[d] == _HEAD:
@@ -474,6 +526,8 @@ class Http1Parser:
                 self._complete(d)
                 self._head_ts[d] = ts_ns
             elif mode == _UNTIL_CLOSE:
+                if d == 1 and self._resp is not None and self._resp.resp_want:
+                    self._capture_response(view, pos, end - pos)
                 self._body(d, end - pos)
                 pos = end
             elif mode == _PAUSED:
@@ -553,9 +607,11 @@ class Http1Parser:
             connection = b",".join(headers.get(b"connection", ())).lower()
             txn.wants_upgrade = b"upgrade" in connection
         txn.req_ts = self._head_ts[0]
-        if self.inspect is not None:
+        if self.inspect is not None or self.pii is not None:
             txn.head = block
-            want = self.inspect(txn.method, path, txn.req_ctype)
+            want = self.inspect(txn.method, path, txn.req_ctype) if self.inspect else 0
+            if self.pii is not None:
+                want = max(want, self.pii.request_body(txn.method, txn.req_ctype))
             if want > 0:
                 txn.req_data = bytearray()
                 txn.want = want
@@ -609,6 +665,12 @@ class Http1Parser:
         ctype = headers.get(b"content-type")
         if ctype:
             txn.resp_ctype = _media_type(ctype[0])
+        if self.pii is not None:
+            want = self.pii.response_body(txn.resp_ctype, self._responses)
+            self._responses += 1
+            if want > 0:
+                txn.resp_data = bytearray()
+                txn.resp_want = want
         self._resp = txn
         if status == 101 or (txn.is_connect and 200 <= status < 300):
             # The connection now carries another protocol (RFC 9110 §15.2.2, §9.3.6).
@@ -690,6 +752,8 @@ class Http1Parser:
                 txn.req_done = True
                 self._mode[0] = _PAUSED if (txn.is_connect or txn.wants_upgrade) \
                     and not txn.resp_done else _HEAD
+                if self.on_request is not None and not txn.resp_done:
+                    self.on_request(txn.transaction())
             else:
                 self._mode[0] = _HEAD
         else:
@@ -703,13 +767,13 @@ class Http1Parser:
     def _emit_ready(self) -> None:
         txns = self._txns
         while txns and txns[0].req_done and txns[0].resp_done:
-            self._out.append(txns.popleft().transaction())
+            self._out.append(txns.popleft().transaction(self.pii))
             self.transactions += 1
 
     def _flush_all(self) -> None:
         """Report every transaction still open, with what is known of it."""
         while self._txns:
-            self._out.append(self._txns.popleft().transaction())
+            self._out.append(self._txns.popleft().transaction(self.pii))
             self.transactions += 1
         self._awaiting.clear()
         self._req = self._resp = None
@@ -785,11 +849,14 @@ def table_line(d: HttpEvent) -> list[tuple[str, str | None]]:
 
 
 def eve(d: HttpEvent) -> dict:
-    """Suricata's EVE http object."""
-    return {"hostname": d.host, "url": d.path, "http_user_agent": d.user_agent,
-            "http_content_type": d.response_content_type, "http_method": d.method,
-            "protocol": d.version, "status": d.status or None, "length": d.response_body_len,
-            "request_body_len": d.request_body_len, "latency_ns": d.latency_ns}
+    """Suricata's EVE http object (and Loupe's pii counts, when there are any)."""
+    out = {"hostname": d.host, "url": d.path, "http_user_agent": d.user_agent,
+           "http_content_type": d.response_content_type, "http_method": d.method,
+           "protocol": d.version, "status": d.status or None, "length": d.response_body_len,
+           "request_body_len": d.request_body_len, "latency_ns": d.latency_ns}
+    if d.pii:
+        out["pii"] = dict(d.pii)
+    return out
 
 
 def _mime(content_type: str) -> list[str]:
@@ -814,7 +881,8 @@ ZEEK = ZeekLog(path="http", values=_zeek, columns=(
 
 
 PROTOCOL = Protocol(
-    name="http", event=HttpEvent, parser=Http1Parser, options=("redact", "inspect"),
+    name="http", event=HttpEvent, parser=Http1Parser,
+    options=("redact", "inspect", "pii", "on_request"),
     # Live budget: room for the next head of each direction, sized by the heads seen;
     # after a lost head, a fresh parser at the next message (sensor/engine/live.py).
     framing=FramingHints(message_starts=MESSAGE_STARTS, head_end=b"\r\n\r\n", resync=True),

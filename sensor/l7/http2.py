@@ -45,7 +45,8 @@ from hpack.exceptions import HPACKError
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.registry import Filter, FramingHints, KernelWalk, Protocol
+from sensor.l7.pii import Scanner, scrub_target
+from sensor.l7.registry import Counts, Filter, FramingHints, KernelWalk, Protocol
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 
@@ -127,8 +128,11 @@ class Http2Event:
     pushed: bool = False            # a server push (PUSH_PROMISE)
     ended: bool = True              # closed by END_STREAM/RST_STREAM (False: cut short)
     truncated: bool = False         # a value was cut to its bound, or messages were lost
+    pii: Counts = Counts()          # as HttpEvent.pii (sensor/l7/pii.py)
 
     def __post_init__(self) -> None:
+        if type(self.pii) is not Counts:
+            object.__setattr__(self, "pii", Counts.of(self.pii))
         values = (self.request_body_len, self.response_body_len, self.latency_ns,
                   self.grpc_request_messages, self.grpc_response_messages)
         if set(map(type, values)) != _INT_ONLY or min(values) < 0 or max(values) > _MAX_INT:
@@ -152,6 +156,17 @@ def _text(raw: bytes, limit: int = MAX_VALUE) -> tuple[str, bool]:
         return raw.decode("utf-8", "backslashreplace"), cut
 
 
+_NO_PII = Counts()   # the event's pii when nothing was counted
+
+
+def _as_head(headers) -> bytes:
+    """HTTP/2 header fields as an HTTP/1 request head, for pii.Scanner.request: :path
+    becomes the target; :authority, like Host, is the connection's own and left out."""
+    path = next((v for n, v in headers if n == b":path"), b"/")
+    return b"".join([b"GET ", path, b" HTTP/2\r\n", *(
+        n + b": " + v + b"\r\n" for n, v in headers if n[:1] != b":")])
+
+
 def _is_grpc(media_type: str) -> bool:
     """gRPC over HTTP/2 (application/grpc, application/grpc+proto ...); gRPC-Web frames
     its trailers inside the body and is not counted as gRPC here."""
@@ -169,7 +184,7 @@ class _Stream:
     __slots__ = ("sid", "method", "host", "path", "ua", "req_ctype", "resp_ctype", "status",
                  "body", "req_ts", "resp_ts", "service", "rpc", "grpc", "gstatus", "gmessage",
                  "msgs", "gleft", "ghead", "glost", "ended", "reset", "pushed", "truncated",
-                 "final")
+                 "final", "pii")
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
@@ -192,12 +207,15 @@ class _Stream:
         self.pushed = False
         self.truncated = False
         self.final = False              # the final (non-1xx) response headers were seen
+        self.pii: dict | None = None    # PII counts of the request's header fields
 
     def event(self, ended: bool) -> Transaction:
         latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
         ts = self.req_ts if self.req_ts >= 0 else max(self.resp_ts, 0)
         return Transaction(ts, Http2Event(
-            stream_id=self.sid, method=self.method, host=self.host, path=self.path,
+            stream_id=self.sid, method=self.method, host=self.host,
+            # What was counted must not stay in the path (sensor/l7/pii.py).
+            path=scrub_target(self.path) if self.pii else self.path,
             status=self.status, user_agent=self.ua, request_content_type=self.req_ctype,
             response_content_type=self.resp_ctype, request_body_len=self.body[0],
             response_body_len=self.body[1], latency_ns=latency if latency > 0 else 0,
@@ -205,6 +223,7 @@ class _Stream:
             grpc_message=self.gmessage, grpc_request_messages=self.msgs[0],
             grpc_response_messages=self.msgs[1], reset=self.reset, pushed=self.pushed,
             ended=ended, truncated=self.truncated or self.glost,
+            pii=self.pii or _NO_PII,
         ))
 
 
@@ -213,9 +232,13 @@ class Http2Parser:
 
     name = APP_PROTO
 
-    def __init__(self, *, redact: bool = True, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(self, *, redact: bool = True, max_streams: int = MAX_STREAMS,
+                 pii: Scanner | None = None) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
+        # PII counting (sensor/l7/pii.py): the request's header fields and :path, as the
+        # HTTP/1 parser counts a request head; DATA is not captured here.
+        self.pii = pii
         self.state = _OK
         self.error = ""
         self.redact = redact
@@ -651,6 +674,8 @@ class Http2Parser:
                 s.host = strip_userinfo(s.host)
             if not self._host:
                 self._host = s.host
+        if self.pii is not None:
+            s.pii = self.pii.request(_as_head(headers), b"", s.req_ctype)
         if _is_grpc(s.req_ctype):
             s.grpc[0] = s.grpc[1] = True
             if not self._grpc_method and s.rpc:
@@ -779,7 +804,7 @@ FRAMING = FramingHints(kernel_walk=KernelWalk(
     keep_octets=5))
 
 PROTOCOL = Protocol(
-    name=APP_PROTO, event=Http2Event, parser=Http2Parser, options=("redact",),
+    name=APP_PROTO, event=Http2Event, parser=Http2Parser, options=("redact", "pii"),
     framing=FRAMING,
     signature=looks_like, priority=0,
     summary=("http_host",), summary_keys=("grpc_service", "grpc_method"),

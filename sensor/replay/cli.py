@@ -92,6 +92,9 @@ def register(tree) -> None:
     p.add_argument("--rules", default="", metavar="PATH",
                    help="evaluate rules on every L7 event and write Alert records: a rule "
                         "file, a directory of them, or 'default' (docs/rules.md)")
+    p.add_argument("--pii", action="store_true",
+                   help="count PII in HTTP requests and sampled responses (emails, card "
+                        "numbers, IBANs, ...): counts only, never values (docs/pii.md)")
     p.add_argument("--filter", default="", metavar="EXPR",
                    help="only packets matching this tcpdump-style expression (host, net, "
                         "port, portrange, proto, ip, ip6, tcp, udp, icmp, and, or, not), "
@@ -504,7 +507,8 @@ def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
     sink = sinks[0] if len(sinks) == 1 else _Tee(sinks)
     sensor_id = args.sensor_id or ("replay" if args.to else "")
     config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id,
-                            packet_filter=args.filter, rules=args.rules)
+                            packet_filter=args.filter, rules=args.rules,
+                            pii=getattr(args, "pii", False))
     err = sys.stderr
     draw = not args.no_progress and err.isatty()
     if args.jobs > 1:

@@ -27,7 +27,8 @@ HTTP = model.L7Event(
     dst_addr="198.18.0.2", src_port=40000, dst_port=80, protocol=6,
     detail=model.HttpEvent(method="GET", host="example.test", path="/a?x=1", version="1.1",
                            status=200, reason="OK", user_agent="curl/7.88.1",
-                           response_body_len=1024, latency_ns=300_000),
+                           response_body_len=1024, latency_ns=300_000,
+                           pii={"card.response": 1, "email.request": 2}),
 )
 
 DNS = model.L7Event(

@@ -85,3 +85,6 @@ def test_server_side_plaintext_as_nobody(tmp_path):
     assert [(e.detail.path, e.detail.status) for e in events] == [
         (f"/a.txt?{TOKEN}", 200), (f"/nope?{TOKEN}", 404)], stderr
     assert "Traceback" not in stderr
+    # The log says what was kept, the two plaintext capabilities by name.
+    assert ("running as nobody (uid 65534) with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, "
+            "CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE only") in stderr, stderr
