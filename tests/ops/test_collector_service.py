@@ -60,14 +60,16 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
         f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{pki.ca_cert}"\n'
         '[metrics]\nlisten = "[::1]:9999"\n'
         '[storage]\nbackend = "clickhouse"\n[storage.clickhouse]\nhost = "ch1.example"\n'
-        'port = 9001\ndatabase = "flows"\nuser = "loupe"\npassword = "pw"\ncluster = "two"\n')
+        'port = 9001\ndatabase = "flows"\nuser = "loupe"\npassword = "pw"\ncluster = "two"\n'
+        f'[cluster]\npeers = ["127.0.0.2:50999"]\ncert_file = "{cert}"\nkey_file = "{key}"\n')
     # Every key of the schema is set above, to a value other than its default.
     assert config.schema_keys("collector") == {
         "listen", "insecure", "data_dir", "retention", "max_message_size",
         "subscriber_queue_size", "tls.cert_file", "tls.key_file", "tls.client_ca_file",
         "metrics.listen", "storage.backend", "storage.clickhouse.host",
         "storage.clickhouse.port", "storage.clickhouse.database", "storage.clickhouse.user",
-        "storage.clickhouse.password", "storage.clickhouse.cluster"}
+        "storage.clickhouse.password", "storage.clickhouse.cluster", "cluster.peers",
+        "cluster.cert_file", "cluster.key_file"}
     c = collector_config(_run_args("--config", str(path)))
     assert (c.listen, c.insecure, c.data_dir, c.retention_ns) == (
         "127.0.0.1:50999", True, tmp_path / "store", 12 * 3600 * 10**9)
@@ -77,6 +79,7 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     ch = c.storage.clickhouse
     assert (c.storage.backend, ch.host, ch.port, ch.database, ch.user, ch.password,
             ch.cluster) == ("clickhouse", "ch1.example", 9001, "flows", "loupe", "pw", "two")
+    assert (c.peers, c.peer_cert, c.peer_key) == (("127.0.0.2:50999",), cert, key)
 
     # Flags, then --set, win over the file; a relative --data-dir is taken from here.
     c = collector_config(_run_args("--config", str(path), "--listen", "127.0.0.1:0",
