@@ -643,7 +643,7 @@ struct loupe_tls_sock {
 	__u16 sport;           /* host order */
 	__u16 dport;
 	__u16 family;          /* AF_INET (2) or AF_INET6 (10) */
-	__u16 pad;
+	__u16 accepted;        /* 1: accept()ed (the peer initiated), 0: connect()ed */
 };
 #define LOUPE_TLS_SOCK_SIZE 40
 

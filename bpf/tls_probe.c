@@ -12,8 +12,11 @@
  *   (DESIGN.md). The socket behind an object comes from SSL_set_fd's argument or, for
  *   objects made before the sensor or on a BIO of their own (curl, openssl s_server,
  *   GnuTLS), from the fd of the read/write-family syscall the call makes on the same
- *   thread (syscalls:sys_enter_* tracepoints). Userspace turns the fd into a 5-tuple
- *   through /proc.
+ *   thread (syscalls:sys_enter_* tracepoints). The fd's 4-tuple is taken here when
+ *   the kernel saw the fd connect() (inet_sock_set_state in the connecting thread) or
+ *   accept() it (the passive open's tracepoint, found by the peer accept() returns):
+ *   a short connection can be closed before userspace reads its chunks. Other fds
+ *   userspace turns into a 5-tuple through /proc.
  * - Budget and skip are the wire contract (loupe.h, loupe_l7_ctl) on stream offsets the
  *   kernel counts per object and direction: octets below tls_ctl.skip_until are not
  *   copied, nor those beyond budget + grant, nor any after LOUPE_CTL_DONE.
@@ -76,6 +79,25 @@ BPF_TABLE("lru_hash", __u64, __s32, tls_connecting, LOUPE_TLS_CALLS);
 BPF_TABLE("lru_hash", __u64, struct loupe_tls_fd_key, tls_sk_fd, LOUPE_TLS_CALLS);
 BPF_TABLE("lru_hash", struct loupe_tls_fd_key, struct loupe_tls_sock, tls_fd_sock,
 	  LOUPE_TLS_CONNS);
+
+/* tls_passive: an accept()able connection, just ESTABLISHED (softirq: no process yet) ->
+ * its 4-tuple. Key: struct loupe_tls_peer, the peer's address and port, which accept()
+ * hands the process; sys_exit_accept moves the entry to tls_fd_sock under the new fd.
+ * So a server's socket is known in the kernel the moment it is accepted: a short
+ * connection may be closed before userspace reads its first chunk, and then /proc has
+ * nothing left to show (its fd and its line in /proc/PID/net/tcp are gone).
+ * tls_accepting: the sockaddr buffer a thread passed to accept(). Key: thread id.
+ * LRU, LOUPE_TLS_CONNS / LOUPE_TLS_CALLS: connections not accepted (or by a process
+ * that passes no sockaddr: its fd is left to /proc) age out. A passive open that
+ * accept() can return before it is ESTABLISHED (TCP Fast Open) is left to /proc too. */
+struct loupe_tls_peer {
+	__u8  addr[16];        /* network order; IPv4 in the first 4 bytes */
+	__u16 port;            /* host order */
+	__u16 family;
+};
+BPF_TABLE("lru_hash", struct loupe_tls_peer, struct loupe_tls_sock, tls_passive,
+	  LOUPE_TLS_CONNS);
+BPF_TABLE("lru_hash", __u64, __u64, tls_accepting, LOUPE_TLS_CALLS);
 
 /* Go: a call between its entry and a RET, per goroutine. Key: struct loupe_tls_conn_key
  * with the g's address for ssl. Value: struct loupe_tls_go_call. LRU: a call that
@@ -559,6 +581,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { call_fd(args->fd); return 0; }
 
 #define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_    2
+#define TCP_SYN_RECV_    3
 #define IPPROTO_TCP_     6
 #define AF_INET_         2
 
@@ -581,11 +604,90 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 	return 0;
 }
 
+/* accept(2) and accept4(2): the peer's address comes back in the caller's sockaddr (a
+ * syscall argument, read from user memory), which finds the 4-tuple tls_passive holds. */
+static __always_inline void accept_enter(const void *addr)
+{
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	if (!cfg || !cfg->enabled)
+		return;
+	__u64 tid = bpf_get_current_pid_tgid();
+	__u64 ptr = (__u64)addr;   /* 0 (no sockaddr): the exit still clears the fd's entry */
+	tls_accepting.update(&tid, &ptr);
+}
+
+static __always_inline void accept_exit(long ret)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	__u64 *ptr = tls_accepting.lookup(&tid);
+	if (!ptr)
+		return;
+	__u64 addr = *ptr;
+	tls_accepting.delete(&tid);
+	if (ret < 0)
+		return;
+	struct loupe_tls_fd_key key = {.tgid = tid >> 32, .fd = (__s32)ret};
+	/* sockaddr_in: family, port, address at 4; sockaddr_in6: address at 8. */
+	__u8 sa[24] = {};
+	struct loupe_tls_peer peer = {};
+	struct loupe_tls_sock *sock = 0;
+	if (addr && bpf_probe_read_user(sa, sizeof(sa), (void *)addr) == 0) {
+		peer.family = sa[0] | (sa[1] << 8);
+		peer.port = (sa[2] << 8) | sa[3];
+		if (peer.family == AF_INET_)
+			__builtin_memcpy(peer.addr, sa + 4, 4);
+		else
+			__builtin_memcpy(peer.addr, sa + 8, 16);
+		sock = tls_passive.lookup(&peer);
+	}
+	if (!sock) {
+		tls_fd_sock.delete(&key);   /* the fd's old connection, if any, is not this one */
+		return;
+	}
+	struct loupe_tls_sock found = *sock;
+	tls_passive.delete(&peer);
+	tls_fd_sock.update(&key, &found);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { accept_enter(args->upeer_sockaddr); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { accept_enter(args->upeer_sockaddr); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { accept_exit(args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { accept_exit(args->ret); return 0; }
+
+/* The tracepoint's 4-tuple (a macro: the args struct is bcc's, per probe). */
+#define SOCK_OF(sock, args) do {						\
+	(sock).sport = (args)->sport;						\
+	(sock).dport = (args)->dport;						\
+	(sock).family = (args)->family;						\
+	if ((args)->family == AF_INET_) {					\
+		__builtin_memcpy((sock).saddr, (args)->saddr, 4);		\
+		__builtin_memcpy((sock).daddr, (args)->daddr, 4);		\
+	} else {								\
+		__builtin_memcpy((sock).saddr, (args)->saddr_v6, 16);		\
+		__builtin_memcpy((sock).daddr, (args)->daddr_v6, 16);		\
+	}									\
+} while (0)
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != IPPROTO_TCP_)
 		return 0;
 	__u64 sk = (__u64)args->skaddr;
+	if (args->oldstate == TCP_SYN_RECV_ && args->newstate == TCP_ESTABLISHED_) {
+		/* A passive open completed (before accept() can return it). */
+		__u32 zero = 0;
+		struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+		if (!cfg || !cfg->enabled)
+			return 0;
+		struct loupe_tls_sock sock = {};
+		SOCK_OF(sock, args);
+		sock.accepted = 1;
+		struct loupe_tls_peer peer = {.port = sock.dport, .family = sock.family};
+		__builtin_memcpy(peer.addr, sock.daddr, 16);
+		tls_passive.update(&peer, &sock);
+		return 0;
+	}
 	if (args->newstate == TCP_SYN_SENT_) {
 		/* Inside connect(), in the connecting thread. */
 		__u64 tid = bpf_get_current_pid_tgid();
@@ -606,16 +708,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (args->newstate != TCP_ESTABLISHED_)
 		return 0;
 	struct loupe_tls_sock sock = {};
-	sock.sport = args->sport;
-	sock.dport = args->dport;
-	sock.family = args->family;
-	if (args->family == AF_INET_) {
-		__builtin_memcpy(sock.saddr, args->saddr, 4);
-		__builtin_memcpy(sock.daddr, args->daddr, 4);
-	} else {
-		__builtin_memcpy(sock.saddr, args->saddr_v6, 16);
-		__builtin_memcpy(sock.daddr, args->daddr_v6, 16);
-	}
+	SOCK_OF(sock, args);
 	tls_fd_sock.update(&key, &sock);
 	return 0;
 }

@@ -196,10 +196,11 @@ class PlaintextL7:
         return False, None
 
     def _socket(self, ch: Chunk) -> Endpoint | None:
-        """The kernel's 4-tuple of a connect()ed fd, taken at the call (exact even if
-        the fd was closed and reused since); else what SSL_set_fd found; else /proc."""
+        """The kernel's 4-tuple of a connect()ed or accept()ed fd, taken at the call
+        (exact even if the fd was closed and reused since); else what SSL_set_fd found;
+        else /proc (too late for a short connection closed before its chunks are read)."""
         if ch.sock is not None:
-            return connected(ch.sock)
+            return connected(ch.sock, ch.accepted)
         bound = self._bound.get((ch.tgid, ch.ssl))
         if bound is not None and bound[0] == ch.fd:
             return bound[1]

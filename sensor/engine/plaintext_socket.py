@@ -114,10 +114,11 @@ class SocketResolver:
         return Endpoint(version, local, lport, remote, rport, lport in table.listening)
 
 
-def connected(sock: tuple[bytes, int, bytes, int]) -> Endpoint:
-    """The Endpoint of a socket the kernel saw connect() (a client end)."""
+def connected(sock: tuple[bytes, int, bytes, int], server: bool = False) -> Endpoint:
+    """The Endpoint of a socket the kernel saw connect() (a client end) or accepted
+    (server: a server end)."""
     local, lport, remote, rport = sock
     version = 4 if len(local) == 4 else 6
     if version == 6 and local.startswith(_V4_MAPPED) and remote.startswith(_V4_MAPPED):
         local, remote, version = local[12:], remote[12:], 4
-    return Endpoint(version, local, lport, remote, rport, False)
+    return Endpoint(version, local, lport, remote, rport, server)

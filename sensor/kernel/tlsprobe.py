@@ -72,7 +72,7 @@ class TlsFdKey(ctypes.Structure):
 class TlsSock(ctypes.Structure):
     _fields_ = [("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16),
                 ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
-                ("family", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+                ("family", ctypes.c_uint16), ("accepted", ctypes.c_uint16)]
 
 
 class TlsEvent(ctypes.Structure):
@@ -120,15 +120,18 @@ class Chunk:
     cgroup_id: int
     comm: str
     data: bytes
-    # (local address, port, remote address, port) when the kernel saw the fd connect
+    # (local address, port, remote address, port) when the kernel saw the fd connect, or
+    # saw it accepted (then `accepted`: the peer initiated)
     sock: tuple[bytes, int, bytes, int] | None = None
     flags: int = 0      # EV_BIND: SSL_set_fd, no data; EV_PROGRESS: the stream is at offset
+    accepted: bool = False
 
     @classmethod
     def parse(cls, raw: bytes) -> Chunk:
         ev = TlsEvent.from_buffer_copy(raw[:EVENT_SIZE])
-        sock = None
+        sock, accepted = None, False
         if ev.flags & EV_SOCK:
+            accepted = bool(ev.sock.accepted)
             s = ev.sock
             n = 4 if s.family == 2 else 16
             sock = (bytes(s.saddr[:n]), s.sport, bytes(s.daddr[:n]), s.dport)
@@ -136,7 +139,8 @@ class Chunk:
                    fd_src=ev.fd_src, dir=ev.dir & 1, lib=LIBS.get(ev.lib, "?"),
                    offset=ev.offset, length=ev.len, cgroup_id=ev.cgroup_id,
                    comm=ev.comm.decode(errors="replace"),
-                   data=raw[EVENT_SIZE:EVENT_SIZE + ev.cap_len], sock=sock, flags=ev.flags)
+                   data=raw[EVENT_SIZE:EVENT_SIZE + ev.cap_len], sock=sock, flags=ev.flags,
+                   accepted=accepted)
 
 
 # ---- libraries ---------------------------------------------------------------------------
