@@ -409,13 +409,29 @@ class Column:
     members: tuple["Column", ...] = ()
 
 
-class Counts(tuple):
-    """A small immutable str -> count mapping as (key, count) pairs in key order (the PII
-    counts of an HTTP event, sensor/l7/pii.py): hashable like the rest of a record. On
-    the wire a map<string, uint32>; stored as JSON text ("counts" column type), which
-    DuckDB, ClickHouse 18.16, Parquet and CSV all hold as a plain string."""
+class Counts(dict):
+    """A small str -> count mapping in key order that cannot change after it is made (the
+    PII counts of an HTTP event, sensor/l7/pii.py): hashable like the rest of a record,
+    and a dict subclass, so JSON encoders (orjson, json) and protobuf maps take it as it
+    is. On the wire a map<string, uint32>; stored as JSON text ("counts" column type),
+    which DuckDB, ClickHouse 18.16, Parquet and CSV all hold as a plain string."""
 
     __slots__ = ()
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("an event's counts cannot be changed; make a new event")
+
+    __setitem__ = __delitem__ = __ior__ = _immutable
+    clear = pop = popitem = setdefault = update = _immutable
+
+    def __hash__(self) -> int:   # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self):
+        return (Counts, (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"Counts({dict.__repr__(self)})"
     MAX_KEYS = 64          # more keys than pii.KEYS: a sender cannot grow a row unbounded
     MAX_KEY = 64
     MAX_COUNT = (1 << 32) - 1

@@ -103,10 +103,11 @@ class Subject:
             return [(name, getattr(d, attr))] if hasattr(d, attr) else []
         if name == "pii" or name.startswith("pii."):
             # Counts only: a rule matches on how many, never sees a value.
-            counts = getattr(d, "pii", ())
+            counts = getattr(d, "pii", None) or {}
             if name == "pii":
-                return [(f"pii.{k}", n) for k, n in counts]
-            return [(name, n) for k, n in counts if k == name[4:] and n]
+                return [(f"pii.{k}", n) for k, n in counts.items()]
+            n = counts.get(name[4:], 0)
+            return [(name, n)] if n else []
         if req is None:
             return []
         if name == "uri":
