@@ -1850,8 +1850,48 @@ static __always_inline __u32 enforcing(void)
 	return bc->active;
 }
 
+_Static_assert(sizeof(struct loupe_rate_key) == LOUPE_RATE_KEY_SIZE, "rate key size");
+_Static_assert(sizeof(struct loupe_rate_value) == LOUPE_RATE_VALUE_SIZE, "rate value size");
+
+/* The per-source token bucket (loupe.h, "rate limits"): 1 when the packet is to be
+ * dropped. Only a packet that opens a connection or carries payload takes a token. */
+static __always_inline int rate_limited(struct loupe_pkt *p, __u64 now)
+{
+	if (!p->payload_len && !(p->key.protocol == PROTO_TCP && (p->tcp_flags & TCPF_SYN)))
+		return 0;
+	struct loupe_rate_key rk = {};
+	rk.ip_version = p->key.ip_version;
+	__builtin_memcpy(rk.addr, p->src, 16);
+	struct loupe_rate_value *r = rate_src.lookup(&rk);
+	if (!r || (__s64)(r->expires_ns - now) <= 0)
+		return 0;
+	__u64 cap = (__u64)r->burst * 1000;
+	__u64 tokens = cap;
+	if (r->last_ns) {
+		__u64 elapsed = now - r->last_ns;
+		if ((__s64)elapsed < 0)
+			elapsed = 0;
+		if (elapsed > LOUPE_RATE_MAX_REFILL_NS)
+			elapsed = LOUPE_RATE_MAX_REFILL_NS;
+		__u64 rate = r->rate > LOUPE_RATE_MAX ? LOUPE_RATE_MAX : r->rate;
+		tokens = r->tokens_milli + elapsed * rate / 1000000;
+		if (tokens > cap)
+			tokens = cap;
+	}
+	r->last_ns = now;
+	if (tokens < 1000) {
+		r->tokens_milli = tokens;
+		__sync_fetch_and_add(&r->dropped, 1);
+		return 1;
+	}
+	r->tokens_milli = tokens - 1000;
+	__sync_fetch_and_add(&r->passed, 1);
+	return 0;
+}
+
 /* Whether the parsed packet p is to be dropped: its flow (either way) is in block_flow,
- * or its source in block_src; one lookup per map that holds entries. Counted. */
+ * its source in block_src, or its source's token bucket (rate_src) is empty; one lookup
+ * per map that holds entries. Counted. */
 static __always_inline int blocked(struct loupe_pkt *p, __u32 active)
 {
 	/* A bare TCP RST always passes: the sensor's own resets, which end both sides of
@@ -1881,7 +1921,75 @@ static __always_inline int blocked(struct loupe_pkt *p, __u32 active)
 			return 1;
 		}
 	}
+	if ((active & LOUPE_BLOCK_ANY_RATE) && rate_limited(p, now))
+		return 1;
 	return 0;
+}
+
+/* Hold mode (loupe.h, "Hold mode"): arms a flow at a request packet toward a held
+ * service, and says whether the parsed packet p, a response of a flow whose latest
+ * request has no verdict yet, is to be dropped (its TCP sends it again). Runs before the
+ * flow accounts the packet: a held segment is counted here (LOUPE_CNT_HELD), not in its
+ * flow, and its payload reaches userspace once, when it is finally let through. */
+_Static_assert(sizeof(struct loupe_hold_svc_key) == LOUPE_HOLD_SVC_KEY_SIZE, "hold svc key");
+_Static_assert(sizeof(struct loupe_hold_svc) == LOUPE_HOLD_SVC_SIZE, "hold svc size");
+_Static_assert(sizeof(struct loupe_hold_req) == LOUPE_HOLD_REQ_SIZE, "hold req size");
+_Static_assert(sizeof(struct loupe_hold_ok) == LOUPE_HOLD_OK_SIZE, "hold ok size");
+
+static __always_inline int held(struct loupe_pkt *p)
+{
+	if (p->key.protocol != PROTO_TCP || p->is_frag || (p->tcp_flags & TCPF_RST))
+		return 0;
+	struct loupe_flow_key k;
+	__builtin_memcpy(&k, &p->key, sizeof(k));
+	k.ifindex = 0;
+	struct loupe_hold_svc_key sk = {};
+	sk.ip_version = p->key.ip_version;
+	sk.port = p->dir == LOUPE_DIR_LO_HI ? p->key.port_hi : p->key.port_lo;
+	__builtin_memcpy(sk.addr, p->dst, 16);
+	struct loupe_hold_svc *svc = hold_svc.lookup(&sk);
+	if (svc) {
+		/* Toward a held service: a request (or the start of a connection). */
+		if (p->tcp_flags & TCPF_SYN) {
+			/* A new connection on this 4-tuple: nothing of an old one applies. */
+			hold_req.delete(&k);
+			hold_ok.delete(&k);
+			return 0;
+		}
+		if (!p->payload_len)
+			return 0;
+		__u32 end = p->seq + p->payload_len;
+		__u64 now = bpf_ktime_get_ns();
+		struct loupe_hold_req *r = hold_req.lookup(&k);
+		if (!r) {
+			struct loupe_hold_req nr = {};
+			nr.armed_ns = now;
+			nr.max_hold_ns = svc->max_hold_ns;
+			nr.req_end = end;
+			nr.req_dir = p->dir;
+			hold_ok.delete(&k);
+			hold_req.update(&k, &nr);
+		} else if (r->req_dir == p->dir && (__s32)(end - r->req_end) > 0) {
+			/* New request bytes (a retransmission of old ones moves nothing). */
+			r->req_end = end;
+			r->armed_ns = now;
+		}
+		return 0;
+	}
+	if (!p->payload_len && !(p->tcp_flags & TCPF_FIN))
+		return 0;   /* a bare ACK carries nothing to hold */
+	struct loupe_hold_req *r = hold_req.lookup(&k);
+	if (!r || r->req_dir == p->dir)
+		return 0;
+	struct loupe_hold_ok *ok = hold_ok.lookup(&k);
+	if (ok && (__s32)(r->req_end - ok->done_end) <= 0)
+		return 0;   /* every request so far has its verdict */
+	if ((__s64)(bpf_ktime_get_ns() - r->armed_ns) >= (__s64)r->max_hold_ns) {
+		count(LOUPE_CNT_HOLD_EXPIRED);
+		return 0;   /* the verdict is late: fail open */
+	}
+	count(LOUPE_CNT_HELD);
+	return 1;
 }
 
 int loupe_tc(struct __sk_buff *skb)
@@ -1909,6 +2017,8 @@ int loupe_tc(struct __sk_buff *skb)
 			count(err);
 			return TC_ACT_UNSPEC;
 		}
+		if ((active & LOUPE_BLOCK_ANY_HOLD) && held(p))
+			return TC_ACT_SHOT;
 		if (fast_path(p, &found))
 			return active && blocked(p, active) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 	}

@@ -490,6 +490,97 @@ struct loupe_block_src_key {
 };
 #define LOUPE_BLOCK_SRC_KEY_SIZE 24
 
+/* Per-source rate limits (maps.h: rate_src), the DDoS detector's "ratelimit" mitigation
+ * (sensor/rules/ddos.py, docs/rules.md "DDoS"): a token bucket per source address. Each
+ * packet from the source that opens a connection (a TCP SYN) or carries payload takes a
+ * token; the bucket refills at `rate` tokens a second up to `burst`; a packet that finds
+ * it empty is dropped (TCP sends it again later, so a limited client slows down rather
+ * than breaks). Bare ACKs, FINs and RSTs always pass: connections can still close.
+ * Tokens are kept in thousandths. The update is not atomic: two CPUs taking the last
+ * token at once both pass, so the limit can be exceeded by one packet per CPU per refill
+ * (a rate limit, not an accounting). Same TTL and fail-open rules as the block maps:
+ * block_cfg.active has LOUPE_BLOCK_ANY_RATE while the map holds entries. */
+#ifndef LOUPE_RATE_SRC_ENTRIES
+#define LOUPE_RATE_SRC_ENTRIES 16384
+#endif
+#define LOUPE_BLOCK_ANY_RATE 0x04
+#define LOUPE_RATE_MAX 1000000           /* tokens a second: keeps the refill in 64 bits */
+#define LOUPE_RATE_MAX_REFILL_NS 10000000000ULL   /* 10 s of refill at most per packet */
+
+struct loupe_rate_key {
+	__u8  ip_version;      /* 4 or 6 */
+	__u8  pad[3];
+	__u8  addr[16];        /* network order; IPv4 in the first 4 bytes */
+};
+#define LOUPE_RATE_KEY_SIZE 20
+
+struct loupe_rate_value {
+	__u64 expires_ns;      /* CLOCK_MONOTONIC ns; the limit is void from then on */
+	__u64 added_ns;
+	__u64 last_ns;         /* the last refill; 0: a new entry, its bucket full */
+	__u64 tokens_milli;    /* tokens x 1000 */
+	__u64 passed;          /* packets that took a token */
+	__u64 dropped;         /* packets dropped on an empty bucket */
+	__u32 rate;            /* tokens a second, 1..LOUPE_RATE_MAX */
+	__u32 burst;           /* bucket size in tokens, >= 1 */
+};
+#define LOUPE_RATE_VALUE_SIZE 56
+
+/* Hold mode (maps.h: hold_svc, hold_req, hold_ok; docs/rules.md, "Hold mode"). For the
+ * services the configuration names, a response waits for the verdict on its request:
+ * a client payload packet toward a held service marks its flow pending (hold_req, written
+ * here, in the kernel, because userspace learns of the request too late to stop a server
+ * that answers at once), and the server's payload and FIN packets of a pending flow are
+ * dropped, so that its TCP sends them again later. Userspace ends the wait by writing how
+ * far it has judged the client's stream (hold_ok) on a non-block outcome, or blocks the
+ * flow. Two maps, one writer each: the kernel re-arms hold_req per request (keep-alive)
+ * while userspace writes hold_ok, and neither overwrites what the other wrote.
+ * Bounded: a response waits at most the service's max_hold_ns after its request's last
+ * packet, then passes (fail open), and the heartbeat's staleness ends every hold. */
+#define LOUPE_BLOCK_ANY_HOLD 0x08    /* hold_svc holds entries (block_cfg.active) */
+
+/* Held services (address:port): a handful a host names; 256 is generous. */
+#ifndef LOUPE_HOLD_SVC_ENTRIES
+#define LOUPE_HOLD_SVC_ENTRIES 256
+#endif
+/* Flows to held services with a request seen, at once: LRU, so a flow evicted under a
+ * flood of new ones is released (fail open), never held for good. */
+#ifndef LOUPE_HOLD_FLOW_ENTRIES
+#define LOUPE_HOLD_FLOW_ENTRIES 16384
+#endif
+
+struct loupe_hold_svc_key {
+	__u8  ip_version;      /* 4 or 6 */
+	__u8  pad;
+	__u16 port;            /* host order */
+	__u8  addr[16];        /* network order; IPv4 in the first 4 bytes */
+};
+#define LOUPE_HOLD_SVC_KEY_SIZE 20
+
+struct loupe_hold_svc {
+	__u64 max_hold_ns;     /* the longest a response waits after its request's last packet */
+};
+#define LOUPE_HOLD_SVC_SIZE 8
+
+/* hold_req value: written by the kernel only. */
+struct loupe_hold_req {
+	__u64 armed_ns;        /* bpf_ktime_get_ns() at the latest request payload packet */
+	__u64 max_hold_ns;     /* the service's, copied when the flow's first request came */
+	__u32 req_end;         /* the client's next sequence number after that packet */
+	__u8  req_dir;         /* LOUPE_DIR_*: the client's direction */
+	__u8  pad[3];
+};
+#define LOUPE_HOLD_REQ_SIZE 24
+
+/* hold_ok value: written by userspace only. The flow's responses flow while
+ * done_end is at or past hold_req.req_end (sequence-number order, modulo 2^32). */
+struct loupe_hold_ok {
+	__u32 done_end;        /* the client's stream is judged up to this sequence number */
+	__u32 pad;
+	__u64 released_ns;     /* CLOCK_MONOTONIC ns of the write (for `loupe block list`) */
+};
+#define LOUPE_HOLD_OK_SIZE 16
+
 /* ---- counters --------------------------------------------------------------------- */
 
 /* Indices of the per-CPU counter array. Never reset; userspace sums the CPUs and
@@ -518,6 +609,8 @@ enum loupe_counter {
 	LOUPE_CNT_TAIL_CALL_FAILED,   /* a new flow's packet could not re-enter the meter */
 	LOUPE_CNT_BLOCKED_FLOW,       /* dropped: its flow is in block_flow (enforcement) */
 	LOUPE_CNT_BLOCKED_SRC,        /* dropped: its source is in block_src (enforcement) */
+	LOUPE_CNT_HELD,               /* dropped: a response waiting for its verdict (hold) */
+	LOUPE_CNT_HOLD_EXPIRED,       /* passed: its verdict took longer than max_hold_ns */
 	LOUPE_CNT_MAX
 };
 

@@ -152,4 +152,30 @@ BPF_HASH(block_flow, struct loupe_flow_key, struct loupe_block_value, LOUPE_BLOC
  * preallocated. Looked up only while block_cfg says it holds entries. */
 BPF_LPM_TRIE(block_src, struct loupe_block_src_key, struct loupe_block_value, LOUPE_BLOCK_SRC_ENTRIES);
 
+/* hold_svc: the services whose responses wait for their request's verdict (loupe.h,
+ * "Hold mode"; [enforce] hold). Key: struct loupe_hold_svc_key (server address and
+ * port). Value: struct loupe_hold_svc. Size: LOUPE_HOLD_SVC_ENTRIES. Written by
+ * userspace at start; looked up per packet only while block_cfg says HOLD. */
+BPF_HASH(hold_svc, struct loupe_hold_svc_key, struct loupe_hold_svc, LOUPE_HOLD_SVC_ENTRIES);
+
+/* hold_req: the latest request of each flow to a held service. Key: struct
+ * loupe_flow_key, canonical, ifindex 0. Value: struct loupe_hold_req, written by the
+ * kernel only. Size: LOUPE_HOLD_FLOW_ENTRIES; LRU: an evicted flow is no longer held. */
+BPF_TABLE("lru_hash", struct loupe_flow_key, struct loupe_hold_req, hold_req, LOUPE_HOLD_FLOW_ENTRIES);
+
+/* hold_ok: how far userspace has judged each held flow's client stream. Key: as
+ * hold_req. Value: struct loupe_hold_ok, written by userspace only (the kernel deletes
+ * it when a flow's first request arms hold_req, so a reused 4-tuple starts pending).
+ * Size: LOUPE_HOLD_FLOW_ENTRIES; LRU: old verdicts age out. */
+BPF_TABLE("lru_hash", struct loupe_flow_key, struct loupe_hold_ok, hold_ok, LOUPE_HOLD_FLOW_ENTRIES);
+
+/* rate_src: per-source token buckets, the DDoS detector's rate limits (loupe.h, "rate
+ * limits"). Key: struct loupe_rate_key (version + address; exact sources, not prefixes:
+ * a flood's sources are named one by one). Value: struct loupe_rate_value, with its TTL.
+ * Size: LOUPE_RATE_SRC_ENTRIES (16384: a flood's named sources, at most `top` per alert
+ * and a few alerts a second, for a TTL of minutes). An LRU hash: under a flood from more
+ * sources than that, the oldest limit goes rather than the newest being refused, and the
+ * bound holds either way. Looked up only while block_cfg has LOUPE_BLOCK_ANY_RATE. */
+BPF_TABLE("lru_hash", struct loupe_rate_key, struct loupe_rate_value, rate_src, LOUPE_RATE_SRC_ENTRIES);
+
 #endif /* LOUPE_MAPS_H */

@@ -109,9 +109,17 @@ class BlockMaps:
         return self.clock() - hb if hb else -1
 
     def _refresh_active(self) -> None:
+        # Bits of other maps (BLOCK_ANY_RATE: sensor/enforce/ratelimit.py) are theirs.
+        other = self.config().active & ~(abi.BLOCK_ANY_FLOW | abi.BLOCK_ANY_SRC)
         active = (abi.BLOCK_ANY_FLOW if self._keys(self.flow_fd, abi.FlowKey) else 0) \
             | (abi.BLOCK_ANY_SRC if self._keys(self.src_fd, abi.BlockSrcKey) else 0)
-        self._write_config(active=active)
+        self._write_config(active=active | other)
+
+    def set_bit(self, bit: int, on: bool) -> None:
+        """Turns one block_cfg.active bit of a map owned elsewhere (BLOCK_ANY_HOLD:
+        hold.py) on or off, leaving the others as they are."""
+        c = self.config()
+        self._write_config(active=(c.active | bit) if on else (c.active & ~bit))
 
     # -- writes --------------------------------------------------------------------------
 

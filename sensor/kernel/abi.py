@@ -109,6 +109,8 @@ class Counter(enum.IntEnum):
     TAIL_CALL_FAILED = 20
     BLOCKED_FLOW = 21
     BLOCKED_SRC = 22
+    HELD = 23
+    HOLD_EXPIRED = 24
 
 
 COUNTER_MAX = len(Counter)
@@ -330,6 +332,12 @@ BLOCK_CLI = 2
 BLOCK_DDOS = 3
 BLOCK_ANY_FLOW = 0x01
 BLOCK_ANY_SRC = 0x02
+# Per-source rate limits (loupe.h, "rate limits"; maps.h rate_src).
+BLOCK_ANY_RATE = 0x04
+RATE_KEY_SIZE = 20
+RATE_VALUE_SIZE = 56
+RATE_SRC_ENTRIES = 16384
+RATE_MAX = 1_000_000
 
 
 class BlockCfg(ctypes.Structure):
@@ -359,10 +367,78 @@ class BlockSrcKey(ctypes.Structure):
     ]
 
 
+# Hold mode (loupe.h, "Hold mode"): hold_svc, hold_req (kernel-written), hold_ok.
+BLOCK_ANY_HOLD = 0x08
+HOLD_SVC_KEY_SIZE = 20
+HOLD_SVC_SIZE = 8
+HOLD_REQ_SIZE = 24
+HOLD_OK_SIZE = 16
+HOLD_SVC_ENTRIES = 256
+HOLD_FLOW_ENTRIES = 16384
+
+
+class HoldSvcKey(ctypes.Structure):
+    _fields_ = [
+        ("ip_version", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class HoldSvc(ctypes.Structure):
+    _fields_ = [("max_hold_ns", ctypes.c_uint64)]
+
+
+class HoldReq(ctypes.Structure):
+    _fields_ = [
+        ("armed_ns", ctypes.c_uint64),
+        ("max_hold_ns", ctypes.c_uint64),
+        ("req_end", ctypes.c_uint32),
+        ("req_dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class HoldOk(ctypes.Structure):
+    _fields_ = [
+        ("done_end", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("released_ns", ctypes.c_uint64),
+    ]
+
+
+class RateKey(ctypes.Structure):
+    _fields_ = [
+        ("ip_version", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class RateValue(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("added_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("tokens_milli", ctypes.c_uint64),
+        ("passed", ctypes.c_uint64),
+        ("dropped", ctypes.c_uint64),
+        ("rate", ctypes.c_uint32),
+        ("burst", ctypes.c_uint32),
+    ]
+
+
 SIZES: dict[type[ctypes.Structure], int] = {
+    RateKey: RATE_KEY_SIZE,
+    RateValue: RATE_VALUE_SIZE,
     BlockCfg: BLOCK_CFG_SIZE,
     BlockValue: BLOCK_VALUE_SIZE,
     BlockSrcKey: BLOCK_SRC_KEY_SIZE,
+    HoldSvcKey: HOLD_SVC_KEY_SIZE,
+    HoldSvc: HOLD_SVC_SIZE,
+    HoldReq: HOLD_REQ_SIZE,
+    HoldOk: HOLD_OK_SIZE,
     FlowKey: FLOW_KEY_SIZE,
     FlowValue: FLOW_VALUE_SIZE,
     FragKey: FRAG_KEY_SIZE,

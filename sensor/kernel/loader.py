@@ -321,6 +321,10 @@ class LoadedProgram:
             self.block_cfg_fd: int = obj.map_fd("block_cfg")
             self.block_flow_fd: int = obj.map_fd("block_flow")
             self.block_src_fd: int = obj.map_fd("block_src")
+            self.rate_src_fd: int = obj.map_fd("rate_src")   # DDoS rate limits
+            self.hold_svc_fd: int = obj.map_fd("hold_svc")   # hold mode
+            self.hold_req_fd: int = obj.map_fd("hold_req")
+            self.hold_ok_fd: int = obj.map_fd("hold_ok")
         except KeyError as exc:
             obj.close()
             raise KernelError(f"bpf/flow.c has no {exc.args[0]}: bpf/ and "
@@ -334,7 +338,11 @@ class LoadedProgram:
                              mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
             for table, key, value in ((b"block_cfg", ctypes.c_uint32, abi.BlockCfg),
                                       (b"block_flow", abi.FlowKey, abi.BlockValue),
-                                      (b"block_src", abi.BlockSrcKey, abi.BlockValue)):
+                                      (b"block_src", abi.BlockSrcKey, abi.BlockValue),
+                                      (b"rate_src", abi.RateKey, abi.RateValue),
+                                      (b"hold_svc", abi.HoldSvcKey, abi.HoldSvc),
+                                      (b"hold_req", abi.FlowKey, abi.HoldReq),
+                                      (b"hold_ok", abi.FlowKey, abi.HoldOk)):
                 check_map_layout(obj, table, ctypes.sizeof(key), ctypes.sizeof(value),
                                  mirror="sensor/kernel/abi.py", header="bpf/loupe.h")
             # The meter's own slot, for loupe_new_flow to return to (hybrid.py fills
