@@ -80,7 +80,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("subscribers", "gauge", None, "Live subscribers connected"),
     Family("enforcement", "counter", "action",
            "Kernel enforcement of block verdicts (sensor/enforce/), by action: flows_blocked, "
-           "sources_blocked, resets_sent, resets_skipped, map_full, write_errors, expired"),
+           "sources_blocked, resets_sent, resets_skipped, map_full, write_errors, expired; "
+           "hold mode: holds_released, held_blocks, nudges_sent"),
 )}
 
 LOST_REASONS: tuple[str, ...] = tuple(source.value for source in LostSource)

@@ -13,6 +13,10 @@ Writes are a few bpf(2) calls: the loop thread is not held up.
 tick(), once a second from the loop: the heartbeat that keeps the blocks honoured
 (fail open otherwise, loupe.h) and the deletion of expired entries.
 
+Hold mode (hold.py): for the services [enforce] hold names, the kernel holds a response
+until its request is judged; on_pass() is the verdict for every request that is not
+blocked, and releases the flow.
+
 Replay builds no enforcer: its verdicts are the same, nothing is enforced.
 """
 
@@ -55,14 +59,27 @@ class EnforceStats:
     no_flow: int = 0             # a verdict outside any live flow (nothing to block)
     write_errors: int = 0        # a map write the kernel refused otherwise
     expired: int = 0
+    holds_released: int = 0      # held flows let go by a non-block verdict
+    held_blocks: int = 0         # blocks that found their response still held (no leak)
+    nudges_sent: int = 0         # ACKs that asked a server to send its held response now
     latencies_ns: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # Hold mode: the request's last packet (the kernel's armed_ns) -> the release or block
+    # written, i.e. how long the verdict kept the response pending.
+    hold_ns: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
 
 class Enforcer:
     def __init__(self, maps: BlockMaps, *, current_flow: Callable[[], object | None],
                  resets=None, clock_wall: Callable[[], int] = time.time_ns,
-                 clock_mono: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock_mono: Callable[[], int] = time.monotonic_ns,
+                 hold=None, hold_services=(), hold_max_ns: int = 0,
+                 nudge: bool = True) -> None:
         self.maps = maps
+        self.hold = hold                   # hold.HoldMaps, or None (no hold mode)
+        self.nudge = nudge
+        # (server address bytes, port) of the held services: only their flows cost a
+        # bpf(2) call per request.
+        self._held = frozenset((s.addr.packed, s.port) for s in hold_services)
         self.current_flow = current_flow   # -> sensor.engine.flowtable.FlowState or None
         self.resets = resets               # rst.ResetSender, or None (no resets)
         self.wall = clock_wall
@@ -71,6 +88,11 @@ class Enforcer:
         self._next_tick = 0
         self.maps.clear()
         self.maps.beat()
+        if hold is not None:
+            hold.clear()
+            if hold_services:
+                hold.set_services(hold_services, hold_max_ns)
+                self.maps.set_bit(abi.BLOCK_ANY_HOLD, True)
 
     def _to_wall(self, mono_ns: int) -> int:
         return mono_ns - self.mono() + self.wall()
@@ -105,8 +127,53 @@ class Enforcer:
                 return Enforcement(False)
         # Packet seen (the event's time) -> kernel map written.
         stats.latencies_ns.append(max(0, self.wall() - ev.ts_ns))
+        if self._is_held(st):
+            pending = self.hold.pending(key)
+            if pending is not None:
+                stats.held_blocks += 1
+                stats.hold_ns.append(max(0, self.mono() - pending.armed_ns))
         self._reset(st)
         return Enforcement(True, self._to_wall(expires))
+
+    def _is_held(self, st) -> bool:
+        if not self._held or st.protocol != 6:
+            return False
+        server = 1 - st.init
+        return (bytes(st.addr[server]), st.port[server]) in self._held
+
+    def on_pass(self, st) -> None:
+        """A request of flow st is complete and not blocked: a held response may go. The
+        client's stream is judged up to where the reassembly has read it (the request
+        just parsed, and anything pipelined behind it, which the next request's verdict
+        would judge; docs/rules.md, "Hold mode")."""
+        if not self._is_held(st):
+            return
+        l7 = st.l7
+        reasm = l7.reasm if l7 is not None else None
+        if reasm is None or not reasm.streams[0].started:
+            return
+        key = abi.FlowKey.from_buffer_copy(st.key)
+        client, server = reasm.streams
+        try:
+            armed = self.hold.release(key, client.next_seq)
+        except OSError as exc:   # never take the loop down; the kernel's bound releases
+            self.stats.write_errors += 1
+            log.warning("hold not released: %s", exc)
+            return
+        if armed is None:
+            return
+        self.stats.holds_released += 1
+        self.stats.hold_ns.append(max(0, self.mono() - armed.armed_ns))
+        if self.nudge and self.resets is not None and server.started:
+            # The held segments were dropped, so the server's TCP sends them again only
+            # at its next timer (200 ms at least on Linux); an ACK from the client makes
+            # it look at its send queue now.
+            init = st.init
+            c = str(ipaddress.ip_address(st.addr[init]))
+            s = str(ipaddress.ip_address(st.addr[1 - init]))
+            if self.resets.ack(c, st.port[init], s, st.port[1 - init], client.next_seq,
+                               server.next_seq):
+                self.stats.nudges_sent += 1
 
     def _reset(self, st) -> None:
         """RST to each end, as if from the other, at the other's next sequence number."""
@@ -141,7 +208,9 @@ class Enforcer:
         self.stats.expired += self.maps.expire()
 
     def close(self) -> None:
-        """A clean stop lifts every block (the program detaches too)."""
+        """A clean stop lifts every block and hold (the program detaches too)."""
         self.maps.clear()
+        if self.hold is not None:
+            self.hold.clear()
         if self.resets is not None:
             self.resets.close()

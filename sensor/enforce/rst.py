@@ -35,12 +35,13 @@ def _checksum(data: bytes) -> int:
     return ~_sum16(data) & 0xFFFF
 
 
-def tcp_rst(src: str, sport: int, dst: str, dport: int, seq: int, ack: int) -> bytes:
-    """A TCP header (20 octets, RST|ACK, window 0) with its checksum over the pseudo
-    header of src and dst (IPv4 or IPv6)."""
+def tcp_rst(src: str, sport: int, dst: str, dport: int, seq: int, ack: int,
+            flags: int = TCP_RST | TCP_ACK, window: int = 0) -> bytes:
+    """A TCP header (20 octets, RST|ACK, window 0 unless told) with its checksum over
+    the pseudo header of src and dst (IPv4 or IPv6)."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                      5 << 4, TCP_RST | TCP_ACK, 0, 0, 0)
+                      5 << 4, flags, window, 0, 0)
     if s.version == 4:
         pseudo = s.packed + d.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(hdr))
     else:
@@ -70,7 +71,18 @@ class ResetSender:
         self.failed = 0
 
     def reset(self, src: str, sport: int, dst: str, dport: int, seq: int, ack: int) -> bool:
-        tcp = tcp_rst(src, sport, dst, dport, seq, ack)
+        return self._send(src, dst, tcp_rst(src, sport, dst, dport, seq, ack))
+
+    def ack(self, src: str, sport: int, dst: str, dport: int, seq: int, ack: int) -> bool:
+        """A bare duplicate ACK (hold mode's nudge, hold.py): it acknowledges nothing new,
+        so the receiver only re-reads its send queue and sends what waits there. The
+        receiver may take its window as the sender's: 65535 (times the connection's
+        scale) is at most an overstatement, which the sender's next real ACK corrects,
+        where 0 would stall the receiver in zero-window probes."""
+        return self._send(src, dst, tcp_rst(src, sport, dst, dport, seq, ack,
+                                             flags=TCP_ACK, window=0xFFFF))
+
+    def _send(self, src: str, dst: str, tcp: bytes) -> bool:
         try:
             if ipaddress.ip_address(src).version == 4:
                 self._v4.sendto(ipv4_packet(src, dst, tcp), (dst, 0))

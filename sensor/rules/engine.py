@@ -284,10 +284,14 @@ class Analyzer:
 
     def __init__(self, rules: RuleSet, emit: Callable, *,
                  on_verdict: Callable[[Verdict], None] | None = None,
-                 current_flow: Callable[[], object | None] | None = None) -> None:
+                 current_flow: Callable[[], object | None] | None = None,
+                 on_pass: Callable[[object], None] | None = None) -> None:
         self.engine = Engine(rules)
         self.emit = emit
         self.on_verdict = on_verdict
+        # Hold mode (sensor/enforce/hold.py): told of every complete request that is not
+        # blocked, with its flow, so that the kernel lets the response go.
+        self.on_pass = on_pass
         # Live enforcement: the flow (sensor.engine.flowtable.FlowState) whose payload is
         # being parsed, for verdicts on a request before its response (request_done()).
         self.current_flow = current_flow
@@ -307,6 +311,7 @@ class Analyzer:
         raw = getattr(txn, "request", None)
         flow = self.current_flow() if self.early_on else None
         if flow is None or raw is None:
+            self._passed()
             return
         i = flow.init
         event = L7Event(uid=flow.uid or "early", community_id=flow.cid, ts_ns=txn.ts_ns,
@@ -315,6 +320,7 @@ class Analyzer:
                         protocol=flow.protocol, detail=txn.detail)
         verdict = self.engine.early(event, raw)
         if verdict is None or verdict.action != "block":
+            self._passed()
             return
         done = self.on_verdict(verdict)
         # Keyed by the raw head's identity: the whole transaction carries the same bytes
@@ -322,6 +328,12 @@ class Analyzer:
         self._early[id(raw[0])] = (raw[0], done)
         while len(self._early) > EARLY_PENDING:
             self._early.popitem(last=False)
+
+    def _passed(self) -> None:
+        if self.on_pass is not None and self.current_flow is not None:
+            flow = self.current_flow()
+            if flow is not None:
+                self.on_pass(flow)
 
     def __call__(self, event: L7Event, raw) -> None:
         verdict, alerts = self.engine.evaluate(event, raw)

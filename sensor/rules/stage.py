@@ -34,14 +34,16 @@ class InspectingRegistry:
 def build(rules: engine.RuleSet | str, emit: Callable, *,
           registry: ParserRegistry | None = None,
           on_verdict: Callable[[engine.Verdict], None] | None = None,
-          current_flow: Callable[[], object | None] | None = None
+          current_flow: Callable[[], object | None] | None = None,
+          on_pass: Callable[[object], None] | None = None
           ) -> tuple[engine.Analyzer, InspectingRegistry]:
     """(analyzer, registry) for a rule set, or a rule path / "default" to load.
     current_flow (live enforcement): the flow being parsed, which turns on verdicts on
-    a request before its response (Analyzer.request_done)."""
+    a request before its response (Analyzer.request_done); on_pass (hold mode) is told
+    of every complete request that is not blocked there."""
     ruleset = loader.load(rules) if isinstance(rules, str) else rules
     analyzer = engine.Analyzer(ruleset, emit, on_verdict=on_verdict,
-                               current_flow=current_flow)
+                               current_flow=current_flow, on_pass=on_pass)
     # Through a lambda: a reload swaps analyzer.engine, and new requests follow it.
     early = analyzer.request_done if on_verdict is not None and current_flow is not None \
         else None

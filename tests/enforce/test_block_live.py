@@ -9,7 +9,9 @@ namespace; curl in another namespace sends an SQL injection.
 - a client on another address is untouched;
 - `loupe block list` shows the source, `loupe block del` lifts it;
 - the Alert says enforced, with the block's expiry;
-- SIGKILL the sensor while a ban is active: traffic flows again (fail open).
+- SIGKILL the sensor while a ban is active: traffic flows again (fail open);
+- hold mode, with a server that answers at once (0 ms): the same, the benign response
+  arrives whole, and the blocked one leaks nothing because the kernel held it.
 """
 
 from __future__ import annotations
@@ -57,14 +59,14 @@ def pin_dir():
         d.rmdir()
 
 
-def _sensor(pair, tmp_path, pin_dir) -> Sensor:
+def _sensor(pair, tmp_path, pin_dir, *extra: str) -> Sensor:
     rules = tmp_path / "block.toml"
     rules.write_text(RULES)
     return Sensor(["--netns", pair.b.netns, "--iface", pair.b.iface, "--output", "jsonl",
                    "--spool-dir", str(tmp_path / "spool"), "--interval", "0.5",
                    "--sensor-id", "enforcetest", "--collector", "127.0.0.1:9",
                    "--set", "rules.enabled=true", "--set", f"rules.path={rules}",
-                   "--set", f"enforce.pin_dir={pin_dir}"], workdir=tmp_path)
+                   "--set", f"enforce.pin_dir={pin_dir}", *extra], workdir=tmp_path)
 
 
 def curl(pair, path: str, *, source: str | None = None, max_time: float = 5):
@@ -173,6 +175,40 @@ def test_sigkill_fails_open(pair, tmp_path, pin_dir):
         time.sleep(max(0.0, killed + 3.2 - time.monotonic()))
         gone = block_cli(pin_dir, "list")
         assert gone.returncode == 3 and "not running" in gone.stdout, gone
+    finally:
+        sensor.kill()
+        for p in procs:
+            stop(p)
+
+
+def test_hold_mode_with_a_0ms_server(pair, tmp_path, pin_dir):
+    """The server answers at once, before any verdict (without hold, bench_enforce sees
+    bytes of blocked responses leak): held, nothing of the blocked response leaks."""
+    procs = web_server(pair.b, tmp_path, delay_s=0)
+    sensor = _sensor(pair, tmp_path, pin_dir, "--set",
+                     f"enforce.hold={pair.b.ip4}:80,[{pair.b.ip6}]:80")
+    try:
+        wait_tcp(pair.a, pair.b.ip4, 80)
+        sensor.start()
+        code, body, _ = curl(pair, "/hello")   # allowed: released, whole
+        assert code == 0 and body == BODY_LINE.decode() * 40
+        code, body, err = curl(pair, SQLI)
+        assert code == 56 and "reset" in err.lower(), (code, err)
+        assert body == ""
+        opens = passive_opens(pair.b)
+        code, _, err = curl(pair, "/hello", max_time=1.5)
+        assert code == 28, (code, err)               # the source is banned: SYN dropped
+        assert passive_opens(pair.b) == opens
+        code, body, _ = curl(pair, "/hello", source=OTHER)
+        assert code == 0 and body == BODY_LINE.decode() * 40
+        out = pair.a.run("curl", "-sS", "-g", "--max-time", "5", "-o", "-",
+                         f"http://[{pair.b.ip6}]{SQLI}", check=False, timeout=15)
+        assert out.returncode == 56 and out.stdout == "", out
+        enforcement = sensor.metrics()["loupe_enforcement"]
+        assert enforcement["flows_blocked"] == 2 and enforcement["held_blocks"] == 2, \
+            enforcement
+        assert enforcement["holds_released"] == 2 and enforcement["resets_sent"] == 4
+        assert sensor.stop() == 0
     finally:
         sensor.kill()
         for p in procs:
