@@ -110,6 +110,7 @@ BPF_TABLE("lru_hash", __u64, __u64, tls_accepting, LOUPE_TLS_CALLS);
 struct loupe_tls_go_call {
 	struct loupe_tls_call call;
 	__u64 stamp;           /* bpf_ktime_get_ns() at the entry */
+	__u64 end;             /* Write: the stream offset past its octets (sent at entry) */
 };
 struct loupe_tls_go_thread {
 	__u64 g;
@@ -266,23 +267,10 @@ static __always_inline void mark(const struct loupe_tls_conn_key *key,
 		count(LOUPE_TLS_CNT_RINGBUF_FULL, 1);
 }
 
-static __always_inline int leave_call(struct loupe_tls_call call, __s64 ret, int ex,
-				      __u64 pid_tgid)
+/* n octets of a call at call.buf: the stream's offsets move on, and what the budget and
+ * skip allow is copied into one event. */
+static __always_inline int deliver(struct loupe_tls_call call, __u64 n, __u64 pid_tgid)
 {
-	__u64 n = 0;
-	if (ex) {
-		/* 1 on success, with the length written through the fourth argument. */
-		if (ret != 1 || !call.len_ptr)
-			return 0;
-		if (bpf_probe_read_user(&n, sizeof(n), (void *)call.len_ptr) != 0) {
-			count(LOUPE_TLS_CNT_READ_FAILED, 1);
-			return 0;
-		}
-	} else {
-		if (ret <= 0)
-			return 0;   /* error, close or would-block: no octets */
-		n = ret;
-	}
 	if (n == 0 || n > 0x7fffffff)
 		return 0;
 	count(LOUPE_TLS_CNT_CALLS, 1);
@@ -383,6 +371,26 @@ static __always_inline int leave_call(struct loupe_tls_call call, __s64 ret, int
 	return 0;
 }
 
+static __always_inline int leave_call(struct loupe_tls_call call, __s64 ret, int ex,
+				      __u64 pid_tgid)
+{
+	__u64 n = 0;
+	if (ex) {
+		/* 1 on success, with the length written through the fourth argument. */
+		if (ret != 1 || !call.len_ptr)
+			return 0;
+		if (bpf_probe_read_user(&n, sizeof(n), (void *)call.len_ptr) != 0) {
+			count(LOUPE_TLS_CNT_READ_FAILED, 1);
+			return 0;
+		}
+	} else {
+		if (ret <= 0)
+			return 0;   /* error, close or would-block: no octets */
+		n = ret;
+	}
+	return deliver(call, n, pid_tgid);
+}
+
 static __always_inline int leave(__s64 ret, int ex)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -420,16 +428,31 @@ int tls_leave_ex(struct pt_regs *ctx)
 #if defined(__x86_64__)
 #define GO_ARG1(ctx) ((ctx)->ax)
 #define GO_ARG2(ctx) ((ctx)->bx)
+#define GO_ARG3(ctx) ((ctx)->cx)
 #define GO_RET1(ctx) ((ctx)->ax)
 #define GO_G(ctx)    ((ctx)->r14)
 #else
 #define GO_ARG1(ctx) 0
 #define GO_ARG2(ctx) 0
+#define GO_ARG3(ctx) 0
 #define GO_RET1(ctx) 0
 #define GO_G(ctx)    0
 #endif
 
-static __always_inline int go_enter(struct pt_regs *ctx, __u8 dir)
+/* A goroutine's call noted for its RET (and its thread, for the syscalls' fd). */
+static __always_inline int go_note(__u64 g, __u64 pid_tgid, struct loupe_tls_go_call *gc)
+{
+	struct loupe_tls_conn_key gk = {.ssl = g, .tgid = pid_tgid >> 32};
+	if (tls_go_calls.update(&gk, gc) != 0) {
+		count(LOUPE_TLS_CNT_CALLS_FULL, 1);
+		return 0;
+	}
+	struct loupe_tls_go_thread t = {.g = g, .stamp = gc->stamp};
+	tls_go_thread.update(&pid_tgid, &t);
+	return 0;
+}
+
+int tls_enter_go_read(struct pt_regs *ctx)
 {
 	__u32 zero = 0;
 	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
@@ -449,30 +472,60 @@ static __always_inline int go_enter(struct pt_regs *ctx, __u8 dir)
 	gc.call.ssl = key.ssl;
 	gc.call.buf = GO_ARG2(ctx);
 	gc.call.fd = -1;
-	gc.call.dir = dir;
+	gc.call.dir = LOUPE_TLS_READ;
 	gc.call.lib = LOUPE_TLS_LIB_GO;
 	gc.stamp = bpf_ktime_get_ns();
-	struct loupe_tls_conn_key gk = {.ssl = g, .tgid = key.tgid};
-	if (tls_go_calls.update(&gk, &gc) != 0) {
-		count(LOUPE_TLS_CNT_CALLS_FULL, 1);
-		return 0;
-	}
-	struct loupe_tls_go_thread t = {.g = g, .stamp = gc.stamp};
-	tls_go_thread.update(&pid_tgid, &t);
-	return 0;
+	return go_note(g, pid_tgid, &gc);
 }
 
-int tls_enter_go_read(struct pt_regs *ctx)
-{
-	return go_enter(ctx, LOUPE_TLS_READ);
-}
-
+/* Write's octets are sent at its entry, not at a RET: Go's net/http reads a connection
+ * on one goroutine and writes it on another, and the response's Read can return (and
+ * reach the ring buffer) before the request's Write gets to its RET, so the stream
+ * would show the response first. At the entry the request has not reached the socket
+ * yet: the ring's order is the order of cause and effect. Write sends all of b or
+ * fails for good (crypto/tls keeps a write error), so len(b) is the call's length.
+ * This probe sits past the stack check (gotls.Function.body): a stack growth restarts
+ * the function at its entry, which would send the octets twice. The first Write of a
+ * Conn may not know its fd yet (the handshake ran outside Read and Write): that call
+ * is noted, and its RET sends a mark with the fd its syscall showed, which places the
+ * chunk userspace holds until then (sensor/engine/plaintext.py). */
 int tls_enter_go_write(struct pt_regs *ctx)
 {
-	return go_enter(ctx, LOUPE_TLS_WRITE);
+	__u32 zero = 0;
+	struct loupe_tls_config *cfg = tls_config.lookup(&zero);
+	__u64 g = GO_G(ctx);
+	if (!cfg || !cfg->enabled || !g)
+		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct loupe_tls_conn_key key = {.ssl = GO_ARG1(ctx), .tgid = pid_tgid >> 32};
+	struct loupe_tls_ctl *ctl = tls_ctl.lookup(&key);
+	if (ctl && (ctl->flags & LOUPE_CTL_DONE))
+		return 0;
+	if (!selected(cfg)) {
+		count(LOUPE_TLS_CNT_NOT_SELECTED, 1);
+		return 0;
+	}
+	__u64 n = GO_ARG3(ctx);
+	struct loupe_tls_conn *conn = tls_conns.lookup(&key);
+	struct loupe_tls_go_call gc = {};
+	gc.call.ssl = key.ssl;
+	gc.call.buf = GO_ARG2(ctx);
+	gc.call.fd = conn ? conn->fd : -1;
+	gc.call.dir = LOUPE_TLS_WRITE;
+	gc.call.lib = LOUPE_TLS_LIB_GO;
+	__u64 off = conn ? conn->offset[LOUPE_TLS_WRITE] : 0;
+	int known = gc.call.fd >= 0;
+	deliver(gc.call, n, pid_tgid);
+	if (known)
+		return 0;   /* nothing for the RET to do: it finds no note */
+	gc.call.fd = -1;
+	gc.stamp = bpf_ktime_get_ns();
+	gc.end = off + n;
+	return go_note(g, pid_tgid, &gc);
 }
 
-/* At a RET of Read or Write: n in RAX (an error with n > 0 still delivered n octets). */
+/* At a RET of Read: n in RAX (an error with n > 0 still delivered n octets). At a RET
+ * of a Write noted at its entry: the fd its syscall showed, as a mark. */
 int tls_leave_go(struct pt_regs *ctx)
 {
 	__u64 g = GO_G(ctx);
@@ -482,11 +535,25 @@ int tls_leave_go(struct pt_regs *ctx)
 	if (!saved)
 		return 0;
 	struct loupe_tls_call call = saved->call;
+	__u64 end = saved->end;
 	tls_go_calls.delete(&gk);
 	struct loupe_tls_go_thread *t = tls_go_thread.lookup(&pid_tgid);
 	if (t && t->g == g)
 		tls_go_thread.delete(&pid_tgid);
-	return leave_call(call, (__s64)GO_RET1(ctx), 0, pid_tgid);
+	if (call.dir == LOUPE_TLS_READ)
+		return leave_call(call, (__s64)GO_RET1(ctx), 0, pid_tgid);
+	if (call.fd < 0)
+		return 0;   /* no syscall seen: the next Write tries again */
+	struct loupe_tls_conn_key key = {.ssl = call.ssl, .tgid = pid_tgid >> 32};
+	struct loupe_tls_conn *conn = tls_conns.lookup(&key);
+	if (!conn)
+		return 0;
+	if (conn->fd < 0) {
+		conn->fd = call.fd;
+		conn->fd_src = LOUPE_TLS_FD_SYSCALL;
+	}
+	mark(&key, conn, LOUPE_TLS_WRITE, end, LOUPE_TLS_LIB_GO, pid_tgid);
+	return 0;
 }
 
 /* func (c *Conn) Close() error: as SSL_free, the Conn's address may be reused. */

@@ -25,8 +25,16 @@ which never wraps); a DONE or broken parser, a port outside the selection, or a
 duplicate view becomes LOUPE_CTL_DONE. Copied bytes therefore grow with the number of
 messages, not their size.
 
-Loss. A chunk whose object has no socket yet is counted; after MAX_NO_SOCKET such
-chunks the object is stopped and counted as a LostEvent (tls_no_socket). Octets the
+Order. The engine takes each connection's chunks in ring buffer order, which must be the
+order of cause and effect: a request before its response. The kernel sends a call's
+octets where that holds even when a process reads and writes a connection on two
+threads (Go's net/http): a Write at its entry, before the request reaches the socket, a
+Read at its return (bpf/tls_probe.c).
+
+Loss. A chunk whose object has no socket yet is held (a Go Conn's first Write is sent
+before its syscall shows the fd; the RET's mark brings it) and fed, in order, ahead of
+the chunk that finds the socket; after MAX_NO_SOCKET such chunks the object is stopped
+and counted as a LostEvent (tls_no_socket). Octets the
 kernel did not copy (budget) show as a jump in the offsets and are accounted as
 truncated by the reassembler; chunks the ring buffer had no room for are the kernel's
 counter (tls_ringbuf_full).
@@ -36,7 +44,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +63,8 @@ from sensor.l7.base import Direction
 from sensor.l7.detect import ParserRegistry
 from sensor.model import Flow, FlowEndReason, Record
 
+log = logging.getLogger(__name__)
+
 # How long an object's chunks may wait for its socket before it counts as lost.
 PENDING_NS = 10 * 10**9
 # LOUPE_TLS_CHUNK (bpf/loupe.h): octets one event carries at most.
@@ -60,6 +72,9 @@ CHUNK = 4096
 # Chunks of an object without a socket before it is given up (its first calls may come
 # before a syscall shows the fd: data buffered by an earlier, unprobed read).
 MAX_NO_SOCKET = 8
+# Octets of chunks held for their socket, over all objects; past it a chunk is not held
+# (its object then starts at a later offset: a gap, as the budget's).
+MAX_HELD_OCTETS = 4 << 20
 # Connections with plaintext state at once; beyond it new ones are stopped and counted.
 MAX_CONNS = 16384
 # HTTP resynchronisations in a row per connection (as live.py's MAX_RESYNCS): after a
@@ -89,7 +104,8 @@ class PlaintextStats:
     chunks: int = 0
     octets: int = 0
     conns: int = 0
-    no_socket_chunks: int = 0
+    no_socket_chunks: int = 0   # chunks that came before their object's socket
+    held_dropped: int = 0       # of those, not held (MAX_HELD_OCTETS) or given up
     no_socket: int = 0          # objects given up: LostSource.TLS_NO_SOCKET
     duplicate_views: int = 0    # the other end's process on the same host
     not_selected: int = 0       # outside the port selection
@@ -152,19 +168,27 @@ class PlaintextL7:
         self.expire_ns = expire_ns
         registry = _Parsers(redact)
         self.rules = rules
+        self._current: _Conn | None = None
         if rules is not None:
             from sensor.rules.stage import InspectingRegistry  # noqa: PLC0415
 
+            rules = _plaintext_rules(rules, self.current_flow)
+            self.rules = rules
             # Through a lambda, as stage.build: a reload swaps the analyzer's engine.
-            registry = InspectingRegistry(registry, lambda m, t, c: rules.capture(m, t, c))
+            early = rules.request_done if rules.current_flow is not None else None
+            registry = InspectingRegistry(registry, lambda m, t, c: rules.capture(m, t, c),
+                                          early)
         self.engine = L7Engine(emit=emit, sensor_id=sensor_id, registry=registry,
                                budget=MemoryBudget(reassembly_budget_bytes),
                                source="tls_plaintext", analyze=rules)
         self.stats = PlaintextStats()
         self._conns: dict[tuple[int, int], _Conn] = {}
         self._by_flow: dict[bytes, _Conn] = {}
-        # No socket yet: object -> [chunks seen, first seen (monotonic ns)].
+        # No socket yet: object -> [chunks seen, first seen (monotonic ns)], and the
+        # chunks held meanwhile (their octets in all: _held_octets).
         self._pending: dict[tuple[int, int], list[int]] = {}
+        self._held: dict[tuple[int, int], list[Chunk]] = {}
+        self._held_octets = 0
         self._done: dict[tuple[int, int], int] = {}      # stopped objects -> their fd
         # Per object, as chunks are read: [fd, next offset READ, next offset WRITE].
         self._seen: dict[tuple[int, int], list[int]] = {}
@@ -172,6 +196,12 @@ class PlaintextL7:
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def current_flow(self) -> FlowState | None:
+        """The flow whose plaintext the engine is parsing (during a rule's verdict, the
+        flow that decided it), or None: the enforcer's and the rules' current flow
+        while the plaintext stage runs (sensor/engine/live.py asks it first)."""
+        return self._current.state if self._current is not None else None
 
     # -- chunks ----------------------------------------------------------------------------
 
@@ -184,8 +214,10 @@ class PlaintextL7:
         cid = (ch.tgid, ch.ssl)
         seen = self._seen.get(cid)
         d = ch.dir
-        new = (seen is None or (ch.fd >= 0 and ch.fd != seen[0])
+        new = (seen is None or (ch.fd >= 0 and seen[0] >= 0 and ch.fd != seen[0])
                or ch.offset < seen[1 + d])
+        if not new and seen[0] < 0 <= ch.fd:
+            seen[0] = ch.fd   # the fd of an object whose first chunks came without one
         if new:
             seen = self._seen[cid] = [ch.fd, 0, 0]
             while len(self._seen) > 2 * MAX_CONNS:
@@ -228,6 +260,7 @@ class PlaintextL7:
         conn = self._conns.get(cid)
         if new:
             self._done.pop(cid, None)
+            stats.held_dropped += len(self._unhold(cid))   # an earlier stream's
             if conn is not None:
                 # The object now serves another connection: the old one ends here.
                 stats.restarted += 1
@@ -239,6 +272,19 @@ class PlaintextL7:
             conn = self._new_conn(ch, cid, offset_ns, now_mono, ep)
             if conn is None:
                 return
+            for held in self._unhold(cid):
+                self._feed(conn, held, offset_ns, now_mono)
+        self._feed(conn, ch, offset_ns, now_mono)
+
+    def _feed(self, conn: _Conn, ch: Chunk, offset_ns: int, now_mono: int) -> None:
+        self._current = conn
+        try:
+            self._feed_one(conn, ch, offset_ns, now_mono)
+        finally:
+            self._current = None
+
+    def _feed_one(self, conn: _Conn, ch: Chunk, offset_ns: int, now_mono: int) -> None:
+        stats = self.stats
         conn.last_mono = now_mono
         if conn.stopped:
             return
@@ -308,11 +354,17 @@ class PlaintextL7:
             if pending[0] >= MAX_NO_SOCKET:
                 stats.no_socket += 1
                 self._pending.pop(cid, None)
+                stats.held_dropped += 1
                 self._stop_id(cid, ch.fd)
             elif len(self._pending) > MAX_CONNS:
                 # Bounded: the oldest is given up (and counted) to make room.
-                self._pending.pop(next(iter(self._pending)))
+                oldest = next(iter(self._pending))
+                self._pending.pop(oldest)
+                stats.held_dropped += len(self._unhold(oldest))
                 stats.no_socket += 1
+                self._hold(cid, ch)
+            else:
+                self._hold(cid, ch)
             return None
         self._pending.pop(cid, None)
         if self.ports and ep.local_port not in self.ports and ep.remote_port not in self.ports:
@@ -339,7 +391,7 @@ class PlaintextL7:
             local_side = 0 if lo_is_local else 1
             init = 1 - local_side if ep.server else local_side
             first_ns = ch.ts_ns
-        st = FlowState(key, a, pa, b, pb, PROTO_TCP, 0, 0, 0, init, first_ns + offset_ns)
+        st = _PlainFlow(key, a, pa, b, pb, PROTO_TCP, 0, 0, 0, init, first_ns + offset_ns)
         identify(st, self.sensor_id, self.engine.community)
         uid = self._uid_of(key)
         if uid:
@@ -347,17 +399,31 @@ class PlaintextL7:
         # Engine direction 0 is the initiator's: its writes are the kernel's WRITE (1).
         flip = 1 if init == (0 if lo_is_local else 1) else 0
         conn = _Conn(cid, ch.fd, key, st, flip, self.budget, now_mono)
+        st.reset_local = lambda: self._reset_local(cid[0], ep)
         self._conns[cid] = conn
         self._by_flow[key] = conn
         self._done.pop(cid, None)
         stats.conns += 1
         return conn
 
+    def _hold(self, cid: tuple[int, int], ch: Chunk) -> None:
+        if self._held_octets + len(ch.data) > MAX_HELD_OCTETS:
+            self.stats.held_dropped += 1
+            return
+        self._held.setdefault(cid, []).append(ch)
+        self._held_octets += len(ch.data)
+
+    def _unhold(self, cid: tuple[int, int]) -> list[Chunk]:
+        held = self._held.pop(cid, [])
+        self._held_octets -= sum(len(c.data) for c in held)
+        return held
+
     # -- the kernel's budget -----------------------------------------------------------------
 
     def _stop_id(self, cid: tuple[int, int], fd: int) -> None:
         ctl = TlsCtl(flags=CTL_DONE)
         self.stats.stops += 1
+        self.stats.held_dropped += len(self._unhold(cid))
         if not self._control.write_ctl(cid[0], cid[1], ctl):
             self.stats.ctl_refused += 1
         self._done[cid] = fd
@@ -440,8 +506,19 @@ class PlaintextL7:
         self.stats.joined += 1
         return dataclasses.replace(record, uid=conn.state.uid)
 
+    def _reset_local(self, pid: int, ep: Endpoint) -> bool:
+        why = self.resolver.destroy(pid, ep)
+        if why:
+            log.warning("TLS plaintext: a blocked connection of process %d was not reset: %s",
+                        pid, why)
+        return not why
+
     def _end(self, conn: _Conn) -> None:
-        self.engine.flow_ending(conn.state)
+        self._current = conn   # a verdict on its last transaction names this flow
+        try:
+            self.engine.flow_ending(conn.state)
+        finally:
+            self._current = None
         self._conns.pop(conn.id, None)
         if self._by_flow.get(conn.flow) is conn:
             del self._by_flow[conn.flow]
@@ -455,10 +532,43 @@ class PlaintextL7:
                  if now_mono - first > PENDING_NS]
         for cid in stale:
             del self._pending[cid]
+            self.stats.held_dropped += len(self._unhold(cid))
         self.stats.no_socket += len(stale)
 
     def flush_all(self) -> None:
         self.expire(now_mono=1 << 62)
+
+
+class _PlainFlow(FlowState):
+    """A flow seen in plaintext. reset_local() resets both ends of a blocked one
+    (sensor/enforce/enforcer.py): its stream offsets are not TCP sequence numbers, so the
+    probed process's socket is aborted on this host (plaintext_socket.destroy)."""
+
+    __slots__ = ("reset_local",)
+
+
+def _plaintext_rules(base, current_flow: Callable[[], FlowState | None]):
+    """The wire's rules Analyzer as the plaintext stage uses it: the same engine (a
+    reload swaps it for both), alerts and verdict sink, with the flow being parsed taken
+    from this stage, so a request's block is enforced the moment the request is complete
+    (Analyzer.request_done), before its response, as on the wire. No on_pass: hold mode
+    releases a flow at a TCP sequence number, which plaintext offsets are not."""
+    from sensor.rules.engine import Analyzer  # noqa: PLC0415
+
+    class PlaintextRules(Analyzer):
+        def __init__(self) -> None:   # not Analyzer's: the engine is the wire's
+            self.emit = base.emit
+            self.on_verdict = base.on_verdict
+            self.on_pass = None
+            self.current_flow = current_flow if base.current_flow is not None else None
+            self._early = OrderedDict()
+            self.reloads = 0
+
+        @property
+        def engine(self):
+            return base.engine
+
+    return PlaintextRules()
 
 
 def _pack(text: str) -> bytes:

@@ -12,8 +12,11 @@ one re-read finds it. The cache is bounded (MAX_NETNS) and old tables go first.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
+import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +87,10 @@ class SocketResolver:
         self._tables: OrderedDict[int, _Table] = OrderedDict()
         self.reads = 0      # table reads, for tests and metrics
 
+    def destroy(self, pid: int, ep: Endpoint) -> str:
+        """Aborts process pid's socket ep (module function destroy)."""
+        return destroy(pid, ep, self._proc)
+
     def resolve(self, pid: int, fd: int) -> Endpoint | None:
         if fd < 0:
             return None
@@ -122,3 +129,84 @@ def connected(sock: tuple[bytes, int, bytes, int], server: bool = False) -> Endp
     if version == 6 and local.startswith(_V4_MAPPED) and remote.startswith(_V4_MAPPED):
         local, remote, version = local[12:], remote[12:], 4
     return Endpoint(version, local, lport, remote, rport, server)
+
+
+# ---- ending a connection from its own host ----------------------------------------------
+#
+# A block verdict on a flow seen in plaintext resets both ends (sensor/enforce/enforcer.py)
+# without TCP sequence numbers: the stream offsets are the TLS library's, and the wire
+# stopped following the flow after its handshake. The probed process's socket is on this
+# host, so its kernel is asked to abort it (sock_diag SOCK_DESTROY, as `ss -K`): the
+# process's next call fails (ECONNABORTED) and the kernel sends the peer a RST with the
+# numbers it keeps. Needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN (and CAP_SYS_ADMIN to
+# enter another network namespace); without them the caller counts the reset as skipped.
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DESTROY = 21
+_NLM_F_REQUEST, _NLM_F_ACK = 0x01, 0x04
+_NLMSG_ERROR = 2
+_CLONE_NEWNET = 0x40000000
+_ALL_STATES = 0xFFFFFFFF
+_NO_COOKIE = 0xFFFFFFFF
+
+
+def _destroy_request(ep: Endpoint) -> bytes:
+    """struct nlmsghdr + struct inet_diag_req_v2 for the socket's exact 4-tuple (the local
+    end is the source; an IPv4-mapped socket is found by its IPv4 tuple)."""
+    family = socket.AF_INET if ep.version == 4 else socket.AF_INET6
+    sockid = (struct.pack("!HH", ep.local_port, ep.remote_port)
+              + ep.local.ljust(16, b"\0") + ep.remote.ljust(16, b"\0")
+              + struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE))
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES) + sockid
+    return struct.pack("=IHHII", 16 + len(req), _SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK,
+                       1, 0) + req
+
+
+def _destroy_here(request: bytes) -> int:
+    """0, or the errno the kernel answered."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.sendto(request, (0, 0))
+        reply = nl.recv(4096)
+    if len(reply) >= 20 and struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:
+        return -struct.unpack_from("=i", reply, 16)[0]
+    return 0
+
+
+def destroy(pid: int, ep: Endpoint, proc: Path = Path("/proc")) -> str:
+    """Aborts the TCP socket ep of process pid, in its network namespace. Returns "" when
+    done, else why not (one line)."""
+    request = _destroy_request(ep)
+    try:
+        theirs = os.stat(proc / str(pid) / "ns" / "net").st_ino
+        ours = os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError as exc:
+        return f"the process is gone ({exc.strerror})"
+    result: list[str] = []
+
+    def run() -> None:
+        try:
+            if theirs != ours:
+                # setns(2) moves only this thread, which ends here: the sensor's other
+                # threads stay in their namespace.
+                fd = os.open(proc / str(pid) / "ns" / "net", os.O_RDONLY)
+                try:
+                    if _libc().setns(fd, _CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        result.append(f"entering its network namespace: {os.strerror(err)}")
+                        return
+                finally:
+                    os.close(fd)
+            err = _destroy_here(request)
+            result.append(os.strerror(err) if err else "")
+        except OSError as exc:
+            result.append(exc.strerror or str(exc))
+
+    t = threading.Thread(target=run, name="loupe-sock-destroy", daemon=True)
+    t.start()
+    t.join(5.0)
+    return result[0] if result else "timed out"
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)

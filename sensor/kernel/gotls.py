@@ -43,6 +43,8 @@ MAX_FUNCTION = 64 << 10
 # .gopclntab is read whole when a binary has no .symtab: bounded (a 1 GiB binary's is
 # ~100 MiB).
 MAX_PCLNTAB = 256 << 20
+# The stack check is within the first instructions of a function (LEA, CMP, JBE).
+PROLOGUE = 4
 # pclntab magics with the 1.18+ header layout.
 _PCLN_MAGICS = (0xFFFFFFF0, 0xFFFFFFF1)
 
@@ -55,6 +57,7 @@ class GoTlsError(Exception):
 class Function:
     offset: int                 # file offset of the entry
     returns: tuple[int, ...]    # file offsets of its RET instructions
+    body: int                   # file offset of the first instruction past the stack check
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +108,29 @@ def _function(f, offset: int, size: int) -> Function:
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     end = 0
     returns = []
-    for address, length, mnemonic, _ in md.disasm_lite(code, 0):
+    body = None
+    check = False
+    for n, (address, length, mnemonic, operands) in enumerate(md.disasm_lite(code, 0)):
         if mnemonic == "ret":
             returns.append(offset + address)
+        if n < PROLOGUE and body is None:
+            # The stack check: CMP of RSP (or RSP - frame) with g.stackguard0 (R14 + 16),
+            # then a conditional jump to the morestack call, which grows the stack and
+            # jumps back to the entry.
+            if mnemonic == "cmp" and "[r14 + 0x10]" in operands:
+                check = True
+            elif check and mnemonic in ("jbe", "jb"):
+                body = offset + address + length
         end = address + length
     # Go pads a function to its alignment with INT3 (0xCC), which decodes; a sweep that
     # stops early met something that is not code: no guessing where the RETs are.
     if end != len(code) or not returns:
         raise GoTlsError(f"disassembling crypto/tls at {offset:#x} stopped at {end} of "
                          f"{len(code)} octets; its plaintext is not seen")
-    return Function(offset=offset, returns=tuple(returns))
+    if body is None:
+        raise GoTlsError(f"crypto/tls at {offset:#x} does not start with Go's stack check; "
+                         "its plaintext is not seen")
+    return Function(offset=offset, returns=tuple(returns), body=body)
 
 
 def _pclntab_ranges(path: str | Path, names: set[str]) -> dict[str, tuple[int, int]]:

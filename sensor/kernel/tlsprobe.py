@@ -376,7 +376,7 @@ class TlsProbe:
     def _attach_go(self, inode: tuple[int, int], path: str, points: gotls.GoTls) -> str:
         prog = self._obj.prog_fd
         sites = [(prog("tls_enter_go_read"), points.read.offset),
-                 (prog("tls_enter_go_write"), points.write.offset)]
+                 (prog("tls_enter_go_write"), points.write.body)]   # past the stack check
         sites += [(prog("tls_leave_go"), off)
                   for off in (*points.read.returns, *points.write.returns)]
         if points.close is not None:

@@ -44,6 +44,14 @@ def test_returns_match_objdump(client):
         assert fn.offset == vaddr - text_vaddr + text_off
         want = [a - text_vaddr + text_off for a in _objdump_rets(client, vaddr, size)]
         assert want and list(fn.returns) == want
+        # Past the stack check: the instruction after the prologue's JBE to morestack.
+        lines = subprocess.run(["objdump", "-d", "--no-show-raw-insn",
+                                f"--start-address={vaddr:#x}", f"--stop-address={vaddr + 32:#x}",
+                                str(client)], capture_output=True, text=True,
+                               check=True).stdout
+        addrs = re.findall(r"^\s*([0-9a-f]+):\s+(\w+)", lines, re.M)
+        after = next(int(addrs[i + 1][0], 16) for i, (_, m) in enumerate(addrs) if m == "jbe")
+        assert fn.body == after - text_vaddr + text_off
     assert found.close is not None
     assert gotls.is_go(client)
 

@@ -180,3 +180,32 @@ def test_object_with_few_chunks_and_no_socket_is_counted_at_the_end():
     assert stage.stats.no_socket == 0
     stage.flush_all()
     assert stage.stats.no_socket == 1 and records == []
+
+
+def test_chunk_before_its_socket_is_held_and_fed_first():
+    """A Go Conn's first Write is sent at its entry, before its syscall shows the fd
+    (bpf/tls_probe.c): the chunk comes without one, then the Write's RET mark or the
+    response's Read brings the fd. The request is fed first, as the kernel ordered it."""
+    for mark_first in (True, False):
+        stage, records, _ = _stage()
+        p = Process(C_PID)
+        p.fd = -1
+        stage.on_chunk(p.chunk(WRITE, REQUEST), 0, 0)   # no fd: held, not lost
+        p.fd = 5
+        if mark_first:
+            stage.on_chunk(Chunk(ts_ns=9, tgid=C_PID, tid=C_PID, ssl=p.ssl, fd=5, fd_src=2,
+                                 dir=WRITE, lib="go", offset=len(REQUEST), length=0,
+                                 cgroup_id=1, comm="test", data=b"", flags=4), 0, 0)
+        stage.on_chunk(p.chunk(READ, RESPONSE), 0, 0)
+        stage.flush_all()
+        [ev] = [r for r in records if isinstance(r, L7Event)]
+        assert (ev.detail.method, ev.detail.status) == ("GET", 404)
+        assert (stage.stats.no_socket, stage.stats.held_dropped, stage.stats.restarted) == (0, 0, 0)
+
+
+def test_held_chunks_of_an_object_given_up_are_counted():
+    stage, _, _ = _stage()
+    p = Process(999)
+    for _ in range(MAX_NO_SOCKET):
+        stage.on_chunk(p.chunk(WRITE, REQUEST), 0, 0)
+    assert stage.stats.held_dropped == MAX_NO_SOCKET and not stage._held
