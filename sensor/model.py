@@ -173,7 +173,7 @@ _FLOW_UINTS = (
     ("tcp_syn_count", U64), ("tcp_fin_count", U64), ("tcp_rst_count", U64),
     ("handshake_rtt_ns", U64),
     ("initiator_tcp_flags", 0xFFFF), ("responder_tcp_flags", 0xFFFF),
-    ("icmp_type", 0xFF), ("icmp_code", 0xFF),
+    ("icmp_type", 0xFF), ("icmp_code", 0xFF), ("src_asn", U32), ("dst_asn", U32),
 )
 
 
@@ -222,6 +222,13 @@ class Flow:
     # The app_proto's own summary keys (registry Protocol.summary_keys) -> value, in key
     # order. Any mapping or (key, value) pairs are accepted and made a SummaryMap.
     l7_summary: SummaryMap = NO_SUMMARY
+    # Geo and ASN of each end (sensor/enrich/geo.py): "" / 0 when unknown or not global.
+    src_country: str = ""
+    src_city: str = ""
+    src_asn: int = 0
+    dst_country: str = ""
+    dst_city: str = ""
+    dst_asn: int = 0
 
     def __post_init__(self) -> None:
         if not self.uid:
@@ -398,6 +405,7 @@ class LostEvent:
 
 ALERT_ACTIONS = ("count", "alert", "allow", "block")
 SEVERITIES = ("low", "medium", "high", "critical")
+MAX_TOP_SOURCES_CHARS = 32 * 40   # Alert.top_sources: 32 IPv6 addresses and separators
 MAX_EXCERPT = 256   # characters of an Alert's excerpt: enough to read, too short to leak much
 
 
@@ -427,6 +435,14 @@ class Alert:
     # Always false in replay, which enforces nothing.
     enforced: bool = False
     block_expires_ns: int = 0
+    # DDoS detections (sensor/rules/ddos.py): the attack's rate, the sources it names
+    # (busiest first, space-separated, at most MAX_TOP_SOURCES_CHARS), the configured mitigation,
+    # the rate's window and the learned baseline (0 while learning). 0 / "" otherwise.
+    rate: int = 0
+    top_sources: str = ""
+    mitigation: str = ""
+    window_ns: int = 0
+    baseline: int = 0
 
     def __post_init__(self) -> None:
         if not self.rule_id:
@@ -442,6 +458,12 @@ class Alert:
         _check_uint("dst_port", self.dst_port, 0xFFFF)
         _check_uint("count", self.count, U64)
         _check_uint("block_expires_ns", self.block_expires_ns, U64)
+        for name in ("rate", "window_ns", "baseline"):
+            _check_uint(name, getattr(self, name), U64)
+        if self.mitigation not in ("", "count", "block", "ratelimit"):
+            raise ValueError(f"mitigation={self.mitigation!r} is not count, block or ratelimit")
+        if len(self.top_sources) > MAX_TOP_SOURCES_CHARS:
+            raise ValueError(f"top_sources is longer than {MAX_TOP_SOURCES_CHARS} characters")
         if self.src_addr:
             _check_addr("src_addr", self.src_addr)
         if self.dst_addr:

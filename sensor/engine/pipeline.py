@@ -100,6 +100,9 @@ class PipelineConfig:
     rules: str = ""
     # PII counts on HTTP events (sensor/l7/pii.py, docs/pii.md): counts, never values.
     pii: bool = False
+    # Geo and ASN on Flow records (sensor/enrich/geo.py): (database, asn_database), ""
+    # for the packaged database / none; None is off.
+    geoip: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.packet_filter:
@@ -185,10 +188,18 @@ class Pipeline:
         self._closed = False
         write = sink.write
         kinds = self._kinds
+        self.geo = None
+        if config.geoip is not None:
+            from sensor.enrich.geo import GeoEnricher
+
+            self.geo = GeoEnricher.open(*config.geoip)
+        geo = self.geo
 
         def emit(record: Record) -> None:
             kind = record_kind(record)
             kinds[kind] = kinds.get(kind, 0) + 1
+            if geo is not None and kind == "flow":
+                record = geo.enrich(record)
             write(record)
 
         self._emit = emit
@@ -277,6 +288,8 @@ class Pipeline:
                 self._emit(event)
         self.sink.flush()
         self.sink.close()
+        if self.geo is not None:
+            self.geo.close()
         summary.elapsed_s = self._clock() - self._started
         return summary
 

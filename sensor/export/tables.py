@@ -52,6 +52,9 @@ FLOW_COLUMNS = [
     # The app_proto's own summary keys (Flow.l7_summary): MAP(VARCHAR, VARCHAR) in DuckDB
     # and Parquet, Nested(key, value) in ClickHouse (collector/storage/clickhouse.py).
     ("l7_summary", SUMMARY),
+    # Geo and ASN of each end (sensor/enrich/geo.py, docs/geo.md).
+    ("src_country", STR), ("src_city", STR), ("src_asn", U32),
+    ("dst_country", STR), ("dst_city", STR), ("dst_asn", U32),
 ]
 
 # Columns every L7 table shares (the L7Event envelope), then the detail's fields.
@@ -72,6 +75,9 @@ ALERT_COLUMNS = [
     ("event_kind", STR), ("src_addr", STR), ("dst_addr", STR), ("src_port", U16),
     ("dst_port", U16), ("sensor_id", STR), ("count", U64),
     ("enforced", BOOL), ("block_expires_ns", U64),
+    # DDoS detections (sensor/rules/ddos.py)
+    ("rate", U64), ("top_sources", STR), ("mitigation", STR), ("window_ns", U64),
+    ("baseline", U64),
 ]
 
 

@@ -95,6 +95,11 @@ def register(tree) -> None:
     p.add_argument("--pii", action="store_true",
                    help="count PII in HTTP requests and sampled responses (emails, card "
                         "numbers, IBANs, ...): counts only, never values (docs/pii.md)")
+    p.add_argument("--geoip", default=None, metavar="MMDB",
+                   help="geo and ASN of each flow end from this MaxMind-format database, or "
+                        "'default' for the packaged GeoLite2 City (2018) (docs/geo.md)")
+    p.add_argument("--geoip-asn", default="", metavar="MMDB",
+                   help="with --geoip: a second database with the ASN (GeoLite2 ASN)")
     p.add_argument("--filter", default="", metavar="EXPR",
                    help="only packets matching this tcpdump-style expression (host, net, "
                         "port, portrange, proto, ip, ip6, tcp, udp, icmp, and, or, not), "
@@ -492,6 +497,22 @@ def run(args) -> int:
     return EXIT_TRUNCATED if summary.truncated else 0
 
 
+def _geoip(args) -> tuple[str, str] | None:
+    """--geoip/--geoip-asn as PipelineConfig.geoip; the databases are opened (and a bad
+    one refused in one line) before any packet is read."""
+    db = getattr(args, "geoip", None)
+    if db is None:
+        if getattr(args, "geoip_asn", ""):
+            raise ConfigError("--geoip-asn needs --geoip (a database, or 'default')")
+        return None
+    from sensor.enrich.geo import GeoEnricher
+
+    paths = ("" if db == "default" else os.path.abspath(db),
+             os.path.abspath(args.geoip_asn) if args.geoip_asn else "")
+    GeoEnricher.open(*paths).close()
+    return paths
+
+
 def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
             sinks: list):
     """The run itself: inputs through the pipeline into the sinks (appended to `sinks`
@@ -508,7 +529,7 @@ def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
     sensor_id = args.sensor_id or ("replay" if args.to else "")
     config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id,
                             packet_filter=args.filter, rules=args.rules,
-                            pii=getattr(args, "pii", False))
+                            pii=getattr(args, "pii", False), geoip=_geoip(args))
     err = sys.stderr
     draw = not args.no_progress and err.isatty()
     if args.jobs > 1:
