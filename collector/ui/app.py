@@ -183,6 +183,7 @@ class Console:
         except web.HTTPException:
             raise
         except LoupeError as exc:
+            log.warning("console: %s: %s", request.path, exc)
             return self._page("error.html", "", status=503, title="Cannot show this page",
                               reason=str(exc), hint="")
 

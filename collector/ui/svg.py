@@ -81,7 +81,9 @@ def line_chart(chart_id: str, title: str, xs: list[int], series: list[tuple[str,
         colour, dash = STYLES[k % len(STYLES)]
         points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(ys))
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        if len(ys) == 1:
+        if not ys:
+            pass
+        elif len(ys) == 1:
             out.append(f'<circle cx="{x(0):.1f}" cy="{y(ys[0]):.1f}" r="3" fill="{colour}"/>')
         else:
             out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash_attr} '
