@@ -178,10 +178,12 @@ class ObserverService:
     """loupe.v1.Observer."""
 
     def __init__(self, storage: Storage, hub: Hub, counters: Callable[[], dict], *,
-                 version: str, started_ns: int, inventory=None, stats=None) -> None:
+                 version: str, started_ns: int, inventory=None, stats=None,
+                 clients=None) -> None:
         self._storage = storage
         self._inventory = inventory  # collector.inventory.store.InventoryStore
         self._stats = stats          # collector.stats.store.StatsStore
+        self._clients = clients      # collector.clients.store.ClientStore
         self._hub = hub
         self._counters = counters
         self._version = version
@@ -346,6 +348,25 @@ class ObserverService:
         return observer_pb2.QueryResponse(
             columns=pii.COLUMNS, column_types=pii.COLUMN_TYPES,
             rows_json=[json.dumps([r[c] for c in pii.COLUMNS]) for r in rows])
+
+    async def Clients(self, request, context):
+        from collector.clients import store
+
+        if self._clients is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector keeps no clients")
+        loop = asyncio.get_running_loop()
+        if request.notices:
+            columns, types = store.NOTICE_COLUMNS, store.NOTICE_TYPES
+            rows = await loop.run_in_executor(
+                self._readers,
+                lambda: store.select_notices(self._clients.notices(), request))
+        else:
+            columns, types = store.COLUMNS, store.COLUMN_TYPES
+            rows = await loop.run_in_executor(
+                self._readers, lambda: store.select(self._clients.snapshot(), request))
+        return observer_pb2.QueryResponse(
+            columns=columns, column_types=types,
+            rows_json=[json.dumps([r[c] for c in columns]) for r in rows])
 
     async def Stats(self, request, context):
         from collector.stats import store

@@ -23,6 +23,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "collector.cli": ("collector", "export", "certs", "tail", "query", "top"),
     "collector.inventory.cli": ("endpoints", "api"),
     "collector.inventory.pii_cli": ("pii",),
+    "collector.clients.cli": ("clients",),
     "collector.stats.cli": ("services",),
     "sensor.config_cli": ("config",),
     "sensor.enforce.cli": ("block",),

@@ -1,0 +1,1 @@
+"""Per-client behaviour (docs/clients.md)."""

@@ -1,0 +1,272 @@
+"""Per-client behaviour: one Client per source address (and principal, when the sensors
+report one), fed the flows and HTTP-shaped events of committed batches.
+
+A client is the initiator of a flow (Loupe's src) and the sender of a request. What is
+kept per client, all mergeable (sums, min, max, capped set unions), so sensors and a
+stored state merge in any order:
+- first and last seen; flows (final records only: an interim record of a long flow is the
+  same flow), octets sent and received (flow deltas, so sums are exact);
+- requests, 4xx and 5xx responses, and the endpoints touched (service, method, path
+  template by the segment shapes of collector/inventory/templates.classify), capped;
+- geo from its flows (sensor [geoip], docs/geo.md): the latest country, city and ASN, and
+  every country seen (capped);
+- the sensors that saw it.
+
+Notices (docs/clients.md) come out of add_*: new client, new country for a known client,
+and unusual volume (a minute with many times the client's usual requests). They are
+collector facts, not rule matches: only the collector sees every sensor and the history.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from collector.inventory import templates
+
+# Clients kept: ~1 KiB each with full sets, so ~100 MiB at worst. Past it, records of
+# clients not yet known are counted in `dropped`, not kept.
+MAX_CLIENTS = 100_000
+# Per-client caps: a scanner touching a new path per request must not grow its client
+# without end; what is past the cap is counted (endpoints_more), not listed.
+MAX_ENDPOINTS = 64
+MAX_COUNTRIES = 16
+MAX_SENSORS = 32
+# Unusual volume: a minute with more than VOLUME_FACTOR times the client's average
+# requests per active minute (after VOLUME_MIN_MINUTES such minutes) and at least
+# VOLUME_FLOOR requests. A new client has no average, so it never fires on its first
+# minutes: those are the new-client notice's.
+VOLUME_FACTOR = 10
+VOLUME_MIN_MINUTES = 5
+VOLUME_FLOOR = 100
+MINUTE_NS = 60 * 10**9
+
+
+def endpoint_of(service: str, method: str, target: str) -> str:
+    """'GET api.test:80 /users/{id}': the path by segment shape alone (no learning, so a
+    client's list does not depend on what other clients sent)."""
+    path, _ = templates.split_target(target)
+    segs = templates.segments(path)[:templates.MAX_DEPTH]
+    return f"{method} {service} /" + "/".join(templates.classify(s) or s for s in segs)
+
+
+@dataclass(slots=True)
+class Notice:
+    kind: str            # new_client, new_country, unusual_volume
+    address: str
+    principal: str
+    ts_ns: int
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "address": self.address, "principal": self.principal,
+                "ts_ns": self.ts_ns, "detail": self.detail}
+
+
+@dataclass(slots=True)
+class Client:
+    address: str
+    principal: str = ""
+    first_seen_ns: int = 0
+    last_seen_ns: int = 0
+    flows: int = 0
+    octets_sent: int = 0
+    octets_received: int = 0
+    requests: int = 0
+    errors_4xx: int = 0
+    errors_5xx: int = 0
+    endpoints: set[str] = field(default_factory=set)
+    endpoints_more: int = 0          # requests to endpoints past MAX_ENDPOINTS
+    country: str = ""
+    city: str = ""
+    asn: int = 0
+    geo_ns: int = 0                  # time of the record the geo came from
+    countries: set[str] = field(default_factory=set)
+    sensors: set[str] = field(default_factory=set)
+    # unusual volume: the current minute and the average over past active minutes
+    minute: int = 0
+    minute_requests: int = 0
+    minutes: int = 0
+    minutes_requests: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.address, self.principal
+
+    def seen(self, ts_ns: int, sensor: str) -> None:
+        if not self.first_seen_ns or ts_ns < self.first_seen_ns:
+            self.first_seen_ns = ts_ns
+        self.last_seen_ns = max(self.last_seen_ns, ts_ns)
+        if sensor and len(self.sensors) < MAX_SENSORS:
+            self.sensors.add(sensor)
+
+    def merge(self, o: "Client") -> None:
+        for name in ("flows", "octets_sent", "octets_received", "requests", "errors_4xx",
+                     "errors_5xx", "endpoints_more", "minutes", "minutes_requests"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        if o.first_seen_ns and (not self.first_seen_ns or o.first_seen_ns < self.first_seen_ns):
+            self.first_seen_ns = o.first_seen_ns
+        self.last_seen_ns = max(self.last_seen_ns, o.last_seen_ns)
+        for name, cap in (("endpoints", MAX_ENDPOINTS), ("countries", MAX_COUNTRIES),
+                          ("sensors", MAX_SENSORS)):
+            mine = getattr(self, name)
+            for v in sorted(getattr(o, name)):
+                if v in mine or len(mine) < cap:
+                    mine.add(v)
+                elif name == "endpoints":
+                    self.endpoints_more += 1
+        if o.geo_ns >= self.geo_ns and (o.country or o.asn):
+            self.country, self.city, self.asn, self.geo_ns = o.country, o.city, o.asn, o.geo_ns
+        if o.minute > self.minute:
+            self.minute, self.minute_requests = o.minute, o.minute_requests
+        elif o.minute == self.minute:
+            self.minute_requests += o.minute_requests
+
+    def to_dict(self) -> dict:
+        span_s = max((self.last_seen_ns - self.first_seen_ns) / 1e9, 1.0)
+        return {
+            "address": self.address, "principal": self.principal,
+            "first_seen_ns": self.first_seen_ns, "last_seen_ns": self.last_seen_ns,
+            "flows": self.flows, "octets_sent": self.octets_sent,
+            "octets_received": self.octets_received, "requests": self.requests,
+            "errors_4xx": self.errors_4xx, "errors_5xx": self.errors_5xx,
+            # over the client's active span (first to last seen, at least 1 s)
+            "request_rate": round(self.requests / span_s, 6),
+            "error_rate": round((self.errors_4xx + self.errors_5xx) / self.requests, 6)
+            if self.requests else 0.0,
+            "endpoints": sorted(self.endpoints), "endpoints_more": self.endpoints_more,
+            "country": self.country, "city": self.city, "asn": self.asn,
+            "geo_ns": self.geo_ns, "countries": sorted(self.countries),
+            "sensors": sorted(self.sensors), "minute": self.minute,
+            "minute_requests": self.minute_requests, "minutes": self.minutes,
+            "minutes_requests": self.minutes_requests,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Client":
+        c = cls(d["address"], d.get("principal", ""))
+        for name in ("first_seen_ns", "last_seen_ns", "flows", "octets_sent",
+                     "octets_received", "requests", "errors_4xx", "errors_5xx",
+                     "endpoints_more", "country", "city", "asn", "geo_ns", "minute",
+                     "minute_requests", "minutes", "minutes_requests"):
+            setattr(c, name, d.get(name, getattr(c, name)))
+        c.endpoints = set(d.get("endpoints", ()))
+        c.countries = set(d.get("countries", ()))
+        c.sensors = set(d.get("sensors", ()))
+        return c
+
+
+class Clients:
+    """Every client; add_flow/add_request from one feeding thread, snapshot from others."""
+
+    def __init__(self, *, max_clients: int = MAX_CLIENTS, max_notices: int = 1000) -> None:
+        self._clients: dict[tuple[str, str], Client] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self.max_clients = max_clients
+        self.dropped = 0
+        # Newest notices, for Observer.Clients; the store also keeps them in its file.
+        self.notices: list[Notice] = []
+        self.new_notices: list[Notice] = []
+        self._max_notices = max_notices
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def _notice(self, kind: str, c: Client, ts_ns: int, detail: str) -> None:
+        n = Notice(kind, c.address, c.principal, ts_ns, detail)
+        self.notices.append(n)
+        self.new_notices.append(n)
+        if len(self.notices) > self._max_notices:
+            del self.notices[: len(self.notices) - self._max_notices]
+
+    def _get(self, address: str, principal: str, ts_ns: int) -> Client | None:
+        key = (address, principal)
+        c = self._clients.get(key)
+        if c is None:
+            if len(self._clients) >= self.max_clients:
+                self.dropped += 1
+                return None
+            c = self._clients[key] = Client(address, principal)
+            self._notice("new_client", c, ts_ns, "first seen")
+        self._dirty.add(key)
+        return c
+
+    def add_flow(self, *, address: str, principal: str = "", ts_ns: int, sensor: str,
+                 final: bool, sent: int, received: int, country: str = "", city: str = "",
+                 asn: int = 0) -> None:
+        with self._lock:
+            c = self._get(address, principal, ts_ns)
+            if c is None:
+                return
+            c.seen(ts_ns, sensor)
+            c.flows += int(final)
+            c.octets_sent += sent
+            c.octets_received += received
+            if country or asn:
+                if ts_ns >= c.geo_ns:
+                    c.country, c.city, c.asn, c.geo_ns = country, city, asn, ts_ns
+                if country and country not in c.countries:
+                    if c.countries:
+                        self._notice("new_country", c, ts_ns,
+                                     f"{country} (before: {','.join(sorted(c.countries))})")
+                    if len(c.countries) < MAX_COUNTRIES:
+                        c.countries.add(country)
+
+    def add_request(self, *, address: str, principal: str = "", ts_ns: int, sensor: str,
+                    endpoint: str, status: int) -> None:
+        with self._lock:
+            c = self._get(address, principal, ts_ns)
+            if c is None:
+                return
+            c.seen(ts_ns, sensor)
+            c.requests += 1
+            if 400 <= status <= 499:
+                c.errors_4xx += 1
+            elif 500 <= status <= 599:
+                c.errors_5xx += 1
+            if endpoint in c.endpoints or len(c.endpoints) < MAX_ENDPOINTS:
+                c.endpoints.add(endpoint)
+            else:
+                c.endpoints_more += 1
+            self._count_minute(c, ts_ns)
+
+    def _count_minute(self, c: Client, ts_ns: int) -> None:
+        minute = ts_ns // MINUTE_NS
+        if minute > c.minute:
+            if c.minute_requests:
+                c.minutes += 1
+                c.minutes_requests += c.minute_requests
+            c.minute, c.minute_requests = minute, 0
+        elif minute < c.minute:
+            return   # a late event of a past minute: counted in requests, not in volume
+        c.minute_requests += 1
+        if c.minutes >= VOLUME_MIN_MINUTES:
+            usual = c.minutes_requests / c.minutes
+            limit = max(VOLUME_FLOOR, VOLUME_FACTOR * usual)
+            # once per minute: at the request that crosses the limit
+            if c.minute_requests == int(limit) + 1:
+                self._notice("unusual_volume", c, ts_ns,
+                             f"{c.minute_requests} requests this minute, usually "
+                             f"{usual:.1f}")
+
+    def merge(self, clients) -> None:
+        with self._lock:
+            for c in clients:
+                have = self._clients.get(c.key)
+                if have is None:
+                    self._clients[c.key] = c
+                else:
+                    have.merge(c)
+                self._dirty.add(c.key)
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [c.to_dict() for c in self._clients.values()]
+
+    def take_changes(self) -> tuple[list[dict], list[Notice]]:
+        with self._lock:
+            changed = [self._clients[k].to_dict() for k in self._dirty if k in self._clients]
+            self._dirty.clear()
+            notices, self.new_notices = self.new_notices, []
+            return changed, notices
