@@ -41,6 +41,13 @@ collector is retried with the same jittered backoff and takes its share again as
 its stream is up. Order across collectors is not kept (it never mattered: the collector
 deduplicates by pair, not by the highest id seen).
 
+Columnar batches (sensor/export/columnar.py, docs/scaling.md). Before each Push stream
+the sender asks the collector's Ingest.Options; one from before columnar batches answers
+UNIMPLEMENTED. The batcher spools columns once every collector that answered lists them,
+and rows otherwise (no answer yet, or a mixed fleet mid-upgrade). A spooled columnar batch
+bound for a stream whose collector takes rows only is turned back into rows as it is sent
+(an old collector would find no records in it and store an empty batch).
+
 A stream with nothing in flight and nothing to send for idle_close_s is half-closed; the
 collector acks what it has and ends it, and the channel is closed with it. The sender
 then waits for the next spooled batch and opens a new channel and stream for it (not a
@@ -69,7 +76,7 @@ import grpc
 
 from sensor import model
 from sensor.errors import ConfigError
-from sensor.export import wire
+from sensor.export import columnar, wire
 from sensor.export.exporter import ExportQueue
 from sensor.export.spool import FsyncPolicy, Spool
 
@@ -141,6 +148,9 @@ class GrpcExportConfig:
     spool_segment_bytes: int = 8 << 20
     spool_fsync: FsyncPolicy = FsyncPolicy.INTERVAL
     spool_fsync_interval_s: float = 0.2
+    # Columnar batches (Arrow IPC per table, sensor/export/columnar.py) once every
+    # collector that answered lists them in Ingest.Options; False: rows only.
+    columnar: bool = True
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -183,6 +193,14 @@ def _push(channel: grpc.Channel):
     )
 
 
+def _options(channel: grpc.Channel):
+    return channel.unary_unary(
+        _PUSH_METHOD.rpartition("/")[0] + "/Options",
+        request_serializer=wire.ingest_pb2.IngestOptionsRequest.SerializeToString,
+        response_deserializer=wire.ingest_pb2.IngestOptions.FromString,
+    )
+
+
 def backoff_delay(cfg: GrpcExportConfig, attempt: int, rng: random.Random) -> float:
     """Seconds to wait before reconnect attempt `attempt` (0 after a stream that got
     acks): exponential from initial_backoff_s, capped at max_backoff_s, jittered."""
@@ -206,6 +224,7 @@ class _Stream:
         self.served = 0                       # the pick that last gave it a batch
         self.last_active = time.monotonic()   # last send or ack
         self.call = None
+        self.columnar = False                 # its collector takes columnar batches
 
 
 class GrpcExporter:
@@ -240,6 +259,8 @@ class GrpcExporter:
         self._cursor = 0
         self._picks = 0
         self._released_at: dict[int, float] = {}   # released batch id -> when (monotonic)
+        # Collector -> whether its last Ingest.Options listed columnar batches.
+        self._accepts: dict[str, bool] = {}
         self._stop = threading.Event()        # sender: stop now
         self._drain_deadline: float | None = None
         self._enqueued: dict[int, list[int]] = {}  # batch id -> enqueue times (ns)
@@ -252,6 +273,7 @@ class GrpcExporter:
             "batches_rejected", "records_rejected", "records_acked", "acks_unexpected",
             "reconnects", "stream_errors", "ack_timeouts", "lost_events_sent", "idle_closes",
             "batches_released", "batches_resent", "failover_ms_max",
+            "batches_columnar", "batches_transcoded",
         ), 0)
         self._batcher = threading.Thread(target=self._run_batcher, name="loupe-batcher",
                                          daemon=True)
@@ -333,10 +355,23 @@ class GrpcExporter:
         records = [r for _, r in items] + losses
         carried = sum(e.count for e in losses if e.source == model.LostSource.SPOOL_FULL.value)
         batch_id = self._spool.next_batch_id()
-        payload = wire.batch_to_proto(
-            records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
-            created_ns=self._clock_ns(),
-        ).SerializeToString()
+        payload = None
+        if self._columnar_now():
+            try:
+                payload = columnar.encode(
+                    records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
+                    created_ns=self._clock_ns()).SerializeToString()
+                self._c["batches_columnar"] += 1
+            except (TypeError, ValueError, OverflowError) as exc:
+                # A value the model let through and its column cannot hold: a bug, but
+                # the row encoding carries it, and the collector's checks decide.
+                log.error("cannot encode batch %d as columns (%s); sending rows", batch_id,
+                          exc)
+        if payload is None:
+            payload = wire.batch_to_proto(
+                records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
+                created_ns=self._clock_ns(),
+            ).SerializeToString()
         if items:
             with self._cond:
                 self._enqueued[batch_id] = [t for t, _ in items]
@@ -346,6 +381,32 @@ class GrpcExporter:
         self._c["batches_spooled"] += 1
         self._c["lost_events_sent"] += len(losses)
         self._wake()
+
+    def _columnar_now(self) -> bool:
+        """Spool the next batch as columns? Only when every collector that answered
+        Ingest.Options takes them: a mixed fleet (a rolling upgrade) gets rows, which all
+        collectors store, rather than transcoding on every send to the old ones."""
+        with self._cond:
+            return self._cfg.columnar and bool(self._accepts) and all(self._accepts.values())
+
+    def _options(self, channel: grpc.Channel, target: str) -> bool:
+        """Ask a collector, before a Push stream, whether it takes columnar batches.
+        UNIMPLEMENTED: a collector from before them. Other errors end the attempt as a
+        failed Push would."""
+        if not self._cfg.columnar:
+            return False
+        try:
+            reply = _options(channel)(wire.ingest_pb2.IngestOptionsRequest(),
+                                      timeout=self._cfg.ack_timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            accepts = False
+        else:
+            accepts = wire.ingest_pb2.BATCH_ENCODING_ARROW in reply.encodings
+        with self._cond:
+            self._accepts[target] = accepts
+        return accepts
 
     def _wake(self) -> None:
         with self._cond:
@@ -413,6 +474,7 @@ class GrpcExporter:
             self._streams[target] = stream   # before grpc first pulls its requests
             self._cond.notify_all()
         try:
+            stream.columnar = self._options(channel, target)
             call = _push(channel)(self._requests(stream))
             stream.call = call
             for ack in call:
@@ -541,7 +603,13 @@ class GrpcExporter:
                 stream.last_active = time.monotonic()
                 self._cond.notify_all()   # the other streams' turn may have come
             self._c["batches_sent"] += 1
-            yield nxt.payload
+            payload = nxt.payload
+            if not stream.columnar and columnar.is_columnar(payload):
+                # Spooled as columns, bound for a collector that takes rows only (one
+                # that was replaced by an older version, or a newly added old one).
+                payload = columnar.to_rows(payload)
+                self._c["batches_transcoded"] += 1
+            yield payload
 
     def _on_ack(self, stream: _Stream, ack) -> None:
         with self._cond:

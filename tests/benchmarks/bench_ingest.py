@@ -1,15 +1,22 @@
-"""Collector ingest benchmark: sustained records/s and ack latency.
+"""Collector ingest benchmark: row against columnar batches, DuckDB and ClickHouse.
 
     python -m tests.benchmarks.bench_ingest [--clients 4] [--seconds 20] [--batch 1000]
-                                            [--window 8]
+        [--window 8] [--encoding rows,columnar] [--backend duckdb,clickhouse]
 
-A real collector process (`loupe collector run`, DuckDB file in a temporary directory)
-and N client processes, each pushing batches of a realistic mix (half flows, the rest
-HTTP, DNS and TLS events) on one Ingest.Push stream with a window of un-acked batches, as
-the sensor's exporter does. Every batch has its own batch_id, so all of them are
-validated, deduplicated and committed. Reports records/s over the measured interval,
-ack latency percentiles (send -> ack), the CPU each side used, the load average, and
-checks the stored row count at the end.
+For every backend and encoding, in one run: a real collector process (`loupe collector
+run`; DuckDB file in a temporary directory, or a real clickhouse-server started here as
+tests/storage/clickhouse_proc.py does) and N client processes, each pushing batches of a
+realistic mix (half flows, the rest HTTP, DNS and TLS events) on one Ingest.Push stream
+with a window of un-acked batches, as the sensor's exporter does. Every batch has its
+own batch_id, so all of them are validated, deduplicated and committed. Reports records/s
+over the measured interval, ack latency percentiles (send -> ack), the CPU each side
+used (the ClickHouse server's too), the load average, and checks the stored row count.
+
+Then CPU per 1000 records for each stage, measured in this process on one thread
+(process time, lower quartile of repeated runs): encode at the sensor (records -> the
+serialized batch), decode at the collector (ingest.decode_message: bytes -> validated
+Arrow tables, as a decoder process does it) and store (Storage.store_many of one
+1000-record batch into DuckDB or ClickHouse; ClickHouse's own server CPU is not in it).
 
 The clients are cheap on purpose: each builds a pool of distinct batches once and sends
 them pre-serialised, only the batch_id changing (prepended as its protobuf field, which
@@ -52,22 +59,31 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _pool(batch_size: int, client: int) -> list[bytes]:
+def _encode(records, encoding: str, sensor_id: str, batch_id: int = 0):
+    """One batch of `records` in `encoding`, as the sensor's exporter builds it."""
+    from sensor.export import columnar, wire
+
+    if encoding == "columnar":
+        return columnar.encode(records, sensor_id=sensor_id, batch_id=batch_id, created_ns=1)
+    return wire.batch_to_proto(records, sensor_id=sensor_id, batch_id=batch_id, created_ns=1)
+
+
+def _pool(batch_size: int, client: int, encoding: str) -> list[bytes]:
     """POOL serialized batches without a batch_id (proto3 leaves a 0 out)."""
     sys.path.insert(0, str(REPO))
-    from tests.collector.conftest import batch, mixed
+    from tests.collector.conftest import mixed
 
     start = client * 10_000_000
-    return [batch(mixed(batch_size, start + i * batch_size), 0, sensor_id=f"bench-{client}")
+    return [_encode(mixed(batch_size, start + i * batch_size), encoding, f"bench-{client}")
             .SerializeToString() for i in range(POOL)]
 
 
 def _client(address: str, client: int, batch_size: int, seconds: float, window_size: int,
-            start, out) -> None:
+            encoding: str, start, out) -> None:
     import grpc
     from loupe.v1 import ingest_pb2
 
-    pool = _pool(batch_size, client)
+    pool = _pool(batch_size, client, encoding)
     window = threading.Semaphore(window_size)
     sent_at: dict[int, float] = {}
     channel = grpc.insecure_channel(address)
@@ -124,6 +140,132 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
+def _lower_quartile_ms(fn, runs: int = 15) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    times.sort()
+    return times[len(times) // 4] * 1000
+
+
+def _stages(batch_size: int, backends: list[str], ch_port: int | None, tmp: str) -> dict:
+    """CPU ms per 1000 records for encode, decode and store, per encoding (and backend)."""
+    sys.path.insert(0, str(REPO))
+    from collector.ingest import decode_message
+    from collector.storage import open_storage
+    from sensor.config import ClickHouseConfig, StorageConfig
+    from tests.collector.conftest import mixed
+
+    records = mixed(batch_size, 77_000_000)
+    scale = 1000 / batch_size
+    out: dict = {}
+    ids = iter(range(1, 10**9))
+    for encoding in ("rows", "columnar"):
+        raw = _encode(records, encoding, "stage").SerializeToString()
+        row = out[encoding] = {
+            "bytes": len(raw),
+            "encode": _lower_quartile_ms(
+                lambda: _encode(records, encoding, "stage").SerializeToString()) * scale,
+            "decode": _lower_quartile_ms(lambda: decode_message(raw, None)) * scale,
+        }
+        for backend in backends:
+            if backend == "duckdb":
+                store = open_storage(StorageConfig(), Path(tmp) / f"stage-{encoding}")
+            else:
+                store = open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
+                    port=ch_port, database=f"stage_{encoding}")), Path(tmp) / "ch-local")
+            try:
+                def store_one():
+                    shipped = decode_message(
+                        _encode(records, encoding, "stage", next(ids)).SerializeToString(), None)
+                    t0 = time.process_time()
+                    store.store_many([shipped.unpack()], time.time_ns())
+                    return time.process_time() - t0
+                store_one()   # tables made, caches warm
+                samples = sorted(store_one() for _ in range(10))
+                row[f"store {backend}"] = samples[len(samples) // 4] * 1000 * scale
+            finally:
+                store.close()
+    return out
+
+
+def _run(args, encoding: str, backend: str, ch_port: int | None, tmp: str) -> dict:
+    """One collector, N clients pushing `encoding` batches; the measured figures."""
+    data_dir = Path(tmp) / f"{backend}-{encoding}"
+    cmd = [sys.executable, "-m", "sensor.cli", "collector", "run", "--listen", "127.0.0.1:0",
+           "--data-dir", str(data_dir)]
+    if backend == "clickhouse":
+        cmd += ["--set", "storage.backend=clickhouse", "--set", f"storage.clickhouse.port={ch_port}",
+                "--set", f"storage.clickhouse.database=bench_{encoding}"]
+    load_before = os.getloadavg()
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        address = None
+        while address is None:
+            line = proc.stderr.readline()
+            if not line:
+                raise SystemExit("collector did not start")
+            if "listening on" in line:
+                address = line.split("listening on ")[1].split()[0].rstrip(";")
+        # Keep reading its log: a full pipe would block the collector mid-run.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        start = ctx.Barrier(args.clients + 1)
+        workers = [ctx.Process(target=_client, args=(
+            address, i, args.batch, args.seconds, args.window, encoding, start, results))
+            for i in range(args.clients)]
+        for w in workers:
+            w.start()
+        start.wait(timeout=180)
+        server_pid = _clickhouse_pid(ch_port) if backend == "clickhouse" else None
+        cpu0, wall0 = _tree_cpu(proc.pid), time.monotonic()
+        server0 = _cpu_seconds(server_pid) if server_pid else 0.0
+        reports = [results.get(timeout=args.seconds + 180) for _ in workers]
+        collector_cpu, wall = _tree_cpu(proc.pid) - cpu0, time.monotonic() - wall0
+        server_cpu = (_cpu_seconds(server_pid) - server0) if server_pid else 0.0
+        load_after = os.getloadavg()
+        for w in workers:
+            w.join()
+
+        import grpc
+        from loupe.v1 import observer_pb2, observer_pb2_grpc
+        stub = observer_pb2_grpc.ObserverStub(grpc.insecure_channel(address))
+        resp = stub.Query(observer_pb2.QueryRequest(sql=(
+            "SELECT (SELECT count(*) FROM flows) + (SELECT count(*) FROM http) + "
+            "(SELECT count(*) FROM dns) + (SELECT count(*) FROM tls)")), timeout=120)
+        stored = json.loads(resp.rows_json[0])[0]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    records = sum(r["records"] for r in reports)
+    elapsed = max(r["elapsed"] for r in reports)
+    lat = sorted(x for r in reports for x in r["latencies"])
+    return {
+        "records": records, "elapsed": elapsed, "rate": records / elapsed, "lat": lat,
+        "collector_cpu": collector_cpu, "server_cpu": server_cpu,
+        "client_cpu": sum(r["cpu"] for r in reports), "wall": wall, "stored": stored,
+        "load": (load_before[0], load_after[0]),
+    }
+
+
+def _clickhouse_pid(port: int) -> int | None:
+    """The clickhouse-server process listening on `port` (started by this run)."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"clickhouse-server") and any(
+                str(port).encode() in arg for arg in cmdline):
+            return int(proc_dir.name)
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=4)
@@ -132,71 +274,62 @@ def main(argv=None) -> int:
     # Un-acked batches per client. The sensor's exporter allows 16. The collector works on
     # at most IngestService.PIPELINE + 1 batches of a stream at once; 8 keeps a few more
     # waiting in the transport, so the collector never idles between an ack and the
-    # client's next batch (measured on 2 cores: window 4 left ~12% of the cores idle,
-    # 91-108k records/s; window 8 114-120k). Beyond that, extra batches only wait in
-    # line: window 16 gives the same rate at twice the ack latency (p99 0.85-0.91 s).
+    # client's next batch (measured on 2 cores with row batches: window 4 left ~12% of the
+    # cores idle, 91-108k records/s; window 8 114-120k). Beyond that, extra batches only
+    # wait in line: window 16 gives the same rate at twice the ack latency.
     ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--encoding", default="rows,columnar")
+    ap.add_argument("--backend", default="duckdb,clickhouse")
     args = ap.parse_args(argv)
+    encodings = args.encoding.split(",")
+    backends = args.backend.split(",")
 
-    load_before = os.getloadavg()
+    sys.path.insert(0, str(REPO))
+    ch = None
+    ok = True
     with tempfile.TemporaryDirectory(prefix="loupe-bench-") as tmp:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sensor.cli", "collector", "run", "--listen", "127.0.0.1:0",
-             "--data-dir", tmp], cwd=REPO, stderr=subprocess.PIPE, text=True)
         try:
-            address = None
-            while address is None:
-                line = proc.stderr.readline()
-                if not line:
-                    raise SystemExit("collector did not start")
-                if "listening on" in line:
-                    address = line.split("listening on ")[1].split()[0]
-            # Keep reading its log: a full pipe would block the collector mid-run.
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            ctx = mp.get_context("spawn")
-            results = ctx.Queue()
-            start = ctx.Barrier(args.clients + 1)
-            workers = [ctx.Process(target=_client, args=(
-                address, i, args.batch, args.seconds, args.window, start, results))
-                for i in range(args.clients)]
-            for w in workers:
-                w.start()
-            start.wait(timeout=120)
-            cpu0, wall0 = _tree_cpu(proc.pid), time.monotonic()
-            reports = [results.get(timeout=args.seconds + 120) for _ in workers]
-            collector_cpu, wall = _tree_cpu(proc.pid) - cpu0, time.monotonic() - wall0
-            load_after = os.getloadavg()
-            for w in workers:
-                w.join()
-
-            sys.path.insert(0, str(REPO))
-            import grpc
-            from loupe.v1 import observer_pb2, observer_pb2_grpc
-            stub = observer_pb2_grpc.ObserverStub(grpc.insecure_channel(address))
-            resp = stub.Query(observer_pb2.QueryRequest(sql=(
-                "SELECT (SELECT count(*) FROM flows) + (SELECT count(*) FROM http) + "
-                "(SELECT count(*) FROM dns) + (SELECT count(*) FROM tls)")), timeout=60)
-            stored = json.loads(resp.rows_json[0])[0]
+            if "clickhouse" in backends:
+                from tests.storage.clickhouse_proc import ClickHouseServer
+                # The tests' ClickHouseServer reports a missing binary as a pytest skip.
+                ch = ClickHouseServer(Path(tmp) / "clickhouse")
+            print(f"clients={args.clients} batch={args.batch} window={args.window} "
+                  f"seconds={args.seconds:g} cores={os.cpu_count()}")
+            for backend in backends:
+                for encoding in encodings:
+                    r = _run(args, encoding, backend, ch.port if ch else None, tmp)
+                    lat = r["lat"]
+                    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
+                    total = r["collector_cpu"] + r["server_cpu"]
+                    print(f"\n[{backend} {encoding}] load average {r['load'][0]:.2f} -> "
+                          f"{r['load'][1]:.2f} (1 min)")
+                    print(f"  acked records: {r['records']} in {r['elapsed']:.1f} s -> "
+                          f"{r['rate']:,.0f} records/s")
+                    print(f"  ack latency ms: p50={p(0.50):.1f} p90={p(0.90):.1f} "
+                          f"p99={p(0.99):.1f} max={lat[-1] * 1000:.1f} "
+                          f"mean={statistics.mean(lat) * 1000:.1f} (batches={len(lat)})")
+                    print(f"  CPU: collector {r['collector_cpu'] / r['wall']:.2f} cores"
+                          + (f", clickhouse-server {r['server_cpu'] / r['wall']:.2f} cores"
+                             if backend == "clickhouse" else "")
+                          + f", clients {r['client_cpu'] / r['wall']:.2f} cores; "
+                          f"{r['collector_cpu'] / max(r['records'], 1) * 1e6:.1f} ms of "
+                          "collector CPU per 1000 records"
+                          + (f" ({total / max(r['records'], 1) * 1e6:.1f} with the server)"
+                             if backend == "clickhouse" else ""))
+                    match = r["stored"] == r["records"]
+                    ok &= match
+                    print(f"  stored rows: {r['stored']} ({'matches' if match else 'MISMATCH'})")
+            stages = _stages(args.batch, backends, ch.port if ch else None, tmp)
         finally:
-            proc.terminate()
-            proc.wait(30)
-
-    records = sum(r["records"] for r in reports)
-    elapsed = max(r["elapsed"] for r in reports)
-    lat = sorted(x for r in reports for x in r["latencies"])
-    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
-    client_cpu = sum(r["cpu"] for r in reports)
-    print(f"clients={args.clients} batch={args.batch} window={args.window} "
-          f"seconds={args.seconds:g} cores={os.cpu_count()}")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
-    print(f"acked records: {records} in {elapsed:.1f} s -> {records / elapsed:,.0f} records/s")
-    print(f"ack latency ms: p50={p(0.50):.1f} p90={p(0.90):.1f} p99={p(0.99):.1f} "
-          f"max={lat[-1] * 1000:.1f} mean={statistics.mean(lat) * 1000:.1f} (batches={len(lat)})")
-    print(f"CPU: collector {collector_cpu / wall:.2f} cores, clients {client_cpu / wall:.2f} "
-          f"cores ({client_cpu / max(client_cpu + collector_cpu, 1e-9):.0%} of the two); "
-          f"collector {collector_cpu / max(records, 1) * 1e6:.1f} ms of CPU per 1000 records")
-    print(f"stored rows: {stored} ({'matches' if stored == records else 'MISMATCH'})")
-    return 0 if stored == records else 1
+            if ch is not None:
+                ch.stop()
+    print("\nCPU ms per 1000 records by stage (one thread, lower quartile):")
+    names = [k for k in stages["rows"] if k != "bytes"]
+    print("  " + "encoding".ljust(10) + "".join(n.rjust(18) for n in names) + "bytes/1000".rjust(14))
+    for encoding, row in stages.items():
+        print("  " + encoding.ljust(10) + "".join(f"{row[n]:18.2f}" for n in names)
+              + f"{row['bytes'] * 1000 // args.batch:14,d}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
