@@ -323,6 +323,27 @@ def build_alert_action(values: Iterable[str]) -> Predicate:
     return lambda rec: rec.WhichOneof("kind") == "alert" and rec.alert.action in actions
 
 
+def build_country(values: Iterable[str]) -> Predicate:
+    """Flows with either end in one of these countries (geo from the sensor, docs/geo.md)."""
+    codes = frozenset(v.upper() for v in values)
+
+    def match(rec) -> bool:
+        if rec.WhichOneof("kind") != "flow":
+            return False
+        return rec.flow.src_country in codes or rec.flow.dst_country in codes
+    return match
+
+
+def build_asn(values: Iterable[int]) -> Predicate:
+    numbers = frozenset(int(v) for v in values)
+
+    def match(rec) -> bool:
+        if rec.WhichOneof("kind") != "flow":
+            return False
+        return rec.flow.src_asn in numbers or rec.flow.dst_asn in numbers
+    return match
+
+
 BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "record_kind": build_record_kind,
     "source_ip": build_source_ip,
@@ -340,6 +361,8 @@ BUILDERS: dict[str, Callable[[Iterable], Predicate]] = {
     "container_id": build_container_id,
     "alert_rule": build_alert_rule,
     "alert_action": build_alert_action,
+    "country": build_country,
+    "asn": build_asn,
 }
 
 
