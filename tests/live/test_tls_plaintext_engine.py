@@ -209,3 +209,37 @@ def test_held_chunks_of_an_object_given_up_are_counted():
     for _ in range(MAX_NO_SOCKET):
         stage.on_chunk(p.chunk(WRITE, REQUEST), 0, 0)
     assert stage.stats.held_dropped == MAX_NO_SOCKET and not stage._held
+
+
+def test_destroy_aborts_a_local_socket():
+    """How a blocked plaintext flow is reset (plaintext_socket.destroy, sock_diag
+    SOCK_DESTROY): the owner's next call fails, its peer gets a RST."""
+    import os
+
+    import pytest
+
+    from sensor.engine.plaintext_socket import destroy
+
+    if os.geteuid() != 0:
+        pytest.skip("SOCK_DESTROY needs CAP_NET_ADMIN")
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        server, _ = srv.accept()
+        with client, server:
+            (la, lp), (ra, rp) = client.getsockname(), client.getpeername()
+            ep = Endpoint(4, _ip(la), lp, _ip(ra), rp, False)
+            assert destroy(os.getpid(), ep) == ""
+            try:
+                client.send(b"x")
+            except OSError as exc:
+                assert exc.errno == 103   # ECONNABORTED
+            else:
+                raise AssertionError("the socket was not aborted")
+            server.settimeout(5)
+            try:
+                server.recv(1)
+            except OSError as exc:
+                assert exc.errno == 104   # ECONNRESET: the kernel's RST
+            else:
+                raise AssertionError("the peer was not reset")
+            assert destroy(os.getpid(), ep) != ""   # gone: one line why, no exception
