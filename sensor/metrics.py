@@ -82,6 +82,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Kernel enforcement of block verdicts (sensor/enforce/), by action: flows_blocked, "
            "sources_blocked, resets_sent, resets_skipped, map_full, write_errors, expired; "
            "hold mode: holds_released, held_blocks, nudges_sent"),
+    Family("ddos", "counter", "what",
+           "The DDoS detector (sensor/rules/ddos.py), by what: events, new_flows, "
+           "new_flows_capped, keys_overflow, alerts, sources_blocked, sources_rate_limited, "
+           "rate_limited_drops, mitigation_errors, baseline_samples, errors"),
 )}
 
 LOST_REASONS: tuple[str, ...] = tuple(source.value for source in LostSource)

@@ -194,7 +194,10 @@ def _eve_alert(a: model.Alert) -> dict[str, Any]:
         "signature_id": a.rule_id, "category": a.category,
         "severity": _EVE_SEVERITY.get(a.severity, 2),
         "metadata": {"loupe_action": [a.action], "field": [a.field], "excerpt": [a.excerpt],
-                     **({"count": [a.count]} if a.count else {})},
+                     **({"count": [a.count]} if a.count else {}),
+                     # DDoS detections (sensor/rules/ddos.py)
+                     **({"rate": [a.rate], "top_sources": a.top_sources.split(),
+                         "mitigation": [a.mitigation]} if a.mitigation else {})},
     }
     return out
 

@@ -158,6 +158,9 @@ def cells(record: model.Record) -> tuple[dict[str, str], list[tuple[str, str | N
             out.append((repr(record.excerpt[:80]), "dim"))
         if record.count:
             out.append((f"count={record.count}", None))
+        if record.mitigation:   # a DDoS detection (sensor/rules/ddos.py)
+            out.append((f"rate={record.rate} mitigation={record.mitigation} "
+                        f"sources={record.top_sources or '-'}", None))
         return cols, out
     ts = record.flow_end_ns if isinstance(record, model.Flow) else record.ts_ns
     cols = {"time": time_ms(ts), "sensor": record.sensor_id, "kind": kind,

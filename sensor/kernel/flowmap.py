@@ -169,6 +169,9 @@ class FlowMapReader:
         self._snapshot = _Snapshot(bpfsys.map_max_entries(flows_fd))
         self.stats = ReaderStats()
         self.end_seen = False   # a flow-end event arrived: the caller may collect early
+        # Told each whole-map snapshot (keys, values: numpy views, valid during the call):
+        # the DDoS detector counts new flows there (sensor/rules/ddos_live.py).
+        self.on_snapshot: Callable | None = None
 
     # ---- events -------------------------------------------------------------------
 
@@ -234,7 +237,10 @@ class FlowMapReader:
         n = bpfsys.lookup_batch_into(self._fd, keys, values, batch=BATCH, lock=True)
         self.stats.snapshots += 1
         v = np.frombuffer(values, dtype=_VALUE_DTYPE, count=n)
-        proto = np.frombuffer(keys, dtype=_KEY_DTYPE, count=n)["protocol"]
+        kv = np.frombuffer(keys, dtype=_KEY_DTYPE, count=n)
+        proto = kv["protocol"]
+        if self.on_snapshot is not None:
+            self.on_snapshot(kv, v)
         ended = ((v["flags"] & abi.FLOW_ENDED) != 0) & \
             (now - v["end_ns"].astype(np.int64) >= ended_wait)
         idle_for = np.where(proto == PROTO_TCP, t.tcp_idle_ns, t.other_idle_ns)

@@ -359,6 +359,14 @@ class Http1Parser:
             self._flush_all()
             self.state = _DONE
 
+    def pending_head(self, direction: Direction) -> int:
+        """The time (ts_ns) of the first byte of a message head begun in `direction` and
+        not yet complete, or 0: slow-request detection (sensor/rules/ddos.py) reads it."""
+        d = int(direction)
+        if self.state is not _OK or self._mode[d] != _HEAD or not self._buf[d]:
+            return 0
+        return self._head_ts[d]
+
     def skip_hint(self, direction: Direction) -> int:
         d = int(direction)
         if self.state is not _OK or self._buf[d]:

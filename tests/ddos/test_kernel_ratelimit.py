@@ -1,7 +1,9 @@
 """The per-source token bucket (bpf/loupe.h "rate limits", maps.h rate_src) in the real
 flow meter program, fed frames through BPF_PROG_TEST_RUN: a limited source gets `burst`
 packets through and then one per refill, bare ACKs and resets always pass, other
-sources are untouched, and an expired entry, a stale heartbeat or expire() ends it."""
+sources are untouched, and an expired entry, a stale heartbeat or expire() ends it. And
+the detector's new flows as the flow map reader's snapshots hand them over (initiator,
+service, half open), the flows that were there before the first read left out."""
 
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from scapy.packet import Raw, raw
 
 from sensor.enforce.maps import BlockMaps
 from sensor.enforce.ratelimit import RateLimits
-from sensor.kernel import abi, testrun
+from sensor.clock import SystemClock
+from sensor.kernel import abi, bpfsys, testrun
+from sensor.kernel.flowmap import FlowMapReader
+from sensor.rules import ddos
+from sensor.rules.ddos_live import NewFlows
 
 pytestmark = pytest.mark.bpf
 
@@ -109,3 +115,34 @@ def test_bad_rate_refused(limits):
         limits.limit(A, rate=0, burst=1, ttl_ns=10**9)
     with pytest.raises(ValueError):
         limits.limit(A, rate=abi.RATE_MAX + 1, burst=1, ttl_ns=10**9)
+
+
+def test_new_flows_from_the_map_snapshots(prog, limits):
+    for key, _ in bpfsys.lookup_batch(prog.flows_fd, abi.FlowKey, abi.FlowValue, batch=256,
+                                      lock=True):
+        bpfsys.lookup_and_delete(prog.flows_fd, key, abi.FlowValue(), lock=True)
+    alerts = []
+    det = ddos.Detector(ddos.Settings(flows_ps=1, source_floor_rps=1), alerts.append)
+    reader = FlowMapReader(prog.flows_fd, SystemClock())
+    seen = []
+    new_flows = NewFlows(det, lambda: T)
+    reader.on_snapshot = lambda k, v: (seen.append(len(k)), new_flows(k, v))
+    run(prog, pkt(C, B, "S", b"", sport=50000))      # there before the first read
+    T = 1_800_000_000 * 10**9
+    reader.collect()
+    assert seen == [1] and det.stats.new_flows == 0
+    # Three sources open 10 connections each; one completes its handshake.
+    for i in range(10):
+        for j, src in enumerate((A, C, "198.18.9.4")):
+            run(prog, pkt(src, B, "S", b"", sport=51000 + 10 * j + i))
+    run(prog, raw(Ether(**MAC) / IP(src=B, dst=A) / TCP(sport=80, dport=51000, flags="SA")))
+    run(prog, pkt(A, B, "A", b"", sport=51000))
+    T += 10**9
+    reader.collect()
+    assert det.stats.new_flows == 30
+    half = det._cur.half_open
+    assert sum(det._cur.flows.values()) == 30 and sum(half.values()) == 29
+    assert det._cur.flows[(f"{B}:80", A)] == 10 and half[(f"{B}:80", A)] == 9
+    T += 10**9
+    reader.collect()                                # nothing new
+    assert det.stats.new_flows == 30
