@@ -200,7 +200,10 @@ def _check(table: str, cols: dict[str, tuple]) -> str | None:
         if not set(cols[name]) <= allowed:
             return f"{table}: {name} has a value outside {sorted(allowed)}"
     if "src_addr" in cols:
-        bad = _first_invalid_address(set(cols["src_addr"]).union(cols["dst_addr"]))
+        addresses = set(cols["src_addr"]).union(cols["dst_addr"])
+        if table == "alerts":
+            addresses.discard("")   # as model.Alert: an alert may name no address
+        bad = _first_invalid_address(addresses)
         if bad is not None:
             return f"{table}: {bad!r} is not an IP address"
     if table == "flows" and any(e < s for s, e in zip(cols["flow_start_ns"], cols["flow_end_ns"])):

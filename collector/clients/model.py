@@ -169,6 +169,10 @@ class Clients:
         self.notices: list[Notice] = []
         self.new_notices: list[Notice] = []
         self._max_notices = max_notices
+        # Notices not yet made Alerts (collector/clients/alerts.py), at most max_notices *
+        # 10; past it the oldest are dropped and counted.
+        self._alerts: list[Notice] = []
+        self.alerts_dropped = 0
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -177,8 +181,12 @@ class Clients:
         n = Notice(kind, c.address, c.principal, ts_ns, detail)
         self.notices.append(n)
         self.new_notices.append(n)
+        self._alerts.append(n)
         if len(self.notices) > self._max_notices:
             del self.notices[: len(self.notices) - self._max_notices]
+        if len(self._alerts) > 10 * self._max_notices:
+            self.alerts_dropped += 1
+            del self._alerts[0]
 
     def _get(self, address: str, principal: str, ts_ns: int) -> Client | None:
         key = (address, principal)
@@ -263,6 +271,11 @@ class Clients:
     def snapshot(self) -> list[dict]:
         with self._lock:
             return [c.to_dict() for c in self._clients.values()]
+
+    def take_alerts(self) -> list[Notice]:
+        with self._lock:
+            out, self._alerts = self._alerts, []
+            return out
 
     def take_changes(self) -> tuple[list[dict], list[Notice]]:
         with self._lock:
