@@ -27,7 +27,8 @@ Detections, evaluated once a second:
   slow_head_ns; the alert names the sources holding at least SLOW_SOURCE_HEADS of them.
 
 An attack on a service is one episode: it alerts when it starts, when a source not yet
-mitigated joins it, and every REALERT_NS while it lasts; it ends after a window without
+named joins it or a named source's mitigation lapses while it goes on (the source is then
+mitigated again), and every REALERT_NS while it lasts; it ends after a window without
 detection. Mitigation, per the configuration, applies to the named sources: count (the
 alert only), block (a source ban for ttl_ns, bpf block_src) or ratelimit (a token bucket
 per source, bpf rate_src). A source under a mitigation is not mitigated again before it
@@ -398,7 +399,10 @@ class Detector:
         if ep is None:
             ep = self._episodes[(rule, svc)] = _Episode(now_ns, now_ns)
         ep.last_seen_ns = now_ns
-        fresh = [src for src in sources if src not in ep.named]
+        # A source is news when the episode has not named it yet, or when its mitigation
+        # has lapsed while the attack goes on (a rate limit above the thresholds, a TTL
+        # shorter than the attack): it is mitigated again, with a new alert.
+        fresh = [src for src in sources if src not in ep.named or self._lapsed(src, now_ns)]
         if ep.last_alert_ns and not fresh and now_ns - ep.last_alert_ns < REALERT_NS:
             return
         ep.last_alert_ns = now_ns
@@ -423,6 +427,12 @@ class Detector:
             baseline=int(base)))
 
     # -- mitigation ------------------------------------------------------------------------
+
+    def _lapsed(self, src: str, now_ns: int) -> bool:
+        if self.settings.mitigation == "count" or self.mitigator is None:
+            return False
+        until = self._mitigated.get(src)
+        return until is None or until <= now_ns
 
     def _mitigate(self, now_ns: int, rule: str, sources: list[str]) -> tuple[bool, int]:
         s = self.settings

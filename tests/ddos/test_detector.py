@@ -67,7 +67,7 @@ def run(settings: ddos.Settings, *, seconds: int, flood: dict[str, int], start: 
 
 def test_flood_from_three_sources_detected_and_only_they_named():
     rec = Recorder()
-    s = ddos.Settings(mitigation="block", ttl_ns=8 * NS)
+    s = ddos.Settings(mitigation="block", ttl_ns=30 * NS)
     alerts, det, events = run(s, seconds=16, flood={a: 200 for a in FLOODERS}, mitigator=rec)
     assert len(events) == 16 * 2 + 7 * 600              # every transaction parsed
     [a] = alerts                                         # one episode, one alert
@@ -77,10 +77,10 @@ def test_flood_from_three_sources_detected_and_only_they_named():
     assert set(a.top_sources.split()) == set(FLOODERS) and a.src_addr in FLOODERS
     assert a.dst_addr == SERVER and a.dst_port == 80
     assert a.action == "block" and a.mitigation == "block" and a.enforced
-    assert a.block_expires_ns == T0 + 8 * NS and a.window_ns == 5 * NS and a.baseline == 0
+    assert a.block_expires_ns == T0 + 30 * NS and a.window_ns == 5 * NS and a.baseline == 0
     assert 200 <= a.rate <= 260                           # 3 x 80 req/s after two seconds
     assert sorted(c[1] for c in rec.calls) == sorted(FLOODERS)   # each once, for its TTL
-    assert all(c[0] == "block" and c[2] == 8 * NS for c in rec.calls)
+    assert all(c[0] == "block" and c[2] == 30 * NS for c in rec.calls)
     assert wire.from_proto(wire.to_proto(a)) == a
     for p in POLLERS:
         assert all(p not in x.top_sources and x.src_addr != p for x in alerts)
@@ -200,6 +200,18 @@ def test_episode_realerts_for_new_sources_and_mitigates_once_per_ttl():
     det.tick(T0 + 21 * NS)
     assert [a.top_sources.split()[0] in FLOODERS for a in alerts] == [True, True]
     assert sorted(c[1] for c in rec.calls) == sorted(FLOODERS)
+
+
+def test_lapsed_mitigation_is_renewed_while_the_attack_goes_on():
+    # A limit above the thresholds (or a TTL shorter than the attack): the source stays
+    # over the threshold, its limit lapses after 3 s and is written again.
+    rec = Recorder()
+    alerts, _, _ = run(ddos.Settings(mitigation="ratelimit", ttl_ns=3 * NS), seconds=14,
+                       flood={FLOODERS[0]: 100}, start=2, stop=14, mitigator=rec)
+    assert [c[1] for c in rec.calls] == [FLOODERS[0]] * len(rec.calls)
+    assert len(rec.calls) == len(alerts) >= 3
+    gaps = [b.ts_ns - a.ts_ns for a, b in zip(alerts, alerts[1:])]
+    assert all(g == 3 * NS for g in gaps), gaps
 
 
 def test_bounds_and_settings():
