@@ -177,6 +177,16 @@ class Enforcer:
 
     def _reset(self, st) -> None:
         """RST to each end, as if from the other, at the other's next sequence number."""
+        local = getattr(st, "reset_local", None)
+        if local is not None:
+            # A flow seen in TLS plaintext (sensor/engine/plaintext.py): its offsets are
+            # not TCP sequence numbers. The probed process's socket is aborted on this
+            # host instead, and its kernel resets the peer: both ends are told.
+            if local():
+                self.stats.resets_sent += 2
+            else:
+                self.stats.resets_skipped += 2
+            return
         if self.resets is None or st.protocol != 6:
             return
         l7 = st.l7

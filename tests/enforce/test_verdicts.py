@@ -123,3 +123,39 @@ def test_reset_bytes_checksum():
     del again[TCP].chksum
     assert scapy_raw(IP(scapy_raw(again))) == pkt
     assert struct.unpack("!H", pkt[2:4])[0] == 40 and pkt[9] == socket.IPPROTO_TCP
+
+
+def test_analyzer_tells_on_pass_of_every_request_it_does_not_block(tmp_path):
+    """Hold mode's release: every complete request but a blocked one reaches on_pass, with
+    its flow, whether or not the rule set has early blocks."""
+    for text in ('[[group]]\nname = "sqli"\nmode = "block"\n',
+                 '[[group]]\nname = "sqli"\nmode = "count"\n'):
+        rs = rules(tmp_path, text)
+        passed, verdicts = [], []
+        flow = _Flow()
+        an = engine.Analyzer(rs, lambda a: None, on_verdict=verdicts.append,
+                             current_flow=lambda: flow, on_pass=passed.append)
+        for target in ("/ok", SQLI):
+            raw = request(target=target)
+            detail = event(path=target).detail
+
+            class Txn:
+                ts_ns = 5
+
+            txn = Txn()
+            txn.detail, txn.request = detail, raw
+            an.request_done(txn)
+        blocks = rs.rules[0].action == "block"
+        assert passed == ([flow] if blocks else [flow, flow])
+        assert len(verdicts) == (1 if blocks else 0)
+
+
+def test_nudge_ack_bytes():
+    tcp = rst.tcp_rst("198.18.5.1", 40000, "198.18.5.2", 80, 100, 200, flags=rst.TCP_ACK,
+                      window=0xFFFF)
+    pkt = rst.ipv4_packet("198.18.5.1", "198.18.5.2", tcp)
+    parsed = IP(pkt)
+    assert parsed[TCP].flags == "A" and parsed[TCP].window == 0xFFFF
+    again = IP(pkt)
+    del again[TCP].chksum
+    assert scapy_raw(IP(scapy_raw(again))) == pkt
