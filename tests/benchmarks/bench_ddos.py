@@ -6,8 +6,12 @@
    20000 (the window's (service, source) table grows with N, and so does the evaluation).
 2. µs of CPU per new flow for observe_new_flows (what each kernel flow map read hands
    over), and for the slow-head scan per L7 flow (incomplete_heads over LiveL7's flows).
+3. (root, --kernel) The TC program's cost per steady TCP payload packet
+   (BPF_PROG_TEST_RUN, best of 5 means of `repeat` runs): with no limit in force, while
+   other sources are rate limited (rate_src: one hash lookup), and for a limited source
+   whose bucket never empties (the refill arithmetic and the token taken).
 
-    python -m tests.benchmarks.bench_ddos [--events 200000] [--rounds 3]
+    python -m tests.benchmarks.bench_ddos [--events 200000] [--rounds 3] [--kernel]
 """
 
 from __future__ import annotations
@@ -80,14 +84,60 @@ def per_scan(rounds: int) -> None:
           f"(once a second), {best / len(states) * 1e6:.2f} µs per flow (best of {rounds})")
 
 
+def kernel(repeat: int = 200_000) -> None:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import raw
+
+    from sensor.enforce.maps import BlockMaps
+    from sensor.enforce.ratelimit import RateLimits
+    from sensor.kernel import abi, loader, testrun
+
+    prog = loader.load(loader.LoadOptions(flow_map_size=1024))
+    try:
+        blocks = BlockMaps(prog.block_cfg_fd, prog.block_flow_fd, prog.block_src_fd)
+        limits = RateLimits(blocks, prog.rate_src_fd)
+        blocks.clear()
+        limits.clear()
+        blocks.beat()
+        src, dst = "198.18.9.1", "198.18.9.2"
+        frame = raw(Ether() / IP(src=src, dst=dst) / TCP(sport=40000, dport=80, flags="PA")
+                    / (b"x" * 100))
+        testrun.run_skb(prog.prog_fd, raw(Ether() / IP(src=src, dst=dst)
+                                          / TCP(sport=40000, dport=80, flags="S")))
+        for _ in range(3):
+            testrun.run_skb(prog.prog_fd, frame)
+
+        def cost() -> float:
+            blocks.beat()
+            return min(testrun.run_skb(prog.prog_fd, frame, repeat=repeat).duration_ns
+                       for _ in range(5))
+
+        bare = cost()
+        limits.limit("198.19.0.1", 10, 10, 600 * NS)
+        others = cost()
+        limits.limit(src, abi.RATE_MAX, 10_000_000, 600 * NS)
+        limited = cost()
+        limits.clear()
+        blocks.clear()
+        print(f"program cost per steady TCP payload packet: {bare:.0f} ns with no limit, "
+              f"{others:.0f} ns while other sources are limited, {limited:.0f} ns for a "
+              f"limited source (bucket never empty)")
+    finally:
+        prog.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kernel", action="store_true", help="also the TC program's cost (root)")
     args = ap.parse_args()
     per_event(args.events, args.rounds)
     per_flow(args.events, args.rounds)
     per_scan(args.rounds)
+    if args.kernel:
+        kernel()
 
 
 if __name__ == "__main__":
