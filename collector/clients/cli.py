@@ -14,7 +14,7 @@ from collector.inventory import cli as icli
 from sensor.export import wire
 from sensor.output import add_output_arguments, resolve
 
-TABLE_FIELDS = ["address", "principal", "requests", "error_rate", "request_rate",
+TABLE_FIELDS = ["address", "principals", "requests", "error_rate", "request_rate",
                 "octets_sent", "octets_received", "country", "asn", "last_seen_ns"]
 
 

@@ -32,6 +32,9 @@ MAX_CLIENTS = 100_000
 MAX_ENDPOINTS = 64
 MAX_COUNTRIES = 16
 MAX_SENSORS = 32
+# Principals (salted hashes, sensor/l7/principal.py) listed per client address: a client
+# host behind which many users sit (a proxy, a NAT) lists the first ones and counts the rest.
+MAX_PRINCIPALS = 16
 # Unusual volume: a minute with more than VOLUME_FACTOR times the client's average
 # requests per active minute (after VOLUME_MIN_MINUTES such minutes) and at least
 # VOLUME_FLOOR requests. A new client has no average, so it never fires on its first
@@ -83,6 +86,9 @@ class Client:
     geo_ns: int = 0                  # time of the record the geo came from
     countries: set[str] = field(default_factory=set)
     sensors: set[str] = field(default_factory=set)
+    principals: set[str] = field(default_factory=set)  # from its flows' http_principal
+    principals_more: int = 0
+    auth: set[str] = field(default_factory=set)        # credential kinds (http_auth)
     # unusual volume: the current minute and the average over past active minutes
     minute: int = 0
     minute_requests: int = 0
@@ -102,19 +108,21 @@ class Client:
 
     def merge(self, o: "Client") -> None:
         for name in ("flows", "octets_sent", "octets_received", "requests", "errors_4xx",
-                     "errors_5xx", "endpoints_more", "minutes", "minutes_requests"):
+                     "errors_5xx", "endpoints_more", "minutes", "minutes_requests",
+                     "principals_more"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         if o.first_seen_ns and (not self.first_seen_ns or o.first_seen_ns < self.first_seen_ns):
             self.first_seen_ns = o.first_seen_ns
         self.last_seen_ns = max(self.last_seen_ns, o.last_seen_ns)
         for name, cap in (("endpoints", MAX_ENDPOINTS), ("countries", MAX_COUNTRIES),
-                          ("sensors", MAX_SENSORS)):
+                          ("sensors", MAX_SENSORS), ("principals", MAX_PRINCIPALS),
+                          ("auth", 8)):
             mine = getattr(self, name)
             for v in sorted(getattr(o, name)):
                 if v in mine or len(mine) < cap:
                     mine.add(v)
-                elif name == "endpoints":
-                    self.endpoints_more += 1
+                elif name in ("endpoints", "principals"):
+                    setattr(self, f"{name}_more", getattr(self, f"{name}_more") + 1)
         if o.geo_ns >= self.geo_ns and (o.country or o.asn):
             self.country, self.city, self.asn, self.geo_ns = o.country, o.city, o.asn, o.geo_ns
         if o.minute > self.minute:
@@ -137,7 +145,9 @@ class Client:
             "endpoints": sorted(self.endpoints), "endpoints_more": self.endpoints_more,
             "country": self.country, "city": self.city, "asn": self.asn,
             "geo_ns": self.geo_ns, "countries": sorted(self.countries),
-            "sensors": sorted(self.sensors), "minute": self.minute,
+            "sensors": sorted(self.sensors), "principals": sorted(self.principals),
+            "principals_more": self.principals_more, "auth": sorted(self.auth),
+            "minute": self.minute,
             "minute_requests": self.minute_requests, "minutes": self.minutes,
             "minutes_requests": self.minutes_requests,
         }
@@ -148,11 +158,13 @@ class Client:
         for name in ("first_seen_ns", "last_seen_ns", "flows", "octets_sent",
                      "octets_received", "requests", "errors_4xx", "errors_5xx",
                      "endpoints_more", "country", "city", "asn", "geo_ns", "minute",
-                     "minute_requests", "minutes", "minutes_requests"):
+                     "minute_requests", "minutes", "minutes_requests", "principals_more"):
             setattr(c, name, d.get(name, getattr(c, name)))
         c.endpoints = set(d.get("endpoints", ()))
         c.countries = set(d.get("countries", ()))
         c.sensors = set(d.get("sensors", ()))
+        c.principals = set(d.get("principals", ()))
+        c.auth = set(d.get("auth", ()))
         return c
 
 
@@ -202,12 +214,18 @@ class Clients:
 
     def add_flow(self, *, address: str, principal: str = "", ts_ns: int, sensor: str,
                  final: bool, sent: int, received: int, country: str = "", city: str = "",
-                 asn: int = 0) -> None:
+                 asn: int = 0, who: str = "", auth: tuple[str, ...] = ()) -> None:
         with self._lock:
             c = self._get(address, principal, ts_ns)
             if c is None:
                 return
             c.seen(ts_ns, sensor)
+            if who:
+                if who in c.principals or len(c.principals) < MAX_PRINCIPALS:
+                    c.principals.add(who)
+                else:
+                    c.principals_more += 1
+            c.auth.update(auth[:8])
             c.flows += int(final)
             c.octets_sent += sent
             c.octets_received += received

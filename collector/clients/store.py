@@ -33,7 +33,7 @@ QUEUE_BATCHES = 64
 # Notices kept in the file, newest first out of the way of older ones.
 MAX_STORED_NOTICES = 10_000
 _FLOW_COLS = ("src_addr", "flow_end_ns", "sensor_id", "flow_end_reason", "initiator_octets",
-              "responder_octets", "src_country", "src_city", "src_asn")
+              "responder_octets", "src_country", "src_city", "src_asn", "l7_summary")
 _HTTP_COLS = ("src_addr", "ts_ns", "sensor_id", "method", "host", "path", "status",
               "dst_addr", "dst_port")
 _ACTIVE_TIMEOUT = 2   # FlowEndReason: an interim record, the flow goes on
@@ -41,11 +41,11 @@ _ACTIVE_TIMEOUT = 2   # FlowEndReason: an interim record, the flow goes on
 COLUMNS = ["address", "principal", "first_seen_ns", "last_seen_ns", "flows", "octets_sent",
            "octets_received", "requests", "errors_4xx", "errors_5xx", "request_rate",
            "error_rate", "endpoints", "endpoints_more", "country", "city", "asn",
-           "countries", "sensors"]
+           "countries", "sensors", "principals", "auth"]
 COLUMN_TYPES = ["VARCHAR", "VARCHAR", "UBIGINT", "UBIGINT", "UBIGINT", "UBIGINT",
                 "UBIGINT", "UBIGINT", "UBIGINT", "UBIGINT", "DOUBLE", "DOUBLE",
                 "VARCHAR[]", "UBIGINT", "VARCHAR", "VARCHAR", "UINTEGER", "VARCHAR[]",
-                "VARCHAR[]"]
+                "VARCHAR[]", "VARCHAR[]", "VARCHAR[]"]
 NOTICE_COLUMNS = ["ts_ns", "kind", "address", "principal", "detail"]
 NOTICE_TYPES = ["UBIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"]
 
@@ -56,7 +56,11 @@ def _feed(clients: Clients, tables: list) -> None:
         if "flow_end_reason" in names and "src_country" in names:
             cols = {n: table.column(n).to_pylist() for n in _FLOW_COLS}
             for i in range(table.num_rows):
+                summary = dict(cols["l7_summary"][i] or ())
+                auth = summary.get("http_auth", "")
                 clients.add_flow(
+                    who=summary.get("http_principal", ""),
+                    auth=tuple(auth.split(",")) if auth else (),
                     address=cols["src_addr"][i], ts_ns=cols["flow_end_ns"][i],
                     sensor=cols["sensor_id"][i],
                     final=cols["flow_end_reason"][i] != _ACTIVE_TIMEOUT,

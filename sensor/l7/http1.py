@@ -41,6 +41,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from sensor.l7 import principal
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.pii import REDACTED, Scanner, has_pii, scrub_target
 from sensor.l7.redact import redact_target, strip_userinfo
@@ -76,6 +77,9 @@ _DIGITS = re.compile(rb"[0-9]{1,19}\Z")
 _INTERESTING = frozenset((
     b"host", b"user-agent", b"content-type", b"content-length", b"transfer-encoding",
     b"connection", b"upgrade",
+    # credentials: only their kinds and a salted hash of the principal are kept
+    # (sensor/l7/principal.py), in the flow's summary
+    *principal.HEADERS,
 ))
 # First letters (lower case) of those names: most other lines are passed over on one test.
 _INTERESTING_FIRST = frozenset(name[0] for name in _INTERESTING)
@@ -263,6 +267,8 @@ class Http1Parser:
         self._resp: _Txn | None = None         # whose response body is being read
         self._out: deque[Transaction] = deque()
         self._host = ""
+        self._auth: set[str] = set()    # credential kinds seen (principal.KINDS)
+        self._principal = ""            # the first principal's salted hash
         # Rules inspection (sensor/rules/capture.py): given a request's method, raw target
         # and media type, how many body bytes to capture (0: none). With it, request heads
         # are kept raw; without it (the default) nothing changes.
@@ -408,7 +414,12 @@ class Http1Parser:
         return NEED_DATA
 
     def summary(self) -> dict[str, str]:
-        return {"http_host": self._host} if self._host else {}
+        out = {"http_host": self._host} if self._host else {}
+        if self._auth:
+            out["http_auth"] = ",".join(k for k in principal.KINDS if k in self._auth)
+        if self._principal:
+            out["http_principal"] = self._principal
+        return out
 
     # -- framing -----------------------------------------------------------------------------
 
@@ -604,6 +615,11 @@ class Http1Parser:
             txn.host = strip_userinfo(txn.host)
         if txn.host and not self._host:
             self._host = txn.host
+        if not headers.keys().isdisjoint(principal.HEADERS):
+            kinds, who = principal.of_headers(headers)
+            self._auth.update(kinds)
+            if who and not self._principal:
+                self._principal = who
         ua = headers.get(b"user-agent")
         if ua:
             txn.user_agent = _text(ua[0])
@@ -896,7 +912,8 @@ PROTOCOL = Protocol(
     framing=FramingHints(message_starts=MESSAGE_STARTS, head_end=b"\r\n\r\n", resync=True),
     tcp_ports=(80, 8080, 8000, 3128), signature=looks_like, priority=20,
     kernel_prefixes=tuple((m + b" ")[:4] for m in KERNEL_METHODS),
-    summary=("http_host",), column_types={"status": "u16"},
+    summary=("http_host",), summary_keys=("http_auth", "http_principal"),
+    column_types={"status": "u16"},
     column_ranges=(("status", 0, 999),), columns_checked=True,
     line=table_line, listing=1, style="cyan", eve=eve, zeek=ZEEK,
     filters=(
