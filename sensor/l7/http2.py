@@ -43,6 +43,7 @@ from urllib.parse import unquote
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
+from sensor.l7 import principal
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
 from sensor.l7.pii import Scanner, scrub_target
@@ -265,6 +266,8 @@ class Http2Parser:
         self._last_sid = [0, 0]   # highest stream id opened by the client (odd) / pushes (even)
         self._out: deque[Transaction] = deque()
         self._host = ""
+        self._auth: set[str] = set()    # credential kinds seen (principal.KINDS)
+        self._principal = ""            # the first principal's salted hash
         self._grpc_service = self._grpc_method = ""
 
     @staticmethod
@@ -338,6 +341,10 @@ class Http2Parser:
         out = {"http_host": self._host} if self._host else {}
         if self._grpc_method:   # the first gRPC call's: what the connection was for
             out["grpc_service"], out["grpc_method"] = self._grpc_service, self._grpc_method
+        if self._auth:
+            out["http_auth"] = ",".join(k for k in principal.KINDS if k in self._auth)
+        if self._principal:
+            out["http_principal"] = self._principal
         return out
 
     # -- framing -------------------------------------------------------------------------------
@@ -642,7 +649,14 @@ class Http2Parser:
 
     def _request(self, s: _Stream, headers) -> None:
         authority = host = b""
+        creds: dict[bytes, list[bytes]] | None = None
         for name, value in headers:
+            if name in principal.HEADERS:
+                # kinds and a salted hash of the principal only (sensor/l7/principal.py)
+                if creds is None:
+                    creds = {}
+                creds.setdefault(name, []).append(value)
+                continue
             if name[:1] == b":":
                 if name == b":method":
                     s.method, cut = _text(value, 64)
@@ -674,6 +688,11 @@ class Http2Parser:
                 s.host = strip_userinfo(s.host)
             if not self._host:
                 self._host = s.host
+        if creds is not None:
+            kinds, who = principal.of_headers(creds)
+            self._auth.update(kinds)
+            if who and not self._principal:
+                self._principal = who
         if self.pii is not None:
             s.pii = self.pii.request(_as_head(headers), b"", s.req_ctype)
         if _is_grpc(s.req_ctype):
@@ -807,7 +826,8 @@ PROTOCOL = Protocol(
     name=APP_PROTO, event=Http2Event, parser=Http2Parser, options=("redact", "pii"),
     framing=FRAMING,
     signature=looks_like, priority=0,
-    summary=("http_host",), summary_keys=("grpc_service", "grpc_method"),
+    summary=("http_host",), summary_keys=("grpc_service", "grpc_method", "http_auth",
+                                          "http_principal"),
     column_types={"stream_id": "u32", "status": "u16", "grpc_status": "i32"},
     line=table_line, style="cyan",
     filters=(Filter(name="grpc_method", field="grpc_method", match="glob_case",
