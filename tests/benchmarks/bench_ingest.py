@@ -15,8 +15,9 @@ used (the ClickHouse server's too), the load average, and checks the stored row 
 Then CPU per 1000 records for each stage, measured in this process on one thread
 (process time, lower quartile of repeated runs): encode at the sensor (records -> the
 serialized batch), decode at the collector (ingest.decode_message: bytes -> validated
-Arrow tables, as a decoder process does it) and store (Storage.store_many of one
-1000-record batch into DuckDB or ClickHouse; ClickHouse's own server CPU is not in it).
+Arrow tables, as a decoder process does it) and store (Storage.store_many of a group of
+16 batches, as the writer commits them under load, into DuckDB or ClickHouse;
+ClickHouse's own server CPU is not in it).
 
 The clients are cheap on purpose: each builds a pool of distinct batches once and sends
 them pre-serialised, only the batch_id changing (prepended as its protobuf field, which
@@ -150,6 +151,12 @@ def _lower_quartile_ms(fn, runs: int = 15) -> float:
     return times[len(times) // 4] * 1000
 
 
+# Batches per store_many in the store stage: the writer's group commit under load
+# (ingest.Writer.MAX_GROUP). A commit's fixed cost (DuckDB: ~15 ms of CPU, its WAL)
+# dominates a lone batch's store.
+GROUP = 16
+
+
 def _stages(batch_size: int, backends: list[str], ch_port: int | None, tmp: str) -> dict:
     """CPU ms per 1000 records for encode, decode and store, per encoding (and backend)."""
     sys.path.insert(0, str(REPO))
@@ -177,27 +184,28 @@ def _stages(batch_size: int, backends: list[str], ch_port: int | None, tmp: str)
                 store = open_storage(StorageConfig(backend="clickhouse", clickhouse=ClickHouseConfig(
                     port=ch_port, database=f"stage_{encoding}")), Path(tmp) / "ch-local")
             try:
-                def store_one():
-                    shipped = decode_message(
-                        _encode(records, encoding, "stage", next(ids)).SerializeToString(), None)
+                def store_group():
+                    group = [decode_message(_encode(records, encoding, "stage", next(ids))
+                                            .SerializeToString(), None).unpack()
+                             for _ in range(GROUP)]
                     t0 = time.process_time()
-                    store.store_many([shipped.unpack()], time.time_ns())
-                    return time.process_time() - t0
-                store_one()   # tables made, caches warm
-                samples = sorted(store_one() for _ in range(10))
+                    store.store_many(group, time.time_ns())
+                    return (time.process_time() - t0) / GROUP
+                store_group()   # tables made, caches warm
+                samples = sorted(store_group() for _ in range(6))
                 row[f"store {backend}"] = samples[len(samples) // 4] * 1000 * scale
             finally:
                 store.close()
     return out
 
 
-def _run(args, encoding: str, backend: str, ch_port: int | None, tmp: str) -> dict:
+def _run(args, encoding: str, backend: str, ch, tmp: str) -> dict:
     """One collector, N clients pushing `encoding` batches; the measured figures."""
     data_dir = Path(tmp) / f"{backend}-{encoding}"
     cmd = [sys.executable, "-m", "sensor.cli", "collector", "run", "--listen", "127.0.0.1:0",
            "--data-dir", str(data_dir)]
     if backend == "clickhouse":
-        cmd += ["--set", "storage.backend=clickhouse", "--set", f"storage.clickhouse.port={ch_port}",
+        cmd += ["--set", "storage.backend=clickhouse", "--set", f"storage.clickhouse.port={ch.port}",
                 "--set", f"storage.clickhouse.database=bench_{encoding}"]
     load_before = os.getloadavg()
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -220,7 +228,7 @@ def _run(args, encoding: str, backend: str, ch_port: int | None, tmp: str) -> di
         for w in workers:
             w.start()
         start.wait(timeout=180)
-        server_pid = _clickhouse_pid(ch_port) if backend == "clickhouse" else None
+        server_pid = ch.proc.pid if backend == "clickhouse" else None
         cpu0, wall0 = _tree_cpu(proc.pid), time.monotonic()
         server0 = _cpu_seconds(server_pid) if server_pid else 0.0
         reports = [results.get(timeout=args.seconds + 180) for _ in workers]
@@ -249,21 +257,6 @@ def _run(args, encoding: str, backend: str, ch_port: int | None, tmp: str) -> di
         "client_cpu": sum(r["cpu"] for r in reports), "wall": wall, "stored": stored,
         "load": (load_before[0], load_after[0]),
     }
-
-
-def _clickhouse_pid(port: int) -> int | None:
-    """The clickhouse-server process listening on `port` (started by this run)."""
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and cmdline[0].endswith(b"clickhouse-server") and any(
-                str(port).encode() in arg for arg in cmdline):
-            return int(proc_dir.name)
-    return None
 
 
 def main(argv=None) -> int:
@@ -297,7 +290,7 @@ def main(argv=None) -> int:
                   f"seconds={args.seconds:g} cores={os.cpu_count()}")
             for backend in backends:
                 for encoding in encodings:
-                    r = _run(args, encoding, backend, ch.port if ch else None, tmp)
+                    r = _run(args, encoding, backend, ch, tmp)
                     lat = r["lat"]
                     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
                     total = r["collector_cpu"] + r["server_cpu"]
@@ -323,7 +316,8 @@ def main(argv=None) -> int:
         finally:
             if ch is not None:
                 ch.stop()
-    print("\nCPU ms per 1000 records by stage (one thread, lower quartile):")
+    print(f"\nCPU ms per 1000 records by stage (lower quartile; store: groups of {GROUP} "
+          "batches, as the writer commits under load):")
     names = [k for k in stages["rows"] if k != "bytes"]
     print("  " + "encoding".ljust(10) + "".join(n.rjust(18) for n in names) + "bytes/1000".rjust(14))
     for encoding, row in stages.items():
