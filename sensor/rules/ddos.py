@@ -2,7 +2,9 @@
 
 What it counts, per second of event time (packet time in replay, the event's wall time
 live), toward each service (server address and port):
-- requests and error answers (status >= 400) per source, from HTTP and HTTP/2 events;
+- requests and error answers (status >= 400) per source, from HTTP and HTTP/2 events,
+  and requests per endpoint (method and path without its query, cut at
+  MAX_ENDPOINT_CHARS; not templated, which would cost more than the rest of the event);
 - new flows per source, and how many are still half open (SYN, no completed handshake),
   from the kernel's flow map (live: every flow the meter sees, selected or not);
 - request heads held open incompletely, per source, from the HTTP/1 parsers' state
@@ -57,6 +59,7 @@ MAX_MITIGATED = 16384      # as many as the kernel's rate_src / block_src maps h
 SLOW_SOURCE_HEADS = 3      # a browser keeps a few connections; more stalled heads is not it
 REALERT_NS = 60 * NS
 MAX_TOP = 32
+MAX_ENDPOINT_CHARS = 96    # of "METHOD /path": enough to tell endpoints apart in an alert
 
 RULE_HTTP = "loupe-ddos-http-flood"
 RULE_FLOWS = "loupe-ddos-flow-flood"
@@ -151,6 +154,7 @@ class _Second:
     errors: dict = field(default_factory=dict)
     flows: dict = field(default_factory=dict)
     half_open: dict = field(default_factory=dict)
+    endpoints: dict = field(default_factory=dict)   # (service, "GET /path") -> n
 
 
 @dataclass(slots=True)
@@ -229,10 +233,17 @@ class Detector:
         sec = event.ts_ns // NS
         if sec != self._sec:
             self._advance(sec)
-        key = (service(event.dst_addr, event.dst_port), event.src_addr)
-        _bump(self._cur.requests, key, self.stats)
-        if event.detail.status >= 400:
-            _bump(self._cur.errors, key, self.stats)
+        svc = service(event.dst_addr, event.dst_port)
+        key = (svc, event.src_addr)
+        cur = self._cur
+        _bump(cur.requests, key, self.stats)
+        d = event.detail
+        if d.status >= 400:
+            _bump(cur.errors, key, self.stats)
+        path = d.path
+        q = path.find("?")
+        _bump(cur.endpoints, (svc, f"{d.method} {path if q < 0 else path[:q]}"
+                              [:MAX_ENDPOINT_CHARS]), self.stats)
 
     def observe_new_flows(self, ts_ns: int, flows: Iterable[tuple[str, str, int, bool]]) -> None:
         """Flows the meter started since the last call: (source, server address, server
@@ -293,7 +304,7 @@ class Detector:
         self._evaluate((sec + 1) * NS)
 
     def _fold(self, second: _Second, sign: int) -> None:
-        for name in ("requests", "errors", "flows", "half_open"):
+        for name in ("requests", "errors", "flows", "half_open", "endpoints"):
             sums = getattr(self._sums, name)
             for key, n in getattr(second, name).items():
                 v = sums.get(key, 0) + sign * n
@@ -343,8 +354,10 @@ class Detector:
             if total >= limit or flooders:
                 attacked.add(svc)
                 errs = sum(errors.get(svc, {}).values()) / w
+                ep, n = self._busiest_endpoint(svc)
                 self._detected(now_ns, RULE_HTTP, "http-flood", svc, per, floor, total,
-                               base, "req/s", f"errors {errs:.0f}/s",
+                               base, "req/s", f"errors {errs:.0f}/s, busiest endpoint "
+                               f"{ep or '-'} {n / w:.0f}/s",
                                max(limit if total >= limit else src_limit, 0))
         flows = self._by_service(self._sums.flows)
         half = self._by_service(self._sums.half_open)
@@ -369,6 +382,18 @@ class Detector:
         # The baseline: one sample per window, of quiet windows only.
         if (now_ns // NS) % w == 0:
             self._sample(requests, flows, busiest, attacked)
+
+    def _busiest_endpoint(self, svc: str) -> tuple[str, int]:
+        best, most = "", 0
+        for (s, ep), n in self._sums.endpoints.items():
+            if s == svc and n > most and ep != OTHER:
+                best, most = ep, n
+        return best, most
+
+    def endpoint_rates(self, svc: str) -> dict[str, float]:
+        """Requests/s per endpoint ("GET /path") of one service over the window."""
+        w = self.settings.window_s
+        return {ep: n / w for (s, ep), n in self._sums.endpoints.items() if s == svc}
 
     def _sample(self, requests: dict, flows: dict, busiest: float, attacked: set) -> None:
         w = self.settings.window_s

@@ -52,14 +52,14 @@ def run(settings: ddos.Settings, *, seconds: int, flood: dict[str, int], start: 
     for sec in range(seconds):
         base = T0 + sec * NS
         for i, c in enumerate(pollers):
-            c.request(base + (i + 1) * 1_000_000)
+            c.request(base + (i + 1) * 1_000_000, path="/poll")
         if start <= sec < stop:
             top = max(flood.values(), default=0)
             for k in range(top):
                 for addr, rps in flood.items():
                     if k < rps:
                         flooders[addr].request(base + 5_000_000 + k * (900_000_000 // top),
-                                               status=status)
+                                               path=f"/search?q={k}", status=status)
         det.tick(base + NS - 1)
     det.tick(T0 + (seconds + 1) * NS)
     return alerts, det, events
@@ -86,6 +86,10 @@ def test_flood_from_three_sources_detected_and_only_they_named():
         assert all(p not in x.top_sources and x.src_addr != p for x in alerts)
     rates = det.rates()
     assert set(rates) <= {f"{SERVER}:80"}
+    # Endpoints: method and path, the query left out (so the flood is one endpoint).
+    assert "busiest endpoint GET /search " in a.excerpt
+    eps = det.endpoint_rates(f"{SERVER}:80")
+    assert set(eps) == {"GET /poll"}, eps      # by the end the flood has left the window
 
 
 def test_single_source_flood_and_count_mode():
