@@ -284,3 +284,28 @@ def test_a_bad_batch_among_good_ones_is_rejected_whole_and_stores_nothing(shared
     # A resent stored batch is a duplicate, as for rows.
     [again] = push(c.address, [good1])
     assert again.status == pb.ACK_STATUS_DUPLICATE
+
+
+def test_columns_from_an_older_or_newer_sensor_take_the_stored_shape():
+    # An older sensor lacks a column (it takes its zero value, as an absent protobuf field
+    # does); a newer one sends a column this collector does not know (ignored) and a wider
+    # type whose values fit (cast).
+    t = _flows(2)
+    t = t.drop_columns(["process_comm", "l7_summary"]).append_column("future", pa.array([1, 2]))
+    t = _set(t, "src_port", [40000, 40001], pa.uint32())
+    got = collector_columnar.decode_columnar(_columnar([("flows", _flows_ipc(t))], b"\0\0"))
+    rows = got.tables["flows"].to_pylist()
+    assert got.tables["flows"].schema.equals(columnar._plans()["flows"].schema)
+    assert [(r["process_comm"], r["l7_summary"], r["src_port"]) for r in rows] == [
+        ("", [], 40000), ("", [], 40001)]
+
+
+def test_a_subscriber_that_came_mid_decode_gets_the_records_from_the_event_loop():
+    from collector.ingest import Received, StreamState
+
+    records = every_kind()
+    raw = columnar.encode(records, sensor_id="s1", batch_id=3, created_ns=5).SerializeToString()
+    received = Received.parse(raw, StreamState())
+    assert received.columnar and received.rows is None
+    assert [wire.from_proto(r) for r in received.records] == [
+        r if r.sensor_id else dataclasses.replace(r, sensor_id="s1") for r in records]
