@@ -110,6 +110,7 @@ def record_from_row(table: str, row: dict):
         # NULL in rows stored before enforcement existed.
         row["enforced"] = bool(row.get("enforced"))
         row["block_expires_ns"] = row.get("block_expires_ns") or 0
+        row["held_ns"] = row.get("held_ns") or 0
         return model.Alert(**row)
     spec = _TABLE_KIND.get(table)
     if spec is None:

@@ -435,6 +435,10 @@ class Alert:
     # Always false in replay, which enforces nothing.
     enforced: bool = False
     block_expires_ns: int = 0
+    # Hold mode (docs/rules.md "Hold mode"): the blocked request's response was held in
+    # the kernel this long before the block was written, so none of it reached the
+    # client; 0 when it was not held.
+    held_ns: int = 0
     # DDoS detections (sensor/rules/ddos.py): the attack's rate, the sources it names
     # (busiest first, space-separated, at most MAX_TOP_SOURCES_CHARS), the configured mitigation,
     # the rate's window and the learned baseline (0 while learning). 0 / "" otherwise.
@@ -458,6 +462,7 @@ class Alert:
         _check_uint("dst_port", self.dst_port, 0xFFFF)
         _check_uint("count", self.count, U64)
         _check_uint("block_expires_ns", self.block_expires_ns, U64)
+        _check_uint("held_ns", self.held_ns, U64)
         for name in ("rate", "window_ns", "baseline"):
             _check_uint(name, getattr(self, name), U64)
         if self.mitigation not in ("", "count", "block", "ratelimit"):

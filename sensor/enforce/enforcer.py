@@ -47,6 +47,7 @@ LATENCY_WINDOW = 4096
 class Enforcement:
     enforced: bool
     expires_wall_ns: int = 0    # of the flow block, or of the source ban when longer
+    held_ns: int = 0            # hold mode: how long the response was held before the block
 
 
 @dataclass(slots=True)
@@ -127,13 +128,15 @@ class Enforcer:
                 return Enforcement(False)
         # Packet seen (the event's time) -> kernel map written.
         stats.latencies_ns.append(max(0, self.wall() - ev.ts_ns))
+        held_ns = 0
         if self._is_held(st):
             pending = self.hold.pending(key)
             if pending is not None:
                 stats.held_blocks += 1
-                stats.hold_ns.append(max(0, self.mono() - pending.armed_ns))
+                held_ns = max(1, self.mono() - pending.armed_ns)
+                stats.hold_ns.append(held_ns)
         self._reset(st)
-        return Enforcement(True, self._to_wall(expires))
+        return Enforcement(True, self._to_wall(expires), held_ns)
 
     def _is_held(self, st) -> bool:
         if not self._held or st.protocol != 6:

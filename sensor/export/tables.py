@@ -74,7 +74,7 @@ ALERT_COLUMNS = [
     ("severity", STR), ("category", STR), ("community_id", STR), ("uid", STR), ("ts_ns", U64),
     ("event_kind", STR), ("src_addr", STR), ("dst_addr", STR), ("src_port", U16),
     ("dst_port", U16), ("sensor_id", STR), ("count", U64),
-    ("enforced", BOOL), ("block_expires_ns", U64),
+    ("enforced", BOOL), ("block_expires_ns", U64), ("held_ns", U64),
     # DDoS detections (sensor/rules/ddos.py)
     ("rate", U64), ("top_sources", STR), ("mitigation", STR), ("window_ns", U64),
     ("baseline", U64),

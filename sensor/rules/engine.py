@@ -348,7 +348,8 @@ class Analyzer:
             else:
                 done = self.on_verdict(verdict)
             if done is not None and done.enforced:
-                alerts = [replace(a, enforced=True, block_expires_ns=done.expires_wall_ns)
+                alerts = [replace(a, enforced=True, block_expires_ns=done.expires_wall_ns,
+                                  held_ns=getattr(done, "held_ns", 0))
                           if a.rule_id == verdict.rule_id and a.action == "block" else a
                           for a in alerts]
         for alert in alerts:

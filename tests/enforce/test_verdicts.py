@@ -72,7 +72,7 @@ def test_analyzer_enforces_once_and_marks_the_alert(tmp_path):
 
     def on_verdict(v):
         verdicts.append(v)
-        return Enforcement(True, 123)
+        return Enforcement(True, 123, 7)
 
     an = engine.Analyzer(rs, out.append, on_verdict=on_verdict, current_flow=lambda: _Flow())
     raw = request(target=SQLI + "%3Cscript%3Ealert(1)%3C/script%3E")
@@ -89,6 +89,7 @@ def test_analyzer_enforces_once_and_marks_the_alert(tmp_path):
     assert len(verdicts) == 1                         # not enforced twice
     by_rule = {a.rule_id: a for a in out}
     assert (by_rule["loupe-sqli"].enforced, by_rule["loupe-sqli"].block_expires_ns) == (True, 123)
+    assert by_rule["loupe-sqli"].held_ns == 7          # hold mode: held before the block
     assert not by_rule["loupe-xss"].enforced          # a count rule enforces nothing
     # Without the early call (another protocol, or the response first) it enforces then.
     an(event(2, path=SQLI), request(target=SQLI))
