@@ -25,7 +25,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from collector import ingest, schema
+from collector import ingest
 from collector.storage.base import DecodedBatch
 from sensor.errors import SchemaError
 from sensor.export import columnar, tables, wire
@@ -104,7 +104,7 @@ def _conform(name: str, sent: pa.Table) -> pa.Table:
         if col.type != field.type:
             try:
                 col = col.cast(field.type, safe=True)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            except (pa.ArrowException, TypeError, ValueError):
                 raise ColumnarError(f"{name}: column {field.name} is {col.type}, which does "
                                     f"not convert to {field.type}") from None
         if _has_nulls(col):
