@@ -131,7 +131,7 @@ def alerts(collector, rule: str = "") -> dict:
         "src_port, dst_addr, dst_port, sensor_id, enforced, count FROM alerts"
         f"{where} ORDER BY ts_ns DESC LIMIT {MAX_ALERTS}", MAX_ALERTS, QUERY_TIMEOUT_S)
     per_rule = storage.query(
-        "SELECT rule_id, action, count(*) AS n, max(ts_ns) AS last FROM alerts "
+        "SELECT rule_id, action, count(*) AS n, max(ts_ns) AS newest FROM alerts "
         "GROUP BY rule_id, action ORDER BY n DESC, rule_id", MAX_ROWS, QUERY_TIMEOUT_S)
     return {"alerts": [dict(zip(recent.columns, row)) for row in recent.rows],
             "rules": [dict(zip(per_rule.columns, row)) for row in per_rule.rows]}
