@@ -98,9 +98,11 @@ class Enforcer:
     def _to_wall(self, mono_ns: int) -> int:
         return mono_ns - self.mono() + self.wall()
 
-    def on_verdict(self, verdict) -> Enforcement:
+    def on_verdict(self, verdict, flow=None) -> Enforcement:
+        """flow: the verdict's flow when the caller knows it (the TLS plaintext stage,
+        sensor/engine/plaintext.py); else current_flow()."""
         stats = self.stats
-        st = self.current_flow()
+        st = flow if flow is not None else self.current_flow()
         ev = verdict.event
         if st is None:
             stats.no_flow += 1

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import inspect
 import logging
 import socket
 from collections import OrderedDict
@@ -199,8 +200,8 @@ class PlaintextL7:
 
     def current_flow(self) -> FlowState | None:
         """The flow whose plaintext the engine is parsing (during a rule's verdict, the
-        flow that decided it), or None: the enforcer's and the rules' current flow
-        while the plaintext stage runs (sensor/engine/live.py asks it first)."""
+        flow that decided it), or None: what the rules and the enforcer are handed for
+        a plaintext event's verdict (_plaintext_rules)."""
         return self._current.state if self._current is not None else None
 
     # -- chunks ----------------------------------------------------------------------------
@@ -555,10 +556,19 @@ def _plaintext_rules(base, current_flow: Callable[[], FlowState | None]):
     releases a flow at a TCP sequence number, which plaintext offsets are not."""
     from sensor.rules.engine import Analyzer  # noqa: PLC0415
 
+    sink = base.on_verdict
+    if sink is not None and "flow" in inspect.signature(sink).parameters:
+        # The enforcer (Enforcer.on_verdict) is handed the plaintext flow: its own
+        # current_flow is the wire stage's.
+        def on_verdict(verdict, _sink=sink):
+            return _sink(verdict, flow=current_flow())
+    else:
+        on_verdict = sink
+
     class PlaintextRules(Analyzer):
         def __init__(self) -> None:   # not Analyzer's: the engine is the wire's
             self.emit = base.emit
-            self.on_verdict = base.on_verdict
+            self.on_verdict = on_verdict
             self.on_pass = None
             self.current_flow = current_flow if base.current_flow is not None else None
             self._early = OrderedDict()
