@@ -717,8 +717,39 @@ static __always_inline __u16 walk_peer_flags(void)
 	return w ? w->peer_flags : 0;
 }
 
+/* Sends payload[at, at + n) of the packet at payload_off as one event: s->ev's other
+ * fields are the caller's. Returns 0 when sent, 1 for an n outside 1..CHUNK (the
+ * caller stops), -1 when the ring buffer refused it (or the copy failed): then its n
+ * octets move from the flow's captured to its gap octets. Shared by send_payload and
+ * the frame walk's walk_send. */
+static __always_inline int send_chunk(struct __sk_buff *skb, struct loupe_payload_scratch *s,
+				      struct loupe_flow_value *v, __u8 d, __u32 payload_off,
+				      __u32 at, __u32 seq, __u64 n)
+{
+	s->ev.offset = at;
+	s->ev.seq = seq;
+	s->ev.cap_len = n;
+	s->ev.hdr.size = LOUPE_PAYLOAD_EVENT_SIZE + n;
+	/* The verifier needs n in 1..CHUNK on the register the helpers get: the barrier
+	 * makes the compiler check that register, not an older copy. */
+	barrier_var(n);
+	if (n < 1 || n > LOUPE_PAYLOAD_CHUNK)
+		return 1;
+	if (bpf_skb_load_bytes(skb, payload_off + at, s->data, n) == 0 &&
+	    events.ringbuf_output(s, LOUPE_PAYLOAD_EVENT_SIZE + n, 0) == 0) {
+		count(LOUPE_CNT_PAYLOAD_EVENTS);
+		count_n(LOUPE_CNT_PAYLOAD_OCTETS, n);
+		return 0;
+	}
+	__sync_fetch_and_add(&v->l7[d & 1].captured, -(__u64)n);
+	__sync_fetch_and_add(&v->l7[d & 1].gap, (__u64)n);
+	count(LOUPE_CNT_RINGBUF_FULL);
+	count_n(LOUPE_CNT_PAYLOAD_GAP_OCTETS, n);
+	return -1;
+}
+
 /* Sends the planned payload in chunks of at most LOUPE_PAYLOAD_CHUNK. A chunk the ring
- * buffer refuses moves from the flow's captured to its gap octets. */
+ * buffer refuses moves from the flow's captured to its gap octets (send_chunk). */
 static __always_inline void send_payload(struct __sk_buff *skb, struct loupe_pkt *p,
 					 struct loupe_flow_value *v, __u64 inc,
 					 struct copy_plan *plan, __u64 now)
@@ -762,26 +793,8 @@ static __always_inline void send_payload(struct __sk_buff *skb, struct loupe_pkt
 		if (n > LOUPE_PAYLOAD_CHUNK)
 			n = LOUPE_PAYLOAD_CHUNK;
 		__u32 at = plan->start + done;
-		ev->offset = at;
-		ev->seq = tcp ? p->seq + at : 0;
-		ev->cap_len = n;
-		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE + n;
-		/* The verifier needs n in 1..CHUNK on the register the helpers get: the
-		 * barrier makes the compiler check that register, not an older copy. */
-		barrier_var(n);
-		if (n < 1 || n > LOUPE_PAYLOAD_CHUNK)
+		if (send_chunk(skb, s, v, d, p->payload_off, at, tcp ? p->seq + at : 0, n) > 0)
 			break;
-		int ok = bpf_skb_load_bytes(skb, p->payload_off + at, s->data, n) == 0 &&
-			 events.ringbuf_output(s, LOUPE_PAYLOAD_EVENT_SIZE + n, 0) == 0;
-		if (ok) {
-			count(LOUPE_CNT_PAYLOAD_EVENTS);
-			count_n(LOUPE_CNT_PAYLOAD_OCTETS, n);
-		} else {
-			__sync_fetch_and_add(&v->l7[d].captured, -(__u64)n);
-			__sync_fetch_and_add(&v->l7[d].gap, (__u64)n);
-			count(LOUPE_CNT_RINGBUF_FULL);
-			count_n(LOUPE_CNT_PAYLOAD_GAP_OCTETS, n);
-		}
 	}
 }
 
@@ -992,7 +1005,8 @@ static __always_inline void walk_prepare(struct __sk_buff *skb, struct loupe_pkt
 	__u32 seq = p->seq, pl = p->payload_len;
 	/* For this packet's events however it is copied (send_payload too): the other
 	 * direction's octets below its ack that userspace lacks were elided. */
-	w->peer_flags = st->dir[(to ^ 1) & 1].state == LOUPE_WALK_ON ? LOUPE_PLF_PEER_WALKED : 0;
+	w->peer_flags = st->dir[(to ^ 1) & 1].state == LOUPE_WALK_ON &&
+			!st->dir[(to ^ 1) & 1].lost ? LOUPE_PLF_PEER_WALKED : 0;
 	__u32 idx = st->proto;
 	struct loupe_frame_cfg *cfg = frame_cfg.lookup(&idx);
 	if (!cfg || cfg->hdr_len < 1 || cfg->hdr_len > LOUPE_FRAME_HDR_MAX ||
@@ -1033,6 +1047,8 @@ static __always_inline void walk_prepare(struct __sk_buff *skb, struct loupe_pkt
 	if (wd->state != LOUPE_WALK_ON)
 		return;
 	__s32 rel = (__s32)(seq - wd->next);
+	if (rel > 0 && !pl)
+		return;   /* no payload: sent as without a walk, the place kept (frames.h) */
 	if (rel > 0) {
 		/* A hole: the packets before this one come later (reordered: lo's ingress
 		 * takes each CPU's backlog in turn) or never. When all of it lies in the
@@ -1198,8 +1214,9 @@ static __always_inline void walk_count(struct loupe_pkt *p, struct loupe_walk *w
 	bpf_spin_unlock(&v->lock);
 }
 
-/* Sends the plan's ranges. A chunk the ring buffer refuses moves from captured to gap,
- * as in send_payload, and stops the direction's walk. */
+/* Sends the plan's ranges. A chunk the ring buffer refuses moves from captured to gap
+ * (send_chunk) and marks the direction lost; the walk goes on, and the next event the
+ * ring takes tells userspace (LOUPE_PLF_LOST_BEFORE; frames.h). */
 static __always_inline void walk_send(struct __sk_buff *skb, struct loupe_pkt *p,
 				      struct loupe_walk *w)
 {
@@ -1219,8 +1236,9 @@ static __always_inline void walk_send(struct __sk_buff *skb, struct loupe_pkt *p
 	ev->tcp_flags = p->tcp_flags;
 	ev->dir = w->to;
 	ev->l7_select = w->sel;
-	ev->flags = w->evflags;
-	__u8 d = p->dir & 1;
+	struct loupe_walk_state *st = frame_walk.lookup(&p->key);
+	__u8 lost = st ? st->dir[w->to & 1].lost : 0;
+	__u16 evflags = w->evflags;
 	if (!w->ranges) {
 		if (!w->control)
 			return;
@@ -1228,16 +1246,24 @@ static __always_inline void walk_send(struct __sk_buff *skb, struct loupe_pkt *p
 		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE;
 		ev->seq = w->seq + w->pl;
 		ev->offset = w->pl;
-		if (events.ringbuf_output(ev, LOUPE_PAYLOAD_EVENT_SIZE, 0) < 0)
+		ev->flags = evflags | (lost ? LOUPE_PLF_LOST_BEFORE : 0);
+		if (events.ringbuf_output(ev, LOUPE_PAYLOAD_EVENT_SIZE, 0) < 0) {
 			count(LOUPE_CNT_RINGBUF_FULL);
-		else
+		} else {
 			count(LOUPE_CNT_PAYLOAD_EVENTS);
+			if (lost && st)
+				st->dir[w->to & 1].lost = 0;
+		}
 		return;
 	}
-	int lost = 0;
+	struct loupe_flow_value *v = flows.lookup(&p->key);
+	if (!v)
+		return;   /* retired meanwhile: its events would name no flow */
+	__u8 d = p->dir & 1;
 	/* The place (range, octets of it sent) lives in w, so the loop's states converge. */
 	w->at_r = 0;
 	w->at_done = 0;
+	w->lost = lost;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < WALK_EVENTS; i++) {
 		__u32 r = w->at_r;
@@ -1255,38 +1281,15 @@ static __always_inline void walk_send(struct __sk_buff *skb, struct loupe_pkt *p
 		} else {
 			w->at_done = done + n;
 		}
-		ev->offset = at;
-		ev->seq = w->seq + at;
-		ev->cap_len = n;
-		ev->hdr.size = LOUPE_PAYLOAD_EVENT_SIZE + n;
-		if (w->cut && w->at_r >= w->ranges)
-			ev->flags = w->evflags | LOUPE_PLF_CUT;
-		barrier_var(n);
-		if (n < 1 || n > LOUPE_PAYLOAD_CHUNK)
+		ev->flags = evflags | (w->lost ? LOUPE_PLF_LOST_BEFORE : 0) |
+			    (w->cut && w->at_r >= w->ranges ? LOUPE_PLF_CUT : 0);
+		int rc = send_chunk(skb, s, v, d, w->payload_off, at, w->seq + at, n);
+		if (rc > 0)
 			break;
-		int ok = bpf_skb_load_bytes(skb, w->payload_off + at, s->data, n) == 0 &&
-			 events.ringbuf_output(s, LOUPE_PAYLOAD_EVENT_SIZE + n, 0) == 0;
-		if (ok) {
-			count(LOUPE_CNT_PAYLOAD_EVENTS);
-			count_n(LOUPE_CNT_PAYLOAD_OCTETS, n);
-		} else {
-			struct loupe_flow_value *v = flows.lookup(&p->key);
-			if (v) {
-				__sync_fetch_and_add(&v->l7[d].captured, -(__u64)n);
-				__sync_fetch_and_add(&v->l7[d].gap, (__u64)n);
-			}
-			count(LOUPE_CNT_RINGBUF_FULL);
-			count_n(LOUPE_CNT_PAYLOAD_GAP_OCTETS, n);
-			lost = 1;
-		}
+		w->lost = rc < 0;   /* told by this one, or one more to tell */
 	}
-	if (lost) {
-		struct loupe_walk_state *st = frame_walk.lookup(&p->key);
-		if (st) {
-			st->dir[w->to & 1].state = LOUPE_WALK_OFF;
-			st->dir[w->to & 1].stopped = LOUPE_WALK_STOP_RING;
-		}
-	}
+	if (st && st->dir[w->to & 1].lost != w->lost)
+		st->dir[w->to & 1].lost = w->lost;
 }
 
 /* The walk of one packet that account() gave it (see the strategy); tail-called by

@@ -52,12 +52,22 @@
  *   packet whose payload is all elided sends nothing (a SYN/FIN/RST one sends its
  *   zero-length event at the end of its payload).
  * - Fail safe, never wrong: the walk of a direction stops for good (the direction is
- *   then copied as without it, within the allowance) on a packet that starts past where
- *   the last one ended (a hole: its frames are unknown), a length that does not fit, a
- *   ring buffer that refused one of its events (the next event must not claim that a
- *   lost range was elided), or an unknown state. A packet that starts before (a
- *   retransmission) is walked from where the last one ended; one wholly before is
- *   skipped. A direction's packets are walked without a lock: a TCP sender emits them
+ *   then copied as without it, within the allowance) on a packet with payload that
+ *   starts past where the last one ended (a hole: its frames are unknown), a length that
+ *   does not fit, or an unknown state. A packet that starts before (a retransmission) is
+ *   walked from where the last one ended; one wholly before is skipped. A packet without
+ *   payload never moves or stops the walk (a FIN takes a sequence number, so the ACK
+ *   after it starts one past the walk's place; a pure ACK may overtake reordered data):
+ *   it is sent as without a walk.
+ * - A full ring buffer does not stop the walk: frame boundaries come from the packets,
+ *   not from what userspace got, so the walk goes on, and stopping would copy the rest
+ *   of the connection under the allowance, the opposite of what a reader that is behind
+ *   needs. A refused walked event is counted as gap (the flow's l7 gap octets, as in
+ *   send_payload) and marks the direction lost; the next of its events that the ring
+ *   takes carries LOUPE_PLF_LOST_BEFORE, and userspace turns the octets before it that
+ *   it lacks into a Gap (a counted loss: the parser resyncs if its protocol allows, or
+ *   ends), not a Skip. Meanwhile the other side's events do not carry
+ *   LOUPE_PLF_PEER_WALKED, which would claim this side's missing octets were elided. A direction's packets are walked without a lock: a TCP sender emits them
  *   one at a time, and a packet out of that order stops the walk rather than corrupting
  *   it.
  * - Walked copies are not bounded by the allowance: they are the headers the parser
@@ -109,7 +119,7 @@ struct loupe_frame_cfg {
 #define LOUPE_WALK_STOP_LATE    3   /* the side had sent payload before its walk began */
 #define LOUPE_WALK_STOP_HOLE    4   /* a packet started past where the last one ended */
 #define LOUPE_WALK_STOP_TAIL    5   /* loupe_walk could not be tail-called */
-#define LOUPE_WALK_STOP_RING    6   /* the ring buffer refused a walked event */
+#define LOUPE_WALK_STOP_RING    6   /* retired: a full ring no longer stops a walk */
 #define LOUPE_WALK_STOP_CUT     7   /* a packet needed more than WALK_EVENTS events */
 #define LOUPE_WALK_STOP_FRAME   8   /* a length that does not fit, or too many frames */
 
@@ -129,6 +139,9 @@ struct loupe_walk_dir {
 	__u8  stopped;         /* why it is off: LOUPE_WALK_STOP_* (0: never walked) */
 	__u32 keep_end;        /* seq up to which the current frame's payload is kept */
 	__u8  hdr[LOUPE_FRAME_HDR_MAX];
+	__u8  lost;            /* the ring buffer refused one of its walked events and no
+	                          later one told userspace yet (LOUPE_PLF_LOST_BEFORE) */
+	__u8  pad[3];
 };
 
 /* frame_walk value: one per walked flow, by LOUPE_PL_TO_*. */
@@ -137,13 +150,17 @@ struct loupe_walk_state {
 	__u32 pad;
 	struct loupe_walk_dir dir[2];
 };
-#define LOUPE_WALK_STATE_SIZE 72
+#define LOUPE_WALK_STATE_SIZE 80
 
 /* Payload event flags (loupe_payload_event.flags). */
 #define LOUPE_PLF_SKIPPED_BEFORE 0x01  /* octets before seq not received were elided */
 #define LOUPE_PLF_PEER_WALKED    0x02  /* ... and the other side's, below ack */
 #define LOUPE_PLF_CUT            0x04  /* the packet's octets after this chunk were not
                                           copied (truncated): the walk stopped here */
+#define LOUPE_PLF_LOST_BEFORE    0x08  /* with SKIPPED_BEFORE: of the octets before seq
+                                          that userspace has not received, some were
+                                          walked copies the ring buffer refused (counted
+                                          as gap): a loss, not only elisions */
 
 _Static_assert(sizeof(struct loupe_frame_cfg) == LOUPE_FRAME_CFG_SIZE, "frame cfg size");
 _Static_assert(sizeof(struct loupe_walk_state) == LOUPE_WALK_STATE_SIZE, "walk state size");
@@ -204,6 +221,7 @@ struct loupe_walk {
 	__u8  send;            /* account() took it: loupe_walk walks, counts and sends it */
 	__u8  sel, to, control, evflags, cut, hops;
 	__u8  peer_flags;      /* LOUPE_PLF_PEER_WALKED for any event of this packet */
+	__u8  lost;            /* walk_send: a refused event is still to be told */
 	__u8  hb[2 * LOUPE_FRAME_HDR_MAX];  /* the header being read (twice the size: the
 	                                       verifier's bound on a load at an offset) */
 	struct loupe_walk_state arm;        /* a new walk's state, before frame_walk has it */

@@ -176,6 +176,17 @@ class L7Engine:
             if stream.started:
                 stream.skip_to_seq(seq)
 
+    def lose_to(self, flow: FlowState, direction: int, seq: int, ts_ns: int) -> None:
+        """Bytes of `direction` before wire seq `seq` that have not arrived were lost (the
+        kernel's frame walk could not deliver them): the parser gets a Gap now, not the
+        Skip an elision would be."""
+        st = flow.l7
+        if st is None or st.reasm is None or st.phase == _STOPPED:
+            return
+        events = st.reasm.streams[direction].lose_to_seq(seq, ts_ns)
+        if events:
+            self._stream_events(flow, st, [(direction, ev) for ev in events])
+
     def flow_ended(self, flow: FlowState, record) -> None:
         """Nothing left to do: flow_ending() flushed the flow before its record."""
 

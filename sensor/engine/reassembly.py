@@ -325,6 +325,20 @@ class StreamReassembler:
         if off > self._skip_until:
             self._skip_until = off
 
+    def lose_to_seq(self, seq: int, ts_ns: int) -> list[StreamEvent]:
+        """Bytes before wire sequence number `seq` that have not arrived never will (the
+        kernel's ring buffer refused them): a Gap now, with buffered data between holes
+        delivered; a skip range set over them still turns its part into a Skip."""
+        out: list[StreamEvent] = []
+        if not self.started or self.eof:
+            return out
+        upto = self._offset(seq & _SEQ_MASK)
+        if upto <= self._next or upto - self._next > self.limits.max_window:
+            return out
+        self._give_up_until(out, upto, ts_ns, GapCause.LOST)
+        self._check_fin(out, ts_ns)
+        return out
+
     def truncated(self, seq: int, length: int, ts_ns: int) -> list[StreamEvent]:
         """`length` bytes at `seq` existed on the wire but were not copied to us."""
         if length <= 0:

@@ -14,12 +14,13 @@ FRAME_PROTOS = 4          # LOUPE_FRAME_PROTOS: frame_cfg entries
 FRAME_HDR_MAX = 16        # LOUPE_FRAME_HDR_MAX
 NOT_WALKED = 0xFFFF       # LOUPE_FRAME_NOT_WALKED
 FRAME_CFG_SIZE = 88
-WALK_STATE_SIZE = 72
+WALK_STATE_SIZE = 80
 TAIL_WALK = 0             # LOUPE_TAIL_WALK, the slot of walk_tails
 PROGRAM = "loupe_walk"
 
 WALK_OFF, WALK_FIRST, WALK_ON, WALK_CLIENT = 0, 1, 2, 3      # LOUPE_WALK_*
 # WalkDir.stopped (LOUPE_WALK_STOP_*): why a direction's walk went off.
+# 6 (ring_full) is retired: a full ring no longer stops a walk (LOST_BEFORE says so).
 STOP_NAMES = {1: "cfg", 2: "opening", 3: "late", 4: "hole", 5: "tail_call", 6: "ring_full",
               7: "cut", 8: "frame"}
 
@@ -27,6 +28,8 @@ STOP_NAMES = {1: "cfg", 2: "opening", 3: "late", 4: "hole", 5: "tail_call", 6: "
 PLF_SKIPPED_BEFORE = 0x01   # this direction's octets before seq not received were elided
 PLF_PEER_WALKED = 0x02      # ... the other direction's below ack too
 PLF_CUT = 0x04              # the packet's octets after this chunk were not copied
+PLF_LOST_BEFORE = 0x08      # with SKIPPED_BEFORE: some of those octets were walked copies
+                            # the ring buffer refused: a Gap, not a Skip
 
 
 class FrameCfg(ctypes.Structure):
@@ -65,6 +68,8 @@ class WalkDir(ctypes.Structure):
         ("stopped", ctypes.c_uint8),
         ("keep_end", ctypes.c_uint32),
         ("hdr", ctypes.c_uint8 * FRAME_HDR_MAX),
+        ("lost", ctypes.c_uint8),     # a refused walked event not yet told (LOST_BEFORE)
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 

@@ -196,6 +196,20 @@ def test_skip_to_seq_and_a_segment_straddling_its_end():
     assert feed(s, [(102, b"cdefgh")]) == [Skip(3, 1), Data(b"fgh", 1)]
 
 
+def test_lose_to_seq_is_a_gap_now_and_keeps_a_skip_set_before_the_loss():
+    # The kernel's frame walk: what it elided before the loss is a Skip, the rest of
+    # the missing range a Gap at once (the ring refused a copy), then data goes on.
+    s = StreamReassembler()
+    feed(s, [(100, b"ab")])
+    s.skip_to_seq(104)
+    assert feed(s, [(110, b"late")]) == [Skip(2, 1)]   # the rest waits: a hole
+    assert s.lose_to_seq(112, 2) == [Gap(6, 2, GapCause.LOST), Data(b"late", 1)]
+    assert feed(s, [(114, b"z")]) == [Data(b"z", 1)]
+    assert s.lose_to_seq(110, 3) == []          # nothing missing below it
+    c = s.counters
+    assert (c.skipped_bytes, c.gap_bytes, c.data_bytes) == (2, 6, 7)
+
+
 def test_truncation_is_accounted_as_a_truncated_gap():
     s = StreamReassembler()
     out = s.segment(0, TCP_ACK, b"abcd", 1, wire_len=10)

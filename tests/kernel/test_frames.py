@@ -239,3 +239,60 @@ def test_reordered_packets_inside_an_elided_frame_keep_the_walk(rig):
     rig.run(seg(c, s, "PA", seq=1000 + len(stream) + 9, ack=5000, data=b"x" * 50))
     st = walk(rig, 43010).dir[abi.PL_TO_RESPONDER]
     assert (st.state, frames.STOP_NAMES[st.stopped]) == (frames.WALK_OFF, "hole")
+
+
+def test_a_packet_without_payload_past_the_walk_keeps_it(rig):
+    # A FIN takes a sequence number: the client's last ACK starts one past where the walk
+    # stands. A packet without payload has no frames to walk; it must not stop the walk
+    # (nor move it: a pure ACK may overtake reordered data).
+    c, s = (A4, 43011), (B4, 80)
+    handshake(rig, c, s)
+    one = PREFACE + h2(HEADERS, 0x5, 1, b"\x82")
+    rig.run(seg(c, s, "FA", seq=1000, ack=5000, data=one))
+    rig.run(seg(c, s, "A", seq=1000 + len(one) + 1, ack=5001))
+    st = walk(rig, 43011).dir[abi.PL_TO_RESPONDER]
+    assert (st.state, st.stopped, st.next) == (frames.WALK_ON, 0, 1000 + len(one))
+
+
+def test_a_full_ring_buffer_does_not_stop_the_walk_and_the_next_event_says_lost(rig):
+    # Walked HEADERS frames (copied whole) until the ring buffer (4 MiB, never read
+    # meanwhile) refuses one: the walk goes on, the refused octets are the flow's gap,
+    # and the first event the ring takes again carries LOST_BEFORE, once.
+    c, s = (A4, 43012), (B4, 80)
+    handshake(rig, c, s)
+    rig.run(seg(c, s, "PA", seq=1000, ack=5000, data=PREFACE))
+    block = h2(HEADERS, 0x4, 1, b"h" * 2900)
+    template = bytearray(seg(c, s, "PA", seq=0, ack=5000, data=block))
+    seq_at = len(template) - len(block) - 20 + 4      # the TCP header's seq field
+    d = abi.DIR_LO_HI if c < s else abi.DIR_HI_LO
+    seq, sent = 1000 + len(PREFACE), 0
+    while l7(rig, 43012, d)[3] == 0:
+        assert sent < 3000, "the ring buffer took everything"
+        template[seq_at:seq_at + 4] = seq.to_bytes(4, "big")
+        rig.run(bytes(template))
+        seq += len(block)
+        sent += 1
+    st = walk(rig, 43012).dir[abi.PL_TO_RESPONDER]
+    assert (st.state, st.stopped, st.lost) == (frames.WALK_ON, 0, 1)
+    captured, skipped, truncated, gap = l7(rig, 43012, d)
+    assert captured + gap == len(PREFACE) + sent * len(block) and gap > 0
+    # While the client's loss is untold, the server's events do not claim that what the
+    # client sent below their ack and userspace lacks was elided.
+    settings = h2(SETTINGS, 0, 0, b"")
+    got = rig.events()
+    assert len(got) > 1000 and not any(e.flags & frames.PLF_LOST_BEFORE for e in got)
+    rig.run(seg(s, c, "PA", seq=5000, ack=seq, data=settings))
+    rig.run(seg(c, s, "PA", seq=seq, ack=5000 + 9, data=block))
+    rig.run(seg(c, s, "PA", seq=seq + len(block), ack=5000 + 9, data=block))
+    evs = data_events(rig)
+    assert [(e.direction, e.seq, e.flags) for e in evs] == [
+        (abi.PL_TO_INITIATOR, 5000, frames.PLF_SKIPPED_BEFORE),
+        (abi.PL_TO_RESPONDER, seq,
+         frames.PLF_SKIPPED_BEFORE | frames.PLF_PEER_WALKED | frames.PLF_LOST_BEFORE),
+        (abi.PL_TO_RESPONDER, seq + 2048,
+         frames.PLF_SKIPPED_BEFORE | frames.PLF_PEER_WALKED),
+        (abi.PL_TO_RESPONDER, seq + len(block),
+         frames.PLF_SKIPPED_BEFORE | frames.PLF_PEER_WALKED)] + [
+        (abi.PL_TO_RESPONDER, seq + len(block) + 2048,
+         frames.PLF_SKIPPED_BEFORE | frames.PLF_PEER_WALKED)]
+    assert walk(rig, 43012).dir[abi.PL_TO_RESPONDER].lost == 0
