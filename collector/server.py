@@ -34,6 +34,8 @@ from grpc_reflection.v1alpha import reflection
 from collector import render
 from collector.fanout import PeerFeed, PeerTls
 from collector.ingest import IngestCounters, IngestService, Writer
+from collector.clients import alerts as client_alerts
+from collector.clients.store import ClientStore
 from collector.inventory.store import InventoryStore
 from collector.stats.store import StatsStore
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
@@ -83,6 +85,8 @@ class CollectorConfig:
     grace_s: float = 5.0
     # Prometheus /metrics ("127.0.0.1:9465"); "" is off, the default for embedded use.
     metrics_listen: str = ""
+    # The web console (collector/ui), "HOST:PORT"; "" is off.
+    ui_listen: str = ""
     # [storage]: DuckDB in data_dir (the default) or a ClickHouse server.
     storage: StorageConfig = StorageConfig()
     # [cluster]: the other collectors in front of the same store, whose records live
@@ -91,6 +95,9 @@ class CollectorConfig:
     peers: tuple[str, ...] = ()
     peer_cert: Path | None = None
     peer_key: Path | None = None
+    # Columnar batches (docs/scaling.md): advertised in Ingest.Options and stored. False
+    # makes a collector that answers as one from before them (tests, benchmarks).
+    columnar: bool = True
 
     @property
     def mtls(self) -> bool:
@@ -109,6 +116,13 @@ class CollectorConfig:
                 f"refusing to listen in plaintext on {self.listen}, which is not loopback: "
                 "give --tls-cert/--tls-key/--tls-ca for mTLS, or --insecure"
             )
+        if self.ui_listen:
+            ui_host, _ = split_address(self.ui_listen)
+            if not self.mtls and not self.insecure and not is_loopback(ui_host):
+                raise ConfigError(
+                    f"refusing to serve the console in plaintext on {self.ui_listen}, which "
+                    "is not loopback: give --tls-cert/--tls-key/--tls-ca (it then needs an "
+                    "analyst or admin client certificate), or --insecure")
         if self.retention_ns <= 0:
             raise ConfigError("--retention must be positive, e.g. 7d or 12h")
         if self.peers and self.mtls and not (self.peer_cert and self.peer_key):
@@ -177,14 +191,23 @@ class Collector:
             self.storage.close()
             self.server = None
             raise
+        try:
+            self.clients = ClientStore(config.data_dir)
+        except BaseException:
+            self.stats.close()
+            self.inventory.close()
+            self.storage.close()
+            self.server = None
+            raise
         self.counters = IngestCounters()
         self.hub = Hub(queue_size=config.subscriber_queue, last_seq=self.storage.last_seq())
         self.writer = _CountingWriter(self.storage)
         self.writer.on_stored = self._on_stored
+        self.writer.columnar = config.columnar
         self.observer = ObserverService(
             self.storage, self.hub, self._status_counters,
             version=VERSION, started_ns=time.time_ns(), inventory=self.inventory,
-            stats=self.stats,
+            stats=self.stats, clients=self.clients,
         )
         self.health = health.aio.HealthServicer()
         ingest = IngestService(self.writer, self.hub, self.counters, mtls=config.mtls)
@@ -194,7 +217,11 @@ class Collector:
                 ingest.Push,
                 request_deserializer=None,  # raw bytes: decoded in IngestService.Push
                 response_serializer=wire.ingest_pb2.BatchAck.SerializeToString,
-            )},
+            ), **({"Options": grpc.unary_unary_rpc_method_handler(
+                ingest.Options,
+                request_deserializer=wire.ingest_pb2.IngestOptionsRequest.FromString,
+                response_serializer=wire.ingest_pb2.IngestOptions.SerializeToString,
+            )} if config.columnar else {})},
         ),))
         from loupe.v1 import observer_pb2_grpc
         observer_pb2_grpc.add_ObserverServicer_to_server(self.observer, self.server)
@@ -211,6 +238,11 @@ class Collector:
                 tls = PeerTls(ca_cert=config.tls_ca, client_cert=config.peer_cert,
                               client_key=config.peer_key)
             self.peer_feed = PeerFeed(config.peers, self.hub, tls=tls)
+        self.ui = None
+        if config.ui_listen:
+            from collector.ui.app import Console
+
+            self.ui = Console(self)
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._sweep_now = asyncio.Event()
@@ -225,6 +257,7 @@ class Collector:
         # Both only queue the batch for their own thread: neither holds up the ack.
         self.inventory.on_stored(batch)
         self.stats.on_stored(batch)
+        self.clients.on_stored(batch)
 
     def _bind(self) -> int:
         config = self.config
@@ -248,6 +281,14 @@ class Collector:
         return port
 
     async def start(self) -> None:
+        # The console's port first: taken, it fails the start before anything runs (the
+        # store is closed in order).
+        if self.ui is not None:
+            try:
+                await self.ui.start()
+            except BaseException:
+                await self.stop(grace=0)
+                raise
         # Decoders first: a sensor connecting the moment the port answers gets its first
         # acks at full speed.
         await self.writer.start()
@@ -290,6 +331,10 @@ class Collector:
             await asyncio.sleep(INVENTORY_SAVE_S)
             try:
                 await self.writer.run(self.inventory.save)
+                await self.writer.run(self.clients.save)
+                # The client notices as Alert records (collector/clients/alerts.py).
+                await client_alerts.publish(self.writer, self.hub,
+                                            self.clients.clients.take_alerts())
             except Exception:  # noqa: BLE001 - retried at the next tick; keep ingesting
                 log.exception("saving the endpoint inventory failed; retrying")
 
@@ -343,6 +388,8 @@ class Collector:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        if self.ui is not None:   # its live streams are hub subscribers: closed first
+            await self.ui.stop()
         await self.server.stop(self.config.grace_s if grace is None else grace)
         for task in self._tasks:
             task.cancel()
@@ -351,6 +398,7 @@ class Collector:
         self.writer.close()
         self.inventory.close()
         self.stats.close()
+        self.clients.close()
         self.observer.close()
         self.storage.close()
 
@@ -418,6 +466,9 @@ async def _serve(config: CollectorConfig, reload, notifier: Notifier,
              "mTLS" if config.mtls else "plaintext")
     serving = (f"serving on {shown}:{port} ({'mTLS' if config.mtls else 'plaintext'}); "
                f"metrics on {config.metrics_listen or 'off'}")
+    if collector.ui is not None:
+        log.info("console on %s", collector.ui.url)
+        serving += f"; console on {collector.ui.url}"
     notifier.ready(_status(collector, serving))
     stop = asyncio.Event()
     hup = asyncio.Event()
