@@ -362,11 +362,11 @@ class GrpcExporter:
                     records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
                     created_ns=self._clock_ns()).SerializeToString()
                 self._c["batches_columnar"] += 1
-            except (TypeError, ValueError, OverflowError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the batcher thread must go on
                 # A value the model let through and its column cannot hold: a bug, but
                 # the row encoding carries it, and the collector's checks decide.
-                log.error("cannot encode batch %d as columns (%s); sending rows", batch_id,
-                          exc)
+                log.error("cannot encode batch %d as columns (%s: %s); sending rows",
+                          batch_id, type(exc).__name__, exc)
         if payload is None:
             payload = wire.batch_to_proto(
                 records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
