@@ -46,7 +46,11 @@ import json, socket, sys, time
 host, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 out = []
 for i in range(n):
-    s = socket.create_connection((host, 80), timeout=3)
+    try:
+        s = socket.create_connection((host, 80), timeout=3)
+    except OSError:
+        out.append((0, "no-connect", 0.0))
+        continue
     t0 = time.monotonic()
     s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     got, how = 0, "eof"
@@ -199,13 +203,16 @@ def run_mode(pair, work: Path, mode: str, requests: int) -> list[int]:
             finally:
                 for p in procs:
                     stop(p)
+            failed = sum(1 for _, how, _ in res if how == "no-connect")
+            res = [r for r in res if r[1] != "no-connect"]
             leaked = [g for g, _, _ in res]
             resets = sum(1 for _, how, _ in res if how == "reset")
             print(f"server answers after {delay_ms:>2} ms: response octets at the client "
                   f"mean {statistics.mean(leaked):.0f}, max {max(leaked)}; "
                   f"{sum(1 for g in leaked if g)}/{len(res)} requests leaked any; "
                   f"{resets}/{len(res)} ended by a reset; "
-                  f"{len(lat)} verdicts enforced")
+                  f"{len(lat)} verdicts enforced"
+                  + (f"; {failed} connections not established" if failed else ""))
         allowed(pair, work, sensor, client, requests)
     finally:
         done.set()
@@ -241,10 +248,13 @@ def allowed(pair, work: Path, sensor, client: Path, requests: int) -> None:
     finally:
         for p in procs:
             stop(p)
+    failed = sum(1 for _, how, _ in res if how == "no-connect")
+    res = [r for r in res if r[1] != "no-connect"]
     whole = [sec * 1e3 for got, how, sec in res if how == "eof" and got > 1000]
     line = (f"allowed requests, 0 ms server: {len(whole)}/{len(res)} whole; time to the "
             f"whole response p50 {pct(whole, 0.5):.2f} ms, p99 {pct(whole, 0.99):.2f} ms, "
-            f"max {max(whole):.2f} ms, {sum(1 for w in whole if w > 100)} over 100 ms")
+            f"max {max(whole):.2f} ms, {sum(1 for w in whole if w > 100)} over 100 ms"
+            + (f"; {failed} connections not established" if failed else ""))
     if held:
         line += (f"; pending (request -> released) p50 {pct(held, 0.5):.2f} ms, "
                  f"p99 {pct(held, 0.99):.2f} ms; {dropped} response packets held")

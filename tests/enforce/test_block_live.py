@@ -142,7 +142,7 @@ def test_block_flow_and_source(pair, tmp_path, pin_dir):
     sqli = {a.src_addr: a for a in alerts if a.rule_id == "loupe-sqli"}
     assert set(sqli) == {pair.a.ip4, pair.a.ip6}
     a = sqli[pair.a.ip4]
-    assert a.action == "block" and a.enforced
+    assert a.action == "block" and a.enforced and a.held_ns == 0   # no hold configured
     assert 50 * 10**9 < a.block_expires_ns - a.ts_ns < 70 * 10**9   # the 60 s source ban
     # A clean stop lifts everything and takes the pins away.
     assert not (pin_dir / "block_src").exists()
