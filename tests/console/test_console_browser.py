@@ -182,10 +182,12 @@ def test_every_page_shows_the_replayed_data(start_collector, browser, tmp_path):
     text = page("/stream?filter=" + quote("--http-status abc"), "stream-bad-filter")
     assert "is not an HTTP status filter" in text and not d.find_elements(By.ID, "records")
 
-    # Live records with a tail filter: US ends only. Nothing stored matches; the geo
-    # tests' capture (public addresses, one pair private) replayed with the packaged
-    # GeoLite2 City file while the page is open streams in, and nothing else does.
-    d.get(base + "/stream?filter=" + quote("--country US"))
+    # Live records with tail filters: flows to the two US servers. Nothing stored
+    # matches; the geo tests' capture (public addresses, one pair private) replayed with
+    # the packaged GeoLite2 City file while the page is open streams in, and nothing
+    # else does.
+    d.get(base + "/stream?filter=" + quote("--type flow --to-ip 8.8.8.8 "
+                                           "--to-ip 2001:4860:4860::8888"))
     _wait(lambda: "Connected" in d.find_element(By.ID, "stream-status").text, "the stream")
     assert d.execute_script(A11Y) == []
     geo_pcap = tmp_path / "geo.pcap"
@@ -197,8 +199,8 @@ def test_every_page_shows_the_replayed_data(start_collector, browser, tmp_path):
                    if a in e.text} == set(us), "streamed flows to both US addresses")
     lines = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#records li")]
     assert all(" live " in line and any(a in line for a in us) for line in lines), lines
-    assert "rec rec-flow" in {e.get_attribute("class")
-                              for e in d.find_elements(By.CSS_SELECTOR, "#records li")}
+    assert {e.get_attribute("class")
+            for e in d.find_elements(By.CSS_SELECTOR, "#records li")} == {"rec rec-flow"}
     _shot(d, shots, "stream")
 
     # Geo with data: countries and cities of either end, from the stored flows.
