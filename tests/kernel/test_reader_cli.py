@@ -164,7 +164,7 @@ def test_sensor_flows_prints_json_lines_matching_the_traffic():
                            "json", "--duration", "4", "--linger", "0.2", "--interval", "0.2",
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            for _ in range(100):   # attached once the meter shows up (bounded: 10 s)
+            for _ in range(300):   # attached once the meter shows up (bounded: 30 s; compiling takes several under load)
                 if meter_hooks(pair.b.netns, pair.b.iface):
                     break
                 time.sleep(0.1)
