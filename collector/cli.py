@@ -99,6 +99,19 @@ def _l7_parser(flt: registry.Filter):
     return parse
 
 
+def _country(text: str) -> str:
+    if len(text) != 2 or not text.isalpha():
+        raise ConfigError(f"--country {text!r}: give an ISO 3166-1 alpha-2 code, e.g. SE")
+    return text.upper()
+
+
+def _asn(text: str) -> int:
+    digits = text[2:] if text[:2].upper() == "AS" else text
+    if not digits.isdigit() or not 0 < int(digits) < 1 << 32:
+        raise ConfigError(f"--asn {text!r}: give an AS number, e.g. 15169 or AS15169")
+    return int(digits)
+
+
 # flag -> (RecordFilter field, value parser). Every flag also exists as --not-<flag>.
 FILTER_FLAGS: dict[str, tuple[str, object]] = {
     "type": ("record_kind", filters.parse_kind),
@@ -117,6 +130,8 @@ FILTER_FLAGS: dict[str, tuple[str, object]] = {
     "container": ("container_id", str.lower),
     "alert-rule": ("alert_rule", str),
     "alert-action": ("alert_action", str.lower),
+    "country": ("country", _country),
+    "asn": ("asn", _asn),
 }
 
 # Old flag spellings, kept working but not shown: alias -> FILTER_FLAGS name.
@@ -138,6 +153,8 @@ FILTER_HELP = {
     "container": "container id prefix (flows): 'a1b2c3d4e5f6'",
     "alert-rule": "alert rule id glob: 'loupe-sqli', 'login-*'",
     "alert-action": "alert action: count, alert, allow or block",
+    "country": "ISO country code of either end of a flow: 'SE' (sensors with [geoip])",
+    "asn": "autonomous system number of either end of a flow: 15169 or AS15169",
 }
 
 
@@ -189,6 +206,7 @@ def collector_config(args):
         "retention": args.retention, "insecure": True if args.insecure else None,
         "tls.cert_file": _absolute(args.tls_cert), "tls.key_file": _absolute(args.tls_key),
         "tls.client_ca_file": _absolute(args.tls_ca), "metrics.listen": args.metrics,
+        "ui": args.ui,
     }
     if args.config is None and not cfg.COLLECTOR_CONFIG_PATH.exists():
         # No file at all: a development or test run. The store is ./data as always (the
@@ -208,7 +226,8 @@ def collector_config(args):
         tls_ca=Path(tls.client_ca_file) if tls.client_ca_file else None,
         insecure=c.insecure, print_records=args.print, grace_s=args.grace,
         max_message_bytes=c.max_message_size, subscriber_queue=c.subscriber_queue_size,
-        metrics_listen=c.metrics.listen, storage=c.storage, peers=c.cluster.peers,
+        metrics_listen=c.metrics.listen, ui_listen=c.ui, storage=c.storage,
+        peers=c.cluster.peers,
         peer_cert=Path(c.cluster.cert_file) if c.cluster.cert_file else None,
         peer_key=Path(c.cluster.key_file) if c.cluster.key_file else None,
     )
@@ -541,6 +560,9 @@ def register(tree) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help='Prometheus /metrics address (metrics.listen; default 127.0.0.1:9465 '
                         'with a config file, else off; "" turns it off)')
+    p.add_argument("--ui", metavar="HOST:PORT",
+                   help='serve the web console here (ui; default off; docs/console.md). Under '
+                        'mTLS it is HTTPS and asks for an analyst or admin certificate')
     p.add_argument("--print", action="store_true", help="print every received record, one line each")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds open streams get on shutdown (default 5)")

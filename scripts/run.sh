@@ -19,6 +19,8 @@
 #   LOUPE_DATA_DIR  store and spool directory (default ./data)
 #   COLLECTOR       collector address (default 127.0.0.1:50051)
 #   METRICS         the sensor's Prometheus address (default 127.0.0.1:9464; "" off)
+#   UI              the collector's web console (default 127.0.0.1:8081; "" off); its URL
+#                   is printed once the collector is up (docs/console.md)
 #
 # The collector must be listening before the sensor starts: if it cannot start (port in
 # use, store locked), this script says so in one line and exits 1, rather than letting
@@ -37,6 +39,7 @@ LOUPE=.venv/bin/loupe
 DATA="${LOUPE_DATA_DIR:-./data}"
 COLLECTOR="${COLLECTOR:-127.0.0.1:50051}"
 METRICS="${METRICS-127.0.0.1:9464}"
+UI="${UI-127.0.0.1:8081}"
 IFACE="${IFACE:-}"
 # How long the collector may take to listen (DuckDB open, gRPC up: about 1 s here).
 COLLECTOR_START_S=30
@@ -92,6 +95,7 @@ wait_for_collector() {
         if ! kill -0 "$COLLECTOR_PID" 2>/dev/null; then
             why="$(grep -v '^\s*$' "$WORK/collector.err" | tail -n 1 | sed 's/^loupe: error: //')"
             case "$why" in
+                *"console"*) why+=" (make run UI=HOST:PORT picks another, UI= turns it off)" ;;
                 *"cannot listen"*) why+=" (make run COLLECTOR=HOST:PORT picks another address)" ;;
                 *locked*) why+=" (make run LOUPE_DATA_DIR=DIR picks another store)" ;;
             esac
@@ -117,10 +121,13 @@ mkdir -p "$DATA"
 # $! is the collector itself, which wait_for_collector relies on.) Its log goes to a
 # file first, so that a failed start can be reported in one line.
 setsid "$LOUPE" collector run --config /dev/null --data-dir "$DATA" --listen "$COLLECTOR" \
-    --metrics "" --print 2>"$WORK/collector.err" &
+    --metrics "" --ui "$UI" --print 2>"$WORK/collector.err" &
 COLLECTOR_PID=$!
 PIDS+=("$COLLECTOR_PID")
 wait_for_collector
+if [[ -n "$UI" ]]; then
+    echo "run.sh: web console on http://$UI/" >&2
+fi
 # From now on its log reaches the terminal as it is written.
 tail -n +1 -s 0.2 -f --pid="$COLLECTOR_PID" "$WORK/collector.err" >&2 &
 TAIL_PID=$!

@@ -562,6 +562,21 @@ class PiiConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GeoipConfig:
+    """Geo and ASN of each flow end (sensor/enrich/geo.py, docs/geo.md) from MaxMind-format
+    databases. Off by default: the packaged database is a 2018 build, so an estate that
+    wants geo names its own current file."""
+
+    enabled: bool = _opt(False, _Bool())
+    # A .mmdb with country and city (GeoLite2/GeoIP2 City, DB-IP City Lite, ...); "" is
+    # the GeoLite2 City file the maxminddb-geolite2 package ships.
+    database: str = _opt("", _Path(allow_empty=True))
+    # A .mmdb with autonomous_system_number (GeoLite2 ASN) when the ASN comes in a second
+    # file; "" reads the ASN from `database`, if it has one.
+    asn_database: str = _opt("", _Path(allow_empty=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EnforceConfig:
     """Kernel enforcement of the rules' block verdicts (docs/rules.md, "Enforcement"): the
     flow is dropped both ways and both ends reset; a rule may ban the source for a TTL;
@@ -572,6 +587,54 @@ class EnforceConfig:
     # bpffs directory where the verdict maps are pinned for `loupe block` (mounted at
     # /sys/fs/bpf if nothing is). One sensor per directory.
     pin_dir: str = _opt("/sys/fs/bpf/loupe", _Str(4095, r"/[^\x00]*", "an absolute path"))
+    # Hold mode (docs/rules.md, "Hold mode"): services, "ADDRESS:PORT" (IPv6 as
+    # "[ADDRESS]:PORT"), whose responses the kernel holds back until their request's
+    # verdict, so that nothing of a blocked response leaks; empty: none. Their requests
+    # must be HTTP/1 in the selection: an unjudged request waits hold_max.
+    hold: tuple[str, ...] = _opt((), _List(_Address(listen=True, allow_empty=False), 256))
+    # The longest a held response waits after its request's last packet; then it passes
+    # (fail open).
+    hold_max: int = _opt(1 * S, _Duration(10 * MS, 10 * S))
+    # After an allow, send the server a duplicate ACK as from the client, so its TCP
+    # sends the held response now instead of at its next retransmission (>= 200 ms).
+    hold_nudge: bool = _opt(True, _Bool())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DdosConfig:
+    """L7 DDoS detection and mitigation (docs/rules.md, "DDoS"): request, error and new-flow
+    rates per source and service, a learned baseline, HTTP floods, flow/SYN floods and slow
+    requests. Off by default. Mitigations ("block", "ratelimit") need [enforce]."""
+
+    enabled: bool = _opt(False, _Bool())
+    # Rates are averaged over this sliding window; the baseline takes one sample a window.
+    window: int = _opt(5 * S, _Duration(1 * S, 300 * S))
+    # The baseline applies once it holds this much history (absolute floors until then).
+    learn: int = _opt(600 * S, _Duration(0, 7 * 86400 * S))
+    # How much history the baseline keeps (its percentiles are over this).
+    history: int = _opt(3600 * S, _Duration(1 * S, 7 * 86400 * S))
+    # A learned threshold is factor x the baseline's p99 (never below the floors below).
+    factor: int = _opt(4, _Int(1, 1000))
+    # Floors, per second: one source's requests; one service's requests from all sources;
+    # the rate from which a flood names a source; one service's new flows.
+    source_rps: int = _opt(50, _Int(1, 10_000_000))
+    service_rps: int = _opt(500, _Int(1, 100_000_000))
+    source_floor_rps: int = _opt(5, _Int(1, 10_000_000))
+    flows_ps: int = _opt(200, _Int(1, 100_000_000))
+    # Slow requests: this many incomplete request heads to one service, each this old.
+    slow_heads: int = _opt(50, _Int(1, 1_000_000))
+    slow_head_age: int = _opt(5 * S, _Duration(1 * S, 3600 * S))
+    # Sources named (and mitigated) per alert, busiest first.
+    top: int = _opt(10, _Int(1, 32))
+    # What happens to the named sources: "count" (the alert only), "block" (a source ban
+    # for ttl) or "ratelimit" (a token bucket per source in the kernel for ttl).
+    mitigation: str = _opt("count", _Str(9, r"count|block|ratelimit",
+                                         "count, block or ratelimit"))
+    ttl: int = _opt(300 * S, _Duration(1 * S, 7 * 86400 * S))
+    # ratelimit: packets a second per source that open a connection or carry payload,
+    # and the bucket's size.
+    rate: int = _opt(20, _Int(1, 1_000_000))
+    burst: int = _opt(40, _Int(1, 10_000_000))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -592,6 +655,8 @@ class SensorConfig:
     rules: RulesConfig = _section(RulesConfig)
     pii: PiiConfig = _section(PiiConfig)
     enforce: EnforceConfig = _section(EnforceConfig)
+    ddos: DdosConfig = _section(DdosConfig)
+    geoip: GeoipConfig = _section(GeoipConfig)
 
     def effective_sensor_id(self) -> str:
         """sensor_id, or the host name when it is empty (the documented default)."""
@@ -648,6 +713,9 @@ class CollectorConfig:
     retention: int = _opt(7 * 86400 * S, _Duration(1 * S, 3650 * 86400 * S))
     max_message_size: int = _opt(16 * MIB, _Size(64 * KIB, 1 * GIB))
     subscriber_queue_size: int = _opt(4096, _Int(16, 1_000_000))
+    # The web console (collector/ui, docs/console.md): HOST:PORT, "" = off. Under mTLS
+    # it is HTTPS with the gRPC API's certificates and roles.
+    ui: str = _opt("", _Address(listen=True, allow_empty=True))
     tls: ServerTlsConfig = _section(ServerTlsConfig)
     storage: StorageConfig = _section(StorageConfig)
     cluster: ClusterConfig = _section(ClusterConfig)

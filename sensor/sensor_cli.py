@@ -262,8 +262,50 @@ def live_config(config: cfg.SensorConfig, args: argparse.Namespace) -> LiveConfi
         reassembly_budget_bytes=config.budget.max_in_flight_bytes,
         interval_s=args.interval, process_attribution=config.process.attribution,
         redact=config.redaction.enabled, tls_plaintext=plaintext_config(config, args),
-        rules=rules_path(config, args), pii=pii_scanner(config, args),
-        enforce_pin_dir=config.enforce.pin_dir if config.enforce.enabled else None)
+        rules=rules_path(config, args), pii=pii_scanner(config, args), geo=geo_enricher(config),
+        enforce_pin_dir=config.enforce.pin_dir if config.enforce.enabled else None,
+        enforce_hold=held_services(config), enforce_hold_max_ns=config.enforce.hold_max,
+        enforce_hold_nudge=config.enforce.hold_nudge, ddos=ddos_settings(config))
+
+
+def ddos_settings(config: cfg.SensorConfig):
+    """[ddos] as sensor.rules.ddos.Settings, or None when off; an inconsistent section
+    (history shorter than the window) refused in one line."""
+    d = config.ddos
+    if not d.enabled:
+        return None
+    from sensor.rules.ddos import Settings  # noqa: PLC0415
+
+    try:
+        return Settings(window_ns=d.window, learn_ns=d.learn, history_ns=d.history,
+                        factor=d.factor, source_rps=d.source_rps, service_rps=d.service_rps,
+                        source_floor_rps=d.source_floor_rps, flows_ps=d.flows_ps,
+                        slow_heads=d.slow_heads, slow_head_ns=d.slow_head_age, top=d.top,
+                        mitigation=d.mitigation, ttl_ns=d.ttl, rate=d.rate, burst=d.burst)
+    except ValueError as exc:
+        raise ConfigError(f"ddos: {exc}") from None
+
+
+def held_services(config: cfg.SensorConfig) -> tuple:
+    """[enforce] hold as sensor.enforce.hold.HeldService; port 0 refused in one line."""
+    if not config.enforce.enabled:
+        return ()
+    from sensor.enforce.hold import parse_service  # noqa: PLC0415
+
+    try:
+        return tuple(parse_service(s) for s in config.enforce.hold)
+    except ValueError as exc:
+        raise ConfigError(f"enforce.hold: {exc}") from None
+
+
+def geo_enricher(config: cfg.SensorConfig):
+    """[geoip] opened (a bad database refused in one line before anything attaches), or
+    None when off."""
+    if not config.geoip.enabled:
+        return None
+    from sensor.enrich.geo import GeoEnricher  # noqa: PLC0415
+
+    return GeoEnricher.open(config.geoip.database, config.geoip.asn_database)
 
 
 def pii_scanner(config: cfg.SensorConfig, args: argparse.Namespace):

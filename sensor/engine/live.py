@@ -308,7 +308,8 @@ class LiveL7:
                  reassembly_budget_bytes: int = 64 << 20,
                  max_flows: int = MAX_L7_FLOWS, expire_ns: int = 0,
                  redact: bool = True, rules: str = "",
-                 on_verdict: Callable | None = None, pii=None) -> None:
+                 on_verdict: Callable | None = None, pii=None,
+                 on_pass: Callable | None = None) -> None:
         self._emit = emit
         self._control = control
         self.sensor_id = sensor_id
@@ -335,7 +336,8 @@ class LiveL7:
 
             self.rules, registry = stage.build(
                 rules, emit, registry=registry, on_verdict=on_verdict,
-                current_flow=self.current_flow if on_verdict is not None else None)
+                current_flow=self.current_flow if on_verdict is not None else None,
+                on_pass=on_pass)
         self.engine = L7Engine(emit=self._on_record, sensor_id=sensor_id,
                                registry=registry,
                                budget=MemoryBudget(reassembly_budget_bytes),
@@ -407,7 +409,12 @@ class LiveL7:
                 if ev.flags & frames.PLF_PEER_WALKED:
                     self.engine.skip_to(st, d ^ 1, ev.ack)
                 if ev.flags & frames.PLF_SKIPPED_BEFORE:
-                    self.engine.skip_to(st, d, ev.seq)
+                    if ev.flags & frames.PLF_LOST_BEFORE:
+                        # Some were walked copies the ring refused: a Gap (a counted
+                        # loss the parser resyncs after or ends on), never a Skip.
+                        self.engine.lose_to(st, d, ev.seq, ts)
+                    else:
+                        self.engine.skip_to(st, d, ev.seq)
                     if ev.flags & frames.PLF_CUT:
                         wire = ev.payload_len - ev.offset
                 # A chunk shorter than a full one that ends before the packet's payload
@@ -643,9 +650,17 @@ class LiveConfig:
     rules: str = ""
     # [pii]: a sensor.l7.pii.Scanner, or None (off)
     pii: object | None = None
+    # [geoip]: an open sensor.enrich.geo.GeoEnricher, or None (off); closed with the sensor
+    geo: object | None = None
     # [enforce]: the bpffs directory for the verdict maps' pins (sensor/enforce/), or
     # None: block verdicts are not enforced
     enforce_pin_dir: str | None = None
+    # [enforce] hold, hold_max, hold_nudge: held services (sensor.enforce.hold.HeldService)
+    enforce_hold: tuple = ()
+    enforce_hold_max_ns: int = 10**9
+    enforce_hold_nudge: bool = True
+    # [ddos]: a sensor.rules.ddos.Settings, or None (off)
+    ddos: object | None = None
 
     def __post_init__(self) -> None:
         if not self.interfaces:
@@ -742,6 +757,7 @@ class LiveSensor:
         self.attributor: Enricher | None = None
         self.plaintext = None   # sensor.engine.plaintext_live.PlaintextSensor when enabled
         self.enforcer = None    # sensor.enforce.enforcer.Enforcer when enforcing
+        self.ddos = None        # sensor.rules.ddos_live.DdosLive when [ddos] is on
         self._pinned = False
         self._next_read = 0.0
         self._backlog = False
@@ -778,7 +794,10 @@ class LiveSensor:
                     expire_ns=cfg.timeouts.tcp_idle_ns + cfg.timeouts.tcp_end_linger_ns
                     + 60 * 10**9, redact=cfg.redact, rules=cfg.rules, pii=cfg.pii,
                     on_verdict=self.on_verdict or (self.enforcer.on_verdict
-                                                   if self.enforcer is not None else None))
+                                                   if self.enforcer is not None else None),
+                    on_pass=self.enforcer.on_pass if self.enforcer is not None else None)
+            if cfg.ddos is not None:
+                self._open_ddos()
             if cfg.process_attribution:
                 self._open_attribution()
             if cfg.tls_plaintext is not None:
@@ -788,6 +807,11 @@ class LiveSensor:
                     self.attachments.append(attach.attach(iface, self.prog.prog_fd))
             if after_attach is not None:
                 after_attach()
+            if self.enforcer is not None:
+                # Compiling, attaching and the rest took seconds since the enforcer's
+                # first heartbeat: beat now, so verdicts and holds are honoured from the
+                # first packet after start (the loop's first step may come later).
+                self.enforcer.tick()
         except BaseException:
             self._detach()
             self._close_attribution()
@@ -858,6 +882,8 @@ class LiveSensor:
         if self.attributor is not None:
             self.attributor.close()
             self.attributor = None
+        if self.config.geo is not None:
+            self.config.geo.close()
 
     def attached(self) -> list[str]:
         return [a.iface for a in self.attachments]
@@ -877,6 +903,8 @@ class LiveSensor:
         self._backlog = self._payload() >= EVENTS_PER_STEP
         if self.enforcer is not None:
             self.enforcer.tick()   # heartbeat and expiry, once a second
+        if self.ddos is not None:
+            self.ddos.step()       # slow heads, the detector's clock, rate-limit expiry
         if self.plaintext is not None:
             # After the wire's payload: a flow's handshake reaches the wire L7 stage (and
             # gets its uid) before its plaintext does.
@@ -917,6 +945,7 @@ class LiveSensor:
     def _export_flows(self, flows: list[Flow]) -> None:
         l7 = self.l7
         att = self.attributor
+        geo = self.config.geo
         for flow in flows:
             if l7 is not None:
                 flow = l7.join(flow)
@@ -924,9 +953,13 @@ class LiveSensor:
                 flow = self.plaintext.join(flow)
             if att is not None:
                 flow = att.enrich(flow)
+            if geo is not None:
+                flow = geo.enrich(flow)
             self._submit(flow)
 
     def _submit(self, record: Record) -> None:
+        if self.ddos is not None:
+            self.ddos.observe(record)
         kind = record_kind(record)
         recs = self.totals.records
         recs[kind] = recs.get(kind, 0) + 1
@@ -1043,10 +1076,12 @@ class LiveSensor:
     def _open_enforcer(self) -> None:
         """Block verdicts into the kernel (sensor/enforce/): the maps pinned for `loupe
         block`, raw sockets for the resets opened in the sensor's namespace."""
-        from sensor.enforce import enforcer, maps, pins, rst  # noqa: PLC0415
+        from sensor.enforce import enforcer, hold, maps, pins, rst  # noqa: PLC0415
 
         m = maps.BlockMaps(self.prog.block_cfg_fd, self.prog.block_flow_fd,
                            self.prog.block_src_fd)
+        held = hold.HoldMaps(self.prog.hold_svc_fd, self.prog.hold_req_fd,
+                             self.prog.hold_ok_fd)
         resets = None
         try:
             with in_netns(self.config.netns):
@@ -1054,9 +1089,18 @@ class LiveSensor:
         except PermissionError as exc:
             log.warning("enforcement: no TCP resets (raw sockets need CAP_NET_RAW: %s); "
                         "blocked flows are dropped, their ends are not told", exc)
+        hold_services = self.config.enforce_hold
+        if hold_services and not (self.config.l7 and self.config.rules):
+            # Only the rules' verdicts release a held response: without them every
+            # response of a held service would wait hold_max.
+            log.warning("enforcement: [enforce] hold needs L7 parsing and [rules]; "
+                        "nothing is held")
+            hold_services = ()
         self.enforcer = enforcer.Enforcer(
             m, current_flow=lambda: self.l7.current_flow() if self.l7 is not None else None,
-            resets=resets)
+            resets=resets, hold=held, hold_services=hold_services,
+            hold_max_ns=self.config.enforce_hold_max_ns,
+            nudge=self.config.enforce_hold_nudge)
         pin_dir = self.config.enforce_pin_dir
         try:
             pins.ensure_bpffs(pin_dir)
@@ -1069,7 +1113,19 @@ class LiveSensor:
                 log.info("enforcement: %s belongs to another running sensor; `loupe "
                             "block` reaches that one, not this", pin_dir)
 
+    def _open_ddos(self) -> None:
+        """The DDoS detector (sensor/rules/ddos_live.py): fed by _submit, the flow map's
+        snapshots and step(); mitigates through the enforcer's maps."""
+        from sensor.rules.ddos_live import DdosLive  # noqa: PLC0415
+
+        self.ddos = DdosLive(self.config.ddos, self._submit, wall=self.clock.wall_ns,
+                             l7=self.l7, enforcer=self.enforcer,
+                             rate_fd=self.prog.rate_src_fd, sensor_id=self.config.sensor_id)
+        self.kernel.reader.on_snapshot = self.ddos.on_snapshot
+
     def _close_enforcer(self) -> None:
+        if self.ddos is not None:
+            self.ddos.close()
         if self.enforcer is None:
             return
         if self._pinned:
@@ -1110,7 +1166,11 @@ class LiveSensor:
             out["enforcement"] = {
                 "flows_blocked": e.flows_blocked, "sources_blocked": e.sources_blocked,
                 "resets_sent": e.resets_sent, "resets_skipped": e.resets_skipped,
-                "map_full": e.map_full, "write_errors": e.write_errors, "expired": e.expired}
+                "map_full": e.map_full, "write_errors": e.write_errors, "expired": e.expired,
+                "holds_released": e.holds_released, "held_blocks": e.held_blocks,
+                "nudges_sent": e.nudges_sent}
+        if self.ddos is not None:
+            out["ddos"] = self.ddos.metrics()
         return out
 
     def status(self) -> str:

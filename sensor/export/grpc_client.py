@@ -76,13 +76,23 @@ import grpc
 
 from sensor import model
 from sensor.errors import ConfigError
-from sensor.export import columnar, wire
+from sensor.export import wire
 from sensor.export.exporter import ExportQueue
 from sensor.export.spool import FsyncPolicy, Spool
 
 __all__ = ["TlsFiles", "GrpcExportConfig", "GrpcExporter", "backoff_delay"]
 
 log = logging.getLogger(__name__)
+
+
+def _columnar():
+    """sensor/export/columnar.py, imported at its first use: it brings pyarrow (tens of MiB
+    resident), which a sensor that has sent nothing yet, or exports with columnar batches
+    off, never needs (docs/sensor.md, "Idle cost")."""
+    from sensor.export import columnar  # noqa: PLC0415 - deferred on purpose
+
+    return columnar
+
 
 _ACK = wire.ingest_pb2.AckStatus
 _UNDERSTOOD = (_ACK.ACK_STATUS_STORED, _ACK.ACK_STATUS_DUPLICATE, _ACK.ACK_STATUS_REJECTED)
@@ -358,7 +368,7 @@ class GrpcExporter:
         payload = None
         if self._columnar_now():
             try:
-                payload = columnar.encode(
+                payload = _columnar().encode(
                     records, sensor_id=self._cfg.sensor_id, batch_id=batch_id,
                     created_ns=self._clock_ns()).SerializeToString()
                 self._c["batches_columnar"] += 1
@@ -604,10 +614,10 @@ class GrpcExporter:
                 self._cond.notify_all()   # the other streams' turn may have come
             self._c["batches_sent"] += 1
             payload = nxt.payload
-            if not stream.columnar and columnar.is_columnar(payload):
+            if not stream.columnar and self._cfg.columnar and _columnar().is_columnar(payload):
                 # Spooled as columns, bound for a collector that takes rows only (one
                 # that was replaced by an older version, or a newly added old one).
-                payload = columnar.to_rows(payload)
+                payload = _columnar().to_rows(payload)
                 self._c["batches_transcoded"] += 1
             yield payload
 

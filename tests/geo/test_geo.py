@@ -11,6 +11,8 @@ exists only inside a pcap that is replayed: nothing is sent.
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 import pyarrow.parquet as pq
 import pytest
@@ -96,7 +98,7 @@ def _capture(path):
     wrpcap(str(path), pkts)
 
 
-def test_replay_enriches_flows_and_the_collector_stores_them(tmp_path, asn_db,
+def test_replay_enriches_flows_and_the_collector_stores_them(tmp_path, asn_db, capsys,
                                                              start_collector):  # noqa: F811
     cap = tmp_path / "geo.pcap"
     _capture(cap)
@@ -116,6 +118,17 @@ def test_replay_enriches_flows_and_the_collector_stores_them(tmp_path, asn_db,
     col = start_collector()
     assert cli.main(["replay", "--no-progress", str(cap), "--geoip", "default",
                      "--geoip-asn", str(asn_db), "--collector", col.address]) == 0
+    capsys.readouterr()
+    for flags, dst in ((("--country", "us"), {"8.8.8.8", "2001:4860:4860::8888"}),
+                       (("--asn", "AS13335"), {"198.18.0.20"}),
+                       (("--not-country", "US", "--type", "flow"), {"198.18.0.20",
+                                                                    "198.18.0.2"})):
+        assert cli.main(["tail", "--collector", col.address, "--format", "json",
+                         *flags]) == 0
+        got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert {r["dst_addr"] for r in got} == dst, flags
+    assert cli.main(["tail", "--collector", col.address, "--country", "USA"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
     col.stop()
     db = duckdb.connect(str(col.config.data_dir / "loupe.duckdb"), read_only=True)
     stored = db.execute(f"SELECT dst_addr, {', '.join(cols)} FROM flows").fetchall()
@@ -129,3 +142,25 @@ def test_replay_refuses_a_bad_database_in_one_line(tmp_path, capsys):
                      str(tmp_path / "none.mmdb")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0], err
+
+
+def test_sensor_config_opens_the_databases_or_refuses_in_one_line(tmp_path, asn_db):
+    from sensor import config as cfg
+    from sensor.sensor_cli import geo_enricher
+
+    off = cfg.parse_config("sensor", {}, source="test")
+    assert geo_enricher(off) is None
+    on = cfg.parse_config("sensor", {"geoip": {"enabled": True, "asn_database": str(asn_db)}},
+                          source="test")
+    geo = geo_enricher(on)
+    try:
+        assert geo.lookup("8.8.8.8") == Place("US", "", GOOGLE)
+    finally:
+        geo.close()
+    bad = cfg.parse_config("sensor", {"geoip": {"enabled": True,
+                                                "database": str(tmp_path / "no.mmdb")}},
+                           source="test")
+    with pytest.raises(ConfigError, match=r"\[geoip\] database .*no such file"):
+        geo_enricher(bad)
+    with pytest.raises(cfg.ConfigError, match="absolute path"):
+        cfg.parse_config("sensor", {"geoip": {"database": "rel.mmdb"}}, source="test")

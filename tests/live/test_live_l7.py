@@ -222,3 +222,39 @@ def test_redaction_setting_reaches_the_http_parser(setting, path):
     _run(l7, [c.event(0, b"GET /x?token=s3cret&a=1 HTTP/1.1\r\nHost: h\r\n\r\n"),
               c.event(1, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")])
     assert [e.detail.path for e in records if isinstance(e, L7Event)] == [path]
+
+
+def test_a_walked_copy_the_ring_refused_is_a_counted_gap_never_a_wrong_call():
+    # The kernel's frame walk (bpf/frames.h) went on through a full ring buffer: call 2's
+    # HEADERS never arrived, and the next event it could deliver says so (LOST_BEFORE).
+    # The octets before it are a Gap, not an elision: HPACK's state is unknown, so the
+    # connection's decoding ends (a counted parser error) and call 1 stands alone.
+    from dataclasses import replace
+
+    from sensor.kernel import frames
+    from sensor.l7.http2 import PREFACE
+    from tests.l7.test_http2_walk import grpc_call
+    from tests.l7.test_http2 import Peer, settings_frame
+
+    records = []
+    ctl = Control()
+    l7 = LiveL7(emit=records.append, control=ctl)
+    c = Conn(_key())
+    walked = frames.PLF_SKIPPED_BEFORE
+
+    def ev(direction, data, flags=walked, **kw):
+        e = c.event(direction, data, **kw)
+        return e if e is None else replace(e, flags=flags)
+
+    cli, srv = Peer(), Peer()
+    req1, resp1 = grpc_call(cli, srv, 1, b"")
+    req2, resp2 = grpc_call(cli, srv, 3, b"")
+    resp1 = [f for f in resp1 if f[3] in (0, 1)]            # the walk elided the rest
+    _run(l7, [c.event(0, b"", SYN), c.event(1, b"", SYN | ACK),
+              ev(0, PREFACE + settings_frame() + b"".join(req1)),
+              ev(1, settings_frame() + b"".join(resp1)),
+              ev(0, req2[0], copy=False),                  # refused by the ring
+              ev(0, req2[1], walked | frames.PLF_LOST_BEFORE)])
+    got = [r.detail for r in records if isinstance(r, L7Event)]
+    assert [(e.grpc_method, e.grpc_status) for e in got] == [("Call", 0)]
+    assert l7.engine.stats.parser_errors == 1

@@ -57,6 +57,7 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     path.write_text(
         f'listen = "127.0.0.1:50999"\ninsecure = true\ndata_dir = "{tmp_path}/store"\n'
         'retention = "12h"\nmax_message_size = "64KiB"\nsubscriber_queue_size = 16\n'
+        'ui = "[::1]:8089"\n'
         f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{pki.ca_cert}"\n'
         '[metrics]\nlisten = "[::1]:9999"\n'
         '[storage]\nbackend = "clickhouse"\n[storage.clickhouse]\nhost = "ch1.example"\n'
@@ -65,7 +66,7 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     # Every key of the schema is set above, to a value other than its default.
     assert config.schema_keys("collector") == {
         "listen", "insecure", "data_dir", "retention", "max_message_size",
-        "subscriber_queue_size", "tls.cert_file", "tls.key_file", "tls.client_ca_file",
+        "subscriber_queue_size", "ui", "tls.cert_file", "tls.key_file", "tls.client_ca_file",
         "metrics.listen", "storage.backend", "storage.clickhouse.host",
         "storage.clickhouse.port", "storage.clickhouse.database", "storage.clickhouse.user",
         "storage.clickhouse.password", "storage.clickhouse.cluster", "cluster.peers",
@@ -76,6 +77,7 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     assert (c.max_message_bytes, c.subscriber_queue, c.metrics_listen) == (
         64 * 1024, 16, "[::1]:9999")
     assert (c.tls_cert, c.tls_key, c.tls_ca) == (cert, key, pki.ca_cert)
+    assert c.ui_listen == "[::1]:8089"
     ch = c.storage.clickhouse
     assert (c.storage.backend, ch.host, ch.port, ch.database, ch.user, ch.password,
             ch.cluster) == ("clickhouse", "ch1.example", 9001, "flows", "loupe", "pw", "two")
@@ -90,6 +92,7 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
         "127.0.0.1:0", 2 * 3600 * 10**9, "", 32)
     assert c.data_dir == Path.cwd() / "rel"
     assert c.max_message_bytes == 64 * 1024        # still the file's
+    assert collector_config(_run_args("--config", str(path), "--ui", "")).ui_listen == ""
 
 
 def test_without_a_file_the_store_is_here_and_metrics_are_off(tmp_path, monkeypatch):
