@@ -2,7 +2,7 @@
 # Install Loupe as two systemd services (loupe-sensor, loupe-collector). Idempotent: run
 # it again after an upgrade; it never overwrites files in /etc/loupe.
 #
-#   scripts/install-service.sh [--venv PATH] [--enable] [--now]
+#   scripts/install-service.sh [--venv PATH] [--enforce] [--enable] [--now]
 #
 # What goes where:
 #   /opt/loupe/venv          the package, in its own venv (--system-site-packages, so bcc
@@ -22,6 +22,11 @@
 # the paths the venv was made at, which need not be the paths the units see. The
 # checkout and the venv must be readable by user `loupe` and must not live where the
 # units' sandbox hides them (/tmp and /var/tmp: PrivateTmp; /home, /root: ProtectHome).
+# --enforce also installs systemd/loupe-sensor-enforce.conf as the sensor's drop-in
+# /etc/systemd/system/loupe-sensor.service.d/enforce.conf, for hosts that enforce block
+# verdicts: CAP_NET_RAW in the bounding set (TCP resets) and a writable
+# /sys/fs/bpf/loupe (the maps `loupe block` needs). Without it, blocked flows are still
+# dropped, with no resets and no `loupe block` (docs/ops.md). Uninstall removes it.
 # --enable enables both units; --now also starts them.
 # The default build needs PyPI (pip) for the dependencies, and the generated protobuf code
 # (`make proto`, done by `make install`).
@@ -31,13 +36,14 @@ repo=$(pwd)
 say() { printf 'install-service: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
-venv="" enable=0 now=0
+venv="" enforce=0 enable=0 now=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --venv) venv=${2:?--venv needs a path}; shift 2 ;;
+        --enforce) enforce=1; shift ;;
         --enable) enable=1; shift ;;
         --now) enable=1; now=1; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -124,6 +130,12 @@ done
 for unit in loupe-sensor.service loupe-collector.service; do
     install -m 0644 "systemd/$unit" "/etc/systemd/system/$unit"
 done
+# Without --enforce an enforce.conf from an earlier install stays: dropping privileges
+# is the admin's decision (remove the file, or run uninstall-service.sh).
+if [ "$enforce" = 1 ]; then
+    install -D -m 0644 systemd/loupe-sensor-enforce.conf \
+        /etc/systemd/system/loupe-sensor.service.d/enforce.conf
+fi
 systemctl daemon-reload
 systemd-analyze verify /etc/systemd/system/loupe-sensor.service \
     /etc/systemd/system/loupe-collector.service

@@ -3,10 +3,11 @@
 #
 #   scripts/uninstall-service.sh [--purge]
 #
-# Stops and disables both units and removes the units, /opt/loupe, the sysusers/tmpfiles
-# entries and the `loupe` user. Configuration (/etc/loupe) and data (/var/lib/loupe: the
-# collector's store, the sensor's spool) are kept, as Debian's `remove` keeps them;
-# --purge deletes them too.
+# Stops and disables both units and removes the units (and the sensor's enforce.conf
+# drop-in from --enforce; other drop-ins there are the admin's and stay), /opt/loupe,
+# the sysusers/tmpfiles entries and the `loupe` user. Configuration (/etc/loupe) and
+# data (/var/lib/loupe: the collector's store, the sensor's spool) are kept, as Debian's
+# `remove` keeps them; --purge deletes them too.
 set -euo pipefail
 say() { printf 'uninstall-service: %s\n' "$*" >&2; }
 purge=0
@@ -23,6 +24,8 @@ for unit in loupe-sensor.service loupe-collector.service; do
         rm -f "/etc/systemd/system/$unit"
     fi
 done
+rm -f /etc/systemd/system/loupe-sensor.service.d/enforce.conf
+rmdir --ignore-fail-on-non-empty /etc/systemd/system/loupe-sensor.service.d 2>/dev/null || true
 systemctl daemon-reload
 systemctl reset-failed loupe-sensor.service loupe-collector.service >/dev/null 2>&1 || true
 

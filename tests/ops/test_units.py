@@ -33,7 +33,10 @@ LOUPE = "/opt/loupe/bin/loupe"
 SENSOR = "loupe-sensor.service"
 COLLECTOR = "loupe-collector.service"
 SENSOR_ID = "ops-unit"
-CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
+CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON, CAP_BPF = 12, 13, 38, 39
+# install-service.sh --enforce: systemd/loupe-sensor-enforce.conf, for hosts that enforce.
+ENFORCE_DROPIN = f"/etc/systemd/system/{SENSOR}.d/enforce.conf"
+PIN_DIR = "/sys/fs/bpf/loupe"
 # systemd-analyze security "exposure" (0 safest .. 10): what the units reach today, with a
 # little room; a change that weakens the sandbox fails here first.
 MAX_EXPOSURE = {SENSOR: 3.0, COLLECTOR: 1.5}
@@ -107,6 +110,20 @@ def _caps(box, pid: int) -> tuple[int, int]:
     cap_eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
     uid = int(re.search(r"^Uid:\s*(\d+)", status, re.M).group(1))
     return cap_eff, uid
+
+
+def _cap_bnd(box, pid: int) -> int:
+    return int(re.search(r"^CapBnd:\s*([0-9a-f]+)", _proc_status(box, pid), re.M).group(1), 16)
+
+
+def _raw_sockets(box, pid: int) -> int:
+    """How many raw sockets (IPv4 or IPv6) the process holds open."""
+    raw = set()
+    for table in ("raw", "raw6"):
+        lines = box.run("cat", f"/proc/{pid}/net/{table}").stdout.splitlines()[1:]
+        raw |= {line.split()[9] for line in lines}     # the inode column
+    held = set(re.findall(r"socket:\[(\d+)\]", box.run("ls", "-l", f"/proc/{pid}/fd").stdout))
+    return len(held & raw)
 
 
 def _scrape(box, address: str) -> dict:
@@ -250,6 +267,48 @@ def test_reload_keeps_the_process(running):
     assert running.run("systemctl", "is-active", SENSOR).stdout.strip() == "active"
 
 
+def test_enforce_dropin_adds_resets_and_pins(running):
+    # The default unit (measured by test_security_exposure above): no CAP_NET_RAW even in
+    # the bounding set, so the sensor enforces without resets and without pins.
+    pid = _main_pid(running, SENSOR)
+    assert not _cap_bnd(running, pid) & (1 << CAP_NET_RAW)
+    assert _raw_sockets(running, pid) == 0
+    assert running.run("test", "-e", f"{PIN_DIR}/block_cfg", check=False).returncode == 1
+    journal = _journal(running, SENSOR)
+    warnings = (journal.count("enforcement: no TCP resets"), journal.count("not pinned under"))
+    assert warnings[0] >= 1 and warnings[1] >= 1, journal
+    running.run(INSTALL, "--venv", f"{CHECKOUT}/.venv", "--enforce", timeout=120)
+    assert running.run("cat", ENFORCE_DROPIN).stdout == (
+        ct.REPO / "systemd" / "loupe-sensor-enforce.conf").read_text()
+    running.run("systemd-analyze", "verify", f"/etc/systemd/system/{SENSOR}")
+    # nspawn's /sys has no bpffs, which systemd mounts at /sys/fs/bpf on a host: mount it
+    # the way systemd does (a mount point made in the read-only tmpfs /sys for that).
+    running.run("sh", "-c", "mountpoint -q /sys/fs/bpf || { mount -o remount,rw /sys && "
+                "mkdir -p /sys/fs/bpf && mount -o remount,ro /sys && "
+                "mount -t bpf -o mode=700 bpf /sys/fs/bpf; }")
+    running.run("systemctl", "restart", SENSOR, timeout=150)
+    pid = _main_pid(running, SENSOR)
+    # The raw sockets for resets were opened as root, before the drop to loupe, which
+    # keeps the same three capabilities as without the drop-in: CAP_NET_RAW is in the
+    # bounding set, not in the running sensor's effective or permitted set.
+    assert _cap_bnd(running, pid) & (1 << CAP_NET_RAW)
+    assert _raw_sockets(running, pid) == 2
+    cap_eff, _ = _caps(running, pid)
+    assert cap_eff == (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN)
+    # The maps are pinned in the writable pin_dir, which `loupe block` reaches.
+    mode = running.run("stat", "-c", "%a %U %G", PIN_DIR).stdout.split()
+    assert mode == ["770", "root", "loupe"]
+    assert sorted(running.run("ls", PIN_DIR).stdout.split()) == [
+        "block_cfg", "block_flow", "block_src"]
+    running.run(LOUPE, "block", "add", "198.18.7.0/24", "--ttl", "1m", "--note", "ops")
+    assert "198.18.7.0/24" in running.run(LOUPE, "block", "list").stdout
+    running.run(LOUPE, "block", "del", "198.18.7.0/24")
+    assert running.run(LOUPE, "block", "list").stdout.strip() == "no active blocks"
+    journal = _journal(running, SENSOR)
+    assert (journal.count("enforcement: no TCP resets"),
+            journal.count("not pinned under")) == warnings, journal
+
+
 def test_sigkilled_sensor_is_restarted(running):
     pid = _main_pid(running, SENSOR)
     restarts = int(running.show(SENSOR, "NRestarts")["NRestarts"])
@@ -292,12 +351,17 @@ def test_stop_is_clean(running):
     assert "stopping: detaching, flushing every flow" in journal
     assert "<6>" not in journal
     assert "stopped; storage closed" in _journal(running, COLLECTOR, "-p", "info")
+    # With the enforce drop-in the sensor pinned its maps; stopping as loupe it cannot
+    # reach them through bpffs (mounted 0700 root), so they stay, cleared, and `loupe
+    # block` says no sensor runs (exit 3) rather than reaching a stopped one.
+    running.wait_for(lambda: running.run(LOUPE, "block", "list", check=False).returncode == 3,
+                     10, "`loupe block list` to say no sensor runs")
 
 
 def test_uninstall_reverses_install(machine):
     machine.run(UNINSTALL, timeout=60)
     for path in (f"/etc/systemd/system/{SENSOR}", f"/etc/systemd/system/{COLLECTOR}",
-                 "/opt/loupe", "/etc/sysusers.d/loupe.conf"):
+                 ENFORCE_DROPIN, "/opt/loupe", "/etc/sysusers.d/loupe.conf"):
         assert machine.run("test", "-e", path, check=False).returncode == 1, path
     assert machine.run("id", "loupe", check=False).returncode != 0
     assert machine.run("test", "-f", "/etc/loupe/sensor.toml", check=False).returncode == 0
