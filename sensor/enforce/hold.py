@@ -26,7 +26,6 @@ staleness, after which the kernel holds nothing.
 from __future__ import annotations
 
 import ctypes
-import errno
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -92,7 +91,7 @@ class HoldMaps:
             bpfsys.update(self.svc_fd, svc_key(svc), v)
 
     def clear_services(self) -> None:
-        for k in _keys(self.svc_fd, abi.HoldSvcKey, abi.HOLD_SVC_ENTRIES):
+        for k in bpfsys.keys(self.svc_fd, abi.HoldSvcKey, 2 * abi.HOLD_SVC_ENTRIES):
             bpfsys.delete(self.svc_fd, k)
 
     def armed(self, key: abi.FlowKey) -> abi.HoldReq | None:
@@ -129,7 +128,7 @@ class HoldMaps:
     def clear(self) -> None:
         self.clear_services()
         for fd in (self.req_fd, self.ok_fd):
-            for k in _keys(fd, abi.FlowKey, abi.HOLD_FLOW_ENTRIES):
+            for k in bpfsys.keys(fd, abi.FlowKey, 2 * abi.HOLD_FLOW_ENTRIES):
                 bpfsys.delete(fd, k)
 
 
@@ -138,22 +137,3 @@ def _canonical(key: abi.FlowKey) -> abi.FlowKey:
     k.ifindex = 0
     return k
 
-
-def _keys(fd: int, ktype, limit: int) -> list:
-    """Every key by BPF_MAP_GET_NEXT_KEY, capped at twice the map's size (a key that
-    vanishes under the walk restarts it)."""
-    out = []
-    cur = None
-    while len(out) < 2 * limit:
-        nxt = ktype()
-        attr = bpfsys._MapElemAttr(map_fd=fd, key=ctypes.addressof(cur) if cur is not None
-                                   else 0, value=ctypes.addressof(nxt))
-        try:
-            bpfsys.bpf(bpfsys.BPF_MAP_GET_NEXT_KEY, attr)
-        except bpfsys.BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                break
-            raise
-        out.append(nxt)
-        cur = nxt
-    return out

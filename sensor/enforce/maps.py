@@ -186,25 +186,8 @@ class BlockMaps:
     # -- reads ---------------------------------------------------------------------------
 
     def _keys(self, fd: int, ktype) -> list:
-        """Every key, by BPF_MAP_GET_NEXT_KEY (an LPM trie has no batch walk). Bounded by
-        the map's size: the walk restarts from the top when its key vanished under it,
-        so it is capped rather than trusted to end."""
-        out = []
-        cur = None
-        limit = max(abi.BLOCK_FLOW_ENTRIES, abi.BLOCK_SRC_ENTRIES) * 2
-        while len(out) < limit:
-            nxt = ktype()
-            attr = bpfsys._MapElemAttr(map_fd=fd, key=ctypes.addressof(cur) if cur is not None
-                                       else 0, value=ctypes.addressof(nxt))
-            try:
-                bpfsys.bpf(bpfsys.BPF_MAP_GET_NEXT_KEY, attr)
-            except bpfsys.BpfError as exc:
-                if exc.errno == errno.ENOENT:
-                    break
-                raise
-            out.append(nxt)
-            cur = nxt
-        return out
+        """Every key of one block map (bpfsys.keys, capped at twice the larger map)."""
+        return bpfsys.keys(fd, ktype, 2 * max(abi.BLOCK_FLOW_ENTRIES, abi.BLOCK_SRC_ENTRIES))
 
     def entries(self, *, include_expired: bool = False) -> list[Block]:
         now = self.clock()

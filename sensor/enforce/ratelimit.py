@@ -95,23 +95,8 @@ class RateLimits:
             self.blocks._write_config(active=c.active & ~abi.BLOCK_ANY_RATE)
 
     def _keys(self) -> list[abi.RateKey]:
-        """Every key, by BPF_MAP_GET_NEXT_KEY, capped at twice the map's size (an LRU may
-        drop the key a walk stands on; the walk then restarts from the top)."""
-        out = []
-        cur = None
-        while len(out) < 2 * abi.RATE_SRC_ENTRIES:
-            nxt = abi.RateKey()
-            attr = bpfsys._MapElemAttr(map_fd=self.fd, key=ctypes.addressof(cur)
-                                       if cur is not None else 0, value=ctypes.addressof(nxt))
-            try:
-                bpfsys.bpf(bpfsys.BPF_MAP_GET_NEXT_KEY, attr)
-            except bpfsys.BpfError as exc:
-                if exc.errno == errno.ENOENT:
-                    break
-                raise
-            out.append(nxt)
-            cur = nxt
-        return out
+        """Every key (an LRU may drop the key a walk stands on: bpfsys.keys)."""
+        return bpfsys.keys(self.fd, abi.RateKey, 2 * abi.RATE_SRC_ENTRIES)
 
     def entries(self, *, include_expired: bool = False) -> list[Limit]:
         now = self.blocks.clock()

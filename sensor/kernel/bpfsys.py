@@ -215,6 +215,27 @@ def delete(map_fd: int, key: ctypes.Structure) -> bool:
     return True
 
 
+def keys(map_fd: int, key_type: type[ctypes.Structure], limit: int) -> list:
+    """Every key, by BPF_MAP_GET_NEXT_KEY (an LPM trie has no batch walk), at most limit.
+    When the key a walk stands on vanishes (deleted, or dropped by an LRU), the kernel
+    restarts it from the top: pass about twice the map's size, so the walk is capped
+    rather than trusted to end."""
+    out = []
+    cur = None
+    while len(out) < limit:
+        nxt = key_type()
+        attr = _MapElemAttr(map_fd=map_fd, key=_addr(cur) if cur is not None else 0,
+                            value=_addr(nxt))
+        try:
+            bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                break
+            raise
+        out.append(nxt)
+        cur = nxt
+    return out
+
 def lookup_and_delete(map_fd: int, key: ctypes.Structure, value: ctypes.Structure, *,
                       lock: bool) -> bool:
     """Copies the value out and unlinks the entry in one step; False if it was absent."""
