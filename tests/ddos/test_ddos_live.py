@@ -26,6 +26,7 @@ import pytest
 
 from sensor.model import Alert
 from sensor.rules import ddos
+from tests import nginx as nginx_peer
 from tests.live.rig import Sensor, stop, wait_tcp
 from tests.netns import Host, VethPair, sh
 
@@ -35,26 +36,6 @@ POLLERS = ("198.18.0.1", "198.18.0.3")
 FLOODERS = ("198.18.0.11", "198.18.0.12", "198.18.0.13")
 TTL_S = 5
 FLOOD_S = 6
-
-NGINX = """
-daemon off;
-user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 2048; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    default_type text/plain;
-    server {{ listen 80; location / {{ return 200 "ok\\n"; }} }}
-}}
-"""
 
 # One request a second on a new connection each, from a given address, for `seconds`;
 # one JSON line per poll: the status or the error.
@@ -143,8 +124,10 @@ def test_flood_blocked_pollers_untouched_ttl_lifts_slowloris_seen(net, tmp_path)
     pair, flood_hosts = net
     server = pair.b.ip4
     conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX.format(d=tmp_path))
-    procs = [pair.b.popen(shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf),
+    conf.write_text(nginx_peer.config(
+        tmp_path, 'listen 80; location / { return 200 "ok\\n"; }', connections=2048,
+        http="keepalive_requests 1000000; default_type text/plain;"))
+    procs = [pair.b.popen(nginx_peer.binary(), "-c", str(conf),
                           "-e", str(tmp_path / "error.log"), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)]
     pin_dir = Path(f"/sys/fs/bpf/loupe-test-{uuid.uuid4().hex[:8]}")

@@ -5,12 +5,14 @@ verdict races the response)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+
+from tests import nginx as nginx_peer
 
 # Every answer is BODY_LINE * 40 (1 KiB), so a test can tell any leaked byte of it.
 BODY_LINE = b"secret-response-body-0123456\n"
@@ -34,40 +36,16 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """ % BODY_LINE
 
-NGINX_CONF = """
-daemon off;
-user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen {port};
-        listen [::]:{port};
-        location / {{ proxy_pass http://127.0.0.1:{app_port}; }}
-    }}
-}}
-"""
-
-
 def web_server(host, workdir: Path, *, delay_s: float = 0.05, port: int = 80,
                app_port: int = 8081) -> list[subprocess.Popen]:
     """nginx on host:port proxying to the app (answers after delay_s); skips the test
     when nginx is not installed. Returns the processes (stop them with tests.live.rig.stop)."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.skip("nginx is not installed (scripts/apt-packages.txt: nginx-light)")
+    binary = nginx_peer.binary()
     app = workdir / "app.py"
     app.write_text(APP)
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(d=workdir, port=port, app_port=app_port))
+    conf.write_text(nginx_peer.config(workdir, f"listen {port}; listen [::]:{port}; "
+                                 f"location / {{ proxy_pass http://127.0.0.1:{app_port}; }}"))
     procs = [host.popen(sys.executable, str(app), str(app_port), str(delay_s),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     procs.append(host.popen(binary, "-c", str(conf), "-e", str(workdir / "error.log"),
@@ -81,3 +59,14 @@ def passive_opens(host) -> int:
     lines = [ln.split() for ln in host.run("cat", "/proc/net/snmp").stdout.splitlines()
              if ln.startswith("Tcp:")]
     return int(lines[1][lines[0].index("PassiveOpens")])
+
+
+@pytest.fixture
+def pin_dir():
+    """A pin directory of the test's own under /sys/fs/bpf, removed with what it holds."""
+    d = Path(f"/sys/fs/bpf/loupe-test-{uuid.uuid4().hex[:8]}")
+    yield d
+    for f in d.glob("*"):
+        f.unlink()
+    if d.exists():
+        d.rmdir()

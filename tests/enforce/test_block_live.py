@@ -19,13 +19,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
 from sensor.model import Alert
-from tests.enforce.peers import BODY_LINE, passive_opens, web_server
+from tests.enforce.peers import (BODY_LINE, passive_opens, pin_dir,  # noqa: F401 - a fixture
+                                  web_server)
 from tests.live.rig import Sensor, stop, wait_tcp
 from tests.netns import VethPair
 
@@ -47,16 +46,6 @@ def pair():
         p.a.run("ip", "addr", "add", f"{OTHER}/24", "dev", p.a.iface)
         p.wait_ready()
         yield p
-
-
-@pytest.fixture
-def pin_dir():
-    d = Path(f"/sys/fs/bpf/loupe-test-{uuid.uuid4().hex[:8]}")
-    yield d
-    for f in d.glob("*"):
-        f.unlink()
-    if d.exists():
-        d.rmdir()
 
 
 def _sensor(pair, tmp_path, pin_dir, *extra: str) -> Sensor:

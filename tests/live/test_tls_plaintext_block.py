@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from sensor.model import Alert, L7Event
-from tests.enforce.peers import APP, BODY_LINE
+from tests.enforce.peers import APP, BODY_LINE, pin_dir  # noqa: F401 - a fixture
 from tests.live.rig import Sensor, stop, wait_tcp
-from tests.live.tls_peers import NGINX_CONF, certificate
+from tests.live.tls_peers import certificate, nginx_conf
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -44,24 +43,12 @@ def pair():
         yield p
 
 
-@pytest.fixture
-def pin_dir():
-    d = Path(f"/sys/fs/bpf/loupe-test-{uuid.uuid4().hex[:8]}")
-    yield d
-    for f in d.glob("*"):
-        f.unlink()
-    if d.exists():
-        d.rmdir()
-
-
 def _https_proxy(host, workdir: Path) -> list[subprocess.Popen]:
     """nginx with TLS on 443 (tls_peers' configuration) proxying to the app."""
     certificate(workdir)
     (workdir / "www").mkdir(exist_ok=True)
-    root = f"root {workdir}/www;"
-    conf = NGINX_CONF.format(d=workdir, port=443).replace(
-        root, f"location / {{ proxy_pass http://127.0.0.1:{APP_PORT}; }}\n        {root}")
-    (workdir / "nginx.conf").write_text(conf)
+    (workdir / "nginx.conf").write_text(nginx_conf(
+        workdir, 443, f"location / {{ proxy_pass http://127.0.0.1:{APP_PORT}; }}"))
     (workdir / "app.py").write_text(APP)
     return [host.popen(sys.executable, str(workdir / "app.py"), str(APP_PORT), "0.05",
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),

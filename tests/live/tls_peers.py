@@ -11,33 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from tests import nginx as nginx_peer
+
 GO_CLIENT = Path(__file__).parent / "go" / "tlsclient.go"
 
-NGINX_CONF = """
-daemon off;
-user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    keepalive_requests 10000;
-    server {{
-        listen {port} ssl;
+
+
+def nginx_conf(workdir: Path, port: int, locations: str = "") -> str:
+    """nginx.conf serving workdir/www with TLS (workdir's certificate) on port, plus any
+    `locations` of the caller's."""
+    return nginx_peer.config(workdir, f"""listen {port} ssl;
         listen [::]:{port} ssl;
-        ssl_certificate {d}/cert.pem;
-        ssl_certificate_key {d}/key.pem;
-        root {d}/www;
-        location = /post {{ return 200 "posted\\n"; }}
-    }}
-}}
-"""
+        ssl_certificate {workdir}/cert.pem;
+        ssl_certificate_key {workdir}/key.pem;
+        {locations}
+        root {workdir}/www;
+        location = /post {{ return 200 "posted\\n"; }}""", http="keepalive_requests 10000;")
 
 
 def certificate(workdir: Path) -> tuple[Path, Path]:
@@ -54,16 +43,14 @@ def nginx(host, workdir: Path, port: int = 443, files: dict[str, int] | None = N
           ) -> subprocess.Popen:
     """nginx serving workdir/www (files: name -> size) with TLS on port, in host's
     namespace; skips the test when nginx is not installed."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.skip("nginx is not installed (scripts/apt-packages.txt: nginx-light)")
+    binary = nginx_peer.binary()
     certificate(workdir)
     www = workdir / "www"
     www.mkdir(exist_ok=True)
     for name, size in (files or {"index.html": 612, "a.txt": 100}).items():
         (www / name).write_bytes(b"x" * size)
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(d=workdir, port=port))
+    conf.write_text(nginx_conf(workdir, port))
     return host.popen(binary, "-c", str(conf), "-e", str(workdir / "error.log"),
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
