@@ -136,6 +136,11 @@ class Sensor:
                 return note
         raise AssertionError(f"no {text} from the sensor within {timeout_s} s: {self.notes}")
 
+    def stderr_now(self) -> str:
+        """What the running sensor has written to stderr so far (for a sensor shared by
+        a module's tests, which stop it only at the end)."""
+        return Path(self._err.name).read_text()
+
     def metrics(self) -> dict[str, dict[str, float]]:
         """family -> {label value or "": value}, from the sensor's own /metrics, read
         as `loupe status` reads it."""

@@ -8,6 +8,13 @@ wire, marked source tls_plaintext, with the Community ID and uid of the wire flo
 - gnutls-cli against nginx;
 - a client started after the sensor is seen (a uprobe on the library inode covers it);
 - a "libssl.so.3" without the functions is a warning naming it, and the sensor goes on.
+
+The tests differ only in their traffic, so they share one sensor, one namespace pair and
+one collector (a sensor start is mostly its bcc compile). Each test's server listens on
+a port of its own and each test reads only the events of flows to that port, so one
+test's records cannot satisfy another's; every client and server therefore also starts
+after the sensor, which the uprobes on the library inodes must cover. The last test stops
+the sensor and checks how it went.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import time
 
 import pytest
 
-from tests.export.collector_proc import query, wait_for
+from tests.export.collector_proc import CollectorProcess, query, wait_for
 from tests.live.rig import Sensor, stop, wait_tcp
 from tests.live.tls_peers import nginx, s_server
 from tests.netns import VethPair
@@ -29,28 +36,51 @@ pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
 HTTP_COLS = ("method", "path", "status", "source", "community_id", "uid", "src_addr",
              "dst_port")
 
-
-@pytest.fixture
-def pair():
-    with VethPair.create("tp") as p:
-        p.wait_ready()
-        yield p
+# One server port per test (see the module's docstring).
+CURL_PORT, PY_PORT, GNUTLS_PORT, LATE_PORT = 443, 4433, 8443, 9443
 
 
-def _args(pair, collector, tmp_path, *extra) -> list[str]:
-    return ["--netns", pair.a.netns, "--iface", pair.a.iface,
-            "--collector", collector.address, "--spool-dir", str(tmp_path / "spool"),
-            "--sensor-id", "tlstest", "--output", "jsonl", "--interval", "0.5",
-            "--tls-plaintext", "--set", "timeouts.tcp_linger=1s",
-            "--set", "export.batch_delay=100ms", *extra]
+class Shared:
+    """The module's sensor and what it watches."""
+
+    def __init__(self, pair: VethPair, collector: CollectorProcess, sensor: Sensor) -> None:
+        self.pair, self.collector, self.sensor = pair, collector, sensor
 
 
-def _http_rows(collector, source: str = "tls_plaintext", *, ours: bool = False) -> list[dict]:
-    """ours: only events of connections this sensor's meter saw (the probes see every
-    process on the host, other tests' namespaces included)."""
-    where = " AND community_id IN (SELECT community_id FROM flows)" if ours else ""
-    rows = query(collector.address, f"SELECT {', '.join(HTTP_COLS)} FROM http "
-                                    f"WHERE source = '{source}'{where} ORDER BY ts_ns")
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tlsplain")
+    with VethPair.create("tp") as pair:
+        pair.wait_ready()
+        collector = CollectorProcess(workdir / "data").start()
+        # rescan=1s: the late test maps a library after the start and waits for the
+        # rescans that find it.
+        sensor = Sensor(["--netns", pair.a.netns, "--iface", pair.a.iface,
+                         "--collector", collector.address,
+                         "--spool-dir", str(workdir / "spool"), "--sensor-id", "tlstest",
+                         "--output", "jsonl", "--interval", "0.5", "--tls-plaintext",
+                         "--set", "timeouts.tcp_linger=1s",
+                         "--set", "export.batch_delay=100ms",
+                         "--set", "tls_plaintext.rescan=1s"], workdir=workdir)
+        try:
+            sensor.start()
+            yield Shared(pair, collector, sensor)
+        finally:
+            try:
+                if sensor.proc is not None and sensor.proc.poll() is None:
+                    sensor.stop()   # the last test did not: detach cleanly all the same
+            finally:
+                sensor.kill()
+                collector.stop()
+
+
+def _http_rows(collector, port: int) -> list[dict]:
+    """The plaintext events of connections this sensor's meter saw to `port` (the probes
+    see every process on the host, other tests' namespaces included)."""
+    rows = query(collector.address,
+                 f"SELECT {', '.join(HTTP_COLS)} FROM http WHERE source = 'tls_plaintext' "
+                 f"AND community_id IN (SELECT community_id FROM flows WHERE dst_port = {port})"
+                 f" ORDER BY ts_ns")
     return [dict(zip(HTTP_COLS, r)) for r in rows]
 
 
@@ -61,7 +91,8 @@ def _flows(collector, port: int) -> list[dict]:
     return [dict(zip(cols, r)) for r in rows]
 
 
-def _curl_keepalive(pair, requests: list[tuple[str, str]]) -> subprocess.CompletedProcess:
+def _curl_keepalive(pair, port: int, requests: list[tuple[str, str]]
+                    ) -> subprocess.CompletedProcess:
     """One curl process, one connection (--next reuses it), the given (method, path)."""
     argv = ["curl", "-sk", "--http1.1", "--max-time", "20"]
     for i, (method, path) in enumerate(requests):
@@ -70,7 +101,7 @@ def _curl_keepalive(pair, requests: list[tuple[str, str]]) -> subprocess.Complet
         if method == "POST":
             argv += ["-d", "name=value"]
         argv += ["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\\n",
-                 f"https://{pair.b.ip4}{path}"]
+                 f"https://{pair.b.ip4}:{port}{path}"]
     return pair.a.run(*argv, timeout=60)
 
 
@@ -84,34 +115,33 @@ def _check_joined(collector, rows, port: int) -> None:
         assert flow["uid"] == row["uid"]
 
 
-def test_curl_keepalive_against_nginx(pair, collector, tmp_path):
-    srv = nginx(pair.b, tmp_path)
-    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
+def test_curl_keepalive_against_nginx(shared, tmp_path):
+    pair, collector = shared.pair, shared.collector
+    srv = nginx(pair.b, tmp_path, port=CURL_PORT)
     try:
-        wait_tcp(pair.a, pair.b.ip4, 443)
-        sensor.start()
+        wait_tcp(pair.a, pair.b.ip4, CURL_PORT)
         want = [("GET", "/index.html", 200) if i % 2 else ("GET", "/a.txt", 200)
                 for i in range(18)]
         want[5] = ("POST", "/post", 200)
         want[11] = ("GET", "/missing", 404)
         want += [("GET", "/a.txt", 200), ("GET", "/index.html", 200)]
-        out = _curl_keepalive(pair, [(m, p) for m, p, _ in want])
+        out = _curl_keepalive(pair, CURL_PORT, [(m, p) for m, p, _ in want])
         codes = out.stdout.split()
         assert codes[0::2] == [str(s) for _, _, s in want]
         assert sum(map(int, codes[1::2])) == 1        # one connection: keep-alive
-        wait_for(lambda: len(_http_rows(collector)) >= 20, 20, "20 plaintext HTTP events")
-        assert sensor.stop() == 0
-        wait_for(lambda: _flows(collector, 443), 20, "the wire flow")
+        # The wire flow is exported a linger after curl's FIN, after its events.
+        wait_for(lambda: len(_http_rows(collector, CURL_PORT)) >= 20, 30,
+                 "20 plaintext HTTP events and the wire flow")
     finally:
-        sensor.kill()
         stop(srv)
-    rows = _http_rows(collector, ours=True)
+    rows = _http_rows(collector, CURL_PORT)
     assert [(r["method"], r["path"], r["status"]) for r in rows] == want
     assert {r["source"] for r in rows} == {"tls_plaintext"}
     assert {r["src_addr"] for r in rows} == {pair.a.ip4}
     assert len({r["uid"] for r in rows}) == 1
-    _check_joined(collector, rows, 443)
-    # The wire still sees only the handshake of this connection, as before.
+    _check_joined(collector, rows, CURL_PORT)
+    # The wire still sees only the handshake of this connection, as before (no test of
+    # this module sends HTTP in the clear).
     wire = query(collector.address, "SELECT count(*) FROM http WHERE source = 'wire'")
     assert wire == [[0]]
 
@@ -132,53 +162,48 @@ for path in paths:
 """
 
 
-def test_python_ssl_against_openssl_s_server(pair, collector, tmp_path):
-    srv = s_server(pair.b, tmp_path)
+def test_python_ssl_against_openssl_s_server(shared, tmp_path):
+    pair, collector = shared.pair, shared.collector
+    srv = s_server(pair.b, tmp_path, port=PY_PORT)
     (tmp_path / "www" / "page.txt").write_bytes(b"p" * 300)
     client = tmp_path / "client.py"
     client.write_text(PY_CLIENT)
-    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
     paths = ["/page.txt"] * 19 + ["/nothing.txt"]
     try:
-        wait_tcp(pair.a, pair.b.ip4, 4433)
-        sensor.start()
-        out = pair.a.run(sys.executable, str(client), pair.b.ip4, "4433", *paths, timeout=60)
+        wait_tcp(pair.a, pair.b.ip4, PY_PORT)
+        out = pair.a.run(sys.executable, str(client), pair.b.ip4, str(PY_PORT), *paths,
+                         timeout=60)
         # s_server -WWW answers 200 even for a missing file (with an error text).
         assert out.stdout.split("\n")[:20] == ["HTTP/1.0 200 ok"] * 20, out.stdout
-        wait_for(lambda: len(_http_rows(collector)) >= 20, 20, "20 plaintext HTTP events")
-        assert sensor.stop() == 0
-        wait_for(lambda: len(_flows(collector, 4433)) >= 20, 20, "the wire flows")
+        wait_for(lambda: len(_http_rows(collector, PY_PORT)) >= 20, 30,
+                 "20 plaintext HTTP events and their wire flows")
     finally:
-        sensor.kill()
         stop(srv)
-    rows = _http_rows(collector, ours=True)
+    rows = _http_rows(collector, PY_PORT)
     assert [(r["method"], r["path"]) for r in rows] == [("GET", p) for p in paths]
     assert [r["status"] for r in rows] == [200] * 20
     assert len({r["uid"] for r in rows}) == 20
-    _check_joined(collector, rows, 4433)
+    _check_joined(collector, rows, PY_PORT)
 
 
-def test_gnutls_cli_against_nginx(pair, collector, tmp_path):
+def test_gnutls_cli_against_nginx(shared, tmp_path):
     if not shutil.which("gnutls-cli"):
         pytest.skip("gnutls-cli is not installed (scripts/apt-packages.txt: gnutls-bin)")
-    srv = nginx(pair.b, tmp_path)
-    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
+    pair, collector = shared.pair, shared.collector
+    srv = nginx(pair.b, tmp_path, port=GNUTLS_PORT)
     request = (f"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
                f"GET /gone HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     try:
-        wait_tcp(pair.a, pair.b.ip4, 443)
-        sensor.start()
-        out = subprocess.run(pair.a.cmd("gnutls-cli", "--insecure", "--port", "443",
-                                        pair.b.ip4), input=request, text=True,
-                             capture_output=True, timeout=30)
+        wait_tcp(pair.a, pair.b.ip4, GNUTLS_PORT)
+        out = subprocess.run(pair.a.cmd("gnutls-cli", "--insecure", "--port",
+                                        str(GNUTLS_PORT), pair.b.ip4), input=request,
+                             text=True, capture_output=True, timeout=30)
         assert "404 Not Found" in out.stdout, out.stdout + out.stderr
-        wait_for(lambda: len(_http_rows(collector)) >= 2, 20, "2 plaintext HTTP events")
-        assert sensor.stop() == 0
-        wait_for(lambda: _flows(collector, 443), 20, "the wire flow")
+        wait_for(lambda: len(_http_rows(collector, GNUTLS_PORT)) >= 2, 30,
+                 "2 plaintext HTTP events and the wire flow")
     finally:
-        sensor.kill()
         stop(srv)
-    rows = _http_rows(collector, ours=True)
+    rows = _http_rows(collector, GNUTLS_PORT)
     assert [(r["method"], r["path"], r["status"]) for r in rows] == [
         ("GET", "/a.txt", 200), ("GET", "/gone", 404)]
 
@@ -191,39 +216,53 @@ time.sleep(30)
 """
 
 
-def test_late_process_and_library_without_symbols(pair, collector, tmp_path):
+def _fake_warnings(sensor) -> list[str]:
+    return [line for line in sensor.stderr_now().splitlines()
+            if "libssl.so.3" in line and "fake" in line]
+
+
+def test_late_process_and_library_without_symbols(shared, tmp_path):
     """A client started after the sensor is seen; a mapped libssl.so.3 without SSL_read
     and SSL_write gives one warning naming it, and the sensor keeps running."""
+    pair, collector, sensor = shared.pair, shared.collector, shared.sensor
     fake = tmp_path / "fake" / "libssl.so.3"
     fake.parent.mkdir()
     shutil.copy(next(p for p in ("/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1")
                      if __import__("os").path.exists(p)), fake)
-    srv = nginx(pair.b, tmp_path)
-    sensor = Sensor(_args(pair, collector, tmp_path, "--set", "tls_plaintext.rescan=1s"),
-                    workdir=tmp_path)
+    srv = nginx(pair.b, tmp_path, port=LATE_PORT)
     holder = None
     try:
-        wait_tcp(pair.a, pair.b.ip4, 443)
-        sensor.start()
+        wait_tcp(pair.a, pair.b.ip4, LATE_PORT)
         holder = subprocess.Popen([sys.executable, "-c", NO_SYMBOLS, str(fake)],
                                   stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "mapped"
-        time.sleep(2.5)   # two rescans
-        out = _curl_keepalive(pair, [("GET", "/a.txt"), ("GET", "/late")])
+        wait_for(lambda: _fake_warnings(sensor), 10, "the warning naming the library",
+                 interval_s=0.1)
+        warned = time.monotonic()
+        out = _curl_keepalive(pair, LATE_PORT, [("GET", "/a.txt"), ("GET", "/late")])
         assert out.stdout.split()[0::2] == ["200", "404"]
-        wait_for(lambda: len(_http_rows(collector)) >= 2, 20, "the late client's events")
-        assert sensor.stop() == 0
-        wait_for(lambda: _flows(collector, 443), 20, "the wire flow")
+        wait_for(lambda: len(_http_rows(collector, LATE_PORT)) >= 2, 30,
+                 "the late client's events and the wire flow")
+        # Two more rescans (1 s apart) with the library still mapped: still one warning.
+        time.sleep(max(0.0, warned + 2.5 - time.monotonic()))
+        warnings = _fake_warnings(sensor)
     finally:
-        sensor.kill()
         stop(srv)
         if holder is not None:
             holder.kill()
             holder.wait()
-    rows = _http_rows(collector, ours=True)
+    rows = _http_rows(collector, LATE_PORT)
     assert [(r["path"], r["status"]) for r in rows] == [("/a.txt", 200), ("/late", 404)]
-    warnings = [line for line in sensor.stderr.splitlines() if "libssl.so.3" in line
-                and "fake" in line]
-    assert len(warnings) == 1, sensor.stderr
+    assert len(warnings) == 1, sensor.stderr_now()
     assert "no SSL_read or SSL_write symbol" in warnings[0]
+    assert sensor.proc.poll() is None, "the sensor stopped after the warning"
+
+
+def test_the_shared_sensor_stops_cleanly(shared):
+    """After every test above: SIGTERM stops the sensor with 0, nothing went wrong on
+    the way (no traceback), and the library without symbols was named once in all."""
+    sensor = shared.sensor
+    assert sensor.stop() == 0, sensor.stderr
     assert "Traceback" not in sensor.stderr
+    assert len([line for line in sensor.stderr.splitlines()
+                if "libssl.so.3" in line and "fake" in line]) <= 1
