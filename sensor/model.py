@@ -11,6 +11,7 @@ not three stages later in the collector.
 from __future__ import annotations
 
 import enum
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -247,6 +248,26 @@ class Flow:
             object.__setattr__(self, "flow_end_reason", FlowEndReason(self.flow_end_reason))
 
 
+_PRINCIPAL = re.compile(r"p:[0-9a-f]{16}\Z")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpCredential:
+    """One credential a request carried (sensor/l7/principal.py): its kind and, when one
+    was found, the salted hash of its principal. The check on `principal` is the last
+    guard that no credential value reaches a record: anything but the hash is refused."""
+
+    kind: str
+    principal: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind or len(self.kind) > 16:
+            raise ValueError(f"credential kind {self.kind!r} is empty or too long")
+        if self.principal and not _PRINCIPAL.match(self.principal):
+            raise ValueError("credential principal must be \"p:\" + 16 hex digits (a "
+                             "salted hash), never a value")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpEvent:
     method: str = ""
@@ -264,6 +285,9 @@ class HttpEvent:
     # PII occurrences by "type.direction" (sensor/l7/pii.py): counts, never values. A
     # mapping is accepted and converted; dict(event.pii) reads it.
     pii: _registry.Counts = _registry.Counts()
+    # Credentials of this request, one per kind in principal.KINDS order: kinds and
+    # salted principal hashes, never a value.
+    auth: tuple[HttpCredential, ...] = ()
 
     def __post_init__(self) -> None:
         _check_uint("status", self.status, 999)

@@ -20,10 +20,11 @@ from sensor.output import add_output_arguments, open_text, resolve
 FORMATS = ("table", "json", "csv")
 # Columns of the table when --fields does not choose: the rest are in json and csv.
 TABLE_FIELDS = ["service", "method", "path_template", "requests", "status_classes",
-                "last_seen_ns", "auth", "query_params"]
+                "last_seen_ns", "auth_counts", "unauthenticated", "query_params"]
 COLUMNS = ["service", "method", "path_template", "template", "first_seen_ns",
            "last_seen_ns", "requests", "status_classes", "request_content_types",
-           "response_content_types", "auth", "query_params", "request_fields",
+           "response_content_types", "auth", "auth_counts", "authenticated",
+           "unauthenticated", "query_params", "request_fields",
            "response_fields", "sensors"]
 FINDING_COLUMNS = ["kind", "method", "path", "service", "detail"]
 # Exit status of `api diff` with --fail when it found shadow, zombie or drift.

@@ -173,6 +173,14 @@ class Endpoint:
     request_content_types: set[str] = field(default_factory=set)
     response_content_types: set[str] = field(default_factory=set)
     auth: set[str] = field(default_factory=set)
+    # Requests by credential kind, and requests with any / without any credential (the
+    # event's own auth, per request: a keep-alive connection that mixes public and
+    # authenticated requests marks only the authenticated ones). An endpoint stored
+    # before these were counted has kinds without counts: its requests are more than
+    # authenticated + unauthenticated.
+    auth_counts: dict[str, int] = field(default_factory=dict)
+    authenticated: int = 0
+    unauthenticated: int = 0
     query_params: set[str] = field(default_factory=set)
     request_fields: dict[str, list[str]] = field(default_factory=dict)
     response_fields: dict[str, list[str]] = field(default_factory=dict)
@@ -200,8 +208,14 @@ class Endpoint:
         if tx.response_content_type:
             _add_capped(self.response_content_types, (media_type(tx.response_content_type),),
                         MAX_CONTENT_TYPES)
-        if tx.auth:
-            self.auth.update(a for a in tx.auth if a in AUTH_KINDS)
+        kinds = [a for a in tx.auth if a in AUTH_KINDS]
+        if kinds:
+            self.auth.update(kinds)
+            for a in kinds:
+                self.auth_counts[a] = self.auth_counts.get(a, 0) + 1
+            self.authenticated += 1
+        else:
+            self.unauthenticated += 1
         if query:
             _add_capped(self.query_params,
                         (k for k, _ in parse_qsl(query, keep_blank_values=True) if k),
@@ -229,6 +243,11 @@ class Endpoint:
         _add_capped(self.response_content_types, other.response_content_types,
                     MAX_CONTENT_TYPES)
         self.auth |= other.auth
+        for a, n in other.auth_counts.items():
+            if a in AUTH_KINDS:
+                self.auth_counts[a] = self.auth_counts.get(a, 0) + n
+        self.authenticated += other.authenticated
+        self.unauthenticated += other.unauthenticated
         _add_capped(self.query_params, other.query_params, MAX_QUERY_NAMES)
         _merge_fields(self.request_fields, other.request_fields)
         _merge_fields(self.response_fields, other.response_fields)
@@ -245,7 +264,9 @@ class Endpoint:
             "requests": self.requests, "status_classes": dict(sorted(self.status_classes.items())),
             "request_content_types": sorted(self.request_content_types),
             "response_content_types": sorted(self.response_content_types),
-            "auth": sorted(self.auth), "query_params": sorted(self.query_params),
+            "auth": sorted(self.auth), "auth_counts": dict(sorted(self.auth_counts.items())),
+            "authenticated": self.authenticated, "unauthenticated": self.unauthenticated,
+            "query_params": sorted(self.query_params),
             "request_fields": dict(sorted(self.request_fields.items())),
             "response_fields": dict(sorted(self.response_fields.items())),
             "sensors": sorted(self.sensors),
@@ -260,7 +281,11 @@ class Endpoint:
             requests=int(d["requests"]), status_classes=dict(d["status_classes"]),
             request_content_types=set(d["request_content_types"]),
             response_content_types=set(d["response_content_types"]),
-            auth=set(d["auth"]), query_params=set(d["query_params"]),
+            auth=set(d["auth"]),
+            auth_counts={k: int(v) for k, v in d.get("auth_counts", {}).items()},
+            authenticated=int(d.get("authenticated", 0)),
+            unauthenticated=int(d.get("unauthenticated", 0)),
+            query_params=set(d["query_params"]),
             request_fields={k: list(v) for k, v in d["request_fields"].items()},
             response_fields={k: list(v) for k, v in d["response_fields"].items()},
             sensors=set(d["sensors"]),

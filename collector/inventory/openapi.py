@@ -4,7 +4,12 @@ spec(): one path item per path template, one operation per method; path paramete
 the template's markers (typed by templates.SCHEMAS), query parameters from the names
 seen, request and response bodies from the JSON fields seen (dotted names rebuilt into
 nested object schemas), responses per status class ("2XX"), security schemes per auth
-kind seen. Endpoints of several services go into one document (paths of the same
+kind seen (components), and an operation's `security` only when every request of it
+was seen to carry a credential: its alternatives are the kinds seen (any one of them
+satisfies it, as OpenAPI reads a list). An operation with some requests without one
+declares none: the observation says it is served without authentication. The cookie
+and API key names are not observed (only kinds are kept), so they are the common ones.
+Endpoints of several services go into one document (paths of the same
 template merge); `--service` gives one service's document.
 
 diff(): observed endpoints matched to the spec's operations by method and path, where a
@@ -97,9 +102,11 @@ def _operation(ep: dict) -> dict:
                                for t in ep["response_content_types"]}
         responses[cls.upper()] = resp
     op["responses"] = responses or {"default": {"description": "no response seen"}}
-    security = [{_SECURITY[a][0]: []} for a in ep["auth"] if a in _SECURITY]
-    if security:
-        op["security"] = security
+    requests = ep.get("requests", 0)
+    if requests and ep.get("authenticated", 0) == requests:
+        security = [{_SECURITY[a][0]: []} for a in ep["auth"] if a in _SECURITY]
+        if security:
+            op["security"] = security
     return op
 
 

@@ -65,11 +65,17 @@ def _transactions(tables: list):
                 request_content_type=cols["request_content_type"][i],
                 response_content_type=cols["response_content_type"][i],
                 sensor_id=cols["sensor_id"][i],
-                auth=tuple(cols["auth"][i] or ()) if "auth" in cols else (),
+                auth=_kinds(cols["auth"][i]) if "auth" in cols else (),
                 request_fields=_fields(cols, "request_fields", i),
                 response_fields=_fields(cols, "response_fields", i),
                 pii=_fields(cols, "pii", i),
             )
+
+
+def _kinds(creds) -> tuple[str, ...]:
+    """Credential kinds of an event's auth column: HttpCredential structs (kind,
+    principal), or kind names."""
+    return tuple(c["kind"] if isinstance(c, dict) else c for c in creds or ())
 
 
 def _fields(cols: dict, name: str, i: int) -> dict | None:
@@ -209,10 +215,35 @@ def to_proto(d: dict, pb):
         last_seen_ns=d["last_seen_ns"], requests=d["requests"],
         status_classes=d["status_classes"],
         request_content_types=d["request_content_types"],
-        response_content_types=d["response_content_types"], auth=d["auth"],
+        response_content_types=d["response_content_types"], auth=_auth_entries(d),
         query_params=d["query_params"], request_fields=fields(d["request_fields"]),
         response_fields=fields(d["response_fields"]), sensors=d["sensors"],
     )
+
+
+def _auth_entries(d: dict) -> list[str]:
+    """Endpoint.auth on the wire: each kind as "kind:requests", then "any:N" and
+    "none:N", requests with any and without any credential (observer.proto); a kind
+    stored before counts were kept goes bare."""
+    counts = d.get("auth_counts", {})
+    out = [f"{k}:{counts[k]}" if k in counts else k for k in d["auth"]]
+    if d.get("authenticated") or d.get("unauthenticated"):
+        out += [f"any:{d.get('authenticated', 0)}", f"none:{d.get('unauthenticated', 0)}"]
+    return out
+
+
+def _auth_from(entries) -> dict:
+    kinds, counts, totals = [], {}, {"any": 0, "none": 0}
+    for entry in entries:
+        kind, _, n = entry.partition(":")
+        if kind in totals:
+            totals[kind] = int(n or 0)
+            continue
+        kinds.append(kind)
+        if n.isdigit():
+            counts[kind] = int(n)
+    return {"auth": kinds, "auth_counts": counts, "authenticated": totals["any"],
+            "unauthenticated": totals["none"]}
 
 
 def from_proto(msg) -> dict:
@@ -224,7 +255,7 @@ def from_proto(msg) -> dict:
         "status_classes": dict(sorted(msg.status_classes.items())),
         "request_content_types": list(msg.request_content_types),
         "response_content_types": list(msg.response_content_types),
-        "auth": list(msg.auth), "query_params": list(msg.query_params),
+        **_auth_from(msg.auth), "query_params": list(msg.query_params),
         "request_fields": {k: list(v.types) for k, v in sorted(msg.request_fields.items())},
         "response_fields": {k: list(v.types) for k, v in sorted(msg.response_fields.items())},
         "sensors": list(msg.sensors),

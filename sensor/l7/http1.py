@@ -78,7 +78,7 @@ _INTERESTING = frozenset((
     b"host", b"user-agent", b"content-type", b"content-length", b"transfer-encoding",
     b"connection", b"upgrade",
     # credentials: only their kinds and a salted hash of the principal are kept
-    # (sensor/l7/principal.py), in the flow's summary
+    # (sensor/l7/principal.py), in the event's auth and the flow's summary
     *principal.HEADERS,
 ))
 # First letters (lower case) of those names: most other lines are passed over on one test.
@@ -93,7 +93,7 @@ class _Txn:
         "method", "host", "path", "version", "user_agent", "req_ctype", "req_body",
         "req_ts", "req_done", "status", "reason", "resp_ctype", "resp_body", "resp_ts",
         "resp_done", "is_head", "is_connect", "wants_upgrade", "head", "req_data", "want",
-        "resp_data", "resp_want",
+        "resp_data", "resp_want", "auth",
     )
 
     def __init__(self) -> None:
@@ -120,6 +120,7 @@ class _Txn:
         self.want = 0                         # body bytes still to capture
         self.resp_data: bytearray | None = None  # response body sample for PII counts
         self.resp_want = 0
+        self.auth: tuple = ()                 # credentials: kinds and principal hashes
 
     def transaction(self, pii: Scanner | None = None) -> Transaction:
         latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
@@ -129,7 +130,7 @@ class _Txn:
             request_content_type=self.req_ctype, response_content_type=self.resp_ctype,
             request_body_len=self.req_body, response_body_len=self.resp_body,
             latency_ns=latency if latency > 0 else 0,
-            pii=self._pii(pii) if pii is not None else _NO_PII,
+            pii=self._pii(pii) if pii is not None else _NO_PII, auth=self.auth,
         )
         if event.pii and pii is not None:
             # What was counted must not stay in the record's own text fields.
@@ -616,10 +617,12 @@ class Http1Parser:
         if txn.host and not self._host:
             self._host = txn.host
         if not headers.keys().isdisjoint(principal.HEADERS):
-            kinds, who = principal.of_headers(headers)
-            self._auth.update(kinds)
-            if who and not self._principal:
-                self._principal = who
+            # Per request (the event's auth) and per connection (the flow's summary).
+            txn.auth = creds = principal.credentials(headers)
+            for cred in creds:
+                self._auth.add(cred.kind)
+                if cred.principal and not self._principal:
+                    self._principal = cred.principal
         ua = headers.get(b"user-agent")
         if ua:
             txn.user_agent = _text(ua[0])

@@ -46,8 +46,9 @@ from hpack.exceptions import HPACKError
 from sensor.l7 import principal
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.redact import redact_target, strip_userinfo
-from sensor.l7.pii import Scanner, scrub_target
+from sensor.l7.pii import REDACTED, Scanner, has_pii, scrub_target
 from sensor.l7.registry import Counts, Filter, FramingHints, KernelWalk, Protocol
+from sensor.model import HttpCredential
 
 _OK, _DONE, _ERROR = ParserState.OK, ParserState.DONE, ParserState.ERROR
 
@@ -76,6 +77,10 @@ MAX_TABLE = 64 * 1024
 # are cut and the event is marked truncated.
 MAX_VALUE = 2048
 MAX_GRPC_MESSAGE = 512   # grpc-message is human-readable status text
+# Body octets held for PII counting across the connection's open streams: each stream
+# takes up to the scanner's body_bytes/response_bytes, and 1024 open streams would hold
+# 12 MiB; past this a stream's body is not captured (its header fields still count).
+MAX_PII_HELD = 256 * 1024
 
 _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WINDOW, _CONT = range(10)
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIO_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
@@ -130,6 +135,7 @@ class Http2Event:
     ended: bool = True              # closed by END_STREAM/RST_STREAM (False: cut short)
     truncated: bool = False         # a value was cut to its bound, or messages were lost
     pii: Counts = Counts()          # as HttpEvent.pii (sensor/l7/pii.py)
+    auth: tuple[HttpCredential, ...] = ()   # as HttpEvent.auth (sensor/l7/principal.py)
 
     def __post_init__(self) -> None:
         if type(self.pii) is not Counts:
@@ -185,7 +191,7 @@ class _Stream:
     __slots__ = ("sid", "method", "host", "path", "ua", "req_ctype", "resp_ctype", "status",
                  "body", "req_ts", "resp_ts", "service", "rpc", "grpc", "gstatus", "gmessage",
                  "msgs", "gleft", "ghead", "glost", "ended", "reset", "pushed", "truncated",
-                 "final", "pii")
+                 "final", "pii", "auth", "data", "want")
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
@@ -209,22 +215,39 @@ class _Stream:
         self.truncated = False
         self.final = False              # the final (non-1xx) response headers were seen
         self.pii: dict | None = None    # PII counts of the request's header fields
+        self.auth: tuple = ()           # credentials: kinds and principal hashes
+        # Body prefixes captured for PII counting, by direction, and octets still wanted.
+        self.data: list[bytearray | None] = [None, None]
+        self.want = [0, 0]
 
-    def event(self, ended: bool) -> Transaction:
+    def event(self, ended: bool, pii: Scanner | None = None) -> Transaction:
         latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
         ts = self.req_ts if self.req_ts >= 0 else max(self.resp_ts, 0)
+        counts = self.pii
+        if pii is not None and (self.data[0] or self.data[1]):
+            # The bodies are counted and dropped here: only the counts go on.
+            counts = dict(counts or {})
+            for d, direction, ctype in ((0, "request", self.req_ctype),
+                                        (1, "response", self.resp_ctype)):
+                if self.data[d]:
+                    pii.body(bytes(self.data[d]), ctype, direction, counts,
+                             grpc=self.grpc[d])
+            self.data = [None, None]
+        ua = self.ua
+        if counts and ua and has_pii(ua, ip=False):
+            ua = REDACTED
         return Transaction(ts, Http2Event(
             stream_id=self.sid, method=self.method, host=self.host,
             # What was counted must not stay in the path (sensor/l7/pii.py).
-            path=scrub_target(self.path) if self.pii else self.path,
-            status=self.status, user_agent=self.ua, request_content_type=self.req_ctype,
+            path=scrub_target(self.path) if counts else self.path,
+            status=self.status, user_agent=ua, request_content_type=self.req_ctype,
             response_content_type=self.resp_ctype, request_body_len=self.body[0],
             response_body_len=self.body[1], latency_ns=latency if latency > 0 else 0,
             grpc_service=self.service, grpc_method=self.rpc, grpc_status=self.gstatus,
             grpc_message=self.gmessage, grpc_request_messages=self.msgs[0],
             grpc_response_messages=self.msgs[1], reset=self.reset, pushed=self.pushed,
             ended=ended, truncated=self.truncated or self.glost,
-            pii=self.pii or _NO_PII,
+            pii=counts or _NO_PII, auth=self.auth,
         ))
 
 
@@ -238,8 +261,12 @@ class Http2Parser:
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
         # PII counting (sensor/l7/pii.py): the request's header fields and :path, as the
-        # HTTP/1 parser counts a request head; DATA is not captured here.
+        # HTTP/1 parser counts a request head, and a prefix of each body as HTTP/1 does
+        # (requests with bodies, sampled textual responses, gRPC messages both ways),
+        # held at most MAX_PII_HELD octets per connection and dropped at the event.
         self.pii = pii
+        self._responses = 0       # final responses seen (the scanner's sampling)
+        self._pii_held = 0        # body octets held for PII counting
         self.state = _OK
         self.error = ""
         self.redact = redact
@@ -325,6 +352,8 @@ class Http2Parser:
             return 0
         left = self._left[d]
         s = self._body_stream[d]
+        if s is not None and s.want[d]:
+            return 0   # a body prefix for PII counting: its octets are read
         if s is None or not s.grpc[d] or s.glost:
             return left
         content = left - self._pad[d]
@@ -450,11 +479,23 @@ class Http2Parser:
             c = n if n < content else content
             if s is not None and c > 0:
                 s.body[d] += c
+                if s.want[d]:
+                    self._capture(s, d, data, pos, c)
                 if s.grpc[d] and not s.glost:
                     self._messages(s, d, data, pos, c)
         self._left[d] = left - n
         if left == n:
             self._frame_done(d)
+
+    def _capture(self, s: _Stream, d: int, data: bytes, pos: int, n: int) -> None:
+        """Keep up to the stream's remaining want of n body octets at data[pos:]."""
+        k = min(n, s.want[d], MAX_PII_HELD - self._pii_held)
+        if k <= 0:
+            s.want[d] = 0
+            return
+        s.data[d] += data[pos:pos + k]
+        s.want[d] -= k
+        self._pii_held += k
 
     @staticmethod
     def _messages(s: _Stream, d: int, data: bytes | None, pos: int, n: int) -> None:
@@ -514,6 +555,7 @@ class Http2Parser:
                 c = min(take, left - self._pad[d])
                 if c > 0:
                     s.body[d] += c
+                    s.want[d] = 0   # what follows a hole is not the prefix's text
                     if s.grpc[d] and not s.glost:
                         self._messages(s, d, None, 0, c)
             self._left[d] = left - take
@@ -689,18 +731,23 @@ class Http2Parser:
             if not self._host:
                 self._host = s.host
         if creds is not None:
-            kinds, who = principal.of_headers(creds)
-            self._auth.update(kinds)
-            if who and not self._principal:
-                self._principal = who
-        if self.pii is not None:
-            s.pii = self.pii.request(_as_head(headers), b"", s.req_ctype)
+            # Per stream (the event's auth) and per connection (the flow's summary).
+            s.auth = principal.credentials(creds)
+            for cred in s.auth:
+                self._auth.add(cred.kind)
+                if cred.principal and not self._principal:
+                    self._principal = cred.principal
         if _is_grpc(s.req_ctype):
             s.grpc[0] = s.grpc[1] = True
             if not self._grpc_method and s.rpc:
                 self._grpc_service, self._grpc_method = s.service, s.rpc
         else:
             s.service = s.rpc = ""
+        if self.pii is not None:
+            s.pii = self.pii.request(_as_head(headers), b"", s.req_ctype)
+            if not s.pushed:
+                self._want(s, 0, self.pii.request_body(s.method, s.req_ctype,
+                                                       grpc=s.grpc[0]))
 
     def _response(self, s: _Stream, headers, ts: int) -> None:
         status = None
@@ -728,6 +775,10 @@ class Http2Parser:
             s.resp_ts = ts
             if _is_grpc(s.resp_ctype):
                 s.grpc[1] = True
+            if self.pii is not None:
+                self._want(s, 1, self.pii.response_body(s.resp_ctype, self._responses,
+                                                        grpc=s.grpc[1]))
+                self._responses += 1
 
     def _end(self, s: _Stream, d: int) -> None:
         s.ended[d] = True
@@ -741,8 +792,17 @@ class Http2Parser:
             if self._body_stream[i] is s:
                 self._body_stream[i] = None
 
+    def _want(self, s: _Stream, d: int, want: int) -> None:
+        if want > 0:
+            s.data[d] = bytearray()
+            s.want[d] = want
+
     def _emit(self, s: _Stream, ended: bool) -> None:
-        self._out.append(s.event(ended))
+        for d in (0, 1):
+            if s.data[d] is not None:
+                self._pii_held -= len(s.data[d])
+            s.want[d] = 0
+        self._out.append(s.event(ended, self.pii))
         self.transactions += 1
 
     def _flush(self) -> None:

@@ -403,6 +403,25 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def grpc_messages(body: bytes) -> bytes:
+    """The payloads of the uncompressed gRPC messages (1 octet compressed flag, 4 octets
+    big-endian length, the message) in a captured body prefix, newline-joined; the last
+    may be cut at the capture bound. A protobuf message keeps its strings as plain
+    UTF-8, so the text patterns find them; its binary tags and lengths are control
+    octets as a rule (a length of 48-57 reads as an ASCII digit before its string: a
+    rare miss, never a kept value), and the newline keeps a match from crossing two
+    messages. A compressed message is passed over: its octets
+    are not its text."""
+    out = []
+    pos, end = 0, len(body)
+    while pos + 5 <= end:
+        length = int.from_bytes(body[pos + 1:pos + 5], "big")
+        if not body[pos]:
+            out.append(body[pos + 5:pos + 5 + length])
+        pos += 5 + length
+    return b"\n".join(out)
+
+
 def body_pairs(body: bytes, content_type: str) -> list[tuple[str, str]]:
     """Form fields or JSON leaves as (name, value); any other body as one ("", text)."""
     if not body:
@@ -435,17 +454,19 @@ class Scanner:
     response_bytes: int = DEFAULT_RESPONSE_BYTES
     response_every: int = 1
 
-    def request_body(self, method: str, content_type: str) -> int:
+    def request_body(self, method: str, content_type: str, *, grpc: bool = False) -> int:
+        """Bytes of this request body to capture; grpc: the body is gRPC messages
+        (HTTP/2), whose protobuf strings are read as text (grpc_messages)."""
         if not self.body_bytes or method in ("GET", "HEAD", "OPTIONS"):
             return 0
-        if content_type and not _TEXTUAL.search(content_type):
+        if content_type and not grpc and not _TEXTUAL.search(content_type):
             return 0
         return self.body_bytes
 
-    def response_body(self, content_type: str, seq: int) -> int:
+    def response_body(self, content_type: str, seq: int, *, grpc: bool = False) -> int:
         """Bytes of this response body to sample; seq counts the parser's responses."""
         if not self.response_bytes or not self.response_every \
-                or not content_type or not _TEXTUAL.search(content_type):
+                or not content_type or not (grpc or _TEXTUAL.search(content_type)):
             return 0
         return self.response_bytes if seq % self.response_every == 0 else 0
 
@@ -491,9 +512,19 @@ class Scanner:
     def response(self, body: bytes, content_type: str,
                  counts: dict[str, int] | None = None) -> dict[str, int]:
         """Counts of a sampled response body prefix."""
+        return self.body(body, content_type, "response", counts)
+
+    def body(self, body: bytes, content_type: str, direction: str,
+             counts: dict[str, int] | None = None, *, grpc: bool = False) -> dict[str, int]:
+        """Counts of a captured body prefix alone (HTTP/2 DATA, whose header fields are
+        counted apart); grpc: the prefix is gRPC length-prefixed messages."""
         counts = {} if counts is None else counts
-        values = count_fields(body_pairs(body, content_type)[:MAX_VALUES], counts, "response")
-        count_text("\n".join(values), counts, "response")
+        if grpc:
+            pairs = [("", _text(grpc_messages(body)))]
+        else:
+            pairs = body_pairs(body, content_type)
+        values = count_fields(pairs[:MAX_VALUES], counts, direction)
+        count_text("\n".join(values), counts, direction)
         return counts
 
     def values(self, pairs, direction: str,

@@ -21,6 +21,8 @@ import binascii
 import hashlib
 import json
 
+from sensor.model import HttpCredential
+
 SALT = b"loupe-principal-v1\0"
 # A credential longer than this is not decoded (a JWT with many claims is ~1-2 KiB).
 MAX_VALUE = 8192
@@ -59,28 +61,40 @@ def _jwt_sub(token: bytes) -> str:
     return sub if isinstance(sub, str) and sub else ""
 
 
-def of_headers(headers: dict[bytes, list[bytes]]) -> tuple[tuple[str, ...], str]:
-    """(credential kinds present, in a fixed order; principal hash or "") of a request's
-    headers (lower-cased names -> values)."""
-    kinds: list[str] = []
-    principal = ""
+def credentials(headers: dict[bytes, list[bytes]]) -> tuple[HttpCredential, ...]:
+    """The credentials of a request's headers (lower-cased names -> values), one per kind
+    in KINDS order, each with the salted hash of its principal or "" (the first one
+    found: a request with two bearer tokens names the caller of the first that has one)."""
+    found: dict[str, str] = {}
     for value in headers.get(b"authorization", ()):
         scheme, _, cred = value.partition(b" ")
         scheme = scheme.lower()
+        who = ""
         if scheme == b"bearer":
-            kinds.append("bearer")
-            if not principal and len(cred) <= MAX_VALUE:
+            if len(cred) <= MAX_VALUE:
                 sub = _jwt_sub(cred.strip())
-                principal = _hash("jwt", sub) if sub else ""
+                who = _hash("jwt", sub) if sub else ""
         elif scheme == b"basic":
-            kinds.append("basic")
-            if not principal and len(cred) <= MAX_VALUE:
+            if len(cred) <= MAX_VALUE:
                 raw = _b64(cred, urlsafe=False)
                 if raw is not None and b":" in raw:
                     user = raw.partition(b":")[0].decode("utf-8", "replace")
-                    principal = _hash("basic", user) if user else ""
+                    who = _hash("basic", user) if user else ""
+        else:
+            continue
+        kind = scheme.decode()
+        if not found.get(kind):
+            found[kind] = who
     if headers.get(b"cookie"):
-        kinds.append("cookie")
+        found["cookie"] = ""
     if any(headers.get(h) for h in API_KEY_HEADERS):
-        kinds.append("api_key")
-    return tuple(dict.fromkeys(kinds)), principal
+        found["api_key"] = ""
+    return tuple(HttpCredential(kind=k, principal=found[k]) for k in KINDS if k in found)
+
+
+def of_headers(headers: dict[bytes, list[bytes]]) -> tuple[tuple[str, ...], str]:
+    """(credential kinds present, in a fixed order; principal hash or "") of a request's
+    headers (lower-cased names -> values)."""
+    creds = credentials(headers)
+    return (tuple(c.kind for c in creds),
+            next((c.principal for c in creds if c.principal), ""))

@@ -36,6 +36,9 @@ VALUES = {
 NEAR_MISSES = ["4111111111111112", "GB82WEST12345698765433", "000-12-3456", "666-12-3456",
                "123-00-4567", "912-34-5678"]
 SERVER, CLIENT = "198.18.30.2", "198.18.30.1"
+# An HTTP/2 Basic credential's user and password: neither may reach an output (the
+# event keeps only the kind and the user's salted hash).
+H2_USER, H2_PASSWORD = "planted-h2-user-5521", "planted-h2-pw-8830"
 
 
 def _request(method: str, target: str, headers: dict, body: bytes = b"") -> bytes:
@@ -96,13 +99,82 @@ def planted_strings() -> list[str]:
     for values in list(VALUES.values()) + [NEAR_MISSES]:
         for x in values:
             out.update((x, quote(x, safe=""), quote_plus(x)))
+    out.update((H2_USER, H2_PASSWORD, _basic()))
     # Separator-free forms of the spaced values too (a sink that normalises).
     out.update(x.replace(" ", "") for x in list(out) if " " in x)
     return sorted(out)
 
 
-def write_capture(path: Path) -> list:
-    """A pcap of the exchanges, one TCP connection each; returns exchanges()."""
+def _basic() -> str:
+    return base64.b64encode(f"{H2_USER}:{H2_PASSWORD}".encode()).decode()
+
+
+def _h2_frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + \
+        sid.to_bytes(4, "big") + payload
+
+
+def _pb_string(field: int, text: str) -> bytes:
+    """A protobuf string field (wire type 2): tag, varint length (< 128 here), UTF-8."""
+    raw = text.encode()
+    assert len(raw) < 128
+    return bytes((field << 3 | 2, len(raw))) + raw
+
+
+def _grpc_message(*fields: bytes) -> bytes:
+    msg = b"".join(fields)
+    return b"\0" + len(msg).to_bytes(4, "big") + msg
+
+
+def h2_exchanges():
+    """(client bytes, server bytes, [(endpoint, expected counts), ...]) of one h2c
+    connection (prior knowledge; HPACK by the hpack library): a JSON POST whose body is
+    split over two DATA frames inside a card number, with a Basic credential, answered
+    with a JSON body that leaks; and a unary gRPC call whose protobuf messages carry
+    values both ways."""
+    from hpack import Encoder
+
+    from sensor.l7.http2 import PREFACE
+
+    v = VALUES
+    enc_c, enc_s = Encoder(), Encoder()
+    body = json.dumps({"email": v["email"][1], "card": v["card"][2],
+                       "iban": v["iban"][1]}).encode()
+    cut = body.index(v["card"][2].encode()) + 6
+    leak = json.dumps({"ssn": v["ssn"][0], "ip": v["ip"][0]}).encode()
+    grpc_req = _grpc_message(_pb_string(1, v["email"][0]), _pb_string(2, v["phone"][1]))
+    grpc_resp = _grpc_message(_pb_string(1, v["card"][0]))
+    client = PREFACE + _h2_frame(4, 0, 0, b"") + _h2_frame(1, 0x4, 1, enc_c.encode([
+        (":method", "POST"), (":scheme", "http"), (":authority", SERVER),
+        (":path", "/api/h2/profile"), ("content-type", "application/json"),
+        ("authorization", f"Basic {_basic()}")])) + \
+        _h2_frame(0, 0, 1, body[:cut]) + _h2_frame(0, 0x1, 1, body[cut:]) + \
+        _h2_frame(1, 0x4, 3, enc_c.encode([
+            (":method", "POST"), (":scheme", "http"), (":authority", SERVER),
+            (":path", "/planted.Profile/Get"), ("content-type", "application/grpc"),
+            ("te", "trailers")])) + _h2_frame(0, 0x1, 3, grpc_req)
+    server = _h2_frame(4, 0, 0, b"") + _h2_frame(4, 0x1, 0, b"") + \
+        _h2_frame(1, 0x4, 1, enc_s.encode([(":status", "200"),
+                                           ("content-type", "application/json")])) + \
+        _h2_frame(0, 0x1, 1, leak) + \
+        _h2_frame(1, 0x4, 3, enc_s.encode([(":status", "200"),
+                                           ("content-type", "application/grpc")])) + \
+        _h2_frame(0, 0, 3, grpc_resp) + \
+        _h2_frame(1, 0x5, 3, enc_s.encode([("grpc-status", "0")]))
+    expected = [
+        (("POST", "/api/h2/profile"),
+         {"email.request": 1, "card.request": 1, "iban.request": 1, "ssn.response": 1,
+          "ip.response": 1}),
+        (("POST", "/planted.Profile/Get"),
+         {"email.request": 1, "phone.request": 1, "card.response": 1}),
+    ]
+    return client, server, expected
+
+
+def write_capture(path: Path, *, h2: bool = False) -> list:
+    """A pcap of the exchanges, one TCP connection each; returns exchanges(). h2: and
+    the HTTP/2 connection of h2_exchanges() after them (its expectations are not in the
+    list returned)."""
     from scapy.utils import wrpcap
 
     pkts = []
@@ -110,5 +182,9 @@ def write_capture(path: Path) -> list:
     for i, (req, resp, _, _) in enumerate(ex):
         pkts += _tcp_conversation(CLIENT, SERVER, 41000 + i, 80,
                                   [(True, req), (False, resp)], t0=1_700_000_000.0 + i)
+    if h2:
+        client, server, _ = h2_exchanges()
+        pkts += _tcp_conversation(CLIENT, SERVER, 41100, 80, [(True, client), (False, server)],
+                                  t0=1_700_000_010.0)
     wrpcap(str(path), pkts)
     return ex

@@ -1,5 +1,6 @@
 """PII end to end: planted values in request bodies, query strings, headers and a response
-body, in a capture that `loupe replay --pii` reads and sends to a real collector. The
+body (HTTP/1), and in HTTP/2 DATA and gRPC messages both ways with a Basic credential, in
+a capture that `loupe replay --pii` reads and sends to a real collector. The
 counts arrive per type and endpoint (records, `loupe pii`, after a restart too), and no
 planted value, plain or URL-encoded, is in any output: JSON lines, EVE, Parquet and CSV
 (replay and the collector's export), the sensor's and the collector's logs, the
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from tests.conftest import REPO
 from tests.export.collector_proc import free_port
-from tests.pii.planted import planted_strings, write_capture
+from tests.pii.planted import h2_exchanges, planted_strings, write_capture
 
 LOUPE = str(Path(sys.executable).with_name("loupe"))
 TEMPLATES = {("POST", "/api/signup"): ("POST", "/api/signup"),
@@ -100,7 +101,8 @@ def _parquet_text(paths) -> str:
 
 def test_planted_values_are_counted_per_endpoint_and_never_output(tmp_path):
     planted = planted_strings()
-    exchanges = write_capture(tmp_path / "planted.pcap")
+    exchanges = write_capture(tmp_path / "planted.pcap", h2=True)
+    h2_expected = dict(h2_exchanges()[2])
     cap = tmp_path / "planted.pcap"
     assert all(p.encode() in cap.read_bytes() for p in ("4111111111111111", "GB82WEST12345698765432"))
     logs: list[str] = []
@@ -122,6 +124,13 @@ def test_planted_values_are_counted_per_endpoint_and_never_output(tmp_path):
     # The query values that held PII are gone from the record's path.
     pay = next(e["detail"]["path"] for e in http if e["detail"]["path"].startswith("/api/pay"))
     assert pay == "/api/pay?ssn=REDACTED&card=REDACTED&ip=REDACTED"
+    # HTTP/2: the bodies' counts (a card cut between two DATA frames, gRPC protobuf
+    # strings), the request's credential as its kind and the user's salted hash.
+    h2 = {(e["detail"]["method"], e["detail"]["path"]): e["detail"]
+          for e in events if e["type"] == "http2"}
+    assert {k: v["pii"] for k, v in h2.items()} == h2_expected
+    assert [c["kind"] for c in h2[("POST", "/api/h2/profile")]["auth"]] == ["basic"]
+    assert h2[("POST", "/api/h2/profile")]["auth"][0]["principal"].startswith("p:")
     eve = [json.loads(x) for x in (outdir / "r.eve.json").read_text().split("\n") if x]
     assert sorted(json.dumps(e["http"]["pii"], sort_keys=True) for e in eve
                   if e["event_type"] == "http") == sorted(
@@ -153,10 +162,12 @@ def test_planted_values_are_counted_per_endpoint_and_never_output(tmp_path):
         got.setdefault((r["method"], r["path_template"]), {})[f"{r['type']}.{r['direction']}"] \
             = r["count"]
         assert r["first_seen_ns"] <= r["last_seen_ns"] and r["service"] == "198.18.30.2:80"
-    assert got == {TEMPLATES[ep]: expected for _, _, ep, expected in exchanges}
-    # Filters: the response leak of an endpoint without authentication.
-    assert [(json.loads(x)["path_template"], json.loads(x)["count"])
-            for x in leak.splitlines()] == [("/api/account/{id}", 1)]
+    assert got == {TEMPLATES[ep]: expected for _, _, ep, expected in exchanges} | h2_expected
+    # Filters: the response leaks of endpoints without authentication (the HTTP/2 JSON
+    # endpoint leaks too, but its requests carried a Basic credential).
+    assert sorted((json.loads(x)["path_template"], json.loads(x)["count"])
+                  for x in leak.splitlines()) == [("/api/account/{id}", 1),
+                                                  ("/planted.Profile/Get", 1)]
     assert "/api/signup" in table_out and "card" in csv_out
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{col.metrics_port}/metrics",
                                      timeout=10).read()
