@@ -40,6 +40,32 @@ HTTP_COLS = ("method", "path", "status", "source", "community_id", "uid", "src_a
 CURL_PORT, PY_PORT, GNUTLS_PORT, LATE_PORT = 443, 4433, 8443, 9443
 
 
+# The pair, the arguments and _http_rows are for the other test_tls_plaintext_* modules,
+# whose sensors differ from this module's (or whose peers take a while to set up).
+@pytest.fixture
+def pair():
+    with VethPair.create("tp") as p:
+        p.wait_ready()
+        yield p
+
+
+def _args(pair, collector, tmp_path, *extra) -> list[str]:
+    return ["--netns", pair.a.netns, "--iface", pair.a.iface,
+            "--collector", collector.address, "--spool-dir", str(tmp_path / "spool"),
+            "--sensor-id", "tlstest", "--output", "jsonl", "--interval", "0.5",
+            "--tls-plaintext", "--set", "timeouts.tcp_linger=1s",
+            "--set", "export.batch_delay=100ms", *extra]
+
+
+def _http_rows(collector, source: str = "tls_plaintext", *, ours: bool = False) -> list[dict]:
+    """ours: only events of connections this sensor's meter saw (the probes see every
+    process on the host, other tests' namespaces included)."""
+    where = " AND community_id IN (SELECT community_id FROM flows)" if ours else ""
+    rows = query(collector.address, f"SELECT {', '.join(HTTP_COLS)} FROM http "
+                                    f"WHERE source = '{source}'{where} ORDER BY ts_ns")
+    return [dict(zip(HTTP_COLS, r)) for r in rows]
+
+
 class Shared:
     """The module's sensor and what it watches."""
 
@@ -55,13 +81,8 @@ def shared(tmp_path_factory):
         collector = CollectorProcess(workdir / "data").start()
         # rescan=1s: the late test maps a library after the start and waits for the
         # rescans that find it.
-        sensor = Sensor(["--netns", pair.a.netns, "--iface", pair.a.iface,
-                         "--collector", collector.address,
-                         "--spool-dir", str(workdir / "spool"), "--sensor-id", "tlstest",
-                         "--output", "jsonl", "--interval", "0.5", "--tls-plaintext",
-                         "--set", "timeouts.tcp_linger=1s",
-                         "--set", "export.batch_delay=100ms",
-                         "--set", "tls_plaintext.rescan=1s"], workdir=workdir)
+        sensor = Sensor(_args(pair, collector, workdir, "--set", "tls_plaintext.rescan=1s"),
+                        workdir=workdir)
         try:
             sensor.start()
             yield Shared(pair, collector, sensor)
@@ -74,7 +95,7 @@ def shared(tmp_path_factory):
                 collector.stop()
 
 
-def _http_rows(collector, port: int) -> list[dict]:
+def _port_rows(collector, port: int) -> list[dict]:
     """The plaintext events of connections this sensor's meter saw to `port` (the probes
     see every process on the host, other tests' namespaces included)."""
     rows = query(collector.address,
@@ -130,11 +151,11 @@ def test_curl_keepalive_against_nginx(shared, tmp_path):
         assert codes[0::2] == [str(s) for _, _, s in want]
         assert sum(map(int, codes[1::2])) == 1        # one connection: keep-alive
         # The wire flow is exported a linger after curl's FIN, after its events.
-        wait_for(lambda: len(_http_rows(collector, CURL_PORT)) >= 20, 30,
+        wait_for(lambda: len(_port_rows(collector, CURL_PORT)) >= 20, 30,
                  "20 plaintext HTTP events and the wire flow")
     finally:
         stop(srv)
-    rows = _http_rows(collector, CURL_PORT)
+    rows = _port_rows(collector, CURL_PORT)
     assert [(r["method"], r["path"], r["status"]) for r in rows] == want
     assert {r["source"] for r in rows} == {"tls_plaintext"}
     assert {r["src_addr"] for r in rows} == {pair.a.ip4}
@@ -175,11 +196,11 @@ def test_python_ssl_against_openssl_s_server(shared, tmp_path):
                          timeout=60)
         # s_server -WWW answers 200 even for a missing file (with an error text).
         assert out.stdout.split("\n")[:20] == ["HTTP/1.0 200 ok"] * 20, out.stdout
-        wait_for(lambda: len(_http_rows(collector, PY_PORT)) >= 20, 30,
+        wait_for(lambda: len(_port_rows(collector, PY_PORT)) >= 20, 30,
                  "20 plaintext HTTP events and their wire flows")
     finally:
         stop(srv)
-    rows = _http_rows(collector, PY_PORT)
+    rows = _port_rows(collector, PY_PORT)
     assert [(r["method"], r["path"]) for r in rows] == [("GET", p) for p in paths]
     assert [r["status"] for r in rows] == [200] * 20
     assert len({r["uid"] for r in rows}) == 20
@@ -199,11 +220,11 @@ def test_gnutls_cli_against_nginx(shared, tmp_path):
                                         str(GNUTLS_PORT), pair.b.ip4), input=request,
                              text=True, capture_output=True, timeout=30)
         assert "404 Not Found" in out.stdout, out.stdout + out.stderr
-        wait_for(lambda: len(_http_rows(collector, GNUTLS_PORT)) >= 2, 30,
+        wait_for(lambda: len(_port_rows(collector, GNUTLS_PORT)) >= 2, 30,
                  "2 plaintext HTTP events and the wire flow")
     finally:
         stop(srv)
-    rows = _http_rows(collector, GNUTLS_PORT)
+    rows = _port_rows(collector, GNUTLS_PORT)
     assert [(r["method"], r["path"], r["status"]) for r in rows] == [
         ("GET", "/a.txt", 200), ("GET", "/gone", 404)]
 
@@ -241,7 +262,7 @@ def test_late_process_and_library_without_symbols(shared, tmp_path):
         warned = time.monotonic()
         out = _curl_keepalive(pair, LATE_PORT, [("GET", "/a.txt"), ("GET", "/late")])
         assert out.stdout.split()[0::2] == ["200", "404"]
-        wait_for(lambda: len(_http_rows(collector, LATE_PORT)) >= 2, 30,
+        wait_for(lambda: len(_port_rows(collector, LATE_PORT)) >= 2, 30,
                  "the late client's events and the wire flow")
         # Two more rescans (1 s apart) with the library still mapped: still one warning.
         time.sleep(max(0.0, warned + 2.5 - time.monotonic()))
@@ -251,7 +272,7 @@ def test_late_process_and_library_without_symbols(shared, tmp_path):
         if holder is not None:
             holder.kill()
             holder.wait()
-    rows = _http_rows(collector, LATE_PORT)
+    rows = _port_rows(collector, LATE_PORT)
     assert [(r["path"], r["status"]) for r in rows] == [("/a.txt", 200), ("/late", 404)]
     assert len(warnings) == 1, sensor.stderr_now()
     assert "no SSL_read or SSL_write symbol" in warnings[0]
