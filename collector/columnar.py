@@ -81,6 +81,24 @@ def _has_nulls_chunked(col: pa.ChunkedArray) -> bool:
     return False
 
 
+def _expect(name: str, schema: pa.Schema) -> None:
+    """Refuse a table this collector does not store, or a column of a type that cannot
+    become its stored one, from the stream's schema, before its buffers are read."""
+    shape = _SHAPES.get(name)
+    if shape is None:
+        raise ColumnarError(f"columnar batch: table {name!r} holds no record kind this "
+                            f"collector knows ({', '.join(_SHAPES)})")
+    for field in schema:
+        want = shape.field(field.name).type if field.name in shape.names else None
+        if want is None or field.type == want:
+            continue   # an unknown column is ignored (a newer sensor's)
+        try:
+            pa.array([], field.type).cast(want)
+        except (pa.ArrowException, TypeError, ValueError):
+            raise ColumnarError(f"{name}: column {field.name} is {field.type}, which does "
+                                f"not convert to {want}") from None
+
+
 def _conform(name: str, sent: pa.Table) -> pa.Table:
     """`sent` in the stored shape of `name`: its columns, in order, of their types."""
     names = sent.column_names
@@ -211,9 +229,11 @@ def _first_model_error(named: list[tuple[int, str, pa.Table]], order: bytes) -> 
     return None
 
 
-def _decode(batch, identity: str | None) -> tuple[DecodedBatch, dict[str, bytes]]:
+def _decode(batch, identity: str | None,
+            max_bytes: int | None = None) -> tuple[DecodedBatch, dict[str, bytes]]:
     """The decoded batch, and the tables that are stored exactly as sent (their IPC
-    bytes, which the decoder then hands on without writing them again)."""
+    bytes, which the decoder then hands on without writing them again). max_bytes: the
+    bound on the tables' buffers once decompressed (columnar.read_tables)."""
     sensor_id = identity or batch.sensor_id
     if not sensor_id:
         raise SchemaError(
@@ -223,10 +243,9 @@ def _decode(batch, identity: str | None) -> tuple[DecodedBatch, dict[str, bytes]
         raise ColumnarError("a batch carries both records and tables: one encoding per "
                             "batch (RecordBatch.records, or tables and order)")
     named = []
-    for index, (name, sent) in enumerate(columnar.read_tables(batch)):
-        if name not in _SHAPES:
-            raise ColumnarError(f"columnar batch: table {name!r} holds no record kind this "
-                                f"collector knows ({', '.join(_SHAPES)})")
+    for index, (name, sent) in enumerate(columnar.read_tables(
+            batch, columnar.MAX_DECODED_BYTES if max_bytes is None else max_bytes,
+            _expect)):
         if sent.num_rows:
             named.append((index, name, sent, _conform(name, sent)))
     out: dict[str, pa.Table] = {}
@@ -256,16 +275,18 @@ def _decode(batch, identity: str | None) -> tuple[DecodedBatch, dict[str, bytes]
     return decoded, unchanged
 
 
-def decode_columnar(batch, identity: str | None = None) -> DecodedBatch:
+def decode_columnar(batch, identity: str | None = None,
+                    max_bytes: int | None = None) -> DecodedBatch:
     """Columns of every table of a columnar RecordBatch, or SchemaError (ColumnarError).
-    identity: as ingest.decode_batch."""
-    return _decode(batch, identity)[0]
+    identity: as ingest.decode_batch; max_bytes: as _decode."""
+    return _decode(batch, identity, max_bytes)[0]
 
 
-def shipped(batch, identity: str | None, rows: bool) -> ingest.Shipped:
+def shipped(batch, identity: str | None, rows: bool,
+            max_bytes: int | None = None) -> ingest.Shipped:
     """Decoder-process work for a columnar batch (ingest.decode_message): its tables as
     Arrow IPC for the writer, and with `rows` its records for live subscribers."""
-    decoded, unchanged = _decode(batch, identity)
+    decoded, unchanged = _decode(batch, identity, max_bytes)
     packed = ingest.Shipped.pack(DecodedBatch(
         sensor_id=decoded.sensor_id, batch_id=decoded.batch_id, records=decoded.records,
         tables={n: t for n, t in decoded.tables.items() if n not in unchanged}))

@@ -471,12 +471,14 @@ class Shipped:
         )
 
 
-def decode_message(raw: bytes, identity: str | None,
-                   rows: bool = False) -> Shipped | str | Undecodable:
+def decode_message(raw: bytes, identity: str | None, rows: bool = False,
+                   max_columnar: int | None = None) -> Shipped | str | Undecodable:
     """Decoder-process entry point: a serialized RecordBatch to its columns, the reason
     it is rejected, or Undecodable. Runs in a worker process (see Writer), so it takes and
     returns only picklable values; the caller has checked only the header (Received).
-    rows: for a columnar batch, also its records as a row batch (Received.rows)."""
+    rows: for a columnar batch, also its records as a row batch (Received.rows).
+    max_columnar: bound on a columnar batch's Arrow buffers once decompressed (the
+    collector's max_columnar_size; None: sensor/export/columnar.MAX_DECODED_BYTES)."""
     try:
         batch = ingest_pb2.RecordBatch.FromString(raw)
     except DecodeError as exc:
@@ -485,7 +487,7 @@ def decode_message(raw: bytes, identity: str | None,
         if len(batch.tables) or batch.order:
             from collector import columnar   # imports this module: not at the top
 
-            return columnar.shipped(batch, identity, rows)
+            return columnar.shipped(batch, identity, rows, max_columnar)
         return Shipped.pack(decode_batch(batch, identity))
     except SchemaError as exc:
         return str(exc)
@@ -573,6 +575,9 @@ class Writer:
         # Whether columnar batches are stored (and Ingest.Options advertises them); off,
         # the collector acts as one from before them (tests, benchmarks).
         self.columnar = True
+        # Bound on a columnar batch's buffers once decompressed (max_columnar_size);
+        # None is the default bound.
+        self.max_columnar_bytes: int | None = None
         self._decoders = self._new_decoders()
         # Called on the writer thread with each batch just committed (not duplicates):
         # the endpoint inventory learns from it (collector/inventory/store.py).
@@ -691,14 +696,15 @@ class Writer:
         try:
             if decode is None:
                 decode = loop.run_in_executor(self._decoders, decode_message, raw, identity,
-                                              rows)
+                                              rows, self.max_columnar_bytes)
         except BrokenProcessPool:
             # A decoder died (killed, out of memory): the batches it held fail and their
             # sensors resend them; later batches go to a fresh set of processes.
             log.error("a decoder process died; starting new ones")
             self._decoders.shutdown(wait=False, cancel_futures=True)
             self._decoders = self._new_decoders()
-            decode = loop.run_in_executor(self._decoders, decode_message, raw, identity, rows)
+            decode = loop.run_in_executor(self._decoders, decode_message, raw, identity, rows,
+                                          self.max_columnar_bytes)
         fut = loop.create_future()
         self._pending.append((decode, batch, identity, fut))
         if self._flusher is None or self._flusher.done():

@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 
 from sensor import model
 from sensor.errors import SchemaError
-from sensor.export import tables, wire
+from sensor.export import arrow_ipc, tables, wire
 from sensor.l7 import registry
 
 __all__ = ["ColumnarError", "encode", "is_columnar", "read_tables", "proto_records", "to_rows"]
@@ -49,6 +49,12 @@ records_pb2 = wire.records_pb2
 
 # A batch names a record's table in one byte of RecordBatch.order.
 MAX_TABLES = 256
+# The default bound on a batch's Arrow buffers once decompressed (the collector's
+# max_columnar_size). Uncompressed, a batch is at most the gRPC message limit (16 MiB by
+# default); measured LZ4 shrinks Loupe's tables about 3x (docs/scaling.md), so 64 MiB
+# takes any batch a sensor makes under that limit and keeps a decoder process's peak
+# near a hundred megabytes.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 
 class ColumnarError(SchemaError):
@@ -239,40 +245,57 @@ def is_columnar(payload: bytes) -> bool:
         return False
 
 
-def read_tables(batch: ingest_pb2.RecordBatch) -> list[tuple[str, pa.Table]]:
+def read_tables(batch: ingest_pb2.RecordBatch, max_bytes: int = MAX_DECODED_BYTES,
+                expect=None) -> list[tuple[str, pa.Table]]:
     """The (name, Arrow table) pairs of a columnar batch, as sent; ColumnarError if a
-    table is not a well-formed Arrow IPC stream or the tables disagree with `order`."""
+    table is not a well-formed Arrow IPC stream, the tables disagree with `order`, or
+    their buffers would take more than `max_bytes` once decompressed. Every table's
+    size and row count are checked from its message metadata before any is read
+    (arrow_ipc), so a small compressed batch cannot make the reader allocate gigabytes.
+    expect(name, schema), if given, is called with each table's schema before any table
+    is read, and raises ColumnarError for a table or schema the caller does not take."""
     if len(batch.tables) > MAX_TABLES:
         raise ColumnarError(f"columnar batch has {len(batch.tables)} tables; at most "
                             f"{MAX_TABLES} (RecordBatch.order names a table in one byte)")
-    out = []
+    counts = [0] * len(batch.tables)
+    for i, n in _order_counts(batch.order).items():
+        if i >= len(counts):
+            raise ColumnarError(f"columnar batch: order names table {i}, but the batch has "
+                                f"{len(counts)} tables")
+        counts[i] = n
+    measured = []
     seen = set()
+    left = max_bytes
     for i, part in enumerate(batch.tables):
         name = part.name
         if name in seen:
             raise ColumnarError(f"columnar batch: table {name!r} appears twice")
         seen.add(name)
         try:
-            table = pa.ipc.open_stream(pa.py_buffer(part.arrow)).read_all()
-            # Full validation: offsets inside their buffers and valid UTF-8 in strings.
-            # The IPC reader checks the framing only, and a bad offset would make the
-            # store read outside the buffer.
-            table.validate(full=True)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            m = arrow_ipc.measure(part.arrow, left)
+        except arrow_ipc.IpcTooLarge as exc:
+            raise ColumnarError(
+                f"columnar batch: its Arrow tables declare at least "
+                f"{max_bytes - left + exc.nbytes:,} bytes once decompressed (table {i}, "
+                f"{name!r}), over the collector's max_columnar_size of {max_bytes:,} bytes; "
+                "the whole batch is refused") from None
+        except arrow_ipc.IpcRefused as exc:
             raise ColumnarError(f"columnar batch: table {i} ({name!r}) is not a valid Arrow "
-                                f"IPC stream: {first}") from None
-        out.append((name, table))
-    counts = [0] * len(out)
-    for i, n in _order_counts(batch.order).items():
-        if i >= len(out):
-            raise ColumnarError(f"columnar batch: order names table {i}, but the batch has "
-                                f"{len(out)} tables")
-        counts[i] = n
-    for (name, table), n in zip(out, counts):
-        if table.num_rows != n:
-            raise ColumnarError(f"columnar batch: table {name!r} has {table.num_rows} rows, "
-                                f"but order names {n} records of it")
+                                f"IPC stream: {exc}") from None
+        if m.rows != counts[i]:
+            raise ColumnarError(f"columnar batch: table {name!r} has {m.rows} rows, "
+                                f"but order names {counts[i]} records of it")
+        if expect is not None:
+            expect(name, m.schema)
+        left -= m.nbytes
+        measured.append((i, name, m))
+    out = []
+    for i, name, m in measured:
+        try:
+            out.append((name, arrow_ipc.read(m)))
+        except arrow_ipc.IpcRefused as exc:
+            raise ColumnarError(f"columnar batch: table {i} ({name!r}) is not a valid Arrow "
+                                f"IPC stream: {exc}") from None
     return out
 
 

@@ -309,3 +309,22 @@ def test_a_subscriber_that_came_mid_decode_gets_the_records_from_the_event_loop(
     assert received.columnar and received.rows is None
     assert [wire.from_proto(r) for r in received.records] == [
         r if r.sensor_id else dataclasses.replace(r, sensor_id="s1") for r in records]
+
+
+def test_a_batch_over_the_decompressed_bound_is_rejected_and_stores_nothing(shared_collector):
+    # A compressed flows table whose length prefix claims a terabyte once decompressed
+    # (tests/collector/test_columnar_bound.py makes real bombs and checks the memory).
+    from tests.collector.test_columnar_bound import _declaring
+
+    c = shared_collector
+    bomb = columnar.encode(every_kind(4), sensor_id="bomb", batch_id=1, created_ns=1,
+                           compression="lz4")
+    flows = [i for i, p in enumerate(bomb.tables) if p.name == "flows"][0]
+    bomb.tables[flows].arrow = _declaring(bomb.tables[flows].arrow, 1 << 40)
+    good = columnar.encode(every_kind(5), sensor_id="bomb", batch_id=2, created_ns=1,
+                           compression="lz4")
+    acks = push(c.address, [bomb, good])
+    assert [a.status for a in acks] == [pb.ACK_STATUS_REJECTED, pb.ACK_STATUS_STORED]
+    assert "over the collector's max_columnar_size of 67,108,864 bytes" in acks[0].message
+    assert query(c.address, "SELECT count(*) FROM flows WHERE sensor_id = 'bomb'")[0][0] == \
+        sum(1 for r in every_kind(5) if isinstance(r, model.Flow) and not r.sensor_id)
