@@ -220,12 +220,7 @@ class Clients:
             if c is None:
                 return
             c.seen(ts_ns, sensor)
-            if who:
-                if who in c.principals or len(c.principals) < MAX_PRINCIPALS:
-                    c.principals.add(who)
-                else:
-                    c.principals_more += 1
-            c.auth.update(auth[:8])
+            self._credentials(c, who, auth)
             c.flows += int(final)
             c.octets_sent += sent
             c.octets_received += received
@@ -239,13 +234,26 @@ class Clients:
                     if len(c.countries) < MAX_COUNTRIES:
                         c.countries.add(country)
 
+    @staticmethod
+    def _credentials(c: Client, who: str, auth) -> None:
+        if who:
+            if who in c.principals or len(c.principals) < MAX_PRINCIPALS:
+                c.principals.add(who)
+            else:
+                c.principals_more += 1
+        c.auth.update(auth[:8])
+
     def add_request(self, *, address: str, principal: str = "", ts_ns: int, sensor: str,
-                    endpoint: str, status: int) -> None:
+                    endpoint: str, status: int, who: str = "",
+                    auth: tuple[str, ...] = ()) -> None:
+        """who, auth: the request's own principal hash and credential kinds (HttpEvent
+        .auth): every principal of a connection, where its flow names the first."""
         with self._lock:
             c = self._get(address, principal, ts_ns)
             if c is None:
                 return
             c.seen(ts_ns, sensor)
+            self._credentials(c, who, auth)
             c.requests += 1
             if 400 <= status <= 499:
                 c.errors_4xx += 1

@@ -69,15 +69,19 @@ def _feed(clients: Clients, tables: list) -> None:
                     asn=cols["src_asn"][i])
             continue
         cols = {n: table.column(n).to_pylist() for n in _HTTP_COLS}
+        creds = table.column("auth").to_pylist() if "auth" in names else None
         for i in range(table.num_rows):
             method = cols["method"][i]
             if not method:
                 continue
             service = service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i])
+            auth = creds[i] or () if creds is not None else ()
             clients.add_request(
                 address=cols["src_addr"][i], ts_ns=cols["ts_ns"][i],
                 sensor=cols["sensor_id"][i], status=cols["status"][i],
-                endpoint=endpoint_of(service, method, cols["path"][i]))
+                endpoint=endpoint_of(service, method, cols["path"][i]),
+                who=next((c["principal"] for c in auth if c["principal"]), ""),
+                auth=tuple(c["kind"] for c in auth))
 
 
 class ClientStore:

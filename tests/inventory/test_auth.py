@@ -20,6 +20,7 @@ from openapi_spec_validator import validate
 
 from sensor import model
 from sensor.export.jsonfmt import to_dict
+from sensor.l7 import principal
 from sensor.replay import replay_records
 from tests.fixtures.gen_golden import _tcp_conversation
 
@@ -109,13 +110,20 @@ def test_replay_into_a_collector_from_two_sensors_and_the_spec(tmp_path, start_c
     calls = [subprocess.Popen([LOUPE, *args, "--collector", second.address],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for args in (("endpoints", "-o", "json"), ("endpoints", "--format", "table"),
-                          ("api", "spec", "--format", "json"))]
+                          ("api", "spec", "--format", "json"),
+                          ("clients", "--output", "json"))]
     outputs = []
     for proc in calls:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         outputs.append(out)
-    endpoints_json, table, spec_text = outputs
+    endpoints_json, table, spec_text, clients_json = outputs
+    # The client's principals from its requests: both, where the connection's summary
+    # names only the first (the JWT sub).
+    (client,) = [json.loads(x) for x in clients_json.splitlines()]
+    assert client["address"] == CLIENT and client["principals"] == sorted(
+        [principal._hash("jwt", SUB), principal._hash("basic", USER)])
+    assert client["auth"] == ["api_key", "basic", "bearer", "cookie"]
     rows = {(r["method"], r["path_template"]): r for r in map(
         json.loads, endpoints_json.splitlines())}
     got = {k: (r["requests"], r["auth_counts"], r["authenticated"], r["unauthenticated"])
@@ -148,7 +156,7 @@ def test_replay_into_a_collector_from_two_sensors_and_the_spec(tmp_path, start_c
     assert sorted(",".join(c["kind"] for c in row[0]) for row in stored) == sorted(
         ["", "bearer", "basic", "", "cookie", "", "bearer,api_key"] * 2)
     _absent("DuckDB http.auth", json.dumps(stored, default=str))
-    _absent("loupe output and logs", spec_text + table + "\n".join(logs))
+    _absent("loupe output and logs", spec_text + table + clients_json + "\n".join(logs))
 
 
 def test_http2_streams_carry_their_own_credentials(tmp_path):
