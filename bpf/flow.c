@@ -1129,8 +1129,22 @@ static __always_inline void walk_run(struct __sk_buff *skb, struct loupe_pkt *p)
 {
 	__u32 zero = 0;
 	struct loupe_walk *w = walk_scratch.lookup(&zero);
-	if (!w || !w->send)
+	if (!w)
 		return;
+	if (!w->send) {
+		/* Planned with payload, not taken because userspace stopped the flow: the
+		 * walk's place no longer follows its side, so the walk goes off now, for that
+		 * reason, not as a "hole" at the side's next packet. (A hold that skips packets
+		 * inside an elided payload may let the walk go on: that stays a hole check.) */
+		struct loupe_l7_ctl *ctl = w->planned && w->pl ? l7_ctl.lookup(&p->key) : 0;
+		struct loupe_walk_state *st = ctl && (ctl->flags & LOUPE_CTL_DONE) ?
+					      frame_walk.lookup(&p->key) : 0;
+		if (st) {
+			st->dir[w->to & 1].state = LOUPE_WALK_OFF;
+			st->dir[w->to & 1].stopped = LOUPE_WALK_STOP_UNTAKEN;
+		}
+		return;
+	}
 	walk_tails.call(skb, LOUPE_TAIL_WALK);
 	w->send = 0;
 	count(LOUPE_CNT_TAIL_CALL_FAILED);

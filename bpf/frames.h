@@ -122,6 +122,8 @@ struct loupe_frame_cfg {
 #define LOUPE_WALK_STOP_RING    6   /* retired: a full ring no longer stops a walk */
 #define LOUPE_WALK_STOP_CUT     7   /* a packet needed more than WALK_EVENTS events */
 #define LOUPE_WALK_STOP_FRAME   8   /* a length that does not fit, or too many frames */
+#define LOUPE_WALK_STOP_UNTAKEN 9   /* userspace stopped the flow: account() no longer
+                                       takes its packets for the walk */
 
 /* Walk state of one direction (the kernel writes it). */
 #define LOUPE_WALK_OFF   0     /* not walked: copied as without a walk */

@@ -22,7 +22,7 @@ WALK_OFF, WALK_FIRST, WALK_ON, WALK_CLIENT = 0, 1, 2, 3      # LOUPE_WALK_*
 # WalkDir.stopped (LOUPE_WALK_STOP_*): why a direction's walk went off.
 # 6 (ring_full) is retired: a full ring no longer stops a walk (LOST_BEFORE says so).
 STOP_NAMES = {1: "cfg", 2: "opening", 3: "late", 4: "hole", 5: "tail_call", 6: "ring_full",
-              7: "cut", 8: "frame"}
+              7: "cut", 8: "frame", 9: "untaken"}
 
 # PayloadEvent.flags (LOUPE_PLF_*)
 PLF_SKIPPED_BEFORE = 0x01   # this direction's octets before seq not received were elided

@@ -254,6 +254,25 @@ def test_a_packet_without_payload_past_the_walk_keeps_it(rig):
     assert (st.state, st.stopped, st.next) == (frames.WALK_ON, 0, 1000 + len(one))
 
 
+def test_a_flow_userspace_stopped_ends_its_walk_as_untaken_not_as_a_hole(rig):
+    # After a stop the kernel counts the side's packets as skipped and never walks them, so
+    # the walk's place stands still. The next packet must not read as a hole (a network
+    # fault, in diagnostics and in tests/live/test_grpc_budget.py); the walk goes off at the
+    # first packet it could not follow, saying why.
+    c, s = (A4, 43013), (B4, 80)
+    handshake(rig, c, s)
+    one = PREFACE + h2(DATA, 0, 1, b"a" * 100)
+    rig.run(seg(c, s, "PA", seq=1000, ack=5000, data=one))
+    key = rig.flow(43013)[0]
+    assert rig.sensor.stop(key)
+    rig.run(seg(c, s, "PA", seq=1000 + len(one), ack=5000, data=h2(DATA, 0, 1, b"b" * 50)))
+    rig.run(seg(c, s, "PA", seq=1000 + len(one) + 59, ack=5000, data=h2(DATA, 0, 1, b"c")))
+    st = walk(rig, 43013).dir[abi.PL_TO_RESPONDER]
+    assert (st.state, frames.STOP_NAMES[st.stopped], st.next) == (
+        frames.WALK_OFF, "untaken", 1000 + len(one))
+    assert [e.data for e in data_events(rig)] == [one[:38]]
+
+
 def test_a_full_ring_buffer_does_not_stop_the_walk_and_the_next_event_says_lost(rig):
     # Walked HEADERS frames (copied whole) until the ring buffer (4 MiB, never read
     # meanwhile) refuses one: the walk goes on, the refused octets are the flow's gap,
