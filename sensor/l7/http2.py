@@ -267,6 +267,7 @@ class Http2Parser:
         self.pii = pii
         self._responses = 0       # final responses seen (the scanner's sampling)
         self._pii_held = 0        # body octets held for PII counting
+        self._pii_wanted = [0, 0]  # body octets the open streams still want, by direction
         self.state = _OK
         self.error = ""
         self.redact = redact
@@ -491,11 +492,24 @@ class Http2Parser:
         """Keep up to the stream's remaining want of n body octets at data[pos:]."""
         k = min(n, s.want[d], MAX_PII_HELD - self._pii_held)
         if k <= 0:
-            s.want[d] = 0
+            self._unwant(s, d)
             return
         s.data[d] += data[pos:pos + k]
         s.want[d] -= k
+        self._pii_wanted[d] -= k
         self._pii_held += k
+
+    def _unwant(self, s: _Stream, d: int) -> None:
+        self._pii_wanted[d] -= s.want[d]
+        s.want[d] = 0
+
+    def wanted(self, direction: Direction) -> int:
+        """Body octets still to capture for PII counting: the live budget grants them
+        (sensor/engine/live.py), as for HTTP/1. Flows the kernel walks (h2c with prior
+        knowledge) have their DATA payloads left out in the kernel whatever this says."""
+        if self.state is not _OK:
+            return 0
+        return min(self._pii_wanted[int(direction)], MAX_PII_HELD - self._pii_held)
 
     @staticmethod
     def _messages(s: _Stream, d: int, data: bytes | None, pos: int, n: int) -> None:
@@ -555,7 +569,7 @@ class Http2Parser:
                 c = min(take, left - self._pad[d])
                 if c > 0:
                     s.body[d] += c
-                    s.want[d] = 0   # what follows a hole is not the prefix's text
+                    self._unwant(s, d)   # what follows a hole is not the prefix's text
                     if s.grpc[d] and not s.glost:
                         self._messages(s, d, None, 0, c)
             self._left[d] = left - take
@@ -782,6 +796,7 @@ class Http2Parser:
 
     def _end(self, s: _Stream, d: int) -> None:
         s.ended[d] = True
+        self._unwant(s, d)   # no more body this way: its room is not asked for
         if s.ended[0] and s.ended[1]:
             self._close(s, True)
 
@@ -796,12 +811,13 @@ class Http2Parser:
         if want > 0:
             s.data[d] = bytearray()
             s.want[d] = want
+            self._pii_wanted[d] += want
 
     def _emit(self, s: _Stream, ended: bool) -> None:
         for d in (0, 1):
             if s.data[d] is not None:
                 self._pii_held -= len(s.data[d])
-            s.want[d] = 0
+            self._unwant(s, d)
         self._out.append(s.event(ended, self.pii))
         self.transactions += 1
 

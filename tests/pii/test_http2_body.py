@@ -65,6 +65,8 @@ def test_a_capture_reads_the_body_and_a_hole_ends_it():
     p = http2.Http2Parser(pii=pii.Scanner())
     p.receive_data(C, client[:at + 9], 1)
     assert p.skip_hint(C) == 0   # its payload is wanted: read, not skipped
+    # ... and asked of the live budget (the scanner's body_bytes), none the other way yet.
+    assert (p.wanted(C), p.wanted(S)) == (pii.Scanner().body_bytes, 0)
     off = http2.Http2Parser()    # without PII it is handed to the kernel
     off.receive_data(C, client[:at + 9], 1)
     assert off.skip_hint(C) == length
@@ -72,6 +74,7 @@ def test_a_capture_reads_the_body_and_a_hole_ends_it():
     # values (in both DATA frames) are not counted; its length still is.
     p.receive_gap(C, length, 1)
     got = _events(p, [(C, client[at + 9 + length:]), (S, server)])
+    assert (p.wanted(C), p.wanted(S)) == (0, 0)   # every stream ended
     profile = got[("POST", "/api/h2/profile")]
     assert not {k for k in dict(profile.pii) if k.endswith(".request")}
     assert profile.request_body_len == len(h2_body())
