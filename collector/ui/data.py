@@ -127,14 +127,17 @@ def alerts(collector, rule: str = "") -> dict:
         return {"alerts": [], "rules": []}
     where = f" WHERE rule_id = '{rule}'" if rule else ""
     recent = storage.query(
-        "SELECT ts_ns, rule_id, action, severity, category, reason, field, src_addr, "
-        "src_port, dst_addr, dst_port, sensor_id, enforced, count FROM alerts"
+        "SELECT ts_ns, rule_id, action, severity, category, reason, field, excerpt, "
+        "src_addr, src_port, dst_addr, dst_port, sensor_id, enforced, count FROM alerts"
         f"{where} ORDER BY ts_ns DESC LIMIT {MAX_ALERTS}", MAX_ALERTS, QUERY_TIMEOUT_S)
     per_rule = storage.query(
         "SELECT rule_id, action, count(*) AS n, max(ts_ns) AS newest FROM alerts "
         "GROUP BY rule_id, action ORDER BY n DESC, rule_id", MAX_ROWS, QUERY_TIMEOUT_S)
-    return {"alerts": [dict(zip(recent.columns, row)) for row in recent.rows],
-            "rules": [dict(zip(per_rule.columns, row)) for row in per_rule.rows]}
+    rows = [dict(zip(recent.columns, row)) for row in recent.rows]
+    for r in rows:
+        # BOOLEAN in DuckDB, UInt8 in a ClickHouse before 22.3 (the legacy DDL): one type.
+        r["enforced"] = bool(r["enforced"])
+    return {"alerts": rows, "rules": [dict(zip(per_rule.columns, row)) for row in per_rule.rows]}
 
 
 def pii_rows(collector, query: str) -> dict:
