@@ -4,6 +4,8 @@
 # Integer fields hold only integers in every caller (packet time in ns, counters, bits);
 # the rest stay Python objects, with the same values the .py gives them.
 
+cimport cython
+
 cdef class FlowState:
     cdef public object key, addr, port
     cdef public long long protocol, ip_version, vlan_id, inner_vlan_id, ifindex, init
@@ -18,3 +20,22 @@ cdef class FlowState:
     cdef public object base, uid, cid, src_text, dst_text, l7, l7_off, l7_skip
     cdef public long long l7_skipped
     cdef public object l7_hold
+
+# The table itself: the meter reads its clock fields and calls create/expire on every
+# packet or new flow; as an extension type those are C reads and C calls.
+cdef class FlowTable:
+    cdef public object emit, on_end, before_final, describe, timeouts, max_flows
+    cdef public object sensor_id, community, tcp, other, _by_active, _lingering, stats
+    cdef public object _tcp_states
+    cdef public long long now_ns, next_check_ns
+
+    cpdef FlowState create(self, key, a_addr, a_port, b_addr, b_port, protocol, vlan_id,
+                           inner_vlan_id, ifindex, init, ts_ns)
+    cpdef mark_ended(self, FlowState st, ts_ns)
+    cpdef finish(self, FlowState st, reason)
+    @cython.locals(st=FlowState, now=cython.longlong)
+    cpdef expire(self, now_ns)
+    cpdef _remove(self, FlowState st)
+    cpdef _final(self, FlowState st, reason)
+    @cython.locals(i=cython.longlong, r=cython.longlong, start=cython.longlong)
+    cpdef _write(self, FlowState st, reason)

@@ -63,6 +63,9 @@ _PARSE = 1    # a parser gets the flow's bytes
 _STOPPED = 2  # nothing more to do for this flow (done, error, no parser)
 
 _DIRS = (Direction.TO_SERVER, Direction.TO_CLIENT)
+# Module constants, not ParserState.OK: an Enum class attribute costs several times a
+# global, and the state is checked after every segment.
+_OK, _ERROR = ParserState.OK, ParserState.ERROR
 
 
 @dataclass(slots=True)
@@ -207,7 +210,7 @@ class L7Engine:
                 parser.receive_eof(Direction.TO_CLIENT, flow.last_ns)
                 parser.receive_eof(Direction.TO_SERVER, flow.last_ns)
             self._drain(flow, parser)
-            if parser.state is ParserState.ERROR:
+            if parser.state is _ERROR:
                 self._parser_error(st)
         if st.reasm is not None:
             self._close_stream(st)
@@ -252,7 +255,7 @@ class L7Engine:
                 parser.receive_gap(_DIRS[d], ev.length, ev.ts_ns)
             elif kind is Eof:
                 parser.receive_eof(_DIRS[d], ev.ts_ns)
-            if parser.state is not ParserState.OK:
+            if parser.state is not _OK:
                 break
         if parser is None:
             return
@@ -307,9 +310,9 @@ class L7Engine:
         done or broken."""
         self._drain(flow, parser)
         state = parser.state
-        if state is ParserState.OK:
+        if state is _OK:
             return
-        if state is ParserState.ERROR:
+        if state is _ERROR:
             self._parser_error(st)
         else:
             self.stats.parsers_done += 1

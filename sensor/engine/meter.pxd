@@ -1,12 +1,13 @@
 # Static types for the compiled build of meter.py (see flowtable.pxd). Meter.feed is the
 # per-packet path: its header fields are C integers, its flow a FlowState.
 cimport cython
-from sensor.engine.flowtable cimport FlowState
+from sensor.engine.flowtable cimport FlowState, FlowTable
 
 cdef class Meter:
-    cdef public object sink, table, stats, _frags, _defrag
+    cdef public object sink, stats, _frags, _defrag
+    cdef public FlowTable table
 
-    @cython.locals(st=FlowState, n=cython.longlong, vlan=cython.longlong,
+    @cython.locals(st=FlowState, table=FlowTable, n=cython.longlong, vlan=cython.longlong,
                    ivlan=cython.longlong, et=cython.longlong, vihl=cython.longlong,
                    ip_len=cython.longlong, ip_id=cython.longlong, frag=cython.longlong,
                    proto=cython.longlong, l4=cython.longlong, end=cython.longlong,

@@ -26,6 +26,10 @@ cdef class StreamReassembler:
     cdef public object _hist
     cdef public long long _hist_bytes
 
+    @cython.locals(n=cython.longlong, total=cython.longlong, old=cython.longlong,
+                   budget=MemoryBudget)
+    cpdef _remember(self, off, data)
+
 cdef class FlowReassembler:
     cdef public object streams
 
