@@ -21,6 +21,7 @@ is a refusal, never an out-of-range read.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -113,6 +114,18 @@ def _has_dictionary(type_: pa.DataType) -> bool:
     return any(_has_dictionary(type_.field(i).type) for i in range(type_.num_fields))
 
 
+# A sensor sends the same schema message with every batch of a table: parsed and checked
+# once per distinct message. Bounded: a few tables times the sensor versions in a fleet.
+@functools.lru_cache(maxsize=64)
+def _schema(metadata: bytes) -> pa.Schema:
+    # The message framed again (continuation marker, length; the metadata is padded to 8).
+    framed = b"\xff\xff\xff\xff" + len(metadata).to_bytes(4, "little") + metadata
+    schema = pa.ipc.read_schema(pa.ipc.read_message(pa.py_buffer(framed)))
+    if any(_has_dictionary(f.type) for f in schema):
+        raise IpcRefused("a column is dictionary-encoded; no Loupe column is")
+    return schema
+
+
 def _batch_bytes(meta: _Fb, header: int, body) -> int:
     body_len = body.size if body is not None else 0
     buffers = meta.structs(header, 2, "<qq")     # Buffer {offset: long, length: long}
@@ -162,9 +175,7 @@ def measure(data: bytes, max_bytes: int) -> Measured:
             if schema is None:
                 if kind != _SCHEMA:
                     raise IpcRefused("the stream does not start with a schema")
-                schema = pa.ipc.read_schema(message)
-                if any(_has_dictionary(f.type) for f in schema):
-                    raise IpcRefused("a column is dictionary-encoded; no Loupe column is")
+                schema = _schema(meta.buf)
                 continue
             if kind != _RECORD_BATCH:
                 what = {_SCHEMA: "a second schema", _DICTIONARY_BATCH: "a dictionary batch"}

@@ -142,9 +142,9 @@ def test_a_bomb_is_refused_before_anything_is_allocated():
     # decompressed and read.
     read = _in_child(raw, 256 * MIB)
     assert "max_columnar_size" not in read["answer"]
-    # (Arrow's peak is exact; RSS lags it on a host short of memory.)
-    kib = uid // 1024
-    assert read["pool_kib"] > kib * 9 // 10 and read["growth_kib"] > kib // 4, read
+    # Arrow's own peak is the exact witness: RSS may not show pages of zeros (the kernel
+    # maps untouched anonymous pages to its zero page).
+    assert read["pool_kib"] > uid // 1024 * 9 // 10, read
 
 
 def _truncated_body() -> bytes:
