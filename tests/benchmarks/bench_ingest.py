@@ -12,12 +12,14 @@ own batch_id, so all of them are validated, deduplicated and committed. Reports 
 over the measured interval, ack latency percentiles (send -> ack), the CPU each side
 used (the ClickHouse server's too), the load average, and checks the stored row count.
 
-Then CPU per 1000 records for each stage, measured in this process on one thread
+Then CPU per 1000 records for each stage (rows, columnar, and columnar with lz4-compressed
+buffers), measured in this process on one thread
 (process time, lower quartile of repeated runs): encode at the sensor (records -> the
 serialized batch), decode at the collector (ingest.decode_message: bytes -> validated
 Arrow tables, as a decoder process does it) and store (Storage.store_many of a group of
 16 batches, as the writer commits them under load, into DuckDB or ClickHouse;
-ClickHouse's own server CPU is not in it).
+ClickHouse's own server CPU is not in it), and what the collector does with each stored
+batch besides storing it (the endpoint inventory, statistics and clients).
 
 The clients are cheap on purpose: each builds a pool of distinct batches once and sends
 them pre-serialised, only the batch_id changing (prepended as its protobuf field, which
@@ -64,8 +66,11 @@ def _encode(records, encoding: str, sensor_id: str, batch_id: int = 0):
     """One batch of `records` in `encoding`, as the sensor's exporter builds it."""
     from sensor.export import columnar, wire
 
-    if encoding == "columnar":
-        return columnar.encode(records, sensor_id=sensor_id, batch_id=batch_id, created_ns=1)
+    if encoding.startswith("columnar"):
+        # "columnar-lz4": Arrow buffers lz4-compressed, measured for the stages only (the
+        # sensor sends uncompressed; docs/scaling.md says why).
+        return columnar.encode(records, sensor_id=sensor_id, batch_id=batch_id, created_ns=1,
+                               compression=encoding.partition("-")[2] or None)
     return wire.batch_to_proto(records, sensor_id=sensor_id, batch_id=batch_id, created_ns=1)
 
 
@@ -169,7 +174,7 @@ def _stages(batch_size: int, backends: list[str], ch_port: int | None, tmp: str)
     scale = 1000 / batch_size
     out: dict = {}
     ids = iter(range(1, 10**9))
-    for encoding in ("rows", "columnar"):
+    for encoding in ("rows", "columnar", "columnar-lz4"):
         raw = _encode(records, encoding, "stage").SerializeToString()
         row = out[encoding] = {
             "bytes": len(raw),
@@ -196,6 +201,38 @@ def _stages(batch_size: int, backends: list[str], ch_port: int | None, tmp: str)
                 row[f"store {backend}"] = samples[len(samples) // 4] * 1000 * scale
             finally:
                 store.close()
+    return out
+
+
+def _hooks(batch_size: int, tmp: str) -> dict[str, float]:
+    """CPU ms per 1000 records of what the collector does with each stored batch besides
+    storing it (collector/server.py _on_stored: the endpoint inventory, the endpoint
+    statistics, the clients), each fed GROUP decoded batches and drained; process time, so
+    their own threads' CPU is in it. Lower quartile of 3 runs."""
+    sys.path.insert(0, str(REPO))
+    from collector.clients.store import ClientStore
+    from collector.ingest import decode_message
+    from collector.inventory.store import InventoryStore
+    from collector.stats.store import StatsStore
+    from tests.collector.conftest import mixed
+
+    batches = [decode_message(_encode(mixed(batch_size, 88_000_000 + i * batch_size),
+                                      "columnar", "hooks", i + 1).SerializeToString(),
+                              None).unpack() for i in range(GROUP)]
+    inventory = InventoryStore(Path(tmp) / "hooks-inventory")
+    stores = {"inventory": inventory, "stats": StatsStore(Path(tmp) / "hooks-stats", inventory),
+              "clients": ClientStore(Path(tmp) / "hooks-clients")}
+    out = {}
+    try:
+        for name, store in stores.items():
+            def feed():
+                for b in batches:
+                    store.on_stored(b)
+                store.flush()
+            out[name] = _lower_quartile_ms(feed, runs=3) * 1000 / (batch_size * GROUP)
+    finally:
+        for store in reversed(stores.values()):
+            store.close()
     return out
 
 
@@ -313,16 +350,20 @@ def main(argv=None) -> int:
                     ok &= match
                     print(f"  stored rows: {r['stored']} ({'matches' if match else 'MISMATCH'})")
             stages = _stages(args.batch, backends, ch.port if ch else None, tmp)
+            hooks = _hooks(args.batch, tmp)
         finally:
             if ch is not None:
                 ch.stop()
     print(f"\nCPU ms per 1000 records by stage (lower quartile; store: groups of {GROUP} "
-          "batches, as the writer commits under load):")
+          f"batches, as the writer commits under load; load average {os.getloadavg()[0]:.2f}):")
     names = [k for k in stages["rows"] if k != "bytes"]
-    print("  " + "encoding".ljust(10) + "".join(n.rjust(18) for n in names) + "bytes/1000".rjust(14))
+    print("  " + "encoding".ljust(13) + "".join(n.rjust(18) for n in names) + "bytes/1000".rjust(14))
     for encoding, row in stages.items():
-        print("  " + encoding.ljust(10) + "".join(f"{row[n]:18.2f}" for n in names)
+        print("  " + encoding.ljust(13) + "".join(f"{row[n]:18.2f}" for n in names)
               + f"{row['bytes'] * 1000 // args.batch:14,d}")
+    print("  after each stored batch (collector/server.py _on_stored), CPU ms per 1000 records: "
+          + ", ".join(f"{name} {ms:.2f}" for name, ms in hooks.items())
+          + f" (total {sum(hooks.values()):.2f})")
     return 0 if ok else 1
 
 
