@@ -226,3 +226,71 @@ def meter_hooks(host) -> list[str]:
     from tests.kernel.conftest import meter_hooks as hooks
 
     return hooks(host.netns, host.iface)
+
+
+def tls_plaintext_args(pair, collector, workdir: Path, *extra: str) -> list[str]:
+    """`loupe sensor run` arguments of the TLS plaintext tests: the meter on pair.a's
+    veth, records to collector, the probes on."""
+    return ["--netns", pair.a.netns, "--iface", pair.a.iface,
+            "--collector", collector.address, "--spool-dir", str(workdir / "spool"),
+            "--sensor-id", "tlstest", "--output", "jsonl", "--interval", "0.5",
+            "--tls-plaintext", "--set", "timeouts.tcp_linger=1s",
+            "--set", "export.batch_delay=100ms", *extra]
+
+
+class SharedTlsSensor:
+    """One `loupe sensor run --tls-plaintext` (a namespace pair, a collector) shared by the
+    TLS plaintext tests that differ only in traffic, across modules: each start is mostly
+    bcc compiling the meter and the probes. Started by the first test that asks for it,
+    stopped after the last one (tests/live/conftest.py): close() checks that it stops
+    with 0 and wrote no traceback. The tests keep apart by their servers' ports: each
+    reads only the records of flows to its own port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.pair = None
+        self.collector = None
+        self.sensor: Sensor | None = None
+        self._stack = None
+
+    def get(self) -> "SharedTlsSensor":
+        if self.sensor is not None:
+            if self.sensor.proc.poll() is not None:
+                raise AssertionError(f"the shared TLS plaintext sensor exited "
+                                     f"{self.sensor.proc.returncode}: {self.sensor.stderr_now()}")
+            return self
+        import contextlib
+
+        from tests.export.collector_proc import CollectorProcess
+        from tests.netns import VethPair
+
+        self._stack = contextlib.ExitStack()
+        try:
+            self.pair = self._stack.enter_context(VethPair.create("tsh"))
+            self.pair.wait_ready()
+            self.collector = CollectorProcess(self.workdir / "data").start()
+            self._stack.callback(self.collector.stop)
+            # rescan=1s: a test maps a library after the start and waits for the
+            # rescans that find it.
+            self.sensor = Sensor(tls_plaintext_args(self.pair, self.collector, self.workdir,
+                                                    "--set", "tls_plaintext.rescan=1s"),
+                                 workdir=self.workdir)
+            self._stack.callback(self.sensor.kill)
+            self.sensor.start()
+        except BaseException:
+            self._stack.close()
+            self.sensor = None
+            raise
+        return self
+
+    def close(self) -> None:
+        """SIGTERM; raises AssertionError unless the sensor stopped with 0 and without a
+        traceback. Everything is torn down either way."""
+        if self.sensor is None:
+            return
+        sensor, stack = self.sensor, self._stack
+        self.sensor = self._stack = None
+        with stack:
+            code = sensor.stop() if sensor.proc.poll() is None else sensor.proc.returncode
+            assert code == 0, f"the shared TLS plaintext sensor exited {code}: {sensor.stderr}"
+            assert "Traceback" not in sensor.stderr, sensor.stderr

@@ -10,11 +10,12 @@ wire, marked source tls_plaintext, with the Community ID and uid of the wire flo
 - a "libssl.so.3" without the functions is a warning naming it, and the sensor goes on.
 
 The tests differ only in their traffic, so they share one sensor, one namespace pair and
-one collector (a sensor start is mostly its bcc compile). Each test's server listens on
-a port of its own and each test reads only the events of flows to that port, so one
-test's records cannot satisfy another's; every client and server therefore also starts
-after the sensor, which the uprobes on the library inodes must cover. The last test stops
-the sensor and checks how it went.
+one collector with the _h2, _mysql and _pgsql modules (rig.SharedTlsSensor: a sensor
+start is mostly its bcc compile). Each test's server listens on a port of its own and
+each test reads only the events of flows to that port, so one test's records cannot
+satisfy another's; every client and server also starts after the sensor, which the
+uprobes on the library inodes must cover. After the last of these tests the sensor is
+stopped and must exit 0 without a traceback.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import time
 
 import pytest
 
-from tests.export.collector_proc import CollectorProcess, query, wait_for
-from tests.live.rig import Sensor, stop, wait_tcp
+from tests.export.collector_proc import query, wait_for
+from tests.live.rig import stop, tls_plaintext_args, wait_tcp
 from tests.live.tls_peers import nginx, s_server
 from tests.netns import VethPair
 
@@ -37,7 +38,7 @@ HTTP_COLS = ("method", "path", "status", "source", "community_id", "uid", "src_a
              "dst_port")
 
 # One server port per test (see the module's docstring).
-CURL_PORT, PY_PORT, GNUTLS_PORT, LATE_PORT = 443, 4433, 8443, 9443
+CURL_PORT, PY_PORT, GNUTLS_PORT, LATE_PORT = 443, 4433, 8444, 9443
 
 
 # The pair, the arguments and _http_rows are for the other test_tls_plaintext_* modules,
@@ -49,12 +50,7 @@ def pair():
         yield p
 
 
-def _args(pair, collector, tmp_path, *extra) -> list[str]:
-    return ["--netns", pair.a.netns, "--iface", pair.a.iface,
-            "--collector", collector.address, "--spool-dir", str(tmp_path / "spool"),
-            "--sensor-id", "tlstest", "--output", "jsonl", "--interval", "0.5",
-            "--tls-plaintext", "--set", "timeouts.tcp_linger=1s",
-            "--set", "export.batch_delay=100ms", *extra]
+_args = tls_plaintext_args
 
 
 def _http_rows(collector, source: str = "tls_plaintext", *, ours: bool = False) -> list[dict]:
@@ -64,35 +60,6 @@ def _http_rows(collector, source: str = "tls_plaintext", *, ours: bool = False) 
     rows = query(collector.address, f"SELECT {', '.join(HTTP_COLS)} FROM http "
                                     f"WHERE source = '{source}'{where} ORDER BY ts_ns")
     return [dict(zip(HTTP_COLS, r)) for r in rows]
-
-
-class Shared:
-    """The module's sensor and what it watches."""
-
-    def __init__(self, pair: VethPair, collector: CollectorProcess, sensor: Sensor) -> None:
-        self.pair, self.collector, self.sensor = pair, collector, sensor
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tlsplain")
-    with VethPair.create("tp") as pair:
-        pair.wait_ready()
-        collector = CollectorProcess(workdir / "data").start()
-        # rescan=1s: the late test maps a library after the start and waits for the
-        # rescans that find it.
-        sensor = Sensor(_args(pair, collector, workdir, "--set", "tls_plaintext.rescan=1s"),
-                        workdir=workdir)
-        try:
-            sensor.start()
-            yield Shared(pair, collector, sensor)
-        finally:
-            try:
-                if sensor.proc is not None and sensor.proc.poll() is None:
-                    sensor.stop()   # the last test did not: detach cleanly all the same
-            finally:
-                sensor.kill()
-                collector.stop()
 
 
 def _port_rows(collector, port: int) -> list[dict]:
@@ -136,8 +103,8 @@ def _check_joined(collector, rows, port: int) -> None:
         assert flow["uid"] == row["uid"]
 
 
-def test_curl_keepalive_against_nginx(shared, tmp_path):
-    pair, collector = shared.pair, shared.collector
+def test_curl_keepalive_against_nginx(tls_shared, tmp_path):
+    pair, collector = tls_shared.pair, tls_shared.collector
     srv = nginx(pair.b, tmp_path, port=CURL_PORT)
     try:
         wait_tcp(pair.a, pair.b.ip4, CURL_PORT)
@@ -183,8 +150,8 @@ for path in paths:
 """
 
 
-def test_python_ssl_against_openssl_s_server(shared, tmp_path):
-    pair, collector = shared.pair, shared.collector
+def test_python_ssl_against_openssl_s_server(tls_shared, tmp_path):
+    pair, collector = tls_shared.pair, tls_shared.collector
     srv = s_server(pair.b, tmp_path, port=PY_PORT)
     (tmp_path / "www" / "page.txt").write_bytes(b"p" * 300)
     client = tmp_path / "client.py"
@@ -207,10 +174,10 @@ def test_python_ssl_against_openssl_s_server(shared, tmp_path):
     _check_joined(collector, rows, PY_PORT)
 
 
-def test_gnutls_cli_against_nginx(shared, tmp_path):
+def test_gnutls_cli_against_nginx(tls_shared, tmp_path):
     if not shutil.which("gnutls-cli"):
         pytest.skip("gnutls-cli is not installed (scripts/apt-packages.txt: gnutls-bin)")
-    pair, collector = shared.pair, shared.collector
+    pair, collector = tls_shared.pair, tls_shared.collector
     srv = nginx(pair.b, tmp_path, port=GNUTLS_PORT)
     request = (f"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
                f"GET /gone HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -242,10 +209,10 @@ def _fake_warnings(sensor) -> list[str]:
             if "libssl.so.3" in line and "fake" in line]
 
 
-def test_late_process_and_library_without_symbols(shared, tmp_path):
+def test_late_process_and_library_without_symbols(tls_shared, tmp_path):
     """A client started after the sensor is seen; a mapped libssl.so.3 without SSL_read
     and SSL_write gives one warning naming it, and the sensor keeps running."""
-    pair, collector, sensor = shared.pair, shared.collector, shared.sensor
+    pair, collector, sensor = tls_shared.pair, tls_shared.collector, tls_shared.sensor
     fake = tmp_path / "fake" / "libssl.so.3"
     fake.parent.mkdir()
     shutil.copy(next(p for p in ("/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1")
@@ -277,13 +244,3 @@ def test_late_process_and_library_without_symbols(shared, tmp_path):
     assert len(warnings) == 1, sensor.stderr_now()
     assert "no SSL_read or SSL_write symbol" in warnings[0]
     assert sensor.proc.poll() is None, "the sensor stopped after the warning"
-
-
-def test_the_shared_sensor_stops_cleanly(shared):
-    """After every test above: SIGTERM stops the sensor with 0, nothing went wrong on
-    the way (no traceback), and the library without symbols was named once in all."""
-    sensor = shared.sensor
-    assert sensor.stop() == 0, sensor.stderr
-    assert "Traceback" not in sensor.stderr
-    assert len([line for line in sensor.stderr.splitlines()
-                if "libssl.so.3" in line and "fake" in line]) <= 1

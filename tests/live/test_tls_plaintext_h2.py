@@ -2,7 +2,10 @@
 sensor's meter on the client's veth. The plaintext stream is h2c's: the client preface and
 frames after the handshake (nghttpd writes its SETTINGS before the preface reaches it), so
 the same HTTP/2 parser gives one event per stream, marked source tls_plaintext, with the
-wire flow's Community ID and uid."""
+wire flow's Community ID and uid.
+
+The sensor is the one the TLS plaintext modules share (rig.SharedTlsSensor, started
+once); this test reads only the records of flows to its server's port."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import subprocess
 import pytest
 
 from tests.export.collector_proc import query, wait_for
-from tests.live.rig import Sensor, stop, wait_tcp
-from tests.live.test_tls_plaintext import _args, _check_joined, _flows, pair  # noqa: F401
+from tests.live.rig import stop, wait_tcp
+from tests.live.test_tls_plaintext import _check_joined, _flows
 from tests.live.tls_peers import certificate
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -25,13 +28,15 @@ PORT = 8443
 def _rows(collector) -> list[dict]:
     rows = query(collector.address,
                  f"SELECT {', '.join(COLS)} FROM http2 WHERE source = 'tls_plaintext' "
-                 f"AND community_id IN (SELECT community_id FROM flows) ORDER BY stream_id")
+                 f"AND community_id IN (SELECT community_id FROM flows "
+                 f"WHERE dst_port = {PORT}) ORDER BY stream_id")
     return [dict(zip(COLS, r)) for r in rows]
 
 
-def test_curl_http2_against_nghttpd(pair, collector, tmp_path):
+def test_curl_http2_against_nghttpd(tls_shared, tmp_path):
     if not shutil.which("nghttpd"):
         pytest.skip("nghttpd is not installed (scripts/apt-packages.txt: nghttp2-server)")
+    pair, collector = tls_shared.pair, tls_shared.collector
     key, cert = certificate(tmp_path)
     www = tmp_path / "www"
     www.mkdir()
@@ -39,11 +44,9 @@ def test_curl_http2_against_nghttpd(pair, collector, tmp_path):
     (www / "b.txt").write_bytes(b"b" * 3000)
     srv = pair.b.popen("nghttpd", "-a", pair.b.ip4, "-d", str(www), str(PORT), str(key),
                        str(cert), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
     paths = ["/a.txt", "/b.txt", "/missing", "/a.txt", "/b.txt"]
     try:
         wait_tcp(pair.a, pair.b.ip4, PORT)
-        sensor.start()
         argv = ["curl", "-sk", "--http2", "--max-time", "20"]
         for i, path in enumerate(paths):
             if i:
@@ -55,10 +58,8 @@ def test_curl_http2_against_nghttpd(pair, collector, tmp_path):
                                       "2", "200"], out.stdout
         wait_for(lambda: len(_rows(collector)) >= len(paths), 20,
                  "the plaintext HTTP/2 events")
-        assert sensor.stop() == 0
         wait_for(lambda: _flows(collector, PORT), 20, "the wire flow")
     finally:
-        sensor.kill()
         stop(srv)
     rows = _rows(collector)
     # One connection (curl reuses it for --next): client streams 1, 3, 5, ...

@@ -5,7 +5,10 @@ On the wire: the server greeting, the client's SSLRequest (sequence id 1), then 
 plaintext stream starts after the handshake with the client's HandshakeResponse41
 (sequence id 2; the greeting went by in clear before it), so the mysql parser picks the
 login up there (user, schema) and then every command: the statements come out as mysql
-events marked tls_plaintext, with the wire flow's Community ID and uid."""
+events marked tls_plaintext, with the wire flow's Community ID and uid.
+
+The sensor is the one the TLS plaintext modules share (rig.SharedTlsSensor, started
+once); this test reads only the records of flows to its server's port."""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.export.collector_proc import query, wait_for
-from tests.live.rig import Sensor, wait_tcp
-from tests.live.test_tls_plaintext import _args, _check_joined, _flows, pair  # noqa: F401
+from tests.live.rig import wait_tcp
+from tests.live.test_tls_plaintext import _check_joined, _flows
 from tests.live.tls_peers import certificate
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -66,18 +69,18 @@ def _mariadb(host):
 def _rows(collector) -> list[dict]:
     rows = query(collector.address,
                  f"SELECT {', '.join(COLS)} FROM mysql WHERE source = 'tls_plaintext' "
-                 f"AND community_id IN (SELECT community_id FROM flows) ORDER BY ts_ns")
+                 f"AND community_id IN (SELECT community_id FROM flows "
+                 f"WHERE dst_port = {PORT}) ORDER BY ts_ns")
     return [dict(zip(COLS, r)) for r in rows]
 
 
-def test_mariadb_cli_with_tls(pair, collector, tmp_path):
+def test_mariadb_cli_with_tls(tls_shared, tmp_path):
     if shutil.which("mariadbd") is None or shutil.which("mariadb") is None:
         pytest.skip("MariaDB is not installed (scripts/apt-packages.txt: mariadb-server)")
+    pair, collector = tls_shared.pair, tls_shared.collector
     server, tmp = _mariadb(pair.b)
-    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
     try:
         wait_tcp(pair.a, pair.b.ip4, PORT)
-        sensor.start()
         out = subprocess.run(
             pair.a.cmd("mariadb", "--no-defaults", "--protocol=TCP", "-h", pair.b.ip4, "-P",
                        str(PORT), f"-u{USER}", f"-p{PASSWORD}", "--ssl", "--force", DB, "-e",
@@ -87,10 +90,8 @@ def test_mariadb_cli_with_tls(pair, collector, tmp_path):
         assert "no_such_table" in out.stderr
         wait_for(lambda: len([r for r in _rows(collector) if r["command"] == "query"])
                  >= len(STATEMENTS) + 1, 20, "the plaintext mysql events")
-        assert sensor.stop() == 0
         wait_for(lambda: _flows(collector, PORT), 20, "the wire flow")
     finally:
-        sensor.kill()
         server.terminate()
         server.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,10 @@ On the wire the connection is an SSLRequest, 'S', then TLS: the wire's pgsql par
 the stream to the TLS parser. The plaintext stream starts after the handshake, with the
 StartupMessage, so the same pgsql parser sees a session as if TLS were off: the startup
 (user, database) and each statement's text come out as pgsql events marked
-tls_plaintext, with the wire flow's Community ID and uid."""
+tls_plaintext, with the wire flow's Community ID and uid.
+
+The sensor is the one the TLS plaintext modules share (rig.SharedTlsSensor, started
+once); this test reads only the records of flows to its server's port."""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.export.collector_proc import query, wait_for
-from tests.live.rig import Sensor, wait_tcp
-from tests.live.test_tls_plaintext import _args, _check_joined, _flows, pair  # noqa: F401
+from tests.live.rig import wait_tcp
+from tests.live.test_tls_plaintext import _check_joined, _flows
 from tests.live.tls_peers import certificate
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -85,33 +88,29 @@ class TlsPgServer:
 def _rows(collector) -> list[dict]:
     rows = query(collector.address,
                  f"SELECT {', '.join(COLS)} FROM pgsql WHERE source = 'tls_plaintext' "
-                 f"AND community_id IN (SELECT community_id FROM flows) ORDER BY ts_ns")
+                 f"AND community_id IN (SELECT community_id FROM flows "
+                 f"WHERE dst_port = {PORT}) ORDER BY ts_ns")
     return [dict(zip(COLS, r)) for r in rows]
 
 
-def test_psql_sslmode_require(pair, collector, tmp_path):
+def test_psql_sslmode_require(tls_shared, tmp_path):
     if not (BIN / "initdb").exists():
         pytest.skip("PostgreSQL 15 is not installed (scripts/apt-packages.txt: postgresql-15)")
-    sensor = Sensor(_args(pair, collector, tmp_path), workdir=tmp_path)
+    pair, collector = tls_shared.pair, tls_shared.collector
     with TlsPgServer(pair.b):
-        try:
-            wait_tcp(pair.a, pair.b.ip4, PORT)
-            sensor.start()
-            env = dict(os.environ, PGPASSWORD=PASSWORD, PGSSLMODE="require",
-                       PGGSSENCMODE="disable")
-            out = subprocess.run(
-                pair.a.cmd(str(BIN / "psql"), "-X", "-h", pair.b.ip4, "-p", str(PORT),
-                           "-U", USER, "-d", DB, "-P", "pager=off", "-v", "ON_ERROR_STOP=0",
-                           "-c", "SHOW ssl", *[a for s in STATEMENTS for a in ("-c", s)]),
-                env=env, capture_output=True, text=True, timeout=60)
-            assert out.stdout.split("\n")[2:3] == [" on"], out.stdout + out.stderr
-            assert "no_such_table" in out.stderr
-            wait_for(lambda: len([r for r in _rows(collector) if r["kind"] != "startup"])
-                     >= len(STATEMENTS) + 1, 20, "the plaintext pgsql events")
-            assert sensor.stop() == 0
-            wait_for(lambda: _flows(collector, PORT), 20, "the wire flow")
-        finally:
-            sensor.kill()
+        wait_tcp(pair.a, pair.b.ip4, PORT)
+        env = dict(os.environ, PGPASSWORD=PASSWORD, PGSSLMODE="require",
+                   PGGSSENCMODE="disable")
+        out = subprocess.run(
+            pair.a.cmd(str(BIN / "psql"), "-X", "-h", pair.b.ip4, "-p", str(PORT),
+                       "-U", USER, "-d", DB, "-P", "pager=off", "-v", "ON_ERROR_STOP=0",
+                       "-c", "SHOW ssl", *[a for s in STATEMENTS for a in ("-c", s)]),
+            env=env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.split("\n")[2:3] == [" on"], out.stdout + out.stderr
+        assert "no_such_table" in out.stderr
+        wait_for(lambda: len([r for r in _rows(collector) if r["kind"] != "startup"])
+                 >= len(STATEMENTS) + 1, 20, "the plaintext pgsql events")
+        wait_for(lambda: _flows(collector, PORT), 20, "the wire flow")
     rows = _rows(collector)
     startup = [r for r in rows if r["kind"] == "startup"]
     assert [(r["user"], r["database"]) for r in startup] == [(USER, DB)], rows
