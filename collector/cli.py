@@ -206,7 +206,8 @@ def collector_config(args):
         "retention": args.retention, "insecure": True if args.insecure else None,
         "tls.cert_file": _absolute(args.tls_cert), "tls.key_file": _absolute(args.tls_key),
         "tls.client_ca_file": _absolute(args.tls_ca), "metrics.listen": args.metrics,
-        "ui": args.ui,
+        "ui": args.ui, "ipfix.targets": args.ipfix, "ipfix.pen": args.ipfix_pen,
+        "ipfix.uniflow": args.ipfix_uniflow,
     }
     if args.config is None and not cfg.COLLECTOR_CONFIG_PATH.exists():
         # No file at all: a development or test run. The store is ./data as always (the
@@ -230,6 +231,8 @@ def collector_config(args):
         peers=c.cluster.peers,
         peer_cert=Path(c.cluster.cert_file) if c.cluster.cert_file else None,
         peer_key=Path(c.cluster.key_file) if c.cluster.key_file else None,
+        ipfix_targets=c.ipfix.targets, ipfix_pen=c.ipfix.pen, ipfix_uniflow=c.ipfix.uniflow,
+        ipfix_queue=c.ipfix.queue_size,
     )
 
 
@@ -563,6 +566,15 @@ def register(tree) -> None:
     p.add_argument("--ui", metavar="HOST:PORT",
                    help='serve the web console here (ui; default off; docs/console.md). Under '
                         'mTLS it is HTTPS and asks for an analyst or admin certificate')
+    p.add_argument("--ipfix", action="append", metavar="TARGET",
+                   help="also export every stored flow as IPFIX to HOST:PORT (UDP) or "
+                        "tcp://HOST:PORT; repeat for more targets (ipfix.targets; "
+                        "docs/export.md)")
+    p.add_argument("--ipfix-pen", type=int, metavar="N",
+                   help="enterprise number of Loupe's own IPFIX IEs (ipfix.pen; default 32473)")
+    p.add_argument("--ipfix-uniflow", action="store_const", const=True, default=None,
+                   help="export each flow as two one-way IPFIX records, for collectors "
+                        "that skip RFC 5103 reverse IEs (ipfix.uniflow)")
     p.add_argument("--print", action="store_true", help="print every received record, one line each")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds open streams get on shutdown (default 5)")

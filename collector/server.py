@@ -37,6 +37,7 @@ from collector.ingest import IngestCounters, IngestService, Writer
 from collector.clients import alerts as client_alerts
 from collector.clients.store import ClientStore
 from collector.inventory.store import InventoryStore
+from collector.ipfix import IpfixExport
 from collector.stats.store import StatsStore
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
 from collector.roles import RoleInterceptor
@@ -98,6 +99,12 @@ class CollectorConfig:
     # Columnar batches (docs/scaling.md): advertised in Ingest.Options and stored. False
     # makes a collector that answers as one from before them (tests, benchmarks).
     columnar: bool = True
+    # [ipfix]: every stored flow also goes out as IPFIX to these targets
+    # (collector/ipfix.py); () is off.
+    ipfix_targets: tuple[str, ...] = ()
+    ipfix_pen: int = 32473
+    ipfix_uniflow: bool = False
+    ipfix_queue: int = 65536
 
     @property
     def mtls(self) -> bool:
@@ -169,9 +176,19 @@ class Collector:
         # Under mTLS the certificate's role decides what a peer may call (roles.py).
         interceptors = [RoleInterceptor()] if config.mtls else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        # Everything that can fail (TLS files, the port) before the store's directory is
-        # made: a failed start leaves nothing behind.
+        # Everything that can fail (TLS files, the port, IPFIX targets) before the store's
+        # directory is made: a failed start leaves nothing behind.
         self.port = self._bind()
+        self.ipfix = None
+        if config.ipfix_targets:
+            try:
+                # Targets checked and resolved here; sockets and thread only at start().
+                self.ipfix = IpfixExport(config.ipfix_targets, pen=config.ipfix_pen,
+                                         uniflow=config.ipfix_uniflow,
+                                         queue_records=config.ipfix_queue)
+            except BaseException:
+                self.server = None
+                raise
         try:
             self.storage = open_storage(config.storage, config.data_dir, sandbox=True)
         except BaseException:
@@ -251,6 +268,8 @@ class Collector:
         out = self.counters.as_dict()
         if self.peer_feed is not None:   # records forwarded from peers, feeds up, reconnects
             out.update(self.peer_feed.counters)
+        if self.ipfix is not None:
+            out.update(self.ipfix.counters())
         return out
 
     def _on_stored(self, batch) -> None:
@@ -258,6 +277,8 @@ class Collector:
         self.inventory.on_stored(batch)
         self.stats.on_stored(batch)
         self.clients.on_stored(batch)
+        if self.ipfix is not None:
+            self.ipfix.on_stored(batch)
 
     def _bind(self) -> int:
         config = self.config
@@ -289,6 +310,8 @@ class Collector:
             except BaseException:
                 await self.stop(grace=0)
                 raise
+        if self.ipfix is not None:
+            self.ipfix.start()
         # Decoders first: a sensor connecting the moment the port answers gets its first
         # acks at full speed.
         await self.writer.start()
@@ -367,8 +390,18 @@ class Collector:
 
     async def _loop_snapshot(self) -> dict:
         counters, hub = self.counters, self.hub
+        lost = {LostSource.SUBSCRIBER_SLOW.value: hub.counters()["subscriber_dropped"]}
+        exported, depth = {}, {}
+        if self.ipfix is not None:
+            ipfix = self.ipfix.counters()
+            # Flows the export queue had no room for; IPFIX records a target did not take.
+            lost[LostSource.EXPORT_QUEUE_FULL.value] = ipfix["ipfix_queue_full"]
+            lost[LostSource.IPFIX_SEND_ERROR.value] = ipfix["ipfix_records_dropped"]
+            exported = {"records_exported": {"ipfix": ipfix["ipfix_records_sent"]}}
+            depth = {"ipfix_flows": ipfix["ipfix_queue_depth"]}
         return {
-            "lost": {LostSource.SUBSCRIBER_SLOW.value: hub.counters()["subscriber_dropped"]},
+            "lost": lost,
+            **exported,
             "records_stored": counters.records_stored,
             "batches": {"stored": counters.batches_stored,
                         "duplicate": counters.batches_duplicate,
@@ -380,6 +413,7 @@ class Collector:
                 "ingest_batches": self.writer.in_flight,
                 # Records waiting for live subscribers (each queue is bounded).
                 "subscriber_records": sum(s.queue.qsize() for s in hub.subscribers),
+                **depth,
             },
         }
 
@@ -396,6 +430,8 @@ class Collector:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.writer.drain()
         self.writer.close()
+        if self.ipfix is not None:      # after the drain: every stored flow is queued
+            await asyncio.get_running_loop().run_in_executor(None, self.ipfix.close)
         self.inventory.close()
         self.stats.close()
         self.clients.close()

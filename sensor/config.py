@@ -473,6 +473,10 @@ class SpoolConfig:
     max_bytes: int = _opt(1 * GIB, _Size(1 * MIB, 1024 * GIB))
 
 
+_IPFIX_TARGET = _Str(300, r"((?i:udp|tcp)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}",
+                     "HOST:PORT, udp://HOST:PORT or tcp://HOST:PORT")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportConfig:
     queue_size: int = _opt(10_000, _Int(100, 10_000_000))
@@ -481,8 +485,7 @@ class ExportConfig:
     jsonl: str = _opt("", _Path(allow_empty=True))
     # IPFIX (sensor/export/ipfix.py): the target, "" = off; the checks here are the
     # syntax, the exporter checks the port and resolves the name at start.
-    ipfix: str = _opt("", _Str(300, r"((?i:udp|tcp)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)"
-                                    r":\d{1,5}", "HOST:PORT, udp://HOST:PORT or tcp://HOST:PORT"))
+    ipfix: str = _opt("", _IPFIX_TARGET)
     ipfix_domain: int = _opt(0, _Int(0, 0xFFFFFFFF))
     ipfix_pen: int = _opt(32473, _Int(1, 0xFFFFFFFF))
     ipfix_uniflow: bool = _opt(False, _Bool())
@@ -706,6 +709,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CollectorIpfixConfig:
+    # IPFIX export of every stored flow (collector/ipfix.py, docs/export.md), to each
+    # target spelled as the sensor's export.ipfix; [] = off. At most 8: each costs the
+    # export thread one encode and send per flow.
+    targets: tuple[str, ...] = _opt((), _List(_IPFIX_TARGET, 8))
+    pen: int = _opt(32473, _Int(1, 0xFFFFFFFF))
+    uniflow: bool = _opt(False, _Bool())
+    # Flows waiting for the export thread; past it they are dropped and counted.
+    queue_size: int = _opt(65536, _Int(1000, 10_000_000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorConfig:
     listen: str = _opt("127.0.0.1:50051", _Address(listen=True, allow_empty=False))
     insecure: bool = _opt(False, _Bool())
@@ -719,6 +734,7 @@ class CollectorConfig:
     tls: ServerTlsConfig = _section(ServerTlsConfig)
     storage: StorageConfig = _section(StorageConfig)
     cluster: ClusterConfig = _section(ClusterConfig)
+    ipfix: CollectorIpfixConfig = _section(CollectorIpfixConfig)
     metrics: MetricsConfig = field(
         default_factory=lambda: MetricsConfig(listen="127.0.0.1:9465"),
         metadata={"section": MetricsConfig},

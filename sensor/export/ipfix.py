@@ -22,7 +22,11 @@ use a TLS tunnel (stunnel) or a collector on the same host.
 
 Sequence numbers count Data Records per Observation Domain (RFC 7011 3.1) and restart at
 0 on every TCP connection. A message that fails to send still advances them, so the
-collector sees the gap as loss; the exporter counts the records it dropped.
+collector sees the gap as loss; the exporter counts the records it dropped. One sink can
+carry several Observation Domains over its one socket (the collector's exporter: one
+domain per sensor, collector/ipfix.py): each has its own sequence numbers and its own
+template timers, since templates are scoped to a domain (RFC 7011 8.); a message holds
+one domain's records.
 
 IpfixSink is synchronous (the RecordSink of replay); IpfixExporter puts the bounded
 queue of sensor/export/exporter.py in front of it for the live sensor.
@@ -34,6 +38,7 @@ import logging
 import socket
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,8 +47,8 @@ from sensor.errors import ConfigError
 from sensor.export.exporter import SinkExporter
 
 __all__ = [
-    "IpfixTarget", "IpfixSink", "IpfixExporter", "parse_target", "encode_flow",
-    "encode_uniflows",
+    "IpfixTarget", "IpfixSink", "IpfixExporter", "parse_target", "resolve_target",
+    "encode_flow", "encode_uniflows", "FLOW_FIELDS",
     "template_set", "TEMPLATE_V4", "TEMPLATE_V6", "DEFAULT_PEN", "REVERSE_PEN",
 ]
 
@@ -73,8 +78,17 @@ REFRESH_MESSAGES = 1000
 # dropped and counted, the connection reopened.
 SEND_TIMEOUT_S = 5.0
 # After a failed TCP connect, wait this long before trying again: records meanwhile are
-# dropped and counted, never queued without bound.
+# dropped and counted, never queued without bound. Each further failure doubles the wait
+# up to RECONNECT_MAX_S: a connect to a host that does not answer blocks up to
+# SEND_TIMEOUT_S, and a collector that stays down should cost that twice a minute, not
+# every few seconds.
 RECONNECT_S = 2.0
+RECONNECT_MAX_S = 30.0
+# Observation Domains one sink keeps state for (sequence number, template timers; a few
+# dozen bytes each). Past it the least recently used one is forgotten: should it come
+# back, it starts over with templates and sequence 0, which a collector reads as a
+# restarted exporter.
+MAX_DOMAINS = 4096
 LOG_EVERY_S = 60.0
 
 
@@ -134,6 +148,18 @@ ENTERPRISE = (
     (9, "uid", 64),
     (10, "sensor_id", 64),
     (11, "handshake_rtt_ns", 0),
+)
+
+
+# Every Flow attribute the encoder reads: what an object needs to be encoded (the
+# collector encodes stored rows, collector/ipfix.py).
+FLOW_FIELDS = (
+    "flow_start_ns", "flow_end_ns", "src_addr", "dst_addr", "src_port", "dst_port",
+    "protocol", "ip_version", "initiator_octets", "initiator_packets", "initiator_l2_octets",
+    "initiator_tcp_flags", "responder_octets", "responder_packets", "responder_l2_octets",
+    "responder_tcp_flags", "tcp_syn_count", "tcp_fin_count", "tcp_rst_count",
+    "flow_end_reason", "vlan_id", "inner_vlan_id", "ifindex", "icmp_type", "icmp_code",
+    *(name for _, name, _ in ENTERPRISE),
 )
 
 
@@ -230,6 +256,16 @@ MAX_RECORD = (_TIMES.size + 32 + _FIXED_FMT.size
 MIN_MESSAGE = HEADER.size + SET_HEADER.size + MAX_RECORD
 
 
+@dataclass(slots=True)
+class _Domain:
+    """Per Observation Domain: its sequence number and when its templates last went."""
+
+    sequence: int = 0
+    send_templates: bool = True
+    last_templates: float = 0.0
+    since_templates: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class IpfixTarget:
     host: str
@@ -262,7 +298,7 @@ def parse_target(text: str) -> IpfixTarget:
     return IpfixTarget(host, port, transport)
 
 
-def _resolve(target: IpfixTarget) -> tuple:
+def resolve_target(target: IpfixTarget) -> tuple:
     """(family, type, proto, address), once at start: a name that does not resolve is a
     configuration error then, not a silent loss later."""
     kind = socket.SOCK_STREAM if target.transport == "tcp" else socket.SOCK_DGRAM
@@ -307,14 +343,13 @@ class IpfixSink:
         self._clock = clock
         self._mono = monotonic
         self._templates = template_set(pen)
-        self._addr = _resolve(self.target)
+        self._addr = resolve_target(self.target)
         self._sock: socket.socket | None = None
         self._next_connect = 0.0
-        self._send_templates = True
-        self._last_templates = 0.0
-        self._since_templates = 0
-        self.sequence = 0
-        # The message being filled: (template id, records) in the order written.
+        self._backoff = RECONNECT_S
+        self._domains: OrderedDict[int, _Domain] = OrderedDict({domain: _Domain()})
+        # The message being filled: its domain, template id and records in write order.
+        self._msg_domain = domain
         self._set_id = 0
         self._records: list[bytes] = []
         self._size = 0
@@ -329,18 +364,24 @@ class IpfixSink:
     # -- RecordSink ------------------------------------------------------------------------
 
     def write(self, record: model.Record) -> None:
-        if not isinstance(record, model.Flow):
-            return
-        if self.uniflow:
-            for set_id, data in encode_uniflows(record):
-                self._add(set_id, data)
-        else:
-            self._add(*encode_flow(record))
+        if isinstance(record, model.Flow):
+            self.write_flow(record)
 
-    def _add(self, set_id: int, data: bytes) -> None:
-        if self._records and (set_id != self._set_id
+    def write_flow(self, flow, domain: int | None = None) -> None:
+        """One flow (a model.Flow, or any object with its attributes, such as a stored
+        row) into Observation Domain `domain` (None: the sink's own)."""
+        domain = self.domain if domain is None else domain
+        if self.uniflow:
+            for set_id, data in encode_uniflows(flow):
+                self._add(set_id, data, domain)
+        else:
+            self._add(*encode_flow(flow), domain)
+
+    def _add(self, set_id: int, data: bytes, domain: int) -> None:
+        if self._records and (set_id != self._set_id or domain != self._msg_domain
                               or self._size + len(data) > self._room()):
             self._send_data()
+        self._msg_domain = domain
         self._set_id = set_id
         self._records.append(data)
         self._size += len(data)
@@ -355,6 +396,12 @@ class IpfixSink:
             self._sock.close()
             self._sock = None
 
+    @property
+    def sequence(self) -> int:
+        """The next sequence number of the sink's own Observation Domain."""
+        state = self._domains.get(self.domain)
+        return state.sequence if state is not None else 0
+
     def counters(self) -> dict[str, int]:
         return {"ipfix_records_sent": self.records_sent,
                 "ipfix_records_dropped": self.records_dropped,
@@ -363,13 +410,23 @@ class IpfixSink:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _templates_due(self) -> bool:
-        if self._send_templates:
+    def _state(self, domain: int) -> _Domain:
+        state = self._domains.get(domain)
+        if state is None:
+            state = self._domains[domain] = _Domain()
+            if len(self._domains) > MAX_DOMAINS:
+                self._domains.popitem(last=False)
+        else:
+            self._domains.move_to_end(domain)
+        return state
+
+    def _templates_due(self, state: _Domain) -> bool:
+        if state.send_templates:
             return True
         if self.target.transport == "tcp":
             return False            # once per connection (RFC 7011 8.)
-        return (self._mono() - self._last_templates >= self.refresh_s
-                or self._since_templates >= self.refresh_messages)
+        return (self._mono() - state.last_templates >= self.refresh_s
+                or state.since_templates >= self.refresh_messages)
 
     def _room(self) -> int:
         """Octets for Data Records in one message. Due templates ride in front of them
@@ -383,23 +440,25 @@ class IpfixSink:
         data_set = SET_HEADER.pack(set_id, SET_HEADER.size + len(body)) + body
         if self._sock is None:
             self._connect()
+        domain = self._msg_domain
+        state = self._state(domain)
         prefix = b""
-        if self._templates_due():
+        if self._templates_due(state):
             if len(self._templates) + len(data_set) + HEADER.size <= self.max_message:
                 prefix = self._templates
             else:
-                self._send(self._templates, 0, templates=True)
-        if self._send(prefix + data_set, len(records), templates=bool(prefix)):
+                self._send(self._templates, domain, state, templates=True)
+        if self._send(prefix + data_set, domain, state, templates=bool(prefix)):
             self.records_sent += len(records)
         else:
             self.records_dropped += len(records)
         # RFC 7011 3.1: the next message's sequence number counts these records whether
         # or not they arrived, so the collector sees a gap where we dropped.
-        self.sequence = (self.sequence + len(records)) & 0xFFFFFFFF
+        state.sequence = (state.sequence + len(records)) & 0xFFFFFFFF
 
-    def _send(self, sets: bytes, n_records: int, *, templates: bool) -> bool:
+    def _send(self, sets: bytes, domain: int, state: _Domain, *, templates: bool) -> bool:
         message = HEADER.pack(VERSION, HEADER.size + len(sets), int(self._clock()),
-                              self.sequence, self.domain) + sets
+                              state.sequence, domain) + sets
         if self._sock is None:
             self.send_errors += 1
             return False
@@ -422,12 +481,12 @@ class IpfixSink:
                 self._disconnect()
             return False
         self.messages_sent += 1
-        self._since_templates += 1
+        state.since_templates += 1
         if templates:
             # This message counts as the first of the next refresh_messages.
-            self._send_templates = False
-            self._last_templates = self._mono()
-            self._since_templates = 1
+            state.send_templates = False
+            state.last_templates = self._mono()
+            state.since_templates = 1
         return True
 
     # -- transport --------------------------------------------------------------------------
@@ -446,19 +505,23 @@ class IpfixSink:
         except OSError as exc:
             sock.close()
             self.last_error = exc.strerror or str(exc)
-            self._next_connect = now + RECONNECT_S
-            log.warning("IPFIX: cannot connect to %s: %s", self.target, self.last_error)
+            self._next_connect = now + self._backoff
+            log.warning("IPFIX: cannot connect to %s: %s; next try in %.0f s", self.target,
+                        self.last_error, self._backoff)
+            self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
             return
         self._sock = sock
-        self._send_templates = True
-        if self.target.transport == "tcp":
-            self.sequence = 0       # a new Transport Session (RFC 7011 3.1)
+        self._backoff = RECONNECT_S
+        for state in self._domains.values():
+            state.send_templates = True
+            if self.target.transport == "tcp":
+                state.sequence = 0      # a new Transport Session (RFC 7011 3.1)
 
     def _disconnect(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        self._next_connect = self._mono() + RECONNECT_S
+        self._next_connect = self._mono() + self._backoff
 
 
 class IpfixExporter(SinkExporter):

@@ -62,7 +62,9 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
         '[metrics]\nlisten = "[::1]:9999"\n'
         '[storage]\nbackend = "clickhouse"\n[storage.clickhouse]\nhost = "ch1.example"\n'
         'port = 9001\ndatabase = "flows"\nuser = "loupe"\npassword = "pw"\ncluster = "two"\n'
-        f'[cluster]\npeers = ["127.0.0.2:50999"]\ncert_file = "{cert}"\nkey_file = "{key}"\n')
+        f'[cluster]\npeers = ["127.0.0.2:50999"]\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+        '[ipfix]\ntargets = ["127.0.0.1:4739", "tcp://[::1]:4740"]\npen = 65000\n'
+        'uniflow = true\nqueue_size = 5000\n')
     # Every key of the schema is set above, to a value other than its default.
     assert config.schema_keys("collector") == {
         "listen", "insecure", "data_dir", "retention", "max_message_size",
@@ -70,7 +72,8 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
         "metrics.listen", "storage.backend", "storage.clickhouse.host",
         "storage.clickhouse.port", "storage.clickhouse.database", "storage.clickhouse.user",
         "storage.clickhouse.password", "storage.clickhouse.cluster", "cluster.peers",
-        "cluster.cert_file", "cluster.key_file"}
+        "cluster.cert_file", "cluster.key_file", "ipfix.targets", "ipfix.pen",
+        "ipfix.uniflow", "ipfix.queue_size"}
     c = collector_config(_run_args("--config", str(path)))
     assert (c.listen, c.insecure, c.data_dir, c.retention_ns) == (
         "127.0.0.1:50999", True, tmp_path / "store", 12 * 3600 * 10**9)
@@ -82,6 +85,8 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     assert (c.storage.backend, ch.host, ch.port, ch.database, ch.user, ch.password,
             ch.cluster) == ("clickhouse", "ch1.example", 9001, "flows", "loupe", "pw", "two")
     assert (c.peers, c.peer_cert, c.peer_key) == (("127.0.0.2:50999",), cert, key)
+    assert (c.ipfix_targets, c.ipfix_pen, c.ipfix_uniflow, c.ipfix_queue) == (
+        ("127.0.0.1:4739", "tcp://[::1]:4740"), 65000, True, 5000)
 
     # Flags, then --set, win over the file; a relative --data-dir is taken from here.
     c = collector_config(_run_args("--config", str(path), "--listen", "127.0.0.1:0",
@@ -93,6 +98,10 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     assert c.data_dir == Path.cwd() / "rel"
     assert c.max_message_bytes == 64 * 1024        # still the file's
     assert collector_config(_run_args("--config", str(path), "--ui", "")).ui_listen == ""
+    c = collector_config(_run_args("--config", str(path), "--ipfix", "127.0.0.1:9995",
+                                   "--ipfix", "tcp://127.0.0.1:9996", "--ipfix-pen", "7"))
+    assert (c.ipfix_targets, c.ipfix_pen, c.ipfix_uniflow) == (
+        ("127.0.0.1:9995", "tcp://127.0.0.1:9996"), 7, True)
 
 
 def test_without_a_file_the_store_is_here_and_metrics_are_off(tmp_path, monkeypatch):
