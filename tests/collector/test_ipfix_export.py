@@ -22,12 +22,15 @@ from collector.server import Collector
 from sensor.cli import build_parser
 from sensor.errors import ConfigError
 from sensor.export import ipfix as sensor_ipfix
+from sensor.export import wire
+from sensor.export.columnar import encode as columnar_batch
 from tests.export.ipfix_collectors import (Nfacctd, Nfcapd, biflows, directions,
                                            needs_collectors)
 from tests.export.ipfix_decode import Decoder, num
 
-from .conftest import REPO, batch, flow, push, query
+from .conftest import BASE_NS, REPO, batch, flow, push, query
 
+STORED = wire.ingest_pb2.ACK_STATUS_STORED
 GOLDEN = sorted(str(p) for p in (REPO / "tests" / "golden").glob("*.pcap"))
 LOUPE = [sys.executable, "-m", "sensor.cli"]
 FLOW_COLUMNS = ("src_addr, dst_addr, src_port, dst_port, protocol, flow_start_ns, flow_end_ns, "
@@ -53,19 +56,32 @@ def test_nfdump_and_nfacctd_show_the_flows_the_collector_stored(start_collector,
     try:
         c = start_collector(ipfix_targets=(f"127.0.0.1:{nfcapd.port}",
                                            f"udp://127.0.0.1:{nfacctd.port}"))
-        # Columnar batches: a real replay of the golden captures through the sensor's
-        # gRPC exporter. Row batches: a second sensor's flows pushed as records.
+        columnar = []                 # per batch the writer got: columns or rows
+        store = c.collector.writer.store
+
+        async def spy(batch, raw, identity):
+            columnar.append(batch.columnar)
+            return await store(batch, raw, identity)
+
+        c.collector.writer.store = spy
+        # Row batches: a real replay of the golden captures through the sensor's gRPC
+        # exporter (spooled before the collector's Ingest.Options answered, so rows).
+        # Columnar batches: a second sensor's flows pushed as Arrow tables.
         run = subprocess.run([*LOUPE, "replay", *GOLDEN, "--collector", c.address,
                               "--sensor-id", "golden", "--no-progress"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        acks = push(c.address, [batch([flow(i) for i in range(100 * b, 100 * b + 100)], b,
-                                      sensor_id="rows") for b in range(1, 4)])
-        assert len(acks) == 3
+        def columns(b: int):
+            return columnar_batch([flow(i) for i in range(100 * b, 100 * b + 100)],
+                                  sensor_id="columns", batch_id=b, created_ns=BASE_NS)
+
+        acks = push(c.address, [columns(b) for b in range(1, 4)])
+        assert [a.status for a in acks] == [STORED] * 3
         # A resent batch is a duplicate: not stored again, not exported again.
-        push(c.address, [batch([flow(i) for i in range(100, 200)], 1, sensor_id="rows")])
+        push(c.address, [columns(1)])
+        assert set(columnar) == {True, False}          # both ingest paths
         ours = stored_flows(c.address)
-        assert {f["sensor_id"] for f in ours} == {"golden", "rows"}
+        assert {f["sensor_id"] for f in ours} == {"golden", "columns"}
         assert len(ours) == 300 + sum(f["sensor_id"] == "golden" for f in ours)
         wait_exported(c.collector.ipfix, len(ours))
         initiator = directions(ours, responder=False)
@@ -132,6 +148,37 @@ def test_one_observation_domain_per_sensor_with_its_own_templates_and_sequence(u
     assert sum(len(m.records) for m in by_domain[dom_a]) == 35
     got_b = sorted(num(r, "octetDeltaCount") for m in by_domain[dom_b] for r in m.records)
     assert got_b == sorted(f.initiator_octets for f in b)
+
+
+def test_udp_templates_are_refreshed_per_domain(udp_sock):
+    class Clock:
+        now = 100.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    sink = sensor_ipfix.IpfixSink(f"127.0.0.1:{udp_sock.getsockname()[1]}", monotonic=clock)
+    decoder = Decoder()
+
+    def send(domain: int, i: int):
+        sink.write_flow(flow(i), domain)
+        sink.flush()
+        return decoder.message(udp_sock.recv(65535))
+
+    # Each domain's templates go out with its first message and again refresh_s after
+    # its own last ones, whatever the other domain does; sequences count per domain.
+    sent = [send(1, 0)]
+    clock.now += 30
+    sent += [send(2, 1), send(1, 2)]
+    clock.now += sink.refresh_s - 29          # domain 1's templates are 61 s old
+    sent += [send(1, 3), send(2, 4)]
+    clock.now += 30                           # domain 2's are now
+    sent += [send(2, 5), send(1, 6)]
+    assert [(m.domain, m.sequence, bool(m.templates)) for m in sent] == [
+        (1, 0, True), (2, 0, True), (1, 1, False), (1, 2, True), (2, 1, False),
+        (2, 2, True), (1, 3, False)]
+    sink.close()
 
 
 def test_a_full_queue_drops_whole_batches_counts_them_and_logs_once(udp_sock, caplog):
