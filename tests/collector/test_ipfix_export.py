@@ -21,6 +21,7 @@ from collector.ipfix import IpfixExport, observation_domain
 from collector.server import Collector
 from sensor.cli import build_parser
 from sensor.errors import ConfigError
+from sensor.metrics import MetricsRegistry
 from sensor.export import ipfix as sensor_ipfix
 from sensor.export import wire
 from sensor.export.columnar import encode as columnar_batch
@@ -64,9 +65,9 @@ def test_nfdump_and_nfacctd_show_the_flows_the_collector_stored(start_collector,
             return await store(batch, raw, identity)
 
         c.collector.writer.store = spy
-        # Row batches: a real replay of the golden captures through the sensor's gRPC
-        # exporter (spooled before the collector's Ingest.Options answered, so rows).
-        # Columnar batches: a second sensor's flows pushed as Arrow tables.
+        # A real replay of the golden captures through the sensor's gRPC exporter (rows
+        # or columns, as its Ingest.Options answer came before or after it spooled), then
+        # a second sensor's Arrow batches and a third one's row batches.
         run = subprocess.run([*LOUPE, "replay", *GOLDEN, "--collector", c.address,
                               "--sensor-id", "golden", "--no-progress"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
@@ -76,13 +77,15 @@ def test_nfdump_and_nfacctd_show_the_flows_the_collector_stored(start_collector,
                                   sensor_id="columns", batch_id=b, created_ns=BASE_NS)
 
         acks = push(c.address, [columns(b) for b in range(1, 4)])
-        assert [a.status for a in acks] == [STORED] * 3
+        acks += push(c.address, [batch([flow(i) for i in range(100 * b, 100 * b + 100)], b,
+                                       sensor_id="rows") for b in (4, 5)])
+        assert [a.status for a in acks] == [STORED] * 5
         # A resent batch is a duplicate: not stored again, not exported again.
         push(c.address, [columns(1)])
         assert set(columnar) == {True, False}          # both ingest paths
         ours = stored_flows(c.address)
-        assert {f["sensor_id"] for f in ours} == {"golden", "columns"}
-        assert len(ours) == 300 + sum(f["sensor_id"] == "golden" for f in ours)
+        assert {f["sensor_id"] for f in ours} == {"golden", "columns", "rows"}
+        assert len(ours) == 500 + sum(f["sensor_id"] == "golden" for f in ours)
         wait_exported(c.collector.ipfix, len(ours))
         initiator = directions(ours, responder=False)
         theirs = nfacctd.counts(sum(v for k, v in initiator.items() if k[-1] == "packets"))
@@ -99,6 +102,14 @@ def test_nfdump_and_nfacctd_show_the_flows_the_collector_stored(start_collector,
     counters = c.collector.ipfix.counters()
     assert counters["ipfix_records_sent"] == 2 * len(ours)     # two targets
     assert counters["ipfix_records_dropped"] == counters["ipfix_queue_full"] == 0
+    metrics = MetricsRegistry("collector")
+    metrics.add_source("collector", lambda: c.collector.metrics_snapshot(c.loop))
+    shown = metrics.render().decode()
+    for line in (f'loupe_records_exported_total{{kind="ipfix"}} {2 * len(ours)}.0',
+                 'loupe_lost_total{reason="export_queue_full"} 0.0',
+                 'loupe_lost_total{reason="ipfix_send_error"} 0.0',
+                 'loupe_queue_depth{queue="ipfix_flows"} 0.0'):
+        assert line in shown.splitlines(), line
 
 
 def _decoded(*sensors_flows):
