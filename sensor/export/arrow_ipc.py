@@ -33,6 +33,10 @@ __all__ = ["IpcRefused", "IpcTooLarge", "Measured", "measure", "read"]
 _SCHEMA, _DICTIONARY_BATCH, _RECORD_BATCH = 1, 2, 3
 # BodyCompression.codec: LZ4_FRAME, ZSTD.
 _CODECS = (0, 1)
+# Record batches in one stream, at most. A sensor writes one per table; each costs a few
+# microseconds of Python here, so a stream of a hundred thousand tiny ones would buy a
+# peer a second of a decoder's CPU per message.
+MAX_BATCHES = 1024
 # A compressed buffer's first 8 bytes: its uncompressed length, or -1 when the writer
 # left it uncompressed (it would not shrink).
 _UNCOMPRESSED = -1
@@ -181,6 +185,8 @@ def measure(data: bytes, max_bytes: int) -> Measured:
                 what = {_SCHEMA: "a second schema", _DICTIONARY_BATCH: "a dictionary batch"}
                 raise IpcRefused(f"the stream holds {what.get(kind, f'message type {kind}')}"
                                  "; only one schema and record batches are accepted")
+            if len(messages) == MAX_BATCHES:
+                raise IpcRefused(f"the stream holds more than {MAX_BATCHES} record batches")
             header = meta.table(root, 2)
             if not header:
                 raise IpcRefused("a record batch message has no header")

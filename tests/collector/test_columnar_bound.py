@@ -164,6 +164,15 @@ def _two_schemas() -> bytes:
     return data[:8 + len(schema.metadata)] * 2 + data[8 + len(schema.metadata):]
 
 
+def _many_batches() -> bytes:
+    t = _flows(1)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as out:
+        for _ in range(arrow_ipc.MAX_BATCHES + 1):
+            out.write_table(t)
+    return sink.getvalue().to_pybytes()
+
+
 def _wrong_type() -> bytes:
     t = _flows(1)
     i = t.schema.get_field_index("src_port")
@@ -182,6 +191,8 @@ REFUSED = {
                       "table 'flows' has 3 rows, but order names 2"),
     "dictionary": ([("flows", _dictionary_stream())], b"\0\0", "is dictionary-encoded"),
     "two-schemas": ([("flows", _two_schemas())], b"\0", "a second schema"),
+    "many-batches": ([("flows", _many_batches())], b"\0" * (arrow_ipc.MAX_BATCHES + 1),
+                     "more than 1024 record batches"),
     "wrong-type": ([("flows", _wrong_type())], b"\0",
                    "column src_port is list<item: string>, which does not convert to uint16"),
     "unknown-table": ([("flows", _ipc(_flows(1))), ("smtp", bomb(1024))], b"\0\1",
