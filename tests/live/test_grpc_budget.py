@@ -147,7 +147,7 @@ def test_grpc_10_mib_messages_copy_about_what_1_kib_messages_do(tmp_path):
                     net["softnet_drops"] = softnet_drops() - drops
                     new = {c: w for c, w in walk_states(sensor.proc.pid, port).items()
                            if c not in seen}
-                    assert len(new) == 1, (name, new, net)
+                    assert len(new) == 1, f"{name}: new walks {new}, {net}"
                     (client, walk), = new.items()
                     # The one thing the walk cannot follow (docs/kernel.md, frame walk):
                     # a hole before the sensor's hook over a frame header, a segment of
@@ -178,9 +178,9 @@ def test_grpc_10_mib_messages_copy_about_what_1_kib_messages_do(tmp_path):
     for r in records:
         if isinstance(r, LostEvent):
             lost[r.source] = lost.get(r.source, 0) + r.count
-    # What a failure shows, short enough that pytest does not cut it: losses, and per run
-    # the walks' states (state/why stopped, to the server then to the client), what the
-    # network did meanwhile, and an excuse if any.
+    # What a failure shows, as a string (pytest cuts the repr of any other message): the
+    # losses, and per run the walks' states (state/why stopped, to the server then to the
+    # client), what the network did meanwhile, and an excuse if any.
     diag = f"lost={lost} runs={[(n, w, net, x) for n, _, w, net, x in runs]}"
     for name, client, _, _, excuse in runs:
         if excuse and client in flows:   # what the excused run's parse got: its statuses
@@ -191,20 +191,21 @@ def test_grpc_10_mib_messages_copy_about_what_1_kib_messages_do(tmp_path):
     for name, client, walk, net, excuse in runs:
         if excuse:
             continue
-        assert client in flows, (name, client, diag)
+        assert client in flows, f"{name}: no flow from port {client}; {diag}"
         got = events.get(flows[client].uid, [])
         # Every call parsed: an event each, with its method and status.
         cov = flows[client].l7_coverage
         assert [(e.grpc_service, e.grpc_method, e.grpc_status) for e in got] == \
-            [(G.SERVICE, "Unary", 0)] * CALLS, (name, [e.grpc_status for e in got], diag)
+            [(G.SERVICE, "Unary", 0)] * CALLS, \
+            f"{name}: statuses {[e.grpc_status for e in got]}; {diag}"
         copied[name] = cov.captured_octets
         wire[name] = (cov.captured_octets + cov.skipped_octets + cov.truncated_octets
                       + cov.gap_octets)
-        assert cov.gap_octets == 0, (name, cov.gap_octets, diag)
+        assert cov.gap_octets == 0, f"{name}: {cov.gap_octets} gap octets; {diag}"
     print(f"payload copied: {CALLS} calls of 1 KiB {copied['small']} B "
           f"(of {wire['small']} B), of 10 MiB {copied['large']} B (of {wire['large']} B)")
     # The large channel carries 2 x 20 x 10 MiB; what it copies is its calls' header
     # blocks and the frames around them, as for 1 KiB messages (whose DATA frames are left
     # out the same way), plus the odd control frame grpc adds for a big transfer.
     assert wire["large"] > 2 * CALLS * SIZES["large"]
-    assert copied["large"] <= 2 * copied["small"] + 16384, (copied, diag)
+    assert copied["large"] <= 2 * copied["small"] + 16384, f"copied {copied}; {diag}"
