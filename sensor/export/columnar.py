@@ -367,5 +367,7 @@ def to_rows(payload: bytes) -> bytes:
     batch = ingest_pb2.RecordBatch.FromString(payload)
     out = ingest_pb2.RecordBatch(sensor_id=batch.sensor_id, batch_id=batch.batch_id,
                                  created_ns=batch.created_ns)
-    out.records.extend(proto_records(read_tables(batch), batch.order))
+    # No size bound: what is turned back into rows is the sensor's own spool, or a batch
+    # the collector's decoder has already read under max_columnar_size (Received.records).
+    out.records.extend(proto_records(read_tables(batch, max_bytes=1 << 62), batch.order))
     return out.SerializeToString()
