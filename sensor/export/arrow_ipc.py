@@ -161,8 +161,8 @@ def _batch_bytes(meta: _Fb, header: int, body) -> int:
 def measure(data: bytes, max_bytes: int) -> Measured:
     """The schema, record batch messages, row count and decompressed size of the Arrow
     IPC stream `data`; IpcRefused if it is malformed, of a kind not accepted, or declares
-    more than `max_bytes` of buffers (IpcTooLarge; checked as each message is read, so the count stops
-    at the first message over)."""
+    more than `max_bytes` of buffers (IpcTooLarge; checked as each message is read, so
+    the count stops at the first message over)."""
     try:
         reader = pa.ipc.MessageReader.open_stream(pa.py_buffer(data))
         schema = None
