@@ -1,7 +1,7 @@
 """Collector ingest benchmark: row against columnar batches, DuckDB and ClickHouse.
 
     python -m tests.benchmarks.bench_ingest [--clients 4] [--seconds 20] [--batch 1000]
-        [--window 8] [--encoding rows,columnar] [--backend duckdb,clickhouse]
+        [--window 8] [--encoding rows,columnar] [--backend duckdb,clickhouse] [--ipfix]
 
 For every backend and encoding, in one run: a real collector process (`loupe collector
 run`; DuckDB file in a temporary directory, or a real clickhouse-server started here as
@@ -27,6 +27,9 @@ a parser reads like any other field order). A real sensor fleet does not run on 
 collector's cores; here the clients share them, so their CPU share is printed to show
 how little of the machine they take.
 
+--ipfix turns the collector's IPFIX export on (collector/ipfix.py, to a socket that never
+reads), to show what exporting every stored flow costs ingest.
+
 Not part of the pytest suite: it loads the machine on purpose.
 """
 
@@ -37,6 +40,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import socket
 import subprocess
 import sys
 import tempfile
@@ -241,6 +245,12 @@ def _run(args, encoding: str, backend: str, ch, tmp: str) -> dict:
     data_dir = Path(tmp) / f"{backend}-{encoding}"
     cmd = [sys.executable, "-m", "sensor.cli", "collector", "run", "--listen", "127.0.0.1:0",
            "--data-dir", str(data_dir)]
+    if args.ipfix:
+        # The collector's IPFIX export on (collector/ipfix.py), to a socket that never
+        # reads: every flow is encoded and sent, the kernel drops the datagrams.
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        cmd += ["--ipfix", f"127.0.0.1:{sink.getsockname()[1]}"]
     if backend == "clickhouse":
         cmd += ["--set", "storage.backend=clickhouse", "--set", f"storage.clickhouse.port={ch.port}",
                 "--set", f"storage.clickhouse.database=bench_{encoding}"]
@@ -310,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--encoding", default="rows,columnar")
     ap.add_argument("--backend", default="duckdb,clickhouse")
+    ap.add_argument("--ipfix", action="store_true",
+                    help="with the collector's IPFIX export of every stored flow on")
     args = ap.parse_args(argv)
     encodings = args.encoding.split(",")
     backends = args.backend.split(",")
