@@ -28,6 +28,8 @@ much less.
 
     python -m tests.benchmarks.bench_replay [--packets 1000000] [--rounds 1]
     python -m tests.benchmarks.bench_replay --breakdown     # CPU per stage, in-process
+    python -m tests.benchmarks.bench_replay --rounds 3 --tools 'loupe --jobs 1,loupe pure,suricata'
+                                          # compiled against pure, paired, with Suricata
 """
 
 from __future__ import annotations
@@ -83,14 +85,15 @@ def _cpu_children() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def measure(argv: list[str]) -> tuple[float, float, int, str]:
+def measure(argv: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
     """(wall s, CPU s, peak RSS bytes of the process tree, stderr) of one child run.
     CPU time comes from RUSAGE_CHILDREN, which counts every descendant that was waited
     for (NFStream's meters, Loupe's shards)."""
     cpu0 = _cpu_children()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env} if env else None)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -210,6 +213,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true",
                     help="CPU per stage on a 150k-packet slice instead of the comparison")
+    ap.add_argument("--tools", default="",
+                    help="comma-separated subset of the runs (e.g. 'loupe --jobs 1,loupe "
+                         "pure,suricata'); 'loupe pure' (--jobs 1 with LOUPE_PURE=1, the "
+                         "uncompiled modules) runs only when named here")
     args = ap.parse_args()
     pcap = capture(args.packets)
     if args.breakdown:
@@ -231,21 +238,34 @@ def main() -> int:
                            "/dev/null", "--format", "jsonl", "--no-progress",
                            "--jobs", "2"],
     }
+    # The same --jobs 1 run on the pure-Python modules: what compiling gains, paired.
+    runs["loupe pure"] = runs["loupe --jobs 1"]
+    envs = {"loupe pure": {"LOUPE_PURE": "1"}}
+    if args.tools:
+        wanted = [t.strip() for t in args.tools.split(",")]
+        unknown = [t for t in wanted if t not in runs]
+        if unknown or "loupe --jobs 1" not in wanted:
+            raise SystemExit(f"--tools: {', '.join(unknown) or 'loupe --jobs 1 is required'}"
+                             f" (runs: {', '.join(runs)})")
+        runs = {name: runs[name] for name in wanted}
+    else:
+        del runs["loupe pure"]
     for name in ("suricata", "ndpiReader"):
-        if shutil.which(runs[name][0]) is None:
+        if name in runs and shutil.which(runs[name][0]) is None:
             print(f"{name}: not installed (make bench installs it), left out")
             del runs[name]
     try:
         import nfstream  # noqa: F401, PLC0415
     except ImportError:
-        print("nfstream: not installed (make bench installs it), left out")
-        del runs["nfstream"]
+        if "nfstream" in runs:
+            print("nfstream: not installed (make bench installs it), left out")
+            del runs["nfstream"]
     best: dict[str, tuple[float, float, int]] = {}
     packets = args.packets
     for rnd in range(args.rounds):
         for name, argv in runs.items():
             load = os.getloadavg()[0]
-            wall, cpu, peak, err = measure(argv)
+            wall, cpu, peak, err = measure(argv, envs.get(name))
             last = err.strip().splitlines()[-1] if err.strip() else ""
             counted = re.search(r"(\d+) packets", last)
             if counted:
@@ -260,7 +280,9 @@ def main() -> int:
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     shutil.rmtree(suricata_dir, ignore_errors=True)
     peers = [name for name in ("suricata", "nfstream", "ndpiReader") if name in best]
-    for name in ("loupe --jobs 1", "loupe --jobs 2"):
+    for name in ("loupe --jobs 1", "loupe --jobs 2", "loupe pure"):
+        if name not in best:
+            continue
         wall, cpu, peak = best[name]
         print(f"{name}: {packets / wall:,.0f} packets/s, {packets / cpu:,.0f} packets per "
               f"CPU second, peak RSS {peak / 2**20:.0f} MiB")
