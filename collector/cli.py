@@ -227,10 +227,12 @@ def collector_config(args):
         tls_ca=Path(tls.client_ca_file) if tls.client_ca_file else None,
         insecure=c.insecure, print_records=args.print, grace_s=args.grace,
         max_message_bytes=c.max_message_size, subscriber_queue=c.subscriber_queue_size,
+        max_columnar_bytes=c.max_columnar_size,
         metrics_listen=c.metrics.listen, ui_listen=c.ui, storage=c.storage,
         peers=c.cluster.peers,
         peer_cert=Path(c.cluster.cert_file) if c.cluster.cert_file else None,
         peer_key=Path(c.cluster.key_file) if c.cluster.key_file else None,
+        api=c.api,
         ipfix_targets=c.ipfix.targets, ipfix_pen=c.ipfix.pen, ipfix_uniflow=c.ipfix.uniflow,
         ipfix_queue=c.ipfix.queue_size,
     )
@@ -379,12 +381,21 @@ def cmd_certs_init(args) -> int:
 
 # -- tail -----------------------------------------------------------------------------------
 
-def _filter_from(args, prefix: str):
+def filter_from(args, prefix: str):
+    """One RecordFilter from parsed filter flags (add_filter_flags): prefix "" reads
+    --FLAG, "not_" reads --not-FLAG."""
     flt = wire.observer_pb2.RecordFilter()
     for flag, (field, parse) in FILTER_FLAGS.items():
         values = getattr(args, prefix + flag.replace("-", "_")) or []
         getattr(flt, field).extend(parse(v) for v in values)
     return flt
+
+
+def filter_lists(args) -> tuple[list, list]:
+    """(allow, deny) lists of a subscription from parsed filter flags, as `loupe tail`
+    sends them: one entry each, or none when no flag of that side is given."""
+    allow, deny = filter_from(args, ""), filter_from(args, "not_")
+    return ([allow] if allow.ByteSize() else []), ([deny] if deny.ByteSize() else [])
 
 
 def build_subscribe_request(args, now_ns: int):
@@ -408,12 +419,9 @@ def build_subscribe_request(args, now_ns: int):
         last = DEFAULT_TAIL_LAST
     req = wire.observer_pb2.SubscribeRequest(follow=args.follow, number=args.number or 0,
                                              first=first or 0, last=last or 0)
-    allow = _filter_from(args, "")
-    deny = _filter_from(args, "not_")
-    if allow.ByteSize():
-        req.allow.append(allow)
-    if deny.ByteSize():
-        req.deny.append(deny)
+    allow, deny = filter_lists(args)
+    req.allow.extend(allow)
+    req.deny.extend(deny)
     if since is not None:
         req.since_ns = parse_since(since, now_ns)
     if until is not None:

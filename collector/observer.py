@@ -214,11 +214,21 @@ class ObserverService:
         finally:
             await loop.run_in_executor(self._readers, records.close)
 
-    async def _replay(self, since_ns: int, upto_seq: int):
-        """Stored records as protobuf, one at a time."""
+    async def replay(self, since_ns: int, upto_seq: int):
+        """Stored records as protobuf, one at a time: those committed at or before
+        upto_seq (a live subscriber's start_seq) and from since_ns on."""
         async for batch in self._chunks(since_ns, upto_seq):
             for rec in batch:
                 yield rec
+
+    def stored(self, match, upto_seq: int, *, since_ns: int = 0, until_ns: int = 0,
+               first: int = 0, last: int = 0):
+        """The stored records a subscription starts with, as Subscribe sends them
+        (collector/history.py): those that pass `match`, committed at or before upto_seq
+        (the live subscriber's start_seq, so history then live has no gap and no
+        duplicate), bounded by since/until and first/last."""
+        return history.stored(lambda since: self.replay(since, upto_seq), match,
+                              since_ns=since_ns, until_ns=until_ns, first=first, last=last)
 
     async def Export(self, request, context):
         tables = tuple(dict.fromkeys(request.tables))
@@ -251,10 +261,9 @@ class ObserverService:
                                     f"last is at most {history.MAX_LAST} (use loupe export)"
                                     if request.last > history.MAX_LAST
                                     else "until and follow exclude each other")
-            stored = history.stored(
-                lambda since: self._replay(since, sub.start_seq), match,
-                since_ns=request.since_ns, until_ns=request.until_ns,
-                first=request.first, last=request.last)
+            stored = self.stored(match, sub.start_seq, since_ns=request.since_ns,
+                                 until_ns=request.until_ns, first=request.first,
+                                 last=request.last)
             async with contextlib.aclosing(stored):
                 async for rec in stored:
                     yield observer_pb2.SubscribeResponse(record=rec)

@@ -36,13 +36,14 @@ from collector.fanout import PeerFeed, PeerTls
 from collector.ingest import IngestCounters, IngestService, Writer
 from collector.clients import alerts as client_alerts
 from collector.clients.store import ClientStore
+from collector.inventory import api_alerts
 from collector.inventory.store import InventoryStore
 from collector.ipfix import IpfixExport
 from collector.stats.store import StatsStore
 from collector.observer import SUBSCRIBER_QUEUE, Hub, ObserverService
 from collector.roles import RoleInterceptor
 from collector.storage import open_storage
-from sensor.config import StorageConfig
+from sensor.config import ApiConfig, StorageConfig
 from sensor.errors import CollectorError, ConfigError, LoupeError
 from sensor.export import wire
 from sensor.metrics import MetricsRegistry
@@ -82,6 +83,8 @@ class CollectorConfig:
     insecure: bool = False
     print_records: bool = False
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # A columnar batch's Arrow buffers once decompressed, at most (max_columnar_size).
+    max_columnar_bytes: int = 64 * 1024 * 1024
     subscriber_queue: int = SUBSCRIBER_QUEUE
     grace_s: float = 5.0
     # Prometheus /metrics ("127.0.0.1:9465"); "" is off, the default for embedded use.
@@ -99,6 +102,9 @@ class CollectorConfig:
     # Columnar batches (docs/scaling.md): advertised in Ingest.Options and stored. False
     # makes a collector that answers as one from before them (tests, benchmarks).
     columnar: bool = True
+    # [api]: a reference OpenAPI spec whose new findings become Alerts
+    # (collector/inventory/api_alerts.py); spec "" is off.
+    api: ApiConfig = ApiConfig()
     # [ipfix]: every stored flow also goes out as IPFIX to these targets
     # (collector/ipfix.py); () is off.
     ipfix_targets: tuple[str, ...] = ()
@@ -216,11 +222,30 @@ class Collector:
             self.storage.close()
             self.server = None
             raise
+        self.api_watch = None
+        self._api_publisher = api_alerts.Publisher()
+        if config.api.spec:
+            try:
+                api = config.api
+                self.api_watch = api_alerts.ApiWatch(
+                    Path(api.spec), config.data_dir, services=api.services, kinds=api.alert,
+                    unused_after_ns=api.unused_after)
+            except BaseException:
+                self.clients.close()
+                self.stats.close()
+                self.inventory.close()
+                self.storage.close()
+                self.server = None
+                raise
         self.counters = IngestCounters()
         self.hub = Hub(queue_size=config.subscriber_queue, last_seq=self.storage.last_seq())
         self.writer = _CountingWriter(self.storage)
         self.writer.on_stored = self._on_stored
         self.writer.columnar = config.columnar
+        # Never below the message limit: a batch that size uncompressed is already in
+        # memory, and refusing it would only refuse what max_message_size lets in.
+        self.writer.max_columnar_bytes = max(config.max_columnar_bytes,
+                                             config.max_message_bytes)
         self.observer = ObserverService(
             self.storage, self.hub, self._status_counters,
             version=VERSION, started_ns=time.time_ns(), inventory=self.inventory,
@@ -273,7 +298,7 @@ class Collector:
         return out
 
     def _on_stored(self, batch) -> None:
-        # Both only queue the batch for their own thread: neither holds up the ack.
+        # Each only queues the batch for its own thread: none holds up the ack.
         self.inventory.on_stored(batch)
         self.stats.on_stored(batch)
         self.clients.on_stored(batch)
@@ -320,6 +345,8 @@ class Collector:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._retention_loop()))
         self._tasks.append(asyncio.create_task(self._inventory_loop()))
+        if self.api_watch is not None:
+            self._tasks.append(asyncio.create_task(self._api_loop()))
         if self.peer_feed is not None:
             self._tasks.append(asyncio.create_task(self.peer_feed.run()))
         if self.config.print_records:
@@ -360,6 +387,31 @@ class Collector:
                                             self.clients.clients.take_alerts())
             except Exception:  # noqa: BLE001 - retried at the next tick; keep ingesting
                 log.exception("saving the endpoint inventory failed; retrying")
+
+    async def check_api(self) -> int:
+        """One check of the inventory against [api] spec: its new findings stored as
+        Alerts (collector/inventory/api_alerts.py); returns how many."""
+        watch = self.api_watch
+        endpoints = await asyncio.to_thread(self.inventory.snapshot)
+        check = await asyncio.to_thread(watch.check, endpoints)
+        now = time.time_ns()
+        stored = await self._api_publisher.publish(
+            self.writer, self.hub, [api_alerts.alert_of(f, now) for f in check.new])
+        # Only what was stored counts as alerted: the rest is found again next time.
+        check.new = check.new[:stored]
+        await asyncio.to_thread(watch.commit, check)
+        return stored
+
+    async def _api_loop(self) -> None:
+        while True:
+            await asyncio.sleep(api_alerts.CHECK_S)
+            try:
+                n = await self.check_api()
+            except Exception:  # noqa: BLE001 - retried at the next check; keep ingesting
+                log.exception("checking the inventory against [api] spec failed; retrying")
+            else:
+                if n:
+                    log.info("[api] spec: %d new findings stored as alerts", n)
 
     def reload(self, new: CollectorConfig) -> str:
         """Apply a re-read configuration: the retention at once (with a sweep), the rest
@@ -435,6 +487,8 @@ class Collector:
         self.inventory.close()
         self.stats.close()
         self.clients.close()
+        if self.api_watch is not None:
+            self.api_watch.close()
         self.observer.close()
         self.storage.close()
 

@@ -721,12 +721,34 @@ class CollectorIpfixConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    # A reference OpenAPI document (YAML or JSON) the collector checks its endpoint
+    # inventory against every minute; each new finding (shadow, zombie, unused, drift,
+    # as `loupe api diff`) becomes an Alert (collector/inventory/api_alerts.py,
+    # docs/inventory.md). "" = off.
+    spec: str = _opt("", _Path(allow_empty=True))
+    # The services (host:port globs, as `loupe api diff --service`) the spec describes;
+    # [] = every service the inventory holds.
+    services: tuple[str, ...] = _opt((), _List(_Str(260, r"[^\s]+", "a host:port glob"), 64))
+    # The finding kinds that become Alerts.
+    alert: tuple[str, ...] = _opt(("shadow", "zombie", "unused", "drift"), _List(
+        _Str(6, r"shadow|zombie|unused|drift", "shadow, zombie, unused or drift"), 4))
+    # An operation of the spec is an "unused" finding only after it has been watched
+    # this long without traffic matching it (a new inventory has seen nothing yet).
+    unused_after: int = _opt(7 * 86400 * S, _Duration(0, 3650 * 86400 * S))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorConfig:
     listen: str = _opt("127.0.0.1:50051", _Address(listen=True, allow_empty=False))
     insecure: bool = _opt(False, _Bool())
     data_dir: str = _opt("/var/lib/loupe/collector", _Path(allow_empty=False))
     retention: int = _opt(7 * 86400 * S, _Duration(1 * S, 3650 * 86400 * S))
     max_message_size: int = _opt(16 * MIB, _Size(64 * KIB, 1 * GIB))
+    # A columnar batch's Arrow buffers once decompressed, at most: a compressed stream
+    # declares its own size, so this is checked from its metadata before anything is
+    # allocated (sensor/export/arrow_ipc.py). Never below max_message_size.
+    max_columnar_size: int = _opt(64 * MIB, _Size(1 * MIB, 4 * GIB))
     subscriber_queue_size: int = _opt(4096, _Int(16, 1_000_000))
     # The web console (collector/ui, docs/console.md): HOST:PORT, "" = off. Under mTLS
     # it is HTTPS with the gRPC API's certificates and roles.
@@ -734,6 +756,7 @@ class CollectorConfig:
     tls: ServerTlsConfig = _section(ServerTlsConfig)
     storage: StorageConfig = _section(StorageConfig)
     cluster: ClusterConfig = _section(ClusterConfig)
+    api: ApiConfig = _section(ApiConfig)
     ipfix: CollectorIpfixConfig = _section(CollectorIpfixConfig)
     metrics: MetricsConfig = field(
         default_factory=lambda: MetricsConfig(listen="127.0.0.1:9465"),

@@ -196,7 +196,9 @@ def register(tree) -> None:
         "api diff", help="compare observed endpoints with an OpenAPI spec",
         description="Lists shadow endpoints (seen, not in the spec), zombie ones (deprecated "
                     "in the spec, still called), unused ones (in the spec, never seen) and "
-                    "drift (query parameters or body fields the spec does not declare).")
+                    "drift (query parameters or body fields the spec does not declare). "
+                    "With [api] spec in collector.toml the collector itself checks every "
+                    "minute and stores each new finding as an Alert (docs/inventory.md).")
     p.add_argument("--spec", type=Path, required=True, help="the OpenAPI document (YAML or JSON)")
     p.add_argument("--kind", action="append", choices=("shadow", "zombie", "unused", "drift"),
                    help="only these findings (repeatable)")

@@ -32,7 +32,7 @@ import jinja2
 from aiohttp import web
 
 from collector import cli as ccli
-from collector import filters, history, render, roles
+from collector import filters, render, roles
 from collector.server import split_address
 from collector.stats.model import RES_INDEX
 from collector.ui import data, svg
@@ -77,9 +77,7 @@ def compile_filter(text: str):
     except ValueError as exc:
         raise ConfigError(f"filter: {exc}") from None
     args = _filter_parser().parse_args(argv)
-    allow, deny = ccli._filter_from(args, ""), ccli._filter_from(args, "not_")
-    return filters.compile_lists([allow] if allow.ByteSize() else [],
-                                 [deny] if deny.ByteSize() else [])
+    return filters.compile_lists(*ccli.filter_lists(args))
 
 
 def _ms(ns) -> str:
@@ -311,9 +309,7 @@ class Console:
         try:
             await response.prepare(request)
             # The same history-then-live stitching as Subscribe (no gap, no duplicate).
-            stored = history.stored(
-                lambda since: self.collector.observer._replay(since, sub.start_seq), match,
-                since_ns=0, until_ns=0, first=0, last=STREAM_LAST)
+            stored = self.collector.observer.stored(match, sub.start_seq, last=STREAM_LAST)
             async for rec in stored:
                 await response.write(_event(rec))
             while True:

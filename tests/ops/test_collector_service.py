@@ -54,37 +54,44 @@ def test_every_collector_key_reaches_the_collector(tmp_path):
     pki = certs.init(tmp_path / "pki", collector_name="localhost", sensors=[], analysts=[])
     cert, key = pki.collector
     path = tmp_path / "collector.toml"
+    spec = tmp_path / "openapi.yaml"
     path.write_text(
         f'listen = "127.0.0.1:50999"\ninsecure = true\ndata_dir = "{tmp_path}/store"\n'
         'retention = "12h"\nmax_message_size = "64KiB"\nsubscriber_queue_size = 16\n'
-        'ui = "[::1]:8089"\n'
+        'max_columnar_size = "2MiB"\nui = "[::1]:8089"\n'
         f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{pki.ca_cert}"\n'
         '[metrics]\nlisten = "[::1]:9999"\n'
         '[storage]\nbackend = "clickhouse"\n[storage.clickhouse]\nhost = "ch1.example"\n'
         'port = 9001\ndatabase = "flows"\nuser = "loupe"\npassword = "pw"\ncluster = "two"\n'
         f'[cluster]\npeers = ["127.0.0.2:50999"]\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+        f'[api]\nspec = "{spec}"\nservices = ["api.test:*"]\nalert = ["shadow"]\n'
+        'unused_after = "1d"\n'
         '[ipfix]\ntargets = ["127.0.0.1:4739", "tcp://[::1]:4740"]\npen = 65000\n'
         'uniflow = true\nqueue_size = 5000\n')
     # Every key of the schema is set above, to a value other than its default.
     assert config.schema_keys("collector") == {
-        "listen", "insecure", "data_dir", "retention", "max_message_size",
+        "listen", "insecure", "data_dir", "retention", "max_message_size", "max_columnar_size",
         "subscriber_queue_size", "ui", "tls.cert_file", "tls.key_file", "tls.client_ca_file",
         "metrics.listen", "storage.backend", "storage.clickhouse.host",
         "storage.clickhouse.port", "storage.clickhouse.database", "storage.clickhouse.user",
         "storage.clickhouse.password", "storage.clickhouse.cluster", "cluster.peers",
-        "cluster.cert_file", "cluster.key_file", "ipfix.targets", "ipfix.pen",
+        "cluster.cert_file", "cluster.key_file", "api.spec", "api.services", "api.alert",
+        "api.unused_after", "ipfix.targets", "ipfix.pen",
         "ipfix.uniflow", "ipfix.queue_size"}
     c = collector_config(_run_args("--config", str(path)))
     assert (c.listen, c.insecure, c.data_dir, c.retention_ns) == (
         "127.0.0.1:50999", True, tmp_path / "store", 12 * 3600 * 10**9)
     assert (c.max_message_bytes, c.subscriber_queue, c.metrics_listen) == (
         64 * 1024, 16, "[::1]:9999")
+    assert c.max_columnar_bytes == 2 * 1024 * 1024
     assert (c.tls_cert, c.tls_key, c.tls_ca) == (cert, key, pki.ca_cert)
     assert c.ui_listen == "[::1]:8089"
     ch = c.storage.clickhouse
     assert (c.storage.backend, ch.host, ch.port, ch.database, ch.user, ch.password,
             ch.cluster) == ("clickhouse", "ch1.example", 9001, "flows", "loupe", "pw", "two")
     assert (c.peers, c.peer_cert, c.peer_key) == (("127.0.0.2:50999",), cert, key)
+    assert (c.api.spec, c.api.services, c.api.alert, c.api.unused_after) == (
+        str(spec), ("api.test:*",), ("shadow",), 86400 * 10**9)
     assert (c.ipfix_targets, c.ipfix_pen, c.ipfix_uniflow, c.ipfix_queue) == (
         ("127.0.0.1:4739", "tcp://[::1]:4740"), 65000, True, 5000)
 
