@@ -184,6 +184,29 @@ class Sensor:
         return [jsonfmt.from_dict(__import__("json").loads(line))
                 for line in self.stdout.splitlines() if line.startswith("{")]
 
+    def records_now(self) -> list:
+        """The records the running sensor has printed so far (its sink flushes every
+        batch): whole lines only, a line being written is left for the next read."""
+        text = Path(self._out.name).read_text()
+        return [jsonfmt.from_dict(__import__("json").loads(line))
+                for line in text.splitlines(keepends=True)
+                if line.startswith("{") and line.endswith("\n")]
+
+    def wait_records(self, done, timeout_s: float, what: str) -> list:
+        """Polls records_now() until done(records) is true (bounded); returns them. For
+        "the flows of this test have ended and been printed" instead of a fixed sleep."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sensor exited {self.proc.returncode} while waiting "
+                                     f"for {what}: {self.stderr_now()}")
+            records = self.records_now()
+            if done(records):
+                return records
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} from the sensor within {timeout_s} s")
+            time.sleep(0.2)
+
     def closing(self) -> dict[str, int]:
         """Numbers from the closing line on stderr."""
         m = re.search(r"loupe sensor: (\d+) flows, (\d+) L7 events.*?kernel: (\d+) packets, "
@@ -201,6 +224,28 @@ def wait_tcp(host, addr: str, port: int, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on {addr}:{port}")
+
+
+# TCP states in which a connection may still send a packet (TIME-WAIT sends none).
+_OPEN_STATES = [a for st in ("established", "syn-sent", "syn-recv", "fin-wait-1", "fin-wait-2",
+                             "close-wait", "last-ack", "closing") for a in ("state", st)]
+
+
+def wait_closed(port: int, *hosts, timeout_s: float = 10.0) -> None:
+    """Returns once no connection to or from `port` is open in the hosts' namespaces (the
+    host's own namespace when none is given): a wait_tcp probe's flow is over before a
+    sensor attaches, so the sensor never sees its tail as a flow of its own."""
+    cmd = ["ss", "-Htn", *_OPEN_STATES, f"( sport = :{port} or dport = :{port} )"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outs = [(h.run(*cmd) if h is not None else
+                 subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30))
+                .stdout.strip() for h in (hosts or (None,))]
+        if not any(outs):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"connections of port {port} still open: {outs}")
+        time.sleep(0.05)
 
 
 def start_http(host, workdir: Path, port: int = 8080) -> subprocess.Popen:

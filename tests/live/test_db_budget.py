@@ -18,10 +18,16 @@ same while the answers differ by four orders of magnitude:
   in flight and some only after its last packet went by, its closing CRLF truncated (the
   case that once ended the parse, tests/kernel/test_redis_lag.py). Every GET must still
   be parsed and the copy must stay as small.
+
+Both servers start first and one sensor selecting both ports serves the two tests (a
+sensor start is mostly bcc compiling). Each test reads only the flows to its own server's
+port, once they have ended and been printed; the sensor's clean exit is checked when the
+module is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -32,7 +38,7 @@ import pytest
 from sensor.model import Flow, L7Event
 from sensor.l7.mysql import ROW_WALK_LIMIT
 from tests.fixtures import gen_mysql, gen_redis
-from tests.live.rig import Sensor
+from tests.live.rig import Sensor, wait_closed
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
 
@@ -43,11 +49,51 @@ STALL_S = 0.03
 STALL_EVERY_S = 0.08
 
 
-def _sensor(tmp_path, port: int) -> Sensor:
-    return Sensor(["--iface", "lo", "--collector", "", "--spool-dir", str(tmp_path / "spool"),
-                   "--sensor-id", "livedbbudget", "--output", "jsonl", "--interval", "0.5",
-                   "--select", f"port:{port}", "--no-process", "--set",
-                   "timeouts.tcp_linger=1s"], workdir=tmp_path)
+VALUES = {"small": b"v" * 10, "large": b"V" * (10 << 20)}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """{"mysql": port (when MariaDB can run here), "redis": RedisServer, "sensor": Sensor}:
+    the servers, the Redis values set beforehand (that SET is not a flow the sensor sees),
+    and one `loupe sensor run` on lo selecting both ports. Stopped after the module's last
+    test, which then checks the exit code."""
+    tmp = tmp_path_factory.mktemp("dbbudget")
+    with contextlib.ExitStack() as stack:
+        env = {}
+        if gen_mysql.available() is None:
+            env["mysql"], _ = stack.enter_context(gen_mysql.mariadb())
+        env["redis"] = server = stack.enter_context(gen_redis.RedisServer())
+        client = server.client()
+        for name, value in VALUES.items():
+            client.set(f"budget:{name}", value)
+        client.close()
+        ports = [env["redis"].port] + ([env["mysql"]] if "mysql" in env else [])
+        for port in ports:
+            wait_closed(port)
+        env["sensor"] = sensor = Sensor(
+            ["--iface", "lo", "--collector", "", "--spool-dir", str(tmp / "spool"),
+             "--sensor-id", "livedbbudget", "--output", "jsonl", "--interval", "0.5",
+             "--select", ",".join(f"port:{p}" for p in ports), "--no-process",
+             "--set", "timeouts.tcp_linger=1s"], workdir=tmp)
+        stack.callback(sensor.kill)
+        sensor.start()
+        yield env
+        assert sensor.stop() == 0, sensor.stderr
+        assert "Traceback" not in sensor.stderr, sensor.stderr
+
+
+def _ended(port: int, kind: str, keys) -> "callable":
+    """records -> True once, for each key, one flow to `port` has an event matching it
+    and that flow's record is out (the flow ended: its events were printed before it)."""
+    def done(records) -> bool:
+        flows, events = _by_flow(records, port, kind)
+        for key in keys:
+            uids = [u for u, e in events.items() if any(key(x) for x in e)]
+            if len(uids) != 1 or uids[0] not in flows:
+                return False
+        return True
+    return done
 
 
 def _by_flow(records, port: int, kind: str) -> tuple[dict, dict]:
@@ -65,29 +111,26 @@ def _server_copied(flow: Flow) -> int:
 
 
 @pytest.mark.skipif(gen_mysql.available() is not None, reason=str(gen_mysql.available()))
-def test_mariadb_100000_rows_copy_about_what_10_rows_do(tmp_path):
+def test_mariadb_100000_rows_copy_about_what_10_rows_do(shared):
     import pymysql
 
     statements = {"small": "SELECT seq FROM seq_1_to_10",
                   "large": "SELECT seq FROM seq_1_to_100000"}
-    with gen_mysql.mariadb() as (port, _):
-        sensor = _sensor(tmp_path, port)
-        try:
-            sensor.start()
-            for sql in statements.values():
-                conn = pymysql.connect(host="127.0.0.1", port=port, user=gen_mysql.USER,
-                                       password=gen_mysql.PASSWORD, database=gen_mysql.DB,
-                                       ssl_disabled=True, autocommit=True)
-                with conn.cursor() as cur:
-                    for _ in range(REQUESTS):
-                        cur.execute(sql)
-                        assert len(cur.fetchall()) == int(sql.rsplit("_", 1)[1])
-                conn.close()
-            time.sleep(2.5)
-            assert sensor.stop() == 0
-        finally:
-            sensor.kill()
-    flows, events = _by_flow(sensor.records(), port, "mysql")
+    port, sensor = shared["mysql"], shared["sensor"]
+    for sql in statements.values():
+        conn = pymysql.connect(host="127.0.0.1", port=port, user=gen_mysql.USER,
+                               password=gen_mysql.PASSWORD, database=gen_mysql.DB,
+                               ssl_disabled=True, autocommit=True)
+        with conn.cursor() as cur:
+            for _ in range(REQUESTS):
+                cur.execute(sql)
+                assert len(cur.fetchall()) == int(sql.rsplit("_", 1)[1])
+        conn.close()
+    # Past the 1 s linger and a read: both connections' flows are printed.
+    records = sensor.wait_records(
+        _ended(port, "mysql", [lambda e, q=sql: e.statement == q for q in statements.values()]),
+        30, "ended MariaDB flows")
+    flows, events = _by_flow(records, port, "mysql")
     copied = {}
     for name, sql in statements.items():
         [(uid, got)] = [(u, e) for u, e in events.items()
@@ -135,27 +178,19 @@ class _Stalls:
         self.thread.join()
 
 
-def test_redis_10_mib_values_copy_about_what_10_byte_values_do(tmp_path):
-    values = {"small": b"v" * 10, "large": b"V" * (10 << 20)}
-    with gen_redis.RedisServer() as server:
-        client = server.client()
+def test_redis_10_mib_values_copy_about_what_10_byte_values_do(shared):
+    values = VALUES
+    server, sensor = shared["redis"], shared["sensor"]
+    with _Stalls(sensor.proc.pid):
         for name, value in values.items():
-            client.set(f"budget:{name}", value)
-        client.close()
-        sensor = _sensor(tmp_path, server.port)
-        try:
-            sensor.start()
-            with _Stalls(sensor.proc.pid):
-                for name, value in values.items():
-                    c = server.client()     # one connection each
-                    for _ in range(REQUESTS):
-                        assert c.get(f"budget:{name}") == value
-                    c.close()
-            time.sleep(2.5)
-            assert sensor.stop() == 0
-        finally:
-            sensor.kill()
-    flows, events = _by_flow(sensor.records(), server.port, "redis")
+            c = server.client()     # one connection each
+            for _ in range(REQUESTS):
+                assert c.get(f"budget:{name}") == value
+            c.close()
+    records = sensor.wait_records(
+        _ended(server.port, "redis", [lambda e, k=f"budget:{n}": e.key == k for n in values]),
+        30, "ended Redis flows")
+    flows, events = _by_flow(records, server.port, "redis")
     copied = {}
     for name in values:
         [(uid, got)] = [(u, e) for u, e in events.items()
