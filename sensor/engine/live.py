@@ -846,7 +846,7 @@ class LiveSensor:
         self.plaintext = PlaintextSensor(
             cfg.tls_plaintext, emit=self._submit, origin=self._flow_origin,
             uid_of=self._wire_uid, sensor_id=cfg.sensor_id, redact=cfg.redact,
-            refill_octets=cfg.refill_octets,
+            refill_octets=cfg.refill_octets, client_auth_of=self._wire_client_auth,
             rules=self.l7.rules if self.l7 is not None else None)
         self.plaintext.start(self.prog.add_ring)
 
@@ -871,6 +871,22 @@ class LiveSensor:
             lf = self.l7._by_key.get(bytes(k))
             if lf is not None:
                 return lf.state.uid
+        return None
+
+    def _wire_client_auth(self, key: bytes) -> tuple[bool, str] | None:
+        """Whether the wire's TLS handshake of this flow (key with ifindex 0) showed a
+        client certificate (TlsParser.client_auth), None while not known: the wire stage
+        must have parsed the handshake, so mTLS is seen only on attached interfaces."""
+        if self.l7 is None:
+            return None
+        for att in self.attachments:
+            k = abi.FlowKey.from_buffer_copy(key)
+            k.ifindex = att.ifindex
+            lf = self.l7._by_key.get(bytes(k))
+            st = lf.state.l7 if lf is not None else None
+            client_auth = getattr(st.parser, "client_auth", None) if st is not None else None
+            if client_auth is not None:
+                return client_auth()
         return None
 
     def _close_plaintext(self) -> None:

@@ -59,10 +59,11 @@ from sensor.engine.reassembly import MemoryBudget
 from sensor.flow.semantics import PROTO_TCP
 from sensor.kernel import abi
 from sensor.kernel.tlsprobe import CTL_DONE, Chunk, TlsCtl
-from sensor.l7 import http1
+from sensor.l7 import http1, principal
+from sensor.l7.http2 import Http2Event
 from sensor.l7.base import Direction
 from sensor.l7.detect import ParserRegistry
-from sensor.model import Flow, FlowEndReason, Record
+from sensor.model import Flow, FlowEndReason, HttpEvent, L7Event, Record
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class PlaintextStats:
 class _Conn:
     __slots__ = ("id", "fd", "flow", "state", "flip", "next_off", "received", "allowance",
                  "ctl", "head_max", "stopped", "last_mono", "skip_sent", "waiting",
-                 "resyncs")
+                 "resyncs", "mtls")
 
     def __init__(self, cid: tuple[int, int], fd: int, flow: bytes, state: FlowState,
                  flip: int, budget: int, now: int) -> None:
@@ -142,6 +143,9 @@ class _Conn:
         self.skip_sent = [0, 0]
         self.waiting = False          # an HTTP parser failed: wait for a request start
         self.resyncs = 0
+        # The wire's handshake showed a client certificate: its principal hash (or "");
+        # False: it did not; None: not known yet (asked again at the next request).
+        self.mtls: str | bool | None = None
 
 
 class PlaintextL7:
@@ -151,13 +155,18 @@ class PlaintextL7:
     def __init__(self, *, emit: Callable[[Record], None], control: PlaintextControl,
                  origin: Callable[[bytes], tuple[int, int] | None] = lambda key: None,
                  uid_of: Callable[[bytes], str | None] = lambda key: None,
+                 client_auth_of: Callable[[bytes], tuple[bool, str] | None] = lambda key: None,
                  resolver: SocketResolver | None = None, sensor_id: str = "",
                  budget: int = 4096, refill_octets: int = 2048, ports: tuple[int, ...] = (),
                  reassembly_budget_bytes: int = 16 << 20, redact: bool = True,
                  expire_ns: int = 420 * 10**9, rules=None) -> None:
         """rules: the wire L7 stage's rules Analyzer (sensor/rules/stage.build), shared so
-        plaintext events meet the same rule set, thresholds and reloads as wire ones."""
+        plaintext events meet the same rule set, thresholds and reloads as wire ones.
+        client_auth_of: flow key -> (the wire's TLS handshake showed a client
+        certificate, its principal hash) or None while not known (the wire stage's
+        TlsParser.client_auth); a yes marks every HTTP request of the connection `mtls`."""
         self._emit = emit
+        self._client_auth_of = client_auth_of
         self._control = control
         self._origin = origin
         self._uid_of = uid_of
@@ -179,7 +188,7 @@ class PlaintextL7:
             early = rules.request_done if rules.current_flow is not None else None
             registry = InspectingRegistry(registry, lambda m, t, c: rules.capture(m, t, c),
                                           early)
-        self.engine = L7Engine(emit=emit, sensor_id=sensor_id, registry=registry,
+        self.engine = L7Engine(emit=self._out, sensor_id=sensor_id, registry=registry,
                                budget=MemoryBudget(reassembly_budget_bytes),
                                source="tls_plaintext", analyze=rules)
         self.stats = PlaintextStats()
@@ -197,6 +206,23 @@ class PlaintextL7:
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def _out(self, record: Record) -> None:
+        """The engine's records to `emit`, each HTTP request of a connection whose
+        handshake showed a client certificate with the `mtls` credential: a property of
+        the connection, so every request on it carries it (unlike a header credential)."""
+        conn = self._current
+        if conn is not None and type(record) is L7Event and \
+                type(record.detail) in (HttpEvent, Http2Event):
+            if conn.mtls is None:
+                fact = self._client_auth_of(conn.flow)
+                if fact is not None:
+                    conn.mtls = fact[1] if fact[0] else False
+            if conn.mtls is not None and conn.mtls is not False:
+                detail = record.detail
+                record = dataclasses.replace(record, detail=dataclasses.replace(
+                    detail, auth=principal.with_mtls(detail.auth, conn.mtls)))
+        self._emit(record)
 
     def current_flow(self) -> FlowState | None:
         """The flow whose plaintext the engine is parsing (during a rule's verdict, the

@@ -108,12 +108,13 @@ class PlaintextSensor:
     def __init__(self, config: PlaintextConfig, *, emit: Callable[[Record], None],
                  origin, uid_of, sensor_id: str = "", redact: bool = True,
                  refill_octets: int = 2048, proc: Path = Path("/proc"),
-                 rules=None) -> None:
-        """rules: the wire's rules Analyzer (LiveL7.rules), or None."""
+                 rules=None, client_auth_of=lambda key: None) -> None:
+        """rules: the wire's rules Analyzer (LiveL7.rules), or None; client_auth_of:
+        as PlaintextL7's."""
         self.config = config
         self.probe: tlsprobe.TlsProbe | None = None
         self.l7 = PlaintextL7(emit=emit, control=self, origin=origin, uid_of=uid_of,
-                              sensor_id=sensor_id, budget=config.budget_octets,
+                              client_auth_of=client_auth_of, sensor_id=sensor_id, budget=config.budget_octets,
                               refill_octets=refill_octets, ports=config.ports, redact=redact,
                               rules=rules)
         self._queue: deque[tuple[tlsprobe.Chunk, tuple]] = deque()

@@ -2,11 +2,13 @@
 carries and a salted hash of its principal.
 
 - kinds: `bearer`, `basic` (Authorization), `cookie` (Cookie), `api_key` (X-API-Key,
-  Api-Key, X-Auth-Token). Only the kind is kept, never a value.
+  Api-Key, X-Auth-Token). Only the kind is kept, never a value. `mtls` is not a header:
+  the connection's TLS <= 1.2 handshake showed a client certificate (sensor/l7/tls.py),
+  joined to the requests of TLS plaintext (sensor/engine/plaintext.py) by with_mtls().
 - principal: the JWT `sub` of a bearer token (the payload segment decoded WITHOUT verifying
-  the signature: this names a caller for statistics, it authenticates nothing), or the
-  user of a basic credential; kept only as `p:` + the first 16 hex digits of
-  SHA-256(SALT, kind, value). The same principal gives the same hash on every sensor, so
+  the signature: this names a caller for statistics, it authenticates nothing), the user
+  of a basic credential, or the subject of an mTLS client certificate; kept only as `p:`
+  + the first 16 hex digits of SHA-256(SALT, kind, value). The same principal gives the same hash on every sensor, so
   the collector merges them; the value itself never leaves this function. The salt is
   public, so a guessable user name can be confirmed by hashing guesses: the hash keeps the
   value out of every output, it does not make a weak name secret.
@@ -27,13 +29,24 @@ SALT = b"loupe-principal-v1\0"
 # A credential longer than this is not decoded (a JWT with many claims is ~1-2 KiB).
 MAX_VALUE = 8192
 API_KEY_HEADERS = (b"x-api-key", b"api-key", b"x-auth-token")
-KINDS = ("bearer", "basic", "cookie", "api_key")   # the order they are listed in
+KINDS = ("bearer", "basic", "cookie", "api_key", "mtls")   # the order they are listed in
 HEADERS = (b"authorization", b"cookie") + API_KEY_HEADERS
 
 
 def _hash(kind: str, value: str) -> str:
     digest = hashlib.sha256(SALT + kind.encode() + b"\0" + value.encode("utf-8", "replace"))
     return "p:" + digest.hexdigest()[:16]
+
+
+hash_of = _hash   # for the parsers that name a principal outside headers (tls.py)
+
+
+def with_mtls(auth: tuple[HttpCredential, ...], who: str) -> tuple[HttpCredential, ...]:
+    """A request's credentials plus `mtls` (principal `who`: a hash or ""), in KINDS
+    order: mtls is last, so it is appended unless already there."""
+    if any(c.kind == "mtls" for c in auth):
+        return auth
+    return auth + (HttpCredential(kind="mtls", principal=who),)
 
 
 def _b64(text: bytes, urlsafe: bool) -> bytes | None:

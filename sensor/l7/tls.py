@@ -19,6 +19,18 @@ buffered):
   at ServerHelloDone / the server's ChangeCipherSpec when no certificate is sent, as in
   session resumption). The rest of the chain is walked (counted in `chain_certs`) and,
   for callers that ask (`TlsParser(chain=True)`), parsed certificate by certificate.
+- Client certificates (mutual TLS), TLS <= 1.2 only. The server's CertificateRequest
+  (RFC 5246 7.4.4) and the client's Certificate (7.4.6) are in the clear, so the parse
+  goes on after the event to ServerHelloDone (same flight as the server's Certificate,
+  usually the same segment), and when a certificate was requested to the client's
+  Certificate (its next flight, the only extra bytes copied). The flow's l7_summary gets
+  `tls_client_cert`: "requested" (asked for, none sent: an empty certificate_list, or
+  SSLv3's no_certificate alert) or "sent" (a non-empty certificate_list); absent when
+  none was requested or the version hides it. client_auth() gives the fact and a salted
+  hash of the leaf's subject (sensor/l7/principal.py) to the TLS plaintext stage, which
+  marks every HTTP request of the connection `mtls`. TLS 1.3 sends both messages
+  encrypted (RFC 8446 4.3.2, 4.4.2), and TLS 1.2 renegotiation asks for a client
+  certificate inside the encrypted session: neither can be seen on the wire.
 - An alert before the handshake completes, or EOF of both directions, emits whatever is
   known.
 - Bytes lost inside the handshake (a gap, a skip, a stream ending inside a record)
@@ -87,6 +99,7 @@ _HEARTBEAT = 24
 _CLIENT_HELLO = 1
 _SERVER_HELLO = 2
 _CERTIFICATE = 11
+_CERTIFICATE_REQUEST = 13
 _SERVER_HELLO_DONE = 14
 
 _EXT_SNI = 0
@@ -387,6 +400,13 @@ class TlsParser:
         self._emitted = False
         self._ja4 = ""
         self._summary: dict[str, str] = {}
+        # Client certificate (TLS <= 1.2): the server asked for one / ended its flight
+        # (ServerHelloDone) / the client sent a non-empty certificate_list, and the
+        # salted hash of that leaf's subject ("" when it does not parse).
+        self.cert_requested = False
+        self._server_done = False
+        self.client_cert = False
+        self.client_principal = ""
 
     # --- the L7Parser contract -------------------------------------------------------
 
@@ -439,6 +459,14 @@ class TlsParser:
 
     def summary(self) -> dict[str, str]:
         return dict(self._summary)
+
+    def client_auth(self) -> tuple[bool, str] | None:
+        """(a client certificate was sent, salted hash of its subject or "") once the
+        handshake has shown whether one was; None while that is still open. (False, "")
+        also when it cannot be seen (TLS 1.3, lost bytes): no claim either way."""
+        if self.client_cert:
+            return True, self.client_principal
+        return None if self.state is _OK else (False, "")
 
     # --- records ---------------------------------------------------------------------
 
@@ -499,7 +527,9 @@ class TlsParser:
             side.encrypted = True
             side.records.clear()
             side.handshake.clear()
-            if direction != self._client_dir:
+            if direction != self._client_dir or self._server_done:
+                # The client's encrypted Finished also ends a wait for its
+                # Certificate (RFC 5246 7.4.6: it comes first in that flight).
                 self._finish()
         elif ctype == _ALERT:
             # A cleartext alert before the event means the handshake failed or was cut.
@@ -563,6 +593,10 @@ class TlsParser:
                 # certificate included, is encrypted.
                 self._finish()
         elif msg_type == _CERTIFICATE and self.server_hello is not None:
+            if direction == self._client_dir:
+                if self.cert_requested:
+                    self._client_certificate(body, cut)
+                return
             certs, self.chain_certs = parse_certificate_chain(
                 body, truncated=cut, keep=MAX_CHAIN if self._want_chain else 1)
             if certs:
@@ -575,9 +609,32 @@ class TlsParser:
                     self.cert_errors += 1
                 if self._want_chain:
                     self.chain = (self.cert,) + tuple(x509.parse_leaf(c) for c in certs[1:])
-            self._finish()
+            # The event is out; the parse goes on to ServerHelloDone for a request.
+            self._emit()
+        elif msg_type == _CERTIFICATE_REQUEST and direction != self._client_dir:
+            self.cert_requested = True
+            self._summary["tls_client_cert"] = "requested"
         elif msg_type == _SERVER_HELLO_DONE:
-            self._finish()
+            self._server_done = True
+            if self.cert_requested:
+                self._emit()   # the client's Certificate is awaited
+            else:
+                self._finish()
+
+    def _client_certificate(self, body: bytes, cut: bool) -> None:
+        """The client's Certificate message (RFC 5246 7.4.6): an empty list when it has
+        none. Only the leaf's subject is read, and only hashed (never kept)."""
+        certs, count = parse_certificate_chain(body, truncated=cut, keep=1)
+        if count:
+            self.client_cert = True
+            self._summary["tls_client_cert"] = "sent"
+            if certs:
+                from sensor.l7 import principal, x509
+
+                leaf = x509.parse_leaf(certs[0])
+                if leaf is not None and leaf.subject:
+                    self.client_principal = principal.hash_of("mtls", leaf.subject)
+        self._finish()
 
     def _lose(self, direction: Direction, side: _Side, reason: str) -> None:
         """Bytes of this direction went missing inside the handshake: read what arrived,
@@ -749,7 +806,7 @@ ZEEK = ZeekLog(path="ssl", values=_zeek, columns=(
 PROTOCOL = Protocol(
     name="tls", event=TlsEvent, parser=TlsParser,
     tcp_ports=(443, 8443, 853, 993, 995, 465), signature=looks_like, priority=10,
-    summary=("tls_sni", "tls_ja4"),
+    summary=("tls_sni", "tls_ja4"), summary_keys=("tls_client_cert",),
     column_types={"version": "u16", "client_version": "u16", "cipher": "u16"},
     columns_checked=True,
     line=table_line, listing=3, style="green", eve=eve, zeek=ZEEK,
