@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -25,7 +24,7 @@ from sensor.model import Flow, L7Event, LostSource
 from tests.export.collector_proc import query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
-from tests.live.rig import Sensor, http_requests, start_http, stop, wait_tcp
+from tests.live.rig import Sensor, http_requests, start_http, stop, wait_closed, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -53,13 +52,15 @@ def test_copied_bytes_do_not_grow_with_body_size(pair, tmp_path):
     sizes = {"small": 1024, "large": 10 << 20}
     try:
         wait_tcp(pair.a, pair.b.ip4, 8080)
-        time.sleep(1.5)
+        wait_closed(8080, pair.a, pair.b)
         sensor.start()
         for size in sizes.values():
             # One keep-alive connection each, paced at 20 requests/s (see rig.HTTP_CLIENT).
             assert http_requests(pair.a, tmp_path, pair.b.ip4, size, REQUESTS, 20.0) \
                 == REQUESTS
-        time.sleep(2.5)
+        # Past the 1 s linger and a read: both connections' flows are printed.
+        sensor.wait_records(lambda rs: sum(isinstance(r, Flow) and r.dst_port == 8080
+                                           for r in rs) >= len(sizes), 30, "the two flows")
         assert sensor.stop() == 0
     finally:
         sensor.kill()
@@ -104,7 +105,7 @@ def test_full_ring_buffer_is_reported_and_counts_stay_exact(pair, collector, tmp
                           "--set", "kernel.ringbuf_size=64KiB"), workdir=tmp_path)
     try:
         wait_tcp(pair.a, pair.b.ip4, 5201)
-        time.sleep(1.5)
+        wait_closed(5201, pair.a, pair.b)
         sensor.start()
         cap = Capture(pair.a, tmp_path / "cap.pcap")
         sensor.signal(signal.SIGSTOP)   # userspace stalls: nobody drains the ring
@@ -113,7 +114,10 @@ def test_full_ring_buffer_is_reported_and_counts_stay_exact(pair, collector, tmp
                        "-l", "1400", timeout=60)
         finally:
             sensor.signal(signal.SIGCONT)
-        time.sleep(2.5)
+        # iperf3's control and data connections have ended (the 1 s linger) and been
+        # printed: no packet of theirs is still to come.
+        sensor.wait_records(lambda rs: sum(isinstance(r, Flow) and r.dst_port == 5201
+                                           for r in rs) >= 2, 30, "iperf3's two flows")
         err = cap.stop()
         assert "0 packets dropped by kernel" in err, err
         assert sensor.stop() == 0
