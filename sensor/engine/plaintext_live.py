@@ -114,9 +114,9 @@ class PlaintextSensor:
         self.config = config
         self.probe: tlsprobe.TlsProbe | None = None
         self.l7 = PlaintextL7(emit=emit, control=self, origin=origin, uid_of=uid_of,
-                              client_auth_of=client_auth_of, sensor_id=sensor_id, budget=config.budget_octets,
-                              refill_octets=refill_octets, ports=config.ports, redact=redact,
-                              rules=rules)
+                              client_auth_of=client_auth_of, sensor_id=sensor_id,
+                              budget=config.budget_octets, refill_octets=refill_octets,
+                              ports=config.ports, redact=redact, rules=rules)
         self._queue: deque[tuple[tlsprobe.Chunk, tuple]] = deque()
         self.queue_full = 0
         self._proc = proc
