@@ -9,9 +9,10 @@ carries and a salted hash of its principal.
   the signature: this names a caller for statistics, it authenticates nothing), the user
   of a basic credential, or the subject of an mTLS client certificate; kept only as `p:`
   + the first 16 hex digits of SHA-256(SALT, kind, value). The same principal gives the
-  same hash on every sensor, so the collector merges them; the value itself never leaves this function. The salt is
-  public, so a guessable user name can be confirmed by hashing guesses: the hash keeps the
-  value out of every output, it does not make a weak name secret.
+  same hash on every sensor, so the collector merges them; the value itself never leaves
+  this function. The salt is public, so a guessable user name can be confirmed by hashing
+  guesses: the hash keeps the value out of every output, it does not make a weak name
+  secret.
 
 Sans-I/O and bounded: a header value over MAX_VALUE octets is not decoded.
 """
