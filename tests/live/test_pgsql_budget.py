@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import pytest
 from sensor.model import Flow, L7Event, LostEvent
 from tests.conftest import REPO
 from tests.fixtures import gen_pgsql
-from tests.live.rig import Sensor, wait_tcp
+from tests.live.rig import Sensor, wait_closed, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240),
@@ -102,13 +101,16 @@ def test_pgsql_100000_rows_copy_about_what_10_rows_do(tmp_path):
         with NsPgServer(pair.b):
             try:
                 wait_tcp(pair.a, pair.b.ip4, PORT)
-                time.sleep(1.5)   # the probe's flow ends before the sensor starts
+                wait_closed(PORT, pair.a, pair.b)   # the probe's flow is over
                 sensor.start()
                 for n in ROWS.values():    # one connection each
                     out = pair.a.run("env", f"PYTHONPATH={REPO}", sys.executable, "-c",
                                      CLIENT, dsn, str(n), str(QUERIES), timeout=120).stdout
                     assert json.loads(out) == [n] * QUERIES
-                time.sleep(2.5)   # past the linger and a read: ended flows are exported
+                # Past the linger and a read: both connections' flows are printed.
+                sensor.wait_records(lambda rs: sum(isinstance(r, Flow) and r.dst_port == PORT
+                                                   for r in rs) >= len(ROWS), 30,
+                                    "the two flows")
                 assert sensor.stop() == 0
             finally:
                 sensor.kill()
