@@ -56,8 +56,10 @@ class BpfObject:
     maps, which the kernel frees once nothing else holds them."""
 
     def __init__(self, programs: dict[str, int], maps: dict[str, BpfMap],
-                 links: list[int]) -> None:
+                 links: list[int], attach_types: dict[str, int] | None = None) -> None:
         self.programs = programs
+        # programs loaded with the expected attach type asked for (load's programs)
+        self.attach_types = attach_types or {}
         self.maps = maps
         self.links = links
 
@@ -77,12 +79,17 @@ class BpfObject:
             os.close(fd)
 
 
-def load(src: Path, cflags: list[str], programs: dict[str, int]) -> BpfObject:
+def load(src: Path, cflags: list[str], programs: dict[str, int],
+         attach_types: dict[str, int] | None = None) -> BpfObject:
     """Compiles src with cflags in a child, loads `programs` (name -> bcc program type,
     e.g. BPF.SCHED_CLS = 3) besides what bcc loads and attaches itself (tracepoint__*),
-    and returns every descriptor. Takes as long as the compile (seconds)."""
+    and returns every descriptor. Takes as long as the compile (seconds).
+    attach_types: name -> an expected attach type to load with where the kernel takes
+    it (else the program is loaded without; BpfObject.attach_types says which)."""
+    at = attach_types or {}
     request = json.dumps({"src": str(src), "cflags": cflags,
-                          "programs": sorted(programs.items())})
+                          "programs": [[n, t, at[n]] if n in at else [n, t]
+                                       for n, t in sorted(programs.items())]})
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
         try:
@@ -119,4 +126,5 @@ def load(src: Path, cflags: list[str], programs: dict[str, int]) -> BpfObject:
         programs={name: fds[i] for name, i in reply["programs"].items()},
         maps={name: BpfMap(name, fds[i], key, value)
               for name, (i, key, value) in reply["maps"].items()},
-        links=[fds[i] for i in reply["links"]])
+        links=[fds[i] for i in reply["links"]],
+        attach_types=reply.get("attach_types", {}))

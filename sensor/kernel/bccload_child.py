@@ -57,7 +57,17 @@ def compile_and_load(sock: socket.socket, request: dict) -> None:
     except Exception as exc:  # bcc raises bare Exception for compile, load and attach
         _reply(sock, {"stage": "compile", "error": str(exc)})
         return
-    for name, prog_type in request["programs"]:
+    attach_types = {}
+    for name, prog_type, *attach_type in request["programs"]:
+        if attach_type:
+            # An expected attach type the kernel may not know (uprobe_multi before 6.6):
+            # without it, the program is loaded as before and the parent is told so.
+            try:
+                bpf.load_func(name.encode(), prog_type, attach_type=attach_type[0])
+                attach_types[name] = attach_type[0]
+                continue
+            except Exception:  # bcc raises bare Exception
+                pass
         try:
             bpf.load_func(name.encode(), prog_type)
         except Exception as exc:  # the verifier's refusal, as a bare Exception
@@ -74,6 +84,7 @@ def compile_and_load(sock: socket.socket, request: dict) -> None:
         "maps": {name: [index(fd), key, value] for name, fd, key, value in _maps(lib, bpf.module)},
         "links": [index(fd) for fd in [*bpf.tracepoint_fds.values(),
                                        *bpf.raw_tracepoint_fds.values()]],
+        "attach_types": attach_types,
     }
     _reply(sock, reply, fds)
 

@@ -15,6 +15,20 @@ error: the rest of the sensor does not depend on it.
 
 Go binaries (kind "go") carry crypto/tls inside: sensor/kernel/gotls.py finds the entry
 and RET offsets, each RET gets an entry-type uprobe running the return program.
+
+Detaching. Closing a uprobe's perf event waits in the kernel for the uprobe to be
+unregistered, grace periods included (uprobe_unregister_sync), under a kernel-wide lock
+(event_mutex): measured 0.10-0.15 s per event on an idle 6.18 host, one after another
+even from several threads, and more under load. The ~50 perf events of the two libraries
+and two Go binaries took 7 s of the stop, and on a busy host the stop passed systemd's
+TimeoutStopSec (60 s). So where the kernel has uprobe_multi links (6.6+), each program
+goes on all its offsets in a file with one link (BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI;
+the programs are loaded with that expected attach type): a link unregisters all its
+uprobes and then waits once, without that lock, and close() closes the links from
+CLOSE_THREADS threads, whose waits overlap. An older kernel keeps one perf event per
+uprobe. Either way the probes are bounded: at most MAX_GO_BINARIES Go binaries (a host
+that runs more, a build farm or a loop building a new client each time, gets a one-line
+warning per binary past it) and MAX_GO_RETURNS return points per function.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ import ctypes
 import fcntl
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +57,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = BPF_DIR / "tls_probe.c"
 KPROBE = 2   # BPF_PROG_TYPE_KPROBE: uprobes are kprobe programs, as bcc's BPF.KPROBE
+BPF_TRACE_UPROBE_MULTI = 48            # enum bpf_attach_type (Linux 6.6)
+BPF_F_UPROBE_MULTI_RETURN = 1
 
 # ---- ctypes mirrors of bpf/loupe.h (TLS plaintext section) -------------------------------
 
@@ -99,6 +117,14 @@ FD_NONE, FD_SET_FD, FD_SYSCALL = 0, 1, 2
 SEL_COMM, SEL_CGROUP, HAS_GO = 0x01, 0x02, 0x04
 CTL_DONE = 0x01
 LIBS = {1: "openssl", 2: "gnutls", 3: "go"}
+# Go binaries probed at once: each costs ~20 uprobes (perf events) to attach and to close
+# (see Detaching above). Every Go program of a host that links crypto/tls counts (the go
+# tool itself does), each rebuild is a new inode.
+MAX_GO_BINARIES = 64
+# Return points of one crypto/tls function: Go 1.17-1.23's Read and Write have 5-10.
+MAX_GO_RETURNS = 64
+# Threads closing perf events at stop (concurrent unregisters share grace periods).
+CLOSE_THREADS = 64
 COUNTER_NAMES = ("calls", "events", "copied", "truncated", "skipped", "ringbuf_full",
                  "ringbuf_octets", "calls_full", "read_failed", "not_selected")
 
@@ -251,6 +277,28 @@ def attach_uprobe(prog_fd: int, path: str, offset: int, *, ret: bool) -> int:
     return fd
 
 
+class _UprobeMultiAttr(ctypes.Structure):
+    """union bpf_attr's link_create, uprobe_multi member."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64),
+                ("cnt", ctypes.c_uint32), ("multi_flags", ctypes.c_uint32),
+                ("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def attach_uprobe_multi(prog_fd: int, path: str, offsets: list[int], *, ret: bool) -> int:
+    """A link holding the program on every offset of path (closing it detaches all)."""
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    offs = (ctypes.c_uint64 * len(offsets))(*offsets)
+    attr = _UprobeMultiAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_UPROBE_MULTI,
+                            path=ctypes.addressof(cpath), offsets=ctypes.addressof(offs),
+                            cnt=len(offsets),
+                            multi_flags=BPF_F_UPROBE_MULTI_RETURN if ret else 0)
+    return bpfsys.bpf(bpfsys.BPF_LINK_CREATE, attr)
+
+
 # ---- the loaded program ------------------------------------------------------------------
 
 
@@ -330,6 +378,12 @@ class TlsProbe:
         if inode in self.libraries or inode in self.refused:
             return self.libraries.get(inode)
         if kind == "go":
+            if sum(lib.kind == "go" for lib in self.libraries.values()) >= MAX_GO_BINARIES:
+                why = (f"{MAX_GO_BINARIES} Go binaries are probed already (the bound: each "
+                       "costs ~20 uprobes to attach and to detach); its plaintext is not seen")
+                self.refused[inode] = why
+                log.warning("TLS plaintext: go %s: %s", _shown(path), why)
+                return None
             try:
                 points = gotls.find(path)
             except gotls.GoTlsError as exc:
@@ -357,16 +411,15 @@ class TlsProbe:
         if missing:
             return (f"no {' or '.join(missing)} symbol (stripped, or another version); "
                     "its plaintext is not seen")
-        links: list[int] = []
+        sites = []
+        for name, off in sorted(offsets.items()):
+            entry, ret = fns[name]
+            sites.append((entry, off, False))
+            if ret:
+                sites.append((ret, off, True))
         try:
-            for name, off in sorted(offsets.items()):
-                entry, ret = fns[name]
-                links.append(attach_uprobe(self._obj.prog_fd(entry), path, off, ret=False))
-                if ret:
-                    links.append(attach_uprobe(self._obj.prog_fd(ret), path, off, ret=True))
+            links = self._link(path, sites)
         except OSError as exc:
-            for fd in links:
-                os.close(fd)
             hint = " (needs CAP_PERFMON, or root)" if exc.errno in (1, 13) else ""
             return f"attaching uprobes failed: {exc.strerror}{hint}"
         self.libraries[inode] = Library(kind, path, tuple(sorted(offsets)), links)
@@ -374,20 +427,19 @@ class TlsProbe:
         return ""
 
     def _attach_go(self, inode: tuple[int, int], path: str, points: gotls.GoTls) -> str:
-        prog = self._obj.prog_fd
-        sites = [(prog("tls_enter_go_read"), points.read.offset),
-                 (prog("tls_enter_go_write"), points.write.body)]   # past the stack check
-        sites += [(prog("tls_leave_go"), off)
+        many = max(len(points.read.returns), len(points.write.returns))
+        if many > MAX_GO_RETURNS:
+            return (f"{many} return points in one crypto/tls function (at most "
+                    f"{MAX_GO_RETURNS} are probed); its plaintext is not seen")
+        sites = [("tls_enter_go_read", points.read.offset, False),
+                 ("tls_enter_go_write", points.write.body, False)]   # past the stack check
+        sites += [("tls_leave_go", off, False)
                   for off in (*points.read.returns, *points.write.returns)]
         if points.close is not None:
-            sites.append((prog("tls_free_go"), points.close))
-        links: list[int] = []
+            sites.append(("tls_free_go", points.close, False))
         try:
-            for fd, off in sites:
-                links.append(attach_uprobe(fd, path, off, ret=False))
+            links = self._link(path, sites)
         except OSError as exc:
-            for fd in links:
-                os.close(fd)
             hint = " (needs CAP_PERFMON, or root)" if exc.errno in (1, 13) else ""
             return f"attaching uprobes failed: {exc.strerror}{hint}"
         names = (gotls.READ, gotls.WRITE) + ((gotls.CLOSE,) if points.close is not None else ())
@@ -399,6 +451,27 @@ class TlsProbe:
         log.info("TLS plaintext: probes on Go crypto/tls in %s (%d return points)",
                  _shown(path), len(points.read.returns) + len(points.write.returns))
         return ""
+
+    def _link(self, path: str, sites: list[tuple[str, int, bool]]) -> list[int]:
+        """Attaches (program, file offset, uretprobe?) sites of one file: one uprobe_multi
+        link per program and kind where loaded for it, else a perf event per site; all
+        or none (OSError)."""
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for name, off, ret in sites:
+            groups.setdefault((name, ret), []).append(off)
+        links: list[int] = []
+        try:
+            for (name, ret), offs in groups.items():
+                prog = self._obj.prog_fd(name)
+                if name in self._obj.attach_types:
+                    links.append(attach_uprobe_multi(prog, path, offs, ret=ret))
+                else:
+                    for off in offs:
+                        links.append(attach_uprobe(prog, path, off, ret=ret))
+        except OSError:
+            close_links(links)
+            raise
+        return links
 
     # -- events and control ----------------------------------------------------------------
 
@@ -447,14 +520,38 @@ class TlsProbe:
         return list(self._obj.programs.values())
 
     def close(self) -> None:
-        for lib in self.libraries.values():
-            for fd in lib.links:
-                os.close(fd)
+        started = time.monotonic()
+        links = [fd for lib in self.libraries.values() for fd in lib.links]
         self.libraries = {}
+        close_links(links)
+        if links:
+            log.info("TLS plaintext: probes detached (%d links) in %.1f s", len(links),
+                     time.monotonic() - started)
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         self._obj.close()
+
+
+def close_links(fds: list[int]) -> None:
+    """Closes uprobe perf events, CLOSE_THREADS at a time (each close waits for grace
+    periods, which concurrent closes share: see Detaching above)."""
+    n = min(CLOSE_THREADS, len(fds))
+    if n <= 1:
+        for fd in fds:
+            os.close(fd)
+        return
+
+    def close_all(part: list[int]) -> None:
+        for fd in part:
+            os.close(fd)
+
+    threads = [threading.Thread(target=close_all, args=(fds[i::n],), name="uprobe-close",
+                                daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 _CAP_SYS_ADMIN = 21
@@ -491,7 +588,8 @@ def load(options: TlsProbeOptions | None = None) -> TlsProbe:
     check_ringbuf()
     _pmu()
     try:
-        obj = bccload.load(SOURCE, options.cflags(), {p: KPROBE for p in PROGRAMS})
+        obj = bccload.load(SOURCE, options.cflags(), {p: KPROBE for p in PROGRAMS},
+                           {p: BPF_TRACE_UPROBE_MULTI for p in PROGRAMS})
     except bccload.LoadError as exc:
         if exc.stage == "import":
             raise bcc_missing() from None
