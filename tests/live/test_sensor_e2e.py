@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
-import time
 
 import dpkt
 import pytest
@@ -29,7 +29,7 @@ from tests.export.collector_proc import query, wait_for
 from tests.kernel.pcapflows import flows_from_pcap, flows_from_records
 from tests.kernel.test_netns_counts import Capture
 from tests.conftest import REPO
-from tests.live.rig import LOUPE, Sensor, meter_hooks, start_http, stop, wait_tcp
+from tests.live.rig import LOUPE, Sensor, meter_hooks, start_http, stop, wait_closed, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -113,7 +113,7 @@ def test_records_at_the_collector_are_exact(pair, collector, tmp_path):
     try:
         for port in (8080, 443, 53):
             wait_tcp(pair.a, pair.b.ip4, port)
-        time.sleep(1.5)   # the probes' flows end before the sensor starts
+            wait_closed(port, pair.a, pair.b)   # the probe's flow is over
         sensor.start()
         cap = Capture(pair.a, tmp_path / "cap.pcap")
         sizes = [100, 2000, 0, 20000, 5]
@@ -129,7 +129,11 @@ def test_records_at_the_collector_are_exact(pair, collector, tmp_path):
         pair.a.run("dig", f"@{pair.b.ip4}", "+tries=1", "+time=2", "+tcp", "a.live.test", "A")
         pair.a.run("ping", "-c", "2", "-i", "0.1", pair.b.ip4)
         pair.a.run("ping", "-6", "-c", "2", "-i", "0.1", pair.b.ip6)
-        time.sleep(2.5)    # past the 1 s linger and a read: ended flows are exported
+        # Past the 1 s linger and a read: the TCP flows (HTTP, TLS, DNS) have ended and
+        # are printed; the UDP and ICMP ones end at the stop.
+        sensor.wait_records(lambda rs: {r.dst_port for r in rs if isinstance(r, Flow)
+                                        and r.protocol == 6} >= {8080, 443, 53}, 30,
+                            "the ended TCP flows")
         err = cap.stop()
         assert "0 packets dropped by kernel" in err, err
         assert sensor.stop() == 0
@@ -218,21 +222,27 @@ def test_reload_changes_selection_and_sigterm_flushes_and_detaches(pair, collect
     sensor.args.remove("port:9")
     try:
         wait_tcp(pair.a, pair.b.ip4, 8080)
-        time.sleep(1.5)
+        wait_closed(8080, pair.a, pair.b)
         sensor.start()
         assert meter_hooks(pair.a) == ["ingress", "egress"]
         # A long connection across the reload: started while 8080 is not selected.
         slow = pair.a.popen("bash", "-c",
                             f"exec 3<>/dev/tcp/{pair.b.ip4}/8080; for i in 1 2 3 4 5 6; do "
                             "printf 'GET /size/10 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; "
-                            "sleep 0.5; done; sleep 30", stdout=subprocess.DEVNULL)
+                            "sleep 0.5; done; echo sent; sleep 30", stdout=subprocess.PIPE,
+                            text=True)
         pair.a.run("curl", "-s", "-o", "/dev/null", f"http://{pair.b.ip4}:8080/size/1")
         config.write_text("[selection]\nports = [8080]\nsniff = false\n")
         sensor.signal(signal.SIGHUP)
         sensor.wait_note("RELOADING=1", 10)
         sensor.wait_note("READY=1", 10)
         pair.a.run("curl", "-s", "-o", "/dev/null", f"http://{pair.b.ip4}:8080/size/2")
-        time.sleep(3.5)   # the long connection's requests all went out
+        # The long connection's requests all went out, and both curls' flows ended (the
+        # 1 s linger) and are printed: exported.
+        ready, _, _ = select.select([slow.stdout], [], [], 15)
+        assert ready and slow.stdout.readline().strip() == "sent"
+        sensor.wait_records(lambda rs: sum(isinstance(r, Flow) and r.dst_port == 8080
+                                           for r in rs) >= 2, 30, "the two curls' flows")
         # `loupe status` sees both daemons: the sensor's exports, the collector's store.
         status = subprocess.run(
             [*LOUPE, "status", "--sensor-metrics", f"127.0.0.1:{sensor.metrics_port}",
