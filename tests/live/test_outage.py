@@ -14,7 +14,7 @@ import pytest
 
 from sensor.model import Flow, L7Event
 from tests.export.collector_proc import CollectorProcess, query, wait_for
-from tests.live.rig import Sensor, start_http, stop, wait_tcp
+from tests.live.rig import Sensor, start_http, stop, wait_closed, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(300)]
@@ -37,6 +37,17 @@ def _loop(pair, seconds: float) -> subprocess.Popen:
     return pair.a.popen("bash", "-c", f"for i in $(seq 1 {n}); do curl -s -o /dev/null "
                         f"http://{pair.b.ip4}:8080/size/$i; sleep 0.2; done",
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _ended(n: int, times: int = 1):
+    """records -> True once `times` flows whose request was GET /size/{n} (the last of a
+    _loop of n requests) are printed: ended past the 1 s linger, so every earlier flow
+    of that loop has ended too."""
+    def done(records) -> bool:
+        uids = {r.uid for r in records if isinstance(r, L7Event) and r.kind == "http"
+                and r.detail.path == f"/size/{n}"}
+        return sum(isinstance(r, Flow) and r.uid in uids for r in records) >= times
+    return done
 
 
 def _stored(address: str) -> tuple[Counter, Counter]:
@@ -71,16 +82,18 @@ def test_collector_and_sensor_restarts_lose_and_double_nothing(pair, tmp_path):
     loop = None
     try:
         wait_tcp(pair.a, pair.b.ip4, 8080)
-        time.sleep(1.5)
+        wait_closed(8080, pair.a, pair.b)   # the probe's flow is over
         first.start()
-        # 1. The collector dies (SIGKILL) for OUTAGE_S in the middle of steady traffic.
+        # 1. The collector dies (SIGKILL) for OUTAGE_S in the middle of steady traffic,
+        # once the first flows have reached it.
         loop = _loop(pair, OUTAGE_S + 6)
-        time.sleep(3)
+        wait_for(lambda: len(query(collector.address, "SELECT uid FROM flows")) >= 3, 20,
+                 "the first flows at the collector")
         collector.kill()
         time.sleep(OUTAGE_S)
         collector.start()
         loop.wait(30)
-        time.sleep(2)   # the last flows end (1 s linger) and are exported
+        first.wait_records(_ended(int((OUTAGE_S + 6) / 0.2)), 30, "the loop's last flow")
 
         def exported() -> int:
             return int(first.metrics()["loupe_records_exported"].get("flow", 0))
@@ -90,13 +103,13 @@ def test_collector_and_sensor_restarts_lose_and_double_nothing(pair, tmp_path):
         collector.kill()
         loop = _loop(pair, 2)
         loop.wait(30)
-        time.sleep(2)
+        first.wait_records(_ended(10, times=2), 30, "the second loop's last flow")
         assert first.stop() == 0      # what it could not deliver stays in the spool
         second.start()                # same spool directory, same sensor id
         loop = _loop(pair, 2)
         loop.wait(30)
         collector.start()
-        time.sleep(2)
+        second.wait_records(_ended(10), 30, "the third loop's last flow")
         # Its reconnect backoff (up to 10 s) decides when the spool goes out.
         wait_for(lambda: second.metrics()["loupe_queue_depth"]["spool"] == 0, 30,
                  "the restarted sensor's spool to be acked")
