@@ -9,7 +9,9 @@ file of another inode (a container's own, a vendored copy) is attached through
 /proc/PID/root, once per inode. A library without the functions is a one-line warning.
 The executable of each new process is looked at once per inode too: a Go binary that
 links crypto/tls is probed through /proc/PID/exe (sensor/kernel/gotls.py); a Go binary
-without it, or any other executable, costs one read of its section headers.
+without it, or any other executable, costs one read of its section headers. A rescan
+takes at most SCAN_BUDGET_S of the main thread (which delivers every record); the
+processes it did not reach are looked at on the next step.
 
 Threads. Chunks are read by the wire's ring buffer poll (one wait for both rings, see
 loader.add_ring) into a bounded queue, and handled in step() on the main thread, which
@@ -43,6 +45,10 @@ CHUNKS_PER_STEP = 20000
 # Executable inodes already looked at (Go or not), before the set starts again: every
 # distinct program a host runs is far fewer; past it, one re-read each is the cost.
 MAX_EXES = 65536
+# Time one rescan may take on the main thread, which also delivers every record: past it,
+# the processes not looked at yet wait for the next step (a burst of new processes, each
+# a read of its maps and its executable's headers, or a Go binary's ~0.1 s of symbols).
+SCAN_BUDGET_S = 0.2
 # Where distributions put the libraries (multiarch and not).
 HOST_LIBRARIES = ("/usr/lib/*/libssl.so.3", "/lib/*/libssl.so.3", "/usr/lib64/libssl.so.3",
                   "/usr/lib/libssl.so.3", "/usr/lib/*/libgnutls.so.30",
@@ -157,16 +163,23 @@ class PlaintextSensor:
 
     def rescan(self) -> None:
         """Reads the maps of processes not seen before; attaches new library inodes."""
-        self._next_scan = time.monotonic() + self.config.rescan_s
+        now = time.monotonic()
+        self._next_scan = now + self.config.rescan_s
+        deadline = now + SCAN_BUDGET_S
         pids = set()
         for entry in os.scandir(self._proc):
             if entry.name.isdigit():
                 pids.add(int(entry.name))
-        for pid in pids - self._seen_pids:
+        seen = self._seen_pids & pids
+        for pid in sorted(pids - seen):
             for path, kind in _tls_libraries(self._proc, pid):
                 self.probe.attach_library(f"{self._proc}/{pid}/root{path}", kind)
             self._go_binary(pid)
-        self._seen_pids = pids
+            seen.add(pid)
+            if time.monotonic() >= deadline and len(seen) < len(pids):
+                self._next_scan = 0.0   # the rest at the next step (SCAN_BUDGET_S)
+                break
+        self._seen_pids = seen
 
     def _go_binary(self, pid: int) -> None:
         exe = f"{self._proc}/{pid}/exe"

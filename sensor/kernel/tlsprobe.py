@@ -16,19 +16,19 @@ error: the rest of the sensor does not depend on it.
 Go binaries (kind "go") carry crypto/tls inside: sensor/kernel/gotls.py finds the entry
 and RET offsets, each RET gets an entry-type uprobe running the return program.
 
-Detaching. Closing a uprobe's perf event waits in the kernel for the uprobe to be
-unregistered, grace periods included (uprobe_unregister_sync), under a kernel-wide lock
-(event_mutex): measured 0.10-0.15 s per event on an idle 6.18 host, one after another
-even from several threads, and more under load. The ~50 perf events of the two libraries
-and two Go binaries took 7 s of the stop, and on a busy host the stop passed systemd's
-TimeoutStopSec (60 s). So where the kernel has uprobe_multi links (6.6+), each program
-goes on all its offsets in a file with one link (BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI;
-the programs are loaded with that expected attach type): a link unregisters all its
-uprobes and then waits once, without that lock, and close() closes the links from
-CLOSE_THREADS threads, whose waits overlap. An older kernel keeps one perf event per
-uprobe. Either way the probes are bounded: at most MAX_GO_BINARIES Go binaries (a host
-that runs more, a build farm or a loop building a new client each time, gets a one-line
-warning per binary past it) and MAX_GO_RETURNS return points per function.
+Detaching. Closing a uprobe's perf event that holds a program waits in the kernel for
+the uprobe to be unregistered, grace periods included: measured 0.10-0.15 s per event
+on an idle 6.18 host, and closes from several threads still complete one after another
+(a kernel-wide lock). The ~50 perf events of the two libraries and two Go binaries took
+5-7 s of the stop, and a sensor on a busy host was seen still stopping 60 s after
+SIGTERM (systemd's TimeoutStopSec). So where the kernel has uprobe_multi links (6.6+),
+each program goes on all its offsets in a file with one link (BPF_LINK_CREATE,
+BPF_TRACE_UPROBE_MULTI; the programs are loaded with that expected attach type): a link
+unregisters all its uprobes and then waits once, and close() closes the links from
+CLOSE_THREADS threads, whose waits overlap (21 links: 0.1 s). An older kernel keeps one
+perf event per uprobe. Either way the probes are bounded: at most MAX_GO_BINARIES Go
+binaries (a host that runs more, a build farm or a loop building a new client each time,
+gets a one-line warning per binary past it) and MAX_GO_RETURNS return points per function.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ SOURCE = BPF_DIR / "tls_probe.c"
 KPROBE = 2   # BPF_PROG_TYPE_KPROBE: uprobes are kprobe programs, as bcc's BPF.KPROBE
 BPF_TRACE_UPROBE_MULTI = 48            # enum bpf_attach_type (Linux 6.6)
 BPF_F_UPROBE_MULTI_RETURN = 1
+_NO_MULTI = (22, 95, 524)   # EINVAL, EOPNOTSUPP, ENOTSUPP: the kernel has no such link
 
 # ---- ctypes mirrors of bpf/loupe.h (TLS plaintext section) -------------------------------
 
@@ -346,6 +347,7 @@ class TlsProbe:
         self.libraries: dict[tuple[int, int], Library] = {}
         self.refused: dict[tuple[int, int], str] = {}   # inode -> why (said once)
         self._config = TlsConfig()
+        self._multi = True   # uprobe_multi links work (until the kernel says not)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -463,11 +465,20 @@ class TlsProbe:
         try:
             for (name, ret), offs in groups.items():
                 prog = self._obj.prog_fd(name)
-                if name in self._obj.attach_types:
-                    links.append(attach_uprobe_multi(prog, path, offs, ret=ret))
-                else:
-                    for off in offs:
-                        links.append(attach_uprobe(prog, path, off, ret=ret))
+                if self._multi and name in self._obj.attach_types:
+                    try:
+                        links.append(attach_uprobe_multi(prog, path, offs, ret=ret))
+                        continue
+                    except OSError as exc:
+                        # A 5.18-6.5 kernel loads a kprobe program with any expected
+                        # attach type but has no uprobe_multi link: perf events then.
+                        if exc.errno not in _NO_MULTI:
+                            raise
+                        self._multi = False
+                        log.info("TLS plaintext: no uprobe_multi links on this kernel (%s); "
+                                 "one perf event per uprobe", exc.strerror)
+                for off in offs:
+                    links.append(attach_uprobe(prog, path, off, ret=ret))
         except OSError:
             close_links(links)
             raise
