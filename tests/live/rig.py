@@ -109,6 +109,13 @@ class Sensor:
         self.stderr = ""
 
     def start(self, timeout_s: float = 90.0) -> "Sensor":
+        self.launch()
+        self.wait_note("READY=1", timeout_s)
+        return self
+
+    def launch(self) -> "Sensor":
+        """Starts the process and returns at once: the caller does other setup while it
+        compiles (on another core), then waits for wait_note("READY=1", ...) itself."""
         sock_path = tempfile.mktemp(prefix="lvnotify", dir="/tmp")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(sock_path)
@@ -117,7 +124,6 @@ class Sensor:
         self._err = open(self.workdir / f"sensor-{len(self.notes)}.err", "w+")
         self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=self._out,
                                      stderr=self._err, text=True)
-        self.wait_note("READY=1", timeout_s)
         return self
 
     def wait_note(self, text: str, timeout_s: float) -> str:

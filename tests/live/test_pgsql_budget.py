@@ -26,7 +26,7 @@ import pytest
 from sensor.model import Flow, L7Event, LostEvent
 from tests.conftest import REPO
 from tests.fixtures import gen_pgsql
-from tests.live.rig import Sensor, wait_closed, wait_tcp
+from tests.live.rig import Sensor, wait_tcp
 from tests.netns import VethPair
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240),
@@ -88,6 +88,12 @@ class NsPgServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _queried_flows_ended(records) -> bool:
+    """Both client connections' flows (those with pgsql events) are printed."""
+    queried = {r.uid for r in records if isinstance(r, L7Event) and r.kind == "pgsql"}
+    return sum(isinstance(r, Flow) and r.uid in queried for r in records) >= len(ROWS)
+
+
 def test_pgsql_100000_rows_copy_about_what_10_rows_do(tmp_path):
     with VethPair.create("pgb") as pair:
         pair.wait_ready()
@@ -98,22 +104,23 @@ def test_pgsql_100000_rows_copy_about_what_10_rows_do(tmp_path):
                          "--spool-dir", str(tmp_path / "spool"), "--sensor-id", "livepgbudget",
                          "--output", "jsonl", "--interval", "0.5", "--select", f"port:{PORT}",
                          "--no-process", "--set", "timeouts.tcp_linger=1s"], workdir=tmp_path)
-        with NsPgServer(pair.b):
-            try:
+        try:
+            # The sensor compiles while the server is made (initdb, start: over its unix
+            # socket, no TCP). The readiness probe then comes after the attach: a flow
+            # without pgsql events, which the checks below leave out.
+            sensor.launch()
+            with NsPgServer(pair.b):
+                sensor.wait_note("READY=1", 90)
                 wait_tcp(pair.a, pair.b.ip4, PORT)
-                wait_closed(PORT, pair.a, pair.b)   # the probe's flow is over
-                sensor.start()
                 for n in ROWS.values():    # one connection each
                     out = pair.a.run("env", f"PYTHONPATH={REPO}", sys.executable, "-c",
                                      CLIENT, dsn, str(n), str(QUERIES), timeout=120).stdout
                     assert json.loads(out) == [n] * QUERIES
                 # Past the linger and a read: both connections' flows are printed.
-                sensor.wait_records(lambda rs: sum(isinstance(r, Flow) and r.dst_port == PORT
-                                                   for r in rs) >= len(ROWS), 30,
-                                    "the two flows")
+                sensor.wait_records(_queried_flows_ended, 30, "the two flows")
                 assert sensor.stop() == 0
-            finally:
-                sensor.kill()
+        finally:
+            sensor.kill()
     port = PORT
     records = sensor.records()
     lost = [r for r in records if isinstance(r, LostEvent)]
