@@ -19,10 +19,10 @@ same while the answers differ by four orders of magnitude:
   case that once ended the parse, tests/kernel/test_redis_lag.py). Every GET must still
   be parsed and the copy must stay as small.
 
-Both servers start first and one sensor selecting both ports serves the two tests (a
-sensor start is mostly bcc compiling). Each test reads only the flows to its own server's
-port, once they have ended and been printed; the sensor's clean exit is checked when the
-module is done.
+One sensor selecting both servers' ports serves the two tests (a sensor start is mostly
+bcc compiling, and it compiles while MariaDB is made). Each test reads only the flows to
+its own server's port, once they have ended and been printed; the sensor's clean exit is
+checked when the module is done.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import pytest
 from sensor.model import Flow, L7Event
 from sensor.l7.mysql import ROW_WALK_LIMIT
 from tests.fixtures import gen_mysql, gen_redis
+from tests.export.collector_proc import free_port
 from tests.live.rig import Sensor, wait_closed
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
@@ -55,29 +56,32 @@ VALUES = {"small": b"v" * 10, "large": b"V" * (10 << 20)}
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """{"mysql": port (when MariaDB can run here), "redis": RedisServer, "sensor": Sensor}:
-    the servers, the Redis values set beforehand (that SET is not a flow the sensor sees),
-    and one `loupe sensor run` on lo selecting both ports. Stopped after the module's last
-    test, which then checks the exit code."""
+    the servers, the Redis values set before the sensor starts (that SET is not a flow it
+    sees), and one `loupe sensor run` on lo selecting both ports. Stopped after the
+    module's last test, which then checks the exit code."""
     tmp = tmp_path_factory.mktemp("dbbudget")
     with contextlib.ExitStack() as stack:
-        env = {}
-        if gen_mysql.available() is None:
-            env["mysql"], _ = stack.enter_context(gen_mysql.mariadb())
-        env["redis"] = server = stack.enter_context(gen_redis.RedisServer())
+        env = {"redis": stack.enter_context(gen_redis.RedisServer())}
+        server = env["redis"]
         client = server.client()
         for name, value in VALUES.items():
             client.set(f"budget:{name}", value)
         client.close()
-        ports = [env["redis"].port] + ([env["mysql"]] if "mysql" in env else [])
-        for port in ports:
-            wait_closed(port)
+        wait_closed(server.port)
+        ports = [server.port]
+        if gen_mysql.available() is None:
+            ports.append(free_port())
         env["sensor"] = sensor = Sensor(
             ["--iface", "lo", "--collector", "", "--spool-dir", str(tmp / "spool"),
              "--sensor-id", "livedbbudget", "--output", "jsonl", "--interval", "0.5",
              "--select", ",".join(f"port:{p}" for p in ports), "--no-process",
              "--set", "timeouts.tcp_linger=1s"], workdir=tmp)
         stack.callback(sensor.kill)
-        sensor.start()
+        # It compiles while MariaDB is made (set up over its unix socket: no TCP flow).
+        sensor.launch()
+        if len(ports) == 2:
+            env["mysql"], _ = stack.enter_context(gen_mysql.mariadb(ports[1]))
+        sensor.wait_note("READY=1", 90)
         yield env
         assert sensor.stop() == 0, sensor.stderr
         assert "Traceback" not in sensor.stderr, sensor.stderr
