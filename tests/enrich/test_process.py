@@ -285,10 +285,32 @@ def in_cgroup(host, group: Path, *argv: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(["sh", "-c", script, str(group), *host.cmd(*argv)], **kwargs)
 
 
-def _http_server(env, addr: str, port: int) -> subprocess.Popen:
+# An HTTP server that answers each GET after `delay` seconds, so that its client is still
+# alive when the attributor reads /proc/PID/exe (a process gone by then keeps everything
+# but exe: see sensor/enrich/process.py). curl with an instant answer can exit first on a
+# loaded host.
+SLOW_SERVER = """import http.server, socket, sys, time
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(float(sys.argv[3]))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+Server((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+"""
+
+
+def _http_server(env, addr: str, port: int, delay: float = 0.0) -> subprocess.Popen:
     att, pair, cgroups, servers = env
-    srv = in_cgroup(pair.b, cgroups.plain, sys.executable, "-m", "http.server", "--bind",
-                    addr, str(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = (["-m", "http.server", "--bind", addr, str(port)] if not delay
+            else ["-c", SLOW_SERVER, addr, str(port), str(delay)])
+    srv = in_cgroup(pair.b, cgroups.plain, sys.executable, *argv,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     servers.append(srv)
     ok = _wait(lambda: pair.b.run("ss", "-Htln", f"sport = :{port}").stdout.strip())
     assert ok, "http.server did not listen"
@@ -302,14 +324,14 @@ def test_curl_client_and_python_server(env, family):
     server_addr = pair.b.ip4 if family == 4 else pair.b.ip6
     client_addr = pair.a.ip4 if family == 4 else pair.a.ip6
     port, lport = 8000 + family, 40000 + family
-    srv = _http_server(env, server_addr, port)
+    srv = _http_server(env, server_addr, port, delay=2.0)
     url_host = server_addr if family == 4 else f"[{server_addr}]"
     curl = in_cgroup(pair.a, cgroups.plain, "curl", "-sf", "-o", "/dev/null",
                      "--local-port", str(lport), f"http://{url_host}:{port}/")
-    assert curl.wait(timeout=10) == 0
     key = (6, client_addr, lport, server_addr, port)
 
     client = _wait(lambda: att.lookup_side(key, Side.INITIATOR))
+    assert curl.wait(timeout=10) == 0
     assert client is not None
     assert (client.pid, client.comm) == (curl.pid, "curl")
     assert client.exe == os.path.realpath(shutil.which("curl"))
