@@ -103,6 +103,9 @@ class PipelineConfig:
     # Geo and ASN on Flow records (sensor/enrich/geo.py): (database, asn_database), ""
     # for the packaged database / none; None is off.
     geoip: tuple[str, str] | None = None
+    # The DDoS detector (sensor/rules/ddos_replay.py): a sensor.rules.ddos.Settings, or
+    # None (off). One pipeline only: a shard would see a share of each service's sources.
+    ddos: object | None = None
 
     def __post_init__(self) -> None:
         if self.packet_filter:
@@ -194,8 +197,11 @@ class Pipeline:
 
             self.geo = GeoEnricher.open(*config.geoip)
         geo = self.geo
+        ddos = None
 
         def emit(record: Record) -> None:
+            if ddos is not None:
+                ddos.observe(record)
             kind = record_kind(record)
             kinds[kind] = kinds.get(kind, 0) + 1
             if geo is not None and kind == "flow":
@@ -224,6 +230,12 @@ class Pipeline:
         self.meter = Meter(emit=emit, sink=self.l7, timeouts=config.timeouts,
                            max_flows=config.max_flows, sensor_id=config.sensor_id,
                            community=config.community)
+        self.ddos = None
+        if config.ddos is not None:
+            from sensor.rules.ddos_replay import DdosReplay
+
+            self.ddos = ddos = DdosReplay(config.ddos, emit, self.meter.table,
+                                          sensor_id=config.sensor_id)
         self.reader_stats: list = []
         self._first_ns = 0
         self._last_ns = 0
@@ -234,6 +246,8 @@ class Pipeline:
         """Run every packet of `source` through the engine (flows stay live across
         sources: several files of one capture session form one stream)."""
         feed = self.meter.feed
+        if self.ddos is not None:
+            feed = self.ddos.feeding(feed)
         ts = 0
         match = self._match
         packets = iter(source) if match is None else (
@@ -281,7 +295,11 @@ class Pipeline:
             raise RuntimeError("pipeline already closed")
         self._closed = True
         meter = self.meter
+        if self.ddos is not None:
+            self.ddos.count_new_flows()   # before the flush empties the flow table
         meter.flush()
+        if self.ddos is not None:
+            self.ddos.close(self._last_ns)
         summary = self._summary()
         if report_loss:
             for event in loss_events(summary, self.config.sensor_id):
@@ -421,6 +439,8 @@ def run_sharded(make_sources: Callable[[], Iterable[PacketSource]], sink: Record
     Same records as one Pipeline over the same packets, except that the flow table
     bound (config.max_flows) applies per shard. The children are forked before this
     process starts any thread (the caller must not have started an exporter yet)."""
+    if config.ddos is not None:
+        raise ValueError("the DDoS detector needs every flow in one pipeline: run one job")
     started = clock()
     ctx = multiprocessing.get_context("fork")
     conns = []

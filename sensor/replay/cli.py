@@ -92,6 +92,13 @@ def register(tree) -> None:
     p.add_argument("--rules", default="", metavar="PATH",
                    help="evaluate rules on every L7 event and write Alert records: a rule "
                         "file, a directory of them, or 'default' (docs/rules.md)")
+    p.add_argument("--ddos", action="store_true",
+                   help="run the DDoS detector (HTTP floods, flow/SYN floods, slow requests) "
+                        "on packet time and write its Alert records; nothing is mitigated "
+                        "(docs/rules.md, DDoS). Runs in one process")
+    p.add_argument("--ddos-config", default=None, metavar="SENSOR_TOML",
+                   help="with the [ddos] thresholds of this sensor configuration (implies "
+                        "--ddos; its mitigation is reported as count)")
     p.add_argument("--pii", action="store_true",
                    help="count PII in HTTP requests and sampled responses (emails, card "
                         "numbers, IBANs, ...): counts only, never values (docs/pii.md)")
@@ -465,6 +472,11 @@ def run(args) -> int:
         from sensor.rules import loader
 
         loader.load(args.rules)   # a bad rule fails here, naming file:line
+    args.ddos_settings = _ddos(args)
+    if args.ddos_settings is not None:
+        if args.jobs > 1:
+            raise ConfigError("--ddos needs every flow in one process: drop --jobs")
+        args.jobs = 1
     if args.format is not None and args.output is None and (args.to or args.ipfix):
         raise ConfigError("--format needs -o/--output")
     if args.to is not None and not args.delivery_timeout > 0:
@@ -495,6 +507,22 @@ def run(args) -> int:
     if delivery is not None:
         delivery.finish()
     return EXIT_TRUNCATED if summary.truncated else 0
+
+
+def _ddos(args):
+    """--ddos/--ddos-config as PipelineConfig.ddos (a sensor.rules.ddos.Settings), or None;
+    a bad configuration refused in one line before any packet is read."""
+    path = getattr(args, "ddos_config", None)
+    if not getattr(args, "ddos", False) and not path:
+        return None
+    import dataclasses
+
+    from sensor import config as cfg
+    from sensor.sensor_cli import ddos_settings
+
+    base = cfg.load_sensor_config(Path(path)) if path else cfg.SensorConfig()
+    return ddos_settings(dataclasses.replace(
+        base, ddos=dataclasses.replace(base.ddos, enabled=True)))
 
 
 def _geoip(args) -> tuple[str, str] | None:
@@ -529,7 +557,8 @@ def _replay(args, kept: dict[int, CaptureReader], delivery: _Delivery | None,
     sensor_id = args.sensor_id or ("replay" if args.to else "")
     config = PipelineConfig(l7=not args.no_l7, sensor_id=sensor_id,
                             packet_filter=args.filter, rules=args.rules,
-                            pii=getattr(args, "pii", False), geoip=_geoip(args))
+                            pii=getattr(args, "pii", False), geoip=_geoip(args),
+                            ddos=getattr(args, "ddos_settings", None))
     err = sys.stderr
     draw = not args.no_progress and err.isatty()
     if args.jobs > 1:

@@ -39,6 +39,9 @@ expires.
 Bounds: MAX_KEYS (service, source) pairs per counter and window (more are counted under
 the service with the source "other", which is never named or mitigated), MAX_SERVICES
 baselines (least recently updated out), MAX_MITIGATED sources remembered.
+
+The inputs come from sensor/rules/ddos_live.py in the live sensor and from
+sensor/rules/ddos_replay.py in `loupe replay --ddos` (packet time; nothing mitigated).
 """
 
 from __future__ import annotations
