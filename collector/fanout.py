@@ -24,6 +24,16 @@ Records of a peer's batches that were stored live from the moment of registratio
 also come from history when a subscription with `--since` starts within the forwarding
 delay (milliseconds) of their commit: such a record can then appear twice at that seam.
 
+Merged views. The analytics views (Observer.Endpoints: the endpoint inventory) are kept
+per collector, fed by the batches that collector stored. Asked without the peer marker, a
+collector with peers asks each of them for its local view (the same PEER_FEED metadata,
+so a peer answers with its own state only and a mesh never loops), with a short timeout
+(PEER_VIEW_TIMEOUT_S), and merges the answers with its own through the same merge that
+reads a stored inventory back (Inventory.merge): the result is what one collector fed
+every batch would show, filters applied after the merge. A peer that does not answer in
+time is named in the response (unreachable_peers) and the CLI warns that the view is
+partial; it is never an error, a view of what is reachable beats none.
+
 Reconnect: a broken feed is reopened after a jittered backoff from 0.2 s to 10 s, the same
 schedule the sensor's exporter uses towards collectors, so a restarted peer is followed
 again within seconds.
@@ -50,12 +60,17 @@ log = logging.getLogger(__name__)
 # metadata keys are).
 PEER_FEED = ("loupe-peer-feed", "1")
 
+# A merged view waits this long for a peer's local view: a peer down is refused at once,
+# this bounds a peer that hangs (the analyst's own call has its --timeout, 10 s default).
+PEER_VIEW_TIMEOUT_S = 3.0
+
 INITIAL_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 10.0
 
 
 def is_peer_feed(context) -> bool:
-    """Whether a Subscribe call is a peer collector's feed."""
+    """Whether a call is a peer collector's (a Subscribe feed or a view for merging): it
+    is answered with this collector's own records or state only."""
     return any((k, v) == PEER_FEED for k, v in (context.invocation_metadata() or ()))
 
 
@@ -131,6 +146,29 @@ class PeerFeed:
             self.counters["peer_reconnects"] += 1
             base = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * 2 ** min(attempt, 16))
             await asyncio.sleep(base * self._rng.uniform(0.8, 1.2))
+
+    async def ask(self, rpc: str, request,
+                  timeout: float = PEER_VIEW_TIMEOUT_S) -> tuple[list, list[str]]:
+        """Call the unary Observer method `rpc` on every peer at once, as a peer: (the
+        answers of those that gave one, the peers that did not, each as "address (why)")."""
+        from loupe.v1 import observer_pb2_grpc  # noqa: PLC0415 (generated at build time)
+
+        async def one(peer: str):
+            channel = self._channel(peer)
+            try:
+                stub = observer_pb2_grpc.ObserverStub(channel)
+                return await getattr(stub, rpc)(request, timeout=timeout,
+                                                metadata=(PEER_FEED,))
+            except grpc.aio.AioRpcError as exc:
+                log.warning("peer collector %s did not answer %s: %s: %s", peer, rpc,
+                            exc.code().name, exc.details())
+                return f"{peer} ({exc.code().name.lower()})"
+            finally:
+                await channel.close()
+
+        answers = await asyncio.gather(*(one(p) for p in self._peers))
+        return ([a for a in answers if not isinstance(a, str)],
+                [a for a in answers if isinstance(a, str)])
 
     async def _forward(self, call) -> bool:
         """Hand the feed's records to the hub as they come; whether any came."""

@@ -186,6 +186,8 @@ class ObserverService:
         self._clients = clients      # collector.clients.store.ClientStore
         self._hub = hub
         self._counters = counters
+        # collector.fanout.PeerFeed when [cluster] peers are set: views merge theirs.
+        self.peers = None
         self._version = version
         self._started_ns = started_ns
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="loupe-reader")
@@ -340,11 +342,25 @@ class ObserverService:
         if self._inventory is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector keeps no inventory")
         loop = asyncio.get_running_loop()
+        if self.peers is None or fanout.is_peer_feed(context):
+            chosen = await loop.run_in_executor(
+                self._readers, lambda: store.select(self._inventory.snapshot(), request))
+            return observer_pb2.EndpointsResponse(
+                endpoints=[store.to_proto(d, observer_pb2) for d in chosen],
+                dropped=self._inventory.dropped)
+        # The whole estate (collector/fanout.py, merged views): every peer's whole local
+        # inventory merged with ours, then the request's filters, so a filter on merged
+        # facts (sensors, first/last seen) sees them all.
+        answers, unreachable = await self.peers.ask(
+            "Endpoints", observer_pb2.EndpointsRequest())
         chosen = await loop.run_in_executor(
-            self._readers, lambda: store.select(self._inventory.snapshot(), request))
+            self._readers, lambda: store.select(store.merged(
+                self._inventory.snapshot(),
+                [[store.from_proto(e) for e in a.endpoints] for a in answers]), request))
         return observer_pb2.EndpointsResponse(
             endpoints=[store.to_proto(d, observer_pb2) for d in chosen],
-            dropped=self._inventory.dropped)
+            dropped=self._inventory.dropped + sum(a.dropped for a in answers),
+            unreachable_peers=unreachable)
 
     async def Pii(self, request, context):
         from collector.inventory import pii, store

@@ -280,6 +280,7 @@ class Collector:
                 tls = PeerTls(ca_cert=config.tls_ca, client_cert=config.peer_cert,
                               client_key=config.peer_key)
             self.peer_feed = PeerFeed(config.peers, self.hub, tls=tls)
+            self.observer.peers = self.peer_feed   # merged views (fanout.py)
         self.ui = None
         if config.ui_listen:
             from collector.ui.app import Console

@@ -55,6 +55,8 @@ def fetch(args) -> list[dict]:
     if resp.dropped:
         print(f"loupe: the collector's inventory is full; {resp.dropped} requests of new "
               "endpoints were not kept", file=sys.stderr)
+    for peer in resp.unreachable_peers:
+        print(f"loupe: peer {peer} unreachable: view is partial", file=sys.stderr)
     return [from_proto(e) for e in resp.endpoints]
 
 

@@ -206,6 +206,15 @@ def select(snapshot: list[dict], request) -> list[dict]:
     return out
 
 
+def merged(local: list[dict], others: list[list[dict]]) -> list[dict]:
+    """Endpoint snapshots of several collectors as one (Inventory.merge, order-free): the
+    templates are learned again over all of them, as one collector fed every batch."""
+    inv = Inventory()
+    for snapshot in (local, *others):
+        inv.merge(Endpoint.from_dict(d) for d in snapshot)
+    return inv.snapshot()
+
+
 def to_proto(d: dict, pb):
     """One endpoint dict as an observer_pb2.Endpoint (pb is the observer_pb2 module)."""
     fields = lambda m: {k: pb.FieldTypes(types=v) for k, v in m.items()}  # noqa: E731
