@@ -380,18 +380,34 @@ class ObserverService:
         if self._clients is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector keeps no clients")
         loop = asyncio.get_running_loop()
+        peer_call = fanout.is_peer_feed(context)
+        # Merged views (collector/fanout.py): each peer's whole local state, every field
+        # of its clients (a peer call is answered so), merged here, then filtered.
+        others, unreachable = [], []
+        if self.peers is not None and not peer_call:
+            answers, unreachable = await self.peers.ask(
+                "Clients", observer_pb2.ClientsRequest(notices=request.notices))
+            others = [[dict(zip(a.columns, json.loads(r))) for r in a.rows_json]
+                      for a in answers]
         if request.notices:
             columns, types = store.NOTICE_COLUMNS, store.NOTICE_TYPES
             rows = await loop.run_in_executor(
-                self._readers,
-                lambda: store.select_notices(self._clients.notices(), request))
+                self._readers, lambda: store.select_notices(sorted(
+                    [*self._clients.notices(), *(n for o in others for n in o)],
+                    key=lambda n: n["ts_ns"]), request))
+        elif peer_call:
+            rows = await loop.run_in_executor(self._readers, self._clients.snapshot)
+            columns, types = list(rows[0]) if rows else [], []
         else:
             columns, types = store.COLUMNS, store.COLUMN_TYPES
             rows = await loop.run_in_executor(
-                self._readers, lambda: store.select(self._clients.snapshot(), request))
+                self._readers, lambda: store.select(
+                    store.merged(self._clients.snapshot(), others) if others
+                    else self._clients.snapshot(), request))
         return observer_pb2.QueryResponse(
             columns=columns, column_types=types,
-            rows_json=[json.dumps([r[c] for c in columns]) for r in rows])
+            rows_json=[json.dumps([r[c] for c in columns]) for r in rows],
+            unreachable_peers=unreachable)
 
     async def Stats(self, request, context):
         from collector.stats import store

@@ -4,6 +4,7 @@ with --notices the new-client, new-country and unusual-volume notices (docs/clie
 from __future__ import annotations
 
 import json
+import sys
 
 import grpc
 
@@ -26,6 +27,8 @@ def fetch(args, *, notices: bool = False) -> list[dict]:
         resp = ccli._observer(args).Clients(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         raise translate(exc, args.collector) from None
+    for peer in resp.unreachable_peers:
+        print(f"loupe: peer {peer} unreachable: view is partial", file=sys.stderr)
     return [dict(zip(resp.columns, json.loads(r))) for r in resp.rows_json]
 
 

@@ -224,6 +224,15 @@ def select(snapshot: list[dict], request) -> list[dict]:
     return out
 
 
+def merged(local: list[dict], others: list[list[dict]]) -> list[dict]:
+    """Client snapshots (Client.to_dict rows, every field) of several collectors as one
+    (Client.merge): what one collector fed every batch would hold."""
+    clients = Clients()
+    for snapshot in (local, *others):
+        clients.merge(Client.from_dict(d) for d in snapshot)
+    return clients.snapshot()
+
+
 def _touched(endpoint: str, services, methods, paths) -> bool:
     method, service, path = endpoint.split(" ", 2)
     return ((not methods or method in methods)

@@ -1,7 +1,7 @@
 """Merged views across collectors (collector/fanout.py, "Merged views"), without BPF or
 ClickHouse: two real `loupe collector run` processes listing each other in cluster.peers,
-each fed a different capture by `loupe replay --collector`. `loupe endpoints` on either
-shows the whole estate; with one peer stopped the other still answers, its own part, and
+each fed a different capture by `loupe replay --collector`. `loupe endpoints` and
+`loupe clients` on either show the whole estate; with one peer stopped the other still answers, its own part, and
 names the peer it could not reach; fed the stopped peer's capture too, it shows exactly
 the merged view (merging equals one collector fed everything)."""
 
@@ -38,9 +38,9 @@ def done(proc: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
-def endpoints(*addresses: str) -> list[tuple[list[dict], str]]:
-    """`loupe endpoints --output json` on each collector at once: (endpoints, stderr)."""
-    procs = [loupe("endpoints", "--collector", a, "--output", "json") for a in addresses]
+def view(command: str, *addresses: str) -> list[tuple[list[dict], str]]:
+    """`loupe COMMAND --output json` on each collector at once: (rows, stderr)."""
+    procs = [loupe(command, "--collector", a, "--output", "json") for a in addresses]
     return [([json.loads(line) for line in out.splitlines()], err)
             for out, err in map(done, procs)]
 
@@ -58,21 +58,27 @@ def test_endpoints_on_any_peer_show_the_whole_estate(tmp_path):
         for proc in [loupe("replay", pcap, "--collector", c.address, "--sensor-id", "s")
                      for c, pcap in ((a, CAPTURES[0]), (b, CAPTURES[1]))]:
             done(proc)
-        (merged, err_a), (on_b, err_b) = endpoints(a.address, b.address)
+        (merged, err_a), (on_b, err_b), (clients, err_ca), (clients_b, err_cb) = (
+            view("endpoints", a.address, b.address) + view("clients", a.address, b.address))
         assert {e["service"].split(":")[0] for e in merged} == {"198.18.7.2", "golden.test"}
         assert on_b == merged
-        assert "unreachable" not in err_a + err_b
+        assert clients_b == clients and clients
+        assert {e.split(" ")[1].split(":")[0] for c in clients for e in c["endpoints"]} == {
+            "198.18.7.2", "golden.test"}
+        assert "unreachable" not in err_a + err_b + err_ca + err_cb
 
         b.stop()
-        [(got, err)] = endpoints(a.address)
+        [(got, err)] = view("endpoints", a.address)
         # A's own part (curl's service), and one line naming B.
         warning = f"loupe: peer {b.address} (unavailable) unreachable: view is partial"
         assert got == [e for e in merged if e["service"].startswith("198.18.7.2:")] and got
         assert err.strip() == warning
         # A fed B's capture too is the collector fed both: its view is the merged one.
         done(loupe("replay", CAPTURES[1], "--collector", a.address, "--sensor-id", "s"))
-        [(got, err)] = endpoints(a.address)
+        [(got, err), (got_clients, err_c)] = view("endpoints", a.address) + view(
+            "clients", a.address)
         assert got == merged and err.strip() == warning
+        assert got_clients == clients and err_c.strip() == warning
     finally:
         for c in (a, b):
             c.stop()
