@@ -205,6 +205,9 @@ def test_query_rows_are_capped(collector):
 
 def test_slow_subscriber_gets_lost_events_while_ingest_and_a_fast_one_continue(start_collector):
     running = start_collector(subscriber_queue=1000)
+    # Both follow only the pushing sensor's records: the collector adds records of its own
+    # (client notices, every 10 s), which would otherwise share the count below.
+    only_s1 = [wire.observer_pb2.RecordFilter(sensor_id=["s1"])]
     # The slow client never reads; without BDP probing its HTTP/2 window stays small, so
     # the collector-side queue fills quickly.
     slow_channel = grpc.insecure_channel(running.address, options=[("grpc.http2.bdp_probe", 0)])
@@ -212,9 +215,9 @@ def test_slow_subscriber_gets_lost_events_while_ingest_and_a_fast_one_continue(s
         "/loupe.v1.Observer/Subscribe",
         request_serializer=wire.observer_pb2.SubscribeRequest.SerializeToString,
         response_deserializer=wire.observer_pb2.SubscribeResponse.FromString,
-    )(wire.observer_pb2.SubscribeRequest(follow=True), timeout=60)
+    )(wire.observer_pb2.SubscribeRequest(follow=True, allow=only_s1), timeout=60)
     fast = observer_stub(running.address).Subscribe(
-        wire.observer_pb2.SubscribeRequest(follow=True), timeout=60)
+        wire.observer_pb2.SubscribeRequest(follow=True, allow=only_s1), timeout=60)
     fast_got = []
     seen = threading.Condition()
 
