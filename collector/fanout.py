@@ -24,13 +24,15 @@ Records of a peer's batches that were stored live from the moment of registratio
 also come from history when a subscription with `--since` starts within the forwarding
 delay (milliseconds) of their commit: such a record can then appear twice at that seam.
 
-Merged views. The analytics views (Observer.Endpoints: the endpoint inventory) are kept
-per collector, fed by the batches that collector stored. Asked without the peer marker, a
-collector with peers asks each of them for its local view (the same PEER_FEED metadata,
-so a peer answers with its own state only and a mesh never loops), with a short timeout
-(PEER_VIEW_TIMEOUT_S), and merges the answers with its own through the same merge that
-reads a stored inventory back (Inventory.merge): the result is what one collector fed
-every batch would show, filters applied after the merge. A peer that does not answer in
+Merged views. The analytics views (Observer.Endpoints: the endpoint inventory;
+Observer.Clients: client behaviour) are kept per collector, fed by the batches that
+collector stored. Asked without the peer marker, a collector with peers asks each of them
+for its whole local view (the same PEER_FEED metadata, so a peer answers with its own
+state only and a mesh never loops), with a short timeout (PEER_VIEW_TIMEOUT_S), and
+merges the answers with its own through the merge that reads a stored state back
+(Inventory.merge, Client.merge): the result is what one collector fed every batch would
+show, filters applied after the merge. Service statistics are not merged yet: their RPC
+carries quantiles, not the DDSketch cells that would merge. A peer that does not answer in
 time is named in the response (unreachable_peers) and the CLI warns that the view is
 partial; it is never an error, a view of what is reachable beats none.
 
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 PEER_FEED = ("loupe-peer-feed", "1")
 
 # A merged view waits this long for a peer's local view: a peer down is refused at once,
-# this bounds a peer that hangs (the analyst's own call has its --timeout, 10 s default).
+# this bounds a peer that hangs, well inside the analyst's own --timeout (30 s default).
 PEER_VIEW_TIMEOUT_S = 3.0
 
 INITIAL_BACKOFF_S = 0.2
