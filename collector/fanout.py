@@ -51,6 +51,7 @@ from pathlib import Path
 
 import grpc
 
+from collector.client import MAX_MESSAGE_BYTES
 from sensor.errors import ConfigError
 from sensor.export import wire
 
@@ -115,10 +116,10 @@ class PeerFeed:
     async def run(self) -> None:
         await asyncio.gather(*(self._follow(peer) for peer in self._peers))
 
-    def _channel(self, peer: str) -> grpc.aio.Channel:
+    def _channel(self, peer: str, options=None) -> grpc.aio.Channel:
         if self._creds is not None:
-            return grpc.aio.secure_channel(peer, self._creds)
-        return grpc.aio.insecure_channel(peer)
+            return grpc.aio.secure_channel(peer, self._creds, options=options)
+        return grpc.aio.insecure_channel(peer, options=options)
 
     async def _follow(self, peer: str) -> None:
         from loupe.v1 import observer_pb2_grpc  # noqa: PLC0415 (generated at build time)
@@ -156,7 +157,10 @@ class PeerFeed:
         from loupe.v1 import observer_pb2_grpc  # noqa: PLC0415 (generated at build time)
 
         async def one(peer: str):
-            channel = self._channel(peer)
+            # A whole inventory is one message: accept what a peer may send by default,
+            # as the CLI does; a larger one is reported as that peer's failure.
+            channel = self._channel(peer, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
             try:
                 stub = observer_pb2_grpc.ObserverStub(channel)
                 return await getattr(stub, rpc)(request, timeout=timeout,
