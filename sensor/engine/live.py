@@ -861,29 +861,28 @@ class LiveSensor:
                 return value.initiator & 1, value.first_ns
         return None
 
-    def _wire_uid(self, key: bytes) -> str | None:
-        """The uid the wire L7 stage gave this flow (key with ifindex 0), if it has it."""
+    def _wire_flows(self, key: bytes):
+        """The wire L7 stage's flows for this key (ifindex 0), one per attached interface
+        that has it."""
         if self.l7 is None:
-            return None
+            return
         for att in self.attachments:
             k = abi.FlowKey.from_buffer_copy(key)
             k.ifindex = att.ifindex
             lf = self.l7._by_key.get(bytes(k))
             if lf is not None:
-                return lf.state.uid
-        return None
+                yield lf
+
+    def _wire_uid(self, key: bytes) -> str | None:
+        """The uid the wire L7 stage gave this flow (key with ifindex 0), if it has it."""
+        return next((lf.state.uid for lf in self._wire_flows(key)), None)
 
     def _wire_client_auth(self, key: bytes) -> tuple[bool, str] | None:
         """Whether the wire's TLS handshake of this flow (key with ifindex 0) showed a
         client certificate (TlsParser.client_auth), None while not known: the wire stage
         must have parsed the handshake, so mTLS is seen only on attached interfaces."""
-        if self.l7 is None:
-            return None
-        for att in self.attachments:
-            k = abi.FlowKey.from_buffer_copy(key)
-            k.ifindex = att.ifindex
-            lf = self.l7._by_key.get(bytes(k))
-            st = lf.state.l7 if lf is not None else None
+        for lf in self._wire_flows(key):
+            st = lf.state.l7
             client_auth = getattr(st.parser, "client_auth", None) if st is not None else None
             if client_auth is not None:
                 return client_auth()
