@@ -18,9 +18,9 @@ cdef class L7Engine:
     # wraps tcp_segment to count the calls the meter makes).
     cdef dict __dict__
     cdef public object emit, source, analyze, sensor_id, community, registry, budget
-    cdef public object limits, stats
+    cdef public object limits, stats, _kinds
 
-    @cython.locals(st=FlowL7, reasm=FlowReassembler, events=list)
+    @cython.locals(st=FlowL7, reasm=FlowReassembler, events=list, how=cython.int)
     cpdef tcp_segment(self, FlowState flow, direction, seq, ack, flags, payload, ts_ns,
                       wire_len=*)
 
@@ -35,6 +35,9 @@ cdef class L7Engine:
 
     @cython.locals(i=cython.longlong)
     cdef _detect(self, FlowState flow, FlowL7 st, protocol, direction, data)
+
+    @cython.locals(d=cython.longlong)
+    cdef _after_stream(self, FlowState flow, FlowL7 st, parser)
 
     cdef _after(self, FlowState flow, FlowL7 st, parser)
 

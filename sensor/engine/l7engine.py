@@ -56,7 +56,11 @@ from sensor.flow.community_id import CommunityId
 from sensor.l7 import registry
 from sensor.l7.base import NEED_DATA, Direction, ParserState
 from sensor.l7.detect import PROTO_TCP, PROTO_UDP, ParserRegistry, detect
-from sensor.model import L7Coverage, L7Event, Record
+from sensor.model import L7_SOURCES, L7Coverage, L7Event, Record, trusted
+
+# The stage's own records, made without re-validation (model.trusted).
+_L7EVENT = trusted(L7Event)
+_COVERAGE = trusted(L7Coverage)
 
 _DETECT = 0   # no payload seen yet: the protocol is not known
 _PARSE = 1    # a parser gets the flow's bytes
@@ -120,6 +124,9 @@ class L7Engine:
         analyze: Callable[[L7Event, object], None] | None = None,
         source: str = "wire",
     ) -> None:
+        if source not in L7_SOURCES:
+            # Checked once here: the stage's records are made without per-record checks.
+            raise ValueError(f"source must be one of {', '.join(L7_SOURCES)}, got {source!r}")
         self.emit = emit
         self.source = source   # L7Event.source of every event: "wire" or "tls_plaintext"
         # The analyzer stage (sensor/rules/): sees each L7Event right after it is emitted,
@@ -131,6 +138,7 @@ class L7Engine:
         self.budget = budget if budget is not None else MemoryBudget()
         self.limits = limits
         self.stats = L7Stats()
+        self._kinds: dict = {}   # detail class -> its registered kind, for stats.events
 
     # -- PayloadSink ----------------------------------------------------------------------
 
@@ -148,6 +156,23 @@ class L7Engine:
         reasm = st.reasm
         if reasm is None:
             reasm = st.reasm = FlowReassembler(self.budget, self.limits)
+        # Most segments are the next bytes of their stream: accounted by the reassembler
+        # and handed to the parser here, with no event objects in between (in_order).
+        how = reasm.in_order(direction, seq, ack, flags, payload, wire_len)
+        if how:
+            parser = st.parser
+            if st.phase == _DETECT:
+                if how == 2:
+                    return   # skipped bytes before any data: nothing to detect on
+                parser = self._detect(flow, st, PROTO_TCP, direction, payload)
+                if parser is None:
+                    return
+            if how == 1:
+                parser.receive_data(_DIRS[direction], payload, ts_ns)
+            else:
+                parser.receive_skip(_DIRS[direction], len(payload), ts_ns)
+            self._after_stream(flow, st, parser)
+            return
         events = reasm.segment(direction, seq, ack, flags, payload, ts_ns, wire_len)
         if events:
             self._stream_events(flow, st, events)
@@ -259,6 +284,11 @@ class L7Engine:
                 break
         if parser is None:
             return
+        self._after_stream(flow, st, parser)
+
+    def _after_stream(self, flow: FlowState, st: FlowL7, parser) -> None:
+        """After a stream's bytes reached the parser: records out, then its skip hints to
+        the reassembler (and, live, the kernel) and its idle state to the flow."""
         self._after(flow, st, parser)
         if st.phase == _PARSE:
             streams = st.reasm.streams
@@ -326,13 +356,18 @@ class L7Engine:
             identify(flow, self.sensor_id, self.community)
         i = flow.init
         events = self.stats.events
+        kinds = self._kinds
         while txn is not NEED_DATA:
-            record = L7Event(
+            # Trusted (model.trusted): every value comes from the flow table and the
+            # registered parser, not from outside input.
+            record = _L7EVENT(
                 uid=flow.uid, sensor_id=self.sensor_id, community_id=flow.cid,
                 ts_ns=txn.ts_ns, src_addr=flow.src_text, dst_addr=flow.dst_text,
                 src_port=flow.port[i], dst_port=flow.port[1 - i], protocol=flow.protocol,
                 detail=txn.detail, source=self.source)
-            kind = record.kind
+            kind = kinds.get(type(txn.detail))
+            if kind is None:
+                kind = kinds[type(txn.detail)] = record.kind
             events[kind] = events.get(kind, 0) + 1
             self.emit(record)
             if self.analyze is not None:
@@ -375,10 +410,10 @@ class L7Engine:
         elif st.coverage is not None:
             cov = st.coverage
         else:
-            return L7Coverage(inspected=True, captured_octets=st.udp_octets,
-                              skipped_octets=after_stop)
+            return _COVERAGE(inspected=True, captured_octets=st.udp_octets,
+                             skipped_octets=after_stop)
         if after_stop:
-            return L7Coverage(
+            return _COVERAGE(
                 inspected=True, captured_octets=cov.captured_octets,
                 truncated_octets=cov.truncated_octets, gap_octets=cov.gap_octets,
                 skipped_octets=cov.skipped_octets + after_stop)

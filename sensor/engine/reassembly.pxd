@@ -36,3 +36,7 @@ cdef class FlowReassembler:
     @cython.locals(s=StreamReassembler, c=StreamCounters,
                    n=cython.longlong, off=cython.longlong)
     cpdef list segment(self, direction, seq, ack, flags, payload, ts_ns, wire_len=*)
+
+    @cython.locals(s=StreamReassembler, other=StreamReassembler, c=StreamCounters,
+                   n=cython.longlong, off=cython.longlong)
+    cpdef int in_order(self, direction, seq, ack, flags, payload, wire_len=*) except -1

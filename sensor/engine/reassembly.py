@@ -44,7 +44,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from sensor.flow.semantics import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from sensor.model import L7Coverage
+from sensor.model import L7Coverage, trusted
+
+# Made from this module's own counters, all non-negative ints (model.trusted).
+_COVERAGE = trusted(L7Coverage)
 
 SEQ_MOD = 1 << 32
 _SEQ_MASK = SEQ_MOD - 1
@@ -662,6 +665,45 @@ class FlowReassembler:
             result.append((direction, ev))
         return result
 
+    def in_order(self, direction: int, seq: int, ack: int, flags: int, payload: bytes,
+                 wire_len: int | None = None) -> int:
+        """The common case of `segment`, accounted without making events: 1 when the
+        segment carried the next in-order bytes of its stream and they are to be handed to
+        the parser as they are (a Data of `payload`), 2 when they fell wholly inside the
+        stream's skip range (a Skip of len(payload)), 0 when `segment` must run (nothing
+        was changed). The caller passes the bytes on itself, so the per-segment Data or
+        Skip, its (direction, event) pair and the list holding it are never built; the
+        counters and history end as `segment` leaves them."""
+        if flags & (TCP_RST | TCP_SYN | TCP_FIN) or not payload \
+                or (wire_len is not None and wire_len > len(payload)):
+            return 0
+        streams = self.streams
+        if flags & TCP_ACK:
+            other = streams[1 - direction]
+            if other.started and not other.eof \
+                    and (ack - other._base - other._next + _HALF) & _SEQ_MASK > _HALF:
+                return 0   # an ACK past the other side's next byte may declare a hole lost
+        s = streams[direction]
+        if not s.started or s.eof or s._segs or s._fin is not None \
+                or (seq - s._base - s._next) & _SEQ_MASK:
+            return 0
+        n = len(payload)
+        off = s._next
+        c = s.counters
+        if s._skip_until <= off:
+            c.segments += 1
+            c.data_bytes += n
+            s._next = off + n
+            if s.limits.history_bytes:
+                s._remember(off, payload)
+            return 1
+        if s._skip_until >= off + n:
+            c.segments += 1
+            c.skipped_bytes += n
+            s._next = off + n
+            return 2
+        return 0   # a skip range ends inside this segment: Skip then Data, the long way
+
     def flush(self, ts_ns: int) -> list[tuple[int, StreamEvent]]:
         """The flow ended (timeout, eviction): close both directions."""
         return [(d, ev) for d in (0, 1) for ev in self.streams[d].flush(ts_ns)]
@@ -673,7 +715,7 @@ class FlowReassembler:
     def coverage(self, *, sampled: bool = False) -> L7Coverage:
         """Both directions' byte accounting, for the Flow record."""
         a, b = self.streams[0].counters, self.streams[1].counters
-        return L7Coverage(
+        return _COVERAGE(
             inspected=True, sampled=sampled,
             captured_octets=a.data_bytes + b.data_bytes,
             truncated_octets=a.truncated_bytes + b.truncated_bytes,

@@ -44,6 +44,7 @@ COMPANIONS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 _second_cache: list = [None, ""]
+_L7EVENT = model.L7Event
 
 
 def iso(ns: int) -> str | None:
@@ -68,14 +69,36 @@ def _orjson_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# record class (for an L7Event, its detail's class) -> (b'{"type":"<kind>",', the ISO
+# companions as (b',"<key>":', ns field) pairs). Bounded by the registered record classes.
+_LINE_SHAPES: dict[type, tuple[bytes, tuple[tuple[bytes, str], ...]]] = {}
+
+
+def _line_shape(record: model.Record, key: type) -> tuple:
+    kind = model.record_kind(record)
+    shape = (b'{"type":"' + kind.encode() + b'",',
+             tuple((b',"' + name.encode() + b'":', field) for name, field in COMPANIONS[kind]))
+    _LINE_SHAPES[key] = shape
+    return shape
+
+
 def json_line(record: model.Record) -> bytes:
     """jsonfmt.to_dict(record) as one compact JSON line (no newline), encoded by orjson,
     which serializes slotted dataclasses natively: ~3 µs a record against ~30 µs for the
-    generic walk, which matters at replay rates. A test holds the two equal."""
-    kind = model.record_kind(record)
-    body = orjson.dumps(record, default=_orjson_default)
-    extra = orjson.dumps(companions(record, kind))
-    return b'{"type":"' + kind.encode() + b'",' + body[1:-1] + b"," + extra[1:]
+    generic walk, which matters at replay rates. A test holds the two equal. The "type"
+    head and the ISO companions are written here as bytes (an ISO time needs no JSON
+    escaping), so a line costs one orjson call and no dict."""
+    cls = type(record)
+    key = type(record.detail) if cls is _L7EVENT else cls
+    shape = _LINE_SHAPES.get(key)
+    if shape is None:
+        shape = _line_shape(record, key)
+    parts = [shape[0], orjson.dumps(record, default=_orjson_default)[1:-1]]
+    for name, field in shape[1]:
+        ns = getattr(record, field)
+        parts.append(name + (b'"' + iso(ns).encode() + b'"' if ns else b"null"))
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 # -- EVE ------------------------------------------------------------------------------------
