@@ -535,17 +535,17 @@ _NORMALIZE = {
     # arguments.
     "HttpEvent": "    if type(pii) is not _Counts:\n        pii = _Counts.of(pii)\n",
     "DnsEvent": "    if type(answers) is not tuple:\n        answers = tuple(answers)\n",
-    "TlsEvent": ("    if type(alpn) is not tuple:\n        alpn = tuple(alpn)\n"
-                 "    if type(cert_san) is not tuple:\n        cert_san = tuple(cert_san)\n"),
 }
 _TRUSTED: dict[type, Any] = {}
 
 
 def trusted(cls: type) -> Any:
-    """A builder for records of `cls` (L7Event, HttpEvent, DnsEvent, DnsAnswer, TlsEvent,
+    """A builder for records of `cls` (L7Event, HttpEvent, DnsEvent, DnsAnswer,
     L7Coverage) that skips __post_init__'s checks: for values the sensor's own parsers
-    produced, never for outside input. Same keyword-only signature and defaults as the
-    class; the fields are set through the slots' descriptors."""
+    produced and bounded, never for outside input. Same keyword-only signature and
+    defaults as the class; the fields are set through the slots' descriptors. TlsEvent
+    has none: a certificate's dates are the peer's, not bounded by the parser (one that
+    predates 1970 must still be refused)."""
     made = _TRUSTED.get(cls)
     if made is not None:
         return made
@@ -571,4 +571,4 @@ def trusted(cls: type) -> Any:
     return made
 
 
-_TRUSTED_CLASSES = ("L7Event", "HttpEvent", "DnsEvent", "DnsAnswer", "TlsEvent", "L7Coverage")
+_TRUSTED_CLASSES = ("L7Event", "HttpEvent", "DnsEvent", "DnsAnswer", "L7Coverage")

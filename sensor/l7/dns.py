@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.registry import Filter, FramingHints, Protocol, ZeekLog
-from sensor.model import DnsAnswer, DnsEvent
+from sensor.model import DnsAnswer, DnsEvent, trusted
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
 # global's, and these are read on every call of the hot paths.
@@ -63,6 +63,10 @@ MAX_ANSWERS = 64
 MAX_RDATA_TEXT = 4096
 
 _OPT = 41
+# Records made from values this parser decoded (16/32-bit header fields, a 12-bit rcode)
+# and bounded itself: built without re-validation (model.trusted).
+_ANSWER = trusted(DnsAnswer)
+_EVENT = trusted(DnsEvent)
 _HEADER = 12
 
 
@@ -273,7 +277,7 @@ def parse_message(msg: bytes) -> Message:
             if len(data) > MAX_RDATA_TEXT:
                 rdata_cut += 1
                 data = data[:MAX_RDATA_TEXT - 3] + "..."
-            answers.append(DnsAnswer(name=name, rtype=rtype, ttl=ttl, data=data))
+            answers.append(_ANSWER(name=name, rtype=rtype, ttl=ttl, data=data))
     except _Malformed as exc:
         problem = str(exc)
     return Message(
@@ -407,7 +411,7 @@ class DnsParser:
             query, q_ts, latency = msg, ts_ns, 0
         else:
             query, q_ts, latency = pending.query, pending.ts_ns, max(0, ts_ns - pending.ts_ns)
-        self._events.append(Transaction(ts_ns=q_ts, detail=DnsEvent(
+        self._events.append(Transaction(ts_ns=q_ts, detail=_EVENT(
             id=msg.id, qname=query.qname, qtype=query.qtype, qclass=query.qclass,
             rcode=msg.rcode, answers=msg.answers, latency_ns=latency,
             transport=self._transport, truncated=msg.truncated,
@@ -415,7 +419,7 @@ class DnsParser:
 
     def _emit_unanswered(self, pending: _Pending) -> None:
         q = pending.query
-        self._events.append(Transaction(ts_ns=pending.ts_ns, detail=DnsEvent(
+        self._events.append(Transaction(ts_ns=pending.ts_ns, detail=_EVENT(
             id=q.id, qname=q.qname, qtype=q.qtype, qclass=q.qclass, rcode=-1,
             transport=self._transport,
         )))

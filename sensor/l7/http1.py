@@ -46,7 +46,7 @@ from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _Need
 from sensor.l7.pii import REDACTED, Scanner, has_pii, scrub_target
 from sensor.l7.redact import redact_target, strip_userinfo
 from sensor.l7.registry import Counts, Filter, FramingHints, Protocol, ZeekLog
-from sensor.model import HttpEvent
+from sensor.model import HttpEvent, trusted
 
 # Enum members bound once: a class attribute lookup on an Enum costs several times a
 # global's, and these are read on every call of the hot paths.
@@ -83,6 +83,7 @@ _INTERESTING = frozenset((
 ))
 # First letters (lower case) of those names: most other lines are passed over on one test.
 _INTERESTING_FIRST = frozenset(name[0] for name in _INTERESTING)
+_HTTP_EVENT = trusted(HttpEvent)
 _NO_PII = Counts()   # the event's pii when counting is off: no conversion per event
 
 
@@ -124,7 +125,9 @@ class _Txn:
 
     def transaction(self, pii: Scanner | None = None) -> Transaction:
         latency = self.resp_ts - self.req_ts if self.req_ts >= 0 and self.resp_ts >= 0 else 0
-        event = HttpEvent(
+        # Trusted (model.trusted): every value is this parser's own, bounded (a 3-digit
+        # status, byte counts, a non-negative latency).
+        event = _HTTP_EVENT(
             method=self.method, host=self.host, path=self.path, version=self.version,
             status=self.status, reason=self.reason, user_agent=self.user_agent,
             request_content_type=self.req_ctype, response_content_type=self.resp_ctype,
