@@ -31,7 +31,7 @@ from typing import Callable, Hashable
 
 from sensor.flow.community_id import DEFAULT as DEFAULT_CID
 from sensor.flow.community_id import CommunityId
-from sensor.flow.flowkey import flow_uid
+from sensor.flow.flowkey import flow_uid_packed
 from sensor.flow.semantics import (
     DEFAULT_TIMEOUTS,
     PROTO_TCP,
@@ -417,9 +417,8 @@ def identify(st: FlowState, sensor_id: str, community: CommunityId) -> None:
     src, dst = st.addr[i], st.addr[1 - i]
     sport, dport = st.port[i], st.port[1 - i]
     protocol = st.protocol
-    st.uid = flow_uid(src=src, dst=dst, src_port=sport, dst_port=dport, protocol=protocol,
-                      vlan_id=st.vlan_id, inner_vlan_id=st.inner_vlan_id,
-                      start_ns=st.first_ns, sensor_id=sensor_id)
+    st.uid = flow_uid_packed(src, sport, dst, dport, protocol, st.vlan_id,
+                             st.inner_vlan_id, st.first_ns, sensor_id)
     if st.ip_version == 4:
         st.src_text = _ntoa(src)
         st.dst_text = _ntoa(dst)
@@ -427,9 +426,7 @@ def identify(st: FlowState, sensor_id: str, community: CommunityId) -> None:
         st.src_text = socket.inet_ntop(socket.AF_INET6, src)
         st.dst_text = socket.inet_ntop(socket.AF_INET6, dst)
     if protocol == 1 or protocol == 58:
-        st.cid = community.compute(src=src, dst=dst, protocol=protocol, src_port=sport,
-                                   dst_port=dport, icmp_type=st.icmp_type,
-                                   icmp_code=st.icmp_code)
+        st.cid = community.packed(src, dst, protocol, sport, dport, st.icmp_type,
+                                  st.icmp_code)
     else:
-        st.cid = community.compute(src=src, dst=dst, protocol=protocol, src_port=sport,
-                                   dst_port=dport)
+        st.cid = community.packed(src, dst, protocol, sport, dport)

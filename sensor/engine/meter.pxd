@@ -4,7 +4,8 @@ cimport cython
 from sensor.engine.flowtable cimport FlowState, FlowTable
 
 cdef class Meter:
-    cdef public object sink, stats, _frags, _defrag
+    cdef public object sink, _stats, _frags, _defrag
+    cdef public long long _packets, _metered
     cdef public FlowTable table
 
     @cython.locals(st=FlowState, table=FlowTable, n=cython.longlong, vlan=cython.longlong,
@@ -21,5 +22,6 @@ cdef class Meter:
                    top=cython.longlong, delta=cython.longlong, frag_off=cython.longlong,
                    frag_more=cython.longlong, first_frag=cython.bint,
                    later_frag=cython.bint, general=cython.bint, sport=cython.longlong,
-                   dport=cython.longlong, i=cython.longlong, link=cython.longlong)
+                   dport=cython.longlong, i=cython.longlong, link=cython.longlong,
+                   p="const unsigned char *", u=cython.ulonglong)
     cpdef feed(self, ts, ifindex, link, frame, wire_len)

@@ -7,7 +7,15 @@ import random
 
 import pytest
 
-from sensor.flow.flowkey import _UID_MOD, _base62, _base62_17, _flow_uid_plain, flow_uid
+from sensor.flow.flowkey import (
+    _UID_MOD,
+    _base62,
+    _base62_17,
+    _flow_uid_plain,
+    _uid_text,
+    flow_uid,
+    flow_uid_packed,
+)
 
 
 def test_pairwise_base62_equals_digit_by_digit():
@@ -17,6 +25,31 @@ def test_pairwise_base62_equals_digit_by_digit():
                (1 << 104) - 1]
     for n in values:
         assert _base62_17(n) == _base62(n, 17), n
+
+
+def test_uid_digits_from_a_digest_equal_base62():
+    # Compiled, _uid_text divides 32-bit limbs in C; the digits must be _base62's.
+    rng = random.Random(5)
+    digests = [rng.randbytes(13) for _ in range(5000)]
+    digests += [bytes(13), b"\xff" * 13, b"\x80" + bytes(12), bytes(12) + b"\x01",
+                (_UID_MOD - 1).to_bytes(13, "big"), _UID_MOD.to_bytes(13, "big")]
+    for digest in digests:
+        assert _uid_text(digest) == "C" + _base62(int.from_bytes(digest, "big"), 17), digest
+
+
+def test_packed_uid_equals_keyword_uid():
+    rng = random.Random(13)
+    for _ in range(1000):
+        width = rng.choice((4, 16))
+        a, b = rng.randbytes(width), rng.randbytes(width)
+        ports = rng.randrange(65536), rng.randrange(65536)
+        rest = (rng.randrange(256), rng.randrange(4096), rng.randrange(4096),
+                rng.getrandbits(64), rng.choice(("", "s1", "x" * 80)))
+        assert flow_uid_packed(a, ports[0], b, ports[1], *rest) == flow_uid(
+            src=a, dst=b, src_port=ports[0], dst_port=ports[1], protocol=rest[0],
+            vlan_id=rest[1], inner_vlan_id=rest[2], start_ns=rest[3], sensor_id=rest[4])
+    with pytest.raises((OverflowError, ValueError)):
+        flow_uid_packed(b"\x01" * 4, 70000, b"\x02" * 4, 1, 6, 0, 0, 1, "")
 
 
 def test_uids_are_pinned():
