@@ -19,6 +19,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.ddsketch_pb2 import DDSketch as SketchProto
@@ -168,6 +169,74 @@ class Series:
         return s
 
 
+class Bins:
+    """One group's latencies as DDSketch bin keys with their counts, keys in the order the
+    group's values first reached them, and the values themselves (in record order).
+
+    Adding key k with weight w leaves a sketch exactly as w adds of a value of key k, and
+    adding the keys in first-seen order grows a dense store through the same sequence of
+    ranges as adding the values one by one (only a key outside the current range grows
+    it, and that is always the key's first value): same bins, same layout, same counts.
+    That holds while the store cannot collapse (its range past BIN_LIMIT), when the
+    order of values decides which fold into the lowest bin; then the values are added
+    one by one, as before. The sketch's sum (in no stored form, read by no view) may
+    differ in its last bits."""
+
+    __slots__ = ("keys", "counts", "sources", "n", "total", "vmin", "vmax", "lo", "hi")
+
+    def __init__(self, keys: list[int], counts: list[int], source: tuple, n: int,
+                 total: float, vmin: int, vmax: int, lo: int, hi: int) -> None:
+        self.keys = keys
+        self.counts = counts
+        # (latencies, group per latency, this group): its values, read only in the
+        # one-by-one case
+        self.sources = [source]
+        self.n, self.total, self.vmin, self.vmax = n, total, vmin, vmax
+        self.lo, self.hi = lo, hi   # the lowest and highest key
+
+    def __len__(self) -> int:
+        return self.n
+
+    def values(self) -> list[int]:
+        """The group's latencies in record order."""
+        return [v for lat, group, g in self.sources for v in lat[group == g].tolist()]
+
+    @staticmethod
+    def join(a: "Bins | None", b: "Bins | None") -> "Bins | None":
+        if a is None or b is None:
+            return a if b is None else b
+        out = Bins(a.keys + b.keys, a.counts + b.counts, (), a.n + b.n, a.total + b.total,
+                   min(a.vmin, b.vmin), max(a.vmax, b.vmax), min(a.lo, b.lo), max(a.hi, b.hi))
+        out.sources = a.sources + b.sources
+        return out
+
+    def add_to(self, sketch: BaseDDSketch) -> None:
+        store = sketch._store
+        lo, hi = self.lo, self.hi
+        if store.length():
+            lo, hi = min(lo, store.min_key), max(hi, store.max_key)
+        if store.is_collapsed or hi - lo + 1 > BIN_LIMIT:
+            for v in self.values():
+                sketch.add(v)
+            return
+        for k, w in zip(self.keys, self.counts):
+            store.add(k, float(w))
+        sketch._count += float(self.n)
+        sketch._sum += float(self.total)
+        if self.vmin < sketch._min:
+            sketch._min = self.vmin
+        if self.vmax > sketch._max:
+            sketch._max = self.vmax
+
+
+def _add_latencies(sketch: BaseDDSketch, latencies) -> None:
+    if isinstance(latencies, Bins):
+        latencies.add_to(sketch)
+    else:
+        for v in latencies:
+            sketch.add(v)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One L7 transaction's share of the statistics, for each series key it counts in."""
@@ -212,6 +281,15 @@ class Stats:
             for (key, index0), group in groups.items():
                 self._add(key, index0 * width0, *group)
 
+    def add_groups(self, groups) -> None:
+        """add_many's groups made elsewhere (feed.groups, per distinct key): (key, 10 s
+        cell index, requests, 4xx, 5xx, Bins or None), in the order add_many would meet
+        them (the budgets and the retention horizon depend on it)."""
+        width0 = RESOLUTIONS[0][1]
+        with self.lock:
+            for key, index0, requests, e4, e5, bins in groups:
+                self._add(key, index0 * width0, requests, e4, e5, bins or [])
+
     def _add(self, key: tuple, start_ns: int, requests: int, e4: int, e5: int,
              latencies: list[int]) -> None:
         series = self.series.get(key)
@@ -224,8 +302,7 @@ class Stats:
         group = None
         if len(latencies) > SMALL_GROUP:
             group = new_sketch()
-            for v in latencies:
-                group.add(v)
+            _add_latencies(group, latencies)
         for r, (_, width, keep) in enumerate(RESOLUTIONS):
             index = start_ns // width
             self.newest[r] = max(self.newest[r], index)
@@ -242,9 +319,7 @@ class Stats:
             if group is not None:
                 cell.latency.merge(group)
             elif latencies:
-                sketch = cell.latency
-                for v in latencies:
-                    sketch.add(v)
+                _add_latencies(cell.latency, latencies)
         self.dirty.add(key)
 
     def prune(self) -> int:

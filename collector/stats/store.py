@@ -29,8 +29,8 @@ from sensor.errors import StorageError
 log = logging.getLogger(__name__)
 
 FILE = "stats.sqlite"
-# Committed batches waiting for the statistics thread (~10-20 us per event, so 64
-# batches of 1000 events is ~1 s of work); past it a batch's events are dropped, counted.
+# Committed batches waiting for the statistics thread (a few ms each, so 64 batches is
+# well under a second of work); past it a batch's events are dropped, counted.
 QUEUE_BATCHES = 64
 # Re-key, prune and save this often: a crash loses at most this much of the statistics.
 SAVE_S = 10.0
@@ -84,7 +84,7 @@ class StatsStore:
                 if tables is None:
                     return
                 if tables:
-                    self.stats.add_many(feed.events(tables))
+                    self.stats.add_groups(feed.groups(tables))
             except Exception:  # noqa: BLE001 - one bad batch must not stop the statistics
                 log.exception("the statistics failed on a batch; they go on")
             finally:
