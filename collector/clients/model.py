@@ -22,6 +22,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from collector.inventory import templates
 
 # Clients kept: ~1 KiB each with full sets, so ~100 MiB at worst. Past it, records of
@@ -283,6 +285,183 @@ class Clients:
                 self._notice("unusual_volume", c, ts_ns,
                              f"{c.minute_requests} requests this minute, usually "
                              f"{usual:.1f}")
+
+    def add_rows(self, flows: dict, requests: dict) -> bool:
+        """A batch's flows and requests at once, as add_flow and add_request record by
+        record in this order (flows, then requests), with the Python work per client and
+        per distinct value, not per record. Column lists, one item per record:
+        flows: address, ts_ns, sensor, final, sent, received, country, city, asn, who,
+        auth; requests: address, ts_ns, sensor, status, endpoint, who, auth.
+
+        Order-dependent state is kept exact: capped sets take their values in order of
+        first appearance (a value refused once stays refused: the set only grows), geo
+        is the last of the newest records, the volume minutes are walked run by run and
+        notices are made in record order. Three rare cases are left to the record path
+        (False is returned, nothing changed): a zero timestamp, a batch that would fill
+        the client budget, a client whose country set would fill."""
+        nf = len(flows["address"])
+        addr = flows["address"] + requests["address"]
+        n = len(addr)
+        if not n:
+            return True
+        ts = np.concatenate((np.asarray(flows["ts_ns"], np.int64),
+                             np.asarray(requests["ts_ns"], np.int64)))
+        if not ts.all():
+            return False
+        index: dict = {}
+        cid = np.fromiter((index.setdefault(a, len(index)) for a in addr), np.int64, n)
+        names = list(index)
+        first_row = np.nonzero(np.diff(np.maximum.accumulate(cid), prepend=-1))[0].tolist()
+        geo = [(i, c) for i, (c, a) in enumerate(zip(flows["country"], flows["asn"])) if c or a]
+        new_countries: dict = {}     # (client, country) -> its first row, in row order
+        for i, c in geo:
+            if c:
+                new_countries.setdefault((int(cid[i]), c), i)
+        with self._lock:
+            have = [self._clients.get((a, "")) for a in names]
+            unknown = sum(c is None for c in have)
+            if unknown and len(self._clients) + unknown > self.max_clients:
+                return False
+            grow: dict = {}
+            for (j, country) in new_countries:
+                c = have[j]
+                if c is None or country not in c.countries:
+                    grow[j] = grow.get(j, 0) + 1
+            for j, more in grow.items():
+                if (len(have[j].countries) if have[j] else 0) + more > MAX_COUNTRIES:
+                    return False
+            self._apply(names, have, cid, ts, nf, first_row, geo, new_countries,
+                        flows, requests)
+        return True
+
+    def _apply(self, names, have, cid, ts, nf, first_row, geo, new_countries, flows,
+               requests) -> None:
+        nc = len(names)
+        notices: list = []    # (row, order within the row, kind, client, ts, detail)
+        clients = have
+        for j in [j for j, c in enumerate(have) if c is None]:
+            c = clients[j] = self._clients[(names[j], "")] = Client(names[j], "")
+            notices.append((first_row[j], 0, "new_client", c, int(ts[first_row[j]]),
+                            "first seen"))
+        self._dirty.update((a, "") for a in names)
+        lo = np.full(nc, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(lo, cid, ts)
+        hi = np.zeros(nc, np.int64)
+        np.maximum.at(hi, cid, ts)
+        for c, a, b in zip(clients, lo.tolist(), hi.tolist()):
+            if not c.first_seen_ns or a < c.first_seen_ns:
+                c.first_seen_ns = a
+            if b > c.last_seen_ns:
+                c.last_seen_ns = b
+        fc, rc = cid[:nf], cid[nf:]
+        if nf:
+            final = np.bincount(fc, weights=np.asarray(flows["final"], bool), minlength=nc)
+            sent = np.zeros(nc, np.int64)   # integer sums: octets are exact
+            np.add.at(sent, fc, np.asarray(flows["sent"], np.int64))
+            received = np.zeros(nc, np.int64)
+            np.add.at(received, fc, np.asarray(flows["received"], np.int64))
+            for j, f, s, r in zip(np.unique(fc).tolist(), *(
+                    x[np.unique(fc)].tolist() for x in (final.astype(np.int64), sent,
+                                                         received))):
+                c = clients[j]
+                c.flows += f
+                c.octets_sent += s
+                c.octets_received += r
+        if len(rc):
+            status = np.asarray(requests["status"], np.int64)
+            reqs = np.bincount(rc, minlength=nc)
+            e4 = np.bincount(rc[(status >= 400) & (status <= 499)], minlength=nc)
+            e5 = np.bincount(rc[(status >= 500) & (status <= 599)], minlength=nc)
+            some = np.nonzero(reqs)[0]
+            for j, q, x4, x5 in zip(some.tolist(), reqs[some].tolist(), e4[some].tolist(),
+                                    e5[some].tolist()):
+                c = clients[j]
+                c.requests += q
+                c.errors_4xx += x4
+                c.errors_5xx += x5
+        sensors = flows["sensor"] + requests["sensor"]
+        for j, sensor in dict.fromkeys(zip(cid.tolist(), sensors)):
+            c = clients[j]
+            if sensor and len(c.sensors) < MAX_SENSORS:
+                c.sensors.add(sensor)
+        who: dict = {}
+        whos = flows["who"] + requests["who"]
+        if any(whos):
+            for key in zip(cid.tolist(), whos):
+                who[key] = who.get(key, 0) + 1
+        for (j, w), count in who.items():
+            if not w:
+                continue
+            c = clients[j]
+            if w in c.principals or len(c.principals) < MAX_PRINCIPALS:
+                c.principals.add(w)
+            else:
+                c.principals_more += count
+        auths = flows["auth"] + requests["auth"]
+        if any(auths):
+            for j, auth in dict.fromkeys(zip(cid.tolist(), auths)):
+                if auth:
+                    clients[j].auth.update(auth[:8])
+        # geo: the last of the records with the newest time, if not older than the client's
+        newest: dict = {}
+        for i, _ in geo:
+            j, t = int(cid[i]), int(ts[i])
+            if t >= newest.get(j, (-1, 0))[0]:
+                newest[j] = (t, i)
+        for j, (t, i) in newest.items():
+            c = clients[j]
+            if t >= c.geo_ns:
+                c.country, c.city = flows["country"][i], flows["city"][i]
+                c.asn, c.geo_ns = flows["asn"][i], t
+        for (j, country), i in new_countries.items():
+            c = clients[j]
+            if country in c.countries:
+                continue
+            if c.countries:
+                notices.append((i, 1, "new_country", c, int(ts[i]),
+                                f"{country} (before: {','.join(sorted(c.countries))})"))
+            c.countries.add(country)   # add_rows checked it stays within MAX_COUNTRIES
+        endpoints: dict = {}
+        for key in zip(rc.tolist(), requests["endpoint"]):
+            endpoints[key] = endpoints.get(key, 0) + 1
+        for (j, endpoint), count in endpoints.items():
+            c = clients[j]
+            if endpoint in c.endpoints or len(c.endpoints) < MAX_ENDPOINTS:
+                c.endpoints.add(endpoint)
+            else:
+                c.endpoints_more += count
+        if len(rc):
+            self._minutes(clients, rc, ts[nf:], nf, notices)
+        notices.sort(key=lambda n: (n[0], n[1]))
+        for _, _, kind, c, t, detail in notices:
+            self._notice(kind, c, t, detail)
+
+    def _minutes(self, clients, rc, ts, nf, notices) -> None:
+        """_count_minute over each client's requests, a run of one minute at a time."""
+        minute = ts // MINUTE_NS
+        order = np.argsort(rc, kind="stable")
+        c_sorted, m_sorted = rc[order], minute[order]
+        starts = np.nonzero(np.diff(c_sorted, prepend=-1) | np.diff(m_sorted, prepend=-1))[0]
+        lengths = np.diff(starts, append=len(order)).tolist()
+        for start, length, j, m in zip(starts.tolist(), lengths, c_sorted[starts].tolist(),
+                                       m_sorted[starts].tolist()):
+            c = clients[j]
+            if m > c.minute:
+                if c.minute_requests:
+                    c.minutes += 1
+                    c.minutes_requests += c.minute_requests
+                c.minute, c.minute_requests = m, 0
+            elif m < c.minute:
+                continue   # late events of a past minute: counted in requests only
+            before = c.minute_requests
+            c.minute_requests += length
+            if c.minutes >= VOLUME_MIN_MINUTES:
+                usual = c.minutes_requests / c.minutes
+                crossing = int(max(VOLUME_FLOOR, VOLUME_FACTOR * usual)) + 1
+                if before < crossing <= before + length:
+                    row = int(order[start + crossing - before - 1])
+                    notices.append((nf + row, 1, "unusual_volume", c, int(ts[row]),
+                                    f"{crossing} requests this minute, usually {usual:.1f}"))
 
     def merge(self, clients) -> None:
         with self._lock:
