@@ -213,9 +213,11 @@ def rdata_text(msg: bytes, rtype: int, start: int, length: int) -> str:
     return _generic(rdata)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """One parsed DNS message; `problem` is set when it was cut short after the question."""
+    """One parsed DNS message; `problem` is set when it was cut short after the question.
+    Not frozen: one is made per message and never leaves the parser, and a frozen
+    dataclass sets each of its fields through object.__setattr__."""
 
     id: int
     qr: bool
@@ -288,8 +290,8 @@ def parse_message(msg: bytes) -> Message:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
+@dataclass(slots=True)
+class _Pending:   # not frozen, as Message
     ts_ns: int
     query: Message
 

@@ -74,6 +74,11 @@ _TCHAR_FIRST = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZab
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]\Z")
 _DIGITS = re.compile(rb"[0-9]{1,19}\Z")
+# The usual spellings, which _TOKEN and _VERSION match: a set lookup answers for them
+# before the regular expressions are tried (a request line is checked per request).
+_COMMON_METHODS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS",
+                             b"PATCH", b"CONNECT"))
+_COMMON_VERSIONS = frozenset((b"HTTP/1.1", b"HTTP/1.0"))
 _INTERESTING = frozenset((
     b"host", b"user-agent", b"content-type", b"content-length", b"transfer-encoding",
     b"connection", b"upgrade",
@@ -596,7 +601,8 @@ class Http1Parser:
         if len(parts) != 3:
             raise _Malformed("bad request line")
         method, target, version = parts
-        if not _TOKEN.match(method) or not target or not _VERSION.match(version):
+        if (method not in _COMMON_METHODS and not _TOKEN.match(method)) or not target \
+                or (version not in _COMMON_VERSIONS and not _VERSION.match(version)):
             raise _Malformed("bad request line")
         if len(self._txns) >= self.max_outstanding:
             raise _Malformed(f"more than {self.max_outstanding} requests awaiting responses")
@@ -669,7 +675,8 @@ class Http1Parser:
         if not lines:
             raise _Malformed("bad status line")
         parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not _VERSION.match(parts[0]):
+        if len(parts) < 2 or (parts[0] not in _COMMON_VERSIONS
+                              and not _VERSION.match(parts[0])):
             raise _Malformed("bad status line")
         code = parts[1]
         if len(code) != 3 or not code.isdigit():
