@@ -86,7 +86,7 @@ def flow_uid(
 def flow_uid_packed(a: bytes, a_port: int, b: bytes, b_port: int, protocol: int,
                     vlan_id: int, inner_vlan_id: int, start_ns: int, sensor_id: str) -> str:
     """flow_uid for packed addresses, with positional arguments: the flow table's call,
-    once per flow (keyword arguments cost more than the hash here)."""
+    once per flow."""
     try:
         a = a + _PORT(a_port)
         b = b + _PORT(b_port)

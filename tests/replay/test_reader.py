@@ -188,3 +188,32 @@ def test_records_near_the_snap_length_across_refills_are_not_cut(tmp_path, how):
         got = [(len(frame), frame[:1]) for _, _, _, frame, _ in reader]
         assert reader.stats.truncated_records == 0
     assert got == [(n, bytes([i])) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("ns", [False, True])
+def test_mapped_file_past_the_look_ahead_reads_every_record(tmp_path, ns):
+    # More than a snap length of records: the reader's tight loop over the mapping runs
+    # (compiled, on C integers for little-endian files), not only the general code.
+    frames = [pk.udp4("198.18.0.1", 1000 + i % 50000, "198.18.0.2", 53, b"q" * (i % 300))
+              for i in range(3000)]
+    recs = [(T0 + i * 999_999_937, f) for i, f in enumerate(frames)]
+    path = _write(tmp_path, "big.pcap", cf.pcap(recs, ns=ns, byteorder="<"))
+    with CaptureReader(path) as r:
+        got = list(r)
+    assert [p[3] for p in got] == frames
+    assert [p[0] for p in got] == [ts if ns else ts // 1000 * 1000 for ts, _ in recs]
+    assert all(p[1:3] == (0, 1) and p[4] == len(p[3]) for p in got)
+    assert r.stats.packets == 3000 and not r.stats.cut_short
+
+
+def test_iteration_stopped_early_closes_cleanly(tmp_path):
+    # The compiled reader holds a view of the mapped file while it iterates: closing the
+    # reader in the middle of an iteration must release it (the mapping refuses to close
+    # while a view exists).
+    frames = [pk.udp4("198.18.0.1", 1000, "198.18.0.2", 53, b"q" * 200)] * 2000
+    path = _write(tmp_path, "big.pcap", cf.pcap([(T0 + i, f) for i, f in enumerate(frames)]))
+    with CaptureReader(path) as r:
+        for n, _packet in enumerate(r):
+            if n == 10:
+                break
+    assert list(read_packets(path))[1999][3] == frames[0]
