@@ -290,8 +290,9 @@ class Clients:
         """A batch's flows and requests at once, as add_flow and add_request record by
         record in this order (flows, then requests), with the Python work per client and
         per distinct value, not per record. Column lists, one item per record:
-        flows: address, ts_ns, sensor, final, sent, received, country, city, asn, who,
-        auth; requests: address, ts_ns, sensor, status, endpoint, who, auth.
+        flows: address, ts_ns, sensor, final, sent, received, who, auth, and geo: (row,
+        country, city, asn) of the rows with a country or an ASN, in row order;
+        requests: address, ts_ns, sensor, status, endpoint, who, auth.
 
         Order-dependent state is kept exact: capped sets take their values in order of
         first appearance (a value refused once stays refused: the set only grows), geo
@@ -312,9 +313,9 @@ class Clients:
         cid = np.fromiter((index.setdefault(a, len(index)) for a in addr), np.int64, n)
         names = list(index)
         first_row = np.nonzero(np.diff(np.maximum.accumulate(cid), prepend=-1))[0].tolist()
-        geo = [(i, c) for i, (c, a) in enumerate(zip(flows["country"], flows["asn"])) if c or a]
+        geo = flows["geo"]
         new_countries: dict = {}     # (client, country) -> its first row, in row order
-        for i, c in geo:
+        for i, c, _, _ in geo:
             if c:
                 new_countries.setdefault((int(cid[i]), c), i)
         with self._lock:
@@ -360,9 +361,9 @@ class Clients:
             np.add.at(sent, fc, np.asarray(flows["sent"], np.int64))
             received = np.zeros(nc, np.int64)
             np.add.at(received, fc, np.asarray(flows["received"], np.int64))
-            for j, f, s, r in zip(np.unique(fc).tolist(), *(
-                    x[np.unique(fc)].tolist() for x in (final.astype(np.int64), sent,
-                                                         received))):
+            some = np.nonzero(np.bincount(fc, minlength=nc))[0]
+            for j, f, s, r in zip(some.tolist(), *(
+                    x[some].tolist() for x in (final.astype(np.int64), sent, received))):
                 c = clients[j]
                 c.flows += f
                 c.octets_sent += s
@@ -404,15 +405,14 @@ class Clients:
                     clients[j].auth.update(auth[:8])
         # geo: the last of the records with the newest time, if not older than the client's
         newest: dict = {}
-        for i, _ in geo:
+        for i, country, city, asn in geo:
             j, t = int(cid[i]), int(ts[i])
-            if t >= newest.get(j, (-1, 0))[0]:
-                newest[j] = (t, i)
-        for j, (t, i) in newest.items():
+            if t >= newest.get(j, (-1,))[0]:
+                newest[j] = (t, country, city, asn)
+        for j, (t, country, city, asn) in newest.items():
             c = clients[j]
             if t >= c.geo_ns:
-                c.country, c.city = flows["country"][i], flows["city"][i]
-                c.asn, c.geo_ns = flows["asn"][i], t
+                c.country, c.city, c.asn, c.geo_ns = country, city, asn, t
         for (j, country), i in new_countries.items():
             c = clients[j]
             if country in c.countries:

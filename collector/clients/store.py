@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 
 from collector.clients.model import Client, Clients, Notice, endpoint_of
@@ -56,28 +57,13 @@ def _feed(clients: Clients, tables: list) -> None:
     """A batch's flows and HTTP events into the clients, per client (Clients.add_rows),
     or record by record in the rare cases add_rows leaves to that path."""
     flows = {k: [] for k in ("address", "ts_ns", "sensor", "final", "sent", "received",
-                             "country", "city", "asn", "who", "auth")}
+                             "geo", "who", "auth")}
     requests = {k: [] for k in ("address", "ts_ns", "sensor", "status", "endpoint", "who",
                                 "auth")}
     for table in tables:
         names = table.schema.names
         if "flow_end_reason" in names and "src_country" in names:
-            col = lambda n: table.column(n).to_pylist()  # noqa: E731
-            summary = table.column("l7_summary")
-            flows["address"] += col("src_addr")
-            flows["ts_ns"] += col("flow_end_ns")
-            flows["sensor"] += col("sensor_id")
-            flows["final"] += [r != _ACTIVE_TIMEOUT for r in col("flow_end_reason")]
-            flows["sent"] += col("initiator_octets")
-            flows["received"] += col("responder_octets")
-            flows["country"] += col("src_country")
-            flows["city"] += col("src_city")
-            flows["asn"] += col("src_asn")
-            # dict(summary) keeps a key's last value
-            flows["who"] += [w or "" for w in
-                             pc.map_lookup(summary, "http_principal", "last").to_pylist()]
-            flows["auth"] += [tuple(a.split(",")) if a else () for a in
-                              pc.map_lookup(summary, "http_auth", "last").to_pylist()]
+            _flow_columns(table, flows, len(flows["address"]))
             continue
         rows = [i for i, m in enumerate(table.column("method").to_pylist()) if m]
         if not rows:
@@ -110,8 +96,38 @@ def _feed(clients: Clients, tables: list) -> None:
             requests["who"] += [next((c["principal"] for c in a if c["principal"]), "")
                                 if a else "" for a in creds]
             requests["auth"] += [tuple(c["kind"] for c in a) if a else () for a in creds]
+    for k in ("ts_ns", "final", "sent", "received"):
+        flows[k] = np.concatenate(flows[k]) if flows[k] else np.zeros(0, np.int64)
     if not clients.add_rows(flows, requests):
         _feed_records(clients, tables)
+
+
+def _flow_columns(table, flows: dict, offset: int) -> None:
+    """A flows table's part of add_rows' input: numbers as arrays, geo only for the rows
+    that have one, principals and credential kinds from l7_summary."""
+    n = table.num_rows
+    ints = lambda name: pc.fill_null(table.column(name), 0).to_numpy()  # noqa: E731
+    flows["address"] += table.column("src_addr").to_pylist()
+    flows["sensor"] += table.column("sensor_id").to_pylist()
+    flows["ts_ns"].append(ints("flow_end_ns").astype(np.int64))
+    flows["final"].append(ints("flow_end_reason") != _ACTIVE_TIMEOUT)
+    flows["sent"].append(ints("initiator_octets").astype(np.int64))
+    flows["received"].append(ints("responder_octets").astype(np.int64))
+    has_geo = pc.or_(pc.fill_null(pc.not_equal(table.column("src_country"), ""), False),
+                     pc.not_equal(pc.fill_null(table.column("src_asn"), 0), 0))
+    rows = np.nonzero(has_geo.to_numpy(zero_copy_only=False))[0]
+    if len(rows):
+        geo = table.take(rows)
+        flows["geo"] += zip((rows + offset).tolist(), geo.column("src_country").to_pylist(),
+                            geo.column("src_city").to_pylist(), geo.column("src_asn").to_pylist())
+    summary = table.column("l7_summary")
+    for key, name, make in (("who", "http_principal", lambda v: v or ""),
+                            ("auth", "http_auth", lambda v: tuple(v.split(",")) if v else ())):
+        values = pc.map_lookup(summary, name, "last")   # dict(summary) keeps the last
+        if values.null_count == n:
+            flows[key] += [make(None)] * n
+        else:
+            flows[key] += [make(v) for v in values.to_pylist()]
 
 
 def _feed_records(clients: Clients, tables: list) -> None:

@@ -105,8 +105,8 @@ def test_the_rare_cases_take_the_record_path():
 def test_add_rows_leaves_a_full_budget_to_the_record_path():
     clients = Clients(max_clients=1)
     rows = {"address": ["198.18.0.1", "198.18.0.2"], "ts_ns": [T0, T0], "sensor": ["s", "s"],
-            "final": [True, True], "sent": [1, 2], "received": [3, 4], "country": ["", ""],
-            "city": ["", ""], "asn": [0, 0], "who": ["", ""], "auth": [(), ()]}
+            "final": [True, True], "sent": [1, 2], "received": [3, 4], "geo": [],
+            "who": ["", ""], "auth": [(), ()]}
     none = {k: [] for k in ("address", "ts_ns", "sensor", "status", "endpoint", "who", "auth")}
     assert not clients.add_rows(rows, none)
     assert len(clients) == 0 and not clients.notices
