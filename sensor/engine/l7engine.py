@@ -160,6 +160,8 @@ class L7Engine:
         # and handed to the parser here, with no event objects in between (in_order).
         how = reasm.in_order(direction, seq, ack, flags, payload, wire_len)
         if how:
+            if how == 3:
+                return   # a bare SYN: it started its stream, there is nothing to parse
             parser = st.parser
             if st.phase == _DETECT:
                 if how == 2:

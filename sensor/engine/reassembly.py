@@ -671,10 +671,14 @@ class FlowReassembler:
         segment carried the next in-order bytes of its stream and they are to be handed to
         the parser as they are (a Data of `payload`), 2 when they fell wholly inside the
         stream's skip range (a Skip of len(payload)), 0 when `segment` must run (nothing
-        was changed). The caller passes the bytes on itself, so the per-segment Data or
-        Skip, its (direction, event) pair and the list holding it are never built; the
-        counters and history end as `segment` leaves them."""
-        if flags & (TCP_RST | TCP_SYN | TCP_FIN) or not payload \
+        was changed), 3 for the bare SYN that starts its stream (nothing to hand on).
+        The caller passes the bytes on itself, so the per-segment Data or Skip, its
+        (direction, event) pair and the list holding it are never built; the counters and
+        history end as `segment` leaves them."""
+        if not payload:
+            if flags & (TCP_RST | TCP_FIN) or not flags & TCP_SYN or wire_len:
+                return 0
+        elif flags & (TCP_RST | TCP_SYN | TCP_FIN) \
                 or (wire_len is not None and wire_len > len(payload)):
             return 0
         streams = self.streams
@@ -684,6 +688,16 @@ class FlowReassembler:
                     and (ack - other._base - other._next + _HALF) & _SEQ_MASK > _HALF:
                 return 0   # an ACK past the other side's next byte may declare a hole lost
         s = streams[direction]
+        if not payload:
+            # A SYN or SYN-ACK without data, the first of its stream: its number is the
+            # stream's base (a SYN consumes one). A repeated one takes `segment`.
+            if s.started or s.eof:
+                return 0
+            s.counters.segments += 1
+            s.started = True
+            s._base = (seq + 1) & _SEQ_MASK
+            s._next = 0
+            return 3
         if not s.started or s.eof or s._segs or s._fin is not None \
                 or (seq - s._base - s._next) & _SEQ_MASK:
             return 0
