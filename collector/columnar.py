@@ -286,14 +286,96 @@ def decode_columnar(batch, identity: str | None = None,
     return _decode(batch, identity, max_bytes)[0]
 
 
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(raw) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _skip(raw: bytes, pos: int, wire_type: int, end: int) -> int:
+    """Past one field's value (after its tag), or ValueError if it runs past `end`."""
+    if wire_type == 0:
+        pos = _varint(raw, pos)[1]
+    elif wire_type == 1:
+        pos += 8
+    elif wire_type == 2:
+        length, pos = _varint(raw, pos)
+        pos += length
+    elif wire_type == 5:
+        pos += 4
+    else:
+        raise ValueError(f"wire type {wire_type}")
+    if pos > end:
+        raise ValueError("a field runs past its message")
+    return pos
+
+
+def arrow_spans(raw: bytes, batch) -> list[tuple[int, int]] | None:
+    """Where each table's Arrow stream (RecordBatch.tables[i].arrow) lies in the
+    serialized batch `raw`, as (offset, length); None if that cannot be told.
+
+    Why: the collector holds these bytes already, so a decoder process that validated a
+    table sent as is answers with its place instead of the 260 KB of a 1000-record batch
+    pickled back through a pipe; the writer then reads the table from its own copy
+    without copying (ingest.Shipped.unpack). Walks the protobuf framing of field 5
+    (ColumnTable) and, inside each, field 2 (arrow; the last one wins, as in a parse).
+    Every span is compared with the parsed field, so whatever this walk gets wrong
+    comes back None and the bytes are shipped as before."""
+    spans = []
+    try:
+        pos, end = 0, len(raw)
+        while pos < end:
+            tag, pos = _varint(raw, pos)
+            if tag == (5 << 3) | 2:
+                length, pos = _varint(raw, pos)
+                inner_end = pos + length
+                if inner_end > end:
+                    return None
+                span = None
+                while pos < inner_end:
+                    inner_tag, pos = _varint(raw, pos)
+                    start = pos
+                    pos = _skip(raw, pos, inner_tag & 7, inner_end)
+                    if inner_tag == (2 << 3) | 2:
+                        n, start = _varint(raw, start)
+                        span = (start, n)
+                spans.append(span or (0, 0))
+                pos = inner_end
+            else:
+                pos = _skip(raw, pos, tag & 7, end)
+    except ValueError:
+        return None
+    if len(spans) != len(batch.tables):
+        return None
+    view = memoryview(raw)
+    for (offset, length), part in zip(spans, batch.tables):
+        if view[offset:offset + length] != part.arrow:
+            return None
+    return spans
+
+
 def shipped(batch, identity: str | None, rows: bool,
-            max_bytes: int | None = None) -> ingest.Shipped:
+            max_bytes: int | None = None, raw: bytes | None = None) -> ingest.Shipped:
     """Decoder-process work for a columnar batch (ingest.decode_message): its tables as
-    Arrow IPC for the writer, and with `rows` its records for live subscribers."""
+    Arrow IPC for the writer, and with `rows` its records for live subscribers. Given
+    `raw` (the serialized batch, which the writer holds too), a table stored as sent is
+    answered with its (offset, length) in raw (arrow_spans) instead of its bytes."""
     decoded, unchanged = _decode(batch, identity, max_bytes)
     packed = ingest.Shipped.pack(DecodedBatch(
         sensor_id=decoded.sensor_id, batch_id=decoded.batch_id, records=decoded.records,
         tables={n: t for n, t in decoded.tables.items() if n not in unchanged}))
+    if raw is not None and unchanged:
+        spans = arrow_spans(raw, batch)
+        if spans is not None:
+            index = {part.name: i for i, part in enumerate(batch.tables)}
+            unchanged = {name: spans[index[name]] for name in unchanged}
     return ingest.Shipped(decoded.sensor_id, decoded.batch_id, decoded.records,
                           {**packed.tables, **unchanged},
                           rows_of(batch, decoded) if rows else None)

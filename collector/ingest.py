@@ -445,12 +445,14 @@ class Shipped:
     """A DecodedBatch on its way back from a decoder process: each table as an Arrow IPC
     stream. Pickling the Arrow tables of 1000 records costs ~1.8 ms of CPU between the
     two ends (measured; the unpickling holds the collector's GIL); IPC bytes cost ~0.3 ms
-    and are read back without copying."""
+    and are read back without copying. A columnar table stored as sent is not shipped at
+    all: its value is its (offset, length) in the serialized batch, which the writer
+    holds (collector/columnar.py arrow_spans)."""
 
     sensor_id: str
     batch_id: int
     records: int
-    tables: dict[str, bytes]
+    tables: dict[str, bytes | tuple[int, int]]
     rows: bytes | None = None   # see Received.rows
 
     @classmethod
@@ -463,22 +465,34 @@ class Shipped:
             tables[name] = sink.getvalue().to_pybytes()
         return cls(decoded.sensor_id, decoded.batch_id, decoded.records, tables)
 
-    def unpack(self) -> DecodedBatch:
-        return DecodedBatch(
-            sensor_id=self.sensor_id, batch_id=self.batch_id, records=self.records,
-            tables={name: pa.ipc.open_stream(data).read_all()
-                    for name, data in self.tables.items()},
-        )
+    def unpack(self, raw: bytes | None = None) -> DecodedBatch:
+        """The tables; raw: the serialized batch, needed when a table is a span of it."""
+        whole = None
+        tables = {}
+        for name, data in self.tables.items():
+            if isinstance(data, tuple):
+                if whole is None:
+                    if raw is None:
+                        raise ValueError("Shipped.unpack: a table is a span of the batch; "
+                                         "pass the serialized batch")
+                    whole = pa.py_buffer(raw)
+                data = whole.slice(*data)
+            tables[name] = pa.ipc.open_stream(data).read_all()
+        return DecodedBatch(sensor_id=self.sensor_id, batch_id=self.batch_id,
+                            records=self.records, tables=tables)
 
 
 def decode_message(raw: bytes, identity: str | None, rows: bool = False,
-                   max_columnar: int | None = None) -> Shipped | str | Undecodable:
+                   max_columnar: int | None = None,
+                   spans: bool = False) -> Shipped | str | Undecodable:
     """Decoder-process entry point: a serialized RecordBatch to its columns, the reason
     it is rejected, or Undecodable. Runs in a worker process (see Writer), so it takes and
     returns only picklable values; the caller has checked only the header (Received).
     rows: for a columnar batch, also its records as a row batch (Received.rows).
     max_columnar: bound on a columnar batch's Arrow buffers once decompressed (the
-    collector's max_columnar_size; None: sensor/export/columnar.MAX_DECODED_BYTES)."""
+    collector's max_columnar_size; None: sensor/export/columnar.MAX_DECODED_BYTES).
+    spans: the caller keeps raw, so columnar tables stored as sent may come back as
+    their place in it (Shipped; unpack then needs raw)."""
     try:
         batch = ingest_pb2.RecordBatch.FromString(raw)
     except DecodeError as exc:
@@ -487,7 +501,8 @@ def decode_message(raw: bytes, identity: str | None, rows: bool = False,
         if len(batch.tables) or batch.order:
             from collector import columnar   # imports this module: not at the top
 
-            return columnar.shipped(batch, identity, rows, max_columnar)
+            return columnar.shipped(batch, identity, rows, max_columnar,
+                                    raw if spans else None)
         return Shipped.pack(decode_batch(batch, identity))
     except SchemaError as exc:
         return str(exc)
@@ -568,7 +583,8 @@ class Writer:
         self._storage = storage
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-writer")
-        # Arrival order; each entry is [decode future, batch, identity, ack future].
+        # Arrival order; each entry is (decode future, batch, identity, ack future, the
+        # serialized batch: columnar tables are read from it, see Shipped).
         self._pending: collections.deque = collections.deque()
         self._flusher: asyncio.Task | None = None
         self._decoder_count = decoders or _decoder_processes()
@@ -606,11 +622,12 @@ class Writer:
             *[loop.run_in_executor(self._decoders, _warm_up) for _ in range(self._decoder_count)],
         )
 
-    def _store_group(self, group: list[tuple[Shipped, object, str | None]]) -> list[Stored]:
-        unpacked = [d.unpack() for d, _, _ in group]
+    def _store_group(self, group: list[tuple[Shipped, object, str | None, bytes]]
+                     ) -> list[Stored]:
+        unpacked = [d.unpack(raw) for d, _, _, raw in group]
         results = self._storage.store_many(unpacked, self._clock())
         out = []
-        for (decoded, batch, identity), result, columns in zip(group, results, unpacked):
+        for (decoded, batch, identity, _), result, columns in zip(group, results, unpacked):
             if result.status is StoreStatus.STORED and self.on_stored is not None:
                 try:
                     self.on_stored(columns)
@@ -636,7 +653,7 @@ class Writer:
         group = []
         pending = self._pending
         while pending and len(group) < self.MAX_GROUP and pending[0][0].done():
-            decode, batch, identity, fut = pending.popleft()
+            decode, batch, identity, fut, raw = pending.popleft()
             stream = getattr(batch, "stream", None)
             exc = decode.exception()
             if stream is not None and stream.broken:
@@ -658,7 +675,7 @@ class Writer:
             else:
                 if decode.result().rows is not None and isinstance(batch, Received):
                     batch.rows = decode.result().rows
-                group.append((decode.result(), batch, identity, fut))
+                group.append((decode.result(), batch, identity, fut, raw))
         return group
 
     async def _flush(self) -> None:
@@ -672,14 +689,14 @@ class Writer:
                 continue
             try:
                 stored = await loop.run_in_executor(
-                    self._pool, self._store_group, [(d, b, i) for d, b, i, _ in group]
+                    self._pool, self._store_group, [(d, b, i, r) for d, b, i, _, r in group]
                 )
             except Exception as exc:  # a storage failure fails every batch of the group
-                for *_, fut in group:
+                for *_, fut, _ in group:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (*_, fut), result in zip(group, stored):
+            for (*_, fut, _), result in zip(group, stored):
                 if not fut.done():
                     fut.set_result(result)
 
@@ -696,7 +713,7 @@ class Writer:
         try:
             if decode is None:
                 decode = loop.run_in_executor(self._decoders, decode_message, raw, identity,
-                                              rows, self.max_columnar_bytes)
+                                              rows, self.max_columnar_bytes, True)
         except BrokenProcessPool:
             # A decoder died (killed, out of memory): the batches it held fail and their
             # sensors resend them; later batches go to a fresh set of processes.
@@ -704,9 +721,9 @@ class Writer:
             self._decoders.shutdown(wait=False, cancel_futures=True)
             self._decoders = self._new_decoders()
             decode = loop.run_in_executor(self._decoders, decode_message, raw, identity, rows,
-                                          self.max_columnar_bytes)
+                                          self.max_columnar_bytes, True)
         fut = loop.create_future()
-        self._pending.append((decode, batch, identity, fut))
+        self._pending.append((decode, batch, identity, fut, raw))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
