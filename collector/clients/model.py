@@ -20,6 +20,7 @@ collector facts, not rule matches: only the collector sees every sensor and the 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -309,8 +310,10 @@ class Clients:
                              np.asarray(requests["ts_ns"], np.int64)))
         if not ts.all():
             return False
-        index: dict = {}
-        cid = np.fromiter((index.setdefault(a, len(index)) for a in addr), np.int64, n)
+        index = dict.fromkeys(addr)   # dict and map iterate in C: no Python frame per row
+        for number, a in enumerate(index):
+            index[a] = number
+        cid = np.fromiter(map(index.__getitem__, addr), np.int64, n)
         names = list(index)
         first_row = np.nonzero(np.diff(np.maximum.accumulate(cid), prepend=-1))[0].tolist()
         geo = flows["geo"]
@@ -385,11 +388,9 @@ class Clients:
             c = clients[j]
             if sensor and len(c.sensors) < MAX_SENSORS:
                 c.sensors.add(sensor)
-        who: dict = {}
+        # Counter counts in C and keeps first-seen order
         whos = flows["who"] + requests["who"]
-        if any(whos):
-            for key in zip(cid.tolist(), whos):
-                who[key] = who.get(key, 0) + 1
+        who = Counter(zip(cid.tolist(), whos)) if any(whos) else {}
         for (j, w), count in who.items():
             if not w:
                 continue
@@ -421,9 +422,7 @@ class Clients:
                 notices.append((i, 1, "new_country", c, int(ts[i]),
                                 f"{country} (before: {','.join(sorted(c.countries))})"))
             c.countries.add(country)   # add_rows checked it stays within MAX_COUNTRIES
-        endpoints: dict = {}
-        for key in zip(rc.tolist(), requests["endpoint"]):
-            endpoints[key] = endpoints.get(key, 0) + 1
+        endpoints = Counter(zip(rc.tolist(), requests["endpoint"]))
         for (j, endpoint), count in endpoints.items():
             c = clients[j]
             if endpoint in c.endpoints or len(c.endpoints) < MAX_ENDPOINTS:

@@ -72,19 +72,18 @@ def _feed(clients: Clients, tables: list) -> None:
             table = table.take(rows)
         cols = {n: table.column(n).to_pylist() for n in _HTTP_COLS}
         creds = table.column("auth").to_pylist() if "auth" in names else None
+        # endpoint_of once per distinct (host, address, port, method, path)
+        rows = list(zip(cols["host"], cols["dst_addr"], cols["dst_port"], cols["method"],
+                        cols["path"]))
+        endpoints = dict.fromkeys(rows)
         services: dict = {}
-        endpoints: dict = {}
-        for host, addr, port, method, path in zip(cols["host"], cols["dst_addr"],
-                                                  cols["dst_port"], cols["method"],
-                                                  cols["path"]):
-            key = (host, addr, port, method, path)
-            endpoint = endpoints.get(key)
-            if endpoint is None:
-                service = services.get((host, addr, port))
-                if service is None:
-                    service = services[(host, addr, port)] = service_of(host, addr, port)
-                endpoint = endpoints[key] = endpoint_of(service, method, path)
-            requests["endpoint"].append(endpoint)
+        for key in endpoints:
+            host, addr, port, method, path = key
+            service = services.get((host, addr, port))
+            if service is None:
+                service = services[(host, addr, port)] = service_of(host, addr, port)
+            endpoints[key] = endpoint_of(service, method, path)
+        requests["endpoint"] += map(endpoints.__getitem__, rows)
         requests["address"] += cols["src_addr"]
         requests["ts_ns"] += cols["ts_ns"]
         requests["sensor"] += cols["sensor_id"]

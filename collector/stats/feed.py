@@ -165,12 +165,13 @@ def groups(tables: dict) -> list[tuple]:
             cols.append("sni")
         cols += [c for c in _ERROR_COLS.get(name, ()) if c in names and c not in cols]
         cell = _ints(table, "ts_ns") // width0
-        distinct: dict[tuple, int] = {}
-        # the distinct tuple of each row, numbered in order of first appearance
-        inverse = np.fromiter(
-            (distinct.setdefault(row, len(distinct)) for row in
-             zip(cell.tolist(), *(table.column(c).to_pylist() for c in cols))),
-            np.int64, table.num_rows)
+        # the distinct tuple of each row, numbered in order of first appearance (dict and
+        # map iterate in C: no Python frame per row)
+        rows = list(zip(cell.tolist(), *(table.column(c).to_pylist() for c in cols)))
+        distinct = dict.fromkeys(rows)
+        for number, row in enumerate(distinct):
+            distinct[row] = number
+        inverse = np.fromiter(map(distinct.__getitem__, rows), np.int64, len(rows))
         first_row = np.nonzero(np.diff(np.maximum.accumulate(inverse), prepend=-1))[0].tolist()
         r = {c: [] for c in cols}
         cells = []
