@@ -113,6 +113,10 @@ class Transaction:
     request_fields: dict[str, str] | None = None   # from body_fields(), when a body was kept
     response_fields: dict[str, str] | None = None
     pii: dict[str, int] | None = None               # "type.direction" -> occurrences
+    # This many events alike in every field above but their time (the feed groups a
+    # batch's events: collector/inventory/store.py), from ts_ns to last_ns (0: ts_ns).
+    count: int = 1
+    last_ns: int = 0
 
 
 def service_of(host: str, dst_addr: str, dst_port: int) -> str:
@@ -196,12 +200,14 @@ class Endpoint:
         return templates.render(self.template)
 
     def add(self, tx: Transaction, query: str) -> None:
+        count = tx.count
+        last = max(tx.ts_ns, tx.last_ns)
         if not self.requests or tx.ts_ns < self.first_seen_ns:
             self.first_seen_ns = tx.ts_ns
-        self.last_seen_ns = max(self.last_seen_ns, tx.ts_ns)
-        self.requests += 1
+        self.last_seen_ns = max(self.last_seen_ns, last)
+        self.requests += count
         cls = status_class(tx.status)
-        self.status_classes[cls] = self.status_classes.get(cls, 0) + 1
+        self.status_classes[cls] = self.status_classes.get(cls, 0) + count
         if tx.request_content_type:
             _add_capped(self.request_content_types, (media_type(tx.request_content_type),),
                         MAX_CONTENT_TYPES)
@@ -212,10 +218,10 @@ class Endpoint:
         if kinds:
             self.auth.update(kinds)
             for a in kinds:
-                self.auth_counts[a] = self.auth_counts.get(a, 0) + 1
-            self.authenticated += 1
+                self.auth_counts[a] = self.auth_counts.get(a, 0) + count
+            self.authenticated += count
         else:
-            self.unauthenticated += 1
+            self.unauthenticated += count
         if query:
             _add_capped(self.query_params,
                         (k for k, _ in parse_qsl(query, keep_blank_values=True) if k),
@@ -229,7 +235,7 @@ class Endpoint:
         if tx.pii:
             for key, n in tx.pii.items():
                 if n:
-                    _merge_pii(self.pii, key, n, tx.ts_ns, tx.ts_ns)
+                    _merge_pii(self.pii, key, n * count, tx.ts_ns, last)
 
     def merge(self, other: "Endpoint") -> None:
         if other.requests:
@@ -333,13 +339,13 @@ class Inventory:
             # however many a service has.
             template = tuple(templates.segments(path))
         else:
-            template = self.learner.learn(tx.service, path)
+            template = self.learner.learn(tx.service, path, weight=tx.count)
         self._refresh()
         key = (tx.service, tx.method, template)
         ep = self._endpoints.get(key)
         if ep is None:
             if len(self._endpoints) >= self.max_endpoints:
-                self.dropped += 1
+                self.dropped += tx.count
                 return
             ep = self._endpoints[key] = Endpoint(tx.service, tx.method, template)
         ep.add(tx, query)

@@ -46,14 +46,19 @@ def http_tables(batch: DecodedBatch) -> list:
 
 
 def transactions(batch: DecodedBatch):
-    """The inventory's view of every HTTP-shaped event in a committed batch."""
+    """The inventory's view of every HTTP-shaped event in a committed batch, one
+    Transaction per event."""
     return _transactions(http_tables(batch))
+
+
+def _columns(table) -> dict[str, list]:
+    names = table.schema.names
+    return {n: table.column(n).to_pylist() for n in _NEEDS + _OPTIONAL if n in names}
 
 
 def _transactions(tables: list):
     for table in tables:
-        names = table.schema.names
-        cols = {n: table.column(n).to_pylist() for n in _NEEDS + _OPTIONAL if n in names}
+        cols = _columns(table)
         for i in range(table.num_rows):
             method = cols["method"][i]
             if not method:
@@ -61,6 +66,59 @@ def _transactions(tables: list):
             yield Transaction(
                 service=service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i]),
                 method=method, target=cols["path"][i], ts_ns=cols["ts_ns"][i],
+                status=cols["status"][i],
+                request_content_type=cols["request_content_type"][i],
+                response_content_type=cols["response_content_type"][i],
+                sensor_id=cols["sensor_id"][i],
+                auth=_kinds(cols["auth"][i]) if "auth" in cols else (),
+                request_fields=_fields(cols, "request_fields", i),
+                response_fields=_fields(cols, "response_fields", i),
+                pii=_fields(cols, "pii", i),
+            )
+
+
+# The columns whose values make two events one Transaction with a count: all that
+# Endpoint.add reads but the time.
+_ALIKE = ("method", "host", "dst_addr", "dst_port", "path", "status", "request_content_type",
+          "response_content_type", "sensor_id") + _OPTIONAL
+
+
+def _hashable(value):
+    if isinstance(value, list):   # auth structs, or a map column's (key, value) pairs
+        return tuple(tuple(v.items()) if isinstance(v, dict) else v for v in value)
+    return value
+
+
+def grouped_transactions(tables: list):
+    """The same as _transactions, as one Transaction per distinct event (count, first
+    and last time): a batch's events repeat a handful of endpoints, so the inventory's
+    per-event work (learning the path, updating its endpoint) runs per distinct event.
+    The groups come in the order of their first event, so new paths, endpoints and
+    capped sets see their values in the order the events bring them, and the inventory
+    reads the same as fed event by event (tests/inventory/test_grouped_feed.py)."""
+    for table in tables:
+        cols = _columns(table)
+        present = [n for n in _ALIKE if n in cols]
+        keyed = [[_hashable(v) for v in cols[n]] if n in _OPTIONAL else cols[n]
+                 for n in present]
+        groups: dict[tuple, list[int]] = {}   # key -> [first row, count, first ts, last ts]
+        for i, (key, ts) in enumerate(zip(zip(*keyed), cols["ts_ns"])):
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [i, 1, ts, ts]
+            else:
+                group[1] += 1
+                if ts < group[2]:
+                    group[2] = ts
+                elif ts > group[3]:
+                    group[3] = ts
+        for i, count, first, last in groups.values():
+            method = cols["method"][i]
+            if not method:
+                continue
+            yield Transaction(
+                service=service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i]),
+                method=method, target=cols["path"][i], ts_ns=first, last_ns=last, count=count,
                 status=cols["status"][i],
                 request_content_type=cols["request_content_type"][i],
                 response_content_type=cols["response_content_type"][i],
@@ -131,7 +189,7 @@ class InventoryStore:
     def _run(self) -> None:
         while (tables := self._queue.get()) is not None:
             try:
-                self.inventory.add_many(_transactions(tables))
+                self.inventory.add_many(grouped_transactions(tables))
             except Exception:  # noqa: BLE001 - one bad batch must not stop the inventory
                 log.exception("the endpoint inventory failed on a batch; it goes on")
             finally:
