@@ -254,10 +254,14 @@ def _bins(group: np.ndarray, lat: np.ndarray, keys: np.ndarray, ng: int) -> list
         return out
     n = np.bincount(group, minlength=ng)
     total = np.bincount(group, weights=lat, minlength=ng)
-    vmin = np.full(ng, np.iinfo(np.int64).max, np.int64)
-    np.minimum.at(vmin, group, lat)
+    # each group's values in ascending order, groups one after the other: min and max
+    by_value = np.lexsort((lat, group))
+    ends = np.cumsum(n)
+    some = n > 0
+    vmin = np.zeros(ng, np.int64)
     vmax = np.zeros(ng, np.int64)
-    np.maximum.at(vmax, group, lat)
+    vmin[some] = lat[by_value[(ends - n)[some]]]
+    vmax[some] = lat[by_value[ends[some] - 1]]
     lo, hi = int(keys.min()), int(keys.max())
     if lo == hi:   # one bin: each group's is that key with its count
         for g, (c, s, a, b) in enumerate(zip(n.tolist(), total.tolist(), vmin.tolist(),
@@ -269,13 +273,15 @@ def _bins(group: np.ndarray, lat: np.ndarray, keys: np.ndarray, ng: int) -> list
     pairs, first, counts = np.unique(group * span + (keys - lo), return_index=True,
                                      return_counts=True)
     pair_group = pairs // span
-    order = np.lexsort((first, pair_group))   # per group, its bins in first-seen order
-    pair_keys = ((pairs % span) + lo)
+    pair_keys = (pairs % span) + lo
     per = np.bincount(pair_group, minlength=ng)
-    klo = np.full(ng, hi, np.int64)
-    np.minimum.at(klo, pair_group, pair_keys)
-    khi = np.full(ng, lo, np.int64)
-    np.maximum.at(khi, pair_group, pair_keys)
+    # pairs sort by (group, key): a group's lowest key is its first pair, highest its last
+    pend = np.cumsum(per)
+    klo = np.zeros(ng, np.int64)
+    khi = np.zeros(ng, np.int64)
+    klo[some] = pair_keys[(pend - per)[some]]
+    khi[some] = pair_keys[pend[some] - 1]
+    order = np.lexsort((first, pair_group))   # per group, its bins in first-seen order
     ordered_keys, ordered_counts = pair_keys[order].tolist(), counts[order].tolist()
     p = 0
     for g, (np_, c, s, a, b, kl, kh) in enumerate(zip(
