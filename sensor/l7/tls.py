@@ -57,6 +57,7 @@ parser goes DONE without an event.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import deque
 from typing import TYPE_CHECKING
@@ -65,6 +66,14 @@ from sensor.l7 import fingerprints as fp
 from sensor.l7.base import NEED_DATA, Direction, ParserState, Transaction, _NeedData
 from sensor.l7.registry import Filter, Protocol, ZeekLog
 from sensor.model import TlsEvent
+
+# JA3, JA3S and JA4 are pure functions of a hello (and the transport), and clients repeat
+# their hellos (one browser or library, many connections): a fingerprint costs tens of µs
+# (filtering, sorting, formatting, a hash), hashing a parsed hello about one. Remembered
+# per process, bounded (a hello's fields are at most a few KiB).
+_ja3 = functools.lru_cache(maxsize=1024)(fp.ja3)
+_ja3s = functools.lru_cache(maxsize=1024)(fp.ja3s)
+_ja4 = functools.lru_cache(maxsize=1024)(fp.ja4)
 
 if TYPE_CHECKING:
     from sensor.l7 import x509
@@ -577,7 +586,7 @@ class TlsParser:
                 if self.client_hello.sni:
                     self._summary["tls_sni"] = self.client_hello.sni
                 if not cut:  # a fingerprint of part of a hello would match nothing
-                    self._ja4 = fp.ja4(self.client_hello, self._transport)
+                    self._ja4 = _ja4(self.client_hello, self._transport)
                     self._summary["tls_ja4"] = self._ja4
         elif msg_type == _SERVER_HELLO:
             hello = parse_server_hello(body, truncated=cut)
@@ -721,11 +730,11 @@ class TlsParser:
             fields.update(
                 client_version=ch.legacy_version, sni=ch.sni,
                 alpn=tuple(_text(p) for p in ch.alpn),
-                ja3="" if ch.truncated else fp.ja3(ch), ja4=self._ja4,
+                ja3="" if ch.truncated else _ja3(ch), ja4=self._ja4,
             )
         if sh is not None:
             fields.update(version=sh.version, cipher=sh.cipher,
-                          ja3s="" if sh.truncated else fp.ja3s(sh))
+                          ja3s="" if sh.truncated else _ja3s(sh))
             if sh.alpn is not None:
                 fields["alpn_selected"] = _text(sh.alpn)
         if self.cert is not None:
