@@ -171,6 +171,18 @@ class Client:
         return c
 
 
+def _sums(group: np.ndarray, values, n: int) -> list[int]:
+    """Per group, the exact integer sum of its values (a float sum is exact below 2^53)."""
+    values = np.asarray(values, np.int64)
+    if not len(values):
+        return [0] * n
+    if int(values.max()) < 2**53 // len(values) and int(values.min()) >= 0:
+        return np.bincount(group, weights=values, minlength=n).astype(np.int64).tolist()
+    out = np.zeros(n, np.int64)
+    np.add.at(out, group, values)
+    return out.tolist()
+
+
 class Clients:
     """Every client; add_flow/add_request from one feeding thread, snapshot from others."""
 
@@ -348,29 +360,24 @@ class Clients:
             notices.append((first_row[j], 0, "new_client", c, int(ts[first_row[j]]),
                             "first seen"))
         self._dirty.update((a, "") for a in names)
-        lo = np.full(nc, np.iinfo(np.int64).max, np.int64)
-        np.minimum.at(lo, cid, ts)
-        hi = np.zeros(nc, np.int64)
-        np.maximum.at(hi, cid, ts)
-        for c, a, b in zip(clients, lo.tolist(), hi.tolist()):
+        # first and last seen: each client's times in ascending order, clients in turn
+        n_rows = np.bincount(cid, minlength=nc)
+        by_time = np.lexsort((ts, cid))
+        ends = np.cumsum(n_rows)
+        lo, hi = ts[by_time[ends - n_rows]].tolist(), ts[by_time[ends - 1]].tolist()
+        fc, rc = cid[:nf], cid[nf:]
+        final = np.bincount(fc, weights=np.asarray(flows["final"], bool), minlength=nc)
+        sent = _sums(fc, flows["sent"], nc)
+        received = _sums(fc, flows["received"], nc)
+        for c, a, b, f, s, r in zip(clients, lo, hi, final.astype(np.int64).tolist(), sent,
+                                    received):
             if not c.first_seen_ns or a < c.first_seen_ns:
                 c.first_seen_ns = a
             if b > c.last_seen_ns:
                 c.last_seen_ns = b
-        fc, rc = cid[:nf], cid[nf:]
-        if nf:
-            final = np.bincount(fc, weights=np.asarray(flows["final"], bool), minlength=nc)
-            sent = np.zeros(nc, np.int64)   # integer sums: octets are exact
-            np.add.at(sent, fc, np.asarray(flows["sent"], np.int64))
-            received = np.zeros(nc, np.int64)
-            np.add.at(received, fc, np.asarray(flows["received"], np.int64))
-            some = np.nonzero(np.bincount(fc, minlength=nc))[0]
-            for j, f, s, r in zip(some.tolist(), *(
-                    x[some].tolist() for x in (final.astype(np.int64), sent, received))):
-                c = clients[j]
-                c.flows += f
-                c.octets_sent += s
-                c.octets_received += r
+            c.flows += f
+            c.octets_sent += s
+            c.octets_received += r
         if len(rc):
             status = np.asarray(requests["status"], np.int64)
             reqs = np.bincount(rc, minlength=nc)
