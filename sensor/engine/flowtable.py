@@ -55,7 +55,6 @@ DEFAULT_MAX_FLOWS = 500_000
 
 _ZERO_PAIR = (0, 0)
 _FALSE_PAIR = (False, False)
-_NONE_PAIR = (None, None)
 _MINUS_ONE_PAIR = (-1, -1)
 _ONE_PAIR = (1, 1)
 
@@ -103,7 +102,8 @@ class FlowState:
             self.flags = [0, 0]
             self.pure_syn = [False, False]
             self.synack = [False, False]
-            self.last_seq: list[int | None] | tuple = [None, None]
+            # Highest sequence number seen from each side, -1 before the first.
+            self.last_seq: list[int] | tuple = [-1, -1]
             self.last_syn: list[int] | tuple = [-1, -1]
             self.last_fin: list[int] | tuple = [-1, -1]
             self.last_rst: list[int] | tuple = [-1, -1]
@@ -117,8 +117,7 @@ class FlowState:
             # to traverse, and a write by mistake would raise instead of going unseen.
             self.flags = self.rxmit = _ZERO_PAIR
             self.pure_syn = self.synack = _FALSE_PAIR
-            self.last_seq = _NONE_PAIR
-            self.last_syn = self.last_fin = self.last_rst = _MINUS_ONE_PAIR
+            self.last_seq = self.last_syn = self.last_fin = self.last_rst = _MINUS_ONE_PAIR
             self.rxmit_next = _ONE_PAIR
         self.syn_count = 0
         self.fin_count = 0

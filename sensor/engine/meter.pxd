@@ -23,5 +23,5 @@ cdef class Meter:
                    frag_more=cython.longlong, first_frag=cython.bint,
                    later_frag=cython.bint, general=cython.bint, sport=cython.longlong,
                    dport=cython.longlong, i=cython.longlong, link=cython.longlong,
-                   p="const unsigned char *", u=cython.ulonglong)
+                   p="const unsigned char *", u=cython.ulonglong, last=cython.longlong)
     cpdef feed(self, ts, ifindex, link, frame, wire_len)

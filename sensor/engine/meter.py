@@ -101,6 +101,14 @@ _addr4 = struct.Struct("!I").pack
 # Ethernet type, then _ip4's fields, then _tcp's: the fast path of Meter.feed.
 _eth_ip4_tcp = struct.Struct("!12xHBBHHHBBHIIHHIIBBH").unpack_from
 
+# Sequence numbers are compared modulo 2**32. The bounds are C integers in the compiled
+# build: to Cython a literal above 2**31 - 1 is a Python object, and every mask and
+# comparison with it would be Python arithmetic, per packet.
+_M32 = cython.declare(cython.longlong, 0xFFFFFFFF)
+_HALF32 = cython.declare(cython.longlong, 0x80000000)
+_Q1 = cython.declare(cython.longlong, 0x40000000)
+_Q3 = cython.declare(cython.longlong, 0xC0000000)
+
 P_TCP = 6
 P_UDP = 17
 P_SCTP = 132
@@ -593,15 +601,14 @@ class Meter:
                 if not seen & bit:
                     st.hist_seen = seen | bit
                     st.hist.append("d" if d else "D")
-                top = (seq + plen) & 0xFFFFFFFF
-                last_seq = st.last_seq
-                last = last_seq[d]
-                if last is None:
-                    last_seq[d] = top
+                top = (seq + plen) & _M32
+                last = st.last_seq[d]
+                if last < 0:
+                    st.last_seq[d] = top
                 else:
-                    delta = (top - last) & 0xFFFFFFFF
-                    if delta and delta < 0x80000000:
-                        last_seq[d] = top
+                    delta = (top - last) & _M32
+                    if delta and delta < _HALF32:
+                        st.last_seq[d] = top
                     else:
                         st.rxmit[d] += 1
                         if st.rxmit[d] == st.rxmit_next[d]:
@@ -617,7 +624,7 @@ class Meter:
                     if skip is not None:
                         until = skip[d]
                         if until is not None and \
-                                (until - seq - plen) & 0xFFFFFFFF < 0x80000000:
+                                (until - seq - plen) & _M32 < _HALF32:
                             return   # wholly inside the L7 stage's skip range
                     sink.tcp_segment(st, d ^ st.init, seq, ack, tcp_flags,
                                      frame[pstart:cap_end] if cap_end > pstart else b"", ts)
@@ -628,15 +635,14 @@ class Meter:
                     if not seen & bit:
                         st.hist_seen = seen | bit
                         st.hist.append("a" if d else "A")
-                top = seq & 0xFFFFFFFF
-                last_seq = st.last_seq
-                last = last_seq[d]
-                if last is None:
-                    last_seq[d] = top
+                top = seq & _M32
+                last = st.last_seq[d]
+                if last < 0:
+                    st.last_seq[d] = top
                 else:
-                    delta = (top - last) & 0xFFFFFFFF
-                    if delta and delta < 0x80000000:
-                        last_seq[d] = top
+                    delta = (top - last) & _M32
+                    if delta and delta < _HALF32:
+                        st.last_seq[d] = top
         elif tcp_flags >= 0:
             # TCP, inline: a call per packet costs more than this block's length.
             pstart = l4 + doff
@@ -692,7 +698,7 @@ class Meter:
                         hist.append(code.lower() if d else code)
                     st.last_syn[d] = seq
                 elif fin:
-                    fseq = (seq + plen) & 0xFFFFFFFF
+                    fseq = (seq + plen) & _M32
                     bit = _H["F"] << shift
                     if not seen & bit:
                         st.hist_seen = seen | bit
@@ -719,15 +725,15 @@ class Meter:
                     st.hist_seen = seen | bit
                     hist.append("a" if d else "A")
             # Retransmission: payload that ends at or before the highest sequence seen.
-            top = (seq + plen + (1 if syn else 0) + (1 if fin else 0)) & 0xFFFFFFFF
+            top = (seq + plen + (1 if syn else 0) + (1 if fin else 0)) & _M32
             last = st.last_seq[d]
-            if last is None:
+            if last < 0:
                 st.last_seq[d] = top
             else:
-                delta = (top - last) & 0xFFFFFFFF
-                if delta and delta < 0x80000000:
+                delta = (top - last) & _M32
+                if delta and delta < _HALF32:
                     st.last_seq[d] = top
-                elif plen and not ((syn or rst) and 0x40000000 < delta < 0xC0000000):
+                elif plen and not ((syn or rst) and _Q1 < delta < _Q3):
                     st.rxmit[d] += 1
                     if st.rxmit[d] == st.rxmit_next[d]:
                         st.rxmit_next[d] *= 10
@@ -745,7 +751,7 @@ class Meter:
                 skip = st.l7_skip
                 if skip is not None and plen and not syn | fin | rst:
                     until = skip[d]
-                    if until is not None and (until - seq - plen) & 0xFFFFFFFF < 0x80000000:
+                    if until is not None and (until - seq - plen) & _M32 < _HALF32:
                         return   # wholly inside the L7 stage's skip range
                 sink.tcp_segment(st, d ^ st.init, seq, ack, tcp_flags,
                                  frame[pstart:cap_end] if cap_end > pstart else b"", ts)
