@@ -156,10 +156,11 @@ def groups(tables: dict) -> list[tuple]:
             continue
         http = name in ("http", "http2")
         sni = name in ("tls", "quic") and "sni" in names
+        grpc = name == "http2" and "grpc_service" in names   # only HTTP/2 carries gRPC
         cols = ["src_addr", "dst_addr", "dst_port"]
         if http:
             cols += ["host", "method", "path"]
-            if name == "http2" and "grpc_service" in names:
+            if grpc:
                 cols.append("grpc_service")
         elif sni:
             cols.append("sni")
@@ -188,7 +189,7 @@ def groups(tables: dict) -> list[tuple]:
             if http:
                 server = service_of(r["host"][j] or "", r["dst_addr"][j], r["dst_port"][j])
                 method, path = r["method"][j], r["path"][j]
-                if "grpc_service" in r and r["grpc_service"][j]:
+                if grpc and r["grpc_service"][j]:
                     proto = "grpc"
                     endpoint = ("rpc", server, method or "POST", path or "")
                 elif method:

@@ -161,3 +161,28 @@ def test_sketch_keys_are_the_mappings_keys():
     keys = feed.sketch_keys(np.array(values, np.int64)).tolist()
     assert keys == [_MAPPING.key(v) for v in values]
     assert max(keys) - min(keys) > BIN_LIMIT
+
+
+def test_odd_tables_group_as_events_name_them():
+    """Nulls, an HTTP/1 table with gRPC columns (never gRPC), a series met in two tables."""
+    import pyarrow as pa
+
+    http = pa.table({"ts_ns": [T0, T0 + 1, T0 + 2], "src_addr": ["a", "b", None],
+                     "dst_addr": ["c", "c", "c"], "dst_port": [80, 80, None],
+                     "host": ["h", None, "h"], "method": ["GET", "GET", None],
+                     "path": ["/x/1", None, "/y"], "status": [200, 503, None],
+                     "grpc_service": ["S", "S", ""], "grpc_status": [0, 13, None],
+                     "latency_ns": [5, None, 7]})
+    # a second table whose server is the address: row 1's series again, counted after
+    again = http.slice(0, 2)
+    tables = {"http": http, "http_copy": again}
+    a, b = Stats(), Stats()
+    feed.PROTOCOLS["http_copy"] = "http"
+    try:
+        a.add_many(feed.events(tables))
+        b.add_groups(feed.groups(tables))
+    finally:
+        del feed.PROTOCOLS["http_copy"]
+    _same(a, b)
+    assert not any(k[1] == "grpc" for k in b.series if k[0] == "service")
+    assert b.series[("service", "http", "c:80")].total.requests == 3
