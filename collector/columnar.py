@@ -354,9 +354,11 @@ def arrow_spans(raw: bytes, batch) -> list[tuple[int, int]] | None:
         return None
     if len(spans) != len(batch.tables):
         return None
-    view = memoryview(raw)
     for (offset, length), part in zip(spans, batch.tables):
-        if view[offset:offset + length] != part.arrow:
+        arrow = part.arrow
+        # startswith at an offset: one memcmp, no slice copied (a memoryview compare
+        # goes item by item, ~0.5 ms for a 1000-record batch).
+        if len(arrow) != length or not raw.startswith(arrow, offset):
             return None
     return spans
 
