@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from collector.inventory import templates
 from collector.inventory.model import service_of
-from collector.stats.model import _MAPPING, RESOLUTIONS, Bins, Event
+from collector.stats.model import _MAPPING, RESOLUTIONS, SMALL_GROUP, Bins, Event
 
 # The protocol of each table, as edges and services name it. Tables not named here
 # (flows, lost, alerts, a kind added later) are not L7 transactions for the statistics.
@@ -240,13 +240,15 @@ def groups(tables: dict) -> list[tuple]:
                     have[1] += requests[g]
                     have[2] += e4[g]
                     have[3] += e5[g]
-                    have[4] = Bins.join(have[4], bins[g])
+                    have[4] = _join(have[4], bins[g])
     ordered = sorted(found.items(), key=lambda kv: kv[1][0])
     return [(key, index0, r, e4, e5, b) for (key, index0), (_, r, e4, e5, b) in ordered]
 
 
 def _bins(group: np.ndarray, lat: np.ndarray, keys: np.ndarray, ng: int) -> list:
-    """Per group, its positive latencies as Bins (None when it has none)."""
+    """Per group, its positive latencies in record order: a list (None when it has none),
+    or Bins when there are more than SMALL_GROUP of them (then a sketch is made of them,
+    and adding by bin saves work; a few are added value by value, as a list)."""
     out: list = [None] * ng
     has = lat > 0
     if not has.all():
@@ -254,42 +256,39 @@ def _bins(group: np.ndarray, lat: np.ndarray, keys: np.ndarray, ng: int) -> list
     if not len(lat):
         return out
     n = np.bincount(group, minlength=ng)
-    total = np.bincount(group, weights=lat, minlength=ng)
-    # each group's values in ascending order, groups one after the other: min and max
-    by_value = np.lexsort((lat, group))
-    ends = np.cumsum(n)
-    some = n > 0
-    vmin = np.zeros(ng, np.int64)
-    vmax = np.zeros(ng, np.int64)
-    vmin[some] = lat[by_value[(ends - n)[some]]]
-    vmax[some] = lat[by_value[ends[some] - 1]]
-    lo, hi = int(keys.min()), int(keys.max())
-    if lo == hi:   # one bin: each group's is that key with its count
-        for g, (c, s, a, b) in enumerate(zip(n.tolist(), total.tolist(), vmin.tolist(),
-                                             vmax.tolist())):
-            if c:
-                out[g] = Bins([lo], [c], (lat, group, g), c, s, a, b, lo, lo)
+    by_group = np.argsort(group, kind="stable")
+    values = lat[by_group].tolist()
+    ends = np.cumsum(n).tolist()
+    q = 0
+    for g, end in enumerate(ends):
+        if end > q:
+            out[g] = values[q:end]
+        q = end
+    big = n > SMALL_GROUP
+    if not big.any():
         return out
-    span = hi - lo + 1
+    rows = np.nonzero(big[group])[0]
+    group, keys = group[rows], keys[rows]
+    lo = int(keys.min())
+    span = int(keys.max()) - lo + 1
     pairs, first, counts = np.unique(group * span + (keys - lo), return_index=True,
                                      return_counts=True)
     pair_group = pairs // span
-    pair_keys = (pairs % span) + lo
-    per = np.bincount(pair_group, minlength=ng)
-    # pairs sort by (group, key): a group's lowest key is its first pair, highest its last
-    pend = np.cumsum(per)
-    klo = np.zeros(ng, np.int64)
-    khi = np.zeros(ng, np.int64)
-    klo[some] = pair_keys[(pend - per)[some]]
-    khi[some] = pair_keys[pend[some] - 1]
     order = np.lexsort((first, pair_group))   # per group, its bins in first-seen order
-    ordered_keys, ordered_counts = pair_keys[order].tolist(), counts[order].tolist()
+    ordered_keys = ((pairs % span) + lo)[order].tolist()
+    ordered_counts = counts[order].tolist()
+    per = np.bincount(pair_group, minlength=ng).tolist()
     p = 0
-    for g, (np_, c, s, a, b, kl, kh) in enumerate(zip(
-            per.tolist(), n.tolist(), total.tolist(), vmin.tolist(), vmax.tolist(),
-            klo.tolist(), khi.tolist())):
-        if c:
-            out[g] = Bins(ordered_keys[p:p + np_], ordered_counts[p:p + np_], (lat, group, g),
-                          c, s, a, b, kl, kh)
+    for g, np_ in enumerate(per):
+        if np_:
+            out[g] = Bins(ordered_keys[p:p + np_], ordered_counts[p:p + np_], out[g])
         p += np_
     return out
+
+
+def _join(a, b):
+    """The latencies of one series and cell from two tables: a plain list in record order
+    (the first table's come first), which add_many's path takes as it would."""
+    if a is None or b is None:
+        return a if b is None else b
+    return (a.values if isinstance(a, Bins) else a) + (b.values if isinstance(b, Bins) else b)

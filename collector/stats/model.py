@@ -19,7 +19,6 @@ import threading
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.ddsketch_pb2 import DDSketch as SketchProto
@@ -170,8 +169,9 @@ class Series:
 
 
 class Bins:
-    """One group's latencies as DDSketch bin keys with their counts, keys in the order the
-    group's values first reached them, and the values themselves (in record order).
+    """A group's latencies (more than SMALL_GROUP of them: the group is sketched once, then
+    merged) as DDSketch bin keys with their counts, keys in the order the group's values
+    first reached them, and the values themselves in record order.
 
     Adding key k with weight w leaves a sketch exactly as w adds of a value of key k, and
     adding the keys in first-seen order grows a dense store through the same sequence of
@@ -182,51 +182,35 @@ class Bins:
     one by one, as before. The sketch's sum (in no stored form, read by no view) may
     differ in its last bits."""
 
-    __slots__ = ("keys", "counts", "sources", "n", "total", "vmin", "vmax", "lo", "hi")
+    __slots__ = ("keys", "counts", "values")
 
-    def __init__(self, keys: list[int], counts: list[int], source: tuple, n: int,
-                 total: float, vmin: int, vmax: int, lo: int, hi: int) -> None:
+    def __init__(self, keys: list[int], counts: list[int], values: list[int]) -> None:
         self.keys = keys
         self.counts = counts
-        # (latencies, group per latency, this group): its values, read only in the
-        # one-by-one case
-        self.sources = [source]
-        self.n, self.total, self.vmin, self.vmax = n, total, vmin, vmax
-        self.lo, self.hi = lo, hi   # the lowest and highest key
+        self.values = values
 
     def __len__(self) -> int:
-        return self.n
-
-    def values(self) -> list[int]:
-        """The group's latencies in record order."""
-        return [v for lat, group, g in self.sources for v in lat[group == g].tolist()]
-
-    @staticmethod
-    def join(a: "Bins | None", b: "Bins | None") -> "Bins | None":
-        if a is None or b is None:
-            return a if b is None else b
-        out = Bins(a.keys + b.keys, a.counts + b.counts, (), a.n + b.n, a.total + b.total,
-                   min(a.vmin, b.vmin), max(a.vmax, b.vmax), min(a.lo, b.lo), max(a.hi, b.hi))
-        out.sources = a.sources + b.sources
-        return out
+        return len(self.values)
 
     def add_to(self, sketch: BaseDDSketch) -> None:
         store = sketch._store
-        lo, hi = self.lo, self.hi
+        lo, hi = min(self.keys), max(self.keys)
         if store.length():
             lo, hi = min(lo, store.min_key), max(hi, store.max_key)
         if store.is_collapsed or hi - lo + 1 > BIN_LIMIT:
-            for v in self.values():
+            for v in self.values:
                 sketch.add(v)
             return
         for k, w in zip(self.keys, self.counts):
             store.add(k, float(w))
-        sketch._count += float(self.n)
-        sketch._sum += float(self.total)
-        if self.vmin < sketch._min:
-            sketch._min = self.vmin
-        if self.vmax > sketch._max:
-            sketch._max = self.vmax
+        values = self.values
+        sketch._count += float(len(values))
+        sketch._sum += float(sum(values))
+        low, high = min(values), max(values)
+        if low < sketch._min:
+            sketch._min = low
+        if high > sketch._max:
+            sketch._max = high
 
 
 def _add_latencies(sketch: BaseDDSketch, latencies) -> None:
