@@ -271,6 +271,10 @@ def _bins(group: np.ndarray, lat: np.ndarray, keys: np.ndarray, ng: int) -> list
     group, keys = group[rows], keys[rows]
     lo = int(keys.min())
     span = int(keys.max()) - lo + 1
+    if span == 1:   # one bin: each group's is that key with its count
+        for g in np.nonzero(big)[0].tolist():
+            out[g] = Bins([lo], [len(out[g])], out[g])
+        return out
     pairs, first, counts = np.unique(group * span + (keys - lo), return_index=True,
                                      return_counts=True)
     pair_group = pairs // span
