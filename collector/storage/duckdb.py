@@ -258,7 +258,10 @@ class DuckDBStorage:
                     parts.setdefault(name, []).append(table)
                     part_seqs.setdefault(name, []).append((seqs[key], table.num_rows))
             for name, tables in parts.items():
-                rows = pa.concat_tables(tables)
+                # One chunk per column: DuckDB's Arrow scan pays per chunk and column, so a
+                # group's 16 chunks cost more than copying them into one (measured: http
+                # and dns tables of 16 batches, 5-8 ms -> 3.4-4.3 ms of CPU per INSERT).
+                rows = pa.concat_tables(tables).combine_chunks()
                 rows = rows.append_column(
                     "received_ns", pa.repeat(pa.scalar(received_ns, pa.uint64()), rows.num_rows)
                 ).append_column("batch_seq", pa.chunked_array(
