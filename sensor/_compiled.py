@@ -125,8 +125,24 @@ class _Fallback(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         if self.pure is not None:
             self.pure.exec_module(module)
-        else:
+            return
+        try:
             self.ext.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure of its init: run the .py
+            # A compiled module checks at init the compiled types it cimports: beside a
+            # pure flowtable (its .py edited since the build), l7engine's init raises
+            # "FlowTable size changed". The import system takes the module from
+            # sys.modules after this call, so the pure one put there replaces it.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            _pure(self.name, f"failed to load: {first}")
+            spec = importlib.util.spec_from_file_location(self.name, self.source)
+            pure = importlib.util.module_from_spec(spec)
+            sys.modules[self.name] = pure
+            try:
+                spec.loader.exec_module(pure)
+            except BaseException:
+                sys.modules.pop(self.name, None)
+                raise
 
 
 class _Finder(importlib.abc.MetaPathFinder):

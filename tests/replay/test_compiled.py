@@ -153,3 +153,24 @@ def test_an_edited_source_runs_as_python(tmp_path):
     assert where.endswith("meter.py") and edited_seen
     assert how == "pure: its .py or .pxd changed since the build"
     assert done.stderr == ""   # said at INFO: not a warning on every run
+
+
+def test_a_pure_flow_table_takes_its_compiled_users_with_it(tmp_path):
+    """flowtable.py edited after the build runs as Python; the compiled meter and L7
+    engine cimport its types, so their init refuses the pure FlowTable ("size changed").
+    They fall back to their .py with one warning line, and the records are the pure ones."""
+    copy = tmp_path / "pkg"
+    shutil.copytree(REPO / "sensor", copy / "sensor",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.c"))
+    edited = copy / "sensor" / "engine" / "flowtable.py"
+    edited.write_text(edited.read_text() + "\nEDITED_AFTER_THE_BUILD = True\n")
+    paths = [str(GOLDEN / "http-pipelined.pcap"), str(GOLDEN / "dns-ipv4-fragments-vlan.pcap")]
+    status, err = run(tmp_path / "fallback", paths, pythonpath=copy)
+    assert status["sensor.engine.flowtable"] == "pure: its .py or .pxd changed since the build"
+    for user in ("sensor.engine.meter", "sensor.engine.l7engine"):
+        assert status[user].startswith("pure: failed to load"), status
+    assert status["sensor.replay.reader"] == "compiled", status   # no tie to the flow table
+    lines = [line for line in err.splitlines() if "compiled per-packet path" in line]
+    assert len(lines) == 1 and len(err.splitlines()) == 1, err
+    pure, _ = run(tmp_path / "pure", paths, env={"LOUPE_PURE": "1"})
+    assert outputs(tmp_path / "fallback", 2) == outputs(tmp_path / "pure", 2)
