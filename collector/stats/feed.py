@@ -149,7 +149,7 @@ def groups(tables: dict) -> list[tuple]:
     them, with the same counts, errors and latencies."""
     width0 = RESOLUTIONS[0][1]
     found: dict[tuple, list] = {}
-    for t, (name, table) in enumerate(tables.items()):
+    for name, table in tables.items():
         protocol = PROTOCOLS.get(name)
         names = table.schema.names
         if protocol is None or not all(n in names for n in _COMMON) or not table.num_rows:
@@ -173,7 +173,6 @@ def groups(tables: dict) -> list[tuple]:
         for number, row in enumerate(distinct):
             distinct[row] = number
         inverse = np.fromiter(map(distinct.__getitem__, rows), np.int64, len(rows))
-        first_row = np.nonzero(np.diff(np.maximum.accumulate(inverse), prepend=-1))[0].tolist()
         r = {c: [] for c in cols}
         cells = []
         for row in distinct:
@@ -181,8 +180,10 @@ def groups(tables: dict) -> list[tuple]:
             for c, v in zip(cols, row[1:]):
                 r[c].append(v)
         index: list[dict] = [{}, {}, {}]
-        starts: list[list] = [[], [], []]
         slots: list[list] = [[], [], []]     # per slot, per distinct tuple: group or -1
+        # Groups as they are first met: distinct tuples come in order of their first row
+        # and a row's keys in slot order, which is the order add_many meets them
+        made: list[tuple] = []
         errors = []
         for j in range(len(cells)):
             proto, endpoint = protocol, None
@@ -203,9 +204,11 @@ def groups(tables: dict) -> list[tuple]:
                 if key is None:
                     slots[slot].append(-1)
                     continue
-                g = index[slot].setdefault((key, cells[j]), len(index[slot]))
-                if g == len(starts[slot]):   # tuples come in row order: its first row
-                    starts[slot].append(first_row[j])
+                at = (key, cells[j])
+                g = index[slot].get(at)
+                if g is None:
+                    g = index[slot][at] = len(index[slot])
+                    made.append((slot, g, at))
                 slots[slot].append(g)
             errors.append(_ERROR_CODE[_error(name, r, j)])
         err = np.array(errors, np.int64)[inverse]
@@ -214,6 +217,7 @@ def groups(tables: dict) -> list[tuple]:
         if lat is not None and (lat > 0).any():
             keys = np.zeros(len(lat), np.int64)
             keys[lat > 0] = sketch_keys(lat[lat > 0])
+        counted: list = [None, None, None]
         for slot in range(3):
             ng = len(index[slot])
             if not ng:
@@ -232,17 +236,18 @@ def groups(tables: dict) -> list[tuple]:
                 bins = _bins(group, lat, keys, ng)
             else:
                 bins = _bins(group, lat[rows], keys[rows], ng)
-            for g, at in enumerate(index[slot]):
-                have = found.get(at)
-                if have is None:
-                    found[at] = [(t, starts[slot][g], slot), requests[g], e4[g], e5[g], bins[g]]
-                else:   # the same series from another table: its records come after
-                    have[1] += requests[g]
-                    have[2] += e4[g]
-                    have[3] += e5[g]
-                    have[4] = _join(have[4], bins[g])
-    ordered = sorted(found.items(), key=lambda kv: kv[1][0])
-    return [(key, index0, r, e4, e5, b) for (key, index0), (_, r, e4, e5, b) in ordered]
+            counted[slot] = (requests, e4, e5, bins)
+        for slot, g, at in made:
+            requests, e4, e5, bins = counted[slot]
+            have = found.get(at)
+            if have is None:
+                found[at] = [requests[g], e4[g], e5[g], bins[g]]
+            else:   # the same series from another table: its records come after
+                have[0] += requests[g]
+                have[1] += e4[g]
+                have[2] += e5[g]
+                have[3] = _join(have[3], bins[g])
+    return [(key, index0, *v) for (key, index0), v in found.items()]
 
 
 def _bins(group: np.ndarray, lat: np.ndarray, keys: np.ndarray, ng: int) -> list:
