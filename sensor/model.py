@@ -178,6 +178,16 @@ def _check_summary(flow) -> None:
         object.__setattr__(flow, "l7_summary", SummaryMap(pairs) if pairs else NO_SUMMARY)
 
 
+def _summary_of(raw) -> SummaryMap:
+    """The l7_summary _check_summary leaves on a Flow, without its checks (trusted(Flow))."""
+    if raw is NO_SUMMARY:
+        return raw
+    pairs = sorted((k, v) for k, v in (raw.items() if hasattr(raw, "items") else raw))
+    if type(raw) is not SummaryMap or list(raw) != [k for k, _ in pairs]:
+        return SummaryMap(pairs) if pairs else NO_SUMMARY
+    return raw
+
+
 _FLOW_UINTS = (
     ("flow_start_ns", U64), ("flow_end_ns", U64),
     ("src_port", 0xFFFF), ("dst_port", 0xFFFF), ("protocol", 0xFF),
@@ -535,40 +545,51 @@ _NORMALIZE = {
     # arguments.
     "HttpEvent": "    if type(pii) is not _Counts:\n        pii = _Counts.of(pii)\n",
     "DnsEvent": "    if type(answers) is not tuple:\n        answers = tuple(answers)\n",
+    "Flow": ("    if l7_summary is not _NO_SUMMARY:\n        l7_summary = _summary_of(l7_summary)\n"
+             "    if type(flow_end_reason) is not _Reason:\n"
+             "        flow_end_reason = _Reason(flow_end_reason)\n"),
 }
 _TRUSTED: dict[type, Any] = {}
 
 
 def trusted(cls: type) -> Any:
     """A builder for records of `cls` (L7Event, HttpEvent, DnsEvent, DnsAnswer,
-    L7Coverage) that skips __post_init__'s checks: for values the sensor's own parsers
-    produced and bounded, never for outside input. Same keyword-only signature and
-    defaults as the class; the fields are set through the slots' descriptors. TlsEvent
-    has none: a certificate's dates are the peer's, not bounded by the parser (one that
-    predates 1970 must still be refused)."""
+    L7Coverage, Flow) that skips __post_init__'s checks: for values the sensor's own
+    parsers and flow table produced and bounded, never for outside input. Same keyword-only
+    signature and defaults (a default factory is called per record) as the class, and the
+    same conversions (Flow: l7_summary sorted into a SummaryMap, the end reason made a
+    FlowEndReason); the fields are set through the slots' descriptors. TlsEvent has none:
+    a certificate's dates are the peer's, not bounded by the parser (one that predates
+    1970 must still be refused)."""
     made = _TRUSTED.get(cls)
     if made is not None:
         return made
     if cls.__name__ not in _TRUSTED_CLASSES:
-        raise TypeError(f"{cls.__name__} has no trusted builder: its __post_init__ does more "
-                        "than check (Flow normalises l7_summary and the end reason)")
-    env: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_Counts": _registry.Counts}
-    params, sets = [], []
+        raise TypeError(f"{cls.__name__} has no trusted builder: its __post_init__ checks "
+                        "values that are not the sensor's own")
+    env: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_Counts": _registry.Counts,
+                           "_NO_SUMMARY": NO_SUMMARY, "_summary_of": _summary_of,
+                           "_Reason": FlowEndReason, "_unset": MISSING}
+    params, sets, factories = [], [], []
     for i, f in enumerate(fields(cls)):
         if f.default is not MISSING:
             env[f"_d{i}"] = f.default
             params.append(f"{f.name}=_d{i}")
+        elif f.default_factory is not MISSING:
+            env[f"_f{i}"] = f.default_factory
+            params.append(f"{f.name}=_unset")
+            factories.append(f"    if {f.name} is _unset:\n        {f.name} = _f{i}()\n")
         else:
-            assert f.default_factory is MISSING, f"{cls.__name__}.{f.name}: a default factory"
             params.append(f.name)
         env[f"_s{i}"] = cls.__dict__[f.name].__set__
         sets.append(f"    _s{i}(o, {f.name})\n")
     name = f"trusted_{cls.__name__}"
-    src = (f"def {name}(*, {', '.join(params)}):\n" + _NORMALIZE.get(cls.__name__, "")
+    src = (f"def {name}(*, {', '.join(params)}):\n" + "".join(factories)
+           + _NORMALIZE.get(cls.__name__, "")
            + "    o = _new(_cls)\n" + "".join(sets) + "    return o\n")
     exec(compile(src, f"<model.trusted({cls.__name__})>", "exec"), env)
     made = _TRUSTED[cls] = env[name]
     return made
 
 
-_TRUSTED_CLASSES = ("L7Event", "HttpEvent", "DnsEvent", "DnsAnswer", "L7Coverage")
+_TRUSTED_CLASSES = ("L7Event", "HttpEvent", "DnsEvent", "DnsAnswer", "L7Coverage", "Flow")
