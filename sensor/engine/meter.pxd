@@ -25,3 +25,4 @@ cdef class Meter:
                    dport=cython.longlong, i=cython.longlong, link=cython.longlong,
                    p="const unsigned char *", u=cython.ulonglong, last=cython.longlong)
     cpdef feed(self, ts, ifindex, link, frame, wire_len)
+    cpdef feed_from(self, packets)

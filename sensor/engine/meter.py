@@ -278,10 +278,17 @@ class Meter:
 
     def run(self, packets: Iterable[Packet]) -> None:
         """Meter every packet, then flush the table (FORCED_END for live flows)."""
-        feed = self.feed
-        for ts, ifx, link, frame, wire in packets:
-            feed(ts, ifx, link, frame, wire)
+        self.feed_from(packets)
         self.flush()
+
+    def feed_from(self, packets: Iterable[Packet]) -> int:
+        """feed() every packet of `packets`; the last one's timestamp (-1 if none). The
+        replay loop lives here rather than in its caller so that, compiled, the tuple
+        unpack and the call to feed are C (meter.pxd), not a Python call per packet."""
+        ts = -1
+        for ts, ifx, link, frame, wire in packets:
+            self.feed(ts, ifx, link, frame, wire)
+        return ts
 
     @property
     def stats(self) -> MeterStats:
