@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import os
 import re
@@ -238,9 +239,22 @@ def collector_config(args):
     )
 
 
+def _tune_gc() -> None:
+    """The analytics state (endpoint inventory, statistics, clients) is millions of small
+    objects that live as long as the collector, and every stored batch allocates tens of
+    thousands more. At the default thresholds the cyclic collector ran every few hundred
+    allocations and took ~40% of the analytics' CPU (bench_analytics: 142-164 -> 102-115 ms
+    per 1000 events with these). As replay does: freeze what start-up made, collect less
+    often; cycles are still freed, and the state's own limits bound its memory."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def cmd_collector_run(args) -> int:
     from collector.server import serve
 
+    _tune_gc()
     # SIGHUP re-reads the same sources (file, --set, flags).
     asyncio.run(serve(collector_config(args), reload=lambda: collector_config(args)))
     return 0
