@@ -60,21 +60,25 @@ def _transactions(tables: list):
     for table in tables:
         cols = _columns(table)
         for i in range(table.num_rows):
-            method = cols["method"][i]
-            if not method:
-                continue
-            yield Transaction(
-                service=service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i]),
-                method=method, target=cols["path"][i], ts_ns=cols["ts_ns"][i],
-                status=cols["status"][i],
-                request_content_type=cols["request_content_type"][i],
-                response_content_type=cols["response_content_type"][i],
-                sensor_id=cols["sensor_id"][i],
-                auth=_kinds(cols["auth"][i]) if "auth" in cols else (),
-                request_fields=_fields(cols, "request_fields", i),
-                response_fields=_fields(cols, "response_fields", i),
-                pii=_fields(cols, "pii", i),
-            )
+            if cols["method"][i]:
+                yield _transaction(cols, i, cols["ts_ns"][i])
+
+
+def _transaction(cols: dict[str, list], i: int, ts_ns: int, last_ns: int = 0,
+                 count: int = 1) -> Transaction:
+    """Row i of a table's columns as a Transaction (count events from ts_ns to last_ns)."""
+    return Transaction(
+        service=service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i]),
+        method=cols["method"][i], target=cols["path"][i], ts_ns=ts_ns, last_ns=last_ns,
+        count=count, status=cols["status"][i],
+        request_content_type=cols["request_content_type"][i],
+        response_content_type=cols["response_content_type"][i],
+        sensor_id=cols["sensor_id"][i],
+        auth=_kinds(cols["auth"][i]) if "auth" in cols else (),
+        request_fields=_fields(cols, "request_fields", i),
+        response_fields=_fields(cols, "response_fields", i),
+        pii=_fields(cols, "pii", i),
+    )
 
 
 # The columns whose values make two events one Transaction with a count: all that
@@ -113,21 +117,8 @@ def grouped_transactions(tables: list):
                 elif ts > group[3]:
                     group[3] = ts
         for i, count, first, last in groups.values():
-            method = cols["method"][i]
-            if not method:
-                continue
-            yield Transaction(
-                service=service_of(cols["host"][i], cols["dst_addr"][i], cols["dst_port"][i]),
-                method=method, target=cols["path"][i], ts_ns=first, last_ns=last, count=count,
-                status=cols["status"][i],
-                request_content_type=cols["request_content_type"][i],
-                response_content_type=cols["response_content_type"][i],
-                sensor_id=cols["sensor_id"][i],
-                auth=_kinds(cols["auth"][i]) if "auth" in cols else (),
-                request_fields=_fields(cols, "request_fields", i),
-                response_fields=_fields(cols, "response_fields", i),
-                pii=_fields(cols, "pii", i),
-            )
+            if cols["method"][i]:
+                yield _transaction(cols, i, first, last, count)
 
 
 def _kinds(creds) -> tuple[str, ...]:
