@@ -183,6 +183,17 @@ def _sums(group: np.ndarray, values, n: int) -> list[int]:
     return out.tolist()
 
 
+def _enter_minute(c: Client, minute: int) -> bool:
+    """Move c's volume count to `minute` (closing the minute before it); False for a late
+    event of a past minute, which counts in requests but not in volume."""
+    if minute > c.minute:
+        if c.minute_requests:
+            c.minutes += 1
+            c.minutes_requests += c.minute_requests
+        c.minute, c.minute_requests = minute, 0
+    return minute >= c.minute
+
+
 class Clients:
     """Every client; add_flow/add_request from one feeding thread, snapshot from others."""
 
@@ -281,15 +292,8 @@ class Clients:
             self._count_minute(c, ts_ns)
 
     def _count_minute(self, c: Client, ts_ns: int) -> None:
-        minute = ts_ns // MINUTE_NS
-        if minute > c.minute:
-            if c.minute_requests:
-                c.minutes += 1
-                c.minutes_requests += c.minute_requests
-            c.minute, c.minute_requests = minute, 0
-        elif minute < c.minute:
-            return   # a late event of a past minute: counted in requests, not in volume
-        c.minute_requests += 1
+        if _enter_minute(c, ts_ns // MINUTE_NS):
+            c.minute_requests += 1
         if c.minutes >= VOLUME_MIN_MINUTES:
             usual = c.minutes_requests / c.minutes
             limit = max(VOLUME_FLOOR, VOLUME_FACTOR * usual)
@@ -452,13 +456,8 @@ class Clients:
         for start, length, j, m in zip(starts.tolist(), lengths, c_sorted[starts].tolist(),
                                        m_sorted[starts].tolist()):
             c = clients[j]
-            if m > c.minute:
-                if c.minute_requests:
-                    c.minutes += 1
-                    c.minutes_requests += c.minute_requests
-                c.minute, c.minute_requests = m, 0
-            elif m < c.minute:
-                continue   # late events of a past minute: counted in requests only
+            if not _enter_minute(c, m):
+                continue
             before = c.minute_requests
             c.minute_requests += length
             if c.minutes >= VOLUME_MIN_MINUTES:
